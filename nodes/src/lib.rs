@@ -1,0 +1,48 @@
+//! `ditflow-nodes`: the standard node library, built as a plugin against the safe SDK only.
+//!
+//! Modules, by concern:
+//! - [`constants`]: `Int`, `Float`, `Bool`, `String`, the literal-value nodes;
+//! - [`math`]: `Math` (floats) and `IntMath` (checked integers);
+//! - [`text`]: `FormatString`, template filling;
+//! - [`noise`]: `RandomNoise` (seeded latents) and `NoiseToImage` (visualise a latent);
+//! - [`tensor`]: `TensorStats` and `LatentToTensor`;
+//! - [`tensor_io`]: `LoadTensor` and `SaveTensor` (safetensors files);
+//! - [`image`]: `LoadImage` and `SaveImage` (PNG files).
+//!
+//! Node logic that does not need the host lives in plain functions next to each node, so it is
+//! unit-tested without loading the plugin.
+
+#![forbid(unsafe_code)]
+
+pub mod constants;
+mod files;
+pub mod image;
+pub mod math;
+pub mod noise;
+pub mod tensor;
+pub mod tensor_io;
+pub mod text;
+
+use ditflow_plugin::export_plugin;
+
+export_plugin!(
+    name: "ditflow-nodes",
+    version: env!("CARGO_PKG_VERSION"),
+    nodes: [
+        constants::IntConstant,
+        constants::FloatConstant,
+        constants::BoolConstant,
+        constants::StringConstant,
+        math::Math,
+        math::IntMath,
+        text::FormatString,
+        noise::RandomNoise,
+        noise::NoiseToImage,
+        tensor::TensorStats,
+        tensor::LatentToTensor,
+        tensor_io::LoadTensor,
+        tensor_io::SaveTensor,
+        image::LoadImage,
+        image::SaveImage,
+    ]
+);

@@ -1,0 +1,388 @@
+//! The `ditflow` command line: run, validate, list node types, and draw graphs.
+//!
+//! Exit codes: 0 success, 1 the run failed (a node failed or the run was cancelled), 2 an invalid
+//! graph or bad usage.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use ditflow::graph::dot::to_dot;
+use ditflow::{ArgValue, Event, Graph, GraphError, RunOptions, Runtime, Session};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+#[derive(Parser)]
+#[command(
+    name = "ditflow",
+    version,
+    about = "Run diffusion-transformer workflow graphs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EventFormat {
+    /// One JSON object per line on stdout.
+    Jsonl,
+}
+
+#[derive(clap::Args)]
+struct PluginArgs {
+    /// A folder to load plugins from (repeatable); searched before DITFLOW_PLUGIN_PATH and the
+    /// executable's folder.
+    #[arg(long = "plugins", value_name = "DIR")]
+    plugins: Vec<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate and run a graph.
+    Run {
+        graph: PathBuf,
+        /// Set a graph input: `--set prompt="a red circle"` (repeatable).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        #[command(flatten)]
+        plugins: PluginArgs,
+        /// Write run events to stdout.
+        #[arg(long, value_enum)]
+        events: Option<EventFormat>,
+        /// Folder for files the graph writes.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// Worker threads (default: the number of cores).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Check a graph without running it.
+    Validate {
+        graph: PathBuf,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        #[command(flatten)]
+        plugins: PluginArgs,
+    },
+    /// List the available node types.
+    Nodes {
+        /// Print the full schemas as JSON (for graph editors).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        plugins: PluginArgs,
+    },
+    /// Print a graph in Graphviz DOT.
+    Dot { graph: PathBuf },
+}
+
+fn load_runtime(args: &PluginArgs) -> Runtime {
+    let rt = Runtime::with_plugins(&args.plugins);
+    for p in rt.problems() {
+        eprintln!("warning: {p}");
+    }
+    rt
+}
+
+/// Parses `NAME=VALUE` pairs.
+fn parse_sets(sets: &[String]) -> Result<Vec<(String, ArgValue)>, String> {
+    sets.iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), ArgValue::Text(v.to_string())))
+            }
+            _ => Err(format!("--set expects NAME=VALUE, got '{s}'")),
+        })
+        .collect()
+}
+
+fn print_diagnostics(e: &GraphError) {
+    for d in e.diagnostics().0 {
+        eprintln!("{d}");
+    }
+}
+
+/// Loads and validates a graph, printing problems; `None` means exit 2.
+fn load_plan(
+    graph: &PathBuf,
+    set: &[String],
+    rt: &Runtime,
+) -> Option<(Graph, ditflow::exec::plan::Plan, Vec<(String, ArgValue)>)> {
+    let args = match parse_sets(set) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return None;
+        }
+    };
+    let g = match Graph::from_file(graph) {
+        Ok(g) => g,
+        Err(e) => {
+            print_diagnostics(&e);
+            return None;
+        }
+    };
+    match g.plan(rt, &args) {
+        Ok(plan) => Some((g, plan, args)),
+        Err(d) => {
+            for line in d.0 {
+                eprintln!("{line}");
+            }
+            None
+        }
+    }
+}
+
+/// Progress bars for nodes that report progress, drawn on stderr when it is a terminal.
+struct Bars {
+    multi: MultiProgress,
+    bars: Mutex<HashMap<Arc<str>, ProgressBar>>,
+}
+
+impl Bars {
+    fn on_event(&self, e: &Event) {
+        let mut bars = self.bars.lock().unwrap_or_else(|p| p.into_inner());
+        match e {
+            Event::NodeProgress { node, step, total } => {
+                let bar = bars.entry(node.clone()).or_insert_with(|| {
+                    let b = self.multi.add(ProgressBar::new(*total));
+                    b.set_style(
+                        ProgressStyle::with_template(
+                            "{prefix:>12} [{bar:30}] {pos}/{len} {elapsed}",
+                        )
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                    );
+                    b.set_prefix(node.to_string());
+                    b
+                });
+                bar.set_length(*total);
+                bar.set_position(*step);
+            }
+            Event::NodeFinished { node, .. } | Event::NodeFailed { node, .. } => {
+                if let Some(b) = bars.remove(node) {
+                    b.finish_and_clear();
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn cmd_run(
+    graph: PathBuf,
+    set: Vec<String>,
+    plugins: PluginArgs,
+    events: Option<EventFormat>,
+    out: PathBuf,
+    workers: Option<usize>,
+) -> anyhow::Result<ExitCode> {
+    let rt = load_runtime(&plugins);
+    let Some((_, plan, _)) = load_plan(&graph, &set, &rt) else {
+        return Ok(ExitCode::from(2));
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    {
+        let cancel = cancel.clone();
+        // Ctrl-C asks the run to stop; a second Ctrl-C exits at once.
+        let _ = ctrlc::set_handler(move || {
+            if cancel.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ncancelling... (Ctrl-C again to quit now)");
+        });
+    }
+    let mut opts = RunOptions {
+        out_dir: out,
+        cancel,
+        ..RunOptions::default()
+    };
+    if let Some(w) = workers {
+        if w == 0 {
+            eprintln!("error: --workers must be at least 1");
+            return Ok(ExitCode::from(2));
+        }
+        opts.workers = w;
+    }
+    if events == Some(EventFormat::Jsonl) {
+        let stdout = Arc::new(Mutex::new(std::io::stdout()));
+        opts.subscribers.push(Arc::new(move |e: &Event| {
+            let mut out = stdout.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(out, "{}", e.to_json_line());
+            let _ = out.flush();
+        }));
+    } else if std::io::stderr().is_terminal() {
+        let bars = Arc::new(Bars {
+            multi: MultiProgress::new(),
+            bars: Mutex::new(HashMap::new()),
+        });
+        opts.subscribers
+            .push(Arc::new(move |e: &Event| bars.on_event(e)));
+    }
+    let session = Session::new(Arc::new(rt));
+    let report = session.run_plan(&plan, &opts);
+    for f in &report.failed {
+        eprintln!(
+            "error: node '{}' ({}) failed: {}",
+            f.node, f.node_type, f.error
+        );
+    }
+    if !report.skipped.is_empty() {
+        let names: Vec<&str> = report.skipped.iter().map(|s| &**s).collect();
+        eprintln!("note: not run: {}", names.join(", "));
+    }
+    if events.is_none() {
+        for (name, value) in &report.outputs {
+            println!("{name} = {value}");
+        }
+        eprintln!(
+            "{} in {:.0} ms: {} executed, {} cached, {} failed",
+            if report.cancelled {
+                "cancelled"
+            } else if report.ok() {
+                "finished"
+            } else {
+                "failed"
+            },
+            report.ms,
+            report.executed.len(),
+            report.cached.len(),
+            report.failed.len()
+        );
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn cmd_nodes(json: bool, plugins: PluginArgs) -> anyhow::Result<ExitCode> {
+    let rt = load_runtime(&plugins);
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        let all: Vec<serde_json::Value> = rt.registry().iter().map(|t| t.to_json()).collect();
+        let doc = serde_json::json!({"abi": format!("{}.{}", ditflow_plugin::abi::DF_ABI_MAJOR, ditflow_plugin::abi::DF_ABI_MINOR), "nodes": all});
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&doc)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rt.registry().is_empty() {
+        writeln!(
+            stdout,
+            "no node types found; load plugins with --plugins DIR or DITFLOW_PLUGIN_PATH"
+        )?;
+    }
+    let mut by_category: Vec<_> = rt.registry().iter().collect();
+    by_category.sort_by(|a, b| (&a.category, &a.name).cmp(&(&b.category, &b.name)));
+    let mut last = None;
+    for t in by_category {
+        if last != Some(&t.category) {
+            writeln!(
+                stdout,
+                "\n{}:",
+                if t.category.is_empty() {
+                    "other"
+                } else {
+                    &t.category
+                }
+            )?;
+            last = Some(&t.category);
+        }
+        let ins: Vec<String> = t
+            .inputs
+            .iter()
+            .map(|p| {
+                if p.required() {
+                    format!("{}: {}", p.name, p.ty)
+                } else {
+                    format!("[{}: {}]", p.name, p.ty)
+                }
+            })
+            .collect();
+        let outs: Vec<String> = t
+            .outputs
+            .iter()
+            .map(|p| format!("{}: {}", p.name, p.ty))
+            .collect();
+        writeln!(
+            stdout,
+            "  {} ({}) -> {}    [{}]",
+            t.name,
+            ins.join(", "),
+            outs.join(", "),
+            t.plugin.name
+        )?;
+        if !t.doc.is_empty() {
+            writeln!(stdout, "      {}", t.doc.lines().next().unwrap_or(""))?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return Ok(ExitCode::from(code));
+        }
+    };
+    match cli.command {
+        Command::Run {
+            graph,
+            set,
+            plugins,
+            events,
+            out,
+            workers,
+        } => cmd_run(graph, set, plugins, events, out, workers),
+        Command::Validate {
+            graph,
+            set,
+            plugins,
+        } => {
+            let rt = load_runtime(&plugins);
+            Ok(match load_plan(&graph, &set, &rt) {
+                Some(_) => {
+                    println!("{}: ok", graph.display());
+                    ExitCode::SUCCESS
+                }
+                None => ExitCode::from(2),
+            })
+        }
+        Command::Nodes { json, plugins } => cmd_nodes(json, plugins),
+        Command::Dot { graph } => match Graph::from_file(&graph) {
+            Ok(g) => {
+                print!("{}", to_dot(g.ir()));
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                print_diagnostics(&e);
+                Ok(ExitCode::from(2))
+            }
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(if std::env::var_os("DITFLOW_DEBUG").is_some() {
+            tracing::Level::DEBUG
+        } else {
+            tracing::Level::WARN
+        })
+        .init();
+    match real_main().context("ditflow") {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The plugin boundary: a C plugin built by the tests is loaded and run; incompatible, malformed
+//! and duplicate plugins are refused with messages naming the library, and the host goes on.
+
+mod common;
+
+use ditflow::plugin::PluginError;
+use ditflow::{Graph, RunOptions, Runtime, Session, Value};
+use std::path::Path;
+use std::sync::Arc;
+
+#[test]
+fn c_example_plugin_loads_and_runs() {
+    let dir = common::temp_dir("c-hello");
+    let lib = common::build_c_plugin("plugins/examples/c/hello_plugin.c", &dir);
+    let mut rt = Runtime::new();
+    assert_eq!(rt.load_plugin_file(&lib).expect("loads"), 2);
+    let greet = rt.registry().get("CGreet").expect("CGreet registered");
+    assert_eq!(greet.plugin.name, "c-hello");
+    assert_eq!(greet.inputs[1].min, Some(1.0));
+    let g = Graph::from_yaml(
+        "version: 1\nnodes:\n  g: {type: CGreet, inputs: {name: Ada, times: 2}}\n  s: {type: CScale, inputs: {x: 1.5, factor: 4}}\noutputs:\n  text: g.text\n  y: s.y\n",
+        "c.yaml",
+        Path::new("."),
+    )
+    .unwrap();
+    let session = Session::new(Arc::new(rt));
+    let report = session.run(&g, &[], &RunOptions::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    assert_eq!(
+        **report.output("text").unwrap(),
+        Value::string("hello, Ada! hello, Ada!")
+    );
+    assert_eq!(**report.output("y").unwrap(), Value::Float(6.0));
+}
+
+#[test]
+fn a_plugin_for_another_abi_major_is_refused_with_a_clear_message() {
+    let dir = common::temp_dir("bad-abi");
+    let lib = common::build_c_plugin("tests/plugins/c/bad_abi_plugin.c", &dir);
+    let err = Runtime::new()
+        .load_plugin_file(&lib)
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(err, PluginError::IncompatibleAbi { major: 2, .. }),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(&lib.display().to_string()), "{msg}");
+    assert!(
+        msg.contains("'bad-abi'") && msg.contains("ABI 2.0") && msg.contains("host speaks ABI 1.0"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn a_plugin_with_a_newer_minor_is_refused() {
+    let dir = common::temp_dir("newer-minor");
+    let lib = common::build_c_plugin("tests/plugins/c/newer_minor_plugin.c", &dir);
+    let err = Runtime::new()
+        .load_plugin_file(&lib)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("ABI 1.1"), "{err}");
+}
+
+#[test]
+fn malformed_libraries_are_refused_and_the_host_goes_on() {
+    let dir = common::temp_dir("malformed");
+    // Not a library at all.
+    std::fs::write(dir.join("libgarbage.so"), b"this is not an ELF file").unwrap();
+    // A library without the descriptor.
+    common::build_c_plugin("tests/plugins/c/no_descriptor.c", &dir);
+    // One incompatible plugin and one good one in the same folder.
+    common::build_c_plugin("tests/plugins/c/bad_abi_plugin.c", &dir);
+    common::build_c_plugin("plugins/examples/c/hello_plugin.c", &dir);
+
+    let mut rt = Runtime::new();
+    let err = rt
+        .load_plugin_file(&dir.join("libgarbage.so"))
+        .err()
+        .unwrap();
+    assert!(matches!(err, PluginError::Load { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("libgarbage.so") && err.to_string().contains("dlopen failed: "),
+        "{err}"
+    );
+    let err = rt
+        .load_plugin_file(&dir.join(format!(
+            "{}no_descriptor{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        )))
+        .err()
+        .unwrap();
+    assert!(matches!(err, PluginError::NotAPlugin { .. }), "{err:?}");
+
+    let mut rt = Runtime::new();
+    rt.load_plugin_dir(&dir);
+    assert!(
+        rt.registry().get("CGreet").is_some(),
+        "the good plugin still loads"
+    );
+    let problems = rt.problems().join("\n");
+    assert!(problems.contains("libgarbage.so"), "{problems}");
+    assert!(problems.contains("bad_abi_plugin"), "{problems}");
+    assert!(
+        !problems.contains("no_descriptor"),
+        "non-plugins are skipped quietly: {problems}"
+    );
+}
+
+#[test]
+fn two_plugins_declaring_one_node_type_is_an_error_naming_both() {
+    let dir = common::temp_dir("dup");
+    let src = dir.join("dup_greet.c");
+    std::fs::write(
+        &src,
+        r#"#include "ditflow_plugin.h"
+static int32_t run(void* ud, const DfHostApi* host, DfContext* ctx) { (void)ud; (void)host; (void)ctx; return DF_OK; }
+static int32_t reg(const DfHostApi* host, DfRegistrar* r) {
+    DfNodeDesc d = {0};
+    d.size = sizeof(DfNodeDesc);
+    d.type_name = "CGreet";
+    d.execute = run;
+    return host->register_node(r, &d);
+}
+DF_DEFINE_PLUGIN("dup-greet", "0.1.0", reg);
+"#,
+    )
+    .unwrap();
+    let lib = common::build_c_plugin(src.to_str().unwrap(), &dir);
+    let hello = common::build_c_plugin("plugins/examples/c/hello_plugin.c", &dir);
+    let mut rt = Runtime::new();
+    rt.load_plugin_file(&hello).unwrap();
+    rt.load_plugin_file(&lib).unwrap();
+    let problems = rt.problems().join("\n");
+    assert!(problems.contains("'CGreet'"), "{problems}");
+    assert!(
+        problems.contains("'c-hello'") && problems.contains("'dup-greet'"),
+        "{problems}"
+    );
+    assert_eq!(rt.registry().get("CGreet").unwrap().plugin.name, "c-hello");
+}
+
+#[test]
+fn rust_plugins_export_full_schemas() {
+    let mut rt = Runtime::new();
+    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
+        .unwrap();
+    let math = rt.registry().get("Math").expect("Math");
+    let op = &math.inputs[math.input_index("op").unwrap()];
+    assert!(op.choices.iter().any(|c| c == "mul"));
+    assert_eq!(op.default, Some(Value::string("add")));
+    let json = math.to_json();
+    assert_eq!(json["plugin"]["name"], "ditflow-nodes");
+    assert_eq!(json["inputs"][0]["type"], "Float");
+    let save = rt.registry().get("SaveImage").unwrap();
+    assert!(save.side_effects && !save.cacheable);
+}
