@@ -284,3 +284,19 @@ fn sessions_are_shared_across_threads() {
         assert_eq!(h.join().unwrap(), Some(Value::Int(i as i64 + 3 + 12)));
     }
 }
+
+#[test]
+fn linked_values_are_checked_against_port_ranges_at_run_time() {
+    let session = Session::new(runtime());
+    let g = graph(
+        "version: 1\nnodes:\n  w: {type: Int, inputs: {value: 0}}\n  n: {type: RandomNoise, inputs: {width: w.value}}\n",
+    );
+    let (report, _) = run_recorded(&session, &g, &[], 2);
+    assert_eq!(report.failed.len(), 1);
+    assert_eq!(&*report.failed[0].node, "n");
+    assert!(
+        report.failed[0].error.contains("out of range"),
+        "{}",
+        report.failed[0].error
+    );
+}

@@ -37,10 +37,7 @@ fn c_example_plugin_loads_and_runs() {
 fn a_plugin_for_another_abi_major_is_refused_with_a_clear_message() {
     let dir = common::temp_dir("bad-abi");
     let lib = common::build_c_plugin("tests/plugins/c/bad_abi_plugin.c", &dir);
-    let err = Runtime::new()
-        .load_plugin_file(&lib)
-        .err()
-        .expect("refused");
+    let err = Runtime::new().load_plugin_file(&lib).expect_err("refused");
     assert!(
         matches!(err, PluginError::IncompatibleAbi { major: 2, .. }),
         "{err:?}"
@@ -57,10 +54,7 @@ fn a_plugin_for_another_abi_major_is_refused_with_a_clear_message() {
 fn a_plugin_with_a_newer_minor_is_refused() {
     let dir = common::temp_dir("newer-minor");
     let lib = common::build_c_plugin("tests/plugins/c/newer_minor_plugin.c", &dir);
-    let err = Runtime::new()
-        .load_plugin_file(&lib)
-        .err()
-        .expect("refused");
+    let err = Runtime::new().load_plugin_file(&lib).expect_err("refused");
     assert!(err.to_string().contains("ABI 1.1"), "{err}");
 }
 

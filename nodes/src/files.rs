@@ -19,11 +19,12 @@ pub(crate) fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// A fingerprint of a file's resolved path, length and modification time, so a cached result is
-/// dropped when the file is edited. A missing or unreadable file is an error naming it.
-pub(crate) fn file_fingerprint(path: &Path) -> Result<u64> {
-    let meta = std::fs::metadata(path).map_err(|e| io_error("cannot read", path, &e))?;
+/// dropped when the file is edited. A missing or unreadable file is an error "`what` `path`:
+/// reason".
+pub(crate) fn file_fingerprint(what: &str, path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| io_error(what, path, &e))?;
     if !meta.is_file() {
-        bail!("cannot read {}: not a file", path.display());
+        bail!("{what} {}: not a file", path.display());
     }
     // A file dated before 1970 (or a filesystem without times) still gets a fingerprint from its
     // length; the sign of the offset is kept apart from its magnitude.
@@ -116,16 +117,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("x.bin");
         std::fs::write(&file, b"one").unwrap();
-        let a = file_fingerprint(&file).unwrap();
-        assert_eq!(a, file_fingerprint(&file).unwrap());
+        let a = file_fingerprint("cannot read", &file).unwrap();
+        assert_eq!(a, file_fingerprint("cannot read", &file).unwrap());
         std::fs::write(&file, b"three").unwrap();
-        assert_ne!(a, file_fingerprint(&file).unwrap());
-        let e = file_fingerprint(&dir.join("missing.bin")).unwrap_err().0;
+        assert_ne!(a, file_fingerprint("cannot read", &file).unwrap());
+        let e = file_fingerprint("cannot read", &dir.join("missing.bin"))
+            .unwrap_err()
+            .0;
         assert!(
             e.contains("missing.bin") && e.contains("no such file"),
             "{e}"
         );
-        let e = file_fingerprint(&dir).unwrap_err().0;
+        let e = file_fingerprint("cannot read", &dir).unwrap_err().0;
         assert!(e.contains("not a file"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -224,7 +224,7 @@ impl Node for LoadImage {
     }
 
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
-        file_fingerprint(&input_path(ctx, "path")?).map(Some)
+        file_fingerprint("cannot read", &input_path(ctx, "path")?).map(Some)
     }
 }
 

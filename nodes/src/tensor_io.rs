@@ -66,10 +66,9 @@ pub fn read_safetensor<'a>(
             if names.is_empty() {
                 bail!("{file} has no tensor {name:?}: the file holds no tensors");
             }
-            bail!(
-                "{file} has no tensor {name:?}; it holds {} tensors: {list}",
-                names.len()
-            );
+            let n = names.len();
+            let plural = if n == 1 { "" } else { "s" };
+            bail!("{file} has no tensor {name:?}; it holds {n} tensor{plural}: {list}");
         }
     };
     let dtype = dtype_from_safetensors(view.dtype()).ok_or_else(|| {
@@ -134,9 +133,8 @@ impl Node for LoadTensor {
 
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
         let name: String = ctx.input("name")?;
-        file_fingerprint(&input_path(ctx, "path")?)
-            .map(Some)
-            .map_err(|e| Error(format!("tensor {name:?}: {e}")))
+        let what = format!("cannot read tensor {name:?} from");
+        file_fingerprint(&what, &input_path(ctx, "path")?).map(Some)
     }
 }
 

@@ -10,7 +10,7 @@ use ditflow::{ArgValue, Event, Graph, GraphError, RunOptions, Runtime, Session};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -107,11 +107,7 @@ fn print_diagnostics(e: &GraphError) {
 }
 
 /// Loads and validates a graph, printing problems; `None` means exit 2.
-fn load_plan(
-    graph: &PathBuf,
-    set: &[String],
-    rt: &Runtime,
-) -> Option<(Graph, ditflow::exec::plan::Plan, Vec<(String, ArgValue)>)> {
+fn load_plan(graph: &Path, set: &[String], rt: &Runtime) -> Option<ditflow::exec::plan::Plan> {
     let args = match parse_sets(set) {
         Ok(a) => a,
         Err(e) => {
@@ -127,7 +123,7 @@ fn load_plan(
         }
     };
     match g.plan(rt, &args) {
-        Ok(plan) => Some((g, plan, args)),
+        Ok(plan) => Some(plan),
         Err(d) => {
             for line in d.0 {
                 eprintln!("{line}");
@@ -182,7 +178,7 @@ fn cmd_run(
     workers: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
     let rt = load_runtime(&plugins);
-    let Some((_, plan, _)) = load_plan(&graph, &set, &rt) else {
+    let Some(plan) = load_plan(&graph, &set, &rt) else {
         return Ok(ExitCode::from(2));
     };
     let cancel = Arc::new(AtomicBool::new(false));

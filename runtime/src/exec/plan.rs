@@ -83,7 +83,7 @@ impl Default for KeyHasher {
     fn default() -> Self {
         let a = DefaultHasher::new();
         let mut b = DefaultHasher::new();
-        0x6469_7466_6c6f_77u64.hash(&mut b);
+        0x0064_6974_666c_6f77_u64.hash(&mut b);
         KeyHasher { a, b }
     }
 }

@@ -166,6 +166,15 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
         key,
         outcome: Outcome::Failed(e),
     };
+    // Constants were range-checked by validation; linked values are checked here.
+    for ((port, src), value) in node.ty.inputs.iter().zip(&node.inputs).zip(&job.inputs) {
+        let bounded = port.min.is_some() || port.max.is_some() || !port.choices.is_empty();
+        if let (true, InputSource::Link { .. }, Some(v)) = (bounded, src, value) {
+            if let Err(e) = port.check_value(v) {
+                return fail(key, format!("input {e}"));
+            }
+        }
+    }
     match catch_unwind(AssertUnwindSafe(|| imp.fingerprint(&mut ctx))) {
         Ok(Ok(Some(fp))) => {
             let mut h = KeyHasher::default();
@@ -406,9 +415,9 @@ pub fn run_plan(plan: &Plan, opts: &RunOptions, cache: &Mutex<Cache>) -> RunRepo
     });
 
     report.cancelled = opts.cancel.load(Ordering::Relaxed);
-    for i in 0..n {
-        if state[i] == State::Waiting {
-            state[i] = State::Skipped;
+    for (i, st) in state.iter_mut().enumerate() {
+        if *st == State::Waiting {
+            *st = State::Skipped;
             let reason = if report.cancelled {
                 "cancelled"
             } else {

@@ -81,7 +81,15 @@ pub fn closest<'a>(
     let lower = word.to_lowercase();
     let mut scored: Vec<(usize, &str)> = candidates
         .into_iter()
-        .map(|c| (edit_distance(&lower, &c.to_lowercase()), c))
+        .map(|c| {
+            let cl = c.to_lowercase();
+            // A prefix either way (`Integer` for `Int`) is a near miss whatever the distance.
+            let prefix = cl.len() >= 3
+                && lower.len() >= 3
+                && (lower.starts_with(&cl) || cl.starts_with(&lower));
+            let d = edit_distance(&lower, &cl);
+            (if prefix { d.min(1) } else { d }, c)
+        })
         .filter(|&(d, c)| d <= (c.chars().count().max(word.chars().count()) / 3).max(1) + 1)
         .collect();
     scored.sort();
@@ -130,6 +138,10 @@ mod tests {
             " (did you mean 'nodes'?)"
         );
         assert_eq!(did_you_mean("zzzzzz", ["nodes"]), "");
+        assert_eq!(
+            did_you_mean("Integer", ["Int", "Float"]),
+            " (did you mean 'Int'?)"
+        );
         assert_eq!(
             closest("TextEncod", ["TextEncode", "TextDecode", "Noise"], 3)[0],
             "TextEncode"

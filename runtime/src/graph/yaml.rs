@@ -17,6 +17,9 @@ use std::path::Path;
 /// Graph documents larger than this are refused before parsing.
 pub const MAX_DOCUMENT_BYTES: usize = 4 << 20;
 
+/// The deepest nesting a graph document may use.
+const MAX_DEPTH: usize = 32;
+
 /// A located YAML value.
 #[derive(Debug, Clone)]
 struct Node {
@@ -139,7 +142,7 @@ impl<'de> Visitor<'de> for YamlVisitor {
 
 fn options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
-    budget.max_depth = 32;
+    budget.max_depth = MAX_DEPTH;
     budget.max_aliases = 1_000;
     budget.max_anchors = 1_000;
     budget.max_events = 200_000;
@@ -154,23 +157,54 @@ fn options() -> serde_saphyr::Options {
     options
 }
 
-/// The first line of a parser message, without any location it repeats.
+/// A parser or budget error as one line a user can act on: no locations (the diagnostic has its
+/// own), no library option names.
 fn parser_message(e: &serde_saphyr::Error) -> String {
     let text = e.to_string();
-    let first = text
-        .lines()
-        .next()
-        .unwrap_or("invalid YAML")
-        .trim()
-        .to_string();
-    let stripped = match first.rfind(" at line ") {
-        Some(i) => first[..i].to_string(),
+    let first = text.lines().next().unwrap_or("").trim();
+    if let Some(rest) = first.strip_prefix("budget breached: ") {
+        let kind: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect();
+        return match kind.as_str() {
+            "Depth" => format!("nesting is too deep: graph documents allow {MAX_DEPTH} levels"),
+            "ScalarBytes" | "InputBytes" => {
+                "the document's text is too large for a graph".to_string()
+            }
+            "Aliases"
+            | "Anchors"
+            | "AliasAnchorRatio"
+            | "RecordedAnchorEvents"
+            | "RecordedAnchorBytes" => {
+                "too many aliases or anchors: the document expands too much (an alias bomb?)"
+                    .to_string()
+            }
+            "Nodes" | "Events" | "Documents" | "MergeKeys" => {
+                "the document expands to too many values for a graph (an alias bomb?)".to_string()
+            }
+            _ => format!("the document exceeds a parser limit ({kind})"),
+        };
+    }
+    if first.contains("recursion limit") {
+        return format!("nesting is too deep: graph documents allow {MAX_DEPTH} levels");
+    }
+    if let Some(rest) = first.strip_prefix("duplicate mapping key: ") {
+        let key = rest
+            .split(", set DuplicateKeyPolicy")
+            .next()
+            .unwrap_or(rest)
+            .trim();
+        return format!("duplicate key '{key}'");
+    }
+    let stripped = match first.find(" at line ") {
+        Some(i) => &first[..i],
         None => first,
     };
     if stripped.is_empty() {
         "invalid YAML".to_string()
     } else {
-        stripped
+        stripped.to_string()
     }
 }
 

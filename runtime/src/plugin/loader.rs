@@ -334,7 +334,7 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, PluginError> {
     // its magic and size before trusting anything else in it.
     let desc_ptr: *const DfPluginDescriptor = unsafe {
         match lib.get::<*const DfPluginDescriptor>(DF_PLUGIN_SYMBOL.as_bytes()) {
-            Ok(sym) => *sym as *const DfPluginDescriptor,
+            Ok(sym) => *sym,
             Err(_) => return Err(PluginError::NotAPlugin { path: shown }),
         }
     };
