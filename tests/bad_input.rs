@@ -16,6 +16,8 @@
 //! word in the file's own name never satisfies them. A message must also be whole: one cut short
 //! leaves a parenthesis open. Failures of every document are collected and reported together.
 
+mod common;
+
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -47,8 +49,9 @@ fn ditflow(args: &[&str], cwd: &Path) -> Outcome {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Plugins come from the executable's folder only; a panic would print its usual note.
-        .env_remove("DITFLOW_PLUGIN_PATH")
+        // Plugins come from where cargo built them (next to the executable, or in `deps/` on a
+        // clean `cargo test`); a panic would print its usual note.
+        .env("DITFLOW_PLUGIN_PATH", common::plugin_dir())
         .env_remove("DITFLOW_DEBUG")
         .env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LIB_BACKTRACE");

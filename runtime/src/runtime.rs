@@ -27,7 +27,8 @@ use std::sync::{Arc, Mutex};
 pub struct Runtime {
     registry: Registry,
     problems: Vec<String>,
-    plugins: Vec<(String, PathBuf)>,
+    /// Loaded plugins: name, version, library path.
+    plugins: Vec<(String, String, PathBuf)>,
 }
 
 impl Runtime {
@@ -60,24 +61,39 @@ impl Runtime {
     }
 
     /// Loads one plugin library; returns how many node types it added. A plugin whose name is
-    /// already loaded is skipped with a note in [`Runtime::problems`].
+    /// already loaded is skipped (with a note in [`Runtime::problems`] if its version differs).
     pub fn load_plugin_file(&mut self, path: &Path) -> Result<usize, PluginError> {
         let loaded = load_plugin(path)?;
-        if let Some((_, first)) = self
+        if let Some((_, version, first)) = self
             .plugins
             .iter()
-            .find(|(name, _)| *name == loaded.info.name)
+            .find(|(name, _, _)| *name == loaded.info.name)
         {
-            self.problems.push(format!(
-                "{}: plugin '{}' is already loaded from {}; ignoring this copy",
-                path.display(),
-                loaded.info.name,
-                first.display()
-            ));
+            // The same build found twice on the search path is not a problem; another version is.
+            if *version == loaded.info.version {
+                tracing::debug!(
+                    "{}: plugin '{}' already loaded from {}",
+                    path.display(),
+                    loaded.info.name,
+                    first.display()
+                );
+            } else {
+                self.problems.push(format!(
+                    "{}: plugin '{}' {} is already loaded as version {} from {}; ignoring this copy",
+                    path.display(),
+                    loaded.info.name,
+                    loaded.info.version,
+                    version,
+                    first.display()
+                ));
+            }
             return Ok(0);
         }
-        self.plugins
-            .push((loaded.info.name.clone(), path.to_path_buf()));
+        self.plugins.push((
+            loaded.info.name.clone(),
+            loaded.info.version.clone(),
+            path.to_path_buf(),
+        ));
         for w in loaded.warnings {
             self.problems.push(format!("{}: {w}", path.display()));
         }
@@ -105,8 +121,8 @@ impl Runtime {
         &self.problems
     }
 
-    /// Loaded plugins: name and library path.
-    pub fn plugins(&self) -> &[(String, PathBuf)] {
+    /// Loaded plugins: name, version and library path.
+    pub fn plugins(&self) -> &[(String, String, PathBuf)] {
         &self.plugins
     }
 }

@@ -106,7 +106,8 @@ pub enum DType {
 }
 
 impl DType {
-    pub(crate) fn from_raw(raw: i32) -> Option<DType> {
+    /// The dtype for a `DF_DTYPE_*` code.
+    pub fn from_raw(raw: i32) -> Option<DType> {
         Some(match raw {
             abi::DF_DTYPE_F32 => DType::F32,
             abi::DF_DTYPE_F16 => DType::F16,
@@ -118,7 +119,8 @@ impl DType {
         })
     }
 
-    pub(crate) fn raw(self) -> i32 {
+    /// The `DF_DTYPE_*` code.
+    pub fn raw(self) -> i32 {
         match self {
             DType::F32 => abi::DF_DTYPE_F32,
             DType::F16 => abi::DF_DTYPE_F16,

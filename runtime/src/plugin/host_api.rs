@@ -318,29 +318,6 @@ fn kind_to_raw(kind: TensorKind) -> i32 {
     }
 }
 
-fn dtype_from_raw(dtype: i32) -> Option<DType> {
-    Some(match dtype {
-        DF_DTYPE_F32 => DType::F32,
-        DF_DTYPE_F16 => DType::F16,
-        DF_DTYPE_BF16 => DType::BF16,
-        DF_DTYPE_I64 => DType::I64,
-        DF_DTYPE_I32 => DType::I32,
-        DF_DTYPE_U8 => DType::U8,
-        _ => return None,
-    })
-}
-
-fn dtype_to_raw(dtype: DType) -> i32 {
-    match dtype {
-        DType::F32 => DF_DTYPE_F32,
-        DType::F16 => DF_DTYPE_F16,
-        DType::BF16 => DF_DTYPE_BF16,
-        DType::I64 => DF_DTYPE_I64,
-        DType::I32 => DF_DTYPE_I32,
-        DType::U8 => DF_DTYPE_U8,
-    }
-}
-
 /// # Safety
 /// `shape` must point at `rank` dims (or be NULL with rank 0).
 unsafe fn shape_from_raw(shape: *const i64, rank: usize) -> Option<Vec<usize>> {
@@ -366,7 +343,7 @@ unsafe extern "C" fn value_tensor(
     guard(std::ptr::null_mut(), || {
         // SAFETY: the plugin passes `rank` dims.
         let (Some(kind), Some(dtype), Some(shape)) =
-            (kind_from_raw(kind), dtype_from_raw(dtype), unsafe {
+            (kind_from_raw(kind), DType::from_raw(dtype), unsafe {
                 shape_from_raw(shape, rank)
             })
         else {
@@ -521,7 +498,7 @@ unsafe extern "C" fn value_tensor_info(
     match unsafe { borrow(v) } {
         Some(Value::Tensor(_, t)) if !dtype.is_null() && !shape.is_null() && !rank.is_null() => {
             unsafe {
-                *dtype = dtype_to_raw(t.dtype());
+                *dtype = t.dtype().raw();
                 *shape = t.dims().as_ptr();
                 *rank = t.dims().len();
             }
@@ -563,7 +540,7 @@ unsafe extern "C" fn tensor_randn(
     guard(std::ptr::null_mut(), || {
         // SAFETY: the plugin passes `rank` dims.
         let (Some(kind), Some(DType::F32), Some(shape)) =
-            (kind_from_raw(kind), dtype_from_raw(dtype), unsafe {
+            (kind_from_raw(kind), DType::from_raw(dtype), unsafe {
                 shape_from_raw(shape, rank)
             })
         else {
