@@ -37,7 +37,7 @@ mod schema;
 mod value;
 
 pub use context::Context;
-pub use export::{register_nodes, NodeRegistration};
+pub use export::{panic_message, register_nodes, NodeRegistration};
 pub use schema::{NodeSchema, Port};
 pub use value::{DType, FromValue, IntoValue, Kind, Object, Tensor, Value};
 

@@ -10,6 +10,7 @@ use super::context::ExecContext;
 use super::events::{Event, Subscriber};
 use super::plan::{CacheKey, InputSource, KeyHasher, Plan};
 use crate::value::Value;
+use ditflow_plugin::panic_message;
 use std::collections::VecDeque;
 use std::hash::Hash;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -186,7 +187,7 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
         Err(p) => {
             return fail(
                 key,
-                format!("fingerprint panicked: {}", panic_text(p.as_ref())),
+                format!("fingerprint panicked: {}", panic_message(p.as_ref())),
             )
         }
     }
@@ -210,7 +211,7 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
     let t0 = Instant::now();
     let result = match catch_unwind(AssertUnwindSafe(|| imp.execute(&mut ctx))) {
         Ok(r) => r,
-        Err(p) => Err(format!("panicked: {}", panic_text(p.as_ref()))),
+        Err(p) => Err(format!("panicked: {}", panic_message(p.as_ref()))),
     };
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Err(e) = result {
@@ -242,13 +243,6 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
         key,
         outcome: Outcome::Executed(outputs, ms),
     }
-}
-
-fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -214,7 +214,8 @@ struct Reader<'a> {
     diags: Vec<Diagnostic>,
 }
 
-fn is_identifier(s: &str) -> bool {
+/// `[A-Za-z_][A-Za-z0-9_]*`: node ids, port names and graph-input names.
+pub fn is_identifier(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')

@@ -87,11 +87,9 @@ unsafe fn opt_str(s: *const c_char) -> Result<Option<String>, String> {
         .map_err(|_| "a string is not valid UTF-8".to_string())
 }
 
+/// A name a plugin may declare: an identifier of at most 128 bytes.
 fn is_identifier(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && s.len() <= 128
+    s.len() <= 128 && crate::graph::yaml::is_identifier(s)
 }
 
 /// Reads and checks one port description.
