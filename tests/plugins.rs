@@ -13,7 +13,7 @@ fn c_example_plugin_loads_and_runs() {
     let dir = common::temp_dir("c-hello");
     let lib = common::build_c_plugin("plugins/examples/c/hello_plugin.c", &dir);
     let mut rt = Runtime::new();
-    assert_eq!(rt.load_plugin_file(&lib).expect("loads"), 2);
+    assert_eq!(rt.load_plugin_file(&lib).expect("loads"), 3);
     let greet = rt.registry().get("CGreet").expect("CGreet registered");
     assert_eq!(greet.plugin.name, "c-hello");
     assert_eq!(greet.inputs[1].min, Some(1.0));
@@ -34,6 +34,35 @@ fn c_example_plugin_loads_and_runs() {
 }
 
 #[test]
+fn a_c_plugin_writes_a_tensor_in_place_and_calls_engine_ops() {
+    let dir = common::temp_dir("c-ops");
+    let lib = common::build_c_plugin("plugins/examples/c/hello_plugin.c", &dir);
+    let mut rt = Runtime::new();
+    rt.load_plugin_file(&lib).expect("loads");
+    let session = Session::new(Arc::new(rt));
+    let g = Graph::from_yaml(
+        "version: 1\nnodes:\n  r: {type: CSoftmaxRamp, inputs: {n: 5, temperature: 2.0}}\noutputs:\n  y: r.y\n",
+        "ramp.yaml",
+        Path::new("."),
+    )
+    .unwrap();
+    let report = session.run(&g, &[], &RunOptions::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let Value::Tensor(_, y) = &**report.output("y").unwrap() else {
+        panic!("a tensor")
+    };
+    // Reference: softmax(i / 2) in f64; tolerance 1e-6 relative.
+    let z: f64 = (0..5).map(|i| (i as f64 / 2.0).exp()).sum();
+    for (i, v) in y.as_f32().iter().enumerate() {
+        let want = (i as f64 / 2.0).exp() / z;
+        assert!(
+            (*v as f64 - want).abs() < 1e-6 * want.max(1e-3),
+            "{i}: {v} vs {want}"
+        );
+    }
+}
+
+#[test]
 fn a_plugin_for_another_abi_major_is_refused_with_a_clear_message() {
     let dir = common::temp_dir("bad-abi");
     let lib = common::build_c_plugin("tests/plugins/c/bad_abi_plugin.c", &dir);
@@ -45,7 +74,7 @@ fn a_plugin_for_another_abi_major_is_refused_with_a_clear_message() {
     let msg = err.to_string();
     assert!(msg.contains(&lib.display().to_string()), "{msg}");
     assert!(
-        msg.contains("'bad-abi'") && msg.contains("ABI 2.0") && msg.contains("host speaks ABI 1.0"),
+        msg.contains("'bad-abi'") && msg.contains("ABI 2.") && msg.contains("host speaks ABI 1.1"),
         "{msg}"
     );
 }
@@ -151,4 +180,59 @@ fn rust_plugins_export_full_schemas() {
     assert_eq!(json["inputs"][0]["type"], "Float");
     let save = rt.registry().get("SaveImage").unwrap();
     assert!(save.side_effects && !save.cacheable);
+}
+
+#[test]
+fn rust_sdk_ops_match_the_engine_called_directly() {
+    use ditflow::tensor::ops::{self, LayerNorm};
+    use ditflow::tensor::Device;
+    let mut rt = Runtime::new();
+    rt.load_plugin_file(&common::plugin_lib("ditflow_testkit"))
+        .expect("testkit loads");
+    let session = Session::new(Arc::new(rt));
+    let g = Graph::from_yaml(
+        "version: 1\nnodes:\n  b: {type: AdaLnBlock, inputs: {seed: 5}}\noutputs:\n  y: b.y\n",
+        "block.yaml",
+        Path::new("."),
+    )
+    .unwrap();
+    let report = session.run(&g, &[], &RunOptions::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let Value::Tensor(_, y) = &**report.output("y").unwrap() else {
+        panic!("a tensor")
+    };
+    // The same computation through the Rust API: the same kernels, so bit-identical.
+    let r = |shape: &[usize], k: u64| ops::randn(shape, 5 + k, Device::Cpu).unwrap();
+    let (x, w, shift, scale, gate) = (
+        r(&[2, 8, 16], 0),
+        r(&[32, 16], 1),
+        r(&[2, 1, 16], 2),
+        r(&[2, 1, 16], 3),
+        r(&[2, 1, 32], 4),
+    );
+    let bias: Vec<f32> = (0..32).map(|i| i as f32 * 0.01).collect();
+    let bias = ditflow::tensor::Tensor::from_f32(&[32], &bias).unwrap();
+    let n = ops::layer_norm(
+        &x,
+        LayerNorm {
+            shift: Some(&shift),
+            scale: Some(&scale),
+            eps: 1e-6,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let h = ops::linear(
+        &n,
+        &w,
+        Some(&bias),
+        ditflow::kernels::cpu::Activation::GeluTanh,
+    )
+    .unwrap();
+    let heads = ops::permute(&ops::reshape(&h, &[2, 8, 2, 16]).unwrap(), &[0, 2, 1, 3]).unwrap();
+    let a = ops::attention(&heads, &heads, &heads, None, None).unwrap();
+    let a = ops::reshape(&ops::permute(&a, &[0, 2, 1, 3]).unwrap(), &[2, 8, 32]).unwrap();
+    let want = ops::gated_residual(&h, &a, &gate).unwrap();
+    assert_eq!(y.shape(), &[2, 8, 32]);
+    assert_eq!(y.as_f32(), want.as_f32());
 }

@@ -8,12 +8,14 @@
 
 pub mod exec;
 pub mod graph;
+pub mod kernels;
 pub mod plugin;
 pub mod registry;
 pub mod runtime;
 pub mod tensor;
 pub mod types;
 pub mod value;
+pub mod weights;
 
 pub use exec::events::{Event, Subscriber};
 pub use exec::scheduler::{NodeFailure, RunOptions, RunReport};

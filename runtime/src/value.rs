@@ -138,7 +138,7 @@ impl Value {
             Value::Int(i) => (1u8, i).hash(h),
             Value::Float(f) => (2u8, f.to_bits()).hash(h),
             Value::String(s) => (3u8, s.as_str()).hash(h),
-            Value::Tensor(kind, t) => (4u8, kind, t.bytes().as_ptr() as usize, t.shape()).hash(h),
+            Value::Tensor(kind, t) => (4u8, kind, t.storage_id(), t.shape()).hash(h),
             Value::Object(o) => (5u8, Arc::as_ptr(o) as usize).hash(h),
             Value::List(items) => {
                 (6u8, items.len()).hash(h);
@@ -200,7 +200,9 @@ impl PartialEq for Value {
                 ka == kb
                     && a.dtype() == b.dtype()
                     && a.shape() == b.shape()
-                    && a.bytes() == b.bytes()
+                    && a.device() == b.device()
+                    && (a.storage_id() == b.storage_id()
+                        || (a.cpu_bytes().is_ok() && a.cpu_bytes() == b.cpu_bytes()))
             }
             (Value::Object(a), Value::Object(b)) => Arc::ptr_eq(a, b),
             (Value::List(a), Value::List(b)) => a == b,

@@ -30,15 +30,28 @@ fn lib_name(stem: &str) -> String {
     )
 }
 
-/// The folder holding the workspace's Rust plugin libraries (`ditflow-nodes`, `ditflow-testkit`).
+/// The folder holding the workspace's Rust plugin libraries (`ditflow-nodes`, `ditflow-testkit`):
+/// the newer of `target/<profile>` (where `cargo build` puts them) and its `deps` (where a
+/// clean `cargo test` leaves them), so a stale copy from an older build is never used.
 pub fn plugin_dir() -> PathBuf {
     let top = profile_dir();
-    for dir in [top.clone(), top.join("deps")] {
-        if dir.join(lib_name("ditflow_nodes")).exists()
-            && dir.join(lib_name("ditflow_testkit")).exists()
-        {
-            return dir;
-        }
+    let modified = |dir: &Path| -> Option<std::time::SystemTime> {
+        let a = std::fs::metadata(dir.join(lib_name("ditflow_nodes")))
+            .ok()?
+            .modified()
+            .ok()?;
+        let b = std::fs::metadata(dir.join(lib_name("ditflow_testkit")))
+            .ok()?
+            .modified()
+            .ok()?;
+        Some(a.min(b))
+    };
+    let best = [top.clone(), top.join("deps")]
+        .into_iter()
+        .filter_map(|d| modified(&d).map(|t| (t, d)))
+        .max_by_key(|(t, _)| *t);
+    if let Some((_, dir)) = best {
+        return dir;
     }
     panic!(
         "the plugin libraries were not built next to {}; run `cargo test --workspace`",

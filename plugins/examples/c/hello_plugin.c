@@ -11,6 +11,11 @@
  *   CGreet  name: String = "world", times: Int = 1 (1..=10)  ->  text: String
  *           "hello, NAME!" repeated `times` times, joined by single spaces.
  *   CScale  x: Float (required), factor: Float = 2.0          ->  y: Float = x * factor
+ *   CSoftmaxRamp  n: Int = 4 (1..=4096), temperature: Float = 1.0
+ *                                                          ->  y: Tensor<f32, 1>
+ *           softmax([0, 1, ..., n-1] / temperature), computed by the host's tensor engine:
+ *           the ramp is written in place into a fresh tensor (value_tensor_data_mut), then
+ *           `affine` and `softmax` run through tensor_op (ABI 1.1).
  *
  * Things every C plugin author should know, all shown below:
  *
@@ -275,16 +280,133 @@ static const DfNodeDesc scale_node = {
 };
 
 /* ------------------------------------------------------------------------------------------ */
+/* CSoftmaxRamp: the tensor engine from C                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+static const DfPortDesc ramp_inputs[] = {
+    {
+        .name = "n",
+        .type_expr = "Int",
+        .doc = "The ramp's length.",
+        .default_json = "4",
+        .min = 1,
+        .max = 4096,
+    },
+    {
+        .name = "temperature",
+        .type_expr = "Float",
+        .doc = "Divides the ramp before the softmax.",
+        .default_json = "1.0",
+        .min = 1e-6,
+        .max = DF_UNBOUNDED,
+    },
+};
+
+static const DfPortDesc ramp_outputs[] = {
+    {
+        .name = "y",
+        .type_expr = "Tensor<f32, 1>",
+        .doc = "softmax(ramp / temperature).",
+        .min = DF_UNBOUNDED,
+        .max = DF_UNBOUNDED,
+    },
+};
+
+/* Runs a one-input, one-output op; on failure reports the host's message as the node's error. */
+static DfValue* run_op(const DfHostApi* host, DfContext* ctx, const char* op, const DfValue* x,
+                       const DfOpAttr* attrs, size_t n_attrs) {
+    DfValue* out = NULL;
+    size_t n_out = 0;
+    const DfValue* inputs[1];
+    inputs[0] = x;
+    if (host->tensor_op(op, inputs, 1, attrs, n_attrs, 0, &out, 1, &n_out) != DF_OK || n_out != 1) {
+        host->set_error(ctx, host->last_error());
+        return NULL;
+    }
+    return out;
+}
+
+static int32_t ramp_execute(void* user_data, const DfHostApi* host, DfContext* ctx) {
+    int64_t n;
+    double temperature;
+    int64_t shape[1];
+    size_t nbytes = 0;
+    float* data;
+    DfValue* ramp;
+    DfValue* scaled;
+    DfValue* y;
+    DfOpAttr scale_attrs[1];
+    DfOpAttr softmax_attrs[1];
+    int64_t i;
+
+    (void)user_data;
+    if (input_int(host, ctx, "n", &n) != DF_OK || input_float(host, ctx, "temperature", &temperature) != DF_OK) {
+        return DF_ERROR;
+    }
+    shape[0] = n;
+    /* NULL data: a fresh tensor of zeros that this plugin alone owns, so it may write it. */
+    ramp = host->value_tensor(DF_KIND_TENSOR, DF_DTYPE_F32, shape, 1, NULL, 0);
+    if (ramp == NULL) {
+        return fail(host, ctx, "could not make the ramp tensor");
+    }
+    data = (float*)host->value_tensor_data_mut(ramp, &nbytes);
+    if (data == NULL || nbytes != (size_t)n * sizeof(float)) {
+        host->value_release(ramp);
+        return fail(host, ctx, "the ramp tensor is not writable");
+    }
+    for (i = 0; i < n; i++) {
+        data[i] = (float)i;
+    }
+
+    memset(scale_attrs, 0, sizeof scale_attrs);
+    scale_attrs[0].name = "mul";
+    scale_attrs[0].kind = DF_ATTR_FLOAT;
+    scale_attrs[0].f = 1.0 / temperature;
+    scaled = run_op(host, ctx, "affine", ramp, scale_attrs, 1);
+    host->value_release(ramp);
+    if (scaled == NULL) {
+        return DF_ERROR;
+    }
+
+    memset(softmax_attrs, 0, sizeof softmax_attrs);
+    softmax_attrs[0].name = "axis";
+    softmax_attrs[0].kind = DF_ATTR_INT;
+    softmax_attrs[0].i = -1;
+    y = run_op(host, ctx, "softmax", scaled, softmax_attrs, 1);
+    host->value_release(scaled);
+    if (y == NULL) {
+        return DF_ERROR;
+    }
+    return emit(host, ctx, "y", y);
+}
+
+static const DfNodeDesc ramp_node = {
+    .size = (uint32_t)sizeof(DfNodeDesc),
+    .flags = DF_NODE_DETERMINISTIC | DF_NODE_CACHEABLE,
+    .type_name = "CSoftmaxRamp",
+    .category = "examples",
+    .doc = "softmax([0, 1, ..., n-1] / temperature), computed by the host's tensor engine.",
+    .inputs = ramp_inputs,
+    .n_inputs = sizeof ramp_inputs / sizeof ramp_inputs[0],
+    .outputs = ramp_outputs,
+    .n_outputs = sizeof ramp_outputs / sizeof ramp_outputs[0],
+    .execute = ramp_execute,
+};
+
+/* ------------------------------------------------------------------------------------------ */
 /* Registration and the exported descriptor                                                    */
 /* ------------------------------------------------------------------------------------------ */
 
 /* Called once by the host when it loads the plugin. The host has already checked the
- * descriptor's ABI version, so every function of ABI 1.0 is present in `host`. */
+ * descriptor's ABI version, so every function of this header's ABI is present in `host`. */
 static int32_t register_nodes(const DfHostApi* host, DfRegistrar* reg) {
     if (host->register_node(reg, &greet_node) != DF_OK) {
         return DF_ERROR;
     }
     if (host->register_node(reg, &scale_node) != DF_OK) {
+        return DF_ERROR;
+    }
+    if (host->register_node(reg, &ramp_node) != DF_OK) {
         return DF_ERROR;
     }
     return DF_OK;

@@ -47,7 +47,7 @@ extern "C" {
 /** The ABI major version. A host refuses plugins whose major differs. */
 #define DF_ABI_MAJOR 1u
 /** The ABI minor version. A host refuses plugins whose minor is newer than its own. */
-#define DF_ABI_MINOR 0u
+#define DF_ABI_MINOR 1u
 /** "DFLW": the first field of every plugin descriptor. */
 #define DF_PLUGIN_MAGIC 0x44464C57u
 /** The exported symbol naming the plugin's static `DfPluginDescriptor`. */
@@ -95,6 +95,16 @@ extern "C" {
 #define DF_DTYPE_I64 4
 #define DF_DTYPE_I32 5
 #define DF_DTYPE_U8 6
+
+/* Devices (ABI 1.1): the CPU, and CUDA device n as DF_DEVICE_CUDA0 + n. */
+#define DF_DEVICE_CPU 0
+#define DF_DEVICE_CUDA0 1
+
+/* Kinds of an op attribute (ABI 1.1). */
+#define DF_ATTR_INT 1
+#define DF_ATTR_FLOAT 2
+#define DF_ATTR_INTS 3
+#define DF_ATTR_STRING 4
 
 /** Log levels for `log`. */
 #define DF_LOG_ERROR 1
@@ -214,6 +224,18 @@ typedef void (*DfObjectDropFn)(void* object);
  * Fields are only ever appended. A plugin built against a newer minor checks `size` before
  * calling a function it did not know about. None of the function pointers is NULL.
  */
+/** One named attribute of a tensor_op call; `kind` (DF_ATTR_*) says which field holds it. */
+typedef struct DfOpAttr {
+    const char* name;
+    int32_t kind;
+    uint32_t _pad;
+    int64_t i;
+    double f;
+    const int64_t* ints;
+    size_t n_ints;
+    const char* s;
+} DfOpAttr;
+
 struct DfHostApi {
     uint32_t abi_major;
     uint32_t abi_minor;
@@ -308,8 +330,40 @@ struct DfHostApi {
     DfValue* (*tensor_randn)(int32_t kind, int32_t dtype, const int64_t* shape, size_t rank,
                              uint64_t seed);
 
+    /* --- tensor engine (ABI 1.1) ---------------------------------------------------------- */
+    /** The run's device (--device): DF_DEVICE_CPU or DF_DEVICE_CUDA0 + n. */
+    int32_t (*run_device)(DfContext* ctx);
+    /** The device of a tensor-like value (DF_DEVICE_*), or -1 for another value. */
+    int32_t (*value_tensor_device)(const DfValue* v);
+    /**
+     * Writable bytes of a CPU tensor that this handle alone owns (a fresh value_tensor or op
+     * output), zero-copy; NULL when the data is shared, mapped from a file, or on a GPU.
+     */
+    void* (*value_tensor_data_mut)(DfValue* v, size_t* nbytes);
+    /**
+     * Runs the engine's op `op` (see `ditflow ops`) on `n_inputs` tensor values (NULL for an
+     * absent optional input) with `n_attrs` attributes. Writes up to `max_outputs` owned values to
+     * `outputs` and their count to `n_outputs`. Outputs are of `out_kind`, or with 0 of the first
+     * input's kind. Returns DF_OK, or DF_ERROR with the message in last_error().
+     */
+    int32_t (*tensor_op)(const char* op, const DfValue* const* inputs, size_t n_inputs,
+                         const DfOpAttr* attrs, size_t n_attrs, int32_t out_kind,
+                         DfValue** outputs, size_t max_outputs, size_t* n_outputs);
+    /**
+     * This thread's message for the last failed tensor_op or load_weights (valid until the next
+     * such call on the thread), or an empty string.
+     */
+    const char* (*last_error)(void);
+    /**
+     * Opens weights: a .safetensors file (memory-mapped, zero-copy), a sharded
+     * *.safetensors.index.json, or a diffusers model folder; `path` is relative to the graph's
+     * folder. Returns a List of [name, tensor] pairs (owned) with tensors on `device`
+     * (DF_DEVICE_*), or NULL with the message in last_error().
+     */
+    DfValue* (*load_weights)(DfContext* ctx, const char* path, int32_t device);
+
     /** Reserved for functions added by later minors. */
-    const void* reserved[32];
+    const void* reserved[26];
 };
 
 /* ------------------------------------------------------------------------------------------ */

@@ -22,7 +22,7 @@ use std::ffi::{c_char, c_void};
 /// The ABI major version. A host refuses plugins whose major differs.
 pub const DF_ABI_MAJOR: u32 = 1;
 /// The ABI minor version. A host refuses plugins whose minor is newer than its own.
-pub const DF_ABI_MINOR: u32 = 0;
+pub const DF_ABI_MINOR: u32 = 1;
 /// `"DFLW"`: the first field of every plugin descriptor.
 pub const DF_PLUGIN_MAGIC: u32 = 0x4446_4C57;
 /// The exported symbol naming the plugin's static `DfPluginDescriptor`.
@@ -68,6 +68,16 @@ pub const DF_DTYPE_I32: i32 = 5;
 pub const DF_DTYPE_U8: i32 = 6;
 
 /// Log levels for `log`.
+/// Devices: the CPU, and CUDA device `n` as `DF_DEVICE_CUDA0 + n` (ABI 1.1).
+pub const DF_DEVICE_CPU: i32 = 0;
+pub const DF_DEVICE_CUDA0: i32 = 1;
+
+/// Kinds of an op attribute ([`DfOpAttr::kind`], ABI 1.1).
+pub const DF_ATTR_INT: i32 = 1;
+pub const DF_ATTR_FLOAT: i32 = 2;
+pub const DF_ATTR_INTS: i32 = 3;
+pub const DF_ATTR_STRING: i32 = 4;
+
 pub const DF_LOG_ERROR: i32 = 1;
 pub const DF_LOG_WARN: i32 = 2;
 pub const DF_LOG_INFO: i32 = 3;
@@ -163,6 +173,20 @@ pub struct DfNodeDesc {
 
 /// Releases a plugin object (a Model, say) when its last reference is dropped.
 pub type DfObjectDropFn = unsafe extern "C" fn(object: *mut c_void);
+
+/// One named attribute of a `tensor_op` call; `kind` says which of `i`, `f`, `ints`/`n_ints` or
+/// `s` holds the value (ABI 1.1).
+#[repr(C)]
+pub struct DfOpAttr {
+    pub name: *const c_char,
+    pub kind: i32,
+    pub _pad: u32,
+    pub i: i64,
+    pub f: f64,
+    pub ints: *const i64,
+    pub n_ints: usize,
+    pub s: *const c_char,
+}
 
 /// The host's function table, passed to `register` and to every node callback.
 ///
@@ -266,7 +290,41 @@ pub struct DfHostApi {
         seed: u64,
     ) -> *mut DfValue,
 
-    pub reserved: [*const c_void; 32],
+    // --- tensor engine (ABI 1.1) ---------------------------------------------------------
+    /// The run's device (`--device`), as `DF_DEVICE_CPU` or `DF_DEVICE_CUDA0 + n`.
+    pub run_device: unsafe extern "C" fn(ctx: *mut DfContext) -> i32,
+    /// The device of a tensor-like value (`DF_DEVICE_*`), or -1 for another value.
+    pub value_tensor_device: unsafe extern "C" fn(v: *const DfValue) -> i32,
+    /// Writable bytes of a CPU tensor that this handle alone owns (a fresh `value_tensor` or op
+    /// output), zero-copy; NULL when the data is shared, mapped from a file, or on a GPU.
+    pub value_tensor_data_mut:
+        unsafe extern "C" fn(v: *mut DfValue, nbytes: *mut usize) -> *mut c_void,
+    /// Runs the engine's op `op` (see `ditflow ops`) on `n_inputs` tensor values (NULL for an
+    /// absent optional input) with `n_attrs` attributes. Writes up to `max_outputs` owned values
+    /// to `outputs` and their count to `n_outputs`. Outputs are of `out_kind`, or with 0 of the
+    /// first input's kind. Returns `DF_OK`, or `DF_ERROR` with the message in `last_error`.
+    pub tensor_op: unsafe extern "C" fn(
+        op: *const c_char,
+        inputs: *const *const DfValue,
+        n_inputs: usize,
+        attrs: *const DfOpAttr,
+        n_attrs: usize,
+        out_kind: i32,
+        outputs: *mut *mut DfValue,
+        max_outputs: usize,
+        n_outputs: *mut usize,
+    ) -> i32,
+    /// This thread's message for the last failed `tensor_op` or `load_weights` (valid until the
+    /// next such call on the thread), or an empty string.
+    pub last_error: unsafe extern "C" fn() -> *const c_char,
+    /// Opens weights: a `.safetensors` file (memory-mapped, zero-copy), a sharded
+    /// `*.safetensors.index.json`, or a diffusers model folder; `path` is relative to the graph's
+    /// folder. Returns a List of `[name, tensor]` pairs (owned) with tensors on `device`
+    /// (`DF_DEVICE_*`), or NULL with the message in `last_error`.
+    pub load_weights:
+        unsafe extern "C" fn(ctx: *mut DfContext, path: *const c_char, device: i32) -> *mut DfValue,
+
+    pub reserved: [*const c_void; 26],
 }
 
 /// Registers a plugin's node types through `host->register_node(reg, ...)`.

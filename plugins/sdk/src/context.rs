@@ -18,6 +18,11 @@ impl Context {
         Context { raw }
     }
 
+    /// The host's context pointer.
+    pub(crate) fn raw(&self) -> *mut DfContext {
+        self.raw
+    }
+
     fn cstr(s: &str) -> Result<CString> {
         CString::new(s).map_err(|_| Error(format!("name contains a NUL byte: {s:?}")))
     }

@@ -33,11 +33,13 @@
 pub mod abi;
 mod context;
 mod export;
+pub mod ops;
 mod schema;
 mod value;
 
 pub use context::Context;
 pub use export::{panic_message, register_nodes, NodeRegistration};
+pub use ops::Device;
 pub use schema::{NodeSchema, Port};
 pub use value::{DType, FromValue, IntoValue, Kind, Object, Tensor, Value};
 
@@ -107,7 +109,7 @@ pub trait Node: Default + Send + Sync + 'static {
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        bail, export_plugin, Context, DType, Error, Kind, Node, NodeSchema, Port, Result, Tensor,
-        Value,
+        bail, export_plugin, Context, DType, Device, Error, Kind, Node, NodeSchema, Port, Result,
+        Tensor, Value,
     };
 }

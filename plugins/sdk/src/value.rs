@@ -349,6 +349,16 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    /// Wraps a tensor-like value (taking the handle).
+    pub(crate) fn from_owned_value(value: Value) -> Result<Tensor> {
+        Tensor::from_value(value)
+    }
+
+    /// The value handle behind the tensor.
+    pub fn as_value(&self) -> &Value {
+        &self.value
+    }
+
     fn from_value(value: Value) -> Result<Tensor> {
         let mut dtype = 0i32;
         let mut shape: *const i64 = std::ptr::null();
@@ -470,12 +480,20 @@ impl Tensor {
         Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4) })
     }
 
-    /// The same data as another kind (an Image from a Tensor, say).
+    /// The same data as another kind (an Image from a Tensor, say); shares storage.
     pub fn with_kind(&self, kind: Kind) -> Result<Tensor> {
         if self.kind() == kind {
             return Ok(self.clone());
         }
-        Tensor::from_bytes(kind, self.dtype, &self.shape, self.bytes())
+        let shape: Vec<i64> = self.shape.iter().map(|&d| d as i64).collect();
+        crate::ops::call(
+            "reshape",
+            &[Some(self)],
+            &[("shape", crate::ops::Attr::Ints(&shape))],
+            Some(kind),
+        )?
+        .pop()
+        .ok_or_else(|| Error::new("reshape returned nothing"))
     }
 
     pub fn into_value(self) -> Value {

@@ -112,7 +112,28 @@ macro_rules! abi_items {
                         unsafe extern "C" fn(*const DfValue, *const c_char) -> *mut c_void,
                     tensor_randn:
                         unsafe extern "C" fn(i32, i32, *const i64, usize, u64) -> *mut DfValue,
-                    reserved: [*const c_void; 32],
+                    run_device: unsafe extern "C" fn(*mut DfContext) -> i32,
+                    value_tensor_device: unsafe extern "C" fn(*const DfValue) -> i32,
+                    value_tensor_data_mut:
+                        unsafe extern "C" fn(*mut DfValue, *mut usize) -> *mut c_void,
+                    tensor_op: unsafe extern "C" fn(
+                        *const c_char, *const *const DfValue, usize, *const DfOpAttr, usize, i32,
+                        *mut *mut DfValue, usize, *mut usize,
+                    ) -> i32,
+                    last_error: unsafe extern "C" fn() -> *const c_char,
+                    load_weights:
+                        unsafe extern "C" fn(*mut DfContext, *const c_char, i32) -> *mut DfValue,
+                    reserved: [*const c_void; 26],
+                }
+                DfOpAttr {
+                    name: *const c_char,
+                    kind: i32,
+                    _pad: u32,
+                    i: i64,
+                    f: f64,
+                    ints: *const i64,
+                    n_ints: usize,
+                    s: *const c_char,
                 }
                 DfPluginDescriptor {
                     magic: u32,
@@ -146,6 +167,8 @@ macro_rules! abi_items {
                 DF_DTYPE_F32, DF_DTYPE_F16, DF_DTYPE_BF16, DF_DTYPE_I64, DF_DTYPE_I32,
                 DF_DTYPE_U8,
                 DF_LOG_ERROR, DF_LOG_WARN, DF_LOG_INFO, DF_LOG_DEBUG,
+                DF_DEVICE_CPU, DF_DEVICE_CUDA0,
+                DF_ATTR_INT, DF_ATTR_FLOAT, DF_ATTR_INTS, DF_ATTR_STRING,
             }
             strings {
                 DF_PLUGIN_SYMBOL,

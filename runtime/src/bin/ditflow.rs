@@ -6,6 +6,8 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use ditflow::graph::dot::to_dot;
+use ditflow::tensor::device::DeviceRequest;
+use ditflow::tensor::Device;
 use ditflow::{ArgValue, Event, Graph, GraphError, RunOptions, Runtime, Session};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
@@ -40,6 +42,37 @@ struct PluginArgs {
     plugins: Vec<PathBuf>,
 }
 
+#[derive(clap::Args)]
+struct DeviceArgs {
+    /// Where tensors live: cpu, cuda, cuda:N, or auto (the first GPU if one works, else the CPU).
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
+}
+
+/// Resolves `--device`; `None` means exit 2 (the error is printed).
+fn resolve_device(args: &DeviceArgs) -> Option<Device> {
+    let text = args.device.as_deref().unwrap_or("auto");
+    let request = match text.parse::<DeviceRequest>() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: --device: {e}");
+            return None;
+        }
+    };
+    match Device::resolve(request) {
+        Ok((device, note)) => {
+            if let (Some(note), Some(_)) = (note, &args.device) {
+                eprintln!("note: {note}");
+            }
+            Some(device)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            None
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate and run a graph.
@@ -59,6 +92,8 @@ enum Command {
         /// Worker threads (default: the number of cores).
         #[arg(long)]
         workers: Option<usize>,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// Check a graph without running it.
     Validate {
@@ -67,6 +102,8 @@ enum Command {
         set: Vec<String>,
         #[command(flatten)]
         plugins: PluginArgs,
+        #[command(flatten)]
+        device: DeviceArgs,
     },
     /// List the available node types.
     Nodes {
@@ -176,7 +213,11 @@ fn cmd_run(
     events: Option<EventFormat>,
     out: PathBuf,
     workers: Option<usize>,
+    device: DeviceArgs,
 ) -> anyhow::Result<ExitCode> {
+    let Some(device) = resolve_device(&device) else {
+        return Ok(ExitCode::from(2));
+    };
     let rt = load_runtime(&plugins);
     let Some(plan) = load_plan(&graph, &set, &rt) else {
         return Ok(ExitCode::from(2));
@@ -195,6 +236,7 @@ fn cmd_run(
     let mut opts = RunOptions {
         out_dir: out,
         cancel,
+        device,
         ..RunOptions::default()
     };
     if let Some(w) = workers {
@@ -336,12 +378,17 @@ fn real_main() -> anyhow::Result<ExitCode> {
             events,
             out,
             workers,
-        } => cmd_run(graph, set, plugins, events, out, workers),
+            device,
+        } => cmd_run(graph, set, plugins, events, out, workers, device),
         Command::Validate {
             graph,
             set,
             plugins,
+            device,
         } => {
+            if resolve_device(&device).is_none() {
+                return Ok(ExitCode::from(2));
+            }
             let rt = load_runtime(&plugins);
             Ok(match load_plan(&graph, &set, &rt) {
                 Some(_) => {

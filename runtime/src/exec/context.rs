@@ -23,6 +23,8 @@ pub struct ExecContext<'a> {
     pub(crate) out_dir: &'a Path,
     /// Keeps the plugin library mapped while objects it made are alive.
     pub(crate) keep_alive: Option<Arc<dyn Send + Sync>>,
+    /// The run's device (`--device`).
+    pub(crate) device: crate::tensor::Device,
 }
 
 impl<'a> ExecContext<'a> {
@@ -71,6 +73,11 @@ impl<'a> ExecContext<'a> {
 
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// The run's device.
+    pub fn device(&self) -> crate::tensor::Device {
+        self.device
     }
 
     /// A path to read: relative paths are taken from the graph's folder.

@@ -31,6 +31,8 @@ pub struct RunOptions {
     /// Set to stop the run.
     pub cancel: Arc<AtomicBool>,
     pub subscribers: Vec<Subscriber>,
+    /// The device nodes put their tensors on.
+    pub device: crate::tensor::Device,
 }
 
 impl Default for RunOptions {
@@ -39,6 +41,7 @@ impl Default for RunOptions {
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             out_dir: PathBuf::from("out"),
             cancel: Arc::new(AtomicBool::new(false)),
+            device: crate::tensor::Device::Cpu,
             subscribers: Vec::new(),
         }
     }
@@ -160,6 +163,7 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
         graph_dir: &plan.graph_dir,
         out_dir: &opts.out_dir,
         keep_alive: None,
+        device: opts.device,
     };
     let imp = node.ty.imp.clone();
     let fail = |key, e: String| Done {

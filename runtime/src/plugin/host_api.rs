@@ -5,6 +5,7 @@
 //! `DfContext*` is an `ExecContext`; a `DfRegistrar*` is a [`Registrar`]. Every function checks its
 //! pointers for NULL and catches panics, so no plugin input can unwind into plugin code.
 
+use super::host_tensor;
 use super::loader::Registrar;
 use crate::exec::context::ExecContext;
 use crate::tensor::{rng, DType, Tensor};
@@ -51,7 +52,13 @@ static HOST_API: SyncHostApi = SyncHostApi(DfHostApi {
     value_tensor_data,
     value_object_get,
     tensor_randn,
-    reserved: [std::ptr::null(); 32],
+    run_device: host_tensor::run_device,
+    value_tensor_device: host_tensor::value_tensor_device,
+    value_tensor_data_mut: host_tensor::value_tensor_data_mut,
+    tensor_op: host_tensor::tensor_op,
+    last_error: host_tensor::last_error,
+    load_weights: host_tensor::load_weights,
+    reserved: [std::ptr::null(); 26],
 });
 
 /// The table passed to plugins.
@@ -60,7 +67,7 @@ pub fn host_api() -> *const DfHostApi {
 }
 
 /// Runs `f`, turning a panic into `default`.
-fn guard<R>(default: R, f: impl FnOnce() -> R) -> R {
+pub(super) fn guard<R>(default: R, f: impl FnOnce() -> R) -> R {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(default)
 }
 
@@ -73,7 +80,7 @@ pub(crate) fn into_handle(v: Value) -> *mut DfValue {
 ///
 /// # Safety
 /// `v` must be NULL or a live handle made by [`into_handle`].
-unsafe fn borrow<'a>(v: *const DfValue) -> Option<&'a Value> {
+pub(super) unsafe fn borrow<'a>(v: *const DfValue) -> Option<&'a Value> {
     // SAFETY: per the contract, a live `Arc<Value>` pointer.
     unsafe { (v as *const Value).as_ref() }
 }
@@ -97,14 +104,14 @@ fn borrowed_handle(v: &Arc<Value>) -> *const DfValue {
 
 /// # Safety
 /// `ctx` must be NULL or the `DfContext*` of a callback that is running.
-unsafe fn context<'a>(ctx: *mut DfContext) -> Option<&'a mut ExecContext<'a>> {
+pub(super) unsafe fn context<'a>(ctx: *mut DfContext) -> Option<&'a mut ExecContext<'a>> {
     // SAFETY: per the contract.
     unsafe { (ctx as *mut ExecContext).as_mut() }
 }
 
 /// # Safety
 /// `s` must be NULL or a NUL-terminated string.
-unsafe fn text<'a>(s: *const c_char) -> Option<&'a str> {
+pub(super) unsafe fn text<'a>(s: *const c_char) -> Option<&'a str> {
     if s.is_null() {
         return None;
     }
@@ -295,7 +302,7 @@ unsafe extern "C" fn value_list(items: *const *mut DfValue, n: usize) -> *mut Df
     })
 }
 
-fn kind_from_raw(kind: i32) -> Option<TensorKind> {
+pub(super) fn kind_from_raw(kind: i32) -> Option<TensorKind> {
     Some(match kind {
         DF_KIND_TENSOR => TensorKind::Tensor,
         DF_KIND_LATENT => TensorKind::Latent,
@@ -307,7 +314,7 @@ fn kind_from_raw(kind: i32) -> Option<TensorKind> {
     })
 }
 
-fn kind_to_raw(kind: TensorKind) -> i32 {
+pub(super) fn kind_to_raw(kind: TensorKind) -> i32 {
     match kind {
         TensorKind::Tensor => DF_KIND_TENSOR,
         TensorKind::Latent => DF_KIND_LATENT,
@@ -511,13 +518,16 @@ unsafe extern "C" fn value_tensor_info(
 unsafe extern "C" fn value_tensor_data(v: *const DfValue, nbytes: *mut usize) -> *const c_void {
     // SAFETY: NULL or a live handle.
     match unsafe { borrow(v) } {
-        Some(Value::Tensor(_, t)) => {
-            if !nbytes.is_null() {
-                // SAFETY: checked for NULL.
-                unsafe { *nbytes = t.nbytes() };
+        Some(Value::Tensor(_, t)) => match t.cpu_bytes() {
+            Ok(bytes) => {
+                if !nbytes.is_null() {
+                    // SAFETY: checked for NULL.
+                    unsafe { *nbytes = bytes.len() };
+                }
+                bytes.as_ptr() as *const c_void
             }
-            t.bytes().as_ptr() as *const c_void
-        }
+            Err(_) => std::ptr::null(),
+        },
         _ => std::ptr::null(),
     }
 }

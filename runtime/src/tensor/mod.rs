@@ -1,55 +1,89 @@
-//! Tensors owned by the runtime: dtype, shape and refcounted, 64-byte-aligned CPU storage.
+//! Tensors owned by the runtime: dtype, shape, device and refcounted storage.
 //!
-//! Plugins never own tensor memory: they hold refcounted handles through the C ABI and read the
-//! bytes zero-copy. This module is the storage layer only; ops live with the kernels.
+//! Plugins never own tensor memory: they hold refcounted handles through the C ABI and reach CPU
+//! bytes zero-copy. Every tensor is dense and row-major; a reshape shares storage, every other
+//! layout change makes a new tensor. CPU storage is 64-byte aligned, or a window into a
+//! memory-mapped weights file; CUDA storage is a device buffer from the shared context. The ops
+//! themselves are in [`ops`], which dispatches to the kernels of the tensor's device.
 
+pub mod convert;
+pub mod device;
+pub mod op_call;
+pub mod ops;
 pub mod rng;
+pub mod shape;
 
+pub use device::Device;
 pub use ditflow_plugin::DType;
 use std::sync::Arc;
 
-/// A 64-byte block: the unit of tensor storage, so every tensor's data is 64-byte aligned.
+/// A 64-byte block: the unit of owned CPU storage, so that owned data is 64-byte aligned.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Block([u8; 64]);
 
-/// Immutable, aligned bytes.
-struct Storage {
-    blocks: Vec<Block>,
-    len: usize,
+/// CPU bytes: owned and aligned, or borrowed from a memory-mapped file kept alive here.
+enum HostBuf {
+    Owned {
+        blocks: Vec<Block>,
+        len: usize,
+    },
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+    },
 }
 
-impl Storage {
-    fn zeroed(len: usize) -> Storage {
-        Storage {
+impl HostBuf {
+    fn zeroed(len: usize) -> HostBuf {
+        HostBuf::Owned {
             blocks: vec![Block([0; 64]); len.div_ceil(64)],
             len,
         }
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: `blocks` holds at least `len` initialised bytes.
-        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr() as *const u8, self.len) }
+        match self {
+            // SAFETY: `blocks` holds at least `len` initialised bytes.
+            HostBuf::Owned { blocks, len } => unsafe {
+                std::slice::from_raw_parts(blocks.as_ptr() as *const u8, *len)
+            },
+            HostBuf::Mapped { map, offset, len } => &map[*offset..*offset + *len],
+        }
     }
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and `self` is borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr() as *mut u8, self.len) }
+    /// Mutable bytes of owned storage; `None` for a read-only mapping.
+    fn bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match self {
+            // SAFETY: as in `bytes`, with unique access.
+            HostBuf::Owned { blocks, len } => Some(unsafe {
+                std::slice::from_raw_parts_mut(blocks.as_mut_ptr() as *mut u8, *len)
+            }),
+            HostBuf::Mapped { .. } => None,
+        }
     }
 }
 
-/// A dense, row-major CPU tensor. Cloning is cheap (the data is shared).
+#[derive(Clone)]
+enum Storage {
+    Cpu(Arc<HostBuf>),
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<crate::kernels::cuda::DeviceBuf>),
+}
+
+/// A dense, row-major tensor on some device. Cloning is cheap (the data is shared).
 #[derive(Clone)]
 pub struct Tensor {
     dtype: DType,
     shape: Arc<[usize]>,
     /// The shape as the C ABI hands it out.
     dims: Arc<[i64]>,
-    data: Arc<Storage>,
+    storage: Storage,
 }
 
-/// Why a tensor could not be made.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Why a tensor could not be made or read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum TensorError {
     #[error("shape {shape:?} of {dtype} needs {expected} bytes, got {got}")]
     SizeMismatch {
@@ -60,7 +94,17 @@ pub enum TensorError {
     },
     #[error("shape {0:?} is too large")]
     TooLarge(Vec<usize>),
+    #[error("expected a {expected} tensor, got {got}")]
+    WrongDType {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("the tensor is on {0}; move it to the CPU first")]
+    NotOnCpu(Device),
 }
+
+/// The largest tensor we agree to allocate, in bytes.
+const MAX_BYTES: usize = isize::MAX as usize / 2;
 
 impl Tensor {
     /// Bytes needed for `shape` of `dtype`, or `None` on overflow.
@@ -68,17 +112,17 @@ impl Tensor {
         shape
             .iter()
             .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+            .filter(|&n| n <= MAX_BYTES)
     }
 
-    /// A tensor of zeros.
+    /// A CPU tensor of zeros.
     pub fn zeros(dtype: DType, shape: &[usize]) -> Result<Tensor, TensorError> {
-        let n = Self::nbytes_for(dtype, shape)
-            .filter(|&n| n <= isize::MAX as usize / 2)
-            .ok_or_else(|| TensorError::TooLarge(shape.to_vec()))?;
-        Ok(Tensor::from_storage(dtype, shape, Storage::zeroed(n)))
+        let n =
+            Self::nbytes_for(dtype, shape).ok_or_else(|| TensorError::TooLarge(shape.to_vec()))?;
+        Ok(Tensor::from_host(dtype, shape, HostBuf::zeroed(n)))
     }
 
-    /// A tensor copying `bytes` (row-major).
+    /// A CPU tensor copying `bytes` (row-major).
     pub fn from_bytes(dtype: DType, shape: &[usize], bytes: &[u8]) -> Result<Tensor, TensorError> {
         let expected =
             Self::nbytes_for(dtype, shape).ok_or_else(|| TensorError::TooLarge(shape.to_vec()))?;
@@ -90,33 +134,120 @@ impl Tensor {
                 got: bytes.len(),
             });
         }
-        let mut storage = Storage::zeroed(expected);
-        storage.bytes_mut().copy_from_slice(bytes);
-        Ok(Tensor::from_storage(dtype, shape, storage))
+        let mut buf = HostBuf::zeroed(expected);
+        buf.bytes_mut().expect("owned").copy_from_slice(bytes);
+        Ok(Tensor::from_host(dtype, shape, buf))
     }
 
-    /// An f32 tensor from `values`.
+    /// A CPU tensor viewing `len` bytes at `offset` of a mapped file, zero-copy when the bytes
+    /// are aligned for `dtype`, copied otherwise.
+    pub fn from_mapped(
+        dtype: DType,
+        shape: &[usize],
+        map: &Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Tensor, TensorError> {
+        let expected =
+            Self::nbytes_for(dtype, shape).ok_or_else(|| TensorError::TooLarge(shape.to_vec()))?;
+        let got = if offset.checked_add(len).is_some_and(|end| end <= map.len()) {
+            len
+        } else {
+            0
+        };
+        if expected != len || got != len {
+            return Err(TensorError::SizeMismatch {
+                shape: shape.to_vec(),
+                dtype: dtype.name(),
+                expected,
+                got,
+            });
+        }
+        let bytes = &map[offset..offset + len];
+        if (bytes.as_ptr() as usize) % dtype.size() != 0 {
+            return Tensor::from_bytes(dtype, shape, bytes);
+        }
+        Ok(Tensor::from_host(
+            dtype,
+            shape,
+            HostBuf::Mapped {
+                map: map.clone(),
+                offset,
+                len,
+            },
+        ))
+    }
+
+    /// An f32 CPU tensor from `values`.
     pub fn from_f32(shape: &[usize], values: &[f32]) -> Result<Tensor, TensorError> {
-        let mut t = Tensor::zeros(DType::F32, shape)?;
+        Tensor::from_slice(shape, values)
+    }
+
+    /// A CPU tensor from typed elements.
+    pub fn from_slice<T: convert::Element>(
+        shape: &[usize],
+        values: &[T],
+    ) -> Result<Tensor, TensorError> {
+        let mut t = Tensor::zeros(T::DTYPE, shape)?;
         if t.numel() != values.len() {
             return Err(TensorError::SizeMismatch {
                 shape: shape.to_vec(),
-                dtype: "f32",
+                dtype: T::DTYPE.name(),
                 expected: t.nbytes(),
-                got: values.len() * 4,
+                got: std::mem::size_of_val(values),
             });
         }
-        t.as_f32_mut().copy_from_slice(values);
+        t.as_mut_slice::<T>()?.copy_from_slice(values);
         Ok(t)
     }
 
-    fn from_storage(dtype: DType, shape: &[usize], storage: Storage) -> Tensor {
+    fn from_host(dtype: DType, shape: &[usize], buf: HostBuf) -> Tensor {
         Tensor {
             dtype,
             shape: shape.into(),
             dims: shape.iter().map(|&d| d as i64).collect(),
-            data: Arc::new(storage),
+            storage: Storage::Cpu(Arc::new(buf)),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_device_buf(
+        dtype: DType,
+        shape: &[usize],
+        buf: crate::kernels::cuda::DeviceBuf,
+    ) -> Tensor {
+        Tensor {
+            dtype,
+            shape: shape.into(),
+            dims: shape.iter().map(|&d| d as i64).collect(),
+            storage: Storage::Cuda(Arc::new(buf)),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn device_buf(&self) -> Option<&crate::kernels::cuda::DeviceBuf> {
+        match &self.storage {
+            Storage::Cuda(b) => Some(b),
+            Storage::Cpu(_) => None,
+        }
+    }
+
+    /// The same data under another shape with the same element count (shares storage).
+    pub fn reshaped(&self, shape: &[usize]) -> Result<Tensor, TensorError> {
+        if shape.iter().product::<usize>() != self.numel() {
+            return Err(TensorError::SizeMismatch {
+                shape: shape.to_vec(),
+                dtype: self.dtype.name(),
+                expected: Self::nbytes_for(self.dtype, shape).unwrap_or(usize::MAX),
+                got: self.nbytes(),
+            });
+        }
+        Ok(Tensor {
+            dtype: self.dtype,
+            shape: shape.into(),
+            dims: shape.iter().map(|&d| d as i64).collect(),
+            storage: self.storage.clone(),
+        })
     }
 
     pub fn dtype(&self) -> DType {
@@ -125,6 +256,10 @@ impl Tensor {
 
     pub fn shape(&self) -> &[usize] {
         &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
     }
 
     /// The shape as signed 64-bit dims (the C ABI's form).
@@ -137,55 +272,133 @@ impl Tensor {
     }
 
     pub fn nbytes(&self) -> usize {
-        self.data.len
+        self.numel() * self.dtype.size()
     }
 
-    /// The raw row-major bytes.
-    pub fn bytes(&self) -> &[u8] {
-        self.data.bytes()
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Device::Cuda(b.ordinal()),
+        }
     }
 
-    /// The elements of an f32 tensor (panics on another dtype: a programming error).
+    /// True when the CPU bytes are a window into a memory-mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(&self.storage, Storage::Cpu(b) if matches!(**b, HostBuf::Mapped { .. }))
+    }
+
+    /// An address that identifies the storage (for identity hashing, never dereferenced).
+    pub fn storage_id(&self) -> usize {
+        match &self.storage {
+            Storage::Cpu(b) => b.bytes().as_ptr() as usize,
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Arc::as_ptr(b) as usize,
+        }
+    }
+
+    /// The raw row-major bytes of a CPU tensor.
+    pub fn cpu_bytes(&self) -> Result<&[u8], TensorError> {
+        match &self.storage {
+            Storage::Cpu(b) => Ok(&b.bytes()[..self.nbytes()]),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => Err(TensorError::NotOnCpu(self.device())),
+        }
+    }
+
+    /// Typed elements of a CPU tensor.
+    pub fn as_slice<T: convert::Element>(&self) -> Result<&[T], TensorError> {
+        if self.dtype != T::DTYPE {
+            return Err(TensorError::WrongDType {
+                expected: T::DTYPE.name(),
+                got: self.dtype.name(),
+            });
+        }
+        let b = self.cpu_bytes()?;
+        // SAFETY: the dtype matches `T`, and storage is aligned for it: owned storage is 64-byte
+        // aligned and `from_mapped` copies misaligned windows.
+        Ok(
+            unsafe {
+                std::slice::from_raw_parts(b.as_ptr() as *const T, b.len() / T::DTYPE.size())
+            },
+        )
+    }
+
+    /// Mutable typed elements of a CPU tensor; copies the data first if it is shared or mapped.
+    pub fn as_mut_slice<T: convert::Element>(&mut self) -> Result<&mut [T], TensorError> {
+        if self.dtype != T::DTYPE {
+            return Err(TensorError::WrongDType {
+                expected: T::DTYPE.name(),
+                got: self.dtype.name(),
+            });
+        }
+        let n = self.nbytes();
+        let bytes = self.unique_host_bytes()?;
+        // SAFETY: as in `as_slice`, with unique access.
+        Ok(unsafe {
+            std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut T, n / T::DTYPE.size())
+        })
+    }
+
+    /// Mutable bytes of a CPU tensor, only when nothing else shares them (no copy): what a plugin
+    /// writing a custom loop into a fresh tensor gets.
+    pub fn unique_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        let n = self.nbytes();
+        match &mut self.storage {
+            Storage::Cpu(b) => Arc::get_mut(b)?.bytes_mut().map(|s| &mut s[..n]),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => None,
+        }
+    }
+
+    /// Copy-on-write access to the bytes.
+    fn unique_host_bytes(&mut self) -> Result<&mut [u8], TensorError> {
+        let device = self.device();
+        let n = self.nbytes();
+        #[allow(irrefutable_let_patterns)]
+        let Storage::Cpu(buf) = &mut self.storage
+        else {
+            return Err(TensorError::NotOnCpu(device));
+        };
+        let writable = Arc::get_mut(buf).is_some_and(|b| b.bytes_mut().is_some());
+        if !writable {
+            let mut copy = HostBuf::zeroed(n);
+            copy.bytes_mut().expect("owned")[..n].copy_from_slice(&buf.bytes()[..n]);
+            *buf = Arc::new(copy);
+        }
+        let bytes = Arc::get_mut(buf)
+            .and_then(|b| b.bytes_mut())
+            .expect("unique after copy");
+        Ok(&mut bytes[..n])
+    }
+
+    /// The elements of an f32 CPU tensor (panics otherwise: for tests and internal code that
+    /// checked the dtype).
     pub fn as_f32(&self) -> &[f32] {
-        assert_eq!(
-            self.dtype,
-            DType::F32,
-            "as_f32 on a {} tensor",
-            self.dtype.name()
-        );
-        let b = self.bytes();
-        // SAFETY: storage is 64-byte aligned and holds `len / 4` f32s.
-        unsafe { std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len() / 4) }
+        self.as_slice::<f32>().expect("an f32 CPU tensor")
     }
 
-    /// Mutable f32 elements; copies the data first if it is shared.
+    /// Mutable f32 elements (panics unless an f32 CPU tensor; see [`Tensor::as_f32`]).
     pub fn as_f32_mut(&mut self) -> &mut [f32] {
-        assert_eq!(
-            self.dtype,
-            DType::F32,
-            "as_f32_mut on a {} tensor",
-            self.dtype.name()
-        );
-        let storage = unique_storage(&mut self.data);
-        let b = storage.bytes_mut();
-        // SAFETY: as in `as_f32`, with unique access.
-        unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr() as *mut f32, b.len() / 4) }
+        self.as_mut_slice::<f32>().expect("an f32 CPU tensor")
     }
-}
 
-/// Copy-on-write: unique access to `data`, copying it first if it is shared.
-fn unique_storage(data: &mut Arc<Storage>) -> &mut Storage {
-    if Arc::get_mut(data).is_none() {
-        let mut copy = Storage::zeroed(data.len);
-        copy.bytes_mut().copy_from_slice(data.bytes());
-        *data = Arc::new(copy);
+    /// The elements converted to f32 in a new vector (any dtype, CPU or device).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>, ops::OpError> {
+        let cpu = self.to_device(Device::Cpu)?;
+        Ok(convert::to_f32_vec(cpu.dtype, cpu.cpu_bytes()?))
     }
-    Arc::get_mut(data).expect("unique after copy")
 }
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor<{}>{:?}", self.dtype.name(), self.shape)
+        write!(
+            f,
+            "Tensor<{}>{:?}@{}",
+            self.dtype.name(),
+            self.shape,
+            self.device()
+        )
     }
 }
 
@@ -196,7 +409,7 @@ mod tests {
     #[test]
     fn storage_is_aligned_and_copy_on_write() {
         let a = Tensor::from_f32(&[2, 3], &[1., 2., 3., 4., 5., 6.]).unwrap();
-        assert_eq!(a.bytes().as_ptr() as usize % 64, 0);
+        assert_eq!(a.cpu_bytes().unwrap().as_ptr() as usize % 64, 0);
         let mut b = a.clone();
         b.as_f32_mut()[0] = 9.0;
         assert_eq!(a.as_f32()[0], 1.0);
@@ -207,5 +420,19 @@ mod tests {
     fn size_mismatch_and_overflow_are_errors() {
         assert!(Tensor::from_bytes(DType::F32, &[2], &[0; 7]).is_err());
         assert!(Tensor::zeros(DType::F32, &[usize::MAX, 2]).is_err());
+        assert!(Tensor::zeros(DType::F32, &[2])
+            .unwrap()
+            .as_slice::<i64>()
+            .is_err());
+    }
+
+    #[test]
+    fn reshape_shares_storage_and_unique_bytes_needs_sole_owner() {
+        let mut a = Tensor::zeros(DType::F32, &[2, 3]).unwrap();
+        assert!(a.unique_bytes_mut().is_some());
+        let b = a.reshaped(&[3, 2]).unwrap();
+        assert_eq!(a.storage_id(), b.storage_id());
+        assert!(a.unique_bytes_mut().is_none());
+        assert!(a.reshaped(&[4]).is_err());
     }
 }

@@ -317,8 +317,58 @@ impl Node for ApplyModel {
     }
 }
 
+/// `AdaLnBlock`: one adaLN feed-forward step through the SDK's tensor ops.
+#[derive(Default)]
+pub struct AdaLnBlock;
+
+impl Node for AdaLnBlock {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("AdaLnBlock")
+            .category("testing")
+            .doc(
+                "Draws x [2, 8, 16], w [32, 16], shift and scale [2, 1, 16] and gate [2, 1, 32] \
+                 from seeds seed..seed+4, writes a ramp bias [32] in place, then outputs \
+                 x' = linear(layer_norm(x)·(1+scale)+shift, w, bias, gelu_tanh) and \
+                 y = attention(x'ᵀ-heads) + gate ⊙ x': the SDK's ops end to end.",
+            )
+            .input(
+                Port::new("seed", "Int")
+                    .default(0i64)
+                    .range(0.0, 1e9)
+                    .doc("The first seed."),
+            )
+            .output(Port::new("y", "Tensor<f32, 3>").doc("The block's output [2, 8, 32]."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let seed: i64 = ctx.input("seed")?;
+        let dev = ctx.device();
+        let r = |shape: &[usize], k: u64| ditflow_plugin::ops::randn(shape, seed as u64 + k, dev);
+        let (x, w, shift, scale, gate) = (
+            r(&[2, 8, 16], 0)?,
+            r(&[32, 16], 1)?,
+            r(&[2, 1, 16], 2)?,
+            r(&[2, 1, 16], 3)?,
+            r(&[2, 1, 32], 4)?,
+        );
+        let mut bias = Tensor::zeros(Kind::Tensor, DType::F32, &[32])?;
+        for (i, b) in bias.as_f32_mut()?.iter_mut().enumerate() {
+            *b = i as f32 * 0.01;
+        }
+        let bias = bias.to_device(dev)?;
+        let h = x
+            .layer_norm(None, None, Some(&shift), Some(&scale), 1e-6)?
+            .linear(&w, Some(&bias), "gelu_tanh")?;
+        // Two heads of 16: [2, 8, 32] -> [2, 2, 8, 16].
+        let heads = h.reshape(&[2, 8, 2, 16])?.permute(&[0, 2, 1, 3])?;
+        let a = ditflow_plugin::ops::attention(&heads, &heads, &heads, None, None)?;
+        let a = a.permute(&[0, 2, 1, 3])?.reshape(&[2, 8, 32])?;
+        ctx.set_output("y", h.gated_residual(&a, &gate)?)
+    }
+}
+
 export_plugin!(
     name: "ditflow-testkit",
     version: env!("CARGO_PKG_VERSION"),
-    nodes: [Panic, Fail, Spin, Sleep, Counter, Add1, MakeModel, ApplyModel],
+    nodes: [Panic, Fail, Spin, Sleep, Counter, Add1, MakeModel, ApplyModel, AdaLnBlock],
 );

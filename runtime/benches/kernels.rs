@@ -1,0 +1,92 @@
+//! Kernel benchmark: GEMM, attention and layer norm + modulate on the CPU (and CUDA when present),
+//! printing one JSON line per measurement. `tools/bench_kernels.py` runs it beside PyTorch and
+//! prints the ratios; run alone with `cargo bench -p ditflow --bench kernels`.
+
+use ditflow::tensor::ops::{self, LayerNorm};
+use ditflow::tensor::{Device, Tensor};
+use std::time::Instant;
+
+/// The fastest of enough repetitions of `f` to fill about `budget` seconds (the minimum is the
+/// least noisy estimate on a shared machine; the PyTorch side uses the same rule).
+fn time(budget: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let t0 = Instant::now();
+    f();
+    let one = t0.elapsed().as_secs_f64().max(1e-6);
+    let reps = ((budget / one) as usize).clamp(3, 200);
+    let mut ts: Vec<f64> = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    ts.sort_by(f64::total_cmp);
+    ts[0]
+}
+
+fn randn(shape: &[usize], seed: u64, device: Device) -> Tensor {
+    ops::randn(shape, seed, device).expect("randn")
+}
+
+fn sync(t: &Tensor) {
+    // A 1-element readback waits for the device.
+    let _ = ops::slice(&t.reshaped(&[t.numel()]).unwrap(), 0, 0, 1, 1)
+        .unwrap()
+        .to_vec::<f32>();
+}
+
+fn main() {
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let want = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    let mut devices = vec![Device::Cpu];
+    if ditflow::kernels::cuda_available(0).is_ok() {
+        devices.push(Device::Cuda(0));
+    }
+    for dev in devices {
+        let budget = if dev == Device::Cpu { 1.0 } else { 0.3 };
+        for (m, k, n) in [
+            (1024, 1024, 1024),
+            (2048, 2048, 2048),
+            (256, 384, 1536),
+            (256, 1536, 384),
+        ] {
+            let name = format!("gemm_{m}x{k}x{n}");
+            if !want(&name) {
+                continue;
+            }
+            let a = randn(&[m, k], 1, dev);
+            let b = randn(&[k, n], 2, dev);
+            let s = time(budget, || sync(&ops::matmul(&a, &b, false, false).unwrap()));
+            let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
+            println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6},\"gflops\":{gflops:.1}}}");
+        }
+        for l in [256, 1024, 4096] {
+            let name = format!("attention_h6_d64_l{l}");
+            if !want(&name) {
+                continue;
+            }
+            let q = randn(&[1, 6, l, 64], 3, dev);
+            let k = randn(&[1, 6, l, 64], 4, dev);
+            let v = randn(&[1, 6, l, 64], 5, dev);
+            let s = time(budget, || {
+                sync(&ops::attention(&q, &k, &v, None, None).unwrap())
+            });
+            println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6}}}");
+        }
+        let name = "layernorm_modulate_b2_l1024_d1152";
+        if want(name) {
+            let x = randn(&[2, 1024, 1152], 6, dev);
+            let shift = randn(&[2, 1, 1152], 7, dev);
+            let scale = randn(&[2, 1, 1152], 8, dev);
+            let p = LayerNorm {
+                shift: Some(&shift),
+                scale: Some(&scale),
+                eps: 1e-6,
+                ..Default::default()
+            };
+            let s = time(budget, || sync(&ops::layer_norm(&x, p).unwrap()));
+            println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6}}}");
+        }
+    }
+}

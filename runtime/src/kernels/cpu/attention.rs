@@ -1,0 +1,352 @@
+//! Scaled-dot-product attention on the CPU, computed blockwise with an online softmax
+//! (FlashAttention's recurrence, Dao et al. 2022): no L×L score matrix is ever held, only one
+//! `BQ × BK` block per task.
+//!
+//! K and V are packed once per (batch, head) into the GEMM's panel layout; each task then owns a
+//! block of queries, runs the GEMM micro-kernel for `S = (Q·scale)·Kᵀ` and `O += P·V`, and keeps
+//! the running row max and sum. Tasks are (batch, head, query block), spread over rayon.
+
+use super::gemm::{micro_kernel, pack_b, MatRef, MR, NR};
+use super::simd;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// Query rows per task (a multiple of MR).
+const BQ: usize = 48;
+/// Keys per block (a multiple of NR).
+const BK: usize = 256;
+
+/// Sizes: q `[B,H,Lq,D]`, k `[B,H,Lk,D]`, v `[B,H,Lk,Dv]`, out `[B,H,Lq,Dv]`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub b: usize,
+    pub h: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub d: usize,
+    pub dv: usize,
+}
+
+/// An additive f32 mask, broadcast by zero strides: element (b, h, q, k) is at
+/// `b*sb + h*sh + q*sq + k`.
+#[derive(Clone, Copy)]
+pub struct MaskRef<'a> {
+    pub data: &'a [f32],
+    pub sb: usize,
+    pub sh: usize,
+    pub sq: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: tasks write disjoint query rows.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    q: Vec<f32>,
+    s: Vec<f32>,
+    o: Vec<f32>,
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// Attention over f32 data; a fully masked query row gives zeros.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<MaskRef>,
+    scale: f32,
+    dims: AttnDims,
+    out: &mut [f32],
+) {
+    let AttnDims {
+        b,
+        h,
+        lq,
+        lk,
+        d,
+        dv,
+    } = dims;
+    let heads = b * h;
+    if heads == 0 || lq == 0 || dv == 0 {
+        return;
+    }
+    if lk == 0 {
+        out.fill(0.0);
+        return;
+    }
+    // Pack K (as the B operand of Q·Kᵀ: k-dim = D, columns = keys) and V (k-dim = keys,
+    // columns = Dv) per head.
+    let k_panels = lk.div_ceil(NR);
+    let v_panels = dv.div_ceil(NR);
+    let k_pack_len = k_panels * NR * d;
+    let v_pack_len = v_panels * NR * lk;
+    let mut packed = vec![0f32; heads * (k_pack_len + v_pack_len)];
+    packed
+        .par_chunks_mut(k_pack_len + v_pack_len)
+        .enumerate()
+        .for_each(|(bh, buf)| {
+            let (kp, vp) = buf.split_at_mut(k_pack_len);
+            let kh = &k[bh * lk * d..(bh + 1) * lk * d];
+            let vh = &v[bh * lk * dv..(bh + 1) * lk * dv];
+            let kt = MatRef {
+                ptr: kh.as_ptr(),
+                rs: 1,
+                cs: d as isize,
+            };
+            let vm = MatRef::row_major(vh, dv, false);
+            // SAFETY: the packs stay within `kh`/`vh` and the panel buffers sized above.
+            unsafe {
+                for p in 0..k_panels {
+                    pack_b(
+                        d,
+                        NR.min(lk - p * NR),
+                        kt,
+                        0,
+                        p * NR,
+                        kp.as_mut_ptr().add(p * NR * d),
+                    );
+                }
+                for p in 0..v_panels {
+                    pack_b(
+                        lk,
+                        NR.min(dv - p * NR),
+                        vm,
+                        0,
+                        p * NR,
+                        vp.as_mut_ptr().add(p * NR * lk),
+                    );
+                }
+            }
+        });
+
+    let q_blocks = lq.div_ceil(BQ);
+    let o = Out(out.as_mut_ptr());
+    let packed = &packed;
+    (0..heads * q_blocks).into_par_iter().for_each(|t| {
+        let (bh, qb) = (t / q_blocks, t % q_blocks);
+        let (bi, hi) = (bh / h, bh % h);
+        let q0 = qb * BQ;
+        let rows = BQ.min(lq - q0);
+        let base = bh * (k_pack_len + v_pack_len);
+        let kp = &packed[base..base + k_pack_len];
+        let vp = &packed[base + k_pack_len..base + k_pack_len + v_pack_len];
+        let qh = &q[(bh * lq + q0) * d..(bh * lq + q0 + rows) * d];
+        let mask_rows = mask.map(|m| (m, bi * m.sb + hi * m.sh + q0 * m.sq));
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            // Rows padded to whole MR panels: padded rows stay zero and are never written out.
+            let prow = rows.div_ceil(MR) * MR;
+            let ow = v_panels * NR;
+            grow(&mut s.q, prow * d);
+            grow(&mut s.s, prow * BK);
+            grow(&mut s.o, prow * ow);
+            grow(&mut s.m, prow);
+            grow(&mut s.l, prow);
+            for (dst, src) in s.q[..rows * d].iter_mut().zip(qh) {
+                *dst = src * scale;
+            }
+            s.q[rows * d..prow * d].fill(0.0);
+            s.o[..prow * ow].fill(0.0);
+            s.m[..rows].fill(f32::NEG_INFINITY);
+            s.l[..rows].fill(0.0);
+            for kb in (0..lk).step_by(BK) {
+                let bk = BK.min(lk - kb);
+                // S = (Q·scale)·K[kb..kb+bk]ᵀ, full tiles straight into S (row stride BK).
+                for p in 0..bk.div_ceil(NR) {
+                    let bp = kp[(kb / NR + p) * NR * d..].as_ptr();
+                    for ir in 0..prow / MR {
+                        // SAFETY: Q rows are `d` apart, K panels hold `d` steps, S has room for
+                        // `prow` rows of BK.
+                        unsafe {
+                            micro_kernel(
+                                d,
+                                s.q[ir * MR * d..].as_ptr(),
+                                d,
+                                1,
+                                bp,
+                                s.s[ir * MR * BK + p * NR..].as_mut_ptr(),
+                                BK,
+                                false,
+                            )
+                        };
+                    }
+                }
+                // Online softmax over the block, row by row.
+                for r in 0..rows {
+                    let srow = &mut s.s[r * BK..r * BK + bk];
+                    if let Some((m, off)) = mask_rows {
+                        let mrow = &m.data[off + r * m.sq + kb..][..bk];
+                        for (x, mv) in srow.iter_mut().zip(mrow) {
+                            *x += mv;
+                        }
+                    }
+                    let m_new = s.m[r].max(simd::max(srow));
+                    if m_new == f32::NEG_INFINITY {
+                        srow.fill(0.0);
+                        continue;
+                    }
+                    let alpha = simd::exp_scalar(s.m[r] - m_new);
+                    let sum = simd::exp_shifted_sum(srow, m_new);
+                    s.l[r] = s.l[r] * alpha + sum;
+                    s.m[r] = m_new;
+                    if alpha != 1.0 {
+                        for x in &mut s.o[r * ow..(r + 1) * ow] {
+                            *x *= alpha;
+                        }
+                    }
+                }
+                // O += P·V[kb..kb+bk], reading P in place (rows BK apart).
+                for p in 0..v_panels {
+                    let bp = vp[p * NR * lk + kb * NR..].as_ptr();
+                    for ir in 0..prow / MR {
+                        // SAFETY: P rows hold `bk` values, the V panel `bk` steps from `kb`.
+                        unsafe {
+                            micro_kernel(
+                                bk,
+                                s.s[ir * MR * BK..].as_ptr(),
+                                BK,
+                                1,
+                                bp,
+                                s.o[ir * MR * ow + p * NR..].as_mut_ptr(),
+                                ow,
+                                true,
+                            )
+                        };
+                    }
+                }
+            }
+            for r in 0..rows {
+                let inv = if s.l[r] > 0.0 { 1.0 / s.l[r] } else { 0.0 };
+                // SAFETY: this task alone writes query rows q0..q0+rows of head bh.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(o.get().add((bh * lq + q0 + r) * dv), dv)
+                };
+                for (d, x) in dst.iter_mut().zip(&s.o[r * ow..r * ow + dv]) {
+                    *d = x * inv;
+                }
+            }
+        });
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu::testing::{max_rel_err, Lcg};
+
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[f32]>,
+        dims: AttnDims,
+        scale: f64,
+    ) -> Vec<f64> {
+        let AttnDims {
+            b,
+            h,
+            lq,
+            lk,
+            d,
+            dv,
+        } = dims;
+        let mut out = vec![0f64; b * h * lq * dv];
+        for bh in 0..b * h {
+            for i in 0..lq {
+                let mut s: Vec<f64> = (0..lk)
+                    .map(|j| {
+                        let dot: f64 = (0..d)
+                            .map(|x| {
+                                q[(bh * lq + i) * d + x] as f64 * k[(bh * lk + j) * d + x] as f64
+                            })
+                            .sum();
+                        dot * scale + mask.map_or(0.0, |m| m[i * lk + j] as f64)
+                    })
+                    .collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let mut sum = 0.0;
+                for x in &mut s {
+                    *x = (*x - mx).exp();
+                    sum += *x;
+                }
+                for c in 0..dv {
+                    out[(bh * lq + i) * dv + c] = (0..lk)
+                        .map(|j| s[j] * v[(bh * lk + j) * dv + c] as f64)
+                        .sum::<f64>()
+                        / sum;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn matches_f64_reference_with_and_without_mask() {
+        // Tolerance: 1e-4 relative to the largest output element.
+        let mut rng = Lcg(11);
+        for &(b, h, lq, lk, d, dv) in &[
+            (1, 1, 1, 1, 8, 8),
+            (2, 3, 50, 37, 40, 24),
+            (1, 2, 97, 300, 64, 64),
+            (1, 1, 5, 520, 17, 33),
+        ] {
+            let dims = AttnDims {
+                b,
+                h,
+                lq,
+                lk,
+                d,
+                dv,
+            };
+            let q = rng.vec(b * h * lq * d);
+            let k = rng.vec(b * h * lk * d);
+            let v = rng.vec(b * h * lk * dv);
+            let scale = 1.0 / (d as f32).sqrt();
+            let mut out = vec![0f32; b * h * lq * dv];
+            attention(&q, &k, &v, None, scale, dims, &mut out);
+            let r = reference(&q, &k, &v, None, dims, scale as f64);
+            assert!(max_rel_err(&out, &r) < 1e-4, "{dims:?}");
+            // A mask shared by every head: random additive values and some -inf.
+            let mask: Vec<f32> = (0..lq * lk)
+                .map(|i| {
+                    if i % 7 == 3 {
+                        f32::NEG_INFINITY
+                    } else {
+                        rng.next()
+                    }
+                })
+                .collect();
+            let mref = MaskRef {
+                data: &mask,
+                sb: 0,
+                sh: 0,
+                sq: lk,
+            };
+            attention(&q, &k, &v, Some(mref), scale, dims, &mut out);
+            let r = reference(&q, &k, &v, Some(&mask), dims, scale as f64);
+            if lk > 1 {
+                assert!(max_rel_err(&out, &r) < 1e-4, "masked {dims:?}");
+            }
+        }
+    }
+}

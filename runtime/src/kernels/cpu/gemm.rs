@@ -1,0 +1,598 @@
+//! f32 GEMM on the CPU: `C = A·B (+ C)`, then an optional bias and activation fused into the
+//! store.
+//!
+//! BLIS's structure (Van Zee & van de Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS
+//! Functionality", 2015): B is packed into KC×NR column panels shared by all threads, each thread
+//! packs its own MC×KC block of A into MR-row panels, and a 6×16 AVX2/FMA micro-kernel runs over
+//! panel pairs. Any strides work, so transposed operands need no copy. Packing buffers are
+//! per-thread and reused: nothing is allocated per tile.
+
+use super::{simd, Activation};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+pub const MR: usize = 6;
+pub const NR: usize = 16;
+const KC: usize = 256;
+const MC: usize = 72;
+const NC: usize = 4080;
+
+/// A read-only strided matrix: element (i, j) is at `ptr + i*rs + j*cs`.
+#[derive(Clone, Copy)]
+pub struct MatRef {
+    pub ptr: *const f32,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+// SAFETY: a `MatRef` is only read, and callers keep the data alive for the call.
+unsafe impl Send for MatRef {}
+unsafe impl Sync for MatRef {}
+
+impl MatRef {
+    /// A row-major `rows × cols` matrix, or its transpose when `trans`.
+    pub fn row_major(data: &[f32], cols: usize, trans: bool) -> MatRef {
+        let (rs, cs) = if trans {
+            (1, cols as isize)
+        } else {
+            (cols as isize, 1)
+        };
+        MatRef {
+            ptr: data.as_ptr(),
+            rs,
+            cs,
+        }
+    }
+
+    #[inline]
+    unsafe fn at(&self, i: usize, j: usize) -> *const f32 {
+        self.ptr.offset(i as isize * self.rs + j as isize * self.cs)
+    }
+}
+
+/// What happens to C after the product: an optional bias (per column or per row) and an
+/// activation, applied once the whole K sum is in.
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// Add the product to C instead of overwriting it.
+    pub accumulate: bool,
+    pub bias: Bias<'a>,
+    pub act: Activation,
+}
+
+#[derive(Clone, Copy, Default)]
+pub enum Bias<'a> {
+    #[default]
+    None,
+    /// One value per column of C (a linear layer's bias).
+    PerColumn(&'a [f32]),
+    /// One value per row of C (a convolution's bias, channels as rows).
+    PerRow(&'a [f32]),
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint tiles of C.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+thread_local! {
+    static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PACK_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `C[m×n] (row stride ldc) = A[m×k]·B[k×n]`, then the epilogue. Runs on the rayon pool when
+/// `parallel` and the product is large enough to pay for it.
+///
+/// # Safety
+/// `a`, `b` must address `m×k` and `k×n` readable elements, `c` `m` rows of `ldc >= n` writable
+/// elements, not overlapping A or B.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: *mut f32,
+    ldc: usize,
+    ep: Epilogue,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m {
+            let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+            if !ep.accumulate {
+                row.fill(0.0);
+            }
+            finish_row(row, i, 0, ep);
+        }
+        return;
+    }
+    let threads = if parallel && (m * n * k) >= 64 * 64 * 64 {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let out = OutPtr(c);
+    // Columns per outer block: the packed B block (all of K × nc) stays within 4M floats.
+    let nc_cap = ((4usize << 20) / k).max(NR) / NR * NR;
+    let nc_block = NC.min(nc_cap);
+    PACK_B.with(|pb| {
+        let mut pb = pb.borrow_mut();
+        for jc in (0..n).step_by(nc_block) {
+            let nc = nc_block.min(n - jc);
+            let n_panels = nc.div_ceil(NR);
+            // Pack all of B[:, jc..jc+nc] once: panel p holds K steps of NR values, so the
+            // KC-step block at `pc` starts at `p·NR·k + pc·NR`.
+            let need = n_panels * NR * k;
+            if pb.len() < need {
+                pb.resize(need, 0.0);
+            }
+            let bpack = OutPtr(pb.as_mut_ptr());
+            let pack_panel = |p: usize| {
+                let j0 = jc + p * NR;
+                pack_b(k, NR.min(n - j0), b, 0, j0, bpack.get().add(p * NR * k));
+            };
+            if threads > 1 {
+                (0..n_panels).into_par_iter().for_each(pack_panel);
+            } else {
+                (0..n_panels).for_each(pack_panel);
+            }
+            // Row blocks of at most MC rows, as even as whole MR panels allow, and a multiple of
+            // the thread count when the rows are few; column groups when row blocks are scarce.
+            let m_panels = m.div_ceil(MR);
+            let mut m_blocks = m.div_ceil(MC);
+            if threads > 1 && m_blocks < 4 * threads {
+                m_blocks = m_blocks.div_ceil(threads) * threads;
+            }
+            let m_blocks = m_blocks.min(m_panels);
+            let mc_max = m_panels.div_ceil(m_blocks) * MR;
+            let groups = if threads > 1 {
+                (2 * threads).div_ceil(m_blocks).clamp(1, n_panels)
+            } else {
+                1
+            };
+            let per_group = n_panels.div_ceil(groups);
+            // A task computes a block of C (rows i0.., panels p0..p1) for the K steps in `ks`.
+            let task = |t: usize, ks: std::ops::Range<usize>| {
+                let (ib, g) = (t / groups, t % groups);
+                let i0 = ib * mc_max;
+                let p0 = g * per_group;
+                let p1 = (p0 + per_group).min(n_panels);
+                if i0 >= m || p0 >= p1 {
+                    return;
+                }
+                let mc = mc_max.min(m - i0);
+                PACK_A.with(|pa| {
+                    let mut pa = pa.borrow_mut();
+                    let need = mc.div_ceil(MR) * MR * KC.min(k);
+                    if pa.len() < need {
+                        pa.resize(need, 0.0);
+                    }
+                    for pc in ks.step_by(KC) {
+                        let kc = KC.min(k - pc);
+                        pack_a(mc, kc, a, i0, pc, pa.as_mut_ptr());
+                        let tile = Tile {
+                            c: out.get(),
+                            ldc,
+                            overwrite: pc == 0 && !ep.accumulate,
+                            ep: if pc + kc == k { Some(ep) } else { None },
+                        };
+                        for p in p0..p1 {
+                            let j0 = jc + p * NR;
+                            let nr = NR.min(n - j0);
+                            let bp = bpack.get().add(p * NR * k + pc * NR) as *const f32;
+                            for ir in 0..mc.div_ceil(MR) {
+                                let mr = MR.min(mc - ir * MR);
+                                let ap = pa.as_ptr().add(ir * MR * kc);
+                                tile.run(kc, ap, bp, i0 + ir * MR, j0, mr, nr);
+                            }
+                        }
+                    }
+                });
+            };
+            let tasks = m_blocks * groups;
+            if threads == 1 {
+                (0..tasks).for_each(|t| task(t, 0..k));
+            } else if m_blocks <= 2 * threads {
+                // Few row blocks: each task runs its whole K sum (one synchronisation).
+                (0..tasks).into_par_iter().for_each(|t| task(t, 0..k));
+            } else {
+                // Many row blocks: all tasks work on the same KC block at a time, so the packed
+                // B block is shared in cache.
+                for pc in (0..k).step_by(KC) {
+                    let end = (pc + KC).min(k);
+                    (0..tasks).into_par_iter().for_each(|t| task(t, pc..end));
+                }
+            }
+        }
+    });
+}
+
+/// Where a micro-tile's result goes and what is done to it.
+struct Tile<'a> {
+    c: *mut f32,
+    ldc: usize,
+    overwrite: bool,
+    ep: Option<Epilogue<'a>>,
+}
+
+impl Tile<'_> {
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    unsafe fn run(
+        &self,
+        kc: usize,
+        a: *const f32,
+        b: *const f32,
+        i0: usize,
+        j0: usize,
+        mr: usize,
+        nr: usize,
+    ) {
+        let c = self.c.add(i0 * self.ldc + j0);
+        if mr == MR && nr == NR {
+            micro_kernel(kc, a, 1, MR, b, c, self.ldc, !self.overwrite);
+        } else {
+            let mut acc = [0f32; MR * NR];
+            micro_kernel(kc, a, 1, MR, b, acc.as_mut_ptr(), NR, false);
+            for r in 0..mr {
+                let row = std::slice::from_raw_parts_mut(c.add(r * self.ldc), nr);
+                let src = &acc[r * NR..r * NR + nr];
+                if self.overwrite {
+                    row.copy_from_slice(src);
+                } else {
+                    for (d, s) in row.iter_mut().zip(src) {
+                        *d += s;
+                    }
+                }
+            }
+        }
+        if let Some(ep) = self.ep {
+            for r in 0..mr {
+                let row = std::slice::from_raw_parts_mut(c.add(r * self.ldc), nr);
+                finish_row(row, i0 + r, j0, ep);
+            }
+        }
+    }
+}
+
+/// Bias and activation on a finished stretch of row `i` starting at column `j0`.
+#[inline]
+fn finish_row(row: &mut [f32], i: usize, j0: usize, ep: Epilogue) {
+    match ep.bias {
+        Bias::None => {}
+        Bias::PerColumn(bias) => {
+            for (d, b) in row.iter_mut().zip(&bias[j0..]) {
+                *d += b;
+            }
+        }
+        Bias::PerRow(bias) => {
+            let b = bias[i];
+            for d in row.iter_mut() {
+                *d += b;
+            }
+        }
+    }
+    simd::activate(ep.act, row);
+}
+
+/// Packs rows `i0..i0+mc`, columns `p0..p0+kc` of A into MR-row panels (`[panel][p][r]`),
+/// zero-padding the last panel.
+pub(crate) unsafe fn pack_a(mc: usize, kc: usize, a: MatRef, i0: usize, p0: usize, out: *mut f32) {
+    for ir in 0..mc.div_ceil(MR) {
+        let panel = out.add(ir * MR * kc);
+        let rows = MR.min(mc - ir * MR);
+        if a.cs == 1 {
+            for r in 0..MR {
+                if r < rows {
+                    let src = a.at(i0 + ir * MR + r, p0);
+                    for p in 0..kc {
+                        *panel.add(p * MR + r) = *src.add(p);
+                    }
+                } else {
+                    for p in 0..kc {
+                        *panel.add(p * MR + r) = 0.0;
+                    }
+                }
+            }
+        } else {
+            for p in 0..kc {
+                for r in 0..MR {
+                    *panel.add(p * MR + r) = if r < rows {
+                        *a.at(i0 + ir * MR + r, p0 + p)
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Packs rows `p0..p0+kc`, columns `j0..j0+cols` (cols <= NR) of B into one panel
+/// (`[p][c]`), zero-padded to NR columns.
+pub(crate) unsafe fn pack_b(
+    kc: usize,
+    cols: usize,
+    b: MatRef,
+    p0: usize,
+    j0: usize,
+    out: *mut f32,
+) {
+    if b.cs == 1 && cols == NR {
+        for p in 0..kc {
+            std::ptr::copy_nonoverlapping(b.at(p0 + p, j0), out.add(p * NR), NR);
+        }
+    } else if b.rs == 1 {
+        for c in 0..NR {
+            if c < cols {
+                let src = b.at(p0, j0 + c);
+                for p in 0..kc {
+                    *out.add(p * NR + c) = *src.add(p);
+                }
+            } else {
+                for p in 0..kc {
+                    *out.add(p * NR + c) = 0.0;
+                }
+            }
+        }
+    } else {
+        for p in 0..kc {
+            for c in 0..NR {
+                *out.add(p * NR + c) = if c < cols { *b.at(p0 + p, j0 + c) } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// One full MR×NR tile: `C (+)= Σ_p A[0..MR][p] ⊗ B[p][0..NR]`, where A's element (r, p) is at
+/// `a + r·a_rs + p·a_cs` (a packed panel has `a_rs = 1, a_cs = MR`; a row-major block has
+/// `a_rs = lda, a_cs = 1`), B is a packed NR-wide panel, and C has row stride `ldc`.
+///
+/// # Safety
+/// All pointers must address the elements described, for `kc` steps.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn micro_kernel(
+    kc: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx2() {
+        return avx2_kernel(kc, a, a_rs, a_cs, b, c, ldc, accumulate);
+    }
+    let mut acc = [0f32; MR * NR];
+    for p in 0..kc {
+        for r in 0..MR {
+            let av = *a.add(r * a_rs + p * a_cs);
+            for j in 0..NR {
+                acc[r * NR + j] += av * *b.add(p * NR + j);
+            }
+        }
+    }
+    for r in 0..MR {
+        for j in 0..NR {
+            let d = c.add(r * ldc + j);
+            *d = if accumulate {
+                *d + acc[r * NR + j]
+            } else {
+                acc[r * NR + j]
+            };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_kernel(
+    kc: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); 12];
+    let rows = [
+        a,
+        a.add(a_rs),
+        a.add(2 * a_rs),
+        a.add(3 * a_rs),
+        a.add(4 * a_rs),
+        a.add(5 * a_rs),
+    ];
+    let mut b = b;
+    let mut off = 0usize;
+    macro_rules! step {
+        () => {{
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
+            let a0 = _mm256_broadcast_ss(&*rows[0].add(off));
+            acc[0] = _mm256_fmadd_ps(a0, b0, acc[0]);
+            acc[1] = _mm256_fmadd_ps(a0, b1, acc[1]);
+            let a1 = _mm256_broadcast_ss(&*rows[1].add(off));
+            acc[2] = _mm256_fmadd_ps(a1, b0, acc[2]);
+            acc[3] = _mm256_fmadd_ps(a1, b1, acc[3]);
+            let a2 = _mm256_broadcast_ss(&*rows[2].add(off));
+            acc[4] = _mm256_fmadd_ps(a2, b0, acc[4]);
+            acc[5] = _mm256_fmadd_ps(a2, b1, acc[5]);
+            let a3 = _mm256_broadcast_ss(&*rows[3].add(off));
+            acc[6] = _mm256_fmadd_ps(a3, b0, acc[6]);
+            acc[7] = _mm256_fmadd_ps(a3, b1, acc[7]);
+            let a4 = _mm256_broadcast_ss(&*rows[4].add(off));
+            acc[8] = _mm256_fmadd_ps(a4, b0, acc[8]);
+            acc[9] = _mm256_fmadd_ps(a4, b1, acc[9]);
+            let a5 = _mm256_broadcast_ss(&*rows[5].add(off));
+            acc[10] = _mm256_fmadd_ps(a5, b0, acc[10]);
+            acc[11] = _mm256_fmadd_ps(a5, b1, acc[11]);
+            off += a_cs;
+            b = b.add(NR);
+        }};
+    }
+    let mut p = 0;
+    while p + 4 <= kc {
+        step!();
+        step!();
+        step!();
+        step!();
+        p += 4;
+    }
+    while p < kc {
+        step!();
+        p += 1;
+    }
+    for (r, pair) in acc.chunks_exact(2).enumerate() {
+        let d = c.add(r * ldc);
+        let (mut v0, mut v1) = (pair[0], pair[1]);
+        if accumulate {
+            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(d));
+            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(d.add(8)));
+        }
+        _mm256_storeu_ps(d, v0);
+        _mm256_storeu_ps(d.add(8), v1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu::testing::{max_rel_err, Lcg};
+
+    /// f64 reference of op(A)·op(B).
+    fn reference(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        ta: bool,
+        b: &[f32],
+        tb: bool,
+    ) -> Vec<f64> {
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for p in 0..k {
+                    let av = if ta { a[p * m + i] } else { a[i * k + p] };
+                    let bv = if tb { b[j * k + p] } else { b[p * n + j] };
+                    s += av as f64 * bv as f64;
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matches_f64_reference_on_odd_shapes_and_transposes() {
+        // Tolerance: 1e-5 relative to the largest reference element (f32 sums of <= 600 terms).
+        let mut rng = Lcg(7);
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 13, 5),
+            (67, 45, 301),
+            (130, 257, 33),
+            (6, 16, 256),
+            (200, 100, 600),
+        ] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a = rng.vec(m * k);
+                let b = rng.vec(k * n);
+                let mut c = vec![0f32; m * n];
+                let ar = MatRef::row_major(&a, if ta { m } else { k }, ta);
+                let br = MatRef::row_major(&b, if tb { k } else { n }, tb);
+                unsafe {
+                    sgemm(
+                        m,
+                        n,
+                        k,
+                        ar,
+                        br,
+                        c.as_mut_ptr(),
+                        n,
+                        Epilogue::default(),
+                        true,
+                    )
+                };
+                let r = reference(m, n, k, &a, ta, &b, tb);
+                let e = max_rel_err(&c, &r);
+                assert!(e < 1e-5, "{m}x{n}x{k} ta={ta} tb={tb}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn epilogue_adds_bias_accumulates_and_activates() {
+        let mut rng = Lcg(3);
+        let (m, n, k) = (19, 35, 70);
+        let a = rng.vec(m * k);
+        let b = rng.vec(k * n);
+        let bias = rng.vec(n);
+        let row_bias = rng.vec(m);
+        let start = rng.vec(m * n);
+        let r = reference(m, n, k, &a, false, &b, false);
+        let mut c = start.clone();
+        let ep = Epilogue {
+            accumulate: true,
+            bias: Bias::PerColumn(&bias),
+            act: Activation::Relu,
+        };
+        unsafe {
+            sgemm(
+                m,
+                n,
+                k,
+                MatRef::row_major(&a, k, false),
+                MatRef::row_major(&b, n, false),
+                c.as_mut_ptr(),
+                n,
+                ep,
+                false,
+            )
+        };
+        let want: Vec<f64> = (0..m * n)
+            .map(|i| (r[i] + start[i] as f64 + bias[i % n] as f64).max(0.0))
+            .collect();
+        assert!(max_rel_err(&c, &want) < 1e-5);
+        let ep = Epilogue {
+            bias: Bias::PerRow(&row_bias),
+            ..Default::default()
+        };
+        unsafe {
+            sgemm(
+                m,
+                n,
+                k,
+                MatRef::row_major(&a, k, false),
+                MatRef::row_major(&b, n, false),
+                c.as_mut_ptr(),
+                n,
+                ep,
+                true,
+            )
+        };
+        let want: Vec<f64> = (0..m * n).map(|i| r[i] + row_bias[i / n] as f64).collect();
+        assert!(max_rel_err(&c, &want) < 1e-5);
+    }
+}

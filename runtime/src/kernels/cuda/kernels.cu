@@ -1,0 +1,550 @@
+// ditflow CUDA kernels, compiled at run time by NVRTC (no headers needed).
+//
+// All maths is f32; f16 and bf16 are converted by `cast` with explicit bit manipulation so that
+// no CUDA header has to be found at run time. Every kernel uses grid-stride loops or one block
+// per row, so any launch size is correct.
+
+#define INFINITY __int_as_float(0x7f800000)
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+#define DT_F32 1
+#define DT_F16 2
+#define DT_BF16 3
+#define DT_I64 4
+#define DT_I32 5
+#define DT_U8 6
+
+#define ACT_NONE 0
+#define ACT_GELU 1
+#define ACT_GELU_TANH 2
+#define ACT_SILU 3
+#define ACT_RELU 4
+
+struct Dims8 { i64 v[8]; };
+
+__device__ __forceinline__ float act_apply(int act, float x) {
+    switch (act) {
+    case ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    case ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+    case ACT_SILU: return x / (1.0f + expf(-x));
+    case ACT_RELU: return fmaxf(x, 0.0f);
+    default: return x;
+    }
+}
+
+// --- half-precision bits ------------------------------------------------------------------
+
+__device__ float f16_to_f32(unsigned short h) {
+    u32 sign = (u32)(h & 0x8000) << 16;
+    u32 exp = (h >> 10) & 0x1f;
+    u32 man = h & 0x3ff;
+    u32 bits;
+    if (exp == 0) {
+        if (man == 0) { bits = sign; }
+        else {
+            // subnormal: normalise
+            int e = -1;
+            do { e++; man <<= 1; } while ((man & 0x400) == 0);
+            bits = sign | ((u32)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    return __uint_as_float(bits);
+}
+
+__device__ unsigned short f32_to_f16(float f) {
+    u32 x = __float_as_uint(f);
+    u32 sign = (x >> 16) & 0x8000;
+    u32 exp = (x >> 23) & 0xff;
+    u32 man = x & 0x7fffff;
+    if (exp == 0xff) return (unsigned short)(sign | 0x7c00 | (man ? 0x200 : 0));
+    int e = (int)exp - 127 + 15;
+    if (e >= 31) return (unsigned short)(sign | 0x7c00);
+    if (e <= 0) {
+        if (e < -10) return (unsigned short)sign;
+        man |= 0x800000;
+        u32 shift = (u32)(14 - e);
+        u32 half_man = man >> shift;
+        u32 rem = man & ((1u << shift) - 1);
+        u32 halfway = 1u << (shift - 1);
+        if (rem > halfway || (rem == halfway && (half_man & 1))) half_man++;
+        return (unsigned short)(sign | half_man);
+    }
+    u32 h = sign | ((u32)e << 10) | (man >> 13);
+    u32 rem = man & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (unsigned short)h;
+}
+
+__device__ float bf16_to_f32(unsigned short b) { return __uint_as_float(((u32)b) << 16); }
+
+__device__ unsigned short f32_to_bf16(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7f800000u) == 0x7f800000u && (x & 0x7fffff)) return (unsigned short)((x >> 16) | 0x40);
+    u32 rounding = 0x7fff + ((x >> 16) & 1);
+    return (unsigned short)((x + rounding) >> 16);
+}
+
+__device__ double load_as_double(const void* p, int dt, i64 i) {
+    switch (dt) {
+    case DT_F32: return ((const float*)p)[i];
+    case DT_F16: return f16_to_f32(((const unsigned short*)p)[i]);
+    case DT_BF16: return bf16_to_f32(((const unsigned short*)p)[i]);
+    case DT_I64: return (double)((const i64*)p)[i];
+    case DT_I32: return ((const int*)p)[i];
+    default: return ((const unsigned char*)p)[i];
+    }
+}
+
+extern "C" __global__ void cast(const void* src, int sdt, void* dst, int ddt, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        double v = load_as_double(src, sdt, i);
+        switch (ddt) {
+        case DT_F32: ((float*)dst)[i] = (sdt == DT_F32) ? ((const float*)src)[i] : (float)v; break;
+        case DT_F16: ((unsigned short*)dst)[i] = f32_to_f16((float)v); break;
+        case DT_BF16: ((unsigned short*)dst)[i] = f32_to_bf16((float)v); break;
+        case DT_I64: ((i64*)dst)[i] = (i64)v; break;
+        case DT_I32: ((int*)dst)[i] = (int)v; break;
+        default: ((unsigned char*)dst)[i] = (unsigned char)fmin(fmax(v, 0.0), 255.0); break;
+        }
+    }
+}
+
+// --- Philox4x32-10 noise (same stream as the CPU's) -----------------------------------------
+
+__device__ void philox(u32 c[4], u32 k0, u32 k1) {
+    for (int r = 0; r < 10; r++) {
+        if (r > 0) { k0 += 0x9E3779B9u; k1 += 0xBB67AE85u; }
+        u32 hi0 = __umulhi(0xD2511F53u, c[0]), lo0 = 0xD2511F53u * c[0];
+        u32 hi1 = __umulhi(0xCD9E8D57u, c[2]), lo1 = 0xCD9E8D57u * c[2];
+        u32 n0 = hi1 ^ c[1] ^ k0, n2 = hi0 ^ c[3] ^ k1;
+        c[0] = n0; c[1] = lo1; c[2] = n2; c[3] = lo0;
+    }
+}
+
+extern "C" __global__ void randn(float* out, i64 n, u64 seed) {
+    i64 blocks = (n + 3) / 4;
+    for (i64 b = blockIdx.x * (i64)blockDim.x + threadIdx.x; b < blocks; b += (i64)gridDim.x * blockDim.x) {
+        u32 c[4] = {(u32)b, (u32)((u64)b >> 32), 0, 0};
+        philox(c, (u32)seed, (u32)(seed >> 32));
+        for (int p = 0; p < 2; p++) {
+            double u1 = ((double)c[2 * p] + 1.0) * (1.0 / 4294967296.0);
+            double u2 = ((double)c[2 * p + 1] + 1.0) * (1.0 / 4294967296.0);
+            double r = sqrt(-2.0 * log(u1));
+            double th = 6.283185307179586 * u2;
+            i64 i = b * 4 + 2 * p;
+            if (i < n) out[i] = (float)(r * cos(th));
+            if (i + 1 < n) out[i + 1] = (float)(r * sin(th));
+        }
+    }
+}
+
+// --- epilogues ------------------------------------------------------------------------------
+
+// y[r, j] = act(y[r, j] + bias_col[j] + bias_row[r]) ; either bias may be NULL.
+extern "C" __global__ void bias_act(float* y, const float* bias_col, const float* bias_row, i64 rows, i64 cols, int act) {
+    i64 n = rows * cols;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        float v = y[i];
+        if (bias_col) v += bias_col[i % cols];
+        if (bias_row) v += bias_row[i / cols];
+        y[i] = act_apply(act, v);
+    }
+}
+
+// --- reductions within a block ---------------------------------------------------------------
+
+__device__ float block_sum(float v, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) / 32;
+    float t = (threadIdx.x < nw) ? shared[threadIdx.x] : 0.0f;
+    if (warp == 0) for (int o = 16; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+    if (threadIdx.x == 0) shared[0] = t;
+    __syncthreads();
+    return shared[0];
+}
+
+__device__ float block_max(float v, float* shared) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) / 32;
+    float t = (threadIdx.x < nw) ? shared[threadIdx.x] : -INFINITY;
+    if (warp == 0) for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
+    if (threadIdx.x == 0) shared[0] = t;
+    __syncthreads();
+    return shared[0];
+}
+
+// --- normalisation (one block per row) -------------------------------------------------------
+
+extern "C" __global__ void layer_norm(const float* x, float* y, const float* w, const float* b,
+                                      const float* shift, const float* scale, i64 rows, int d,
+                                      i64 per_group, float eps) {
+    __shared__ float sh[32];
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + r * d;
+        float s = 0.0f;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) s += xr[j];
+        float mean = block_sum(s, sh) / d;
+        float v = 0.0f;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) { float t = xr[j] - mean; v += t * t; }
+        float inv = rsqrtf(block_sum(v, sh) / d + eps);
+        i64 g = r / per_group;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) {
+            float o = (xr[j] - mean) * inv;
+            if (w) o *= w[j];
+            if (b) o += b[j];
+            if (scale) o += o * scale[g * d + j];
+            if (shift) o += shift[g * d + j];
+            y[r * d + j] = o;
+        }
+    }
+}
+
+extern "C" __global__ void rms_norm(const float* x, float* y, const float* w, i64 rows, int d, float eps) {
+    __shared__ float sh[32];
+    for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + r * d;
+        float s = 0.0f;
+        for (int j = threadIdx.x; j < d; j += blockDim.x) s += xr[j] * xr[j];
+        float inv = rsqrtf(block_sum(s, sh) / d + eps);
+        for (int j = threadIdx.x; j < d; j += blockDim.x) y[r * d + j] = xr[j] * inv * (w ? w[j] : 1.0f);
+    }
+}
+
+// One block per (sample, group): x [N, C, S].
+extern "C" __global__ void group_norm(const float* x, float* y, const float* w, const float* b,
+                                      i64 n, i64 c, i64 s, i64 groups, float eps, int act) {
+    __shared__ float sh[32];
+    i64 cg = c / groups, len = cg * s;
+    for (i64 i = blockIdx.x; i < n * groups; i += gridDim.x) {
+        const float* xs = x + i * len;
+        float acc = 0.0f;
+        for (i64 j = threadIdx.x; j < len; j += blockDim.x) acc += xs[j];
+        float mean = block_sum(acc, sh) / len;
+        float v = 0.0f;
+        for (i64 j = threadIdx.x; j < len; j += blockDim.x) { float t = xs[j] - mean; v += t * t; }
+        float inv = rsqrtf(block_sum(v, sh) / len + eps);
+        i64 g = i % groups;
+        for (i64 j = threadIdx.x; j < len; j += blockDim.x) {
+            i64 ch = g * cg + j / s;
+            float o = (xs[j] - mean) * inv * (w ? w[ch] : 1.0f) + (b ? b[ch] : 0.0f);
+            y[i * len + j] = act_apply(act, o);
+        }
+    }
+}
+
+// Softmax over the middle axis of [outer, dim, inner]; one block per (outer, inner) line.
+extern "C" __global__ void softmax(const float* x, float* y, i64 outer, i64 dim, i64 inner) {
+    __shared__ float sh[32];
+    for (i64 line = blockIdx.x; line < outer * inner; line += gridDim.x) {
+        i64 o = line / inner, in = line % inner;
+        const float* xl = x + o * dim * inner + in;
+        float* yl = y + o * dim * inner + in;
+        float m = -INFINITY;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) m = fmaxf(m, xl[j * inner]);
+        m = block_max(m, sh);
+        float s = 0.0f;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) s += (m == -INFINITY) ? 0.0f : expf(xl[j * inner] - m);
+        s = block_sum(s, sh);
+        float inv = s > 0.0f ? 1.0f / s : 0.0f;
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x)
+            yl[j * inner] = (m == -INFINITY) ? 0.0f : expf(xl[j * inner] - m) * inv;
+    }
+}
+
+// --- attention: one warp per query row, 32 keys at a time, online softmax --------------------
+// q [BH, Lq, D], k [BH, Lk, D], v [BH, Lk, Dv], out [BH, Lq, Dv]; D, Dv <= 256.
+// mask (may be NULL): additive f32 at b*msb + h*msh + q*msq + key.
+
+#define ATT_WARPS 4
+#define ATT_MAXD 256
+
+extern "C" __global__ void attention(const float* q, const float* k, const float* v, const float* mask,
+                                     float* out, int B, int H, int Lq, int Lk, int D, int Dv,
+                                     i64 msb, i64 msh, i64 msq, float scale) {
+    __shared__ float qs[ATT_WARPS][ATT_MAXD];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    i64 row = (i64)blockIdx.x * ATT_WARPS + warp;
+    i64 total = (i64)B * H * Lq;
+    if (row >= total) return;
+    i64 bh = row / Lq;
+    int qi = (int)(row % Lq);
+    int bi = (int)(bh / H), hi = (int)(bh % H);
+    const float* qr = q + row * D;
+    for (int j = lane; j < D; j += 32) qs[warp][j] = qr[j] * scale;
+    __syncwarp();
+    const float* kh = k + bh * (i64)Lk * D;
+    const float* vh = v + bh * (i64)Lk * Dv;
+    const float* mrow = mask ? mask + bi * msb + hi * msh + qi * msq : 0;
+    float acc[ATT_MAXD / 32];
+    for (int t = 0; t < ATT_MAXD / 32; t++) acc[t] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    for (int k0 = 0; k0 < Lk; k0 += 32) {
+        int key = k0 + lane;
+        float s = -INFINITY;
+        if (key < Lk) {
+            const float* kr = kh + (i64)key * D;
+            float dot = 0.0f;
+            for (int j = 0; j < D; j++) dot += qs[warp][j] * kr[j];
+            s = dot + (mrow ? mrow[key] : 0.0f);
+        }
+        float bm = s;
+        for (int o = 16; o > 0; o >>= 1) bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, o));
+        float m_new = fmaxf(m, bm);
+        if (m_new == -INFINITY) continue;
+        float p = (s == -INFINITY) ? 0.0f : expf(s - m_new);
+        float alpha = (m == -INFINITY) ? 0.0f : expf(m - m_new);
+        float ps = p;
+        for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+        l = l * alpha + ps;
+        m = m_new;
+        for (int t = 0; t < ATT_MAXD / 32; t++) acc[t] *= alpha;
+        int nk = min(32, Lk - k0);
+        for (int j = 0; j < nk; j++) {
+            float pj = __shfl_sync(0xffffffffu, p, j);
+            const float* vr = vh + (i64)(k0 + j) * Dv;
+            for (int t = 0; t < ATT_MAXD / 32; t++) {
+                int c = t * 32 + lane;
+                if (c < Dv) acc[t] += pj * vr[c];
+            }
+        }
+    }
+    float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int t = 0; t < ATT_MAXD / 32; t++) {
+        int c = t * 32 + lane;
+        if (c < Dv) out[row * Dv + c] = acc[t] * inv;
+    }
+}
+
+// --- positions --------------------------------------------------------------------------------
+
+extern "C" __global__ void rope(const float* x, float* y, const float* cs, const float* sn,
+                                i64 rows, int l, int d, int r, int interleaved) {
+    int half = r / 2;
+    i64 n = rows * d;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 row = i / d;
+        int j = (int)(i % d);
+        int pos = (int)(row % l);
+        const float* xr = x + row * d;
+        if (j >= r) { y[i] = xr[j]; continue; }
+        int pair, first, a, b;
+        if (interleaved) { pair = j / 2; first = (j % 2) == 0; a = 2 * pair; b = a + 1; }
+        else { pair = j % half; first = j < half; a = pair; b = pair + half; }
+        float c = cs[pos * half + pair], s = sn[pos * half + pair];
+        y[i] = first ? xr[a] * c - xr[b] * s : xr[b] * c + xr[a] * s;
+    }
+}
+
+// --- elementwise --------------------------------------------------------------------------------
+
+#define U_NEG 0
+#define U_EXP 1
+#define U_LOG 2
+#define U_SQRT 3
+#define U_RSQRT 4
+#define U_ABS 5
+#define U_TANH 6
+#define U_SIGMOID 7
+#define U_SQUARE 8
+#define U_SIN 9
+#define U_COS 10
+#define U_ACT 100
+
+extern "C" __global__ void unary(const float* x, float* y, i64 n, int op) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        float v = x[i];
+        float o;
+        switch (op) {
+        case U_NEG: o = -v; break;
+        case U_EXP: o = expf(v); break;
+        case U_LOG: o = logf(v); break;
+        case U_SQRT: o = sqrtf(v); break;
+        case U_RSQRT: o = 1.0f / sqrtf(v); break;
+        case U_ABS: o = fabsf(v); break;
+        case U_TANH: o = tanhf(v); break;
+        case U_SIGMOID: o = 1.0f / (1.0f + expf(-v)); break;
+        case U_SQUARE: o = v * v; break;
+        case U_SIN: o = sinf(v); break;
+        case U_COS: o = cosf(v); break;
+        default: o = act_apply(op - U_ACT, v); break;
+        }
+        y[i] = o;
+    }
+}
+
+extern "C" __global__ void affine(const float* x, float* y, i64 n, float mul, float add) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        y[i] = x[i] * mul + add;
+}
+
+#define B_ADD 0
+#define B_SUB 1
+#define B_MUL 2
+#define B_DIV 3
+#define B_MAX 4
+#define B_MIN 5
+#define B_POW 6
+
+extern "C" __global__ void binary(const float* a, const float* b, float* y, i64 n, int rank,
+                                  Dims8 shape, Dims8 sa, Dims8 sb, int op) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 r = i, oa = 0, ob = 0;
+        for (int ax = rank - 1; ax >= 0; ax--) {
+            i64 idx = r % shape.v[ax];
+            r /= shape.v[ax];
+            oa += idx * sa.v[ax];
+            ob += idx * sb.v[ax];
+        }
+        float x = a[oa], z = b[ob], o;
+        switch (op) {
+        case B_ADD: o = x + z; break;
+        case B_SUB: o = x - z; break;
+        case B_MUL: o = x * z; break;
+        case B_DIV: o = x / z; break;
+        case B_MAX: o = fmaxf(x, z); break;
+        case B_MIN: o = fminf(x, z); break;
+        default: o = powf(x, z); break;
+        }
+        y[i] = o;
+    }
+}
+
+extern "C" __global__ void gated_residual(const float* x, const float* yv, const float* gate, float* out,
+                                          i64 n, i64 d, i64 per_group_elems) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 g = i / per_group_elems;
+        out[i] = x[i] + gate[g * d + i % d] * yv[i];
+    }
+}
+
+#define R_SUM 0
+#define R_MEAN 1
+#define R_MAX 2
+#define R_MIN 3
+
+extern "C" __global__ void reduce(const float* x, float* y, i64 outer, i64 dim, i64 inner, int op) {
+    i64 n = outer * inner;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 o = i / inner, in = i % inner;
+        double acc = (op == R_MAX) ? -INFINITY : (op == R_MIN) ? INFINITY : 0.0;
+        for (i64 j = 0; j < dim; j++) {
+            double v = x[(o * dim + j) * inner + in];
+            if (op == R_MAX) acc = fmax(acc, v);
+            else if (op == R_MIN) acc = fmin(acc, v);
+            else acc += v;
+        }
+        if (op == R_MEAN) acc /= (double)dim;
+        y[i] = (float)acc;
+    }
+}
+
+// --- layout -------------------------------------------------------------------------------------
+
+// dst (out shape) <- src through src strides (elements), elements of `elem` bytes.
+extern "C" __global__ void permute(const unsigned char* src, unsigned char* dst, i64 n, int rank,
+                                   Dims8 out_shape, Dims8 src_strides, int elem) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 r = i, off = 0;
+        for (int ax = rank - 1; ax >= 0; ax--) {
+            off += (r % out_shape.v[ax]) * src_strides.v[ax];
+            r /= out_shape.v[ax];
+        }
+        for (int b = 0; b < elem; b++) dst[i * elem + b] = src[off * elem + b];
+    }
+}
+
+// Copies `rows` rows of `row_bytes`: src row i at src + i*src_stride (+ src_offset), dst likewise.
+extern "C" __global__ void copy_rows(const unsigned char* src, i64 src_stride, unsigned char* dst,
+                                     i64 dst_stride, i64 rows, i64 row_bytes) {
+    i64 n = rows * row_bytes;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 r = i / row_bytes, c = i % row_bytes;
+        dst[r * dst_stride + c] = src[r * src_stride + c];
+    }
+}
+
+// Slice of [outer, dim, inner_bytes] along the middle axis.
+extern "C" __global__ void slice(const unsigned char* src, unsigned char* dst, i64 outer, i64 dim,
+                                 i64 inner_bytes, i64 start, i64 step, i64 count) {
+    i64 n = outer * count * inner_bytes;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 c = i % inner_bytes, rest = i / inner_bytes;
+        i64 j = rest % count, o = rest / count;
+        dst[i] = src[(o * dim + start + j * step) * inner_bytes + c];
+    }
+}
+
+extern "C" __global__ void upsample2d(const float* x, float* y, i64 planes, int h, int w, int ho, int wo,
+                                      int bilinear, int align) {
+    i64 n = planes * ho * wo;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 p = i / ((i64)ho * wo);
+        int yo = (int)((i / wo) % ho), xo = (int)(i % wo);
+        const float* s = x + p * h * w;
+        if (!bilinear) {
+            int ys = min((int)(((i64)yo * h) / ho), h - 1), xs = min((int)(((i64)xo * w) / wo), w - 1);
+            y[i] = s[ys * w + xs];
+            continue;
+        }
+        float fy, fx;
+        if (align) {
+            fy = ho > 1 ? yo * (float)(h - 1) / (ho - 1) : 0.0f;
+            fx = wo > 1 ? xo * (float)(w - 1) / (wo - 1) : 0.0f;
+        } else {
+            fy = fmaxf((yo + 0.5f) * h / ho - 0.5f, 0.0f);
+            fx = fmaxf((xo + 0.5f) * w / wo - 0.5f, 0.0f);
+        }
+        int y0 = min((int)fy, h - 1), x0 = min((int)fx, w - 1);
+        int y1 = min(y0 + 1, h - 1), x1 = min(x0 + 1, w - 1);
+        float ly = fy - y0, lx = fx - x0;
+        float top = s[y0 * w + x0] * (1.0f - lx) + s[y0 * w + x1] * lx;
+        float bot = s[y1 * w + x0] * (1.0f - lx) + s[y1 * w + x1] * lx;
+        y[i] = top * (1.0f - ly) + bot * ly;
+    }
+}
+
+extern "C" __global__ void embedding(const unsigned char* table, const i64* ids, unsigned char* out,
+                                     i64 n_ids, i64 row_bytes) {
+    i64 n = n_ids * row_bytes;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 r = i / row_bytes, c = i % row_bytes;
+        out[i] = table[ids[r] * row_bytes + c];
+    }
+}
+
+// im2col for up to 3 spatial axes: cols[(c*kprod + k), l] for one sample's channel group.
+// geo: input[3], kernel[3], stride[3], padding[3], dilation[3], output[3] (unused axes = 1/0).
+struct ConvGeo { i64 in_[3]; i64 k[3]; i64 st[3]; i64 pad[3]; i64 dil[3]; i64 out[3]; };
+
+extern "C" __global__ void im2col(const float* x, float* cols, i64 c_in, ConvGeo g) {
+    i64 kprod = g.k[0] * g.k[1] * g.k[2];
+    i64 lout = g.out[0] * g.out[1] * g.out[2];
+    i64 lin = g.in_[0] * g.in_[1] * g.in_[2];
+    i64 n = c_in * kprod * lout;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 l = i % lout, row = i / lout;
+        i64 kk = row % kprod, c = row / kprod;
+        i64 o2 = l % g.out[2], o1 = (l / g.out[2]) % g.out[1], o0 = l / (g.out[2] * g.out[1]);
+        i64 k2 = kk % g.k[2], k1 = (kk / g.k[2]) % g.k[1], k0 = kk / (g.k[2] * g.k[1]);
+        i64 p0 = o0 * g.st[0] + k0 * g.dil[0] - g.pad[0];
+        i64 p1 = o1 * g.st[1] + k1 * g.dil[1] - g.pad[1];
+        i64 p2 = o2 * g.st[2] + k2 * g.dil[2] - g.pad[2];
+        bool inside = p0 >= 0 && p0 < g.in_[0] && p1 >= 0 && p1 < g.in_[1] && p2 >= 0 && p2 < g.in_[2];
+        cols[i] = inside ? x[c * lin + (p0 * g.in_[1] + p1) * g.in_[2] + p2] : 0.0f;
+    }
+}

@@ -1,0 +1,750 @@
+//! CUDA implementations of the ops, called by [`crate::tensor::ops`] after it has checked the
+//! arguments: f32 device tensors in, a new device tensor out. GEMMs go to cuBLAS; everything else
+//! launches a kernel from `kernels.cu`.
+
+use super::{Backend, DeviceBuf};
+use crate::kernels::cpu::attention::AttnDims;
+use crate::kernels::cpu::conv::ConvGeom;
+use crate::kernels::cpu::Activation;
+use crate::tensor::ops::{Binary, OpError, Reduce, Unary, Upsample};
+use crate::tensor::{DType, Device, Tensor};
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+type R<T = Tensor> = Result<T, OpError>;
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Dims8 {
+    v: [i64; 8],
+}
+// SAFETY: plain old data, laid out as the kernels' `struct Dims8`.
+unsafe impl DeviceRepr for Dims8 {}
+
+impl Dims8 {
+    fn of(xs: &[usize]) -> R<Dims8> {
+        if xs.len() > 8 {
+            return Err(OpError::Device(format!(
+                "rank {} is above the CUDA kernels' limit of 8",
+                xs.len()
+            )));
+        }
+        let mut d = Dims8::default();
+        for (o, &x) in d.v.iter_mut().zip(xs) {
+            *o = x as i64;
+        }
+        Ok(d)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ConvGeo {
+    input: [i64; 3],
+    k: [i64; 3],
+    stride: [i64; 3],
+    pad: [i64; 3],
+    dil: [i64; 3],
+    out: [i64; 3],
+}
+// SAFETY: plain old data, laid out as the kernels' `struct ConvGeo`.
+unsafe impl DeviceRepr for ConvGeo {}
+
+fn dev_err(what: &str) -> impl Fn(String) -> OpError + '_ {
+    move |e| OpError::Device(format!("{what}: {e}"))
+}
+
+fn backend(t: &Tensor) -> R<Arc<Backend>> {
+    match t.device() {
+        Device::Cuda(n) => Backend::get(n).map_err(OpError::Device),
+        Device::Cpu => Err(OpError::Device("expected a CUDA tensor".into())),
+    }
+}
+
+fn buf(t: &Tensor) -> R<&DeviceBuf> {
+    t.device_buf()
+        .ok_or_else(|| OpError::Device("expected a CUDA tensor".into()))
+}
+
+fn ptr(be: &Backend, t: &Tensor) -> R<u64> {
+    Ok(buf(t)?.ptr(&be.stream))
+}
+
+fn opt_ptr(be: &Backend, t: Option<&Tensor>) -> R<u64> {
+    t.map_or(Ok(0), |t| ptr(be, t))
+}
+
+fn new_tensor(be: &Backend, dtype: DType, shape: &[usize]) -> R<Tensor> {
+    let bytes = Tensor::nbytes_for(dtype, shape)
+        .ok_or_else(|| OpError::Device(format!("shape {shape:?} is too large")))?;
+    Ok(Tensor::from_device_buf(
+        dtype,
+        shape,
+        be.alloc(bytes).map_err(OpError::Device)?,
+    ))
+}
+
+/// A grid-stride launch over `n` items.
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 65_535 * 8) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One block per row.
+fn rows(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.clamp(1, 65_535 * 8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+macro_rules! launch {
+    ($be:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        let mut b = $be.stream.launch_builder($be.func($name));
+        $( b.arg($arg); )*
+        // SAFETY: the arguments match the kernel's signature in kernels.cu, and every pointer
+        // addresses a live buffer of the size the kernel reads or writes.
+        unsafe { b.launch($cfg) }.map(|_| ()).map_err(|e| OpError::Device(format!("kernel {}: {e}", $name)))
+    }};
+}
+
+fn act_code(a: Activation) -> i32 {
+    match a {
+        Activation::None => 0,
+        Activation::Gelu => 1,
+        Activation::GeluTanh => 2,
+        Activation::Silu => 3,
+        Activation::Relu => 4,
+    }
+}
+
+// --- movement and dtype ----------------------------------------------------------------------
+
+pub fn to_device(host: &Tensor, ordinal: usize) -> R {
+    let be = Backend::get(ordinal).map_err(OpError::Device)?;
+    let b = be.upload(host.cpu_bytes()?).map_err(dev_err("upload"))?;
+    Ok(Tensor::from_device_buf(host.dtype(), host.shape(), b))
+}
+
+pub fn to_host(t: &Tensor) -> R {
+    let be = backend(t)?;
+    let bytes = be
+        .download(buf(t)?, t.nbytes())
+        .map_err(dev_err("download"))?;
+    Ok(Tensor::from_bytes(t.dtype(), t.shape(), &bytes)?)
+}
+
+pub fn cast(x: &Tensor, dtype: DType) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, dtype, x.shape())?;
+    let (src, dst, n) = (ptr(&be, x)?, ptr(&be, &out)?, x.numel() as i64);
+    let (sd, dd) = (x.dtype().raw(), dtype.raw());
+    launch!(be, "cast", grid(x.numel()); &src, &sd, &dst, &dd, &n)?;
+    Ok(out)
+}
+
+pub fn randn(shape: &[usize], seed: u64, ordinal: usize) -> R {
+    let be = Backend::get(ordinal).map_err(OpError::Device)?;
+    let out = new_tensor(&be, DType::F32, shape)?;
+    let n = out.numel() as i64;
+    let o = ptr(&be, &out)?;
+    launch!(be, "randn", grid(out.numel().div_ceil(4)); &o, &n, &seed)?;
+    Ok(out)
+}
+
+// --- GEMM ------------------------------------------------------------------------------------
+
+/// Row-major `C[batch, m, n] = op(A)·op(B)` through cuBLAS's column-major SGEMM (computing Cᵀ).
+#[allow(clippy::too_many_arguments)]
+fn sgemm(
+    be: &Backend,
+    a: u64,
+    b: u64,
+    c: u64,
+    trans_a: bool,
+    trans_b: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    batch: usize,
+    stride_a: usize,
+    stride_b: usize,
+) -> R<()> {
+    let op = |t: bool| {
+        if t {
+            cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let lda = if trans_b { k } else { n };
+    let ldb = if trans_a { m } else { k };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let _ = be.ctx.bind_to_thread();
+    // SAFETY: the pointers address live buffers holding the operands' `batch` matrices.
+    unsafe {
+        cudarc::cublas::result::sgemm_strided_batched(
+            *be.blas.handle(),
+            op(trans_b),
+            op(trans_a),
+            n as i32,
+            m as i32,
+            k as i32,
+            &alpha,
+            b as *const f32,
+            lda as i32,
+            stride_b as i64,
+            a as *const f32,
+            ldb as i32,
+            stride_a as i64,
+            &beta,
+            c as *mut f32,
+            n as i32,
+            (m * n) as i64,
+            batch as i32,
+        )
+    }
+    .map_err(|e| OpError::Device(format!("cuBLAS SGEMM: {e}")))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    a: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+    batch: usize,
+    a_batched: bool,
+    b_batched: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    out_shape: &[usize],
+) -> R {
+    let be = backend(a)?;
+    let out = new_tensor(&be, DType::F32, out_shape)?;
+    if out.numel() == 0 {
+        return Ok(out);
+    }
+    if k == 0 {
+        return fill_zero(&be, out);
+    }
+    let sa = if a_batched { m * k } else { 0 };
+    let sb = if b_batched { k * n } else { 0 };
+    sgemm(
+        &be,
+        ptr(&be, a)?,
+        ptr(&be, b)?,
+        ptr(&be, &out)?,
+        trans_a,
+        trans_b,
+        m,
+        n,
+        k,
+        batch.max(1),
+        sa,
+        sb,
+    )?;
+    Ok(out)
+}
+
+fn fill_zero(be: &Backend, out: Tensor) -> R {
+    let (o, n, mul, add) = (ptr(be, &out)?, out.numel() as i64, 0.0f32, 0.0f32);
+    launch!(be, "affine", grid(out.numel()); &o, &o, &n, &mul, &add)?;
+    Ok(out)
+}
+
+fn bias_act(
+    be: &Backend,
+    y: &Tensor,
+    bias_col: u64,
+    bias_row: u64,
+    rows: usize,
+    cols: usize,
+    act: Activation,
+) -> R<()> {
+    if bias_col == 0 && bias_row == 0 && act == Activation::None {
+        return Ok(());
+    }
+    let (yp, r, c, a) = (ptr(be, y)?, rows as i64, cols as i64, act_code(act));
+    launch!(be, "bias_act", grid(rows * cols); &yp, &bias_col, &bias_row, &r, &c, &a)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Activation,
+    m: usize,
+    n: usize,
+    k: usize,
+    out_shape: &[usize],
+) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, DType::F32, out_shape)?;
+    if out.numel() == 0 {
+        return Ok(out);
+    }
+    if k == 0 {
+        fill_zero(&be, out.clone())?;
+    } else {
+        sgemm(
+            &be,
+            ptr(&be, x)?,
+            ptr(&be, w)?,
+            ptr(&be, &out)?,
+            false,
+            true,
+            m,
+            n,
+            k,
+            1,
+            0,
+            0,
+        )?;
+    }
+    bias_act(&be, &out, opt_ptr(&be, bias)?, 0, m, n, act)?;
+    Ok(out)
+}
+
+pub fn conv(g: &ConvGeom, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, out_shape: &[usize]) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, DType::F32, out_shape)?;
+    let osz = g
+        .output()
+        .ok_or_else(|| OpError::Device("conv geometry".into()))?;
+    let nd = g.input.len();
+    let pad3 = |v: &[usize], fill: i64| -> [i64; 3] {
+        let mut a = [fill; 3];
+        for (i, &x) in v.iter().enumerate() {
+            a[3 - nd + i] = x as i64;
+        }
+        a
+    };
+    let geo = ConvGeo {
+        input: pad3(&g.input, 1),
+        k: pad3(&g.kernel, 1),
+        stride: pad3(&g.stride, 1),
+        pad: pad3(&g.padding, 0),
+        dil: pad3(&g.dilation, 1),
+        out: pad3(&osz, 1),
+    };
+    let l_out: usize = osz.iter().product();
+    let l_in: usize = g.input.iter().product();
+    let kprod: usize = g.kernel.iter().product();
+    let (cgi, cgo) = (g.c_in / g.groups, g.c_out / g.groups);
+    let rows_k = cgi * kprod;
+    let cols = new_tensor(&be, DType::F32, &[rows_k.max(1), l_out.max(1)])?;
+    let (xp, wp, op, cp) = (
+        ptr(&be, x)?,
+        ptr(&be, w)?,
+        ptr(&be, &out)?,
+        ptr(&be, &cols)?,
+    );
+    for b in 0..g.n {
+        for grp in 0..g.groups {
+            let xg = xp + ((b * g.c_in + grp * cgi) * l_in * 4) as u64;
+            let wg = wp + (grp * cgo * rows_k * 4) as u64;
+            let og = op + ((b * g.c_out + grp * cgo) * l_out * 4) as u64;
+            let c_in = cgi as i64;
+            launch!(be, "im2col", grid(rows_k * l_out); &xg, &cp, &c_in, &geo)?;
+            sgemm(&be, wg, cp, og, false, false, cgo, l_out, rows_k, 1, 0, 0)?;
+        }
+    }
+    if let Some(bias) = bias {
+        // The bias is per channel: rows of `l_out` within each sample.
+        let bp = ptr(&be, bias)?;
+        for b in 0..g.n {
+            let (yp, r, c, a, zero) = (
+                op + (b * g.c_out * l_out * 4) as u64,
+                g.c_out as i64,
+                l_out as i64,
+                0i32,
+                0u64,
+            );
+            launch!(be, "bias_act", grid(g.c_out * l_out); &yp, &zero, &bp, &r, &c, &a)?;
+        }
+    }
+    Ok(out)
+}
+
+// --- normalisation -----------------------------------------------------------------------------
+
+/// `t` holds x, then the present ones of weight, bias, shift, scale (per `flags`).
+pub fn layer_norm(t: &[Tensor], flags: [bool; 4], d: usize, groups: usize, eps: f32) -> R {
+    let x = &t[0];
+    let be = backend(x)?;
+    let mut it = t[1..].iter();
+    let mut opt = |present: bool| -> R<u64> {
+        if present {
+            ptr(&be, it.next().expect("flagged input"))
+        } else {
+            Ok(0)
+        }
+    };
+    let (w, b, sh, sc) = (
+        opt(flags[0])?,
+        opt(flags[1])?,
+        opt(flags[2])?,
+        opt(flags[3])?,
+    );
+    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let rws = x.numel() / d.max(1);
+    let (xp, yp, r, dd, per_group) = (
+        ptr(&be, x)?,
+        ptr(&be, &out)?,
+        rws as i64,
+        d as i32,
+        (rws / groups.max(1)).max(1) as i64,
+    );
+    launch!(be, "layer_norm", rows(rws); &xp, &yp, &w, &b, &sh, &sc, &r, &dd, &per_group, &eps)?;
+    Ok(out)
+}
+
+pub fn rms_norm(x: &Tensor, w: Option<&Tensor>, d: usize, eps: f32) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let rws = x.numel() / d.max(1);
+    let (xp, yp, wp, r, dd) = (
+        ptr(&be, x)?,
+        ptr(&be, &out)?,
+        opt_ptr(&be, w)?,
+        rws as i64,
+        d as i32,
+    );
+    launch!(be, "rms_norm", rows(rws); &xp, &yp, &wp, &r, &dd, &eps)?;
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm(
+    t: &[Tensor],
+    flags: [bool; 2],
+    n: usize,
+    c: usize,
+    s: usize,
+    groups: usize,
+    eps: f32,
+    act: Activation,
+) -> R {
+    let x = &t[0];
+    let be = backend(x)?;
+    let mut it = t[1..].iter();
+    let mut opt = |present: bool| -> R<u64> {
+        if present {
+            ptr(&be, it.next().expect("flagged input"))
+        } else {
+            Ok(0)
+        }
+    };
+    let (w, b) = (opt(flags[0])?, opt(flags[1])?);
+    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let (xp, yp) = (ptr(&be, x)?, ptr(&be, &out)?);
+    let (nn, cc, ss, gg, a) = (n as i64, c as i64, s as i64, groups as i64, act_code(act));
+    launch!(be, "group_norm", rows(n * groups); &xp, &yp, &w, &b, &nn, &cc, &ss, &gg, &eps, &a)?;
+    Ok(out)
+}
+
+pub fn softmax(x: &Tensor, outer: usize, dim: usize, inner: usize) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let (xp, yp, o, d, i) = (
+        ptr(&be, x)?,
+        ptr(&be, &out)?,
+        outer as i64,
+        dim as i64,
+        inner as i64,
+    );
+    launch!(be, "softmax", rows(outer * inner); &xp, &yp, &o, &d, &i)?;
+    Ok(out)
+}
+
+// --- attention and positions -------------------------------------------------------------------
+
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    strides: Option<[usize; 3]>,
+    scale: f32,
+    dims: AttnDims,
+) -> R {
+    let be = backend(q)?;
+    if dims.d > 256 || dims.dv > 256 {
+        return Err(OpError::Device(format!(
+            "CUDA attention supports head sizes up to 256, got {} and {}",
+            dims.d, dims.dv
+        )));
+    }
+    let out = new_tensor(&be, DType::F32, &[dims.b, dims.h, dims.lq, dims.dv])?;
+    let total = dims.b * dims.h * dims.lq;
+    if total == 0 || dims.dv == 0 {
+        return Ok(out);
+    }
+    let st = strides.unwrap_or([0; 3]);
+    let (qp, kp, vp, mp, op) = (
+        ptr(&be, q)?,
+        ptr(&be, k)?,
+        ptr(&be, v)?,
+        opt_ptr(&be, mask)?,
+        ptr(&be, &out)?,
+    );
+    let (b, h, lq, lk, d, dv) = (
+        dims.b as i32,
+        dims.h as i32,
+        dims.lq as i32,
+        dims.lk as i32,
+        dims.d as i32,
+        dims.dv as i32,
+    );
+    let (sb, sh, sq) = (st[0] as i64, st[1] as i64, st[2] as i64);
+    let cfg = LaunchConfig {
+        grid_dim: (total.div_ceil(4) as u32, 1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(be, "attention", cfg; &qp, &kp, &vp, &mp, &op, &b, &h, &lq, &lk, &d, &dv, &sb, &sh, &sq, &scale)?;
+    Ok(out)
+}
+
+pub fn rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    l: usize,
+    d: usize,
+    r: usize,
+    interleaved: bool,
+) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let rws = x.numel() / d.max(1);
+    let (xp, yp, cp, sp) = (
+        ptr(&be, x)?,
+        ptr(&be, &out)?,
+        ptr(&be, cos)?,
+        ptr(&be, sin)?,
+    );
+    let (rr, ll, dd, rot, il) = (rws as i64, l as i32, d as i32, r as i32, interleaved as i32);
+    launch!(be, "rope", grid(x.numel()); &xp, &yp, &cp, &sp, &rr, &ll, &dd, &rot, &il)?;
+    Ok(out)
+}
+
+// --- elementwise --------------------------------------------------------------------------------
+
+pub fn unary(x: &Tensor, f: Unary) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let code: i32 = match f {
+        Unary::Neg => 0,
+        Unary::Exp => 1,
+        Unary::Log => 2,
+        Unary::Sqrt => 3,
+        Unary::Rsqrt => 4,
+        Unary::Abs => 5,
+        Unary::Tanh => 6,
+        Unary::Sigmoid => 7,
+        Unary::Square => 8,
+        Unary::Sin => 9,
+        Unary::Cos => 10,
+        Unary::Act(a) => 100 + act_code(a),
+    };
+    let (xp, yp, n) = (ptr(&be, x)?, ptr(&be, &out)?, x.numel() as i64);
+    launch!(be, "unary", grid(x.numel()); &xp, &yp, &n, &code)?;
+    Ok(out)
+}
+
+pub fn affine(x: &Tensor, mul: f32, add: f32) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let (xp, yp, n) = (ptr(&be, x)?, ptr(&be, &out)?, x.numel() as i64);
+    launch!(be, "affine", grid(x.numel()); &xp, &yp, &n, &mul, &add)?;
+    Ok(out)
+}
+
+pub fn binary(
+    a: &Tensor,
+    b: &Tensor,
+    f: Binary,
+    sa: &[usize],
+    sb: &[usize],
+    out_shape: &[usize],
+) -> R {
+    let be = backend(a)?;
+    let out = new_tensor(&be, DType::F32, out_shape)?;
+    let code: i32 = match f {
+        Binary::Add => 0,
+        Binary::Sub => 1,
+        Binary::Mul => 2,
+        Binary::Div => 3,
+        Binary::Max => 4,
+        Binary::Min => 5,
+        Binary::Pow => 6,
+    };
+    let (shape, sa, sb) = (Dims8::of(out_shape)?, Dims8::of(sa)?, Dims8::of(sb)?);
+    let (ap, bp, yp, n, rank) = (
+        ptr(&be, a)?,
+        ptr(&be, b)?,
+        ptr(&be, &out)?,
+        out.numel() as i64,
+        out_shape.len() as i32,
+    );
+    launch!(be, "binary", grid(out.numel()); &ap, &bp, &yp, &n, &rank, &shape, &sa, &sb, &code)?;
+    Ok(out)
+}
+
+pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor, d: usize, groups: usize) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let (xp, yp, gp, op) = (ptr(&be, x)?, ptr(&be, y)?, ptr(&be, gate)?, ptr(&be, &out)?);
+    let (n, dd, per) = (
+        x.numel() as i64,
+        d as i64,
+        (x.numel() / groups.max(1)).max(1) as i64,
+    );
+    launch!(be, "gated_residual", grid(x.numel()); &xp, &yp, &gp, &op, &n, &dd, &per)?;
+    Ok(out)
+}
+
+pub fn reduce(
+    x: &Tensor,
+    op: Reduce,
+    outer: usize,
+    dim: usize,
+    inner: usize,
+    out_shape: &[usize],
+) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, DType::F32, out_shape)?;
+    let code: i32 = match op {
+        Reduce::Sum => 0,
+        Reduce::Mean => 1,
+        Reduce::Max => 2,
+        Reduce::Min => 3,
+    };
+    let (xp, yp, o, d, i) = (
+        ptr(&be, x)?,
+        ptr(&be, &out)?,
+        outer as i64,
+        dim as i64,
+        inner as i64,
+    );
+    launch!(be, "reduce", grid(outer * inner); &xp, &yp, &o, &d, &i, &code)?;
+    Ok(out)
+}
+
+// --- layout --------------------------------------------------------------------------------------
+
+pub fn permute(x: &Tensor, perm: &[usize], out_shape: &[usize]) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, x.dtype(), out_shape)?;
+    let st = crate::kernels::cpu::layout::strides(x.shape());
+    let src_strides: Vec<usize> = perm.iter().map(|&p| st[p]).collect();
+    let (os, ss) = (Dims8::of(out_shape)?, Dims8::of(&src_strides)?);
+    let (xp, yp, n, rank, elem) = (
+        ptr(&be, x)?,
+        ptr(&be, &out)?,
+        x.numel() as i64,
+        out_shape.len() as i32,
+        x.dtype().size() as i32,
+    );
+    launch!(be, "permute", grid(x.numel()); &xp, &yp, &n, &rank, &os, &ss, &elem)?;
+    Ok(out)
+}
+
+pub fn concat(xs: &[&Tensor], lens: &[usize], outer: usize, out_shape: &[usize]) -> R {
+    let be = backend(xs[0])?;
+    let out = new_tensor(&be, xs[0].dtype(), out_shape)?;
+    let total: usize = lens.iter().sum();
+    let base = ptr(&be, &out)?;
+    let mut at = 0u64;
+    for (t, &len) in xs.iter().zip(lens) {
+        if len > 0 && outer > 0 {
+            let (src, dst) = (ptr(&be, t)?, base + at);
+            let (ss, ds, r, rb) = (len as i64, total as i64, outer as i64, len as i64);
+            launch!(be, "copy_rows", grid(outer * len); &src, &ss, &dst, &ds, &r, &rb)?;
+        }
+        at += len as u64;
+    }
+    Ok(out)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn slice(
+    x: &Tensor,
+    outer: usize,
+    dim: usize,
+    inner: usize,
+    start: usize,
+    step: usize,
+    count: usize,
+    out_shape: &[usize],
+) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, x.dtype(), out_shape)?;
+    let ib = inner * x.dtype().size();
+    if out.numel() == 0 {
+        return Ok(out);
+    }
+    let (xp, yp) = (ptr(&be, x)?, ptr(&be, &out)?);
+    let (o, d, i, s, st, c) = (
+        outer as i64,
+        dim as i64,
+        ib as i64,
+        start as i64,
+        step as i64,
+        count as i64,
+    );
+    launch!(be, "slice", grid(outer * count * ib); &xp, &yp, &o, &d, &i, &s, &st, &c)?;
+    Ok(out)
+}
+
+pub fn upsample2d(
+    x: &Tensor,
+    planes: usize,
+    h: usize,
+    w: usize,
+    size: (usize, usize),
+    mode: Upsample,
+    out_shape: &[usize],
+) -> R {
+    let be = backend(x)?;
+    let out = new_tensor(&be, DType::F32, out_shape)?;
+    let (bil, align) = match mode {
+        Upsample::Nearest => (0i32, 0i32),
+        Upsample::Bilinear { align_corners } => (1, align_corners as i32),
+    };
+    let (xp, yp, p) = (ptr(&be, x)?, ptr(&be, &out)?, planes as i64);
+    let (hh, ww, ho, wo) = (h as i32, w as i32, size.0 as i32, size.1 as i32);
+    launch!(be, "upsample2d", grid(out.numel()); &xp, &yp, &p, &hh, &ww, &ho, &wo, &bil, &align)?;
+    Ok(out)
+}
+
+pub fn embedding(table: &Tensor, ids: &[i64], d: usize, ordinal: usize, out_shape: &[usize]) -> R {
+    let be = Backend::get(ordinal).map_err(OpError::Device)?;
+    let out = new_tensor(&be, table.dtype(), out_shape)?;
+    if ids.is_empty() || d == 0 {
+        return Ok(out);
+    }
+    let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let id_buf = be.upload(&id_bytes).map_err(dev_err("upload"))?;
+    let row = (d * table.dtype().size()) as i64;
+    let (tp, ip, op, n) = (
+        ptr(&be, table)?,
+        id_buf.ptr(&be.stream),
+        ptr(&be, &out)?,
+        ids.len() as i64,
+    );
+    launch!(be, "embedding", grid(ids.len() * row as usize); &tp, &ip, &op, &n, &row)?;
+    // The ids buffer is freed stream-ordered after the kernel.
+    drop(id_buf);
+    Ok(out)
+}

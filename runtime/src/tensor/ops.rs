@@ -1,0 +1,1226 @@
+//! The op dispatcher: every tensor op checks its arguments once here, then runs on the device
+//! the inputs live on (CPU kernels, or CUDA kernels when built with `cuda`).
+//!
+//! Ops compute in f32. f16 and bf16 inputs are widened on the way in and the result is narrowed
+//! back to the first input's dtype, so a half-precision model stays half-precision in memory.
+//! Shapes follow PyTorch's conventions, named in each op's doc.
+
+use super::convert::{self, Element};
+use super::shape;
+use super::{DType, Device, Tensor, TensorError};
+pub use crate::kernels::cpu::elementwise::{Binary, Unary};
+pub use crate::kernels::cpu::layout::Upsample;
+pub use crate::kernels::cpu::reduce::Reduce;
+use crate::kernels::cpu::{self, attention as cpu_attn, layout, norm, Activation};
+use std::borrow::Cow;
+
+/// Why an op refused its arguments or failed on its device.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum OpError {
+    #[error("{op}: {msg}")]
+    Invalid { op: &'static str, msg: String },
+    #[error(transparent)]
+    Tensor(#[from] TensorError),
+    #[error("{0}")]
+    Device(String),
+}
+
+pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> OpError {
+    OpError::Invalid {
+        op,
+        msg: msg.into(),
+    }
+}
+
+type R<T = Tensor> = Result<T, OpError>;
+
+fn is_float(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::F16 | DType::BF16)
+}
+
+fn same_device(op: &'static str, ts: &[&Tensor]) -> R<Device> {
+    let d = ts.first().map_or(Device::Cpu, |t| t.device());
+    for t in ts {
+        if t.device() != d {
+            return Err(invalid(
+                op,
+                format!("inputs on different devices ({d} and {})", t.device()),
+            ));
+        }
+    }
+    Ok(d)
+}
+
+fn float_input(op: &'static str, t: &Tensor) -> R<()> {
+    if is_float(t.dtype()) {
+        Ok(())
+    } else {
+        Err(invalid(
+            op,
+            format!("expects a float tensor, got {}", t.dtype().name()),
+        ))
+    }
+}
+
+/// The f32 elements of a CPU tensor, borrowed when already f32.
+fn f32s(t: &Tensor) -> R<Cow<'_, [f32]>> {
+    if t.dtype() == DType::F32 {
+        Ok(Cow::Borrowed(t.as_slice::<f32>()?))
+    } else {
+        Ok(Cow::Owned(convert::to_f32_vec(t.dtype(), t.cpu_bytes()?)))
+    }
+}
+
+fn opt_f32s(t: Option<&Tensor>) -> R<Option<Cow<'_, [f32]>>> {
+    t.map(f32s).transpose()
+}
+
+/// A CPU output of `shape` filled by `fill` in f32, then stored as `dtype`.
+fn cpu_out(dtype: DType, shape: &[usize], fill: impl FnOnce(&mut [f32]) -> R<()>) -> R {
+    let mut t = Tensor::zeros(DType::F32, shape)?;
+    fill(t.as_mut_slice::<f32>()?)?;
+    if dtype == DType::F32 {
+        Ok(t)
+    } else {
+        cast(&t, dtype)
+    }
+}
+
+#[cfg(feature = "cuda")]
+use crate::kernels::cuda;
+
+/// Runs a CUDA op on f32 copies of half-precision inputs and narrows the result back.
+#[cfg(feature = "cuda")]
+fn on_cuda(dtype: DType, inputs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> R) -> R {
+    let widened = inputs
+        .iter()
+        .map(|t| {
+            if is_float(t.dtype()) && t.dtype() != DType::F32 {
+                cast(t, DType::F32)
+            } else {
+                Ok((*t).clone())
+            }
+        })
+        .collect::<R<Vec<_>>>()?;
+    let out = f(&widened)?;
+    if dtype != DType::F32 && is_float(dtype) && out.dtype() == DType::F32 {
+        cast(&out, dtype)
+    } else {
+        Ok(out)
+    }
+}
+
+/// Dispatches on the device: `$cpu` runs on the CPU; `$cuda` receives f32 device tensors.
+macro_rules! dispatch {
+    ($op:expr, $dtype:expr, [$($t:expr),*], cpu => $cpu:expr, cuda => |$ins:ident| $cuda:expr) => {{
+        match same_device($op, &[$($t),*])? {
+            Device::Cpu => $cpu,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => on_cuda($dtype, &[$($t),*], |$ins: &[Tensor]| $cuda),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        }
+    }};
+}
+
+// --- dtype and device ----------------------------------------------------------------------
+
+/// Converts to `dtype` (floats to integers truncate; any dtype to any).
+pub fn cast(x: &Tensor, dtype: DType) -> R {
+    if x.dtype() == dtype {
+        return Ok(x.clone());
+    }
+    match x.device() {
+        Device::Cpu => {
+            let mut out = Tensor::zeros(dtype, x.shape())?;
+            let dst = out.unique_bytes_mut().expect("fresh tensor");
+            convert::convert(x.dtype(), x.cpu_bytes()?, dtype, dst);
+            Ok(out)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::ops::cast(x, dtype),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+impl Tensor {
+    /// A copy on `device` (the same tensor when it is already there).
+    pub fn to_device(&self, device: Device) -> R {
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        #[cfg(feature = "cuda")]
+        {
+            match device {
+                Device::Cpu => cuda::ops::to_host(self),
+                Device::Cuda(n) => {
+                    let host = self.to_device(Device::Cpu)?;
+                    cuda::ops::to_device(&host, n)
+                }
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        Err(OpError::Device(format!(
+            "cannot move a tensor to {device}: this build has no CUDA support"
+        )))
+    }
+
+    /// Typed elements copied to a vector (from any device).
+    pub fn to_vec<T: Element>(&self) -> R<Vec<T>> {
+        let host = self.to_device(Device::Cpu)?;
+        Ok(host.as_slice::<T>()?.to_vec())
+    }
+}
+
+/// Standard-normal f32 noise from the counter-based RNG: the same numbers for the same seed on
+/// every device.
+pub fn randn(shape: &[usize], seed: u64, device: Device) -> R {
+    match device {
+        Device::Cpu => {
+            let mut t = Tensor::zeros(DType::F32, shape)?;
+            super::rng::fill_randn(seed, t.as_f32_mut());
+            Ok(t)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => cuda::ops::randn(shape, seed, n),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+// --- matrix products ------------------------------------------------------------------------
+
+/// `op(a)·op(b)` over the last two axes, where `op` transposes when asked. Leading (batch) axes
+/// must be equal, or one side has none.
+pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> R {
+    const OP: &str = "matmul";
+    float_input(OP, a)?;
+    float_input(OP, b)?;
+    if a.rank() < 2 || b.rank() < 2 {
+        return Err(invalid(
+            OP,
+            format!("needs rank >= 2, got {:?} and {:?}", a.shape(), b.shape()),
+        ));
+    }
+    let (ar, br) = (a.rank(), b.rank());
+    let (m, ka) = if trans_a {
+        (a.shape()[ar - 1], a.shape()[ar - 2])
+    } else {
+        (a.shape()[ar - 2], a.shape()[ar - 1])
+    };
+    let (kb, n) = if trans_b {
+        (b.shape()[br - 1], b.shape()[br - 2])
+    } else {
+        (b.shape()[br - 2], b.shape()[br - 1])
+    };
+    if ka != kb {
+        return Err(invalid(
+            OP,
+            format!("inner sizes differ: {:?} and {:?}", a.shape(), b.shape()),
+        ));
+    }
+    let (ab, bb) = (&a.shape()[..ar - 2], &b.shape()[..br - 2]);
+    let batch_shape: Vec<usize> = if ab == bb || bb.is_empty() {
+        ab.to_vec()
+    } else if ab.is_empty() {
+        bb.to_vec()
+    } else {
+        return Err(invalid(
+            OP,
+            format!("batch axes differ: {:?} and {:?}", a.shape(), b.shape()),
+        ));
+    };
+    let batch: usize = batch_shape.iter().product();
+    let mut out_shape = batch_shape.clone();
+    out_shape.extend([m, n]);
+    let (a_batched, b_batched) = (!ab.is_empty(), !bb.is_empty());
+    dispatch!(OP, a.dtype(), [a, b],
+        cpu => {
+            let (af, bf) = (f32s(a)?, f32s(b)?);
+            cpu_out(a.dtype(), &out_shape, |out| {
+                let run = |i: usize, o: &mut [f32], parallel: bool| {
+                    let ad = if a_batched { &af[i * m * ka..(i + 1) * m * ka] } else { &af[..] };
+                    let bd = if b_batched { &bf[i * ka * n..(i + 1) * ka * n] } else { &bf[..] };
+                    let am = cpu::gemm::MatRef::row_major(ad, if trans_a { m } else { ka }, trans_a);
+                    let bm = cpu::gemm::MatRef::row_major(bd, if trans_b { ka } else { n }, trans_b);
+                    // SAFETY: slices sized from the checked shapes.
+                    unsafe { cpu::gemm::sgemm(m, n, ka, am, bm, o.as_mut_ptr(), n, Default::default(), parallel) };
+                };
+                if m * n == 0 {
+                    return Ok(());
+                }
+                if batch > 1 && m * n * ka < 128 * 128 * 128 {
+                    use rayon::prelude::*;
+                    out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| run(i, o, false));
+                } else {
+                    for (i, o) in out.chunks_mut(m * n).enumerate() {
+                        run(i, o, true);
+                    }
+                }
+                Ok(())
+            })
+        },
+        cuda => |t| cuda::ops::matmul(&t[0], &t[1], trans_a, trans_b, batch, a_batched, b_batched, m, n, ka, &out_shape))
+}
+
+/// `x·wᵀ + bias`, then `act`: x `[..., K]`, w `[N, K]` (PyTorch's Linear layout), bias `[N]`.
+pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) -> R {
+    const OP: &str = "linear";
+    float_input(OP, x)?;
+    float_input(OP, w)?;
+    if w.rank() != 2 || x.rank() == 0 || x.shape()[x.rank() - 1] != w.shape()[1] {
+        return Err(invalid(
+            OP,
+            format!(
+                "input {:?} does not fit weight {:?} ([out, in])",
+                x.shape(),
+                w.shape()
+            ),
+        ));
+    }
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    if let Some(b) = bias {
+        if b.numel() != n {
+            return Err(invalid(
+                OP,
+                format!("bias {:?} does not match {n} outputs", b.shape()),
+            ));
+        }
+    }
+    let m = x.numel() / k.max(1);
+    let mut out_shape = x.shape().to_vec();
+    *out_shape.last_mut().unwrap() = n;
+    let mut ins = vec![x, w];
+    ins.extend(bias);
+    match same_device(OP, &ins)? {
+        Device::Cpu => {
+            let (xf, wf) = (f32s(x)?, f32s(w)?);
+            let bf = bias.map(f32s).transpose()?;
+            cpu_out(x.dtype(), &out_shape, |out| {
+                let ep = cpu::gemm::Epilogue {
+                    bias: bf
+                        .as_deref()
+                        .map_or(cpu::gemm::Bias::None, cpu::gemm::Bias::PerColumn),
+                    act,
+                    accumulate: false,
+                };
+                // SAFETY: x is [m, k], w is [n, k] read transposed, out is [m, n].
+                unsafe {
+                    cpu::gemm::sgemm(
+                        m,
+                        n,
+                        k,
+                        cpu::gemm::MatRef::row_major(&xf, k, false),
+                        cpu::gemm::MatRef::row_major(&wf, k, true),
+                        out.as_mut_ptr(),
+                        n,
+                        ep,
+                        true,
+                    )
+                };
+                Ok(())
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => on_cuda(x.dtype(), &ins, |t| {
+            cuda::ops::linear(&t[0], &t[1], t.get(2), act, m, n, k, &out_shape)
+        }),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+/// Convolution over 1, 2 or 3 spatial axes: x `[N, C, *S]`, w `[O, C/groups, *K]`, bias `[O]`.
+/// `stride`, `padding` and `dilation` have one value per spatial axis (or one for all).
+pub fn conv(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    stride: &[usize],
+    padding: &[usize],
+    dilation: &[usize],
+    groups: usize,
+) -> R {
+    const OP: &str = "conv";
+    float_input(OP, x)?;
+    float_input(OP, w)?;
+    let nd = w.rank().saturating_sub(2);
+    if !(1..=3).contains(&nd) || x.rank() != nd + 2 {
+        return Err(invalid(
+            OP,
+            format!(
+                "input {:?} and weight {:?} are not a 1-, 2- or 3-D convolution",
+                x.shape(),
+                w.shape()
+            ),
+        ));
+    }
+    let per_axis = |v: &[usize], name: &str, default: usize| -> R<Vec<usize>> {
+        match v.len() {
+            0 => Ok(vec![default; nd]),
+            1 => Ok(vec![v[0]; nd]),
+            l if l == nd => Ok(v.to_vec()),
+            l => Err(invalid(
+                OP,
+                format!("{name} has {l} values for {nd} spatial axes"),
+            )),
+        }
+    };
+    let g = cpu::conv::ConvGeom {
+        n: x.shape()[0],
+        c_in: x.shape()[1],
+        c_out: w.shape()[0],
+        groups,
+        input: x.shape()[2..].to_vec(),
+        kernel: w.shape()[2..].to_vec(),
+        stride: per_axis(stride, "stride", 1)?,
+        padding: per_axis(padding, "padding", 0)?,
+        dilation: per_axis(dilation, "dilation", 1)?,
+    };
+    if groups == 0
+        || g.c_in % groups != 0
+        || g.c_out % groups != 0
+        || w.shape()[1] * groups != g.c_in
+    {
+        return Err(invalid(
+            OP,
+            format!(
+                "{} input channels, weight {:?} and {groups} groups do not agree",
+                g.c_in,
+                w.shape()
+            ),
+        ));
+    }
+    if g.stride.contains(&0) || g.dilation.contains(&0) {
+        return Err(invalid(OP, "stride and dilation must be at least 1"));
+    }
+    if let Some(b) = bias {
+        if b.numel() != g.c_out {
+            return Err(invalid(
+                OP,
+                format!(
+                    "bias {:?} does not match {} output channels",
+                    b.shape(),
+                    g.c_out
+                ),
+            ));
+        }
+    }
+    let osz = g.output().ok_or_else(|| {
+        invalid(
+            OP,
+            format!(
+                "kernel {:?} larger than the padded input {:?}",
+                g.kernel, g.input
+            ),
+        )
+    })?;
+    let mut out_shape = vec![g.n, g.c_out];
+    out_shape.extend(&osz);
+    let mut ins = vec![x, w];
+    ins.extend(bias);
+    match same_device(OP, &ins)? {
+        Device::Cpu => {
+            let (xf, wf) = (f32s(x)?, f32s(w)?);
+            let bf = bias.map(f32s).transpose()?;
+            cpu_out(x.dtype(), &out_shape, |out| {
+                cpu::conv::conv(&g, &xf, &wf, bf.as_deref(), out);
+                Ok(())
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => on_cuda(x.dtype(), &ins, |t| {
+            cuda::ops::conv(&g, &t[0], &t[1], t.get(2), &out_shape)
+        }),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+// --- normalisation --------------------------------------------------------------------------
+
+/// Optional parts of a layer norm: the affine weight and bias (`[D]`), and adaLN's modulation
+/// `shift` and `scale` (`[D]`, `[B, D]` or `[B, 1, D]`: one row per leading batch entry).
+#[derive(Clone, Copy, Default)]
+pub struct LayerNorm<'a> {
+    pub weight: Option<&'a Tensor>,
+    pub bias: Option<&'a Tensor>,
+    pub shift: Option<&'a Tensor>,
+    pub scale: Option<&'a Tensor>,
+    pub eps: f32,
+}
+
+/// Layer norm over the last axis, then `·(1 + scale) + shift` when given (fused).
+pub fn layer_norm(x: &Tensor, p: LayerNorm) -> R {
+    const OP: &str = "layer_norm";
+    float_input(OP, x)?;
+    let d = *x
+        .shape()
+        .last()
+        .ok_or_else(|| invalid(OP, "needs rank >= 1"))?;
+    let rows = x.numel() / d.max(1);
+    for (name, t) in [("weight", p.weight), ("bias", p.bias)] {
+        if t.is_some_and(|t| t.numel() != d) {
+            return Err(invalid(OP, format!("{name} must have {d} elements")));
+        }
+    }
+    let mut groups = None;
+    for (name, t) in [("shift", p.shift), ("scale", p.scale)] {
+        if let Some(t) = t {
+            let g = t.numel() / d.max(1);
+            if t.numel() % d.max(1) != 0
+                || g == 0
+                || rows % g != 0
+                || groups.is_some_and(|h| h != g)
+            {
+                return Err(invalid(
+                    OP,
+                    format!(
+                        "{name} {:?} does not modulate input {:?}",
+                        t.shape(),
+                        x.shape()
+                    ),
+                ));
+            }
+            groups = Some(g);
+        }
+    }
+    let ins: Vec<&Tensor> = [Some(x), p.weight, p.bias, p.shift, p.scale]
+        .into_iter()
+        .flatten()
+        .collect();
+    match same_device(OP, &ins)? {
+        Device::Cpu => {
+            let xf = f32s(x)?;
+            let (w, b) = (opt_f32s(p.weight)?, opt_f32s(p.bias)?);
+            let (sh, sc) = (opt_f32s(p.shift)?, opt_f32s(p.scale)?);
+            cpu_out(x.dtype(), x.shape(), |out| {
+                let m = groups.map(|g| norm::Modulation {
+                    shift: sh.as_deref(),
+                    scale: sc.as_deref(),
+                    groups: g,
+                });
+                norm::layer_norm(&xf, d, w.as_deref(), b.as_deref(), m, p.eps, out);
+                Ok(())
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let flags = [
+                p.weight.is_some(),
+                p.bias.is_some(),
+                p.shift.is_some(),
+                p.scale.is_some(),
+            ];
+            on_cuda(x.dtype(), &ins, |t| {
+                cuda::ops::layer_norm(t, flags, d, groups.unwrap_or(1), p.eps)
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+/// RMS norm over the last axis, times `weight` (`[D]`) when given.
+pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f32) -> R {
+    const OP: &str = "rms_norm";
+    float_input(OP, x)?;
+    let d = *x
+        .shape()
+        .last()
+        .ok_or_else(|| invalid(OP, "needs rank >= 1"))?;
+    if weight.is_some_and(|w| w.numel() != d) {
+        return Err(invalid(OP, format!("weight must have {d} elements")));
+    }
+    let mut ins = vec![x];
+    ins.extend(weight);
+    match same_device(OP, &ins)? {
+        Device::Cpu => {
+            let xf = f32s(x)?;
+            let w = weight.map(f32s).transpose()?;
+            cpu_out(x.dtype(), x.shape(), |out| {
+                norm::rms_norm(&xf, d, w.as_deref(), eps, out);
+                Ok(())
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => on_cuda(x.dtype(), &ins, |t| {
+            cuda::ops::rms_norm(&t[0], t.get(1), d, eps)
+        }),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+/// Group norm of `[N, C, *S]` over `groups` channel groups, the per-channel affine (`[C]`), then
+/// `act` (fused; VAEs use SiLU).
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    weight: Option<&Tensor>,
+    bias: Option<&Tensor>,
+    eps: f32,
+    act: Activation,
+) -> R {
+    const OP: &str = "group_norm";
+    float_input(OP, x)?;
+    if x.rank() < 2 {
+        return Err(invalid(
+            OP,
+            format!("needs [N, C, ...], got {:?}", x.shape()),
+        ));
+    }
+    let (n, c) = (x.shape()[0], x.shape()[1]);
+    if groups == 0 || c % groups != 0 {
+        return Err(invalid(
+            OP,
+            format!("{c} channels do not split into {groups} groups"),
+        ));
+    }
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.is_some_and(|t| t.numel() != c) {
+            return Err(invalid(OP, format!("{name} must have {c} elements")));
+        }
+    }
+    let s = x.numel() / (n * c).max(1);
+    let ins: Vec<&Tensor> = [Some(x), weight, bias].into_iter().flatten().collect();
+    match same_device(OP, &ins)? {
+        Device::Cpu => {
+            let xf = f32s(x)?;
+            let (w, b) = (weight.map(f32s).transpose()?, bias.map(f32s).transpose()?);
+            cpu_out(x.dtype(), x.shape(), |out| {
+                norm::group_norm(
+                    &xf,
+                    n,
+                    c,
+                    s,
+                    groups,
+                    w.as_deref(),
+                    b.as_deref(),
+                    eps,
+                    act,
+                    out,
+                );
+                Ok(())
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let flags = [weight.is_some(), bias.is_some()];
+            on_cuda(x.dtype(), &ins, |t| {
+                cuda::ops::group_norm(t, flags, n, c, s, groups, eps, act)
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+/// Softmax along `axis` (negative counts from the end).
+pub fn softmax(x: &Tensor, axis: i64) -> R {
+    const OP: &str = "softmax";
+    float_input(OP, x)?;
+    let ax = shape::axis(axis, x.rank())
+        .ok_or_else(|| invalid(OP, format!("axis {axis} out of range for {:?}", x.shape())))?;
+    let (outer, dim, inner) = shape::split_at_axis(x.shape(), ax);
+    dispatch!(OP, x.dtype(), [x],
+        cpu => {
+            let xf = f32s(x)?;
+            cpu_out(x.dtype(), x.shape(), |out| {
+                norm::softmax(&xf, outer, dim, inner, out);
+                Ok(())
+            })
+        },
+        cuda => |t| cuda::ops::softmax(&t[0], outer, dim, inner))
+}
+
+// --- attention and positions -----------------------------------------------------------------
+
+/// Scaled-dot-product attention: q `[B, H, Lq, D]`, k `[B, H, Lk, D]`, v `[B, H, Lk, Dv]` →
+/// `[B, H, Lq, Dv]`. `mask` broadcasts to `[B, H, Lq, Lk]`: float masks are added to the scores,
+/// u8 masks keep positions where non-zero. `scale` defaults to `1/sqrt(D)`. Computed blockwise;
+/// a query that may attend to nothing gives zeros.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: Option<f32>,
+) -> R {
+    const OP: &str = "attention";
+    for t in [q, k, v] {
+        float_input(OP, t)?;
+        if t.rank() != 4 {
+            return Err(invalid(
+                OP,
+                format!("q, k and v must be [B, H, L, D], got {:?}", t.shape()),
+            ));
+        }
+    }
+    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+    if qs[0] != ks[0] || qs[1] != ks[1] || ks[..3] != vs[..3] || qs[3] != ks[3] {
+        return Err(invalid(
+            OP,
+            format!("q {qs:?}, k {ks:?} and v {vs:?} do not agree"),
+        ));
+    }
+    let dims = cpu_attn::AttnDims {
+        b: qs[0],
+        h: qs[1],
+        lq: qs[2],
+        lk: ks[2],
+        d: qs[3],
+        dv: vs[3],
+    };
+    let scale = scale.unwrap_or(1.0 / (dims.d.max(1) as f32).sqrt());
+    let full = [dims.b, dims.h, dims.lq, dims.lk];
+    // The mask as f32 additive values with broadcast strides.
+    let mask_f = match mask {
+        None => None,
+        Some(m) => {
+            if m.rank() > 4 || shape::broadcast(m.shape(), &full).as_deref() != Some(&full[..]) {
+                return Err(invalid(
+                    OP,
+                    format!("mask {:?} does not broadcast to {full:?}", m.shape()),
+                ));
+            }
+            let mut mshape = vec![1; 4 - m.rank()];
+            mshape.extend(m.shape());
+            if mshape[3] != dims.lk {
+                return Err(invalid(
+                    OP,
+                    format!("mask {:?} must cover all {} keys", m.shape(), dims.lk),
+                ));
+            }
+            let additive = match m.dtype() {
+                DType::U8 | DType::I32 | DType::I64 => {
+                    let keep = cast(m, DType::F32)?;
+                    // keep != 0 → 0, else -inf
+                    let host = keep.to_device(Device::Cpu)?;
+                    let vals: Vec<f32> = host
+                        .as_f32()
+                        .iter()
+                        .map(|&v| if v != 0.0 { 0.0 } else { f32::NEG_INFINITY })
+                        .collect();
+                    Tensor::from_f32(&mshape, &vals)?.to_device(m.device())?
+                }
+                _ => cast(m, DType::F32)?.reshaped(&mshape)?,
+            };
+            let st = shape::broadcast_strides(&mshape, &full);
+            Some((additive, [st[0], st[1], st[2]]))
+        }
+    };
+    let mut ins = vec![q, k, v];
+    if let Some((m, _)) = &mask_f {
+        ins.push(m);
+    }
+    let out_shape = [dims.b, dims.h, dims.lq, dims.dv];
+    match same_device(OP, &ins)? {
+        Device::Cpu => {
+            let (qf, kf, vf) = (f32s(q)?, f32s(k)?, f32s(v)?);
+            let mref = mask_f.as_ref().map(|(m, st)| cpu_attn::MaskRef {
+                data: m.as_f32(),
+                sb: st[0],
+                sh: st[1],
+                sq: st[2],
+            });
+            cpu_out(q.dtype(), &out_shape, |out| {
+                cpu_attn::attention(&qf, &kf, &vf, mref, scale, dims, out);
+                Ok(())
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let strides = mask_f.as_ref().map(|(_, st)| *st);
+            on_cuda(q.dtype(), &ins, |t| {
+                cuda::ops::attention(&t[0], &t[1], &t[2], t.get(3), strides, scale, dims)
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+/// RoPE angle tables for positions `[L, A]` (one column per axis) and per-axis channel counts
+/// `dims` (each even): `(cos, sin)`, each `[L, Σ dims / 2]`, on `device`.
+pub fn rope_tables(
+    positions: &Tensor,
+    dims: &[usize],
+    theta: f64,
+    device: Device,
+) -> R<(Tensor, Tensor)> {
+    const OP: &str = "rope_tables";
+    if positions.rank() != 2
+        || positions.shape()[1] != dims.len()
+        || dims.iter().any(|d| d % 2 != 0)
+    {
+        return Err(invalid(
+            OP,
+            format!(
+                "positions {:?} need one column per axis of {dims:?} (each even)",
+                positions.shape()
+            ),
+        ));
+    }
+    let l = positions.shape()[0];
+    let pos: Vec<f64> = positions.to_f32_vec()?.iter().map(|&p| p as f64).collect();
+    let (c, s) = layout::rope_tables(&pos, l, dims, theta);
+    let half = dims.iter().sum::<usize>() / 2;
+    Ok((
+        Tensor::from_f32(&[l, half], &c)?.to_device(device)?,
+        Tensor::from_f32(&[l, half], &s)?.to_device(device)?,
+    ))
+}
+
+/// Rotates `x` `[..., L, D]` by tables `[L, R/2]` (R ≤ D; channels past R pass through).
+/// `interleaved`: channel pairs (2i, 2i+1), as Flux; otherwise (i, i + R/2).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> R {
+    const OP: &str = "rope";
+    float_input(OP, x)?;
+    if x.rank() < 2 || cos.rank() != 2 || cos.shape() != sin.shape() {
+        return Err(invalid(
+            OP,
+            format!(
+                "x {:?} needs [.., L, D] and tables [L, R/2], got {:?} and {:?}",
+                x.shape(),
+                cos.shape(),
+                sin.shape()
+            ),
+        ));
+    }
+    let (l, d) = (x.shape()[x.rank() - 2], x.shape()[x.rank() - 1]);
+    let r = cos.shape()[1] * 2;
+    if cos.shape()[0] != l || r > d {
+        return Err(invalid(
+            OP,
+            format!("tables {:?} do not fit x {:?}", cos.shape(), x.shape()),
+        ));
+    }
+    dispatch!(OP, x.dtype(), [x, cos, sin],
+        cpu => {
+            let (xf, cf, sf) = (f32s(x)?, f32s(cos)?, f32s(sin)?);
+            cpu_out(x.dtype(), x.shape(), |out| {
+                layout::rope(&xf, l, d, &cf, &sf, r, interleaved, out);
+                Ok(())
+            })
+        },
+        cuda => |t| cuda::ops::rope(&t[0], &t[1], &t[2], l, d, r, interleaved))
+}
+
+// --- elementwise ----------------------------------------------------------------------------
+
+/// `f(x)` elementwise.
+pub fn unary(x: &Tensor, f: Unary) -> R {
+    float_input("unary", x)?;
+    dispatch!("unary", x.dtype(), [x],
+        cpu => {
+            let xf = f32s(x)?;
+            cpu_out(x.dtype(), x.shape(), |out| {
+                cpu::elementwise::unary(f, &xf, out);
+                Ok(())
+            })
+        },
+        cuda => |t| cuda::ops::unary(&t[0], f))
+}
+
+/// An activation elementwise.
+pub fn activation(x: &Tensor, act: Activation) -> R {
+    unary(x, Unary::Act(act))
+}
+
+/// `x·mul + add` with scalars.
+pub fn affine(x: &Tensor, mul: f32, add: f32) -> R {
+    float_input("affine", x)?;
+    dispatch!("affine", x.dtype(), [x],
+        cpu => {
+            let xf = f32s(x)?;
+            cpu_out(x.dtype(), x.shape(), |out| {
+                cpu::elementwise::affine(&xf, mul, add, out);
+                Ok(())
+            })
+        },
+        cuda => |t| cuda::ops::affine(&t[0], mul, add))
+}
+
+/// `a ∘ b` with NumPy broadcasting.
+pub fn binary(a: &Tensor, b: &Tensor, f: Binary) -> R {
+    const OP: &str = "binary";
+    float_input(OP, a)?;
+    float_input(OP, b)?;
+    let out_shape = shape::broadcast(a.shape(), b.shape()).ok_or_else(|| {
+        invalid(
+            OP,
+            format!(
+                "shapes {:?} and {:?} do not broadcast",
+                a.shape(),
+                b.shape()
+            ),
+        )
+    })?;
+    let (sa, sb) = (
+        shape::broadcast_strides(a.shape(), &out_shape),
+        shape::broadcast_strides(b.shape(), &out_shape),
+    );
+    dispatch!(OP, a.dtype(), [a, b],
+        cpu => {
+            let (af, bf) = (f32s(a)?, f32s(b)?);
+            cpu_out(a.dtype(), &out_shape, |out| {
+                if out_shape.is_empty() {
+                    out[0] = f.apply(af[0], bf[0]);
+                } else {
+                    cpu::elementwise::binary(f, &af, &sa, &bf, &sb, &out_shape, out);
+                }
+                Ok(())
+            })
+        },
+        cuda => |t| cuda::ops::binary(&t[0], &t[1], f, &sa, &sb, &out_shape))
+}
+
+/// adaLN's gated residual `x + gate ⊙ y`: x and y `[B, L, D]` (any leading axes), gate one row
+/// of `D` per leading batch entry (`[D]`, `[B, D]` or `[B, 1, D]`).
+pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> R {
+    const OP: &str = "gated_residual";
+    for t in [x, y, gate] {
+        float_input(OP, t)?;
+    }
+    if x.shape() != y.shape() || x.rank() == 0 {
+        return Err(invalid(
+            OP,
+            format!(
+                "x {:?} and y {:?} must have one shape",
+                x.shape(),
+                y.shape()
+            ),
+        ));
+    }
+    let d = x.shape()[x.rank() - 1];
+    let rows = x.numel() / d.max(1);
+    let groups = gate.numel() / d.max(1);
+    if gate.numel() % d.max(1) != 0 || groups == 0 || rows % groups != 0 {
+        return Err(invalid(
+            OP,
+            format!("gate {:?} does not fit x {:?}", gate.shape(), x.shape()),
+        ));
+    }
+    dispatch!(OP, x.dtype(), [x, y, gate],
+        cpu => {
+            let (xf, yf, gf) = (f32s(x)?, f32s(y)?, f32s(gate)?);
+            cpu_out(x.dtype(), x.shape(), |out| {
+                cpu::elementwise::gated_residual(&xf, &yf, &gf, d, groups, out);
+                Ok(())
+            })
+        },
+        cuda => |t| cuda::ops::gated_residual(&t[0], &t[1], &t[2], d, groups))
+}
+
+/// Reduces over `axes` (negative count from the end), keeping them as size 1 when `keepdim`.
+pub fn reduce(x: &Tensor, axes: &[i64], keepdim: bool, op: Reduce) -> R {
+    const OP: &str = "reduce";
+    float_input(OP, x)?;
+    let mut ax: Vec<usize> = axes
+        .iter()
+        .map(|&a| {
+            shape::axis(a, x.rank())
+                .ok_or_else(|| invalid(OP, format!("axis {a} out of range for {:?}", x.shape())))
+        })
+        .collect::<R<_>>()?;
+    if ax.is_empty() {
+        ax = (0..x.rank()).collect();
+    }
+    ax.sort_unstable();
+    ax.dedup();
+    // Reduce one axis at a time, last first, keeping dims so indices stay valid.
+    let mut cur = cast(x, DType::F32)?;
+    for &a in ax.iter().rev() {
+        let (outer, dim, inner) = shape::split_at_axis(cur.shape(), a);
+        let mut s = cur.shape().to_vec();
+        s[a] = 1;
+        cur = match cur.device() {
+            Device::Cpu => {
+                let xf = f32s(&cur)?;
+                cpu_out(DType::F32, &s, |out| {
+                    cpu::reduce::reduce(op, &xf, outer, dim, inner, out);
+                    Ok(())
+                })?
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => cuda::ops::reduce(&cur, op, outer, dim, inner, &s)?,
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => {
+                return Err(OpError::Device("this build has no CUDA support".into()))
+            }
+        };
+    }
+    let final_shape: Vec<usize> = if keepdim {
+        cur.shape().to_vec()
+    } else {
+        x.shape()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !ax.contains(i))
+            .map(|(_, &d)| d)
+            .collect()
+    };
+    cast(&cur.reshaped(&final_shape)?, x.dtype())
+}
+
+// --- layout ---------------------------------------------------------------------------------
+
+/// The same data under `shape`; one entry may be -1.
+pub fn reshape(x: &Tensor, shape_req: &[i64]) -> R {
+    let s = shape::resolve_reshape(shape_req, x.numel()).map_err(|m| invalid("reshape", m))?;
+    Ok(x.reshaped(&s)?)
+}
+
+/// Reorders axes: output axis `i` is input axis `perm[i]`.
+pub fn permute(x: &Tensor, perm: &[usize]) -> R {
+    const OP: &str = "permute";
+    let mut seen = vec![false; x.rank()];
+    if perm.len() != x.rank()
+        || perm
+            .iter()
+            .any(|&p| p >= x.rank() || std::mem::replace(&mut seen[p], true))
+    {
+        return Err(invalid(
+            OP,
+            format!("{perm:?} is not a permutation of {} axes", x.rank()),
+        ));
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
+    if perm.iter().enumerate().all(|(i, &p)| i == p) {
+        return Ok(x.clone());
+    }
+    match x.device() {
+        Device::Cpu => {
+            let mut out = Tensor::zeros(x.dtype(), &out_shape)?;
+            macro_rules! go {
+                ($t:ty) => {
+                    layout::permute(
+                        x.as_slice::<$t>()?,
+                        x.shape(),
+                        perm,
+                        out.as_mut_slice::<$t>()?,
+                    )
+                };
+            }
+            match x.dtype().size() {
+                4 => match x.dtype() {
+                    DType::F32 => go!(f32),
+                    _ => go!(i32),
+                },
+                2 => match x.dtype() {
+                    DType::F16 => go!(half::f16),
+                    _ => go!(half::bf16),
+                },
+                8 => go!(i64),
+                _ => go!(u8),
+            }
+            Ok(out)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::ops::permute(x, perm, &out_shape),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+/// Joins tensors along `axis`; all other axes must agree.
+pub fn concat(xs: &[&Tensor], axis: i64) -> R {
+    const OP: &str = "concat";
+    let first = xs
+        .first()
+        .ok_or_else(|| invalid(OP, "needs at least one tensor"))?;
+    let ax = shape::axis(axis, first.rank()).ok_or_else(|| {
+        invalid(
+            OP,
+            format!("axis {axis} out of range for {:?}", first.shape()),
+        )
+    })?;
+    let mut out_shape = first.shape().to_vec();
+    out_shape[ax] = 0;
+    for t in xs {
+        let same = t.rank() == first.rank()
+            && t.dtype() == first.dtype()
+            && (0..t.rank()).all(|i| i == ax || t.shape()[i] == first.shape()[i]);
+        if !same {
+            return Err(invalid(
+                OP,
+                format!(
+                    "{} {:?} does not join {} {:?} on axis {ax}",
+                    t.dtype().name(),
+                    t.shape(),
+                    first.dtype().name(),
+                    first.shape()
+                ),
+            ));
+        }
+        out_shape[ax] += t.shape()[ax];
+    }
+    let dev = same_device(OP, xs)?;
+    let (outer, _, inner) = shape::split_at_axis(first.shape(), ax);
+    let elem = first.dtype().size();
+    let lens: Vec<usize> = xs.iter().map(|t| t.shape()[ax] * inner * elem).collect();
+    match dev {
+        Device::Cpu => {
+            let mut out = Tensor::zeros(first.dtype(), &out_shape)?;
+            let parts = xs
+                .iter()
+                .map(|t| t.cpu_bytes())
+                .collect::<Result<Vec<_>, _>>()?;
+            layout::concat(
+                &parts,
+                &lens,
+                outer,
+                out.unique_bytes_mut().expect("fresh tensor"),
+            );
+            Ok(out)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::ops::concat(xs, &lens, outer, &out_shape),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+/// `x[start:end:step]` along `axis` (negative `start`/`end` count from the end, clamped as in
+/// Python).
+pub fn slice(x: &Tensor, axis: i64, start: i64, end: i64, step: usize) -> R {
+    const OP: &str = "slice";
+    let ax = shape::axis(axis, x.rank())
+        .ok_or_else(|| invalid(OP, format!("axis {axis} out of range for {:?}", x.shape())))?;
+    if step == 0 {
+        return Err(invalid(OP, "step must be at least 1"));
+    }
+    let (outer, dim, inner) = shape::split_at_axis(x.shape(), ax);
+    let clamp = |i: i64| -> usize {
+        let i = if i < 0 { i + dim as i64 } else { i };
+        i.clamp(0, dim as i64) as usize
+    };
+    let (s, e) = (clamp(start), clamp(end));
+    let count = if e > s { (e - s).div_ceil(step) } else { 0 };
+    let mut out_shape = x.shape().to_vec();
+    out_shape[ax] = count;
+    let elem = x.dtype().size();
+    match x.device() {
+        Device::Cpu => {
+            let mut out = Tensor::zeros(x.dtype(), &out_shape)?;
+            layout::slice(
+                x.cpu_bytes()?,
+                elem,
+                outer,
+                dim,
+                inner,
+                s,
+                step,
+                count,
+                out.unique_bytes_mut().expect("fresh tensor"),
+            );
+            Ok(out)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::ops::slice(x, outer, dim, inner, s, step, count, &out_shape),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+/// Splits along `axis` into pieces of `sizes` (which must sum to the axis length).
+pub fn split(x: &Tensor, axis: i64, sizes: &[usize]) -> R<Vec<Tensor>> {
+    let ax = shape::axis(axis, x.rank()).ok_or_else(|| {
+        invalid(
+            "split",
+            format!("axis {axis} out of range for {:?}", x.shape()),
+        )
+    })?;
+    if sizes.iter().sum::<usize>() != x.shape()[ax] {
+        return Err(invalid(
+            "split",
+            format!("sizes {sizes:?} do not sum to {}", x.shape()[ax]),
+        ));
+    }
+    let mut at = 0;
+    sizes
+        .iter()
+        .map(|&s| {
+            let t = slice(x, ax as i64, at as i64, (at + s) as i64, 1);
+            at += s;
+            t
+        })
+        .collect()
+}
+
+/// Resizes the last two axes of `[..., H, W]` to `size`.
+pub fn upsample2d(x: &Tensor, size: (usize, usize), mode: Upsample) -> R {
+    const OP: &str = "upsample";
+    float_input(OP, x)?;
+    if x.rank() < 2
+        || (x.numel() > 0 && (x.shape()[x.rank() - 2] == 0 || x.shape()[x.rank() - 1] == 0))
+    {
+        return Err(invalid(
+            OP,
+            format!("needs [..., H, W] with H, W >= 1, got {:?}", x.shape()),
+        ));
+    }
+    let (h, w) = (x.shape()[x.rank() - 2], x.shape()[x.rank() - 1]);
+    let planes = x.numel() / (h * w).max(1);
+    let mut out_shape = x.shape().to_vec();
+    let r = out_shape.len();
+    out_shape[r - 2] = size.0;
+    out_shape[r - 1] = size.1;
+    dispatch!(OP, x.dtype(), [x],
+        cpu => {
+            let xf = f32s(x)?;
+            cpu_out(x.dtype(), &out_shape, |out| {
+                layout::upsample2d(&xf, planes, h, w, size.0, size.1, mode, out);
+                Ok(())
+            })
+        },
+        cuda => |t| cuda::ops::upsample2d(&t[0], planes, h, w, size, mode, &out_shape))
+}
+
+/// Rows of `table` `[V, D]` picked by integer `ids` `[...]` → `[..., D]`.
+pub fn embedding(table: &Tensor, ids: &Tensor) -> R {
+    const OP: &str = "embedding";
+    if table.rank() != 2 {
+        return Err(invalid(
+            OP,
+            format!("table must be [V, D], got {:?}", table.shape()),
+        ));
+    }
+    if !matches!(ids.dtype(), DType::I64 | DType::I32 | DType::U8) {
+        return Err(invalid(
+            OP,
+            format!("ids must be integers, got {}", ids.dtype().name()),
+        ));
+    }
+    let (vocab, d) = (table.shape()[0], table.shape()[1]);
+    let mut out_shape = ids.shape().to_vec();
+    out_shape.push(d);
+    let idv: Vec<i64> = cast(ids, DType::I64)?.to_vec::<i64>()?;
+    if let Some(bad) = idv.iter().find(|&&i| i < 0 || i as usize >= vocab) {
+        return Err(invalid(
+            OP,
+            format!("id {bad} is outside the table's {vocab} rows"),
+        ));
+    }
+    match table.device() {
+        Device::Cpu => {
+            let mut out = Tensor::zeros(table.dtype(), &out_shape)?;
+            let row = d * table.dtype().size();
+            layout::embedding(
+                table.cpu_bytes()?,
+                vocab,
+                row,
+                &idv,
+                out.unique_bytes_mut().expect("fresh tensor"),
+            )
+            .map_err(|id| invalid(OP, format!("id {id} is outside the table")))?;
+            Ok(out)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => cuda::ops::embedding(table, &idv, d, n, &out_shape),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
