@@ -42,6 +42,20 @@ fn every_kernel_compiles_with_nvrtc_for_sm80_and_sm90() {
 }
 
 #[test]
+fn kernel_list_matches_the_cuda_source() {
+    use ditflow::kernels::cuda::{KERNELS_CU, KERNEL_NAMES};
+    let mut in_source: Vec<&str> = KERNELS_CU
+        .split("extern \"C\" __global__ void ")
+        .skip(1)
+        .map(|rest| rest.split('(').next().unwrap().trim())
+        .collect();
+    let mut listed = KERNEL_NAMES.to_vec();
+    in_source.sort_unstable();
+    listed.sort_unstable();
+    assert_eq!(in_source, listed);
+}
+
+#[test]
 fn device_flag_without_a_gpu_falls_back_or_fails_cleanly() {
     if cuda_available(0).is_ok() {
         eprintln!("skipped: a GPU is present");
@@ -105,6 +119,64 @@ fn check(name: &str, tol: f64, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tenso
     let e = rel(&out, &cpu);
     assert!(e <= tol, "{name}: relative error {e} > {tol}");
     eprintln!("{name}: {e:.2e}");
+}
+
+#[test]
+fn cuda_attention_on_a_tiny_case() {
+    // One query, three keys, one-hot values: the output is the softmax weights themselves.
+    let q = Tensor::from_f32(&[1, 1, 1, 2], &[1.0, 0.0]).unwrap();
+    let k = Tensor::from_f32(&[1, 1, 3, 2], &[1.0, 0.0, 0.0, 1.0, -1.0, 0.0]).unwrap();
+    let v = Tensor::from_f32(&[1, 1, 3, 3], &[1., 0., 0., 0., 1., 0., 0., 0., 1.]).unwrap();
+    let cpu = ops::attention(&q, &k, &v, None, Some(1.0))
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
+    let z = 1f32.exp() + 1.0 + (-1f32).exp();
+    let want = [1f32.exp() / z, 1.0 / z, (-1f32).exp() / z];
+    for (a, b) in cpu.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-6, "cpu {cpu:?} vs {want:?}");
+    }
+    let Some(dev) = gpu() else { return };
+    let m = |t: &Tensor| t.to_device(dev).unwrap();
+    let got = ops::attention(&m(&q), &m(&k), &m(&v), None, Some(1.0))
+        .unwrap()
+        .to_vec::<f32>()
+        .unwrap();
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-6, "cuda {got:?} vs {want:?}");
+    }
+    // Growing shapes, to localise a failure: (b, h, lq, lk, d, dv).
+    for (b, h, lq, lk, d, dv) in [
+        (1, 1, 1, 40, 8, 8),
+        (1, 1, 9, 5, 8, 8),
+        (1, 2, 1, 5, 8, 8),
+        (1, 1, 1, 5, 40, 8),
+        (1, 1, 1, 5, 8, 24),
+        (2, 3, 70, 130, 40, 24),
+    ] {
+        let (q, k, v) = (
+            r(&[b, h, lq, d], 1),
+            r(&[b, h, lk, d], 2),
+            r(&[b, h, lk, dv], 3),
+        );
+        let cpu = ops::attention(&q, &k, &v, None, None).unwrap();
+        let got = ops::attention(&m(&q), &m(&k), &m(&v), None, None).unwrap();
+        let e = rel(&got, &cpu);
+        let (g, c) = (got.to_vec::<f32>().unwrap(), cpu.to_vec::<f32>().unwrap());
+        let bad: Vec<(usize, f32, f32)> = g
+            .iter()
+            .zip(&c)
+            .enumerate()
+            .filter(|(_, (x, y))| (*x - *y).abs() > 1e-4)
+            .map(|(i, (x, y))| (i, *x, *y))
+            .take(12)
+            .collect();
+        assert!(
+            e < 1e-4,
+            "{:?}: error {e}: (index, cuda, cpu) {bad:?}",
+            (b, h, lq, lk, d, dv)
+        );
+    }
 }
 
 #[test]
@@ -215,6 +287,16 @@ fn cuda_ops_match_cpu_ops() {
             r(&[2, 3, 70, 40], 19),
             r(&[2, 3, 130, 40], 20),
             r(&[2, 3, 130, 24], 21),
+        ],
+        |t| ops::attention(&t[0], &t[1], &t[2], None, None).unwrap(),
+    );
+    check(
+        "attention_wide_heads",
+        1e-4,
+        &[
+            r(&[1, 2, 33, 160], 19),
+            r(&[1, 2, 47, 160], 20),
+            r(&[1, 2, 47, 200], 21),
         ],
         |t| ops::attention(&t[0], &t[1], &t[2], None, None).unwrap(),
     );

@@ -113,6 +113,8 @@ enum Command {
         #[command(flatten)]
         plugins: PluginArgs,
     },
+    /// List the tensor engine's ops (what plugins call through `tensor_op`) and the devices.
+    Ops,
     /// Print a graph in Graphviz DOT.
     Dot { graph: PathBuf },
 }
@@ -299,6 +301,38 @@ fn cmd_run(
     })
 }
 
+fn cmd_ops() -> anyhow::Result<ExitCode> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "ops (inputs; attributes; ? marks an optional input):"
+    )?;
+    for op in ditflow::tensor::op_call::OPS {
+        writeln!(
+            stdout,
+            "  {:<15} ({}; {})\n      {}",
+            op.name,
+            op.inputs.join(", "),
+            op.attrs.join(", "),
+            op.doc
+        )?;
+    }
+    let cuda = match ditflow::kernels::cuda_available(0) {
+        Ok(()) => "cuda:0 available".to_string(),
+        Err(why) => format!("no CUDA: {why}"),
+    };
+    writeln!(
+        stdout,
+        "\ndevices: cpu ({} threads); {cuda}",
+        rayon_threads()
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn cmd_nodes(json: bool, plugins: PluginArgs) -> anyhow::Result<ExitCode> {
     let rt = load_runtime(&plugins);
     let mut stdout = std::io::stdout().lock();
@@ -399,6 +433,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             })
         }
         Command::Nodes { json, plugins } => cmd_nodes(json, plugins),
+        Command::Ops => cmd_ops(),
         Command::Dot { graph } => match Graph::from_file(&graph) {
             Ok(g) => {
                 print!("{}", to_dot(g.ir()));
@@ -423,6 +458,15 @@ fn main() -> ExitCode {
         .init();
     match real_main().context("ditflow") {
         Ok(code) => code,
+        // `ditflow ops | head`: a closed pipe is not an error.
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)

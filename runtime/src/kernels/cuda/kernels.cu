@@ -267,13 +267,85 @@ extern "C" __global__ void softmax(const float* x, float* y, i64 outer, i64 dim,
 }
 
 // --- attention: one warp per query row, 32 keys at a time, online softmax --------------------
-// q [BH, Lq, D], k [BH, Lk, D], v [BH, Lk, Dv], out [BH, Lq, Dv]; D, Dv <= 256.
+// q [BH, Lq, D], k [BH, Lk, D], v [BH, Lk, Dv], out [BH, Lq, Dv].
 // mask (may be NULL): additive f32 at b*msb + h*msh + q*msq + key.
+//
+// `attention`: D, Dv <= 128. A block holds 8 query rows of one head (grid: Lq/8 x B*H); each
+// 32-key tile of K (transposed, padded against bank conflicts) and V is loaded into shared
+// memory once and used by all 8 warps. `attention_wide` (D, Dv <= 256) reads K and V from
+// global memory, 4 rows per block.
+
+#define ATT_ROWS 8
+#define ATT_TILE_D 128
+
+extern "C" __global__ void attention(const float* q, const float* k, const float* v, const float* mask,
+                                     float* out, int B, int H, int Lq, int Lk, int D, int Dv,
+                                     i64 msb, i64 msh, i64 msq, float scale) {
+    __shared__ float ks[ATT_TILE_D][33];
+    __shared__ float vs[32][ATT_TILE_D];
+    __shared__ float qs[ATT_ROWS][ATT_TILE_D];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    i64 bh = blockIdx.y;
+    int qi = blockIdx.x * ATT_ROWS + warp;
+    bool active = qi < Lq;
+    int bi = (int)(bh / H), hi = (int)(bh % H);
+    if (active) for (int j = lane; j < D; j += 32) qs[warp][j] = q[(bh * Lq + qi) * D + j] * scale;
+    const float* kh = k + bh * (i64)Lk * D;
+    const float* vh = v + bh * (i64)Lk * Dv;
+    const float* mrow = (mask && active) ? mask + bi * msb + hi * msh + qi * msq : 0;
+    float acc[ATT_TILE_D / 32];
+    for (int t = 0; t < ATT_TILE_D / 32; t++) acc[t] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+    for (int k0 = 0; k0 < Lk; k0 += 32) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < 32 * D; idx += blockDim.x) {
+            int key = idx / D, d = idx % D;
+            ks[d][key] = (k0 + key < Lk) ? kh[(i64)(k0 + key) * D + d] : 0.0f;
+        }
+        for (int idx = threadIdx.x; idx < 32 * Dv; idx += blockDim.x) {
+            int key = idx / Dv, c = idx % Dv;
+            vs[key][c] = (k0 + key < Lk) ? vh[(i64)(k0 + key) * Dv + c] : 0.0f;
+        }
+        __syncthreads();
+        if (!active) continue;
+        int key = k0 + lane;
+        float s = -INFINITY;
+        if (key < Lk) {
+            float dot = 0.0f;
+            for (int j = 0; j < D; j++) dot += qs[warp][j] * ks[j][lane];
+            s = dot + (mrow ? mrow[key] : 0.0f);
+        }
+        float bm = s;
+        for (int o = 16; o > 0; o >>= 1) bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, o));
+        float m_new = fmaxf(m, bm);
+        if (m_new == -INFINITY) continue;
+        float p = (s == -INFINITY) ? 0.0f : expf(s - m_new);
+        float alpha = (m == -INFINITY) ? 0.0f : expf(m - m_new);
+        float ps = p;
+        for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+        l = l * alpha + ps;
+        m = m_new;
+        for (int t = 0; t < ATT_TILE_D / 32; t++) acc[t] *= alpha;
+        for (int j = 0; j < 32; j++) {
+            float pj = __shfl_sync(0xffffffffu, p, j);
+            for (int t = 0; t < ATT_TILE_D / 32; t++) {
+                int c = t * 32 + lane;
+                if (c < Dv) acc[t] += pj * vs[j][c];
+            }
+        }
+    }
+    if (!active) return;
+    float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int t = 0; t < ATT_TILE_D / 32; t++) {
+        int c = t * 32 + lane;
+        if (c < Dv) out[(bh * Lq + qi) * Dv + c] = acc[t] * inv;
+    }
+}
 
 #define ATT_WARPS 4
 #define ATT_MAXD 256
 
-extern "C" __global__ void attention(const float* q, const float* k, const float* v, const float* mask,
+extern "C" __global__ void attention_wide(const float* q, const float* k, const float* v, const float* mask,
                                      float* out, int B, int H, int Lq, int Lk, int D, int Dv,
                                      i64 msb, i64 msh, i64 msq, float scale) {
     __shared__ float qs[ATT_WARPS][ATT_MAXD];

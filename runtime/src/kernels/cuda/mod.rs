@@ -26,6 +26,7 @@ pub const KERNEL_NAMES: &[&str] = &[
     "group_norm",
     "softmax",
     "attention",
+    "attention_wide",
     "rope",
     "unary",
     "affine",

@@ -506,12 +506,31 @@ pub fn attention(
         dims.dv as i32,
     );
     let (sb, sh, sq) = (st[0] as i64, st[1] as i64, st[2] as i64);
-    let cfg = LaunchConfig {
-        grid_dim: (total.div_ceil(4) as u32, 1, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    launch!(be, "attention", cfg; &qp, &kp, &vp, &mp, &op, &b, &h, &lq, &lk, &d, &dv, &sb, &sh, &sq, &scale)?;
+    if dims.d <= 128 && dims.dv <= 128 {
+        // Tiled kernel: 8 query rows of one head per block.
+        let heads = u32::try_from(dims.b * dims.h)
+            .ok()
+            .filter(|&n| n <= 65_535)
+            .ok_or_else(|| {
+                OpError::Device(format!(
+                    "CUDA attention supports up to 65535 batch×heads, got {}",
+                    dims.b * dims.h
+                ))
+            })?;
+        let cfg = LaunchConfig {
+            grid_dim: (dims.lq.div_ceil(8) as u32, heads, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(be, "attention", cfg; &qp, &kp, &vp, &mp, &op, &b, &h, &lq, &lk, &d, &dv, &sb, &sh, &sq, &scale)?;
+    } else {
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(be, "attention_wide", cfg; &qp, &kp, &vp, &mp, &op, &b, &h, &lq, &lk, &d, &dv, &sb, &sh, &sq, &scale)?;
+    }
     Ok(out)
 }
 
