@@ -1,6 +1,6 @@
 //! Scaled-dot-product attention on the CPU, computed blockwise with an online softmax
 //! (FlashAttention's recurrence, Dao et al. 2022): no L×L score matrix is ever held, only one
-//! `BQ × BK` block per task.
+//! `bq × BK` block per task (bq at most `BQ_MAX` rows, evened out over the queries).
 //!
 //! K and V are packed once per (batch, head) into the GEMM's panel layout; each task then owns a
 //! block of queries, runs the GEMM micro-kernel for `S = (Q·scale)·Kᵀ` and `O += P·V`, and keeps
@@ -11,8 +11,8 @@ use super::simd;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// Query rows per task (a multiple of MR).
-const BQ: usize = 48;
+/// The most query rows per task (a multiple of MR); blocks are evened out below it.
+const BQ_MAX: usize = 96;
 /// Keys per block (a multiple of NR).
 const BK: usize = 256;
 
@@ -139,14 +139,15 @@ pub fn attention(
             }
         });
 
-    let q_blocks = lq.div_ceil(BQ);
+    let q_blocks = lq.div_ceil(BQ_MAX);
+    let bq = lq.div_ceil(q_blocks).div_ceil(MR) * MR;
     let o = Out(out.as_mut_ptr());
     let packed = &packed;
     (0..heads * q_blocks).into_par_iter().for_each(|t| {
         let (bh, qb) = (t / q_blocks, t % q_blocks);
         let (bi, hi) = (bh / h, bh % h);
-        let q0 = qb * BQ;
-        let rows = BQ.min(lq - q0);
+        let q0 = qb * bq;
+        let rows = bq.min(lq - q0);
         let base = bh * (k_pack_len + v_pack_len);
         let kp = &packed[base..base + k_pack_len];
         let vp = &packed[base + k_pack_len..base + k_pack_len + v_pack_len];

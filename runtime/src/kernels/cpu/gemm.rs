@@ -44,6 +44,15 @@ impl MatRef {
         }
     }
 
+    /// The transpose (no copy).
+    fn transposed(self) -> MatRef {
+        MatRef {
+            ptr: self.ptr,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
     #[inline]
     unsafe fn at(&self, i: usize, j: usize) -> *const f32 {
         self.ptr.offset(i as isize * self.rs + j as isize * self.cs)
@@ -290,33 +299,16 @@ fn finish_row(row: &mut [f32], i: usize, j0: usize, ep: Epilogue) {
 /// Packs rows `i0..i0+mc`, columns `p0..p0+kc` of A into MR-row panels (`[panel][p][r]`),
 /// zero-padding the last panel.
 pub(crate) unsafe fn pack_a(mc: usize, kc: usize, a: MatRef, i0: usize, p0: usize, out: *mut f32) {
+    let at = a.transposed();
     for ir in 0..mc.div_ceil(MR) {
-        let panel = out.add(ir * MR * kc);
-        let rows = MR.min(mc - ir * MR);
-        if a.cs == 1 {
-            for r in 0..MR {
-                if r < rows {
-                    let src = a.at(i0 + ir * MR + r, p0);
-                    for p in 0..kc {
-                        *panel.add(p * MR + r) = *src.add(p);
-                    }
-                } else {
-                    for p in 0..kc {
-                        *panel.add(p * MR + r) = 0.0;
-                    }
-                }
-            }
-        } else {
-            for p in 0..kc {
-                for r in 0..MR {
-                    *panel.add(p * MR + r) = if r < rows {
-                        *a.at(i0 + ir * MR + r, p0 + p)
-                    } else {
-                        0.0
-                    };
-                }
-            }
-        }
+        pack_panel::<MR>(
+            kc,
+            MR.min(mc - ir * MR),
+            at,
+            p0,
+            i0 + ir * MR,
+            out.add(ir * MR * kc),
+        );
     }
 }
 
@@ -330,27 +322,40 @@ pub(crate) unsafe fn pack_b(
     j0: usize,
     out: *mut f32,
 ) {
-    if b.cs == 1 && cols == NR {
+    pack_panel::<NR>(kc, cols, b, p0, j0, out)
+}
+
+/// Writes `out[p·W + c] = m(p0 + p, j0 + c)` for `p < kc`, `c < cols`, and zeros for
+/// `cols <= c < W`: the panel layout both GEMM operands use.
+unsafe fn pack_panel<const W: usize>(
+    kc: usize,
+    cols: usize,
+    m: MatRef,
+    p0: usize,
+    j0: usize,
+    out: *mut f32,
+) {
+    if m.cs == 1 && cols == W {
         for p in 0..kc {
-            std::ptr::copy_nonoverlapping(b.at(p0 + p, j0), out.add(p * NR), NR);
+            std::ptr::copy_nonoverlapping(m.at(p0 + p, j0), out.add(p * W), W);
         }
-    } else if b.rs == 1 {
-        for c in 0..NR {
+    } else if m.rs == 1 {
+        for c in 0..W {
             if c < cols {
-                let src = b.at(p0, j0 + c);
+                let src = m.at(p0, j0 + c);
                 for p in 0..kc {
-                    *out.add(p * NR + c) = *src.add(p);
+                    *out.add(p * W + c) = *src.add(p);
                 }
             } else {
                 for p in 0..kc {
-                    *out.add(p * NR + c) = 0.0;
+                    *out.add(p * W + c) = 0.0;
                 }
             }
         }
     } else {
         for p in 0..kc {
-            for c in 0..NR {
-                *out.add(p * NR + c) = if c < cols { *b.at(p0 + p, j0 + c) } else { 0.0 };
+            for c in 0..W {
+                *out.add(p * W + c) = if c < cols { *m.at(p0 + p, j0 + c) } else { 0.0 };
             }
         }
     }
