@@ -1224,3 +1224,175 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> R {
         Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(shape: &[usize], seed: u64) -> Tensor {
+        randn(shape, seed, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn half_precision_ops_match_f64_within_1e_2() {
+        // Inputs are rounded to f16/bf16 first; the f64 reference uses the rounded values, and
+        // the bound (1e-2 relative to the largest output) covers rounding the result.
+        for dt in [DType::F16, DType::BF16] {
+            let x = cast(&t(&[3, 5, 24], 1), dt).unwrap();
+            let w = cast(&t(&[10, 24], 2), dt).unwrap();
+            let y = linear(&x, &w, None, Activation::None).unwrap();
+            assert_eq!(y.dtype(), dt);
+            let (xf, wf, yf) = (
+                x.to_f32_vec().unwrap(),
+                w.to_f32_vec().unwrap(),
+                y.to_f32_vec().unwrap(),
+            );
+            let want: Vec<f64> = (0..15)
+                .flat_map(|r| {
+                    let (xf, wf) = (&xf, &wf);
+                    (0..10).map(move |n| {
+                        (0..24)
+                            .map(|k| xf[r * 24 + k] as f64 * wf[n * 24 + k] as f64)
+                            .sum()
+                    })
+                })
+                .collect();
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let err = yf
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0f64, f64::max)
+                / scale;
+            assert!(err < 1e-2, "{dt:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_errors_not_panics() {
+        let a = t(&[2, 3], 1);
+        let b = t(&[4, 5], 2);
+        let ids = Tensor::from_slice(&[2], &[0i64, 7]).unwrap();
+        let cases: Vec<(&str, R)> = vec![
+            ("matmul", matmul(&a, &b, false, false)),
+            ("matmul rank", matmul(&t(&[3], 1), &b, false, false)),
+            ("linear", linear(&a, &b, None, Activation::None)),
+            (
+                "conv groups",
+                conv(
+                    &t(&[1, 3, 8, 8], 1),
+                    &t(&[4, 2, 3, 3], 2),
+                    None,
+                    &[],
+                    &[],
+                    &[],
+                    2,
+                ),
+            ),
+            (
+                "conv kernel",
+                conv(
+                    &t(&[1, 2, 2, 2], 1),
+                    &t(&[4, 2, 3, 3], 2),
+                    None,
+                    &[],
+                    &[],
+                    &[],
+                    1,
+                ),
+            ),
+            (
+                "conv stride",
+                conv(
+                    &t(&[1, 2, 8, 8], 1),
+                    &t(&[4, 2, 3, 3], 2),
+                    None,
+                    &[0],
+                    &[],
+                    &[],
+                    1,
+                ),
+            ),
+            (
+                "attention",
+                attention(
+                    &t(&[1, 2, 3, 4], 1),
+                    &t(&[1, 2, 3, 5], 2),
+                    &t(&[1, 2, 3, 4], 3),
+                    None,
+                    None,
+                ),
+            ),
+            (
+                "attention mask",
+                attention(
+                    &t(&[1, 2, 3, 4], 1),
+                    &t(&[1, 2, 5, 4], 2),
+                    &t(&[1, 2, 5, 4], 3),
+                    Some(&t(&[3, 3], 4)),
+                    None,
+                ),
+            ),
+            (
+                "layer_norm",
+                layer_norm(
+                    &a,
+                    LayerNorm {
+                        weight: Some(&b),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            (
+                "group_norm",
+                group_norm(&t(&[1, 6, 4], 1), 4, None, None, 1e-5, Activation::None),
+            ),
+            ("softmax", softmax(&a, 2)),
+            ("binary", binary(&a, &b, Binary::Add)),
+            ("reshape", reshape(&a, &[4, -1])),
+            ("permute", permute(&a, &[0, 0])),
+            ("slice", slice(&a, 1, 0, 2, 0)),
+            ("concat", concat(&[&a, &b], 0)),
+            ("split", split(&a, 1, &[1, 1]).map(|mut v| v.remove(0))),
+            ("embedding", embedding(&b, &ids)),
+            ("embedding ids", embedding(&b, &a)),
+            (
+                "upsample",
+                upsample2d(&t(&[3], 1), (2, 2), Upsample::Nearest),
+            ),
+            (
+                "rope",
+                rope(&t(&[2, 4, 6], 1), &t(&[4, 4], 2), &t(&[4, 4], 3), true),
+            ),
+            ("cuda", a.to_device(Device::Cuda(99))),
+        ];
+        for (name, r) in cases {
+            let e = r.err().unwrap_or_else(|| panic!("{name}: accepted"));
+            assert!(!e.to_string().is_empty(), "{name}");
+        }
+        assert!(matches!(
+            matmul(&a, &b, false, false),
+            Err(OpError::Invalid { op: "matmul", .. })
+        ));
+    }
+
+    #[test]
+    fn layout_ops_round_trip() {
+        let x = t(&[2, 3, 4], 5);
+        let p = permute(&permute(&x, &[2, 0, 1]).unwrap(), &[1, 2, 0]).unwrap();
+        assert_eq!(p.as_f32(), x.as_f32());
+        let parts = split(&x, 1, &[1, 2]).unwrap();
+        let back = concat(&[&parts[0], &parts[1]], 1).unwrap();
+        assert_eq!(back.as_f32(), x.as_f32());
+        let ev = slice(&x, -1, 0, i64::MAX, 2).unwrap();
+        assert_eq!(ev.shape(), &[2, 3, 2]);
+        assert_eq!(ev.as_f32()[1], x.as_f32()[2]);
+        let m = reduce(&x, &[0, -1], false, Reduce::Sum).unwrap();
+        assert_eq!(m.shape(), &[3]);
+        let want: f32 = (0..2)
+            .flat_map(|a| (0..4).map(move |c| (a, c)))
+            .map(|(a, c)| x.as_f32()[a * 12 + 4 + c])
+            .sum();
+        assert!((m.as_f32()[1] - want).abs() < 1e-5);
+    }
+}

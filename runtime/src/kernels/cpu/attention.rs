@@ -302,6 +302,33 @@ mod tests {
     }
 
     #[test]
+    fn matches_f64_reference_on_random_shapes() {
+        // Tolerance: 1e-4 relative to the largest output element.
+        let mut rng = Lcg(21);
+        for _ in 0..8 {
+            let dim = |rng: &mut Lcg, max: usize| {
+                1 + ((rng.next() + 1.0) * 0.5 * max as f32) as usize % max
+            };
+            let dims = AttnDims {
+                b: dim(&mut rng, 2),
+                h: dim(&mut rng, 3),
+                lq: dim(&mut rng, 120),
+                lk: dim(&mut rng, 300),
+                d: dim(&mut rng, 70),
+                dv: dim(&mut rng, 70),
+            };
+            let q = rng.vec(dims.b * dims.h * dims.lq * dims.d);
+            let k = rng.vec(dims.b * dims.h * dims.lk * dims.d);
+            let v = rng.vec(dims.b * dims.h * dims.lk * dims.dv);
+            let scale = 1.0 / (dims.d as f32).sqrt();
+            let mut out = vec![0f32; dims.b * dims.h * dims.lq * dims.dv];
+            attention(&q, &k, &v, None, scale, dims, &mut out);
+            let r = reference(&q, &k, &v, None, dims, scale as f64);
+            assert!(max_rel_err(&out, &r) < 1e-4, "{dims:?}");
+        }
+    }
+
+    #[test]
     fn matches_f64_reference_with_and_without_mask() {
         // Tolerance: 1e-4 relative to the largest output element.
         let mut rng = Lcg(11);

@@ -548,6 +548,39 @@ mod tests {
     }
 
     #[test]
+    fn matches_f64_reference_on_random_shapes() {
+        // Tolerance: 1e-5 relative to the largest reference element.
+        let mut rng = Lcg(99);
+        for _ in 0..12 {
+            let dim = |rng: &mut Lcg, max: usize| {
+                1 + ((rng.next() + 1.0) * 0.5 * max as f32) as usize % max
+            };
+            let (m, n, k) = (dim(&mut rng, 150), dim(&mut rng, 150), dim(&mut rng, 300));
+            let (ta, tb) = (rng.next() > 0.0, rng.next() > 0.0);
+            let a = rng.vec(m * k);
+            let b = rng.vec(k * n);
+            let mut c = vec![0f32; m * n];
+            let ar = MatRef::row_major(&a, if ta { m } else { k }, ta);
+            let br = MatRef::row_major(&b, if tb { k } else { n }, tb);
+            unsafe {
+                sgemm(
+                    m,
+                    n,
+                    k,
+                    ar,
+                    br,
+                    c.as_mut_ptr(),
+                    n,
+                    Epilogue::default(),
+                    true,
+                )
+            };
+            let e = max_rel_err(&c, &reference(m, n, k, &a, ta, &b, tb));
+            assert!(e < 1e-5, "{m}x{n}x{k} ta={ta} tb={tb}: {e}");
+        }
+    }
+
+    #[test]
     fn epilogue_adds_bias_accumulates_and_activates() {
         let mut rng = Lcg(3);
         let (m, n, k) = (19, 35, 70);

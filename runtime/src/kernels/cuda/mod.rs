@@ -159,6 +159,24 @@ fn cache_dir() -> Option<std::path::PathBuf> {
     Some(base.join("ditflow").join("ptx"))
 }
 
+/// Keeps memory freed by dropped tensors in the device's default pool instead of returning it to
+/// the driver at every synchronisation (cudarc leaves the release threshold at 0), so repeated
+/// forwards reuse allocations. Best effort: a device without memory pools is left as it is.
+fn keep_freed_memory_pooled(ctx: &CudaContext) {
+    use cudarc::driver::{result, sys};
+    // SAFETY: plain driver calls on the context's device; the attribute value is a u64.
+    let _ = catch_unwind(AssertUnwindSafe(|| unsafe {
+        if let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) {
+            let mut threshold: u64 = u64::MAX;
+            let _ = result::mem_pool::set_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            );
+        }
+    }));
+}
+
 type Slot = Result<Arc<Backend>, String>;
 
 impl Backend {
@@ -189,6 +207,7 @@ impl Backend {
         // SAFETY: called before any allocation.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        keep_freed_memory_pooled(&ctx);
         let (major, minor) = ctx.compute_capability().map_err(|e| e.to_string())?;
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let ptx = compile_kernels(arch)?;
