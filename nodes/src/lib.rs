@@ -7,7 +7,9 @@
 //! - [`noise`]: `RandomNoise` (seeded latents) and `NoiseToImage` (visualise a latent);
 //! - [`tensor`]: `TensorStats` and `LatentToTensor`;
 //! - [`tensor_io`]: `LoadTensor` and `SaveTensor` (safetensors files);
-//! - [`image`]: `LoadImage` and `SaveImage` (PNG files).
+//! - [`image`]: `LoadImage` and `SaveImage` (PNG files);
+//! - [`models`]: the model architectures (PixArt, DiT) over the host's tensor engine;
+//! - [`diffusion`]: `LoadDiffusionModel` and `Forward`.
 //!
 //! Node logic that does not need the host lives in plain functions next to each node, so it is
 //! unit-tested without loading the plugin.
@@ -15,9 +17,11 @@
 #![forbid(unsafe_code)]
 
 pub mod constants;
+pub mod diffusion;
 mod files;
 pub mod image;
 pub mod math;
+pub mod models;
 pub mod noise;
 pub mod tensor;
 pub mod tensor_io;
@@ -44,5 +48,7 @@ export_plugin!(
         tensor_io::SaveTensor,
         image::LoadImage,
         image::SaveImage,
+        diffusion::LoadDiffusionModel,
+        diffusion::Forward,
     ]
 );

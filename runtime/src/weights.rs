@@ -205,9 +205,25 @@ impl Weights {
     }
 }
 
-/// The weights file of a diffusers-style folder: `*.safetensors.index.json` first, then a single
+/// The standard weights names of diffusers and transformers folders, most specific first.
+const STANDARD_NAMES: &[&str] = &[
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors",
+    "model.safetensors.index.json",
+    "model.safetensors",
+];
+
+/// The weights file of a diffusers-style folder: a standard name (`diffusion_pytorch_model` or
+/// `model`, sharded index first), else the only `*.safetensors.index.json`, else the only
 /// `*.safetensors`.
 fn find_weights_in(dir: &Path) -> Result<PathBuf, WeightsError> {
+    if let Some(p) = STANDARD_NAMES
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+    {
+        return Ok(p);
+    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| file_err(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))

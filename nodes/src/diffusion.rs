@@ -1,0 +1,228 @@
+//! Diffusion-model nodes: `LoadDiffusionModel` reads a diffusers model folder into a Model value
+//! (the class comes from `config.json`), and `Forward` runs one forward of any loaded model on
+//! tensors from a safetensors file, writing the outputs to another, so anyone can check a model
+//! against a reference.
+
+use crate::files::{file_fingerprint, fnv1a, input_path, output_path};
+use crate::models::{dit::DiT, pixart, pixart::PixArt, Config, Weights};
+use crate::tensor_io::tensor_view;
+use ditflow_plugin::prelude::*;
+use ditflow_plugin::Object;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A loaded denoiser.
+pub enum DiffusionModel {
+    PixArt(Box<PixArt>),
+    DiT(Box<DiT>),
+}
+
+impl Object for DiffusionModel {
+    const TAG: &'static str = "ditflow.diffusion_model";
+}
+
+/// The classes `LoadDiffusionModel` understands.
+pub const DIFFUSION_CLASSES: &[&str] = &["PixArtTransformer2DModel", "DiTTransformer2DModel"];
+
+impl DiffusionModel {
+    pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<DiffusionModel> {
+        let cfg = Config::read(dir)?;
+        let class = cfg.class_name().unwrap_or("");
+        if !DIFFUSION_CLASSES.contains(&class) {
+            bail!(
+                "{}: class \"{class}\" is not a supported diffusion model (supported: {})",
+                cfg.path.display(),
+                DIFFUSION_CLASSES.join(", ")
+            );
+        }
+        let w = Weights::load(ctx, dir, device)?;
+        Ok(match class {
+            "PixArtTransformer2DModel" => {
+                DiffusionModel::PixArt(Box::new(PixArt::load(&cfg, &w, device)?))
+            }
+            _ => DiffusionModel::DiT(Box::new(DiT::load(&cfg, &w, device)?)),
+        })
+    }
+
+    /// One forward from named inputs (diffusers' argument names), returning named outputs.
+    pub fn forward_named(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<HashMap<String, Tensor>> {
+        let get = |name: &str| {
+            inputs
+                .get(name)
+                .ok_or_else(|| Error(format!("missing input '{name}'")))
+        };
+        let floats = |name: &str| -> Result<Vec<f32>> {
+            get(name)?
+                .cast(DType::F32)?
+                .to_device(Device::Cpu)?
+                .as_f32()
+                .map(<[f32]>::to_vec)
+        };
+        let sample = match self {
+            DiffusionModel::PixArt(m) => {
+                let device = m.device;
+                let (x, enc) = (
+                    get("hidden_states")?.to_device(device)?,
+                    get("encoder_hidden_states")?.to_device(device)?,
+                );
+                let mask = inputs
+                    .get("encoder_attention_mask")
+                    .map(|t| t.to_device(device))
+                    .transpose()?;
+                let (res, ar) = (
+                    inputs
+                        .get("resolution")
+                        .map(|_| floats("resolution"))
+                        .transpose()?,
+                    inputs
+                        .get("aspect_ratio")
+                        .map(|_| floats("aspect_ratio"))
+                        .transpose()?,
+                );
+                let t = floats("timestep")?;
+                m.forward(&pixart::Inputs {
+                    hidden_states: &x,
+                    encoder_hidden_states: &enc,
+                    timestep: &t,
+                    encoder_attention_mask: mask.as_ref(),
+                    resolution: res.as_deref(),
+                    aspect_ratio: ar.as_deref(),
+                })?
+            }
+            DiffusionModel::DiT(m) => {
+                let x = get("hidden_states")?.to_device(m.device)?;
+                let labels: Vec<i64> = floats("class_labels")?.iter().map(|&c| c as i64).collect();
+                m.forward(&x, &floats("timestep")?, &labels)?
+            }
+        };
+        Ok(HashMap::from([("sample".to_string(), sample)]))
+    }
+}
+
+/// A fingerprint of a model folder: every file's path, size and modification time.
+fn folder_fingerprint(dir: &Path) -> Result<u64> {
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error(format!("{}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    names.sort();
+    names.iter().try_fold(0xcbf2_9ce4_8422_2325u64, |h, p| {
+        Ok(fnv1a(h, &file_fingerprint("cannot read", p)?.to_le_bytes()))
+    })
+}
+
+/// `LoadDiffusionModel`: a diffusers denoiser folder as a Model value.
+#[derive(Default)]
+pub struct LoadDiffusionModel;
+
+impl Node for LoadDiffusionModel {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("LoadDiffusionModel")
+            .category("loaders")
+            .doc(
+                "Loads a diffusers model folder (config.json plus safetensors, sharded or not) \
+                 holding a PixArtTransformer2DModel (PixArt-α or -Σ) or a DiTTransformer2DModel. \
+                 Weights are memory-mapped onto the run's device. The model stays cached until a \
+                 file in the folder changes.",
+            )
+            .input(
+                Port::new("path", "String")
+                    .doc("The model folder; a relative path is taken from the graph's folder."),
+            )
+            .output(Port::new("model", "Model").doc("The denoiser."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let dir = input_path(ctx, "path")?;
+        let model = DiffusionModel::load(&dir, ctx.device(), ctx)?;
+        let value = ctx.make_object(model)?;
+        ctx.set_output("model", value)
+    }
+
+    fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
+        folder_fingerprint(&input_path(ctx, "path")?).map(Some)
+    }
+}
+
+/// `Forward`: one model forward from a safetensors file of inputs to a file of outputs.
+#[derive(Default)]
+pub struct Forward;
+
+impl Node for Forward {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("Forward")
+            .category("testing")
+            .doc(
+                "Runs one forward of a loaded model. Inputs are read from a safetensors file, \
+                 named `in.ARG` after the diffusers/transformers forward arguments (for PixArt: \
+                 hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, and for \
+                 PixArt-α resolution and aspect_ratio; for DiT: hidden_states, timestep, \
+                 class_labels). Outputs are written as `out.NAME` (f32) to another file, for \
+                 comparing with a reference implementation.",
+            )
+            .input(Port::new("model", "Model").doc("A model from a Load... node."))
+            .input(
+                Port::new("inputs", "String")
+                    .doc("The safetensors file of inputs (relative to the graph's folder)."),
+            )
+            .input(
+                Port::new("outputs", "String")
+                    .doc("Where to write the outputs (relative to the output folder)."),
+            )
+            .output(Port::new("path", "String").doc("The absolute path of the written file."))
+            .side_effects()
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let model = model
+            .as_object::<DiffusionModel>()
+            .map_err(|e| Error(format!("input 'model': {e}")))?;
+        let in_path = input_path(ctx, "inputs")?;
+        let all = ctx.load_weights(&in_path.to_string_lossy(), Device::Cpu)?;
+        let inputs: HashMap<String, Tensor> = all
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix("in.").map(|n| (n.to_string(), v)))
+            .collect();
+        let outputs = model.forward_named(&inputs)?;
+        let host: Vec<(String, Tensor)> = outputs
+            .into_iter()
+            .map(|(k, v)| {
+                Ok((
+                    format!("out.{k}"),
+                    v.cast(DType::F32)?.to_device(Device::Cpu)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let views = host
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), tensor_view(k, t.dtype(), t.shape(), t.bytes())?)))
+            .collect::<Result<Vec<_>>>()?;
+        let out = output_path(ctx, "outputs")?;
+        safetensors::serialize_to_file(views, None, &out)
+            .map_err(|e| Error(format!("cannot write {}: {e}", out.display())))?;
+        ctx.set_output("path", crate::files::absolute(&out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folder_fingerprint_changes_with_the_files() {
+        let dir =
+            std::env::temp_dir().join(format!("ditflow-nodes-folder-fp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        let a = folder_fingerprint(&dir).unwrap();
+        std::fs::write(dir.join("w.safetensors"), "x").unwrap();
+        assert_ne!(a, folder_fingerprint(&dir).unwrap());
+        assert!(folder_fingerprint(&dir.join("missing")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

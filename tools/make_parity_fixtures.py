@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Parity fixtures: tiny, randomly initialised diffusers/transformers models with their reference
+outputs, for ditflow's model-parity tests.
+
+For each model class this writes tests/fixtures/parity/NAME/ with
+  - the model as `save_pretrained` writes it (config.json + safetensors, the real key layout);
+  - io.safetensors: the inputs (`in.*`) of one forward and the reference outputs (`out.*`),
+    computed in float32 on the CPU.
+
+The models are tiny (a few thousand parameters) so the fixtures stay small and the tests fast; the
+key names and the code paths are the real ones. Deterministic: fixed seeds.
+
+Run (PyTorch, diffusers and transformers from PyPI; CI never runs this):
+    .venv/bin/python tools/make_parity_fixtures.py
+"""
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "parity")
+
+
+def save(name, model, inputs, outputs):
+    out = os.path.join(ROOT, name)
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tensors = {f"in.{k}": v.contiguous() for k, v in inputs.items()}
+    tensors.update({f"out.{k}": v.detach().contiguous() for k, v in outputs.items()})
+    save_file(tensors, os.path.join(out, "io.safetensors"))
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{name}: {n} parameters, outputs {[tuple(v.shape) for v in outputs.values()]}")
+
+
+def randomize(model, seed):
+    """Random weights everywhere (diffusers zero-initialises some layers, which would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def pixart(name, use_additional_conditions, seed):
+    from diffusers import PixArtTransformer2DModel
+
+    model = randomize(
+        PixArtTransformer2DModel(
+            # hidden 24: the size embeddings take hidden/3 channels each (resolution has two).
+            num_attention_heads=3,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            cross_attention_dim=24,
+            attention_bias=True,
+            sample_size=8,
+            patch_size=2,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            interpolation_scale=1 if use_additional_conditions else 2,
+            use_additional_conditions=use_additional_conditions,
+            caption_channels=12,
+        ),
+        seed,
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    b = 2
+    inputs = {
+        "hidden_states": torch.randn(b, 4, 8, 8, generator=g),
+        "encoder_hidden_states": torch.randn(b, 5, 12, generator=g),
+        "timestep": torch.tensor([999.0, 37.0]),
+        "encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.int64),
+    }
+    kwargs = {}
+    if use_additional_conditions:
+        inputs["resolution"] = torch.tensor([[64.0, 64.0], [64.0, 64.0]])
+        inputs["aspect_ratio"] = torch.tensor([[1.0], [1.0]])
+        kwargs["added_cond_kwargs"] = {"resolution": inputs["resolution"], "aspect_ratio": inputs["aspect_ratio"]}
+    else:
+        kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    with torch.no_grad():
+        out = model(
+            inputs["hidden_states"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            timestep=inputs["timestep"],
+            encoder_attention_mask=inputs["encoder_attention_mask"],
+            **kwargs,
+        ).sample
+    save(name, model, inputs, {"sample": out})
+
+
+def dit(seed):
+    from diffusers import DiTTransformer2DModel
+
+    model = randomize(
+        DiTTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            sample_size=8,
+            patch_size=2,
+            num_embeds_ada_norm=10,
+        ),
+        seed,
+    )
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = {
+        "hidden_states": torch.randn(2, 4, 8, 8, generator=g),
+        "timestep": torch.tensor([999.0, 12.0]),
+        "class_labels": torch.tensor([3, 10], dtype=torch.int64),  # 10 = the null class
+    }
+    with torch.no_grad():
+        out = model(inputs["hidden_states"], timestep=inputs["timestep"], class_labels=inputs["class_labels"]).sample
+    save("dit", model, inputs, {"sample": out})
+
+
+def main():
+    torch.set_num_threads(2)
+    os.makedirs(ROOT, exist_ok=True)
+    pixart("pixart_alpha", True, 10)
+    pixart("pixart_sigma", False, 20)
+    dit(30)
+
+
+if __name__ == "__main__":
+    main()
