@@ -33,10 +33,15 @@ fn read(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
 
 /// Runs `Forward` on fixture `name` and returns the largest relative error over its outputs.
 fn forward_error(session: &Session, name: &str, outputs: &[&str]) -> f64 {
+    let (loader, port) = match name {
+        "vae" => ("LoadVAE", "vae"),
+        "t5" => ("LoadTextEncoder", "encoder"),
+        _ => ("LoadDiffusionModel", "model"),
+    };
     let dir = common::repo().join("tests/fixtures/parity").join(name);
     let out_dir = common::temp_dir(&format!("parity-{name}"));
     let yaml = format!(
-        "version: 1\nnodes:\n  m: {{type: LoadDiffusionModel, inputs: {{path: {dir:?}}}}}\n  f: {{type: Forward, inputs: {{model: m.model, inputs: {io:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n",
+        "version: 1\nnodes:\n  m: {{type: {loader}, inputs: {{path: {dir:?}}}}}\n  f: {{type: Forward, inputs: {{model: m.{port}, inputs: {io:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n",
         dir = dir.to_string_lossy(),
         io = dir.join("io.safetensors").to_string_lossy(),
     );
@@ -81,4 +86,16 @@ fn pixart_sigma_matches_diffusers() {
 fn dit_matches_diffusers() {
     // Class-conditional DiT, including the null class.
     assert!(forward_error(&session(), "dit", &["sample"]) <= 1e-4);
+}
+
+#[test]
+fn autoencoder_kl_matches_diffusers() {
+    // Encode (mean, clamped log-variance), decode, and diffusers' tiled decode with blending.
+    assert!(forward_error(&session(), "vae", &["mean", "logvar", "decoded", "tiled"]) <= 1e-4);
+}
+
+#[test]
+fn t5_encoder_matches_transformers() {
+    // Gated-GELU T5 with relative position buckets past the exact range and padded tokens.
+    assert!(forward_error(&session(), "t5", &["last_hidden_state"]) <= 1e-4);
 }

@@ -122,12 +122,70 @@ def dit(seed):
     save("dit", model, inputs, {"sample": out})
 
 
+def vae(seed):
+    from diffusers import AutoencoderKL
+
+    model = randomize(
+        AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            act_fn="silu",
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=16,
+            scaling_factor=0.5,
+            shift_factor=0.1,
+        ),
+        seed,
+    )
+    # Keep activations in a sane range through the random convolutions.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() == 4:
+                p.mul_(0.5)
+    g = torch.Generator().manual_seed(seed + 1)
+    image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    latent = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        dist = model.encode(image).latent_dist
+        decoded = model.decode(latent).sample
+        # Tiled decode, diffusers' algorithm, with tiles of 4 latents overlapping by a quarter.
+        model.use_tiling = True
+        model.tile_sample_min_size = 8
+        model.tile_latent_min_size = 4
+        model.tile_overlap_factor = 0.25
+        tiled = model.tiled_decode(latent).sample
+    inputs = {"image": image, "latent": latent, "tile_size": torch.tensor([4]), "tile_overlap": torch.tensor([0.25])}
+    save("vae", model, inputs,
+         {"mean": dist.mean, "logvar": dist.logvar, "decoded": decoded, "tiled": tiled})
+
+
+def t5(seed):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                   relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                   feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    model = randomize(T5EncoderModel(cfg), seed)
+    ids = torch.tensor([[5, 17, 3, 44, 9, 1, 0, 0, 0, 0, 0, 0], [7, 7, 2, 31, 12, 40, 22, 8, 19, 33, 4, 1]])
+    mask = (torch.arange(12)[None, :] < torch.tensor([[6], [12]])).long()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    save("t5", model, {"input_ids": ids, "attention_mask": mask}, {"last_hidden_state": out})
+
+
 def main():
     torch.set_num_threads(2)
     os.makedirs(ROOT, exist_ok=True)
     pixart("pixart_alpha", True, 10)
     pixart("pixart_sigma", False, 20)
     dit(30)
+    vae(40)
+    t5(50)
 
 
 if __name__ == "__main__":

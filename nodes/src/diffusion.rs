@@ -4,7 +4,7 @@
 //! against a reference.
 
 use crate::files::{file_fingerprint, fnv1a, input_path, output_path};
-use crate::models::{dit::DiT, pixart, pixart::PixArt, Config, Weights};
+use crate::models::{dit::DiT, pixart, pixart::PixArt, vae::AutoencoderKL, Config, Weights};
 use crate::tensor_io::tensor_view;
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
@@ -102,8 +102,74 @@ impl DiffusionModel {
     }
 }
 
+/// A loaded `AutoencoderKL`.
+pub struct Vae(pub AutoencoderKL);
+
+impl Object for Vae {
+    const TAG: &'static str = "ditflow.vae";
+}
+
+impl Vae {
+    pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<Vae> {
+        let cfg = Config::read(dir)?;
+        match cfg.class_name() {
+            Some("AutoencoderKL") => {}
+            other => bail!(
+                "{}: class \"{}\" is not an AutoencoderKL",
+                cfg.path.display(),
+                other.unwrap_or("")
+            ),
+        }
+        let w = Weights::load(ctx, dir, device)?;
+        Ok(Vae(AutoencoderKL::load(&cfg, &w, device)?))
+    }
+
+    /// `image` → `mean`, `logvar`; `latent` → `decoded`, and with `tile_size` (and
+    /// `tile_overlap`, default 0.25) also `tiled`.
+    pub fn forward_named(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+    ) -> Result<HashMap<String, Tensor>> {
+        let dev = self.0.device;
+        let mut out = HashMap::new();
+        if let Some(image) = inputs.get("image") {
+            let (mean, logvar) = self.0.encode(&image.cast(DType::F32)?.to_device(dev)?)?;
+            out.insert("mean".to_string(), mean);
+            out.insert("logvar".to_string(), logvar);
+        }
+        if let Some(latent) = inputs.get("latent") {
+            let z = latent.cast(DType::F32)?.to_device(dev)?;
+            out.insert("decoded".to_string(), self.0.decode(&z)?);
+            if let Some(tile) = inputs.get("tile_size") {
+                let scalar = |t: &Tensor| -> Result<f32> {
+                    t.cast(DType::F32)?
+                        .to_device(Device::Cpu)?
+                        .as_f32()?
+                        .first()
+                        .copied()
+                        .ok_or_else(|| Error::new("an empty scalar input"))
+                };
+                let overlap = inputs
+                    .get("tile_overlap")
+                    .map(scalar)
+                    .transpose()?
+                    .unwrap_or(0.25);
+                out.insert(
+                    "tiled".to_string(),
+                    self.0
+                        .tiled_decode(&z, scalar(tile)? as usize, overlap as f64)?,
+                );
+            }
+        }
+        if out.is_empty() {
+            bail!("a VAE forward needs an 'image' or a 'latent' input");
+        }
+        Ok(out)
+    }
+}
+
 /// A fingerprint of a model folder: every file's path, size and modification time.
-fn folder_fingerprint(dir: &Path) -> Result<u64> {
+pub(crate) fn folder_fingerprint(dir: &Path) -> Result<u64> {
     let mut names: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| Error(format!("{}: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -148,6 +214,38 @@ impl Node for LoadDiffusionModel {
     }
 }
 
+/// `LoadVAE`: a diffusers `AutoencoderKL` folder as a VAE value.
+#[derive(Default)]
+pub struct LoadVAE;
+
+impl Node for LoadVAE {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("LoadVAE")
+            .category("loaders")
+            .doc(
+                "Loads a diffusers AutoencoderKL folder (config.json plus safetensors). The \
+                 scaling and shift factors come from its config. Cached until a file in the \
+                 folder changes.",
+            )
+            .input(
+                Port::new("path", "String")
+                    .doc("The VAE folder; a relative path is taken from the graph's folder."),
+            )
+            .output(Port::new("vae", "Model").doc("The autoencoder."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let dir = input_path(ctx, "path")?;
+        let vae = Vae::load(&dir, ctx.device(), ctx)?;
+        let value = ctx.make_object(vae)?;
+        ctx.set_output("vae", value)
+    }
+
+    fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
+        folder_fingerprint(&input_path(ctx, "path")?).map(Some)
+    }
+}
+
 /// `Forward`: one model forward from a safetensors file of inputs to a file of outputs.
 #[derive(Default)]
 pub struct Forward;
@@ -161,7 +259,9 @@ impl Node for Forward {
                  named `in.ARG` after the diffusers/transformers forward arguments (for PixArt: \
                  hidden_states, encoder_hidden_states, timestep, encoder_attention_mask, and for \
                  PixArt-α resolution and aspect_ratio; for DiT: hidden_states, timestep, \
-                 class_labels). Outputs are written as `out.NAME` (f32) to another file, for \
+                 class_labels; for a VAE: image and/or latent, tile_size, tile_overlap; for a \
+                 text encoder: input_ids and attention_mask). Outputs \
+                 are written as `out.NAME` (f32) to another file, for \
                  comparing with a reference implementation.",
             )
             .input(Port::new("model", "Model").doc("A model from a Load... node."))
@@ -179,16 +279,21 @@ impl Node for Forward {
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let model: Value = ctx.input("model")?;
-        let model = model
-            .as_object::<DiffusionModel>()
-            .map_err(|e| Error(format!("input 'model': {e}")))?;
         let in_path = input_path(ctx, "inputs")?;
         let all = ctx.load_weights(&in_path.to_string_lossy(), Device::Cpu)?;
         let inputs: HashMap<String, Tensor> = all
             .into_iter()
             .filter_map(|(k, v)| k.strip_prefix("in.").map(|n| (n.to_string(), v)))
             .collect();
-        let outputs = model.forward_named(&inputs)?;
+        let outputs = if let Ok(m) = model.as_object::<DiffusionModel>() {
+            m.forward_named(&inputs)?
+        } else if let Ok(v) = model.as_object::<Vae>() {
+            v.forward_named(&inputs)?
+        } else if let Ok(t) = model.as_object::<crate::encoders::TextEncoder>() {
+            t.forward_named(&inputs)?
+        } else {
+            bail!("input 'model': expected a diffusion model, a VAE or a text encoder");
+        };
         let host: Vec<(String, Tensor)> = outputs
             .into_iter()
             .map(|(k, v)| {

@@ -8,8 +8,9 @@
 //! - [`tensor`]: `TensorStats` and `LatentToTensor`;
 //! - [`tensor_io`]: `LoadTensor` and `SaveTensor` (safetensors files);
 //! - [`image`]: `LoadImage` and `SaveImage` (PNG files);
-//! - [`models`]: the model architectures (PixArt, DiT) over the host's tensor engine;
-//! - [`diffusion`]: `LoadDiffusionModel` and `Forward`.
+//! - [`models`]: the model architectures (PixArt, DiT, AutoencoderKL, T5) over the host's tensor engine;
+//! - [`diffusion`]: `LoadDiffusionModel`, `LoadVAE` and `Forward`;
+//! - [`encoders`]: `LoadTextEncoder`.
 //!
 //! Node logic that does not need the host lives in plain functions next to each node, so it is
 //! unit-tested without loading the plugin.
@@ -18,6 +19,7 @@
 
 pub mod constants;
 pub mod diffusion;
+pub mod encoders;
 mod files;
 pub mod image;
 pub mod math;
@@ -49,6 +51,8 @@ export_plugin!(
         image::LoadImage,
         image::SaveImage,
         diffusion::LoadDiffusionModel,
+        diffusion::LoadVAE,
+        encoders::LoadTextEncoder,
         diffusion::Forward,
     ]
 );

@@ -1,6 +1,7 @@
-//! Model architectures, one file per diffusers/transformers class ([`pixart`], [`dit`]), and the
-//! layers they share. Structs are named like the reference implementation's modules so weight keys
-//! map one to one; every forward runs on the host's tensor engine through the SDK.
+//! Model architectures, one file per diffusers/transformers class ([`pixart`], [`dit`], [`vae`],
+//! [`t5`]), and the layers they share. Structs are named like the reference implementation's
+//! modules so weight keys map one to one; every forward runs on the host's tensor engine through
+//! the SDK.
 //!
 //! Loading: a model folder is `config.json` plus safetensors weights (sharded or not). A missing
 //! folder, an unsupported class, or a missing or misshapen key is an error naming the file and the
@@ -8,6 +9,8 @@
 
 pub mod dit;
 pub mod pixart;
+pub mod t5;
+pub mod vae;
 
 use ditflow_plugin::{Context, DType, Device, Error, Kind, Result, Tensor};
 use std::collections::HashMap;
@@ -390,4 +393,83 @@ pub fn mask_bias(mask: &Tensor) -> Result<Tensor> {
     mask.cast(DType::F32)?
         .affine(10000.0, -10000.0)?
         .reshape(&[s[0] as i64, 1, 1, s[1] as i64])
+}
+
+/// `torch.nn.Conv2d` with square kernels, symmetric padding and an optional stride.
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Conv2d {
+    /// Loads `prefix.weight` `[out, in, k, k]` (and `prefix.bias`).
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        input: usize,
+        output: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Conv2d> {
+        Ok(Conv2d {
+            weight: w.get(&format!("{prefix}.weight"), &[output, input, k, k])?,
+            bias: Some(w.get(&format!("{prefix}.bias"), &[output])?),
+            stride,
+            padding,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.conv(
+            &self.weight,
+            self.bias.as_ref(),
+            &[self.stride],
+            &[self.padding],
+            1,
+        )
+    }
+}
+
+/// `torch.nn.GroupNorm` with its affine, and an activation fused after it.
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub groups: usize,
+    pub eps: f32,
+}
+
+impl GroupNorm {
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        channels: usize,
+        groups: usize,
+        eps: f32,
+    ) -> Result<GroupNorm> {
+        if groups == 0 || channels % groups != 0 {
+            return Err(Error(format!(
+                "{}: {prefix}: {channels} channels do not split into {groups} groups",
+                w.dir.display()
+            )));
+        }
+        Ok(GroupNorm {
+            weight: w.get(&format!("{prefix}.weight"), &[channels])?,
+            bias: w.get(&format!("{prefix}.bias"), &[channels])?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, activation: &str) -> Result<Tensor> {
+        x.group_norm(
+            self.groups,
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            activation,
+        )
+    }
 }

@@ -397,6 +397,23 @@ impl Tensor {
         self.binary(b, "div")
     }
 
+    /// Elementwise `max(self, b)` (broadcasting).
+    pub fn maximum(&self, b: &Tensor) -> Result<Tensor> {
+        self.binary(b, "maximum")
+    }
+
+    /// Elementwise `min(self, b)` (broadcasting).
+    pub fn minimum(&self, b: &Tensor) -> Result<Tensor> {
+        self.binary(b, "minimum")
+    }
+
+    /// Clamps every element into `[lo, hi]`.
+    pub fn clamp(&self, lo: f32, hi: f32) -> Result<Tensor> {
+        let bounds = Tensor::from_f32(Kind::Tensor, &[2], &[lo, hi])?.to_device(self.device())?;
+        let (lo, hi) = (bounds.slice(0, 0, 1, 1)?, bounds.slice(0, 1, 2, 1)?);
+        self.maximum(&lo)?.minimum(&hi)
+    }
+
     /// `self·mul + add`.
     pub fn affine(&self, mul: f64, add: f64) -> Result<Tensor> {
         one(
