@@ -99,3 +99,45 @@ fn t5_encoder_matches_transformers() {
     // Gated-GELU T5 with relative position buckets past the exact range and padded tokens.
     assert!(forward_error(&session(), "t5", &["last_hidden_state"]) <= 1e-4);
 }
+
+#[test]
+fn text_to_image_pipeline_matches_diffusers() {
+    // Tokens → T5 → PixArt under DPM-Solver++(2M) with guidance → VAE, against diffusers'
+    // PixArtSigmaPipeline on the same tiny models started from ditflow's Philox noise.
+    // Tolerance: 1e-3 relative to the largest pixel value.
+    let dir = common::repo().join("tests/fixtures/parity/pipeline");
+    let io = dir.join("io.safetensors");
+    // The fixture script reimplements ditflow's noise in numpy; check that first.
+    let (_, noise) = read(&io, "in.noise");
+    let ours = ditflow::tensor::ops::randn(&[1, 4, 8, 8], 7, ditflow::tensor::Device::Cpu).unwrap();
+    assert_eq!(ours.as_f32(), &noise[..], "the fixture's noise is ditflow's");
+    let yaml = format!(
+        r#"version: 1
+nodes:
+  te: {{type: LoadTextEncoder, inputs: {{path: {d:?}}}}}
+  dit: {{type: LoadDiffusionModel, inputs: {{path: {t:?}}}}}
+  vae: {{type: LoadVAE, inputs: {{path: {v:?}}}}}
+  pos: {{type: TextEncode, inputs: {{encoder: te.encoder, text: "a red circle on a blue background", max_tokens: 12}}}}
+  neg: {{type: TextEncode, inputs: {{encoder: te.encoder, text: "", max_tokens: 12}}}}
+  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 4, downscale: 2}}}}
+  sample: {{type: Sample, inputs: {{model: dit.model, positive: pos.conditioning, negative: neg.conditioning, latent: latent.latent, scheduler_config: {s:?}, steps: 6, cfg: 3.0, seed: 7}}}}
+  decode: {{type: VAEDecode, inputs: {{vae: vae.vae, latent: sample.latent}}}}
+outputs:
+  image: decode.image
+"#,
+        d = dir.join("text_encoder").to_string_lossy(),
+        t = dir.join("transformer").to_string_lossy(),
+        v = dir.join("vae").to_string_lossy(),
+        s = dir.join("scheduler/scheduler_config.json").to_string_lossy(),
+    );
+    let g = Graph::from_yaml(&yaml, "pipeline.yaml", Path::new(".")).unwrap();
+    let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let ditflow::Value::Tensor(_, img) = &**report.output("image").unwrap() else { panic!("an image") };
+    let (ws, want) = read(&io, "out.image");
+    assert_eq!(img.shape(), &ws[..]);
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let err = img.as_f32().iter().zip(&want).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0f64, f64::max) / scale;
+    eprintln!("pipeline image: relative error {err:.2e}");
+    assert!(err <= 1e-3, "relative error {err}");
+}

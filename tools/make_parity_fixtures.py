@@ -178,6 +178,83 @@ def t5(seed):
     save("t5", model, {"input_ids": ids, "attention_mask": mask}, {"last_hidden_state": out})
 
 
+def philox_randn(shape, seed):
+    """ditflow's seeded noise (runtime/src/tensor/rng.rs): Philox4x32-10 on counter i // 4, with
+    Box-Muller in float64 on word pairs, so the pipeline fixture starts from the same noise."""
+    import numpy as np
+
+    n = int(np.prod(shape))
+    blocks = (n + 3) // 4
+    ctr = np.arange(blocks, dtype=np.uint64)
+    c = [(ctr & 0xFFFFFFFF).astype(np.uint64), (ctr >> 32).astype(np.uint64), np.zeros(blocks, np.uint64), np.zeros(blocks, np.uint64)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    mask = np.uint64(0xFFFFFFFF)
+    for r in range(10):
+        if r > 0:
+            k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+        p0 = np.uint64(0xD2511F53) * c[0]
+        p1 = np.uint64(0xCD9E8D57) * c[2]
+        hi0, lo0 = p0 >> np.uint64(32), p0 & mask
+        hi1, lo1 = p1 >> np.uint64(32), p1 & mask
+        c = [(hi1 ^ c[1] ^ k0) & mask, lo1, (hi0 ^ c[3] ^ k1) & mask, lo0]
+    words = np.stack(c, axis=1).astype(np.float64)
+    u = (words + 1.0) / 4294967296.0
+    out = np.empty((blocks, 4))
+    for pair in range(2):
+        rr = np.sqrt(-2.0 * np.log(u[:, 2 * pair]))
+        th = 2 * np.pi * u[:, 2 * pair + 1]
+        out[:, 2 * pair], out[:, 2 * pair + 1] = rr * np.cos(th), rr * np.sin(th)
+    return torch.from_numpy(out.reshape(-1)[:n].astype(np.float32).reshape(shape))
+
+
+def pipeline(seed):
+    """PixArtSigmaPipeline on tiny T5 + PixArt + VAE, from ditflow's noise: tokens to image."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    out = os.path.join(ROOT, "pipeline")
+    shutil.rmtree(out, ignore_errors=True)
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "circle", "square", "on", "background"]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    te = randomize(T5EncoderModel(T5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                                           relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                                           feed_forward_proj="gated-gelu", dropout_rate=0.0)), seed)
+    dit = randomize(PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                             num_layers=2, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                             caption_channels=16, interpolation_scale=1, use_additional_conditions=False), seed + 1)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.mul_(0.5)
+    vae = randomize(AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                                  sample_size=16, scaling_factor=0.7), seed + 2)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("weight") and p.dim() == 4:
+                p.mul_(0.5)
+    sched = DPMSolverMultistepScheduler()
+    te.save_pretrained(os.path.join(out, "text_encoder"), safe_serialization=True)
+    tok.save(os.path.join(out, "text_encoder", "tokenizer.json"))
+    dit.save_pretrained(os.path.join(out, "transformer"), safe_serialization=True)
+    vae.save_pretrained(os.path.join(out, "vae"), safe_serialization=True)
+    sched.save_pretrained(os.path.join(out, "scheduler"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    pipe = PixArtSigmaPipeline(tokenizer=fast, text_encoder=te, vae=vae, transformer=dit, scheduler=sched)
+    noise_seed, steps, cfg = 7, 6, 3.0
+    noise = philox_randn((1, 4, 8, 8), noise_seed)
+    with torch.no_grad():
+        image = pipe(prompt="a red circle on a blue background", negative_prompt="", num_inference_steps=steps,
+                     guidance_scale=cfg, height=16, width=16, latents=noise.clone(), output_type="pt",
+                     clean_caption=False, use_resolution_binning=False, max_sequence_length=12).images
+    tensors = {"in.noise": noise, "in.noise_seed": torch.tensor([noise_seed]), "in.steps": torch.tensor([steps]),
+               "in.cfg": torch.tensor([cfg]), "out.image": image[0].permute(1, 2, 0).contiguous()}
+    save_file(tensors, os.path.join(out, "io.safetensors"))
+    print(f"pipeline: image {tuple(image.shape)}")
+
+
 def main():
     torch.set_num_threads(2)
     os.makedirs(ROOT, exist_ok=True)
@@ -186,6 +263,7 @@ def main():
     dit(30)
     vae(40)
     t5(50)
+    pipeline(60)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,16 @@ use ditflow_plugin::Object;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// A loaded text encoder.
-pub enum TextEncoder {
+/// The encoder network.
+pub enum TextModel {
     T5(Box<T5Encoder>),
+}
+
+/// A loaded text encoder and, when its folder has a `tokenizer.json`, its tokenizer.
+pub struct TextEncoder {
+    pub model: TextModel,
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+    pub dir: std::path::PathBuf,
 }
 
 impl Object for TextEncoder {
@@ -32,9 +39,45 @@ impl TextEncoder {
             );
         }
         let w = Weights::load(ctx, dir, device)?;
-        Ok(TextEncoder::T5(Box::new(T5Encoder::load(
-            &cfg, &w, device,
-        )?)))
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = if tok_path.is_file() {
+            Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error(format!("{}: {e}", tok_path.display())))?)
+        } else {
+            None
+        };
+        Ok(TextEncoder {
+            model: TextModel::T5(Box::new(T5Encoder::load(&cfg, &w, device)?)),
+            tokenizer,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The token ids of `text` (special tokens added, padding dropped), at most `max`.
+    pub fn tokenize(&self, text: &str, max: usize) -> Result<Vec<i64>> {
+        let tok = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| Error(format!("{}: no tokenizer.json beside the encoder", self.dir.display())))?;
+        let enc = tok.encode(text, true).map_err(|e| Error(format!("tokenizing {text:?}: {e}")))?;
+        let ids: Vec<i64> = enc
+            .get_ids()
+            .iter()
+            .zip(enc.get_attention_mask())
+            .filter(|(_, &m)| m != 0)
+            .map(|(&i, _)| i as i64)
+            .take(max)
+            .collect();
+        if ids.is_empty() {
+            bail!("the tokenizer made no tokens for {text:?}");
+        }
+        Ok(ids)
+    }
+
+    /// The last hidden state `[B, L, width]` for ids `[B, L]` (no padding).
+    pub fn encode(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.model {
+            TextModel::T5(m) => m.forward(ids, None),
+        }
     }
 
     /// `input_ids` (and `attention_mask`) → `last_hidden_state`.
@@ -47,8 +90,8 @@ impl TextEncoder {
             .ok_or_else(|| Error::new("missing input 'input_ids'"))?;
         let ids = ids.cast(DType::I64)?;
         let mask = inputs.get("attention_mask");
-        let out = match self {
-            TextEncoder::T5(m) => m.forward(&ids, mask)?,
+        let out = match &self.model {
+            TextModel::T5(m) => m.forward(&ids, mask)?,
         };
         Ok(HashMap::from([("last_hidden_state".to_string(), out)]))
     }
@@ -64,7 +107,8 @@ impl Node for LoadTextEncoder {
             .category("loaders")
             .doc(
                 "Loads a transformers text-encoder folder (config.json plus safetensors) holding \
-                 a T5EncoderModel. Cached until a file in the folder changes.",
+                 a T5EncoderModel, with the folder's tokenizer.json when there is one. Cached \
+                 until a file in the folder changes.",
             )
             .input(
                 Port::new("path", "String")

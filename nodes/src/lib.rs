@@ -8,9 +8,11 @@
 //! - [`tensor`]: `TensorStats` and `LatentToTensor`;
 //! - [`tensor_io`]: `LoadTensor` and `SaveTensor` (safetensors files);
 //! - [`image`]: `LoadImage` and `SaveImage` (PNG files);
-//! - [`models`]: the model architectures (PixArt, DiT, AutoencoderKL, T5) over the host's tensor engine;
+//! - [`models`]: the architectures (PixArt, DiT, AutoencoderKL, T5) on the host's tensor engine;
 //! - [`diffusion`]: `LoadDiffusionModel`, `LoadVAE` and `Forward`;
-//! - [`encoders`]: `LoadTextEncoder`.
+//! - [`encoders`]: `LoadTextEncoder` (T5, with its tokenizer);
+//! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `Sample` and `VAEDecode`;
+//! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching).
 //!
 //! Node logic that does not need the host lives in plain functions next to each node, so it is
 //! unit-tested without loading the plugin.
@@ -25,6 +27,8 @@ pub mod image;
 pub mod math;
 pub mod models;
 pub mod noise;
+pub mod pipeline;
+pub mod samplers;
 pub mod tensor;
 pub mod tensor_io;
 pub mod text;
@@ -54,5 +58,9 @@ export_plugin!(
         diffusion::LoadVAE,
         encoders::LoadTextEncoder,
         diffusion::Forward,
+        pipeline::TextEncode,
+        pipeline::EmptyLatent,
+        pipeline::Sample,
+        pipeline::VAEDecode,
     ]
 );

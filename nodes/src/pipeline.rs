@@ -1,0 +1,351 @@
+//! The text-to-image pipeline as nodes: `TextEncode` (tokenizer plus text encoder), `EmptyLatent`,
+//! `Sample` (a scheduler from [`crate::samplers`] driving a denoiser, with classifier-free guidance
+//! on a batched conditional/unconditional forward) and `VAEDecode`. `SaveImage` writes the result.
+
+use crate::diffusion::{DiffusionModel, Vae};
+use crate::encoders::TextEncoder;
+use crate::models::pixart;
+use crate::samplers::{self, Scheduler};
+use ditflow_plugin::prelude::*;
+use std::collections::VecDeque;
+use std::path::Path;
+
+/// The sampler names `Sample` accepts, and the diffusers class each one is.
+pub const SAMPLERS: &[(&str, &str)] = &[
+    ("ddim", "DDIMScheduler"),
+    ("euler", "EulerDiscreteScheduler"),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+    ("flow_euler", "FlowMatchEulerDiscreteScheduler"),
+];
+
+/// Python's JSON extensions (`Infinity`, `-Infinity`, `NaN`, which diffusers writes into scheduler
+/// configs) as JSON strings, so a standard parser reads the file; strings are left alone.
+pub fn quote_python_constants(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut in_string = false;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if c == '\\' {
+                let n = rest.chars().take(2).map(char::len_utf8).sum::<usize>();
+                out.push_str(&rest[..n]);
+                rest = &rest[n..];
+                continue;
+            }
+            in_string = c != '"';
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(word) = ["-Infinity", "Infinity", "NaN"].iter().find(|w| rest.starts_with(**w)) {
+            out.push('"');
+            out.push_str(word);
+            out.push('"');
+            rest = &rest[word.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// Reads a diffusers `scheduler_config.json` into `(key, JSON text)` pairs and its class name.
+fn scheduler_fields(path: &Path) -> Result<(String, Vec<(String, String)>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
+    let text = quote_python_constants(&text);
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error(format!("{}: not valid JSON: {e}", path.display())))?;
+    let obj = json.as_object().ok_or_else(|| Error(format!("{}: expected a JSON object", path.display())))?;
+    let class = obj.get("_class_name").and_then(|v| v.as_str()).unwrap_or("").to_string();
+    Ok((class, obj.iter().filter(|(k, _)| !k.starts_with('_')).map(|(k, v)| (k.clone(), v.to_string())).collect()))
+}
+
+/// Builds the scheduler for `class` from config fields plus overrides, for `steps` steps and an
+/// image of `image_seq_len` tokens (Flux's dynamic shift).
+pub fn build_scheduler(class: &str, fields: &[(String, String)], steps: usize, image_seq_len: usize) -> Result<Box<dyn Scheduler>> {
+    let pairs = fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    let e = |e: samplers::SamplerError| Error(e.0);
+    Ok(match class {
+        "DDIMScheduler" => Box::new(samplers::Ddim::new(samplers::DdimConfig::from_fields(pairs).map_err(e)?, steps).map_err(e)?),
+        "EulerDiscreteScheduler" => Box::new(
+            samplers::EulerDiscrete::new(samplers::EulerDiscreteConfig::from_fields(pairs).map_err(e)?, steps).map_err(e)?,
+        ),
+        "DPMSolverMultistepScheduler" => {
+            let c = samplers::DpmSolverMultistepConfig::from_fields(pairs).map_err(e)?;
+            Box::new(samplers::DpmSolverMultistep::new(c, steps, None).map_err(e)?)
+        }
+        "FlowMatchEulerDiscreteScheduler" => {
+            let c = samplers::FlowMatchEulerDiscreteConfig::from_fields(pairs).map_err(e)?;
+            let mu = if c.use_dynamic_shifting { Some(c.mu(image_seq_len)) } else { None };
+            Box::new(samplers::FlowMatchEulerDiscrete::new(c, steps, samplers::FlowSigmas::Pipeline, mu).map_err(e)?)
+        }
+        other => bail!(
+            "scheduler class \"{other}\" is not supported (supported: {})",
+            SAMPLERS.iter().map(|(_, c)| *c).collect::<Vec<_>>().join(", ")
+        ),
+    })
+}
+
+/// `TextEncode`: a prompt as a Conditioning tensor.
+#[derive(Default)]
+pub struct TextEncode;
+
+impl Node for TextEncode {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("TextEncode")
+            .category("conditioning")
+            .doc(
+                "Tokenizes the text with the encoder's tokenizer.json and runs the text encoder. \
+                 The result holds the embeddings of the real tokens only (padding dropped), \
+                 [1, tokens, width]; Sample pads and masks when it batches prompts.",
+            )
+            .input(Port::new("encoder", "Model").doc("A text encoder from LoadTextEncoder (its folder must hold tokenizer.json)."))
+            .input(Port::new("text", "String").default("").doc("The prompt; empty for an unconditional embedding."))
+            .input(Port::new("max_tokens", "Int").default(120i64).range(1.0, 4096.0).doc("Tokens kept at most (diffusers' max_sequence_length)."))
+            .output(Port::new("conditioning", "Conditioning").doc("[1, tokens, width] embeddings."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let enc: Value = ctx.input("encoder")?;
+        let enc = enc.as_object::<TextEncoder>().map_err(|e| Error(format!("input 'encoder': {e}")))?;
+        let text: String = ctx.input("text")?;
+        let max: i64 = ctx.input("max_tokens")?;
+        let ids = enc.tokenize(&text, max as usize)?;
+        let n = ids.len();
+        let t = Tensor::from_bytes(Kind::Tensor, DType::I64, &[1, n], &ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>())?;
+        let out = enc.encode(&t)?;
+        ctx.set_output("conditioning", out.with_kind(Kind::Conditioning)?)
+    }
+}
+
+/// `EmptyLatent`: a zero latent of the size an image needs.
+#[derive(Default)]
+pub struct EmptyLatent;
+
+impl Node for EmptyLatent {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("EmptyLatent")
+            .category("latent")
+            .doc("A latent of zeros, [batch, channels, height/downscale, width/downscale]: the shape Sample fills with seeded noise.")
+            .input(Port::new("width", "Int").default(512i64).range(8.0, 16384.0).doc("Image width in pixels."))
+            .input(Port::new("height", "Int").default(512i64).range(8.0, 16384.0).doc("Image height in pixels."))
+            .input(Port::new("channels", "Int").default(4i64).range(1.0, 64.0).doc("Latent channels (the VAE's latent_channels)."))
+            .input(Port::new("downscale", "Int").default(8i64).range(1.0, 64.0).doc("Image pixels per latent pixel (the VAE's factor)."))
+            .input(Port::new("batch", "Int").default(1i64).range(1.0, 64.0).doc("Images at once."))
+            .output(Port::new("latent", "Latent").doc("The zero latent."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let get = |n: &str| -> Result<usize> { Ok(ctx.input::<i64>(n)? as usize) };
+        let (w, h, c, f, b) = (get("width")?, get("height")?, get("channels")?, get("downscale")?, get("batch")?);
+        if w % f != 0 || h % f != 0 {
+            bail!("width {w} and height {h} must be multiples of downscale {f}");
+        }
+        ctx.set_output("latent", Tensor::zeros(Kind::Latent, DType::F32, &[b, c, h / f, w / f])?)
+    }
+}
+
+/// Pads `[1, L, D]` conditionings to one length; returns the batch `[N, Lmax, D]` and its mask.
+fn batch_conditionings(conds: &[&Tensor], device: Device) -> Result<(Tensor, Tensor)> {
+    let width = conds[0].shape()[2];
+    let lmax = conds.iter().map(|c| c.shape()[1]).max().unwrap_or(1).max(1);
+    let mut padded = Vec::new();
+    let mut mask = Vec::new();
+    for c in conds {
+        let s = c.shape();
+        if s.len() != 3 || s[0] != 1 || s[2] != width {
+            bail!("conditionings must be [1, tokens, {width}], got {s:?}");
+        }
+        let c = c.to_device(device)?;
+        let t = if s[1] < lmax {
+            let pad = Tensor::zeros(Kind::Tensor, DType::F32, &[1, lmax - s[1], width])?.to_device(device)?;
+            ditflow_plugin::ops::concat(&[&c.cast(DType::F32)?, &pad], 1)?
+        } else {
+            c.cast(DType::F32)?
+        };
+        padded.push(t);
+        mask.extend((0..lmax).map(|i| (i < s[1]) as i64));
+    }
+    let batch = ditflow_plugin::ops::concat(&padded.iter().collect::<Vec<_>>(), 0)?;
+    let m = Tensor::from_bytes(Kind::Tensor, DType::I64, &[conds.len(), lmax], &mask.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+    Ok((batch, m.to_device(device)?))
+}
+
+/// `Sample`: runs a scheduler over a denoiser with classifier-free guidance.
+#[derive(Default)]
+pub struct Sample;
+
+impl Node for Sample {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("Sample")
+            .category("sampling")
+            .doc(
+                "Denoises seeded noise of the latent's shape with a diffusion model under a \
+                 diffusers-equivalent scheduler: ddim, euler, dpmpp_2m (DPM-Solver++(2M)) or \
+                 flow_euler (flow matching), or `auto` for the class in scheduler_config. \
+                 Classifier-free guidance runs the conditional and unconditional prompts as one \
+                 batch: u + cfg·(c − u). Reports progress per step and stops when cancelled.",
+            )
+            .input(Port::new("model", "Model").doc("A diffusion model from LoadDiffusionModel (PixArt)."))
+            .input(Port::new("positive", "Conditioning").doc("The prompt's conditioning."))
+            .input(Port::new("negative", "Conditioning").optional().doc("The unconditional conditioning (needed when cfg != 1)."))
+            .input(Port::new("latent", "Latent").doc("Sets the output shape (an EmptyLatent)."))
+            .input(Port::new("sampler", "String").default("auto").choices(&["auto", "ddim", "euler", "dpmpp_2m", "flow_euler"]).doc("The scheduler."))
+            .input(Port::new("scheduler_config", "String").default("").doc("A diffusers scheduler_config.json (relative to the graph's folder); empty for the class defaults."))
+            .input(Port::new("karras", "Bool").default(false).doc("Karras sigmas (euler, dpmpp_2m)."))
+            .input(Port::new("shift", "Float").default(0.0).range(0.0, 100.0).doc("Flow-matching shift; 0 keeps the config's."))
+            .input(Port::new("steps", "Int").default(20i64).range(1.0, 1000.0).doc("Sampling steps."))
+            .input(Port::new("cfg", "Float").default(4.5).range(0.0, 100.0).doc("Guidance scale; 1 disables guidance."))
+            .input(Port::new("seed", "Int").default(0i64).doc("Noise seed (the same noise on every device)."))
+            .output(Port::new("latent", "Latent").doc("The denoised latent."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let model = model.as_object::<DiffusionModel>().map_err(|e| Error(format!("input 'model': {e}")))?;
+        let DiffusionModel::PixArt(m) = model else {
+            bail!("Sample drives text-conditioned models (PixArt); DiT is class-conditioned");
+        };
+        let device = m.device;
+        let positive: Tensor = ctx.input("positive")?;
+        let negative: Option<Tensor> = ctx.input_opt("negative")?;
+        let latent: Tensor = ctx.input("latent")?;
+        let steps = ctx.input::<i64>("steps")? as usize;
+        let cfg: f64 = ctx.input("cfg")?;
+        let seed: i64 = ctx.input("seed")?;
+        let s = latent.shape().to_vec();
+        if s.len() != 4 || s[1] != m.in_channels {
+            bail!("the latent must be [B, {}, H, W], got {s:?}", m.in_channels);
+        }
+        let batch = s[0];
+        let guided = cfg != 1.0;
+        if guided && negative.is_none() {
+            bail!("cfg {cfg} needs a negative conditioning (an empty prompt works)");
+        }
+        // The scheduler.
+        let sampler: String = ctx.input("sampler")?;
+        let cfg_path: String = ctx.input("scheduler_config")?;
+        let (file_class, mut fields) = if cfg_path.is_empty() {
+            (String::new(), Vec::new())
+        } else {
+            scheduler_fields(&ctx.input_path(&cfg_path)?)?
+        };
+        let class = match sampler.as_str() {
+            "auto" if file_class.is_empty() => bail!("sampler 'auto' needs a scheduler_config naming the class"),
+            "auto" => file_class,
+            name => SAMPLERS.iter().find(|(n, _)| *n == name).map(|(_, c)| c.to_string()).ok_or_else(|| Error(format!("unknown sampler '{name}'")))?,
+        };
+        if ctx.input::<bool>("karras")? {
+            fields.push(("use_karras_sigmas".into(), "true".into()));
+        }
+        let shift: f64 = ctx.input("shift")?;
+        if shift > 0.0 {
+            fields.push(("shift".into(), shift.to_string()));
+        }
+        let tokens = (s[2] / m.patch) * (s[3] / m.patch);
+        let sched = build_scheduler(&class, &fields, steps, tokens)?;
+        // Conditioning batch: positives then negatives.
+        let (cond, mask) = {
+            let mut list: Vec<&Tensor> = vec![&positive; batch];
+            if guided {
+                list.extend(std::iter::repeat_n(negative.as_ref().expect("checked"), batch));
+            }
+            batch_conditionings(&list, device)?
+        };
+        let mut x = ditflow_plugin::ops::randn(&s, seed as u64, device)?.affine(sched.init_noise_sigma(), 0.0)?;
+        let mut history: VecDeque<Tensor> = VecDeque::new();
+        let total = sched.num_steps() as u64;
+        for (i, step) in sched.steps().iter().enumerate() {
+            ctx.check_cancelled()?;
+            let input = x.affine(step.input_scale, 0.0)?;
+            let input = if guided { ditflow_plugin::ops::concat(&[&input, &input], 0)? } else { input };
+            let n = input.shape()[0];
+            let t = vec![step.timestep as f32; n];
+            let out = m.forward(&pixart::Inputs {
+                hidden_states: &input,
+                encoder_hidden_states: &cond,
+                timestep: &t,
+                encoder_attention_mask: Some(&mask),
+                resolution: None,
+                aspect_ratio: None,
+            })?;
+            // A learned-sigma model predicts 2C channels: the first C are the noise.
+            let out = if out.shape()[1] != s[1] { out.slice(1, 0, s[1] as i64, 1)? } else { out };
+            let out = if guided {
+                let parts = out.split(0, &[batch, batch])?;
+                let (c, u) = (&parts[0], &parts[1]);
+                u.add(&c.sub(u)?.affine(cfg, 0.0)?)?
+            } else {
+                out
+            };
+            let mut next = x.affine(step.x_coeff, 0.0)?.add(&out.affine(step.output_coeff, 0.0)?)?;
+            if step.uses_denoised() || sched.history_len() > 0 {
+                let mut d = x.affine(step.denoised_x, 0.0)?.add(&out.affine(step.denoised_output, 0.0)?)?;
+                if let Some(c) = step.denoised_clamp {
+                    d = d.clamp(-c as f32, c as f32)?;
+                }
+                history.push_front(d);
+                history.truncate(sched.history_len() + 1);
+                for &(k, c) in &step.denoised_terms {
+                    let d = history.get(k).ok_or_else(|| Error(format!("step {i} needs the estimate of {k} steps back")))?;
+                    next = next.add(&d.affine(c, 0.0)?)?;
+                }
+            }
+            x = next;
+            ctx.progress(i as u64 + 1, total);
+        }
+        ctx.set_output("latent", x.with_kind(Kind::Latent)?)
+    }
+}
+
+/// `VAEDecode`: a latent as an image.
+#[derive(Default)]
+pub struct VAEDecode;
+
+impl Node for VAEDecode {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("VAEDecode")
+            .category("latent")
+            .doc(
+                "Decodes a latent with the VAE (undoing its scaling and shift factors) into an \
+                 image in [0, 1], [height, width, 3] (the first of a batch). A tile size above 0 \
+                 decodes in overlapping tiles blended as diffusers does, so large images fit in \
+                 memory.",
+            )
+            .input(Port::new("vae", "Model").doc("A VAE from LoadVAE."))
+            .input(Port::new("latent", "Latent").doc("[B, C, h, w] latents."))
+            .input(Port::new("tile_size", "Int").default(0i64).range(0.0, 4096.0).doc("Latent pixels per tile; 0 decodes whole."))
+            .output(Port::new("image", "Image").doc("[height, width, 3] in [0, 1]."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let vae: Value = ctx.input("vae")?;
+        let vae = &vae.as_object::<Vae>().map_err(|e| Error(format!("input 'vae': {e}")))?.0;
+        let latent: Tensor = ctx.input("latent")?;
+        let tile = ctx.input::<i64>("tile_size")? as usize;
+        let s = latent.shape().to_vec();
+        if s.len() != 4 || s[1] != vae.latent_channels {
+            bail!("the latent must be [B, {}, h, w], got {s:?}", vae.latent_channels);
+        }
+        let z = latent.cast(DType::F32)?.to_device(vae.device)?.slice(0, 0, 1, 1)?;
+        let z = z.affine(1.0 / vae.scaling_factor, vae.shift_factor)?;
+        let img = if tile > 0 { vae.tiled_decode(&z, tile, 0.25)? } else { vae.decode(&z)? };
+        let (h, w) = (img.shape()[2] as i64, img.shape()[3] as i64);
+        let img = img.affine(0.5, 0.5)?.clamp(0.0, 1.0)?.reshape(&[3, h, w])?.permute(&[1, 2, 0])?;
+        ctx.set_output("image", img.to_device(Device::Cpu)?.with_kind(Kind::Image)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_json_constants_become_strings() {
+        let t = r#"{"a": -Infinity, "b": "NaN in \"text\"", "c": [Infinity, NaN], "d": 1e-3}"#;
+        let v: serde_json::Value = serde_json::from_str(&quote_python_constants(t)).unwrap();
+        assert_eq!(v["a"], "-Infinity");
+        assert_eq!(v["b"], "NaN in \"text\"");
+        assert_eq!(v["c"][0], "Infinity");
+        assert_eq!(v["d"], 1e-3);
+    }
+}

@@ -1,0 +1,419 @@
+//! The schedulers' maths, in plain Rust (no host, no tensors): four diffusers schedulers, each
+//! reduced to per-step scalar coefficients that a sampling node applies with tensor ops.
+//!
+//! | diffusers class                  | here                                       |
+//! |----------------------------------|--------------------------------------------|
+//! | `DDIMScheduler` (eta = 0)        | [`ddim::Ddim`]                             |
+//! | `EulerDiscreteScheduler`         | [`euler::EulerDiscrete`]                   |
+//! | `DPMSolverMultistepScheduler`    | [`dpmpp_2m::DpmSolverMultistep`]           |
+//! | `FlowMatchEulerDiscreteScheduler`| [`flow_match::FlowMatchEulerDiscrete`]     |
+//!
+//! Every scheduler is built from its config (the fields of diffusers' `scheduler_config.json`,
+//! with diffusers' defaults) and the number of inference steps, and then is a fixed list of
+//! [`Step`]s. Each step says at which `timestep` to call the model, how to scale the model's
+//! input, and how to get the next sample as a linear combination:
+//!
+//! ```text
+//! input     = input_scale · x                       (the model is called as model(input, timestep))
+//! denoised  = denoised_x · x + denoised_output · out   (then clamped to ±denoised_clamp if set)
+//! x_next    = x_coeff · x + output_coeff · out + Σ (k, c) in denoised_terms: c · denoised[k]
+//! ```
+//!
+//! where `out` is the model's output for this step and `denoised[k]` is the denoised estimate
+//! (the x₀ prediction) of the step `k` steps back: `denoised[0]` is this step's, `denoised[1]` the
+//! previous step's. [`Scheduler::history_len`] says how many previous estimates a caller must
+//! keep. The sampling loop is the one of diffusers' pipelines: `x = noise · init_noise_sigma`, then
+//! one model call and one update per step; [`run`] is that loop on plain `f64` vectors.
+//!
+//! Precision: the schedule tables are computed the way diffusers computes them, including the
+//! places where diffusers stores them in float32 (betas, `alphas_cumprod`, sigmas, float
+//! timesteps), so timesteps and sigmas match diffusers' to the last float32 bit or within one
+//! float32 ulp (PyTorch's float32 `sqrt` on the CPU is not always correctly rounded, so a training
+//! sigma can differ by one ulp); every coefficient is then computed in f64 from those values.
+//! diffusers computes its coefficients from float32 scalars and casts the sample to float32 inside
+//! `step` (Euler, DPM-Solver, flow matching), so the two trajectories differ by float32 rounding:
+//! about 1e-7 relative to the sample's size, up to 1e-5 for elements near zero (the parity tests
+//! allow 1e-5; see `tests.rs`).
+
+pub mod ddim;
+pub mod dpmpp_2m;
+pub mod euler;
+pub mod flow_match;
+pub mod schedule;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::str::FromStr;
+
+pub use ddim::{Ddim, DdimConfig};
+pub use dpmpp_2m::{DpmSolverMultistep, DpmSolverMultistepConfig, SolverType};
+pub use euler::{EulerDiscrete, EulerDiscreteConfig, TimestepType};
+pub use flow_match::{
+    calculate_shift, FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig, FlowSigmas,
+    TimeShiftType,
+};
+pub use schedule::BetaSchedule;
+
+/// An error from building a scheduler or running one: an unsupported option, a bad value, a
+/// step count diffusers refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SamplerError(pub String);
+
+impl fmt::Display for SamplerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SamplerError {}
+
+/// The result type of this module.
+pub type Result<T> = std::result::Result<T, SamplerError>;
+
+/// Returns early with a [`SamplerError`] made from a format string.
+macro_rules! fail {
+    ($($arg:tt)*) => {
+        return Err($crate::samplers::SamplerError(format!($($arg)*)))
+    };
+}
+pub(crate) use fail;
+
+/// One sampler step as scalars (see the module docs for how they combine).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// The timestep the model is called with at this step.
+    pub timestep: f64,
+    /// The model is called with `input_scale · x` (diffusers' `scale_model_input`).
+    pub input_scale: f64,
+    /// `denoised = denoised_x · x + denoised_output · out`: this step's x₀ estimate.
+    pub denoised_x: f64,
+    /// See [`Step::denoised_x`].
+    pub denoised_output: f64,
+    /// When set, the denoised estimate is clamped to `[-c, c]` (DDIM's `clip_sample`).
+    pub denoised_clamp: Option<f64>,
+    /// `x_next = x_coeff · x + output_coeff · out + Σ c · denoised[k]`.
+    pub x_coeff: f64,
+    /// See [`Step::x_coeff`].
+    pub output_coeff: f64,
+    /// `(k, c)` pairs: `c` times the denoised estimate of `k` steps back (`0` = this step).
+    pub denoised_terms: Vec<(usize, f64)>,
+}
+
+impl Step {
+    /// Whether the update uses any denoised estimate (this step's or an earlier one).
+    pub fn uses_denoised(&self) -> bool {
+        !self.denoised_terms.is_empty()
+    }
+
+    /// This step's denoised estimate from the sample `x` and the model output `out`.
+    pub fn denoised(&self, x: &[f64], out: &[f64]) -> Result<Vec<f64>> {
+        check_len("model output", out.len(), x.len())?;
+        Ok(x.iter()
+            .zip(out)
+            .map(|(&x, &o)| {
+                let d = self.denoised_x * x + self.denoised_output * o;
+                match self.denoised_clamp {
+                    Some(c) => d.clamp(-c, c),
+                    None => d,
+                }
+            })
+            .collect())
+    }
+
+    /// The next sample. `denoised[k]` is the denoised estimate of `k` steps back (`denoised[0]`
+    /// this step's); only the entries the step refers to are read, and a missing one is an error.
+    pub fn next_sample(&self, x: &[f64], out: &[f64], denoised: &[&[f64]]) -> Result<Vec<f64>> {
+        check_len("model output", out.len(), x.len())?;
+        let mut next: Vec<f64> = x
+            .iter()
+            .zip(out)
+            .map(|(&x, &o)| self.x_coeff * x + self.output_coeff * o)
+            .collect();
+        for &(k, c) in &self.denoised_terms {
+            let Some(d) = denoised.get(k) else {
+                fail!(
+                    "the step needs the denoised estimate of {k} step(s) back, but only {} are kept",
+                    denoised.len()
+                );
+            };
+            check_len("denoised estimate", d.len(), x.len())?;
+            for (n, &d) in next.iter_mut().zip(d.iter()) {
+                *n += c * d;
+            }
+        }
+        Ok(next)
+    }
+}
+
+/// Refuses a schedule with a non-finite timestep or coefficient (a sigma of 0 where a step
+/// divides by it, shifted sigmas that are 0/0, ...): diffusers would run it and produce NaNs.
+pub(crate) fn check_finite(class: &str, init_noise_sigma: f64, steps: &[Step]) -> Result<()> {
+    if !init_noise_sigma.is_finite() {
+        fail!("{class}: the schedule's init_noise_sigma is not finite ({init_noise_sigma})");
+    }
+    for (i, s) in steps.iter().enumerate() {
+        let values = [
+            s.timestep,
+            s.input_scale,
+            s.denoised_x,
+            s.denoised_output,
+            s.x_coeff,
+            s.output_coeff,
+        ];
+        let terms = s.denoised_terms.iter().map(|&(_, c)| c);
+        if !values.into_iter().chain(terms).all(f64::is_finite) {
+            fail!(
+                "{class}: step {i} of the schedule is not finite (timestep {}); the config and \
+                 step count give a degenerate schedule",
+                s.timestep
+            );
+        }
+    }
+    Ok(())
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        fail!("the {what} has {got} elements but the sample has {want}");
+    }
+    Ok(())
+}
+
+/// What every scheduler offers once built for a number of inference steps.
+pub trait Scheduler {
+    /// The diffusers class this scheduler reproduces (e.g. `"DDIMScheduler"`).
+    fn class_name(&self) -> &'static str;
+
+    /// The steps, in sampling order.
+    fn steps(&self) -> &[Step];
+
+    /// The factor the initial noise is multiplied by (diffusers' `init_noise_sigma`).
+    fn init_noise_sigma(&self) -> f64;
+
+    /// How many previous denoised estimates a step may refer to (0 for one-step methods). A
+    /// caller keeps the denoised estimates of that many previous steps (from every step, whether
+    /// or not that step's own update used its estimate).
+    fn history_len(&self) -> usize {
+        0
+    }
+
+    /// The sigmas (noise levels) of the schedulers that have them (float32 values, as diffusers
+    /// keeps them): one per step, then the final one. `None` for DDIM.
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        None
+    }
+
+    /// The number of steps (the number of model calls).
+    fn num_steps(&self) -> usize {
+        self.steps().len()
+    }
+
+    /// The timesteps the model is called with, one per step.
+    fn timesteps(&self) -> Vec<f64> {
+        self.steps().iter().map(|s| s.timestep).collect()
+    }
+
+    /// The factor the model input is multiplied by at `step` (1.0 except for Euler; 1.0 for a
+    /// step past the end).
+    fn model_input_scale(&self, step: usize) -> f64 {
+        self.steps().get(step).map_or(1.0, |s| s.input_scale)
+    }
+}
+
+/// Runs a whole trajectory on plain vectors, as diffusers' pipelines do: the start is
+/// `noise · init_noise_sigma`, and each step calls `model(input_scale · x, timestep)`. Returns
+/// every sample: the start, then the sample after each step (`num_steps() + 1` vectors).
+pub fn run<S, F>(scheduler: &S, noise: Vec<f64>, mut model: F) -> Result<Vec<Vec<f64>>>
+where
+    S: Scheduler + ?Sized,
+    F: FnMut(&[f64], f64) -> Vec<f64>,
+{
+    let sigma = scheduler.init_noise_sigma();
+    let mut x: Vec<f64> = noise.into_iter().map(|v| v * sigma).collect();
+    let mut trajectory = Vec::with_capacity(scheduler.num_steps() + 1);
+    trajectory.push(x.clone());
+    // The most recent denoised estimate first.
+    let mut history: VecDeque<Vec<f64>> = VecDeque::new();
+    let keep = scheduler.history_len();
+    for step in scheduler.steps() {
+        let input: Vec<f64> = x.iter().map(|v| v * step.input_scale).collect();
+        let out = model(&input, step.timestep);
+        let denoised = step.denoised(&x, &out)?;
+        history.push_front(denoised);
+        history.truncate(keep + 1);
+        let refs: Vec<&[f64]> = history.iter().map(Vec::as_slice).collect();
+        x = step.next_sample(&x, &out, &refs)?;
+        trajectory.push(x.clone());
+    }
+    Ok(trajectory)
+}
+
+/// The prediction a model makes (diffusers' `prediction_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PredictionType {
+    /// `"epsilon"`: the noise.
+    #[default]
+    Epsilon,
+    /// `"v_prediction"`: the velocity `α·ε − σ·x₀`.
+    VPrediction,
+    /// `"sample"` (or `"original_sample"`): the clean sample x₀.
+    Sample,
+    /// `"flow_prediction"`: the flow-matching velocity `ε − x₀`.
+    FlowPrediction,
+}
+
+impl FromStr for PredictionType {
+    type Err = SamplerError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "epsilon" => Self::Epsilon,
+            "v_prediction" => Self::VPrediction,
+            "sample" | "original_sample" => Self::Sample,
+            "flow_prediction" => Self::FlowPrediction,
+            _ => fail!(
+                "unknown prediction_type {s:?}; expected epsilon, v_prediction, sample or \
+                 flow_prediction"
+            ),
+        })
+    }
+}
+
+/// How inference timesteps are spread over the training timesteps (diffusers'
+/// `timestep_spacing`; see Table 2 of "Common Diffusion Noise Schedules and Sample Steps are
+/// Flawed").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    /// `"linspace"`: evenly from the last training timestep to 0.
+    Linspace,
+    /// `"leading"`: multiples of `num_train_timesteps / steps`, plus `steps_offset`.
+    Leading,
+    /// `"trailing"`: counted back from the last training timestep.
+    Trailing,
+}
+
+impl FromStr for TimestepSpacing {
+    type Err = SamplerError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "linspace" => Self::Linspace,
+            "leading" => Self::Leading,
+            "trailing" => Self::Trailing,
+            _ => fail!("unknown timestep_spacing {s:?}; expected linspace, leading or trailing"),
+        })
+    }
+}
+
+/// The sigma after the last step (diffusers' `final_sigmas_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FinalSigmasType {
+    /// `"zero"`: the last step lands on the clean sample.
+    #[default]
+    Zero,
+    /// `"sigma_min"`: the last step lands on the smallest training sigma.
+    SigmaMin,
+}
+
+impl FromStr for FinalSigmasType {
+    type Err = SamplerError;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "zero" => Self::Zero,
+            "sigma_min" => Self::SigmaMin,
+            _ => fail!("unknown final_sigmas_type {s:?}; expected zero or sigma_min"),
+        })
+    }
+}
+
+/// Parsing of config values written as text (`scheduler_config.json` values, fixture metadata):
+/// booleans, numbers, strings with or without JSON quotes, and `null`/`None` for an absent value.
+pub(crate) mod value {
+    use super::Result;
+    use std::str::FromStr;
+
+    fn unquote(v: &str) -> &str {
+        let v = v.trim();
+        v.strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(v)
+    }
+
+    /// Whether the text stands for an absent value.
+    pub fn is_null(v: &str) -> bool {
+        matches!(unquote(v), "null" | "None" | "")
+    }
+
+    pub fn boolean(key: &str, v: &str) -> Result<bool> {
+        match unquote(v) {
+            "true" | "True" => Ok(true),
+            "false" | "False" => Ok(false),
+            other => fail!("{key}: expected true or false, got {other:?}"),
+        }
+    }
+
+    pub fn float(key: &str, v: &str) -> Result<f64> {
+        let t = unquote(v);
+        match t {
+            "inf" | "Infinity" => return Ok(f64::INFINITY),
+            "-inf" | "-Infinity" => return Ok(f64::NEG_INFINITY),
+            _ => {}
+        }
+        match t.parse::<f64>() {
+            Ok(x) if x.is_finite() => Ok(x),
+            _ => fail!("{key}: expected a number, got {t:?}"),
+        }
+    }
+
+    pub fn opt_float(key: &str, v: &str) -> Result<Option<f64>> {
+        if is_null(v) {
+            Ok(None)
+        } else {
+            float(key, v).map(Some)
+        }
+    }
+
+    pub fn count(key: &str, v: &str) -> Result<usize> {
+        let t = unquote(v);
+        match t.parse::<usize>() {
+            Ok(n) => Ok(n),
+            Err(_) => fail!("{key}: expected a non-negative integer, got {t:?}"),
+        }
+    }
+
+    pub fn int(key: &str, v: &str) -> Result<i64> {
+        let t = unquote(v);
+        match t.parse::<i64>() {
+            Ok(n) => Ok(n),
+            Err(_) => fail!("{key}: expected an integer, got {t:?}"),
+        }
+    }
+
+    pub fn text(v: &str) -> String {
+        unquote(v).to_string()
+    }
+
+    pub fn parsed<T: FromStr<Err = super::SamplerError>>(v: &str) -> Result<T> {
+        unquote(v).parse()
+    }
+
+    /// A list of numbers, `[a, b, ...]`, or `null`.
+    pub fn opt_floats(key: &str, v: &str) -> Result<Option<Vec<f64>>> {
+        if is_null(v) {
+            return Ok(None);
+        }
+        let t = v.trim();
+        let Some(inner) = t.strip_prefix('[').and_then(|t| t.strip_suffix(']')) else {
+            fail!("{key}: expected a list of numbers like [0.1, 0.2], got {t:?}");
+        };
+        if inner.trim().is_empty() {
+            return Ok(Some(Vec::new()));
+        }
+        inner
+            .split(',')
+            .map(|x| float(key, x))
+            .collect::<Result<_>>()
+            .map(Some)
+    }
+}

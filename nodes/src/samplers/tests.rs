@@ -1,0 +1,377 @@
+//! Parity tests against diffusers: the fixtures in `tests/fixtures/samplers/` (made by
+//! `tools/make_sampler_fixtures.py`) hold diffusers' timesteps, sigmas and whole trajectories for
+//! a stand-in model; each is rebuilt here from its metadata and compared.
+//!
+//! Tolerances:
+//! - timesteps and sigmas of the tables (float32 in diffusers): relative 1e-6, i.e. a few float32
+//!   ulps; most match exactly.
+//! - trajectories: every element of every step within 1e-5 relative, |ours − theirs| ≤ 1e-5 ·
+//!   max(|theirs|, 1e-2 · max|step|) (the floor keeps elements that pass near zero from asking
+//!   for absolute precision finer than float32 rounding of the step's larger values, which
+//!   diffusers' float32 coefficients and casts cause).
+
+use super::*;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+
+const TRAJECTORY_RTOL: f64 = 1e-5;
+const TABLE_RTOL: f64 = 1e-6;
+
+fn fixture_dir() -> String {
+    format!("{}/../tests/fixtures/samplers", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(name: &str) -> Vec<u8> {
+    let path = format!("{}/{name}.safetensors", fixture_dir());
+    std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+}
+
+fn metadata(bytes: &[u8]) -> HashMap<String, String> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).expect("a safetensors header");
+    meta.metadata().clone().unwrap_or_default()
+}
+
+fn floats(st: &SafeTensors, name: &str) -> Vec<f64> {
+    let view = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("tensor {name}: {e}"));
+    let data = view.data();
+    match view.dtype() {
+        Dtype::F64 => data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f64::from(f32::from_le_bytes(c.try_into().expect("4 bytes"))))
+            .collect(),
+        Dtype::I64 => data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64)
+            .collect(),
+        other => panic!("tensor {name}: unexpected dtype {other:?}"),
+    }
+}
+
+/// The stand-in model of the fixtures.
+fn stand_in_model(x: &[f64], t: f64) -> Vec<f64> {
+    x.iter()
+        .map(|&v| 0.3 * v * (t / 300.0).cos() + 0.1 * (v + t / 500.0).sin())
+        .collect()
+}
+
+/// Builds the scheduler a fixture describes: `meta` keys under `prefix` ("scheduler",
+/// "config.KEY", "mu", "sigmas_source").
+fn build(meta: &HashMap<String, String>, prefix: &str, steps: usize) -> Box<dyn Scheduler> {
+    try_build(meta, prefix, steps).unwrap_or_else(|e| panic!("{prefix} with {steps} steps: {e}"))
+}
+
+/// [`build`], returning the scheduler's own error.
+fn try_build(
+    meta: &HashMap<String, String>,
+    prefix: &str,
+    steps: usize,
+) -> Result<Box<dyn Scheduler>> {
+    let get = |k: &str| meta.get(&format!("{prefix}{k}")).map(String::as_str);
+    let class = get("scheduler").expect("a scheduler class");
+    let config_prefix = format!("{prefix}config.");
+    let fields: Vec<(&str, &str)> = meta
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(&config_prefix)?, v.as_str())))
+        .collect();
+    let mu = get("mu").map(|m| m.parse::<f64>().expect("mu is a number"));
+    // Every field of the fixture must be one the config knows.
+    macro_rules! config {
+        ($t:ty) => {{
+            let mut c = <$t>::default();
+            for (k, v) in &fields {
+                assert_eq!(c.set(k, v), Ok(true), "{class}: field {k} = {v}");
+            }
+            c
+        }};
+    }
+    match class {
+        "DDIMScheduler" => {
+            Ddim::new(config!(DdimConfig), steps).map(|s| Box::new(s) as Box<dyn Scheduler>)
+        }
+        "EulerDiscreteScheduler" => EulerDiscrete::new(config!(EulerDiscreteConfig), steps)
+            .map(|s| Box::new(s) as Box<dyn Scheduler>),
+        "DPMSolverMultistepScheduler" => {
+            DpmSolverMultistep::new(config!(DpmSolverMultistepConfig), steps, mu)
+                .map(|s| Box::new(s) as Box<dyn Scheduler>)
+        }
+        "FlowMatchEulerDiscreteScheduler" => {
+            let sigmas = match get("sigmas_source") {
+                Some("pipeline") => FlowSigmas::Pipeline,
+                Some("scheduler_default") => FlowSigmas::SchedulerDefault,
+                other => panic!("unknown sigmas_source {other:?}"),
+            };
+            FlowMatchEulerDiscrete::new(config!(FlowMatchEulerDiscreteConfig), steps, sigmas, mu)
+                .map(|s| Box::new(s) as Box<dyn Scheduler>)
+        }
+        other => panic!("unknown scheduler {other}"),
+    }
+}
+
+/// Max relative error of `ours` against `theirs`, NaNs equal to NaNs.
+fn rel_err(ours: &[f64], theirs: &[f64]) -> f64 {
+    assert_eq!(ours.len(), theirs.len(), "lengths differ");
+    ours.iter()
+        .zip(theirs)
+        .map(|(&a, &b)| {
+            if a.is_nan() && b.is_nan() || a == b {
+                0.0
+            } else {
+                (a - b).abs() / b.abs()
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
+const TRAJECTORIES: &[&str] = &[
+    "ddim_leading_epsilon",
+    "ddim_trailing_v",
+    "ddim_defaults_clip",
+    "ddim_linspace_sample_clip",
+    "euler_leading_epsilon",
+    "euler_linspace_epsilon",
+    "euler_karras_v",
+    "euler_continuous_v_sigma_min",
+    "dpmpp_2m_10",
+    "dpmpp_2m_20",
+    "dpmpp_2m_karras_10",
+    "dpmpp_2m_karras_20_v",
+    "dpmpp_2m_heun_sigma_min",
+    "dpmpp_3m_karras_12",
+    "dpmpp_2m_flow_shift3",
+    "dpmpp_2m_flow_dynamic",
+    "flow_static_shift3",
+    "flow_dynamic_1024",
+    "flow_sd3_default_shift3",
+];
+
+#[test]
+fn trajectories_match_diffusers() {
+    let mut report = Vec::new();
+    for name in TRAJECTORIES {
+        let bytes = read(name);
+        let meta = metadata(&bytes);
+        let st = SafeTensors::deserialize(&bytes).expect("a safetensors file");
+        let steps: usize = meta["steps"].parse().expect("steps");
+        let s = build(&meta, "", steps);
+
+        let ts = floats(&st, "timesteps");
+        let t_err = rel_err(&s.timesteps(), &ts);
+        assert!(t_err <= TABLE_RTOL, "{name}: timesteps differ by {t_err:e}");
+        let init: f64 = meta["init_noise_sigma"].parse().expect("init_noise_sigma");
+        let i_err = rel_err(&[s.init_noise_sigma()], &[init]);
+        assert!(
+            i_err <= TABLE_RTOL,
+            "{name}: init_noise_sigma {} vs {init}",
+            s.init_noise_sigma()
+        );
+        if let Ok(theirs) = st.tensor("sigmas").map(|_| floats(&st, "sigmas")) {
+            let ours = s.sigmas().expect("sigmas");
+            let e = rel_err(&ours, &theirs);
+            assert!(e <= TABLE_RTOL, "{name}: sigmas differ by {e:e}");
+        }
+
+        let noise = floats(&st, "noise");
+        let theirs = floats(&st, "trajectory");
+        let ours = run(s.as_ref(), noise.clone(), stand_in_model).expect("a trajectory");
+        assert_eq!(ours.len(), steps + 1, "{name}");
+        let n = noise.len();
+        let mut worst = 0.0f64;
+        for (i, x) in ours.iter().enumerate() {
+            let want = &theirs[i * n..(i + 1) * n];
+            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            for (j, (&a, &b)) in x.iter().zip(want).enumerate() {
+                let err = (a - b).abs() / b.abs().max(1e-2 * scale);
+                worst = worst.max(err);
+                assert!(
+                    err <= TRAJECTORY_RTOL,
+                    "{name}: step {i} element {j}: ours {a} vs diffusers {b} (rel. error {err:e})"
+                );
+            }
+        }
+        report.push(format!("{name}: max rel. error {worst:.2e}"));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn timestep_and_sigma_tables_match_diffusers() {
+    let bytes = read("tables");
+    let meta = metadata(&bytes);
+    let st = SafeTensors::deserialize(&bytes).expect("a safetensors file");
+    let cases = meta["cases"].clone();
+    let mut report = Vec::new();
+    for case in cases.split(',') {
+        let prefix = format!("{case}.");
+        let counts = floats(&st, &format!("{case}.steps"));
+        let lengths = floats(&st, &format!("{case}.lengths"));
+        let ts = floats(&st, &format!("{case}.timesteps"));
+        let sig = st
+            .tensor(&format!("{case}.sigmas"))
+            .ok()
+            .map(|_| floats(&st, &format!("{case}.sigmas")));
+        let (mut t_at, mut s_at) = (0usize, 0usize);
+        // (bit-exact, total) timesteps, then sigmas.
+        let (mut t_exact, mut s_exact) = ((0usize, 0usize), (0usize, 0usize));
+        for (&count, &len) in counts.iter().zip(&lengths) {
+            let (count, len) = (count as usize, len as usize);
+            let theirs = &ts[t_at..t_at + len];
+            t_at += len;
+            let their_sigmas = sig.as_ref().map(|sig| &sig[s_at..s_at + len + 1]);
+            s_at += len + 1;
+            let nan = theirs
+                .iter()
+                .chain(their_sigmas.unwrap_or(&[]))
+                .any(|v| v.is_nan());
+            if nan {
+                // diffusers makes NaNs here (e.g. a stretched single sigma, 0/0); we refuse.
+                let r = try_build(&meta, &prefix, count);
+                assert!(
+                    r.is_err(),
+                    "{case} with {count} steps: NaNs in diffusers, no error"
+                );
+                report.push(format!(
+                    "{case} with {count} steps: NaNs in diffusers, an error here"
+                ));
+                continue;
+            }
+            let s = build(&meta, &prefix, count);
+            let ours = s.timesteps();
+            assert_eq!(
+                ours.len(),
+                len,
+                "{case} with {count} steps: number of timesteps"
+            );
+            let e = rel_err(&ours, theirs);
+            assert!(
+                e <= TABLE_RTOL,
+                "{case} with {count} steps: timesteps {ours:?} vs {theirs:?}"
+            );
+            t_exact.0 += ours.iter().zip(theirs).filter(|(a, b)| a == b).count();
+            t_exact.1 += len;
+            if let Some(theirs) = their_sigmas {
+                let ours = s.sigmas().expect("sigmas");
+                let e = rel_err(&ours, theirs);
+                assert!(
+                    e <= TABLE_RTOL,
+                    "{case} with {count} steps: sigmas {ours:?} vs {theirs:?}"
+                );
+                s_exact.0 += ours.iter().zip(theirs).filter(|(a, b)| a == b).count();
+                s_exact.1 += len + 1;
+            }
+        }
+        report.push(format!(
+            "{case}: bit-exact timesteps {}/{}, sigmas {}/{}",
+            t_exact.0, t_exact.1, s_exact.0, s_exact.1
+        ));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn run_rejects_a_model_output_of_the_wrong_size() {
+    let s = Ddim::new(DdimConfig::default(), 3).expect("a scheduler");
+    let r = run(&s, vec![0.5; 4], |_, _| vec![0.0; 3]);
+    assert!(r.is_err());
+    let step = &s.steps()[0];
+    assert!(
+        step.next_sample(&[1.0], &[1.0], &[]).is_err(),
+        "missing denoised estimate"
+    );
+}
+
+/// Odd configs and step counts give a scheduler or an error, never a panic, and a built
+/// scheduler runs.
+#[test]
+fn odd_inputs_never_panic() {
+    let counts = [1, 2, 3, 14, 15, 16, 999, 1000, 1001, 5000, usize::MAX];
+    let model = |x: &[f64], t: f64| stand_in_model(x, t);
+    let mut built = 0;
+    let mut check = |s: Result<Box<dyn Scheduler>>| {
+        if let Ok(s) = s {
+            built += 1;
+            if s.num_steps() <= 1001 {
+                let _ = run(s.as_ref(), vec![0.5, -1.0], model);
+            }
+            let _ = (s.timesteps(), s.sigmas(), s.model_input_scale(usize::MAX));
+        }
+    };
+    let spacings = ["linspace", "leading", "trailing"];
+    let odd_floats = ["0", "-1", "1e300", "NaN", "inf", "-inf"];
+    for &n in &counts {
+        for spacing in spacings {
+            for offset in ["0", "1", "-5", "1000"] {
+                let f = [("timestep_spacing", spacing), ("steps_offset", offset)];
+                check(
+                    DdimConfig::from_fields(f)
+                        .and_then(|c| Ddim::new(c, n))
+                        .map(boxed),
+                );
+                for karras in ["false", "true"] {
+                    let f = [f[0], f[1], ("use_karras_sigmas", karras)];
+                    check(
+                        EulerDiscreteConfig::from_fields(f)
+                            .and_then(|c| EulerDiscrete::new(c, n))
+                            .map(boxed),
+                    );
+                    for flow in ["false", "true"] {
+                        let f = [f[0], f[1], f[2], ("use_flow_sigmas", flow)];
+                        check(
+                            DpmSolverMultistepConfig::from_fields(f)
+                                .and_then(|c| DpmSolverMultistep::new(c, n, None))
+                                .map(boxed),
+                        );
+                    }
+                }
+            }
+        }
+        for key in ["beta_start", "beta_end", "num_train_timesteps"] {
+            for v in odd_floats.iter().chain(&["2", "1"]) {
+                let f = [(key, *v)];
+                check(
+                    DdimConfig::from_fields(f)
+                        .and_then(|c| Ddim::new(c, n))
+                        .map(boxed),
+                );
+                check(
+                    EulerDiscreteConfig::from_fields(f)
+                        .and_then(|c| EulerDiscrete::new(c, n))
+                        .map(boxed),
+                );
+                check(
+                    DpmSolverMultistepConfig::from_fields(f)
+                        .and_then(|c| DpmSolverMultistep::new(c, n, None))
+                        .map(boxed),
+                );
+            }
+        }
+        for key in ["shift", "shift_terminal", "num_train_timesteps"] {
+            for v in odd_floats {
+                for (dynamic, mu) in [
+                    ("false", None),
+                    ("true", Some(f64::NAN)),
+                    ("true", Some(0.7)),
+                ] {
+                    let f = [(key, v), ("use_dynamic_shifting", dynamic)];
+                    for src in [FlowSigmas::Pipeline, FlowSigmas::SchedulerDefault] {
+                        check(
+                            FlowMatchEulerDiscreteConfig::from_fields(f)
+                                .and_then(|c| FlowMatchEulerDiscrete::new(c, n, src, mu))
+                                .map(boxed),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert!(built > 100, "only {built} schedulers built");
+}
+
+fn boxed<S: Scheduler + 'static>(s: S) -> Box<dyn Scheduler> {
+    Box::new(s)
+}

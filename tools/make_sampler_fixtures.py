@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Sampler parity fixtures: diffusers' schedulers run on a tiny sample with a cheap stand-in model,
+for the Rust tests in nodes/src/samplers/tests.rs.
+
+Writes tests/fixtures/samplers/:
+  - NAME.safetensors, one per trajectory case below: the scheduler run for a few steps as a
+    diffusers pipeline runs it (x = noise * init_noise_sigma; per step: scale_model_input, the
+    model, step), in float64 where diffusers allows it, with the stand-in model
+        out = 0.3 * x * cos(t / 300) + 0.1 * sin(x + t / 500)
+    (x: the scaled model input, t: the timestep as a float). Tensors (float64):
+        noise [1, 2, 3, 3], timesteps [n], sigmas [n + 1] (schedulers that have them),
+        trajectory [n + 1, 1, 2, 3, 3] (the start, then the sample after each step).
+    Metadata: "scheduler" (the diffusers class), "steps", "config.KEY" (each config field set,
+    as JSON text), "sigmas_source" and "mu" (flow matching, DPM-Solver's mu), "init_noise_sigma".
+  - tables.safetensors: timesteps and sigmas (float32, as diffusers keeps them; exact) for many
+    step counts per configuration: for each case C, "C.steps" (int64 step counts), "C.lengths"
+    (int64, the number of timesteps each count gives: usually the count), "C.timesteps" and
+    "C.sigmas" (concatenated over the step counts; one more sigma than timesteps per count), and
+    metadata "C.scheduler", "C.config.KEY", "C.mu", "C.sigmas_source".
+
+Deterministic (fixed seed, CPU; the files are written with sorted header keys, so re-running
+gives the same bytes). Run from the repository root (CI never runs this):
+    .venv/bin/python tools/make_sampler_fixtures.py
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "samplers")
+CLASSES = {
+    "DDIMScheduler": DDIMScheduler,
+    "EulerDiscreteScheduler": EulerDiscreteScheduler,
+    "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
+    "FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler,
+}
+SHAPE = (1, 2, 3, 3)
+
+# Stable Diffusion's training schedule.
+SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def save_file(tensors, path, metadata):
+    """safetensors.torch.save_file, but with the header's keys sorted so the bytes are
+    reproducible (the library's writer orders the metadata at random)."""
+    dtypes = {torch.float64: "F64", torch.float32: "F32", torch.int64: "I64"}
+    header, chunks, offset = {"__metadata__": dict(sorted(metadata.items()))}, [], 0
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        data = t.numpy().astype(t.numpy().dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.writelines(chunks)
+
+
+def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
+    """Flux's calculate_shift (diffusers.pipelines.flux.pipeline_flux)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    b = base_shift - m * base_seq_len
+    return image_seq_len * m + b
+
+
+FLUX_MU_1024 = calculate_shift(1024)
+
+# name: (class, config, steps, extra); extra: sigmas_source ("pipeline" = Flux's
+# linspace(1, 1/n, n), "scheduler_default" = none passed, as SD3) and mu.
+TRAJECTORIES = {
+    "ddim_leading_epsilon": ("DDIMScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), 10, {}),
+    "ddim_trailing_v": ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing", prediction_type="v_prediction"), 7, {}),
+    "ddim_defaults_clip": ("DDIMScheduler", {}, 10, {}),
+    "ddim_linspace_sample_clip": ("DDIMScheduler", dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace", prediction_type="sample", clip_sample_range=1.5), 8, {}),
+    "euler_leading_epsilon": ("EulerDiscreteScheduler", dict(SD, timestep_spacing="leading", steps_offset=1), 10, {}),
+    "euler_linspace_epsilon": ("EulerDiscreteScheduler", dict(SD), 7, {}),
+    "euler_karras_v": ("EulerDiscreteScheduler", dict(SD, use_karras_sigmas=True, prediction_type="v_prediction"), 10, {}),
+    "euler_continuous_v_sigma_min": ("EulerDiscreteScheduler", dict(timestep_spacing="trailing", prediction_type="v_prediction", timestep_type="continuous", final_sigmas_type="sigma_min"), 7, {}),
+    "dpmpp_2m_10": ("DPMSolverMultistepScheduler", dict(SD), 10, {}),
+    "dpmpp_2m_20": ("DPMSolverMultistepScheduler", dict(SD), 20, {}),
+    "dpmpp_2m_karras_10": ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True), 10, {}),
+    "dpmpp_2m_karras_20_v": ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True, prediction_type="v_prediction"), 20, {}),
+    "dpmpp_2m_heun_sigma_min": ("DPMSolverMultistepScheduler", dict(SD, solver_type="heun", final_sigmas_type="sigma_min", lower_order_final=False, timestep_spacing="trailing"), 8, {}),
+    "dpmpp_3m_karras_12": ("DPMSolverMultistepScheduler", dict(SD, solver_order=3, use_karras_sigmas=True, timestep_spacing="leading", steps_offset=1), 12, {}),
+    "dpmpp_2m_flow_shift3": ("DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"), 10, {}),
+    "dpmpp_2m_flow_dynamic": ("DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True), 16, {"mu": FLUX_MU_1024}),
+    "flow_static_shift3": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 10, {"sigmas_source": "pipeline"}),
+    "flow_dynamic_1024": ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15), 20, {"sigmas_source": "pipeline", "mu": FLUX_MU_1024}),
+    "flow_sd3_default_shift3": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 7, {"sigmas_source": "scheduler_default"}),
+}
+
+STEP_COUNTS = list(range(1, 21)) + [25, 30, 50, 100, 250]
+
+# name: (class, config, extra) for the timestep/sigma tables.
+TABLES = {
+    "ddim_leading_sd": ("DDIMScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), {}),
+    "ddim_trailing": ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing"), {}),
+    "ddim_linspace_cosine": ("DDIMScheduler", dict(clip_sample=False, beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace"), {}),
+    "euler_linspace_sd": ("EulerDiscreteScheduler", dict(SD), {}),
+    "euler_leading_sd": ("EulerDiscreteScheduler", dict(SD, timestep_spacing="leading", steps_offset=1), {}),
+    "euler_karras_trailing": ("EulerDiscreteScheduler", dict(SD, timestep_spacing="trailing", use_karras_sigmas=True), {}),
+    "dpm_linspace_sd": ("DPMSolverMultistepScheduler", dict(SD), {}),
+    "dpm_karras_leading": ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True, timestep_spacing="leading", steps_offset=1), {}),
+    "dpm_trailing_cosine_clipped": ("DPMSolverMultistepScheduler", dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1, timestep_spacing="trailing", final_sigmas_type="sigma_min"), {}),
+    "dpm_flow_shift3": ("DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"), {}),
+    "flow_static_shift3": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), {"sigmas_source": "pipeline"}),
+    "flow_dynamic_1024": ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True), {"sigmas_source": "pipeline", "mu": FLUX_MU_1024}),
+    "flow_sd3_default_shift3": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), {"sigmas_source": "scheduler_default"}),
+    "flow_terminal_linear": ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True, time_shift_type="linear", shift_terminal=0.1), {"sigmas_source": "pipeline", "mu": 2.0}),
+}
+
+
+def make(cls_name, config, steps, extra):
+    """The scheduler after set_timesteps, as the pipelines set it up."""
+    sched = CLASSES[cls_name](**config)
+    kwargs = {}
+    if "mu" in extra:
+        kwargs["mu"] = extra["mu"]
+    if extra.get("sigmas_source") == "pipeline":
+        kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+        sched.set_timesteps(**kwargs)
+    else:
+        sched.set_timesteps(steps, **kwargs)
+    return sched
+
+
+def stand_in_model(x, t):
+    return 0.3 * x * math.cos(t / 300) + 0.1 * torch.sin(x + t / 500)
+
+
+def metadata(cls_name, config, steps, extra, prefix=""):
+    meta = {prefix + "scheduler": cls_name}
+    if steps is not None:
+        meta[prefix + "steps"] = str(steps)
+    for k, v in config.items():
+        meta[f"{prefix}config.{k}"] = json.dumps(v)
+    for k, v in extra.items():
+        meta[prefix + k] = repr(v) if isinstance(v, float) else str(v)
+    return meta
+
+
+def trajectory(name, cls_name, config, steps, extra, noise):
+    sched = make(cls_name, config, steps, extra)
+    timesteps = sched.timesteps
+    # Sampling starts at the first step only if the first timestep is unique (see euler.rs).
+    assert (timesteps == timesteps[0]).sum() == 1, name
+    init = float(sched.init_noise_sigma) if hasattr(sched, "init_noise_sigma") else 1.0
+    x = noise * init
+    traj = [x]
+    for t in timesteps:
+        inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+        out = stand_in_model(inp, float(t))
+        x = sched.step(out, t, x).prev_sample
+        assert x.dtype == torch.float64
+        traj.append(x)
+    tensors = {
+        "noise": noise.contiguous(),
+        "timesteps": timesteps.to(torch.float64).contiguous(),
+        "trajectory": torch.stack(traj).contiguous(),
+    }
+    if cls_name != "DDIMScheduler":
+        tensors["sigmas"] = sched.sigmas.to(torch.float64).contiguous()
+    meta = metadata(cls_name, config, steps, extra)
+    meta["init_noise_sigma"] = repr(init)
+    meta["model"] = "0.3 * x * cos(t / 300) + 0.1 * sin(x + t / 500)"
+    save_file(tensors, os.path.join(ROOT, name + ".safetensors"), metadata=meta)
+    print(f"{name}: {len(timesteps)} steps, |x| {float(x.abs().max()):.4f}")
+
+
+def tables():
+    tensors, meta = {}, {}
+    for name, (cls_name, config, extra) in TABLES.items():
+        ts, sigmas, lengths = [], [], []
+        for n in STEP_COUNTS:
+            sched = make(cls_name, config, n, extra)
+            # Not always n: trailing spacing with lambda_min_clipped gives fewer.
+            lengths.append(len(sched.timesteps))
+            ts.append(sched.timesteps.to(torch.float32))
+            if cls_name != "DDIMScheduler":
+                assert len(sched.sigmas) == len(sched.timesteps) + 1, (name, n)
+                sigmas.append(sched.sigmas.to(torch.float32))
+        tensors[f"{name}.steps"] = torch.tensor(STEP_COUNTS, dtype=torch.int64)
+        tensors[f"{name}.lengths"] = torch.tensor(lengths, dtype=torch.int64)
+        tensors[f"{name}.timesteps"] = torch.cat(ts).contiguous()
+        if sigmas:
+            tensors[f"{name}.sigmas"] = torch.cat(sigmas).contiguous()
+        meta.update(metadata(cls_name, config, None, extra, prefix=name + "."))
+    meta["cases"] = ",".join(TABLES)
+    save_file(tensors, os.path.join(ROOT, "tables.safetensors"), metadata=meta)
+    print(f"tables: {len(TABLES)} configurations x {len(STEP_COUNTS)} step counts")
+
+
+def main():
+    os.makedirs(ROOT, exist_ok=True)
+    for f in os.listdir(ROOT):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(ROOT, f))
+    g = torch.Generator().manual_seed(20240607)
+    noise = torch.randn(SHAPE, generator=g, dtype=torch.float64)
+    for name, (cls_name, config, steps, extra) in TRAJECTORIES.items():
+        trajectory(name, cls_name, config, steps, extra, noise)
+    tables()
+    total = sum(os.path.getsize(os.path.join(ROOT, f)) for f in os.listdir(ROOT))
+    print(f"total {total / 1024:.1f} KiB in {ROOT}")
+
+
+if __name__ == "__main__":
+    main()
