@@ -178,6 +178,28 @@ def t5(seed):
     save("t5", model, {"input_ids": ids, "attention_mask": mask}, {"last_hidden_state": out})
 
 
+def clip(name, with_projection, eos_token_id, seed):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=60, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=12, projection_dim=8, hidden_act="quick_gelu",
+                         eos_token_id=eos_token_id, bos_token_id=0, pad_token_id=1)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    model = randomize(cls(cfg), seed)
+    # The end-of-text token (id 2 for the legacy rule, else eos_token_id) is not the largest id.
+    eos = eos_token_id
+    ids = torch.tensor([[0, 17, 33, eos, 1, 1, 1, 1], [0, 41, 5, 9, 12, 50, 7, eos]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8])
+    with torch.no_grad():
+        o = model(input_ids=ids, attention_mask=mask)
+    outs = {"last_hidden_state": o.last_hidden_state}
+    if with_projection:
+        outs["text_embeds"] = o.text_embeds
+    else:
+        outs["pooler_output"] = o.pooler_output
+    save(name, model, {"input_ids": ids, "attention_mask": mask}, outs)
+
+
 def philox_randn(shape, seed):
     """ditflow's seeded noise (runtime/src/tensor/rng.rs): Philox4x32-10 on counter i // 4, with
     Box-Muller in float64 on word pairs, so the pipeline fixture starts from the same noise."""
@@ -264,6 +286,8 @@ def main():
     vae(40)
     t5(50)
     pipeline(60)
+    clip("clip", False, 2, 70)
+    clip("clip_projection", True, 49, 80)
 
 
 if __name__ == "__main__":

@@ -170,6 +170,9 @@ impl Vae {
 
 /// A fingerprint of a model folder: every file's path, size and modification time.
 pub(crate) fn folder_fingerprint(dir: &Path) -> Result<u64> {
+    if !dir.is_dir() {
+        bail!("{}: no such model folder", dir.display());
+    }
     let mut names: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| Error(format!("{}: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -1,8 +1,9 @@
-//! Text encoders: `LoadTextEncoder` reads a transformers model folder (T5EncoderModel) into a
+//! Text encoders: `LoadTextEncoder` reads a transformers model folder (T5EncoderModel, CLIPTextModel,
+//! CLIPTextModelWithProjection) into a
 //! TextEncoder value. Its `Forward` names follow transformers' arguments: `input_ids` and
 //! `attention_mask` in, `last_hidden_state` out.
 
-use crate::models::{t5::T5Encoder, Config, Weights};
+use crate::models::{clip::ClipText, t5::T5Encoder, Config, Weights};
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
 use std::collections::HashMap;
@@ -11,6 +12,7 @@ use std::path::Path;
 /// The encoder network.
 pub enum TextModel {
     T5(Box<T5Encoder>),
+    Clip(Box<ClipText>),
 }
 
 /// A loaded text encoder and, when its folder has a `tokenizer.json`, its tokenizer.
@@ -25,7 +27,8 @@ impl Object for TextEncoder {
 }
 
 /// The classes `LoadTextEncoder` understands.
-pub const TEXT_ENCODER_CLASSES: &[&str] = &["T5EncoderModel"];
+pub const TEXT_ENCODER_CLASSES: &[&str] =
+    &["T5EncoderModel", "CLIPTextModel", "CLIPTextModelWithProjection"];
 
 impl TextEncoder {
     pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<TextEncoder> {
@@ -46,7 +49,15 @@ impl TextEncoder {
             None
         };
         Ok(TextEncoder {
-            model: TextModel::T5(Box::new(T5Encoder::load(&cfg, &w, device)?)),
+            model: match class {
+                "T5EncoderModel" => TextModel::T5(Box::new(T5Encoder::load(&cfg, &w, device)?)),
+                _ => TextModel::Clip(Box::new(ClipText::load(
+                    &cfg,
+                    &w,
+                    device,
+                    class == "CLIPTextModelWithProjection",
+                )?)),
+            },
             tokenizer,
             dir: dir.to_path_buf(),
         })
@@ -77,6 +88,7 @@ impl TextEncoder {
     pub fn encode(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.model {
             TextModel::T5(m) => m.forward(ids, None),
+            TextModel::Clip(m) => Ok(m.forward(ids, None)?.last_hidden_state),
         }
     }
 
@@ -90,10 +102,21 @@ impl TextEncoder {
             .ok_or_else(|| Error::new("missing input 'input_ids'"))?;
         let ids = ids.cast(DType::I64)?;
         let mask = inputs.get("attention_mask");
-        let out = match &self.model {
-            TextModel::T5(m) => m.forward(&ids, mask)?,
-        };
-        Ok(HashMap::from([("last_hidden_state".to_string(), out)]))
+        let mut outs = HashMap::new();
+        match &self.model {
+            TextModel::T5(m) => {
+                outs.insert("last_hidden_state".to_string(), m.forward(&ids, mask)?);
+            }
+            TextModel::Clip(m) => {
+                let o = m.forward(&ids, mask)?;
+                outs.insert("last_hidden_state".to_string(), o.last_hidden_state);
+                outs.insert("pooler_output".to_string(), o.pooler_output);
+                if let Some(t) = o.text_embeds {
+                    outs.insert("text_embeds".to_string(), t);
+                }
+            }
+        }
+        Ok(outs)
     }
 }
 
@@ -107,7 +130,8 @@ impl Node for LoadTextEncoder {
             .category("loaders")
             .doc(
                 "Loads a transformers text-encoder folder (config.json plus safetensors) holding \
-                 a T5EncoderModel, with the folder's tokenizer.json when there is one. Cached \
+                 a T5EncoderModel, CLIPTextModel or CLIPTextModelWithProjection, with the folder's
+                 tokenizer.json when there is one. Cached \
                  until a file in the folder changes.",
             )
             .input(

@@ -1,5 +1,5 @@
 //! Model architectures, one file per diffusers/transformers class ([`pixart`], [`dit`], [`vae`],
-//! [`t5`]), and the layers they share. Structs are named like the reference implementation's
+//! [`t5`], [`clip`]), and the layers they share. Structs are named like the reference implementation's
 //! modules so weight keys map one to one; every forward runs on the host's tensor engine through
 //! the SDK.
 //!
@@ -7,6 +7,7 @@
 //! folder, an unsupported class, or a missing or misshapen key is an error naming the file and the
 //! key.
 
+pub mod clip;
 pub mod dit;
 pub mod pixart;
 pub mod t5;

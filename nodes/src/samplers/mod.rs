@@ -32,8 +32,8 @@
 //! sigma can differ by one ulp); every coefficient is then computed in f64 from those values.
 //! diffusers computes its coefficients from float32 scalars and casts the sample to float32 inside
 //! `step` (Euler, DPM-Solver, flow matching), so the two trajectories differ by float32 rounding:
-//! about 1e-7 relative to the sample's size, up to 1e-5 for elements near zero (the parity tests
-//! allow 1e-5; see `tests.rs`).
+//! about 1e-7 relative to the sample's size, more for elements near zero (the parity tests allow
+//! 1e-5; see `tests.rs`).
 
 pub mod ddim;
 pub mod dpmpp_2m;

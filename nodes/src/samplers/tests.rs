@@ -8,7 +8,11 @@
 //! - trajectories: every element of every step within 1e-5 relative, |ours − theirs| ≤ 1e-5 ·
 //!   max(|theirs|, 1e-2 · max|step|) (the floor keeps elements that pass near zero from asking
 //!   for absolute precision finer than float32 rounding of the step's larger values, which
-//!   diffusers' float32 coefficients and casts cause).
+//!   diffusers' float32 coefficients and casts cause). Measured: at most 6.4e-7, except
+//!   `ddim_defaults_clip` at 8.1e-6, on an element of 0.004 in a step of size 0.49; there
+//!   diffusers' own run with float64 `alphas_cumprod` differs from its float32 run by the same
+//!   8.1e-6 (checked in Python), so it is diffusers' float32 rounding, amplified by DDIM's
+//!   division by √ᾱ_t at high noise.
 
 use super::*;
 use safetensors::{Dtype, SafeTensors};
