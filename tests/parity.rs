@@ -110,7 +110,11 @@ fn text_to_image_pipeline_matches_diffusers() {
     // The fixture script reimplements ditflow's noise in numpy; check that first.
     let (_, noise) = read(&io, "in.noise");
     let ours = ditflow::tensor::ops::randn(&[1, 4, 8, 8], 7, ditflow::tensor::Device::Cpu).unwrap();
-    assert_eq!(ours.as_f32(), &noise[..], "the fixture's noise is ditflow's");
+    assert_eq!(
+        ours.as_f32(),
+        &noise[..],
+        "the fixture's noise is ditflow's"
+    );
     let yaml = format!(
         r#"version: 1
 nodes:
@@ -128,16 +132,26 @@ outputs:
         d = dir.join("text_encoder").to_string_lossy(),
         t = dir.join("transformer").to_string_lossy(),
         v = dir.join("vae").to_string_lossy(),
-        s = dir.join("scheduler/scheduler_config.json").to_string_lossy(),
+        s = dir
+            .join("scheduler/scheduler_config.json")
+            .to_string_lossy(),
     );
     let g = Graph::from_yaml(&yaml, "pipeline.yaml", Path::new(".")).unwrap();
     let report = session().run(&g, &[], &RunOptions::default()).unwrap();
     assert!(report.ok(), "{:?}", report.failed);
-    let ditflow::Value::Tensor(_, img) = &**report.output("image").unwrap() else { panic!("an image") };
+    let ditflow::Value::Tensor(_, img) = &**report.output("image").unwrap() else {
+        panic!("an image")
+    };
     let (ws, want) = read(&io, "out.image");
     assert_eq!(img.shape(), &ws[..]);
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let err = img.as_f32().iter().zip(&want).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0f64, f64::max) / scale;
+    let err = img
+        .as_f32()
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0f64, f64::max)
+        / scale;
     eprintln!("pipeline image: relative error {err:.2e}");
     assert!(err <= 1e-3, "relative error {err}");
 }
@@ -152,16 +166,32 @@ fn clip_text_models_match_transformers() {
 }
 
 /// Copies fixture `name` into a fresh folder, rewriting its weights with `edit`.
-fn broken_copy(name: &str, tag: &str, edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) -> std::path::PathBuf {
+fn broken_copy(
+    name: &str,
+    tag: &str,
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) -> std::path::PathBuf {
     let src = common::repo().join("tests/fixtures/parity").join(name);
     let dst = common::temp_dir(&format!("broken-{name}-{tag}"));
     std::fs::copy(src.join("config.json"), dst.join("config.json")).unwrap();
     let file = "diffusion_pytorch_model.safetensors";
     let bytes = std::fs::read(src.join(file)).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<_> = st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    let mut tensors: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
     edit(&mut tensors);
-    let views: Vec<_> = tensors.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<_> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
     safetensors::serialize_to_file(views, None, &dst.join(file)).unwrap();
     dst
 }
@@ -180,30 +210,51 @@ fn bad_model_folders_are_clear_errors_naming_the_file_and_key() {
     let s = session();
     let missing = common::temp_dir("no-model").join("nope");
     let e = load_error(&s, &missing);
-    assert!(e.contains("nope") && e.contains("no such model folder"), "{e}");
+    assert!(
+        e.contains("nope") && e.contains("no such model folder"),
+        "{e}"
+    );
 
     let wrong_class = broken_copy("pixart_sigma", "class", |_| {});
     let cfg = std::fs::read_to_string(wrong_class.join("config.json")).unwrap();
-    std::fs::write(wrong_class.join("config.json"), cfg.replace("PixArtTransformer2DModel", "UNet2DConditionModel")).unwrap();
+    std::fs::write(
+        wrong_class.join("config.json"),
+        cfg.replace("PixArtTransformer2DModel", "UNet2DConditionModel"),
+    )
+    .unwrap();
     let e = load_error(&s, &wrong_class);
-    assert!(e.contains("config.json") && e.contains("\"UNet2DConditionModel\" is not a supported diffusion model"), "{e}");
+    assert!(
+        e.contains("config.json")
+            && e.contains("\"UNet2DConditionModel\" is not a supported diffusion model"),
+        "{e}"
+    );
 
     let key = "transformer_blocks.1.attn2.to_k.weight";
     let dropped = broken_copy("pixart_sigma", "dropped", |t| t.retain(|(n, ..)| n != key));
     let e = load_error(&s, &dropped);
-    assert!(e.contains(&dropped.display().to_string()) && e.contains(&format!("'{key}' is missing")), "{e}");
+    assert!(
+        e.contains(&dropped.display().to_string()) && e.contains(&format!("'{key}' is missing")),
+        "{e}"
+    );
 
     let reshaped = broken_copy("pixart_sigma", "reshaped", |t| {
         let w = t.iter_mut().find(|(n, ..)| n == "proj_out.weight").unwrap();
         w.2 = vec![w.2[1], w.2[0]];
     });
     let e = load_error(&s, &reshaped);
-    assert!(e.contains("'proj_out.weight' has shape [24, 32], expected [32, 24]"), "{e}");
+    assert!(
+        e.contains("'proj_out.weight' has shape [24, 32], expected [32, 24]"),
+        "{e}"
+    );
 
     let truncated = broken_copy("pixart_sigma", "truncated", |_| {});
     let f = truncated.join("diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&f).unwrap();
     std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_error(&s, &truncated);
-    assert!(e.contains("diffusion_pytorch_model.safetensors") && e.contains("not a valid safetensors file"), "{e}");
+    assert!(
+        e.contains("diffusion_pytorch_model.safetensors")
+            && e.contains("not a valid safetensors file"),
+        "{e}"
+    );
 }

@@ -27,8 +27,11 @@ impl Object for TextEncoder {
 }
 
 /// The classes `LoadTextEncoder` understands.
-pub const TEXT_ENCODER_CLASSES: &[&str] =
-    &["T5EncoderModel", "CLIPTextModel", "CLIPTextModelWithProjection"];
+pub const TEXT_ENCODER_CLASSES: &[&str] = &[
+    "T5EncoderModel",
+    "CLIPTextModel",
+    "CLIPTextModelWithProjection",
+];
 
 impl TextEncoder {
     pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<TextEncoder> {
@@ -44,7 +47,10 @@ impl TextEncoder {
         let w = Weights::load(ctx, dir, device)?;
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.is_file() {
-            Some(tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| Error(format!("{}: {e}", tok_path.display())))?)
+            Some(
+                tokenizers::Tokenizer::from_file(&tok_path)
+                    .map_err(|e| Error(format!("{}: {e}", tok_path.display())))?,
+            )
         } else {
             None
         };
@@ -65,11 +71,15 @@ impl TextEncoder {
 
     /// The token ids of `text` (special tokens added, padding dropped), at most `max`.
     pub fn tokenize(&self, text: &str, max: usize) -> Result<Vec<i64>> {
-        let tok = self
-            .tokenizer
-            .as_ref()
-            .ok_or_else(|| Error(format!("{}: no tokenizer.json beside the encoder", self.dir.display())))?;
-        let enc = tok.encode(text, true).map_err(|e| Error(format!("tokenizing {text:?}: {e}")))?;
+        let tok = self.tokenizer.as_ref().ok_or_else(|| {
+            Error(format!(
+                "{}: no tokenizer.json beside the encoder",
+                self.dir.display()
+            ))
+        })?;
+        let enc = tok
+            .encode(text, true)
+            .map_err(|e| Error(format!("tokenizing {text:?}: {e}")))?;
         let ids: Vec<i64> = enc
             .get_ids()
             .iter()

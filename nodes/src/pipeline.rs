@@ -35,7 +35,10 @@ pub fn quote_python_constants(text: &str) -> String {
             in_string = c != '"';
         } else if c == '"' {
             in_string = true;
-        } else if let Some(word) = ["-Infinity", "Infinity", "NaN"].iter().find(|w| rest.starts_with(**w)) {
+        } else if let Some(word) = ["-Infinity", "Infinity", "NaN"]
+            .iter()
+            .find(|w| rest.starts_with(**w))
+        {
             out.push('"');
             out.push_str(word);
             out.push('"');
@@ -50,24 +53,49 @@ pub fn quote_python_constants(text: &str) -> String {
 
 /// Reads a diffusers `scheduler_config.json` into `(key, JSON text)` pairs and its class name.
 fn scheduler_fields(path: &Path) -> Result<(String, Vec<(String, String)>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
     let text = quote_python_constants(&text);
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error(format!("{}: not valid JSON: {e}", path.display())))?;
-    let obj = json.as_object().ok_or_else(|| Error(format!("{}: expected a JSON object", path.display())))?;
-    let class = obj.get("_class_name").and_then(|v| v.as_str()).unwrap_or("").to_string();
-    Ok((class, obj.iter().filter(|(k, _)| !k.starts_with('_')).map(|(k, v)| (k.clone(), v.to_string())).collect()))
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error(format!("{}: not valid JSON: {e}", path.display())))?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| Error(format!("{}: expected a JSON object", path.display())))?;
+    let class = obj
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    Ok((
+        class,
+        obj.iter()
+            .filter(|(k, _)| !k.starts_with('_'))
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
+    ))
 }
 
 /// Builds the scheduler for `class` from config fields plus overrides, for `steps` steps and an
 /// image of `image_seq_len` tokens (Flux's dynamic shift).
-pub fn build_scheduler(class: &str, fields: &[(String, String)], steps: usize, image_seq_len: usize) -> Result<Box<dyn Scheduler>> {
+pub fn build_scheduler(
+    class: &str,
+    fields: &[(String, String)],
+    steps: usize,
+    image_seq_len: usize,
+) -> Result<Box<dyn Scheduler>> {
     let pairs = fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let e = |e: samplers::SamplerError| Error(e.0);
     Ok(match class {
-        "DDIMScheduler" => Box::new(samplers::Ddim::new(samplers::DdimConfig::from_fields(pairs).map_err(e)?, steps).map_err(e)?),
+        "DDIMScheduler" => Box::new(
+            samplers::Ddim::new(samplers::DdimConfig::from_fields(pairs).map_err(e)?, steps)
+                .map_err(e)?,
+        ),
         "EulerDiscreteScheduler" => Box::new(
-            samplers::EulerDiscrete::new(samplers::EulerDiscreteConfig::from_fields(pairs).map_err(e)?, steps).map_err(e)?,
+            samplers::EulerDiscrete::new(
+                samplers::EulerDiscreteConfig::from_fields(pairs).map_err(e)?,
+                steps,
+            )
+            .map_err(e)?,
         ),
         "DPMSolverMultistepScheduler" => {
             let c = samplers::DpmSolverMultistepConfig::from_fields(pairs).map_err(e)?;
@@ -75,12 +103,23 @@ pub fn build_scheduler(class: &str, fields: &[(String, String)], steps: usize, i
         }
         "FlowMatchEulerDiscreteScheduler" => {
             let c = samplers::FlowMatchEulerDiscreteConfig::from_fields(pairs).map_err(e)?;
-            let mu = if c.use_dynamic_shifting { Some(c.mu(image_seq_len)) } else { None };
-            Box::new(samplers::FlowMatchEulerDiscrete::new(c, steps, samplers::FlowSigmas::Pipeline, mu).map_err(e)?)
+            let mu = if c.use_dynamic_shifting {
+                Some(c.mu(image_seq_len))
+            } else {
+                None
+            };
+            Box::new(
+                samplers::FlowMatchEulerDiscrete::new(c, steps, samplers::FlowSigmas::Pipeline, mu)
+                    .map_err(e)?,
+            )
         }
         other => bail!(
             "scheduler class \"{other}\" is not supported (supported: {})",
-            SAMPLERS.iter().map(|(_, c)| *c).collect::<Vec<_>>().join(", ")
+            SAMPLERS
+                .iter()
+                .map(|(_, c)| *c)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     })
 }
@@ -98,20 +137,42 @@ impl Node for TextEncode {
                  The result holds the embeddings of the real tokens only (padding dropped), \
                  [1, tokens, width]; Sample pads and masks when it batches prompts.",
             )
-            .input(Port::new("encoder", "Model").doc("A text encoder from LoadTextEncoder (its folder must hold tokenizer.json)."))
-            .input(Port::new("text", "String").default("").doc("The prompt; empty for an unconditional embedding."))
-            .input(Port::new("max_tokens", "Int").default(120i64).range(1.0, 4096.0).doc("Tokens kept at most (diffusers' max_sequence_length)."))
+            .input(
+                Port::new("encoder", "Model").doc(
+                    "A text encoder from LoadTextEncoder (its folder must hold tokenizer.json).",
+                ),
+            )
+            .input(
+                Port::new("text", "String")
+                    .default("")
+                    .doc("The prompt; empty for an unconditional embedding."),
+            )
+            .input(
+                Port::new("max_tokens", "Int")
+                    .default(120i64)
+                    .range(1.0, 4096.0)
+                    .doc("Tokens kept at most (diffusers' max_sequence_length)."),
+            )
             .output(Port::new("conditioning", "Conditioning").doc("[1, tokens, width] embeddings."))
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let enc: Value = ctx.input("encoder")?;
-        let enc = enc.as_object::<TextEncoder>().map_err(|e| Error(format!("input 'encoder': {e}")))?;
+        let enc = enc
+            .as_object::<TextEncoder>()
+            .map_err(|e| Error(format!("input 'encoder': {e}")))?;
         let text: String = ctx.input("text")?;
         let max: i64 = ctx.input("max_tokens")?;
         let ids = enc.tokenize(&text, max as usize)?;
         let n = ids.len();
-        let t = Tensor::from_bytes(Kind::Tensor, DType::I64, &[1, n], &ids.iter().flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>())?;
+        let t = Tensor::from_bytes(
+            Kind::Tensor,
+            DType::I64,
+            &[1, n],
+            &ids.iter()
+                .flat_map(|i| i.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )?;
         let out = enc.encode(&t)?;
         ctx.set_output("conditioning", out.with_kind(Kind::Conditioning)?)
     }
@@ -136,11 +197,20 @@ impl Node for EmptyLatent {
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let get = |n: &str| -> Result<usize> { Ok(ctx.input::<i64>(n)? as usize) };
-        let (w, h, c, f, b) = (get("width")?, get("height")?, get("channels")?, get("downscale")?, get("batch")?);
+        let (w, h, c, f, b) = (
+            get("width")?,
+            get("height")?,
+            get("channels")?,
+            get("downscale")?,
+            get("batch")?,
+        );
         if w % f != 0 || h % f != 0 {
             bail!("width {w} and height {h} must be multiples of downscale {f}");
         }
-        ctx.set_output("latent", Tensor::zeros(Kind::Latent, DType::F32, &[b, c, h / f, w / f])?)
+        ctx.set_output(
+            "latent",
+            Tensor::zeros(Kind::Latent, DType::F32, &[b, c, h / f, w / f])?,
+        )
     }
 }
 
@@ -157,7 +227,8 @@ fn batch_conditionings(conds: &[&Tensor], device: Device) -> Result<(Tensor, Ten
         }
         let c = c.to_device(device)?;
         let t = if s[1] < lmax {
-            let pad = Tensor::zeros(Kind::Tensor, DType::F32, &[1, lmax - s[1], width])?.to_device(device)?;
+            let pad = Tensor::zeros(Kind::Tensor, DType::F32, &[1, lmax - s[1], width])?
+                .to_device(device)?;
             ditflow_plugin::ops::concat(&[&c.cast(DType::F32)?, &pad], 1)?
         } else {
             c.cast(DType::F32)?
@@ -166,7 +237,15 @@ fn batch_conditionings(conds: &[&Tensor], device: Device) -> Result<(Tensor, Ten
         mask.extend((0..lmax).map(|i| (i < s[1]) as i64));
     }
     let batch = ditflow_plugin::ops::concat(&padded.iter().collect::<Vec<_>>(), 0)?;
-    let m = Tensor::from_bytes(Kind::Tensor, DType::I64, &[conds.len(), lmax], &mask.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+    let m = Tensor::from_bytes(
+        Kind::Tensor,
+        DType::I64,
+        &[conds.len(), lmax],
+        &mask
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )?;
     Ok((batch, m.to_device(device)?))
 }
 
@@ -201,7 +280,9 @@ impl Node for Sample {
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let model: Value = ctx.input("model")?;
-        let model = model.as_object::<DiffusionModel>().map_err(|e| Error(format!("input 'model': {e}")))?;
+        let model = model
+            .as_object::<DiffusionModel>()
+            .map_err(|e| Error(format!("input 'model': {e}")))?;
         let DiffusionModel::PixArt(m) = model else {
             bail!("Sample drives text-conditioned models (PixArt); DiT is class-conditioned");
         };
@@ -230,9 +311,15 @@ impl Node for Sample {
             scheduler_fields(&ctx.input_path(&cfg_path)?)?
         };
         let class = match sampler.as_str() {
-            "auto" if file_class.is_empty() => bail!("sampler 'auto' needs a scheduler_config naming the class"),
+            "auto" if file_class.is_empty() => {
+                bail!("sampler 'auto' needs a scheduler_config naming the class")
+            }
             "auto" => file_class,
-            name => SAMPLERS.iter().find(|(n, _)| *n == name).map(|(_, c)| c.to_string()).ok_or_else(|| Error(format!("unknown sampler '{name}'")))?,
+            name => SAMPLERS
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, c)| c.to_string())
+                .ok_or_else(|| Error(format!("unknown sampler '{name}'")))?,
         };
         if ctx.input::<bool>("karras")? {
             fields.push(("use_karras_sigmas".into(), "true".into()));
@@ -247,17 +334,25 @@ impl Node for Sample {
         let (cond, mask) = {
             let mut list: Vec<&Tensor> = vec![&positive; batch];
             if guided {
-                list.extend(std::iter::repeat_n(negative.as_ref().expect("checked"), batch));
+                list.extend(std::iter::repeat_n(
+                    negative.as_ref().expect("checked"),
+                    batch,
+                ));
             }
             batch_conditionings(&list, device)?
         };
-        let mut x = ditflow_plugin::ops::randn(&s, seed as u64, device)?.affine(sched.init_noise_sigma(), 0.0)?;
+        let mut x = ditflow_plugin::ops::randn(&s, seed as u64, device)?
+            .affine(sched.init_noise_sigma(), 0.0)?;
         let mut history: VecDeque<Tensor> = VecDeque::new();
         let total = sched.num_steps() as u64;
         for (i, step) in sched.steps().iter().enumerate() {
             ctx.check_cancelled()?;
             let input = x.affine(step.input_scale, 0.0)?;
-            let input = if guided { ditflow_plugin::ops::concat(&[&input, &input], 0)? } else { input };
+            let input = if guided {
+                ditflow_plugin::ops::concat(&[&input, &input], 0)?
+            } else {
+                input
+            };
             let n = input.shape()[0];
             let t = vec![step.timestep as f32; n];
             let out = m.forward(&pixart::Inputs {
@@ -269,7 +364,11 @@ impl Node for Sample {
                 aspect_ratio: None,
             })?;
             // A learned-sigma model predicts 2C channels: the first C are the noise.
-            let out = if out.shape()[1] != s[1] { out.slice(1, 0, s[1] as i64, 1)? } else { out };
+            let out = if out.shape()[1] != s[1] {
+                out.slice(1, 0, s[1] as i64, 1)?
+            } else {
+                out
+            };
             let out = if guided {
                 let parts = out.split(0, &[batch, batch])?;
                 let (c, u) = (&parts[0], &parts[1]);
@@ -277,16 +376,22 @@ impl Node for Sample {
             } else {
                 out
             };
-            let mut next = x.affine(step.x_coeff, 0.0)?.add(&out.affine(step.output_coeff, 0.0)?)?;
+            let mut next = x
+                .affine(step.x_coeff, 0.0)?
+                .add(&out.affine(step.output_coeff, 0.0)?)?;
             if step.uses_denoised() || sched.history_len() > 0 {
-                let mut d = x.affine(step.denoised_x, 0.0)?.add(&out.affine(step.denoised_output, 0.0)?)?;
+                let mut d = x
+                    .affine(step.denoised_x, 0.0)?
+                    .add(&out.affine(step.denoised_output, 0.0)?)?;
                 if let Some(c) = step.denoised_clamp {
                     d = d.clamp(-c as f32, c as f32)?;
                 }
                 history.push_front(d);
                 history.truncate(sched.history_len() + 1);
                 for &(k, c) in &step.denoised_terms {
-                    let d = history.get(k).ok_or_else(|| Error(format!("step {i} needs the estimate of {k} steps back")))?;
+                    let d = history.get(k).ok_or_else(|| {
+                        Error(format!("step {i} needs the estimate of {k} steps back"))
+                    })?;
                     next = next.add(&d.affine(c, 0.0)?)?;
                 }
             }
@@ -313,24 +418,46 @@ impl Node for VAEDecode {
             )
             .input(Port::new("vae", "Model").doc("A VAE from LoadVAE."))
             .input(Port::new("latent", "Latent").doc("[B, C, h, w] latents."))
-            .input(Port::new("tile_size", "Int").default(0i64).range(0.0, 4096.0).doc("Latent pixels per tile; 0 decodes whole."))
+            .input(
+                Port::new("tile_size", "Int")
+                    .default(0i64)
+                    .range(0.0, 4096.0)
+                    .doc("Latent pixels per tile; 0 decodes whole."),
+            )
             .output(Port::new("image", "Image").doc("[height, width, 3] in [0, 1]."))
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let vae: Value = ctx.input("vae")?;
-        let vae = &vae.as_object::<Vae>().map_err(|e| Error(format!("input 'vae': {e}")))?.0;
+        let vae = &vae
+            .as_object::<Vae>()
+            .map_err(|e| Error(format!("input 'vae': {e}")))?
+            .0;
         let latent: Tensor = ctx.input("latent")?;
         let tile = ctx.input::<i64>("tile_size")? as usize;
         let s = latent.shape().to_vec();
         if s.len() != 4 || s[1] != vae.latent_channels {
-            bail!("the latent must be [B, {}, h, w], got {s:?}", vae.latent_channels);
+            bail!(
+                "the latent must be [B, {}, h, w], got {s:?}",
+                vae.latent_channels
+            );
         }
-        let z = latent.cast(DType::F32)?.to_device(vae.device)?.slice(0, 0, 1, 1)?;
+        let z = latent
+            .cast(DType::F32)?
+            .to_device(vae.device)?
+            .slice(0, 0, 1, 1)?;
         let z = z.affine(1.0 / vae.scaling_factor, vae.shift_factor)?;
-        let img = if tile > 0 { vae.tiled_decode(&z, tile, 0.25)? } else { vae.decode(&z)? };
+        let img = if tile > 0 {
+            vae.tiled_decode(&z, tile, 0.25)?
+        } else {
+            vae.decode(&z)?
+        };
         let (h, w) = (img.shape()[2] as i64, img.shape()[3] as i64);
-        let img = img.affine(0.5, 0.5)?.clamp(0.0, 1.0)?.reshape(&[3, h, w])?.permute(&[1, 2, 0])?;
+        let img = img
+            .affine(0.5, 0.5)?
+            .clamp(0.0, 1.0)?
+            .reshape(&[3, h, w])?
+            .permute(&[1, 2, 0])?;
         ctx.set_output("image", img.to_device(Device::Cpu)?.with_kind(Kind::Image)?)
     }
 }

@@ -42,7 +42,12 @@ pub struct ClipOutput {
 }
 
 impl ClipText {
-    pub fn load(cfg: &Config, w: &Weights, device: Device, with_projection: bool) -> Result<ClipText> {
+    pub fn load(
+        cfg: &Config,
+        w: &Weights,
+        device: Device,
+        with_projection: bool,
+    ) -> Result<ClipText> {
         let d = cfg.usize_or("hidden_size", 512)?;
         let ff = cfg.usize_or("intermediate_size", 2048)?;
         let heads = cfg.usize_or("num_attention_heads", 8)?;
@@ -52,14 +57,31 @@ impl ClipText {
         let activation = match cfg.str_or("hidden_act", "quick_gelu")? {
             "quick_gelu" => "quick_gelu",
             "gelu" => "gelu",
-            other => return Err(Error(format!("{}: hidden_act \"{other}\" is not supported", cfg.path.display()))),
+            other => {
+                return Err(Error(format!(
+                    "{}: hidden_act \"{other}\" is not supported",
+                    cfg.path.display()
+                )))
+            }
         };
         if heads == 0 || d % heads != 0 {
-            return Err(Error(format!("{}: hidden_size {d} does not split into {heads} heads", cfg.path.display())));
+            return Err(Error(format!(
+                "{}: hidden_size {d} does not split into {heads} heads",
+                cfg.path.display()
+            )));
         }
         // Hub checkpoints prefix the keys with `text_model.`; newer transformers may not.
-        let tm = if w.has("text_model.embeddings.token_embedding.weight") { "text_model." } else { "" };
-        let ln = |p: &str| -> Result<(Tensor, Tensor)> { Ok((w.get(&format!("{p}.weight"), &[d])?, w.get(&format!("{p}.bias"), &[d])?)) };
+        let tm = if w.has("text_model.embeddings.token_embedding.weight") {
+            "text_model."
+        } else {
+            ""
+        };
+        let ln = |p: &str| -> Result<(Tensor, Tensor)> {
+            Ok((
+                w.get(&format!("{p}.weight"), &[d])?,
+                w.get(&format!("{p}.bias"), &[d])?,
+            ))
+        };
         let layers = (0..layers)
             .map(|i| {
                 let p = format!("{tm}encoder.layers.{i}");
@@ -82,15 +104,25 @@ impl ClipText {
             None
         };
         Ok(ClipText {
-            token_embedding: w.get(&format!("{tm}embeddings.token_embedding.weight"), &[vocab, d])?,
-            position_embedding: w.get(&format!("{tm}embeddings.position_embedding.weight"), &[positions, d])?,
+            token_embedding: w.get(
+                &format!("{tm}embeddings.token_embedding.weight"),
+                &[vocab, d],
+            )?,
+            position_embedding: w.get(
+                &format!("{tm}embeddings.position_embedding.weight"),
+                &[positions, d],
+            )?,
             layers,
             final_norm: ln(&format!("{tm}final_layer_norm"))?,
             text_projection,
             heads,
             eps: cfg.f64_or("layer_norm_eps", 1e-5)? as f32,
             activation,
-            eos_token_id: cfg.json.get("eos_token_id").and_then(|v| v.as_i64()).unwrap_or(2),
+            eos_token_id: cfg
+                .json
+                .get("eos_token_id")
+                .and_then(|v| v.as_i64())
+                .unwrap_or(2),
             max_positions: positions,
             device,
         })
@@ -108,34 +140,83 @@ impl ClipText {
     pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<ClipOutput> {
         let s = ids.shape().to_vec();
         if s.len() != 2 || s[1] == 0 || s[1] > self.max_positions {
-            return Err(Error(format!("CLIP: input_ids must be [batch, 1..={} tokens], got {s:?}", self.max_positions)));
+            return Err(Error(format!(
+                "CLIP: input_ids must be [batch, 1..={} tokens], got {s:?}",
+                self.max_positions
+            )));
         }
         let (b, l) = (s[0], s[1]);
-        let ids_host: Vec<i64> = ids.cast(DType::I64)?.to_device(Device::Cpu)?.bytes().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let ids_host: Vec<i64> = ids
+            .cast(DType::I64)?
+            .to_device(Device::Cpu)?
+            .bytes()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
         let ids_dev = ids.cast(DType::I64)?.to_device(self.device)?;
         let pos = self.position_embedding.slice(0, 0, l as i64, 1)?;
         let mut x = self.token_embedding.embedding(&ids_dev)?.add(&pos)?;
         // Causal mask, plus padded keys.
-        let causal: Vec<f32> = (0..l).flat_map(|q| (0..l).map(move |k| if k > q { f32::NEG_INFINITY } else { 0.0 })).collect();
-        let mut bias = Tensor::from_f32(Kind::Tensor, &[1, 1, l, l], &causal)?.to_device(self.device)?;
+        let causal: Vec<f32> = (0..l)
+            .flat_map(|q| (0..l).map(move |k| if k > q { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mut bias =
+            Tensor::from_f32(Kind::Tensor, &[1, 1, l, l], &causal)?.to_device(self.device)?;
         if let Some(m) = mask {
             if m.shape() != s.as_slice() {
-                return Err(Error(format!("CLIP: attention_mask {:?} must match input_ids {s:?}", m.shape())));
+                return Err(Error(format!(
+                    "CLIP: attention_mask {:?} must match input_ids {s:?}",
+                    m.shape()
+                )));
             }
-            let drop = m.cast(DType::F32)?.affine(1e30, -1e30)?.reshape(&[b as i64, 1, 1, l as i64])?;
+            let drop = m
+                .cast(DType::F32)?
+                .affine(1e30, -1e30)?
+                .reshape(&[b as i64, 1, 1, l as i64])?;
             bias = bias.add(&drop.to_device(self.device)?)?;
         }
-        let split = |t: Tensor| -> Result<Tensor> { t.reshape(&[b as i64, l as i64, self.heads as i64, -1])?.permute(&[0, 2, 1, 3]) };
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape(&[b as i64, l as i64, self.heads as i64, -1])?
+                .permute(&[0, 2, 1, 3])
+        };
         for layer in &self.layers {
-            let n = x.layer_norm(Some(&layer.norm1.0), Some(&layer.norm1.1), None, None, self.eps)?;
-            let (q, k, v) = (split(layer.q.forward(&n, "none")?)?, split(layer.k.forward(&n, "none")?)?, split(layer.v.forward(&n, "none")?)?);
+            let n = x.layer_norm(
+                Some(&layer.norm1.0),
+                Some(&layer.norm1.1),
+                None,
+                None,
+                self.eps,
+            )?;
+            let (q, k, v) = (
+                split(layer.q.forward(&n, "none")?)?,
+                split(layer.k.forward(&n, "none")?)?,
+                split(layer.v.forward(&n, "none")?)?,
+            );
             let a = ditflow_plugin::ops::attention(&q, &k, &v, Some(&bias), None)?;
-            let a = a.permute(&[0, 2, 1, 3])?.reshape(&[b as i64, l as i64, -1])?;
+            let a = a
+                .permute(&[0, 2, 1, 3])?
+                .reshape(&[b as i64, l as i64, -1])?;
             x = x.add(&layer.out.forward(&a, "none")?)?;
-            let n = x.layer_norm(Some(&layer.norm2.0), Some(&layer.norm2.1), None, None, self.eps)?;
-            x = x.add(&layer.fc2.forward(&self.act(&layer.fc1.forward(&n, "none")?)?, "none")?)?;
+            let n = x.layer_norm(
+                Some(&layer.norm2.0),
+                Some(&layer.norm2.1),
+                None,
+                None,
+                self.eps,
+            )?;
+            x = x.add(
+                &layer
+                    .fc2
+                    .forward(&self.act(&layer.fc1.forward(&n, "none")?)?, "none")?,
+            )?;
         }
-        let last = x.layer_norm(Some(&self.final_norm.0), Some(&self.final_norm.1), None, None, self.eps)?;
+        let last = x.layer_norm(
+            Some(&self.final_norm.0),
+            Some(&self.final_norm.1),
+            None,
+            None,
+            self.eps,
+        )?;
         // transformers: with the legacy eos id 2 the pooled token is the largest id; otherwise
         // the first end-of-text token.
         let picks: Vec<i64> = ids_host
@@ -143,17 +224,38 @@ impl ClipText {
             .enumerate()
             .map(|(bi, row)| {
                 let pos = if self.eos_token_id == 2 {
-                    row.iter().enumerate().max_by_key(|(i, &v)| (v, std::cmp::Reverse(*i))).map_or(0, |(i, _)| i)
+                    row.iter()
+                        .enumerate()
+                        .max_by_key(|(i, &v)| (v, std::cmp::Reverse(*i)))
+                        .map_or(0, |(i, _)| i)
                 } else {
-                    row.iter().position(|&v| v == self.eos_token_id).unwrap_or(0)
+                    row.iter()
+                        .position(|&v| v == self.eos_token_id)
+                        .unwrap_or(0)
                 };
                 (bi * l + pos) as i64
             })
             .collect();
-        let idx = Tensor::from_bytes(Kind::Tensor, DType::I64, &[b], &picks.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+        let idx = Tensor::from_bytes(
+            Kind::Tensor,
+            DType::I64,
+            &[b],
+            &picks
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )?;
         let flat = last.reshape(&[(b * l) as i64, -1])?;
         let pooled = flat.embedding(&idx.to_device(self.device)?)?;
-        let text_embeds = self.text_projection.as_ref().map(|p| p.forward(&pooled, "none")).transpose()?;
-        Ok(ClipOutput { last_hidden_state: last, pooler_output: pooled, text_embeds })
+        let text_embeds = self
+            .text_projection
+            .as_ref()
+            .map(|p| p.forward(&pooled, "none"))
+            .transpose()?;
+        Ok(ClipOutput {
+            last_hidden_state: last,
+            pooler_output: pooled,
+            text_embeds,
+        })
     }
 }

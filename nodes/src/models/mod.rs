@@ -112,7 +112,9 @@ pub struct Weights {
 
 impl Weights {
     pub fn load(ctx: &Context, dir: &Path, device: Device) -> Result<Weights> {
-        let tensors = ctx.load_weights(&dir.to_string_lossy(), device)?;
+        // Absolute, so the host does not resolve it against the graph's folder a second time.
+        let abs = std::path::absolute(dir).map_err(|e| Error(format!("{}: {e}", dir.display())))?;
+        let tensors = ctx.load_weights(&abs.to_string_lossy(), device)?;
         Ok(Weights {
             dir: dir.to_path_buf(),
             tensors,

@@ -296,8 +296,48 @@ fn parse_device(op: &'static str, s: &str) -> Result<Device, OpError> {
     }
 }
 
+/// Per-op call counts and time, gathered when `DITFLOW_PROFILE` is set (see [`profile`]).
+pub mod profile {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+
+    static ON: OnceLock<bool> = OnceLock::new();
+    static TABLE: Mutex<Option<HashMap<&'static str, (u64, f64)>>> = Mutex::new(None);
+
+    pub fn enabled() -> bool {
+        *ON.get_or_init(|| std::env::var_os("DITFLOW_PROFILE").is_some())
+    }
+
+    pub(super) fn record(op: &'static str, seconds: f64) {
+        let mut t = TABLE.lock().unwrap_or_else(|p| p.into_inner());
+        let e = t.get_or_insert_with(HashMap::new).entry(op).or_default();
+        e.0 += 1;
+        e.1 += seconds;
+    }
+
+    /// `(op, calls, seconds)`, slowest first.
+    pub fn report() -> Vec<(&'static str, u64, f64)> {
+        let t = TABLE.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = t.iter().flatten().map(|(k, (n, s))| (*k, *n, *s)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    }
+}
+
 /// Runs op `name` on `inputs` (None for an absent optional input).
 pub fn call(name: &str, inputs: &[Option<&Tensor>], attrs: &Attrs) -> Result<Vec<Tensor>, OpError> {
+    if !profile::enabled() {
+        return call_op(name, inputs, attrs);
+    }
+    let t = std::time::Instant::now();
+    let r = call_op(name, inputs, attrs);
+    if let Some(sig) = OPS.iter().find(|s| s.name == name) {
+        profile::record(sig.name, t.elapsed().as_secs_f64());
+    }
+    r
+}
+
+fn call_op(name: &str, inputs: &[Option<&Tensor>], attrs: &Attrs) -> Result<Vec<Tensor>, OpError> {
     let sig = OPS
         .iter()
         .find(|s| s.name == name)

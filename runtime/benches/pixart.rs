@@ -1,0 +1,53 @@
+//! PixArt forward benchmark, driven by `tools/bench_pixart.py` (which makes the model and inputs
+//! and times diffusers beside it): loads a model folder with `LoadDiffusionModel` once, then times
+//! the `Forward` node over repeated runs of a session (the loaded model stays cached) and prints
+//! the fastest as JSON.
+//!
+//! `cargo bench -p ditflow --bench pixart -- PLUGINS_DIR MODEL_DIR INPUTS.safetensors [REPS]`
+
+use ditflow::{Graph, RunOptions, Runtime, Session};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let [plugins, model, inputs, rest @ ..] = &args[..] else {
+        eprintln!("usage: pixart PLUGINS_DIR MODEL_DIR INPUTS.safetensors [REPS]");
+        std::process::exit(2);
+    };
+    let reps: usize = rest.first().and_then(|r| r.parse().ok()).unwrap_or(10);
+    let rt = Runtime::with_plugins(&[PathBuf::from(plugins)]);
+    let session = Session::new(Arc::new(rt));
+    let out = std::env::temp_dir().join(format!("ditflow-bench-pixart-{}", std::process::id()));
+    let yaml = format!(
+        "version: 1\nnodes:\n  m: {{type: LoadDiffusionModel, inputs: {{path: {model:?}}}}}\n  f: {{type: Forward, inputs: {{model: m.model, inputs: {inputs:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n"
+    );
+    let g = Graph::from_yaml(&yaml, "bench.yaml", Path::new(".")).expect("graph");
+    let opts = RunOptions {
+        out_dir: out.clone(),
+        workers: 1,
+        ..RunOptions::default()
+    };
+    let t0 = Instant::now();
+    let first = session.run(&g, &[], &opts).expect("valid graph");
+    assert!(first.ok(), "{:?}", first.failed);
+    let load_and_first = t0.elapsed().as_secs_f64();
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        let r = session.run(&g, &[], &opts).expect("valid graph");
+        assert!(r.ok(), "{:?}", r.failed);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    println!("{{\"bench\":\"pixart_forward\",\"seconds\":{best:.5},\"load_and_first_s\":{load_and_first:.3}}}");
+    if ditflow::tensor::op_call::profile::enabled() {
+        for (op, n, secs) in ditflow::tensor::op_call::profile::report() {
+            eprintln!("{op:>16} {n:>6} calls {:>9.2} ms", secs * 1e3);
+        }
+    }
+    let _ = std::fs::remove_dir_all(out);
+}

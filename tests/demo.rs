@@ -1,0 +1,145 @@
+//! The bundled demo model (`models/demo`, trained by `tools/train_demo.py`) through
+//! `graphs/text_to_image.yaml`: prompts with different colours and shapes must give images whose
+//! object and background have the colours the prompt names.
+
+mod common;
+
+use ditflow::{ArgValue, Graph, RunOptions, Runtime, Session, Value};
+use std::sync::Arc;
+
+const PALETTE: &[(&str, [f32; 3])] = &[
+    ("red", [0.85, 0.1, 0.1]),
+    ("green", [0.1, 0.7, 0.2]),
+    ("blue", [0.15, 0.25, 0.9]),
+    ("yellow", [0.95, 0.85, 0.1]),
+    ("white", [0.95, 0.95, 0.95]),
+    ("black", [0.05, 0.05, 0.05]),
+    ("orange", [0.95, 0.5, 0.05]),
+    ("purple", [0.55, 0.15, 0.7]),
+];
+
+fn dist(a: [f32; 3], b: [f32; 3]) -> f32 {
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f32>()
+        .sqrt()
+}
+
+fn nearest(c: [f32; 3]) -> &'static str {
+    PALETTE
+        .iter()
+        .min_by(|a, b| dist(a.1, c).total_cmp(&dist(b.1, c)))
+        .unwrap()
+        .0
+}
+
+fn mean(px: &[[f32; 3]]) -> [f32; 3] {
+    let n = px.len().max(1) as f32;
+    let s = px
+        .iter()
+        .fold([0f32; 3], |a, p| [a[0] + p[0], a[1] + p[1], a[2] + p[2]]);
+    [s[0] / n, s[1] / n, s[2] / n]
+}
+
+/// (background, object) colour names of an `[H, W, 3]` image: the background is the mean of
+/// the border pixels; the object is the mean of the pixels far from it.
+fn dominant_colours(img: &[f32], h: usize, w: usize) -> (&'static str, &'static str, f32) {
+    let px = |y: usize, x: usize| {
+        [
+            img[(y * w + x) * 3],
+            img[(y * w + x) * 3 + 1],
+            img[(y * w + x) * 3 + 2],
+        ]
+    };
+    let border: Vec<[f32; 3]> = (0..h)
+        .flat_map(|y| (0..w).map(move |x| (y, x)))
+        .filter(|&(y, x)| y < 3 || x < 3 || y >= h - 3 || x >= w - 3)
+        .map(|(y, x)| px(y, x))
+        .collect();
+    let bg = mean(&border);
+    let object: Vec<[f32; 3]> = (0..h)
+        .flat_map(|y| (0..w).map(move |x| (y, x)))
+        .map(|(y, x)| px(y, x))
+        .filter(|p| dist(*p, bg) > 0.35)
+        .collect();
+    (
+        nearest(bg),
+        nearest(mean(&object)),
+        object.len() as f32 / (h * w) as f32,
+    )
+}
+
+#[test]
+fn demo_prompts_give_the_colours_they_name() {
+    let graph = common::repo().join("graphs/text_to_image.yaml");
+    let g = Graph::from_file(&graph).expect("the demo graph is valid");
+    let mut rt = Runtime::new();
+    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
+        .expect("nodes plugin loads");
+    let session = Session::new(Arc::new(rt));
+    let out = common::temp_dir("demo");
+    let cases = [
+        (
+            "a large red circle in the center on a blue background",
+            "red",
+            "blue",
+        ),
+        (
+            "a large yellow square in the center on a black background",
+            "yellow",
+            "black",
+        ),
+        (
+            "a small white triangle on the left on a green background",
+            "white",
+            "green",
+        ),
+        (
+            "a large purple circle at the top on a orange background",
+            "purple",
+            "orange",
+        ),
+        (
+            "a large green square on the right on a white background",
+            "green",
+            "white",
+        ),
+    ];
+    for (prompt, object, background) in cases {
+        let args = vec![("prompt".to_string(), ArgValue::Text(prompt.to_string()))];
+        let report = session
+            .run(
+                &g,
+                &args,
+                &RunOptions {
+                    out_dir: out.clone(),
+                    ..RunOptions::default()
+                },
+            )
+            .unwrap();
+        assert!(report.ok(), "{prompt}: {:?}", report.failed);
+        let Value::String(path) = &**report.output("image").unwrap() else {
+            panic!("a path")
+        };
+        let file = std::fs::File::open(path.as_str()).expect("the PNG was written");
+        let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+            .read_info()
+            .unwrap();
+        let mut buf = vec![0u8; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        let (w, h) = (info.width as usize, info.height as usize);
+        let img: Vec<f32> = buf[..w * h * 3].iter().map(|&b| b as f32 / 255.0).collect();
+        let (bg, obj, area) = dominant_colours(&img, h, w);
+        eprintln!(
+            "{prompt}: background {bg}, object {obj} over {:.0}% of the image",
+            area * 100.0
+        );
+        assert_eq!((obj, bg), (object, background), "{prompt}");
+        assert!(
+            area > 0.02,
+            "{prompt}: the object covers {:.1}% only",
+            area * 100.0
+        );
+    }
+}
