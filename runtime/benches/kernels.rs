@@ -61,6 +61,28 @@ fn main() {
             let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
             println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6},\"gflops\":{gflops:.1}}}");
         }
+        for (m, k, n) in [(256, 384, 1536), (256, 1536, 384), (256, 384, 384)] {
+            let name = format!("linear_{m}x{k}x{n}");
+            if !want(&name) {
+                continue;
+            }
+            let x = randn(&[1, m, k], 1, dev);
+            let w = randn(&[n, k], 2, dev);
+            let b = randn(&[n], 3, dev);
+            let s = time(budget, || {
+                sync(
+                    &ops::linear(
+                        &x,
+                        &w,
+                        Some(&b),
+                        ditflow::kernels::cpu::Activation::GeluTanh,
+                    )
+                    .unwrap(),
+                )
+            });
+            let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
+            println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6},\"gflops\":{gflops:.1}}}");
+        }
         for l in [256, 1024, 4096] {
             let name = format!("attention_h6_d64_l{l}");
             if !want(&name) {

@@ -35,10 +35,80 @@ enum HostBuf {
     },
 }
 
+/// Recycled CPU storage: large buffers freed by dropped tensors are kept (up to a byte budget)
+/// and handed to new tensors of the same size, so op outputs do not pay for fresh pages (a page
+/// fault per 4 KiB) on every call.
+mod pool {
+    use super::Block;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// Buffers smaller than this go straight back to the allocator.
+    const MIN_BLOCKS: usize = 1024; // 64 KiB
+    /// The most bytes kept in the pool.
+    const MAX_BYTES: usize = 512 << 20;
+    /// The most buffers kept of one size.
+    const MAX_PER_SIZE: usize = 16;
+
+    struct Pool {
+        free: HashMap<usize, Vec<Vec<Block>>>,
+        bytes: usize,
+    }
+
+    static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+
+    /// A buffer of exactly `blocks` blocks with unspecified (initialised) contents.
+    pub(super) fn take(blocks: usize) -> Vec<Block> {
+        if blocks >= MIN_BLOCKS {
+            let mut guard = POOL.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(pool) = guard.as_mut() {
+                if let Some(v) = pool.free.get_mut(&blocks).and_then(Vec::pop) {
+                    pool.bytes -= blocks * 64;
+                    return v;
+                }
+            }
+        }
+        vec![Block([0; 64]); blocks]
+    }
+
+    pub(super) fn give(v: Vec<Block>) {
+        let blocks = v.len();
+        if blocks < MIN_BLOCKS || blocks * 64 > MAX_BYTES / 4 {
+            return;
+        }
+        let mut guard = POOL.lock().unwrap_or_else(|p| p.into_inner());
+        let pool = guard.get_or_insert_with(|| Pool {
+            free: HashMap::new(),
+            bytes: 0,
+        });
+        let list = pool.free.entry(blocks).or_default();
+        if list.len() < MAX_PER_SIZE && pool.bytes + blocks * 64 <= MAX_BYTES {
+            pool.bytes += blocks * 64;
+            list.push(v);
+        }
+    }
+}
+
+impl Drop for HostBuf {
+    fn drop(&mut self) {
+        if let HostBuf::Owned { blocks, .. } = self {
+            pool::give(std::mem::take(blocks));
+        }
+    }
+}
+
 impl HostBuf {
     fn zeroed(len: usize) -> HostBuf {
+        let mut blocks = pool::take(len.div_ceil(64));
+        blocks.fill(Block([0; 64]));
+        HostBuf::Owned { blocks, len }
+    }
+
+    /// Storage whose contents are unspecified (but initialised): for outputs every byte of
+    /// which is written before it is read.
+    fn for_overwrite(len: usize) -> HostBuf {
         HostBuf::Owned {
-            blocks: vec![Block([0; 64]); len.div_ceil(64)],
+            blocks: pool::take(len.div_ceil(64)),
             len,
         }
     }
@@ -120,6 +190,14 @@ impl Tensor {
         let n =
             Self::nbytes_for(dtype, shape).ok_or_else(|| TensorError::TooLarge(shape.to_vec()))?;
         Ok(Tensor::from_host(dtype, shape, HostBuf::zeroed(n)))
+    }
+
+    /// A CPU tensor whose elements are unspecified: for an op's output that the kernel writes in
+    /// full (recycled storage, not zeroed).
+    pub fn for_overwrite(dtype: DType, shape: &[usize]) -> Result<Tensor, TensorError> {
+        let n =
+            Self::nbytes_for(dtype, shape).ok_or_else(|| TensorError::TooLarge(shape.to_vec()))?;
+        Ok(Tensor::from_host(dtype, shape, HostBuf::for_overwrite(n)))
     }
 
     /// A CPU tensor copying `bytes` (row-major).

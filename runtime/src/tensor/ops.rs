@@ -77,7 +77,8 @@ fn opt_f32s(t: Option<&Tensor>) -> R<Option<Cow<'_, [f32]>>> {
 
 /// A CPU output of `shape` filled by `fill` in f32, then stored as `dtype`.
 fn cpu_out(dtype: DType, shape: &[usize], fill: impl FnOnce(&mut [f32]) -> R<()>) -> R {
-    let mut t = Tensor::zeros(DType::F32, shape)?;
+    // Every CPU kernel writes its whole output, so recycled storage needs no zeroing.
+    let mut t = Tensor::for_overwrite(DType::F32, shape)?;
     fill(t.as_mut_slice::<f32>()?)?;
     if dtype == DType::F32 {
         Ok(t)
@@ -264,6 +265,41 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> R {
         cuda => |t| cuda::ops::matmul(&t[0], &t[1], trans_a, trans_b, batch, a_batched, b_batched, m, n, ka, &out_shape))
 }
 
+/// Linear weights packed for the GEMM, by storage. An entry holds its tensor, so the storage's
+/// address cannot be reused while the entry exists; the cache is emptied when it passes
+/// [`PACK_CACHE_BYTES`].
+static PACKED_WEIGHTS: std::sync::Mutex<Option<PackCache>> = std::sync::Mutex::new(None);
+
+/// The most bytes of packed weights kept.
+pub const PACK_CACHE_BYTES: usize = 1 << 30;
+
+type PackCache =
+    std::collections::HashMap<(usize, usize, usize), (Tensor, std::sync::Arc<cpu::gemm::PackedB>)>;
+
+fn packed_weight(w: &Tensor, wf: &[f32], n: usize, k: usize) -> std::sync::Arc<cpu::gemm::PackedB> {
+    let key = (w.storage_id(), n, k);
+    if let Some((_, p)) = PACKED_WEIGHTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|c| c.get(&key))
+    {
+        return p.clone();
+    }
+    // SAFETY: `wf` holds the [n, k] weight, read transposed as k×n.
+    let packed = std::sync::Arc::new(unsafe {
+        cpu::gemm::PackedB::new(k, n, cpu::gemm::MatRef::row_major(wf, k, true))
+    });
+    let mut guard = PACKED_WEIGHTS.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = guard.get_or_insert_with(Default::default);
+    let bytes: usize = cache.values().map(|(_, p)| p.nbytes()).sum();
+    if bytes + packed.nbytes() > PACK_CACHE_BYTES {
+        cache.clear();
+    }
+    cache.insert(key, (w.clone(), packed.clone()));
+    packed
+}
+
 /// `x·wᵀ + bias`, then `act`: x `[..., K]`, w `[N, K]` (PyTorch's Linear layout), bias `[N]`.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) -> R {
     const OP: &str = "linear";
@@ -297,6 +333,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
         Device::Cpu => {
             let (xf, wf) = (f32s(x)?, f32s(w)?);
             let bf = bias.map(f32s).transpose()?;
+            let packed = packed_weight(w, &wf, n, k);
             cpu_out(x.dtype(), &out_shape, |out| {
                 let ep = cpu::gemm::Epilogue {
                     bias: bf
@@ -305,14 +342,14 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
                     act,
                     accumulate: false,
                 };
-                // SAFETY: x is [m, k], w is [n, k] read transposed, out is [m, n].
+                // SAFETY: x is [m, k], the packed weight is k×n, out is [m, n].
                 unsafe {
-                    cpu::gemm::sgemm(
+                    cpu::gemm::sgemm_with(
                         m,
                         n,
                         k,
                         cpu::gemm::MatRef::row_major(&xf, k, false),
-                        cpu::gemm::MatRef::row_major(&wf, k, true),
+                        cpu::gemm::BOperand::Packed(&packed),
                         out.as_mut_ptr(),
                         n,
                         ep,

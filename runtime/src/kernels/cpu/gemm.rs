@@ -96,6 +96,42 @@ thread_local! {
     static PACK_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// B packed once into NR-wide panels over all of K (`[panel][k][NR]`), for a weight used by many
+/// products: a linear layer's packed weight skips the per-call packing.
+pub struct PackedB {
+    pub k: usize,
+    pub n: usize,
+    data: Vec<f32>,
+}
+
+impl PackedB {
+    /// Packs the `k×n` matrix `b`.
+    ///
+    /// # Safety
+    /// `b` must address `k×n` readable elements.
+    pub unsafe fn new(k: usize, n: usize, b: MatRef) -> PackedB {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * NR * k];
+        let out = OutPtr(data.as_mut_ptr());
+        (0..panels).into_par_iter().for_each(|p| {
+            let j0 = p * NR;
+            pack_b(k, NR.min(n - j0), b, 0, j0, out.get().add(p * NR * k));
+        });
+        PackedB { k, n, data }
+    }
+
+    pub fn nbytes(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// The B operand of a product: any strided matrix (packed per call), or packed already.
+#[derive(Clone, Copy)]
+pub enum BOperand<'a> {
+    Strided(MatRef),
+    Packed(&'a PackedB),
+}
+
 /// `C[m×n] (row stride ldc) = A[m×k]·B[k×n]`, then the epilogue. Runs on the rayon pool when
 /// `parallel` and the product is large enough to pay for it.
 ///
@@ -114,6 +150,33 @@ pub unsafe fn sgemm(
     ep: Epilogue,
     parallel: bool,
 ) {
+    sgemm_with(m, n, k, a, BOperand::Strided(b), c, ldc, ep, parallel)
+}
+
+/// [`sgemm`] with B given as a [`BOperand`] (a packed B must be `k×n`).
+///
+/// # Safety
+/// As for [`sgemm`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: BOperand,
+    c: *mut f32,
+    ldc: usize,
+    ep: Epilogue,
+    parallel: bool,
+) {
+    if let BOperand::Packed(p) = b {
+        assert!(
+            p.k == k && p.n == n,
+            "packed B is {}x{}, the product needs {k}x{n}",
+            p.k,
+            p.n
+        );
+    }
     if m == 0 || n == 0 {
         return;
     }
@@ -135,28 +198,38 @@ pub unsafe fn sgemm(
     let out = OutPtr(c);
     // Columns per outer block: the packed B block (all of K × nc) stays within 4M floats.
     let nc_cap = ((4usize << 20) / k).max(NR) / NR * NR;
-    let nc_block = NC.min(nc_cap);
+    let nc_block = if matches!(b, BOperand::Packed(_)) {
+        n
+    } else {
+        NC.min(nc_cap)
+    };
     PACK_B.with(|pb| {
         let mut pb = pb.borrow_mut();
         for jc in (0..n).step_by(nc_block) {
             let nc = nc_block.min(n - jc);
             let n_panels = nc.div_ceil(NR);
-            // Pack all of B[:, jc..jc+nc] once: panel p holds K steps of NR values, so the
+            // All of B[:, jc..jc+nc] in panels: panel p holds K steps of NR values, so the
             // KC-step block at `pc` starts at `p·NR·k + pc·NR`.
-            let need = n_panels * NR * k;
-            if pb.len() < need {
-                pb.resize(need, 0.0);
-            }
-            let bpack = OutPtr(pb.as_mut_ptr());
-            let pack_panel = |p: usize| {
-                let j0 = jc + p * NR;
-                pack_b(k, NR.min(n - j0), b, 0, j0, bpack.get().add(p * NR * k));
+            let bpack = match b {
+                BOperand::Packed(p) => OutPtr(p.data.as_ptr() as *mut f32),
+                BOperand::Strided(b) => {
+                    let need = n_panels * NR * k;
+                    if pb.len() < need {
+                        pb.resize(need, 0.0);
+                    }
+                    let bpack = OutPtr(pb.as_mut_ptr());
+                    let pack_panel = |p: usize| {
+                        let j0 = jc + p * NR;
+                        pack_b(k, NR.min(n - j0), b, 0, j0, bpack.get().add(p * NR * k));
+                    };
+                    if threads > 1 {
+                        (0..n_panels).into_par_iter().for_each(pack_panel);
+                    } else {
+                        (0..n_panels).for_each(pack_panel);
+                    }
+                    bpack
+                }
             };
-            if threads > 1 {
-                (0..n_panels).into_par_iter().for_each(pack_panel);
-            } else {
-                (0..n_panels).for_each(pack_panel);
-            }
             // Row blocks of at most MC rows, as even as whole MR panels allow, and a multiple of
             // the thread count when the rows are few; column groups when row blocks are scarce.
             let m_panels = m.div_ceil(MR);
@@ -188,6 +261,7 @@ pub unsafe fn sgemm(
                     if pa.len() < need {
                         pa.resize(need, 0.0);
                     }
+                    let finishes = ks.end == k;
                     for pc in ks.step_by(KC) {
                         let kc = KC.min(k - pc);
                         pack_a(mc, kc, a, i0, pc, pa.as_mut_ptr());
@@ -195,7 +269,6 @@ pub unsafe fn sgemm(
                             c: out.get(),
                             ldc,
                             overwrite: pc == 0 && !ep.accumulate,
-                            ep: if pc + kc == k { Some(ep) } else { None },
                         };
                         for p in p0..p1 {
                             let j0 = jc + p * NR;
@@ -206,6 +279,20 @@ pub unsafe fn sgemm(
                                 let ap = pa.as_ptr().add(ir * MR * kc);
                                 tile.run(kc, ap, bp, i0 + ir * MR, j0, mr, nr);
                             }
+                        }
+                    }
+                    // Bias and activation once the sums are complete, over whole row stretches
+                    // of this task's block (still in cache).
+                    let has_epilogue = !matches!(ep.bias, Bias::None) || ep.act != Activation::None;
+                    if finishes && has_epilogue {
+                        let j0 = jc + p0 * NR;
+                        let j1 = (jc + p1 * NR).min(n);
+                        for r in i0..i0 + mc {
+                            let row = std::slice::from_raw_parts_mut(
+                                out.get().add(r * ldc + j0),
+                                j1 - j0,
+                            );
+                            finish_row(row, r, j0, ep);
                         }
                     }
                 });
@@ -228,15 +315,14 @@ pub unsafe fn sgemm(
     });
 }
 
-/// Where a micro-tile's result goes and what is done to it.
-struct Tile<'a> {
+/// Where a micro-tile's result goes.
+struct Tile {
     c: *mut f32,
     ldc: usize,
     overwrite: bool,
-    ep: Option<Epilogue<'a>>,
 }
 
-impl Tile<'_> {
+impl Tile {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     unsafe fn run(
@@ -265,12 +351,6 @@ impl Tile<'_> {
                         *d += s;
                     }
                 }
-            }
-        }
-        if let Some(ep) = self.ep {
-            for r in 0..mr {
-                let row = std::slice::from_raw_parts_mut(c.add(r * self.ldc), nr);
-                finish_row(row, i0 + r, j0, ep);
             }
         }
     }
@@ -578,6 +658,42 @@ mod tests {
             let e = max_rel_err(&c, &reference(m, n, k, &a, ta, &b, tb));
             assert!(e < 1e-5, "{m}x{n}x{k} ta={ta} tb={tb}: {e}");
         }
+    }
+
+    #[test]
+    fn prepacked_b_gives_the_same_product() {
+        let mut rng = Lcg(5);
+        let (m, n, k) = (37, 70, 300);
+        let a = rng.vec(m * k);
+        let w = rng.vec(n * k); // [n, k], used transposed as a linear layer's weight
+        let wt = MatRef::row_major(&w, k, true);
+        let packed = unsafe { PackedB::new(k, n, wt) };
+        let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+        unsafe {
+            sgemm(
+                m,
+                n,
+                k,
+                MatRef::row_major(&a, k, false),
+                wt,
+                c1.as_mut_ptr(),
+                n,
+                Epilogue::default(),
+                true,
+            );
+            sgemm_with(
+                m,
+                n,
+                k,
+                MatRef::row_major(&a, k, false),
+                BOperand::Packed(&packed),
+                c2.as_mut_ptr(),
+                n,
+                Epilogue::default(),
+                true,
+            );
+        }
+        assert_eq!(c1, c2);
     }
 
     #[test]
