@@ -96,6 +96,22 @@ fn main() {
             });
             println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6}}}");
         }
+        let name = "attention_cross_h6_d64_q256_k16";
+        if want(name) {
+            let q = randn(&[1, 6, 256, 64], 3, dev);
+            let k = randn(&[1, 6, 16, 64], 4, dev);
+            let v = randn(&[1, 6, 16, 64], 5, dev);
+            let s = time(budget, || {
+                sync(&ops::attention(&q, &k, &v, None, None).unwrap())
+            });
+            println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6}}}");
+        }
+        let name = "permute_256x6x64";
+        if want(name) {
+            let x = randn(&[1, 256, 6, 64], 3, dev);
+            let s = time(budget, || sync(&ops::permute(&x, &[0, 2, 1, 3]).unwrap()));
+            println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6}}}");
+        }
         let name = "layernorm_modulate_b2_l1024_d1152";
         if want(name) {
             let x = randn(&[2, 1024, 1152], 6, dev);

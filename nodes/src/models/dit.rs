@@ -79,7 +79,7 @@ impl DiT {
                         )?,
                     },
                     norm1_linear: w.linear(&format!("{p}.norm1.linear"), dim, 6 * dim, true)?,
-                    attn1: Attention::load(w, &format!("{p}.attn1"), dim, dim, heads, bias)?,
+                    attn1: Attention::load(w, &format!("{p}.attn1"), dim, dim, heads, bias, false)?,
                     ff: FeedForward::load(w, &format!("{p}.ff"), dim, 4, activation)?,
                 })
             })

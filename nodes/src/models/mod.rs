@@ -267,17 +267,36 @@ pub fn sincos_pos_embed_2d(
     Tensor::from_f32(Kind::Tensor, &[1, h * w, dim], &out)?.to_device(device)
 }
 
-/// diffusers' `Attention` with the default processor: separate q/k/v projections, heads, an
-/// optional additive mask, and `to_out.0`.
+/// diffusers' `Attention` with the default processor: q/k/v projections (fused into one GEMM
+/// at load: q·k·v for self-attention, k·v for cross-attention), heads, an optional additive mask,
+/// and `to_out.0`. The heads are read straight out of the fused projection.
 pub struct Attention {
-    pub to_q: Linear,
-    pub to_k: Linear,
-    pub to_v: Linear,
+    /// Self-attention: `[3D, D]` (q, k, v stacked). Cross-attention: `to_q` `[D, D]`.
+    pub to_q_or_qkv: Linear,
+    /// Cross-attention only: `[2D, context]` (k, v stacked).
+    pub to_kv: Option<Linear>,
     pub to_out: Linear,
     pub heads: usize,
+    pub dim: usize,
+}
+
+/// Stacks linears along their output axis.
+fn stack(parts: &[&Linear]) -> Result<Linear> {
+    let ws: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
+    let bias = if parts.iter().all(|l| l.bias.is_some()) {
+        let bs: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
+        Some(ditflow_plugin::ops::concat(&bs, 0)?)
+    } else {
+        None
+    };
+    Ok(Linear {
+        weight: ditflow_plugin::ops::concat(&ws, 0)?,
+        bias,
+    })
 }
 
 impl Attention {
+    /// `cross`: the keys and values come from a context (`forward` must be given one).
     pub fn load(
         w: &Weights,
         prefix: &str,
@@ -285,21 +304,30 @@ impl Attention {
         context_dim: usize,
         heads: usize,
         bias: bool,
+        cross: bool,
     ) -> Result<Attention> {
+        let q = w.linear(&format!("{prefix}.to_q"), dim, dim, bias)?;
+        let k = w.linear(&format!("{prefix}.to_k"), context_dim, dim, bias)?;
+        let v = w.linear(&format!("{prefix}.to_v"), context_dim, dim, bias)?;
+        if heads == 0 || dim % heads != 0 {
+            return Err(Error(format!(
+                "{}: {prefix}: {dim} channels do not split into {heads} heads",
+                w.dir.display()
+            )));
+        }
+        if !cross && context_dim != dim {
+            return Err(Error(format!(
+                "{}: {prefix}: self-attention with a context width {context_dim}",
+                w.dir.display()
+            )));
+        }
         Ok(Attention {
-            to_q: w.linear(&format!("{prefix}.to_q"), dim, dim, bias)?,
-            to_k: w.linear(&format!("{prefix}.to_k"), context_dim, dim, bias)?,
-            to_v: w.linear(&format!("{prefix}.to_v"), context_dim, dim, bias)?,
+            to_q_or_qkv: if cross { q } else { stack(&[&q, &k, &v])? },
+            to_kv: if cross { Some(stack(&[&k, &v])?) } else { None },
             to_out: w.linear(&format!("{prefix}.to_out.0"), dim, dim, true)?,
             heads,
+            dim,
         })
-    }
-
-    /// `[B, L, D]` → `[B, H, L, D/H]`.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let s = x.shape();
-        x.reshape(&[s[0] as i64, s[1] as i64, self.heads as i64, -1])?
-            .permute(&[0, 2, 1, 3])
     }
 
     /// Attention of `x` `[B, Lq, D]` over `context` (or itself) with an additive `mask`
@@ -310,13 +338,31 @@ impl Attention {
         context: Option<&Tensor>,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let ctx = context.unwrap_or(x);
-        let q = self.split_heads(&self.to_q.forward(x, "none")?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx, "none")?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx, "none")?)?;
-        let o = ditflow_plugin::ops::attention(&q, &k, &v, mask, None)?;
-        let (b, l) = (x.shape()[0] as i64, x.shape()[1] as i64);
-        let o = o.permute(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
+        let (d, h) = (self.dim, self.heads);
+        let o = match (&self.to_kv, context) {
+            (None, None) => {
+                let qkv = self.to_q_or_qkv.forward(x, "none")?;
+                ditflow_plugin::ops::attention_fused(
+                    &qkv,
+                    &qkv,
+                    mask,
+                    h,
+                    d / h,
+                    [0, d, 2 * d],
+                    None,
+                )?
+            }
+            (Some(to_kv), Some(ctx)) => {
+                let q = self.to_q_or_qkv.forward(x, "none")?;
+                let kv = to_kv.forward(ctx, "none")?;
+                ditflow_plugin::ops::attention_fused(&q, &kv, mask, h, d / h, [0, 0, d], None)?
+            }
+            _ => {
+                return Err(Error::new(
+                    "an attention layer was called with the wrong kind of context",
+                ))
+            }
+        };
         self.to_out.forward(&o, "none")
     }
 }

@@ -141,8 +141,8 @@ impl PixArt {
             .map(|i| {
                 let p = format!("transformer_blocks.{i}");
                 Ok(Block {
-                    attn1: Attention::load(w, &format!("{p}.attn1"), dim, dim, heads, bias)?,
-                    attn2: Attention::load(w, &format!("{p}.attn2"), dim, dim, heads, bias)?,
+                    attn1: Attention::load(w, &format!("{p}.attn1"), dim, dim, heads, bias, false)?,
+                    attn2: Attention::load(w, &format!("{p}.attn2"), dim, dim, heads, bias, true)?,
                     ff: FeedForward::load(w, &format!("{p}.ff"), dim, 4, activation)?,
                     scale_shift_table: w
                         .get(&format!("{p}.scale_shift_table"), &[6, dim])?

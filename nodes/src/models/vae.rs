@@ -74,7 +74,7 @@ impl MidBlock {
                 groups,
                 1e-6,
             )?,
-            attn: Attention::load(w, &format!("{p}.attentions.0"), ch, ch, 1, true)?,
+            attn: Attention::load(w, &format!("{p}.attentions.0"), ch, ch, 1, true, false)?,
             resnet1: ResnetBlock::load(w, &format!("{p}.resnets.1"), ch, ch, groups)?,
         })
     }

@@ -164,6 +164,35 @@ pub fn attention(
     }
 }
 
+/// Multi-head attention reading the heads straight from `[B, L, C]` projections: queries are
+/// `heads·head_dim` columns of `q_src` from `offsets[0]`, keys and values as many columns of
+/// `kv_src` from `offsets[1]` and `offsets[2]`. Returns `[B, Lq, heads·head_dim]`.
+pub fn attention_fused(
+    q_src: &Tensor,
+    kv_src: &Tensor,
+    mask: Option<&Tensor>,
+    heads: usize,
+    head_dim: usize,
+    offsets: [usize; 3],
+    scale: Option<f32>,
+) -> Result<Tensor> {
+    let mut attrs = vec![
+        ("heads", Attr::Int(heads as i64)),
+        ("head_dim", Attr::Int(head_dim as i64)),
+        ("q_offset", Attr::Int(offsets[0] as i64)),
+        ("k_offset", Attr::Int(offsets[1] as i64)),
+        ("v_offset", Attr::Int(offsets[2] as i64)),
+    ];
+    if let Some(s) = scale {
+        attrs.push(("scale", Attr::Float(s as f64)));
+    }
+    one(
+        "attention_fused",
+        &[Some(q_src), Some(kv_src), mask],
+        &attrs,
+    )
+}
+
 /// Joins tensors along `axis`.
 pub fn concat(xs: &[&Tensor], axis: i64) -> Result<Tensor> {
     let inputs: Vec<Option<&Tensor>> = xs.iter().map(|t| Some(*t)).collect();

@@ -181,6 +181,14 @@ pub const OPS: &[OpSig] = &[
         doc: "blockwise scaled-dot-product attention",
     },
     OpSig {
+        name: "attention_fused",
+        inputs: &["q_src", "kv_src", "mask?"],
+        attrs: &[
+            "heads", "head_dim", "q_offset", "k_offset", "v_offset", "scale",
+        ],
+        doc: "multi-head attention reading heads from [B, L, C] projections, writing [B, L, H·D]",
+    },
+    OpSig {
         name: "rope_tables",
         inputs: &["positions"],
         attrs: &["dims", "theta"],
@@ -449,6 +457,26 @@ fn call_op(name: &str, inputs: &[Option<&Tensor>], attrs: &Attrs) -> Result<Vec<
                 req(1),
                 req(2),
                 input(3),
+                scale.map(|s| s as f32),
+            )?)
+        }
+        "attention_fused" => {
+            let scale = attrs
+                .get("scale")
+                .map(|_| attrs.float(op, "scale", None))
+                .transpose()?;
+            let offsets = [
+                attrs.usize(op, "q_offset", Some(0))?,
+                attrs.usize(op, "k_offset", Some(0))?,
+                attrs.usize(op, "v_offset", None)?,
+            ];
+            one(ops::attention_fused(
+                req(0),
+                req(1),
+                input(2),
+                attrs.usize(op, "heads", None)?,
+                attrs.usize(op, "head_dim", None)?,
+                offsets,
                 scale.map(|s| s as f32),
             )?)
         }

@@ -711,43 +711,8 @@ pub fn attention(
         dv: vs[3],
     };
     let scale = scale.unwrap_or(1.0 / (dims.d.max(1) as f32).sqrt());
-    let full = [dims.b, dims.h, dims.lq, dims.lk];
     // The mask as f32 additive values with broadcast strides.
-    let mask_f = match mask {
-        None => None,
-        Some(m) => {
-            if m.rank() > 4 || shape::broadcast(m.shape(), &full).as_deref() != Some(&full[..]) {
-                return Err(invalid(
-                    OP,
-                    format!("mask {:?} does not broadcast to {full:?}", m.shape()),
-                ));
-            }
-            let mut mshape = vec![1; 4 - m.rank()];
-            mshape.extend(m.shape());
-            if mshape[3] != dims.lk {
-                return Err(invalid(
-                    OP,
-                    format!("mask {:?} must cover all {} keys", m.shape(), dims.lk),
-                ));
-            }
-            let additive = match m.dtype() {
-                DType::U8 | DType::I32 | DType::I64 => {
-                    let keep = cast(m, DType::F32)?;
-                    // keep != 0 → 0, else -inf
-                    let host = keep.to_device(Device::Cpu)?;
-                    let vals: Vec<f32> = host
-                        .as_f32()
-                        .iter()
-                        .map(|&v| if v != 0.0 { 0.0 } else { f32::NEG_INFINITY })
-                        .collect();
-                    Tensor::from_f32(&mshape, &vals)?.to_device(m.device())?
-                }
-                _ => cast(m, DType::F32)?.reshaped(&mshape)?,
-            };
-            let st = shape::broadcast_strides(&mshape, &full);
-            Some((additive, [st[0], st[1], st[2]]))
-        }
-    };
+    let mask_f = attention_mask(OP, mask, dims)?;
     let mut ins = vec![q, k, v];
     if let Some((m, _)) = &mask_f {
         ins.push(m);
@@ -776,6 +741,139 @@ pub fn attention(
         }
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+    }
+}
+
+/// An attention mask as additive f32 values of shape `[?, ?, ?, Lk]` with its broadcast strides
+/// over `(batch, head, query)`.
+fn attention_mask(
+    op: &'static str,
+    mask: Option<&Tensor>,
+    dims: cpu_attn::AttnDims,
+) -> R<Option<(Tensor, [usize; 3])>> {
+    let full = [dims.b, dims.h, dims.lq, dims.lk];
+    Ok(match mask {
+        None => None,
+        Some(m) => {
+            if m.rank() > 4 || shape::broadcast(m.shape(), &full).as_deref() != Some(&full[..]) {
+                return Err(invalid(
+                    op,
+                    format!("mask {:?} does not broadcast to {full:?}", m.shape()),
+                ));
+            }
+            let mut mshape = vec![1; 4 - m.rank()];
+            mshape.extend(m.shape());
+            if mshape[3] != dims.lk {
+                return Err(invalid(
+                    op,
+                    format!("mask {:?} must cover all {} keys", m.shape(), dims.lk),
+                ));
+            }
+            let additive = match m.dtype() {
+                DType::U8 | DType::I32 | DType::I64 => {
+                    let keep = cast(m, DType::F32)?;
+                    // keep != 0 → 0, else -inf
+                    let host = keep.to_device(Device::Cpu)?;
+                    let vals: Vec<f32> = host
+                        .as_f32()
+                        .iter()
+                        .map(|&v| if v != 0.0 { 0.0 } else { f32::NEG_INFINITY })
+                        .collect();
+                    Tensor::from_f32(&mshape, &vals)?.to_device(m.device())?
+                }
+                _ => cast(m, DType::F32)?.reshaped(&mshape)?,
+            };
+            let st = shape::broadcast_strides(&mshape, &full);
+            Some((additive, [st[0], st[1], st[2]]))
+        }
+    })
+}
+
+/// Multi-head attention straight from projections: the queries are `heads·head_dim` columns of
+/// `q_src` `[B, Lq, Cq]` starting at `q_offset`, the keys and values as many columns of `kv_src`
+/// `[B, Lk, Ckv]` starting at `k_offset` and `v_offset` (one fused QKV projection can be both).
+/// The result is `[B, Lq, heads·head_dim]`, heads side by side, as an output projection reads it;
+/// no per-head copies are made on the CPU. Mask and scale as for [`attention`].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_fused(
+    q_src: &Tensor,
+    kv_src: &Tensor,
+    mask: Option<&Tensor>,
+    heads: usize,
+    head_dim: usize,
+    offsets: [usize; 3],
+    scale: Option<f32>,
+) -> R {
+    const OP: &str = "attention_fused";
+    float_input(OP, q_src)?;
+    float_input(OP, kv_src)?;
+    let (qs, ks) = (q_src.shape(), kv_src.shape());
+    let width = heads * head_dim;
+    let [qo, ko, vo] = offsets;
+    if qs.len() != 3 || ks.len() != 3 || qs[0] != ks[0] || heads == 0 || head_dim == 0 {
+        return Err(invalid(OP, format!("q_src {qs:?} and kv_src {ks:?} must be [B, L, C] with one batch, and heads and head_dim above 0")));
+    }
+    if qo + width > qs[2] || ko + width > ks[2] || vo + width > ks[2] {
+        return Err(invalid(OP, format!("{heads} heads of {head_dim} from columns {offsets:?} do not fit q_src {qs:?} and kv_src {ks:?}")));
+    }
+    let dims = cpu_attn::AttnDims {
+        b: qs[0],
+        h: heads,
+        lq: qs[1],
+        lk: ks[1],
+        d: head_dim,
+        dv: head_dim,
+    };
+    let scale_v = scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+    let (b, lq, lk) = (dims.b, dims.lq, dims.lk);
+    match same_device(OP, &[q_src, kv_src])? {
+        Device::Cpu => {
+            let mask_f = attention_mask(OP, mask, dims)?;
+            let (qf, kf) = (f32s(q_src)?, f32s(kv_src)?);
+            let mref = mask_f.as_ref().map(|(m, st)| cpu_attn::MaskRef {
+                data: m.as_f32(),
+                sb: st[0],
+                sh: st[1],
+                sq: st[2],
+            });
+            let lay = |off: usize, rows: usize, c: usize| cpu_attn::Layout {
+                offset: off,
+                batch: rows * c,
+                head: head_dim,
+                row: c,
+            };
+            let layouts = [
+                lay(qo, lq, qs[2]),
+                lay(ko, lk, ks[2]),
+                lay(vo, lk, ks[2]),
+                lay(0, lq, width),
+            ];
+            cpu_out(q_src.dtype(), &[b, lq, width], |out| {
+                cpu_attn::attention_strided(&qf, &kf, &kf, layouts, mref, scale_v, dims, out);
+                Ok(())
+            })
+        }
+        Device::Cuda(_) => {
+            // Per-head copies, then the plain kernel.
+            let heads_of = |src: &Tensor, off: usize, l: usize| -> R {
+                let t = slice(src, 2, off as i64, (off + width) as i64, 1)?;
+                permute(
+                    &reshape(&t, &[b as i64, l as i64, heads as i64, head_dim as i64])?,
+                    &[0, 2, 1, 3],
+                )
+            };
+            let o = attention(
+                &heads_of(q_src, qo, lq)?,
+                &heads_of(kv_src, ko, lk)?,
+                &heads_of(kv_src, vo, lk)?,
+                mask,
+                Some(scale_v),
+            )?;
+            reshape(
+                &permute(&o, &[0, 2, 1, 3])?,
+                &[b as i64, lq as i64, width as i64],
+            )
+        }
     }
 }
 

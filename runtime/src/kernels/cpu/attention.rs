@@ -27,6 +27,37 @@ pub struct AttnDims {
     pub dv: usize,
 }
 
+/// Where element (batch b, head h, row l, channel c) of an attention operand is:
+/// `offset + b·batch + h·head + l·row + c`. Contiguous `[B, H, L, D]` is
+/// [`Layout::contiguous`]; a `[B, L, C]` projection holding the heads side by side from column
+/// `offset` is `{offset, batch: L·C, head: D, row: C}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub offset: usize,
+    pub batch: usize,
+    pub head: usize,
+    pub row: usize,
+}
+
+impl Layout {
+    pub fn contiguous(heads: usize, rows: usize, width: usize) -> Layout {
+        Layout {
+            offset: 0,
+            batch: heads * rows * width,
+            head: rows * width,
+            row: width,
+        }
+    }
+
+    /// The last element's index plus one, for `dims` of this operand (0 when empty).
+    pub fn extent(&self, b: usize, h: usize, l: usize, d: usize) -> usize {
+        if b * h * l * d == 0 {
+            return 0;
+        }
+        self.offset + (b - 1) * self.batch + (h - 1) * self.head + (l - 1) * self.row + d
+    }
+}
+
 /// An additive f32 mask, broadcast by zero strides: element (b, h, q, k) is at
 /// `b*sb + h*sh + q*sq + k`.
 #[derive(Clone, Copy)]
@@ -68,7 +99,7 @@ fn grow(v: &mut Vec<f32>, n: usize) {
     }
 }
 
-/// Attention over f32 data; a fully masked query row gives zeros.
+/// Attention over contiguous `[B, H, L, D]` f32 data; a fully masked query row gives zeros.
 pub fn attention(
     q: &[f32],
     k: &[f32],
@@ -78,6 +109,30 @@ pub fn attention(
     dims: AttnDims,
     out: &mut [f32],
 ) {
+    let layouts = [
+        Layout::contiguous(dims.h, dims.lq, dims.d),
+        Layout::contiguous(dims.h, dims.lk, dims.d),
+        Layout::contiguous(dims.h, dims.lk, dims.dv),
+        Layout::contiguous(dims.h, dims.lq, dims.dv),
+    ];
+    attention_strided(q, k, v, layouts, mask, scale, dims, out)
+}
+
+/// Attention with each operand (q, k, v, out) addressed through its [`Layout`], so heads can be
+/// read straight out of fused projections and written where the output projection reads them.
+/// The caller checks that every layout's extent fits its slice.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_strided(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    layouts: [Layout; 4],
+    mask: Option<MaskRef>,
+    scale: f32,
+    dims: AttnDims,
+    out: &mut [f32],
+) {
+    let [ql, kl, vl, ol] = layouts;
     let AttnDims {
         b,
         h,
@@ -91,7 +146,13 @@ pub fn attention(
         return;
     }
     if lk == 0 {
-        out.fill(0.0);
+        for bh in 0..heads {
+            let (bi, hi) = (bh / h, bh % h);
+            for r in 0..lq {
+                let at = ol.offset + bi * ol.batch + hi * ol.head + r * ol.row;
+                out[at..at + dv].fill(0.0);
+            }
+        }
         return;
     }
     // Pack K (as the B operand of Q·Kᵀ: k-dim = D, columns = keys) and V (k-dim = keys,
@@ -106,15 +167,20 @@ pub fn attention(
         .enumerate()
         .for_each(|(bh, buf)| {
             let (kp, vp) = buf.split_at_mut(k_pack_len);
-            let kh = &k[bh * lk * d..(bh + 1) * lk * d];
-            let vh = &v[bh * lk * dv..(bh + 1) * lk * dv];
+            let (bi, hi) = (bh / h, bh % h);
+            let kb0 = kl.offset + bi * kl.batch + hi * kl.head;
+            let vb0 = vl.offset + bi * vl.batch + hi * vl.head;
             let kt = MatRef {
-                ptr: kh.as_ptr(),
+                ptr: k[kb0..].as_ptr(),
                 rs: 1,
-                cs: d as isize,
+                cs: kl.row as isize,
             };
-            let vm = MatRef::row_major(vh, dv, false);
-            // SAFETY: the packs stay within `kh`/`vh` and the panel buffers sized above.
+            let vm = MatRef {
+                ptr: v[vb0..].as_ptr(),
+                rs: vl.row as isize,
+                cs: 1,
+            };
+            // SAFETY: the caller checked the layouts' extents; the panel buffers are sized above.
             unsafe {
                 for p in 0..k_panels {
                     pack_b(
@@ -151,7 +217,7 @@ pub fn attention(
         let base = bh * (k_pack_len + v_pack_len);
         let kp = &packed[base..base + k_pack_len];
         let vp = &packed[base + k_pack_len..base + k_pack_len + v_pack_len];
-        let qh = &q[(bh * lq + q0) * d..(bh * lq + q0 + rows) * d];
+        let qb0 = ql.offset + bi * ql.batch + hi * ql.head + q0 * ql.row;
         let mask_rows = mask.map(|m| (m, bi * m.sb + hi * m.sh + q0 * m.sq));
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
@@ -163,8 +229,11 @@ pub fn attention(
             grow(&mut s.o, prow * ow);
             grow(&mut s.m, prow);
             grow(&mut s.l, prow);
-            for (dst, src) in s.q[..rows * d].iter_mut().zip(qh) {
-                *dst = src * scale;
+            for r in 0..rows {
+                let src = &q[qb0 + r * ql.row..][..d];
+                for (dst, x) in s.q[r * d..(r + 1) * d].iter_mut().zip(src) {
+                    *dst = x * scale;
+                }
             }
             s.q[rows * d..prow * d].fill(0.0);
             s.o[..prow * ow].fill(0.0);
@@ -240,7 +309,11 @@ pub fn attention(
                 let inv = if s.l[r] > 0.0 { 1.0 / s.l[r] } else { 0.0 };
                 // SAFETY: this task alone writes query rows q0..q0+rows of head bh.
                 let dst = unsafe {
-                    std::slice::from_raw_parts_mut(o.get().add((bh * lq + q0 + r) * dv), dv)
+                    std::slice::from_raw_parts_mut(
+                        o.get()
+                            .add(ol.offset + bi * ol.batch + hi * ol.head + (q0 + r) * ol.row),
+                        dv,
+                    )
                 };
                 for (d, x) in dst.iter_mut().zip(&s.o[r * ow..r * ow + dv]) {
                     *d = x * inv;
@@ -325,6 +398,69 @@ mod tests {
             attention(&q, &k, &v, None, scale, dims, &mut out);
             let r = reference(&q, &k, &v, None, dims, scale as f64);
             assert!(max_rel_err(&out, &r) < 1e-4, "{dims:?}");
+        }
+    }
+
+    #[test]
+    fn strided_layouts_read_fused_projections() {
+        // q, k, v as column blocks of one [B, L, 3·H·D] projection; out as [B, L, H·D].
+        let mut rng = Lcg(31);
+        let (b, h, l, d) = (2, 3, 37, 16);
+        let c = 3 * h * d;
+        let qkv = rng.vec(b * l * c);
+        let dims = AttnDims {
+            b,
+            h,
+            lq: l,
+            lk: l,
+            d,
+            dv: d,
+        };
+        let lay = |off| Layout {
+            offset: off,
+            batch: l * c,
+            head: d,
+            row: c,
+        };
+        let mut fused = vec![0f32; b * l * h * d];
+        let out_layout = Layout {
+            offset: 0,
+            batch: l * h * d,
+            head: d,
+            row: h * d,
+        };
+        attention_strided(
+            &qkv,
+            &qkv,
+            &qkv,
+            [lay(0), lay(h * d), lay(2 * h * d), out_layout],
+            None,
+            0.25,
+            dims,
+            &mut fused,
+        );
+        // The same through contiguous [B, H, L, D] copies.
+        let split = |off: usize| -> Vec<f32> {
+            let mut t = vec![0f32; b * h * l * d];
+            for i in 0..b * h * l * d {
+                let (di, li, hi, bi) = (i % d, (i / d) % l, (i / (d * l)) % h, i / (d * l * h));
+                t[i] = qkv[bi * l * c + li * c + off + hi * d + di];
+            }
+            t
+        };
+        let mut plain = vec![0f32; b * h * l * d];
+        attention(
+            &split(0),
+            &split(h * d),
+            &split(2 * h * d),
+            None,
+            0.25,
+            dims,
+            &mut plain,
+        );
+        for i in 0..b * h * l * d {
+            let (di, li, hi, bi) = (i % d, (i / d) % l, (i / (d * l)) % h, i / (d * l * h));
+            assert_eq!(fused[bi * l * h * d + li * h * d + hi * d + di], plain[i]);
         }
     }
 
