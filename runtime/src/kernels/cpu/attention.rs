@@ -442,9 +442,9 @@ mod tests {
         // The same through contiguous [B, H, L, D] copies.
         let split = |off: usize| -> Vec<f32> {
             let mut t = vec![0f32; b * h * l * d];
-            for i in 0..b * h * l * d {
+            for (i, ti) in t.iter_mut().enumerate() {
                 let (di, li, hi, bi) = (i % d, (i / d) % l, (i / (d * l)) % h, i / (d * l * h));
-                t[i] = qkv[bi * l * c + li * c + off + hi * d + di];
+                *ti = qkv[bi * l * c + li * c + off + hi * d + di];
             }
             t
         };
