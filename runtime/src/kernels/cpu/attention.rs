@@ -458,9 +458,9 @@ mod tests {
             dims,
             &mut plain,
         );
-        for i in 0..b * h * l * d {
+        for (i, p) in plain.iter().enumerate() {
             let (di, li, hi, bi) = (i % d, (i / d) % l, (i / (d * l)) % h, i / (d * l * h));
-            assert_eq!(fused[bi * l * h * d + li * h * d + hi * d + di], plain[i]);
+            assert_eq!(fused[bi * l * h * d + li * h * d + hi * d + di], *p);
         }
     }
 
