@@ -11,7 +11,7 @@
 //! - [`models`]: the architectures (PixArt, DiT, AutoencoderKL, T5) on the host's tensor engine;
 //! - [`diffusion`]: `LoadDiffusionModel`, `LoadVAE` and `Forward`;
 //! - [`encoders`]: `LoadTextEncoder` (T5, with its tokenizer);
-//! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `Sample` and `VAEDecode`;
+//! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `Sample`, `VAEDecode` and `VAEEncode`;
 //! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching).
 //!
 //! Node logic that does not need the host lives in plain functions next to each node, so it is
@@ -62,5 +62,6 @@ export_plugin!(
         pipeline::EmptyLatent,
         pipeline::Sample,
         pipeline::VAEDecode,
+        pipeline::VAEEncode,
     ]
 );

@@ -1,6 +1,7 @@
 //! The text-to-image pipeline as nodes: `TextEncode` (tokenizer plus text encoder), `EmptyLatent`,
 //! `Sample` (a scheduler from [`crate::samplers`] driving a denoiser, with classifier-free guidance
-//! on a batched conditional/unconditional forward) and `VAEDecode`. `SaveImage` writes the result.
+//! on a batched conditional/unconditional forward), `VAEDecode` and `VAEEncode`. `SaveImage`
+//! writes the result.
 
 use crate::diffusion::{DiffusionModel, Vae};
 use crate::encoders::TextEncoder;
@@ -474,5 +475,56 @@ mod tests {
         assert_eq!(v["b"], "NaN in \"text\"");
         assert_eq!(v["c"][0], "Infinity");
         assert_eq!(v["d"], 1e-3);
+    }
+}
+
+/// `VAEEncode`: an image as a latent (the distribution's mean, scaled as the denoiser expects).
+#[derive(Default)]
+pub struct VAEEncode;
+
+impl Node for VAEEncode {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("VAEEncode")
+            .category("latent")
+            .doc(
+                "Encodes an image [height, width, 3] (f32 in [0, 1] or u8) with the VAE into a latent \
+                 [1, C, height/f, width/f]: the latent distribution's mean, shifted and scaled by \
+                 the VAE's config (the inverse of VAEDecode). Height and width must be \
+                 multiples of the VAE's downscale factor.",
+            )
+            .input(Port::new("vae", "Model").doc("A VAE from LoadVAE."))
+            .input(Port::new("image", "Image").doc("[height, width, 3] in [0, 1] (LoadImage)."))
+            .output(Port::new("latent", "Latent").doc("[1, C, h, w] latents."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let vae: Value = ctx.input("vae")?;
+        let vae = &vae
+            .as_object::<Vae>()
+            .map_err(|e| Error(format!("input 'vae': {e}")))?
+            .0;
+        let image: Tensor = ctx.input("image")?;
+        let s = image.shape().to_vec();
+        if s.len() != 3 || s[2] != 3 || s[0] % vae.downscale != 0 || s[1] % vae.downscale != 0 {
+            bail!(
+                "the image must be [height, width, 3] with sides multiples of {}, got {s:?}",
+                vae.downscale
+            );
+        }
+        let (h, w) = (s[0] as i64, s[1] as i64);
+        // u8 images are 0..=255; f32 images 0..=1.
+        let unit = if image.dtype() == DType::U8 {
+            1.0 / 255.0
+        } else {
+            1.0
+        };
+        let x = image
+            .cast(DType::F32)?
+            .to_device(vae.device)?
+            .affine(unit, 0.0)?;
+        let x = x.permute(&[2, 0, 1])?.reshape(&[1, 3, h, w])?;
+        let (mean, _) = vae.encode(&x.affine(2.0, -1.0)?)?;
+        let z = mean.affine(vae.scaling_factor, -vae.shift_factor * vae.scaling_factor)?;
+        ctx.set_output("latent", z.with_kind(Kind::Latent)?)
     }
 }
