@@ -30,33 +30,39 @@ fn lib_name(stem: &str) -> String {
     )
 }
 
-/// The folder holding the workspace's Rust plugin libraries (`ditflow-nodes`, `ditflow-testkit`):
-/// the newer of `target/<profile>` (where `cargo build` puts them) and its `deps` (where a
-/// clean `cargo test` leaves them), so a stale copy from an older build is never used.
-pub fn plugin_dir() -> PathBuf {
+/// The newest build of plugin library `stem`: cargo leaves one in `target/<profile>` (`cargo
+/// build`) and one in its `deps` (`cargo test`), and either can be stale.
+fn newest_lib(stem: &str) -> Option<PathBuf> {
     let top = profile_dir();
-    let modified = |dir: &Path| -> Option<std::time::SystemTime> {
-        let a = std::fs::metadata(dir.join(lib_name("ditflow_nodes")))
-            .ok()?
-            .modified()
-            .ok()?;
-        let b = std::fs::metadata(dir.join(lib_name("ditflow_testkit")))
-            .ok()?
-            .modified()
-            .ok()?;
-        Some(a.min(b))
-    };
-    let best = [top.clone(), top.join("deps")]
+    [top.clone(), top.join("deps")]
         .into_iter()
-        .filter_map(|d| modified(&d).map(|t| (t, d)))
-        .max_by_key(|(t, _)| *t);
-    if let Some((_, dir)) = best {
-        return dir;
-    }
-    panic!(
-        "the plugin libraries were not built next to {}; run `cargo test --workspace`",
-        top.display()
-    )
+        .map(|d| d.join(lib_name(stem)))
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max_by_key(|(t, _)| *t)
+        .map(|(_, p)| p)
+}
+
+/// A folder holding the newest build of each workspace plugin library (`ditflow-nodes`,
+/// `ditflow-testkit`), as links made once per test process.
+pub fn plugin_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = temp_dir("plugins");
+        for stem in ["ditflow_nodes", "ditflow_testkit"] {
+            let lib = newest_lib(stem).unwrap_or_else(|| {
+                panic!(
+                    "the plugin library {stem} was not built next to {}; run `cargo test --workspace`",
+                    profile_dir().display()
+                )
+            });
+            #[cfg(unix)]
+            std::os::unix::fs::symlink(&lib, dir.join(lib_name(stem))).expect("link the plugin library");
+            #[cfg(not(unix))]
+            std::fs::copy(&lib, dir.join(lib_name(stem))).expect("copy the plugin library");
+        }
+        dir
+    })
+    .clone()
 }
 
 /// The path of a workspace plugin library, e.g. `plugin_lib("ditflow_nodes")`.

@@ -128,6 +128,44 @@ pub struct AutoencoderKL {
     pub device: Device,
 }
 
+/// One encoder or decoder level: `resnets` ResnetBlocks (`input` → `channels`), then the
+/// optional resampling conv `PREFIX.{kind}.0.conv` with `(kind, stride, padding)`.
+fn load_level(
+    w: &Weights,
+    prefix: &str,
+    input: usize,
+    channels: usize,
+    resnets: usize,
+    groups: usize,
+    resample: Option<(&str, usize, usize)>,
+) -> Result<(Vec<ResnetBlock>, Option<Conv2d>)> {
+    let blocks = (0..resnets)
+        .map(|j| {
+            ResnetBlock::load(
+                w,
+                &format!("{prefix}.resnets.{j}"),
+                if j == 0 { input } else { channels },
+                channels,
+                groups,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let conv = resample
+        .map(|(kind, stride, padding)| {
+            Conv2d::load(
+                w,
+                &format!("{prefix}.{kind}.0.conv"),
+                channels,
+                channels,
+                3,
+                stride,
+                padding,
+            )
+        })
+        .transpose()?;
+    Ok((blocks, conv))
+}
+
 /// Zero-pads the right and bottom edges by one pixel (diffusers' `Downsample2D` padding).
 fn pad_right_bottom(x: &Tensor, device: Device) -> Result<Tensor> {
     let s = x.shape().to_vec();
@@ -178,32 +216,18 @@ impl AutoencoderKL {
         let mut down = Vec::new();
         let mut prev = channels[0];
         for (i, &c) in channels.iter().enumerate() {
+            let last = i + 1 == levels;
             let p = format!("encoder.down_blocks.{i}");
-            let resnets = (0..layers)
-                .map(|j| {
-                    ResnetBlock::load(
-                        w,
-                        &format!("{p}.resnets.{j}"),
-                        if j == 0 { prev } else { c },
-                        c,
-                        groups,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let ds = if i + 1 < levels {
-                Some(Conv2d::load(
-                    w,
-                    &format!("{p}.downsamplers.0.conv"),
-                    c,
-                    c,
-                    3,
-                    2,
-                    0,
-                )?)
-            } else {
-                None
-            };
-            down.push((resnets, ds));
+            // A stride-2 conv (with diffusers' right/bottom padding) below every level but the last.
+            down.push(load_level(
+                w,
+                &p,
+                prev,
+                c,
+                layers,
+                groups,
+                (!last).then_some(("downsamplers", 2, 0)),
+            )?);
             prev = c;
         }
         let encoder = Encoder {
@@ -216,32 +240,18 @@ impl AutoencoderKL {
         let mut up = Vec::new();
         let mut prev = top;
         for (i, &c) in channels.iter().rev().enumerate() {
+            let last = i + 1 == levels;
             let p = format!("decoder.up_blocks.{i}");
-            let resnets = (0..=layers)
-                .map(|j| {
-                    ResnetBlock::load(
-                        w,
-                        &format!("{p}.resnets.{j}"),
-                        if j == 0 { prev } else { c },
-                        c,
-                        groups,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let us = if i + 1 < levels {
-                Some(Conv2d::load(
-                    w,
-                    &format!("{p}.upsamplers.0.conv"),
-                    c,
-                    c,
-                    3,
-                    1,
-                    1,
-                )?)
-            } else {
-                None
-            };
-            up.push((resnets, us));
+            // One more resnet than the encoder, then a conv after ×2 upsampling but at the top.
+            up.push(load_level(
+                w,
+                &p,
+                prev,
+                c,
+                layers + 1,
+                groups,
+                (!last).then_some(("upsamplers", 1, 1)),
+            )?);
             prev = c;
         }
         let decoder = Decoder {

@@ -95,11 +95,7 @@ impl DdimConfig {
 
     /// A config from `(key, value)` text pairs over the defaults; unknown keys are ignored.
     pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self> {
-        let mut c = Self::default();
-        for (k, v) in fields {
-            c.set(k, v)?;
-        }
-        Ok(c)
+        super::config_from_fields(fields, Self::set)
     }
 }
 

@@ -155,11 +155,11 @@ impl DpmSolverMultistepConfig {
             "solver_type" => self.solver_type = value::parsed(v)?,
             "lower_order_final" => self.lower_order_final = value::boolean(key, v)?,
             "euler_at_final" => self.euler_at_final = value::boolean(key, v)?,
-            "use_karras_sigmas" => self.use_karras_sigmas = opt_bool(key, v)?,
-            "use_exponential_sigmas" => self.use_exponential_sigmas = opt_bool(key, v)?,
-            "use_beta_sigmas" => self.use_beta_sigmas = opt_bool(key, v)?,
-            "use_lu_lambdas" => self.use_lu_lambdas = opt_bool(key, v)?,
-            "use_flow_sigmas" => self.use_flow_sigmas = opt_bool(key, v)?,
+            "use_karras_sigmas" => self.use_karras_sigmas = value::opt_bool(key, v)?,
+            "use_exponential_sigmas" => self.use_exponential_sigmas = value::opt_bool(key, v)?,
+            "use_beta_sigmas" => self.use_beta_sigmas = value::opt_bool(key, v)?,
+            "use_lu_lambdas" => self.use_lu_lambdas = value::opt_bool(key, v)?,
+            "use_flow_sigmas" => self.use_flow_sigmas = value::opt_bool(key, v)?,
             "flow_shift" => self.flow_shift = value::float(key, v)?,
             "final_sigmas_type" => self.final_sigmas_type = value::parsed(v)?,
             "lambda_min_clipped" => self.lambda_min_clipped = value::float(key, v)?,
@@ -180,19 +180,7 @@ impl DpmSolverMultistepConfig {
 
     /// A config from `(key, value)` text pairs over the defaults; unknown keys are ignored.
     pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self> {
-        let mut c = Self::default();
-        for (k, v) in fields {
-            c.set(k, v)?;
-        }
-        Ok(c)
-    }
-}
-
-fn opt_bool(key: &str, v: &str) -> Result<bool> {
-    if value::is_null(v) {
-        Ok(false)
-    } else {
-        value::boolean(key, v)
+        super::config_from_fields(fields, Self::set)
     }
 }
 

@@ -119,9 +119,9 @@ impl EulerDiscreteConfig {
             "trained_betas" => self.trained_betas = value::opt_floats(key, v)?,
             "prediction_type" => self.prediction_type = value::parsed(v)?,
             "interpolation_type" => self.interpolation_type = value::text(v),
-            "use_karras_sigmas" => self.use_karras_sigmas = opt_bool(key, v)?,
-            "use_exponential_sigmas" => self.use_exponential_sigmas = opt_bool(key, v)?,
-            "use_beta_sigmas" => self.use_beta_sigmas = opt_bool(key, v)?,
+            "use_karras_sigmas" => self.use_karras_sigmas = value::opt_bool(key, v)?,
+            "use_exponential_sigmas" => self.use_exponential_sigmas = value::opt_bool(key, v)?,
+            "use_beta_sigmas" => self.use_beta_sigmas = value::opt_bool(key, v)?,
             "sigma_min" => self.sigma_min = value::opt_float(key, v)?,
             "sigma_max" => self.sigma_max = value::opt_float(key, v)?,
             "timestep_spacing" => self.timestep_spacing = value::parsed(v)?,
@@ -136,20 +136,7 @@ impl EulerDiscreteConfig {
 
     /// A config from `(key, value)` text pairs over the defaults; unknown keys are ignored.
     pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self> {
-        let mut c = Self::default();
-        for (k, v) in fields {
-            c.set(k, v)?;
-        }
-        Ok(c)
-    }
-}
-
-/// diffusers types these flags `bool | None`; `None` is false.
-fn opt_bool(key: &str, v: &str) -> Result<bool> {
-    if value::is_null(v) {
-        Ok(false)
-    } else {
-        value::boolean(key, v)
+        super::config_from_fields(fields, Self::set)
     }
 }
 

@@ -118,11 +118,7 @@ impl FlowMatchEulerDiscreteConfig {
 
     /// A config from `(key, value)` text pairs over the defaults; unknown keys are ignored.
     pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self> {
-        let mut c = Self::default();
-        for (k, v) in fields {
-            c.set(k, v)?;
-        }
-        Ok(c)
+        super::config_from_fields(fields, Self::set)
     }
 
     /// Flux's `mu` for an image of `image_seq_len` latent tokens, from this config's

@@ -223,6 +223,19 @@ pub trait Scheduler {
     }
 }
 
+/// A config from `(key, value)` text pairs over its defaults, applying each with `set`; keys
+/// `set` does not know (`Ok(false)`) are ignored, as diffusers ignores them.
+pub(crate) fn config_from_fields<'a, C: Default>(
+    fields: impl IntoIterator<Item = (&'a str, &'a str)>,
+    set: impl Fn(&mut C, &str, &str) -> Result<bool>,
+) -> Result<C> {
+    let mut c = C::default();
+    for (k, v) in fields {
+        set(&mut c, k, v)?;
+    }
+    Ok(c)
+}
+
 /// Runs a whole trajectory on plain vectors, as diffusers' pipelines do: the start is
 /// `noise · init_noise_sigma`, and each step calls `model(input_scale · x, timestep)`. Returns
 /// every sample: the start, then the sample after each step (`num_steps() + 1` vectors).
@@ -343,6 +356,15 @@ pub(crate) mod value {
     /// Whether the text stands for an absent value.
     pub fn is_null(v: &str) -> bool {
         matches!(unquote(v), "null" | "None" | "")
+    }
+
+    /// diffusers types some flags `bool | None`; `None` is false.
+    pub fn opt_bool(key: &str, v: &str) -> Result<bool> {
+        if is_null(v) {
+            Ok(false)
+        } else {
+            boolean(key, v)
+        }
     }
 
     pub fn boolean(key: &str, v: &str) -> Result<bool> {
