@@ -138,6 +138,31 @@ pub fn decode_png<R: BufRead + Seek>(reader: R) -> Result<DecodedImage> {
     })
 }
 
+/// Each pixel of a `[height, width, channels]` image as a `scale × scale` block.
+pub fn upscale_nearest(
+    samples: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    scale: usize,
+) -> Vec<u8> {
+    let row = width * channels;
+    let mut out = Vec::with_capacity(samples.len() * scale * scale);
+    for y in 0..height {
+        let src = &samples[y * row..(y + 1) * row];
+        let mut line = Vec::with_capacity(row * scale);
+        for px in src.chunks_exact(channels) {
+            for _ in 0..scale {
+                line.extend_from_slice(px);
+            }
+        }
+        for _ in 0..scale {
+            out.extend_from_slice(&line);
+        }
+    }
+    out
+}
+
 /// `SaveImage`: an image to a PNG file.
 #[derive(Default)]
 pub struct SaveImage;
@@ -161,6 +186,12 @@ impl Node for SaveImage {
                     .default("image.png")
                     .doc("Where to write; a relative path goes under the run's output folder."),
             )
+            .input(
+                Port::new("scale", "Int")
+                    .default(1i64)
+                    .range(1.0, 16.0)
+                    .doc("Writes each pixel as a scale×scale block (nearest-neighbour upscaling)."),
+            )
             .output(Port::new("path", "String").doc("The absolute path of the file written."))
             .side_effects()
     }
@@ -181,6 +212,16 @@ impl Node for SaveImage {
                 );
                 return Err(failed(Error(e)));
             }
+        };
+        let scale = ctx.input::<i64>("scale")?.clamp(1, 16) as usize;
+        let (samples, width, height) = if scale > 1 {
+            (
+                Cow::Owned(upscale_nearest(&samples, width, height, channels, scale)),
+                width * scale,
+                height * scale,
+            )
+        } else {
+            (samples, width, height)
         };
         let png = encode_png(width, height, channels, &samples).map_err(failed)?;
         // Resolved only now, so a bad image does not leave an empty output folder behind.
@@ -231,6 +272,17 @@ impl Node for LoadImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nearest_upscale_repeats_pixels() {
+        // 2x1 RGB image, scale 2 -> 4x2.
+        let img = [1, 2, 3, 4, 5, 6];
+        let up = upscale_nearest(&img, 2, 1, 3, 2);
+        assert_eq!(
+            up,
+            vec![1, 2, 3, 1, 2, 3, 4, 5, 6, 4, 5, 6, 1, 2, 3, 1, 2, 3, 4, 5, 6, 4, 5, 6]
+        );
+    }
     use std::io::Cursor;
 
     #[test]
