@@ -1075,7 +1075,7 @@ pub fn reduce(x: &Tensor, axes: &[i64], keepdim: bool, op: Reduce) -> R {
             Device::Cpu => {
                 let xf = f32s(&cur)?;
                 cpu_out(DType::F32, &s, |out| {
-                    cpu::reduce::reduce(op, &xf, outer, dim, inner, out);
+                    cpu::reduce::reduce(op, &xf, dim, inner, out);
                     Ok(())
                 })?
             }

@@ -38,7 +38,6 @@ const CHUNK: usize = 4096;
 /// `out[n, c_out, out...] = conv(x[n, c_in, in...], w[c_out, c_in/groups, k...]) + bias`.
 pub fn conv(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
     let Some(osz) = g.output() else { return };
-    let nd = g.input.len();
     let l_out: usize = osz.iter().product();
     let l_in: usize = g.input.iter().product();
     let kprod: usize = g.kernel.iter().product();
@@ -97,7 +96,6 @@ pub fn conv(g: &ConvGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>, out: &mut 
                     );
                 }
             }
-            let _ = nd;
         }
     }
 }
