@@ -1074,6 +1074,7 @@ pub fn reduce(x: &Tensor, axes: &[i64], keepdim: bool, op: Reduce) -> R {
         cur = match cur.device() {
             Device::Cpu => {
                 let xf = f32s(&cur)?;
+                debug_assert_eq!(xf.len(), outer * dim * inner);
                 cpu_out(DType::F32, &s, |out| {
                     cpu::reduce::reduce(op, &xf, dim, inner, out);
                     Ok(())
