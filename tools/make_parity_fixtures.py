@@ -271,8 +271,19 @@ def pipeline(seed):
         image = pipe(prompt="a red circle on a blue background", negative_prompt="", num_inference_steps=steps,
                      guidance_scale=cfg, height=16, width=16, latents=noise.clone(), output_type="pt",
                      clean_caption=False, use_resolution_binning=False, max_sequence_length=12).images
+    # The same with EulerDiscreteScheduler (scaled model inputs, sigma-space updates).
+    from diffusers import EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler.from_config(sched.config)
+    euler.save_pretrained(os.path.join(out, "scheduler_euler"))
+    pipe.scheduler = euler
+    with torch.no_grad():
+        image_euler = pipe(prompt="a red circle on a blue background", negative_prompt="", num_inference_steps=steps,
+                           guidance_scale=cfg, height=16, width=16, latents=noise.clone(), output_type="pt",
+                           clean_caption=False, use_resolution_binning=False, max_sequence_length=12).images
     tensors = {"in.noise": noise, "in.noise_seed": torch.tensor([noise_seed]), "in.steps": torch.tensor([steps]),
-               "in.cfg": torch.tensor([cfg]), "out.image": image[0].permute(1, 2, 0).contiguous()}
+               "in.cfg": torch.tensor([cfg]), "out.image": image[0].permute(1, 2, 0).contiguous(),
+               "out.image_euler": image_euler[0].permute(1, 2, 0).contiguous()}
     save_file(tensors, os.path.join(out, "io.safetensors"))
     print(f"pipeline: image {tuple(image.shape)}")
 
