@@ -90,6 +90,7 @@ impl DiffusionModel {
                     encoder_attention_mask: mask.as_ref(),
                     resolution: res.as_deref(),
                     aspect_ratio: ar.as_deref(),
+                    caption: None,
                 })?
             }
             DiffusionModel::DiT(m) => {

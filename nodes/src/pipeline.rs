@@ -342,6 +342,8 @@ impl Node for Sample {
             }
             batch_conditionings(&list, device)?
         };
+        // The captions' cross-attention keys and values do not change between steps.
+        let caption = m.encode_caption(&cond, Some(&mask))?;
         let mut x = ditflow_plugin::ops::randn(&s, seed as u64, device)?
             .affine(sched.init_noise_sigma(), 0.0)?;
         let mut history: VecDeque<Tensor> = VecDeque::new();
@@ -363,6 +365,7 @@ impl Node for Sample {
                 encoder_attention_mask: Some(&mask),
                 resolution: None,
                 aspect_ratio: None,
+                caption: Some(&caption),
             })?;
             // A learned-sigma model predicts 2C channels: the first C are the noise.
             let out = if out.shape()[1] != s[1] {

@@ -338,31 +338,51 @@ impl Attention {
         context: Option<&Tensor>,
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (d, h) = (self.dim, self.heads);
-        let o = match (&self.to_kv, context) {
-            (None, None) => {
+        match context {
+            None if self.to_kv.is_none() => {
+                let d = self.dim;
                 let qkv = self.to_q_or_qkv.forward(x, "none")?;
-                ditflow_plugin::ops::attention_fused(
+                let o = ditflow_plugin::ops::attention_fused(
                     &qkv,
                     &qkv,
                     mask,
-                    h,
-                    d / h,
+                    self.heads,
+                    d / self.heads,
                     [0, d, 2 * d],
                     None,
-                )?
+                )?;
+                self.to_out.forward(&o, "none")
             }
-            (Some(to_kv), Some(ctx)) => {
-                let q = self.to_q_or_qkv.forward(x, "none")?;
-                let kv = to_kv.forward(ctx, "none")?;
-                ditflow_plugin::ops::attention_fused(&q, &kv, mask, h, d / h, [0, 0, d], None)?
-            }
-            _ => {
-                return Err(Error::new(
-                    "an attention layer was called with the wrong kind of context",
-                ))
-            }
-        };
+            Some(ctx) if self.to_kv.is_some() => self.forward_kv(x, &self.context_kv(ctx)?, mask),
+            _ => Err(Error::new(
+                "an attention layer was called with the wrong kind of context",
+            )),
+        }
+    }
+
+    /// Cross-attention's keys and values of a context, `[B, Lk, 2D]`: constant over sampling
+    /// steps, so a sampler computes them once.
+    pub fn context_kv(&self, context: &Tensor) -> Result<Tensor> {
+        let to_kv = self
+            .to_kv
+            .as_ref()
+            .ok_or_else(|| Error::new("self-attention has no context"))?;
+        to_kv.forward(context, "none")
+    }
+
+    /// Cross-attention of `x` over keys and values from [`Attention::context_kv`].
+    pub fn forward_kv(&self, x: &Tensor, kv: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let d = self.dim;
+        let q = self.to_q_or_qkv.forward(x, "none")?;
+        let o = ditflow_plugin::ops::attention_fused(
+            &q,
+            kv,
+            mask,
+            self.heads,
+            d / self.heads,
+            [0, 0, d],
+            None,
+        )?;
         self.to_out.forward(&o, "none")
     }
 }

@@ -5,7 +5,7 @@
 
 use super::{chunks, mask_bias, patchify, sincos_pos_embed_2d, timestep_sinusoids, unpatchify};
 use super::{Attention, Config, FeedForward, Linear, TimestepEmbedding, Weights};
-use ditflow_plugin::{Device, Error, Result, Tensor};
+use ditflow_plugin::{bail, Device, Error, Result, Tensor};
 
 /// One `BasicTransformerBlock` with `norm_type = "ada_norm_single"`.
 pub struct Block {
@@ -37,6 +37,15 @@ pub struct Inputs<'a> {
     /// PixArt-α only: `[B, 2]` image height and width, and `[B, 1]` aspect ratio.
     pub resolution: Option<&'a [f32]>,
     pub aspect_ratio: Option<&'a [f32]>,
+    /// The captions' cross-attention keys and values from [`PixArt::encode_caption`] for these
+    /// `encoder_hidden_states`, when a sampler computed them once for all its steps.
+    pub caption: Option<&'a CaptionCache>,
+}
+
+/// Every block's cross-attention keys and values for one batch of captions, and the mask bias.
+pub struct CaptionCache {
+    pub kv: Vec<Tensor>,
+    pub mask: Option<Tensor>,
 }
 
 pub struct PixArt {
@@ -176,6 +185,28 @@ impl PixArt {
         })
     }
 
+    /// The captions `[B, L, caption_channels]` (with their `[B, L]` mask) projected and turned
+    /// into every block's cross-attention keys and values.
+    pub fn encode_caption(
+        &self,
+        encoder_hidden_states: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<CaptionCache> {
+        let caption = self
+            .caption_projection
+            .0
+            .forward(encoder_hidden_states, "gelu_tanh")?;
+        let caption = self.caption_projection.1.forward(&caption, "none")?;
+        Ok(CaptionCache {
+            kv: self
+                .blocks
+                .iter()
+                .map(|b| b.attn2.context_kv(&caption))
+                .collect::<Result<_>>()?,
+            mask: mask.map(mask_bias).transpose()?,
+        })
+    }
+
     /// The denoiser's output `[B, out_channels, H, W]`.
     pub fn forward(&self, inp: &Inputs) -> Result<Tensor> {
         let x = inp.hidden_states;
@@ -239,25 +270,29 @@ impl PixArt {
         }
         let t6 = self.adaln.linear.forward(&cond.unary("silu")?, "none")?;
         let t6 = t6.reshape(&[b as i64, 6, d as i64])?;
-        // Captions.
-        let caption = self
-            .caption_projection
-            .0
-            .forward(inp.encoder_hidden_states, "gelu_tanh")?;
-        let caption = self.caption_projection.1.forward(&caption, "none")?;
-        let mask = inp.encoder_attention_mask.map(mask_bias).transpose()?;
-        for block in &self.blocks {
+        // Captions: projected, then each block's keys and values (unless given).
+        let computed;
+        let caption = match inp.caption {
+            Some(c) => c,
+            None => {
+                computed =
+                    self.encode_caption(inp.encoder_hidden_states, inp.encoder_attention_mask)?;
+                &computed
+            }
+        };
+        if caption.kv.len() != self.blocks.len()
+            || caption.kv.first().is_some_and(|kv| kv.shape()[0] != b)
+        {
+            bail!("PixArt: the caption cache does not match this model and batch");
+        }
+        for (block, kv) in self.blocks.iter().zip(&caption.kv) {
             let m = chunks(&block.scale_shift_table.add(&t6)?, 6, d)?;
             let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) =
                 (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
             let n =
                 hidden.layer_norm(None, None, Some(shift_msa), Some(scale_msa), self.norm_eps)?;
             hidden = hidden.gated_residual(&block.attn1.forward(&n, None, None)?, gate_msa)?;
-            hidden = hidden.add(
-                &block
-                    .attn2
-                    .forward(&hidden, Some(&caption), mask.as_ref())?,
-            )?;
+            hidden = hidden.add(&block.attn2.forward_kv(&hidden, kv, caption.mask.as_ref())?)?;
             let n =
                 hidden.layer_norm(None, None, Some(shift_mlp), Some(scale_mlp), self.norm_eps)?;
             hidden = hidden.gated_residual(&block.ff.forward(&n)?, gate_mlp)?;
