@@ -11,6 +11,13 @@ use ditflow_plugin::prelude::*;
 use std::collections::VecDeque;
 use std::path::Path;
 
+/// The object inside Model input `name`, or an error naming the input.
+fn object_input<'a, T: ditflow_plugin::Object>(value: &'a Value, name: &str) -> Result<&'a T> {
+    value
+        .as_object::<T>()
+        .map_err(|e| Error(format!("input '{name}': {e}")))
+}
+
 /// The sampler names `Sample` accepts, and the diffusers class each one is.
 pub const SAMPLERS: &[(&str, &str)] = &[
     ("ddim", "DDIMScheduler"),
@@ -159,9 +166,7 @@ impl Node for TextEncode {
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let enc: Value = ctx.input("encoder")?;
-        let enc = enc
-            .as_object::<TextEncoder>()
-            .map_err(|e| Error(format!("input 'encoder': {e}")))?;
+        let enc = object_input::<TextEncoder>(&enc, "encoder")?;
         let text: String = ctx.input("text")?;
         let max: i64 = ctx.input("max_tokens")?;
         let ids = enc.tokenize(&text, max as usize)?;
@@ -281,9 +286,7 @@ impl Node for Sample {
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let model: Value = ctx.input("model")?;
-        let model = model
-            .as_object::<DiffusionModel>()
-            .map_err(|e| Error(format!("input 'model': {e}")))?;
+        let model = object_input::<DiffusionModel>(&model, "model")?;
         let DiffusionModel::PixArt(m) = model else {
             bail!("Sample drives text-conditioned models (PixArt); DiT is class-conditioned");
         };
@@ -433,10 +436,7 @@ impl Node for VAEDecode {
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let vae: Value = ctx.input("vae")?;
-        let vae = &vae
-            .as_object::<Vae>()
-            .map_err(|e| Error(format!("input 'vae': {e}")))?
-            .0;
+        let vae = &object_input::<Vae>(&vae, "vae")?.0;
         let latent: Tensor = ctx.input("latent")?;
         let tile = ctx.input::<i64>("tile_size")? as usize;
         let s = latent.shape().to_vec();
@@ -502,10 +502,7 @@ impl Node for VAEEncode {
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let vae: Value = ctx.input("vae")?;
-        let vae = &vae
-            .as_object::<Vae>()
-            .map_err(|e| Error(format!("input 'vae': {e}")))?
-            .0;
+        let vae = &object_input::<Vae>(&vae, "vae")?.0;
         let image: Tensor = ctx.input("image")?;
         let s = image.shape().to_vec();
         if s.len() != 3 || s[2] != 3 || s[0] % vae.downscale != 0 || s[1] % vae.downscale != 0 {
