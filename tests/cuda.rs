@@ -1,3 +1,4 @@
+#![cfg(feature = "cuda")]
 //! The CUDA backend: every kernel compiles through NVRTC for sm_80 and sm_90 (required in CI,
 //! where `.ci/run` installs libnvrtc and sets `DITFLOW_REQUIRE_NVRTC=1`), `--device` behaves on a
 //! machine without a GPU, and, when a GPU is present, every CUDA op matches the CPU op.

@@ -2,8 +2,8 @@
 //! embedding with 2-D sincos positions, and blocks of self-attention and a GELU MLP under adaLN-Zero
 //! modulation from the timestep and class-label embedding.
 
-use super::{chunks, patchify, sincos_pos_embed_2d, timestep_sinusoids, unpatchify};
-use super::{Attention, Config, FeedForward, Linear, TimestepEmbedding, Weights};
+use super::{chunks, patchify, timestep_sinusoids, unpatchify};
+use super::{Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights};
 use ditflow_plugin::{Device, Error, Kind, Result, Tensor};
 
 /// `CombinedTimestepLabelEmbeddings` inside a block's `AdaLayerNormZero`.
@@ -36,6 +36,8 @@ pub struct DiT {
     pub proj_out_1: Linear,
     pub proj_out_2: Linear,
     pub device: Device,
+    /// The position embedding of the last latent size.
+    pub pos_embed: PosEmbedCache,
 }
 
 impl DiT {
@@ -101,6 +103,7 @@ impl DiT {
             proj_out_1: w.linear("proj_out_1", dim, 2 * dim, true)?,
             proj_out_2: w.linear("proj_out_2", dim, patch * patch * out_channels, true)?,
             device,
+            pos_embed: PosEmbedCache::default(),
         })
     }
 
@@ -136,7 +139,9 @@ impl DiT {
             )));
         }
         let d = self.dim;
-        let pos = sincos_pos_embed_2d(d, h, w, self.base_size, 1.0, self.device)?;
+        let pos = self
+            .pos_embed
+            .get(d, h, w, self.base_size, 1.0, self.device)?;
         let mut hidden = patchify(x, &self.proj_w, &self.proj_b, self.patch)?.add(&pos)?;
         let t = timestep_sinusoids(timestep, 256, true, 1.0, self.device)?;
         let labels = Tensor::from_bytes(
@@ -147,11 +152,12 @@ impl DiT {
                 .iter()
                 .flat_map(|c| c.to_le_bytes())
                 .collect::<Vec<u8>>(),
-        )?;
+        )?
+        .to_device(self.device)?;
         let conditioning = |e: &TimestepLabelEmbedding| -> Result<Tensor> {
             e.timestep_embedder
                 .forward(&t)?
-                .add(&e.class_table.embedding(&labels.to_device(self.device)?)?)
+                .add(&e.class_table.embedding(&labels)?)
         };
         for block in &self.blocks {
             let emb = block

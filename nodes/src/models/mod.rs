@@ -267,6 +267,34 @@ pub fn sincos_pos_embed_2d(
     Tensor::from_f32(Kind::Tensor, &[1, h * w, dim], &out)?.to_device(device)
 }
 
+/// The 2-D position embedding of the last grid a model saw: sampling calls a model many times at
+/// one size, so the sincos table is made once, not at every step.
+#[derive(Default)]
+pub struct PosEmbedCache(std::sync::Mutex<Option<((usize, usize), Tensor)>>);
+
+impl PosEmbedCache {
+    /// [`sincos_pos_embed_2d`] for an `h × w` grid, from the cache when the grid is the last one.
+    pub fn get(
+        &self,
+        dim: usize,
+        h: usize,
+        w: usize,
+        base_size: usize,
+        interpolation_scale: f64,
+        device: Device,
+    ) -> Result<Tensor> {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((size, t)) = last.as_ref() {
+            if *size == (h, w) {
+                return Ok(t.clone());
+            }
+        }
+        let t = sincos_pos_embed_2d(dim, h, w, base_size, interpolation_scale, device)?;
+        *last = Some(((h, w), t.clone()));
+        Ok(t)
+    }
+}
+
 /// diffusers' `Attention` with the default processor: q/k/v projections (fused into one GEMM
 /// at load: q·k·v for self-attention, k·v for cross-attention), heads, an optional additive mask,
 /// and `to_out.0`. The heads are read straight out of the fused projection.

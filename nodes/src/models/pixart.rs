@@ -3,8 +3,8 @@
 //! embeddings), caption projection, and blocks of self-attention, cross-attention and a GELU MLP,
 //! each modulated by the shared timestep embedding and a per-block `scale_shift_table`.
 
-use super::{chunks, mask_bias, patchify, sincos_pos_embed_2d, timestep_sinusoids, unpatchify};
-use super::{Attention, Config, FeedForward, Linear, TimestepEmbedding, Weights};
+use super::{chunks, mask_bias, patchify, timestep_sinusoids, unpatchify};
+use super::{Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights};
 use ditflow_plugin::{bail, Device, Error, Result, Tensor};
 
 /// One `BasicTransformerBlock` with `norm_type = "ada_norm_single"`.
@@ -67,6 +67,8 @@ pub struct PixArt {
     pub scale_shift_table: Tensor,
     pub proj_out: Linear,
     pub device: Device,
+    /// The position embedding of the last latent size.
+    pub pos_embed: PosEmbedCache,
 }
 
 impl PixArt {
@@ -182,6 +184,7 @@ impl PixArt {
                 .reshape(&[1, 2, dim as i64])?,
             proj_out: w.linear("proj_out", dim, patch * patch * out_channels, true)?,
             device,
+            pos_embed: PosEmbedCache::default(),
         })
     }
 
@@ -237,7 +240,7 @@ impl PixArt {
         }
         let d = self.dim;
         // Patches plus positions.
-        let pos = sincos_pos_embed_2d(
+        let pos = self.pos_embed.get(
             d,
             h,
             w,

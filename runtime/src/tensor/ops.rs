@@ -25,6 +25,12 @@ pub enum OpError {
     Device(String),
 }
 
+/// The error of a CUDA tensor met by a build without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> OpError {
+    OpError::Device("this build has no CUDA support".into())
+}
+
 pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> OpError {
     OpError::Invalid {
         op,
@@ -119,7 +125,7 @@ macro_rules! dispatch {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => on_cuda($dtype, &[$($t),*], |$ins: &[Tensor]| $cuda),
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+            Device::Cuda(_) => Err(no_cuda()),
         }
     }};
 }
@@ -141,7 +147,7 @@ pub fn cast(x: &Tensor, dtype: DType) -> R {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::ops::cast(x, dtype),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
@@ -186,7 +192,7 @@ pub fn randn(shape: &[usize], seed: u64, device: Device) -> R {
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => cuda::ops::randn(shape, seed, n),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
@@ -276,7 +282,7 @@ pub const PACK_CACHE_BYTES: usize = 1 << 30;
 type PackCache =
     std::collections::HashMap<(usize, usize, usize), (Tensor, std::sync::Arc<cpu::gemm::PackedB>)>;
 
-fn packed_weight(w: &Tensor, wf: &[f32], n: usize, k: usize) -> std::sync::Arc<cpu::gemm::PackedB> {
+fn packed_weight(w: &Tensor, n: usize, k: usize) -> R<std::sync::Arc<cpu::gemm::PackedB>> {
     let key = (w.storage_id(), n, k);
     if let Some((_, p)) = PACKED_WEIGHTS
         .lock()
@@ -284,11 +290,13 @@ fn packed_weight(w: &Tensor, wf: &[f32], n: usize, k: usize) -> std::sync::Arc<c
         .as_ref()
         .and_then(|c| c.get(&key))
     {
-        return p.clone();
+        return Ok(p.clone());
     }
+    // Converted to f32 (a copy only for half-precision weights) on a miss alone.
+    let wf = f32s(w)?;
     // SAFETY: `wf` holds the [n, k] weight, read transposed as k×n.
     let packed = std::sync::Arc::new(unsafe {
-        cpu::gemm::PackedB::new(k, n, cpu::gemm::MatRef::row_major(wf, k, true))
+        cpu::gemm::PackedB::new(k, n, cpu::gemm::MatRef::row_major(&wf, k, true))
     });
     let mut guard = PACKED_WEIGHTS.lock().unwrap_or_else(|p| p.into_inner());
     let cache = guard.get_or_insert_with(Default::default);
@@ -297,7 +305,7 @@ fn packed_weight(w: &Tensor, wf: &[f32], n: usize, k: usize) -> std::sync::Arc<c
         cache.clear();
     }
     cache.insert(key, (w.clone(), packed.clone()));
-    packed
+    Ok(packed)
 }
 
 /// `x·wᵀ + bias`, then `act`: x `[..., K]`, w `[N, K]` (PyTorch's Linear layout), bias `[N]`.
@@ -331,9 +339,9 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
     ins.extend(bias);
     match same_device(OP, &ins)? {
         Device::Cpu => {
-            let (xf, wf) = (f32s(x)?, f32s(w)?);
+            let xf = f32s(x)?;
             let bf = bias.map(f32s).transpose()?;
-            let packed = packed_weight(w, &wf, n, k);
+            let packed = packed_weight(w, n, k)?;
             cpu_out(x.dtype(), &out_shape, |out| {
                 let ep = cpu::gemm::Epilogue {
                     bias: bf
@@ -364,7 +372,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
             cuda::ops::linear(&t[0], &t[1], t.get(2), act, m, n, k, &out_shape)
         }),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
@@ -471,7 +479,7 @@ pub fn conv(
             cuda::ops::conv(&g, &t[0], &t[1], t.get(2), &out_shape)
         }),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
@@ -555,7 +563,7 @@ pub fn layer_norm(x: &Tensor, p: LayerNorm) -> R {
             })
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
@@ -586,7 +594,7 @@ pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f32) -> R {
             cuda::ops::rms_norm(&t[0], t.get(1), d, eps)
         }),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
@@ -650,7 +658,7 @@ pub fn group_norm(
             })
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
@@ -740,7 +748,7 @@ pub fn attention(
             })
         }
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
@@ -1083,9 +1091,7 @@ pub fn reduce(x: &Tensor, axes: &[i64], keepdim: bool, op: Reduce) -> R {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => cuda::ops::reduce(&cur, op, outer, dim, inner, &s)?,
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => {
-                return Err(OpError::Device("this build has no CUDA support".into()))
-            }
+            Device::Cuda(_) => return Err(no_cuda()),
         };
     }
     let final_shape: Vec<usize> = if keepdim {
@@ -1157,7 +1163,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> R {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::ops::permute(x, perm, &out_shape),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
@@ -1215,7 +1221,7 @@ pub fn concat(xs: &[&Tensor], axis: i64) -> R {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::ops::concat(xs, &lens, outer, &out_shape),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
@@ -1257,7 +1263,7 @@ pub fn slice(x: &Tensor, axis: i64, start: i64, end: i64, step: usize) -> R {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::ops::slice(x, outer, dim, inner, s, step, count, &out_shape),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
@@ -1357,7 +1363,7 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> R {
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => cuda::ops::embedding(table, &idv, d, n, &out_shape),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(OpError::Device("this build has no CUDA support".into())),
+        Device::Cuda(_) => Err(no_cuda()),
     }
 }
 
