@@ -320,11 +320,36 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Opens a library so that closing it never unmaps its code (`RTLD_NODELETE`).
+///
+/// A plugin written in Rust links its own copy of the standard library, which registers
+/// per-thread destructors with `pthread_key_create` from inside the plugin's code and never
+/// removes them. Unmapping such a library makes every host thread that ran plugin code crash
+/// when it exits, in a destructor that is no longer there. So closing a plugin releases its
+/// handle, node types and values, and its code pages stay mapped (a reloaded plugin is opened
+/// from a fresh copy, so the new code is loaded beside the old).
+fn open_pinned(path: &Path) -> Result<libloading::Library, libloading::Error> {
+    #[cfg(unix)]
+    {
+        use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+        #[cfg(any(target_os = "macos", target_os = "ios"))]
+        const RTLD_NODELETE: std::os::raw::c_int = 0x80;
+        #[cfg(not(any(target_os = "macos", target_os = "ios")))]
+        const RTLD_NODELETE: std::os::raw::c_int = 0x1000;
+        // SAFETY: loading a library runs its initialisers; that is what loading a plugin means.
+        unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) }.map(Into::into)
+    }
+    #[cfg(not(unix))]
+    {
+        // SAFETY: as above.
+        unsafe { libloading::Library::new(path) }
+    }
+}
+
 /// Loads one plugin library and collects its node types.
 pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, PluginError> {
     let shown = path.display().to_string();
-    // SAFETY: loading a library runs its initialisers; that is what loading a plugin means.
-    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| PluginError::Load {
+    let lib = open_pinned(path).map_err(|e| PluginError::Load {
         path: shown.clone(),
         reason: error_chain(&e),
     })?;
