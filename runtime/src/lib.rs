@@ -20,6 +20,7 @@ pub mod weights;
 pub use exec::events::{Event, Subscriber};
 pub use exec::scheduler::{NodeFailure, RunOptions, RunReport};
 pub use graph::diag::{Diagnostic, Diagnostics};
+pub use graph::lua::LuaLimits;
 pub use graph::validate::ArgValue;
 pub use runtime::{Graph, GraphError, Runtime, Session};
 pub use value::Value;

@@ -15,6 +15,7 @@ use crate::exec::plan::Plan;
 use crate::exec::scheduler::{run_plan, RunOptions, RunReport};
 use crate::graph::diag::{Diagnostic, Diagnostics};
 use crate::graph::ir::{GraphIr, Loc};
+use crate::graph::lua::{parse_lua_graph, LuaLimits};
 use crate::graph::validate::{validate, ArgValue};
 use crate::graph::yaml::parse_graph;
 use crate::plugin::{libraries_in, load_plugin, search_path, PluginError};
@@ -160,8 +161,13 @@ pub struct Graph {
 }
 
 impl Graph {
-    /// Reads and parses a YAML graph file.
+    /// Reads a graph file: a Lua script (`.lua`, run in the default sandbox) or a YAML document.
     pub fn from_file(path: &Path) -> Result<Graph, GraphError> {
+        Graph::from_file_with(path, &LuaLimits::default())
+    }
+
+    /// Reads a graph file; a Lua script runs under `limits`.
+    pub fn from_file_with(path: &Path, limits: &LuaLimits) -> Result<Graph, GraphError> {
         let shown = path.display().to_string();
         let meta = std::fs::metadata(path).map_err(|source| GraphError::Io {
             path: shown.clone(),
@@ -184,7 +190,34 @@ impl Graph {
             source,
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        Graph::from_yaml(&text, &shown, &base)
+        let mut ir = if path.extension().is_some_and(|e| e == "lua") {
+            parse_lua_graph(&text, &shown, &base, Some(path), limits)
+        } else {
+            parse_graph(&text, &shown, &base)
+        }
+        .map_err(GraphError::Invalid)?;
+        if ir.watch_files.is_empty() {
+            ir.watch_files.push(path.to_path_buf());
+        }
+        Ok(Graph { ir })
+    }
+
+    /// Runs a Lua graph script given as text; `name` is used in messages and `base_dir` resolves
+    /// relative paths and `require`d modules.
+    pub fn from_lua(
+        text: &str,
+        name: &str,
+        base_dir: &Path,
+        limits: &LuaLimits,
+    ) -> Result<Graph, GraphError> {
+        parse_lua_graph(text, name, base_dir, None, limits)
+            .map(|ir| Graph { ir })
+            .map_err(GraphError::Invalid)
+    }
+
+    /// The files the graph was read from (the document and the modules it required), to watch.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.ir.watch_files
     }
 
     /// Parses YAML text; `name` is used in messages and `base_dir` resolves relative paths.

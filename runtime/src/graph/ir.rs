@@ -3,18 +3,30 @@
 
 use std::path::PathBuf;
 
-/// A 1-based line and column in a graph source; `0:0` when unknown.
+/// A 1-based line and column in a graph source; `0:0` when unknown. `file` indexes the graph's
+/// source files ([`GraphIr::file_name`]): 0 is the document itself, others are files it pulled in
+/// (Lua modules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord, Hash)]
 pub struct Loc {
+    pub file: u32,
     pub line: u32,
     pub col: u32,
 }
 
 impl Loc {
-    pub const START: Loc = Loc { line: 1, col: 1 };
+    pub const START: Loc = Loc {
+        file: 0,
+        line: 1,
+        col: 1,
+    };
 
     pub fn new(line: u32, col: u32) -> Loc {
-        Loc { line, col }
+        Loc { file: 0, line, col }
+    }
+
+    /// A location in source file `file` of the graph.
+    pub fn in_file(file: u32, line: u32, col: u32) -> Loc {
+        Loc { file, line, col }
     }
 }
 
@@ -125,7 +137,26 @@ pub struct GraphIr {
     pub source: String,
     /// The folder relative input paths resolve against.
     pub base_dir: PathBuf,
+    /// Further source files the document read (Lua modules), as shown in messages; a [`Loc`]
+    /// with `file: i` points into `extra_files[i - 1]`.
+    pub extra_files: Vec<String>,
+    /// Every file the graph was built from, the document first, for watching (empty for a graph
+    /// built from a string).
+    pub watch_files: Vec<PathBuf>,
     pub inputs: Vec<GraphInputDecl>,
     pub nodes: Vec<NodeDecl>,
     pub outputs: Vec<OutputDecl>,
+}
+
+impl GraphIr {
+    /// How the source file a location points into is named in messages.
+    pub fn file_name(&self, loc: Loc) -> &str {
+        match loc.file {
+            0 => &self.source,
+            i => self
+                .extra_files
+                .get(i as usize - 1)
+                .map_or(&self.source, String::as_str),
+        }
+    }
 }

@@ -1,7 +1,8 @@
-//! Graphs: the IR, the YAML front-end, diagnostics, validation into a plan, and Graphviz output.
+//! Graphs: the IR, the YAML and Lua front-ends, diagnostics, validation into a plan, and Graphviz output.
 
 pub mod diag;
 pub mod dot;
 pub mod ir;
+pub mod lua;
 pub mod validate;
 pub mod yaml;

@@ -38,12 +38,13 @@ struct Validator<'a> {
 
 impl<'a> Validator<'a> {
     fn error(&mut self, loc: Loc, msg: impl Into<String>) {
-        self.diags.push(Diagnostic::new(&self.ir.source, loc, msg));
+        self.diags
+            .push(Diagnostic::new(self.ir.file_name(loc), loc, msg));
     }
 
     fn node_error(&mut self, loc: Loc, node: &str, msg: impl Into<String>) {
         self.diags
-            .push(Diagnostic::at_node(&self.ir.source, loc, node, msg));
+            .push(Diagnostic::at_node(self.ir.file_name(loc), loc, node, msg));
     }
 
     fn graph_inputs(&mut self, args: &[(String, ArgValue)]) -> HashMap<String, ResolvedInput> {
