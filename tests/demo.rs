@@ -74,7 +74,7 @@ fn dominant_colours(img: &[f32], h: usize, w: usize) -> (&'static str, &'static 
 fn demo_prompts_give_the_colours_they_name() {
     let graph = common::repo().join("graphs/text_to_image.yaml");
     let g = Graph::from_file(&graph).expect("the demo graph is valid");
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
         .expect("nodes plugin loads");
     let session = Session::new(Arc::new(rt));
@@ -150,7 +150,7 @@ fn vae_encode_then_decode_reproduces_the_image() {
     // Tolerance: mean absolute error under 0.05 on [0, 1] pixels (a lossy 4x autoencoder).
     let out = common::temp_dir("vae-roundtrip");
     let models = common::repo().join("models/demo");
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
         .expect("nodes plugin loads");
     let session = Session::new(Arc::new(rt));

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 fn runtime() -> Arc<Runtime> {
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     for lib in ["ditflow_nodes", "ditflow_testkit"] {
         rt.load_plugin_file(&common::plugin_lib(lib))
             .expect("plugin loads");

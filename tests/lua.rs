@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn runtime() -> Arc<Runtime> {
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
         .expect("nodes plugin loads");
     Arc::new(rt)

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 fn session() -> Session {
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
         .expect("nodes plugin loads");
     Session::new(Arc::new(rt))

@@ -12,9 +12,13 @@ use std::sync::Arc;
 fn c_example_plugin_loads_and_runs() {
     let dir = common::temp_dir("c-hello");
     let lib = common::build_c_plugin("plugins/examples/c/hello_plugin.c", &dir);
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     assert_eq!(rt.load_plugin_file(&lib).expect("loads"), 3);
-    let greet = rt.registry().get("CGreet").expect("CGreet registered");
+    let greet = rt
+        .registry()
+        .get("CGreet")
+        .cloned()
+        .expect("CGreet registered");
     assert_eq!(greet.plugin.name, "c-hello");
     assert_eq!(greet.inputs[1].min, Some(1.0));
     let g = Graph::from_yaml(
@@ -37,7 +41,7 @@ fn c_example_plugin_loads_and_runs() {
 fn a_c_plugin_writes_a_tensor_in_place_and_calls_engine_ops() {
     let dir = common::temp_dir("c-ops");
     let lib = common::build_c_plugin("plugins/examples/c/hello_plugin.c", &dir);
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     rt.load_plugin_file(&lib).expect("loads");
     let session = Session::new(Arc::new(rt));
     let g = Graph::from_yaml(
@@ -98,7 +102,7 @@ fn malformed_libraries_are_refused_and_the_host_goes_on() {
     common::build_c_plugin("tests/plugins/c/bad_abi_plugin.c", &dir);
     common::build_c_plugin("plugins/examples/c/hello_plugin.c", &dir);
 
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     let err = rt
         .load_plugin_file(&dir.join("libgarbage.so"))
         .err()
@@ -118,7 +122,7 @@ fn malformed_libraries_are_refused_and_the_host_goes_on() {
         .unwrap();
     assert!(matches!(err, PluginError::NotAPlugin { .. }), "{err:?}");
 
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     rt.load_plugin_dir(&dir);
     assert!(
         rt.registry().get("CGreet").is_some(),
@@ -154,7 +158,7 @@ DF_DEFINE_PLUGIN("dup-greet", "0.1.0", reg);
     .unwrap();
     let lib = common::build_c_plugin(src.to_str().unwrap(), &dir);
     let hello = common::build_c_plugin("plugins/examples/c/hello_plugin.c", &dir);
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     rt.load_plugin_file(&hello).unwrap();
     rt.load_plugin_file(&lib).unwrap();
     let problems = rt.problems().join("\n");
@@ -168,17 +172,17 @@ DF_DEFINE_PLUGIN("dup-greet", "0.1.0", reg);
 
 #[test]
 fn rust_plugins_export_full_schemas() {
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
         .unwrap();
-    let math = rt.registry().get("Math").expect("Math");
+    let math = rt.registry().get("Math").cloned().expect("Math");
     let op = &math.inputs[math.input_index("op").unwrap()];
     assert!(op.choices.iter().any(|c| c == "mul"));
     assert_eq!(op.default, Some(Value::string("add")));
     let json = math.to_json();
     assert_eq!(json["plugin"]["name"], "ditflow-nodes");
     assert_eq!(json["inputs"][0]["type"], "Float");
-    let save = rt.registry().get("SaveImage").unwrap();
+    let save = rt.registry().get("SaveImage").cloned().unwrap();
     assert!(save.side_effects && !save.cacheable);
 }
 
@@ -186,7 +190,7 @@ fn rust_plugins_export_full_schemas() {
 fn rust_sdk_ops_match_the_engine_called_directly() {
     use ditflow::tensor::ops::{self, LayerNorm};
     use ditflow::tensor::Device;
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     rt.load_plugin_file(&common::plugin_lib("ditflow_testkit"))
         .expect("testkit loads");
     let session = Session::new(Arc::new(rt));

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn runtime() -> Arc<Runtime> {
-    let mut rt = Runtime::new();
+    let rt = Runtime::new();
     for lib in ["ditflow_nodes", "ditflow_testkit"] {
         rt.load_plugin_file(&common::plugin_lib(lib))
             .expect("plugin loads");

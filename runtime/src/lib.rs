@@ -15,6 +15,7 @@ pub mod runtime;
 pub mod tensor;
 pub mod types;
 pub mod value;
+pub mod watch;
 pub mod weights;
 
 pub use exec::events::{Event, Subscriber};
@@ -22,5 +23,6 @@ pub use exec::scheduler::{NodeFailure, RunOptions, RunReport};
 pub use graph::diag::{Diagnostic, Diagnostics};
 pub use graph::lua::LuaLimits;
 pub use graph::validate::ArgValue;
-pub use runtime::{Graph, GraphError, Runtime, Session};
+pub use runtime::{Graph, GraphError, PluginRecord, PluginReload, Runtime, Session};
 pub use value::Value;
+pub use watch::{watch_graph, WatchOptions};

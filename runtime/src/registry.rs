@@ -16,6 +16,8 @@ pub struct PluginInfo {
     pub version: String,
     /// The library file, or `None` for node types registered from Rust.
     pub path: Option<PathBuf>,
+    /// Which build of the library ([`crate::plugin::build_stamp`]); 0 for Rust node types.
+    pub build: u64,
 }
 
 /// One input or output port.

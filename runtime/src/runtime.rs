@@ -18,18 +18,68 @@ use crate::graph::ir::{GraphIr, Loc};
 use crate::graph::lua::{parse_lua_graph, LuaLimits};
 use crate::graph::validate::{validate, ArgValue};
 use crate::graph::yaml::parse_graph;
-use crate::plugin::{libraries_in, load_plugin, search_path, PluginError};
-use crate::registry::{DuplicateNodeType, NodeType, Registry};
+use crate::plugin::{
+    libraries_in, load_plugin, load_plugin_as, search_path, LoadedLibrary, PluginError,
+};
+use crate::registry::{DuplicateNodeType, NodeType, PluginInfo, Registry};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 /// Node types gathered from plugins (and from Rust), and the problems met loading them.
+///
+/// A runtime may change while it is used: [`Runtime::reload_plugin`] swaps in a rebuilt plugin
+/// library. Validation takes a snapshot of the node types ([`Runtime::registry`]), so a run in
+/// progress keeps the types it started with.
 #[derive(Default)]
 pub struct Runtime {
-    registry: Registry,
+    inner: RwLock<RuntimeState>,
+    /// Bumped on every change of the node types.
+    generation: AtomicU64,
+}
+
+#[derive(Default)]
+struct RuntimeState {
+    registry: Arc<Registry>,
     problems: Vec<String>,
-    /// Loaded plugins: name, version, library path.
-    plugins: Vec<(String, String, PathBuf)>,
+    plugins: Vec<PluginRecord>,
+    /// The library each plugin's node types come from, by plugin name.
+    libraries: std::collections::HashMap<String, Weak<LoadedLibrary>>,
+    /// Libraries replaced by a reload, until everything they made is dropped.
+    retired: Vec<(PathBuf, Weak<LoadedLibrary>)>,
+}
+
+/// A loaded plugin.
+#[derive(Debug, Clone)]
+pub struct PluginRecord {
+    pub name: String,
+    pub version: String,
+    /// The library file it was loaded from.
+    pub path: PathBuf,
+    /// The build stamp of that file when it was loaded.
+    pub build: u64,
+}
+
+/// What [`Runtime::reload_plugin`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginReload {
+    pub name: String,
+    /// The node types the new build registered.
+    pub node_types: Vec<String>,
+}
+
+/// Where reloaded libraries are copied before loading: a fresh path per load, so the new build
+/// is mapped beside the old one instead of being confused with it.
+fn reload_copy_path(path: &Path) -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::env::temp_dir()
+        .join(format!("ditflow-plugins-{}", std::process::id()))
+        .join(format!("{n}-{name}"))
 }
 
 impl Runtime {
@@ -38,10 +88,18 @@ impl Runtime {
         Runtime::default()
     }
 
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, RuntimeState> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn state_mut(&self) -> std::sync::RwLockWriteGuard<'_, RuntimeState> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A runtime with every plugin found in `dirs`, then `DITFLOW_PLUGIN_PATH`, then the
     /// executable's folder. Refused libraries are listed in [`Runtime::problems`].
     pub fn with_plugins(dirs: &[PathBuf]) -> Runtime {
-        let mut rt = Runtime::new();
+        let rt = Runtime::new();
         for dir in search_path(dirs) {
             rt.load_plugin_dir(&dir);
         }
@@ -49,82 +107,169 @@ impl Runtime {
     }
 
     /// Loads every plugin library in `dir`. Libraries that are not ditflow plugins are skipped.
-    pub fn load_plugin_dir(&mut self, dir: &Path) {
+    pub fn load_plugin_dir(&self, dir: &Path) {
         for lib in libraries_in(dir) {
             match self.load_plugin_file(&lib) {
                 Ok(_) => {}
                 Err(PluginError::NotAPlugin { path }) => {
                     tracing::debug!("skipping {path}: not a ditflow plugin")
                 }
-                Err(e) => self.problems.push(e.to_string()),
+                Err(e) => self.state_mut().problems.push(e.to_string()),
             }
         }
     }
 
     /// Loads one plugin library; returns how many node types it added. A plugin whose name is
     /// already loaded is skipped (with a note in [`Runtime::problems`] if its version differs).
-    pub fn load_plugin_file(&mut self, path: &Path) -> Result<usize, PluginError> {
+    pub fn load_plugin_file(&self, path: &Path) -> Result<usize, PluginError> {
         let loaded = load_plugin(path)?;
-        if let Some((_, version, first)) = self
-            .plugins
-            .iter()
-            .find(|(name, _, _)| *name == loaded.info.name)
-        {
+        let mut st = self.state_mut();
+        if let Some(first) = st.plugins.iter().find(|p| p.name == loaded.info.name) {
             // The same build found twice on the search path is not a problem; another version is.
-            if *version == loaded.info.version {
+            if first.version == loaded.info.version {
                 tracing::debug!(
                     "{}: plugin '{}' already loaded from {}",
                     path.display(),
                     loaded.info.name,
-                    first.display()
+                    first.path.display()
                 );
             } else {
-                self.problems.push(format!(
+                let msg = format!(
                     "{}: plugin '{}' {} is already loaded as version {} from {}; ignoring this copy",
                     path.display(),
                     loaded.info.name,
                     loaded.info.version,
-                    version,
-                    first.display()
-                ));
+                    first.version,
+                    first.path.display()
+                );
+                st.problems.push(msg);
             }
             return Ok(0);
         }
-        self.plugins.push((
-            loaded.info.name.clone(),
-            loaded.info.version.clone(),
-            path.to_path_buf(),
-        ));
+        st.libraries
+            .insert(loaded.info.name.clone(), Arc::downgrade(&loaded.library));
+        st.plugins.push(PluginRecord {
+            name: loaded.info.name.clone(),
+            version: loaded.info.version.clone(),
+            path: path.to_path_buf(),
+            build: loaded.info.build,
+        });
         for w in loaded.warnings {
-            self.problems.push(format!("{}: {w}", path.display()));
+            st.problems.push(format!("{}: {w}", path.display()));
         }
+        let mut registry = (*st.registry).clone();
         let mut added = 0;
         for ty in loaded.node_types {
-            match self.registry.insert(ty) {
+            match registry.insert(ty) {
                 Ok(()) => added += 1,
-                Err(e) => self.problems.push(e.to_string()),
+                Err(e) => st.problems.push(e.to_string()),
             }
         }
+        st.registry = Arc::new(registry);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(added)
     }
 
-    /// Registers a node type implemented in Rust by the host application.
-    pub fn register(&mut self, ty: NodeType) -> Result<(), DuplicateNodeType> {
-        self.registry.insert(ty)
+    /// Loads a new build of an already loaded plugin library and swaps its node types in. The
+    /// file is copied to a fresh path first and loaded from there, beside the old build; runs
+    /// validated from now on use the new node types, runs in progress finish with the old ones,
+    /// and the old library is released once nothing it made is left ([`Runtime::retained_libraries`]).
+    /// A build that fails to load leaves the old one in place and returns the error.
+    pub fn reload_plugin(&self, path: &Path) -> Result<PluginReload, PluginError> {
+        let copy = reload_copy_path(path);
+        let copied = copy
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::copy(path, &copy).map(|_| ()));
+        if let Err(e) = copied {
+            return Err(PluginError::Load {
+                path: path.display().to_string(),
+                reason: format!("cannot copy it to {}: {e}", copy.display()),
+            });
+        }
+        let loaded = load_plugin_as(&copy, path);
+        // The mapping stays when the file goes: remove the copy at once.
+        let _ = std::fs::remove_file(&copy);
+        let loaded = loaded?;
+        let mut st = self.state_mut();
+        let name = loaded.info.name.clone();
+        let mut registry = (*st.registry).clone();
+        registry.remove_plugin(&name);
+        let mut node_types = Vec::new();
+        for ty in loaded.node_types {
+            let ty_name = ty.name.clone();
+            match registry.insert(ty) {
+                Ok(()) => node_types.push(ty_name),
+                Err(e) => st.problems.push(e.to_string()),
+            }
+        }
+        st.registry = Arc::new(registry);
+        let record = PluginRecord {
+            name: name.clone(),
+            version: loaded.info.version.clone(),
+            path: path.to_path_buf(),
+            build: loaded.info.build,
+        };
+        match st.plugins.iter_mut().find(|p| p.name == name) {
+            Some(p) => *p = record,
+            None => st.plugins.push(record),
+        }
+        if let Some(old) = st
+            .libraries
+            .insert(name.clone(), Arc::downgrade(&loaded.library))
+        {
+            st.retired.push((path.to_path_buf(), old));
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(PluginReload { name, node_types })
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
+    /// Registers a node type implemented in Rust by the host application.
+    pub fn register(&self, ty: NodeType) -> Result<(), DuplicateNodeType> {
+        let mut st = self.state_mut();
+        let mut registry = (*st.registry).clone();
+        registry.insert(ty)?;
+        st.registry = Arc::new(registry);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// A snapshot of the node types.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.state().registry.clone()
+    }
+
+    /// Counts changes of the node types (loads and reloads).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Whether node types of `plugin` are those of the plugin's current build.
+    pub fn is_current(&self, plugin: &PluginInfo) -> bool {
+        plugin.path.is_none()
+            || self
+                .state()
+                .plugins
+                .iter()
+                .any(|p| p.name == plugin.name && p.build == plugin.build)
     }
 
     /// Messages about refused plugins and node types.
-    pub fn problems(&self) -> &[String] {
-        &self.problems
+    pub fn problems(&self) -> Vec<String> {
+        self.state().problems.clone()
     }
 
-    /// Loaded plugins: name, version and library path.
-    pub fn plugins(&self) -> &[(String, String, PathBuf)] {
-        &self.plugins
+    /// Loaded plugins.
+    pub fn plugins(&self) -> Vec<PluginRecord> {
+        self.state().plugins.clone()
+    }
+
+    /// Replaced plugin libraries still held by something they made (a value in a cache, a run in
+    /// progress). Each is released when the last of those is dropped.
+    pub fn retained_libraries(&self) -> Vec<PathBuf> {
+        let mut st = self.state_mut();
+        st.retired.retain(|(_, lib)| lib.strong_count() > 0);
+        st.retired.iter().map(|(p, _)| p.clone()).collect()
     }
 }
 
@@ -242,7 +387,7 @@ impl Graph {
         runtime: &Runtime,
         args: &[(String, ArgValue)],
     ) -> Result<Plan, Diagnostics> {
-        validate(&self.ir, runtime.registry(), args)
+        validate(&self.ir, &runtime.registry(), args)
     }
 }
 
@@ -251,6 +396,8 @@ impl Graph {
 pub struct Session {
     runtime: Arc<Runtime>,
     cache: Mutex<Cache>,
+    /// The runtime generation the cache was last checked against.
+    seen_generation: AtomicU64,
 }
 
 /// Default cache capacity: 2 GiB.
@@ -265,6 +412,7 @@ impl Session {
         Session {
             runtime,
             cache: Mutex::new(Cache::new(bytes)),
+            seen_generation: AtomicU64::new(0),
         }
     }
 
@@ -285,7 +433,24 @@ impl Session {
 
     /// Runs an already validated plan.
     pub fn run_plan(&self, plan: &Plan, opts: &RunOptions) -> RunReport {
+        self.drop_stale_outputs();
         run_plan(plan, opts, &self.cache)
+    }
+
+    /// After a plugin reload, drops the cached outputs its old build made, so they are computed
+    /// again by the new build and the old library can be released.
+    fn drop_stale_outputs(&self) {
+        let generation = self.runtime.generation();
+        if self.seen_generation.swap(generation, Ordering::SeqCst) != generation {
+            let dropped = self
+                .cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove_from(|origin| !self.runtime.is_current(origin));
+            if dropped > 0 {
+                tracing::debug!("dropped {dropped} cached outputs of reloaded plugins");
+            }
+        }
     }
 
     pub fn cache_stats(&self) -> CacheStats {

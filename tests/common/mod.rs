@@ -81,6 +81,11 @@ pub fn temp_dir(name: &str) -> PathBuf {
 /// Compiles a C plugin source (relative to the repo root) into `out_dir` with the system C
 /// compiler, and returns the library path.
 pub fn build_c_plugin(source: &str, out_dir: &Path) -> PathBuf {
+    build_c_plugin_with(source, out_dir, &[])
+}
+
+/// [`build_c_plugin`] with extra compiler arguments (`-DNAME=VALUE`).
+pub fn build_c_plugin_with(source: &str, out_dir: &Path, extra: &[&str]) -> PathBuf {
     let src = repo().join(source);
     let stem = src
         .file_stem()
@@ -94,6 +99,7 @@ pub fn build_c_plugin(source: &str, out_dir: &Path) -> PathBuf {
             "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-std=c99", "-I",
         ])
         .arg(repo().join("plugins/sdk/include"))
+        .args(extra)
         .arg(&src)
         .arg("-o")
         .arg(&out)

@@ -1,4 +1,4 @@
-//! The `ditflow` command line: run, validate, list node types, and draw graphs.
+//! The `ditflow` command line: run, watch (hot reload), validate, list node types, and draw graphs.
 //!
 //! Exit codes: 0 success, 1 the run failed (a node failed or the run was cancelled), 2 an invalid
 //! graph or bad usage.
@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ditflow::graph::dot::to_dot;
 use ditflow::tensor::device::DeviceRequest;
 use ditflow::tensor::Device;
-use ditflow::{ArgValue, Event, Graph, GraphError, RunOptions, Runtime, Session};
+use ditflow::{
+    watch_graph, ArgValue, Event, Graph, GraphError, RunOptions, Runtime, Session, WatchOptions,
+};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -84,6 +86,27 @@ enum Command {
         #[command(flatten)]
         plugins: PluginArgs,
         /// Write run events to stdout.
+        #[arg(long, value_enum)]
+        events: Option<EventFormat>,
+        /// Folder for files the graph writes.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// Worker threads (default: the number of cores).
+        #[arg(long)]
+        workers: Option<usize>,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Run a graph, then re-run it in place whenever its files or a plugin library change
+    /// (only what changed executes; loaded models stay loaded). Ctrl-C stops.
+    Watch {
+        graph: PathBuf,
+        /// Set a graph input: `--set prompt="a red circle"` (repeatable).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        #[command(flatten)]
+        plugins: PluginArgs,
+        /// Write run and reload events to stdout.
         #[arg(long, value_enum)]
         events: Option<EventFormat>,
         /// Folder for files the graph writes.
@@ -208,22 +231,14 @@ impl Bars {
     }
 }
 
-fn cmd_run(
-    graph: PathBuf,
-    set: Vec<String>,
-    plugins: PluginArgs,
+/// Run options from the command line, with Ctrl-C wired to `cancel`; `None` means exit 2.
+fn run_options(
     events: Option<EventFormat>,
     out: PathBuf,
     workers: Option<usize>,
-    device: DeviceArgs,
-) -> anyhow::Result<ExitCode> {
-    let Some(device) = resolve_device(&device) else {
-        return Ok(ExitCode::from(2));
-    };
-    let rt = load_runtime(&plugins);
-    let Some(plan) = load_plan(&graph, &set, &rt) else {
-        return Ok(ExitCode::from(2));
-    };
+    device: &DeviceArgs,
+) -> Option<RunOptions> {
+    let device = resolve_device(device)?;
     let cancel = Arc::new(AtomicBool::new(false));
     {
         let cancel = cancel.clone();
@@ -244,7 +259,7 @@ fn cmd_run(
     if let Some(w) = workers {
         if w == 0 {
             eprintln!("error: --workers must be at least 1");
-            return Ok(ExitCode::from(2));
+            return None;
         }
         opts.workers = w;
     }
@@ -263,6 +278,25 @@ fn cmd_run(
         opts.subscribers
             .push(Arc::new(move |e: &Event| bars.on_event(e)));
     }
+    Some(opts)
+}
+
+fn cmd_run(
+    graph: PathBuf,
+    set: Vec<String>,
+    plugins: PluginArgs,
+    events: Option<EventFormat>,
+    out: PathBuf,
+    workers: Option<usize>,
+    device: DeviceArgs,
+) -> anyhow::Result<ExitCode> {
+    let Some(opts) = run_options(events, out, workers, &device) else {
+        return Ok(ExitCode::from(2));
+    };
+    let rt = load_runtime(&plugins);
+    let Some(plan) = load_plan(&graph, &set, &rt) else {
+        return Ok(ExitCode::from(2));
+    };
     let session = Session::new(Arc::new(rt));
     let report = session.run_plan(&plan, &opts);
     for f in &report.failed {
@@ -299,6 +333,71 @@ fn cmd_run(
     } else {
         ExitCode::from(1)
     })
+}
+
+fn cmd_watch(
+    graph: PathBuf,
+    set: Vec<String>,
+    plugins: PluginArgs,
+    events: Option<EventFormat>,
+    out: PathBuf,
+    workers: Option<usize>,
+    device: DeviceArgs,
+) -> anyhow::Result<ExitCode> {
+    let args = match parse_sets(&set) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let Some(mut run) = run_options(events, out, workers, &device) else {
+        return Ok(ExitCode::from(2));
+    };
+    let watch = WatchOptions {
+        plugin_dirs: ditflow::plugin::search_path(&plugins.plugins),
+        // Ctrl-C ends the watch (and cancels a run in progress).
+        stop: run.cancel.clone(),
+        ..WatchOptions::default()
+    };
+    if events.is_none() {
+        run.subscribers.push(Arc::new(|e: &Event| match e {
+            Event::GraphLoaded { graph, .. } => eprintln!("loaded {graph}"),
+            Event::GraphInvalid { errors, .. } => {
+                for line in errors {
+                    eprintln!("{line}");
+                }
+                eprintln!("note: the graph is invalid; keeping the last good one (waiting for changes)");
+            }
+            Event::PluginReloaded {
+                plugin, node_types, ..
+            } => eprintln!("reloaded plugin '{plugin}' ({} node types)", node_types.len()),
+            Event::PluginRefused { error, .. } => {
+                eprintln!("error: {error}\nnote: keeping the plugin's previous build")
+            }
+            Event::NodeFailed { node, error } => eprintln!("error: node '{node}' failed: {error}"),
+            Event::RunFinished {
+                ok,
+                ms,
+                executed,
+                cached,
+                failed,
+                ..
+            } => eprintln!(
+                "{} in {ms:.0} ms: {executed} executed, {cached} cached, {failed} failed; watching for changes (Ctrl-C to stop)",
+                if *ok { "finished" } else { "failed" }
+            ),
+            _ => {}
+        }));
+    }
+    let session = Session::new(Arc::new(load_runtime(&plugins)));
+    match watch_graph(&session, &graph, &args, &run, &watch) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
 }
 
 fn cmd_ops() -> anyhow::Result<ExitCode> {
@@ -348,7 +447,8 @@ fn cmd_nodes(json: bool, plugins: PluginArgs) -> anyhow::Result<ExitCode> {
             "no node types found; load plugins with --plugins DIR or DITFLOW_PLUGIN_PATH"
         )?;
     }
-    let mut by_category: Vec<_> = rt.registry().iter().collect();
+    let registry = rt.registry();
+    let mut by_category: Vec<_> = registry.iter().collect();
     by_category.sort_by(|a, b| (&a.category, &a.name).cmp(&(&b.category, &b.name)));
     let mut last = None;
     for t in by_category {
@@ -414,6 +514,15 @@ fn real_main() -> anyhow::Result<ExitCode> {
             workers,
             device,
         } => cmd_run(graph, set, plugins, events, out, workers, device),
+        Command::Watch {
+            graph,
+            set,
+            plugins,
+            events,
+            out,
+            workers,
+            device,
+        } => cmd_watch(graph, set, plugins, events, out, workers, device),
         Command::Validate {
             graph,
             set,

@@ -1,6 +1,7 @@
 //! The output cache: node outputs by cache key, an LRU bounded in bytes.
 
 use super::plan::CacheKey;
+use crate::registry::PluginInfo;
 use crate::value::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -10,6 +11,8 @@ pub type Outputs = Arc<[Option<Arc<Value>>]>;
 
 struct Entry {
     outputs: Outputs,
+    /// The plugin whose node made the outputs, to drop them when it is reloaded.
+    origin: Option<Arc<PluginInfo>>,
     bytes: usize,
     tick: u64,
 }
@@ -62,6 +65,16 @@ impl Cache {
     /// Stores outputs, evicting the least recently used entries to stay within capacity. Outputs
     /// larger than the whole capacity are not stored.
     pub fn insert(&mut self, key: CacheKey, outputs: Outputs) {
+        self.insert_from(key, outputs, None)
+    }
+
+    /// [`Cache::insert`], remembering which plugin made the outputs.
+    pub fn insert_from(
+        &mut self,
+        key: CacheKey,
+        outputs: Outputs,
+        origin: Option<Arc<PluginInfo>>,
+    ) {
         let bytes: usize = outputs.iter().flatten().map(|v| v.byte_size()).sum();
         self.remove(key);
         if bytes > self.capacity {
@@ -81,6 +94,7 @@ impl Cache {
             key,
             Entry {
                 outputs,
+                origin,
                 bytes,
                 tick,
             },
@@ -93,6 +107,20 @@ impl Cache {
             self.order.remove(&e.tick);
             self.bytes -= e.bytes;
         }
+    }
+
+    /// Drops every entry made by a plugin for which `stale` is true; returns how many.
+    pub fn remove_from(&mut self, stale: impl Fn(&PluginInfo) -> bool) -> usize {
+        let keys: Vec<CacheKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.origin.as_deref().is_some_and(&stale))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &keys {
+            self.remove(*k);
+        }
+        keys.len()
     }
 
     pub fn clear(&mut self) {

@@ -48,6 +48,27 @@ pub enum Event {
         cached: usize,
         failed: usize,
     },
+    /// Watching: the graph was (re)loaded and validated; it runs next. `files` are watched.
+    GraphLoaded {
+        graph: String,
+        files: Vec<String>,
+    },
+    /// Watching: the changed graph is invalid; the last good one stays in place.
+    GraphInvalid {
+        graph: String,
+        errors: Vec<String>,
+    },
+    /// Watching: a plugin library changed and its new build was loaded.
+    PluginReloaded {
+        plugin: String,
+        path: String,
+        node_types: Vec<String>,
+    },
+    /// Watching: a changed plugin library could not be loaded; the old build stays in use.
+    PluginRefused {
+        path: String,
+        error: String,
+    },
 }
 
 impl Event {

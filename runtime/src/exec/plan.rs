@@ -107,7 +107,14 @@ impl KeyHasher {
 /// The static part of a node's key.
 pub fn static_key(ty: &NodeType, inputs: &[InputSource]) -> CacheKey {
     let mut h = KeyHasher::default();
-    (&ty.name, &ty.version, &ty.plugin.name, &ty.plugin.version).hash(&mut h);
+    (
+        &ty.name,
+        &ty.version,
+        &ty.plugin.name,
+        &ty.plugin.version,
+        ty.plugin.build,
+    )
+        .hash(&mut h);
     for (i, src) in inputs.iter().enumerate() {
         i.hash(&mut h);
         match src {

@@ -237,10 +237,11 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
     }
     let outputs: Outputs = std::mem::take(&mut ctx.outputs).into();
     if node.ty.cacheable {
-        cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, outputs.clone());
+        cache.lock().unwrap_or_else(|p| p.into_inner()).insert_from(
+            key,
+            outputs.clone(),
+            Some(node.ty.plugin.clone()),
+        );
     }
     Done {
         index: job.index,

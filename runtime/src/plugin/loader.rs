@@ -61,6 +61,8 @@ pub struct LoadedLibrary {
 /// A loaded plugin: its identity, node types and the problems met while registering them.
 pub struct LoadedPlugin {
     pub info: Arc<PluginInfo>,
+    /// The mapped library, held by every node type and object it made.
+    pub library: Arc<LoadedLibrary>,
     pub node_types: Vec<NodeType>,
     /// Node types the plugin tried to register but that were refused.
     pub warnings: Vec<String>,
@@ -348,7 +350,27 @@ fn open_pinned(path: &Path) -> Result<libloading::Library, libloading::Error> {
 
 /// Loads one plugin library and collects its node types.
 pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, PluginError> {
-    let shown = path.display().to_string();
+    load_plugin_as(path, path)
+}
+
+/// A stamp of a library file's identity (size and modification time): a rebuilt library gets a
+/// new one, which goes into its node types' cache keys.
+pub fn build_stamp(path: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    if let Ok(meta) = std::fs::metadata(path) {
+        meta.len().hash(&mut h);
+        if let Ok(t) = meta.modified() {
+            t.hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+/// Loads the library file `path` as the plugin `origin` (the file a reload copied it from):
+/// messages and the plugin's identity name `origin`.
+pub fn load_plugin_as(path: &Path, origin: &Path) -> Result<LoadedPlugin, PluginError> {
+    let shown = origin.display().to_string();
     let lib = open_pinned(path).map_err(|e| PluginError::Load {
         path: shown.clone(),
         reason: error_chain(&e),
@@ -400,7 +422,8 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, PluginError> {
     let info = Arc::new(PluginInfo {
         name: name.clone(),
         version,
-        path: Some(path.to_path_buf()),
+        path: Some(origin.to_path_buf()),
+        build: build_stamp(origin),
     });
     let library = Arc::new(LoadedLibrary {
         _lib: lib,
@@ -429,6 +452,7 @@ pub fn load_plugin(path: &Path) -> Result<LoadedPlugin, PluginError> {
     }
     Ok(LoadedPlugin {
         info,
+        library: registrar.library,
         node_types: registrar.types,
         warnings: registrar.errors,
     })

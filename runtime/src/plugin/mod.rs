@@ -5,4 +5,7 @@ pub mod host_api;
 mod host_tensor;
 pub mod loader;
 
-pub use loader::{libraries_in, load_plugin, search_path, LoadedPlugin, PluginError};
+pub use loader::{
+    build_stamp, is_library_file, libraries_in, load_plugin, load_plugin_as, search_path,
+    LoadedLibrary, LoadedPlugin, PluginError,
+};
