@@ -300,3 +300,46 @@ fn linked_values_are_checked_against_port_ranges_at_run_time() {
         report.failed[0].error
     );
 }
+
+#[test]
+fn two_runtimes_in_one_process_are_independent() {
+    let dir = common::temp_dir("two-runtimes");
+    let lib =
+        common::build_c_plugin_with("tests/plugins/c/versioned_plugin.c", &dir, &["-DFACTOR=2"]);
+    let a = Arc::new(Runtime::new());
+    a.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
+        .unwrap();
+    a.load_plugin_file(&lib).unwrap();
+    let b = Arc::new(Runtime::new());
+    b.load_plugin_file(&lib).unwrap();
+    // A rebuilt plugin reloaded into one runtime leaves the other on its build.
+    let rebuilt_dir = dir.join("v3");
+    std::fs::create_dir_all(&rebuilt_dir).unwrap();
+    let rebuilt = common::build_c_plugin_with(
+        "tests/plugins/c/versioned_plugin.c",
+        &rebuilt_dir,
+        &["-DFACTOR=3"],
+    );
+    a.reload_plugin(&rebuilt).unwrap();
+    let g = graph(
+        "version: 1\nnodes:\n  v: {type: CVersioned, inputs: {x: 2.0}}\noutputs:\n  y: v.y\n",
+    );
+    let run = |rt: &Arc<Runtime>| {
+        let (rt, g) = (rt.clone(), g.clone());
+        std::thread::spawn(move || {
+            let session = Session::new(rt);
+            let report = session.run(&g, &[], &RunOptions::default()).unwrap();
+            match &**report.output("y").unwrap() {
+                Value::Float(f) => *f,
+                other => panic!("{other:?}"),
+            }
+        })
+    };
+    let (ya, yb) = (run(&a), run(&b));
+    assert_eq!(ya.join().unwrap(), 6.0);
+    assert_eq!(yb.join().unwrap(), 4.0);
+    // Node types are per runtime.
+    assert!(a.registry().get("FormatString").is_some());
+    assert!(b.registry().get("FormatString").is_none());
+    assert_eq!(b.registry().len(), 1);
+}
