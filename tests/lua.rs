@@ -312,3 +312,181 @@ fn errors_point_at_the_lua_file_and_line_including_modules() {
         "{err}"
     );
 }
+
+const LUA_NODES_YAML: &str = r#"version: 1
+lua_nodes:
+  Template:
+    doc: "a prompt from a subject and a style"
+    inputs: {subject: String, style: String, n: Int}
+    outputs: {prompt: String, count: Int, sizes: List<Int>, half: Float}
+    code: |
+      local sizes = {}
+      for i = 1, n do sizes[i] = 32 * i end
+      return {prompt = "a " .. style .. " " .. subject, count = #subject, sizes = sizes, half = n / 2}
+nodes:
+  t: {type: Template, inputs: {subject: circle, style: red, n: 3}}
+  f: {type: FormatString, inputs: {template: "{a} / {b}", a: t.prompt, b: t.count}}
+outputs:
+  text: f.text
+  sizes: t.sizes
+  half: t.half
+"#;
+
+const LUA_NODES_LUA: &str = r#"
+lua_node("Template", {
+  doc = "a prompt from a subject and a style",
+  inputs = "subject: String, style: String, n: Int",
+  outputs = "prompt: String, count: Int, sizes: List<Int>, half: Float",
+  code = [[
+local sizes = {}
+for i = 1, n do sizes[i] = 32 * i end
+return {prompt = "a " .. style .. " " .. subject, count = #subject, sizes = sizes, half = n / 2}
+]],
+})
+local t = node("t", "Template", {subject = "circle", style = "red", n = 3})
+local f = node("f", "FormatString", {template = "{a} / {b}", a = t.prompt, b = t.count})
+output("text", f.text)
+output("sizes", t.sizes)
+output("half", t.half)
+"#;
+
+fn run_outputs(session: &Session, g: &Graph) -> Vec<(String, String)> {
+    let report = session
+        .run(g, &[], &RunOptions::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(report.ok(), "{:?}", report.failed);
+    report
+        .outputs
+        .iter()
+        .map(|(n, v)| (n.clone(), format!("{v:?}")))
+        .collect()
+}
+
+#[test]
+fn lua_nodes_compute_typed_outputs_the_same_from_yaml_and_lua() {
+    let rt = runtime();
+    let dir = common::temp_dir("lua-nodes");
+    let from_yaml =
+        Graph::from_yaml(LUA_NODES_YAML, "nodes.yaml", &dir).unwrap_or_else(|e| panic!("{e}"));
+    let from_lua = Graph::from_lua(LUA_NODES_LUA, "nodes.lua", &dir, &LuaLimits::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let a = run_outputs(&Session::new(rt.clone()), &from_yaml);
+    let b = run_outputs(&Session::new(rt.clone()), &from_lua);
+    assert_eq!(a, b);
+    let text = |name: &str| a.iter().find(|(n, _)| n == name).unwrap().1.clone();
+    assert_eq!(
+        text("text"),
+        format!("{:?}", Value::string("a red circle / 6"))
+    );
+    assert_eq!(
+        text("sizes"),
+        format!(
+            "{:?}",
+            Value::list([Value::Int(32), Value::Int(64), Value::Int(96)])
+        )
+    );
+    assert_eq!(text("half"), format!("{:?}", Value::Float(1.5)));
+    // The node's schema is part of the graph: ports with their types.
+    let plan = from_yaml.plan(&rt, &[]).unwrap();
+    let t = &plan.nodes[plan.node_index("t").unwrap()].ty;
+    assert_eq!(t.doc, "a prompt from a subject and a style");
+    assert_eq!(
+        t.outputs
+            .iter()
+            .map(|p| p.ty.to_string())
+            .collect::<Vec<_>>(),
+        ["String", "Int", "List<Int>", "Float"]
+    );
+}
+
+#[test]
+fn editing_a_lua_node_body_reruns_it_and_only_it() {
+    let rt = runtime();
+    let dir = common::temp_dir("lua-nodes-edit");
+    let session = Session::new(rt);
+    let g1 = Graph::from_yaml(LUA_NODES_YAML, "nodes.yaml", &dir).unwrap();
+    let r1 = session.run(&g1, &[], &RunOptions::default()).unwrap();
+    assert_eq!(r1.executed.len(), 2);
+    let r2 = session.run(&g1, &[], &RunOptions::default()).unwrap();
+    assert_eq!((r2.executed.len(), r2.cached.len()), (0, 2));
+    let g2 = Graph::from_yaml(
+        &LUA_NODES_YAML.replace("\"a \" ..", "\"one \" .."),
+        "nodes.yaml",
+        &dir,
+    )
+    .unwrap();
+    let r3 = session.run(&g2, &[], &RunOptions::default()).unwrap();
+    assert_eq!(
+        r3.executed.len(),
+        2,
+        "the body changed: the node and its consumer re-run"
+    );
+    assert_eq!(
+        &*r3.output("text").unwrap().to_string(),
+        "one red circle / 6"
+    );
+}
+
+#[test]
+fn lua_node_errors_are_located_and_sandboxed() {
+    let rt = runtime();
+    let dir = common::temp_dir("lua-nodes-errors");
+    let graph = |code: &str, outputs: &str| {
+        format!(
+            "version: 1\nlua_nodes:\n  N:\n    inputs: {{x: Float}}\n    outputs: {outputs}\n    code: |\n      {code}\nnodes:\n  n: {{type: N, inputs: {{x: 1.0}}}}\n"
+        )
+    };
+    // A syntax error is a graph error at the code.
+    let g = Graph::from_yaml(&graph("return x *+", "{y: Float}"), "syntax.yaml", &dir).unwrap();
+    let e = g.plan(&rt, &[]).unwrap_err().to_string();
+    assert!(
+        e.starts_with("syntax.yaml:7:") && e.contains("unexpected symbol"),
+        "{e}"
+    );
+    // An unsupported port type, a clash with a plugin's node type.
+    let g = Graph::from_yaml(&graph("return x", "{y: Model}"), "types.yaml", &dir).unwrap();
+    let e = g.plan(&rt, &[]).unwrap_err().to_string();
+    assert!(e.contains("output 'y' is a Model"), "{e}");
+    let g = Graph::from_yaml(
+        &graph("return x", "{y: Float}")
+            .replace("  N:", "  FormatString:")
+            .replace("type: N,", "type: FormatString,"),
+        "clash.yaml",
+        &dir,
+    )
+    .unwrap();
+    let e = g.plan(&rt, &[]).unwrap_err().to_string();
+    assert!(e.contains("has the name of a node type from plugin"), "{e}");
+    // Run-time failures are the node's failure, with the reason.
+    let session = Session::new(rt.clone());
+    for (code, outputs, expect) in [
+        (
+            "return x * nil",
+            "{y: Float}",
+            "attempt to perform arithmetic on a nil value",
+        ),
+        (
+            "return 'text'",
+            "{y: Float}",
+            "output 'y': expected Float, found string text",
+        ),
+        (
+            "return {z = 1}",
+            "{y: Float, z: Float}",
+            "no value for output 'y'",
+        ),
+        ("return io.open('/etc/passwd')", "{y: Float}", "global 'io'"),
+        ("while true do end", "{y: Float}", "instruction budget"),
+    ] {
+        let g = Graph::from_yaml(&graph(code, outputs), "run.yaml", &dir).unwrap();
+        let report = session
+            .run(&g, &[], &RunOptions::default())
+            .unwrap_or_else(|e| panic!("{code}: {e}"));
+        assert_eq!(report.failed.len(), 1, "{code}");
+        assert!(
+            report.failed[0].error.contains(expect),
+            "{code}: {}",
+            report.failed[0].error
+        );
+    }
+}

@@ -16,6 +16,7 @@ use crate::exec::scheduler::{run_plan, RunOptions, RunReport};
 use crate::graph::diag::{Diagnostic, Diagnostics};
 use crate::graph::ir::{GraphIr, Loc};
 use crate::graph::lua::{parse_lua_graph, LuaLimits};
+use crate::graph::lua_node::with_lua_nodes;
 use crate::graph::validate::{validate, ArgValue};
 use crate::graph::yaml::parse_graph;
 use crate::plugin::{
@@ -387,7 +388,13 @@ impl Graph {
         runtime: &Runtime,
         args: &[(String, ArgValue)],
     ) -> Result<Plan, Diagnostics> {
-        validate(&self.ir, &runtime.registry(), args)
+        let registry = runtime.registry();
+        if self.ir.lua_nodes.is_empty() {
+            return validate(&self.ir, &registry, args);
+        }
+        let with_lua = with_lua_nodes(&self.ir, &registry, &LuaLimits::default())
+            .map_err(|d| Diagnostics(d).sorted())?;
+        validate(&self.ir, &with_lua, args)
     }
 }
 

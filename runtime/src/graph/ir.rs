@@ -130,6 +130,20 @@ pub struct OutputDecl {
     pub value_loc: Loc,
 }
 
+/// A node type declared by the graph, with a Lua body (`lua_nodes:` in YAML).
+#[derive(Debug, Clone)]
+pub struct LuaNodeDecl {
+    pub name: String,
+    pub loc: Loc,
+    pub doc: String,
+    /// Ports in declaration order: name and type expression.
+    pub inputs: Vec<(String, String)>,
+    pub outputs: Vec<(String, String)>,
+    pub code: String,
+    /// Where the code is written.
+    pub code_loc: Loc,
+}
+
 /// A whole graph document.
 #[derive(Debug, Clone, Default)]
 pub struct GraphIr {
@@ -146,6 +160,8 @@ pub struct GraphIr {
     pub inputs: Vec<GraphInputDecl>,
     pub nodes: Vec<NodeDecl>,
     pub outputs: Vec<OutputDecl>,
+    /// Node types the graph declares itself, with Lua bodies.
+    pub lua_nodes: Vec<LuaNodeDecl>,
 }
 
 impl GraphIr {

@@ -19,7 +19,7 @@
 
 use super::diag::{Diagnostic, Diagnostics};
 use super::ir::{
-    Const, GraphInputDecl, GraphIr, InputBinding, InputExpr, Loc, NodeDecl, OutputDecl,
+    Const, GraphInputDecl, GraphIr, InputBinding, InputExpr, Loc, LuaNodeDecl, NodeDecl, OutputDecl,
 };
 use super::yaml::is_identifier;
 use mlua::{HookTriggers, Lua, LuaOptions, StdLib, Value as LuaValue, VmState};
@@ -250,6 +250,53 @@ fn to_input_expr(v: &LuaValue) -> Result<InputExpr, String> {
     to_const(v, 0).map(InputExpr::Const)
 }
 
+/// Port declarations: `"a: Int, b: List<String>"` (in order), or a table `{a = "Int"}` (by name).
+fn lua_ports(v: &LuaValue) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    match v {
+        LuaValue::String(s) => {
+            let text = s.to_str().map_err(|e| e.to_string())?.to_string();
+            let mut depth = 0i32;
+            let mut start = 0;
+            let mut parts = Vec::new();
+            for (i, c) in text.char_indices() {
+                match c {
+                    '<' => depth += 1,
+                    '>' => depth -= 1,
+                    ',' if depth == 0 => {
+                        parts.push(text[start..i].to_string());
+                        start = i + 1;
+                    }
+                    _ => {}
+                }
+            }
+            parts.push(text[start..].to_string());
+            for part in parts.iter().filter(|p| !p.trim().is_empty()) {
+                let (name, ty) = part
+                    .split_once(':')
+                    .ok_or_else(|| format!("'{}' is not `name: Type`", part.trim()))?;
+                out.push((name.trim().to_string(), ty.trim().to_string()));
+            }
+        }
+        LuaValue::Table(t) => {
+            for pair in t.clone().pairs::<String, String>() {
+                out.push(pair.map_err(|_| "ports are written {name = \"Type\"}".to_string())?);
+            }
+            out.sort();
+        }
+        other => {
+            return Err(format!(
+                "expected \"name: Type, ...\", found a {}",
+                other.type_name()
+            ))
+        }
+    }
+    if let Some((bad, _)) = out.iter().find(|(n, _)| !is_identifier(n)) {
+        return Err(format!("port name '{bad}' is not an identifier"));
+    }
+    Ok(out)
+}
+
 /// Turns a Lua error into a diagnostic at the innermost script location it names.
 fn lua_error(e: &mlua::Error, b: &Builder) -> Diagnostic {
     let (message, traceback) = match e {
@@ -460,6 +507,56 @@ fn install_api(lua: &Lua, b: &Shared) -> mlua::Result<()> {
                 Ok(NodeRef { id })
             },
         )?,
+    )?;
+
+    let bb = b.clone();
+    g.raw_set(
+        "lua_node",
+        lua.create_function(move |lua, (name, spec): (String, mlua::Table)| {
+            let mut st = lock(&bb);
+            let loc = caller_loc(lua, &st);
+            if !is_identifier(&name) {
+                st.error(loc, None, format!("Lua node name '{name}' is not an identifier"));
+            }
+            let mut decl = LuaNodeDecl {
+                name: name.clone(),
+                loc,
+                doc: String::new(),
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+                code: String::new(),
+                code_loc: loc,
+            };
+            for pair in spec.pairs::<String, LuaValue>() {
+                let (key, value) = pair?;
+                match key.as_str() {
+                    "doc" => decl.doc = value.to_string()?,
+                    "code" => match value {
+                        LuaValue::String(s) => decl.code = s.to_str()?.to_string(),
+                        other => st.error(
+                            loc,
+                            None,
+                            format!("Lua node '{name}': 'code' is a string of Lua, not a {}", other.type_name()),
+                        ),
+                    },
+                    "inputs" | "outputs" => match lua_ports(&value) {
+                        Ok(p) if key == "inputs" => decl.inputs = p,
+                        Ok(p) => decl.outputs = p,
+                        Err(e) => st.error(loc, None, format!("Lua node '{name}': {key}: {e}")),
+                    },
+                    other => st.error(
+                        loc,
+                        None,
+                        format!("Lua node '{name}': unknown key '{other}' (keys: doc, inputs, outputs, code)"),
+                    ),
+                }
+            }
+            if decl.code.is_empty() {
+                st.error(loc, None, format!("Lua node '{name}' needs 'code'"));
+            }
+            st.ir.lua_nodes.push(decl);
+            Ok(())
+        })?,
     )?;
 
     let bb = b.clone();

@@ -4,5 +4,6 @@ pub mod diag;
 pub mod dot;
 pub mod ir;
 pub mod lua;
+pub mod lua_node;
 pub mod validate;
 pub mod yaml;

@@ -8,7 +8,7 @@
 
 use super::diag::{did_you_mean, Diagnostic, Diagnostics};
 use super::ir::{
-    Const, GraphInputDecl, GraphIr, InputBinding, InputExpr, Loc, NodeDecl, OutputDecl,
+    Const, GraphInputDecl, GraphIr, InputBinding, InputExpr, Loc, LuaNodeDecl, NodeDecl, OutputDecl,
 };
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::Spanned;
@@ -461,6 +461,67 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// `lua_nodes: {Name: {doc, inputs: {port: Type}, outputs: {port: Type}, code}}`.
+    fn lua_nodes(&mut self, n: &Node, ir: &mut GraphIr) {
+        for (name, loc, decl) in self.map(n, "'lua_nodes'") {
+            if !is_identifier(name) {
+                self.error(loc, format!("Lua node name '{name}' is not an identifier"));
+                continue;
+            }
+            let entries = self.map(decl, &format!("Lua node '{name}'"));
+            self.check_keys(
+                &entries,
+                &["doc", "inputs", "outputs", "code"],
+                &format!("Lua node '{name}'"),
+                None,
+            );
+            let mut node = LuaNodeDecl {
+                name: name.to_string(),
+                loc,
+                doc: String::new(),
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+                code: String::new(),
+                code_loc: loc,
+            };
+            let mut has_code = false;
+            for (key, _, v) in &entries {
+                match *key {
+                    "doc" => node.doc = self.string(v, "'doc'").unwrap_or_default(),
+                    "code" => {
+                        has_code = true;
+                        node.code = self.string(v, "'code'").unwrap_or_default();
+                        node.code_loc = v.loc;
+                    }
+                    "inputs" | "outputs" => {
+                        let what = format!("the {key} of Lua node '{name}'");
+                        let mut ports = Vec::new();
+                        for (port, ploc, ty) in self.map(v, &what) {
+                            if !is_identifier(port) {
+                                self.error(
+                                    ploc,
+                                    format!("port name '{port}' is not an identifier"),
+                                );
+                            } else if let Some(ty) = self.string(ty, "a port type") {
+                                ports.push((port.to_string(), ty));
+                            }
+                        }
+                        if *key == "inputs" {
+                            node.inputs = ports;
+                        } else {
+                            node.outputs = ports;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if !has_code && matches!(decl.value, Yaml::Map(_)) {
+                self.error(loc, format!("Lua node '{name}' needs 'code'"));
+            }
+            ir.lua_nodes.push(node);
+        }
+    }
+
     fn outputs(&mut self, n: &Node, ir: &mut GraphIr) {
         for (name, loc, v) in self.map(n, "'outputs'") {
             let Some(text) = self.string(v, &format!("output '{name}'")) else {
@@ -529,7 +590,14 @@ pub fn parse_graph(text: &str, source: &str, base_dir: &Path) -> Result<GraphIr,
     let top = r.map(&root, "the document");
     r.check_keys(
         &top,
-        &["version", "description", "inputs", "nodes", "outputs"],
+        &[
+            "version",
+            "description",
+            "inputs",
+            "nodes",
+            "outputs",
+            "lua_nodes",
+        ],
         "the document",
         None,
     );
@@ -560,6 +628,7 @@ pub fn parse_graph(text: &str, source: &str, base_dir: &Path) -> Result<GraphIr,
                 r.nodes(v, &mut ir);
             }
             "outputs" => r.outputs(v, &mut ir),
+            "lua_nodes" => r.lua_nodes(v, &mut ir),
             _ => {}
         }
     }
