@@ -266,4 +266,15 @@ fn a_plugin_rebuilt_during_the_session_is_picked_up_and_the_old_build_released()
         "{:?}",
         rt.retained_libraries()
     );
+    // The plugin declares DF_PLUGIN_UNLOADABLE, so the old build is unmapped, not just released:
+    // the file it was loaded from (replaced by the rebuild) is no longer mapped.
+    #[cfg(target_os = "linux")]
+    {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let old = format!("{} (deleted)", lib.display());
+        assert!(
+            !maps.lines().any(|l| l.ends_with(&old)),
+            "{old} is still mapped"
+        );
+    }
 }

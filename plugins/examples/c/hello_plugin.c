@@ -412,5 +412,7 @@ static int32_t register_nodes(const DfHostApi* host, DfRegistrar* reg) {
     return DF_OK;
 }
 
-/* Exports `ditflow_plugin_descriptor`, stamped with this header's ABI version. */
-DF_DEFINE_PLUGIN("c-hello", "1.0.0", register_nodes);
+/* Exports `ditflow_plugin_descriptor`, stamped with this header's ABI version. The plugin leaves
+ * nothing per-thread behind, so it says the host may unmap it once nothing it made is alive (after
+ * a reload); plain DF_DEFINE_PLUGIN keeps a library mapped for the life of the process. */
+DF_DEFINE_PLUGIN_FLAGS("c-hello", "1.0.0", register_nodes, DF_PLUGIN_UNLOADABLE);

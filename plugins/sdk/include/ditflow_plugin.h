@@ -47,9 +47,16 @@ extern "C" {
 /** The ABI major version. A host refuses plugins whose major differs. */
 #define DF_ABI_MAJOR 1u
 /** The ABI minor version. A host refuses plugins whose minor is newer than its own. */
-#define DF_ABI_MINOR 1u
+#define DF_ABI_MINOR 2u
 /** "DFLW": the first field of every plugin descriptor. */
 #define DF_PLUGIN_MAGIC 0x44464C57u
+/**
+ * A descriptor flag (ABI 1.2): the library may be unmapped once nothing it made is alive, because
+ * it leaves no per-thread destructors, threads or atexit handlers behind. Without it the host keeps
+ * the library mapped for the life of the process. Set it with DF_DEFINE_PLUGIN_FLAGS.
+ */
+#define DF_PLUGIN_UNLOADABLE (1u << 0)
+
 /** The exported symbol naming the plugin's static `DfPluginDescriptor`. */
 #define DF_PLUGIN_SYMBOL "ditflow_plugin_descriptor"
 
@@ -395,8 +402,10 @@ typedef struct DfPluginDescriptor {
     const char* version;
     /** Registers the plugin's node types (the Rust field `register`). */
     DfRegisterFn register_plugin;
+    /** DF_PLUGIN_* flags (ABI 1.2; the first reserved slot before, so 0 in older plugins). */
+    uintptr_t flags;
     /** Reserved: set to NULL. */
-    const void* reserved[8];
+    const void* reserved[7];
 } DfPluginDescriptor;
 
 #ifdef __cplusplus
@@ -434,6 +443,13 @@ typedef struct DfPluginDescriptor {
  * `DfRegisterFn`. The symbol is `ditflow_plugin_descriptor` (DF_PLUGIN_SYMBOL).
  */
 #define DF_DEFINE_PLUGIN(name_str, version_str, register_fn)                                   \
+    DF_DEFINE_PLUGIN_FLAGS(name_str, version_str, register_fn, 0)
+
+/**
+ * DF_DEFINE_PLUGIN with DF_PLUGIN_* flags, e.g. DF_PLUGIN_UNLOADABLE for a library the host may
+ * unmap after a reload once nothing it made is alive.
+ */
+#define DF_DEFINE_PLUGIN_FLAGS(name_str, version_str, register_fn, flag_bits)                    \
     DF_EXTERN_C DF_EXPORT const DfPluginDescriptor ditflow_plugin_descriptor = {               \
         DF_PLUGIN_MAGIC,                                                                       \
         DF_ABI_MAJOR,                                                                          \
@@ -442,6 +458,7 @@ typedef struct DfPluginDescriptor {
         (name_str),                                                                            \
         (version_str),                                                                         \
         (register_fn),                                                                         \
+        (flag_bits),                                                                           \
         {0}}
 
 #endif /* DITFLOW_PLUGIN_H */

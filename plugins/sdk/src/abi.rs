@@ -22,7 +22,12 @@ use std::ffi::{c_char, c_void};
 /// The ABI major version. A host refuses plugins whose major differs.
 pub const DF_ABI_MAJOR: u32 = 1;
 /// The ABI minor version. A host refuses plugins whose minor is newer than its own.
-pub const DF_ABI_MINOR: u32 = 1;
+pub const DF_ABI_MINOR: u32 = 2;
+/// A descriptor flag (ABI 1.2): the library may be unmapped once nothing it made is alive, because
+/// it leaves no per-thread destructors, threads or `atexit` handlers behind. Without it the host
+/// keeps the library mapped for the life of the process (Rust plugins: their standard library
+/// registers per-thread destructors that cannot be removed).
+pub const DF_PLUGIN_UNLOADABLE: u32 = 1;
 /// `"DFLW"`: the first field of every plugin descriptor.
 pub const DF_PLUGIN_MAGIC: u32 = 0x4446_4C57;
 /// The exported symbol naming the plugin's static `DfPluginDescriptor`.
@@ -345,7 +350,9 @@ pub struct DfPluginDescriptor {
     pub version: *const c_char,
     /// Registers the plugin's node types through `host->register_node(reg, ...)`.
     pub register_plugin: Option<DfRegisterFn>,
-    pub reserved: [*const c_void; 8],
+    /// `DF_PLUGIN_*` flags (ABI 1.2; was the first reserved slot, so 0 in older plugins).
+    pub flags: usize,
+    pub reserved: [*const c_void; 7],
 }
 
 // The descriptor is immutable static data: its pointers point at string literals and code.

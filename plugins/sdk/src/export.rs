@@ -69,7 +69,9 @@ macro_rules! export_plugin {
                 name: concat!($name, "\0").as_ptr() as *const ::std::ffi::c_char,
                 version: concat!($version, "\0").as_ptr() as *const ::std::ffi::c_char,
                 register_plugin: Some(__ditflow_plugin_register),
-                reserved: [::std::ptr::null(); 8],
+                // A Rust plugin's std cannot be unloaded safely: no DF_PLUGIN_UNLOADABLE.
+                flags: 0,
+                reserved: [::std::ptr::null(); 7],
             };
     };
 }

@@ -144,7 +144,8 @@ macro_rules! abi_items {
                     version: *const c_char,
                     register_plugin:
                         Option<unsafe extern "C" fn(*const DfHostApi, *mut DfRegistrar) -> i32>,
-                    reserved: [*const c_void; 8],
+                    flags: usize,
+                    reserved: [*const c_void; 7],
                 }
             }
             typedefs {
@@ -157,7 +158,7 @@ macro_rules! abi_items {
                 DfObjectDropFn: unsafe extern "C" fn(*mut c_void),
             }
             integers {
-                DF_ABI_MAJOR, DF_ABI_MINOR, DF_PLUGIN_MAGIC,
+                DF_ABI_MAJOR, DF_ABI_MINOR, DF_PLUGIN_MAGIC, DF_PLUGIN_UNLOADABLE,
                 DF_OK, DF_ERROR, DF_NO_FINGERPRINT,
                 DF_NODE_DETERMINISTIC, DF_NODE_CACHEABLE, DF_NODE_SIDE_EFFECTS,
                 DF_PORT_OPTIONAL,

@@ -322,30 +322,42 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Opens a library so that closing it never unmaps its code (`RTLD_NODELETE`).
+/// Opens a library (its initialisers run: that is what loading a plugin means).
+fn open_library(path: &Path) -> Result<libloading::Library, libloading::Error> {
+    // SAFETY: see above.
+    unsafe { libloading::Library::new(path) }
+}
+
+/// Keeps an open library mapped for the life of the process (`RTLD_NODELETE`), for plugins that
+/// do not declare `DF_PLUGIN_UNLOADABLE`.
 ///
 /// A plugin written in Rust links its own copy of the standard library, which registers
 /// per-thread destructors with `pthread_key_create` from inside the plugin's code and never
 /// removes them. Unmapping such a library makes every host thread that ran plugin code crash
-/// when it exits, in a destructor that is no longer there. So closing a plugin releases its
-/// handle, node types and values, and its code pages stay mapped (a reloaded plugin is opened
-/// from a fresh copy, so the new code is loaded beside the old).
-fn open_pinned(path: &Path) -> Result<libloading::Library, libloading::Error> {
+/// when it exits, in a destructor that is no longer there. So such a plugin, when replaced by a
+/// reload, releases its handle, node types and values, and its code pages stay mapped.
+fn pin_library(path: &Path) {
     #[cfg(unix)]
     {
-        use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
+        use libloading::os::unix::{Library, RTLD_NOW};
         #[cfg(any(target_os = "macos", target_os = "ios"))]
         const RTLD_NODELETE: std::os::raw::c_int = 0x80;
         #[cfg(not(any(target_os = "macos", target_os = "ios")))]
         const RTLD_NODELETE: std::os::raw::c_int = 0x1000;
-        // SAFETY: loading a library runs its initialisers; that is what loading a plugin means.
-        unsafe { Library::open(Some(path), RTLD_NOW | RTLD_LOCAL | RTLD_NODELETE) }.map(Into::into)
+        #[cfg(any(target_os = "macos", target_os = "ios"))]
+        const RTLD_NOLOAD: std::os::raw::c_int = 0x10;
+        #[cfg(not(any(target_os = "macos", target_os = "ios")))]
+        const RTLD_NOLOAD: std::os::raw::c_int = 0x4;
+        // Re-opening the loaded library with RTLD_NODELETE marks it; the extra handle is closed
+        // at once, and the mark stays.
+        // SAFETY: the library is already loaded: nothing runs.
+        match unsafe { Library::open(Some(path), RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE) } {
+            Ok(extra) => drop(extra),
+            Err(e) => tracing::warn!("cannot pin {}: {e}", path.display()),
+        }
     }
     #[cfg(not(unix))]
-    {
-        // SAFETY: as above.
-        unsafe { libloading::Library::new(path) }
-    }
+    let _ = path;
 }
 
 /// Loads one plugin library and collects its node types.
@@ -371,7 +383,7 @@ pub fn build_stamp(path: &Path) -> u64 {
 /// messages and the plugin's identity name `origin`.
 pub fn load_plugin_as(path: &Path, origin: &Path) -> Result<LoadedPlugin, PluginError> {
     let shown = origin.display().to_string();
-    let lib = open_pinned(path).map_err(|e| PluginError::Load {
+    let lib = open_library(path).map_err(|e| PluginError::Load {
         path: shown.clone(),
         reason: error_chain(&e),
     })?;
@@ -416,6 +428,10 @@ pub fn load_plugin_as(path: &Path, origin: &Path) -> Result<LoadedPlugin, Plugin
     let version = unsafe { opt_str(desc.version) }
         .map_err(|e| malformed(&e))?
         .unwrap_or_else(|| "0.0.0".into());
+    let unloadable = desc.abi_minor >= 2 && desc.flags & DF_PLUGIN_UNLOADABLE as usize != 0;
+    if !unloadable {
+        pin_library(path);
+    }
     let register = desc
         .register_plugin
         .ok_or_else(|| malformed("no register function"))?;

@@ -22,4 +22,5 @@ DF_EXTERN_C DF_EXPORT const DfPluginDescriptor ditflow_plugin_descriptor = {
     "bad-abi",
     "0.0.1",
     register_nothing,
+    0,
     {0}};

@@ -23,4 +23,5 @@ DF_EXTERN_C DF_EXPORT const DfPluginDescriptor ditflow_plugin_descriptor = {
     "newer-minor",
     "0.0.1",
     register_nothing,
+    0,
     {0}};

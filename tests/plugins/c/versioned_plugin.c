@@ -41,4 +41,5 @@ static int32_t register_nodes(const DfHostApi* host, DfRegistrar* reg) {
     return host->register_node(reg, &node);
 }
 
-DF_DEFINE_PLUGIN("c-versioned", "1.0.0", register_nodes);
+/* Nothing per-thread is left behind: the host may unmap an old build after a reload. */
+DF_DEFINE_PLUGIN_FLAGS("c-versioned", "1.0.0", register_nodes, DF_PLUGIN_UNLOADABLE);
