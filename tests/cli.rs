@@ -1,5 +1,5 @@
 //! The `ditflow` command line end to end: the bundled example, JSONL events, exit codes, node
-//! listings, validation and Graphviz output.
+//! listings, validation, Graphviz output and `watch`.
 
 mod common;
 
@@ -163,4 +163,97 @@ fn dot_draws_the_graph() {
         "{dot}"
     );
     assert!(Path::new(&common::repo().join("graphs/noise.yaml")).exists());
+}
+
+#[test]
+fn watch_prints_run_events_and_reruns_on_edits() {
+    use std::io::{BufRead, BufReader};
+    let dir = common::temp_dir("cli-watch");
+    let graph = dir.join("g.yaml");
+    let yaml = "version: 1\nnodes:\n  noise: {type: RandomNoise, inputs: {seed: 1, width: 8, height: 8}}\n  image: {type: NoiseToImage, inputs: {latent: noise.noise, scale: 0.2}}\n";
+    std::fs::write(&graph, yaml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ditflow"))
+        .args([
+            "watch",
+            graph.to_str().unwrap(),
+            "--events",
+            "jsonl",
+            "--plugins",
+        ])
+        .arg(common::plugin_dir())
+        .arg("--out")
+        .arg(dir.join("out"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start ditflow watch");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Lines up to the next `run_finished` (or `graph_invalid`).
+    let until_done = || {
+        let mut lines = Vec::new();
+        loop {
+            let line = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no event in 30 s after {lines:?}"));
+            let v: serde_json::Value = serde_json::from_str(&line).expect("each line is JSON");
+            let event = v["event"].as_str().unwrap().to_string();
+            lines.push(v);
+            if event == "run_finished" || event == "graph_invalid" {
+                return lines;
+            }
+        }
+    };
+    let events = |lines: &[serde_json::Value]| -> Vec<String> {
+        lines
+            .iter()
+            .map(|v| {
+                format!(
+                    "{} {}",
+                    v["event"].as_str().unwrap(),
+                    v["node"].as_str().unwrap_or("")
+                )
+                .trim()
+                .to_string()
+            })
+            .collect()
+    };
+    let first = events(&until_done());
+    assert_eq!(first[0], "graph_loaded");
+    assert!(
+        first.contains(&"node_started noise".to_string()),
+        "{first:?}"
+    );
+    // Saved as editors do (a new file renamed over), so no half-written file is seen.
+    let save = |text: String| {
+        let tmp = dir.join("g.yaml.tmp~");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &graph).unwrap();
+    };
+    save(yaml.replace("scale: 0.2}}", "scale: 0.2}"));
+    let bad = until_done();
+    assert_eq!(bad[0]["event"], "graph_invalid");
+    assert!(
+        bad[0]["errors"][0].as_str().unwrap().contains("g.yaml:"),
+        "{bad:?}"
+    );
+    save(yaml.replace("scale: 0.2", "scale: 0.4"));
+    let second = events(&until_done());
+    assert!(
+        second.contains(&"node_cached noise".to_string()),
+        "{second:?}"
+    );
+    assert!(
+        second.contains(&"node_started image".to_string()),
+        "{second:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }
