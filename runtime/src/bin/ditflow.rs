@@ -75,49 +75,36 @@ fn resolve_device(args: &DeviceArgs) -> Option<Device> {
     }
 }
 
+/// What `run` and `watch` take.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// A YAML document or a Lua script (`.lua`).
+    graph: PathBuf,
+    /// Set a graph input: `--set prompt="a red circle"` (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+    #[command(flatten)]
+    plugins: PluginArgs,
+    /// Write events to stdout.
+    #[arg(long, value_enum)]
+    events: Option<EventFormat>,
+    /// Folder for files the graph writes.
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    /// Worker threads (default: the number of cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Validate and run a graph.
-    Run {
-        graph: PathBuf,
-        /// Set a graph input: `--set prompt="a red circle"` (repeatable).
-        #[arg(long = "set", value_name = "NAME=VALUE")]
-        set: Vec<String>,
-        #[command(flatten)]
-        plugins: PluginArgs,
-        /// Write run events to stdout.
-        #[arg(long, value_enum)]
-        events: Option<EventFormat>,
-        /// Folder for files the graph writes.
-        #[arg(long, default_value = "out")]
-        out: PathBuf,
-        /// Worker threads (default: the number of cores).
-        #[arg(long)]
-        workers: Option<usize>,
-        #[command(flatten)]
-        device: DeviceArgs,
-    },
+    Run(RunArgs),
     /// Run a graph, then re-run it in place whenever its files or a plugin library change
     /// (only what changed executes; loaded models stay loaded). Ctrl-C stops.
-    Watch {
-        graph: PathBuf,
-        /// Set a graph input: `--set prompt="a red circle"` (repeatable).
-        #[arg(long = "set", value_name = "NAME=VALUE")]
-        set: Vec<String>,
-        #[command(flatten)]
-        plugins: PluginArgs,
-        /// Write run and reload events to stdout.
-        #[arg(long, value_enum)]
-        events: Option<EventFormat>,
-        /// Folder for files the graph writes.
-        #[arg(long, default_value = "out")]
-        out: PathBuf,
-        /// Worker threads (default: the number of cores).
-        #[arg(long)]
-        workers: Option<usize>,
-        #[command(flatten)]
-        device: DeviceArgs,
-    },
+    Watch(RunArgs),
     /// Check a graph without running it.
     Validate {
         graph: PathBuf,
@@ -282,13 +269,15 @@ fn run_options(
 }
 
 fn cmd_run(
-    graph: PathBuf,
-    set: Vec<String>,
-    plugins: PluginArgs,
-    events: Option<EventFormat>,
-    out: PathBuf,
-    workers: Option<usize>,
-    device: DeviceArgs,
+    RunArgs {
+        graph,
+        set,
+        plugins,
+        events,
+        out,
+        workers,
+        device,
+    }: RunArgs,
 ) -> anyhow::Result<ExitCode> {
     let Some(opts) = run_options(events, out, workers, &device) else {
         return Ok(ExitCode::from(2));
@@ -336,13 +325,15 @@ fn cmd_run(
 }
 
 fn cmd_watch(
-    graph: PathBuf,
-    set: Vec<String>,
-    plugins: PluginArgs,
-    events: Option<EventFormat>,
-    out: PathBuf,
-    workers: Option<usize>,
-    device: DeviceArgs,
+    RunArgs {
+        graph,
+        set,
+        plugins,
+        events,
+        out,
+        workers,
+        device,
+    }: RunArgs,
 ) -> anyhow::Result<ExitCode> {
     let args = match parse_sets(&set) {
         Ok(a) => a,
@@ -505,24 +496,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
     };
     match cli.command {
-        Command::Run {
-            graph,
-            set,
-            plugins,
-            events,
-            out,
-            workers,
-            device,
-        } => cmd_run(graph, set, plugins, events, out, workers, device),
-        Command::Watch {
-            graph,
-            set,
-            plugins,
-            events,
-            out,
-            workers,
-            device,
-        } => cmd_watch(graph, set, plugins, events, out, workers, device),
+        Command::Run(args) => cmd_run(args),
+        Command::Watch(args) => cmd_watch(args),
         Command::Validate {
             graph,
             set,
