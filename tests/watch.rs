@@ -63,9 +63,10 @@ struct Reaction {
     cached: BTreeSet<String>,
     invalid: Vec<String>,
     reloaded: Vec<String>,
+    refused: Vec<String>,
 }
 
-/// Events up to the next finished run or invalid graph.
+/// Events up to the next finished run, invalid graph or refused plugin build.
 fn next_reaction(w: &Watching) -> Reaction {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut r = Reaction::default();
@@ -84,7 +85,11 @@ fn next_reaction(w: &Watching) -> Reaction {
                 r.cached.insert(node.to_string());
             }
             Event::PluginReloaded { plugin, .. } => r.reloaded.push(plugin),
-            Event::PluginRefused { error, .. } => panic!("plugin refused: {error}"),
+            // A refused build leaves everything as it was: nothing re-runs.
+            Event::PluginRefused { error, .. } => {
+                r.refused.push(error);
+                return r;
+            }
             Event::GraphInvalid { errors, .. } => {
                 r.invalid = errors;
                 return r;
@@ -239,11 +244,14 @@ fn a_plugin_rebuilt_during_the_session_is_picked_up_and_the_old_build_released()
     let first = next_reaction(&w);
     assert!(first.executed.is_empty(), "all cached: {first:?}");
 
-    // A broken build: refused, the old one stays (checked below: the watch would panic on it
-    // only through `PluginRefused`, so load it directly).
-    let broken = plugins.join("broken.so.txt");
+    // A broken build replaces the library: refused with the reason, the old build stays in use.
+    let broken = dir.join("broken.so");
     std::fs::write(&broken, b"not a library").unwrap();
-    assert!(rt.reload_plugin(&broken).is_err());
+    std::fs::rename(&broken, &lib).unwrap();
+    let r = next_reaction(&w);
+    assert_eq!(r.refused.len(), 1, "{r:?}");
+    assert!(r.refused[0].contains(&lib.display().to_string()), "{r:?}");
+    assert!(r.executed.is_empty(), "{r:?}");
     assert_eq!(y(&session), 3.0);
 
     // Rebuild with another factor, replacing the library file the way a build does.

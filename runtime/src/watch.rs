@@ -163,6 +163,7 @@ pub fn watch_graph(
     }
     let mut files = vec![path.clone()];
     let mut seen = HashMap::new();
+    let mut refused: HashMap<PathBuf, u64> = HashMap::new();
     let mut pending = load(session, &path, args, run, &opts.lua);
     loop {
         // Watch the (new) graph's files before running it, so no edit made during the run is
@@ -204,16 +205,20 @@ pub fn watch_graph(
                 rerun = true;
             }
         }
-        // A loaded plugin's library whose build stamp differs from the loaded build's.
+        // A loaded plugin's library whose build stamp differs from the loaded build's and from
+        // a build already refused (reading a file to load it is itself reported by the watcher).
         let plugins = session.runtime().plugins();
         let rebuilt = |c: &PathBuf| {
+            let stamp = build_stamp(c);
             is_library_file(c)
                 && c.is_file()
+                && refused.get(c) != Some(&stamp)
                 && plugins
                     .iter()
-                    .any(|p| canonical(&p.path) == *c && p.build != build_stamp(c))
+                    .any(|p| canonical(&p.path) == *c && p.build != stamp)
         };
-        for lib in changed.iter().filter(|c| rebuilt(c)) {
+        let candidates: Vec<PathBuf> = changed.iter().filter(|c| rebuilt(c)).cloned().collect();
+        for lib in &candidates {
             match session.runtime().reload_plugin(lib) {
                 Ok(r) => {
                     emit(
@@ -226,13 +231,16 @@ pub fn watch_graph(
                     );
                     rerun = true;
                 }
-                Err(e) => emit(
-                    run,
-                    Event::PluginRefused {
-                        path: lib.display().to_string(),
-                        error: e.to_string(),
-                    },
-                ),
+                Err(e) => {
+                    refused.insert(lib.clone(), build_stamp(lib));
+                    emit(
+                        run,
+                        Event::PluginRefused {
+                            path: lib.display().to_string(),
+                            error: e.to_string(),
+                        },
+                    )
+                }
             }
         }
         if rerun {
