@@ -17,7 +17,9 @@ lua_node("Prompt", {
   doc = "The demo model's caption for a shape, a place and a background colour.",
   inputs = "shape: String, place: String, background: String",
   outputs = "prompt: String",
-  code = [[return string.format("a %s %s on a %s background", shape, place, background)]],
+  fn = function(inputs)
+    return string.format("a %s %s on a %s background", inputs.shape, inputs.place, inputs.background)
+  end,
 })
 
 local models = demo.load(input("models", "String", {default = "../models/demo"}))

@@ -400,6 +400,38 @@ fn lua_nodes_compute_typed_outputs_the_same_from_yaml_and_lua() {
 }
 
 #[test]
+fn a_lua_node_body_may_be_a_function_of_the_script() {
+    let rt = runtime();
+    let dir = common::temp_dir("lua-nodes-fn");
+    let with_fn = LUA_NODES_LUA.replace(
+        "  code = [[\nlocal sizes = {}\nfor i = 1, n do sizes[i] = 32 * i end\nreturn {prompt = \"a \" .. style .. \" \" .. subject, count = #subject, sizes = sizes, half = n / 2}\n]],",
+        "  fn = function(inp)\n    local sizes = {}\n    for i = 1, inp.n do sizes[i] = 32 * i end\n    return {prompt = \"a \" .. inp.style .. \" \" .. inp.subject, count = #inp.subject, sizes = sizes, half = inp.n / 2}\n  end,",
+    );
+    assert_ne!(with_fn, LUA_NODES_LUA);
+    let from_fn = Graph::from_lua(&with_fn, "fn.lua", &dir, &LuaLimits::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let from_yaml = Graph::from_yaml(LUA_NODES_YAML, "nodes.yaml", &dir).unwrap();
+    assert_eq!(
+        run_outputs(&Session::new(rt.clone()), &from_fn),
+        run_outputs(&Session::new(rt), &from_yaml)
+    );
+    // A function that uses the script's locals cannot run on its own: refused, located.
+    let err = match Graph::from_lua(
+        "local k = 2\nlua_node('N', {inputs = 'x: Int', outputs = 'y: Int', fn = function(i) return i.x * k end})\n",
+        "upvalue.lua",
+        &dir,
+        &LuaLimits::default(),
+    ) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("refused"),
+    };
+    assert!(
+        err.starts_with("upvalue.lua:2:1:") && err.contains("local variables from outside"),
+        "{err}"
+    );
+}
+
+#[test]
 fn editing_a_lua_node_body_reruns_it_and_only_it() {
     let rt = runtime();
     let dir = common::temp_dir("lua-nodes-edit");

@@ -57,11 +57,28 @@ const HOOK_EVERY: u32 = 10_000;
 /// A fresh Lua state under `limits`: the safe libraries, a memory limit, an instruction budget,
 /// and `print` writing to stderr (stdout may carry JSON events).
 pub fn sandboxed_lua(limits: &LuaLimits) -> mlua::Result<Lua> {
+    sandbox(limits, false).map(|(lua, _)| lua)
+}
+
+/// [`sandboxed_lua`]; with `upvalue_names`, also `debug.getupvalue` for the host's own use (the
+/// script never sees the `debug` library).
+fn sandbox(limits: &LuaLimits, upvalue_names: bool) -> mlua::Result<(Lua, Option<mlua::Function>)> {
     let mut libs = StdLib::TABLE | StdLib::STRING | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE;
     if limits.allow_io_os {
         libs |= StdLib::IO | StdLib::OS;
     }
-    let lua = Lua::new_with(libs, LuaOptions::new())?;
+    let (lua, getupvalue) = if upvalue_names {
+        // SAFETY: `debug` is opened only to take `getupvalue` for the host; it is removed from
+        // the globals before any script runs, and without `debug` or `package` a script cannot
+        // reach the registry where Lua also records it.
+        let lua = unsafe { Lua::unsafe_new_with(libs | StdLib::DEBUG, LuaOptions::new()) };
+        let debug: mlua::Table = lua.globals().get("debug")?;
+        let f: mlua::Function = debug.get("getupvalue")?;
+        lua.globals().raw_set("debug", LuaValue::Nil)?;
+        (lua, Some(f))
+    } else {
+        (Lua::new_with(libs, LuaOptions::new())?, None)
+    };
     let globals = lua.globals();
     for name in ["dofile", "loadfile", "load", "require"] {
         globals.raw_set(name, LuaValue::Nil)?;
@@ -100,7 +117,7 @@ pub fn sandboxed_lua(limits: &LuaLimits) -> mlua::Result<Lua> {
             Err(mlua::Error::runtime(msg))
         },
     )?;
-    Ok(lua)
+    Ok((lua, getupvalue))
 }
 
 /// The graph being built, shared by the API functions.
@@ -108,6 +125,10 @@ struct Builder {
     ir: GraphIr,
     /// Chunk names (as Lua reports them) of the files read so far; index = `Loc::file`.
     chunks: Vec<String>,
+    /// `debug.getupvalue`, kept from the script, to name what a Lua node function captures.
+    getupvalue: Option<mlua::Function>,
+    /// The text of each chunk, to take Lua nodes' function sources from.
+    texts: std::collections::HashMap<String, String>,
     diags: Vec<Diagnostic>,
     /// Module name → its result, for `require` returning the same value twice.
     modules: Vec<(String, mlua::RegistryKey)>,
@@ -248,6 +269,67 @@ fn to_input_expr(v: &LuaValue) -> Result<InputExpr, String> {
         }
     }
     to_const(v, 0).map(InputExpr::Const)
+}
+
+/// The body of a Lua node given as a function: its source text, cut from the script by the
+/// lines Lua says it spans, made into a chunk that calls it with the inputs table; and where it
+/// is. The function runs on its own at run time, so it may not use the script's local variables.
+fn function_source(f: &mlua::Function, b: &Builder) -> Result<(String, Loc), String> {
+    let info = f.info();
+    let (Some(first), Some(last)) = (info.line_defined, info.last_line_defined) else {
+        return Err("a function written in Lua is needed".into());
+    };
+    // Captured locals of the script (`_ENV`, the globals, is fine).
+    let mut captured = Vec::new();
+    if let Some(getupvalue) = &b.getupvalue {
+        for i in 1..=info.num_upvalues as i64 {
+            let name: Option<String> = getupvalue
+                .call::<LuaValue>((f.clone(), i))
+                .ok()
+                .and_then(|v| v.to_string().ok());
+            match name {
+                Some(n) if n == "_ENV" => {}
+                Some(n) => captured.push(n),
+                None => captured.push("?".into()),
+            }
+        }
+    }
+    if !captured.is_empty() {
+        return Err(format!(
+            "the function uses local variables from outside it ({}), but it runs on its own: pass them as inputs or define them inside it",
+            captured.join(", ")
+        ));
+    }
+    let chunk = info.source.unwrap_or_default();
+    let chunk = chunk.strip_prefix('=').unwrap_or(&chunk).to_string();
+    let text = b
+        .texts
+        .get(&chunk)
+        .ok_or_else(|| format!("the source of {chunk} is not known"))?;
+    let lines: Vec<&str> = text.lines().collect();
+    if first == 0 || last < first || last > lines.len() {
+        return Err("the function's lines are not in its file".into());
+    }
+    let mut src = lines[first - 1..last].join("\n");
+    // Cut what precedes `function` on the first line and what follows the last `end`.
+    let start = src
+        .find("function")
+        .ok_or("no `function` keyword on the function's first line")?;
+    let end = src
+        .rfind("end")
+        .ok_or("no `end` on the function's last line")?
+        + 3;
+    if end <= start {
+        return Err("cannot find the function's text: write it on lines of its own".into());
+    }
+    src = src[start..end].to_string();
+    let code = format!("return ({src})(...)");
+    // The cut must give exactly one function expression.
+    let probe = Lua::new_with(StdLib::NONE, LuaOptions::new()).map_err(|e| e.to_string())?;
+    if probe.load(code.as_str()).into_function().is_err() {
+        return Err("cannot cut the function's text from its line(s): start it on a line of its own and end it with `end` alone, or use code = [[...]]".into());
+    }
+    Ok((code, Loc::in_file(b.file_of_chunk(&chunk), first as u32, 1)))
 }
 
 /// Port declarations: `"a: Int, b: List<String>"` (in order), or a table `{a = "Int"}` (by name).
@@ -539,6 +621,20 @@ fn install_api(lua: &Lua, b: &Shared) -> mlua::Result<()> {
                             format!("Lua node '{name}': 'code' is a string of Lua, not a {}", other.type_name()),
                         ),
                     },
+                    "fn" => match value {
+                        LuaValue::Function(f) => match function_source(&f, &st) {
+                            Ok((code, at)) => {
+                                decl.code = code;
+                                decl.code_loc = at;
+                            }
+                            Err(e) => st.error(loc, None, format!("Lua node '{name}': fn: {e}")),
+                        },
+                        other => st.error(
+                            loc,
+                            None,
+                            format!("Lua node '{name}': 'fn' is a function, not a {}", other.type_name()),
+                        ),
+                    },
                     "inputs" | "outputs" => match lua_ports(&value) {
                         Ok(p) if key == "inputs" => decl.inputs = p,
                         Ok(p) => decl.outputs = p,
@@ -547,12 +643,12 @@ fn install_api(lua: &Lua, b: &Shared) -> mlua::Result<()> {
                     other => st.error(
                         loc,
                         None,
-                        format!("Lua node '{name}': unknown key '{other}' (keys: doc, inputs, outputs, code)"),
+                        format!("Lua node '{name}': unknown key '{other}' (keys: doc, inputs, outputs, fn, code)"),
                     ),
                 }
             }
             if decl.code.is_empty() {
-                st.error(loc, None, format!("Lua node '{name}' needs 'code'"));
+                st.error(loc, None, format!("Lua node '{name}' needs 'fn' (a function) or 'code' (a string)"));
             }
             st.ir.lua_nodes.push(decl);
             Ok(())
@@ -615,11 +711,14 @@ fn install_api(lua: &Lua, b: &Shared) -> mlua::Result<()> {
                 (path, chunk)
             };
             let text = read_script(&path).map_err(mlua::Error::runtime)?;
+            // The text is known before the module runs, for Lua node functions it defines.
+            lock(&bb).texts.insert(chunk.clone(), text.clone());
             let result = lua
                 .load(text.as_str())
                 .set_name(format!("={chunk}"))
                 .call::<LuaValue>(name.clone());
             let mut st = lock(&bb);
+            st.texts.insert(chunk, text);
             st.loading.retain(|n| *n != name);
             let value = result?;
             let value = if value.is_nil() {
@@ -660,11 +759,17 @@ pub fn parse_lua_graph(
             ..GraphIr::default()
         },
         chunks: vec![source.to_string()],
+        texts: [(source.to_string(), text.to_string())]
+            .into_iter()
+            .collect(),
+        getupvalue: None,
         diags: Vec::new(),
         modules: Vec::new(),
         loading: Vec::new(),
     }));
-    let lua = sandboxed_lua(limits).map_err(|e| fail(format!("cannot start Lua: {e}")))?;
+    let (lua, getupvalue) =
+        sandbox(limits, true).map_err(|e| fail(format!("cannot start Lua: {e}")))?;
+    lock(&builder).getupvalue = getupvalue;
     install_api(&lua, &builder).map_err(|e| fail(format!("cannot start Lua: {e}")))?;
     let result = lua.load(text).set_name(format!("={source}")).exec();
     // The API functions hold clones of the builder: drop them with the state first.

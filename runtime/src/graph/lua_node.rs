@@ -4,7 +4,9 @@
 //!
 //! The body runs in a fresh sandbox ([`sandboxed_lua`]) on every execution. Its inputs are
 //! globals named after the ports (and the table `...`); it returns a table of outputs by name,
-//! or the value itself when the node has one output. Port types are `Int`, `Float`, `Bool`,
+//! or the value itself when the node has one output. A Lua graph may give the body as a function
+//! of the script (`fn = function(inputs) ... end`): its source becomes a chunk that calls it
+//! with the inputs table. Port types are `Int`, `Float`, `Bool`,
 //! `String` and `List<...>` of those. A Lua node is deterministic and cacheable, and its code is
 //! part of its cache key, so editing the body re-runs it.
 
