@@ -63,6 +63,7 @@ struct Reaction {
     cached: BTreeSet<String>,
     invalid: Vec<String>,
     reloaded: Vec<String>,
+    loaded: Vec<String>,
     refused: Vec<String>,
 }
 
@@ -85,6 +86,7 @@ fn next_reaction(w: &Watching) -> Reaction {
                 r.cached.insert(node.to_string());
             }
             Event::PluginReloaded { plugin, .. } => r.reloaded.push(plugin),
+            Event::PluginLoaded { plugin, .. } => r.loaded.push(plugin),
             // A refused build leaves everything as it was: nothing re-runs.
             Event::PluginRefused { error, .. } => {
                 r.refused.push(error);
@@ -285,4 +287,38 @@ fn a_plugin_rebuilt_during_the_session_is_picked_up_and_the_old_build_released()
             "{old} is still mapped"
         );
     }
+}
+
+#[test]
+fn a_plugin_added_to_the_folder_is_loaded_and_the_waiting_graph_runs() {
+    let dir = common::temp_dir("watch-new-plugin");
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    let graph = dir.join("g.yaml");
+    std::fs::write(
+        &graph,
+        "version: 1\nnodes:\n  g: {type: CGreet, inputs: {name: reload}}\noutputs:\n  text: g.text\n",
+    )
+    .unwrap();
+    let session = Arc::new(Session::new(nodes_runtime()));
+    let w = start(session, &graph, vec![plugins.clone()], dir.join("out"));
+    // No plugin has CGreet yet: the graph is invalid, and the watch waits.
+    let first = next_reaction(&w);
+    assert!(
+        first.invalid.iter().any(|e| e.contains("CGreet")),
+        "{first:?}"
+    );
+    // A file that is not a plugin is ignored; then the plugin arrives (built elsewhere, moved in).
+    std::fs::write(plugins.join("libnotes.so"), b"not a library").unwrap();
+    let build = dir.join("build");
+    std::fs::create_dir_all(&build).unwrap();
+    let lib = common::build_c_plugin("plugins/examples/c/hello_plugin.c", &build);
+    std::fs::rename(&lib, plugins.join(lib.file_name().unwrap())).unwrap();
+    let mut r = next_reaction(&w);
+    while r.loaded.is_empty() && !r.refused.is_empty() {
+        // The junk file is reported as refused (it is not a loadable library); go on.
+        r = next_reaction(&w);
+    }
+    assert_eq!(r.loaded, vec!["c-hello".to_string()], "{r:?}");
+    assert_eq!(r.executed, set(&["g"]));
 }

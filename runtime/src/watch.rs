@@ -5,6 +5,7 @@
 //!   and the problems are reported ([`Event::GraphInvalid`]); if it is valid, it is swapped in
 //!   and re-run through the same [`Session`], so only nodes whose input signature changed
 //!   execute and loaded models stay loaded.
+//! - A library added to a plugin folder is loaded, and the graph runs again.
 //! - A changed plugin library is loaded beside the old one ([`Runtime::reload_plugin`]), then
 //!   the graph re-runs with the new node types; a broken build keeps the old one
 //!   ([`Event::PluginRefused`]).
@@ -19,7 +20,7 @@ use crate::exec::plan::Plan;
 use crate::exec::scheduler::RunOptions;
 use crate::graph::lua::LuaLimits;
 use crate::graph::validate::ArgValue;
-use crate::plugin::{build_stamp, is_library_file};
+use crate::plugin::{build_stamp, is_library_file, PluginError};
 use crate::runtime::{Graph, Session};
 use notify_debouncer_mini::notify::RecursiveMode;
 use notify_debouncer_mini::{new_debouncer, DebounceEventResult};
@@ -230,6 +231,58 @@ pub fn watch_graph(
                         },
                     );
                     rerun = true;
+                }
+                Err(e) => {
+                    refused.insert(lib.clone(), build_stamp(lib));
+                    emit(
+                        run,
+                        Event::PluginRefused {
+                            path: lib.display().to_string(),
+                            error: e.to_string(),
+                        },
+                    )
+                }
+            }
+        }
+        // A new library in a plugin folder: load it (the graph may have been waiting for it).
+        let added: Vec<PathBuf> = changed
+            .iter()
+            .filter(|c| {
+                is_library_file(c)
+                    && c.is_file()
+                    && c.parent()
+                        .is_some_and(|d| plugin_dirs.iter().any(|p| p == d))
+                    && !plugins.iter().any(|p| canonical(&p.path) == **c)
+                    && refused.get(*c) != Some(&build_stamp(c))
+            })
+            .cloned()
+            .collect();
+        for lib in &added {
+            let before = session.runtime().plugins().len();
+            match session.runtime().load_plugin_file(lib) {
+                Ok(_) => {
+                    let now = session.runtime().plugins();
+                    if let Some(p) = now.get(before) {
+                        let node_types = session
+                            .runtime()
+                            .registry()
+                            .iter()
+                            .filter(|t| t.plugin.name == p.name)
+                            .map(|t| t.name.clone())
+                            .collect();
+                        emit(
+                            run,
+                            Event::PluginLoaded {
+                                plugin: p.name.clone(),
+                                path: lib.display().to_string(),
+                                node_types,
+                            },
+                        );
+                        rerun = true;
+                    }
+                }
+                Err(PluginError::NotAPlugin { .. }) => {
+                    refused.insert(lib.clone(), build_stamp(lib));
                 }
                 Err(e) => {
                     refused.insert(lib.clone(), build_stamp(lib));

@@ -363,6 +363,9 @@ fn cmd_watch(
             Event::PluginReloaded {
                 plugin, node_types, ..
             } => eprintln!("reloaded plugin '{plugin}' ({} node types)", node_types.len()),
+            Event::PluginLoaded {
+                plugin, node_types, ..
+            } => eprintln!("loaded plugin '{plugin}' ({} node types)", node_types.len()),
             Event::PluginRefused { error, .. } => {
                 eprintln!("error: {error}\nnote: keeping the plugin's previous build")
             }

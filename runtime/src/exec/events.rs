@@ -64,6 +64,12 @@ pub enum Event {
         path: String,
         node_types: Vec<String>,
     },
+    /// Watching: a library added to a plugin folder was loaded.
+    PluginLoaded {
+        plugin: String,
+        path: String,
+        node_types: Vec<String>,
+    },
     /// Watching: a changed plugin library could not be loaded; the old build stays in use.
     PluginRefused {
         path: String,
