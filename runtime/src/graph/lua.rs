@@ -12,6 +12,8 @@
 //! local noise = node("noise", "RandomNoise", {seed = seed, width = 64, height = 64})
 //! local image = node("image", "NoiseToImage", {latent = noise.noise, scale = 0.2})
 //! output("image", image.image)
+//! lua_node("Double", {inputs = "x: Int", outputs = "y: Int",
+//!                     fn = function(i) return i.x * 2 end})   -- a Lua node: graph::lua_node
 //! ```
 //!
 //! Every node, binding and output keeps the file and line of the call that made it, so
