@@ -305,6 +305,20 @@ fn errors_point_at_the_lua_file_and_line_including_modules() {
         )),
         "{err}"
     );
+    // A wrong argument to the API names the function.
+    let err = error_of(
+        &dir,
+        "main.lua",
+        "local b = 1\nnode('a', 'RandomNoise', 5)\n",
+        &LuaLimits::default(),
+    );
+    assert!(
+        err.starts_with(&format!(
+            "{}:2:1: error: bad argument #3 to 'node'",
+            main.display()
+        )),
+        "{err}"
+    );
     // A syntax error.
     let err = error_of(&dir, "main.lua", "local x = = 1\n", &LuaLimits::default());
     assert!(

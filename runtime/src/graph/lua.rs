@@ -395,6 +395,24 @@ fn lua_error(e: &mlua::Error, b: &Builder) -> Diagnostic {
         .split("\nstack traceback:")
         .next()
         .unwrap_or_default();
+    // Name the API function a bad argument went to (Lua's traceback knows it).
+    let message = match (
+        message.strip_prefix("bad argument "),
+        traceback.find("in function '"),
+    ) {
+        (Some(rest), Some(at)) if !rest.contains(" to `") => {
+            let name: String = traceback[at + 13..]
+                .chars()
+                .take_while(|c| *c != '\'')
+                .collect();
+            match rest.split_once(": ") {
+                Some((arg, cause)) => format!("bad argument {arg} to '{name}': {cause}"),
+                None => message.to_string(),
+            }
+        }
+        _ => message.to_string(),
+    };
+    let message = message.as_str();
     let message = message
         .strip_prefix("runtime error: ")
         .or_else(|| message.strip_prefix("syntax error: "))
