@@ -81,6 +81,24 @@ static char* run_caption(ditflow_session_t* session, const ditflow_graph_t* grap
     return result;
 }
 
+/* Watching: stop after the first run by triggering the cancel flag from the event callback. */
+struct watch_state {
+    ditflow_cancel_t* cancel;
+    int loaded;
+    int finished;
+};
+
+static void on_watch_event(const char* json, void* user_data) {
+    struct watch_state* w = user_data;
+    if (strstr(json, "\"event\":\"graph_loaded\"")) {
+        w->loaded++;
+    }
+    if (strstr(json, "\"event\":\"run_finished\"")) {
+        w->finished++;
+        ditflow_cancel_trigger(w->cancel);
+    }
+}
+
 struct thread_job {
     ditflow_session_t* session;
     const ditflow_graph_t* graph;
@@ -161,6 +179,22 @@ int main(int argc, char** argv) {
         CHECK(report != NULL && ditflow_report_ok(report) == 0);
         ditflow_report_free(report);
         ditflow_cancel_free(cancel);
+    }
+
+    /* Watch a graph file: it runs once, the callback stops the watch. */
+    {
+        struct watch_state w = {ditflow_cancel_new(), 0, 0};
+        ditflow_run_options_t opts;
+        memset(&opts, 0, sizeof opts);
+        opts.size = sizeof opts;
+        opts.out_dir = argv[3];
+        opts.on_event = on_watch_event;
+        opts.user_data = &w;
+        opts.cancel = w.cancel;
+        snprintf(path, sizeof path, "%s/noise.lua", argv[2]);
+        CHECK(ditflow_session_watch(session, path, NULL, &opts) == DITFLOW_OK);
+        CHECK(w.loaded == 1 && w.finished == 1);
+        ditflow_cancel_free(w.cancel);
     }
 
     /* Errors: located graph problems, a wrong input type, NULL handles, a failing node. */
