@@ -381,8 +381,9 @@ fn lua_ports(v: &LuaValue) -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-/// Turns a Lua error into a diagnostic at the innermost script location it names.
-fn lua_error(e: &mlua::Error, b: &Builder) -> Diagnostic {
+/// A Lua error's message, without Lua's traceback and mlua's prefixes, and the traceback
+/// (empty when Lua gave none).
+pub(crate) fn error_parts(e: &mlua::Error) -> (String, String) {
     let (message, traceback) = match e {
         mlua::Error::CallbackError { traceback, cause } => (cause.to_string(), traceback.clone()),
         mlua::Error::MemoryError(_) => (
@@ -412,12 +413,17 @@ fn lua_error(e: &mlua::Error, b: &Builder) -> Diagnostic {
         }
         _ => message.to_string(),
     };
-    let message = message.as_str();
     let message = message
         .strip_prefix("runtime error: ")
         .or_else(|| message.strip_prefix("syntax error: "))
-        .unwrap_or(message)
+        .unwrap_or(&message)
         .to_string();
+    (message, traceback)
+}
+
+/// Turns a Lua error into a diagnostic at the innermost script location it names.
+fn lua_error(e: &mlua::Error, b: &Builder) -> Diagnostic {
+    let (message, traceback) = error_parts(e);
     // `chunk:line: text` in the message, else the first frame of the traceback in one of ours.
     for text in [&message, &traceback] {
         for (i, chunk) in b.chunks.iter().enumerate() {

@@ -12,7 +12,7 @@
 
 use super::diag::Diagnostic;
 use super::ir::{GraphIr, LuaNodeDecl};
-use super::lua::{sandboxed_lua, LuaLimits};
+use super::lua::{error_parts, sandboxed_lua, LuaLimits};
 use crate::exec::context::ExecContext;
 use crate::registry::{NodeImpl, NodeType, PluginInfo, PortSpec, Registry};
 use crate::types::PortType;
@@ -109,7 +109,7 @@ impl LuaNodeImpl {
             .load(self.code.as_str())
             .set_name(format!("={}", self.chunk))
             .call(args)
-            .map_err(|e| lua_message(&e))?;
+            .map_err(|e| error_parts(&e).0)?;
         let mut out = Vec::with_capacity(self.outputs.len());
         match (&result, self.outputs.as_slice()) {
             // One output: the value itself, unless it is a table holding that output by name.
@@ -152,20 +152,6 @@ impl LuaNodeImpl {
             .map(|value| (name.to_string(), value))
             .map_err(|e| format!("output '{name}': {e}"))
     }
-}
-
-/// The message of a Lua error without Lua's traceback.
-fn lua_message(e: &mlua::Error) -> String {
-    let text = match e {
-        mlua::Error::CallbackError { cause, .. } => cause.to_string(),
-        mlua::Error::MemoryError(_) => "the Lua memory limit is exceeded".to_string(),
-        other => other.to_string(),
-    };
-    let text = text.split("\nstack traceback:").next().unwrap_or_default();
-    text.strip_prefix("runtime error: ")
-        .or_else(|| text.strip_prefix("syntax error: "))
-        .unwrap_or(text)
-        .to_string()
 }
 
 impl NodeImpl for LuaNodeImpl {
@@ -246,7 +232,7 @@ pub fn with_lua_nodes(
                 .set_name(format!("={chunk}"))
                 .into_function()
             {
-                diags.push(Diagnostic::new(&file, decl.code_loc, lua_message(&e)));
+                diags.push(Diagnostic::new(&file, decl.code_loc, error_parts(&e).0));
                 continue;
             }
         }
