@@ -206,99 +206,93 @@ pub fn watch_graph(
                 rerun = true;
             }
         }
-        // A loaded plugin's library whose build stamp differs from the loaded build's and from
-        // a build already refused (reading a file to load it is itself reported by the watcher).
-        let plugins = session.runtime().plugins();
-        let rebuilt = |c: &PathBuf| {
-            let stamp = build_stamp(c);
-            is_library_file(c)
-                && c.is_file()
-                && refused.get(c) != Some(&stamp)
-                && plugins
-                    .iter()
-                    .any(|p| canonical(&p.path) == *c && p.build != stamp)
-        };
-        let candidates: Vec<PathBuf> = changed.iter().filter(|c| rebuilt(c)).cloned().collect();
-        for lib in &candidates {
-            match session.runtime().reload_plugin(lib) {
-                Ok(r) => {
-                    emit(
-                        run,
-                        Event::PluginReloaded {
-                            plugin: r.name,
-                            path: lib.display().to_string(),
-                            node_types: r.node_types,
-                        },
-                    );
-                    rerun = true;
-                }
-                Err(e) => {
-                    refused.insert(lib.clone(), build_stamp(lib));
-                    emit(
-                        run,
-                        Event::PluginRefused {
-                            path: lib.display().to_string(),
-                            error: e.to_string(),
-                        },
-                    )
-                }
-            }
-        }
-        // A new library in a plugin folder: load it (the graph may have been waiting for it).
-        let added: Vec<PathBuf> = changed
-            .iter()
-            .filter(|c| {
-                is_library_file(c)
-                    && c.is_file()
-                    && c.parent()
-                        .is_some_and(|d| plugin_dirs.iter().any(|p| p == d))
-                    && !plugins.iter().any(|p| canonical(&p.path) == **c)
-                    && refused.get(*c) != Some(&build_stamp(c))
-            })
-            .cloned()
-            .collect();
-        for lib in &added {
-            let before = session.runtime().plugins().len();
-            match session.runtime().load_plugin_file(lib) {
-                Ok(_) => {
-                    let now = session.runtime().plugins();
-                    if let Some(p) = now.get(before) {
-                        let node_types = session
-                            .runtime()
-                            .registry()
-                            .iter()
-                            .filter(|t| t.plugin.name == p.name)
-                            .map(|t| t.name.clone())
-                            .collect();
-                        emit(
-                            run,
-                            Event::PluginLoaded {
-                                plugin: p.name.clone(),
-                                path: lib.display().to_string(),
-                                node_types,
-                            },
-                        );
-                        rerun = true;
-                    }
-                }
-                Err(PluginError::NotAPlugin { .. }) => {
-                    refused.insert(lib.clone(), build_stamp(lib));
-                }
-                Err(e) => {
-                    refused.insert(lib.clone(), build_stamp(lib));
-                    emit(
-                        run,
-                        Event::PluginRefused {
-                            path: lib.display().to_string(),
-                            error: e.to_string(),
-                        },
-                    )
-                }
-            }
-        }
+        rerun |= plugin_changes(session, &changed, &plugin_dirs, &mut refused, run);
         if rerun {
             pending = load(session, &path, args, run, &opts.lua);
         }
     }
     Ok(())
+}
+
+/// Reloads rebuilt plugin libraries and loads libraries added to a plugin folder, among the
+/// `changed` files, reporting each as an event; returns whether the node types changed.
+/// `refused` remembers builds that failed to load, so that reading one (which the watcher
+/// reports too) does not trigger another attempt.
+fn plugin_changes(
+    session: &Session,
+    changed: &BTreeSet<PathBuf>,
+    plugin_dirs: &[PathBuf],
+    refused: &mut HashMap<PathBuf, u64>,
+    run: &RunOptions,
+) -> bool {
+    let runtime = session.runtime();
+    let loaded: Vec<(PathBuf, u64)> = runtime
+        .plugins()
+        .iter()
+        .map(|p| (canonical(&p.path), p.build))
+        .collect();
+    let mut changed_types = false;
+    for lib in changed.iter().filter(|c| is_library_file(c) && c.is_file()) {
+        let stamp = build_stamp(lib);
+        if refused.get(lib) == Some(&stamp) {
+            continue;
+        }
+        let known = loaded.iter().find(|(path, _)| path == lib);
+        let outcome = match known {
+            // The same build as loaded: nothing to do.
+            Some((_, build)) if *build == stamp => continue,
+            Some(_) => runtime.reload_plugin(lib).map(|r| Event::PluginReloaded {
+                plugin: r.name,
+                path: lib.display().to_string(),
+                node_types: r.node_types,
+            }),
+            // A new library in a plugin folder (the graph may have been waiting for it).
+            None if lib
+                .parent()
+                .is_some_and(|d| plugin_dirs.iter().any(|p| p == d)) =>
+            {
+                runtime.load_plugin_file(lib).map(|_| {
+                    let plugin = runtime
+                        .plugins()
+                        .into_iter()
+                        .find(|p| canonical(&p.path) == *lib)
+                        .map(|p| p.name)
+                        .unwrap_or_default();
+                    let node_types = runtime
+                        .registry()
+                        .iter()
+                        .filter(|t| t.plugin.name == plugin)
+                        .map(|t| t.name.clone())
+                        .collect();
+                    Event::PluginLoaded {
+                        plugin,
+                        path: lib.display().to_string(),
+                        node_types,
+                    }
+                })
+            }
+            None => continue,
+        };
+        match outcome {
+            Ok(event) => {
+                emit(run, event);
+                changed_types = true;
+            }
+            Err(e) => {
+                refused.insert(lib.clone(), stamp);
+                // Other libraries may share a plugin folder: only a loaded plugin's file must be
+                // a plugin.
+                if known.is_some() || !matches!(e, PluginError::NotAPlugin { .. }) {
+                    emit(
+                        run,
+                        Event::PluginRefused {
+                            path: lib.display().to_string(),
+                            error: e.to_string(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    changed_types
 }
