@@ -396,9 +396,23 @@ pub extern "C" fn ditflow_args_new() -> *mut DitflowArgs {
 /// # Safety
 /// `args` and `name` as in the header.
 unsafe fn set_arg(args: *mut DitflowArgs, name: *const c_char, value: ArgValue) -> Status {
+    // SAFETY: forwarded.
+    unsafe { set_arg_with(args, name, || Ok(value)) }
+}
+
+/// [`set_arg`] with a value that may fail to convert (a C string that is NULL or not UTF-8).
+///
+/// # Safety
+/// `args` and `name` as in the header.
+unsafe fn set_arg_with(
+    args: *mut DitflowArgs,
+    name: *const c_char,
+    value: impl FnOnce() -> Result<ArgValue>,
+) -> Status {
     guard(|| {
         // SAFETY: by the header's contract.
         let (args, name) = unsafe { (handle_mut(args, "args")?, text(name, "name")?) };
+        let value = value()?;
         args.0.retain(|(n, _)| n != name);
         args.0.push((name.to_string(), value));
         Ok(())
@@ -450,13 +464,10 @@ pub unsafe extern "C" fn ditflow_args_set_string(
     v: *const c_char,
 ) -> Status {
     // SAFETY: by the header's contract.
-    match unsafe { text(v, "value") } {
-        // SAFETY: forwarded.
-        Ok(v) => unsafe { set_arg(args, name, ArgValue::Value(Value::string(v))) },
-        Err(Failure(s, m)) => {
-            set_last_error(&m);
-            s
-        }
+    unsafe {
+        set_arg_with(args, name, || {
+            text(v, "value").map(|v| ArgValue::Value(Value::string(v)))
+        })
     }
 }
 
@@ -469,13 +480,10 @@ pub unsafe extern "C" fn ditflow_args_set_text(
     v: *const c_char,
 ) -> Status {
     // SAFETY: by the header's contract.
-    match unsafe { text(v, "text") } {
-        // SAFETY: forwarded.
-        Ok(v) => unsafe { set_arg(args, name, ArgValue::Text(v.to_string())) },
-        Err(Failure(s, m)) => {
-            set_last_error(&m);
-            s
-        }
+    unsafe {
+        set_arg_with(args, name, || {
+            text(v, "text").map(|v| ArgValue::Text(v.to_string()))
+        })
     }
 }
 
