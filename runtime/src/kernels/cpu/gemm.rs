@@ -565,6 +565,37 @@ mod tests {
     use crate::kernels::cpu::testing::{max_rel_err, Lcg};
 
     /// f64 reference of op(A)·op(B).
+    /// `sgemm` of random `a` and `b` (transposed as asked) against the f64 reference: the
+    /// largest error relative to the largest reference element.
+    fn random_product_error(
+        rng: &mut Lcg,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+    ) -> f64 {
+        let a = rng.vec(m * k);
+        let b = rng.vec(k * n);
+        let mut c = vec![0f32; m * n];
+        let ar = MatRef::row_major(&a, if ta { m } else { k }, ta);
+        let br = MatRef::row_major(&b, if tb { k } else { n }, tb);
+        unsafe {
+            sgemm(
+                m,
+                n,
+                k,
+                ar,
+                br,
+                c.as_mut_ptr(),
+                n,
+                Epilogue::default(),
+                true,
+            )
+        };
+        max_rel_err(&c, &reference(m, n, k, &a, ta, &b, tb))
+    }
+
     fn reference(
         m: usize,
         n: usize,
@@ -602,26 +633,7 @@ mod tests {
             (200, 100, 600),
         ] {
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let a = rng.vec(m * k);
-                let b = rng.vec(k * n);
-                let mut c = vec![0f32; m * n];
-                let ar = MatRef::row_major(&a, if ta { m } else { k }, ta);
-                let br = MatRef::row_major(&b, if tb { k } else { n }, tb);
-                unsafe {
-                    sgemm(
-                        m,
-                        n,
-                        k,
-                        ar,
-                        br,
-                        c.as_mut_ptr(),
-                        n,
-                        Epilogue::default(),
-                        true,
-                    )
-                };
-                let r = reference(m, n, k, &a, ta, &b, tb);
-                let e = max_rel_err(&c, &r);
+                let e = random_product_error(&mut rng, m, n, k, ta, tb);
                 assert!(e < 1e-5, "{m}x{n}x{k} ta={ta} tb={tb}: {e}");
             }
         }
@@ -637,25 +649,7 @@ mod tests {
             };
             let (m, n, k) = (dim(&mut rng, 150), dim(&mut rng, 150), dim(&mut rng, 300));
             let (ta, tb) = (rng.next() > 0.0, rng.next() > 0.0);
-            let a = rng.vec(m * k);
-            let b = rng.vec(k * n);
-            let mut c = vec![0f32; m * n];
-            let ar = MatRef::row_major(&a, if ta { m } else { k }, ta);
-            let br = MatRef::row_major(&b, if tb { k } else { n }, tb);
-            unsafe {
-                sgemm(
-                    m,
-                    n,
-                    k,
-                    ar,
-                    br,
-                    c.as_mut_ptr(),
-                    n,
-                    Epilogue::default(),
-                    true,
-                )
-            };
-            let e = max_rel_err(&c, &reference(m, n, k, &a, ta, &b, tb));
+            let e = random_product_error(&mut rng, m, n, k, ta, tb);
             assert!(e < 1e-5, "{m}x{n}x{k} ta={ta} tb={tb}: {e}");
         }
     }
