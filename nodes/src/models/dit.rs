@@ -2,7 +2,7 @@
 //! embedding with 2-D sincos positions, and blocks of self-attention and a GELU MLP under adaLN-Zero
 //! modulation from the timestep and class-label embedding.
 
-use super::{chunks, patchify, timestep_sinusoids, unpatchify};
+use super::{chunks, patch_grid, patchify, timestep_sinusoids, unpatchify};
 use super::{Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights};
 use ditflow_plugin::{Device, Error, Kind, Result, Tensor};
 
@@ -110,18 +110,7 @@ impl DiT {
     /// The denoiser's output `[B, out_channels, H, W]` for latents `[B, C, H, W]`, one timestep
     /// and one class label per batch entry (`num_classes` is the null class).
     pub fn forward(&self, x: &Tensor, timestep: &[f32], class_labels: &[i64]) -> Result<Tensor> {
-        let s = x.shape();
-        if s.len() != 4
-            || s[1] != self.in_channels
-            || s[2] % self.patch != 0
-            || s[3] % self.patch != 0
-        {
-            return Err(Error(format!(
-                "DiT: hidden_states must be [B, {}, H, W] with H and W multiples of {}, got {s:?}",
-                self.in_channels, self.patch
-            )));
-        }
-        let (b, h, w) = (s[0], s[2] / self.patch, s[3] / self.patch);
+        let (b, h, w) = patch_grid("DiT", x, self.in_channels, self.patch)?;
         if timestep.len() != b || class_labels.len() != b {
             return Err(Error(format!(
                 "DiT: {} timesteps and {} labels for a batch of {b}",

@@ -453,6 +453,23 @@ impl FeedForward {
     }
 }
 
+/// `(B, H/p, W/p)` of latents `[B, in_channels, H, W]` whose sides are multiples of the patch
+/// size `p`; an error naming `model` otherwise.
+pub fn patch_grid(
+    model: &str,
+    x: &Tensor,
+    in_channels: usize,
+    patch: usize,
+) -> Result<(usize, usize, usize)> {
+    let s = x.shape();
+    if s.len() != 4 || s[1] != in_channels || s[2] % patch != 0 || s[3] % patch != 0 {
+        return Err(Error(format!(
+            "{model}: hidden_states must be [B, {in_channels}, H, W] with H and W multiples of {patch}, got {s:?}"
+        )));
+    }
+    Ok((s[0], s[2] / patch, s[3] / patch))
+}
+
 /// diffusers' `PatchEmbed` convolution: `[B, C, H, W]` → `[B, (H/p)·(W/p), D]` (no position
 /// embedding; the caller adds it).
 pub fn patchify(x: &Tensor, proj_w: &Tensor, proj_b: &Tensor, patch: usize) -> Result<Tensor> {

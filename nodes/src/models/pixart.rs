@@ -3,7 +3,7 @@
 //! embeddings), caption projection, and blocks of self-attention, cross-attention and a GELU MLP,
 //! each modulated by the shared timestep embedding and a per-block `scale_shift_table`.
 
-use super::{chunks, mask_bias, patchify, timestep_sinusoids, unpatchify};
+use super::{chunks, mask_bias, patch_grid, patchify, timestep_sinusoids, unpatchify};
 use super::{Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights};
 use ditflow_plugin::{bail, Device, Error, Result, Tensor};
 
@@ -213,18 +213,7 @@ impl PixArt {
     /// The denoiser's output `[B, out_channels, H, W]`.
     pub fn forward(&self, inp: &Inputs) -> Result<Tensor> {
         let x = inp.hidden_states;
-        let s = x.shape();
-        if s.len() != 4
-            || s[1] != self.in_channels
-            || s[2] % self.patch != 0
-            || s[3] % self.patch != 0
-        {
-            return Err(Error(format!(
-                "PixArt: hidden_states must be [B, {}, H, W] with H and W multiples of {}, got {s:?}",
-                self.in_channels, self.patch
-            )));
-        }
-        let (b, h, w) = (s[0], s[2] / self.patch, s[3] / self.patch);
+        let (b, h, w) = patch_grid("PixArt", x, self.in_channels, self.patch)?;
         let e = inp.encoder_hidden_states.shape();
         if e.len() != 3 || e[0] != b || e[2] != self.caption_channels {
             return Err(Error(format!(
