@@ -18,7 +18,9 @@ pub enum PortType {
         dtype: Option<DType>,
         rank: Option<usize>,
     },
-    Model,
+    /// A Model; `Some(interface)` (`DF_INTERFACE_*`) for `Model<Denoiser>`,
+    /// `Model<TextEncoder>` or `Model<Autoencoder>`, `None` for any Model.
+    Model(Option<u32>),
     List(Box<PortType>),
     Any,
 }
@@ -42,6 +44,16 @@ const KIND_NAMES: [(&str, TensorKind); 6] = [
     ("Image", TensorKind::Image),
     ("Audio", TensorKind::Audio),
     ("Video", TensorKind::Video),
+];
+
+/// The model interfaces a `Model<...>` type names.
+pub const MODEL_INTERFACES: [(&str, u32); 3] = [
+    ("Denoiser", ditflow_plugin::abi::DF_INTERFACE_DENOISER),
+    (
+        "TextEncoder",
+        ditflow_plugin::abi::DF_INTERFACE_TEXT_ENCODER,
+    ),
+    ("Autoencoder", ditflow_plugin::abi::DF_INTERFACE_AUTOENCODER),
 ];
 
 /// The type names a user can write.
@@ -81,7 +93,22 @@ impl PortType {
             "Float" => simple(PortType::Float),
             "Bool" => simple(PortType::Bool),
             "String" => simple(PortType::String),
-            "Model" => simple(PortType::Model),
+            "Model" => match args.map(str::trim) {
+                None => Ok(PortType::Model(None)),
+                Some(name) => MODEL_INTERFACES
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|&(_, i)| PortType::Model(Some(i)))
+                    .ok_or_else(|| {
+                        format!(
+                            "unknown model interface '{name}' (Denoiser, TextEncoder, Autoencoder){}",
+                            crate::graph::diag::did_you_mean(
+                                name,
+                                MODEL_INTERFACES.iter().map(|(n, _)| *n)
+                            )
+                        )
+                    }),
+            },
             "Any" => simple(PortType::Any),
             "List" => match args {
                 Some(inner) => Ok(PortType::List(Box::new(PortType::parse(inner)?))),
@@ -142,6 +169,10 @@ impl PortType {
                     && (r1.is_none() || r2.is_none() || r1 == r2)
             }
             (PortType::List(a), PortType::List(b)) => a.accepts(b),
+            // A plain Model may hold any interface: it is checked when the value arrives.
+            (PortType::Model(want), PortType::Model(have)) => {
+                want.is_none() || have.is_none() || want == have
+            }
             (a, b) => a == b,
         }
     }
@@ -214,7 +245,7 @@ impl PortType {
             (PortType::Float, Value::Float(_)) => true,
             (PortType::Bool, Value::Bool(_)) => true,
             (PortType::String, Value::String(_)) => true,
-            (PortType::Model, Value::Object(_)) => true,
+            (PortType::Model(want), Value::Object(o)) => want.is_none_or(|i| i == o.interface()),
             (PortType::Tensor { kind, dtype, rank }, Value::Tensor(k, t)) => {
                 kind == k
                     && dtype.is_none_or(|d| d == t.dtype())
@@ -251,7 +282,11 @@ impl std::fmt::Display for PortType {
             PortType::Float => f.write_str("Float"),
             PortType::Bool => f.write_str("Bool"),
             PortType::String => f.write_str("String"),
-            PortType::Model => f.write_str("Model"),
+            PortType::Model(None) => f.write_str("Model"),
+            PortType::Model(Some(i)) => match MODEL_INTERFACES.iter().find(|(_, x)| x == i) {
+                Some((name, _)) => write!(f, "Model<{name}>"),
+                None => f.write_str("Model"),
+            },
             PortType::Any => f.write_str("Any"),
             PortType::List(inner) => write!(f, "List<{inner}>"),
             PortType::Tensor { kind, dtype, rank } => {
@@ -299,6 +334,12 @@ mod tests {
         assert!(!t("Tensor<f16>").accepts(&t("Tensor<f32>")));
         assert!(!t("Latent").accepts(&t("Image")));
         assert!(t("Any").accepts(&t("Model")));
+        assert!(t("Model<Denoiser>").accepts(&t("Model<Denoiser>")));
+        assert!(t("Model").accepts(&t("Model<Autoencoder>")));
+        assert!(t("Model<Denoiser>").accepts(&t("Model")));
+        assert!(!t("Model<Denoiser>").accepts(&t("Model<Autoencoder>")));
+        assert_eq!(t("Model<TextEncoder>").to_string(), "Model<TextEncoder>");
+        assert!(PortType::parse("Model<Vae>").is_err());
     }
 
     #[test]

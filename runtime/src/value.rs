@@ -55,10 +55,24 @@ impl Text {
 
 /// An opaque object made by a plugin (a loaded model, say). Dropping the last reference calls the
 /// plugin's drop function, then releases the plugin library.
+///
+/// A Model that speaks the model protocol also has an interface (`DF_INTERFACE_*` and its
+/// function table). A patched model is an `Object` of its own over the same base: it has no drop
+/// function, holds the base in `base`, and carries the patch list (ordered) and its digest.
 pub struct Object {
     pub(crate) tag: String,
     pub(crate) ptr: *mut c_void,
     pub(crate) drop_fn: Option<ditflow_plugin::abi::DfObjectDropFn>,
+    /// `DF_INTERFACE_*`, or 0 for a plain object.
+    pub(crate) interface: u32,
+    /// The interface's function table (owned by the plugin; lives as long as the base object).
+    pub(crate) api: *const c_void,
+    /// The unpatched model this one patches.
+    pub(crate) base: Option<Arc<Object>>,
+    /// The patches, in the order hooks run (order key, then insertion).
+    pub(crate) patches: Vec<Arc<crate::plugin::model::Patch>>,
+    /// Identifies the base plus the patch list.
+    pub(crate) digest: u64,
     /// Keeps the library that owns `drop_fn` mapped; declared last so it drops last.
     pub(crate) _keep_alive: Option<Arc<dyn Send + Sync>>,
 }
@@ -77,8 +91,43 @@ impl Drop for Object {
 }
 
 impl Object {
+    /// A plain object (no interface, no patches).
+    pub(crate) fn new(
+        tag: String,
+        ptr: *mut c_void,
+        drop_fn: Option<ditflow_plugin::abi::DfObjectDropFn>,
+        keep_alive: Option<Arc<dyn Send + Sync>>,
+    ) -> Object {
+        Object {
+            tag,
+            ptr,
+            drop_fn,
+            interface: 0,
+            api: std::ptr::null(),
+            base: None,
+            patches: Vec::new(),
+            digest: ptr as u64,
+            _keep_alive: keep_alive,
+        }
+    }
+
     pub fn tag(&self) -> &str {
         &self.tag
+    }
+
+    /// `DF_INTERFACE_*`, or 0.
+    pub fn interface(&self) -> u32 {
+        self.interface
+    }
+
+    /// How many patches the model carries.
+    pub fn patch_count(&self) -> usize {
+        self.patches.len()
+    }
+
+    /// The digest of the base and its patches.
+    pub fn digest(&self) -> u64 {
+        self.digest
     }
 }
 
@@ -139,7 +188,7 @@ impl Value {
             Value::Float(f) => (2u8, f.to_bits()).hash(h),
             Value::String(s) => (3u8, s.as_str()).hash(h),
             Value::Tensor(kind, t) => (4u8, kind, t.storage_id(), t.shape()).hash(h),
-            Value::Object(o) => (5u8, Arc::as_ptr(o) as usize).hash(h),
+            Value::Object(o) => (5u8, o.digest).hash(h),
             Value::List(items) => {
                 (6u8, items.len()).hash(h);
                 items.iter().for_each(|v| v.hash_into(h));

@@ -47,7 +47,7 @@ extern "C" {
 /** The ABI major version. A host refuses plugins whose major differs. */
 #define DF_ABI_MAJOR 1u
 /** The ABI minor version. A host refuses plugins whose minor is newer than its own. */
-#define DF_ABI_MINOR 2u
+#define DF_ABI_MINOR 3u
 /** "DFLW": the first field of every plugin descriptor. */
 #define DF_PLUGIN_MAGIC 0x44464C57u
 /**
@@ -222,6 +222,386 @@ typedef struct DfNodeDesc {
 typedef void (*DfObjectDropFn)(void* object);
 
 /* ------------------------------------------------------------------------------------------ */
+/* The model protocol (ABI 1.3)                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+/*
+ * A Model value may carry an interface: a versioned table of functions (DfDenoiserApi,
+ * DfTextEncoderApi, DfAutoencoderApi) over the plugin's object, made with host->value_model. Any
+ * plugin can then drive the model through the host (denoiser_forward, model_forward) and patch it
+ * (model_patch): a patched model is the same base object plus an immutable list of DfPatchDesc
+ * with a digest, and the base's forward receives that list and runs the hooks at its sites.
+ * Tables and descriptors start with their `size`; a NULL function means "not supported".
+ */
+
+/** Interface kinds (value_model, model_interface). */
+#define DF_INTERFACE_DENOISER 1u
+#define DF_INTERFACE_TEXT_ENCODER 2u
+#define DF_INTERFACE_AUTOENCODER 3u
+
+/** What a denoiser predicts (DfDenoiserDesc.prediction); FLOW is the velocity noise - data. */
+#define DF_PREDICTION_EPSILON 1
+#define DF_PREDICTION_V 2
+#define DF_PREDICTION_FLOW 3
+
+/** Guidance branches of a batch row; masks use bit (1 << branch). */
+#define DF_BRANCH_COND 0
+#define DF_BRANCH_UNCOND 1
+
+/** Hook sites inside a block (DfStackDesc.sites, a mask). */
+#define DF_SITE_ATTN_IN (1u << 0)
+#define DF_SITE_PRE_ATTN (1u << 1)
+#define DF_SITE_ATTN (1u << 2)
+#define DF_SITE_POST_SELF_ATTN (1u << 3)
+#define DF_SITE_POST_CROSS_ATTN (1u << 4)
+#define DF_SITE_POST_BLOCK (1u << 5)
+
+/** Denoiser capabilities (DfDenoiserDesc.capabilities), also a patch's requirements. */
+#define DF_CAP_LINEAR_DELTA (1ull << 0)
+#define DF_CAP_LINEAR_MERGE (1ull << 1)
+#define DF_CAP_BLOCK_RESIDUAL (1ull << 2)
+#define DF_CAP_RANGE_OVERRIDE (1ull << 3)
+#define DF_CAP_ATTENTION_EDIT (1ull << 4)
+#define DF_CAP_ATTENTION_MASK (1ull << 5)
+#define DF_CAP_ATTENTION_EXTRA (1ull << 6)
+#define DF_CAP_BLOCK_STEPPING (1ull << 7)
+
+/** Patch flags: its range override may skip or forecast blocks. */
+#define DF_PATCH_SKIPS_BLOCKS (1u << 0)
+/** Patch flags: its injections must run at every step (never inside a skippable range). */
+#define DF_PATCH_NEEDS_FRESH (1u << 1)
+
+/** Lifecycle events. */
+#define DF_EVENT_RUN_BEGIN 1
+#define DF_EVENT_STEP_BEGIN 2
+#define DF_EVENT_STEP_END 3
+#define DF_EVENT_RUN_END 4
+
+/** Attention mask kinds: structured first, dense as a last resort. */
+#define DF_MASK_NONE 0
+#define DF_MASK_KEY_LENGTHS 1
+#define DF_MASK_SEGMENT_IDS 2
+#define DF_MASK_DENSE 3
+
+/** Attention kinds at an attention site. */
+#define DF_ATTENTION_SELF 1
+#define DF_ATTENTION_CROSS 2
+#define DF_ATTENTION_JOINT 3
+
+/** A named value (borrowed): a forward argument such as "hidden_states". */
+typedef struct DfNamedValue {
+    const char* name;
+    const DfValue* value;
+} DfNamedValue;
+
+/**
+ * What one denoiser call is: which step of how many, at which noise level, and the guidance
+ * branch and conditioning of each batch row. Hooks read this instead of counting calls.
+ */
+typedef struct DfCallContext {
+    /** sizeof(DfCallContext) as the caller was compiled. */
+    uint32_t size;
+    uint32_t step_index;
+    uint32_t num_steps;
+    uint32_t _pad;
+    /** Unique per sampling run (new_run_id): per-run state is keyed on it. */
+    uint64_t run_id;
+    double sigma;
+    double timestep;
+    /** Rows of the batch; `branches` and `cond_ids` hold one entry per row. */
+    size_t batch;
+    const int32_t* branches;
+    const int64_t* cond_ids;
+    const void* reserved[4];
+} DfCallContext;
+
+/** One stream of hidden states ("image", "text", "video", "audio"). */
+typedef struct DfStreamDesc {
+    const char* name;
+    int64_t width;
+} DfStreamDesc;
+
+/** One stack of blocks, in execution order. */
+typedef struct DfStackDesc {
+    const char* name;
+    /** The streams it carries, comma-separated ("image", "image,text"). */
+    const char* streams;
+    uint32_t n_blocks;
+    /** DF_SITE_* mask of the hook sites inside each block. */
+    uint32_t sites;
+} DfStackDesc;
+
+/**
+ * One linear layer by its native weight name (without ".weight"). A fused weight's parts are
+ * aliases: `fused_into` names the fused layer and `row_offset` the alias's first output row.
+ */
+typedef struct DfLinearDesc {
+    const char* name;
+    int64_t out_features;
+    int64_t in_features;
+    /** NULL for a layer of its own; else the fused layer this is a row slice of. */
+    const char* fused_into;
+    int64_t row_offset;
+} DfLinearDesc;
+
+/** A denoiser's self-description, owned by the model object and valid while it lives. */
+typedef struct DfDenoiserDesc {
+    uint32_t size;
+    /** DF_PREDICTION_*. */
+    int32_t prediction;
+    /** The latent's axes, e.g. "BCHW" or "BCFHW". */
+    const char* latent_layout;
+    int64_t latent_channels;
+    /** Latent pixels per token side; 1 for a model without patches. */
+    int64_t patch_size;
+    const DfStreamDesc* streams;
+    size_t n_streams;
+    const DfStackDesc* stacks;
+    size_t n_stacks;
+    const DfLinearDesc* linears;
+    size_t n_linears;
+    /** DF_CAP_*. */
+    uint64_t capabilities;
+    /** The conditioning arguments its forward reads, comma-separated (may be empty). */
+    const char* conditioning;
+    const void* reserved[4];
+} DfDenoiserDesc;
+
+/** A LoRA-style delta on one linear layer: y += scale * up(down x), down [r, in], up [out, r]. */
+typedef struct DfLinearDelta {
+    const char* target;
+    const DfValue* down;
+    const DfValue* up;
+    double scale;
+} DfLinearDelta;
+
+/**
+ * Runs a contiguous range of the original blocks, from..=to, in order and each at most once per
+ * override call, on `hidden`; writes the new hidden state (owned) to `out`.
+ */
+typedef int32_t (*DfContinuationFn)(void* state, const DfValue* hidden, uint32_t from,
+                                    uint32_t to, DfValue** out);
+
+/** The continuation handed to a range override. */
+typedef struct DfContinuation {
+    void* state;
+    DfContinuationFn run;
+} DfContinuation;
+
+/**
+ * A structured attention mask. SEGMENT_IDS: query i sees key j when
+ * allow[q_segments[i] * n_segments + k_segments[j]] != 0; KEY_LENGTHS: row b sees its first
+ * key_lengths[b] keys; DENSE: an additive [B, 1|H, Lq, Lk] tensor. Several masks intersect.
+ */
+typedef struct DfAttentionMask {
+    uint32_t size;
+    int32_t kind;
+    uint32_t n_segments;
+    uint32_t _pad;
+    DfValue* key_lengths;
+    DfValue* q_segments;
+    DfValue* k_segments;
+    DfValue* allow;
+    DfValue* dense;
+} DfAttentionMask;
+
+/** A hook position: block `block` of stack `stack`, at site `site` (DF_SITE_*). */
+typedef struct DfSite {
+    uint32_t stack;
+    uint32_t block;
+    uint32_t site;
+    uint32_t _pad;
+} DfSite;
+
+/**
+ * Block residual: a delta (owned, [B, tokens, width]) added into the hidden state from token
+ * *token_offset on, after block `block` of `stack`; DF_OK with *delta NULL adds nothing. The
+ * host gates it by the patch's strength, step range and branches.
+ */
+typedef int32_t (*DfBlockResidualFn)(void* user_data, const DfHostApi* host,
+                                     const DfCallContext* call, uint32_t stack, uint32_t block,
+                                     const DfValue* hidden, DfValue** delta,
+                                     int64_t* token_offset);
+
+/**
+ * Range override: computes blocks first..=last of `stack` from `hidden`, through `cont` or by
+ * skipping or forecasting them, and writes the hidden state after them (owned) to `out`.
+ * Injections inside the range run only when `cont` runs them (the atomic rule).
+ */
+typedef int32_t (*DfRangeOverrideFn)(void* user_data, const DfHostApi* host,
+                                     const DfCallContext* call, uint32_t stack, uint32_t first,
+                                     uint32_t last, const DfValue* hidden,
+                                     const DfContinuation* cont, DfValue** out);
+
+/** Attention edit: may replace *q, *k, *v (owned) before attention; release what it replaces. */
+typedef int32_t (*DfAttentionEditFn)(void* user_data, const DfHostApi* host,
+                                     const DfCallContext* call, const DfSite* site, int32_t kind,
+                                     DfValue** q, DfValue** k, DfValue** v);
+
+/** Attention mask: fills `mask` for an attention site (DF_MASK_NONE for none). */
+typedef int32_t (*DfAttentionMaskFn)(void* user_data, const DfHostApi* host,
+                                     const DfCallContext* call, const DfSite* site, int32_t kind,
+                                     DfAttentionMask* mask);
+
+/** Extra attention branch (IP-Adapter): a delta (owned, or NULL) added to the attention output. */
+typedef int32_t (*DfAttentionExtraFn)(void* user_data, const DfHostApi* host,
+                                      const DfCallContext* call, const DfSite* site,
+                                      const DfValue* q, DfValue** out);
+
+/** Bridge: two streams or towers exchange hidden states at sites a and b (deltas owned or NULL). */
+typedef int32_t (*DfBridgeFn)(void* user_data, const DfHostApi* host, const DfCallContext* call,
+                              const DfSite* a, const DfSite* b, const DfValue* hidden_a,
+                              const DfValue* hidden_b, DfValue** delta_a, DfValue** delta_b);
+
+/** Lifecycle: DF_EVENT_* (run and step begin/end). */
+typedef int32_t (*DfLifecycleFn)(void* user_data, const DfHostApi* host, int32_t event,
+                                 const DfCallContext* call);
+
+/** Memory estimate of the patch's own state and extra networks, in bytes. */
+typedef uint64_t (*DfMemoryEstimateFn)(void* user_data, const DfDenoiserDesc* desc);
+
+/**
+ * A patch, passed to model_patch (copied; the values in linear_deltas are retained) and handed
+ * back, as the host's copy, to the denoiser's forward. A NULL hook is not used.
+ */
+typedef struct DfPatchDesc {
+    uint32_t size;
+    /** DF_PATCH_*. */
+    uint32_t flags;
+    /** Names the patch in messages. */
+    const char* name;
+    /** Filled by the host: the plugin that made the patch. */
+    const char* plugin;
+    /** Order key among patches of one kind (lower first, then insertion order). */
+    int32_t order;
+    /** Branches it applies to, a mask of (1 << DF_BRANCH_*); 0 for all. */
+    uint32_t branches;
+    /** Block-residual strength, and the fraction of the steps [start, end) it applies in. */
+    double strength;
+    double start;
+    double end;
+    /** The stack and inclusive block range it covers; last -1 is the stack's last block. */
+    int32_t stack;
+    int32_t first;
+    int32_t last;
+    uint32_t _pad;
+    /** The patch's own identity (its file and settings), mixed into the model's digest. */
+    uint64_t digest;
+    /** DF_CAP_* the model must have; the hooks set imply their own. */
+    uint64_t required_capabilities;
+    void* user_data;
+    /** Frees user_data when the last model holding the patch is gone. */
+    DfDropFn drop_user_data;
+    const DfLinearDelta* linear_deltas;
+    size_t n_linear_deltas;
+    DfBlockResidualFn block_residual;
+    DfRangeOverrideFn range_override;
+    DfAttentionEditFn attention_edit;
+    DfAttentionMaskFn attention_mask;
+    DfAttentionExtraFn attention_extra;
+    DfBridgeFn bridge;
+    DfLifecycleFn lifecycle;
+    DfMemoryEstimateFn memory_estimate;
+    const void* reserved[8];
+} DfPatchDesc;
+
+/**
+ * A denoiser's forward: `inputs` are named after the diffusers forward arguments
+ * ("hidden_states" and its conditioning; the timestep is in `call`), `patches` the model's patch
+ * list in order. Writes the prediction (owned) to `out`. Returns DF_OK, or DF_ERROR after
+ * host->set_last_error.
+ */
+typedef int32_t (*DfDenoiserForwardFn)(void* object, const DfHostApi* host,
+                                       const DfCallContext* call, const DfNamedValue* inputs,
+                                       size_t n_inputs, const DfPatchDesc* const* patches,
+                                       size_t n_patches, DfValue** out);
+
+/** Block stepping, 1: embeddings, positions and modulation, as a state value (owned). */
+typedef int32_t (*DfDenoiserPrepareFn)(void* object, const DfHostApi* host,
+                                       const DfCallContext* call, const DfNamedValue* inputs,
+                                       size_t n_inputs, const DfPatchDesc* const* patches,
+                                       size_t n_patches, DfValue** state);
+
+/** Block stepping, 2: blocks from..=to of `stack` on a state, giving the next state (owned). */
+typedef int32_t (*DfDenoiserRunBlocksFn)(void* object, const DfHostApi* host,
+                                         const DfCallContext* call, const DfValue* state,
+                                         uint32_t stack, uint32_t from, uint32_t to,
+                                         const DfPatchDesc* const* patches, size_t n_patches,
+                                         DfValue** out);
+
+/** Block stepping, 3: the head, from the last state to the prediction (owned). */
+typedef int32_t (*DfDenoiserFinishFn)(void* object, const DfHostApi* host,
+                                      const DfCallContext* call, const DfValue* state,
+                                      const DfPatchDesc* const* patches, size_t n_patches,
+                                      DfValue** out);
+
+/** The denoiser interface. */
+typedef struct DfDenoiserApi {
+    /** sizeof(DfDenoiserApi) as the plugin was compiled. */
+    uint32_t size;
+    /** The interface's own version (1). */
+    uint32_t version;
+    /** The self-description, owned by the object. */
+    const DfDenoiserDesc* (*describe)(void* object);
+    DfDenoiserForwardFn forward;
+    /** Block stepping (DF_CAP_BLOCK_STEPPING), for bridges between separately loaded towers. */
+    DfDenoiserPrepareFn prepare;
+    DfDenoiserRunBlocksFn run_blocks;
+    DfDenoiserFinishFn finish;
+    const void* reserved[4];
+} DfDenoiserApi;
+
+/** A generic forward over named inputs: a List of [name, tensor] pairs (owned) in *out. */
+typedef int32_t (*DfModelForwardFn)(void* object, const DfHostApi* host,
+                                    const DfNamedValue* inputs, size_t n_inputs, DfValue** out);
+
+/** A text encoder's self-description. */
+typedef struct DfTextEncoderDesc {
+    uint32_t size;
+    uint32_t _pad;
+    /** Width of the hidden states. */
+    int64_t width;
+    /** Its longest sequence. */
+    int64_t max_tokens;
+    const void* reserved[4];
+} DfTextEncoderDesc;
+
+/** The text-encoder interface. */
+typedef struct DfTextEncoderApi {
+    uint32_t size;
+    uint32_t version;
+    const DfTextEncoderDesc* (*describe)(void* object);
+    /** Token ids (an owned [1, n] i64 tensor) of `len` bytes of text, at most max_tokens. */
+    int32_t (*tokenize)(void* object, const DfHostApi* host, const char* text, size_t len,
+                        int64_t max_tokens, DfValue** out);
+    /** input_ids (and attention_mask) -> last_hidden_state, and what else the family has. */
+    DfModelForwardFn forward;
+    const void* reserved[4];
+} DfTextEncoderApi;
+
+/** An autoencoder's self-description. */
+typedef struct DfAutoencoderDesc {
+    uint32_t size;
+    uint32_t _pad;
+    int64_t latent_channels;
+    /** Image pixels per latent pixel. */
+    int64_t downscale;
+    double scaling_factor;
+    double shift_factor;
+    const void* reserved[4];
+} DfAutoencoderDesc;
+
+/** The autoencoder interface. */
+typedef struct DfAutoencoderApi {
+    uint32_t size;
+    uint32_t version;
+    const DfAutoencoderDesc* (*describe)(void* object);
+    /** image -> mean, logvar; latent (with tile_size, tile_overlap) -> decoded. */
+    DfModelForwardFn forward;
+    const void* reserved[4];
+} DfAutoencoderApi;
+
+/* ------------------------------------------------------------------------------------------ */
 /* The host's function table                                                                   */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -369,8 +749,45 @@ struct DfHostApi {
      */
     DfValue* (*load_weights)(DfContext* ctx, const char* path, int32_t device);
 
+    /* --- the model protocol (ABI 1.3) ------------------------------------------------------ */
+    /**
+     * Records this thread's error message (copied), for a protocol function or hook that returns
+     * DF_ERROR; last_error() hands it to the caller.
+     */
+    void (*set_last_error)(const char* msg);
+    /**
+     * A Model value owning `object` that speaks interface `interface` (DF_INTERFACE_*) through the
+     * table `api` (static, or living as long as the object). Otherwise as value_object.
+     */
+    DfValue* (*value_model)(DfContext* ctx, uint32_t iface, const void* api,
+                            const char* type_tag, void* object, DfObjectDropFn drop);
+    /**
+     * The table of interface `interface` of a Model, with its object written to *object; NULL
+     * when the value is not a Model speaking it.
+     */
+    const void* (*model_interface)(const DfValue* v, uint32_t iface, void** object);
+    /** A Model's interface (0 for none), number of patches and digest. */
+    int32_t (*model_info)(const DfValue* v, uint32_t* iface, size_t* n_patches,
+                          uint64_t* digest);
+    /**
+     * A new Model: the base of `v` with its patches plus `patch` (copied; its user data is owned
+     * by the host from here on, even when the call is refused). No weights are copied. NULL with
+     * the message in last_error() when the combination cannot be correct.
+     */
+    DfValue* (*model_patch)(DfContext* ctx, const DfValue* v, const DfPatchDesc* patch);
+    /** Runs a denoiser's forward with its patches; writes the prediction (owned) to *out. */
+    int32_t (*denoiser_forward)(const DfValue* v, const DfCallContext* call,
+                                const DfNamedValue* inputs, size_t n_inputs, DfValue** out);
+    /** Tells a denoiser's patches about a lifecycle event (DF_EVENT_*), in order. */
+    int32_t (*denoiser_lifecycle)(const DfValue* v, int32_t event, const DfCallContext* call);
+    /** The generic forward of any Model with an interface: a List of [name, tensor] (owned). */
+    int32_t (*model_forward)(const DfValue* v, const DfNamedValue* inputs, size_t n_inputs,
+                             DfValue** out);
+    /** A run id no other run of this process has. */
+    uint64_t (*new_run_id)(void);
+
     /** Reserved for functions added by later minors. */
-    const void* reserved[26];
+    const void* reserved[17];
 };
 
 /* ------------------------------------------------------------------------------------------ */

@@ -22,7 +22,7 @@ use std::ffi::{c_char, c_void};
 /// The ABI major version. A host refuses plugins whose major differs.
 pub const DF_ABI_MAJOR: u32 = 1;
 /// The ABI minor version. A host refuses plugins whose minor is newer than its own.
-pub const DF_ABI_MINOR: u32 = 2;
+pub const DF_ABI_MINOR: u32 = 3;
 /// A descriptor flag (ABI 1.2): the library may be unmapped once nothing it made is alive, because
 /// it leaves no per-thread destructors, threads or `atexit` handlers behind. Without it the host
 /// keeps the library mapped for the life of the process (Rust plugins: their standard library
@@ -193,6 +193,488 @@ pub struct DfOpAttr {
     pub s: *const c_char,
 }
 
+// --- the model protocol (ABI 1.3) -----------------------------------------------------------
+//
+// A Model value may carry an *interface*: a versioned table of functions (`DfDenoiserApi`,
+// `DfTextEncoderApi`, `DfAutoencoderApi`) over the plugin's object, made with `value_model`. Any
+// plugin can then drive the model through the host (`denoiser_forward`, `model_forward`) and
+// patch it (`model_patch`): a patched model is the same base object plus an immutable list of
+// `DfPatchDesc`s with a digest, and the base's forward receives that list and runs the hooks at
+// its sites. Tables and descriptors start with their `size`; a field past a caller's `size` is
+// absent, and a NULL function means "not supported".
+
+/// Interface kinds ([`DfHostApi::value_model`], `model_interface`).
+pub const DF_INTERFACE_DENOISER: u32 = 1;
+pub const DF_INTERFACE_TEXT_ENCODER: u32 = 2;
+pub const DF_INTERFACE_AUTOENCODER: u32 = 3;
+
+/// What a denoiser predicts ([`DfDenoiserDesc::prediction`]).
+pub const DF_PREDICTION_EPSILON: i32 = 1;
+pub const DF_PREDICTION_V: i32 = 2;
+/// Flow-matching velocity (noise − data).
+pub const DF_PREDICTION_FLOW: i32 = 3;
+
+/// Guidance branches of a batch row ([`DfCallContext::branches`]); masks use bit `1 << branch`.
+pub const DF_BRANCH_COND: i32 = 0;
+pub const DF_BRANCH_UNCOND: i32 = 1;
+
+/// Hook sites inside a block ([`DfStackDesc::sites`], a mask).
+pub const DF_SITE_ATTN_IN: u32 = 1 << 0;
+pub const DF_SITE_PRE_ATTN: u32 = 1 << 1;
+pub const DF_SITE_ATTN: u32 = 1 << 2;
+pub const DF_SITE_POST_SELF_ATTN: u32 = 1 << 3;
+pub const DF_SITE_POST_CROSS_ATTN: u32 = 1 << 4;
+pub const DF_SITE_POST_BLOCK: u32 = 1 << 5;
+
+/// Denoiser capabilities ([`DfDenoiserDesc::capabilities`]), also a patch's requirements.
+pub const DF_CAP_LINEAR_DELTA: u64 = 1 << 0;
+pub const DF_CAP_LINEAR_MERGE: u64 = 1 << 1;
+pub const DF_CAP_BLOCK_RESIDUAL: u64 = 1 << 2;
+pub const DF_CAP_RANGE_OVERRIDE: u64 = 1 << 3;
+pub const DF_CAP_ATTENTION_EDIT: u64 = 1 << 4;
+pub const DF_CAP_ATTENTION_MASK: u64 = 1 << 5;
+pub const DF_CAP_ATTENTION_EXTRA: u64 = 1 << 6;
+pub const DF_CAP_BLOCK_STEPPING: u64 = 1 << 7;
+
+/// Patch flags ([`DfPatchDesc::flags`]).
+/// Its range override may skip or forecast blocks instead of computing them.
+pub const DF_PATCH_SKIPS_BLOCKS: u32 = 1 << 0;
+/// Its injections must run at every step: it cannot sit inside a range another patch may skip.
+pub const DF_PATCH_NEEDS_FRESH: u32 = 1 << 1;
+
+/// Lifecycle events ([`DfPatchDesc::lifecycle`], `denoiser_lifecycle`).
+pub const DF_EVENT_RUN_BEGIN: i32 = 1;
+pub const DF_EVENT_STEP_BEGIN: i32 = 2;
+pub const DF_EVENT_STEP_END: i32 = 3;
+pub const DF_EVENT_RUN_END: i32 = 4;
+
+/// Attention mask kinds ([`DfAttentionMask::kind`]): structured first, dense as a last resort.
+pub const DF_MASK_NONE: i32 = 0;
+pub const DF_MASK_KEY_LENGTHS: i32 = 1;
+pub const DF_MASK_SEGMENT_IDS: i32 = 2;
+pub const DF_MASK_DENSE: i32 = 3;
+
+/// Attention kinds at an attention site.
+pub const DF_ATTENTION_SELF: i32 = 1;
+pub const DF_ATTENTION_CROSS: i32 = 2;
+pub const DF_ATTENTION_JOINT: i32 = 3;
+
+/// A named value: a forward argument (`hidden_states`, `encoder_hidden_states`, ...), borrowed.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DfNamedValue {
+    pub name: *const c_char,
+    pub value: *const DfValue,
+}
+
+/// What one denoiser call is, for the model and every hook: which step of how many, at which
+/// noise level, and the guidance branch and conditioning of each batch row. Hooks read this
+/// instead of counting calls or matching sigmas.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DfCallContext {
+    /// `sizeof(DfCallContext)` as the caller was compiled.
+    pub size: u32,
+    pub step_index: u32,
+    pub num_steps: u32,
+    pub _pad: u32,
+    /// Unique per sampling run (`new_run_id`): per-run state is keyed on it.
+    pub run_id: u64,
+    pub sigma: f64,
+    pub timestep: f64,
+    /// Rows of the batch; `branches` and `cond_ids` hold one entry per row.
+    pub batch: usize,
+    pub branches: *const i32,
+    pub cond_ids: *const i64,
+    pub reserved: [*const c_void; 4],
+}
+
+/// One stream of hidden states (`image`, `text`, `video`, `audio`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DfStreamDesc {
+    pub name: *const c_char,
+    pub width: i64,
+}
+
+/// One stack of blocks, in execution order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DfStackDesc {
+    pub name: *const c_char,
+    /// The streams it carries, comma-separated (`image`, `image,text`).
+    pub streams: *const c_char,
+    pub n_blocks: u32,
+    /// `DF_SITE_*` mask of the hook sites inside each block.
+    pub sites: u32,
+}
+
+/// One linear layer by its native weight name (without `.weight`). A fused weight's parts are
+/// aliases: `fused_into` names the fused layer and `row_offset` the alias's first output row.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DfLinearDesc {
+    pub name: *const c_char,
+    pub out_features: i64,
+    pub in_features: i64,
+    /// NULL for a layer of its own; else the fused layer this is a row slice of.
+    pub fused_into: *const c_char,
+    pub row_offset: i64,
+}
+
+/// A denoiser's self-description, owned by the model object and valid while it lives.
+#[repr(C)]
+pub struct DfDenoiserDesc {
+    pub size: u32,
+    /// `DF_PREDICTION_*`.
+    pub prediction: i32,
+    /// The latent's axes, e.g. `BCHW` or `BCFHW`.
+    pub latent_layout: *const c_char,
+    pub latent_channels: i64,
+    /// Latent pixels per token side (the patch size); 1 for a model without patches.
+    pub patch_size: i64,
+    pub streams: *const DfStreamDesc,
+    pub n_streams: usize,
+    pub stacks: *const DfStackDesc,
+    pub n_stacks: usize,
+    pub linears: *const DfLinearDesc,
+    pub n_linears: usize,
+    /// `DF_CAP_*`.
+    pub capabilities: u64,
+    /// The conditioning arguments its forward reads, comma-separated
+    /// (`encoder_hidden_states,encoder_attention_mask`; empty for an unconditional model).
+    pub conditioning: *const c_char,
+    pub reserved: [*const c_void; 4],
+}
+
+/// A LoRA-style delta on one linear layer (by native name or alias):
+/// `y += scale · up·(down·x)` with `down` `[r, in]` and `up` `[out, r]`, applied unmerged.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DfLinearDelta {
+    pub target: *const c_char,
+    pub down: *const DfValue,
+    pub up: *const DfValue,
+    pub scale: f64,
+}
+
+/// Runs a contiguous range of the original blocks, `from..=to`, in order and each at most once
+/// per override call, on `hidden`; writes the new hidden state (owned) to `out`.
+pub type DfContinuationFn = unsafe extern "C" fn(
+    state: *mut c_void,
+    hidden: *const DfValue,
+    from: u32,
+    to: u32,
+    out: *mut *mut DfValue,
+) -> i32;
+
+/// The continuation handed to a range override.
+#[repr(C)]
+pub struct DfContinuation {
+    pub state: *mut c_void,
+    pub run: Option<DfContinuationFn>,
+}
+
+/// A structured attention mask. `SEGMENT_IDS`: query token `i` may see key `j` when
+/// `allow[q_segments[i] * n_segments + k_segments[j]]` is non-zero; `KEY_LENGTHS`: row `b` sees
+/// its first `key_lengths[b]` keys; `DENSE`: an additive `[B, 1|H, Lq, Lk]` tensor. Several
+/// masks intersect.
+#[repr(C)]
+pub struct DfAttentionMask {
+    pub size: u32,
+    pub kind: i32,
+    pub n_segments: u32,
+    pub _pad: u32,
+    pub key_lengths: *mut DfValue,
+    pub q_segments: *mut DfValue,
+    pub k_segments: *mut DfValue,
+    pub allow: *mut DfValue,
+    pub dense: *mut DfValue,
+}
+
+/// A hook position: block `block` of stack `stack`, at site `site` (`DF_SITE_*`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DfSite {
+    pub stack: u32,
+    pub block: u32,
+    pub site: u32,
+    pub _pad: u32,
+}
+
+/// Block residual: a delta (owned, `[B, tokens, width]`) to add into the hidden state
+/// `[B, L, width]` from token `*token_offset` on, after block `block` of `stack`; DF_OK with
+/// `*delta` NULL adds nothing. The host gates it by the patch's strength, step range and branches.
+pub type DfBlockResidualFn = unsafe extern "C" fn(
+    user_data: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    stack: u32,
+    block: u32,
+    hidden: *const DfValue,
+    delta: *mut *mut DfValue,
+    token_offset: *mut i64,
+) -> i32;
+
+/// Range override: computes blocks `first..=last` of `stack` from `hidden`, through `cont` or by
+/// skipping or forecasting them, and writes the resulting hidden state (owned) to `out`.
+/// Injections inside the range run only when `cont` runs them (the atomic rule).
+pub type DfRangeOverrideFn = unsafe extern "C" fn(
+    user_data: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    stack: u32,
+    first: u32,
+    last: u32,
+    hidden: *const DfValue,
+    cont: *const DfContinuation,
+    out: *mut *mut DfValue,
+) -> i32;
+
+/// Attention edit: may replace `*q`, `*k`, `*v` (`[B, L, H·Dh]`, owned) before attention at a
+/// site of kind `DF_ATTENTION_*`; release what is replaced.
+pub type DfAttentionEditFn = unsafe extern "C" fn(
+    user_data: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    site: *const DfSite,
+    kind: i32,
+    q: *mut *mut DfValue,
+    k: *mut *mut DfValue,
+    v: *mut *mut DfValue,
+) -> i32;
+
+/// Attention mask: fills `mask` for an attention site (kind `DF_MASK_NONE` for none).
+pub type DfAttentionMaskFn = unsafe extern "C" fn(
+    user_data: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    site: *const DfSite,
+    kind: i32,
+    mask: *mut DfAttentionMask,
+) -> i32;
+
+/// Extra attention branch (IP-Adapter): from the query `q`, a delta (owned) added to the
+/// attention output; NULL adds nothing.
+pub type DfAttentionExtraFn = unsafe extern "C" fn(
+    user_data: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    site: *const DfSite,
+    q: *const DfValue,
+    out: *mut *mut DfValue,
+) -> i32;
+
+/// Bridge: two streams (or two towers stepped block by block) exchange hidden states at sites
+/// `a` and `b`; the deltas (owned, or NULL) are added after both are computed.
+pub type DfBridgeFn = unsafe extern "C" fn(
+    user_data: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    a: *const DfSite,
+    b: *const DfSite,
+    hidden_a: *const DfValue,
+    hidden_b: *const DfValue,
+    delta_a: *mut *mut DfValue,
+    delta_b: *mut *mut DfValue,
+) -> i32;
+
+/// Lifecycle: `DF_EVENT_*` (run and step begin/end); no tensors.
+pub type DfLifecycleFn = unsafe extern "C" fn(
+    user_data: *mut c_void,
+    host: *const DfHostApi,
+    event: i32,
+    call: *const DfCallContext,
+) -> i32;
+
+/// Memory estimate of the patch's own state and extra networks, in bytes.
+pub type DfMemoryEstimateFn =
+    unsafe extern "C" fn(user_data: *mut c_void, desc: *const DfDenoiserDesc) -> u64;
+
+/// A patch, passed to `model_patch` (copied; the values in `linear_deltas` are retained) and
+/// handed back, as the host's copy, to the denoiser's forward. A NULL hook is not used.
+#[repr(C)]
+pub struct DfPatchDesc {
+    pub size: u32,
+    /// `DF_PATCH_*`.
+    pub flags: u32,
+    /// Names the patch in messages, e.g. `LoRA(style.safetensors)`.
+    pub name: *const c_char,
+    /// Filled by the host: the plugin that made the patch.
+    pub plugin: *const c_char,
+    /// Order key among patches of one kind (lower runs first, then insertion order).
+    pub order: i32,
+    /// Guidance branches the patch applies to, as a mask of `1 << DF_BRANCH_*`; 0 for all.
+    pub branches: u32,
+    /// Block-residual strength and the fraction of the steps, `[start, end)`, it applies in.
+    pub strength: f64,
+    pub start: f64,
+    pub end: f64,
+    /// The stack and inclusive block range the block residual or range override covers;
+    /// `last` -1 is the stack's last block.
+    pub stack: i32,
+    pub first: i32,
+    pub last: i32,
+    pub _pad: u32,
+    /// The patch's own identity (its file and settings), mixed into the model's digest.
+    pub digest: u64,
+    /// `DF_CAP_*` the model must have; the hooks set imply their own.
+    pub required_capabilities: u64,
+    pub user_data: *mut c_void,
+    /// Frees `user_data` when the last model holding the patch is gone.
+    pub drop_user_data: Option<DfDropFn>,
+    pub linear_deltas: *const DfLinearDelta,
+    pub n_linear_deltas: usize,
+    pub block_residual: Option<DfBlockResidualFn>,
+    pub range_override: Option<DfRangeOverrideFn>,
+    pub attention_edit: Option<DfAttentionEditFn>,
+    pub attention_mask: Option<DfAttentionMaskFn>,
+    pub attention_extra: Option<DfAttentionExtraFn>,
+    pub bridge: Option<DfBridgeFn>,
+    pub lifecycle: Option<DfLifecycleFn>,
+    pub memory_estimate: Option<DfMemoryEstimateFn>,
+    pub reserved: [*const c_void; 8],
+}
+
+/// A denoiser's forward: `inputs` are named after the diffusers forward arguments
+/// (`hidden_states`, `timestep` is taken from `call`, plus its conditioning), `patches` the
+/// model's patch list (the host's copies, in order). Writes the prediction (owned) to `out`.
+/// Returns DF_OK, or DF_ERROR after `host->set_last_error`.
+pub type DfDenoiserForwardFn = unsafe extern "C" fn(
+    object: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    inputs: *const DfNamedValue,
+    n_inputs: usize,
+    patches: *const *const DfPatchDesc,
+    n_patches: usize,
+    out: *mut *mut DfValue,
+) -> i32;
+
+/// Block stepping, step 1: embeddings, positions and modulation for one call, as a state value
+/// (owned) holding every stream's hidden states.
+pub type DfDenoiserPrepareFn = unsafe extern "C" fn(
+    object: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    inputs: *const DfNamedValue,
+    n_inputs: usize,
+    patches: *const *const DfPatchDesc,
+    n_patches: usize,
+    state: *mut *mut DfValue,
+) -> i32;
+
+/// Block stepping, step 2: runs blocks `from..=to` of `stack` on a state, giving the next state.
+pub type DfDenoiserRunBlocksFn = unsafe extern "C" fn(
+    object: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    state: *const DfValue,
+    stack: u32,
+    from: u32,
+    to: u32,
+    patches: *const *const DfPatchDesc,
+    n_patches: usize,
+    out: *mut *mut DfValue,
+) -> i32;
+
+/// Block stepping, step 3: the head, from the last state to the prediction.
+pub type DfDenoiserFinishFn = unsafe extern "C" fn(
+    object: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    state: *const DfValue,
+    patches: *const *const DfPatchDesc,
+    n_patches: usize,
+    out: *mut *mut DfValue,
+) -> i32;
+
+/// The denoiser interface.
+#[repr(C)]
+pub struct DfDenoiserApi {
+    /// `sizeof(DfDenoiserApi)` as the plugin was compiled.
+    pub size: u32,
+    /// The interface's own version (1).
+    pub version: u32,
+    /// The self-description, owned by the object.
+    pub describe: Option<unsafe extern "C" fn(object: *mut c_void) -> *const DfDenoiserDesc>,
+    pub forward: Option<DfDenoiserForwardFn>,
+    /// Block stepping (`DF_CAP_BLOCK_STEPPING`), for bridges between separately loaded towers.
+    pub prepare: Option<DfDenoiserPrepareFn>,
+    pub run_blocks: Option<DfDenoiserRunBlocksFn>,
+    pub finish: Option<DfDenoiserFinishFn>,
+    pub reserved: [*const c_void; 4],
+}
+
+/// A generic forward over named inputs, writing a List of `[name, tensor]` pairs (owned) to
+/// `out`: the `Forward` node's contract for every model of every plugin.
+pub type DfModelForwardFn = unsafe extern "C" fn(
+    object: *mut c_void,
+    host: *const DfHostApi,
+    inputs: *const DfNamedValue,
+    n_inputs: usize,
+    out: *mut *mut DfValue,
+) -> i32;
+
+/// A text encoder's self-description.
+#[repr(C)]
+pub struct DfTextEncoderDesc {
+    pub size: u32,
+    pub _pad: u32,
+    /// Width of the hidden states.
+    pub width: i64,
+    /// Its longest sequence.
+    pub max_tokens: i64,
+    pub reserved: [*const c_void; 4],
+}
+
+/// The text-encoder interface.
+#[repr(C)]
+pub struct DfTextEncoderApi {
+    pub size: u32,
+    pub version: u32,
+    pub describe: Option<unsafe extern "C" fn(object: *mut c_void) -> *const DfTextEncoderDesc>,
+    /// Token ids (an owned `[1, n]` i64 tensor) of `len` bytes of UTF-8 text, at most
+    /// `max_tokens`.
+    pub tokenize: Option<
+        unsafe extern "C" fn(
+            object: *mut c_void,
+            host: *const DfHostApi,
+            text: *const c_char,
+            len: usize,
+            max_tokens: i64,
+            out: *mut *mut DfValue,
+        ) -> i32,
+    >,
+    /// `input_ids` (and `attention_mask`) → `last_hidden_state`, and what else the family has.
+    pub forward: Option<DfModelForwardFn>,
+    pub reserved: [*const c_void; 4],
+}
+
+/// An autoencoder's self-description.
+#[repr(C)]
+pub struct DfAutoencoderDesc {
+    pub size: u32,
+    pub _pad: u32,
+    pub latent_channels: i64,
+    /// Image pixels per latent pixel.
+    pub downscale: i64,
+    pub scaling_factor: f64,
+    pub shift_factor: f64,
+    pub reserved: [*const c_void; 4],
+}
+
+/// The autoencoder interface.
+#[repr(C)]
+pub struct DfAutoencoderApi {
+    pub size: u32,
+    pub version: u32,
+    pub describe: Option<unsafe extern "C" fn(object: *mut c_void) -> *const DfAutoencoderDesc>,
+    /// `image` → `mean`, `logvar`; `latent` (with `tile_size`, `tile_overlap`) → `decoded`.
+    pub forward: Option<DfModelForwardFn>,
+    pub reserved: [*const c_void; 4],
+}
+
 /// The host's function table, passed to `register` and to every node callback.
 ///
 /// Fields are only ever appended. A plugin built against a newer minor checks `size` before
@@ -329,7 +811,64 @@ pub struct DfHostApi {
     pub load_weights:
         unsafe extern "C" fn(ctx: *mut DfContext, path: *const c_char, device: i32) -> *mut DfValue,
 
-    pub reserved: [*const c_void; 26],
+    // --- the model protocol (ABI 1.3) ------------------------------------------------------
+    /// Records this thread's error message (copied), for a protocol function or hook that
+    /// returns DF_ERROR; `last_error` hands it to the caller.
+    pub set_last_error: unsafe extern "C" fn(msg: *const c_char),
+    /// A Model value owning `object` that speaks interface `interface` (`DF_INTERFACE_*`) through
+    /// the table `api` (static, or living as long as the object). Otherwise as `value_object`.
+    pub value_model: unsafe extern "C" fn(
+        ctx: *mut DfContext,
+        interface: u32,
+        api: *const c_void,
+        type_tag: *const c_char,
+        object: *mut c_void,
+        drop: Option<DfObjectDropFn>,
+    ) -> *mut DfValue,
+    /// The table of interface `interface` of a Model, with its object written to `*object`;
+    /// NULL when the value is not a Model speaking it.
+    pub model_interface: unsafe extern "C" fn(
+        v: *const DfValue,
+        interface: u32,
+        object: *mut *mut c_void,
+    ) -> *const c_void,
+    /// A Model's interface (0 for none), number of patches and digest.
+    pub model_info: unsafe extern "C" fn(
+        v: *const DfValue,
+        interface: *mut u32,
+        n_patches: *mut usize,
+        digest: *mut u64,
+    ) -> i32,
+    /// A new Model: the base of `v` with its patches plus `patch` (copied; its user data is owned
+    /// by the host from here on, even when the call is refused). No weights are copied. NULL with
+    /// the message in `last_error` when the combination cannot be correct.
+    pub model_patch: unsafe extern "C" fn(
+        ctx: *mut DfContext,
+        v: *const DfValue,
+        patch: *const DfPatchDesc,
+    ) -> *mut DfValue,
+    /// Runs a denoiser's forward with its patches; writes the prediction (owned) to `out`.
+    pub denoiser_forward: unsafe extern "C" fn(
+        v: *const DfValue,
+        call: *const DfCallContext,
+        inputs: *const DfNamedValue,
+        n_inputs: usize,
+        out: *mut *mut DfValue,
+    ) -> i32,
+    /// Tells a denoiser's patches about a lifecycle event (`DF_EVENT_*`), in order.
+    pub denoiser_lifecycle:
+        unsafe extern "C" fn(v: *const DfValue, event: i32, call: *const DfCallContext) -> i32,
+    /// The generic forward of any Model with an interface: a List of `[name, tensor]` (owned).
+    pub model_forward: unsafe extern "C" fn(
+        v: *const DfValue,
+        inputs: *const DfNamedValue,
+        n_inputs: usize,
+        out: *mut *mut DfValue,
+    ) -> i32,
+    /// A run id no other run of this process has.
+    pub new_run_id: unsafe extern "C" fn() -> u64,
+
+    pub reserved: [*const c_void; 17],
 }
 
 /// Registers a plugin's node types through `host->register_node(reg, ...)`.

@@ -52,7 +52,7 @@ pub enum Attr<'a> {
     Str(&'a str),
 }
 
-fn last_error() -> String {
+pub(crate) fn last_error() -> String {
     // SAFETY: the host returns a NUL-terminated string valid until its next call on this thread.
     let p = unsafe { (host().last_error)() };
     if p.is_null() {

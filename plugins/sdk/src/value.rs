@@ -188,6 +188,12 @@ impl Value {
         self.ptr.as_ptr()
     }
 
+    /// The handle's identity: equal for the same value while it is alive (for per-run caches
+    /// keyed on an input).
+    pub fn id(&self) -> usize {
+        self.ptr.as_ptr() as usize
+    }
+
     /// What this value is.
     pub fn kind(&self) -> Kind {
         // SAFETY: `self` holds a reference, so the value is live.

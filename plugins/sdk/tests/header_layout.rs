@@ -123,7 +123,183 @@ macro_rules! abi_items {
                     last_error: unsafe extern "C" fn() -> *const c_char,
                     load_weights:
                         unsafe extern "C" fn(*mut DfContext, *const c_char, i32) -> *mut DfValue,
-                    reserved: [*const c_void; 26],
+                    set_last_error: unsafe extern "C" fn(*const c_char),
+                    value_model: unsafe extern "C" fn(
+                        *mut DfContext, u32, *const c_void, *const c_char, *mut c_void,
+                        Option<DfObjectDropFn>,
+                    ) -> *mut DfValue,
+                    model_interface:
+                        unsafe extern "C" fn(*const DfValue, u32, *mut *mut c_void) -> *const c_void,
+                    model_info: unsafe extern "C" fn(
+                        *const DfValue, *mut u32, *mut usize, *mut u64,
+                    ) -> i32,
+                    model_patch: unsafe extern "C" fn(
+                        *mut DfContext, *const DfValue, *const DfPatchDesc,
+                    ) -> *mut DfValue,
+                    denoiser_forward: unsafe extern "C" fn(
+                        *const DfValue, *const DfCallContext, *const DfNamedValue, usize,
+                        *mut *mut DfValue,
+                    ) -> i32,
+                    denoiser_lifecycle:
+                        unsafe extern "C" fn(*const DfValue, i32, *const DfCallContext) -> i32,
+                    model_forward: unsafe extern "C" fn(
+                        *const DfValue, *const DfNamedValue, usize, *mut *mut DfValue,
+                    ) -> i32,
+                    new_run_id: unsafe extern "C" fn() -> u64,
+                    reserved: [*const c_void; 17],
+                }
+                DfNamedValue {
+                    name: *const c_char,
+                    value: *const DfValue,
+                }
+                DfCallContext {
+                    size: u32,
+                    step_index: u32,
+                    num_steps: u32,
+                    _pad: u32,
+                    run_id: u64,
+                    sigma: f64,
+                    timestep: f64,
+                    batch: usize,
+                    branches: *const i32,
+                    cond_ids: *const i64,
+                    reserved: [*const c_void; 4],
+                }
+                DfStreamDesc {
+                    name: *const c_char,
+                    width: i64,
+                }
+                DfStackDesc {
+                    name: *const c_char,
+                    streams: *const c_char,
+                    n_blocks: u32,
+                    sites: u32,
+                }
+                DfLinearDesc {
+                    name: *const c_char,
+                    out_features: i64,
+                    in_features: i64,
+                    fused_into: *const c_char,
+                    row_offset: i64,
+                }
+                DfDenoiserDesc {
+                    size: u32,
+                    prediction: i32,
+                    latent_layout: *const c_char,
+                    latent_channels: i64,
+                    patch_size: i64,
+                    streams: *const DfStreamDesc,
+                    n_streams: usize,
+                    stacks: *const DfStackDesc,
+                    n_stacks: usize,
+                    linears: *const DfLinearDesc,
+                    n_linears: usize,
+                    capabilities: u64,
+                    conditioning: *const c_char,
+                    reserved: [*const c_void; 4],
+                }
+                DfLinearDelta {
+                    target: *const c_char,
+                    down: *const DfValue,
+                    up: *const DfValue,
+                    scale: f64,
+                }
+                DfContinuation {
+                    state: *mut c_void,
+                    run: Option<DfContinuationFn>,
+                }
+                DfAttentionMask {
+                    size: u32,
+                    kind: i32,
+                    n_segments: u32,
+                    _pad: u32,
+                    key_lengths: *mut DfValue,
+                    q_segments: *mut DfValue,
+                    k_segments: *mut DfValue,
+                    allow: *mut DfValue,
+                    dense: *mut DfValue,
+                }
+                DfSite {
+                    stack: u32,
+                    block: u32,
+                    site: u32,
+                    _pad: u32,
+                }
+                DfPatchDesc {
+                    size: u32,
+                    flags: u32,
+                    name: *const c_char,
+                    plugin: *const c_char,
+                    order: i32,
+                    branches: u32,
+                    strength: f64,
+                    start: f64,
+                    end: f64,
+                    stack: i32,
+                    first: i32,
+                    last: i32,
+                    _pad: u32,
+                    digest: u64,
+                    required_capabilities: u64,
+                    user_data: *mut c_void,
+                    drop_user_data: Option<DfDropFn>,
+                    linear_deltas: *const DfLinearDelta,
+                    n_linear_deltas: usize,
+                    block_residual: Option<DfBlockResidualFn>,
+                    range_override: Option<DfRangeOverrideFn>,
+                    attention_edit: Option<DfAttentionEditFn>,
+                    attention_mask: Option<DfAttentionMaskFn>,
+                    attention_extra: Option<DfAttentionExtraFn>,
+                    bridge: Option<DfBridgeFn>,
+                    lifecycle: Option<DfLifecycleFn>,
+                    memory_estimate: Option<DfMemoryEstimateFn>,
+                    reserved: [*const c_void; 8],
+                }
+                DfDenoiserApi {
+                    size: u32,
+                    version: u32,
+                    describe: Option<unsafe extern "C" fn(*mut c_void) -> *const DfDenoiserDesc>,
+                    forward: Option<DfDenoiserForwardFn>,
+                    prepare: Option<DfDenoiserPrepareFn>,
+                    run_blocks: Option<DfDenoiserRunBlocksFn>,
+                    finish: Option<DfDenoiserFinishFn>,
+                    reserved: [*const c_void; 4],
+                }
+                DfTextEncoderDesc {
+                    size: u32,
+                    _pad: u32,
+                    width: i64,
+                    max_tokens: i64,
+                    reserved: [*const c_void; 4],
+                }
+                DfTextEncoderApi {
+                    size: u32,
+                    version: u32,
+                    describe:
+                        Option<unsafe extern "C" fn(*mut c_void) -> *const DfTextEncoderDesc>,
+                    tokenize: Option<unsafe extern "C" fn(
+                        *mut c_void, *const DfHostApi, *const c_char, usize, i64,
+                        *mut *mut DfValue,
+                    ) -> i32>,
+                    forward: Option<DfModelForwardFn>,
+                    reserved: [*const c_void; 4],
+                }
+                DfAutoencoderDesc {
+                    size: u32,
+                    _pad: u32,
+                    latent_channels: i64,
+                    downscale: i64,
+                    scaling_factor: f64,
+                    shift_factor: f64,
+                    reserved: [*const c_void; 4],
+                }
+                DfAutoencoderApi {
+                    size: u32,
+                    version: u32,
+                    describe:
+                        Option<unsafe extern "C" fn(*mut c_void) -> *const DfAutoencoderDesc>,
+                    forward: Option<DfModelForwardFn>,
+                    reserved: [*const c_void; 4],
                 }
                 DfOpAttr {
                     name: *const c_char,
@@ -156,6 +332,59 @@ macro_rules! abi_items {
                 ) -> i32,
                 DfDropFn: unsafe extern "C" fn(*mut c_void),
                 DfObjectDropFn: unsafe extern "C" fn(*mut c_void),
+                DfContinuationFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfValue, u32, u32, *mut *mut DfValue,
+                ) -> i32,
+                DfBlockResidualFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, u32, u32,
+                    *const DfValue, *mut *mut DfValue, *mut i64,
+                ) -> i32,
+                DfRangeOverrideFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, u32, u32, u32,
+                    *const DfValue, *const DfContinuation, *mut *mut DfValue,
+                ) -> i32,
+                DfAttentionEditFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, *const DfSite, i32,
+                    *mut *mut DfValue, *mut *mut DfValue, *mut *mut DfValue,
+                ) -> i32,
+                DfAttentionMaskFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, *const DfSite, i32,
+                    *mut DfAttentionMask,
+                ) -> i32,
+                DfAttentionExtraFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, *const DfSite,
+                    *const DfValue, *mut *mut DfValue,
+                ) -> i32,
+                DfBridgeFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, *const DfSite,
+                    *const DfSite, *const DfValue, *const DfValue, *mut *mut DfValue,
+                    *mut *mut DfValue,
+                ) -> i32,
+                DfLifecycleFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, i32, *const DfCallContext,
+                ) -> i32,
+                DfMemoryEstimateFn:
+                    unsafe extern "C" fn(*mut c_void, *const DfDenoiserDesc) -> u64,
+                DfDenoiserForwardFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, *const DfNamedValue,
+                    usize, *const *const DfPatchDesc, usize, *mut *mut DfValue,
+                ) -> i32,
+                DfDenoiserPrepareFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, *const DfNamedValue,
+                    usize, *const *const DfPatchDesc, usize, *mut *mut DfValue,
+                ) -> i32,
+                DfDenoiserRunBlocksFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, *const DfValue, u32,
+                    u32, u32, *const *const DfPatchDesc, usize, *mut *mut DfValue,
+                ) -> i32,
+                DfDenoiserFinishFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, *const DfValue,
+                    *const *const DfPatchDesc, usize, *mut *mut DfValue,
+                ) -> i32,
+                DfModelForwardFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfNamedValue, usize,
+                    *mut *mut DfValue,
+                ) -> i32,
             }
             integers {
                 DF_ABI_MAJOR, DF_ABI_MINOR, DF_PLUGIN_MAGIC, DF_PLUGIN_UNLOADABLE,
@@ -170,6 +399,18 @@ macro_rules! abi_items {
                 DF_LOG_ERROR, DF_LOG_WARN, DF_LOG_INFO, DF_LOG_DEBUG,
                 DF_DEVICE_CPU, DF_DEVICE_CUDA0,
                 DF_ATTR_INT, DF_ATTR_FLOAT, DF_ATTR_INTS, DF_ATTR_STRING,
+                DF_INTERFACE_DENOISER, DF_INTERFACE_TEXT_ENCODER, DF_INTERFACE_AUTOENCODER,
+                DF_PREDICTION_EPSILON, DF_PREDICTION_V, DF_PREDICTION_FLOW,
+                DF_BRANCH_COND, DF_BRANCH_UNCOND,
+                DF_SITE_ATTN_IN, DF_SITE_PRE_ATTN, DF_SITE_ATTN, DF_SITE_POST_SELF_ATTN,
+                DF_SITE_POST_CROSS_ATTN, DF_SITE_POST_BLOCK,
+                DF_CAP_LINEAR_DELTA, DF_CAP_LINEAR_MERGE, DF_CAP_BLOCK_RESIDUAL,
+                DF_CAP_RANGE_OVERRIDE, DF_CAP_ATTENTION_EDIT, DF_CAP_ATTENTION_MASK,
+                DF_CAP_ATTENTION_EXTRA, DF_CAP_BLOCK_STEPPING,
+                DF_PATCH_SKIPS_BLOCKS, DF_PATCH_NEEDS_FRESH,
+                DF_EVENT_RUN_BEGIN, DF_EVENT_STEP_BEGIN, DF_EVENT_STEP_END, DF_EVENT_RUN_END,
+                DF_MASK_NONE, DF_MASK_KEY_LENGTHS, DF_MASK_SEGMENT_IDS, DF_MASK_DENSE,
+                DF_ATTENTION_SELF, DF_ATTENTION_CROSS, DF_ATTENTION_JOINT,
             }
             strings {
                 DF_PLUGIN_SYMBOL,
@@ -306,7 +547,9 @@ macro_rules! build_abi {
             abi.items.push(Item {
                 key: format!("signed({name})"),
                 format: "%lld",
-                c_expr: format!("(long long)((long long)(({name}) * 0 - 1) < 0)"),
+                // Compared in the macro's own type, so a 64-bit unsigned constant is not
+                // mistaken for a signed one by a cast.
+                c_expr: format!("(long long)(((({name}) * 0 - 1) > 0) ? 0 : 1)"),
                 expected: ($int.is_signed() as i64).to_string(),
             });
             abi.items.push(Item::unsigned(
@@ -761,6 +1004,7 @@ fn c_plugins_build_cleanly() {
     let root = manifest.join("../..");
     let sources = [
         root.join("plugins/examples/c/hello_plugin.c"),
+        root.join("plugins/examples/c/gmm_denoiser.c"),
         root.join("tests/plugins/c/bad_abi_plugin.c"),
         root.join("tests/plugins/c/newer_minor_plugin.c"),
         root.join("tests/plugins/c/no_descriptor.c"),

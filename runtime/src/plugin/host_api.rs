@@ -5,8 +5,8 @@
 //! `DfContext*` is an `ExecContext`; a `DfRegistrar*` is a [`Registrar`]. Every function checks its
 //! pointers for NULL and catches panics, so no plugin input can unwind into plugin code.
 
-use super::host_tensor;
 use super::loader::Registrar;
+use super::{host_tensor, model};
 use crate::exec::context::ExecContext;
 use crate::tensor::{rng, DType, Tensor};
 use crate::value::{Object, TensorKind, Value};
@@ -58,7 +58,16 @@ static HOST_API: SyncHostApi = SyncHostApi(DfHostApi {
     tensor_op: host_tensor::tensor_op,
     last_error: host_tensor::last_error,
     load_weights: host_tensor::load_weights,
-    reserved: [std::ptr::null(); 26],
+    set_last_error: host_tensor::set_last_error_c,
+    value_model: model::value_model,
+    model_interface: model::model_interface,
+    model_info: model::model_info,
+    model_patch: model::model_patch,
+    denoiser_forward: model::denoiser_forward,
+    denoiser_lifecycle: model::denoiser_lifecycle,
+    model_forward: model::model_forward,
+    new_run_id: model::new_run_id,
+    reserved: [std::ptr::null(); 17],
 });
 
 /// The table passed to plugins.
@@ -381,12 +390,7 @@ unsafe extern "C" fn value_object(
     let keep_alive = unsafe { context(ctx) }.and_then(|c| c.keep_alive.clone());
     // SAFETY: a NUL-terminated tag from the plugin.
     let tag = unsafe { text(type_tag) }.unwrap_or("").to_string();
-    let obj = Object {
-        tag,
-        ptr: object,
-        drop_fn: drop,
-        _keep_alive: keep_alive,
-    };
+    let obj = Object::new(tag, object, drop, keep_alive);
     if obj.tag.is_empty() || object.is_null() {
         return std::ptr::null_mut();
     }

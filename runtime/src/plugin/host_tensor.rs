@@ -18,7 +18,19 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
-fn set_last_error(msg: impl Into<String>) {
+/// `set_last_error` in the host API: a plugin records why its protocol function or hook failed.
+pub(super) unsafe extern "C" fn set_last_error_c(msg: *const c_char) {
+    // SAFETY: NULL or a NUL-terminated string from the plugin.
+    let msg = unsafe { text(msg) }.unwrap_or("an error without a message (not UTF-8 or NULL)");
+    set_last_error(msg);
+}
+
+/// This thread's last error message.
+pub(crate) fn take_last_error() -> String {
+    LAST_ERROR.with(|e| e.borrow().to_string_lossy().into_owned())
+}
+
+pub(crate) fn set_last_error(msg: impl Into<String>) {
     let msg = msg.into().replace('\0', " ");
     LAST_ERROR.with(|e| *e.borrow_mut() = CString::new(msg).unwrap_or_default());
 }

@@ -4,6 +4,7 @@
 pub mod host_api;
 mod host_tensor;
 pub mod loader;
+pub mod model;
 
 pub use loader::{
     build_stamp, is_library_file, libraries_in, load_plugin, load_plugin_as, search_path,
