@@ -6,19 +6,147 @@
 use crate::files::{file_fingerprint, fnv1a, input_path, output_path};
 use crate::models::{dit::DiT, pixart, pixart::PixArt, vae::AutoencoderKL, Config, Weights};
 use crate::tensor_io::tensor_view;
+use ditflow_plugin::model::{
+    Call, Denoiser, DenoiserInfo, Hooks, Inputs, Prediction, StackInfo, StreamInfo,
+};
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
-/// A loaded denoiser.
-pub enum DiffusionModel {
+/// A loaded denoiser, speaking the model protocol ([`Denoiser`]).
+pub struct DiffusionModel {
+    pub arch: Arch,
+    /// PixArt's captions projected into every block's keys and values, kept for one sampling
+    /// run: `(run id, encoder_hidden_states id, mask id)`.
+    captions: Mutex<Option<(CaptionKey, Arc<pixart::CaptionCache>)>>,
+}
+
+/// `(run id, encoder_hidden_states id, mask id)`.
+type CaptionKey = (u64, usize, usize);
+
+/// The architectures `LoadDiffusionModel` reads.
+pub enum Arch {
     PixArt(Box<PixArt>),
     DiT(Box<DiT>),
 }
 
 impl Object for DiffusionModel {
     const TAG: &'static str = "ditflow.diffusion_model";
+}
+
+impl Denoiser for DiffusionModel {
+    fn describe(&self) -> DenoiserInfo {
+        let caps =
+            ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE;
+        let stack = |n: usize| StackInfo {
+            name: "transformer_blocks".into(),
+            streams: vec!["image".into()],
+            n_blocks: n,
+            sites: ditflow_plugin::abi::DF_SITE_POST_BLOCK,
+        };
+        let (dim, channels, patch, blocks, conditioning, cross) = match &self.arch {
+            Arch::PixArt(m) => {
+                let mut c = vec!["encoder_hidden_states", "encoder_attention_mask"];
+                if m.adaln.size_embedders.is_some() {
+                    c.extend(["resolution", "aspect_ratio"]);
+                }
+                (m.dim, m.in_channels, m.patch, m.blocks.len(), c, true)
+            }
+            Arch::DiT(m) => (
+                m.dim,
+                m.in_channels,
+                m.patch,
+                m.blocks.len(),
+                vec!["class_labels"],
+                false,
+            ),
+        };
+        DenoiserInfo {
+            prediction: Prediction::Unknown,
+            latent_layout: "BCHW".into(),
+            latent_channels: channels,
+            patch_size: patch,
+            streams: vec![StreamInfo {
+                name: "image".into(),
+                width: dim,
+            }],
+            stacks: vec![stack(blocks)],
+            linears: pixart::linear_layers(blocks, dim, cross),
+            capabilities: caps,
+            conditioning: conditioning.into_iter().map(String::from).collect(),
+        }
+    }
+
+    fn forward(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<Tensor> {
+        let floats = |t: &Tensor| -> Result<Vec<f32>> {
+            t.cast(DType::F32)?
+                .to_device(Device::Cpu)?
+                .as_f32()
+                .map(<[f32]>::to_vec)
+        };
+        let x = inputs.require("hidden_states")?;
+        let batch = x.shape().first().copied().unwrap_or(0);
+        // A per-row `timestep` input (a lone forward) or the call's.
+        let t = match inputs.get("timestep") {
+            Some(t) => floats(t)?,
+            None => vec![call.timestep as f32; batch],
+        };
+        match &self.arch {
+            Arch::PixArt(m) => {
+                let device = m.device;
+                let x = x.to_device(device)?;
+                let enc = inputs.require("encoder_hidden_states")?;
+                let mask = inputs.get("encoder_attention_mask");
+                let (res, ar) = (
+                    inputs.get("resolution").map(floats).transpose()?,
+                    inputs.get("aspect_ratio").map(floats).transpose()?,
+                );
+                let enc_d = enc.to_device(device)?;
+                let mask_d = mask.map(|t| t.to_device(device)).transpose()?;
+                // Within one sampling run the captions do not change: project them once.
+                let caption = if call.run_id != 0 {
+                    let key = (
+                        call.run_id,
+                        enc.as_value().id(),
+                        mask.map_or(0, |m| m.as_value().id()),
+                    );
+                    let mut slot = self.captions.lock().unwrap_or_else(|p| p.into_inner());
+                    match slot.as_ref() {
+                        Some((k, c)) if *k == key => Some(c.clone()),
+                        _ => {
+                            let c = Arc::new(m.encode_caption(&enc_d, mask_d.as_ref())?);
+                            *slot = Some((key, c.clone()));
+                            Some(c)
+                        }
+                    }
+                } else {
+                    None
+                };
+                m.forward(
+                    &pixart::Inputs {
+                        hidden_states: &x,
+                        encoder_hidden_states: &enc_d,
+                        timestep: &t,
+                        encoder_attention_mask: mask_d.as_ref(),
+                        resolution: res.as_deref(),
+                        aspect_ratio: ar.as_deref(),
+                        caption: caption.as_deref(),
+                    },
+                    hooks,
+                )
+            }
+            Arch::DiT(m) => {
+                let x = x.to_device(m.device)?;
+                let labels: Vec<i64> = floats(inputs.require("class_labels")?)?
+                    .iter()
+                    .map(|&c| c as i64)
+                    .collect();
+                m.forward(&x, &t, &labels, hooks)
+            }
+        }
+    }
 }
 
 /// The classes `LoadDiffusionModel` understands.
@@ -36,70 +164,14 @@ impl DiffusionModel {
             );
         }
         let w = Weights::load(ctx, dir, device)?;
-        Ok(match class {
-            "PixArtTransformer2DModel" => {
-                DiffusionModel::PixArt(Box::new(PixArt::load(&cfg, &w, device)?))
-            }
-            _ => DiffusionModel::DiT(Box::new(DiT::load(&cfg, &w, device)?)),
+        let arch = match class {
+            "PixArtTransformer2DModel" => Arch::PixArt(Box::new(PixArt::load(&cfg, &w, device)?)),
+            _ => Arch::DiT(Box::new(DiT::load(&cfg, &w, device)?)),
+        };
+        Ok(DiffusionModel {
+            arch,
+            captions: Mutex::new(None),
         })
-    }
-
-    /// One forward from named inputs (diffusers' argument names), returning named outputs.
-    pub fn forward_named(
-        &self,
-        inputs: &HashMap<String, Tensor>,
-    ) -> Result<HashMap<String, Tensor>> {
-        let get = |name: &str| {
-            inputs
-                .get(name)
-                .ok_or_else(|| Error(format!("missing input '{name}'")))
-        };
-        let floats = |name: &str| -> Result<Vec<f32>> {
-            get(name)?
-                .cast(DType::F32)?
-                .to_device(Device::Cpu)?
-                .as_f32()
-                .map(<[f32]>::to_vec)
-        };
-        let sample = match self {
-            DiffusionModel::PixArt(m) => {
-                let device = m.device;
-                let (x, enc) = (
-                    get("hidden_states")?.to_device(device)?,
-                    get("encoder_hidden_states")?.to_device(device)?,
-                );
-                let mask = inputs
-                    .get("encoder_attention_mask")
-                    .map(|t| t.to_device(device))
-                    .transpose()?;
-                let (res, ar) = (
-                    inputs
-                        .get("resolution")
-                        .map(|_| floats("resolution"))
-                        .transpose()?,
-                    inputs
-                        .get("aspect_ratio")
-                        .map(|_| floats("aspect_ratio"))
-                        .transpose()?,
-                );
-                let t = floats("timestep")?;
-                m.forward(&pixart::Inputs {
-                    hidden_states: &x,
-                    encoder_hidden_states: &enc,
-                    timestep: &t,
-                    encoder_attention_mask: mask.as_ref(),
-                    resolution: res.as_deref(),
-                    aspect_ratio: ar.as_deref(),
-                    caption: None,
-                })?
-            }
-            DiffusionModel::DiT(m) => {
-                let x = get("hidden_states")?.to_device(m.device)?;
-                let labels: Vec<i64> = floats("class_labels")?.iter().map(|&c| c as i64).collect();
-                m.forward(&x, &floats("timestep")?, &labels)?
-            }
-        };
-        Ok(HashMap::from([("sample".to_string(), sample)]))
     }
 }
 
@@ -203,13 +275,13 @@ impl Node for LoadDiffusionModel {
                 Port::new("path", "String")
                     .doc("The model folder; a relative path is taken from the graph's folder."),
             )
-            .output(Port::new("model", "Model").doc("The denoiser."))
+            .output(Port::new("model", "Model<Denoiser>").doc("The denoiser."))
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let dir = input_path(ctx, "path")?;
         let model = DiffusionModel::load(&dir, ctx.device(), ctx)?;
-        let value = ctx.make_object(model)?;
+        let value = ctx.make_denoiser(model)?;
         ctx.set_output("model", value)
     }
 
@@ -289,8 +361,11 @@ impl Node for Forward {
             .into_iter()
             .filter_map(|(k, v)| k.strip_prefix("in.").map(|n| (n.to_string(), v)))
             .collect();
-        let outputs = if let Ok(m) = model.as_object::<DiffusionModel>() {
-            m.forward_named(&inputs)?
+        let outputs = if model.as_denoiser().is_ok() {
+            let named: Vec<(&str, &Tensor)> = inputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+            ditflow_plugin::model::forward_named(&model, &named)?
+                .into_iter()
+                .collect()
         } else if let Ok(v) = model.as_object::<Vae>() {
             v.forward_named(&inputs)?
         } else if let Ok(t) = model.as_object::<crate::encoders::TextEncoder>() {

@@ -3,10 +3,10 @@
 //! on a batched conditional/unconditional forward), `VAEDecode` and `VAEEncode`. `SaveImage`
 //! writes the result.
 
-use crate::diffusion::{DiffusionModel, Vae};
+use crate::diffusion::Vae;
 use crate::encoders::TextEncoder;
-use crate::models::pixart;
 use crate::samplers::{self, Scheduler};
+use ditflow_plugin::model::{Call, Event, Prediction, BRANCH_COND, BRANCH_UNCOND};
 use ditflow_plugin::prelude::*;
 use std::collections::VecDeque;
 use std::path::Path;
@@ -270,8 +270,8 @@ impl Node for Sample {
                  Classifier-free guidance runs the conditional and unconditional prompts as one \
                  batch: u + cfg·(c − u). Reports progress per step and stops when cancelled.",
             )
-            .input(Port::new("model", "Model").doc("A diffusion model from LoadDiffusionModel (PixArt)."))
-            .input(Port::new("positive", "Conditioning").doc("The prompt's conditioning."))
+            .input(Port::new("model", "Model<Denoiser>").doc("A denoiser from any plugin (LoadDiffusionModel, a patch node, a C plugin)."))
+            .input(Port::new("positive", "Conditioning").optional().doc("The prompt's conditioning (needed by text-conditioned models)."))
             .input(Port::new("negative", "Conditioning").optional().doc("The unconditional conditioning (needed when cfg != 1)."))
             .input(Port::new("latent", "Latent").doc("Sets the output shape (an EmptyLatent)."))
             .input(Port::new("sampler", "String").default("auto").choices(&["auto", "ddim", "euler", "dpmpp_2m", "flow_euler"]).doc("The scheduler."))
@@ -286,24 +286,38 @@ impl Node for Sample {
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let model: Value = ctx.input("model")?;
-        let model = object_input::<DiffusionModel>(&model, "model")?;
-        let DiffusionModel::PixArt(m) = model else {
-            bail!("Sample drives text-conditioned models (PixArt); DiT is class-conditioned");
-        };
-        let device = m.device;
-        let positive: Tensor = ctx.input("positive")?;
+        let den = model
+            .as_denoiser()
+            .map_err(|e| Error(format!("input 'model': {e}")))?;
+        let info = den.info().clone();
+        let device = ctx.device();
+        let positive: Option<Tensor> = ctx.input_opt("positive")?;
         let negative: Option<Tensor> = ctx.input_opt("negative")?;
         let latent: Tensor = ctx.input("latent")?;
         let steps = ctx.input::<i64>("steps")? as usize;
         let cfg: f64 = ctx.input("cfg")?;
         let seed: i64 = ctx.input("seed")?;
         let s = latent.shape().to_vec();
-        if s.len() != 4 || s[1] != m.in_channels {
-            bail!("the latent must be [B, {}, H, W], got {s:?}", m.in_channels);
+        if s.len() != 4 || s[1] != info.latent_channels {
+            bail!(
+                "the latent must be [B, {}, H, W], got {s:?}",
+                info.latent_channels
+            );
+        }
+        if let Some(other) = info
+            .conditioning
+            .iter()
+            .find(|c| !["encoder_hidden_states", "encoder_attention_mask"].contains(&c.as_str()))
+        {
+            bail!("the model needs a '{other}' conditioning, which Sample does not supply (it gives prompts as encoder_hidden_states)");
+        }
+        let text = info.reads("encoder_hidden_states");
+        if text && positive.is_none() {
+            bail!("the model is text-conditioned: connect a 'positive' conditioning");
         }
         let batch = s[0];
         let guided = cfg != 1.0;
-        if guided && negative.is_none() {
+        if guided && text && negative.is_none() {
             bail!("cfg {cfg} needs a negative conditioning (an empty prompt works)");
         }
         // The scheduler.
@@ -325,6 +339,20 @@ impl Node for Sample {
                 .map(|(_, c)| c.to_string())
                 .ok_or_else(|| Error(format!("unknown sampler '{name}'")))?,
         };
+        let flow_scheduler = class == "FlowMatchEulerDiscreteScheduler";
+        match info.prediction {
+            Prediction::Flow if !flow_scheduler => {
+                bail!("the model predicts a flow velocity: use the flow_euler sampler, not {class}")
+            }
+            Prediction::Epsilon | Prediction::V if flow_scheduler => bail!(
+                "the model predicts {:?}, which the flow-matching sampler cannot use",
+                info.prediction
+            ),
+            _ => {}
+        }
+        if info.prediction == Prediction::V && !fields.iter().any(|(k, _)| k == "prediction_type") {
+            fields.push(("prediction_type".into(), "\"v_prediction\"".into()));
+        }
         if ctx.input::<bool>("karras")? {
             fields.push(("use_karras_sigmas".into(), "true".into()));
         }
@@ -332,44 +360,62 @@ impl Node for Sample {
         if shift > 0.0 {
             fields.push(("shift".into(), shift.to_string()));
         }
-        let tokens = (s[2] / m.patch) * (s[3] / m.patch);
+        let patch = info.patch_size.max(1);
+        let tokens = (s[2] / patch) * (s[3] / patch);
         let sched = build_scheduler(&class, &fields, steps, tokens)?;
         // Conditioning batch: positives then negatives.
-        let (cond, mask) = {
-            let mut list: Vec<&Tensor> = vec![&positive; batch];
-            if guided {
-                list.extend(std::iter::repeat_n(
-                    negative.as_ref().expect("checked"),
-                    batch,
-                ));
+        let rows = if guided { 2 * batch } else { batch };
+        let conditioning = match &positive {
+            Some(positive) if text => {
+                let mut list: Vec<&Tensor> = vec![positive; batch];
+                if guided {
+                    let negative = negative.as_ref().unwrap_or(positive);
+                    list.extend(std::iter::repeat_n(negative, batch));
+                }
+                Some(batch_conditionings(&list, device)?)
             }
-            batch_conditionings(&list, device)?
+            _ => None,
         };
-        // The captions' cross-attention keys and values do not change between steps.
-        let caption = m.encode_caption(&cond, Some(&mask))?;
+        let mut call = Call {
+            run_id: ditflow_plugin::model::new_run_id(),
+            step_index: 0,
+            num_steps: sched.num_steps(),
+            sigma: 0.0,
+            timestep: 0.0,
+            branches: (0..rows)
+                .map(|r| {
+                    if r < batch {
+                        BRANCH_COND
+                    } else {
+                        BRANCH_UNCOND
+                    }
+                })
+                .collect(),
+            cond_ids: (0..rows).map(|r| (r >= batch) as i64).collect(),
+        };
+        den.lifecycle(Event::RunBegin, &call)?;
         let mut x = ditflow_plugin::ops::randn(&s, seed as u64, device)?
             .affine(sched.init_noise_sigma(), 0.0)?;
         let mut history: VecDeque<Tensor> = VecDeque::new();
         let total = sched.num_steps() as u64;
         for (i, step) in sched.steps().iter().enumerate() {
             ctx.check_cancelled()?;
+            call.step_index = i;
+            call.sigma = step.sigma;
+            call.timestep = step.timestep;
+            den.lifecycle(Event::StepBegin, &call)?;
             let input = x.affine(step.input_scale, 0.0)?;
             let input = if guided {
                 ditflow_plugin::ops::concat(&[&input, &input], 0)?
             } else {
                 input
             };
-            let n = input.shape()[0];
-            let t = vec![step.timestep as f32; n];
-            let out = m.forward(&pixart::Inputs {
-                hidden_states: &input,
-                encoder_hidden_states: &cond,
-                timestep: &t,
-                encoder_attention_mask: Some(&mask),
-                resolution: None,
-                aspect_ratio: None,
-                caption: Some(&caption),
-            })?;
+            let mut args: Vec<(&str, &Tensor)> = vec![("hidden_states", &input)];
+            if let Some((cond, mask)) = &conditioning {
+                args.push(("encoder_hidden_states", cond));
+                args.push(("encoder_attention_mask", mask));
+            }
+            let out = den.forward(&call, &args)?;
             // A learned-sigma model predicts 2C channels: the first C are the noise.
             let out = if out.shape()[1] != s[1] {
                 out.slice(1, 0, s[1] as i64, 1)?
@@ -403,8 +449,10 @@ impl Node for Sample {
                 }
             }
             x = next;
+            den.lifecycle(Event::StepEnd, &call)?;
             ctx.progress(i as u64 + 1, total);
         }
+        den.lifecycle(Event::RunEnd, &call)?;
         ctx.set_output("latent", x.with_kind(Kind::Latent)?)
     }
 }

@@ -4,6 +4,7 @@
 
 use super::{chunks, patch_grid, patchify, timestep_sinusoids, unpatchify};
 use super::{Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights};
+use ditflow_plugin::model::Hooks;
 use ditflow_plugin::{Device, Error, Kind, Result, Tensor};
 
 /// `CombinedTimestepLabelEmbeddings` inside a block's `AdaLayerNormZero`.
@@ -109,7 +110,13 @@ impl DiT {
 
     /// The denoiser's output `[B, out_channels, H, W]` for latents `[B, C, H, W]`, one timestep
     /// and one class label per batch entry (`num_classes` is the null class).
-    pub fn forward(&self, x: &Tensor, timestep: &[f32], class_labels: &[i64]) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        timestep: &[f32],
+        class_labels: &[i64],
+        hooks: &Hooks,
+    ) -> Result<Tensor> {
         let (b, h, w) = patch_grid("DiT", x, self.in_channels, self.patch)?;
         if timestep.len() != b || class_labels.len() != b {
             return Err(Error(format!(
@@ -131,7 +138,7 @@ impl DiT {
         let pos = self
             .pos_embed
             .get(d, h, w, self.base_size, 1.0, self.device)?;
-        let mut hidden = patchify(x, &self.proj_w, &self.proj_b, self.patch)?.add(&pos)?;
+        let hidden = patchify(x, &self.proj_w, &self.proj_b, self.patch)?.add(&pos)?;
         let t = timestep_sinusoids(timestep, 256, true, 1.0, self.device)?;
         let labels = Tensor::from_bytes(
             Kind::Tensor,
@@ -148,7 +155,8 @@ impl DiT {
                 .forward(&t)?
                 .add(&e.class_table.embedding(&labels)?)
         };
-        for block in &self.blocks {
+        let hidden = hooks.run_stack(0, self.blocks.len(), hidden, &mut |i, mut hidden| {
+            let block = &self.blocks[i];
             let emb = block
                 .norm1_linear
                 .forward(&conditioning(&block.emb)?.unary("silu")?, "none")?;
@@ -159,8 +167,8 @@ impl DiT {
             hidden = hidden.gated_residual(&block.attn1.forward(&n, None, None)?, gate_msa)?;
             let n =
                 hidden.layer_norm(None, None, Some(shift_mlp), Some(scale_mlp), self.norm_eps)?;
-            hidden = hidden.gated_residual(&block.ff.forward(&n)?, gate_mlp)?;
-        }
+            hidden.gated_residual(&block.ff.forward(&n)?, gate_mlp)
+        })?;
         let cond = conditioning(&self.blocks[0].emb)?;
         let m = chunks(
             &self.proj_out_1.forward(&cond.unary("silu")?, "none")?,

@@ -5,6 +5,8 @@
 
 use super::{chunks, mask_bias, patch_grid, patchify, timestep_sinusoids, unpatchify};
 use super::{Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights};
+use ditflow_plugin::model::Hooks;
+use ditflow_plugin::model::LinearInfo;
 use ditflow_plugin::{bail, Device, Error, Result, Tensor};
 
 /// One `BasicTransformerBlock` with `norm_type = "ada_norm_single"`.
@@ -40,6 +42,49 @@ pub struct Inputs<'a> {
     /// The captions' cross-attention keys and values from [`PixArt::encode_caption`] for these
     /// `encoder_hidden_states`, when a sampler computed them once for all its steps.
     pub caption: Option<&'a CaptionCache>,
+}
+
+/// Every block's linear layers by diffusers name: q, k and v are aliases into the fused
+/// projections this implementation loads them as (`attn1.to_qkv`, `attn2.to_kv`).
+pub fn linear_layers(blocks: usize, dim: usize, cross: bool) -> Vec<LinearInfo> {
+    let mut out = Vec::new();
+    let layer = |name: String, o: usize, i: usize, fused: Option<(String, usize)>| LinearInfo {
+        name,
+        out_features: o,
+        in_features: i,
+        fused_into: fused,
+    };
+    for b in 0..blocks {
+        let p = format!("transformer_blocks.{b}");
+        let qkv = format!("{p}.attn1.to_qkv");
+        out.push(layer(qkv.clone(), 3 * dim, dim, None));
+        for (j, n) in ["to_q", "to_k", "to_v"].iter().enumerate() {
+            out.push(layer(
+                format!("{p}.attn1.{n}"),
+                dim,
+                dim,
+                Some((qkv.clone(), j * dim)),
+            ));
+        }
+        out.push(layer(format!("{p}.attn1.to_out.0"), dim, dim, None));
+        if cross {
+            out.push(layer(format!("{p}.attn2.to_q"), dim, dim, None));
+            let kv = format!("{p}.attn2.to_kv");
+            out.push(layer(kv.clone(), 2 * dim, dim, None));
+            for (j, n) in ["to_k", "to_v"].iter().enumerate() {
+                out.push(layer(
+                    format!("{p}.attn2.{n}"),
+                    dim,
+                    dim,
+                    Some((kv.clone(), j * dim)),
+                ));
+            }
+            out.push(layer(format!("{p}.attn2.to_out.0"), dim, dim, None));
+        }
+        out.push(layer(format!("{p}.ff.net.0.proj"), 4 * dim, dim, None));
+        out.push(layer(format!("{p}.ff.net.2"), dim, 4 * dim, None));
+    }
+    out
 }
 
 /// Every block's cross-attention keys and values for one batch of captions, and the mask bias.
@@ -211,7 +256,7 @@ impl PixArt {
     }
 
     /// The denoiser's output `[B, out_channels, H, W]`.
-    pub fn forward(&self, inp: &Inputs) -> Result<Tensor> {
+    pub fn forward(&self, inp: &Inputs, hooks: &Hooks) -> Result<Tensor> {
         let x = inp.hidden_states;
         let (b, h, w) = patch_grid("PixArt", x, self.in_channels, self.patch)?;
         let e = inp.encoder_hidden_states.shape();
@@ -237,7 +282,7 @@ impl PixArt {
             self.interpolation_scale,
             self.device,
         )?;
-        let mut hidden = patchify(x, &self.proj_w, &self.proj_b, self.patch)?.add(&pos)?;
+        let hidden = patchify(x, &self.proj_w, &self.proj_b, self.patch)?.add(&pos)?;
         // adaLN-single.
         let t = timestep_sinusoids(inp.timestep, 256, true, 0.0, self.device)?;
         let mut cond = self.adaln.timestep_embedder.forward(&t)?;
@@ -277,7 +322,8 @@ impl PixArt {
         {
             bail!("PixArt: the caption cache does not match this model and batch");
         }
-        for (block, kv) in self.blocks.iter().zip(&caption.kv) {
+        let hidden = hooks.run_stack(0, self.blocks.len(), hidden, &mut |i, mut hidden| {
+            let (block, kv) = (&self.blocks[i], &caption.kv[i]);
             let m = chunks(&block.scale_shift_table.add(&t6)?, 6, d)?;
             let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) =
                 (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
@@ -287,8 +333,8 @@ impl PixArt {
             hidden = hidden.add(&block.attn2.forward_kv(&hidden, kv, caption.mask.as_ref())?)?;
             let n =
                 hidden.layer_norm(None, None, Some(shift_mlp), Some(scale_mlp), self.norm_eps)?;
-            hidden = hidden.gated_residual(&block.ff.forward(&n)?, gate_mlp)?;
-        }
+            hidden.gated_residual(&block.ff.forward(&n)?, gate_mlp)
+        })?;
         let m = chunks(
             &self
                 .scale_shift_table

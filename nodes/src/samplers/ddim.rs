@@ -208,6 +208,7 @@ fn step(config: &DdimConfig, timestep: f64, alpha_t: f64, alpha_prev: f64) -> St
     let direction = (1.0 - alpha_prev).sqrt();
     Step {
         timestep,
+        sigma: ((1.0 - alpha_t) / alpha_t).sqrt(),
         input_scale: 1.0,
         denoised_x: dx,
         denoised_output: d_o,

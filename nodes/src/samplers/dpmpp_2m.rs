@@ -438,6 +438,7 @@ fn build_steps(c: &DpmSolverMultistepConfig, timesteps: &[f64], sigmas: &[f32]) 
         };
         steps.push(Step {
             timestep,
+            sigma: s0.sigma,
             input_scale: 1.0,
             denoised_x: dx,
             denoised_output: d_o,

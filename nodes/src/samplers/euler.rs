@@ -269,6 +269,7 @@ fn step(prediction: PredictionType, timestep: f64, sigma: f64, sigma_next: f64) 
     };
     Step {
         timestep,
+        sigma,
         input_scale: 1.0 / c,
         denoised_x: dx,
         denoised_output: d_o,

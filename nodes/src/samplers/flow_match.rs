@@ -295,6 +295,7 @@ impl FlowMatchEulerDiscrete {
                 let (s, s_next) = (f64::from(w[0]), f64::from(w[1]));
                 Step {
                     timestep: f64::from(w[0] * c.num_train_timesteps as f32),
+                    sigma: s,
                     input_scale: 1.0,
                     denoised_x: 1.0,
                     denoised_output: -s,

@@ -86,6 +86,9 @@ pub(crate) use fail;
 pub struct Step {
     /// The timestep the model is called with at this step.
     pub timestep: f64,
+    /// The noise level at this step, as the model's per-call context reports it: σ for flow
+    /// matching and Euler, and the equivalent `√((1 − ᾱ)/ᾱ)` for DDIM and DPM-Solver.
+    pub sigma: f64,
     /// The model is called with `input_scale · x` (diffusers' `scale_model_input`).
     pub input_scale: f64,
     /// `denoised = denoised_x · x + denoised_output · out`: this step's x₀ estimate.

@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+mod protocol;
+
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
 use std::hint::black_box;
@@ -370,5 +372,19 @@ impl Node for AdaLnBlock {
 export_plugin!(
     name: "ditflow-testkit",
     version: env!("CARGO_PKG_VERSION"),
-    nodes: [Panic, Fail, Spin, Sleep, Counter, Add1, MakeModel, ApplyModel, AdaLnBlock],
+    nodes: [
+        Panic,
+        Fail,
+        Spin,
+        Sleep,
+        Counter,
+        Add1,
+        MakeModel,
+        ApplyModel,
+        AdaLnBlock,
+        protocol::RustGaussianDenoiser,
+        protocol::ScalePrediction,
+        protocol::AddResidual,
+        protocol::FailingHook,
+    ],
 );

@@ -1,0 +1,266 @@
+//! Model-protocol nodes for the tests: a Rust denoiser (the exact flow velocity of a Gaussian
+//! mixture, the twin of the C example's), and patches that apply to any protocol denoiser from
+//! this plugin, so the tests show patches and denoisers composing across three plugins.
+
+use ditflow_plugin::model::{
+    Call, Continuation, Denoiser, DenoiserInfo, Event, Hooks, Inputs, PatchHooks, PatchSpec,
+    Prediction,
+};
+use ditflow_plugin::prelude::*;
+use ditflow_plugin::Object;
+
+/// The mixture: equal weights, one mean per component for every channel, one std.
+struct Gmm {
+    channels: usize,
+    means: Vec<f64>,
+    std: f64,
+}
+
+impl Object for Gmm {
+    const TAG: &'static str = "ditflow-testkit.gmm";
+}
+
+impl Denoiser for Gmm {
+    fn describe(&self) -> DenoiserInfo {
+        DenoiserInfo {
+            prediction: Prediction::Flow,
+            latent_layout: "BCHW".into(),
+            latent_channels: self.channels,
+            patch_size: 1,
+            ..DenoiserInfo::default()
+        }
+    }
+
+    fn forward(&self, call: &Call, inputs: &Inputs, _hooks: &Hooks) -> Result<Tensor> {
+        let x = inputs.require("hidden_states")?;
+        let shape = x.shape().to_vec();
+        let xs = x.to_device(Device::Cpu)?;
+        let xs = xs.as_f32()?;
+        let rows = shape.first().copied().unwrap_or(0).max(1);
+        let n = xs.len() / rows;
+        let (t, s2) = (call.sigma, self.std * self.std);
+        let a = 1.0 - t;
+        let var = a * a * s2 + t * t;
+        let mut out = vec![0f32; xs.len()];
+        for (xr, yr) in xs.chunks(n).zip(out.chunks_mut(n)) {
+            let logr: Vec<f64> = self
+                .means
+                .iter()
+                .map(|&mu| {
+                    -0.5 * xr.iter().map(|&x| (x as f64 - a * mu).powi(2)).sum::<f64>() / var
+                })
+                .collect();
+            let best = logr.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = logr.iter().map(|l| (l - best).exp()).collect();
+            let total: f64 = w.iter().sum();
+            for (x, y) in xr.iter().zip(yr.iter_mut()) {
+                let x = *x as f64;
+                *y = self
+                    .means
+                    .iter()
+                    .zip(&w)
+                    .map(|(&mu, &wk)| wk / total * ((t - a * s2) * (x - a * mu) / var - mu))
+                    .sum::<f64>() as f32;
+            }
+        }
+        Tensor::from_f32(Kind::Tensor, &shape, &out)
+    }
+}
+
+/// `RustGaussianDenoiser`: the Rust twin of the C example `GaussianMixtureDenoiser`.
+#[derive(Default)]
+pub struct RustGaussianDenoiser;
+
+impl Node for RustGaussianDenoiser {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("RustGaussianDenoiser")
+            .category("testing")
+            .doc("The exact flow velocity of an equal-weight Gaussian mixture (one mean per component).")
+            .input(Port::new("channels", "Int").default(4i64).range(1.0, 64.0))
+            .input(Port::new("means", "String").default("-1;1").doc("';'-separated means."))
+            .input(Port::new("std", "Float").default(0.1).range(0.001, 100.0))
+            .output(Port::new("model", "Model<Denoiser>"))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let means: String = ctx.input("means")?;
+        let means = means
+            .split(';')
+            .map(|m| {
+                m.trim()
+                    .parse::<f64>()
+                    .map_err(|_| Error(format!("input 'means': '{m}' is not a number")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let model = Gmm {
+            channels: ctx.input::<i64>("channels")? as usize,
+            means,
+            std: ctx.input("std")?,
+        };
+        let v = ctx.make_denoiser(model)?;
+        ctx.set_output("model", v)
+    }
+}
+
+/// Multiplies the whole call's prediction: a whole-call range override.
+struct Scale(f64);
+
+impl PatchHooks for Scale {
+    fn range_override(
+        &self,
+        _call: &Call,
+        _stack: Option<usize>,
+        first: usize,
+        last: usize,
+        hidden: &Tensor,
+        cont: &mut Continuation,
+    ) -> Result<Tensor> {
+        cont.run(hidden, first, last)?.affine(self.0, 0.0)
+    }
+}
+
+/// `ScalePrediction`: model → model whose prediction is multiplied by `factor`.
+#[derive(Default)]
+pub struct ScalePrediction;
+
+impl Node for ScalePrediction {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("ScalePrediction")
+            .category("testing")
+            .doc("Patches any denoiser so its prediction is multiplied by `factor` (a whole-call override).")
+            .input(Port::new("model", "Model<Denoiser>"))
+            .input(Port::new("factor", "Float").default(1.0))
+            .output(Port::new("model", "Model<Denoiser>"))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let factor: f64 = ctx.input("factor")?;
+        let mut spec = PatchSpec::new(&format!("ScalePrediction({factor})"));
+        spec.range_override = true;
+        spec.digest = factor.to_bits() | 1;
+        let v = ctx.patch_model(&model, &spec, Scale(factor))?;
+        ctx.set_output("model", v)
+    }
+}
+
+/// A constant residual.
+struct Constant(f32);
+
+impl PatchHooks for Constant {
+    fn block_residual(
+        &self,
+        _call: &Call,
+        _stack: usize,
+        _block: usize,
+        hidden: &Tensor,
+    ) -> Result<Option<(Tensor, usize)>> {
+        let s = hidden.shape();
+        let n = s.iter().product::<usize>();
+        Ok(Some((
+            Tensor::from_f32(Kind::Tensor, s, &vec![self.0; n])?.to_device(hidden.device())?,
+            0,
+        )))
+    }
+}
+
+/// `AddResidual`: adds `value` to every hidden-state entry after blocks `first..=last` of stack 0.
+#[derive(Default)]
+pub struct AddResidual;
+
+impl Node for AddResidual {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("AddResidual")
+            .category("testing")
+            .doc("A block-residual patch: adds a constant after the chosen blocks.")
+            .input(Port::new("model", "Model<Denoiser>"))
+            .input(Port::new("value", "Float").default(0.0))
+            .input(Port::new("first", "Int").default(0i64).range(0.0, 1e6))
+            .input(Port::new("last", "Int").default(-1i64).range(-1.0, 1e6))
+            .input(Port::new("strength", "Float").default(1.0))
+            .input(Port::new("start", "Float").default(0.0))
+            .input(Port::new("end", "Float").default(1.0))
+            .input(
+                Port::new("branch", "String")
+                    .default("all")
+                    .choices(&["all", "cond", "uncond"]),
+            )
+            .input(
+                Port::new("fresh", "Bool")
+                    .default(false)
+                    .doc("Declare DF_PATCH_NEEDS_FRESH."),
+            )
+            .output(Port::new("model", "Model<Denoiser>"))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let value: f64 = ctx.input("value")?;
+        let mut spec = PatchSpec::new(&format!("AddResidual({value})"));
+        spec.block_residual = true;
+        spec.stack = Some(0);
+        spec.first = ctx.input::<i64>("first")? as usize;
+        let last: i64 = ctx.input("last")?;
+        spec.last = (last >= 0).then_some(last as usize);
+        spec.strength = ctx.input("strength")?;
+        spec.start = ctx.input("start")?;
+        spec.end = ctx.input("end")?;
+        let branch: String = ctx.input("branch")?;
+        spec.branches = match branch.as_str() {
+            "cond" => 1 << ditflow_plugin::model::BRANCH_COND,
+            "uncond" => 1 << ditflow_plugin::model::BRANCH_UNCOND,
+            _ => 0,
+        };
+        if ctx.input::<bool>("fresh")? {
+            spec.flags |= ditflow_plugin::abi::DF_PATCH_NEEDS_FRESH;
+        }
+        let v = ctx.patch_model(&model, &spec, Constant(value as f32))?;
+        ctx.set_output("model", v)
+    }
+}
+
+/// Fails (or panics) when step `at` begins.
+struct FailAt {
+    at: usize,
+    panic: bool,
+}
+
+impl PatchHooks for FailAt {
+    fn lifecycle(&self, event: Event, call: &Call) -> Result<()> {
+        if event == Event::StepBegin && call.step_index == self.at {
+            if self.panic {
+                panic!("the test hook panics at step {}", self.at);
+            }
+            bail!("the test hook fails at step {}", self.at);
+        }
+        Ok(())
+    }
+}
+
+/// `FailingHook`: a patch whose lifecycle hook fails at one step.
+#[derive(Default)]
+pub struct FailingHook;
+
+impl Node for FailingHook {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("FailingHook")
+            .category("testing")
+            .doc("Patches any denoiser with a hook that fails (or panics) when step `at` begins.")
+            .input(Port::new("model", "Model<Denoiser>"))
+            .input(Port::new("at", "Int").default(0i64).range(0.0, 1e6))
+            .input(Port::new("panic", "Bool").default(false))
+            .output(Port::new("model", "Model<Denoiser>"))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let mut spec = PatchSpec::new("FailingHook");
+        spec.lifecycle = true;
+        let hooks = FailAt {
+            at: ctx.input::<i64>("at")? as usize,
+            panic: ctx.input("panic")?,
+        };
+        let v = ctx.patch_model(&model, &spec, hooks)?;
+        ctx.set_output("model", v)
+    }
+}

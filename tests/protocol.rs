@@ -1,0 +1,270 @@
+//! The model protocol across plugins: a denoiser written in C (`plugins/examples/c/
+//! gmm_denoiser.c`) and one in Rust in the test kit are sampled by the standard library's
+//! `Sample`; patches from the test kit (a third plugin) apply to them and to PixArt; bad
+//! combinations and failing hooks are clear errors.
+//!
+//! Reference: the Gaussian-mixture denoisers are exact, so Sample's flow-matching Euler
+//! trajectory is recomputed here in float64 from the same Philox noise; tolerance 1e-4 of the
+//! largest value (f32 arithmetic over 30 steps).
+
+mod common;
+
+use ditflow::{Graph, RunOptions, Runtime, Session, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn session(with_c: bool) -> (Session, PathBuf) {
+    let rt = Runtime::new();
+    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
+        .unwrap();
+    rt.load_plugin_file(&common::plugin_lib("ditflow_testkit"))
+        .unwrap();
+    let dir = common::temp_dir(if with_c { "protocol-c" } else { "protocol" });
+    if with_c {
+        let lib = common::build_c_plugin("plugins/examples/c/gmm_denoiser.c", &dir);
+        rt.load_plugin_file(&lib).unwrap();
+    }
+    (Session::new(Arc::new(rt)), dir)
+}
+
+/// Runs `yaml` and returns output `x` as f32s, or the failure messages.
+fn run(session: &Session, dir: &Path, yaml: &str) -> Result<(Vec<usize>, Vec<f32>), String> {
+    let g = Graph::from_yaml(yaml, "protocol.yaml", dir).map_err(|e| e.to_string())?;
+    let report = session
+        .run(
+            &g,
+            &[],
+            &RunOptions {
+                out_dir: dir.to_path_buf(),
+                ..RunOptions::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    if !report.ok() {
+        return Err(format!("{:?}", report.failed));
+    }
+    let Value::Tensor(_, t) = &**report.output("x").unwrap() else {
+        panic!("a tensor")
+    };
+    Ok((t.shape().to_vec(), t.to_f32_vec().unwrap()))
+}
+
+const MEANS: [f64; 2] = [-1.0, 1.0];
+const STD: f64 = 0.1;
+const STEPS: usize = 30;
+const SEED: u64 = 5;
+
+/// The exact mixture velocity for one row, in float64.
+fn velocity(x: &[f64], t: f64) -> Vec<f64> {
+    let (a, s2) = (1.0 - t, STD * STD);
+    let var = a * a * s2 + t * t;
+    let logr: Vec<f64> = MEANS
+        .iter()
+        .map(|&mu| -0.5 * x.iter().map(|&v| (v - a * mu).powi(2)).sum::<f64>() / var)
+        .collect();
+    let best = logr.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let w: Vec<f64> = logr.iter().map(|l| (l - best).exp()).collect();
+    let total: f64 = w.iter().sum();
+    x.iter()
+        .map(|&v| {
+            MEANS
+                .iter()
+                .zip(&w)
+                .map(|(&mu, &wk)| wk / total * ((t - a * s2) * (v - a * mu) / var - mu))
+                .sum()
+        })
+        .collect()
+}
+
+/// Flow-matching Euler over the mixture from seed `SEED`, with the prediction times `factor`.
+fn reference(shape: &[usize], factor: f64) -> Vec<f64> {
+    let n: usize = shape.iter().product();
+    let mut noise = vec![0f32; n];
+    ditflow::tensor::rng::fill_randn(SEED, &mut noise);
+    let mut x: Vec<f64> = noise.iter().map(|&v| v as f64).collect();
+    let mut sigmas: Vec<f64> = (0..STEPS)
+        .map(|i| 1.0 + (1.0 / STEPS as f64 - 1.0) * i as f64 / (STEPS - 1) as f64)
+        .collect();
+    sigmas.push(0.0);
+    let row = n / shape[0];
+    for w in sigmas.windows(2) {
+        for r in x.chunks_mut(row) {
+            let v = velocity(r, w[0]);
+            for (xi, vi) in r.iter_mut().zip(v) {
+                *xi += (w[1] - w[0]) * factor * vi;
+            }
+        }
+    }
+    x
+}
+
+fn gmm_graph(denoiser: &str, patches: &str, model: &str) -> String {
+    format!(
+        "version: 1\nnodes:\n  gmm: {{type: {denoiser}, inputs: {{channels: 4, means: \"-1;1\", std: {STD}}}}}\n{patches}  lat: {{type: EmptyLatent, inputs: {{width: 8, height: 8, channels: 4, downscale: 2, batch: 3}}}}\n  s: {{type: Sample, inputs: {{model: {model}, latent: lat.latent, sampler: flow_euler, steps: {STEPS}, cfg: 1.0, seed: {SEED}}}}}\noutputs:\n  x: s.latent\n"
+    )
+}
+
+fn assert_close(got: &[f32], want: &[f64], what: &str) {
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()));
+    eprintln!("{what}: max error {err:.2e} of {scale:.3}");
+    assert!(err <= 1e-4 * scale, "{what}: max error {err} of {scale}");
+}
+
+#[test]
+fn c_and_rust_denoisers_from_other_plugins_are_sampled_by_sample() {
+    let (session, dir) = session(true);
+    for denoiser in ["GaussianMixtureDenoiser", "RustGaussianDenoiser"] {
+        let (shape, x) = run(&session, &dir, &gmm_graph(denoiser, "", "gmm.model")).unwrap();
+        assert_eq!(shape, [3, 4, 4, 4]);
+        assert_close(&x, &reference(&shape, 1.0), denoiser);
+        // Each sample landed on one component: its mean is near ±1.
+        for row in x.chunks(64) {
+            let m = row.iter().map(|&v| v as f64).sum::<f64>() / 64.0;
+            assert!((m.abs() - 1.0).abs() < 0.1, "{denoiser}: row mean {m}");
+        }
+    }
+}
+
+#[test]
+fn a_patch_from_a_third_plugin_applies_to_both_denoisers() {
+    let (session, dir) = session(true);
+    let patch = "  p: {type: ScalePrediction, inputs: {model: gmm.model, factor: 0.5}}\n";
+    for denoiser in ["GaussianMixtureDenoiser", "RustGaussianDenoiser"] {
+        let (shape, x) = run(&session, &dir, &gmm_graph(denoiser, patch, "p.model")).unwrap();
+        assert_close(
+            &x,
+            &reference(&shape, 0.5),
+            &format!("{denoiser} scaled by 0.5"),
+        );
+    }
+}
+
+#[test]
+fn a_block_patch_on_a_model_without_blocks_is_refused_naming_both() {
+    let (session, dir) = session(true);
+    let patch = "  p: {type: AddResidual, inputs: {model: gmm.model, value: 1.0}}\n";
+    let err = run(
+        &session,
+        &dir,
+        &gmm_graph("GaussianMixtureDenoiser", patch, "p.model"),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("AddResidual(1)")
+            && err.contains("ditflow-testkit")
+            && err.contains("block residuals")
+            && err.contains("c-gmm.denoiser"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_hook_that_fails_or_panics_mid_sampling_is_the_node_error() {
+    let (session, dir) = session(false);
+    for (panic, says) in [(false, "fails at step 3"), (true, "panicked")] {
+        let patch = format!(
+            "  p: {{type: FailingHook, inputs: {{model: gmm.model, at: 3, panic: {panic}}}}}\n"
+        );
+        let err = run(
+            &session,
+            &dir,
+            &gmm_graph("RustGaussianDenoiser", &patch, "p.model"),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("'FailingHook' from plugin 'ditflow-testkit'")
+                && err.contains(says)
+                && err.contains("\"s\""),
+            "{err}"
+        );
+    }
+    // The session is still usable.
+    run(
+        &session,
+        &dir,
+        &gmm_graph("RustGaussianDenoiser", "", "gmm.model"),
+    )
+    .unwrap();
+}
+
+fn demo_graph(patches: &str, model: &str) -> String {
+    let demo = common::repo().join("models/demo");
+    format!(
+        "version: 1\nnodes:\n  te: {{type: LoadTextEncoder, inputs: {{path: {te:?}}}}}\n  pos: {{type: TextEncode, inputs: {{encoder: te.encoder, text: \"a large red circle in the center on a blue background\"}}}}\n  dm: {{type: LoadDiffusionModel, inputs: {{path: {tr:?}}}}}\n{patches}  lat: {{type: EmptyLatent, inputs: {{width: 64, height: 64, channels: 4, downscale: 4}}}}\n  s: {{type: Sample, inputs: {{model: {model}, positive: pos.conditioning, latent: lat.latent, sampler: flow_euler, steps: 6, cfg: 1.0, seed: 3}}}}\noutputs:\n  x: s.latent\n",
+        te = demo.join("text_encoder").to_string_lossy(),
+        tr = demo.join("transformer").to_string_lossy(),
+    )
+}
+
+#[test]
+fn block_residuals_on_pixart_follow_their_strength_gates_and_sum() {
+    // References computed here: relations that hold exactly (bit-exact) or up to f32 rounding
+    // (1e-5 of the largest value) between patched and unpatched runs of the demo PixArt.
+    let (session, dir) = session(false);
+    let base = run(&session, &dir, &demo_graph("", "dm.model")).unwrap().1;
+    let one = |inputs: &str| {
+        format!("  p: {{type: AddResidual, inputs: {{model: dm.model, {inputs}}}}}\n")
+    };
+    // A zero residual, or one gated to a branch that is not sampled (cfg 1 has no unconditional
+    // rows), leaves the output bit-exact.
+    for inputs in [
+        "value: 0.0",
+        "value: 0.3, branch: uncond",
+        "value: 0.3, strength: 0.0",
+    ] {
+        let x = run(&session, &dir, &demo_graph(&one(inputs), "p.model"))
+            .unwrap()
+            .1;
+        assert_eq!(x, base, "{inputs}");
+    }
+    // A residual changes the output; strength scales it: (0.2, strength 0.5) == (0.1, 1).
+    let a = run(
+        &session,
+        &dir,
+        &demo_graph(
+            &one("value: 0.2, strength: 0.5, first: 2, last: 3"),
+            "p.model",
+        ),
+    )
+    .unwrap()
+    .1;
+    let b = run(
+        &session,
+        &dir,
+        &demo_graph(&one("value: 0.1, first: 2, last: 3"), "p.model"),
+    )
+    .unwrap()
+    .1;
+    assert_ne!(a, base);
+    assert_close(
+        &a,
+        &b.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        "strength 0.5",
+    );
+    // Two patches sum: +0.1 then -0.1 on the same blocks gives the base back.
+    let two = format!(
+        "{}  q: {{type: AddResidual, inputs: {{model: p.model, value: -0.1, first: 2, last: 3}}}}\n",
+        one("value: 0.1, first: 2, last: 3")
+    );
+    let c = run(&session, &dir, &demo_graph(&two, "q.model")).unwrap().1;
+    assert_close(
+        &c,
+        &base.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        "+0.1 then -0.1",
+    );
+    // Gated to the second half of the steps: the first half runs unpatched, so it differs from
+    // the always-on patch.
+    let late = run(
+        &session,
+        &dir,
+        &demo_graph(&one("value: 0.1, first: 2, last: 3, start: 0.5"), "p.model"),
+    )
+    .unwrap()
+    .1;
+    assert_ne!(late, b);
+    assert_ne!(late, base);
+}
