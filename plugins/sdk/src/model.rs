@@ -653,6 +653,20 @@ impl Event {
     }
 }
 
+/// Named inputs in their C form; the names (first) must outlive the call.
+fn named_values(inputs: &[(&str, &Tensor)]) -> (Vec<CString>, Vec<DfNamedValue>) {
+    let names: Vec<CString> = inputs.iter().map(|(n, _)| cstring(n)).collect();
+    let named = inputs
+        .iter()
+        .zip(&names)
+        .map(|((_, t), n)| DfNamedValue {
+            name: n.as_ptr(),
+            value: t.as_value().as_ptr(),
+        })
+        .collect();
+    (names, named)
+}
+
 impl DenoiserRef<'_> {
     pub fn info(&self) -> &DenoiserInfo {
         &self.info
@@ -660,15 +674,7 @@ impl DenoiserRef<'_> {
 
     /// One forward with the model's patches.
     pub fn forward(&self, call: &Call, inputs: &[(&str, &Tensor)]) -> Result<Tensor> {
-        let names: Vec<CString> = inputs.iter().map(|(n, _)| cstring(n)).collect();
-        let named: Vec<DfNamedValue> = inputs
-            .iter()
-            .zip(&names)
-            .map(|((_, t), n)| DfNamedValue {
-                name: n.as_ptr(),
-                value: t.as_value().as_ptr(),
-            })
-            .collect();
+        let (_names, named) = named_values(inputs);
         let raw = call.raw();
         let mut out: *mut DfValue = std::ptr::null_mut();
         // SAFETY: live arguments for the duration of the call.
@@ -1238,15 +1244,7 @@ fn add_into(
 /// The generic forward of any Model with an interface (the `Forward` node's contract): named
 /// inputs to named outputs, whichever plugin made the model.
 pub fn forward_named(model: &Value, inputs: &[(&str, &Tensor)]) -> Result<Vec<(String, Tensor)>> {
-    let names: Vec<CString> = inputs.iter().map(|(n, _)| cstring(n)).collect();
-    let named: Vec<DfNamedValue> = inputs
-        .iter()
-        .zip(&names)
-        .map(|((_, t), n)| DfNamedValue {
-            name: n.as_ptr(),
-            value: t.as_value().as_ptr(),
-        })
-        .collect();
+    let (_names, named) = named_values(inputs);
     let mut out: *mut DfValue = std::ptr::null_mut();
     // SAFETY: live arguments for the duration of the call.
     let rc =
