@@ -6,8 +6,9 @@
 use crate::files::{file_fingerprint, fnv1a, input_path, output_path};
 use crate::models::{dit::DiT, pixart, pixart::PixArt, vae::AutoencoderKL, Config, Weights};
 use crate::tensor_io::tensor_view;
+use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
-    Call, Denoiser, DenoiserInfo, Hooks, Inputs, Prediction, StackInfo, StreamInfo,
+    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StreamInfo,
 };
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
@@ -21,10 +22,14 @@ pub struct DiffusionModel {
     /// PixArt's captions projected into every block's keys and values, kept for one sampling
     /// run: `(run id, encoder_hidden_states id, mask id)`.
     captions: Mutex<Option<(CaptionKey, Arc<pixart::CaptionCache>)>>,
+    /// The linear layers patches may put deltas on.
+    linears: Vec<LinearInfo>,
+    /// The deltas of the last patch set (LoRA), rebuilt when the set changes.
+    deltas: LinearDeltaCache,
 }
 
-/// `(run id, encoder_hidden_states id, mask id)`.
-type CaptionKey = (u64, usize, usize);
+/// `(run id, encoder_hidden_states id, mask id, linear-delta key)`.
+type CaptionKey = (u64, usize, usize, u64);
 
 /// The architectures `LoadDiffusionModel` reads.
 pub enum Arch {
@@ -38,21 +43,24 @@ impl Object for DiffusionModel {
 
 impl Denoiser for DiffusionModel {
     fn describe(&self) -> DenoiserInfo {
-        let caps =
-            ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE;
+        use ditflow_plugin::abi::*;
+        let mut caps = DF_CAP_BLOCK_RESIDUAL | DF_CAP_RANGE_OVERRIDE;
+        if matches!(self.arch, Arch::PixArt(_)) {
+            caps |= DF_CAP_LINEAR_DELTA | DF_CAP_LINEAR_MERGE;
+        }
         let stack = |n: usize| StackInfo {
             name: "transformer_blocks".into(),
             streams: vec!["image".into()],
             n_blocks: n,
-            sites: ditflow_plugin::abi::DF_SITE_POST_BLOCK,
+            sites: DF_SITE_POST_BLOCK,
         };
-        let (dim, channels, patch, blocks, conditioning, cross) = match &self.arch {
+        let (dim, channels, patch, blocks, conditioning) = match &self.arch {
             Arch::PixArt(m) => {
                 let mut c = vec!["encoder_hidden_states", "encoder_attention_mask"];
                 if m.adaln.size_embedders.is_some() {
                     c.extend(["resolution", "aspect_ratio"]);
                 }
-                (m.dim, m.in_channels, m.patch, m.blocks.len(), c, true)
+                (m.dim, m.in_channels, m.patch, m.blocks.len(), c)
             }
             Arch::DiT(m) => (
                 m.dim,
@@ -60,7 +68,6 @@ impl Denoiser for DiffusionModel {
                 m.patch,
                 m.blocks.len(),
                 vec!["class_labels"],
-                false,
             ),
         };
         DenoiserInfo {
@@ -73,7 +80,7 @@ impl Denoiser for DiffusionModel {
                 width: dim,
             }],
             stacks: vec![stack(blocks)],
-            linears: pixart::linear_layers(blocks, dim, cross),
+            linears: self.linears.clone(),
             capabilities: caps,
             conditioning: conditioning.into_iter().map(String::from).collect(),
         }
@@ -96,6 +103,7 @@ impl Denoiser for DiffusionModel {
         match &self.arch {
             Arch::PixArt(m) => {
                 let device = m.device;
+                let dl = self.deltas.get(hooks, &self.linears, device)?;
                 let x = x.to_device(device)?;
                 let enc = inputs.require("encoder_hidden_states")?;
                 let mask = inputs.get("encoder_attention_mask");
@@ -111,12 +119,13 @@ impl Denoiser for DiffusionModel {
                         call.run_id,
                         enc.as_value().id(),
                         mask.map_or(0, |m| m.as_value().id()),
+                        dl.key(),
                     );
                     let mut slot = self.captions.lock().unwrap_or_else(|p| p.into_inner());
                     match slot.as_ref() {
                         Some((k, c)) if *k == key => Some(c.clone()),
                         _ => {
-                            let c = Arc::new(m.encode_caption(&enc_d, mask_d.as_ref())?);
+                            let c = Arc::new(m.encode_caption(&enc_d, mask_d.as_ref(), &dl)?);
                             *slot = Some((key, c.clone()));
                             Some(c)
                         }
@@ -135,6 +144,7 @@ impl Denoiser for DiffusionModel {
                         caption: caption.as_deref(),
                     },
                     hooks,
+                    &dl,
                 )
             }
             Arch::DiT(m) => {
@@ -168,9 +178,15 @@ impl DiffusionModel {
             "PixArtTransformer2DModel" => Arch::PixArt(Box::new(PixArt::load(&cfg, &w, device)?)),
             _ => Arch::DiT(Box::new(DiT::load(&cfg, &w, device)?)),
         };
+        let linears = match &arch {
+            Arch::PixArt(m) => m.linears(),
+            Arch::DiT(_) => Vec::new(),
+        };
         Ok(DiffusionModel {
             arch,
             captions: Mutex::new(None),
+            linears,
+            deltas: LinearDeltaCache::default(),
         })
     }
 }

@@ -11,6 +11,7 @@
 //! - [`models`]: the architectures (PixArt, DiT, AutoencoderKL, T5) on the host's tensor engine;
 //! - [`diffusion`]: `LoadDiffusionModel`, `LoadVAE` and `Forward`;
 //! - [`encoders`]: `LoadTextEncoder` (T5, with its tokenizer);
+//! - [`patches`]: `ApplyLoRA` and the other Model → Model patches;
 //! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `Sample`, `VAEDecode` and `VAEEncode`;
 //! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching).
 //!
@@ -27,6 +28,7 @@ pub mod image;
 pub mod math;
 pub mod models;
 pub mod noise;
+pub mod patches;
 pub mod pipeline;
 pub mod samplers;
 pub mod tensor;
@@ -58,6 +60,7 @@ export_plugin!(
         diffusion::LoadVAE,
         encoders::LoadTextEncoder,
         diffusion::Forward,
+        patches::lora::ApplyLoRA,
         pipeline::TextEncode,
         pipeline::EmptyLatent,
         pipeline::Sample,

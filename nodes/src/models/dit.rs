@@ -4,6 +4,7 @@
 
 use super::{chunks, patch_grid, patchify, timestep_sinusoids, unpatchify};
 use super::{Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights};
+use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::Hooks;
 use ditflow_plugin::{Device, Error, Kind, Result, Tensor};
 
@@ -152,7 +153,7 @@ impl DiT {
         .to_device(self.device)?;
         let conditioning = |e: &TimestepLabelEmbedding| -> Result<Tensor> {
             e.timestep_embedder
-                .forward(&t)?
+                .forward(&t, LinearDeltas::none())?
                 .add(&e.class_table.embedding(&labels)?)
         };
         let hidden = hooks.run_stack(0, self.blocks.len(), hidden, &mut |i, mut hidden| {
@@ -164,10 +165,13 @@ impl DiT {
             let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) =
                 (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
             let n = hidden.layer_norm(None, None, Some(shift_msa), Some(scale_msa), 1e-6)?;
-            hidden = hidden.gated_residual(&block.attn1.forward(&n, None, None)?, gate_msa)?;
+            hidden = hidden.gated_residual(
+                &block.attn1.forward(&n, None, None, LinearDeltas::none())?,
+                gate_msa,
+            )?;
             let n =
                 hidden.layer_norm(None, None, Some(shift_mlp), Some(scale_mlp), self.norm_eps)?;
-            hidden.gated_residual(&block.ff.forward(&n)?, gate_mlp)
+            hidden.gated_residual(&block.ff.forward(&n, LinearDeltas::none())?, gate_mlp)
         })?;
         let cond = conditioning(&self.blocks[0].emb)?;
         let m = chunks(

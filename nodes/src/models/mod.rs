@@ -13,6 +13,7 @@ pub mod pixart;
 pub mod t5;
 pub mod vae;
 
+use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::{Context, DType, Device, Error, Kind, Result, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -151,6 +152,7 @@ impl Weights {
     /// `bias`).
     pub fn linear(&self, prefix: &str, input: usize, output: usize, bias: bool) -> Result<Linear> {
         Ok(Linear {
+            name: prefix.to_string(),
             weight: self.get(&format!("{prefix}.weight"), &[output, input])?,
             bias: if bias {
                 Some(self.get(&format!("{prefix}.bias"), &[output])?)
@@ -161,8 +163,9 @@ impl Weights {
     }
 }
 
-/// `torch.nn.Linear`.
+/// `torch.nn.Linear`, named by its weight's key (the linear-delta site).
 pub struct Linear {
+    pub name: String,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
 }
@@ -171,6 +174,11 @@ impl Linear {
     /// `x·Wᵀ + b`, then `activation` (fused).
     pub fn forward(&self, x: &Tensor, activation: &str) -> Result<Tensor> {
         x.linear(&self.weight, self.bias.as_ref(), activation)
+    }
+
+    /// [`Linear::forward`] with the patches' deltas on this layer (none: the same call).
+    pub fn apply(&self, x: &Tensor, activation: &str, d: &LinearDeltas) -> Result<Tensor> {
+        d.linear(&self.name, x, &self.weight, self.bias.as_ref(), activation)
     }
 }
 
@@ -188,9 +196,9 @@ impl TimestepEmbedding {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, d: &LinearDeltas) -> Result<Tensor> {
         self.linear_2
-            .forward(&self.linear_1.forward(x, "silu")?, "none")
+            .apply(&self.linear_1.apply(x, "silu", d)?, "none", d)
     }
 }
 
@@ -308,8 +316,8 @@ pub struct Attention {
     pub dim: usize,
 }
 
-/// Stacks linears along their output axis.
-fn stack(parts: &[&Linear]) -> Result<Linear> {
+/// Stacks linears along their output axis into one named `name`.
+fn stack(name: String, parts: &[&Linear]) -> Result<Linear> {
     let ws: Vec<&Tensor> = parts.iter().map(|l| &l.weight).collect();
     let bias = if parts.iter().all(|l| l.bias.is_some()) {
         let bs: Vec<&Tensor> = parts.iter().filter_map(|l| l.bias.as_ref()).collect();
@@ -318,6 +326,7 @@ fn stack(parts: &[&Linear]) -> Result<Linear> {
         None
     };
     Ok(Linear {
+        name,
         weight: ditflow_plugin::ops::concat(&ws, 0)?,
         bias,
     })
@@ -350,8 +359,16 @@ impl Attention {
             )));
         }
         Ok(Attention {
-            to_q_or_qkv: if cross { q } else { stack(&[&q, &k, &v])? },
-            to_kv: if cross { Some(stack(&[&k, &v])?) } else { None },
+            to_q_or_qkv: if cross {
+                q
+            } else {
+                stack(format!("{prefix}.to_qkv"), &[&q, &k, &v])?
+            },
+            to_kv: if cross {
+                Some(stack(format!("{prefix}.to_kv"), &[&k, &v])?)
+            } else {
+                None
+            },
             to_out: w.linear(&format!("{prefix}.to_out.0"), dim, dim, true)?,
             heads,
             dim,
@@ -365,11 +382,12 @@ impl Attention {
         x: &Tensor,
         context: Option<&Tensor>,
         mask: Option<&Tensor>,
+        deltas: &LinearDeltas,
     ) -> Result<Tensor> {
         match context {
             None if self.to_kv.is_none() => {
                 let d = self.dim;
-                let qkv = self.to_q_or_qkv.forward(x, "none")?;
+                let qkv = self.to_q_or_qkv.apply(x, "none", deltas)?;
                 let o = ditflow_plugin::ops::attention_fused(
                     &qkv,
                     &qkv,
@@ -379,9 +397,11 @@ impl Attention {
                     [0, d, 2 * d],
                     None,
                 )?;
-                self.to_out.forward(&o, "none")
+                self.to_out.apply(&o, "none", deltas)
             }
-            Some(ctx) if self.to_kv.is_some() => self.forward_kv(x, &self.context_kv(ctx)?, mask),
+            Some(ctx) if self.to_kv.is_some() => {
+                self.forward_kv(x, &self.context_kv(ctx, deltas)?, mask, deltas)
+            }
             _ => Err(Error::new(
                 "an attention layer was called with the wrong kind of context",
             )),
@@ -390,18 +410,24 @@ impl Attention {
 
     /// Cross-attention's keys and values of a context, `[B, Lk, 2D]`: constant over sampling
     /// steps, so a sampler computes them once.
-    pub fn context_kv(&self, context: &Tensor) -> Result<Tensor> {
+    pub fn context_kv(&self, context: &Tensor, deltas: &LinearDeltas) -> Result<Tensor> {
         let to_kv = self
             .to_kv
             .as_ref()
             .ok_or_else(|| Error::new("self-attention has no context"))?;
-        to_kv.forward(context, "none")
+        to_kv.apply(context, "none", deltas)
     }
 
     /// Cross-attention of `x` over keys and values from [`Attention::context_kv`].
-    pub fn forward_kv(&self, x: &Tensor, kv: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    pub fn forward_kv(
+        &self,
+        x: &Tensor,
+        kv: &Tensor,
+        mask: Option<&Tensor>,
+        deltas: &LinearDeltas,
+    ) -> Result<Tensor> {
         let d = self.dim;
-        let q = self.to_q_or_qkv.forward(x, "none")?;
+        let q = self.to_q_or_qkv.apply(x, "none", deltas)?;
         let o = ditflow_plugin::ops::attention_fused(
             &q,
             kv,
@@ -411,7 +437,7 @@ impl Attention {
             [0, 0, d],
             None,
         )?;
-        self.to_out.forward(&o, "none")
+        self.to_out.apply(&o, "none", deltas)
     }
 }
 
@@ -447,9 +473,9 @@ impl FeedForward {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, d: &LinearDeltas) -> Result<Tensor> {
         self.proj_out
-            .forward(&self.proj_in.forward(x, self.activation)?, "none")
+            .apply(&self.proj_in.apply(x, self.activation, d)?, "none", d)
     }
 }
 

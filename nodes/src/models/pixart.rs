@@ -5,6 +5,7 @@
 
 use super::{chunks, mask_bias, patch_grid, patchify, timestep_sinusoids, unpatchify};
 use super::{Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights};
+use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::Hooks;
 use ditflow_plugin::model::LinearInfo;
 use ditflow_plugin::{bail, Device, Error, Result, Tensor};
@@ -239,24 +240,54 @@ impl PixArt {
         &self,
         encoder_hidden_states: &Tensor,
         mask: Option<&Tensor>,
+        d: &LinearDeltas,
     ) -> Result<CaptionCache> {
         let caption = self
             .caption_projection
             .0
-            .forward(encoder_hidden_states, "gelu_tanh")?;
-        let caption = self.caption_projection.1.forward(&caption, "none")?;
+            .apply(encoder_hidden_states, "gelu_tanh", d)?;
+        let caption = self.caption_projection.1.apply(&caption, "none", d)?;
         Ok(CaptionCache {
             kv: self
                 .blocks
                 .iter()
-                .map(|b| b.attn2.context_kv(&caption))
+                .map(|b| b.attn2.context_kv(&caption, d))
                 .collect::<Result<_>>()?,
             mask: mask.map(mask_bias).transpose()?,
         })
     }
 
-    /// The denoiser's output `[B, out_channels, H, W]`.
-    pub fn forward(&self, inp: &Inputs, hooks: &Hooks) -> Result<Tensor> {
+    /// Every linear layer by diffusers name, the blocks' and the embeddings' and output's.
+    pub fn linears(&self) -> Vec<LinearInfo> {
+        let d = self.dim;
+        let mut out = linear_layers(self.blocks.len(), d, true);
+        let mut plain = |l: &Linear| {
+            let s = l.weight.shape();
+            out.push(LinearInfo {
+                name: l.name.clone(),
+                out_features: s[0],
+                in_features: s[1],
+                fused_into: None,
+            })
+        };
+        let t = &self.adaln.timestep_embedder;
+        plain(&t.linear_1);
+        plain(&t.linear_2);
+        if let Some((r, a)) = &self.adaln.size_embedders {
+            for l in [&r.linear_1, &r.linear_2, &a.linear_1, &a.linear_2] {
+                plain(l);
+            }
+        }
+        plain(&self.adaln.linear);
+        plain(&self.caption_projection.0);
+        plain(&self.caption_projection.1);
+        plain(&self.proj_out);
+        out
+    }
+
+    /// The denoiser's output `[B, out_channels, H, W]`, with the patches' linear deltas `dl`
+    /// and the other hooks at their sites.
+    pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
         let x = inp.hidden_states;
         let (b, h, w) = patch_grid("PixArt", x, self.in_channels, self.patch)?;
         let e = inp.encoder_hidden_states.shape();
@@ -285,7 +316,7 @@ impl PixArt {
         let hidden = patchify(x, &self.proj_w, &self.proj_b, self.patch)?.add(&pos)?;
         // adaLN-single.
         let t = timestep_sinusoids(inp.timestep, 256, true, 0.0, self.device)?;
-        let mut cond = self.adaln.timestep_embedder.forward(&t)?;
+        let mut cond = self.adaln.timestep_embedder.forward(&t, dl)?;
         if let Some((res_emb, ar_emb)) = &self.adaln.size_embedders {
             let (Some(res), Some(ar)) = (inp.resolution, inp.aspect_ratio) else {
                 return Err(Error(
@@ -298,14 +329,14 @@ impl PixArt {
                 )));
             }
             let r = res_emb
-                .forward(&timestep_sinusoids(res, 256, true, 0.0, self.device)?)?
+                .forward(&timestep_sinusoids(res, 256, true, 0.0, self.device)?, dl)?
                 .reshape(&[b as i64, -1])?;
             let a = ar_emb
-                .forward(&timestep_sinusoids(ar, 256, true, 0.0, self.device)?)?
+                .forward(&timestep_sinusoids(ar, 256, true, 0.0, self.device)?, dl)?
                 .reshape(&[b as i64, -1])?;
             cond = cond.add(&ditflow_plugin::ops::concat(&[&r, &a], 1)?)?;
         }
-        let t6 = self.adaln.linear.forward(&cond.unary("silu")?, "none")?;
+        let t6 = self.adaln.linear.apply(&cond.unary("silu")?, "none", dl)?;
         let t6 = t6.reshape(&[b as i64, 6, d as i64])?;
         // Captions: projected, then each block's keys and values (unless given).
         let computed;
@@ -313,7 +344,7 @@ impl PixArt {
             Some(c) => c,
             None => {
                 computed =
-                    self.encode_caption(inp.encoder_hidden_states, inp.encoder_attention_mask)?;
+                    self.encode_caption(inp.encoder_hidden_states, inp.encoder_attention_mask, dl)?;
                 &computed
             }
         };
@@ -329,11 +360,16 @@ impl PixArt {
                 (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
             let n =
                 hidden.layer_norm(None, None, Some(shift_msa), Some(scale_msa), self.norm_eps)?;
-            hidden = hidden.gated_residual(&block.attn1.forward(&n, None, None)?, gate_msa)?;
-            hidden = hidden.add(&block.attn2.forward_kv(&hidden, kv, caption.mask.as_ref())?)?;
+            hidden = hidden.gated_residual(&block.attn1.forward(&n, None, None, dl)?, gate_msa)?;
+            hidden = hidden.add(&block.attn2.forward_kv(
+                &hidden,
+                kv,
+                caption.mask.as_ref(),
+                dl,
+            )?)?;
             let n =
                 hidden.layer_norm(None, None, Some(shift_mlp), Some(scale_mlp), self.norm_eps)?;
-            hidden.gated_residual(&block.ff.forward(&n)?, gate_mlp)
+            hidden.gated_residual(&block.ff.forward(&n, dl)?, gate_mlp)
         })?;
         let m = chunks(
             &self
@@ -343,7 +379,7 @@ impl PixArt {
             d,
         )?;
         let out = hidden.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
-        let out = self.proj_out.forward(&out, "none")?;
+        let out = self.proj_out.apply(&out, "none", dl)?;
         unpatchify(&out, h, w, self.patch, self.out_channels)
     }
 }

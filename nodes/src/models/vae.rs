@@ -4,6 +4,7 @@
 //! memory. Latents are scaled by `scaling_factor` and shifted by `shift_factor` from the config.
 
 use super::{Attention, Config, Conv2d, GroupNorm, Weights};
+use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::{DType, Device, Error, Kind, Result, Tensor};
 
 /// `ResnetBlock2D` without a time embedding.
@@ -90,7 +91,7 @@ impl MidBlock {
             .permute(&[0, 2, 1])?;
         let a = self
             .attn
-            .forward(&tokens, None, None)?
+            .forward(&tokens, None, None, LinearDeltas::none())?
             .permute(&[0, 2, 1])?
             .reshape(&[b, c, s[2] as i64, s[3] as i64])?;
         self.resnet1.forward(&x.add(&a)?)

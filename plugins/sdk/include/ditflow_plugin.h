@@ -270,6 +270,8 @@ typedef void (*DfObjectDropFn)(void* object);
 #define DF_PATCH_SKIPS_BLOCKS (1u << 0)
 /** Patch flags: its injections must run at every step (never inside a skippable range). */
 #define DF_PATCH_NEEDS_FRESH (1u << 1)
+/** Patch flags: its linear deltas may be merged into a weight copy kept per patch-set digest. */
+#define DF_PATCH_MERGE (1u << 2)
 
 /** Lifecycle events. */
 #define DF_EVENT_RUN_BEGIN 1

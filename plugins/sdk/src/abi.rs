@@ -241,6 +241,9 @@ pub const DF_CAP_BLOCK_STEPPING: u64 = 1 << 7;
 pub const DF_PATCH_SKIPS_BLOCKS: u32 = 1 << 0;
 /// Its injections must run at every step: it cannot sit inside a range another patch may skip.
 pub const DF_PATCH_NEEDS_FRESH: u32 = 1 << 1;
+/// Its linear deltas may be merged into a copy of the weights (kept per patch-set digest) instead
+/// of running unmerged beside them.
+pub const DF_PATCH_MERGE: u32 = 1 << 2;
 
 /// Lifecycle events ([`DfPatchDesc::lifecycle`], `denoiser_lifecycle`).
 pub const DF_EVENT_RUN_BEGIN: i32 = 1;

@@ -33,6 +33,7 @@
 pub mod abi;
 mod context;
 mod export;
+pub mod linear_delta;
 pub mod model;
 pub mod ops;
 mod schema;

@@ -107,7 +107,7 @@ fn cstring(s: &str) -> CString {
 
 /// # Safety
 /// NULL or NUL-terminated.
-unsafe fn string(s: *const c_char) -> String {
+pub(crate) unsafe fn string(s: *const c_char) -> String {
     if s.is_null() {
         return String::new();
     }
@@ -929,6 +929,12 @@ pub struct Hooks<'a> {
     patches: Vec<&'a DfPatchDesc>,
 }
 
+fn mix(h: u64, x: u64) -> u64 {
+    let mut h = h ^ x.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h = (h ^ (h >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^ (h >> 29)
+}
+
 /// `'NAME' from plugin 'PLUGIN'`.
 fn label(p: &DfPatchDesc) -> String {
     // SAFETY: host-owned strings.
@@ -1020,6 +1026,22 @@ impl<'a> Hooks<'a> {
 
     pub fn call(&self) -> &Call {
         self.call
+    }
+
+    /// The patches with linear deltas that apply at this call: strength not 0 and the step
+    /// inside their `[start, end)` window.
+    pub(crate) fn active_delta_patches(&self) -> impl Iterator<Item = &DfPatchDesc> + '_ {
+        let frac = self.call.fraction();
+        self.patches.iter().copied().filter(move |p| {
+            p.n_linear_deltas > 0 && p.strength != 0.0 && frac >= p.start && frac < p.end
+        })
+    }
+
+    /// The identity of the active linear deltas (0 for none): their patches' digests and
+    /// strengths, in order.
+    pub(crate) fn delta_key(&self) -> u64 {
+        self.active_delta_patches()
+            .fold(0, |h, p| mix(mix(h, p.digest), p.strength.to_bits()).max(1))
     }
 
     /// Adds every block residual gated in for block `block` of `stack` into `hidden`

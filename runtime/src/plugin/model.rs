@@ -624,10 +624,11 @@ fn run_denoiser(
                 }
             })
             .collect();
+        // Every patch: a whole-call override's stack (-1) matches no stack of the model, so the
+        // model runs only its other hooks (linear deltas, lifecycle).
         let hooks: Vec<*const DfPatchDesc> = o
             .patches
             .iter()
-            .filter(|p| !p.is_whole_call())
             .map(|p| &p.desc as *const DfPatchDesc)
             .collect();
         let mut out: *mut DfValue = std::ptr::null_mut();

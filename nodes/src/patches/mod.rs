@@ -1,0 +1,5 @@
+//! Patch nodes: Model → Model, for any protocol denoiser of any plugin. Each returns a new Model
+//! sharing the input's weights, with one more patch in its ordered, digested list.
+//! - [`lora`]: `ApplyLoRA`, linear deltas from a LoRA file.
+
+pub mod lora;

@@ -1,0 +1,245 @@
+//! `ApplyLoRA` against peft: a tiny PixArt with two random adapters, made by
+//! `tools/make_lora_fixtures.py` in `tests/fixtures/lora/`, in the diffusers, kohya and peft
+//! layouts. Tolerance: 1e-4 of the largest reference value (f32; the low-rank product is
+//! summed in another order than peft's). Strength 0 and removal are compared bit-exactly with
+//! ditflow's own base run. Bad LoRA files are clear errors.
+
+mod common;
+
+use ditflow::{Graph, RunOptions, Runtime, Session};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn session() -> Session {
+    let rt = Runtime::new();
+    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
+        .expect("nodes plugin loads");
+    Session::new(Arc::new(rt))
+}
+
+fn fixtures() -> PathBuf {
+    common::repo().join("tests/fixtures/lora")
+}
+
+fn read(path: &Path, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("{}: no {name}", path.display()));
+    t.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// `(file, strength, merge)` for each LoRA, applied in order.
+type Loras<'a> = &'a [(&'a str, f64, bool)];
+
+/// One Forward of the fixture model with `loras` and `model_dir`: the output, or the failures.
+fn forward(session: &Session, model_dir: &Path, loras: Loras) -> Result<Vec<f32>, String> {
+    // A folder per run: the tests run in parallel.
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out_dir = common::temp_dir(&format!("lora-{n}"));
+    let mut yaml = format!(
+        "version: 1\nnodes:\n  m0: {{type: LoadDiffusionModel, inputs: {{path: {:?}}}}}\n",
+        model_dir.to_string_lossy()
+    );
+    for (i, (file, strength, merge)) in loras.iter().enumerate() {
+        let path = if file.starts_with('/') {
+            file.to_string()
+        } else {
+            fixtures().join(file).to_string_lossy().into_owned()
+        };
+        yaml += &format!(
+            "  m{}: {{type: ApplyLoRA, inputs: {{model: m{i}.model, path: {path:?}, strength: {strength}, merge: {merge}}}}}\n",
+            i + 1
+        );
+    }
+    yaml += &format!(
+        "  f: {{type: Forward, inputs: {{model: m{}.model, inputs: {:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n",
+        loras.len(),
+        fixtures().join("io.safetensors").to_string_lossy()
+    );
+    let g = Graph::from_yaml(&yaml, "lora.yaml", Path::new(".")).map_err(|e| e.to_string())?;
+    let opts = RunOptions {
+        out_dir: out_dir.clone(),
+        ..RunOptions::default()
+    };
+    let report = session.run(&g, &[], &opts).map_err(|e| e.to_string())?;
+    if !report.ok() {
+        return Err(format!("{:?}", report.failed));
+    }
+    Ok(read(&out_dir.join("out.safetensors"), "out.sample"))
+}
+
+fn model() -> PathBuf {
+    fixtures().join("transformer")
+}
+
+/// The largest error relative to the largest value of peft's output `name`.
+fn error_vs_peft(got: &[f32], name: &str) -> f64 {
+    let want = read(&fixtures().join("io.safetensors"), &format!("out.{name}"));
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0f64, f64::max);
+    eprintln!("{name}: relative error {:.2e}", err / scale);
+    err / scale
+}
+
+#[test]
+fn both_layouts_match_peft_at_strengths_one_and_point_six() {
+    let s = session();
+    let base = forward(&s, &model(), &[]).unwrap();
+    assert!(error_vs_peft(&base, "base") <= 1e-4);
+    for file in ["a.safetensors", "a_kohya.safetensors"] {
+        for (strength, want) in [(1.0, "a_1"), (0.6, "a_06")] {
+            for merge in [false, true] {
+                let got = forward(&s, &model(), &[(file, strength, merge)]).unwrap();
+                let err = error_vs_peft(&got, want);
+                assert!(err <= 1e-4, "{file} at {strength} (merge {merge}): {err}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_peft_folder_with_its_adapter_config_matches_peft() {
+    // Adapter b's alpha and its alpha_pattern come from b/adapter_config.json.
+    let got = forward(
+        &session(),
+        &model(),
+        &[("b/adapter_model.safetensors", 1.0, false)],
+    )
+    .unwrap();
+    assert!(error_vs_peft(&got, "b") <= 1e-4);
+}
+
+#[test]
+fn strength_zero_is_the_base_model_bit_exactly() {
+    let s = session();
+    let base = forward(&s, &model(), &[]).unwrap();
+    let zero = forward(&s, &model(), &[("a.safetensors", 0.0, false)]).unwrap();
+    assert_eq!(zero, base);
+}
+
+#[test]
+fn two_stacked_loras_match_peft_and_removing_one_restores_the_other() {
+    let s = session();
+    let a = forward(&s, &model(), &[("a.safetensors", 1.0, false)]).unwrap();
+    let ab = forward(
+        &s,
+        &model(),
+        &[
+            ("a.safetensors", 1.0, false),
+            ("b/adapter_model.safetensors", 0.6, false),
+        ],
+    )
+    .unwrap();
+    assert!(error_vs_peft(&ab, "ab") <= 1e-4);
+    // The same stack in the other order sums the same deltas.
+    let ba = forward(
+        &s,
+        &model(),
+        &[
+            ("b/adapter_model.safetensors", 0.6, false),
+            ("a.safetensors", 1.0, true),
+        ],
+    )
+    .unwrap();
+    assert!(error_vs_peft(&ba, "ab") <= 1e-4);
+    // Removing b (the graph edited in the same session, the model kept loaded) gives a back
+    // bit-exactly: nothing was subtracted from the weights.
+    let again = forward(&s, &model(), &[("a.safetensors", 1.0, false)]).unwrap();
+    assert_eq!(again, a);
+    let base = forward(&s, &model(), &[]).unwrap();
+    assert!(error_vs_peft(&base, "base") <= 1e-4);
+}
+
+/// Writes f32 tensors `(name, shape)` filled with 0.01 to a safetensors file.
+fn write_lora(path: &Path, tensors: &[(&str, &[usize])]) {
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, s)| {
+            let count: usize = s.iter().product();
+            let bytes = (0..count).flat_map(|_| 0.01f32.to_le_bytes()).collect();
+            (n.to_string(), s.to_vec(), bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+#[test]
+fn bad_lora_files_are_clear_errors() {
+    let s = session();
+    let dir = common::temp_dir("lora-bad");
+    let q = "transformer.transformer_blocks.0.attn1.to_q";
+    let cases: Vec<(PathBuf, Vec<&str>)> = {
+        let mut v = Vec::new();
+        // Truncated: half of a real file.
+        let bytes = std::fs::read(fixtures().join("a.safetensors")).unwrap();
+        let p = dir.join("truncated.safetensors");
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+        v.push((p, vec!["truncated.safetensors"]));
+        // A LoRA for a UNet: its names match nothing here.
+        let p = dir.join("unet.safetensors");
+        write_lora(
+            &p,
+            &[
+                ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight", &[4, 320]),
+                ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight", &[320, 4]),
+            ],
+        );
+        v.push((
+            p,
+            vec![
+                "lora_unet_down_blocks_0",
+                "matches no linear layer",
+                "closest",
+            ],
+        ));
+        // The right names for a wider model.
+        let p = dir.join("wider.safetensors");
+        let (a, b) = (format!("{q}.lora_A.weight"), format!("{q}.lora_B.weight"));
+        write_lora(&p, &[(&a, &[4, 32]), (&b, &[32, 4])]);
+        v.push((p, vec!["another model", "to_q"]));
+        // Ranks that disagree.
+        let p = dir.join("rank.safetensors");
+        write_lora(&p, &[(&a, &[4, 16]), (&b, &[16, 3])]);
+        v.push((p, vec!["rank mismatch", "to_q"]));
+        // Half a pair.
+        let p = dir.join("half.safetensors");
+        write_lora(&p, &[(&a, &[4, 16])]);
+        v.push((p, vec!["only one of its two"]));
+        v
+    };
+    for (path, says) in cases {
+        let p = path.to_string_lossy().into_owned();
+        let err = forward(&s, &model(), &[(&p, 1.0, false)]).unwrap_err();
+        for word in says {
+            assert!(err.contains(word), "{}: {err}", path.display());
+        }
+        assert!(err.contains("\"m1\""), "names the node: {err}");
+    }
+    // A model without linear-delta sites (DiT) refuses a LoRA, naming what is missing.
+    let dit = common::repo().join("tests/fixtures/parity/dit");
+    let err = forward(&s, &dit, &[("a.safetensors", 1.0, false)]).unwrap_err();
+    assert!(err.contains("no linear-delta sites"), "{err}");
+    // The session still runs a good graph.
+    forward(&s, &model(), &[("a.safetensors", 1.0, false)]).unwrap();
+}
