@@ -1,6 +1,7 @@
 //! The model protocol across plugins: a denoiser written in C (`plugins/examples/c/
 //! gmm_denoiser.c`) and one in Rust in the test kit are sampled by the standard library's
-//! `Sample`; patches from the test kit (a third plugin) apply to them and to PixArt; bad
+//! `Sample`; patches from the test kit (a third plugin) apply to them and to PixArt, and a patch
+//! written in C (`residual_patch.c`) to PixArt; the feature caches keep the atomic rule; bad
 //! combinations and failing hooks are clear errors.
 //!
 //! Reference: the Gaussian-mixture denoisers are exact, so Sample's flow-matching Euler
@@ -21,8 +22,13 @@ fn session(with_c: bool) -> (Session, PathBuf) {
         .unwrap();
     let dir = common::temp_dir(if with_c { "protocol-c" } else { "protocol" });
     if with_c {
-        let lib = common::build_c_plugin("plugins/examples/c/gmm_denoiser.c", &dir);
-        rt.load_plugin_file(&lib).unwrap();
+        for source in [
+            "plugins/examples/c/gmm_denoiser.c",
+            "plugins/examples/c/residual_patch.c",
+        ] {
+            let lib = common::build_c_plugin(source, &dir);
+            rt.load_plugin_file(&lib).unwrap();
+        }
     }
     (Session::new(Arc::new(rt)), dir)
 }
@@ -267,4 +273,172 @@ fn block_residuals_on_pixart_follow_their_strength_gates_and_sum() {
     .1;
     assert_ne!(late, b);
     assert_ne!(late, base);
+}
+
+#[test]
+fn caches_that_never_reuse_are_transparent_and_reuse_stays_close() {
+    // Reference: the unpatched demo run. A cache whose gate never opens runs the same blocks in
+    // the same order through the continuation: bit-exact. One that reuses changes the output,
+    // but little (6 steps: relative error under 10% of the largest value).
+    let (session, dir) = session(false);
+    let base = run(&session, &dir, &demo_graph("", "dm.model")).unwrap().1;
+    let cache = |node: &str| format!("  p: {{type: {node}}}\n");
+    for never in [
+        "FirstBlockCache, inputs: {model: dm.model, threshold: 0.0}",
+        "TeaCache, inputs: {model: dm.model, threshold: 0.0}",
+        "TaylorSeer, inputs: {model: dm.model, interval: 1, warmup: 1}",
+    ] {
+        let x = run(&session, &dir, &demo_graph(&cache(never), "p.model"))
+            .unwrap()
+            .1;
+        assert_eq!(x, base, "{never}");
+    }
+    let scale = base.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for reuse in [
+        "FirstBlockCache, inputs: {model: dm.model, threshold: 0.2}",
+        "TeaCache, inputs: {model: dm.model, threshold: 0.2}",
+        "TaylorSeer, inputs: {model: dm.model, interval: 2, warmup: 2}",
+    ] {
+        let x = run(&session, &dir, &demo_graph(&cache(reuse), "p.model"))
+            .unwrap()
+            .1;
+        let err = x
+            .iter()
+            .zip(&base)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("{reuse}: max error {err:.3e} of {scale:.3}");
+        assert!(x != base && err < 0.1 * scale, "{reuse}: {err} of {scale}");
+    }
+}
+
+#[test]
+fn a_cache_holds_the_block_residuals_inside_its_range_once() {
+    // The atomic rule. AddResidual on blocks 2..=5 fails if it is computed at step 1 or later:
+    // under a cache that reuses every step after the first, it is never asked for again (the
+    // cached residual holds it), so sampling succeeds; a cache that never reuses computes it
+    // at step 1 and fails there.
+    let (session, dir) = session(false);
+    let residual = "  r: {type: AddResidual, inputs: {model: dm.model, value: 0.05, first: 2, fail_from: 1}}\n";
+    let with = |threshold: f64| {
+        format!("{residual}  p: {{type: FirstBlockCache, inputs: {{model: r.model, threshold: {threshold}}}}}\n")
+    };
+    let held = run(&session, &dir, &demo_graph(&with(10.0), "p.model"))
+        .unwrap()
+        .1;
+    let err = run(&session, &dir, &demo_graph(&with(0.0), "p.model")).unwrap_err();
+    assert!(err.contains("computed for block 2 at step 1"), "{err}");
+    // The reused residual holds the injection: without it the cached run differs.
+    let plain = run(
+        &session,
+        &dir,
+        &demo_graph(
+            "  p: {type: FirstBlockCache, inputs: {model: dm.model, threshold: 10.0}}\n",
+            "p.model",
+        ),
+    )
+    .unwrap()
+    .1;
+    assert_ne!(held, plain);
+    // A residual that must be fresh at every step is refused under a cache, naming both.
+    let fresh = "  r: {type: AddResidual, inputs: {model: dm.model, value: 0.05, first: 2, fresh: true}}\n  p: {type: TaylorSeer, inputs: {model: r.model}}\n";
+    let err = run(&session, &dir, &demo_graph(fresh, "p.model")).unwrap_err();
+    assert!(
+        err.contains("TaylorSeer") && err.contains("AddResidual(0.05)") && err.contains("skip"),
+        "{err}"
+    );
+    // A cache needs a block stack: the Gaussian mixture has none.
+    let err = run(
+        &session,
+        &dir,
+        &gmm_graph(
+            "RustGaussianDenoiser",
+            "  p: {type: FirstBlockCache, inputs: {model: gmm.model}}\n",
+            "p.model",
+        ),
+    )
+    .unwrap_err();
+    assert!(err.contains("block stack"), "{err}");
+}
+
+#[test]
+fn a_patch_written_in_c_applies_to_pixart_like_its_rust_twin() {
+    // Reference: the test kit's AddResidual computes the same residual in Rust, so the two runs
+    // are bit-exact.
+    let (session, dir) = session(true);
+    let c = run(
+        &session,
+        &dir,
+        &demo_graph(
+            "  p: {type: ConstantResidual, inputs: {model: dm.model, value: 0.1, first: 2, last: 3}}\n",
+            "p.model",
+        ),
+    )
+    .unwrap()
+    .1;
+    let rust = run(
+        &session,
+        &dir,
+        &demo_graph(
+            "  p: {type: AddResidual, inputs: {model: dm.model, value: 0.1, first: 2, last: 3}}\n",
+            "p.model",
+        ),
+    )
+    .unwrap()
+    .1;
+    let base = run(&session, &dir, &demo_graph("", "dm.model")).unwrap().1;
+    assert_eq!(c, rust);
+    assert_ne!(c, base);
+    // Its range is checked by the host like any patch's.
+    let err = run(
+        &session,
+        &dir,
+        &demo_graph(
+            "  p: {type: ConstantResidual, inputs: {model: dm.model, value: 0.1, first: 7}}\n",
+            "p.model",
+        ),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("ConstantResidual(0.1)")
+            && err.contains("c-residual-patch")
+            && err.contains("6 blocks"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_sampler_plugin_can_go_first_when_values_are_dropped() {
+    // Unloading order: the model value (from the nodes plugin) outlives the runtime that loaded
+    // the sampler's plugin, then the patch's plugin (the test kit) is dropped after both.
+    let (session, dir) = session(true);
+    let g = Graph::from_yaml(
+        &gmm_graph(
+            "GaussianMixtureDenoiser",
+            "  p: {type: ScalePrediction, inputs: {model: gmm.model, factor: 0.5}}\n",
+            "p.model",
+        )
+        .replace(
+            "outputs:\n  x: s.latent\n",
+            "outputs:\n  x: s.latent\n  m: p.model\n",
+        ),
+        "protocol.yaml",
+        &dir,
+    )
+    .unwrap();
+    let report = session
+        .run(
+            &g,
+            &[],
+            &RunOptions {
+                out_dir: dir.clone(),
+                ..RunOptions::default()
+            },
+        )
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let model = report.output("m").unwrap().clone();
+    // Drop the session and runtime (the sampler's plugin reference) first, then the model.
+    drop(report);
+    drop(session);
+    drop(model);
 }

@@ -11,7 +11,7 @@
 //! - [`models`]: the architectures (PixArt, DiT, AutoencoderKL, T5) on the host's tensor engine;
 //! - [`diffusion`]: `LoadDiffusionModel`, `LoadVAE` and `Forward`;
 //! - [`encoders`]: `LoadTextEncoder` (T5, with its tokenizer);
-//! - [`patches`]: `ApplyLoRA` and the other Model → Model patches;
+//! - [`patches`]: `ApplyLoRA` and the feature caches, Model → Model patches;
 //! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `Sample`, `VAEDecode` and `VAEEncode`;
 //! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching).
 //!
@@ -61,6 +61,9 @@ export_plugin!(
         encoders::LoadTextEncoder,
         diffusion::Forward,
         patches::lora::ApplyLoRA,
+        patches::cache::FirstBlockCache,
+        patches::cache::TeaCache,
+        patches::cache::TaylorSeer,
         pipeline::TextEncode,
         pipeline::EmptyLatent,
         pipeline::Sample,

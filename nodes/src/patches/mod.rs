@@ -1,5 +1,8 @@
 //! Patch nodes: Model → Model, for any protocol denoiser of any plugin. Each returns a new Model
 //! sharing the input's weights, with one more patch in its ordered, digested list.
-//! - [`lora`]: `ApplyLoRA`, linear deltas from a LoRA file.
+//! - [`lora`]: `ApplyLoRA`, linear deltas from a LoRA file;
+//! - [`cache`]: `FirstBlockCache`, `TeaCache` and `TaylorSeer`, range overrides over the block
+//!   stack.
 
+pub mod cache;
 pub mod lora;

@@ -108,6 +108,14 @@ pub trait Node: Default + Send + Sync + 'static {
     }
 }
 
+/// Writes an info log line outside any node's callback (from a hook, say).
+pub fn log_info(msg: &str) {
+    if let Ok(msg) = std::ffi::CString::new(msg.replace('\0', " ")) {
+        // SAFETY: the host accepts a NULL context; the message is NUL-terminated.
+        unsafe { (value::host().log)(std::ptr::null_mut(), abi::DF_LOG_INFO, msg.as_ptr()) }
+    }
+}
+
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{

@@ -1005,6 +1005,7 @@ fn c_plugins_build_cleanly() {
     let sources = [
         root.join("plugins/examples/c/hello_plugin.c"),
         root.join("plugins/examples/c/gmm_denoiser.c"),
+        root.join("plugins/examples/c/residual_patch.c"),
         root.join("tests/plugins/c/bad_abi_plugin.c"),
         root.join("tests/plugins/c/newer_minor_plugin.c"),
         root.join("tests/plugins/c/no_descriptor.c"),

@@ -144,17 +144,23 @@ impl Node for ScalePrediction {
     }
 }
 
-/// A constant residual.
-struct Constant(f32);
+/// A constant residual, which fails when asked for at step `fail_from` or later.
+struct Constant(f32, Option<usize>);
 
 impl PatchHooks for Constant {
     fn block_residual(
         &self,
-        _call: &Call,
+        call: &Call,
         _stack: usize,
-        _block: usize,
+        block: usize,
         hidden: &Tensor,
     ) -> Result<Option<(Tensor, usize)>> {
+        if self.1.is_some_and(|f| call.step_index >= f) {
+            bail!(
+                "the residual was computed for block {block} at step {}",
+                call.step_index
+            );
+        }
         let s = hidden.shape();
         let n = s.iter().product::<usize>();
         Ok(Some((
@@ -190,6 +196,12 @@ impl Node for AddResidual {
                     .default(false)
                     .doc("Declare DF_PATCH_NEEDS_FRESH."),
             )
+            .input(
+                Port::new("fail_from", "Int")
+                    .default(-1i64)
+                    .range(-1.0, 1e6)
+                    .doc("Fail when computed at this step or later (-1: never)."),
+            )
             .output(Port::new("model", "Model<Denoiser>"))
     }
 
@@ -214,7 +226,8 @@ impl Node for AddResidual {
         if ctx.input::<bool>("fresh")? {
             spec.flags |= ditflow_plugin::abi::DF_PATCH_NEEDS_FRESH;
         }
-        let v = ctx.patch_model(&model, &spec, Constant(value as f32))?;
+        let fail_from = usize::try_from(ctx.input::<i64>("fail_from")?).ok();
+        let v = ctx.patch_model(&model, &spec, Constant(value as f32, fail_from))?;
         ctx.set_output("model", v)
     }
 }
