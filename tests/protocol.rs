@@ -442,3 +442,25 @@ fn the_sampler_plugin_can_go_first_when_values_are_dropped() {
     drop(session);
     drop(model);
 }
+
+#[test]
+fn a_vae_wired_into_sample_is_a_located_validation_error() {
+    // The VAE and the text encoder speak their interfaces, so their ports are typed.
+    let (session, dir) = session(false);
+    let vae = common::repo().join("models/demo/vae");
+    let yaml = demo_graph(
+        &format!(
+            "  vae: {{type: LoadVAE, inputs: {{path: {:?}}}}}\n",
+            vae.to_string_lossy()
+        ),
+        "vae.vae",
+    );
+    let err = run(&session, &dir, &yaml).unwrap_err();
+    eprintln!("{err}");
+    assert!(
+        err.contains("Model<Autoencoder>")
+            && err.contains("Model<Denoiser>")
+            && err.contains("protocol.yaml:"),
+        "{err}"
+    );
+}

@@ -76,6 +76,9 @@ fn a_c_host_runs_graphs_cleanly_under_valgrind_or_asan() {
             ])
             .arg(&exe)
             .args(&args)
+            // cargo puts target/<profile> first on LD_LIBRARY_PATH, where an older
+            // libditflow_c may lie; the host's rpath names the one `capi_lib` chose.
+            .env_remove("LD_LIBRARY_PATH")
             .output()
             .expect("run valgrind")
     } else {
@@ -86,6 +89,7 @@ fn a_c_host_runs_graphs_cleanly_under_valgrind_or_asan() {
         );
         Command::new(&exe)
             .args(&args)
+            .env_remove("LD_LIBRARY_PATH")
             .env("ASAN_OPTIONS", "detect_leaks=1")
             .output()
             .expect("run the host")

@@ -257,6 +257,28 @@ impl Vae {
     }
 }
 
+impl ditflow_plugin::encoder_api::Autoencoder for Vae {
+    fn describe(&self) -> ditflow_plugin::encoder_api::AutoencoderInfo {
+        ditflow_plugin::encoder_api::AutoencoderInfo {
+            latent_channels: self.0.latent_channels,
+            downscale: self.0.downscale,
+            scaling_factor: self.0.scaling_factor,
+            shift_factor: self.0.shift_factor,
+        }
+    }
+
+    fn forward(&self, inputs: &Inputs) -> Result<Vec<(String, Tensor)>> {
+        Ok(sorted(self.forward_named(&inputs.to_map())?))
+    }
+}
+
+/// Named outputs in name order.
+pub(crate) fn sorted(outputs: HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
+    let mut out: Vec<(String, Tensor)> = outputs.into_iter().collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// A fingerprint of a model folder: every file's path, size and modification time.
 pub(crate) fn folder_fingerprint(dir: &Path) -> Result<u64> {
     if !dir.is_dir() {
@@ -323,13 +345,13 @@ impl Node for LoadVAE {
                 Port::new("path", "String")
                     .doc("The VAE folder; a relative path is taken from the graph's folder."),
             )
-            .output(Port::new("vae", "Model").doc("The autoencoder."))
+            .output(Port::new("vae", "Model<Autoencoder>").doc("The autoencoder."))
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let dir = input_path(ctx, "path")?;
         let vae = Vae::load(&dir, ctx.device(), ctx)?;
-        let value = ctx.make_object(vae)?;
+        let value = ctx.make_autoencoder(vae)?;
         ctx.set_output("vae", value)
     }
 
@@ -377,18 +399,10 @@ impl Node for Forward {
             .into_iter()
             .filter_map(|(k, v)| k.strip_prefix("in.").map(|n| (n.to_string(), v)))
             .collect();
-        let outputs = if model.as_denoiser().is_ok() {
-            let named: Vec<(&str, &Tensor)> = inputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
-            ditflow_plugin::model::forward_named(&model, &named)?
-                .into_iter()
-                .collect()
-        } else if let Ok(v) = model.as_object::<Vae>() {
-            v.forward_named(&inputs)?
-        } else if let Ok(t) = model.as_object::<crate::encoders::TextEncoder>() {
-            t.forward_named(&inputs)?
-        } else {
-            bail!("input 'model': expected a diffusion model, a VAE or a text encoder");
-        };
+        // Every interface's generic forward, whichever plugin made the model.
+        let named: Vec<(&str, &Tensor)> = inputs.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let outputs = ditflow_plugin::model::forward_named(&model, &named)
+            .map_err(|e| Error(format!("input 'model': {e}")))?;
         let host: Vec<(String, Tensor)> = outputs
             .into_iter()
             .map(|(k, v)| {

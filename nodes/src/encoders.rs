@@ -130,6 +130,36 @@ impl TextEncoder {
     }
 }
 
+impl ditflow_plugin::encoder_api::TextEncoder for TextEncoder {
+    fn describe(&self) -> ditflow_plugin::encoder_api::TextEncoderInfo {
+        let (width, max_tokens) = match &self.model {
+            TextModel::T5(m) => (m.d_model, 0),
+            TextModel::Clip(m) => (
+                m.token_embedding.shape().get(1).copied().unwrap_or(0),
+                m.max_positions,
+            ),
+        };
+        ditflow_plugin::encoder_api::TextEncoderInfo { width, max_tokens }
+    }
+
+    fn tokenize(&self, text: &str, max_tokens: usize) -> Result<Tensor> {
+        let max = if max_tokens == 0 {
+            usize::MAX
+        } else {
+            max_tokens
+        };
+        let ids = self.tokenize(text, max)?;
+        let bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+        Tensor::from_bytes(Kind::Tensor, DType::I64, &[1, ids.len()], &bytes)
+    }
+
+    fn forward(&self, inputs: &ditflow_plugin::model::Inputs) -> Result<Vec<(String, Tensor)>> {
+        Ok(crate::diffusion::sorted(
+            self.forward_named(&inputs.to_map())?,
+        ))
+    }
+}
+
 /// `LoadTextEncoder`: a transformers text-encoder folder as a TextEncoder value.
 #[derive(Default)]
 pub struct LoadTextEncoder;
@@ -148,13 +178,13 @@ impl Node for LoadTextEncoder {
                 Port::new("path", "String")
                     .doc("The encoder folder; a relative path is taken from the graph's folder."),
             )
-            .output(Port::new("encoder", "Model").doc("The text encoder."))
+            .output(Port::new("encoder", "Model<TextEncoder>").doc("The text encoder."))
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let dir = crate::files::input_path(ctx, "path")?;
         let enc = TextEncoder::load(&dir, ctx.device(), ctx)?;
-        let value = ctx.make_object(enc)?;
+        let value = ctx.make_text_encoder(enc)?;
         ctx.set_output("encoder", value)
     }
 

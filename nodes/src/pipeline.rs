@@ -146,7 +146,7 @@ impl Node for TextEncode {
                  [1, tokens, width]; Sample pads and masks when it batches prompts.",
             )
             .input(
-                Port::new("encoder", "Model").doc(
+                Port::new("encoder", "Model<TextEncoder>").doc(
                     "A text encoder from LoadTextEncoder (its folder must hold tokenizer.json).",
                 ),
             )
@@ -471,7 +471,7 @@ impl Node for VAEDecode {
                  decodes in overlapping tiles blended as diffusers does, so large images fit in \
                  memory.",
             )
-            .input(Port::new("vae", "Model").doc("A VAE from LoadVAE."))
+            .input(Port::new("vae", "Model<Autoencoder>").doc("A VAE from LoadVAE."))
             .input(Port::new("latent", "Latent").doc("[B, C, h, w] latents."))
             .input(
                 Port::new("tile_size", "Int")
@@ -543,7 +543,7 @@ impl Node for VAEEncode {
                  the VAE's config (the inverse of VAEDecode). Height and width must be \
                  multiples of the VAE's downscale factor.",
             )
-            .input(Port::new("vae", "Model").doc("A VAE from LoadVAE."))
+            .input(Port::new("vae", "Model<Autoencoder>").doc("A VAE from LoadVAE."))
             .input(Port::new("image", "Image").doc("[height, width, 3] in [0, 1] (LoadImage)."))
             .output(Port::new("latent", "Latent").doc("[1, C, h, w] latents."))
     }

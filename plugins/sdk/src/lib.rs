@@ -32,6 +32,7 @@
 
 pub mod abi;
 mod context;
+pub mod encoder_api;
 mod export;
 pub mod linear_delta;
 pub mod model;

@@ -353,6 +353,11 @@ impl Inputs {
         self.named.iter().find(|(n, _)| n == name).map(|(_, t)| t)
     }
 
+    /// Every input by name.
+    pub fn to_map(&self) -> std::collections::HashMap<String, Tensor> {
+        self.named.iter().cloned().collect()
+    }
+
     /// Input `name`, or an error naming it.
     pub fn require(&self, name: &str) -> Result<&Tensor> {
         self.get(name)
@@ -361,7 +366,7 @@ impl Inputs {
 
     /// # Safety
     /// `p` must be NULL or `n` named values with live handles.
-    unsafe fn from_raw(p: *const DfNamedValue, n: usize) -> Result<Inputs> {
+    pub(crate) unsafe fn from_raw(p: *const DfNamedValue, n: usize) -> Result<Inputs> {
         let mut named = Vec::new();
         // SAFETY: per the contract.
         for nv in unsafe { items(p, n) } {
@@ -406,7 +411,7 @@ fn fail(msg: &str) -> i32 {
 }
 
 /// Runs `f` with panics caught; an error or panic is recorded for the host.
-fn trampoline(host_api: *const DfHostApi, f: impl FnOnce() -> Result<()>) -> i32 {
+pub(crate) fn trampoline(host_api: *const DfHostApi, f: impl FnOnce() -> Result<()>) -> i32 {
     set_host(host_api);
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => DF_OK,

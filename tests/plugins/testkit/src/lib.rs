@@ -386,5 +386,6 @@ export_plugin!(
         protocol::ScalePrediction,
         protocol::AddResidual,
         protocol::FailingHook,
+        protocol::NoOpHooks,
     ],
 );

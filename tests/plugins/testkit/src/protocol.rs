@@ -277,3 +277,53 @@ impl Node for FailingHook {
         ctx.set_output("model", v)
     }
 }
+
+/// Hooks at every site that change nothing: the cost of the hook plumbing itself.
+struct NoOp;
+
+impl PatchHooks for NoOp {
+    fn block_residual(
+        &self,
+        _call: &Call,
+        _stack: usize,
+        _block: usize,
+        _hidden: &Tensor,
+    ) -> Result<Option<(Tensor, usize)>> {
+        Ok(None)
+    }
+
+    fn lifecycle(&self, _event: Event, _call: &Call) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// `NoOpHooks`: a block residual after every block, a range override over the whole stack
+/// (continuing at once) and lifecycle hooks, none of which changes anything.
+#[derive(Default)]
+pub struct NoOpHooks;
+
+impl Node for NoOpHooks {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("NoOpHooks")
+            .category("testing")
+            .doc(
+                "Patches a denoiser with do-nothing hooks at every site (for overhead benchmarks).",
+            )
+            .input(Port::new("model", "Model<Denoiser>"))
+            .output(Port::new("model", "Model<Denoiser>"))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let mut residual = PatchSpec::new("NoOpHooks.residual");
+        residual.block_residual = true;
+        residual.lifecycle = true;
+        residual.stack = Some(0);
+        let v = ctx.patch_model(&model, &residual, NoOp)?;
+        let mut over = PatchSpec::new("NoOpHooks.override");
+        over.range_override = true;
+        over.stack = Some(0);
+        let v = ctx.patch_model(&v, &over, NoOp)?;
+        ctx.set_output("model", v)
+    }
+}

@@ -1,0 +1,298 @@
+//! The text-encoder and autoencoder interfaces of the model protocol: a plugin's text encoder or
+//! VAE as a Model value (`Model<TextEncoder>`, `Model<Autoencoder>`) that any plugin describes
+//! and runs through the generic named forward ([`crate::model::forward_named`]).
+
+use crate::abi::*;
+use crate::model::{trampoline, Inputs};
+use crate::value::{host, Object, Value};
+use crate::{Context, Error, Result, Tensor};
+use std::ffi::{c_char, c_void, CString};
+use std::panic::catch_unwind;
+
+/// What a text encoder says about itself.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TextEncoderInfo {
+    /// Width of the hidden states.
+    pub width: usize,
+    /// Its longest sequence.
+    pub max_tokens: usize,
+}
+
+/// What an autoencoder says about itself.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AutoencoderInfo {
+    pub latent_channels: usize,
+    /// Image pixels per latent pixel.
+    pub downscale: usize,
+    pub scaling_factor: f64,
+    pub shift_factor: f64,
+}
+
+/// A text encoder any plugin can run.
+pub trait TextEncoder: Object {
+    fn describe(&self) -> TextEncoderInfo;
+    /// Token ids `[1, n]` (i64) of `text`, at most `max_tokens`.
+    fn tokenize(&self, text: &str, max_tokens: usize) -> Result<Tensor>;
+    /// `input_ids` (and `attention_mask`) to `last_hidden_state` and what else the family has.
+    fn forward(&self, inputs: &Inputs) -> Result<Vec<(String, Tensor)>>;
+}
+
+/// An autoencoder (VAE) any plugin can run.
+pub trait Autoencoder: Object {
+    fn describe(&self) -> AutoencoderInfo;
+    /// `image` to `mean` and `logvar`; `latent` to `decoded`.
+    fn forward(&self, inputs: &Inputs) -> Result<Vec<(String, Tensor)>>;
+}
+
+/// The object behind the Model: the plugin's model first, so [`Value::as_object`] finds it.
+#[repr(C)]
+struct InterfaceBox<T, A, D> {
+    inner: T,
+    api: A,
+    desc: D,
+}
+
+/// `[[name, tensor], ...]`, the generic forward's output.
+fn named_list(out: Vec<(String, Tensor)>) -> Value {
+    Value::list(
+        out.into_iter()
+            .map(|(n, t)| Value::list(vec![Value::string(&n), t.into_value()]))
+            .collect(),
+    )
+}
+
+unsafe extern "C" fn te_describe<T: TextEncoder>(o: *mut c_void) -> *const DfTextEncoderDesc {
+    // SAFETY: the object made by `make_text_encoder::<T>`.
+    let b = unsafe { &*(o as *const InterfaceBox<T, DfTextEncoderApi, DfTextEncoderDesc>) };
+    &b.desc
+}
+
+unsafe extern "C" fn te_tokenize<T: TextEncoder>(
+    o: *mut c_void,
+    host_api: *const DfHostApi,
+    text: *const c_char,
+    len: usize,
+    max_tokens: i64,
+    out: *mut *mut DfValue,
+) -> i32 {
+    trampoline(host_api, || {
+        // SAFETY: the object made by `make_text_encoder::<T>`, and `len` bytes of text.
+        let b = unsafe { &*(o as *const InterfaceBox<T, DfTextEncoderApi, DfTextEncoderDesc>) };
+        let bytes = if text.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: per the contract.
+            unsafe { std::slice::from_raw_parts(text as *const u8, len) }
+        };
+        let text = std::str::from_utf8(bytes).map_err(|_| Error::new("the text is not UTF-8"))?;
+        let ids = b.inner.tokenize(text, max_tokens.max(0) as usize)?;
+        if out.is_null() {
+            return Err(Error::new("no output slot"));
+        }
+        // SAFETY: checked for NULL.
+        unsafe { *out = ids.into_value().into_raw() };
+        Ok(())
+    })
+}
+
+/// The generic forward of either interface, over the trait method `f`.
+fn forward_into(
+    host_api: *const DfHostApi,
+    inputs: *const DfNamedValue,
+    n: usize,
+    out: *mut *mut DfValue,
+    f: impl FnOnce(&Inputs) -> Result<Vec<(String, Tensor)>>,
+) -> i32 {
+    trampoline(host_api, || {
+        // SAFETY: live named inputs for the call.
+        let inputs = unsafe { Inputs::from_raw(inputs, n)? };
+        let list = named_list(f(&inputs)?);
+        if out.is_null() {
+            return Err(Error::new("no output slot"));
+        }
+        // SAFETY: checked for NULL.
+        unsafe { *out = list.into_raw() };
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn te_forward<T: TextEncoder>(
+    o: *mut c_void,
+    host_api: *const DfHostApi,
+    inputs: *const DfNamedValue,
+    n: usize,
+    out: *mut *mut DfValue,
+) -> i32 {
+    // SAFETY: the object made by `make_text_encoder::<T>`.
+    let b = unsafe { &*(o as *const InterfaceBox<T, DfTextEncoderApi, DfTextEncoderDesc>) };
+    forward_into(host_api, inputs, n, out, |i| b.inner.forward(i))
+}
+
+unsafe extern "C" fn ae_describe<T: Autoencoder>(o: *mut c_void) -> *const DfAutoencoderDesc {
+    // SAFETY: the object made by `make_autoencoder::<T>`.
+    let b = unsafe { &*(o as *const InterfaceBox<T, DfAutoencoderApi, DfAutoencoderDesc>) };
+    &b.desc
+}
+
+unsafe extern "C" fn ae_forward<T: Autoencoder>(
+    o: *mut c_void,
+    host_api: *const DfHostApi,
+    inputs: *const DfNamedValue,
+    n: usize,
+    out: *mut *mut DfValue,
+) -> i32 {
+    // SAFETY: the object made by `make_autoencoder::<T>`.
+    let b = unsafe { &*(o as *const InterfaceBox<T, DfAutoencoderApi, DfAutoencoderDesc>) };
+    forward_into(host_api, inputs, n, out, |i| b.inner.forward(i))
+}
+
+unsafe extern "C" fn drop_box<B>(o: *mut c_void) {
+    if !o.is_null() {
+        let _ = catch_unwind(|| {
+            // SAFETY: made by `Box::into_raw` in `make_interface::<B>`.
+            drop(unsafe { Box::from_raw(o as *mut B) })
+        });
+    }
+}
+
+impl Context {
+    /// Hands `b` (whose `api` field is the table) to the host as a Model with `interface`.
+    fn make_interface<B: 'static>(
+        &self,
+        interface: u32,
+        tag: &str,
+        b: Box<B>,
+        api: impl FnOnce(&B) -> *const c_void,
+    ) -> Result<Value> {
+        let tag = CString::new(tag).map_err(|_| Error::new("a tag with a NUL byte"))?;
+        let api = api(&b);
+        let raw = Box::into_raw(b) as *mut c_void;
+        // SAFETY: the host owns `raw` from here on and calls `drop_box::<B>` once; `api`
+        // points into it.
+        let v = unsafe {
+            (host().value_model)(
+                self.raw(),
+                interface,
+                api,
+                tag.as_ptr(),
+                raw,
+                Some(drop_box::<B>),
+            )
+        };
+        Value::from_owned(v).ok_or_else(|| Error(crate::ops::last_error()))
+    }
+
+    /// Wraps a text encoder in a `Model<TextEncoder>` value.
+    pub fn make_text_encoder<T: TextEncoder>(&self, model: T) -> Result<Value> {
+        let info = model.describe();
+        let b = Box::new(InterfaceBox {
+            inner: model,
+            api: DfTextEncoderApi {
+                size: std::mem::size_of::<DfTextEncoderApi>() as u32,
+                version: 1,
+                describe: Some(te_describe::<T>),
+                tokenize: Some(te_tokenize::<T>),
+                forward: Some(te_forward::<T>),
+                reserved: [std::ptr::null(); 4],
+            },
+            desc: DfTextEncoderDesc {
+                size: std::mem::size_of::<DfTextEncoderDesc>() as u32,
+                _pad: 0,
+                width: info.width as i64,
+                max_tokens: info.max_tokens as i64,
+                reserved: [std::ptr::null(); 4],
+            },
+        });
+        self.make_interface(DF_INTERFACE_TEXT_ENCODER, T::TAG, b, |b| {
+            &b.api as *const DfTextEncoderApi as *const c_void
+        })
+    }
+
+    /// Wraps an autoencoder in a `Model<Autoencoder>` value.
+    pub fn make_autoencoder<T: Autoencoder>(&self, model: T) -> Result<Value> {
+        let info = model.describe();
+        let b = Box::new(InterfaceBox {
+            inner: model,
+            api: DfAutoencoderApi {
+                size: std::mem::size_of::<DfAutoencoderApi>() as u32,
+                version: 1,
+                describe: Some(ae_describe::<T>),
+                forward: Some(ae_forward::<T>),
+                reserved: [std::ptr::null(); 4],
+            },
+            desc: DfAutoencoderDesc {
+                size: std::mem::size_of::<DfAutoencoderDesc>() as u32,
+                _pad: 0,
+                latent_channels: info.latent_channels as i64,
+                downscale: info.downscale as i64,
+                scaling_factor: info.scaling_factor,
+                shift_factor: info.shift_factor,
+                reserved: [std::ptr::null(); 4],
+            },
+        });
+        self.make_interface(DF_INTERFACE_AUTOENCODER, T::TAG, b, |b| {
+            &b.api as *const DfAutoencoderApi as *const c_void
+        })
+    }
+}
+
+/// The table and object of `v`'s `interface`, or an error naming what `v` is instead.
+fn interface(v: &Value, interface: u32, what: &str) -> Result<(*const c_void, *mut c_void)> {
+    let mut object: *mut c_void = std::ptr::null_mut();
+    // SAFETY: a live handle and an out-slot.
+    let api = unsafe { (host().model_interface)(v.as_ptr(), interface, &mut object) };
+    if api.is_null() {
+        return Err(Error(format!(
+            "expected {what}, got {}",
+            crate::model::describe_model(v)
+        )));
+    }
+    Ok((api, object))
+}
+
+impl Value {
+    /// This Model's autoencoder description, from whichever plugin made it.
+    pub fn autoencoder_info(&self) -> Result<AutoencoderInfo> {
+        let (api, object) = interface(self, DF_INTERFACE_AUTOENCODER, "an autoencoder (VAE)")?;
+        // SAFETY: the host checked the table's size for the interface.
+        let api = unsafe { &*(api as *const DfAutoencoderApi) };
+        let describe = api
+            .describe
+            .ok_or_else(|| Error::new("the autoencoder does not describe itself"))?;
+        // SAFETY: the plugin's function on its own object.
+        let d = unsafe { describe(object).as_ref() }
+            .ok_or_else(|| Error::new("the autoencoder gave no description"))?;
+        Ok(AutoencoderInfo {
+            latent_channels: d.latent_channels.max(0) as usize,
+            downscale: d.downscale.max(0) as usize,
+            scaling_factor: d.scaling_factor,
+            shift_factor: d.shift_factor,
+        })
+    }
+
+    /// Token ids `[1, n]` of `text` from this text encoder, whichever plugin made it.
+    pub fn tokenize(&self, text: &str, max_tokens: usize) -> Result<Tensor> {
+        let (api, object) = interface(self, DF_INTERFACE_TEXT_ENCODER, "a text encoder")?;
+        // SAFETY: the host checked the table's size for the interface.
+        let api = unsafe { &*(api as *const DfTextEncoderApi) };
+        let tokenize = api
+            .tokenize
+            .ok_or_else(|| Error::new("the text encoder does not tokenize"))?;
+        let mut out: *mut DfValue = std::ptr::null_mut();
+        // SAFETY: the plugin's function on its own object with live arguments.
+        let rc = unsafe {
+            tokenize(
+                object,
+                host(),
+                text.as_ptr() as *const c_char,
+                text.len(),
+                max_tokens as i64,
+                &mut out,
+            )
+        };
+        match (rc, Value::from_owned(out)) {
+            (DF_OK, Some(v)) => v.as_tensor(),
+            _ => Err(Error(crate::ops::last_error())),
+        }
+    }
+}
