@@ -75,8 +75,9 @@ fn demo_prompts_give_the_colours_they_name() {
     let graph = common::repo().join("graphs/text_to_image.yaml");
     let g = Graph::from_file(&graph).expect("the demo graph is valid");
     let rt = Runtime::new();
-    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
-        .expect("nodes plugin loads");
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("nodes plugin loads");
+    }
     let session = Session::new(Arc::new(rt));
     let out = common::temp_dir("demo");
     let cases = [
@@ -151,8 +152,9 @@ fn vae_encode_then_decode_reproduces_the_image() {
     let out = common::temp_dir("vae-roundtrip");
     let models = common::repo().join("models/demo");
     let rt = Runtime::new();
-    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
-        .expect("nodes plugin loads");
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("nodes plugin loads");
+    }
     let session = Session::new(Arc::new(rt));
     // First draw a picture with the demo model, then round-trip it.
     let t2i = Graph::from_file(&common::repo().join("graphs/text_to_image.yaml")).unwrap();

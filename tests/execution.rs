@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 fn runtime() -> Arc<Runtime> {
     let rt = Runtime::new();
-    for lib in ["ditflow_nodes", "ditflow_testkit"] {
+    for lib in common::STD_PLUGINS.iter().chain(&["ditflow_testkit"]) {
         rt.load_plugin_file(&common::plugin_lib(lib))
             .expect("plugin loads");
     }
@@ -307,8 +307,9 @@ fn two_runtimes_in_one_process_are_independent() {
     let lib =
         common::build_c_plugin_with("tests/plugins/c/versioned_plugin.c", &dir, &["-DFACTOR=2"]);
     let a = Arc::new(Runtime::new());
-    a.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
-        .unwrap();
+    for lib in common::std_plugins() {
+        a.load_plugin_file(&lib).unwrap();
+    }
     a.load_plugin_file(&lib).unwrap();
     let b = Arc::new(Runtime::new());
     b.load_plugin_file(&lib).unwrap();

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 fn session() -> Session {
     let rt = Runtime::new();
-    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
-        .expect("nodes plugin loads");
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("nodes plugin loads");
+    }
     Session::new(Arc::new(rt))
 }
 

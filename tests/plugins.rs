@@ -176,8 +176,9 @@ DF_DEFINE_PLUGIN("dup-greet", "0.1.0", reg);
 #[test]
 fn rust_plugins_export_full_schemas() {
     let rt = Runtime::new();
-    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
-        .unwrap();
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).unwrap();
+    }
     let math = rt.registry().get("Math").cloned().expect("Math");
     let op = &math.inputs[math.input_index("op").unwrap()];
     assert!(op.choices.iter().any(|c| c == "mul"));

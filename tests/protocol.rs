@@ -16,8 +16,9 @@ use std::sync::Arc;
 
 fn session(with_c: bool) -> (Session, PathBuf) {
     let rt = Runtime::new();
-    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
-        .unwrap();
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).unwrap();
+    }
     rt.load_plugin_file(&common::plugin_lib("ditflow_testkit"))
         .unwrap();
     let dir = common::temp_dir(if with_c { "protocol-c" } else { "protocol" });

@@ -125,8 +125,9 @@ outputs:
 
 fn nodes_runtime() -> Arc<Runtime> {
     let rt = Runtime::new();
-    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
-        .expect("nodes plugin");
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("nodes plugin");
+    }
     Arc::new(rt)
 }
 
@@ -221,8 +222,9 @@ fn a_plugin_rebuilt_during_the_session_is_picked_up_and_the_old_build_released()
     )
     .unwrap();
     let rt = Runtime::new();
-    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
-        .unwrap();
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).unwrap();
+    }
     rt.load_plugin_file(&lib).unwrap();
     let rt = Arc::new(rt);
     let session = Arc::new(Session::new(rt.clone()));

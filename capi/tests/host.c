@@ -221,12 +221,12 @@ int main(int argc, char** argv) {
     {
         /* A node that fails at run time: the status says so and the report names it. */
         ditflow_graph_t* failing = ditflow_graph_from_yaml(
-            "version: 1\nnodes:\n  load: {type: LoadVAE, inputs: {path: /nonexistent/vae}}\n",
+            "version: 1\nnodes:\n  load: {type: LoadImage, inputs: {path: /nonexistent/picture.png}}\n",
             "failing.yaml", ".");
         ditflow_report_t* report = NULL;
         CHECK(failing != NULL);
         CHECK(ditflow_session_run(session, failing, NULL, NULL, &report) == DITFLOW_ERR_RUN_FAILED);
-        CHECK(report != NULL && strstr(ditflow_report_errors(report), "node 'load' (LoadVAE)") != NULL);
+        CHECK(report != NULL && strstr(ditflow_report_errors(report), "node 'load' (LoadImage)") != NULL);
         ditflow_report_free(report);
         ditflow_graph_free(failing);
     }

@@ -3,8 +3,8 @@
 //! or 4 (RGBA) channels. Encoding, decoding and pixel conversion are plain functions
 //! ([`encode_png`], [`decode_png`], [`unit_to_u8`]).
 
-use crate::files::{absolute, file_fingerprint, input_path, io_error, output_path};
 use crate::tensor::check_cpu_data;
+use ditflow_plugin::files::{absolute, file_fingerprint, input_path, io_error, output_path};
 use ditflow_plugin::prelude::*;
 use std::borrow::Cow;
 use std::io::{BufRead, Seek};

@@ -8,12 +8,13 @@
 //! - [`tensor`]: `TensorStats` and `LatentToTensor`;
 //! - [`tensor_io`]: `LoadTensor` and `SaveTensor` (safetensors files);
 //! - [`image`]: `LoadImage` and `SaveImage` (PNG files);
-//! - [`models`]: the architectures (PixArt, DiT, AutoencoderKL, T5) on the host's tensor engine;
-//! - [`diffusion`]: `LoadDiffusionModel`, `LoadVAE` and `Forward`;
-//! - [`encoders`]: `LoadTextEncoder` (T5, with its tokenizer);
+//! - [`forward`]: `Forward`, one forward of any protocol model from a file of tensors;
 //! - [`patches`]: `ApplyLoRA` and the feature caches, Model → Model patches;
 //! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `Sample`, `VAEDecode` and `VAEEncode`;
 //! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching).
+//!
+//! The model families are plugins of their own (`plugins/pixart-dit`, `plugins/t5-clip`,
+//! `plugins/autoencoder-kl`); the nodes here reach them only through the model protocol.
 //!
 //! Node logic that does not need the host lives in plain functions next to each node, so it is
 //! unit-tested without loading the plugin.
@@ -21,12 +22,9 @@
 #![forbid(unsafe_code)]
 
 pub mod constants;
-pub mod diffusion;
-pub mod encoders;
-mod files;
+pub mod forward;
 pub mod image;
 pub mod math;
-pub mod models;
 pub mod noise;
 pub mod patches;
 pub mod pipeline;
@@ -56,10 +54,7 @@ export_plugin!(
         tensor_io::SaveTensor,
         image::LoadImage,
         image::SaveImage,
-        diffusion::LoadDiffusionModel,
-        diffusion::LoadVAE,
-        encoders::LoadTextEncoder,
-        diffusion::Forward,
+        forward::Forward,
         patches::lora::ApplyLoRA,
         patches::cache::FirstBlockCache,
         patches::cache::TeaCache,

@@ -3,19 +3,25 @@
 //! on a batched conditional/unconditional forward), `VAEDecode` and `VAEEncode`. `SaveImage`
 //! writes the result.
 
-use crate::diffusion::Vae;
-use crate::encoders::TextEncoder;
 use crate::samplers::{self, Scheduler};
+use ditflow_plugin::model::forward_named;
 use ditflow_plugin::model::{Call, Event, Prediction, BRANCH_COND, BRANCH_UNCOND};
 use ditflow_plugin::prelude::*;
 use std::collections::VecDeque;
 use std::path::Path;
 
-/// The object inside Model input `name`, or an error naming the input.
-fn object_input<'a, T: ditflow_plugin::Object>(value: &'a Value, name: &str) -> Result<&'a T> {
-    value
-        .as_object::<T>()
-        .map_err(|e| Error(format!("input '{name}': {e}")))
+/// Output `name` of a model's named forward, or an error naming the model's kind.
+fn output(outputs: Vec<(String, Tensor)>, name: &str, what: &str) -> Result<Tensor> {
+    outputs
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t)
+        .ok_or_else(|| Error(format!("{what} gave no '{name}'")))
+}
+
+/// A scalar input tensor for a named forward.
+fn scalar(v: f32) -> Result<Tensor> {
+    Tensor::from_f32(Kind::Tensor, &[1], &[v])
 }
 
 /// The sampler names `Sample` accepts, and the diffusers class each one is.
@@ -166,20 +172,16 @@ impl Node for TextEncode {
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let enc: Value = ctx.input("encoder")?;
-        let enc = object_input::<TextEncoder>(&enc, "encoder")?;
         let text: String = ctx.input("text")?;
         let max: i64 = ctx.input("max_tokens")?;
-        let ids = enc.tokenize(&text, max as usize)?;
-        let n = ids.len();
-        let t = Tensor::from_bytes(
-            Kind::Tensor,
-            DType::I64,
-            &[1, n],
-            &ids.iter()
-                .flat_map(|i| i.to_le_bytes())
-                .collect::<Vec<u8>>(),
+        let ids = enc
+            .tokenize(&text, max as usize)
+            .map_err(|e| Error(format!("input 'encoder': {e}")))?;
+        let out = output(
+            forward_named(&enc, &[("input_ids", &ids)])?,
+            "last_hidden_state",
+            "the text encoder",
         )?;
-        let out = enc.encode(&t)?;
         ctx.set_output("conditioning", out.with_kind(Kind::Conditioning)?)
     }
 }
@@ -483,8 +485,10 @@ impl Node for VAEDecode {
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
-        let vae: Value = ctx.input("vae")?;
-        let vae = &object_input::<Vae>(&vae, "vae")?.0;
+        let model: Value = ctx.input("vae")?;
+        let vae = model
+            .autoencoder_info()
+            .map_err(|e| Error(format!("input 'vae': {e}")))?;
         let latent: Tensor = ctx.input("latent")?;
         let tile = ctx.input::<i64>("tile_size")? as usize;
         let s = latent.shape().to_vec();
@@ -494,15 +498,23 @@ impl Node for VAEDecode {
                 vae.latent_channels
             );
         }
-        let z = latent
-            .cast(DType::F32)?
-            .to_device(vae.device)?
-            .slice(0, 0, 1, 1)?;
+        let z = latent.cast(DType::F32)?.slice(0, 0, 1, 1)?;
         let z = z.affine(1.0 / vae.scaling_factor, vae.shift_factor)?;
         let img = if tile > 0 {
-            vae.tiled_decode(&z, tile, 0.25)?
+            let (size, overlap, only) = (scalar(tile as f32)?, scalar(0.25)?, scalar(1.0)?);
+            let named = [
+                ("latent", &z),
+                ("tile_size", &size),
+                ("tile_overlap", &overlap),
+                ("tiled_only", &only),
+            ];
+            output(forward_named(&model, &named)?, "tiled", "the VAE")?
         } else {
-            vae.decode(&z)?
+            output(
+                forward_named(&model, &[("latent", &z)])?,
+                "decoded",
+                "the VAE",
+            )?
         };
         let (h, w) = (img.shape()[2] as i64, img.shape()[3] as i64);
         let img = img
@@ -549,8 +561,10 @@ impl Node for VAEEncode {
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
-        let vae: Value = ctx.input("vae")?;
-        let vae = &object_input::<Vae>(&vae, "vae")?.0;
+        let model: Value = ctx.input("vae")?;
+        let vae = model
+            .autoencoder_info()
+            .map_err(|e| Error(format!("input 'vae': {e}")))?;
         let image: Tensor = ctx.input("image")?;
         let s = image.shape().to_vec();
         if s.len() != 3 || s[2] != 3 || s[0] % vae.downscale != 0 || s[1] % vae.downscale != 0 {
@@ -566,12 +580,12 @@ impl Node for VAEEncode {
         } else {
             1.0
         };
-        let x = image
-            .cast(DType::F32)?
-            .to_device(vae.device)?
-            .affine(unit, 0.0)?;
-        let x = x.permute(&[2, 0, 1])?.reshape(&[1, 3, h, w])?;
-        let (mean, _) = vae.encode(&x.affine(2.0, -1.0)?)?;
+        let x = image.cast(DType::F32)?.affine(unit, 0.0)?;
+        let x = x
+            .permute(&[2, 0, 1])?
+            .reshape(&[1, 3, h, w])?
+            .affine(2.0, -1.0)?;
+        let mean = output(forward_named(&model, &[("image", &x)])?, "mean", "the VAE")?;
         let z = mean.affine(vae.scaling_factor, -vae.shift_factor * vae.scaling_factor)?;
         ctx.set_output("latent", z.with_kind(Kind::Latent)?)
     }

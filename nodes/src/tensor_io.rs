@@ -2,8 +2,8 @@
 //! writes one. The dtype mapping and the file parsing are plain functions
 //! ([`read_safetensor`], [`tensor_view`]).
 
-use crate::files::{absolute, file_fingerprint, input_path, io_error, output_path};
 use crate::tensor::check_cpu_data;
+use ditflow_plugin::files::{absolute, file_fingerprint, input_path, io_error, output_path};
 use ditflow_plugin::prelude::*;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};

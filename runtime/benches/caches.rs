@@ -146,8 +146,9 @@ fn main() {
         .with_ansi(false)
         .init();
     let rt = Runtime::new();
-    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
-        .expect("plugin loads");
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("plugin loads");
+    }
     let rt = Arc::new(rt);
     let cases = [
         Case {

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 fn runtime() -> Arc<Runtime> {
     let rt = Runtime::new();
-    for lib in ["ditflow_nodes", "ditflow_testkit"] {
+    for lib in common::STD_PLUGINS.iter().chain(&["ditflow_testkit"]) {
         rt.load_plugin_file(&common::plugin_lib(lib))
             .expect("plugin loads");
     }

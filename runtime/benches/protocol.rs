@@ -55,7 +55,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let current = Runtime::new();
-    for lib in ["ditflow_nodes", "ditflow_testkit"] {
+    for lib in common::STD_PLUGINS.iter().chain(&["ditflow_testkit"]) {
         current
             .load_plugin_file(&common::plugin_lib(lib))
             .expect("plugin loads");

@@ -18,8 +18,9 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(40);
     let rt = Runtime::new();
-    rt.load_plugin_file(&common::plugin_lib("ditflow_nodes"))
-        .expect("nodes plugin");
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("nodes plugin");
+    }
     let session = Arc::new(Session::new(Arc::new(rt)));
     let dir = common::temp_dir("bench-reload");
     let graph = dir.join("noise.yaml");

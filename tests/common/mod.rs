@@ -48,7 +48,7 @@ pub fn plugin_dir() -> PathBuf {
     static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let dir = temp_dir("plugins");
-        for stem in ["ditflow_nodes", "ditflow_testkit"] {
+        for stem in STD_PLUGINS.iter().chain(&["ditflow_testkit"]) {
             let lib = newest_lib(stem).unwrap_or_else(|| {
                 panic!(
                     "the plugin library {stem} was not built next to {}; run `cargo test --workspace`",
@@ -63,6 +63,21 @@ pub fn plugin_dir() -> PathBuf {
         dir
     })
     .clone()
+}
+
+/// The standard library and the model-family plugins: what `cargo build` puts next to the
+/// `ditflow` executable.
+pub const STD_PLUGINS: &[&str] = &[
+    "ditflow_nodes",
+    "ditflow_pixart_dit",
+    "ditflow_t5_clip",
+    "ditflow_autoencoder_kl",
+];
+
+/// The paths of the [`STD_PLUGINS`] libraries.
+#[allow(dead_code)]
+pub fn std_plugins() -> Vec<PathBuf> {
+    STD_PLUGINS.iter().map(|s| plugin_lib(s)).collect()
 }
 
 /// The path of a workspace plugin library, e.g. `plugin_lib("ditflow_nodes")`.

@@ -269,7 +269,7 @@ fn cache_model(ctx: &mut Context, method: Method, digest: u64) -> Result<()> {
 
 fn digest_of(parts: &[f64]) -> u64 {
     parts.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, p| {
-        crate::files::fnv1a(h, &p.to_le_bytes())
+        ditflow_plugin::files::fnv1a(h, &p.to_le_bytes())
     })
 }
 

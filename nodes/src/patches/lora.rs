@@ -9,8 +9,8 @@
 //! given. The weights are never touched: the model runs the delta beside each layer, or from a
 //! merged copy kept per patch set when `merge` is set.
 
-use crate::files::{file_fingerprint, fnv1a, input_path};
 use ditflow_plugin::abi::DF_PATCH_MERGE;
+use ditflow_plugin::files::{file_fingerprint, fnv1a, input_path};
 use ditflow_plugin::model::{LinearDelta, LinearInfo, PatchHooks, PatchSpec};
 use ditflow_plugin::prelude::*;
 use std::collections::{BTreeMap, HashMap};

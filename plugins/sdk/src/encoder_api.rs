@@ -44,6 +44,13 @@ pub trait Autoencoder: Object {
     fn forward(&self, inputs: &Inputs) -> Result<Vec<(String, Tensor)>>;
 }
 
+/// Named outputs in name order (a forward's result from a map).
+pub fn sorted(outputs: std::collections::HashMap<String, Tensor>) -> Vec<(String, Tensor)> {
+    let mut out: Vec<(String, Tensor)> = outputs.into_iter().collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 /// The object behind the Model: the plugin's model first, so [`Value::as_object`] finds it.
 #[repr(C)]
 struct InterfaceBox<T, A, D> {

@@ -34,6 +34,7 @@ pub mod abi;
 mod context;
 pub mod encoder_api;
 mod export;
+pub mod files;
 pub mod linear_delta;
 pub mod model;
 pub mod ops;

@@ -3,7 +3,7 @@
 //! or in overlapping tiles blended as diffusers' `tiled_decode` does, so large images stay within
 //! memory. Latents are scaled by `scaling_factor` and shifted by `shift_factor` from the config.
 
-use super::{Attention, Config, Conv2d, GroupNorm, Weights};
+use ditflow_nn::{Attention, Config, Conv2d, GroupNorm, Weights};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::{DType, Device, Error, Kind, Result, Tensor};
 

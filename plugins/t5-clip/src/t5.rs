@@ -2,7 +2,7 @@
 //! with T5's bucketed relative position bias (computed by the first block, shared by all) and a
 //! ReLU or gated-GELU MLP, and a final RMS norm. The text encoder of PixArt.
 
-use super::{Config, Linear, Weights};
+use ditflow_nn::{Config, Linear, Weights};
 use ditflow_plugin::{DType, Device, Error, Kind, Result, Tensor};
 
 pub struct Block {

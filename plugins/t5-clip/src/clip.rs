@@ -3,7 +3,7 @@
 //! norm, the pooled output at each sequence's first end-of-text token, and (with projection) the
 //! projected text embedding.
 
-use super::{Config, Linear, Weights};
+use ditflow_nn::{Config, Linear, Weights};
 use ditflow_plugin::{DType, Device, Error, Kind, Result, Tensor};
 
 pub struct Layer {

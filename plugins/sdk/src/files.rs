@@ -1,13 +1,13 @@
-//! File helpers shared by the loaders and savers: the fingerprint that makes an edited input file
-//! be read again, and path handling with errors that name the file.
+//! File helpers for nodes that read and write files: the fingerprints that make an edited input
+//! file or model folder be read again, and path handling with errors that name the file.
 
-use ditflow_plugin::prelude::*;
+use crate::{bail, Context, Error, Result};
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
 /// FNV-1a over `bytes`, continuing from `hash`: a stable hash (unlike `DefaultHasher`), so
 /// fingerprints stay valid across builds of the plugin.
-pub(crate) fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
         hash ^= b as u64;
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
@@ -21,7 +21,7 @@ const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 /// A fingerprint of a file's resolved path, length and modification time, so a cached result is
 /// dropped when the file is edited. A missing or unreadable file is an error "`what` `path`:
 /// reason".
-pub(crate) fn file_fingerprint(what: &str, path: &Path) -> Result<u64> {
+pub fn file_fingerprint(what: &str, path: &Path) -> Result<u64> {
     let meta = std::fs::metadata(path).map_err(|e| io_error(what, path, &e))?;
     if !meta.is_file() {
         bail!("{what} {}: not a file", path.display());
@@ -47,7 +47,7 @@ fn fingerprint_of(path: &Path, len: u64, mtime_ns: i128) -> u64 {
 }
 
 /// An I/O error as "`what` `path`: reason", with a plainer reason for a missing file.
-pub(crate) fn io_error(what: &str, path: &Path, e: &std::io::Error) -> Error {
+pub fn io_error(what: &str, path: &Path, e: &std::io::Error) -> Error {
     let reason = match e.kind() {
         std::io::ErrorKind::NotFound => "no such file".to_string(),
         _ => e.to_string(),
@@ -56,7 +56,7 @@ pub(crate) fn io_error(what: &str, path: &Path, e: &std::io::Error) -> Error {
 }
 
 /// Checks that a path input is not empty, naming the input otherwise.
-pub(crate) fn non_empty<'a>(input: &str, path: &'a str) -> Result<&'a str> {
+pub fn non_empty<'a>(input: &str, path: &'a str) -> Result<&'a str> {
     if path.trim().is_empty() {
         bail!("input '{input}' is empty: give a file path");
     }
@@ -64,7 +64,7 @@ pub(crate) fn non_empty<'a>(input: &str, path: &'a str) -> Result<&'a str> {
 }
 
 /// The path to read for input `input`, resolved against the graph's folder.
-pub(crate) fn input_path(ctx: &Context, input: &str) -> Result<PathBuf> {
+pub fn input_path(ctx: &Context, input: &str) -> Result<PathBuf> {
     let path: String = ctx.input(input)?;
     let path = non_empty(input, &path)?;
     ctx.input_path(path)
@@ -73,16 +73,32 @@ pub(crate) fn input_path(ctx: &Context, input: &str) -> Result<PathBuf> {
 
 /// The path to write for input `input`, resolved against the run's output folder (which the host
 /// creates on demand).
-pub(crate) fn output_path(ctx: &Context, input: &str) -> Result<PathBuf> {
+pub fn output_path(ctx: &Context, input: &str) -> Result<PathBuf> {
     let path: String = ctx.input(input)?;
     let path = non_empty(input, &path)?;
     ctx.output_path(path)
         .map_err(|e| Error(format!("cannot write {path:?}: {e}")))
 }
 
+/// A fingerprint of a model folder: every file's path, size and modification time.
+pub fn folder_fingerprint(dir: &Path) -> Result<u64> {
+    if !dir.is_dir() {
+        bail!("{}: no such model folder", dir.display());
+    }
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error(format!("{}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    names.sort();
+    names.iter().try_fold(FNV_OFFSET, |h, p| {
+        Ok(fnv1a(h, &file_fingerprint("cannot read", p)?.to_le_bytes()))
+    })
+}
+
 /// `path` made absolute against the current directory (without touching symlinks), for the path
 /// outputs of the savers.
-pub(crate) fn absolute(path: &Path) -> String {
+pub fn absolute(path: &Path) -> String {
     std::path::absolute(path)
         .unwrap_or_else(|_| path.to_path_buf())
         .to_string_lossy()
@@ -112,8 +128,21 @@ mod tests {
     }
 
     #[test]
+    fn folder_fingerprint_changes_with_the_files() {
+        let dir =
+            std::env::temp_dir().join(format!("ditflow-sdk-folder-fp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), "{}").unwrap();
+        let a = folder_fingerprint(&dir).unwrap();
+        std::fs::write(dir.join("w.safetensors"), "x").unwrap();
+        assert_ne!(a, folder_fingerprint(&dir).unwrap());
+        assert!(folder_fingerprint(&dir.join("missing")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn file_fingerprint_of_a_real_file() {
-        let dir = std::env::temp_dir().join(format!("ditflow-nodes-fp-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("ditflow-sdk-fp-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("x.bin");
         std::fs::write(&file, b"one").unwrap();

@@ -1,9 +1,10 @@
 //! Text encoders: `LoadTextEncoder` reads a transformers model folder (T5EncoderModel, CLIPTextModel,
-//! CLIPTextModelWithProjection) into a
-//! TextEncoder value. Its `Forward` names follow transformers' arguments: `input_ids` and
-//! `attention_mask` in, `last_hidden_state` out.
+//! CLIPTextModelWithProjection) into a `Model<TextEncoder>`. Its forward names follow transformers'
+//! arguments: `input_ids` and `attention_mask` in, `last_hidden_state` (and CLIP's
+//! `pooler_output`, `text_embeds`) out.
 
-use crate::models::{clip::ClipText, t5::T5Encoder, Config, Weights};
+use crate::{clip::ClipText, t5::T5Encoder};
+use ditflow_nn::{Config, Weights};
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
 use std::collections::HashMap;
@@ -154,7 +155,7 @@ impl ditflow_plugin::encoder_api::TextEncoder for TextEncoder {
     }
 
     fn forward(&self, inputs: &ditflow_plugin::model::Inputs) -> Result<Vec<(String, Tensor)>> {
-        Ok(crate::diffusion::sorted(
+        Ok(ditflow_plugin::encoder_api::sorted(
             self.forward_named(&inputs.to_map())?,
         ))
     }
@@ -182,13 +183,14 @@ impl Node for LoadTextEncoder {
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
-        let dir = crate::files::input_path(ctx, "path")?;
+        let dir = ditflow_plugin::files::input_path(ctx, "path")?;
         let enc = TextEncoder::load(&dir, ctx.device(), ctx)?;
         let value = ctx.make_text_encoder(enc)?;
         ctx.set_output("encoder", value)
     }
 
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
-        crate::diffusion::folder_fingerprint(&crate::files::input_path(ctx, "path")?).map(Some)
+        ditflow_plugin::files::folder_fingerprint(&ditflow_plugin::files::input_path(ctx, "path")?)
+            .map(Some)
     }
 }

@@ -3,8 +3,10 @@
 //! embeddings), caption projection, and blocks of self-attention, cross-attention and a GELU MLP,
 //! each modulated by the shared timestep embedding and a per-block `scale_shift_table`.
 
-use super::{chunks, mask_bias, patch_grid, patchify, timestep_sinusoids, unpatchify};
-use super::{Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights};
+use ditflow_nn::{chunks, mask_bias, patch_grid, patchify, timestep_sinusoids, unpatchify};
+use ditflow_nn::{
+    Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights,
+};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::Hooks;
 use ditflow_plugin::model::LinearInfo;

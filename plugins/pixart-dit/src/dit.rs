@@ -2,8 +2,10 @@
 //! embedding with 2-D sincos positions, and blocks of self-attention and a GELU MLP under adaLN-Zero
 //! modulation from the timestep and class-label embedding.
 
-use super::{chunks, patch_grid, patchify, timestep_sinusoids, unpatchify};
-use super::{Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights};
+use ditflow_nn::{chunks, patch_grid, patchify, timestep_sinusoids, unpatchify};
+use ditflow_nn::{
+    Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights,
+};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::Hooks;
 use ditflow_plugin::{Device, Error, Kind, Result, Tensor};

@@ -1,0 +1,18 @@
+//! `ditflow-nn`: the layers shared by ditflow's model plugins, in candle-nn's spirit, on the host's
+//! tensor engine through the SDK. Writing a model on it means writing the architecture: loading
+//! gives located errors, and the linear layers are the linear-delta (LoRA) sites, costing nothing
+//! when no patch is set.
+//! - [`weights`]: `Config` and `Weights`, a model folder's config and tensors;
+//! - [`layers`]: `Linear`, `Attention`, `FeedForward`, `Conv2d`, `GroupNorm`, adaLN chunks, masks;
+//! - [`embeddings`]: timestep embeddings and sinusoids, 2-D sincos positions;
+//! - [`patchify`]: latents to patch tokens and back.
+
+pub mod embeddings;
+pub mod layers;
+pub mod patchify;
+pub mod weights;
+
+pub use embeddings::{sincos_pos_embed_2d, timestep_sinusoids, PosEmbedCache, TimestepEmbedding};
+pub use layers::{chunks, mask_bias, Attention, Conv2d, FeedForward, GroupNorm, Linear};
+pub use patchify::{patch_grid, patchify, unpatchify};
+pub use weights::{Config, Weights};

@@ -1,0 +1,153 @@
+//! Loading a model folder: its `config.json` ([`Config`], typed getters whose errors name the file
+//! and the key) and its safetensors weights ([`Weights`], whose errors name the folder, the key
+//! and the shape expected), sharded or not.
+
+use crate::layers::Linear;
+use ditflow_plugin::{Context, DType, Device, Error, Result, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A model folder's `config.json`.
+pub struct Config {
+    pub path: PathBuf,
+    pub json: serde_json::Value,
+}
+
+impl Config {
+    pub fn read(dir: &Path) -> Result<Config> {
+        if !dir.is_dir() {
+            return Err(Error(format!("{}: no such model folder", dir.display())));
+        }
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error(format!("{}: {e}", path.display())))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error(format!("{}: not valid JSON: {e}", path.display())))?;
+        if !json.is_object() {
+            return Err(Error(format!("{}: expected a JSON object", path.display())));
+        }
+        Ok(Config { path, json })
+    }
+
+    /// `_class_name` (diffusers) or the first of `architectures` (transformers).
+    pub fn class_name(&self) -> Option<&str> {
+        self.json
+            .get("_class_name")
+            .and_then(|v| v.as_str())
+            .or_else(|| {
+                self.json
+                    .get("architectures")
+                    .and_then(|a| a.get(0))
+                    .and_then(|v| v.as_str())
+            })
+    }
+
+    fn bad(&self, key: &str, what: &str) -> Error {
+        Error(format!("{}: \"{key}\" {what}", self.path.display()))
+    }
+
+    pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
+        match self.json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| self.bad(key, "must be a non-negative integer")),
+        }
+    }
+
+    pub fn usize(&self, key: &str) -> Result<usize> {
+        match self.json.get(key) {
+            None | Some(serde_json::Value::Null) => Err(self.bad(key, "is missing")),
+            Some(_) => self.usize_or(key, 0),
+        }
+    }
+
+    pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(_) => self.usize_or(key, 0).map(Some),
+        }
+    }
+
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
+        match self.json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| self.bad(key, "must be a number")),
+        }
+    }
+
+    pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
+        match self.json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.bad(key, "must be true or false")),
+        }
+    }
+
+    pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> Result<&'a str> {
+        match self.json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(v) => v.as_str().ok_or_else(|| self.bad(key, "must be a string")),
+        }
+    }
+}
+
+/// A checkpoint's tensors, with errors naming the folder and the key.
+pub struct Weights {
+    pub dir: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Weights {
+    pub fn load(ctx: &Context, dir: &Path, device: Device) -> Result<Weights> {
+        // Absolute, so the host does not resolve it against the graph's folder a second time.
+        let abs = std::path::absolute(dir).map_err(|e| Error(format!("{}: {e}", dir.display())))?;
+        let tensors = ctx.load_weights(&abs.to_string_lossy(), device)?;
+        Ok(Weights {
+            dir: dir.to_path_buf(),
+            tensors,
+        })
+    }
+
+    /// Tensor `key` with exactly `shape`, converted to f32.
+    pub fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.tensors.get(key).ok_or_else(|| {
+            Error(format!(
+                "{}: weight '{key}' is missing from the checkpoint",
+                self.dir.display()
+            ))
+        })?;
+        if t.shape() != shape {
+            return Err(Error(format!(
+                "{}: weight '{key}' has shape {:?}, expected {shape:?}",
+                self.dir.display(),
+                t.shape()
+            )));
+        }
+        if t.dtype() == DType::F32 {
+            Ok(t.clone())
+        } else {
+            t.cast(DType::F32)
+        }
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.tensors.contains_key(key)
+    }
+
+    /// A `Linear(in, out)` at `prefix` (`prefix.weight` `[out, in]`, `prefix.bias` `[out]` when
+    /// `bias`).
+    pub fn linear(&self, prefix: &str, input: usize, output: usize, bias: bool) -> Result<Linear> {
+        Ok(Linear {
+            name: prefix.to_string(),
+            weight: self.get(&format!("{prefix}.weight"), &[output, input])?,
+            bias: if bias {
+                Some(self.get(&format!("{prefix}.bias"), &[output])?)
+            } else {
+                None
+            },
+        })
+    }
+}

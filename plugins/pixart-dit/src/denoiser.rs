@@ -1,0 +1,224 @@
+//! The PixArt and DiT denoisers as protocol models: `DiffusionModel` describes itself (stack,
+//! sites, linear layers, capabilities), projects PixArt's captions once per sampling run, runs the
+//! patches' linear deltas, and `LoadDiffusionModel` reads a diffusers folder into it.
+
+use crate::dit::DiT;
+use crate::pixart::{self, PixArt};
+use ditflow_nn::{Config, Weights};
+use ditflow_plugin::files::{folder_fingerprint, input_path};
+use ditflow_plugin::linear_delta::LinearDeltaCache;
+use ditflow_plugin::model::{
+    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StreamInfo,
+};
+use ditflow_plugin::prelude::*;
+use ditflow_plugin::Object;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// A loaded denoiser, speaking the model protocol ([`Denoiser`]).
+pub struct DiffusionModel {
+    pub arch: Arch,
+    /// PixArt's captions projected into every block's keys and values, kept for one sampling
+    /// run: `(run id, encoder_hidden_states id, mask id)`.
+    captions: Mutex<Option<(CaptionKey, Arc<pixart::CaptionCache>)>>,
+    /// The linear layers patches may put deltas on.
+    linears: Vec<LinearInfo>,
+    /// The deltas of the last patch set (LoRA), rebuilt when the set changes.
+    deltas: LinearDeltaCache,
+}
+
+/// `(run id, encoder_hidden_states id, mask id, linear-delta key)`.
+type CaptionKey = (u64, usize, usize, u64);
+
+/// The architectures `LoadDiffusionModel` reads.
+pub enum Arch {
+    PixArt(Box<PixArt>),
+    DiT(Box<DiT>),
+}
+
+impl Object for DiffusionModel {
+    const TAG: &'static str = "ditflow.diffusion_model";
+}
+
+impl Denoiser for DiffusionModel {
+    fn describe(&self) -> DenoiserInfo {
+        use ditflow_plugin::abi::*;
+        let mut caps = DF_CAP_BLOCK_RESIDUAL | DF_CAP_RANGE_OVERRIDE;
+        if matches!(self.arch, Arch::PixArt(_)) {
+            caps |= DF_CAP_LINEAR_DELTA | DF_CAP_LINEAR_MERGE;
+        }
+        let stack = |n: usize| StackInfo {
+            name: "transformer_blocks".into(),
+            streams: vec!["image".into()],
+            n_blocks: n,
+            sites: DF_SITE_POST_BLOCK,
+        };
+        let (dim, channels, patch, blocks, conditioning) = match &self.arch {
+            Arch::PixArt(m) => {
+                let mut c = vec!["encoder_hidden_states", "encoder_attention_mask"];
+                if m.adaln.size_embedders.is_some() {
+                    c.extend(["resolution", "aspect_ratio"]);
+                }
+                (m.dim, m.in_channels, m.patch, m.blocks.len(), c)
+            }
+            Arch::DiT(m) => (
+                m.dim,
+                m.in_channels,
+                m.patch,
+                m.blocks.len(),
+                vec!["class_labels"],
+            ),
+        };
+        DenoiserInfo {
+            prediction: Prediction::Unknown,
+            latent_layout: "BCHW".into(),
+            latent_channels: channels,
+            patch_size: patch,
+            streams: vec![StreamInfo {
+                name: "image".into(),
+                width: dim,
+            }],
+            stacks: vec![stack(blocks)],
+            linears: self.linears.clone(),
+            capabilities: caps,
+            conditioning: conditioning.into_iter().map(String::from).collect(),
+        }
+    }
+
+    fn forward(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<Tensor> {
+        let floats = |t: &Tensor| -> Result<Vec<f32>> {
+            t.cast(DType::F32)?
+                .to_device(Device::Cpu)?
+                .as_f32()
+                .map(<[f32]>::to_vec)
+        };
+        let x = inputs.require("hidden_states")?;
+        let batch = x.shape().first().copied().unwrap_or(0);
+        // A per-row `timestep` input (a lone forward) or the call's.
+        let t = match inputs.get("timestep") {
+            Some(t) => floats(t)?,
+            None => vec![call.timestep as f32; batch],
+        };
+        match &self.arch {
+            Arch::PixArt(m) => {
+                let device = m.device;
+                let dl = self.deltas.get(hooks, &self.linears, device)?;
+                let x = x.to_device(device)?;
+                let enc = inputs.require("encoder_hidden_states")?;
+                let mask = inputs.get("encoder_attention_mask");
+                let (res, ar) = (
+                    inputs.get("resolution").map(floats).transpose()?,
+                    inputs.get("aspect_ratio").map(floats).transpose()?,
+                );
+                let enc_d = enc.to_device(device)?;
+                let mask_d = mask.map(|t| t.to_device(device)).transpose()?;
+                // Within one sampling run the captions do not change: project them once.
+                let caption = if call.run_id != 0 {
+                    let key = (
+                        call.run_id,
+                        enc.as_value().id(),
+                        mask.map_or(0, |m| m.as_value().id()),
+                        dl.key(),
+                    );
+                    let mut slot = self.captions.lock().unwrap_or_else(|p| p.into_inner());
+                    match slot.as_ref() {
+                        Some((k, c)) if *k == key => Some(c.clone()),
+                        _ => {
+                            let c = Arc::new(m.encode_caption(&enc_d, mask_d.as_ref(), &dl)?);
+                            *slot = Some((key, c.clone()));
+                            Some(c)
+                        }
+                    }
+                } else {
+                    None
+                };
+                m.forward(
+                    &pixart::Inputs {
+                        hidden_states: &x,
+                        encoder_hidden_states: &enc_d,
+                        timestep: &t,
+                        encoder_attention_mask: mask_d.as_ref(),
+                        resolution: res.as_deref(),
+                        aspect_ratio: ar.as_deref(),
+                        caption: caption.as_deref(),
+                    },
+                    hooks,
+                    &dl,
+                )
+            }
+            Arch::DiT(m) => {
+                let x = x.to_device(m.device)?;
+                let labels: Vec<i64> = floats(inputs.require("class_labels")?)?
+                    .iter()
+                    .map(|&c| c as i64)
+                    .collect();
+                m.forward(&x, &t, &labels, hooks)
+            }
+        }
+    }
+}
+
+/// The classes `LoadDiffusionModel` understands.
+pub const DIFFUSION_CLASSES: &[&str] = &["PixArtTransformer2DModel", "DiTTransformer2DModel"];
+
+impl DiffusionModel {
+    pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<DiffusionModel> {
+        let cfg = Config::read(dir)?;
+        let class = cfg.class_name().unwrap_or("");
+        if !DIFFUSION_CLASSES.contains(&class) {
+            bail!(
+                "{}: class \"{class}\" is not a supported diffusion model (supported: {})",
+                cfg.path.display(),
+                DIFFUSION_CLASSES.join(", ")
+            );
+        }
+        let w = Weights::load(ctx, dir, device)?;
+        let arch = match class {
+            "PixArtTransformer2DModel" => Arch::PixArt(Box::new(PixArt::load(&cfg, &w, device)?)),
+            _ => Arch::DiT(Box::new(DiT::load(&cfg, &w, device)?)),
+        };
+        let linears = match &arch {
+            Arch::PixArt(m) => m.linears(),
+            Arch::DiT(_) => Vec::new(),
+        };
+        Ok(DiffusionModel {
+            arch,
+            captions: Mutex::new(None),
+            linears,
+            deltas: LinearDeltaCache::default(),
+        })
+    }
+}
+
+/// `LoadDiffusionModel`: a diffusers denoiser folder as a Model value.
+#[derive(Default)]
+pub struct LoadDiffusionModel;
+
+impl Node for LoadDiffusionModel {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("LoadDiffusionModel")
+            .category("loaders")
+            .doc(
+                "Loads a diffusers model folder (config.json plus safetensors, sharded or not) \
+                 holding a PixArtTransformer2DModel (PixArt-α or -Σ) or a DiTTransformer2DModel. \
+                 Weights are memory-mapped onto the run's device. The model stays cached until a \
+                 file in the folder changes.",
+            )
+            .input(
+                Port::new("path", "String")
+                    .doc("The model folder; a relative path is taken from the graph's folder."),
+            )
+            .output(Port::new("model", "Model<Denoiser>").doc("The denoiser."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let dir = input_path(ctx, "path")?;
+        let model = DiffusionModel::load(&dir, ctx.device(), ctx)?;
+        let value = ctx.make_denoiser(model)?;
+        ctx.set_output("model", value)
+    }
+
+    fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
+        folder_fingerprint(&input_path(ctx, "path")?).map(Some)
+    }
+}
