@@ -9,7 +9,9 @@ several forwards (PyTorch eager, under inference_mode).
 
 Run (PyTorch and diffusers from PyPI; CI never runs this):
     .venv/bin/python tools/bench_pixart.py
-It builds what it needs with `cargo build --release` and `cargo bench --no-run`.
+It builds what it needs with `cargo build --release` and `cargo bench --no-run`. With
+BASELINE_PLUGINS=DIR (a folder holding another build of the plugins, such as the one
+tools/bench_protocol_overhead.sh keeps), that build is timed in the same rounds too.
 """
 import json
 import os
@@ -59,9 +61,9 @@ def main():
     subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True, env=env)
     subprocess.run(["cargo", "bench", "-q", "-p", "ditflow", "--bench", "pixart", "--no-run"], cwd=ROOT, check=True, env=env)
 
-    def ours_best():
+    def ours_best(plugins=os.path.join(ROOT, "target", "release")):
         res = subprocess.run(["cargo", "bench", "-q", "-p", "ditflow", "--bench", "pixart", "--",
-                              os.path.join(ROOT, "target", "release"), os.path.join(tmp, "model"),
+                              plugins, os.path.join(tmp, "model"),
                               os.path.join(tmp, "io.safetensors"), "10"],
                              cwd=ROOT, env=env, capture_output=True, text=True)
         if res.returncode != 0:
@@ -70,15 +72,20 @@ def main():
 
     # Alternating rounds, each side keeping its best, so a slow spell of the shared machine does
     # not fall on one side only.
-    best_torch = best_ours = float("inf")
+    baseline = os.environ.get("BASELINE_PLUGINS")
+    best_torch = best_ours = best_base = float("inf")
     for _ in range(int(os.environ.get("ROUNDS", "3"))):
         best_torch = min(best_torch, torch_best())
         best_ours = min(best_ours, ours_best())
+        if baseline:
+            best_base = min(best_base, ours_best(baseline))
     ours = {"seconds": best_ours}
     print(f"PixArt forward, hidden 384, 12 layers, 256 tokens + 16 caption tokens ({params / 1e6:.1f}M parameters), {THREADS} threads:")
     print(f"  ditflow  {ours['seconds'] * 1e3:8.1f} ms")
     print(f"  PyTorch  {best_torch * 1e3:8.1f} ms   (diffusers {__import__('diffusers').__version__}, torch {torch.__version__})")
     print(f"  ratio    {ours['seconds'] / best_torch:8.2f}x  (ours / theirs, target <= 0.9)")
+    if baseline:
+        print(f"  baseline {best_base * 1e3:8.1f} ms   ({baseline}: ratio {best_base / best_torch:.2f}x)")
 
     demo = os.path.join(ROOT, "models", "demo")
     if os.path.isdir(demo):
