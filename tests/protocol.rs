@@ -465,3 +465,185 @@ fn a_vae_wired_into_sample_is_a_located_validation_error() {
         "{err}"
     );
 }
+
+#[test]
+fn attention_hooks_on_pixart_edit_mask_and_add() {
+    // References: relations that hold exactly or to f32 rounding between patched runs of the demo
+    // PixArt (6 steps), and a key-length mask checked against truncated captions below.
+    let (session, dir) = session(false);
+    let base = run(&session, &dir, &demo_graph("", "dm.model")).unwrap().1;
+    let one = |node: &str| format!("  p: {{type: {node}}}\n");
+    // Zero queries or zero keys: both make every logit 0, so both give uniform attention.
+    for kind in ["self", "cross"] {
+        let q = run(
+            &session,
+            &dir,
+            &demo_graph(
+                &one(&format!(
+                    "ZeroLogits, inputs: {{model: dm.model, kind: {kind}}}"
+                )),
+                "p.model",
+            ),
+        )
+        .unwrap()
+        .1;
+        let k = run(
+            &session,
+            &dir,
+            &demo_graph(
+                &one(&format!(
+                    "ZeroLogits, inputs: {{model: dm.model, keys: true, kind: {kind}}}"
+                )),
+                "p.model",
+            ),
+        )
+        .unwrap()
+        .1;
+        assert_ne!(q, base, "{kind}");
+        assert_close(&q, &k.iter().map(|&v| v as f64).collect::<Vec<_>>(), kind);
+    }
+    // An extra branch of zeros, at strength 0, or gated to a branch that is not sampled leaves
+    // the output bit-exact; strength scales it exactly.
+    for inputs in [
+        "value: 0.0",
+        "value: 0.3, strength: 0.0",
+        "value: 0.3, branch: uncond",
+    ] {
+        let x = run(
+            &session,
+            &dir,
+            &demo_graph(
+                &one(&format!(
+                    "ConstantAttention, inputs: {{model: dm.model, {inputs}}}"
+                )),
+                "p.model",
+            ),
+        )
+        .unwrap()
+        .1;
+        assert_eq!(x, base, "{inputs}");
+    }
+    let half = run(
+        &session,
+        &dir,
+        &demo_graph(
+            &one("ConstantAttention, inputs: {model: dm.model, value: 0.2, strength: 0.5}"),
+            "p.model",
+        ),
+    )
+    .unwrap()
+    .1;
+    let full = run(
+        &session,
+        &dir,
+        &demo_graph(
+            &one("ConstantAttention, inputs: {model: dm.model, value: 0.1}"),
+            "p.model",
+        ),
+    )
+    .unwrap()
+    .1;
+    assert_ne!(full, base);
+    assert_eq!(half, full);
+}
+
+/// Reads every tensor of a safetensors file as `(name, dtype, shape, bytes)`.
+fn read_all(path: &Path) -> Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+        .collect()
+}
+
+fn write_all(path: &Path, tensors: &[(String, safetensors::Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+fn forward_sample(session: &Session, dir: &Path, patch: &str, io: &Path) -> Vec<f32> {
+    let model = common::repo().join("tests/fixtures/lora/transformer");
+    let (patch, m) = if patch.is_empty() {
+        (String::new(), "dm.model")
+    } else {
+        (format!("  p: {{type: {patch}}}\n"), "p.model")
+    };
+    let yaml = format!(
+        "version: 1\nnodes:\n  dm: {{type: LoadDiffusionModel, inputs: {{path: {:?}}}}}\n{patch}  f: {{type: Forward, inputs: {{model: {m}, inputs: {:?}, outputs: f.safetensors}}}}\noutputs:\n  path: f.path\n",
+        model.to_string_lossy(),
+        io.to_string_lossy()
+    );
+    let g = Graph::from_yaml(&yaml, "forward.yaml", dir).unwrap();
+    let report = session
+        .run(
+            &g,
+            &[],
+            &RunOptions {
+                out_dir: dir.to_path_buf(),
+                ..RunOptions::default()
+            },
+        )
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let (_, _, _, bytes) = read_all(&dir.join("f.safetensors"))
+        .into_iter()
+        .find(|t| t.0 == "out.sample")
+        .unwrap();
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_key_length_mask_equals_truncating_the_keys() {
+    // Reference: the same forward with the captions cut to their first 2 tokens (and a mask of
+    // ones); tolerance 1e-4 of the largest value (softmax over the same keys; the masked ones
+    // weigh exactly 0).
+    let (session, dir) = session(false);
+    let io = common::repo().join("tests/fixtures/lora/io.safetensors");
+    let mut cut = Vec::new();
+    for (name, dtype, shape, bytes) in read_all(&io) {
+        match name.as_str() {
+            "in.encoder_hidden_states" => {
+                let (b, l, c) = (shape[0], shape[1], shape[2]);
+                let mut out = Vec::new();
+                for row in 0..b {
+                    out.extend_from_slice(&bytes[row * l * c * 4..(row * l + 2) * c * 4]);
+                }
+                cut.push((name, dtype, vec![b, 2, c], out));
+            }
+            "in.encoder_attention_mask" => {
+                let ones: Vec<u8> = (0..shape[0] * 2).flat_map(|_| 1i64.to_le_bytes()).collect();
+                cut.push((name, dtype, vec![shape[0], 2], ones));
+            }
+            n if n.starts_with("in.") => cut.push((name, dtype, shape, bytes)),
+            _ => {}
+        }
+    }
+    let cut_path = dir.join("cut.safetensors");
+    write_all(&cut_path, &cut);
+    let want = forward_sample(&session, &dir, "", &cut_path);
+    let got = forward_sample(
+        &session,
+        &dir,
+        "KeyLengthMask, inputs: {model: dm.model, length: 2, kind: cross}",
+        &io,
+    );
+    let full = forward_sample(&session, &dir, "", &io);
+    assert_ne!(full, want);
+    assert_close(
+        &got,
+        &want.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        "key lengths 2 vs 2 tokens",
+    );
+}

@@ -3,7 +3,9 @@
 //! `FeedForward`, `Conv2d`, `GroupNorm`, and the adaLN and mask helpers.
 
 use crate::weights::Weights;
+use ditflow_plugin::attention::AttentionSite;
 use ditflow_plugin::linear_delta::LinearDeltas;
+use ditflow_plugin::model::Hooks;
 use ditflow_plugin::{DType, Error, Result, Tensor};
 
 /// `torch.nn.Linear`, named by its weight's key (the linear-delta site).
@@ -106,27 +108,52 @@ impl Attention {
         mask: Option<&Tensor>,
         deltas: &LinearDeltas,
     ) -> Result<Tensor> {
+        self.forward_at(x, context, mask, deltas, None)
+    }
+
+    /// [`Attention::forward`] at an attention site, running the patches' attention hooks there
+    /// (edits, masks, extra branches); with none it is the same fused call.
+    pub fn forward_at(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        mask: Option<&Tensor>,
+        deltas: &LinearDeltas,
+        at: Option<(&Hooks, AttentionSite)>,
+    ) -> Result<Tensor> {
         match context {
             None if self.to_kv.is_none() => {
                 let d = self.dim;
                 let qkv = self.to_q_or_qkv.apply(x, "none", deltas)?;
-                let o = ditflow_plugin::ops::attention_fused(
-                    &qkv,
-                    &qkv,
-                    mask,
-                    self.heads,
-                    d / self.heads,
-                    [0, d, 2 * d],
-                    None,
-                )?;
+                let o = self.attend(&qkv, &qkv, [0, d, 2 * d], mask, at)?;
                 self.to_out.apply(&o, "none", deltas)
             }
             Some(ctx) if self.to_kv.is_some() => {
-                self.forward_kv(x, &self.context_kv(ctx, deltas)?, mask, deltas)
+                self.forward_kv_at(x, &self.context_kv(ctx, deltas)?, mask, deltas, at)
             }
             _ => Err(Error::new(
                 "an attention layer was called with the wrong kind of context",
             )),
+        }
+    }
+
+    /// The heads' attention from fused projections, through the site's hooks when it has any.
+    fn attend(
+        &self,
+        q_src: &Tensor,
+        kv_src: &Tensor,
+        offsets: [usize; 3],
+        mask: Option<&Tensor>,
+        at: Option<(&Hooks, AttentionSite)>,
+    ) -> Result<Tensor> {
+        let head_dim = self.dim / self.heads;
+        match at {
+            Some((hooks, site)) if hooks.has_attention(&site) => {
+                hooks.attention(&site, q_src, kv_src, offsets, mask, self.heads, head_dim)
+            }
+            _ => ditflow_plugin::ops::attention_fused(
+                q_src, kv_src, mask, self.heads, head_dim, offsets, None,
+            ),
         }
     }
 
@@ -148,17 +175,21 @@ impl Attention {
         mask: Option<&Tensor>,
         deltas: &LinearDeltas,
     ) -> Result<Tensor> {
+        self.forward_kv_at(x, kv, mask, deltas, None)
+    }
+
+    /// [`Attention::forward_kv`] at an attention site.
+    pub fn forward_kv_at(
+        &self,
+        x: &Tensor,
+        kv: &Tensor,
+        mask: Option<&Tensor>,
+        deltas: &LinearDeltas,
+        at: Option<(&Hooks, AttentionSite)>,
+    ) -> Result<Tensor> {
         let d = self.dim;
         let q = self.to_q_or_qkv.apply(x, "none", deltas)?;
-        let o = ditflow_plugin::ops::attention_fused(
-            &q,
-            kv,
-            mask,
-            self.heads,
-            d / self.heads,
-            [0, 0, d],
-            None,
-        )?;
+        let o = self.attend(&q, kv, [0, 0, d], mask, at)?;
         self.to_out.apply(&o, "none", deltas)
     }
 }

@@ -43,7 +43,11 @@ impl Object for DiffusionModel {
 impl Denoiser for DiffusionModel {
     fn describe(&self) -> DenoiserInfo {
         use ditflow_plugin::abi::*;
-        let mut caps = DF_CAP_BLOCK_RESIDUAL | DF_CAP_RANGE_OVERRIDE;
+        let mut caps = DF_CAP_BLOCK_RESIDUAL
+            | DF_CAP_RANGE_OVERRIDE
+            | DF_CAP_ATTENTION_EDIT
+            | DF_CAP_ATTENTION_MASK
+            | DF_CAP_ATTENTION_EXTRA;
         if matches!(self.arch, Arch::PixArt(_)) {
             caps |= DF_CAP_LINEAR_DELTA | DF_CAP_LINEAR_MERGE;
         }
@@ -51,7 +55,7 @@ impl Denoiser for DiffusionModel {
             name: "transformer_blocks".into(),
             streams: vec!["image".into()],
             n_blocks: n,
-            sites: DF_SITE_POST_BLOCK,
+            sites: DF_SITE_ATTN | DF_SITE_POST_BLOCK,
         };
         let (dim, channels, patch, blocks, conditioning) = match &self.arch {
             Arch::PixArt(m) => {

@@ -6,6 +6,7 @@ use ditflow_nn::{chunks, patch_grid, patchify, timestep_sinusoids, unpatchify};
 use ditflow_nn::{
     Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights,
 };
+use ditflow_plugin::attention::{AttentionKind, AttentionSite};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::Hooks;
 use ditflow_plugin::{Device, Error, Kind, Result, Tensor};
@@ -168,7 +169,20 @@ impl DiT {
                 (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
             let n = hidden.layer_norm(None, None, Some(shift_msa), Some(scale_msa), 1e-6)?;
             hidden = hidden.gated_residual(
-                &block.attn1.forward(&n, None, None, LinearDeltas::none())?,
+                &block.attn1.forward_at(
+                    &n,
+                    None,
+                    None,
+                    LinearDeltas::none(),
+                    Some((
+                        hooks,
+                        AttentionSite {
+                            stack: 0,
+                            block: i,
+                            kind: AttentionKind::SelfAttention,
+                        },
+                    )),
+                )?,
                 gate_msa,
             )?;
             let n =

@@ -7,6 +7,7 @@ use ditflow_nn::{chunks, mask_bias, patch_grid, patchify, timestep_sinusoids, un
 use ditflow_nn::{
     Attention, Config, FeedForward, Linear, PosEmbedCache, TimestepEmbedding, Weights,
 };
+use ditflow_plugin::attention::{AttentionKind, AttentionSite};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::Hooks;
 use ditflow_plugin::model::LinearInfo;
@@ -362,12 +363,25 @@ impl PixArt {
                 (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
             let n =
                 hidden.layer_norm(None, None, Some(shift_msa), Some(scale_msa), self.norm_eps)?;
-            hidden = hidden.gated_residual(&block.attn1.forward(&n, None, None, dl)?, gate_msa)?;
-            hidden = hidden.add(&block.attn2.forward_kv(
+            let site = |kind| AttentionSite {
+                stack: 0,
+                block: i,
+                kind,
+            };
+            let a1 = block.attn1.forward_at(
+                &n,
+                None,
+                None,
+                dl,
+                Some((hooks, site(AttentionKind::SelfAttention))),
+            )?;
+            hidden = hidden.gated_residual(&a1, gate_msa)?;
+            hidden = hidden.add(&block.attn2.forward_kv_at(
                 &hidden,
                 kv,
                 caption.mask.as_ref(),
                 dl,
+                Some((hooks, site(AttentionKind::Cross))),
             )?)?;
             let n =
                 hidden.layer_norm(None, None, Some(shift_mlp), Some(scale_mlp), self.norm_eps)?;

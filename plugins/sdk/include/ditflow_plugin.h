@@ -412,7 +412,8 @@ typedef struct DfSite {
     uint32_t stack;
     uint32_t block;
     uint32_t site;
-    uint32_t _pad;
+    /** At attention sites its kind (DF_ATTENTION_*), 0 elsewhere. */
+    uint32_t attention;
 } DfSite;
 
 /**

@@ -395,14 +395,15 @@ pub struct DfAttentionMask {
     pub dense: *mut DfValue,
 }
 
-/// A hook position: block `block` of stack `stack`, at site `site` (`DF_SITE_*`).
+/// A hook position: block `block` of stack `stack`, at site `site` (`DF_SITE_*`); at attention
+/// sites `attention` is its kind (`DF_ATTENTION_*`), 0 elsewhere.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct DfSite {
     pub stack: u32,
     pub block: u32,
     pub site: u32,
-    pub _pad: u32,
+    pub attention: u32,
 }
 
 /// Block residual: a delta (owned, `[B, tokens, width]`) to add into the hidden state

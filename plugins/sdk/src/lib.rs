@@ -31,6 +31,7 @@
 //! `include/ditflow_plugin.h`.
 
 pub mod abi;
+pub mod attention;
 mod context;
 pub mod encoder_api;
 mod export;

@@ -313,7 +313,7 @@ impl Call {
 
     /// # Safety
     /// `c` must be NULL or a live call context.
-    unsafe fn from_raw(c: *const DfCallContext) -> Call {
+    pub(crate) unsafe fn from_raw(c: *const DfCallContext) -> Call {
         // SAFETY: per the contract.
         let Some(c) = (unsafe { c.as_ref() }) else {
             return Call::single(0, 0.0);
@@ -556,9 +556,15 @@ impl Context {
             n_linear_deltas: deltas.len(),
             block_residual: spec.block_residual.then_some(block_residual_tramp::<H>),
             range_override: spec.range_override.then_some(range_override_tramp::<H>),
-            attention_edit: None,
-            attention_mask: None,
-            attention_extra: None,
+            attention_edit: spec
+                .attention_edit
+                .then_some(crate::attention::edit_tramp::<H>),
+            attention_mask: spec
+                .attention_mask
+                .then_some(crate::attention::mask_tramp::<H>),
+            attention_extra: spec
+                .attention_extra
+                .then_some(crate::attention::extra_tramp::<H>),
             bridge: None,
             lifecycle: spec.lifecycle.then_some(lifecycle_tramp::<H>),
             memory_estimate: None,
@@ -742,6 +748,9 @@ pub struct PatchSpec {
     pub block_residual: bool,
     pub range_override: bool,
     pub lifecycle: bool,
+    pub attention_edit: bool,
+    pub attention_mask: bool,
+    pub attention_extra: bool,
 }
 
 impl PatchSpec {
@@ -764,6 +773,9 @@ impl PatchSpec {
             block_residual: false,
             range_override: false,
             lifecycle: false,
+            attention_edit: false,
+            attention_mask: false,
+            attention_extra: false,
         }
     }
 }
@@ -827,6 +839,38 @@ pub trait PatchHooks: Send + Sync + 'static {
 
     fn lifecycle(&self, _event: Event, _call: &Call) -> Result<()> {
         Ok(())
+    }
+
+    /// New `(q, k, v)` (`[B, L, heads·head_dim]`) for an attention site, or `None` to keep them.
+    fn attention_edit(
+        &self,
+        _call: &Call,
+        _site: &crate::attention::AttentionSite,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    /// A mask for an attention site, intersected with the model's own.
+    fn attention_mask(
+        &self,
+        _call: &Call,
+        _site: &crate::attention::AttentionSite,
+    ) -> Result<Option<crate::attention::Mask>> {
+        Ok(None)
+    }
+
+    /// A delta added to an attention site's output (before its output projection), from its
+    /// queries `q`; scaled by the patch's strength and gated by its steps and branches.
+    fn attention_extra(
+        &self,
+        _call: &Call,
+        _site: &crate::attention::AttentionSite,
+        _q: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
     }
 }
 
@@ -929,9 +973,9 @@ unsafe extern "C" fn lifecycle_tramp<H: PatchHooks>(
 /// The patches a denoiser's forward received, with the helpers that run them at its sites.
 /// With no patches every helper is a plain pass-through.
 pub struct Hooks<'a> {
-    call: &'a Call,
+    pub(crate) call: &'a Call,
     raw: *const DfCallContext,
-    patches: Vec<&'a DfPatchDesc>,
+    pub(crate) patches: Vec<&'a DfPatchDesc>,
 }
 
 fn mix(h: u64, x: u64) -> u64 {
@@ -941,7 +985,7 @@ fn mix(h: u64, x: u64) -> u64 {
 }
 
 /// `'NAME' from plugin 'PLUGIN'`.
-fn label(p: &DfPatchDesc) -> String {
+pub(crate) fn label(p: &DfPatchDesc) -> String {
     // SAFETY: host-owned strings.
     unsafe {
         format!(
@@ -953,7 +997,7 @@ fn label(p: &DfPatchDesc) -> String {
 }
 
 /// The inclusive block range of a patch within a stack of `n` blocks.
-fn block_range(p: &DfPatchDesc, n: usize) -> (usize, usize) {
+pub(crate) fn block_range(p: &DfPatchDesc, n: usize) -> (usize, usize) {
     let last = if p.last < 0 {
         n.saturating_sub(1)
     } else {
@@ -1033,6 +1077,20 @@ impl<'a> Hooks<'a> {
         self.call
     }
 
+    /// 1 for each batch row in `p`'s branches, 0 for the others.
+    pub(crate) fn rows(&self, p: &DfPatchDesc) -> Vec<f32> {
+        self.call
+            .branches
+            .iter()
+            .map(|&b| (p.branches == 0 || p.branches & (1u32 << (b as u32 & 31)) != 0) as u8 as f32)
+            .collect()
+    }
+
+    /// The call context in its C form, as the hooks receive it.
+    pub(crate) fn call_raw(&self) -> crate::attention::RawCall {
+        crate::attention::RawCall::new(self.call.raw(), self.raw)
+    }
+
     /// The patches with linear deltas that apply at this call: strength not 0 and the step
     /// inside their `[start, end)` window.
     pub(crate) fn active_delta_patches(&self) -> impl Iterator<Item = &DfPatchDesc> + '_ {
@@ -1063,14 +1121,7 @@ impl<'a> Hooks<'a> {
             if block < first || block > last || frac < p.start || frac >= p.end {
                 continue;
             }
-            let rows: Vec<f32> = self
-                .call
-                .branches
-                .iter()
-                .map(|&b| {
-                    (p.branches == 0 || p.branches & (1u32 << (b as u32 & 31)) != 0) as u8 as f32
-                })
-                .collect();
+            let rows = self.rows(p);
             if rows.iter().all(|&r| r == 0.0) {
                 continue;
             }

@@ -223,7 +223,7 @@ macro_rules! abi_items {
                     stack: u32,
                     block: u32,
                     site: u32,
-                    _pad: u32,
+                    attention: u32,
                 }
                 DfPatchDesc {
                     size: u32,

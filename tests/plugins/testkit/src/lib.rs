@@ -387,5 +387,8 @@ export_plugin!(
         protocol::AddResidual,
         protocol::FailingHook,
         protocol::NoOpHooks,
+        protocol::ZeroLogits,
+        protocol::KeyLengthMask,
+        protocol::ConstantAttention,
     ],
 );

@@ -2,6 +2,7 @@
 //! mixture, the twin of the C example's), and patches that apply to any protocol denoiser from
 //! this plugin, so the tests show patches and denoisers composing across three plugins.
 
+use ditflow_plugin::attention::{AttentionKind, AttentionSite, Mask};
 use ditflow_plugin::model::{
     Call, Continuation, Denoiser, DenoiserInfo, Event, Hooks, Inputs, PatchHooks, PatchSpec,
     Prediction,
@@ -324,6 +325,181 @@ impl Node for NoOpHooks {
         over.range_override = true;
         over.stack = Some(0);
         let v = ctx.patch_model(&v, &over, NoOp)?;
+        ctx.set_output("model", v)
+    }
+}
+
+/// The attention kind an input names.
+fn attention_kind(ctx: &Context) -> Result<AttentionKind> {
+    let kind: String = ctx.input("kind")?;
+    Ok(match kind.as_str() {
+        "cross" => AttentionKind::Cross,
+        _ => AttentionKind::SelfAttention,
+    })
+}
+
+fn kind_port() -> Port {
+    Port::new("kind", "String")
+        .default("self")
+        .choices(&["self", "cross"])
+}
+
+/// Zeroes the queries or the keys at the attention sites of one kind: every logit is 0.
+struct Zero {
+    keys: bool,
+    kind: AttentionKind,
+}
+
+impl PatchHooks for Zero {
+    fn attention_edit(
+        &self,
+        _call: &Call,
+        site: &AttentionSite,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        if site.kind != self.kind {
+            return Ok(None);
+        }
+        Ok(Some(if self.keys {
+            (q.clone(), k.affine(0.0, 0.0)?, v.clone())
+        } else {
+            (q.affine(0.0, 0.0)?, k.clone(), v.clone())
+        }))
+    }
+}
+
+/// `ZeroLogits`: an attention edit zeroing q (or k) at every attention site of one kind.
+#[derive(Default)]
+pub struct ZeroLogits;
+
+impl Node for ZeroLogits {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("ZeroLogits")
+            .category("testing")
+            .doc("An attention edit that zeroes the queries (or the keys): uniform attention.")
+            .input(Port::new("model", "Model<Denoiser>"))
+            .input(Port::new("keys", "Bool").default(false))
+            .input(kind_port())
+            .output(Port::new("model", "Model<Denoiser>"))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let keys: bool = ctx.input("keys")?;
+        let mut spec = PatchSpec::new(if keys { "ZeroKeys" } else { "ZeroQueries" });
+        spec.attention_edit = true;
+        spec.stack = Some(0);
+        let hooks = Zero {
+            keys,
+            kind: attention_kind(ctx)?,
+        };
+        let v = ctx.patch_model(&model, &spec, hooks)?;
+        ctx.set_output("model", v)
+    }
+}
+
+/// Every row sees only its first `n` keys at the sites of one kind.
+struct Lengths {
+    n: i64,
+    kind: AttentionKind,
+}
+
+impl PatchHooks for Lengths {
+    fn attention_mask(&self, call: &Call, site: &AttentionSite) -> Result<Option<Mask>> {
+        Ok((site.kind == self.kind).then(|| Mask::KeyLengths(vec![self.n; call.branches.len()])))
+    }
+}
+
+/// `KeyLengthMask`: a structured mask keeping each row's first `length` keys.
+#[derive(Default)]
+pub struct KeyLengthMask;
+
+impl Node for KeyLengthMask {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("KeyLengthMask")
+            .category("testing")
+            .doc("A key-length attention mask at every attention site of one kind.")
+            .input(Port::new("model", "Model<Denoiser>"))
+            .input(Port::new("length", "Int").default(1i64).range(0.0, 1e6))
+            .input(kind_port())
+            .output(Port::new("model", "Model<Denoiser>"))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let mut spec = PatchSpec::new("KeyLengthMask");
+        spec.attention_mask = true;
+        spec.stack = Some(0);
+        let hooks = Lengths {
+            n: ctx.input("length")?,
+            kind: attention_kind(ctx)?,
+        };
+        let v = ctx.patch_model(&model, &spec, hooks)?;
+        ctx.set_output("model", v)
+    }
+}
+
+/// Adds `value` to the attention output at the sites of one kind (an IP-Adapter's shape).
+struct Extra {
+    value: f32,
+    kind: AttentionKind,
+}
+
+impl PatchHooks for Extra {
+    fn attention_extra(
+        &self,
+        _call: &Call,
+        site: &AttentionSite,
+        q: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        if site.kind != self.kind {
+            return Ok(None);
+        }
+        Ok(Some(q.affine(0.0, self.value as f64)?))
+    }
+}
+
+/// `ConstantAttention`: an extra attention branch adding a constant.
+#[derive(Default)]
+pub struct ConstantAttention;
+
+impl Node for ConstantAttention {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("ConstantAttention")
+            .category("testing")
+            .doc("An extra attention branch adding `value` to the attention output.")
+            .input(Port::new("model", "Model<Denoiser>"))
+            .input(Port::new("value", "Float").default(0.0))
+            .input(Port::new("strength", "Float").default(1.0))
+            .input(
+                Port::new("branch", "String")
+                    .default("all")
+                    .choices(&["all", "cond", "uncond"]),
+            )
+            .input(kind_port())
+            .output(Port::new("model", "Model<Denoiser>"))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let value: f64 = ctx.input("value")?;
+        let mut spec = PatchSpec::new(&format!("ConstantAttention({value})"));
+        spec.attention_extra = true;
+        spec.stack = Some(0);
+        spec.strength = ctx.input("strength")?;
+        let branch: String = ctx.input("branch")?;
+        spec.branches = match branch.as_str() {
+            "cond" => 1 << ditflow_plugin::model::BRANCH_COND,
+            "uncond" => 1 << ditflow_plugin::model::BRANCH_UNCOND,
+            _ => 0,
+        };
+        let hooks = Extra {
+            value: value as f32,
+            kind: attention_kind(ctx)?,
+        };
+        let v = ctx.patch_model(&model, &spec, hooks)?;
         ctx.set_output("model", v)
     }
 }
