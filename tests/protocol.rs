@@ -647,3 +647,79 @@ fn a_key_length_mask_equals_truncating_the_keys() {
         "key lengths 2 vs 2 tokens",
     );
 }
+
+/// `SteppedForward` of the LoRA fixture's PixArt (2 blocks) with `patch`.
+fn stepped_sample(
+    session: &Session,
+    dir: &Path,
+    patch: &str,
+    split: usize,
+    add: f64,
+) -> Result<Vec<f32>, String> {
+    let model = common::repo().join("tests/fixtures/lora/transformer");
+    let io = common::repo().join("tests/fixtures/lora/io.safetensors");
+    let (patch, m) = if patch.is_empty() {
+        (String::new(), "dm.model")
+    } else {
+        (format!("  p: {{type: {patch}}}\n"), "p.model")
+    };
+    let yaml = format!(
+        "version: 1\nnodes:\n  dm: {{type: LoadDiffusionModel, inputs: {{path: {:?}}}}}\n{patch}  s: {{type: SteppedForward, inputs: {{model: {m}, inputs: {:?}, split: {split}, add: {add}}}}}\noutputs:\n  x: s.sample\n",
+        model.to_string_lossy(),
+        io.to_string_lossy()
+    );
+    run(session, dir, &yaml).map(|r| r.1)
+}
+
+#[test]
+fn a_denoiser_stepped_block_by_block_equals_its_forward() {
+    // Block stepping, the protocol two separately loaded towers are bridged with: prepare, blocks
+    // 0..=0, blocks 1..=1, finish gives the forward bit-exactly, with the model's patches; a
+    // change to the hidden state between the ranges is a block residual there.
+    let (session, dir) = session(false);
+    let io = common::repo().join("tests/fixtures/lora/io.safetensors");
+    let lora = common::repo().join("tests/fixtures/lora/a.safetensors");
+    let lora = format!(
+        "ApplyLoRA, inputs: {{model: dm.model, path: {:?}}}",
+        lora.to_string_lossy()
+    );
+    for patch in ["", lora.as_str()] {
+        let forward = forward_sample(&session, &dir, patch, &io);
+        let stepped = stepped_sample(&session, &dir, patch, 1, 0.0).unwrap();
+        assert_eq!(stepped, forward, "{patch}");
+    }
+    let residual = forward_sample(
+        &session,
+        &dir,
+        "AddResidual, inputs: {model: dm.model, value: 0.1, first: 0, last: 0}",
+        &io,
+    );
+    let stepped = stepped_sample(&session, &dir, "", 1, 0.1).unwrap();
+    assert_eq!(stepped, residual);
+    // A cache over the whole stack cannot run on half of it: refused, naming the cache.
+    let err = stepped_sample(
+        &session,
+        &dir,
+        "FirstBlockCache, inputs: {model: dm.model}",
+        1,
+        0.0,
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("FirstBlockCache") && err.contains("cut"),
+        "{err}"
+    );
+    // A whole-call override has no whole call to wrap when the model is stepped.
+    let err = stepped_sample(
+        &session,
+        &dir,
+        "ScalePrediction, inputs: {model: dm.model, factor: 0.5}",
+        1,
+        0.0,
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("ScalePrediction") && err.contains("stepped"),
+        "{err}"
+    );
+}

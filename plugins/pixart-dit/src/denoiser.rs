@@ -6,9 +6,10 @@ use crate::dit::DiT;
 use crate::pixart::{self, PixArt};
 use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{folder_fingerprint, input_path};
-use ditflow_plugin::linear_delta::LinearDeltaCache;
+use ditflow_plugin::linear_delta::{LinearDeltaCache, LinearDeltas};
 use ditflow_plugin::model::{
-    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StreamInfo,
+    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StepState,
+    StreamInfo,
 };
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
@@ -49,7 +50,7 @@ impl Denoiser for DiffusionModel {
             | DF_CAP_ATTENTION_MASK
             | DF_CAP_ATTENTION_EXTRA;
         if matches!(self.arch, Arch::PixArt(_)) {
-            caps |= DF_CAP_LINEAR_DELTA | DF_CAP_LINEAR_MERGE;
+            caps |= DF_CAP_LINEAR_DELTA | DF_CAP_LINEAR_MERGE | DF_CAP_BLOCK_STEPPING;
         }
         let stack = |n: usize| StackInfo {
             name: "transformer_blocks".into(),
@@ -90,68 +91,15 @@ impl Denoiser for DiffusionModel {
     }
 
     fn forward(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<Tensor> {
-        let floats = |t: &Tensor| -> Result<Vec<f32>> {
-            t.cast(DType::F32)?
-                .to_device(Device::Cpu)?
-                .as_f32()
-                .map(<[f32]>::to_vec)
-        };
-        let x = inputs.require("hidden_states")?;
-        let batch = x.shape().first().copied().unwrap_or(0);
-        // A per-row `timestep` input (a lone forward) or the call's.
-        let t = match inputs.get("timestep") {
-            Some(t) => floats(t)?,
-            None => vec![call.timestep as f32; batch],
-        };
         match &self.arch {
             Arch::PixArt(m) => {
-                let device = m.device;
-                let dl = self.deltas.get(hooks, &self.linears, device)?;
-                let x = x.to_device(device)?;
-                let enc = inputs.require("encoder_hidden_states")?;
-                let mask = inputs.get("encoder_attention_mask");
-                let (res, ar) = (
-                    inputs.get("resolution").map(floats).transpose()?,
-                    inputs.get("aspect_ratio").map(floats).transpose()?,
-                );
-                let enc_d = enc.to_device(device)?;
-                let mask_d = mask.map(|t| t.to_device(device)).transpose()?;
-                // Within one sampling run the captions do not change: project them once.
-                let caption = if call.run_id != 0 {
-                    let key = (
-                        call.run_id,
-                        enc.as_value().id(),
-                        mask.map_or(0, |m| m.as_value().id()),
-                        dl.key(),
-                    );
-                    let mut slot = self.captions.lock().unwrap_or_else(|p| p.into_inner());
-                    match slot.as_ref() {
-                        Some((k, c)) if *k == key => Some(c.clone()),
-                        _ => {
-                            let c = Arc::new(m.encode_caption(&enc_d, mask_d.as_ref(), &dl)?);
-                            *slot = Some((key, c.clone()));
-                            Some(c)
-                        }
-                    }
-                } else {
-                    None
-                };
-                m.forward(
-                    &pixart::Inputs {
-                        hidden_states: &x,
-                        encoder_hidden_states: &enc_d,
-                        timestep: &t,
-                        encoder_attention_mask: mask_d.as_ref(),
-                        resolution: res.as_deref(),
-                        aspect_ratio: ar.as_deref(),
-                        caption: caption.as_deref(),
-                    },
-                    hooks,
-                    &dl,
-                )
+                let dl = self.deltas.get(hooks, &self.linears, m.device)?;
+                let a = self.pixart_args(m, call, inputs, &dl)?;
+                m.forward(&a.inputs(), hooks, &dl)
             }
             Arch::DiT(m) => {
-                let x = x.to_device(m.device)?;
+                let x = inputs.require("hidden_states")?.to_device(m.device)?;
+                let t = timesteps(call, inputs, x.shape().first().copied().unwrap_or(0))?;
                 let labels: Vec<i64> = floats(inputs.require("class_labels")?)?
                     .iter()
                     .map(|&c| c as i64)
@@ -159,6 +107,155 @@ impl Denoiser for DiffusionModel {
                 m.forward(&x, &t, &labels, hooks)
             }
         }
+    }
+
+    fn prepare(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<StepState> {
+        let m = self.stepping()?;
+        let dl = self.deltas.get(hooks, &self.linears, m.device)?;
+        let a = self.pixart_args(m, call, inputs, &dl)?;
+        let (hidden, step) = m.prepare(&a.inputs(), &dl)?;
+        Ok(StepState {
+            hidden,
+            inner: Value::object(Stepped { step, deltas: dl })?,
+        })
+    }
+
+    fn run_blocks(
+        &self,
+        _call: &Call,
+        state: StepState,
+        stack: usize,
+        from: usize,
+        to: usize,
+        hooks: &Hooks,
+    ) -> Result<StepState> {
+        let m = self.stepping()?;
+        if stack != 0 {
+            bail!("PixArt has one block stack (0), not {stack}");
+        }
+        let s = state.inner.as_object::<Stepped>()?;
+        let hidden = m.blocks(&s.step, from, to, state.hidden.clone(), hooks, &s.deltas)?;
+        Ok(StepState {
+            hidden,
+            inner: state.inner.clone(),
+        })
+    }
+
+    fn finish(&self, _call: &Call, state: StepState, _hooks: &Hooks) -> Result<Tensor> {
+        let m = self.stepping()?;
+        let s = state.inner.as_object::<Stepped>()?;
+        m.finish(&s.step, state.hidden.clone(), &s.deltas)
+    }
+}
+
+/// A stepped PixArt's own state: what its blocks and head read, and the call's linear deltas.
+struct Stepped {
+    step: pixart::Step,
+    deltas: Arc<LinearDeltas>,
+}
+
+impl Object for Stepped {
+    const TAG: &'static str = "ditflow-pixart-dit.step";
+}
+
+fn floats(t: &Tensor) -> Result<Vec<f32>> {
+    t.cast(DType::F32)?
+        .to_device(Device::Cpu)?
+        .as_f32()
+        .map(<[f32]>::to_vec)
+}
+
+/// A per-row `timestep` input (a lone forward), or the call's for every row.
+fn timesteps(call: &Call, inputs: &Inputs, batch: usize) -> Result<Vec<f32>> {
+    Ok(match inputs.get("timestep") {
+        Some(t) => floats(t)?,
+        None => vec![call.timestep as f32; batch],
+    })
+}
+
+/// PixArt's inputs for one call, on its device.
+struct PixArtArgs {
+    x: Tensor,
+    enc: Tensor,
+    mask: Option<Tensor>,
+    t: Vec<f32>,
+    res: Option<Vec<f32>>,
+    ar: Option<Vec<f32>>,
+    caption: Option<Arc<pixart::CaptionCache>>,
+}
+
+impl PixArtArgs {
+    fn inputs(&self) -> pixart::Inputs<'_> {
+        pixart::Inputs {
+            hidden_states: &self.x,
+            encoder_hidden_states: &self.enc,
+            timestep: &self.t,
+            encoder_attention_mask: self.mask.as_ref(),
+            resolution: self.res.as_deref(),
+            aspect_ratio: self.ar.as_deref(),
+            caption: self.caption.clone(),
+        }
+    }
+}
+
+impl DiffusionModel {
+    /// The PixArt a stepped call runs, or an error: DiT does not step.
+    fn stepping(&self) -> Result<&PixArt> {
+        match &self.arch {
+            Arch::PixArt(m) => Ok(m),
+            Arch::DiT(_) => bail!("DiT does not step block by block"),
+        }
+    }
+
+    /// PixArt's named inputs on its device, with the captions projected once per sampling run.
+    fn pixart_args(
+        &self,
+        m: &PixArt,
+        call: &Call,
+        inputs: &Inputs,
+        dl: &LinearDeltas,
+    ) -> Result<PixArtArgs> {
+        let device = m.device;
+        let x = inputs.require("hidden_states")?;
+        let t = timesteps(call, inputs, x.shape().first().copied().unwrap_or(0))?;
+        let x = x.to_device(device)?;
+        let enc = inputs.require("encoder_hidden_states")?;
+        let mask = inputs.get("encoder_attention_mask");
+        let (res, ar) = (
+            inputs.get("resolution").map(floats).transpose()?,
+            inputs.get("aspect_ratio").map(floats).transpose()?,
+        );
+        let enc_d = enc.to_device(device)?;
+        let mask_d = mask.map(|t| t.to_device(device)).transpose()?;
+        // Within one sampling run the captions do not change: project them once.
+        let caption = if call.run_id != 0 {
+            let key = (
+                call.run_id,
+                enc.as_value().id(),
+                mask.map_or(0, |m| m.as_value().id()),
+                dl.key(),
+            );
+            let mut slot = self.captions.lock().unwrap_or_else(|p| p.into_inner());
+            match slot.as_ref() {
+                Some((k, c)) if *k == key => Some(c.clone()),
+                _ => {
+                    let c = Arc::new(m.encode_caption(&enc_d, mask_d.as_ref(), dl)?);
+                    *slot = Some((key, c.clone()));
+                    Some(c)
+                }
+            }
+        } else {
+            None
+        };
+        Ok(PixArtArgs {
+            x,
+            enc: enc_d,
+            mask: mask_d,
+            t,
+            res,
+            ar,
+            caption,
+        })
     }
 }
 

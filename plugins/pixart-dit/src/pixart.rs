@@ -12,6 +12,7 @@ use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::Hooks;
 use ditflow_plugin::model::LinearInfo;
 use ditflow_plugin::{bail, Device, Error, Result, Tensor};
+use std::sync::Arc;
 
 /// One `BasicTransformerBlock` with `norm_type = "ada_norm_single"`.
 pub struct Block {
@@ -45,7 +46,19 @@ pub struct Inputs<'a> {
     pub aspect_ratio: Option<&'a [f32]>,
     /// The captions' cross-attention keys and values from [`PixArt::encode_caption`] for these
     /// `encoder_hidden_states`, when a sampler computed them once for all its steps.
-    pub caption: Option<&'a CaptionCache>,
+    pub caption: Option<Arc<CaptionCache>>,
+}
+
+/// What the blocks and the head read, made once per forward by [`PixArt::prepare`].
+pub struct Step {
+    /// `[B, 6, D]`: the timestep's modulation for every block.
+    pub t6: Tensor,
+    /// `[B, D]`: the timestep embedding (the head's modulation).
+    pub cond: Tensor,
+    pub caption: Arc<CaptionCache>,
+    /// The patch grid.
+    pub h: usize,
+    pub w: usize,
 }
 
 /// Every block's linear layers by diffusers name: q, k and v are aliases into the fused
@@ -289,8 +302,32 @@ impl PixArt {
     }
 
     /// The denoiser's output `[B, out_channels, H, W]`, with the patches' linear deltas `dl`
-    /// and the other hooks at their sites.
+    /// and the other hooks at their sites: [`PixArt::prepare`], every block, [`PixArt::finish`].
     pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
+        let (hidden, step) = self.prepare(inp, dl)?;
+        let hidden = hooks.run_stack(0, self.blocks.len(), hidden, &mut |i, h| {
+            self.block(&step, i, h, hooks, dl)
+        })?;
+        self.finish(&step, hidden, dl)
+    }
+
+    /// Blocks `from..=to` on `hidden` (block stepping), with the hooks at their sites.
+    pub fn blocks(
+        &self,
+        step: &Step,
+        from: usize,
+        to: usize,
+        hidden: Tensor,
+        hooks: &Hooks,
+        dl: &LinearDeltas,
+    ) -> Result<Tensor> {
+        hooks.run_blocks(0, self.blocks.len(), from, to, hidden, &mut |i, h| {
+            self.block(step, i, h, hooks, dl)
+        })
+    }
+
+    /// The patch tokens with positions `[B, N, D]`, and what every block and the head read.
+    pub fn prepare(&self, inp: &Inputs, dl: &LinearDeltas) -> Result<(Tensor, Step)> {
         let x = inp.hidden_states;
         let (b, h, w) = patch_grid("PixArt", x, self.in_channels, self.patch)?;
         let e = inp.encoder_hidden_states.shape();
@@ -342,51 +379,75 @@ impl PixArt {
         let t6 = self.adaln.linear.apply(&cond.unary("silu")?, "none", dl)?;
         let t6 = t6.reshape(&[b as i64, 6, d as i64])?;
         // Captions: projected, then each block's keys and values (unless given).
-        let computed;
-        let caption = match inp.caption {
-            Some(c) => c,
-            None => {
-                computed =
-                    self.encode_caption(inp.encoder_hidden_states, inp.encoder_attention_mask, dl)?;
-                &computed
-            }
+        let caption = match &inp.caption {
+            Some(c) => c.clone(),
+            None => Arc::new(self.encode_caption(
+                inp.encoder_hidden_states,
+                inp.encoder_attention_mask,
+                dl,
+            )?),
         };
         if caption.kv.len() != self.blocks.len()
             || caption.kv.first().is_some_and(|kv| kv.shape()[0] != b)
         {
             bail!("PixArt: the caption cache does not match this model and batch");
         }
-        let hidden = hooks.run_stack(0, self.blocks.len(), hidden, &mut |i, mut hidden| {
-            let (block, kv) = (&self.blocks[i], &caption.kv[i]);
-            let m = chunks(&block.scale_shift_table.add(&t6)?, 6, d)?;
-            let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) =
-                (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
-            let n =
-                hidden.layer_norm(None, None, Some(shift_msa), Some(scale_msa), self.norm_eps)?;
-            let site = |kind| AttentionSite {
-                stack: 0,
-                block: i,
-                kind,
-            };
-            let a1 = block.attn1.forward_at(
-                &n,
-                None,
-                None,
-                dl,
-                Some((hooks, site(AttentionKind::SelfAttention))),
-            )?;
-            hidden = hidden.gated_residual(&a1, gate_msa)?;
-            hidden = hidden.add(&block.attn2.forward_kv_at(
-                &hidden,
-                kv,
-                caption.mask.as_ref(),
-                dl,
-                Some((hooks, site(AttentionKind::Cross))),
-            )?)?;
-            let n =
-                hidden.layer_norm(None, None, Some(shift_mlp), Some(scale_mlp), self.norm_eps)?;
-            hidden.gated_residual(&block.ff.forward(&n, dl)?, gate_mlp)
-        })?;
+        Ok((
+            hidden,
+            Step {
+                t6,
+                cond,
+                caption,
+                h,
+                w,
+            },
+        ))
+    }
+
+    /// Block `i` on `hidden`.
+    fn block(
+        &self,
+        step: &Step,
+        i: usize,
+        mut hidden: Tensor,
+        hooks: &Hooks,
+        dl: &LinearDeltas,
+    ) -> Result<Tensor> {
+        let d = self.dim;
+        let (t6, caption) = (&step.t6, &step.caption);
+        let (block, kv) = (&self.blocks[i], &caption.kv[i]);
+        let m = chunks(&block.scale_shift_table.add(t6)?, 6, d)?;
+        let (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) =
+            (&m[0], &m[1], &m[2], &m[3], &m[4], &m[5]);
+        let n = hidden.layer_norm(None, None, Some(shift_msa), Some(scale_msa), self.norm_eps)?;
+        let site = |kind| AttentionSite {
+            stack: 0,
+            block: i,
+            kind,
+        };
+        let a1 = block.attn1.forward_at(
+            &n,
+            None,
+            None,
+            dl,
+            Some((hooks, site(AttentionKind::SelfAttention))),
+        )?;
+        hidden = hidden.gated_residual(&a1, gate_msa)?;
+        hidden = hidden.add(&block.attn2.forward_kv_at(
+            &hidden,
+            kv,
+            caption.mask.as_ref(),
+            dl,
+            Some((hooks, site(AttentionKind::Cross))),
+        )?)?;
+        let n = hidden.layer_norm(None, None, Some(shift_mlp), Some(scale_mlp), self.norm_eps)?;
+        hidden.gated_residual(&block.ff.forward(&n, dl)?, gate_mlp)
+    }
+
+    /// The head: final modulated norm, projection and unpatchify, `[B, out_channels, H, W]`.
+    pub fn finish(&self, step: &Step, hidden: Tensor, dl: &LinearDeltas) -> Result<Tensor> {
+        let (d, b) = (self.dim, hidden.shape()[0]);
+        let (cond, h, w) = (&step.cond, step.h, step.w);
         let m = chunks(
             &self
                 .scale_shift_table

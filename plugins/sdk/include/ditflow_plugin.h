@@ -788,9 +788,22 @@ struct DfHostApi {
                              DfValue** out);
     /** A run id no other run of this process has. */
     uint64_t (*new_run_id)(void);
+    /**
+     * Block stepping with the model's patches (DF_CAP_BLOCK_STEPPING): the state (owned) from
+     * named inputs; a List whose first item is the hidden state [B, L, D].
+     */
+    int32_t (*denoiser_prepare)(const DfValue* v, const DfCallContext* call,
+                                const DfNamedValue* inputs, size_t n_inputs, DfValue** state);
+    /** Blocks from..=to of `stack` on a state, giving the next state (owned). */
+    int32_t (*denoiser_run_blocks)(const DfValue* v, const DfCallContext* call,
+                                   const DfValue* state, uint32_t stack, uint32_t from,
+                                   uint32_t to, DfValue** out);
+    /** The head: from the last state to the prediction (owned). */
+    int32_t (*denoiser_finish)(const DfValue* v, const DfCallContext* call, const DfValue* state,
+                               DfValue** out);
 
     /** Reserved for functions added by later minors. */
-    const void* reserved[17];
+    const void* reserved[14];
 };
 
 /* ------------------------------------------------------------------------------------------ */

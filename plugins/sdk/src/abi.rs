@@ -871,8 +871,34 @@ pub struct DfHostApi {
     ) -> i32,
     /// A run id no other run of this process has.
     pub new_run_id: unsafe extern "C" fn() -> u64,
+    /// Block stepping with the model's patches (`DF_CAP_BLOCK_STEPPING`): the state (owned) from
+    /// named inputs, a List whose first item is the hidden state `[B, L, D]`.
+    pub denoiser_prepare: unsafe extern "C" fn(
+        v: *const DfValue,
+        call: *const DfCallContext,
+        inputs: *const DfNamedValue,
+        n_inputs: usize,
+        state: *mut *mut DfValue,
+    ) -> i32,
+    /// Blocks `from..=to` of `stack` on a state, giving the next state (owned).
+    pub denoiser_run_blocks: unsafe extern "C" fn(
+        v: *const DfValue,
+        call: *const DfCallContext,
+        state: *const DfValue,
+        stack: u32,
+        from: u32,
+        to: u32,
+        out: *mut *mut DfValue,
+    ) -> i32,
+    /// The head: from the last state to the prediction (owned).
+    pub denoiser_finish: unsafe extern "C" fn(
+        v: *const DfValue,
+        call: *const DfCallContext,
+        state: *const DfValue,
+        out: *mut *mut DfValue,
+    ) -> i32,
 
-    pub reserved: [*const c_void; 17],
+    pub reserved: [*const c_void; 14],
 }
 
 /// Registers a plugin's node types through `host->register_node(reg, ...)`.

@@ -391,6 +391,61 @@ pub trait Denoiser: Object {
     /// The prediction for `inputs` (`hidden_states` and the conditioning it reads) at `call`,
     /// running `hooks` at its sites.
     fn forward(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<Tensor>;
+
+    /// Block stepping (`DF_CAP_BLOCK_STEPPING`, for bridges between separately loaded towers),
+    /// 1: the embeddings and conditioning as a state. `forward` must equal `prepare`, then
+    /// `run_blocks` over each stack, then `finish`.
+    fn prepare(&self, _call: &Call, _inputs: &Inputs, _hooks: &Hooks) -> Result<StepState> {
+        Err(Error::new("this denoiser does not step block by block"))
+    }
+
+    /// Block stepping, 2: blocks `from..=to` of `stack`.
+    fn run_blocks(
+        &self,
+        _call: &Call,
+        _state: StepState,
+        _stack: usize,
+        _from: usize,
+        _to: usize,
+        _hooks: &Hooks,
+    ) -> Result<StepState> {
+        Err(Error::new("this denoiser does not step block by block"))
+    }
+
+    /// Block stepping, 3: the head, from the last state to the prediction.
+    fn finish(&self, _call: &Call, _state: StepState, _hooks: &Hooks) -> Result<Tensor> {
+        Err(Error::new("this denoiser does not step block by block"))
+    }
+}
+
+/// A stepped denoiser's state between block ranges: the hidden state `[B, L, D]`, which bridges
+/// and other towers may read and change, and the model's own data (an object value).
+#[derive(Clone)]
+pub struct StepState {
+    pub hidden: Tensor,
+    pub inner: Value,
+}
+
+impl StepState {
+    /// As a List `[hidden, inner]`, the state's C form.
+    fn into_value(self) -> Value {
+        Value::list(vec![self.hidden.into_value(), self.inner])
+    }
+
+    fn from_value(v: &Value) -> Result<StepState> {
+        let items = v.as_list()?;
+        match items.as_slice() {
+            [hidden, inner, ..] => Ok(StepState {
+                hidden: hidden.as_tensor()?,
+                inner: inner.clone(),
+            }),
+            _ => Err(Error::new("a step state must be a List [hidden, state]")),
+        }
+    }
+
+    fn from_raw(v: *const DfValue) -> Result<StepState> {
+        StepState::from_value(&Value::from_borrowed(v).ok_or_else(|| Error::new("no state"))?)
+    }
 }
 
 /// The object behind a denoiser Model: the plugin's model first, so the tag's downcast
@@ -463,6 +518,127 @@ unsafe extern "C" fn forward_box<T: Denoiser>(
     })
 }
 
+/// The patch descriptors the host passed.
+///
+/// # Safety
+/// `patches` must be NULL or `n` pointers to live descriptors.
+unsafe fn patch_list<'a>(patches: *const *const DfPatchDesc, n: usize) -> Vec<&'a DfPatchDesc> {
+    // SAFETY: per the contract.
+    unsafe { items(patches, n) }
+        .iter()
+        // SAFETY: non-NULL pointers to host-owned descriptors.
+        .filter_map(|p| unsafe { p.as_ref() })
+        .collect()
+}
+
+/// Writes an owned value to `out`.
+fn put(out: *mut *mut DfValue, v: Value) -> Result<()> {
+    if out.is_null() {
+        return Err(Error::new("no output slot"));
+    }
+    // SAFETY: checked for NULL; one reference to the host.
+    unsafe { *out = v.into_raw() };
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn prepare_box<T: Denoiser>(
+    object: *mut c_void,
+    host_api: *const DfHostApi,
+    call: *const DfCallContext,
+    inputs: *const DfNamedValue,
+    n_inputs: usize,
+    patches: *const *const DfPatchDesc,
+    n_patches: usize,
+    out: *mut *mut DfValue,
+) -> i32 {
+    trampoline(host_api, || {
+        // SAFETY: the object made by `make_denoiser::<T>` and live arguments for the call.
+        let (b, call_v, inputs, patches) = unsafe {
+            (
+                &*(object as *const DenoiserBox<T>),
+                Call::from_raw(call),
+                Inputs::from_raw(inputs, n_inputs)?,
+                patch_list(patches, n_patches),
+            )
+        };
+        let hooks = Hooks {
+            call: &call_v,
+            raw: call,
+            patches,
+        };
+        put(out, b.inner.prepare(&call_v, &inputs, &hooks)?.into_value())
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn run_blocks_box<T: Denoiser>(
+    object: *mut c_void,
+    host_api: *const DfHostApi,
+    call: *const DfCallContext,
+    state: *const DfValue,
+    stack: u32,
+    from: u32,
+    to: u32,
+    patches: *const *const DfPatchDesc,
+    n_patches: usize,
+    out: *mut *mut DfValue,
+) -> i32 {
+    trampoline(host_api, || {
+        // SAFETY: as in `prepare_box`.
+        let (b, call_v, patches) = unsafe {
+            (
+                &*(object as *const DenoiserBox<T>),
+                Call::from_raw(call),
+                patch_list(patches, n_patches),
+            )
+        };
+        let hooks = Hooks {
+            call: &call_v,
+            raw: call,
+            patches,
+        };
+        let state = StepState::from_raw(state)?;
+        let next = b.inner.run_blocks(
+            &call_v,
+            state,
+            stack as usize,
+            from as usize,
+            to as usize,
+            &hooks,
+        )?;
+        put(out, next.into_value())
+    })
+}
+
+unsafe extern "C" fn finish_box<T: Denoiser>(
+    object: *mut c_void,
+    host_api: *const DfHostApi,
+    call: *const DfCallContext,
+    state: *const DfValue,
+    patches: *const *const DfPatchDesc,
+    n_patches: usize,
+    out: *mut *mut DfValue,
+) -> i32 {
+    trampoline(host_api, || {
+        // SAFETY: as in `prepare_box`.
+        let (b, call_v, patches) = unsafe {
+            (
+                &*(object as *const DenoiserBox<T>),
+                Call::from_raw(call),
+                patch_list(patches, n_patches),
+            )
+        };
+        let hooks = Hooks {
+            call: &call_v,
+            raw: call,
+            patches,
+        };
+        let state = StepState::from_raw(state)?;
+        put(out, b.inner.finish(&call_v, state, &hooks)?.into_value())
+    })
+}
+
 unsafe extern "C" fn drop_box<T: Denoiser>(object: *mut c_void) {
     if !object.is_null() {
         let _ = catch_unwind(|| {
@@ -484,9 +660,9 @@ impl Context {
                 version: 1,
                 describe: Some(describe_box::<T>),
                 forward: Some(forward_box::<T>),
-                prepare: None,
-                run_blocks: None,
-                finish: None,
+                prepare: Some(prepare_box::<T>),
+                run_blocks: Some(run_blocks_box::<T>),
+                finish: Some(finish_box::<T>),
                 reserved: [std::ptr::null(); 4],
             },
             desc,
@@ -697,6 +873,72 @@ impl DenoiserRef<'_> {
                 named.len(),
                 &mut out,
             )
+        };
+        match (rc, Value::from_owned(out)) {
+            (DF_OK, Some(v)) => v.as_tensor(),
+            _ => Err(Error(crate::ops::last_error())),
+        }
+    }
+
+    /// Block stepping, 1: the state for `inputs` at `call`, with the model's patches.
+    pub fn prepare(&self, call: &Call, inputs: &[(&str, &Tensor)]) -> Result<StepState> {
+        let (_names, named) = named_values(inputs);
+        let raw = call.raw();
+        let mut out: *mut DfValue = std::ptr::null_mut();
+        // SAFETY: live arguments for the duration of the call.
+        let rc = unsafe {
+            (host().denoiser_prepare)(
+                self.value.as_ptr(),
+                &raw,
+                named.as_ptr(),
+                named.len(),
+                &mut out,
+            )
+        };
+        match (rc, Value::from_owned(out)) {
+            (DF_OK, Some(v)) => StepState::from_value(&v),
+            _ => Err(Error(crate::ops::last_error())),
+        }
+    }
+
+    /// Block stepping, 2: blocks `from..=to` of `stack`.
+    pub fn run_blocks(
+        &self,
+        call: &Call,
+        state: &StepState,
+        stack: usize,
+        from: usize,
+        to: usize,
+    ) -> Result<StepState> {
+        let raw = call.raw();
+        let state = state.clone().into_value();
+        let mut out: *mut DfValue = std::ptr::null_mut();
+        // SAFETY: live arguments for the duration of the call.
+        let rc = unsafe {
+            (host().denoiser_run_blocks)(
+                self.value.as_ptr(),
+                &raw,
+                state.as_ptr(),
+                stack as u32,
+                from as u32,
+                to as u32,
+                &mut out,
+            )
+        };
+        match (rc, Value::from_owned(out)) {
+            (DF_OK, Some(v)) => StepState::from_value(&v),
+            _ => Err(Error(crate::ops::last_error())),
+        }
+    }
+
+    /// Block stepping, 3: the prediction from the last state.
+    pub fn finish(&self, call: &Call, state: &StepState) -> Result<Tensor> {
+        let raw = call.raw();
+        let state = state.clone().into_value();
+        let mut out: *mut DfValue = std::ptr::null_mut();
+        // SAFETY: live arguments for the duration of the call.
+        let rc = unsafe {
+            (host().denoiser_finish)(self.value.as_ptr(), &raw, state.as_ptr(), &mut out)
         };
         match (rc, Value::from_owned(out)) {
             (DF_OK, Some(v)) => v.as_tensor(),
@@ -1171,9 +1413,28 @@ impl<'a> Hooks<'a> {
         if n_blocks == 0 {
             return Ok(hidden);
         }
+        self.run_blocks(stack, n_blocks, 0, n_blocks - 1, hidden, block)
+    }
+
+    /// [`Hooks::run_stack`] over blocks `from..=to` only (block stepping). A range override
+    /// that covers some of these blocks and some others cannot run and is an error.
+    pub fn run_blocks(
+        &self,
+        stack: usize,
+        n_blocks: usize,
+        from: usize,
+        to: usize,
+        hidden: Tensor,
+        block: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if from > to || to >= n_blocks {
+            return Err(Error(format!(
+                "blocks {from}..={to} of a stack of {n_blocks}"
+            )));
+        }
         if self.patches.is_empty() {
             let mut h = hidden;
-            for i in 0..n_blocks {
+            for i in from..=to {
                 h = block(i, h)?;
             }
             return Ok(h);
@@ -1184,7 +1445,16 @@ impl<'a> Hooks<'a> {
             .copied()
             .filter(|p| p.range_override.is_some() && p.stack == stack as i32)
             .collect();
-        self.run_range(stack, n_blocks, 0, n_blocks - 1, hidden, &overrides, block)
+        for p in &overrides {
+            let (f, l) = block_range(p, n_blocks);
+            if f <= to && l >= from && (f < from || l > to) {
+                return Err(Error(format!(
+                    "{} overrides blocks {f}..={l}, which a step over blocks {from}..={to} would cut",
+                    label(p)
+                )));
+            }
+        }
+        self.run_range(stack, n_blocks, from, to, hidden, &overrides, block)
     }
 
     #[allow(clippy::too_many_arguments)]

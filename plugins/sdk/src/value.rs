@@ -336,6 +336,28 @@ pub trait Object: Send + Sync + 'static {
     const TAG: &'static str;
 }
 
+impl Value {
+    /// `object` as a value outside any node's callback (a model's step state, say). Unlike
+    /// [`crate::Context::make_object`] it does not keep the plugin loaded by itself: it is for
+    /// values that live inside a call to one of the plugin's models.
+    pub fn object<T: Object>(object: T) -> Result<Value> {
+        let tag =
+            std::ffi::CString::new(T::TAG).map_err(|_| Error::new("a tag with a NUL byte"))?;
+        let raw = Box::into_raw(Box::new(object)) as *mut c_void;
+        // SAFETY: the host takes ownership of `raw` and calls `drop_boxed_object::<T>` once; a
+        // NULL context is allowed.
+        let v = unsafe {
+            (host().value_object)(
+                std::ptr::null_mut(),
+                tag.as_ptr(),
+                raw,
+                Some(drop_boxed_object::<T>),
+            )
+        };
+        Value::from_owned(v).ok_or_else(|| Error::new("cannot make an object value"))
+    }
+}
+
 pub(crate) unsafe extern "C" fn drop_boxed_object<T: Object>(object: *mut c_void) {
     if !object.is_null() {
         // Never unwind into the host.

@@ -146,7 +146,18 @@ macro_rules! abi_items {
                         *const DfValue, *const DfNamedValue, usize, *mut *mut DfValue,
                     ) -> i32,
                     new_run_id: unsafe extern "C" fn() -> u64,
-                    reserved: [*const c_void; 17],
+                    denoiser_prepare: unsafe extern "C" fn(
+                        *const DfValue, *const DfCallContext, *const DfNamedValue, usize,
+                        *mut *mut DfValue,
+                    ) -> i32,
+                    denoiser_run_blocks: unsafe extern "C" fn(
+                        *const DfValue, *const DfCallContext, *const DfValue, u32, u32, u32,
+                        *mut *mut DfValue,
+                    ) -> i32,
+                    denoiser_finish: unsafe extern "C" fn(
+                        *const DfValue, *const DfCallContext, *const DfValue, *mut *mut DfValue,
+                    ) -> i32,
+                    reserved: [*const c_void; 14],
                 }
                 DfNamedValue {
                     name: *const c_char,

@@ -67,7 +67,10 @@ static HOST_API: SyncHostApi = SyncHostApi(DfHostApi {
     denoiser_lifecycle: model::denoiser_lifecycle,
     model_forward: model::model_forward,
     new_run_id: model::new_run_id,
-    reserved: [std::ptr::null(); 17],
+    denoiser_prepare: model::denoiser_prepare,
+    denoiser_run_blocks: model::denoiser_run_blocks,
+    denoiser_finish: model::denoiser_finish,
+    reserved: [std::ptr::null(); 14],
 });
 
 /// The table passed to plugins.

@@ -733,6 +733,147 @@ pub(super) unsafe extern "C" fn denoiser_forward(
     }
 }
 
+/// The patch descriptors a stepped denoiser runs with, or an error when a whole-call override
+/// wraps it (a stepped model has no whole call to wrap).
+fn stepping_patches(o: &Object) -> Result<Vec<*const DfPatchDesc>, String> {
+    if let Some(p) = o
+        .patches
+        .iter()
+        .find(|p| p.is_whole_call() && p.desc.range_override.is_some())
+    {
+        return Err(format!(
+            "{} wraps the whole denoiser call, so the model cannot be stepped block by block",
+            p.label()
+        ));
+    }
+    Ok(o.patches
+        .iter()
+        .map(|p| &p.desc as *const DfPatchDesc)
+        .collect())
+}
+
+/// Runs one block-stepping phase `f` of a denoiser with its patches and hands back its output.
+fn step(
+    what: &str,
+    v: *const DfValue,
+    out: *mut *mut DfValue,
+    f: impl FnOnce(&Object, &DfDenoiserApi, &[*const DfPatchDesc], &mut *mut DfValue) -> Option<i32>,
+) -> i32 {
+    let run = || -> Result<Arc<Value>, String> {
+        // SAFETY: NULL or a live handle.
+        let o = unsafe { model(v) }?;
+        if out.is_null() {
+            return Err(format!("{what}: no output slot"));
+        }
+        let api = denoiser_api(o)?;
+        let patches = stepping_patches(o)?;
+        let mut result: *mut DfValue = std::ptr::null_mut();
+        let rc = f(o, api, &patches, &mut result).ok_or_else(|| {
+            format!(
+                "the denoiser ({}) does not step block by block (no {what})",
+                o.tag
+            )
+        })?;
+        // SAFETY: an owned handle from the plugin, or NULL.
+        match (rc, unsafe { take_handle(result) }) {
+            (DF_OK, Some(v)) => Ok(v),
+            (DF_OK, None) => Err(format!(
+                "the denoiser ({}) returned nothing from {what}",
+                o.tag
+            )),
+            _ => Err(take_last_error()),
+        }
+    };
+    match guard(Err(format!("{what} panicked")), run) {
+        Ok(value) => {
+            // SAFETY: checked for NULL above; one reference to the caller.
+            unsafe { *out = Arc::into_raw(value) as *mut DfValue };
+            DF_OK
+        }
+        Err(e) => {
+            set_last_error(e);
+            DF_ERROR
+        }
+    }
+}
+
+pub(super) unsafe extern "C" fn denoiser_prepare(
+    v: *const DfValue,
+    call: *const DfCallContext,
+    inputs: *const DfNamedValue,
+    n_inputs: usize,
+    state: *mut *mut DfValue,
+) -> i32 {
+    step("prepare", v, state, |o, api, patches, out| {
+        let f = api.prepare?;
+        // SAFETY: the plugin's function on its own object with live borrowed arguments.
+        Some(unsafe {
+            f(
+                o.ptr,
+                host_api(),
+                call,
+                inputs,
+                n_inputs,
+                patches.as_ptr(),
+                patches.len(),
+                out,
+            )
+        })
+    })
+}
+
+pub(super) unsafe extern "C" fn denoiser_run_blocks(
+    v: *const DfValue,
+    call: *const DfCallContext,
+    state: *const DfValue,
+    stack: u32,
+    from: u32,
+    to: u32,
+    out: *mut *mut DfValue,
+) -> i32 {
+    step("run_blocks", v, out, |o, api, patches, out| {
+        let f = api.run_blocks?;
+        // SAFETY: as above.
+        Some(unsafe {
+            f(
+                o.ptr,
+                host_api(),
+                call,
+                state,
+                stack,
+                from,
+                to,
+                patches.as_ptr(),
+                patches.len(),
+                out,
+            )
+        })
+    })
+}
+
+pub(super) unsafe extern "C" fn denoiser_finish(
+    v: *const DfValue,
+    call: *const DfCallContext,
+    state: *const DfValue,
+    out: *mut *mut DfValue,
+) -> i32 {
+    step("finish", v, out, |o, api, patches, out| {
+        let f = api.finish?;
+        // SAFETY: as above.
+        Some(unsafe {
+            f(
+                o.ptr,
+                host_api(),
+                call,
+                state,
+                patches.as_ptr(),
+                patches.len(),
+                out,
+            )
+        })
+    })
+}
+
 pub(super) unsafe extern "C" fn denoiser_lifecycle(
     v: *const DfValue,
     event: i32,

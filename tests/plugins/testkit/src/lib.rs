@@ -390,5 +390,6 @@ export_plugin!(
         protocol::ZeroLogits,
         protocol::KeyLengthMask,
         protocol::ConstantAttention,
+        protocol::SteppedForward,
     ],
 );

@@ -503,3 +503,53 @@ impl Node for ConstantAttention {
         ctx.set_output("model", v)
     }
 }
+
+/// `SteppedForward`: one forward of a denoiser stepped block by block through the host, as a
+/// bridge between two towers drives it: prepare, blocks `0..split`, (a change to the hidden
+/// state), blocks `split..`, finish.
+#[derive(Default)]
+pub struct SteppedForward;
+
+impl Node for SteppedForward {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("SteppedForward")
+            .category("testing")
+            .doc("Steps a denoiser through two block ranges, adding `add` to the hidden state between them.")
+            .input(Port::new("model", "Model<Denoiser>"))
+            .input(Port::new("inputs", "String").doc("A safetensors file of `in.*` tensors."))
+            .input(Port::new("split", "Int").default(1i64).range(1.0, 1e6))
+            .input(Port::new("add", "Float").default(0.0))
+            .output(Port::new("sample", "Tensor"))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let path: String = ctx.input("inputs")?;
+        let path = ctx.input_path(&path)?;
+        let all = ctx.load_weights(&path.to_string_lossy(), Device::Cpu)?;
+        let named: Vec<(String, Tensor)> = all
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix("in.").map(|n| (n.to_string(), v)))
+            .collect();
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let d = model.as_denoiser()?;
+        let n = d.info().stacks.first().map_or(0, |s| s.n_blocks);
+        let split = (ctx.input::<i64>("split")? as usize)
+            .min(n.saturating_sub(1))
+            .max(1);
+        let batch = refs
+            .iter()
+            .find(|(k, _)| *k == "hidden_states")
+            .map_or(1, |(_, t)| t.shape()[0]);
+        let call = Call::single(batch, 0.0);
+        let state = d.prepare(&call, &refs)?;
+        let mut state = d.run_blocks(&call, &state, 0, 0, split - 1)?;
+        let add: f64 = ctx.input("add")?;
+        if add != 0.0 {
+            state.hidden = state.hidden.affine(1.0, add)?;
+        }
+        let state = d.run_blocks(&call, &state, 0, split, n - 1)?;
+        let y = d.finish(&call, &state)?;
+        ctx.set_output("sample", y.to_device(Device::Cpu)?)
+    }
+}
