@@ -47,7 +47,7 @@ extern "C" {
 /** The ABI major version. A host refuses plugins whose major differs. */
 #define DF_ABI_MAJOR 1u
 /** The ABI minor version. A host refuses plugins whose minor is newer than its own. */
-#define DF_ABI_MINOR 3u
+#define DF_ABI_MINOR 4u
 /** "DFLW": the first field of every plugin descriptor. */
 #define DF_PLUGIN_MAGIC 0x44464C57u
 /**
@@ -788,6 +788,7 @@ struct DfHostApi {
                              DfValue** out);
     /** A run id no other run of this process has. */
     uint64_t (*new_run_id)(void);
+    /* --- ABI 1.4 ---------------------------------------------------------------------------- */
     /**
      * Block stepping with the model's patches (DF_CAP_BLOCK_STEPPING): the state (owned) from
      * named inputs; a List whose first item is the hidden state [B, L, D].

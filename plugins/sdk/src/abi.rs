@@ -22,7 +22,7 @@ use std::ffi::{c_char, c_void};
 /// The ABI major version. A host refuses plugins whose major differs.
 pub const DF_ABI_MAJOR: u32 = 1;
 /// The ABI minor version. A host refuses plugins whose minor is newer than its own.
-pub const DF_ABI_MINOR: u32 = 3;
+pub const DF_ABI_MINOR: u32 = 4;
 /// A descriptor flag (ABI 1.2): the library may be unmapped once nothing it made is alive, because
 /// it leaves no per-thread destructors, threads or `atexit` handlers behind. Without it the host
 /// keeps the library mapped for the life of the process (Rust plugins: their standard library
@@ -871,6 +871,7 @@ pub struct DfHostApi {
     ) -> i32,
     /// A run id no other run of this process has.
     pub new_run_id: unsafe extern "C" fn() -> u64,
+    // --- ABI 1.4 ------------------------------------------------------------------------------
     /// Block stepping with the model's patches (`DF_CAP_BLOCK_STEPPING`): the state (owned) from
     /// named inputs, a List whose first item is the hidden state `[B, L, D]`.
     pub denoiser_prepare: unsafe extern "C" fn(
