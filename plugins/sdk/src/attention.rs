@@ -387,133 +387,182 @@ impl Hooks<'_> {
         };
         let raw_call = self.call_raw();
         let raw_site = site.raw();
-        let mut query = None;
-        let o = if edits.is_empty() && masks.is_empty() {
-            crate::ops::attention_fused(q_src, kv_src, mask, heads, head_dim, offsets, None)?
-        } else {
-            let (mut q, mut k, mut v) = (
-                columns(q_src, offsets[0])?,
-                columns(kv_src, offsets[1])?,
-                columns(kv_src, offsets[2])?,
-            );
-            for (p, rows) in &edits {
-                let f = p.attention_edit.ok_or_else(|| Error::new("no edit"))?;
-                let mut slots = [
-                    q.clone().into_value().into_raw(),
-                    k.clone().into_value().into_raw(),
-                    v.clone().into_value().into_raw(),
-                ];
-                let [sq, sk, sv] = &mut slots;
-                // SAFETY: the patch's hook with its user data; the slots hold owned values.
-                let rc = unsafe {
-                    f(
-                        p.user_data,
-                        host(),
-                        raw_call.as_ptr(),
-                        &raw_site,
-                        site.kind.raw(),
-                        sq,
-                        sk,
-                        sv,
-                    )
-                };
-                let taken: Vec<Option<Value>> =
-                    slots.iter().map(|&s| Value::from_owned(s)).collect();
-                if rc != DF_OK {
-                    return Err(Error(format!(
-                        "{} failed in its attention edit: {}",
-                        label(p),
-                        crate::ops::last_error()
-                    )));
-                }
-                let mut new = Vec::new();
-                for t in taken {
-                    new.push(
-                        t.ok_or_else(|| Error(format!("{} dropped q, k or v", label(p))))?
-                            .as_tensor()?,
-                    );
-                }
-                let gate = row_gate(rows, 3)?;
-                let pick = |old: &Tensor, new: &Tensor| -> Result<Tensor> {
-                    match &gate {
-                        None => Ok(new.clone()),
-                        Some(g) => blend(old, new, g),
-                    }
-                };
-                let (nq, nk, nv) = (pick(&q, &new[0])?, pick(&k, &new[1])?, pick(&v, &new[2])?);
-                (q, k, v) = (nq, nk, nv);
+        if edits.is_empty() && masks.is_empty() {
+            let o =
+                crate::ops::attention_fused(q_src, kv_src, mask, heads, head_dim, offsets, None)?;
+            return self.add_extras(site, &extras, o, None, || columns(q_src, offsets[0]));
+        }
+        // q, k and v are copied out of the fused projections only for edits, which read them;
+        // unchanged, the fused path runs on the projections as they are.
+        let mut split = None;
+        let mut changed = false;
+        for (p, rows) in &edits {
+            let (q, k, v) = match split.take() {
+                Some(t) => t,
+                None => (
+                    columns(q_src, offsets[0])?,
+                    columns(kv_src, offsets[1])?,
+                    columns(kv_src, offsets[2])?,
+                ),
+            };
+            let f = p.attention_edit.ok_or_else(|| Error::new("no edit"))?;
+            let mut slots = [
+                q.clone().into_value().into_raw(),
+                k.clone().into_value().into_raw(),
+                v.clone().into_value().into_raw(),
+            ];
+            let before = slots;
+            let [sq, sk, sv] = &mut slots;
+            // SAFETY: the patch's hook with its user data; the slots hold owned values.
+            let rc = unsafe {
+                f(
+                    p.user_data,
+                    host(),
+                    raw_call.as_ptr(),
+                    &raw_site,
+                    site.kind.raw(),
+                    sq,
+                    sk,
+                    sv,
+                )
+            };
+            let same = slots == before;
+            let taken: Vec<Option<Value>> = slots.iter().map(|&s| Value::from_owned(s)).collect();
+            if rc != DF_OK {
+                return Err(Error(format!(
+                    "{} failed in its attention edit: {}",
+                    label(p),
+                    crate::ops::last_error()
+                )));
             }
-            let (b, lq, lk) = (q.shape()[0], q.shape()[1], k.shape()[1]);
-            let mut bias = mask.cloned();
-            for (p, rows) in &masks {
-                let f = p.attention_mask.ok_or_else(|| Error::new("no mask hook"))?;
-                let mut m = DfAttentionMask {
-                    size: std::mem::size_of::<DfAttentionMask>() as u32,
-                    kind: DF_MASK_NONE,
-                    n_segments: 0,
-                    _pad: 0,
-                    key_lengths: std::ptr::null_mut(),
-                    q_segments: std::ptr::null_mut(),
-                    k_segments: std::ptr::null_mut(),
-                    allow: std::ptr::null_mut(),
-                    dense: std::ptr::null_mut(),
-                };
-                // SAFETY: the patch's hook with its user data and a mask to fill.
-                let rc = unsafe {
-                    f(
-                        p.user_data,
-                        host(),
-                        raw_call.as_ptr(),
-                        &raw_site,
-                        site.kind.raw(),
-                        &mut m,
-                    )
-                };
-                let got = Mask::from_raw(&m);
-                if rc != DF_OK {
-                    return Err(Error(format!(
-                        "{} failed in its attention mask: {}",
-                        label(p),
-                        crate::ops::last_error()
-                    )));
-                }
-                let Some(got) = got.map_err(|e| Error(format!("{}: {e}", label(p))))? else {
-                    continue;
-                };
-                let mut extra = got
-                    .bias(b, lq, lk)
-                    .map_err(|e| Error(format!("{}: {e}", label(p))))?
-                    .to_device(q.device())?;
-                if let Some(g) = row_gate(rows, 4)? {
-                    extra = extra.mul(&g.to_device(q.device())?)?;
-                }
-                bias = Some(match bias {
-                    None => extra,
-                    Some(m) => m.add(&extra)?,
-                });
+            if same {
+                split = Some((q, k, v));
+                continue;
             }
-            let kv = crate::ops::concat(&[&k, &v], 2)?;
-            let o = crate::ops::attention_fused(
-                &q,
-                &kv,
-                bias.as_ref(),
-                heads,
-                head_dim,
-                [0, 0, d],
-                None,
-            )?;
-            query = Some(q);
-            o
+            changed = true;
+            let mut new = Vec::new();
+            for t in taken {
+                new.push(
+                    t.ok_or_else(|| Error(format!("{} dropped q, k or v", label(p))))?
+                        .as_tensor()?,
+                );
+            }
+            let gate = row_gate(rows, 3)?;
+            let pick = |old: &Tensor, new: &Tensor| -> Result<Tensor> {
+                match &gate {
+                    None => Ok(new.clone()),
+                    Some(g) => blend(old, new, g),
+                }
+            };
+            split = Some((pick(&q, &new[0])?, pick(&k, &new[1])?, pick(&v, &new[2])?));
+        }
+        let (b, lq, lk) = (q_src.shape()[0], q_src.shape()[1], kv_src.shape()[1]);
+        let device = q_src.device();
+        let mut bias = mask.cloned();
+        let mut masked = false;
+        for (p, rows) in &masks {
+            let f = p.attention_mask.ok_or_else(|| Error::new("no mask hook"))?;
+            let mut m = DfAttentionMask {
+                size: std::mem::size_of::<DfAttentionMask>() as u32,
+                kind: DF_MASK_NONE,
+                n_segments: 0,
+                _pad: 0,
+                key_lengths: std::ptr::null_mut(),
+                q_segments: std::ptr::null_mut(),
+                k_segments: std::ptr::null_mut(),
+                allow: std::ptr::null_mut(),
+                dense: std::ptr::null_mut(),
+            };
+            // SAFETY: the patch's hook with its user data and a mask to fill.
+            let rc = unsafe {
+                f(
+                    p.user_data,
+                    host(),
+                    raw_call.as_ptr(),
+                    &raw_site,
+                    site.kind.raw(),
+                    &mut m,
+                )
+            };
+            let got = Mask::from_raw(&m);
+            if rc != DF_OK {
+                return Err(Error(format!(
+                    "{} failed in its attention mask: {}",
+                    label(p),
+                    crate::ops::last_error()
+                )));
+            }
+            let Some(got) = got.map_err(|e| Error(format!("{}: {e}", label(p))))? else {
+                continue;
+            };
+            masked = true;
+            let mut extra = got
+                .bias(b, lq, lk)
+                .map_err(|e| Error(format!("{}: {e}", label(p))))?
+                .to_device(device)?;
+            if let Some(g) = row_gate(rows, 4)? {
+                extra = extra.mul(&g.to_device(device)?)?;
+            }
+            bias = Some(match bias {
+                None => extra,
+                Some(m) => m.add(&extra)?,
+            });
+        }
+        let bias = if masked { bias } else { mask.cloned() };
+        let (o, q) = match split {
+            Some((q, k, v)) if changed => {
+                let kv = crate::ops::concat(&[&k, &v], 2)?;
+                let o = crate::ops::attention_fused(
+                    &q,
+                    &kv,
+                    bias.as_ref(),
+                    heads,
+                    head_dim,
+                    [0, 0, d],
+                    None,
+                )?;
+                (o, Some(q))
+            }
+            split => {
+                let o = crate::ops::attention_fused(
+                    q_src,
+                    kv_src,
+                    bias.as_ref(),
+                    heads,
+                    head_dim,
+                    offsets,
+                    None,
+                )?;
+                (o, split.map(|(q, _, _)| q))
+            }
         };
+        self.add_extras(site, &extras, o, q, || columns(q_src, offsets[0]))
+    }
+
+    /// Adds the extra branches at `site` to the attention output `o`, from the queries (`q`, or
+    /// made by `make_q` when an extra branch needs them).
+    fn add_extras(
+        &self,
+        site: &AttentionSite,
+        extras: &[(&DfPatchDesc, Vec<f32>)],
+        o: Tensor,
+        q: Option<Tensor>,
+        make_q: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if extras.is_empty() {
+            return Ok(o);
+        }
+        let q = match q {
+            Some(q) => q,
+            None => make_q()?,
+        };
+        let raw_call = self.call_raw();
+        let raw_site = site.raw();
         let mut o = o;
-        for (p, rows) in &extras {
+        for (p, rows) in extras {
             let f = p
                 .attention_extra
                 .ok_or_else(|| Error::new("no extra hook"))?;
-            let q = match &query {
-                Some(q) => q.clone(),
-                None => columns(q_src, offsets[0])?,
-            };
             let mut out: *mut DfValue = std::ptr::null_mut();
             // SAFETY: the patch's hook with its user data and live arguments.
             let rc = unsafe {

@@ -296,10 +296,35 @@ impl PatchHooks for NoOp {
     fn lifecycle(&self, _event: Event, _call: &Call) -> Result<()> {
         Ok(())
     }
+
+    fn attention_edit(
+        &self,
+        _call: &Call,
+        _site: &AttentionSite,
+        _q: &Tensor,
+        _k: &Tensor,
+        _v: &Tensor,
+    ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        Ok(None)
+    }
+
+    fn attention_mask(&self, _call: &Call, _site: &AttentionSite) -> Result<Option<Mask>> {
+        Ok(None)
+    }
+
+    fn attention_extra(
+        &self,
+        _call: &Call,
+        _site: &AttentionSite,
+        _q: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 /// `NoOpHooks`: a block residual after every block, a range override over the whole stack
-/// (continuing at once) and lifecycle hooks, none of which changes anything.
+/// (continuing at once), lifecycle hooks, and an attention edit, mask and extra branch at every
+/// attention site, none of which changes anything.
 #[derive(Default)]
 pub struct NoOpHooks;
 
@@ -311,6 +336,10 @@ impl Node for NoOpHooks {
                 "Patches a denoiser with do-nothing hooks at every site (for overhead benchmarks).",
             )
             .input(Port::new("model", "Model<Denoiser>"))
+            .input(Port::new("attention", "Bool").default(true).doc(
+                "Also an attention edit, mask and extra branch at every attention site (the edit \
+                 and the extra branch read q, k and v as tensors).",
+            ))
             .output(Port::new("model", "Model<Denoiser>"))
     }
 
@@ -324,7 +353,15 @@ impl Node for NoOpHooks {
         let mut over = PatchSpec::new("NoOpHooks.override");
         over.range_override = true;
         over.stack = Some(0);
-        let v = ctx.patch_model(&v, &over, NoOp)?;
+        let mut v = ctx.patch_model(&v, &over, NoOp)?;
+        if ctx.input::<bool>("attention")? {
+            let mut attention = PatchSpec::new("NoOpHooks.attention");
+            attention.attention_edit = true;
+            attention.attention_mask = true;
+            attention.attention_extra = true;
+            attention.stack = Some(0);
+            v = ctx.patch_model(&v, &attention, NoOp)?;
+        }
         ctx.set_output("model", v)
     }
 }
