@@ -16,5 +16,5 @@ git worktree add --force --detach "$work/src" "$baseline" >/dev/null
 trap 'git worktree remove --force "$work/src"' EXIT
 CARGO_TARGET_DIR="$work/target" cargo build --release -q -p ditflow-nodes --manifest-path "$work/src/Cargo.toml"
 cp "$work/target/release/libditflow_nodes.so" "$work/libditflow_nodes_baseline.so"
-cargo build --release -q -p ditflow-nodes -p ditflow-testkit
+cargo build --release -q && cargo build --release -q -p ditflow-testkit
 cargo bench -q -p ditflow --bench protocol -- "$work/libditflow_nodes_baseline.so"

@@ -359,10 +359,21 @@ impl Hooks<'_> {
                 .is_empty()
     }
 
+    /// Whether an attention edit may run at `site`: the edit reads q, k and v as tensors of their
+    /// own, so a model hands them over separately ([`Hooks::attention_qkv`]) rather than as
+    /// column ranges of fused projections.
+    pub fn has_attention_edit(&self, site: &AttentionSite) -> bool {
+        !self.patches.is_empty()
+            && !self
+                .attention_patches(site, |p| p.attention_edit.is_some())
+                .is_empty()
+    }
+
     /// Attention at `site` with the patches' hooks: queries from `q_src` columns `offsets[0]..`,
     /// keys and values from `kv_src` columns `offsets[1]..` and `offsets[2]..` (`[B, L, C]`),
     /// under the model's additive `mask`. Returns `[B, Lq, heads·head_dim]`, before the output
-    /// projection. Without edits or masks the fused kernel reads the heads in place.
+    /// projection. Masks and extra branches run on the fused projections; an edit copies q, k
+    /// and v out of them (a model avoids that with [`Hooks::attention_qkv`]).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -375,9 +386,6 @@ impl Hooks<'_> {
         head_dim: usize,
     ) -> Result<Tensor> {
         let d = heads * head_dim;
-        let edits = self.attention_patches(site, |p| p.attention_edit.is_some());
-        let masks = self.attention_patches(site, |p| p.attention_mask.is_some());
-        let extras = self.attention_patches(site, |p| p.attention_extra.is_some());
         let columns = |t: &Tensor, at: usize| -> Result<Tensor> {
             if at == 0 && t.shape().last() == Some(&d) {
                 Ok(t.clone())
@@ -385,26 +393,65 @@ impl Hooks<'_> {
                 t.slice(2, at as i64, (at + d) as i64, 1)
             }
         };
+        if self.has_attention_edit(site) {
+            return self.attention_qkv(
+                site,
+                columns(q_src, offsets[0])?,
+                columns(kv_src, offsets[1])?,
+                columns(kv_src, offsets[2])?,
+                mask,
+                heads,
+                head_dim,
+            );
+        }
+        let (b, lq, lk) = (q_src.shape()[0], q_src.shape()[1], kv_src.shape()[1]);
+        let bias = self.masks(site, mask, b, lq, lk, q_src.device())?;
+        let o = crate::ops::attention_fused(
+            q_src,
+            kv_src,
+            bias.as_ref(),
+            heads,
+            head_dim,
+            offsets,
+            None,
+        )?;
+        self.add_extras(site, o, || columns(q_src, offsets[0]))
+    }
+
+    /// Attention at `site` from separate projections `q` `[B, Lq, H·D]`, `k` and `v`
+    /// `[B, Lk, H·D]`, running the patches' edits, masks and extra branches; the kernel reads
+    /// the heads in place. Returns `[B, Lq, H·D]`, before the output projection.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_qkv(
+        &self,
+        site: &AttentionSite,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Option<&Tensor>,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.edits(site, q, k, v)?;
+        let (b, lq, lk) = (q.shape()[0], q.shape()[1], k.shape()[1]);
+        let bias = self.masks(site, mask, b, lq, lk, q.device())?;
+        let o = crate::ops::attention_qkv(&q, &k, &v, bias.as_ref(), heads, head_dim)?;
+        self.add_extras(site, o, || Ok(q))
+    }
+
+    /// q, k and v after the edits at `site`, in patch order (each gated to its rows).
+    fn edits(
+        &self,
+        site: &AttentionSite,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let edits = self.attention_patches(site, |p| p.attention_edit.is_some());
         let raw_call = self.call_raw();
         let raw_site = site.raw();
-        if edits.is_empty() && masks.is_empty() {
-            let o =
-                crate::ops::attention_fused(q_src, kv_src, mask, heads, head_dim, offsets, None)?;
-            return self.add_extras(site, &extras, o, None, || columns(q_src, offsets[0]));
-        }
-        // q, k and v are copied out of the fused projections only for edits, which read them;
-        // unchanged, the fused path runs on the projections as they are.
-        let mut split = None;
-        let mut changed = false;
+        let (mut q, mut k, mut v) = (q, k, v);
         for (p, rows) in &edits {
-            let (q, k, v) = match split.take() {
-                Some(t) => t,
-                None => (
-                    columns(q_src, offsets[0])?,
-                    columns(kv_src, offsets[1])?,
-                    columns(kv_src, offsets[2])?,
-                ),
-            };
             let f = p.attention_edit.ok_or_else(|| Error::new("no edit"))?;
             let mut slots = [
                 q.clone().into_value().into_raw(),
@@ -436,10 +483,8 @@ impl Hooks<'_> {
                 )));
             }
             if same {
-                split = Some((q, k, v));
                 continue;
             }
-            changed = true;
             let mut new = Vec::new();
             for t in taken {
                 new.push(
@@ -454,12 +499,27 @@ impl Hooks<'_> {
                     Some(g) => blend(old, new, g),
                 }
             };
-            split = Some((pick(&q, &new[0])?, pick(&k, &new[1])?, pick(&v, &new[2])?));
+            (q, k, v) = (pick(&q, &new[0])?, pick(&k, &new[1])?, pick(&v, &new[2])?);
         }
-        let (b, lq, lk) = (q_src.shape()[0], q_src.shape()[1], kv_src.shape()[1]);
-        let device = q_src.device();
+        Ok((q, k, v))
+    }
+
+    /// The model's additive `mask` with the patches' masks at `site` added (each gated to its
+    /// rows), for `b` rows, `lq` queries and `lk` keys.
+    #[allow(clippy::too_many_arguments)]
+    fn masks(
+        &self,
+        site: &AttentionSite,
+        mask: Option<&Tensor>,
+        b: usize,
+        lq: usize,
+        lk: usize,
+        device: crate::Device,
+    ) -> Result<Option<Tensor>> {
+        let masks = self.attention_patches(site, |p| p.attention_mask.is_some());
+        let raw_call = self.call_raw();
+        let raw_site = site.raw();
         let mut bias = mask.cloned();
-        let mut masked = false;
         for (p, rows) in &masks {
             let f = p.attention_mask.ok_or_else(|| Error::new("no mask hook"))?;
             let mut m = DfAttentionMask {
@@ -495,7 +555,6 @@ impl Hooks<'_> {
             let Some(got) = got.map_err(|e| Error(format!("{}: {e}", label(p))))? else {
                 continue;
             };
-            masked = true;
             let mut extra = got
                 .bias(b, lq, lk)
                 .map_err(|e| Error(format!("{}: {e}", label(p))))?
@@ -508,35 +567,7 @@ impl Hooks<'_> {
                 Some(m) => m.add(&extra)?,
             });
         }
-        let bias = if masked { bias } else { mask.cloned() };
-        let (o, q) = match split {
-            Some((q, k, v)) if changed => {
-                let kv = crate::ops::concat(&[&k, &v], 2)?;
-                let o = crate::ops::attention_fused(
-                    &q,
-                    &kv,
-                    bias.as_ref(),
-                    heads,
-                    head_dim,
-                    [0, 0, d],
-                    None,
-                )?;
-                (o, Some(q))
-            }
-            split => {
-                let o = crate::ops::attention_fused(
-                    q_src,
-                    kv_src,
-                    bias.as_ref(),
-                    heads,
-                    head_dim,
-                    offsets,
-                    None,
-                )?;
-                (o, split.map(|(q, _, _)| q))
-            }
-        };
-        self.add_extras(site, &extras, o, q, || columns(q_src, offsets[0]))
+        Ok(bias)
     }
 
     /// Adds the extra branches at `site` to the attention output `o`, from the queries (`q`, or
@@ -544,22 +575,18 @@ impl Hooks<'_> {
     fn add_extras(
         &self,
         site: &AttentionSite,
-        extras: &[(&DfPatchDesc, Vec<f32>)],
         o: Tensor,
-        q: Option<Tensor>,
         make_q: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Tensor> {
+        let extras = self.attention_patches(site, |p| p.attention_extra.is_some());
         if extras.is_empty() {
             return Ok(o);
         }
-        let q = match q {
-            Some(q) => q,
-            None => make_q()?,
-        };
+        let q = make_q()?;
         let raw_call = self.call_raw();
         let raw_site = site.raw();
         let mut o = o;
-        for (p, rows) in extras {
+        for (p, rows) in &extras {
             let f = p
                 .attention_extra
                 .ok_or_else(|| Error::new("no extra hook"))?;

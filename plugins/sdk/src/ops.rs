@@ -193,6 +193,29 @@ pub fn attention_fused(
     )
 }
 
+/// Multi-head attention from separate projections `q` `[B, Lq, H·D]`, `k` and `v`
+/// `[B, Lk, H·D]` (no copies: the kernel reads the heads in place). Returns `[B, Lq, H·D]`.
+pub fn attention_qkv(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    heads: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    one(
+        "attention_fused",
+        &[Some(q), Some(k), mask, Some(v)],
+        &[
+            ("heads", Attr::Int(heads as i64)),
+            ("head_dim", Attr::Int(head_dim as i64)),
+            ("q_offset", Attr::Int(0)),
+            ("k_offset", Attr::Int(0)),
+            ("v_offset", Attr::Int(0)),
+        ],
+    )
+}
+
 /// Joins tensors along `axis`.
 pub fn concat(xs: &[&Tensor], axis: i64) -> Result<Tensor> {
     let inputs: Vec<Option<&Tensor>> = xs.iter().map(|t| Some(*t)).collect();

@@ -182,7 +182,7 @@ pub const OPS: &[OpSig] = &[
     },
     OpSig {
         name: "attention_fused",
-        inputs: &["q_src", "kv_src", "mask?"],
+        inputs: &["q_src", "kv_src", "mask?", "v_src?"],
         attrs: &[
             "heads", "head_dim", "q_offset", "k_offset", "v_offset", "scale",
         ],
@@ -473,6 +473,7 @@ fn call_op(name: &str, inputs: &[Option<&Tensor>], attrs: &Attrs) -> Result<Vec<
             one(ops::attention_fused(
                 req(0),
                 req(1),
+                input(3),
                 input(2),
                 attrs.usize(op, "heads", None)?,
                 attrs.usize(op, "head_dim", None)?,

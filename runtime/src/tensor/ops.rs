@@ -799,13 +799,15 @@ fn attention_mask(
 
 /// Multi-head attention straight from projections: the queries are `heads·head_dim` columns of
 /// `q_src` `[B, Lq, Cq]` starting at `q_offset`, the keys and values as many columns of `kv_src`
-/// `[B, Lk, Ckv]` starting at `k_offset` and `v_offset` (one fused QKV projection can be both).
+/// `[B, Lk, Ckv]` starting at `k_offset` and `v_offset` (one fused QKV projection can be both),
+/// or the values from `v_src` `[B, Lk, Cv]` when given (separate projections need no copies).
 /// The result is `[B, Lq, heads·head_dim]`, heads side by side, as an output projection reads it;
 /// no per-head copies are made on the CPU. Mask and scale as for [`attention`].
 #[allow(clippy::too_many_arguments)]
 pub fn attention_fused(
     q_src: &Tensor,
     kv_src: &Tensor,
+    v_src: Option<&Tensor>,
     mask: Option<&Tensor>,
     heads: usize,
     head_dim: usize,
@@ -815,14 +817,24 @@ pub fn attention_fused(
     const OP: &str = "attention_fused";
     float_input(OP, q_src)?;
     float_input(OP, kv_src)?;
-    let (qs, ks) = (q_src.shape(), kv_src.shape());
+    let v_src_t = v_src.unwrap_or(kv_src);
+    float_input(OP, v_src_t)?;
+    let (qs, ks, vs) = (q_src.shape(), kv_src.shape(), v_src_t.shape());
     let width = heads * head_dim;
     let [qo, ko, vo] = offsets;
-    if qs.len() != 3 || ks.len() != 3 || qs[0] != ks[0] || heads == 0 || head_dim == 0 {
-        return Err(invalid(OP, format!("q_src {qs:?} and kv_src {ks:?} must be [B, L, C] with one batch, and heads and head_dim above 0")));
+    if qs.len() != 3
+        || ks.len() != 3
+        || vs.len() != 3
+        || qs[0] != ks[0]
+        || vs[0] != ks[0]
+        || vs[1] != ks[1]
+        || heads == 0
+        || head_dim == 0
+    {
+        return Err(invalid(OP, format!("q_src {qs:?}, kv_src {ks:?} and v_src {vs:?} must be [B, L, C] with one batch and one key length, and heads and head_dim above 0")));
     }
-    if qo + width > qs[2] || ko + width > ks[2] || vo + width > ks[2] {
-        return Err(invalid(OP, format!("{heads} heads of {head_dim} from columns {offsets:?} do not fit q_src {qs:?} and kv_src {ks:?}")));
+    if qo + width > qs[2] || ko + width > ks[2] || vo + width > vs[2] {
+        return Err(invalid(OP, format!("{heads} heads of {head_dim} from columns {offsets:?} do not fit q_src {qs:?}, kv_src {ks:?} and v_src {vs:?}")));
     }
     let dims = cpu_attn::AttnDims {
         b: qs[0],
@@ -834,10 +846,14 @@ pub fn attention_fused(
     };
     let scale_v = scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
     let (b, lq, lk) = (dims.b, dims.lq, dims.lk);
-    match same_device(OP, &[q_src, kv_src])? {
+    match same_device(OP, &[q_src, kv_src, v_src_t])? {
         Device::Cpu => {
             let mask_f = attention_mask(OP, mask, dims)?;
             let (qf, kf) = (f32s(q_src)?, f32s(kv_src)?);
+            let vf = match v_src {
+                Some(v) => Some(f32s(v)?),
+                None => None,
+            };
             let mref = mask_f.as_ref().map(|(m, st)| cpu_attn::MaskRef {
                 data: m.as_f32(),
                 sb: st[0],
@@ -853,11 +869,12 @@ pub fn attention_fused(
             let layouts = [
                 lay(qo, lq, qs[2]),
                 lay(ko, lk, ks[2]),
-                lay(vo, lk, ks[2]),
+                lay(vo, lk, vs[2]),
                 lay(0, lq, width),
             ];
+            let vref = vf.as_deref().unwrap_or(&kf);
             cpu_out(q_src.dtype(), &[b, lq, width], |out| {
-                cpu_attn::attention_strided(&qf, &kf, &kf, layouts, mref, scale_v, dims, out);
+                cpu_attn::attention_strided(&qf, &kf, vref, layouts, mref, scale_v, dims, out);
                 Ok(())
             })
         }
@@ -873,7 +890,7 @@ pub fn attention_fused(
             let o = attention(
                 &heads_of(q_src, qo, lq)?,
                 &heads_of(kv_src, ko, lk)?,
-                &heads_of(kv_src, vo, lk)?,
+                &heads_of(v_src_t, vo, lk)?,
                 mask,
                 Some(scale_v),
             )?;
