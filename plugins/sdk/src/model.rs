@@ -492,29 +492,15 @@ unsafe extern "C" fn forward_box<T: Denoiser>(
     out: *mut *mut DfValue,
 ) -> i32 {
     trampoline(host_api, || {
-        // SAFETY: the host passes the object made by `make_denoiser::<T>`.
-        let b = unsafe { &*(object as *const DenoiserBox<T>) };
-        // SAFETY: live arguments for the duration of the call.
-        let (call_v, inputs) =
-            unsafe { (Call::from_raw(call), Inputs::from_raw(inputs, n_inputs)?) };
-        // SAFETY: the host's live patch copies.
-        let patches: Vec<&DfPatchDesc> = unsafe { items(patches, n_patches) }
-            .iter()
-            // SAFETY: non-NULL pointers to host-owned descriptors.
-            .filter_map(|p| unsafe { p.as_ref() })
-            .collect();
-        let hooks = Hooks {
-            call: &call_v,
-            raw: call,
-            patches,
+        // SAFETY: the host's live arguments for the call.
+        let inputs = unsafe { Inputs::from_raw(inputs, n_inputs)? };
+        // SAFETY: as above; the object is the one made by `make_denoiser::<T>`.
+        let y = unsafe {
+            with_model::<T, _>(object, call, patches, n_patches, |m, c, h| {
+                m.forward(c, &inputs, h)
+            })?
         };
-        let y = b.inner.forward(&call_v, &inputs, &hooks)?;
-        if out.is_null() {
-            return Err(Error::new("no output slot"));
-        }
-        // SAFETY: checked for NULL; one reference to the host.
-        unsafe { *out = y.into_value().into_raw() };
-        Ok(())
+        put(out, y.into_value())
     })
 }
 
@@ -529,6 +515,34 @@ unsafe fn patch_list<'a>(patches: *const *const DfPatchDesc, n: usize) -> Vec<&'
         // SAFETY: non-NULL pointers to host-owned descriptors.
         .filter_map(|p| unsafe { p.as_ref() })
         .collect()
+}
+
+/// Runs `f` on the plugin's model behind `object` with the call and the host's patches.
+///
+/// # Safety
+/// `object` must be the object made by `make_denoiser::<T>`, `call` NULL or a live context, and
+/// `patches` NULL or `n_patches` pointers to live descriptors.
+unsafe fn with_model<T: Denoiser, R>(
+    object: *mut c_void,
+    call: *const DfCallContext,
+    patches: *const *const DfPatchDesc,
+    n_patches: usize,
+    f: impl FnOnce(&T, &Call, &Hooks) -> Result<R>,
+) -> Result<R> {
+    // SAFETY: per the contract.
+    let (b, call_v, patches) = unsafe {
+        (
+            &*(object as *const DenoiserBox<T>),
+            Call::from_raw(call),
+            patch_list(patches, n_patches),
+        )
+    };
+    let hooks = Hooks {
+        call: &call_v,
+        raw: call,
+        patches,
+    };
+    f(&b.inner, &call_v, &hooks)
 }
 
 /// Writes an owned value to `out`.
@@ -553,21 +567,15 @@ unsafe extern "C" fn prepare_box<T: Denoiser>(
     out: *mut *mut DfValue,
 ) -> i32 {
     trampoline(host_api, || {
-        // SAFETY: the object made by `make_denoiser::<T>` and live arguments for the call.
-        let (b, call_v, inputs, patches) = unsafe {
-            (
-                &*(object as *const DenoiserBox<T>),
-                Call::from_raw(call),
-                Inputs::from_raw(inputs, n_inputs)?,
-                patch_list(patches, n_patches),
-            )
+        // SAFETY: the host's live arguments for the call.
+        let inputs = unsafe { Inputs::from_raw(inputs, n_inputs)? };
+        // SAFETY: as above.
+        let state = unsafe {
+            with_model::<T, _>(object, call, patches, n_patches, |m, c, h| {
+                m.prepare(c, &inputs, h)
+            })?
         };
-        let hooks = Hooks {
-            call: &call_v,
-            raw: call,
-            patches,
-        };
-        put(out, b.inner.prepare(&call_v, &inputs, &hooks)?.into_value())
+        put(out, state.into_value())
     })
 }
 
@@ -585,28 +593,13 @@ unsafe extern "C" fn run_blocks_box<T: Denoiser>(
     out: *mut *mut DfValue,
 ) -> i32 {
     trampoline(host_api, || {
-        // SAFETY: as in `prepare_box`.
-        let (b, call_v, patches) = unsafe {
-            (
-                &*(object as *const DenoiserBox<T>),
-                Call::from_raw(call),
-                patch_list(patches, n_patches),
-            )
-        };
-        let hooks = Hooks {
-            call: &call_v,
-            raw: call,
-            patches,
-        };
         let state = StepState::from_raw(state)?;
-        let next = b.inner.run_blocks(
-            &call_v,
-            state,
-            stack as usize,
-            from as usize,
-            to as usize,
-            &hooks,
-        )?;
+        // SAFETY: the host's live arguments for the call.
+        let next = unsafe {
+            with_model::<T, _>(object, call, patches, n_patches, |m, c, h| {
+                m.run_blocks(c, state, stack as usize, from as usize, to as usize, h)
+            })?
+        };
         put(out, next.into_value())
     })
 }
@@ -621,21 +614,14 @@ unsafe extern "C" fn finish_box<T: Denoiser>(
     out: *mut *mut DfValue,
 ) -> i32 {
     trampoline(host_api, || {
-        // SAFETY: as in `prepare_box`.
-        let (b, call_v, patches) = unsafe {
-            (
-                &*(object as *const DenoiserBox<T>),
-                Call::from_raw(call),
-                patch_list(patches, n_patches),
-            )
-        };
-        let hooks = Hooks {
-            call: &call_v,
-            raw: call,
-            patches,
-        };
         let state = StepState::from_raw(state)?;
-        put(out, b.inner.finish(&call_v, state, &hooks)?.into_value())
+        // SAFETY: the host's live arguments for the call.
+        let y = unsafe {
+            with_model::<T, _>(object, call, patches, n_patches, |m, c, h| {
+                m.finish(c, state, h)
+            })?
+        };
+        put(out, y.into_value())
     })
 }
 
