@@ -21,7 +21,10 @@ fn session(with_c: bool) -> (Session, PathBuf) {
     }
     rt.load_plugin_file(&common::plugin_lib("ditflow_testkit"))
         .unwrap();
-    let dir = common::temp_dir(if with_c { "protocol-c" } else { "protocol" });
+    // A folder per session: the tests run in parallel, and each builds and writes its own.
+    static SESSIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = common::temp_dir(&format!("protocol-{n}"));
     if with_c {
         for source in [
             "plugins/examples/c/gmm_denoiser.c",

@@ -38,9 +38,6 @@ pub struct Attention {
     pub to_out: Linear,
     pub heads: usize,
     pub dim: usize,
-    /// Self-attention's q, k and v as separate layers (row slices of the fused weight), made
-    /// the first time an attention edit needs them as tensors of their own.
-    pub split: std::sync::OnceLock<[Linear; 3]>,
 }
 
 /// Stacks linears along their output axis into one named `name`.
@@ -99,7 +96,6 @@ impl Attention {
             to_out: w.linear(&format!("{prefix}.to_out.0"), dim, dim, true)?,
             heads,
             dim,
-            split: std::sync::OnceLock::new(),
         })
     }
 
@@ -128,16 +124,20 @@ impl Attention {
         match context {
             None if self.to_kv.is_none() => {
                 let d = self.dim;
-                // An edit reads q, k and v on their own: project them separately (no copies
-                // out of a fused projection) unless a linear delta sits on the fused one.
+                // An edit reads q, k and v as tensors of their own: one product writes them
+                // separately (no copies), unless a linear delta sits on the fused projection.
                 if let Some((hooks, site)) = at {
                     if deltas.is_empty() && hooks.has_attention_edit(&site) {
-                        let [wq, wk, wv] = self.split_qkv()?;
+                        let f = &self.to_q_or_qkv;
+                        let qkv = x.linear_split(&f.weight, f.bias.as_ref(), "none", 3)?;
+                        let [q, k, v]: [Tensor; 3] = qkv
+                            .try_into()
+                            .map_err(|_| Error::new("linear_split gave no q, k and v"))?;
                         let o = hooks.attention_qkv(
                             &site,
-                            wq.forward(x, "none")?,
-                            wk.forward(x, "none")?,
-                            wv.forward(x, "none")?,
+                            q,
+                            k,
+                            v,
                             mask,
                             self.heads,
                             d / self.heads,
@@ -156,28 +156,6 @@ impl Attention {
                 "an attention layer was called with the wrong kind of context",
             )),
         }
-    }
-
-    /// Self-attention's q, k and v layers, sliced from the fused weight once.
-    fn split_qkv(&self) -> Result<&[Linear; 3]> {
-        if let Some(s) = self.split.get() {
-            return Ok(s);
-        }
-        let d = self.dim as i64;
-        let f = &self.to_q_or_qkv;
-        let part = |j: i64, name: &str| -> Result<Linear> {
-            Ok(Linear {
-                name: format!("{}.{name}", f.name),
-                weight: f.weight.slice(0, j * d, (j + 1) * d, 1)?,
-                bias: f
-                    .bias
-                    .as_ref()
-                    .map(|b| b.slice(0, j * d, (j + 1) * d, 1))
-                    .transpose()?,
-            })
-        };
-        let made = [part(0, "q")?, part(1, "k")?, part(2, "v")?];
-        Ok(self.split.get_or_init(|| made))
     }
 
     /// The heads' attention from fused projections, through the site's hooks when it has any.

@@ -345,6 +345,26 @@ impl Tensor {
         )
     }
 
+    /// [`Tensor::linear`] with its output columns as `parts` separate tensors (a fused QKV
+    /// projection as q, k and v), made by one product without copies where the kernel can.
+    pub fn linear_split(
+        &self,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        activation: &str,
+        parts: usize,
+    ) -> Result<Vec<Tensor>> {
+        call(
+            "linear_split",
+            &[Some(self), Some(w), bias],
+            &[
+                ("activation", Attr::Str(activation)),
+                ("parts", Attr::Int(parts as i64)),
+            ],
+            None,
+        )
+    }
+
     /// 1-, 2- or 3-D convolution (`[N, C, *S]` by `[O, C/groups, *K]`).
     pub fn conv(
         &self,

@@ -145,6 +145,12 @@ pub const OPS: &[OpSig] = &[
         doc: "x·wᵀ + bias, then an activation",
     },
     OpSig {
+        name: "linear_split",
+        inputs: &["x", "weight", "bias?"],
+        attrs: &["activation", "parts"],
+        doc: "linear, with its output columns as `parts` separate tensors (several outputs)",
+    },
+    OpSig {
         name: "conv",
         inputs: &["x", "weight", "bias?"],
         attrs: &["stride", "padding", "dilation", "groups"],
@@ -414,6 +420,13 @@ fn call_op(name: &str, inputs: &[Option<&Tensor>], attrs: &Attrs) -> Result<Vec<
             input(2),
             activation("activation")?,
         )?),
+        "linear_split" => ops::linear_split(
+            req(0),
+            req(1),
+            input(2),
+            activation("activation")?,
+            attrs.usize(op, "parts", None)?,
+        ),
         "conv" => one(ops::conv(
             req(0),
             req(1),

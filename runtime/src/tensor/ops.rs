@@ -376,6 +376,73 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
     }
 }
 
+/// [`linear`] whose `parts` equal column ranges come out as separate tensors (a fused QKV
+/// projection as q, k and v): on the CPU one product writes them all, with no copies; where the
+/// parts do not fit the GEMM's panels, or on CUDA, the whole product is split.
+pub fn linear_split(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Activation,
+    parts: usize,
+) -> R<Vec<Tensor>> {
+    const OP: &str = "linear_split";
+    if w.rank() != 2 || parts == 0 || w.shape()[0] % parts != 0 {
+        return Err(invalid(
+            OP,
+            format!("weight {:?} does not split into {parts} parts", w.shape()),
+        ));
+    }
+    let (n, k) = (w.shape()[0], w.shape()[1]);
+    let fast = x.device() == Device::Cpu
+        && w.device() == Device::Cpu
+        && x.dtype() == DType::F32
+        && cpu::gemm::parts_fit(n, parts)
+        && x.rank() > 0
+        && x.shape()[x.rank() - 1] == k
+        && bias.is_none_or(|b| b.numel() == n && b.device() == Device::Cpu);
+    if !fast {
+        let y = linear(x, w, bias, act)?;
+        return split(&y, -1, &vec![n / parts; parts]);
+    }
+    float_input(OP, w)?;
+    let m = x.numel() / k.max(1);
+    let mut out_shape = x.shape().to_vec();
+    *out_shape.last_mut().unwrap() = n / parts;
+    let xf = f32s(x)?;
+    let bf = bias.map(f32s).transpose()?;
+    let packed = packed_weight(w, n, k)?;
+    let mut outs = Vec::with_capacity(parts);
+    for _ in 0..parts {
+        outs.push(Tensor::for_overwrite(DType::F32, &out_shape)?);
+    }
+    let mut ptrs = Vec::with_capacity(parts);
+    for t in outs.iter_mut() {
+        ptrs.push(t.as_mut_slice::<f32>()?.as_mut_ptr());
+    }
+    let ep = cpu::gemm::Epilogue {
+        bias: bf
+            .as_deref()
+            .map_or(cpu::gemm::Bias::None, cpu::gemm::Bias::PerColumn),
+        act,
+        accumulate: false,
+    };
+    // SAFETY: x is [m, k], the packed weight is k×n, and each output is [m, n / parts].
+    unsafe {
+        cpu::gemm::sgemm_parts(
+            m,
+            n,
+            k,
+            cpu::gemm::MatRef::row_major(&xf, k, false),
+            cpu::gemm::BOperand::Packed(&packed),
+            &ptrs,
+            ep,
+            true,
+        )
+    };
+    Ok(outs)
+}
+
 /// Convolution over 1, 2 or 3 spatial axes: x `[N, C, *S]`, w `[O, C/groups, *K]`, bias `[O]`.
 /// `stride`, `padding` and `dilation` have one value per spatial axis (or one for all).
 pub fn conv(

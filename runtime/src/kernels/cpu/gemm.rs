@@ -91,6 +91,41 @@ impl OutPtr {
     }
 }
 
+/// Where C goes: one row-major matrix (`parts` of one), or `n / part_w` matrices side by side,
+/// each `[m, part_w]` at its own address, so one product fills separate outputs (a fused QKV
+/// projection as three tensors) without copies.
+struct Out {
+    bases: Vec<OutPtr>,
+    part_w: usize,
+    ldc: usize,
+}
+
+impl Out {
+    /// The address of C(i, j); `j..j + width` must stay inside one part.
+    #[inline]
+    unsafe fn at(&self, i: usize, j: usize) -> *mut f32 {
+        self.bases[j / self.part_w]
+            .get()
+            .add(i * self.ldc + j % self.part_w)
+    }
+
+    /// Calls `f(j, row)` for row `i`, columns `j0..j1`, a stretch in one part at a time.
+    unsafe fn for_stretches(
+        &self,
+        i: usize,
+        j0: usize,
+        j1: usize,
+        mut f: impl FnMut(usize, &mut [f32]),
+    ) {
+        let mut j = j0;
+        while j < j1 {
+            let end = ((j / self.part_w + 1) * self.part_w).min(j1);
+            f(j, std::slice::from_raw_parts_mut(self.at(i, j), end - j));
+            j = end;
+        }
+    }
+}
+
 thread_local! {
     static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static PACK_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -169,6 +204,61 @@ pub unsafe fn sgemm_with(
     ep: Epilogue,
     parallel: bool,
 ) {
+    let out = Out {
+        bases: vec![OutPtr(c)],
+        part_w: n.max(1),
+        ldc,
+    };
+    sgemm_out(m, n, k, a, b, out, ep, parallel)
+}
+
+/// [`sgemm_with`] into `outs.len()` row-major matrices `[m, n / outs.len()]`, C's columns in
+/// order: one product, several outputs. Each part's width must be a multiple of [`NR`] (so no
+/// micro-tile straddles two parts); [`parts_fit`] says whether it is.
+///
+/// # Safety
+/// As for [`sgemm`], with each output addressing `m × n / outs.len()` writable elements.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_parts(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: BOperand,
+    outs: &[*mut f32],
+    ep: Epilogue,
+    parallel: bool,
+) {
+    assert!(
+        parts_fit(n, outs.len()),
+        "{} parts of {n} columns",
+        outs.len()
+    );
+    let part_w = n / outs.len();
+    let out = Out {
+        bases: outs.iter().map(|&p| OutPtr(p)).collect(),
+        part_w,
+        ldc: part_w,
+    };
+    sgemm_out(m, n, k, a, b, out, ep, parallel)
+}
+
+/// Whether `n` columns split into `parts` outputs for [`sgemm_parts`].
+pub fn parts_fit(n: usize, parts: usize) -> bool {
+    parts > 0 && n % parts == 0 && (n / parts) % NR == 0
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_out(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: BOperand,
+    out: Out,
+    ep: Epilogue,
+    parallel: bool,
+) {
     if let BOperand::Packed(p) = b {
         assert!(
             p.k == k && p.n == n,
@@ -182,11 +272,12 @@ pub unsafe fn sgemm_with(
     }
     if k == 0 {
         for i in 0..m {
-            let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
-            if !ep.accumulate {
-                row.fill(0.0);
-            }
-            finish_row(row, i, 0, ep);
+            out.for_stretches(i, 0, n, |j0, row| {
+                if !ep.accumulate {
+                    row.fill(0.0);
+                }
+                finish_row(row, i, j0, ep);
+            });
         }
         return;
     }
@@ -195,7 +286,6 @@ pub unsafe fn sgemm_with(
     } else {
         1
     };
-    let out = OutPtr(c);
     // Columns per outer block: the packed B block (all of K × nc) stays within 4M floats.
     let nc_cap = ((4usize << 20) / k).max(NR) / NR * NR;
     let nc_block = if matches!(b, BOperand::Packed(_)) {
@@ -266,8 +356,7 @@ pub unsafe fn sgemm_with(
                         let kc = KC.min(k - pc);
                         pack_a(mc, kc, a, i0, pc, pa.as_mut_ptr());
                         let tile = Tile {
-                            c: out.get(),
-                            ldc,
+                            out: &out,
                             overwrite: pc == 0 && !ep.accumulate,
                         };
                         for p in p0..p1 {
@@ -288,11 +377,7 @@ pub unsafe fn sgemm_with(
                         let j0 = jc + p0 * NR;
                         let j1 = (jc + p1 * NR).min(n);
                         for r in i0..i0 + mc {
-                            let row = std::slice::from_raw_parts_mut(
-                                out.get().add(r * ldc + j0),
-                                j1 - j0,
-                            );
-                            finish_row(row, r, j0, ep);
+                            out.for_stretches(r, j0, j1, |j, row| finish_row(row, r, j, ep));
                         }
                     }
                 });
@@ -316,13 +401,12 @@ pub unsafe fn sgemm_with(
 }
 
 /// Where a micro-tile's result goes.
-struct Tile {
-    c: *mut f32,
-    ldc: usize,
+struct Tile<'a> {
+    out: &'a Out,
     overwrite: bool,
 }
 
-impl Tile {
+impl Tile<'_> {
     #[allow(clippy::too_many_arguments)]
     #[inline]
     unsafe fn run(
@@ -335,14 +419,14 @@ impl Tile {
         mr: usize,
         nr: usize,
     ) {
-        let c = self.c.add(i0 * self.ldc + j0);
+        let (c, ldc) = (self.out.at(i0, j0), self.out.ldc);
         if mr == MR && nr == NR {
-            micro_kernel(kc, a, 1, MR, b, c, self.ldc, !self.overwrite);
+            micro_kernel(kc, a, 1, MR, b, c, ldc, !self.overwrite);
         } else {
             let mut acc = [0f32; MR * NR];
             micro_kernel(kc, a, 1, MR, b, acc.as_mut_ptr(), NR, false);
             for r in 0..mr {
-                let row = std::slice::from_raw_parts_mut(c.add(r * self.ldc), nr);
+                let row = std::slice::from_raw_parts_mut(c.add(r * ldc), nr);
                 let src = &acc[r * NR..r * NR + nr];
                 if self.overwrite {
                     row.copy_from_slice(src);
@@ -688,6 +772,62 @@ mod tests {
             );
         }
         assert_eq!(c1, c2);
+    }
+
+    #[test]
+    fn a_product_split_into_parts_equals_the_whole_product() {
+        // Three outputs of 48 columns each (a fused QKV as q, k, v), with a bias and an
+        // activation, bit-exact with the one-output product's columns; parallel and not.
+        let mut rng = Lcg(9);
+        let (m, n, k) = (301, 3 * 48, 200);
+        let a = rng.vec(m * k);
+        let w = rng.vec(n * k);
+        let bias = rng.vec(n);
+        let wt = MatRef::row_major(&w, k, true);
+        let packed = unsafe { PackedB::new(k, n, wt) };
+        let ep = Epilogue {
+            accumulate: false,
+            bias: Bias::PerColumn(&bias),
+            act: Activation::GeluTanh,
+        };
+        assert!(parts_fit(n, 3) && !parts_fit(n, 5) && !parts_fit(100, 2));
+        for parallel in [false, true] {
+            let mut whole = vec![0f32; m * n];
+            let mut parts = vec![vec![0f32; m * n / 3]; 3];
+            unsafe {
+                sgemm_with(
+                    m,
+                    n,
+                    k,
+                    MatRef::row_major(&a, k, false),
+                    BOperand::Packed(&packed),
+                    whole.as_mut_ptr(),
+                    n,
+                    ep,
+                    parallel,
+                );
+                let outs: Vec<*mut f32> = parts.iter_mut().map(|p| p.as_mut_ptr()).collect();
+                sgemm_parts(
+                    m,
+                    n,
+                    k,
+                    MatRef::row_major(&a, k, false),
+                    BOperand::Packed(&packed),
+                    &outs,
+                    ep,
+                    parallel,
+                );
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    assert_eq!(
+                        parts[j / 48][i * 48 + j % 48],
+                        whole[i * n + j],
+                        "({i}, {j})"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
