@@ -244,3 +244,56 @@ fn bad_lora_files_are_clear_errors() {
     // The session still runs a good graph.
     forward(&s, &model(), &[("a.safetensors", 1.0, false)]).unwrap();
 }
+
+/// The bytes of every tensor in a safetensors file.
+fn tensor_bytes(path: &Path) -> i64 {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .iter()
+        .map(|(_, t)| t.data().len() as i64)
+        .sum()
+}
+
+#[test]
+fn model_info_counts_the_patches_and_their_memory() {
+    // Reference: the LoRA files' tensor bytes, and for the merged one the f32 copies of the
+    // weights it touches (b: attn1's fused qkv [48, 16], attn2's fused kv [32, 16] and ff.net.2
+    // [16, 64] in each of the 2 blocks).
+    let s = session();
+    let a = fixtures().join("a.safetensors");
+    let b = fixtures().join("b/adapter_model.safetensors");
+    let yaml = format!(
+        "version: 1\nnodes:\n  m0: {{type: LoadDiffusionModel, inputs: {{path: {:?}}}}}\n  m1: {{type: ApplyLoRA, inputs: {{model: m0.model, path: {:?}}}}}\n  m2: {{type: ApplyLoRA, inputs: {{model: m1.model, path: {:?}, merge: true}}}}\n  i0: {{type: ModelInfo, inputs: {{model: m0.model}}}}\n  i1: {{type: ModelInfo, inputs: {{model: m1.model}}}}\n  i2: {{type: ModelInfo, inputs: {{model: m2.model}}}}\noutputs:\n  kind: i2.kind\n  n0: i0.patches\n  n2: i2.patches\n  b0: i0.patch_bytes\n  b1: i1.patch_bytes\n  b2: i2.patch_bytes\n  d1: i1.digest\n  d2: i2.digest\n",
+        model().to_string_lossy(),
+        a.to_string_lossy(),
+        b.to_string_lossy()
+    );
+    let g = Graph::from_yaml(&yaml, "info.yaml", Path::new(".")).unwrap();
+    let report = s
+        .run(
+            &g,
+            &[],
+            &RunOptions {
+                out_dir: common::temp_dir("lora-info"),
+                ..RunOptions::default()
+            },
+        )
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let int = |name: &str| match &**report.output(name).unwrap() {
+        ditflow::Value::Int(i) => *i,
+        other => panic!("{name}: {other:?}"),
+    };
+    let text = |name: &str| match &**report.output(name).unwrap() {
+        ditflow::Value::String(s) => s.as_str().to_string(),
+        other => panic!("{name}: {other:?}"),
+    };
+    assert_eq!(text("kind"), "a denoiser");
+    assert_eq!((int("n0"), int("n2")), (0, 2));
+    assert_eq!(int("b0"), 0);
+    assert_eq!(int("b1"), tensor_bytes(&a));
+    let merged = 2 * (48 * 16 + 32 * 16 + 16 * 64) * 4;
+    assert_eq!(int("b2"), tensor_bytes(&a) + tensor_bytes(&b) + merged);
+    assert_ne!(text("d1"), text("d2"));
+}

@@ -9,6 +9,7 @@
 //! - [`tensor_io`]: `LoadTensor` and `SaveTensor` (safetensors files);
 //! - [`image`]: `LoadImage` and `SaveImage` (PNG files);
 //! - [`forward`]: `Forward`, one forward of any protocol model from a file of tensors;
+//! - [`model_info`]: `ModelInfo`, a Model's interface, patches, digest and patch memory;
 //! - [`patches`]: `ApplyLoRA` and the feature caches, Model → Model patches;
 //! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `Sample`, `VAEDecode` and `VAEEncode`;
 //! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching).
@@ -25,6 +26,7 @@ pub mod constants;
 pub mod forward;
 pub mod image;
 pub mod math;
+pub mod model_info;
 pub mod noise;
 pub mod patches;
 pub mod pipeline;
@@ -55,6 +57,7 @@ export_plugin!(
         image::LoadImage,
         image::SaveImage,
         forward::Forward,
+        model_info::ModelInfo,
         patches::lora::ApplyLoRA,
         patches::cache::FirstBlockCache,
         patches::cache::TeaCache,

@@ -16,10 +16,38 @@ use ditflow_plugin::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-/// A LoRA has no hooks besides its linear deltas.
-struct LoraHooks;
+/// A LoRA has no hooks besides its linear deltas; merged, it also holds a copy of every weight it
+/// touches.
+struct LoraHooks {
+    merged_bytes: u64,
+}
 
-impl PatchHooks for LoraHooks {}
+impl PatchHooks for LoraHooks {
+    fn memory_estimate(&self, _info: &ditflow_plugin::model::DenoiserInfo) -> u64 {
+        self.merged_bytes
+    }
+}
+
+/// Bytes of f32 copies of the weights `deltas` touch (a fused weight once).
+fn merged_bytes(deltas: &[LinearDelta], linears: &[LinearInfo]) -> u64 {
+    let by_name: HashMap<&str, &LinearInfo> =
+        linears.iter().map(|l| (l.name.as_str(), l)).collect();
+    let mut weights = std::collections::BTreeSet::new();
+    for d in deltas {
+        if let Some(l) = by_name.get(d.target.as_str()) {
+            let w = l
+                .fused_into
+                .as_ref()
+                .map_or(l.name.as_str(), |(f, _)| f.as_str());
+            weights.insert(w);
+        }
+    }
+    weights
+        .iter()
+        .filter_map(|w| by_name.get(w))
+        .map(|l| (l.out_features * l.in_features * 4) as u64)
+        .sum()
+}
 
 /// The alpha settings of an adapter (PEFT's `LoraConfig` fields).
 #[derive(Default, Debug, Clone, PartialEq)]
@@ -341,13 +369,25 @@ impl Node for ApplyLoRA {
             .map_or(file.clone(), |n| n.to_string_lossy().into_owned());
         let mut spec = PatchSpec::new(&format!("LoRA {stem}"));
         spec.strength = strength;
+        let merged = if merge {
+            merged_bytes(&deltas, &linears)
+        } else {
+            0
+        };
         spec.linear_deltas = deltas;
+        spec.memory_estimate = true;
         if merge {
             spec.flags |= DF_PATCH_MERGE;
         }
         let fp = file_fingerprint("cannot read", &path)?;
         spec.digest = fnv1a(fnv1a(fp, &strength.to_le_bytes()), &[merge as u8]) | 1;
-        let v = ctx.patch_model(&model, &spec, LoraHooks)?;
+        let v = ctx.patch_model(
+            &model,
+            &spec,
+            LoraHooks {
+                merged_bytes: merged,
+            },
+        )?;
         ctx.set_output("model", v)
     }
 

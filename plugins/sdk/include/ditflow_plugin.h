@@ -802,9 +802,15 @@ struct DfHostApi {
     /** The head: from the last state to the prediction (owned). */
     int32_t (*denoiser_finish)(const DfValue* v, const DfCallContext* call, const DfValue* state,
                                DfValue** out);
+    /**
+     * Bytes a Model's patches hold beyond its base: their linear deltas, and what their
+     * memory_estimate hooks report (merged weight copies, caches, extra networks). 0 for a
+     * value that is not a Model.
+     */
+    uint64_t (*model_patch_memory)(const DfValue* v);
 
     /** Reserved for functions added by later minors. */
-    const void* reserved[14];
+    const void* reserved[13];
 };
 
 /* ------------------------------------------------------------------------------------------ */

@@ -898,8 +898,11 @@ pub struct DfHostApi {
         state: *const DfValue,
         out: *mut *mut DfValue,
     ) -> i32,
+    /// Bytes a Model's patches hold beyond its base: their linear deltas, and what their
+    /// `memory_estimate` hooks report. 0 for a value that is not a Model.
+    pub model_patch_memory: unsafe extern "C" fn(v: *const DfValue) -> u64,
 
-    pub reserved: [*const c_void; 14],
+    pub reserved: [*const c_void; 13],
 }
 
 /// Registers a plugin's node types through `host->register_node(reg, ...)`.

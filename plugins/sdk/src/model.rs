@@ -729,7 +729,7 @@ impl Context {
                 .then_some(crate::attention::extra_tramp::<H>),
             bridge: None,
             lifecycle: spec.lifecycle.then_some(lifecycle_tramp::<H>),
-            memory_estimate: None,
+            memory_estimate: spec.memory_estimate.then_some(memory_tramp::<H>),
             reserved: [std::ptr::null(); 8],
         };
         // SAFETY: a complete descriptor; the host copies it and owns `user` from here on.
@@ -979,6 +979,7 @@ pub struct PatchSpec {
     pub attention_edit: bool,
     pub attention_mask: bool,
     pub attention_extra: bool,
+    pub memory_estimate: bool,
 }
 
 impl PatchSpec {
@@ -1004,6 +1005,7 @@ impl PatchSpec {
             attention_edit: false,
             attention_mask: false,
             attention_extra: false,
+            memory_estimate: false,
         }
     }
 }
@@ -1088,6 +1090,12 @@ pub trait PatchHooks: Send + Sync + 'static {
         _site: &crate::attention::AttentionSite,
     ) -> Result<Option<crate::attention::Mask>> {
         Ok(None)
+    }
+
+    /// Bytes this patch holds beyond the base model (merged weight copies, cached state, extra
+    /// networks), for schedulers deciding what fits; its linear deltas are counted by the host.
+    fn memory_estimate(&self, _info: &DenoiserInfo) -> u64 {
+        0
     }
 
     /// A delta added to an attention site's output (before its output projection), from its
@@ -1180,6 +1188,29 @@ unsafe extern "C" fn range_override_tramp<H: PatchHooks>(
         unsafe { *out = y.into_value().into_raw() };
         Ok(())
     })
+}
+
+unsafe extern "C" fn memory_tramp<H: PatchHooks>(
+    user: *mut c_void,
+    desc: *const DfDenoiserDesc,
+) -> u64 {
+    catch_unwind(AssertUnwindSafe(|| {
+        // SAFETY: the user data made for `H`; NULL or the base model's live description.
+        let (h, info) = unsafe {
+            (
+                &*(user as *const H),
+                desc.as_ref().map(|d| read_desc(d)).unwrap_or_default(),
+            )
+        };
+        h.memory_estimate(&info)
+    }))
+    .unwrap_or(0)
+}
+
+/// Bytes `model`'s patches hold beyond its base (their linear deltas and memory estimates).
+pub fn patch_memory(model: &Value) -> u64 {
+    // SAFETY: a live handle.
+    unsafe { (host().model_patch_memory)(model.as_ptr()) }
 }
 
 unsafe extern "C" fn lifecycle_tramp<H: PatchHooks>(

@@ -157,7 +157,8 @@ macro_rules! abi_items {
                     denoiser_finish: unsafe extern "C" fn(
                         *const DfValue, *const DfCallContext, *const DfValue, *mut *mut DfValue,
                     ) -> i32,
-                    reserved: [*const c_void; 14],
+                    model_patch_memory: unsafe extern "C" fn(*const DfValue) -> u64,
+                    reserved: [*const c_void; 13],
                 }
                 DfNamedValue {
                     name: *const c_char,

@@ -70,7 +70,8 @@ static HOST_API: SyncHostApi = SyncHostApi(DfHostApi {
     denoiser_prepare: model::denoiser_prepare,
     denoiser_run_blocks: model::denoiser_run_blocks,
     denoiser_finish: model::denoiser_finish,
-    reserved: [std::ptr::null(); 14],
+    model_patch_memory: model::model_patch_memory,
+    reserved: [std::ptr::null(); 13],
 });
 
 /// The table passed to plugins.

@@ -29,7 +29,7 @@ pub struct Patch {
     plugin: CString,
     _targets: Vec<CString>,
     _deltas: Vec<DfLinearDelta>,
-    _values: Vec<Arc<Value>>,
+    values: Vec<Arc<Value>>,
     /// Keeps the patch's plugin mapped while the patch lives; dropped last.
     _keep_alive: Option<Arc<dyn Send + Sync>>,
 }
@@ -400,7 +400,7 @@ unsafe fn own_patch(
         plugin,
         _targets: targets,
         _deltas: deltas,
-        _values: values,
+        values,
         _keep_alive: keep_alive,
     }
 }
@@ -872,6 +872,33 @@ pub(super) unsafe extern "C" fn denoiser_finish(
             )
         })
     })
+}
+
+pub(super) unsafe extern "C" fn model_patch_memory(v: *const DfValue) -> u64 {
+    let run = || -> Result<u64, String> {
+        // SAFETY: NULL or a live handle.
+        let o = unsafe { model(v) }?;
+        let base = o.base.as_ref().unwrap_or(o);
+        let desc = denoiser_api(base)
+            .ok()
+            .and_then(|api| api.describe)
+            // SAFETY: the plugin's own function on its own object.
+            .map_or(std::ptr::null(), |d| unsafe { d(base.ptr) });
+        let mut total = 0u64;
+        for p in &o.patches {
+            for v in &p.values {
+                if let Value::Tensor(_, t) = &**v {
+                    total += t.nbytes() as u64;
+                }
+            }
+            if let Some(f) = p.desc.memory_estimate {
+                // SAFETY: the patch's hook with its own user data.
+                total += unsafe { f(p.desc.user_data, desc) };
+            }
+        }
+        Ok(total)
+    };
+    guard(Ok(0), run).unwrap_or(0)
 }
 
 pub(super) unsafe extern "C" fn denoiser_lifecycle(
