@@ -362,6 +362,20 @@ fn a_cache_holds_the_block_residuals_inside_its_range_once() {
     )
     .unwrap_err();
     assert!(err.contains("block stack"), "{err}");
+    // A bridge needs two streams: PixArt has one.
+    let err = run(
+        &session,
+        &dir,
+        &demo_graph(
+            "  p: {type: NoOpBridge, inputs: {model: dm.model}}\n",
+            "p.model",
+        ),
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("NoOpBridge") && err.contains("two streams"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -727,7 +727,7 @@ impl Context {
             attention_extra: spec
                 .attention_extra
                 .then_some(crate::attention::extra_tramp::<H>),
-            bridge: None,
+            bridge: spec.bridge.then_some(bridge_tramp::<H>),
             lifecycle: spec.lifecycle.then_some(lifecycle_tramp::<H>),
             memory_estimate: spec.memory_estimate.then_some(memory_tramp::<H>),
             reserved: [std::ptr::null(); 8],
@@ -980,6 +980,7 @@ pub struct PatchSpec {
     pub attention_mask: bool,
     pub attention_extra: bool,
     pub memory_estimate: bool,
+    pub bridge: bool,
 }
 
 impl PatchSpec {
@@ -1006,6 +1007,7 @@ impl PatchSpec {
             attention_mask: false,
             attention_extra: false,
             memory_estimate: false,
+            bridge: false,
         }
     }
 }
@@ -1090,6 +1092,19 @@ pub trait PatchHooks: Send + Sync + 'static {
         _site: &crate::attention::AttentionSite,
     ) -> Result<Option<crate::attention::Mask>> {
         Ok(None)
+    }
+
+    /// A bridge between two streams of one model at sites `a` and `b` (stack, block): deltas for
+    /// each stream's hidden state, from both. Run by models with two streams.
+    fn bridge(
+        &self,
+        _call: &Call,
+        _a: (usize, usize),
+        _b: (usize, usize),
+        _hidden_a: &Tensor,
+        _hidden_b: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((None, None))
     }
 
     /// Bytes this patch holds beyond the base model (merged weight copies, cached state, extra
@@ -1186,6 +1201,52 @@ unsafe extern "C" fn range_override_tramp<H: PatchHooks>(
         }
         // SAFETY: checked for NULL.
         unsafe { *out = y.into_value().into_raw() };
+        Ok(())
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn bridge_tramp<H: PatchHooks>(
+    user: *mut c_void,
+    host_api: *const DfHostApi,
+    call: *const DfCallContext,
+    a: *const DfSite,
+    b: *const DfSite,
+    hidden_a: *const DfValue,
+    hidden_b: *const DfValue,
+    delta_a: *mut *mut DfValue,
+    delta_b: *mut *mut DfValue,
+) -> i32 {
+    trampoline(host_api, || {
+        // SAFETY: the user data made for `H`, and live arguments.
+        let (h, call, a, b) = unsafe {
+            (
+                &*(user as *const H),
+                Call::from_raw(call),
+                a.as_ref().ok_or_else(|| Error::new("no site a"))?,
+                b.as_ref().ok_or_else(|| Error::new("no site b"))?,
+            )
+        };
+        let tensor = |v| -> Result<Tensor> {
+            Value::from_borrowed(v)
+                .ok_or_else(|| Error::new("no hidden state"))?
+                .as_tensor()
+        };
+        if delta_a.is_null() || delta_b.is_null() {
+            return Err(Error::new("no output slots"));
+        }
+        let (da, db) = h.bridge(
+            &call,
+            (a.stack as usize, a.block as usize),
+            (b.stack as usize, b.block as usize),
+            &tensor(hidden_a)?,
+            &tensor(hidden_b)?,
+        )?;
+        // SAFETY: checked for NULL; owned values to the caller.
+        unsafe {
+            *delta_a = da.map_or(std::ptr::null_mut(), |d| d.into_value().into_raw());
+            *delta_b = db.map_or(std::ptr::null_mut(), |d| d.into_value().into_raw());
+        }
         Ok(())
     })
 }

@@ -106,6 +106,7 @@ struct LinearInfo {
 /// What composition needs of a denoiser's self-description.
 struct DenoiserInfo {
     capabilities: u64,
+    n_streams: usize,
     stacks: Vec<StackInfo>,
     linears: Vec<LinearInfo>,
 }
@@ -152,6 +153,7 @@ fn read_denoiser(o: &Object) -> Result<DenoiserInfo, String> {
     unsafe {
         Ok(DenoiserInfo {
             capabilities: d.capabilities,
+            n_streams: if d.streams.is_null() { 0 } else { d.n_streams },
             stacks: items(d.stacks, d.n_stacks)
                 .iter()
                 .map(|s| StackInfo {
@@ -237,6 +239,13 @@ fn check_composition(
             "{label} needs {} but the model ({tag}) offers {}",
             cap_names(missing),
             cap_names(info.capabilities)
+        ));
+    }
+    if d.bridge.is_some() && info.n_streams < 2 {
+        return Err(format!(
+            "{label} bridges two streams, but the model ({tag}) has {} (a bridge between two \
+             separately loaded towers steps them block by block instead)",
+            info.n_streams
         ));
     }
     if d.block_residual.is_some() && patch.is_whole_call() {

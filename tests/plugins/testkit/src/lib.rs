@@ -391,5 +391,6 @@ export_plugin!(
         protocol::KeyLengthMask,
         protocol::ConstantAttention,
         protocol::SteppedForward,
+        protocol::NoOpBridge,
     ],
 );

@@ -590,3 +590,26 @@ impl Node for SteppedForward {
         ctx.set_output("sample", y.to_device(Device::Cpu)?)
     }
 }
+
+/// `NoOpBridge`: a bridge between two streams that adds nothing (for composition checks).
+#[derive(Default)]
+pub struct NoOpBridge;
+
+impl Node for NoOpBridge {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("NoOpBridge")
+            .category("testing")
+            .doc("A bridge patch between two streams that adds nothing.")
+            .input(Port::new("model", "Model<Denoiser>"))
+            .output(Port::new("model", "Model<Denoiser>"))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let mut spec = PatchSpec::new("NoOpBridge");
+        spec.bridge = true;
+        spec.stack = Some(0);
+        let v = ctx.patch_model(&model, &spec, NoOp)?;
+        ctx.set_output("model", v)
+    }
+}
