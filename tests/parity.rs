@@ -36,6 +36,7 @@ fn read(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
 fn forward_error(session: &Session, name: &str, outputs: &[&str]) -> f64 {
     let (loader, port) = match name {
         "vae" => ("LoadVAE", "vae"),
+        "flux_dev" | "flux_schnell" => ("LoadFlux", "model"),
         "t5" | "clip" | "clip_projection" => ("LoadTextEncoder", "encoder"),
         _ => ("LoadDiffusionModel", "model"),
     };
@@ -81,6 +82,16 @@ fn pixart_alpha_matches_diffusers() {
 fn pixart_sigma_matches_diffusers() {
     // PixArt-Σ: no size conditioning, position interpolation scale 2.
     assert!(forward_error(&session(), "pixart_sigma", &["sample"]) <= 1e-4);
+}
+
+#[test]
+fn flux_dev_and_schnell_match_diffusers() {
+    // Double- and single-stream blocks, 3-axis interleaved RoPE over text-then-image ids, the
+    // pooled text and (dev) the guidance embedding.
+    let s = session();
+    for name in ["flux_dev", "flux_schnell"] {
+        assert!(forward_error(&s, name, &["sample"]) <= 1e-4, "{name}");
+    }
 }
 
 #[test]

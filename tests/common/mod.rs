@@ -72,6 +72,7 @@ pub const STD_PLUGINS: &[&str] = &[
     "ditflow_pixart_dit",
     "ditflow_t5_clip",
     "ditflow_autoencoder_kl",
+    "ditflow_flux",
 ];
 
 /// The paths of the [`STD_PLUGINS`] libraries.

@@ -1,0 +1,143 @@
+//! Flux as a protocol model: `FluxModel` describes itself (the image and text streams, the double-
+//! and single-stream stacks) and runs a forward from diffusers' named inputs; `LoadFlux` reads a
+//! diffusers folder. Its blocks offer no hook sites yet, so block-level patches are refused when
+//! composed; whole-call patches apply.
+
+use crate::flux::{self, Flux};
+use ditflow_nn::{Config, Weights};
+use ditflow_plugin::files::{folder_fingerprint, input_path};
+use ditflow_plugin::model::{
+    Call, Denoiser, DenoiserInfo, Hooks, Inputs, Prediction, StackInfo, StreamInfo,
+};
+use ditflow_plugin::prelude::*;
+use ditflow_plugin::Object;
+use std::path::Path;
+
+/// A loaded `FluxTransformer2DModel`.
+pub struct FluxModel(pub Flux);
+
+impl Object for FluxModel {
+    const TAG: &'static str = "ditflow-flux.model";
+}
+
+fn floats(t: &Tensor) -> Result<Vec<f32>> {
+    t.cast(DType::F32)?
+        .to_device(Device::Cpu)?
+        .as_f32()
+        .map(<[f32]>::to_vec)
+}
+
+impl Denoiser for FluxModel {
+    fn describe(&self) -> DenoiserInfo {
+        let m = &self.0;
+        let stack = |name: &str, n: usize, streams: &[&str]| StackInfo {
+            name: name.into(),
+            streams: streams.iter().map(|s| s.to_string()).collect(),
+            n_blocks: n,
+            sites: 0,
+        };
+        let mut conditioning = vec![
+            "encoder_hidden_states",
+            "pooled_projections",
+            "img_ids",
+            "txt_ids",
+        ];
+        if m.guidance_embedder.is_some() {
+            conditioning.push("guidance");
+        }
+        DenoiserInfo {
+            prediction: Prediction::Flow,
+            latent_layout: "BLC".into(),
+            latent_channels: m.in_channels,
+            patch_size: 1,
+            streams: vec![
+                StreamInfo {
+                    name: "image".into(),
+                    width: m.dim,
+                },
+                StreamInfo {
+                    name: "text".into(),
+                    width: m.dim,
+                },
+            ],
+            stacks: vec![
+                stack("transformer_blocks", m.double.len(), &["image", "text"]),
+                stack("single_transformer_blocks", m.single.len(), &["joint"]),
+            ],
+            linears: Vec::new(),
+            capabilities: 0,
+            conditioning: conditioning.into_iter().map(String::from).collect(),
+        }
+    }
+
+    fn forward(&self, call: &Call, inputs: &Inputs, _hooks: &Hooks) -> Result<Tensor> {
+        let x = inputs.require("hidden_states")?;
+        let batch = x.shape().first().copied().unwrap_or(0);
+        // A per-row `timestep` input (a lone forward) or the call's sigma, which is Flux's
+        // timestep in [0, 1].
+        let t = match inputs.get("timestep") {
+            Some(t) => floats(t)?,
+            None => vec![call.sigma as f32; batch],
+        };
+        let guidance = inputs.get("guidance").map(floats).transpose()?;
+        self.0.forward(&flux::Inputs {
+            hidden_states: x,
+            encoder_hidden_states: inputs.require("encoder_hidden_states")?,
+            pooled_projections: inputs.require("pooled_projections")?,
+            timestep: &t,
+            img_ids: inputs.require("img_ids")?,
+            txt_ids: inputs.require("txt_ids")?,
+            guidance: guidance.as_deref(),
+        })
+    }
+}
+
+impl FluxModel {
+    pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<FluxModel> {
+        let cfg = Config::read(dir)?;
+        match cfg.class_name() {
+            Some("FluxTransformer2DModel") => {}
+            other => bail!(
+                "{}: class \"{}\" is not a FluxTransformer2DModel",
+                cfg.path.display(),
+                other.unwrap_or("")
+            ),
+        }
+        let w = Weights::load(ctx, dir, device)?;
+        Ok(FluxModel(Flux::load(&cfg, &w, device)?))
+    }
+}
+
+/// `LoadFlux`: a diffusers `FluxTransformer2DModel` folder as a denoiser.
+#[derive(Default)]
+pub struct LoadFlux;
+
+impl Node for LoadFlux {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("LoadFlux")
+            .category("loaders")
+            .doc(
+                "Loads a diffusers FluxTransformer2DModel folder (config.json plus safetensors, \
+                 sharded or not): Flux.1 dev (with its guidance embedding) or schnell. Its \
+                 forward reads diffusers' names: hidden_states (packed latents), \
+                 encoder_hidden_states, pooled_projections, timestep in [0, 1], img_ids, \
+                 txt_ids and, for dev, guidance.",
+            )
+            .input(
+                Port::new("path", "String")
+                    .doc("The model folder; a relative path is taken from the graph's folder."),
+            )
+            .output(Port::new("model", "Model<Denoiser>").doc("The denoiser."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let dir = input_path(ctx, "path")?;
+        let model = FluxModel::load(&dir, ctx.device(), ctx)?;
+        let value = ctx.make_denoiser(model)?;
+        ctx.set_output("model", value)
+    }
+
+    fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
+        folder_fingerprint(&input_path(ctx, "path")?).map(Some)
+    }
+}

@@ -1,0 +1,369 @@
+//! diffusers' `FluxTransformer2DModel`: packed latent tokens and text tokens embedded, a
+//! timestep (plus guidance) and pooled-text conditioning, double-stream blocks (each stream its
+//! own adaLN-Zero modulation, projections and MLP, one joint attention with RMS-normed q and k
+//! and 3-axis RoPE over the text-then-image sequence), single-stream blocks over the joined
+//! sequence (attention and MLP in parallel), and a continuously modulated output layer.
+
+use ditflow_nn::{
+    chunks, timestep_sinusoids, Config, FeedForward, Linear, TimestepEmbedding, Weights,
+};
+use ditflow_plugin::linear_delta::LinearDeltas;
+use ditflow_plugin::{Device, Error, Result, Tensor};
+
+/// One attention's projections and q/k norms (`FluxAttention`).
+pub struct Projections {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub norm_q: Tensor,
+    pub norm_k: Tensor,
+}
+
+impl Projections {
+    fn load(w: &Weights, p: &str, names: [&str; 5], dim: usize, head_dim: usize) -> Result<Self> {
+        Ok(Projections {
+            q: w.linear(&format!("{p}.{}", names[0]), dim, dim, true)?,
+            k: w.linear(&format!("{p}.{}", names[1]), dim, dim, true)?,
+            v: w.linear(&format!("{p}.{}", names[2]), dim, dim, true)?,
+            norm_q: w.get(&format!("{p}.{}.weight", names[3]), &[head_dim])?,
+            norm_k: w.get(&format!("{p}.{}.weight", names[4]), &[head_dim])?,
+        })
+    }
+
+    /// `(q, k, v)` as heads `[B, H, L, Dh]`, q and k RMS-normed.
+    fn heads(&self, x: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+        let none = LinearDeltas::none();
+        let split = |t: Tensor| -> Result<Tensor> {
+            let s = t.shape().to_vec();
+            t.reshape(&[s[0] as i64, s[1] as i64, heads as i64, -1])?
+                .permute(&[0, 2, 1, 3])
+        };
+        let q = split(self.q.apply(x, "none", none)?)?.rms_norm(Some(&self.norm_q), 1e-6)?;
+        let k = split(self.k.apply(x, "none", none)?)?.rms_norm(Some(&self.norm_k), 1e-6)?;
+        let v = split(self.v.apply(x, "none", none)?)?;
+        Ok((q, k, v))
+    }
+}
+
+/// `FluxTransformerBlock`: the double-stream block.
+pub struct DoubleBlock {
+    pub norm1: Linear,
+    pub norm1_context: Linear,
+    pub image: Projections,
+    pub text: Projections,
+    pub to_out: Linear,
+    pub to_add_out: Linear,
+    pub ff: FeedForward,
+    pub ff_context: FeedForward,
+}
+
+/// `FluxSingleTransformerBlock`.
+pub struct SingleBlock {
+    pub norm: Linear,
+    pub attn: Projections,
+    pub proj_mlp: Linear,
+    pub proj_out: Linear,
+}
+
+pub struct Flux {
+    pub dim: usize,
+    pub heads: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub joint_dim: usize,
+    pub pooled_dim: usize,
+    pub axes: Vec<usize>,
+    pub x_embedder: Linear,
+    pub context_embedder: Linear,
+    pub timestep_embedder: TimestepEmbedding,
+    pub guidance_embedder: Option<TimestepEmbedding>,
+    pub text_embedder: (Linear, Linear),
+    pub double: Vec<DoubleBlock>,
+    pub single: Vec<SingleBlock>,
+    pub norm_out: Linear,
+    pub proj_out: Linear,
+    pub device: Device,
+}
+
+/// The model's inputs for one forward (diffusers' argument names).
+pub struct Inputs<'a> {
+    /// `[B, L_img, in_channels]` packed latents.
+    pub hidden_states: &'a Tensor,
+    /// `[B, L_txt, joint_attention_dim]`.
+    pub encoder_hidden_states: &'a Tensor,
+    /// `[B, pooled_projection_dim]`.
+    pub pooled_projections: &'a Tensor,
+    /// One per row, in `[0, 1]` (the model multiplies by 1000).
+    pub timestep: &'a [f32],
+    /// `[L_img, 3]` and `[L_txt, 3]` position ids.
+    pub img_ids: &'a Tensor,
+    pub txt_ids: &'a Tensor,
+    /// One per row (dev only).
+    pub guidance: Option<&'a [f32]>,
+}
+
+impl Flux {
+    pub fn load(cfg: &Config, w: &Weights, device: Device) -> Result<Flux> {
+        let bad = |what: String| Error(format!("{}: {what}", cfg.path.display()));
+        let patch = cfg.usize_or("patch_size", 1)?;
+        if patch != 1 {
+            return Err(bad(format!(
+                "patch_size {patch} is not supported (Flux uses 1)"
+            )));
+        }
+        let in_channels = cfg.usize_or("in_channels", 64)?;
+        let out_channels = cfg.opt_usize("out_channels")?.unwrap_or(in_channels);
+        let head_dim = cfg.usize_or("attention_head_dim", 128)?;
+        let heads = cfg.usize_or("num_attention_heads", 24)?;
+        let dim = heads * head_dim;
+        let joint_dim = cfg.usize_or("joint_attention_dim", 4096)?;
+        let pooled_dim = cfg.usize_or("pooled_projection_dim", 768)?;
+        let axes: Vec<usize> = match cfg.json.get("axes_dims_rope") {
+            Some(serde) => serde
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_u64().map(|v| v as usize))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => vec![16, 56, 56],
+        };
+        if axes.iter().sum::<usize>() != head_dim || axes.iter().any(|a| a % 2 != 0) {
+            return Err(bad(format!(
+                "axes_dims_rope {axes:?} must be even and sum to attention_head_dim {head_dim}"
+            )));
+        }
+        let guidance = cfg.bool_or("guidance_embeds", false)?;
+        let tte = "time_text_embed";
+        let double = (0..cfg.usize_or("num_layers", 19)?)
+            .map(|i| {
+                let p = format!("transformer_blocks.{i}");
+                Ok(DoubleBlock {
+                    norm1: w.linear(&format!("{p}.norm1.linear"), dim, 6 * dim, true)?,
+                    norm1_context: w.linear(
+                        &format!("{p}.norm1_context.linear"),
+                        dim,
+                        6 * dim,
+                        true,
+                    )?,
+                    image: Projections::load(
+                        w,
+                        &format!("{p}.attn"),
+                        ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                        dim,
+                        head_dim,
+                    )?,
+                    text: Projections::load(
+                        w,
+                        &format!("{p}.attn"),
+                        [
+                            "add_q_proj",
+                            "add_k_proj",
+                            "add_v_proj",
+                            "norm_added_q",
+                            "norm_added_k",
+                        ],
+                        dim,
+                        head_dim,
+                    )?,
+                    to_out: w.linear(&format!("{p}.attn.to_out.0"), dim, dim, true)?,
+                    to_add_out: w.linear(&format!("{p}.attn.to_add_out"), dim, dim, true)?,
+                    ff: FeedForward::load(w, &format!("{p}.ff"), dim, 4, "gelu-approximate")?,
+                    ff_context: FeedForward::load(
+                        w,
+                        &format!("{p}.ff_context"),
+                        dim,
+                        4,
+                        "gelu-approximate",
+                    )?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let single = (0..cfg.usize_or("num_single_layers", 38)?)
+            .map(|i| {
+                let p = format!("single_transformer_blocks.{i}");
+                Ok(SingleBlock {
+                    norm: w.linear(&format!("{p}.norm.linear"), dim, 3 * dim, true)?,
+                    attn: Projections::load(
+                        w,
+                        &format!("{p}.attn"),
+                        ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                        dim,
+                        head_dim,
+                    )?,
+                    proj_mlp: w.linear(&format!("{p}.proj_mlp"), dim, 4 * dim, true)?,
+                    proj_out: w.linear(&format!("{p}.proj_out"), 5 * dim, dim, true)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Flux {
+            dim,
+            heads,
+            in_channels,
+            out_channels,
+            joint_dim,
+            pooled_dim,
+            axes,
+            x_embedder: w.linear("x_embedder", in_channels, dim, true)?,
+            context_embedder: w.linear("context_embedder", joint_dim, dim, true)?,
+            timestep_embedder: TimestepEmbedding::load(
+                w,
+                &format!("{tte}.timestep_embedder"),
+                256,
+                dim,
+            )?,
+            guidance_embedder: if guidance {
+                Some(TimestepEmbedding::load(
+                    w,
+                    &format!("{tte}.guidance_embedder"),
+                    256,
+                    dim,
+                )?)
+            } else {
+                None
+            },
+            text_embedder: (
+                w.linear(
+                    &format!("{tte}.text_embedder.linear_1"),
+                    pooled_dim,
+                    dim,
+                    true,
+                )?,
+                w.linear(&format!("{tte}.text_embedder.linear_2"), dim, dim, true)?,
+            ),
+            double,
+            single,
+            norm_out: w.linear("norm_out.linear", dim, 2 * dim, true)?,
+            proj_out: w.linear("proj_out", dim, out_channels, true)?,
+            device,
+        })
+    }
+
+    /// Joint attention of heads `[B, H, L, Dh]` with RoPE tables, back to `[B, L, H·Dh]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        rope: &(Tensor, Tensor),
+    ) -> Result<Tensor> {
+        let (q, k) = (
+            q.rope(&rope.0, &rope.1, true)?,
+            k.rope(&rope.0, &rope.1, true)?,
+        );
+        let o = ditflow_plugin::ops::attention(&q, &k, v, None, None)?;
+        let s = o.shape().to_vec();
+        o.permute(&[0, 2, 1, 3])?
+            .reshape(&[s[0] as i64, s[2] as i64, (s[1] * s[3]) as i64])
+    }
+
+    /// The prediction `[B, L_img, out_channels]`.
+    pub fn forward(&self, inp: &Inputs) -> Result<Tensor> {
+        let none = LinearDeltas::none();
+        let (d, h) = (self.dim, self.heads);
+        let x = inp.hidden_states;
+        let xs = x.shape();
+        if xs.len() != 3 || xs[2] != self.in_channels {
+            return Err(Error(format!(
+                "Flux: hidden_states must be [B, L, {}] packed latents, got {xs:?}",
+                self.in_channels
+            )));
+        }
+        let (b, li) = (xs[0], xs[1]);
+        let es = inp.encoder_hidden_states.shape();
+        if es.len() != 3 || es[0] != b || es[2] != self.joint_dim {
+            return Err(Error(format!(
+                "Flux: encoder_hidden_states must be [{b}, L, {}], got {es:?}",
+                self.joint_dim
+            )));
+        }
+        let lt = es[1];
+        if inp.pooled_projections.shape() != [b, self.pooled_dim] {
+            return Err(Error(format!(
+                "Flux: pooled_projections must be [{b}, {}], got {:?}",
+                self.pooled_dim,
+                inp.pooled_projections.shape()
+            )));
+        }
+        if inp.img_ids.shape() != [li, 3] || inp.txt_ids.shape() != [lt, 3] {
+            return Err(Error(format!(
+                "Flux: img_ids must be [{li}, 3] and txt_ids [{lt}, 3], got {:?} and {:?}",
+                inp.img_ids.shape(),
+                inp.txt_ids.shape()
+            )));
+        }
+        if inp.timestep.len() != b {
+            return Err(Error(format!(
+                "Flux: {} timesteps for a batch of {b}",
+                inp.timestep.len()
+            )));
+        }
+        // Conditioning: timestep (and guidance), plus the pooled text.
+        let thousand = |v: &[f32]| -> Vec<f32> { v.iter().map(|t| t * 1000.0).collect() };
+        let sinus = |v: &[f32]| timestep_sinusoids(&thousand(v), 256, true, 0.0, self.device);
+        let mut temb = self
+            .timestep_embedder
+            .forward(&sinus(inp.timestep)?, none)?;
+        match (&self.guidance_embedder, inp.guidance) {
+            (Some(g), Some(gv)) if gv.len() == b => {
+                temb = temb.add(&g.forward(&sinus(gv)?, none)?)?
+            }
+            (Some(_), _) => {
+                return Err(Error(format!(
+                    "Flux dev needs one guidance value per row ({b})"
+                )))
+            }
+            (None, _) => {}
+        }
+        let pooled = inp.pooled_projections.to_device(self.device)?;
+        let text = self
+            .text_embedder
+            .1
+            .forward(&self.text_embedder.0.forward(&pooled, "silu")?, "none")?;
+        let temb = temb.add(&text)?;
+        let silu = temb.unary("silu")?;
+        // Tokens and positions (text first, as FluxPosEmbed joins them).
+        let mut img = self
+            .x_embedder
+            .forward(&x.to_device(self.device)?, "none")?;
+        let mut txt = self
+            .context_embedder
+            .forward(&inp.encoder_hidden_states.to_device(self.device)?, "none")?;
+        let ids =
+            ditflow_plugin::ops::concat(&[inp.txt_ids, inp.img_ids], 0)?.to_device(self.device)?;
+        let rope = ditflow_plugin::ops::rope_tables(&ids, &self.axes, 10000.0)?;
+        for blk in &self.double {
+            let m = chunks(&blk.norm1.forward(&silu, "none")?, 6, d)?;
+            let c = chunks(&blk.norm1_context.forward(&silu, "none")?, 6, d)?;
+            let n = img.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
+            let nc = txt.layer_norm(None, None, Some(&c[0]), Some(&c[1]), 1e-6)?;
+            let (q, k, v) = blk.image.heads(&n, h)?;
+            let (cq, ck, cv) = blk.text.heads(&nc, h)?;
+            let cat = |a: &Tensor, b: &Tensor| ditflow_plugin::ops::concat(&[a, b], 2);
+            let o = self.attend(&cat(&cq, &q)?, &cat(&ck, &k)?, &cat(&cv, &v)?, &rope)?;
+            let parts = o.split(1, &[lt, li])?;
+            img = img.gated_residual(&blk.to_out.forward(&parts[1], "none")?, &m[2])?;
+            let n2 = img.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
+            img = img.gated_residual(&blk.ff.forward(&n2, none)?, &m[5])?;
+            txt = txt.gated_residual(&blk.to_add_out.forward(&parts[0], "none")?, &c[2])?;
+            let nc2 = txt.layer_norm(None, None, Some(&c[3]), Some(&c[4]), 1e-6)?;
+            txt = txt.gated_residual(&blk.ff_context.forward(&nc2, none)?, &c[5])?;
+        }
+        let mut joint = ditflow_plugin::ops::concat(&[&txt, &img], 1)?;
+        for blk in &self.single {
+            let m = chunks(&blk.norm.forward(&silu, "none")?, 3, d)?;
+            let n = joint.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
+            let mlp = blk.proj_mlp.forward(&n, "gelu_tanh")?;
+            let (q, k, v) = blk.attn.heads(&n, h)?;
+            let o = self.attend(&q, &k, &v, &rope)?;
+            let both = ditflow_plugin::ops::concat(&[&o, &mlp], 2)?;
+            joint = joint.gated_residual(&blk.proj_out.forward(&both, "none")?, &m[2])?;
+        }
+        let img = joint.split(1, &[lt, li])?.remove(1);
+        // AdaLayerNormContinuous: scale first, then shift.
+        let m = chunks(&self.norm_out.forward(&silu, "none")?, 2, d)?;
+        let out = img.layer_norm(None, None, Some(&m[1]), Some(&m[0]), 1e-6)?;
+        self.proj_out.forward(&out, "none")
+    }
+}

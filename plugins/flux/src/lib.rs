@@ -1,0 +1,16 @@
+//! `ditflow-flux`: Black Forest Labs' Flux.1 as a plugin, diffusers' `FluxTransformer2DModel`
+//! (dev with its guidance embedding, schnell without), built on the SDK and the shared layers.
+//! `LoadFlux` reads a diffusers folder into a `Model<Denoiser>`.
+//! - [`flux`]: the architecture: double-stream and single-stream blocks, 3-axis RoPE;
+//! - [`denoiser`]: the protocol model and its loader node.
+
+#![forbid(unsafe_code)]
+
+pub mod denoiser;
+pub mod flux;
+
+ditflow_plugin::export_plugin!(
+    name: "ditflow-flux",
+    version: env!("CARGO_PKG_VERSION"),
+    nodes: [denoiser::LoadFlux]
+);
