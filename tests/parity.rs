@@ -37,6 +37,7 @@ fn forward_error(session: &Session, name: &str, outputs: &[&str]) -> f64 {
     let (loader, port) = match name {
         "vae" => ("LoadVAE", "vae"),
         "flux_dev" | "flux_schnell" => ("LoadFlux", "model"),
+        "sd3" | "sd3_5" => ("LoadSD3", "model"),
         "t5" | "clip" | "clip_projection" => ("LoadTextEncoder", "encoder"),
         _ => ("LoadDiffusionModel", "model"),
     };
@@ -90,6 +91,16 @@ fn flux_dev_and_schnell_match_diffusers() {
     // pooled text and (dev) the guidance embedding.
     let s = session();
     for name in ["flux_dev", "flux_schnell"] {
+        assert!(forward_error(&s, name, &["sample"]) <= 1e-4, "{name}");
+    }
+}
+
+#[test]
+fn sd3_and_sd3_5_match_diffusers() {
+    // Joint blocks with the last one context_pre_only and the cropped position table; SD3.5 with
+    // q/k RMS norms, dual attention in block 0, and block 1 skipped (skip_layers).
+    let s = session();
+    for name in ["sd3", "sd3_5"] {
         assert!(forward_error(&s, name, &["sample"]) <= 1e-4, "{name}");
     }
 }

@@ -73,6 +73,7 @@ pub const STD_PLUGINS: &[&str] = &[
     "ditflow_t5_clip",
     "ditflow_autoencoder_kl",
     "ditflow_flux",
+    "ditflow_sd3",
 ];
 
 /// The paths of the [`STD_PLUGINS`] libraries.

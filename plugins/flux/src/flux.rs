@@ -5,52 +5,18 @@
 //! sequence (attention and MLP in parallel), and a continuously modulated output layer.
 
 use ditflow_nn::{
-    chunks, timestep_sinusoids, Config, FeedForward, Linear, TimestepEmbedding, Weights,
+    attend_heads, chunks, timestep_sinusoids, Config, FeedForward, HeadProjections, Linear,
+    TimestepEmbedding, Weights,
 };
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::{Device, Error, Result, Tensor};
-
-/// One attention's projections and q/k norms (`FluxAttention`).
-pub struct Projections {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub norm_q: Tensor,
-    pub norm_k: Tensor,
-}
-
-impl Projections {
-    fn load(w: &Weights, p: &str, names: [&str; 5], dim: usize, head_dim: usize) -> Result<Self> {
-        Ok(Projections {
-            q: w.linear(&format!("{p}.{}", names[0]), dim, dim, true)?,
-            k: w.linear(&format!("{p}.{}", names[1]), dim, dim, true)?,
-            v: w.linear(&format!("{p}.{}", names[2]), dim, dim, true)?,
-            norm_q: w.get(&format!("{p}.{}.weight", names[3]), &[head_dim])?,
-            norm_k: w.get(&format!("{p}.{}.weight", names[4]), &[head_dim])?,
-        })
-    }
-
-    /// `(q, k, v)` as heads `[B, H, L, Dh]`, q and k RMS-normed.
-    fn heads(&self, x: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let none = LinearDeltas::none();
-        let split = |t: Tensor| -> Result<Tensor> {
-            let s = t.shape().to_vec();
-            t.reshape(&[s[0] as i64, s[1] as i64, heads as i64, -1])?
-                .permute(&[0, 2, 1, 3])
-        };
-        let q = split(self.q.apply(x, "none", none)?)?.rms_norm(Some(&self.norm_q), 1e-6)?;
-        let k = split(self.k.apply(x, "none", none)?)?.rms_norm(Some(&self.norm_k), 1e-6)?;
-        let v = split(self.v.apply(x, "none", none)?)?;
-        Ok((q, k, v))
-    }
-}
 
 /// `FluxTransformerBlock`: the double-stream block.
 pub struct DoubleBlock {
     pub norm1: Linear,
     pub norm1_context: Linear,
-    pub image: Projections,
-    pub text: Projections,
+    pub image: HeadProjections,
+    pub text: HeadProjections,
     pub to_out: Linear,
     pub to_add_out: Linear,
     pub ff: FeedForward,
@@ -60,7 +26,7 @@ pub struct DoubleBlock {
 /// `FluxSingleTransformerBlock`.
 pub struct SingleBlock {
     pub norm: Linear,
-    pub attn: Projections,
+    pub attn: HeadProjections,
     pub proj_mlp: Linear,
     pub proj_out: Linear,
 }
@@ -147,14 +113,16 @@ impl Flux {
                         6 * dim,
                         true,
                     )?,
-                    image: Projections::load(
+                    image: HeadProjections::load(
                         w,
                         &format!("{p}.attn"),
                         ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
                         dim,
                         head_dim,
+                        true,
+                        1e-6,
                     )?,
-                    text: Projections::load(
+                    text: HeadProjections::load(
                         w,
                         &format!("{p}.attn"),
                         [
@@ -166,6 +134,8 @@ impl Flux {
                         ],
                         dim,
                         head_dim,
+                        true,
+                        1e-6,
                     )?,
                     to_out: w.linear(&format!("{p}.attn.to_out.0"), dim, dim, true)?,
                     to_add_out: w.linear(&format!("{p}.attn.to_add_out"), dim, dim, true)?,
@@ -185,12 +155,14 @@ impl Flux {
                 let p = format!("single_transformer_blocks.{i}");
                 Ok(SingleBlock {
                     norm: w.linear(&format!("{p}.norm.linear"), dim, 3 * dim, true)?,
-                    attn: Projections::load(
+                    attn: HeadProjections::load(
                         w,
                         &format!("{p}.attn"),
                         ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
                         dim,
                         head_dim,
+                        true,
+                        1e-6,
                     )?,
                     proj_mlp: w.linear(&format!("{p}.proj_mlp"), dim, 4 * dim, true)?,
                     proj_out: w.linear(&format!("{p}.proj_out"), 5 * dim, dim, true)?,
@@ -238,24 +210,6 @@ impl Flux {
             proj_out: w.linear("proj_out", dim, out_channels, true)?,
             device,
         })
-    }
-
-    /// Joint attention of heads `[B, H, L, Dh]` with RoPE tables, back to `[B, L, H·Dh]`.
-    fn attend(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        rope: &(Tensor, Tensor),
-    ) -> Result<Tensor> {
-        let (q, k) = (
-            q.rope(&rope.0, &rope.1, true)?,
-            k.rope(&rope.0, &rope.1, true)?,
-        );
-        let o = ditflow_plugin::ops::attention(&q, &k, v, None, None)?;
-        let s = o.shape().to_vec();
-        o.permute(&[0, 2, 1, 3])?
-            .reshape(&[s[0] as i64, s[2] as i64, (s[1] * s[3]) as i64])
     }
 
     /// The prediction `[B, L_img, out_channels]`.
@@ -338,10 +292,10 @@ impl Flux {
             let c = chunks(&blk.norm1_context.forward(&silu, "none")?, 6, d)?;
             let n = img.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
             let nc = txt.layer_norm(None, None, Some(&c[0]), Some(&c[1]), 1e-6)?;
-            let (q, k, v) = blk.image.heads(&n, h)?;
-            let (cq, ck, cv) = blk.text.heads(&nc, h)?;
+            let (q, k, v) = blk.image.heads(&n, h, none)?;
+            let (cq, ck, cv) = blk.text.heads(&nc, h, none)?;
             let cat = |a: &Tensor, b: &Tensor| ditflow_plugin::ops::concat(&[a, b], 2);
-            let o = self.attend(&cat(&cq, &q)?, &cat(&ck, &k)?, &cat(&cv, &v)?, &rope)?;
+            let o = attend_heads(&cat(&cq, &q)?, &cat(&ck, &k)?, &cat(&cv, &v)?, Some(&rope))?;
             let parts = o.split(1, &[lt, li])?;
             img = img.gated_residual(&blk.to_out.forward(&parts[1], "none")?, &m[2])?;
             let n2 = img.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
@@ -355,8 +309,8 @@ impl Flux {
             let m = chunks(&blk.norm.forward(&silu, "none")?, 3, d)?;
             let n = joint.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
             let mlp = blk.proj_mlp.forward(&n, "gelu_tanh")?;
-            let (q, k, v) = blk.attn.heads(&n, h)?;
-            let o = self.attend(&q, &k, &v, &rope)?;
+            let (q, k, v) = blk.attn.heads(&n, h, none)?;
+            let o = attend_heads(&q, &k, &v, Some(&rope))?;
             let both = ditflow_plugin::ops::concat(&[&o, &mlp], 2)?;
             joint = joint.gated_residual(&blk.proj_out.forward(&both, "none")?, &m[2])?;
         }

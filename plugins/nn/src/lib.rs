@@ -5,14 +5,17 @@
 //! - [`weights`]: `Config` and `Weights`, a model folder's config and tensors;
 //! - [`layers`]: `Linear`, `Attention`, `FeedForward`, `Conv2d`, `GroupNorm`, adaLN chunks, masks;
 //! - [`embeddings`]: timestep embeddings and sinusoids, 2-D sincos positions;
+//! - [`heads`]: attention over explicit heads with per-head q/k norms and RoPE (MMDiT);
 //! - [`patchify`]: latents to patch tokens and back.
 
 pub mod embeddings;
+pub mod heads;
 pub mod layers;
 pub mod patchify;
 pub mod weights;
 
 pub use embeddings::{sincos_pos_embed_2d, timestep_sinusoids, PosEmbedCache, TimestepEmbedding};
+pub use heads::{attend_heads, split_heads, HeadProjections};
 pub use layers::{chunks, mask_bias, Attention, Conv2d, FeedForward, GroupNorm, Linear};
 pub use patchify::{patch_grid, patchify, unpatchify};
 pub use weights::{Config, Weights};

@@ -1,0 +1,137 @@
+//! SD3 as a protocol model: `Sd3Model` describes itself (the image and text streams, the joint
+//! stack) and runs a forward from diffusers' named inputs (with `skip_layers`); `LoadSD3` reads a
+//! diffusers folder. Its blocks offer no hook sites yet, so block-level patches are refused when
+//! composed; whole-call patches apply.
+
+use crate::sd3::{self, Sd3};
+use ditflow_nn::{Config, Weights};
+use ditflow_plugin::files::{folder_fingerprint, input_path};
+use ditflow_plugin::model::{
+    Call, Denoiser, DenoiserInfo, Hooks, Inputs, Prediction, StackInfo, StreamInfo,
+};
+use ditflow_plugin::prelude::*;
+use ditflow_plugin::Object;
+use std::path::Path;
+
+/// A loaded `SD3Transformer2DModel`.
+pub struct Sd3Model(pub Sd3);
+
+impl Object for Sd3Model {
+    const TAG: &'static str = "ditflow-sd3.model";
+}
+
+fn floats(t: &Tensor) -> Result<Vec<f32>> {
+    t.cast(DType::F32)?
+        .to_device(Device::Cpu)?
+        .as_f32()
+        .map(<[f32]>::to_vec)
+}
+
+impl Denoiser for Sd3Model {
+    fn describe(&self) -> DenoiserInfo {
+        let m = &self.0;
+        DenoiserInfo {
+            prediction: Prediction::Flow,
+            latent_layout: "BCHW".into(),
+            latent_channels: m.in_channels,
+            patch_size: m.patch,
+            streams: ["image", "text"]
+                .iter()
+                .map(|n| StreamInfo {
+                    name: n.to_string(),
+                    width: m.dim,
+                })
+                .collect(),
+            stacks: vec![StackInfo {
+                name: "transformer_blocks".into(),
+                streams: vec!["image".into(), "text".into()],
+                n_blocks: m.blocks.len(),
+                sites: 0,
+            }],
+            linears: Vec::new(),
+            capabilities: 0,
+            conditioning: ["encoder_hidden_states", "pooled_projections", "skip_layers"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+
+    fn forward(&self, call: &Call, inputs: &Inputs, _hooks: &Hooks) -> Result<Tensor> {
+        let x = inputs.require("hidden_states")?;
+        let batch = x.shape().first().copied().unwrap_or(0);
+        let t = match inputs.get("timestep") {
+            Some(t) => floats(t)?,
+            None => vec![call.timestep as f32; batch],
+        };
+        let skip: Vec<usize> = match inputs.get("skip_layers") {
+            Some(s) => floats(s)?
+                .iter()
+                .map(|&v| {
+                    if v < 0.0 || v.fract() != 0.0 {
+                        Err(Error(format!("skip_layers: {v} is not a block index")))
+                    } else {
+                        Ok(v as usize)
+                    }
+                })
+                .collect::<Result<_>>()?,
+            None => Vec::new(),
+        };
+        self.0.forward(&sd3::Inputs {
+            hidden_states: x,
+            encoder_hidden_states: inputs.require("encoder_hidden_states")?,
+            pooled_projections: inputs.require("pooled_projections")?,
+            timestep: &t,
+            skip_layers: &skip,
+        })
+    }
+}
+
+impl Sd3Model {
+    pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<Sd3Model> {
+        let cfg = Config::read(dir)?;
+        match cfg.class_name() {
+            Some("SD3Transformer2DModel") => {}
+            other => bail!(
+                "{}: class \"{}\" is not an SD3Transformer2DModel",
+                cfg.path.display(),
+                other.unwrap_or("")
+            ),
+        }
+        let w = Weights::load(ctx, dir, device)?;
+        Ok(Sd3Model(Sd3::load(&cfg, &w, device)?))
+    }
+}
+
+/// `LoadSD3`: a diffusers `SD3Transformer2DModel` folder as a denoiser.
+#[derive(Default)]
+pub struct LoadSD3;
+
+impl Node for LoadSD3 {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("LoadSD3")
+            .category("loaders")
+            .doc(
+                "Loads a diffusers SD3Transformer2DModel folder (config.json plus safetensors, \
+                 sharded or not): SD3 or SD3.5 (q/k RMS norms, MMDiT-X dual attention). Its \
+                 forward reads diffusers' names: hidden_states, encoder_hidden_states, \
+                 pooled_projections, timestep in [0, 1000] and optionally skip_layers.",
+            )
+            .input(
+                Port::new("path", "String")
+                    .doc("The model folder; a relative path is taken from the graph's folder."),
+            )
+            .output(Port::new("model", "Model<Denoiser>").doc("The denoiser."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let dir = input_path(ctx, "path")?;
+        let model = Sd3Model::load(&dir, ctx.device(), ctx)?;
+        let value = ctx.make_denoiser(model)?;
+        ctx.set_output("model", value)
+    }
+
+    fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
+        folder_fingerprint(&input_path(ctx, "path")?).map(Some)
+    }
+}

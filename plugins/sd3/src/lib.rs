@@ -1,0 +1,17 @@
+//! `ditflow-sd3`: Stability AI's Stable Diffusion 3 and 3.5 as a plugin, diffusers'
+//! `SD3Transformer2DModel`, built on the SDK and the shared layers. `LoadSD3` reads a diffusers
+//! folder into a `Model<Denoiser>`.
+//! - [`sd3`]: the architecture: MMDiT joint blocks, q/k RMS norms, MMDiT-X dual attention, the
+//!   cropped position table, `skip_layers`;
+//! - [`denoiser`]: the protocol model and its loader node.
+
+#![forbid(unsafe_code)]
+
+pub mod denoiser;
+pub mod sd3;
+
+ditflow_plugin::export_plugin!(
+    name: "ditflow-sd3",
+    version: env!("CARGO_PKG_VERSION"),
+    nodes: [denoiser::LoadSD3]
+);

@@ -1,0 +1,329 @@
+//! diffusers' `SD3Transformer2DModel`: latents patchified with the centre crop of a sincos table
+//! of `pos_embed_max_size`, timestep and pooled-text conditioning, MMDiT joint blocks (each
+//! stream its own adaLN-Zero modulation, projections and MLP; one attention over the image-then-
+//! text sequence, with RMS-normed q and k on SD3.5), SD3.5's dual attention (a second, image-only
+//! attention with its own modulation, MMDiT-X), a last block whose text stream is only read
+//! (`context_pre_only`), and a continuously modulated output layer.
+
+use ditflow_nn::{
+    attend_heads, chunks, patch_grid, patchify, timestep_sinusoids, unpatchify, Config,
+    FeedForward, HeadProjections, Linear, TimestepEmbedding, Weights,
+};
+use ditflow_plugin::linear_delta::LinearDeltas;
+use ditflow_plugin::{Device, Error, Result, Tensor};
+
+/// The text stream of a joint block: its modulation (adaLN-Zero, 6 chunks; in the last block,
+/// `context_pre_only`, an AdaLayerNormContinuous of 2), and, unless only read, its attention
+/// output projection and MLP.
+pub struct Context {
+    pub norm1: Linear,
+    pub out: Option<(Linear, FeedForward)>,
+}
+
+/// `JointTransformerBlock`.
+pub struct JointBlock {
+    /// adaLN-Zero: 6 chunks, or 9 with dual attention (SD35AdaLayerNormZeroX).
+    pub norm1: Linear,
+    pub image: HeadProjections,
+    pub text: HeadProjections,
+    pub to_out: Linear,
+    pub context: Context,
+    /// MMDiT-X: the second, image-only attention and its output projection.
+    pub attn2: Option<(HeadProjections, Linear)>,
+    pub ff: FeedForward,
+}
+
+pub struct Sd3 {
+    pub dim: usize,
+    pub heads: usize,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub patch: usize,
+    pub joint_dim: usize,
+    pub pooled_dim: usize,
+    pub pos_max: usize,
+    pub proj_w: Tensor,
+    pub proj_b: Tensor,
+    /// `[1, max·max, D]`.
+    pub pos_embed: Tensor,
+    pub timestep_embedder: TimestepEmbedding,
+    pub text_embedder: (Linear, Linear),
+    pub context_embedder: Linear,
+    pub blocks: Vec<JointBlock>,
+    pub norm_out: Linear,
+    pub proj_out: Linear,
+    pub device: Device,
+}
+
+/// The model's inputs for one forward (diffusers' argument names).
+pub struct Inputs<'a> {
+    /// `[B, C, H, W]` latents.
+    pub hidden_states: &'a Tensor,
+    /// `[B, L, joint_attention_dim]`.
+    pub encoder_hidden_states: &'a Tensor,
+    /// `[B, pooled_projection_dim]`.
+    pub pooled_projections: &'a Tensor,
+    /// One per row, in `[0, 1000]`.
+    pub timestep: &'a [f32],
+    /// Blocks not run (SD3.5's skip-layer guidance).
+    pub skip_layers: &'a [usize],
+}
+
+impl Sd3 {
+    pub fn load(cfg: &Config, w: &Weights, device: Device) -> Result<Sd3> {
+        let bad = |what: String| Error(format!("{}: {what}", cfg.path.display()));
+        let patch = cfg.usize_or("patch_size", 2)?;
+        let in_channels = cfg.usize_or("in_channels", 16)?;
+        let out_channels = cfg.opt_usize("out_channels")?.unwrap_or(in_channels);
+        let head_dim = cfg.usize_or("attention_head_dim", 64)?;
+        let heads = cfg.usize_or("num_attention_heads", 18)?;
+        let dim = heads * head_dim;
+        let joint_dim = cfg.usize_or("joint_attention_dim", 4096)?;
+        let caption_dim = cfg.usize_or("caption_projection_dim", 1152)?;
+        if caption_dim != dim {
+            return Err(bad(format!(
+                "caption_projection_dim {caption_dim} different from the hidden size {dim}"
+            )));
+        }
+        let pooled_dim = cfg.usize_or("pooled_projection_dim", 2048)?;
+        let pos_max = cfg
+            .opt_usize("pos_embed_max_size")?
+            .ok_or_else(|| bad("a model without pos_embed_max_size".into()))?;
+        let qk = match cfg.json.get("qk_norm").and_then(|v| v.as_str()) {
+            None => false,
+            Some("rms_norm") => true,
+            Some(other) => return Err(bad(format!("qk_norm \"{other}\" is not supported"))),
+        };
+        let dual: Vec<usize> = cfg
+            .json
+            .get("dual_attention_layers")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64().map(|v| v as usize))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let layers = cfg.usize_or("num_layers", 18)?;
+        let proj =
+            |p: &str, names: [&str; 5]| HeadProjections::load(w, p, names, dim, head_dim, qk, 1e-6);
+        let tte = "time_text_embed";
+        let blocks = (0..layers)
+            .map(|i| {
+                let p = format!("transformer_blocks.{i}");
+                let is_dual = dual.contains(&i);
+                let last = i + 1 == layers;
+                Ok(JointBlock {
+                    norm1: w.linear(
+                        &format!("{p}.norm1.linear"),
+                        dim,
+                        if is_dual { 9 } else { 6 } * dim,
+                        true,
+                    )?,
+                    image: proj(
+                        &format!("{p}.attn"),
+                        ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                    )?,
+                    text: proj(
+                        &format!("{p}.attn"),
+                        [
+                            "add_q_proj",
+                            "add_k_proj",
+                            "add_v_proj",
+                            "norm_added_q",
+                            "norm_added_k",
+                        ],
+                    )?,
+                    to_out: w.linear(&format!("{p}.attn.to_out.0"), dim, dim, true)?,
+                    context: Context {
+                        norm1: w.linear(
+                            &format!("{p}.norm1_context.linear"),
+                            dim,
+                            if last { 2 } else { 6 } * dim,
+                            true,
+                        )?,
+                        out: if last {
+                            None
+                        } else {
+                            Some((
+                                w.linear(&format!("{p}.attn.to_add_out"), dim, dim, true)?,
+                                FeedForward::load(
+                                    w,
+                                    &format!("{p}.ff_context"),
+                                    dim,
+                                    4,
+                                    "gelu-approximate",
+                                )?,
+                            ))
+                        },
+                    },
+                    attn2: if is_dual {
+                        Some((
+                            proj(
+                                &format!("{p}.attn2"),
+                                ["to_q", "to_k", "to_v", "norm_q", "norm_k"],
+                            )?,
+                            w.linear(&format!("{p}.attn2.to_out.0"), dim, dim, true)?,
+                        ))
+                    } else {
+                        None
+                    },
+                    ff: FeedForward::load(w, &format!("{p}.ff"), dim, 4, "gelu-approximate")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Sd3 {
+            dim,
+            heads,
+            in_channels,
+            out_channels,
+            patch,
+            joint_dim,
+            pooled_dim,
+            pos_max,
+            proj_w: w.get("pos_embed.proj.weight", &[dim, in_channels, patch, patch])?,
+            proj_b: w.get("pos_embed.proj.bias", &[dim])?,
+            pos_embed: w.get("pos_embed.pos_embed", &[1, pos_max * pos_max, dim])?,
+            timestep_embedder: TimestepEmbedding::load(
+                w,
+                &format!("{tte}.timestep_embedder"),
+                256,
+                dim,
+            )?,
+            text_embedder: (
+                w.linear(
+                    &format!("{tte}.text_embedder.linear_1"),
+                    pooled_dim,
+                    dim,
+                    true,
+                )?,
+                w.linear(&format!("{tte}.text_embedder.linear_2"), dim, dim, true)?,
+            ),
+            context_embedder: w.linear("context_embedder", joint_dim, dim, true)?,
+            blocks,
+            norm_out: w.linear("norm_out.linear", dim, 2 * dim, true)?,
+            proj_out: w.linear("proj_out", dim, patch * patch * out_channels, true)?,
+            device,
+        })
+    }
+
+    /// The centre `h × w` of the position table, `[1, h·w, D]` (`PatchEmbed.cropped_pos_embed`).
+    fn cropped_pos_embed(&self, h: usize, w: usize) -> Result<Tensor> {
+        let m = self.pos_max;
+        if h > m || w > m {
+            return Err(Error(format!(
+                "SD3: a latent of {h}×{w} patches is larger than pos_embed_max_size {m}"
+            )));
+        }
+        let (top, left) = ((m - h) / 2, (m - w) / 2);
+        self.pos_embed
+            .reshape(&[m as i64, m as i64, self.dim as i64])?
+            .slice(0, top as i64, (top + h) as i64, 1)?
+            .slice(1, left as i64, (left + w) as i64, 1)?
+            .reshape(&[1, (h * w) as i64, self.dim as i64])
+    }
+
+    /// The prediction `[B, out_channels, H, W]`.
+    pub fn forward(&self, inp: &Inputs) -> Result<Tensor> {
+        let none = LinearDeltas::none();
+        let (d, heads) = (self.dim, self.heads);
+        let x = inp.hidden_states.to_device(self.device)?;
+        let (b, h, w) = patch_grid("SD3", &x, self.in_channels, self.patch)?;
+        let es = inp.encoder_hidden_states.shape();
+        if es.len() != 3 || es[0] != b || es[2] != self.joint_dim {
+            return Err(Error(format!(
+                "SD3: encoder_hidden_states must be [{b}, L, {}], got {es:?}",
+                self.joint_dim
+            )));
+        }
+        if inp.pooled_projections.shape() != [b, self.pooled_dim] {
+            return Err(Error(format!(
+                "SD3: pooled_projections must be [{b}, {}], got {:?}",
+                self.pooled_dim,
+                inp.pooled_projections.shape()
+            )));
+        }
+        if inp.timestep.len() != b {
+            return Err(Error(format!(
+                "SD3: {} timesteps for a batch of {b}",
+                inp.timestep.len()
+            )));
+        }
+        if let Some(&bad) = inp.skip_layers.iter().find(|&&i| i >= self.blocks.len()) {
+            return Err(Error(format!(
+                "SD3: skip_layers names block {bad} of {}",
+                self.blocks.len()
+            )));
+        }
+        let mut img = patchify(&x, &self.proj_w, &self.proj_b, self.patch)?
+            .add(&self.cropped_pos_embed(h, w)?)?;
+        let t = timestep_sinusoids(inp.timestep, 256, true, 0.0, self.device)?;
+        let pooled = inp.pooled_projections.to_device(self.device)?;
+        let temb = self.timestep_embedder.forward(&t, none)?.add(
+            &self
+                .text_embedder
+                .1
+                .forward(&self.text_embedder.0.forward(&pooled, "silu")?, "none")?,
+        )?;
+        let silu = temb.unary("silu")?;
+        let mut txt = self
+            .context_embedder
+            .forward(&inp.encoder_hidden_states.to_device(self.device)?, "none")?;
+        let li = img.shape()[1];
+        let lt = txt.shape()[1];
+        for (i, blk) in self.blocks.iter().enumerate() {
+            if inp.skip_layers.contains(&i) {
+                continue;
+            }
+            let n_chunks = if blk.attn2.is_some() { 9 } else { 6 };
+            let m = chunks(&blk.norm1.forward(&silu, "none")?, n_chunks, d)?;
+            let n = img.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
+            // MMDiT-X: the second attention reads the block's input modulated by chunks 6 and 7.
+            let n_dual = match blk.attn2 {
+                Some(_) => Some(img.layer_norm(None, None, Some(&m[6]), Some(&m[7]), 1e-6)?),
+                None => None,
+            };
+            let ctx_norm = &blk.context.norm1;
+            let (nc, c) = match &blk.context.out {
+                Some(_) => {
+                    let c = chunks(&ctx_norm.forward(&silu, "none")?, 6, d)?;
+                    (
+                        txt.layer_norm(None, None, Some(&c[0]), Some(&c[1]), 1e-6)?,
+                        Some(c),
+                    )
+                }
+                // AdaLayerNormContinuous: scale first, then shift.
+                None => {
+                    let c = chunks(&ctx_norm.forward(&silu, "none")?, 2, d)?;
+                    (
+                        txt.layer_norm(None, None, Some(&c[1]), Some(&c[0]), 1e-6)?,
+                        None,
+                    )
+                }
+            };
+            let (q, k, v) = blk.image.heads(&n, heads, none)?;
+            let (cq, ck, cv) = blk.text.heads(&nc, heads, none)?;
+            // Image first, then text (JointAttnProcessor2_0).
+            let cat = |a: &Tensor, b: &Tensor| ditflow_plugin::ops::concat(&[a, b], 2);
+            let o = attend_heads(&cat(&q, &cq)?, &cat(&k, &ck)?, &cat(&v, &cv)?, None)?;
+            let parts = o.split(1, &[li, lt])?;
+            img = img.gated_residual(&blk.to_out.forward(&parts[0], "none")?, &m[2])?;
+            if let (Some((attn2, out2)), Some(nx)) = (&blk.attn2, &n_dual) {
+                let (q2, k2, v2) = attn2.heads(nx, heads, none)?;
+                let o2 = attend_heads(&q2, &k2, &v2, None)?;
+                img = img.gated_residual(&out2.forward(&o2, "none")?, &m[8])?;
+            }
+            let n2 = img.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
+            img = img.gated_residual(&blk.ff.forward(&n2, none)?, &m[5])?;
+            if let (Some((to_add_out, ff)), Some(c)) = (&blk.context.out, c) {
+                txt = txt.gated_residual(&to_add_out.forward(&parts[1], "none")?, &c[2])?;
+                let nc2 = txt.layer_norm(None, None, Some(&c[3]), Some(&c[4]), 1e-6)?;
+                txt = txt.gated_residual(&ff.forward(&nc2, none)?, &c[5])?;
+            }
+        }
+        let m = chunks(&self.norm_out.forward(&silu, "none")?, 2, d)?;
+        let out = img.layer_norm(None, None, Some(&m[1]), Some(&m[0]), 1e-6)?;
+        let out = self.proj_out.forward(&out, "none")?;
+        unpatchify(&out, h, w, self.patch, self.out_channels)
+    }
+}

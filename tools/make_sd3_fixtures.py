@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""SD3 parity fixtures: tiny, randomly initialised SD3Transformer2DModel (diffusers), one shaped
+like SD3.0 (no q/k norm, no dual attention) and one like SD3.5 (RMS q/k norm, MMDiT-X dual
+attention in the first block, and `skip_layers`), with the inputs and output of one forward.
+
+Writes tests/fixtures/parity/sd3/ and sd3_5/: the model as save_pretrained writes it and
+io.safetensors with `in.*` (hidden_states, encoder_hidden_states, pooled_projections, timestep;
+sd3_5 also skip_layers) and `out.sample`. The position table is larger than the latent grid, so
+the centre crop of `pos_embed_max_size` is exercised; the last block is `context_pre_only`.
+
+Run (PyTorch and diffusers from PyPI; CI never runs this):
+    .venv/bin/python tools/make_sd3_fixtures.py
+"""
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "parity")
+
+
+def main():
+    from diffusers import SD3Transformer2DModel
+
+    for name, extra, skip in [("sd3", {}, None),
+                              ("sd3_5", {"qk_norm": "rms_norm", "dual_attention_layers": (0,)}, [1])]:
+        out = os.path.join(ROOT, name)
+        shutil.rmtree(out, ignore_errors=True)
+        model = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+            pooled_projection_dim=10, out_channels=4, pos_embed_max_size=6, **extra,
+        )
+        g = torch.Generator().manual_seed(11 if skip is None else 12)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        model.eval()
+        model.save_pretrained(out, safe_serialization=True)
+        inputs = {
+            "hidden_states": torch.randn(2, 4, 8, 8, generator=g),
+            "encoder_hidden_states": torch.randn(2, 5, 12, generator=g),
+            "pooled_projections": torch.randn(2, 10, generator=g),
+            "timestep": torch.tensor([900.0, 250.0]),
+        }
+        kwargs = {}
+        if skip is not None:
+            inputs["skip_layers"] = torch.tensor(skip, dtype=torch.int64)
+            kwargs["skip_layers"] = skip
+        with torch.no_grad():
+            sample = model(
+                inputs["hidden_states"], encoder_hidden_states=inputs["encoder_hidden_states"],
+                pooled_projections=inputs["pooled_projections"], timestep=inputs["timestep"],
+                return_dict=False, **kwargs,
+            )[0]
+        tensors = {f"in.{k}": v.contiguous() for k, v in inputs.items()}
+        tensors["out.sample"] = sample.contiguous()
+        save_file(tensors, os.path.join(out, "io.safetensors"))
+        print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, out {tuple(sample.shape)}")
+
+
+if __name__ == "__main__":
+    main()
