@@ -35,7 +35,7 @@ fn read(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
 /// Runs `Forward` on fixture `name` and returns the largest relative error over its outputs.
 fn forward_error(session: &Session, name: &str, outputs: &[&str]) -> f64 {
     let (loader, port) = match name {
-        "vae" => ("LoadVAE", "vae"),
+        "vae" | "vae16" => ("LoadVAE", "vae"),
         "flux_dev" | "flux_schnell" => ("LoadFlux", "model"),
         "sd3" | "sd3_5" => ("LoadSD3", "model"),
         "t5" | "clip" | "clip_projection" => ("LoadTextEncoder", "encoder"),
@@ -93,6 +93,12 @@ fn flux_dev_and_schnell_match_diffusers() {
     for name in ["flux_dev", "flux_schnell"] {
         assert!(forward_error(&s, name, &["sample"]) <= 1e-4, "{name}");
     }
+}
+
+#[test]
+fn the_16_channel_vae_without_quant_convs_matches_diffusers() {
+    // SD3's and Flux's VAE layout: 16 latent channels, no quant_conv / post_quant_conv.
+    assert!(forward_error(&session(), "vae16", &["mean", "logvar", "decoded"]) <= 1e-4);
 }
 
 #[test]

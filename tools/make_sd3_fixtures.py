@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SD3 parity fixtures: tiny, randomly initialised SD3Transformer2DModel (diffusers), one shaped
+"""SD3 parity fixtures (and the 16-channel VAE SD3 and Flux use): tiny, randomly initialised SD3Transformer2DModel (diffusers), one shaped
 like SD3.0 (no q/k norm, no dual attention) and one like SD3.5 (RMS q/k norm, MMDiT-X dual
 attention in the first block, and `skip_layers`), with the inputs and output of one forward.
 
@@ -7,6 +7,10 @@ Writes tests/fixtures/parity/sd3/ and sd3_5/: the model as save_pretrained write
 io.safetensors with `in.*` (hidden_states, encoder_hidden_states, pooled_projections, timestep;
 sd3_5 also skip_layers) and `out.sample`. The position table is larger than the latent grid, so
 the centre crop of `pos_embed_max_size` is exercised; the last block is `context_pre_only`.
+
+Also writes tests/fixtures/parity/vae16/: an AutoencoderKL with 16 latent channels, no quant
+convolutions, and shift and scaling factors (the SD3/Flux VAE's layout), with `in.image`,
+`in.latent` and `out.mean`, `out.logvar`, `out.decoded`.
 
 Run (PyTorch and diffusers from PyPI; CI never runs this):
     .venv/bin/python tools/make_sd3_fixtures.py
@@ -60,5 +64,36 @@ def main():
         print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, out {tuple(sample.shape)}")
 
 
+def vae16():
+    from diffusers import AutoencoderKL
+
+    out = os.path.join(ROOT, "vae16")
+    shutil.rmtree(out, ignore_errors=True)
+    model = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        act_fn="silu", latent_channels=16, norm_num_groups=4, sample_size=16,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    g = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            if name.endswith("weight") and p.dim() == 4:
+                p.mul_(0.5)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    latent = torch.randn(1, 16, 8, 8, generator=g)
+    with torch.no_grad():
+        dist = model.encode(image).latent_dist
+        decoded = model.decode(latent).sample
+    save_file({"in.image": image, "in.latent": latent, "out.mean": dist.mean.contiguous(),
+               "out.logvar": dist.logvar.contiguous(), "out.decoded": decoded.contiguous()},
+              os.path.join(out, "io.safetensors"))
+    print(f"vae16: {sum(p.numel() for p in model.parameters())} parameters")
+
+
 if __name__ == "__main__":
     main()
+    vae16()
