@@ -1,6 +1,6 @@
 //! `ApplyLoRA` against peft: a tiny PixArt with two random adapters, made by
 //! `tools/make_lora_fixtures.py` in `tests/fixtures/lora/`, in the diffusers, kohya and peft
-//! layouts. Tolerance: 1e-4 of the largest reference value (f32; the low-rank product is
+//! layouts, and random adapters on the Flux and SD3.5 parity fixtures. Tolerance: 1e-4 of the largest reference value (f32; the low-rank product is
 //! summed in another order than peft's). Strength 0 and removal are compared bit-exactly with
 //! ditflow's own base run. Bad LoRA files are clear errors.
 
@@ -296,4 +296,61 @@ fn model_info_counts_the_patches_and_their_memory() {
     let merged = 2 * (48 * 16 + 32 * 16 + 16 * 64) * 4;
     assert_eq!(int("b2"), tensor_bytes(&a) + tensor_bytes(&b) + merged);
     assert_ne!(text("d1"), text("d2"));
+}
+
+/// One Forward of MMDiT parity fixture `folder` (loaded by `loader`) with LoRA `file` at
+/// `strength`, on the inputs of `io`.
+fn mmdit_forward(loader: &str, folder: &str, io: &str, file: &str, strength: f64) -> Vec<f32> {
+    let out_dir = common::temp_dir(&format!("lora-{folder}-{strength}"));
+    let model = common::repo().join("tests/fixtures/parity").join(folder);
+    let yaml = format!(
+        "version: 1\nnodes:\n  m0: {{type: {loader}, inputs: {{path: {:?}}}}}\n  m1: {{type: ApplyLoRA, inputs: {{model: m0.model, path: {:?}, strength: {strength}}}}}\n  f: {{type: Forward, inputs: {{model: m1.model, inputs: {:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n",
+        model.to_string_lossy(),
+        fixtures().join(file).to_string_lossy(),
+        fixtures().join(io).to_string_lossy()
+    );
+    let g = Graph::from_yaml(&yaml, "lora.yaml", Path::new(".")).unwrap();
+    let report = session()
+        .run(
+            &g,
+            &[],
+            &RunOptions {
+                out_dir: out_dir.clone(),
+                ..RunOptions::default()
+            },
+        )
+        .unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    read(&out_dir.join("out.safetensors"), "out.sample")
+}
+
+#[test]
+fn lora_on_flux_and_sd3_matches_peft() {
+    // Adapters on the attention, MLP, modulation and embedding linears of both streams (and
+    // Flux's single-stream blocks); tolerance 1e-4 of the largest value.
+    for (loader, folder, name) in [
+        ("LoadFlux", "flux_dev", "flux"),
+        ("LoadSD3", "sd3_5", "sd3"),
+    ] {
+        let io = format!("{name}_io.safetensors");
+        for (strength, key) in [(1.0, "a_1"), (0.6, "a_06")] {
+            let got = mmdit_forward(
+                loader,
+                folder,
+                &io,
+                &format!("{name}.safetensors"),
+                strength,
+            );
+            let want = read(&fixtures().join(&io), &format!("out.{key}"));
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f64 - *b as f64).abs())
+                .fold(0f64, f64::max)
+                / scale;
+            eprintln!("{name} at {strength}: relative error {err:.2e}");
+            assert!(err <= 1e-4, "{name} at {strength}: {err}");
+        }
+    }
 }

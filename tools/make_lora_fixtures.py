@@ -11,7 +11,10 @@ Writes tests/fixtures/lora/:
   - b/adapter_model.safetensors + b/adapter_config.json: adapter "b" (r 2, alpha 3, alpha_pattern
     attn2.to_k: 5) as peft's save_pretrained writes it (`base_model.model.NAME.lora_A.weight`);
   - io.safetensors: the inputs (`in.*`) and the outputs (`out.*`) of peft's model: base, a at
-    1.0 and 0.6, b alone, and a (1.0) with b (0.6) as two adapters.
+    1.0 and 0.6, b alone, and a (1.0) with b (0.6) as two adapters;
+  - flux.safetensors / flux_io.safetensors and sd3.safetensors / sd3_io.safetensors: a random
+    adapter (diffusers layout) on the Flux dev and SD3.5 parity fixtures, with the inputs of
+    their parity io files and peft's outputs at 1.0 and 0.6.
 
 Run (PyTorch, diffusers and peft from PyPI; CI never runs this):
     .venv/bin/python tools/make_lora_fixtures.py
@@ -129,5 +132,54 @@ def main():
     print(f"lora fixtures: {len(state['a'])} + {len(state['b'])} LoRA tensors in {ROOT}")
 
 
+def mmdit(name, cls, folder, targets, seed):
+    """A random LoRA on one of the MMDiT parity fixtures, with peft's outputs at 1.0 and 0.6."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    parity = os.path.join(os.path.dirname(ROOT), "parity", folder)
+    model = cls.from_pretrained(parity).eval()
+    io = {k[3:]: v for k, v in load_file(os.path.join(parity, "io.safetensors")).items() if k.startswith("in.")}
+    kwargs = dict(io)
+    if "skip_layers" in kwargs:
+        kwargs["skip_layers"] = kwargs["skip_layers"].tolist()
+    cfg = LoraConfig(r=4, lora_alpha=6, init_lora_weights=False, target_modules=targets)
+    model = inject_adapter_in_model(cfg, model, adapter_name="a")
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".a." in n and "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        for k, v in model.state_dict().items():
+            for part in ("lora_A", "lora_B"):
+                tag = f".{part}.a.weight"
+                if k.endswith(tag):
+                    state["transformer." + k[: -len(tag)] + f".{part}.weight"] = v.detach().clone().contiguous()
+    meta = {"r": 4, "lora_alpha": 6, "use_rslora": False, "target_modules": sorted(targets)}
+    save_file(state, os.path.join(ROOT, f"{name}.safetensors"), metadata={"lora_adapter_metadata": json.dumps(meta)})
+    outputs = {}
+    for key, w in [("a_1", 1.0), ("a_06", 0.6)]:
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                m.set_adapter(["a"])
+                m.set_scale("a", w)
+        with torch.no_grad():
+            outputs[key] = model(**kwargs, return_dict=False)[0]
+    tensors = {f"in.{k}": v.contiguous() for k, v in io.items()}
+    tensors.update({f"out.{k}": v.contiguous() for k, v in outputs.items()})
+    save_file(tensors, os.path.join(ROOT, f"{name}_io.safetensors"))
+    print(f"{name}: {len(state)} LoRA tensors")
+
+
 if __name__ == "__main__":
     main()
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    mmdit("flux", FluxTransformer2DModel, "flux_dev",
+          ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+           "proj_mlp", "proj_out", "norm1.linear", "x_embedder", "context_embedder"], 21)
+    mmdit("sd3", SD3Transformer2DModel, "sd3_5",
+          ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj", "to_add_out", "ff.net.2",
+           "linear_2"], 22)

@@ -1,20 +1,26 @@
 //! Flux as a protocol model: `FluxModel` describes itself (the image and text streams, the double-
 //! and single-stream stacks) and runs a forward from diffusers' named inputs; `LoadFlux` reads a
-//! diffusers folder. Its blocks offer no hook sites yet, so block-level patches are refused when
-//! composed; whole-call patches apply.
+//! diffusers folder. Every linear layer takes linear deltas (LoRA); the blocks offer no other hook
+//! sites yet, so block-level patches are refused when composed; whole-call patches apply.
 
 use crate::flux::{self, Flux};
 use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{folder_fingerprint, input_path};
+use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
-    Call, Denoiser, DenoiserInfo, Hooks, Inputs, Prediction, StackInfo, StreamInfo,
+    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StreamInfo,
 };
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
 use std::path::Path;
 
-/// A loaded `FluxTransformer2DModel`.
-pub struct FluxModel(pub Flux);
+/// A loaded `FluxTransformer2DModel`, with its linear-delta sites and the deltas of its last
+/// patch set.
+pub struct FluxModel {
+    pub flux: Flux,
+    linears: Vec<LinearInfo>,
+    deltas: LinearDeltaCache,
+}
 
 impl Object for FluxModel {
     const TAG: &'static str = "ditflow-flux.model";
@@ -29,7 +35,7 @@ fn floats(t: &Tensor) -> Result<Vec<f32>> {
 
 impl Denoiser for FluxModel {
     fn describe(&self) -> DenoiserInfo {
-        let m = &self.0;
+        let m = &self.flux;
         let stack = |name: &str, n: usize, streams: &[&str]| StackInfo {
             name: name.into(),
             streams: streams.iter().map(|s| s.to_string()).collect(),
@@ -64,13 +70,15 @@ impl Denoiser for FluxModel {
                 stack("transformer_blocks", m.double.len(), &["image", "text"]),
                 stack("single_transformer_blocks", m.single.len(), &["joint"]),
             ],
-            linears: Vec::new(),
-            capabilities: 0,
+            linears: self.linears.clone(),
+            capabilities: ditflow_plugin::abi::DF_CAP_LINEAR_DELTA
+                | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE,
             conditioning: conditioning.into_iter().map(String::from).collect(),
         }
     }
 
-    fn forward(&self, call: &Call, inputs: &Inputs, _hooks: &Hooks) -> Result<Tensor> {
+    fn forward(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<Tensor> {
+        let dl = self.deltas.get(hooks, &self.linears, self.flux.device)?;
         let x = inputs.require("hidden_states")?;
         let batch = x.shape().first().copied().unwrap_or(0);
         // A per-row `timestep` input (a lone forward) or the call's sigma, which is Flux's
@@ -80,15 +88,18 @@ impl Denoiser for FluxModel {
             None => vec![call.sigma as f32; batch],
         };
         let guidance = inputs.get("guidance").map(floats).transpose()?;
-        self.0.forward(&flux::Inputs {
-            hidden_states: x,
-            encoder_hidden_states: inputs.require("encoder_hidden_states")?,
-            pooled_projections: inputs.require("pooled_projections")?,
-            timestep: &t,
-            img_ids: inputs.require("img_ids")?,
-            txt_ids: inputs.require("txt_ids")?,
-            guidance: guidance.as_deref(),
-        })
+        self.flux.forward(
+            &flux::Inputs {
+                hidden_states: x,
+                encoder_hidden_states: inputs.require("encoder_hidden_states")?,
+                pooled_projections: inputs.require("pooled_projections")?,
+                timestep: &t,
+                img_ids: inputs.require("img_ids")?,
+                txt_ids: inputs.require("txt_ids")?,
+                guidance: guidance.as_deref(),
+            },
+            &dl,
+        )
     }
 }
 
@@ -104,7 +115,12 @@ impl FluxModel {
             ),
         }
         let w = Weights::load(ctx, dir, device)?;
-        Ok(FluxModel(Flux::load(&cfg, &w, device)?))
+        let flux = Flux::load(&cfg, &w, device)?;
+        Ok(FluxModel {
+            linears: flux.linears(),
+            flux,
+            deltas: LinearDeltaCache::default(),
+        })
     }
 }
 

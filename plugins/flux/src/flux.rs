@@ -9,6 +9,7 @@ use ditflow_nn::{
     TimestepEmbedding, Weights,
 };
 use ditflow_plugin::linear_delta::LinearDeltas;
+use ditflow_plugin::model::LinearInfo;
 use ditflow_plugin::{Device, Error, Result, Tensor};
 
 /// `FluxTransformerBlock`: the double-stream block.
@@ -212,9 +213,43 @@ impl Flux {
         })
     }
 
-    /// The prediction `[B, L_img, out_channels]`.
-    pub fn forward(&self, inp: &Inputs) -> Result<Tensor> {
-        let none = LinearDeltas::none();
+    /// Every linear layer by diffusers name (the linear-delta sites).
+    pub fn linears(&self) -> Vec<LinearInfo> {
+        let mut v: Vec<&Linear> = vec![&self.x_embedder, &self.context_embedder];
+        v.extend([
+            &self.timestep_embedder.linear_1,
+            &self.timestep_embedder.linear_2,
+        ]);
+        if let Some(g) = &self.guidance_embedder {
+            v.extend([&g.linear_1, &g.linear_2]);
+        }
+        v.extend([&self.text_embedder.0, &self.text_embedder.1]);
+        for b in &self.double {
+            v.extend([&b.norm1, &b.norm1_context]);
+            for p in [&b.image, &b.text] {
+                v.extend([&p.q, &p.k, &p.v]);
+            }
+            v.extend([&b.to_out, &b.to_add_out]);
+            for f in [&b.ff, &b.ff_context] {
+                v.extend([&f.proj_in, &f.proj_out]);
+            }
+        }
+        for b in &self.single {
+            v.extend([
+                &b.norm,
+                &b.attn.q,
+                &b.attn.k,
+                &b.attn.v,
+                &b.proj_mlp,
+                &b.proj_out,
+            ]);
+        }
+        v.extend([&self.norm_out, &self.proj_out]);
+        v.into_iter().map(Linear::info).collect()
+    }
+
+    /// The prediction `[B, L_img, out_channels]`, with the patches' linear deltas `dl`.
+    pub fn forward(&self, inp: &Inputs, dl: &LinearDeltas) -> Result<Tensor> {
         let (d, h) = (self.dim, self.heads);
         let x = inp.hidden_states;
         let xs = x.shape();
@@ -256,12 +291,10 @@ impl Flux {
         // Conditioning: timestep (and guidance), plus the pooled text.
         let thousand = |v: &[f32]| -> Vec<f32> { v.iter().map(|t| t * 1000.0).collect() };
         let sinus = |v: &[f32]| timestep_sinusoids(&thousand(v), 256, true, 0.0, self.device);
-        let mut temb = self
-            .timestep_embedder
-            .forward(&sinus(inp.timestep)?, none)?;
+        let mut temb = self.timestep_embedder.forward(&sinus(inp.timestep)?, dl)?;
         match (&self.guidance_embedder, inp.guidance) {
             (Some(g), Some(gv)) if gv.len() == b => {
-                temb = temb.add(&g.forward(&sinus(gv)?, none)?)?
+                temb = temb.add(&g.forward(&sinus(gv)?, dl)?)?
             }
             (Some(_), _) => {
                 return Err(Error(format!(
@@ -271,53 +304,56 @@ impl Flux {
             (None, _) => {}
         }
         let pooled = inp.pooled_projections.to_device(self.device)?;
-        let text = self
-            .text_embedder
-            .1
-            .forward(&self.text_embedder.0.forward(&pooled, "silu")?, "none")?;
+        let text = self.text_embedder.1.apply(
+            &self.text_embedder.0.apply(&pooled, "silu", dl)?,
+            "none",
+            dl,
+        )?;
         let temb = temb.add(&text)?;
         let silu = temb.unary("silu")?;
         // Tokens and positions (text first, as FluxPosEmbed joins them).
         let mut img = self
             .x_embedder
-            .forward(&x.to_device(self.device)?, "none")?;
-        let mut txt = self
-            .context_embedder
-            .forward(&inp.encoder_hidden_states.to_device(self.device)?, "none")?;
+            .apply(&x.to_device(self.device)?, "none", dl)?;
+        let mut txt = self.context_embedder.apply(
+            &inp.encoder_hidden_states.to_device(self.device)?,
+            "none",
+            dl,
+        )?;
         let ids =
             ditflow_plugin::ops::concat(&[inp.txt_ids, inp.img_ids], 0)?.to_device(self.device)?;
         let rope = ditflow_plugin::ops::rope_tables(&ids, &self.axes, 10000.0)?;
         for blk in &self.double {
-            let m = chunks(&blk.norm1.forward(&silu, "none")?, 6, d)?;
-            let c = chunks(&blk.norm1_context.forward(&silu, "none")?, 6, d)?;
+            let m = chunks(&blk.norm1.apply(&silu, "none", dl)?, 6, d)?;
+            let c = chunks(&blk.norm1_context.apply(&silu, "none", dl)?, 6, d)?;
             let n = img.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
             let nc = txt.layer_norm(None, None, Some(&c[0]), Some(&c[1]), 1e-6)?;
-            let (q, k, v) = blk.image.heads(&n, h, none)?;
-            let (cq, ck, cv) = blk.text.heads(&nc, h, none)?;
+            let (q, k, v) = blk.image.heads(&n, h, dl)?;
+            let (cq, ck, cv) = blk.text.heads(&nc, h, dl)?;
             let cat = |a: &Tensor, b: &Tensor| ditflow_plugin::ops::concat(&[a, b], 2);
             let o = attend_heads(&cat(&cq, &q)?, &cat(&ck, &k)?, &cat(&cv, &v)?, Some(&rope))?;
             let parts = o.split(1, &[lt, li])?;
-            img = img.gated_residual(&blk.to_out.forward(&parts[1], "none")?, &m[2])?;
+            img = img.gated_residual(&blk.to_out.apply(&parts[1], "none", dl)?, &m[2])?;
             let n2 = img.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
-            img = img.gated_residual(&blk.ff.forward(&n2, none)?, &m[5])?;
-            txt = txt.gated_residual(&blk.to_add_out.forward(&parts[0], "none")?, &c[2])?;
+            img = img.gated_residual(&blk.ff.forward(&n2, dl)?, &m[5])?;
+            txt = txt.gated_residual(&blk.to_add_out.apply(&parts[0], "none", dl)?, &c[2])?;
             let nc2 = txt.layer_norm(None, None, Some(&c[3]), Some(&c[4]), 1e-6)?;
-            txt = txt.gated_residual(&blk.ff_context.forward(&nc2, none)?, &c[5])?;
+            txt = txt.gated_residual(&blk.ff_context.forward(&nc2, dl)?, &c[5])?;
         }
         let mut joint = ditflow_plugin::ops::concat(&[&txt, &img], 1)?;
         for blk in &self.single {
-            let m = chunks(&blk.norm.forward(&silu, "none")?, 3, d)?;
+            let m = chunks(&blk.norm.apply(&silu, "none", dl)?, 3, d)?;
             let n = joint.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
-            let mlp = blk.proj_mlp.forward(&n, "gelu_tanh")?;
-            let (q, k, v) = blk.attn.heads(&n, h, none)?;
+            let mlp = blk.proj_mlp.apply(&n, "gelu_tanh", dl)?;
+            let (q, k, v) = blk.attn.heads(&n, h, dl)?;
             let o = attend_heads(&q, &k, &v, Some(&rope))?;
             let both = ditflow_plugin::ops::concat(&[&o, &mlp], 2)?;
-            joint = joint.gated_residual(&blk.proj_out.forward(&both, "none")?, &m[2])?;
+            joint = joint.gated_residual(&blk.proj_out.apply(&both, "none", dl)?, &m[2])?;
         }
         let img = joint.split(1, &[lt, li])?.remove(1);
         // AdaLayerNormContinuous: scale first, then shift.
-        let m = chunks(&self.norm_out.forward(&silu, "none")?, 2, d)?;
+        let m = chunks(&self.norm_out.apply(&silu, "none", dl)?, 2, d)?;
         let out = img.layer_norm(None, None, Some(&m[1]), Some(&m[0]), 1e-6)?;
-        self.proj_out.forward(&out, "none")
+        self.proj_out.apply(&out, "none", dl)
     }
 }

@@ -21,6 +21,17 @@ impl Linear {
         x.linear(&self.weight, self.bias.as_ref(), activation)
     }
 
+    /// This layer as a linear-delta site of a model's description.
+    pub fn info(&self) -> ditflow_plugin::model::LinearInfo {
+        let s = self.weight.shape();
+        ditflow_plugin::model::LinearInfo {
+            name: self.name.clone(),
+            out_features: s[0],
+            in_features: s.get(1).copied().unwrap_or(0),
+            fused_into: None,
+        }
+    }
+
     /// [`Linear::forward`] with the patches' deltas on this layer (none: the same call).
     pub fn apply(&self, x: &Tensor, activation: &str, d: &LinearDeltas) -> Result<Tensor> {
         d.linear(&self.name, x, &self.weight, self.bias.as_ref(), activation)

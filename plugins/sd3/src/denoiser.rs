@@ -1,20 +1,26 @@
 //! SD3 as a protocol model: `Sd3Model` describes itself (the image and text streams, the joint
 //! stack) and runs a forward from diffusers' named inputs (with `skip_layers`); `LoadSD3` reads a
-//! diffusers folder. Its blocks offer no hook sites yet, so block-level patches are refused when
-//! composed; whole-call patches apply.
+//! diffusers folder. Every linear layer takes linear deltas (LoRA); the blocks offer no other hook
+//! sites yet, so block-level patches are refused when composed; whole-call patches apply.
 
 use crate::sd3::{self, Sd3};
 use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{folder_fingerprint, input_path};
+use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
-    Call, Denoiser, DenoiserInfo, Hooks, Inputs, Prediction, StackInfo, StreamInfo,
+    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StreamInfo,
 };
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
 use std::path::Path;
 
-/// A loaded `SD3Transformer2DModel`.
-pub struct Sd3Model(pub Sd3);
+/// A loaded `SD3Transformer2DModel`, with its linear-delta sites and the deltas of its last
+/// patch set.
+pub struct Sd3Model {
+    pub sd3: Sd3,
+    linears: Vec<LinearInfo>,
+    deltas: LinearDeltaCache,
+}
 
 impl Object for Sd3Model {
     const TAG: &'static str = "ditflow-sd3.model";
@@ -29,7 +35,7 @@ fn floats(t: &Tensor) -> Result<Vec<f32>> {
 
 impl Denoiser for Sd3Model {
     fn describe(&self) -> DenoiserInfo {
-        let m = &self.0;
+        let m = &self.sd3;
         DenoiserInfo {
             prediction: Prediction::Flow,
             latent_layout: "BCHW".into(),
@@ -48,8 +54,9 @@ impl Denoiser for Sd3Model {
                 n_blocks: m.blocks.len(),
                 sites: 0,
             }],
-            linears: Vec::new(),
-            capabilities: 0,
+            linears: self.linears.clone(),
+            capabilities: ditflow_plugin::abi::DF_CAP_LINEAR_DELTA
+                | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE,
             conditioning: ["encoder_hidden_states", "pooled_projections", "skip_layers"]
                 .iter()
                 .map(|s| s.to_string())
@@ -57,7 +64,8 @@ impl Denoiser for Sd3Model {
         }
     }
 
-    fn forward(&self, call: &Call, inputs: &Inputs, _hooks: &Hooks) -> Result<Tensor> {
+    fn forward(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<Tensor> {
+        let dl = self.deltas.get(hooks, &self.linears, self.sd3.device)?;
         let x = inputs.require("hidden_states")?;
         let batch = x.shape().first().copied().unwrap_or(0);
         let t = match inputs.get("timestep") {
@@ -77,13 +85,16 @@ impl Denoiser for Sd3Model {
                 .collect::<Result<_>>()?,
             None => Vec::new(),
         };
-        self.0.forward(&sd3::Inputs {
-            hidden_states: x,
-            encoder_hidden_states: inputs.require("encoder_hidden_states")?,
-            pooled_projections: inputs.require("pooled_projections")?,
-            timestep: &t,
-            skip_layers: &skip,
-        })
+        self.sd3.forward(
+            &sd3::Inputs {
+                hidden_states: x,
+                encoder_hidden_states: inputs.require("encoder_hidden_states")?,
+                pooled_projections: inputs.require("pooled_projections")?,
+                timestep: &t,
+                skip_layers: &skip,
+            },
+            &dl,
+        )
     }
 }
 
@@ -99,7 +110,12 @@ impl Sd3Model {
             ),
         }
         let w = Weights::load(ctx, dir, device)?;
-        Ok(Sd3Model(Sd3::load(&cfg, &w, device)?))
+        let sd3 = Sd3::load(&cfg, &w, device)?;
+        Ok(Sd3Model {
+            linears: sd3.linears(),
+            sd3,
+            deltas: LinearDeltaCache::default(),
+        })
     }
 }
 

@@ -10,6 +10,7 @@ use ditflow_nn::{
     FeedForward, HeadProjections, Linear, TimestepEmbedding, Weights,
 };
 use ditflow_plugin::linear_delta::LinearDeltas;
+use ditflow_plugin::model::LinearInfo;
 use ditflow_plugin::{Device, Error, Result, Tensor};
 
 /// The text stream of a joint block: its modulation (adaLN-Zero, 6 chunks; in the last block,
@@ -223,9 +224,35 @@ impl Sd3 {
             .reshape(&[1, (h * w) as i64, self.dim as i64])
     }
 
-    /// The prediction `[B, out_channels, H, W]`.
-    pub fn forward(&self, inp: &Inputs) -> Result<Tensor> {
-        let none = LinearDeltas::none();
+    /// Every linear layer by diffusers name (the linear-delta sites).
+    pub fn linears(&self) -> Vec<LinearInfo> {
+        let mut v: Vec<&Linear> = vec![
+            &self.timestep_embedder.linear_1,
+            &self.timestep_embedder.linear_2,
+            &self.text_embedder.0,
+            &self.text_embedder.1,
+            &self.context_embedder,
+        ];
+        for b in &self.blocks {
+            v.push(&b.norm1);
+            for p in [&b.image, &b.text] {
+                v.extend([&p.q, &p.k, &p.v]);
+            }
+            v.extend([&b.to_out, &b.context.norm1]);
+            if let Some((out, ff)) = &b.context.out {
+                v.extend([out, &ff.proj_in, &ff.proj_out]);
+            }
+            if let Some((p, out)) = &b.attn2 {
+                v.extend([&p.q, &p.k, &p.v, out]);
+            }
+            v.extend([&b.ff.proj_in, &b.ff.proj_out]);
+        }
+        v.extend([&self.norm_out, &self.proj_out]);
+        v.into_iter().map(Linear::info).collect()
+    }
+
+    /// The prediction `[B, out_channels, H, W]`, with the patches' linear deltas `dl`.
+    pub fn forward(&self, inp: &Inputs, dl: &LinearDeltas) -> Result<Tensor> {
         let (d, heads) = (self.dim, self.heads);
         let x = inp.hidden_states.to_device(self.device)?;
         let (b, h, w) = patch_grid("SD3", &x, self.in_channels, self.patch)?;
@@ -259,16 +286,20 @@ impl Sd3 {
             .add(&self.cropped_pos_embed(h, w)?)?;
         let t = timestep_sinusoids(inp.timestep, 256, true, 0.0, self.device)?;
         let pooled = inp.pooled_projections.to_device(self.device)?;
-        let temb = self.timestep_embedder.forward(&t, none)?.add(
-            &self
-                .text_embedder
-                .1
-                .forward(&self.text_embedder.0.forward(&pooled, "silu")?, "none")?,
-        )?;
+        let temb = self
+            .timestep_embedder
+            .forward(&t, dl)?
+            .add(&self.text_embedder.1.apply(
+                &self.text_embedder.0.apply(&pooled, "silu", dl)?,
+                "none",
+                dl,
+            )?)?;
         let silu = temb.unary("silu")?;
-        let mut txt = self
-            .context_embedder
-            .forward(&inp.encoder_hidden_states.to_device(self.device)?, "none")?;
+        let mut txt = self.context_embedder.apply(
+            &inp.encoder_hidden_states.to_device(self.device)?,
+            "none",
+            dl,
+        )?;
         let li = img.shape()[1];
         let lt = txt.shape()[1];
         for (i, blk) in self.blocks.iter().enumerate() {
@@ -276,7 +307,7 @@ impl Sd3 {
                 continue;
             }
             let n_chunks = if blk.attn2.is_some() { 9 } else { 6 };
-            let m = chunks(&blk.norm1.forward(&silu, "none")?, n_chunks, d)?;
+            let m = chunks(&blk.norm1.apply(&silu, "none", dl)?, n_chunks, d)?;
             let n = img.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
             // MMDiT-X: the second attention reads the block's input modulated by chunks 6 and 7.
             let n_dual = match blk.attn2 {
@@ -286,7 +317,7 @@ impl Sd3 {
             let ctx_norm = &blk.context.norm1;
             let (nc, c) = match &blk.context.out {
                 Some(_) => {
-                    let c = chunks(&ctx_norm.forward(&silu, "none")?, 6, d)?;
+                    let c = chunks(&ctx_norm.apply(&silu, "none", dl)?, 6, d)?;
                     (
                         txt.layer_norm(None, None, Some(&c[0]), Some(&c[1]), 1e-6)?,
                         Some(c),
@@ -294,36 +325,36 @@ impl Sd3 {
                 }
                 // AdaLayerNormContinuous: scale first, then shift.
                 None => {
-                    let c = chunks(&ctx_norm.forward(&silu, "none")?, 2, d)?;
+                    let c = chunks(&ctx_norm.apply(&silu, "none", dl)?, 2, d)?;
                     (
                         txt.layer_norm(None, None, Some(&c[1]), Some(&c[0]), 1e-6)?,
                         None,
                     )
                 }
             };
-            let (q, k, v) = blk.image.heads(&n, heads, none)?;
-            let (cq, ck, cv) = blk.text.heads(&nc, heads, none)?;
+            let (q, k, v) = blk.image.heads(&n, heads, dl)?;
+            let (cq, ck, cv) = blk.text.heads(&nc, heads, dl)?;
             // Image first, then text (JointAttnProcessor2_0).
             let cat = |a: &Tensor, b: &Tensor| ditflow_plugin::ops::concat(&[a, b], 2);
             let o = attend_heads(&cat(&q, &cq)?, &cat(&k, &ck)?, &cat(&v, &cv)?, None)?;
             let parts = o.split(1, &[li, lt])?;
-            img = img.gated_residual(&blk.to_out.forward(&parts[0], "none")?, &m[2])?;
+            img = img.gated_residual(&blk.to_out.apply(&parts[0], "none", dl)?, &m[2])?;
             if let (Some((attn2, out2)), Some(nx)) = (&blk.attn2, &n_dual) {
-                let (q2, k2, v2) = attn2.heads(nx, heads, none)?;
+                let (q2, k2, v2) = attn2.heads(nx, heads, dl)?;
                 let o2 = attend_heads(&q2, &k2, &v2, None)?;
-                img = img.gated_residual(&out2.forward(&o2, "none")?, &m[8])?;
+                img = img.gated_residual(&out2.apply(&o2, "none", dl)?, &m[8])?;
             }
             let n2 = img.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
-            img = img.gated_residual(&blk.ff.forward(&n2, none)?, &m[5])?;
+            img = img.gated_residual(&blk.ff.forward(&n2, dl)?, &m[5])?;
             if let (Some((to_add_out, ff)), Some(c)) = (&blk.context.out, c) {
-                txt = txt.gated_residual(&to_add_out.forward(&parts[1], "none")?, &c[2])?;
+                txt = txt.gated_residual(&to_add_out.apply(&parts[1], "none", dl)?, &c[2])?;
                 let nc2 = txt.layer_norm(None, None, Some(&c[3]), Some(&c[4]), 1e-6)?;
-                txt = txt.gated_residual(&ff.forward(&nc2, none)?, &c[5])?;
+                txt = txt.gated_residual(&ff.forward(&nc2, dl)?, &c[5])?;
             }
         }
-        let m = chunks(&self.norm_out.forward(&silu, "none")?, 2, d)?;
+        let m = chunks(&self.norm_out.apply(&silu, "none", dl)?, 2, d)?;
         let out = img.layer_norm(None, None, Some(&m[1]), Some(&m[0]), 1e-6)?;
-        let out = self.proj_out.forward(&out, "none")?;
+        let out = self.proj_out.apply(&out, "none", dl)?;
         unpatchify(&out, h, w, self.patch, self.out_channels)
     }
 }
