@@ -382,6 +382,20 @@ fn cuda_ops_match_cpu_ops() {
     check("embedding", 0.0, &[r(&[5, 8], 39), ids], |t| {
         ops::embedding(&t[0], &t[1]).unwrap()
     });
+    // MoE routing: the top-k gate (values and indices) and the scatter-add of experts' rows.
+    check("topk_values", 0.0, &[r(&[6, 16], 43)], |t| {
+        ops::topk(&t[0], 4).unwrap().remove(0)
+    });
+    check("topk_indices", 0.0, &[r(&[6, 16], 43)], |t| {
+        ops::cast(&ops::topk(&t[0], 4).unwrap().remove(1), DType::F32).unwrap()
+    });
+    let index = Tensor::from_slice(&[5], &[1i64, 0, 1, 3, 1]).unwrap();
+    check(
+        "index_add",
+        1e-6,
+        &[r(&[4, 8], 44), index, r(&[5, 8], 45)],
+        |t| ops::index_add(&t[0], &t[1], &t[2]).unwrap(),
+    );
     for dt in [DType::F16, DType::BF16] {
         check(&format!("cast_{dt:?}"), 0.0, &[r(&[333], 40)], |t| {
             ops::cast(&t[0], dt).unwrap()

@@ -365,6 +365,22 @@ impl Tensor {
         )
     }
 
+    /// The `k` largest along the last axis, descending (ties: the lower index first): values
+    /// and i64 indices, as `torch.topk`.
+    pub fn topk(&self, k: usize) -> Result<(Tensor, Tensor)> {
+        let mut v = call("topk", &[Some(self)], &[("k", Attr::Int(k as i64))], None)?;
+        match (v.pop(), v.pop()) {
+            (Some(idx), Some(vals)) => Ok((vals, idx)),
+            _ => Err(Error::new("topk returned too few outputs")),
+        }
+    }
+
+    /// `self` `[M, D]` with the rows of `src` `[R, D]` added at rows `index` `[R]`
+    /// (`torch.index_add` on axis 0).
+    pub fn index_add(&self, index: &Tensor, src: &Tensor) -> Result<Tensor> {
+        one("index_add", &[Some(self), Some(index), Some(src)], &[])
+    }
+
     /// 1-, 2- or 3-D convolution (`[N, C, *S]` by `[O, C/groups, *K]`).
     pub fn conv(
         &self,

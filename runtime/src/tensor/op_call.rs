@@ -284,6 +284,18 @@ pub const OPS: &[OpSig] = &[
         attrs: &[],
         doc: "gather rows of a table",
     },
+    OpSig {
+        name: "topk",
+        inputs: &["x"],
+        attrs: &["k"],
+        doc: "the k largest along the last axis, descending: values and i64 indices (two outputs)",
+    },
+    OpSig {
+        name: "index_add",
+        inputs: &["x", "index", "src"],
+        attrs: &[],
+        doc: "x [M, D] with the rows of src [R, D] added at rows index [R]",
+    },
 ];
 
 fn parse_dtype(op: &'static str, s: &str) -> Result<DType, OpError> {
@@ -578,6 +590,8 @@ fn call_op(name: &str, inputs: &[Option<&Tensor>], attrs: &Attrs) -> Result<Vec<
             one(ops::upsample2d(req(0), (h, w), mode)?)
         }
         "embedding" => one(ops::embedding(req(0), req(1))?),
+        "topk" => ops::topk(req(0), attrs.usize(op, "k", None)?),
+        "index_add" => one(ops::index_add(req(0), req(1), req(2))?),
         _ => unreachable!("every op in OPS is handled"),
     }
 }

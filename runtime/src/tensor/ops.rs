@@ -1405,6 +1405,115 @@ pub fn upsample2d(x: &Tensor, size: (usize, usize), mode: Upsample) -> R {
         cuda => |t| cuda::ops::upsample2d(&t[0], planes, h, w, size, mode, &out_shape))
 }
 
+/// The `k` largest entries along the last axis of `x` `[..., N]`, descending (ties: the lower
+/// index first), as `torch.topk(x, k)` returns them: values `[..., k]` and their i64 indices.
+pub fn topk(x: &Tensor, k: usize) -> R<Vec<Tensor>> {
+    const OP: &str = "topk";
+    float_input(OP, x)?;
+    let n = x.shape().last().copied().unwrap_or(0);
+    if x.rank() == 0 || k == 0 || k > n {
+        return Err(invalid(
+            OP,
+            format!("k {k} for rows of {n} (x {:?})", x.shape()),
+        ));
+    }
+    let rows = x.numel() / n;
+    let mut out_shape = x.shape().to_vec();
+    *out_shape.last_mut().unwrap() = k;
+    match x.device() {
+        Device::Cpu => {
+            let xf = f32s(x)?;
+            let (mut vals, mut idx) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
+            let mut order: Vec<usize> = Vec::with_capacity(n);
+            for row in xf.chunks(n) {
+                order.clear();
+                order.extend(0..n);
+                // Stable: equal values keep the lower index first.
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                for &j in &order[..k] {
+                    vals.push(row[j]);
+                    idx.push(j as i64);
+                }
+            }
+            let v = Tensor::from_f32(&out_shape, &vals)?;
+            let v = if x.dtype() == DType::F32 {
+                v
+            } else {
+                cast(&v, x.dtype())?
+            };
+            let ib: Vec<u8> = idx.iter().flat_map(|i| i.to_le_bytes()).collect();
+            Ok(vec![v, Tensor::from_bytes(DType::I64, &out_shape, &ib)?])
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let xf = cast(x, DType::F32)?;
+            let mut out = cuda::ops::topk(&xf, rows, n, k, &out_shape)?;
+            if x.dtype() != DType::F32 {
+                out[0] = cast(&out[0], x.dtype())?;
+            }
+            Ok(out)
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(no_cuda()),
+    }
+}
+
+/// `x` `[M, D]` with rows of `src` `[R, D]` added at rows `index` `[R]` (repeated indices add
+/// up): `torch.index_add(x, 0, index, src)`, the scatter that combines MoE experts' outputs.
+pub fn index_add(x: &Tensor, index: &Tensor, src: &Tensor) -> R {
+    const OP: &str = "index_add";
+    float_input(OP, x)?;
+    float_input(OP, src)?;
+    if x.rank() != 2 || src.rank() != 2 || src.shape()[1] != x.shape()[1] {
+        return Err(invalid(
+            OP,
+            format!(
+                "x {:?} and src {:?} must be [M, D] and [R, D]",
+                x.shape(),
+                src.shape()
+            ),
+        ));
+    }
+    let (m, d, r) = (x.shape()[0], x.shape()[1], src.shape()[0]);
+    if !matches!(index.dtype(), DType::I64 | DType::I32 | DType::U8) || index.numel() != r {
+        return Err(invalid(
+            OP,
+            format!(
+                "index must be {r} integers, got {} {:?}",
+                index.dtype().name(),
+                index.shape()
+            ),
+        ));
+    }
+    let idv: Vec<i64> = cast(index, DType::I64)?.to_vec::<i64>()?;
+    if let Some(bad) = idv.iter().find(|&&i| i < 0 || i as usize >= m) {
+        return Err(invalid(OP, format!("index {bad} is outside x's {m} rows")));
+    }
+    match same_device(OP, &[x, src])? {
+        Device::Cpu => {
+            let (xf, sf) = (f32s(x)?, f32s(src)?);
+            cpu_out(x.dtype(), x.shape(), |out| {
+                out.copy_from_slice(&xf);
+                for (row, &i) in sf.chunks(d.max(1)).zip(&idv) {
+                    for (o, s) in out[i as usize * d..(i as usize + 1) * d]
+                        .iter_mut()
+                        .zip(row)
+                    {
+                        *o += s;
+                    }
+                }
+                Ok(())
+            })
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => on_cuda(x.dtype(), &[x, src], |t| {
+            cuda::ops::index_add(&t[0], &idv, &t[1], r, d)
+        }),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(no_cuda()),
+    }
+}
+
 /// Rows of `table` `[V, D]` picked by integer `ids` `[...]` → `[..., D]`.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> R {
     const OP: &str = "embedding";
@@ -1457,6 +1566,62 @@ mod tests {
 
     fn t(shape: &[usize], seed: u64) -> Tensor {
         randn(shape, seed, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn topk_picks_the_largest_in_order_with_ties_by_index() {
+        // Reference: each row sorted here (descending, ties by lower index).
+        let x = t(&[4, 9], 5);
+        let out = topk(&x, 3).unwrap();
+        let (vals, idx) = (
+            out[0].to_f32_vec().unwrap(),
+            out[1].to_vec::<i64>().unwrap(),
+        );
+        assert_eq!(out[1].shape(), &[4, 3]);
+        for (r, row) in x.to_f32_vec().unwrap().chunks(9).enumerate() {
+            let mut order: Vec<usize> = (0..9).collect();
+            order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap().then(a.cmp(&b)));
+            for j in 0..3 {
+                assert_eq!(idx[r * 3 + j], order[j] as i64);
+                assert_eq!(vals[r * 3 + j], row[order[j]]);
+            }
+        }
+        let ties = Tensor::from_f32(&[1, 5], &[1.0, 3.0, 3.0, 0.5, 3.0]).unwrap();
+        let out = topk(&ties, 4).unwrap();
+        assert_eq!(out[1].to_vec::<i64>().unwrap(), vec![1, 2, 4, 0]);
+        assert!(topk(&ties, 6).is_err() && topk(&ties, 0).is_err());
+    }
+
+    #[test]
+    fn index_add_sums_rows_at_repeated_indices() {
+        // Reference: the sums accumulated in f64 here.
+        let (x, src) = (t(&[4, 3], 6), t(&[5, 3], 7));
+        let index = Tensor::from_bytes(
+            DType::I64,
+            &[5],
+            &[2i64, 0, 2, 3, 2]
+                .iter()
+                .flat_map(|i| i.to_le_bytes())
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let y = index_add(&x, &index, &src).unwrap().to_f32_vec().unwrap();
+        let (xf, sf) = (x.to_f32_vec().unwrap(), src.to_f32_vec().unwrap());
+        let mut want: Vec<f64> = xf.iter().map(|&v| v as f64).collect();
+        for (r, &i) in [2usize, 0, 2, 3, 2].iter().enumerate() {
+            for c in 0..3 {
+                want[i * 3 + c] += sf[r * 3 + c] as f64;
+            }
+        }
+        for (g, w) in y.iter().zip(&want) {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{g} vs {w}"
+            );
+        }
+        let bad = Tensor::from_bytes(DType::I64, &[5], &[9u8; 40]).unwrap();
+        assert!(index_add(&x, &bad, &src).is_err());
+        assert!(index_add(&x, &index, &t(&[5, 4], 8)).is_err());
     }
 
     #[test]

@@ -599,6 +599,41 @@ extern "C" __global__ void embedding(const unsigned char* table, const i64* ids,
     }
 }
 
+// The k largest of each row of n (ties: the lower index first), descending: one thread a row,
+// each pick the largest entry that comes after the previous pick in (value desc, index asc).
+extern "C" __global__ void topk_rows(const float* x, float* vals, i64* idx, i64 rows, i64 n, i64 k) {
+    for (i64 r = blockIdx.x * (i64)blockDim.x + threadIdx.x; r < rows; r += (i64)gridDim.x * blockDim.x) {
+        const float* row = x + r * n;
+        float pv = 0.0f;
+        i64 pi = -1;
+        for (i64 j = 0; j < k; j++) {
+            i64 best = -1;
+            float bv = 0.0f;
+            for (i64 c = 0; c < n; c++) {
+                float v = row[c];
+                bool after = pi < 0 || v < pv || (v == pv && c > pi);
+                if (after && (best < 0 || v > bv)) {
+                    best = c;
+                    bv = v;
+                }
+            }
+            vals[r * k + j] = bv;
+            idx[r * k + j] = best;
+            pv = bv;
+            pi = best;
+        }
+    }
+}
+
+// out[index[i], :] += src[i, :] for i < m rows of d (out already holds the input).
+extern "C" __global__ void index_add_rows(float* out, const i64* index, const float* src, i64 m, i64 d) {
+    i64 n = m * d;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 r = i / d, c = i % d;
+        atomicAdd(&out[index[r] * d + c], src[i]);
+    }
+}
+
 // im2col for up to 3 spatial axes: cols[(c*kprod + k), l] for one sample's channel group.
 // geo: input[3], kernel[3], stride[3], padding[3], dilation[3], output[3] (unused axes = 1/0).
 struct ConvGeo { i64 in_[3]; i64 k[3]; i64 st[3]; i64 pad[3]; i64 dil[3]; i64 out[3]; };

@@ -38,6 +38,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "slice",
     "upsample2d",
     "embedding",
+    "topk_rows",
+    "index_add_rows",
     "im2col",
 ];
 

@@ -747,6 +747,33 @@ pub fn upsample2d(
     Ok(out)
 }
 
+/// The `k` largest of each of `rows` rows of `n` (f32), descending: values and i64 indices.
+pub fn topk(x: &Tensor, rows_n: usize, n: usize, k: usize, out_shape: &[usize]) -> R<Vec<Tensor>> {
+    let be = backend(x)?;
+    let vals = new_tensor(&be, DType::F32, out_shape)?;
+    let idx = new_tensor(&be, DType::I64, out_shape)?;
+    let (xp, vp, ip) = (ptr(&be, x)?, ptr(&be, &vals)?, ptr(&be, &idx)?);
+    let (rr, nn, kk) = (rows_n as i64, n as i64, k as i64);
+    launch!(be, "topk_rows", grid(rows_n); &xp, &vp, &ip, &rr, &nn, &kk)?;
+    Ok(vec![vals, idx])
+}
+
+/// `out = x; out[index[i]] += src[i]` for `m` rows of `d` (f32; `index` already checked).
+pub fn index_add(x: &Tensor, index: &[i64], src: &Tensor, m: usize, d: usize) -> R {
+    let be = backend(x)?;
+    let out = crate::tensor::ops::affine(x, 1.0, 0.0)?;
+    if m == 0 || d == 0 {
+        return Ok(out);
+    }
+    let id_bytes: Vec<u8> = index.iter().flat_map(|i| i.to_le_bytes()).collect();
+    let id_buf = be.upload(&id_bytes).map_err(dev_err("upload"))?;
+    let (op, ip, sp) = (ptr(&be, &out)?, id_buf.ptr(&be.stream), ptr(&be, src)?);
+    let (mm, dd) = (m as i64, d as i64);
+    launch!(be, "index_add_rows", grid(m * d); &op, &ip, &sp, &mm, &dd)?;
+    drop(id_buf);
+    Ok(out)
+}
+
 pub fn embedding(table: &Tensor, ids: &[i64], d: usize, ordinal: usize, out_shape: &[usize]) -> R {
     let be = Backend::get(ordinal).map_err(OpError::Device)?;
     let out = new_tensor(&be, table.dtype(), out_shape)?;
