@@ -287,3 +287,35 @@ fn bad_model_folders_are_clear_errors_naming_the_file_and_key() {
         "{e}"
     );
 }
+
+/// `Forward` of the model at `model` (a folder or a file, loaded by `loader`) on fixture `io`.
+fn forward_output(session: &Session, loader: &str, model: &Path, io: &Path, tag: &str) -> Vec<f32> {
+    let out_dir = common::temp_dir(&format!("parity-out-{tag}"));
+    let yaml = format!(
+        "version: 1\nnodes:\n  m: {{type: {loader}, inputs: {{path: {:?}}}}}\n  f: {{type: Forward, inputs: {{model: m.model, inputs: {:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n",
+        model.to_string_lossy(),
+        io.to_string_lossy(),
+    );
+    let g = Graph::from_yaml(&yaml, "parity.yaml", Path::new(".")).unwrap();
+    let opts = RunOptions {
+        out_dir: out_dir.clone(),
+        ..RunOptions::default()
+    };
+    let report = session.run(&g, &[], &opts).unwrap();
+    assert!(report.ok(), "{tag}: {:?}", report.failed);
+    read(&out_dir.join("out.safetensors"), "out.sample").1
+}
+
+#[test]
+fn a_flux_single_file_in_the_bfl_layout_equals_the_diffusers_folder() {
+    // The same tiny model as one BFL-layout file with ComfyUI's prefix (made from the folder by
+    // tools/make_flux_fixtures.py and checked there against diffusers' converter): bit-identical
+    // outputs.
+    let s = session();
+    let root = common::repo().join("tests/fixtures/parity");
+    let io = root.join("flux_dev/io.safetensors");
+    let folder = forward_output(&s, "LoadFlux", &root.join("flux_dev"), &io, "folder");
+    let file = root.join("flux_dev_single/flux1-tiny.safetensors");
+    let single = forward_output(&s, "LoadFlux", &file, &io, "single");
+    assert_eq!(single, folder);
+}

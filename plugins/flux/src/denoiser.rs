@@ -4,8 +4,9 @@
 //! sites yet, so block-level patches are refused when composed; whole-call patches apply.
 
 use crate::flux::{self, Flux};
+use crate::single_file;
 use ditflow_nn::{Config, Weights};
-use ditflow_plugin::files::{folder_fingerprint, input_path};
+use ditflow_plugin::files::{file_fingerprint, folder_fingerprint, input_path};
 use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
     Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StreamInfo,
@@ -104,8 +105,40 @@ impl Denoiser for FluxModel {
 }
 
 impl FluxModel {
-    pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<FluxModel> {
-        let cfg = Config::read(dir)?;
+    /// From a diffusers folder, or from one `.safetensors` file in the BFL (or ComfyUI) layout
+    /// or in diffusers' own key layout.
+    pub fn load(path: &Path, device: Device, ctx: &Context) -> Result<FluxModel> {
+        let (cfg, w) = if path.is_file() {
+            let abs =
+                std::path::absolute(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
+            let tensors = ctx.load_weights(&abs.to_string_lossy(), device)?;
+            let tensors = if single_file::is_bfl(&tensors) {
+                single_file::to_diffusers(path, tensors)?
+            } else if tensors.keys().any(|k| k.contains("transformer_blocks.")) {
+                tensors
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            k.trim_start_matches("model.diffusion_model.").to_string(),
+                            v,
+                        )
+                    })
+                    .collect()
+            } else {
+                bail!(
+                    "{}: not a Flux checkpoint (no double_blocks or transformer_blocks keys)",
+                    path.display()
+                );
+            };
+            let json = single_file::config(path, &tensors)?;
+            let cfg = Config {
+                path: path.to_path_buf(),
+                json,
+            };
+            (cfg, Weights::from_tensors(path, tensors))
+        } else {
+            (Config::read(path)?, Weights::load(ctx, path, device)?)
+        };
         match cfg.class_name() {
             Some("FluxTransformer2DModel") => {}
             other => bail!(
@@ -114,7 +147,6 @@ impl FluxModel {
                 other.unwrap_or("")
             ),
         }
-        let w = Weights::load(ctx, dir, device)?;
         let flux = Flux::load(&cfg, &w, device)?;
         Ok(FluxModel {
             linears: flux.linears(),
@@ -133,15 +165,19 @@ impl Node for LoadFlux {
         NodeSchema::new("LoadFlux")
             .category("loaders")
             .doc(
-                "Loads a diffusers FluxTransformer2DModel folder (config.json plus safetensors, \
-                 sharded or not): Flux.1 dev (with its guidance embedding) or schnell. Its \
+                "Loads Flux.1 dev (with its guidance embedding) or schnell: a diffusers \
+                 FluxTransformer2DModel folder (config.json plus safetensors, sharded or not), or \
+                 one .safetensors file in Black Forest Labs' layout (flux1-dev.safetensors, \
+                 also with ComfyUI's model.diffusion_model. prefix) or diffusers' layout, its \
+                 config inferred from the shapes (or a config.json beside it). Its \
                  forward reads diffusers' names: hidden_states (packed latents), \
                  encoder_hidden_states, pooled_projections, timestep in [0, 1], img_ids, \
                  txt_ids and, for dev, guidance.",
             )
             .input(
-                Port::new("path", "String")
-                    .doc("The model folder; a relative path is taken from the graph's folder."),
+                Port::new("path", "String").doc(
+                    "The model folder or file; a relative path is taken from the graph's folder.",
+                ),
             )
             .output(Port::new("model", "Model<Denoiser>").doc("The denoiser."))
     }
@@ -154,6 +190,10 @@ impl Node for LoadFlux {
     }
 
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
-        folder_fingerprint(&input_path(ctx, "path")?).map(Some)
+        let path = input_path(ctx, "path")?;
+        if path.is_file() {
+            return file_fingerprint("cannot read", &path).map(Some);
+        }
+        folder_fingerprint(&path).map(Some)
     }
 }

@@ -2,12 +2,14 @@
 //! (dev with its guidance embedding, schnell without), built on the SDK and the shared layers.
 //! `LoadFlux` reads a diffusers folder into a `Model<Denoiser>`.
 //! - [`flux`]: the architecture: double-stream and single-stream blocks, 3-axis RoPE;
-//! - [`denoiser`]: the protocol model and its loader node.
+//! - [`denoiser`]: the protocol model and its loader node;
+//! - [`single_file`]: BFL/ComfyUI single-file checkpoints mapped to diffusers' keys.
 
 #![forbid(unsafe_code)]
 
 pub mod denoiser;
 pub mod flux;
+pub mod single_file;
 
 ditflow_plugin::export_plugin!(
     name: "ditflow-flux",

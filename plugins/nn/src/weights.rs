@@ -111,6 +111,15 @@ impl Weights {
         })
     }
 
+    /// Weights from tensors already read (a single-file checkpoint converted to a model's key
+    /// layout, say); `source` names them in errors.
+    pub fn from_tensors(source: &Path, tensors: HashMap<String, Tensor>) -> Weights {
+        Weights {
+            dir: source.to_path_buf(),
+            tensors,
+        }
+    }
+
     /// Tensor `key` with exactly `shape`, converted to f32.
     pub fn get(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.tensors.get(key).ok_or_else(|| {
