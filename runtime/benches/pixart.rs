@@ -3,7 +3,9 @@
 //! the `Forward` node over repeated runs of a session (the loaded model stays cached) and prints
 //! the fastest as JSON.
 //!
-//! `cargo bench -p ditflow --bench pixart -- PLUGINS_DIR MODEL_DIR INPUTS.safetensors [REPS]`
+//! `cargo bench -p ditflow --bench pixart -- PLUGINS_DIR MODEL_DIR INPUTS.safetensors [REPS]
+//! [LOADER]` (LOADER: the node that loads MODEL_DIR, `LoadDiffusionModel` by default;
+//! `tools/bench_flux.py` passes `LoadFlux`).
 
 use ditflow::{Graph, RunOptions, Runtime, Session};
 use std::path::{Path, PathBuf};
@@ -20,11 +22,12 @@ fn main() {
         std::process::exit(2);
     };
     let reps: usize = rest.first().and_then(|r| r.parse().ok()).unwrap_or(10);
+    let loader = rest.get(1).map_or("LoadDiffusionModel", String::as_str);
     let rt = Runtime::with_plugins(&[PathBuf::from(plugins)]);
     let session = Session::new(Arc::new(rt));
     let out = std::env::temp_dir().join(format!("ditflow-bench-pixart-{}", std::process::id()));
     let yaml = format!(
-        "version: 1\nnodes:\n  m: {{type: LoadDiffusionModel, inputs: {{path: {model:?}}}}}\n  f: {{type: Forward, inputs: {{model: m.model, inputs: {inputs:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n"
+        "version: 1\nnodes:\n  m: {{type: {loader}, inputs: {{path: {model:?}}}}}\n  f: {{type: Forward, inputs: {{model: m.model, inputs: {inputs:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n"
     );
     let g = Graph::from_yaml(&yaml, "bench.yaml", Path::new(".")).expect("graph");
     let opts = RunOptions {
