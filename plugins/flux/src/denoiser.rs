@@ -27,13 +27,6 @@ impl Object for FluxModel {
     const TAG: &'static str = "ditflow-flux.model";
 }
 
-fn floats(t: &Tensor) -> Result<Vec<f32>> {
-    t.cast(DType::F32)?
-        .to_device(Device::Cpu)?
-        .as_f32()
-        .map(<[f32]>::to_vec)
-}
-
 impl Denoiser for FluxModel {
     fn describe(&self) -> DenoiserInfo {
         let m = &self.flux;
@@ -85,10 +78,10 @@ impl Denoiser for FluxModel {
         // A per-row `timestep` input (a lone forward) or the call's sigma, which is Flux's
         // timestep in [0, 1].
         let t = match inputs.get("timestep") {
-            Some(t) => floats(t)?,
+            Some(t) => t.to_f32_vec()?,
             None => vec![call.sigma as f32; batch],
         };
-        let guidance = inputs.get("guidance").map(floats).transpose()?;
+        let guidance = inputs.get("guidance").map(Tensor::to_f32_vec).transpose()?;
         self.flux.forward(
             &flux::Inputs {
                 hidden_states: x,

@@ -100,7 +100,9 @@ impl Denoiser for DiffusionModel {
             Arch::DiT(m) => {
                 let x = inputs.require("hidden_states")?.to_device(m.device)?;
                 let t = timesteps(call, inputs, x.shape().first().copied().unwrap_or(0))?;
-                let labels: Vec<i64> = floats(inputs.require("class_labels")?)?
+                let labels: Vec<i64> = inputs
+                    .require("class_labels")?
+                    .to_f32_vec()?
                     .iter()
                     .map(|&c| c as i64)
                     .collect();
@@ -158,17 +160,10 @@ impl Object for Stepped {
     const TAG: &'static str = "ditflow-pixart-dit.step";
 }
 
-fn floats(t: &Tensor) -> Result<Vec<f32>> {
-    t.cast(DType::F32)?
-        .to_device(Device::Cpu)?
-        .as_f32()
-        .map(<[f32]>::to_vec)
-}
-
 /// A per-row `timestep` input (a lone forward), or the call's for every row.
 fn timesteps(call: &Call, inputs: &Inputs, batch: usize) -> Result<Vec<f32>> {
     Ok(match inputs.get("timestep") {
-        Some(t) => floats(t)?,
+        Some(t) => t.to_f32_vec()?,
         None => vec![call.timestep as f32; batch],
     })
 }
@@ -222,8 +217,14 @@ impl DiffusionModel {
         let enc = inputs.require("encoder_hidden_states")?;
         let mask = inputs.get("encoder_attention_mask");
         let (res, ar) = (
-            inputs.get("resolution").map(floats).transpose()?,
-            inputs.get("aspect_ratio").map(floats).transpose()?,
+            inputs
+                .get("resolution")
+                .map(Tensor::to_f32_vec)
+                .transpose()?,
+            inputs
+                .get("aspect_ratio")
+                .map(Tensor::to_f32_vec)
+                .transpose()?,
         );
         let enc_d = enc.to_device(device)?;
         let mask_d = mask.map(|t| t.to_device(device)).transpose()?;

@@ -26,13 +26,6 @@ impl Object for Sd3Model {
     const TAG: &'static str = "ditflow-sd3.model";
 }
 
-fn floats(t: &Tensor) -> Result<Vec<f32>> {
-    t.cast(DType::F32)?
-        .to_device(Device::Cpu)?
-        .as_f32()
-        .map(<[f32]>::to_vec)
-}
-
 impl Denoiser for Sd3Model {
     fn describe(&self) -> DenoiserInfo {
         let m = &self.sd3;
@@ -69,11 +62,12 @@ impl Denoiser for Sd3Model {
         let x = inputs.require("hidden_states")?;
         let batch = x.shape().first().copied().unwrap_or(0);
         let t = match inputs.get("timestep") {
-            Some(t) => floats(t)?,
+            Some(t) => t.to_f32_vec()?,
             None => vec![call.timestep as f32; batch],
         };
         let skip: Vec<usize> = match inputs.get("skip_layers") {
-            Some(s) => floats(s)?
+            Some(s) => s
+                .to_f32_vec()?
                 .iter()
                 .map(|&v| {
                     if v < 0.0 || v.fract() != 0.0 {

@@ -336,6 +336,15 @@ impl Tensor {
         )
     }
 
+    /// The values as f32 on the host, whatever the dtype and device (small inputs: timesteps,
+    /// labels, guidance scales).
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        self.cast(crate::DType::F32)?
+            .to_device(Device::Cpu)?
+            .as_f32()
+            .map(<[f32]>::to_vec)
+    }
+
     /// `self·wᵀ + bias` then `activation` (`none`, `gelu`, `gelu_tanh`, `silu`, `relu`).
     pub fn linear(&self, w: &Tensor, bias: Option<&Tensor>, activation: &str) -> Result<Tensor> {
         one(
