@@ -354,3 +354,33 @@ fn lora_on_flux_and_sd3_matches_peft() {
         }
     }
 }
+
+#[test]
+fn a_flux_lora_on_sd3_is_a_clear_error() {
+    // The SD3.5 fixture has no single-stream blocks or x_embedder: the first such key is named,
+    // with the closest layers the model has.
+    let out_dir = common::temp_dir("lora-flux-on-sd3");
+    let yaml = format!(
+        "version: 1\nnodes:\n  m0: {{type: LoadSD3, inputs: {{path: {:?}}}}}\n  m1: {{type: ApplyLoRA, inputs: {{model: m0.model, path: {:?}}}}}\noutputs:\n  m: m1.model\n",
+        common::repo().join("tests/fixtures/parity/sd3_5").to_string_lossy(),
+        fixtures().join("flux.safetensors").to_string_lossy()
+    );
+    let g = Graph::from_yaml(&yaml, "lora.yaml", Path::new(".")).unwrap();
+    let report = session()
+        .run(
+            &g,
+            &[],
+            &RunOptions {
+                out_dir,
+                ..RunOptions::default()
+            },
+        )
+        .unwrap();
+    let err = format!("{:?}", report.failed);
+    assert!(
+        err.contains("flux.safetensors")
+            && err.contains("matches no linear layer")
+            && err.contains("closest"),
+        "{err}"
+    );
+}

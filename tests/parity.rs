@@ -319,3 +319,21 @@ fn a_flux_single_file_in_the_bfl_layout_equals_the_diffusers_folder() {
     let single = forward_output(&s, "LoadFlux", &file, &io, "single");
     assert_eq!(single, folder);
 }
+
+#[test]
+fn a_checkpoint_given_to_the_wrong_loader_says_what_it_looks_like() {
+    let s = session();
+    let root = common::repo().join("tests/fixtures/parity");
+    let sd3 = root.join("sd3_5/diffusion_pytorch_model.safetensors");
+    let yaml = format!(
+        "version: 1\nnodes:\n  m: {{type: LoadFlux, inputs: {{path: {:?}}}}}\noutputs:\n  m: m.model\n",
+        sd3.to_string_lossy()
+    );
+    let g = Graph::from_yaml(&yaml, "wrong.yaml", Path::new(".")).unwrap();
+    let report = s.run(&g, &[], &RunOptions::default()).unwrap();
+    let err = format!("{:?}", report.failed);
+    assert!(
+        err.contains("not a Flux checkpoint") && err.contains("an SD3 transformer"),
+        "{err}"
+    );
+}

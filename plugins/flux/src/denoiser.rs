@@ -107,7 +107,10 @@ impl FluxModel {
             let tensors = ctx.load_weights(&abs.to_string_lossy(), device)?;
             let tensors = if single_file::is_bfl(&tensors) {
                 single_file::to_diffusers(path, tensors)?
-            } else if tensors.keys().any(|k| k.contains("transformer_blocks.")) {
+            } else if tensors
+                .keys()
+                .any(|k| k.contains("single_transformer_blocks."))
+            {
                 tensors
                     .into_iter()
                     .map(|(k, v)| {
@@ -118,8 +121,10 @@ impl FluxModel {
                     })
                     .collect()
             } else {
+                let looks = ditflow_nn::describe_checkpoint(tensors.keys().map(String::as_str))
+                    .unwrap_or("no model this loader knows");
                 bail!(
-                    "{}: not a Flux checkpoint (no double_blocks or transformer_blocks keys)",
+                    "{}: not a Flux checkpoint (no double_blocks or transformer_blocks keys): it looks like {looks}",
                     path.display()
                 );
             };

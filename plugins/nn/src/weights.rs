@@ -160,3 +160,61 @@ impl Weights {
         })
     }
 }
+
+/// What a checkpoint's keys look like, for a loader's message when it is given the wrong one:
+/// `a Flux transformer (Black Forest Labs' layout)`, `an SD3 transformer`, ... or `None`.
+pub fn describe_checkpoint<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
+    let keys: Vec<&str> = keys
+        .into_iter()
+        .map(|k| k.trim_start_matches("model.diffusion_model."))
+        .collect();
+    let any = |p: &str| keys.iter().any(|k| k.starts_with(p) || k.contains(p));
+    Some(if any("double_blocks.") {
+        "a Flux transformer (Black Forest Labs' layout)"
+    } else if any("single_transformer_blocks.") {
+        "a Flux transformer (diffusers' layout)"
+    } else if any("joint_blocks.") {
+        "an SD3 transformer (Stability AI's layout)"
+    } else if any("context_embedder.") && any("pos_embed.pos_embed") {
+        "an SD3 transformer (diffusers' layout)"
+    } else if any("adaln_single.") {
+        "a PixArt transformer"
+    } else if any("input_blocks.") || any("down_blocks.0.attentions.") {
+        "a UNet (Stable Diffusion 1.x/2.x/XL)"
+    } else if any("encoder.down") || any("decoder.up") {
+        "a VAE"
+    } else if any("text_model.") || any("encoder.block.") {
+        "a text encoder"
+    } else if any("lora_") {
+        "a LoRA"
+    } else {
+        return None;
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_checkpoint;
+
+    #[test]
+    fn checkpoints_are_told_apart_by_their_keys() {
+        let d = |k: &[&str]| describe_checkpoint(k.iter().copied());
+        assert_eq!(
+            d(&["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"]),
+            Some("a Flux transformer (Black Forest Labs' layout)")
+        );
+        assert_eq!(
+            d(&["joint_blocks.0.x_block.attn.qkv.weight"]),
+            Some("an SD3 transformer (Stability AI's layout)")
+        );
+        assert_eq!(
+            d(&["input_blocks.0.0.weight"]),
+            Some("a UNet (Stable Diffusion 1.x/2.x/XL)")
+        );
+        assert_eq!(
+            d(&["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]),
+            Some("a LoRA")
+        );
+        assert_eq!(d(&["something.else"]), None);
+    }
+}
