@@ -1,7 +1,8 @@
 //! Flux as a protocol model: `FluxModel` describes itself (the image and text streams, the double-
 //! and single-stream stacks) and runs a forward from diffusers' named inputs; `LoadFlux` reads a
-//! diffusers folder. Every linear layer takes linear deltas (LoRA); the blocks offer no other hook
-//! sites yet, so block-level patches are refused when composed; whole-call patches apply.
+//! diffusers folder. Every linear layer takes linear deltas (LoRA); both stacks take block
+//! residuals and range overrides on the joint text-then-image sequence (so a residual for the
+//! image tokens starts at the text length); attention sites are not offered yet.
 
 use crate::flux::{self, Flux};
 use crate::single_file;
@@ -34,7 +35,7 @@ impl Denoiser for FluxModel {
             name: name.into(),
             streams: streams.iter().map(|s| s.to_string()).collect(),
             n_blocks: n,
-            sites: 0,
+            sites: ditflow_plugin::abi::DF_SITE_POST_BLOCK,
         };
         let mut conditioning = vec![
             "encoder_hidden_states",
@@ -66,7 +67,9 @@ impl Denoiser for FluxModel {
             ],
             linears: self.linears.clone(),
             capabilities: ditflow_plugin::abi::DF_CAP_LINEAR_DELTA
-                | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE,
+                | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE
+                | ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL
+                | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE,
             conditioning: conditioning.into_iter().map(String::from).collect(),
         }
     }
@@ -92,6 +95,7 @@ impl Denoiser for FluxModel {
                 txt_ids: inputs.require("txt_ids")?,
                 guidance: guidance.as_deref(),
             },
+            hooks,
             &dl,
         )
     }

@@ -9,7 +9,7 @@ use ditflow_nn::{
     TimestepEmbedding, Weights,
 };
 use ditflow_plugin::linear_delta::LinearDeltas;
-use ditflow_plugin::model::LinearInfo;
+use ditflow_plugin::model::{Hooks, LinearInfo};
 use ditflow_plugin::{Device, Error, Result, Tensor};
 
 /// `FluxTransformerBlock`: the double-stream block.
@@ -50,6 +50,17 @@ pub struct Flux {
     pub norm_out: Linear,
     pub proj_out: Linear,
     pub device: Device,
+}
+
+/// What every block of one forward reads.
+struct Run<'a> {
+    /// `silu(temb)`, the modulations' input.
+    silu: &'a Tensor,
+    rope: &'a (Tensor, Tensor),
+    dl: &'a LinearDeltas,
+    /// Text and image token counts.
+    lt: usize,
+    li: usize,
 }
 
 /// The model's inputs for one forward (diffusers' argument names).
@@ -248,9 +259,49 @@ impl Flux {
         v.into_iter().map(Linear::info).collect()
     }
 
-    /// The prediction `[B, L_img, out_channels]`, with the patches' linear deltas `dl`.
-    pub fn forward(&self, inp: &Inputs, dl: &LinearDeltas) -> Result<Tensor> {
-        let (d, h) = (self.dim, self.heads);
+    /// A double-stream block on the text and image streams.
+    fn double_block(
+        &self,
+        blk: &DoubleBlock,
+        r: &Run,
+        txt: Tensor,
+        img: Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let (d, h, dl) = (self.dim, self.heads, r.dl);
+        let m = chunks(&blk.norm1.apply(r.silu, "none", dl)?, 6, d)?;
+        let c = chunks(&blk.norm1_context.apply(r.silu, "none", dl)?, 6, d)?;
+        let n = img.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
+        let nc = txt.layer_norm(None, None, Some(&c[0]), Some(&c[1]), 1e-6)?;
+        let (q, k, v) = blk.image.heads(&n, h, dl)?;
+        let (cq, ck, cv) = blk.text.heads(&nc, h, dl)?;
+        let cat = |a: &Tensor, b: &Tensor| ditflow_plugin::ops::concat(&[a, b], 2);
+        let o = attend_heads(&cat(&cq, &q)?, &cat(&ck, &k)?, &cat(&cv, &v)?, Some(r.rope))?;
+        let parts = o.split(1, &[r.lt, r.li])?;
+        let mut img = img.gated_residual(&blk.to_out.apply(&parts[1], "none", dl)?, &m[2])?;
+        let n2 = img.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
+        img = img.gated_residual(&blk.ff.forward(&n2, dl)?, &m[5])?;
+        let mut txt = txt.gated_residual(&blk.to_add_out.apply(&parts[0], "none", dl)?, &c[2])?;
+        let nc2 = txt.layer_norm(None, None, Some(&c[3]), Some(&c[4]), 1e-6)?;
+        txt = txt.gated_residual(&blk.ff_context.forward(&nc2, dl)?, &c[5])?;
+        Ok((txt, img))
+    }
+
+    /// A single-stream block on the joint sequence.
+    fn single_block(&self, blk: &SingleBlock, r: &Run, joint: Tensor) -> Result<Tensor> {
+        let (d, h, dl) = (self.dim, self.heads, r.dl);
+        let m = chunks(&blk.norm.apply(r.silu, "none", dl)?, 3, d)?;
+        let n = joint.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
+        let mlp = blk.proj_mlp.apply(&n, "gelu_tanh", dl)?;
+        let (q, k, v) = blk.attn.heads(&n, h, dl)?;
+        let o = attend_heads(&q, &k, &v, Some(r.rope))?;
+        let both = ditflow_plugin::ops::concat(&[&o, &mlp], 2)?;
+        joint.gated_residual(&blk.proj_out.apply(&both, "none", dl)?, &m[2])
+    }
+
+    /// The prediction `[B, L_img, out_channels]`, with the patches' linear deltas `dl` and
+    /// the other hooks at their sites.
+    pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
+        let d = self.dim;
         let x = inp.hidden_states;
         let xs = x.shape();
         if xs.len() != 3 || xs[2] != self.in_channels {
@@ -323,33 +374,37 @@ impl Flux {
         let ids =
             ditflow_plugin::ops::concat(&[inp.txt_ids, inp.img_ids], 0)?.to_device(self.device)?;
         let rope = ditflow_plugin::ops::rope_tables(&ids, &self.axes, 10000.0)?;
-        for blk in &self.double {
-            let m = chunks(&blk.norm1.apply(&silu, "none", dl)?, 6, d)?;
-            let c = chunks(&blk.norm1_context.apply(&silu, "none", dl)?, 6, d)?;
-            let n = img.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
-            let nc = txt.layer_norm(None, None, Some(&c[0]), Some(&c[1]), 1e-6)?;
-            let (q, k, v) = blk.image.heads(&n, h, dl)?;
-            let (cq, ck, cv) = blk.text.heads(&nc, h, dl)?;
-            let cat = |a: &Tensor, b: &Tensor| ditflow_plugin::ops::concat(&[a, b], 2);
-            let o = attend_heads(&cat(&cq, &q)?, &cat(&ck, &k)?, &cat(&cv, &v)?, Some(&rope))?;
-            let parts = o.split(1, &[lt, li])?;
-            img = img.gated_residual(&blk.to_out.apply(&parts[1], "none", dl)?, &m[2])?;
-            let n2 = img.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
-            img = img.gated_residual(&blk.ff.forward(&n2, dl)?, &m[5])?;
-            txt = txt.gated_residual(&blk.to_add_out.apply(&parts[0], "none", dl)?, &c[2])?;
-            let nc2 = txt.layer_norm(None, None, Some(&c[3]), Some(&c[4]), 1e-6)?;
-            txt = txt.gated_residual(&blk.ff_context.forward(&nc2, dl)?, &c[5])?;
-        }
-        let mut joint = ditflow_plugin::ops::concat(&[&txt, &img], 1)?;
-        for blk in &self.single {
-            let m = chunks(&blk.norm.apply(&silu, "none", dl)?, 3, d)?;
-            let n = joint.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
-            let mlp = blk.proj_mlp.apply(&n, "gelu_tanh", dl)?;
-            let (q, k, v) = blk.attn.heads(&n, h, dl)?;
-            let o = attend_heads(&q, &k, &v, Some(&rope))?;
-            let both = ditflow_plugin::ops::concat(&[&o, &mlp], 2)?;
-            joint = joint.gated_residual(&blk.proj_out.apply(&both, "none", dl)?, &m[2])?;
-        }
+        let run = Run {
+            silu: &silu,
+            rope: &rope,
+            dl,
+            lt,
+            li,
+        };
+        let joint = if hooks.is_empty() {
+            for blk in &self.double {
+                (txt, img) = self.double_block(blk, &run, txt, img)?;
+            }
+            let mut joint = ditflow_plugin::ops::concat(&[&txt, &img], 1)?;
+            for blk in &self.single {
+                joint = self.single_block(blk, &run, joint)?;
+            }
+            joint
+        } else {
+            // With patches the blocks run through the hooks on the joint sequence (text then
+            // image, as the single blocks hold it): block residuals land at their token
+            // offsets, and range overrides see one hidden state.
+            let joint = ditflow_plugin::ops::concat(&[&txt, &img], 1)?;
+            let joint = hooks.run_stack(0, self.double.len(), joint, &mut |i, h| {
+                let parts = h.split(1, &[lt, li])?;
+                let (t, x) =
+                    self.double_block(&self.double[i], &run, parts[0].clone(), parts[1].clone())?;
+                ditflow_plugin::ops::concat(&[&t, &x], 1)
+            })?;
+            hooks.run_stack(1, self.single.len(), joint, &mut |i, h| {
+                self.single_block(&self.single[i], &run, h)
+            })?
+        };
         let img = joint.split(1, &[lt, li])?.remove(1);
         // AdaLayerNormContinuous: scale first, then shift.
         let m = chunks(&self.norm_out.apply(&silu, "none", dl)?, 2, d)?;
