@@ -742,64 +742,67 @@ fn a_denoiser_stepped_block_by_block_equals_its_forward() {
 }
 
 #[test]
-fn patches_apply_to_flux_on_its_joint_sequence() {
-    // Flux runs its blocks through the hooks on the text-then-image sequence when patched.
-    // References: the unpatched forward (bit-exact for do-nothing patches) and a residual's
-    // effect, which must change the output.
+fn patches_apply_to_flux_and_sd3_on_their_joint_sequences() {
+    // Patched, Flux and SD3 run their blocks through the hooks on the joint sequence (Flux text
+    // then image, SD3 image then text). References: the unpatched forward (bit-exact for
+    // do-nothing patches, SD3.5's skipped block included) and a residual's effect, which must
+    // change the output.
     let (session, dir) = session(false);
-    let root = common::repo().join("tests/fixtures/parity/flux_dev");
-    let forward = |patch: &str, tag: &str| -> Vec<f32> {
-        let (patch, m) = if patch.is_empty() {
-            (String::new(), "dm.model")
-        } else {
-            (format!("  p: {{type: {patch}}}\n"), "p.model")
-        };
-        let yaml = format!(
-            "version: 1\nnodes:\n  dm: {{type: LoadFlux, inputs: {{path: {:?}}}}}\n{patch}  f: {{type: Forward, inputs: {{model: {m}, inputs: {:?}, outputs: {tag}.safetensors}}}}\noutputs:\n  path: f.path\n",
+    for (loader, fixture) in [("LoadFlux", "flux_dev"), ("LoadSD3", "sd3_5")] {
+        let root = common::repo().join("tests/fixtures/parity").join(fixture);
+        let forward = |patch: &str, tag: &str| -> Vec<f32> {
+            let (patch, m) = if patch.is_empty() {
+                (String::new(), "dm.model")
+            } else {
+                (format!("  p: {{type: {patch}}}\n"), "p.model")
+            };
+            let yaml = format!(
+            "version: 1\nnodes:\n  dm: {{type: {loader}, inputs: {{path: {:?}}}}}\n{patch}  f: {{type: Forward, inputs: {{model: {m}, inputs: {:?}, outputs: {tag}.safetensors}}}}\noutputs:\n  path: f.path\n",
             root.to_string_lossy(),
             root.join("io.safetensors").to_string_lossy()
         );
-        let g = Graph::from_yaml(&yaml, "flux.yaml", &dir).unwrap();
-        let report = session
-            .run(
-                &g,
-                &[],
-                &RunOptions {
-                    out_dir: dir.clone(),
-                    ..RunOptions::default()
-                },
-            )
-            .unwrap();
-        assert!(report.ok(), "{tag}: {:?}", report.failed);
-        let (_, _, _, bytes) = read_all(&dir.join(format!("{tag}.safetensors")))
-            .into_iter()
-            .find(|t| t.0 == "out.sample")
-            .unwrap();
-        bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect()
-    };
-    let base = forward("", "base");
-    for (patch, tag) in [
-        (
-            "FirstBlockCache, inputs: {model: dm.model, threshold: 0.0}",
-            "cache",
-        ),
-        (
-            "AddResidual, inputs: {model: dm.model, value: 0.0, first: 1}",
-            "zero",
-        ),
-        (
-            "NoOpHooks, inputs: {model: dm.model, attention: false}",
-            "noop",
-        ),
-    ] {
-        assert_eq!(forward(patch, tag), base, "{patch}");
+            let g = Graph::from_yaml(&yaml, "flux.yaml", &dir).unwrap();
+            let report = session
+                .run(
+                    &g,
+                    &[],
+                    &RunOptions {
+                        out_dir: dir.clone(),
+                        ..RunOptions::default()
+                    },
+                )
+                .unwrap();
+            assert!(report.ok(), "{tag}: {:?}", report.failed);
+            let (_, _, _, bytes) = read_all(&dir.join(format!("{tag}.safetensors")))
+                .into_iter()
+                .find(|t| t.0 == "out.sample")
+                .unwrap();
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let base = forward("", "base");
+        for (patch, tag) in [
+            (
+                "FirstBlockCache, inputs: {model: dm.model, threshold: 0.0}",
+                "cache",
+            ),
+            (
+                "AddResidual, inputs: {model: dm.model, value: 0.0, first: 1}",
+                "zero",
+            ),
+            (
+                "NoOpHooks, inputs: {model: dm.model, attention: false}",
+                "noop",
+            ),
+        ] {
+            assert_eq!(forward(patch, tag), base, "{fixture}: {patch}");
+        }
+        let residual = forward(
+            "AddResidual, inputs: {model: dm.model, value: 0.1, first: 1}",
+            "res",
+        );
+        assert_ne!(residual, base, "{fixture}");
     }
-    let residual = forward(
-        "AddResidual, inputs: {model: dm.model, value: 0.1, first: 1}",
-        "res",
-    );
-    assert_ne!(residual, base);
 }

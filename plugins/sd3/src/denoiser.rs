@@ -1,7 +1,8 @@
 //! SD3 as a protocol model: `Sd3Model` describes itself (the image and text streams, the joint
 //! stack) and runs a forward from diffusers' named inputs (with `skip_layers`); `LoadSD3` reads a
-//! diffusers folder. Every linear layer takes linear deltas (LoRA); the blocks offer no other hook
-//! sites yet, so block-level patches are refused when composed; whole-call patches apply.
+//! diffusers folder. Every linear layer takes linear deltas (LoRA); the joint stack takes block
+//! residuals and range overrides on the image-then-text sequence (an image residual starts at
+//! token 0); attention sites are not offered yet.
 
 use crate::sd3::{self, Sd3};
 use ditflow_nn::{Config, Weights};
@@ -45,11 +46,13 @@ impl Denoiser for Sd3Model {
                 name: "transformer_blocks".into(),
                 streams: vec!["image".into(), "text".into()],
                 n_blocks: m.blocks.len(),
-                sites: 0,
+                sites: ditflow_plugin::abi::DF_SITE_POST_BLOCK,
             }],
             linears: self.linears.clone(),
             capabilities: ditflow_plugin::abi::DF_CAP_LINEAR_DELTA
-                | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE,
+                | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE
+                | ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL
+                | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE,
             conditioning: ["encoder_hidden_states", "pooled_projections", "skip_layers"]
                 .iter()
                 .map(|s| s.to_string())
@@ -87,6 +90,7 @@ impl Denoiser for Sd3Model {
                 timestep: &t,
                 skip_layers: &skip,
             },
+            hooks,
             &dl,
         )
     }

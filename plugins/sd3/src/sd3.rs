@@ -10,7 +10,7 @@ use ditflow_nn::{
     FeedForward, HeadProjections, Linear, TimestepEmbedding, Weights,
 };
 use ditflow_plugin::linear_delta::LinearDeltas;
-use ditflow_plugin::model::LinearInfo;
+use ditflow_plugin::model::{Hooks, LinearInfo};
 use ditflow_plugin::{Device, Error, Result, Tensor};
 
 /// The text stream of a joint block: its modulation (adaLN-Zero, 6 chunks; in the last block,
@@ -251,9 +251,70 @@ impl Sd3 {
         v.into_iter().map(Linear::info).collect()
     }
 
-    /// The prediction `[B, out_channels, H, W]`, with the patches' linear deltas `dl`.
-    pub fn forward(&self, inp: &Inputs, dl: &LinearDeltas) -> Result<Tensor> {
+    /// A joint block on the image and text streams (the text comes back unchanged from the last,
+    /// `context_pre_only` block).
+    fn joint_block(
+        &self,
+        blk: &JointBlock,
+        silu: &Tensor,
+        dl: &LinearDeltas,
+        mut img: Tensor,
+        mut txt: Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (d, heads) = (self.dim, self.heads);
+        let (li, lt) = (img.shape()[1], txt.shape()[1]);
+        let n_chunks = if blk.attn2.is_some() { 9 } else { 6 };
+        let m = chunks(&blk.norm1.apply(silu, "none", dl)?, n_chunks, d)?;
+        let n = img.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
+        // MMDiT-X: the second attention reads the block's input modulated by chunks 6 and 7.
+        let n_dual = match blk.attn2 {
+            Some(_) => Some(img.layer_norm(None, None, Some(&m[6]), Some(&m[7]), 1e-6)?),
+            None => None,
+        };
+        let ctx_norm = &blk.context.norm1;
+        let (nc, c) = match &blk.context.out {
+            Some(_) => {
+                let c = chunks(&ctx_norm.apply(silu, "none", dl)?, 6, d)?;
+                (
+                    txt.layer_norm(None, None, Some(&c[0]), Some(&c[1]), 1e-6)?,
+                    Some(c),
+                )
+            }
+            // AdaLayerNormContinuous: scale first, then shift.
+            None => {
+                let c = chunks(&ctx_norm.apply(silu, "none", dl)?, 2, d)?;
+                (
+                    txt.layer_norm(None, None, Some(&c[1]), Some(&c[0]), 1e-6)?,
+                    None,
+                )
+            }
+        };
+        let (q, k, v) = blk.image.heads(&n, heads, dl)?;
+        let (cq, ck, cv) = blk.text.heads(&nc, heads, dl)?;
+        // Image first, then text (JointAttnProcessor2_0).
+        let cat = |a: &Tensor, b: &Tensor| ditflow_plugin::ops::concat(&[a, b], 2);
+        let o = attend_heads(&cat(&q, &cq)?, &cat(&k, &ck)?, &cat(&v, &cv)?, None)?;
+        let parts = o.split(1, &[li, lt])?;
+        img = img.gated_residual(&blk.to_out.apply(&parts[0], "none", dl)?, &m[2])?;
+        if let (Some((attn2, out2)), Some(nx)) = (&blk.attn2, &n_dual) {
+            let (q2, k2, v2) = attn2.heads(nx, heads, dl)?;
+            let o2 = attend_heads(&q2, &k2, &v2, None)?;
+            img = img.gated_residual(&out2.apply(&o2, "none", dl)?, &m[8])?;
+        }
+        let n2 = img.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
+        img = img.gated_residual(&blk.ff.forward(&n2, dl)?, &m[5])?;
+        if let (Some((to_add_out, ff)), Some(c)) = (&blk.context.out, c) {
+            txt = txt.gated_residual(&to_add_out.apply(&parts[1], "none", dl)?, &c[2])?;
+            let nc2 = txt.layer_norm(None, None, Some(&c[3]), Some(&c[4]), 1e-6)?;
+            txt = txt.gated_residual(&ff.forward(&nc2, dl)?, &c[5])?;
+        }
+        Ok((img, txt))
+    }
+
+    /// The prediction `[B, out_channels, H, W]`, with the patches' linear deltas `dl` and the
+    /// other hooks at their sites.
+    pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
+        let d = self.dim;
         let x = inp.hidden_states.to_device(self.device)?;
         let (b, h, w) = patch_grid("SD3", &x, self.in_channels, self.patch)?;
         let es = inp.encoder_hidden_states.shape();
@@ -302,56 +363,33 @@ impl Sd3 {
         )?;
         let li = img.shape()[1];
         let lt = txt.shape()[1];
-        for (i, blk) in self.blocks.iter().enumerate() {
-            if inp.skip_layers.contains(&i) {
-                continue;
-            }
-            let n_chunks = if blk.attn2.is_some() { 9 } else { 6 };
-            let m = chunks(&blk.norm1.apply(&silu, "none", dl)?, n_chunks, d)?;
-            let n = img.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
-            // MMDiT-X: the second attention reads the block's input modulated by chunks 6 and 7.
-            let n_dual = match blk.attn2 {
-                Some(_) => Some(img.layer_norm(None, None, Some(&m[6]), Some(&m[7]), 1e-6)?),
-                None => None,
-            };
-            let ctx_norm = &blk.context.norm1;
-            let (nc, c) = match &blk.context.out {
-                Some(_) => {
-                    let c = chunks(&ctx_norm.apply(&silu, "none", dl)?, 6, d)?;
-                    (
-                        txt.layer_norm(None, None, Some(&c[0]), Some(&c[1]), 1e-6)?,
-                        Some(c),
-                    )
+        let img = if hooks.is_empty() {
+            for (i, blk) in self.blocks.iter().enumerate() {
+                if !inp.skip_layers.contains(&i) {
+                    (img, txt) = self.joint_block(blk, &silu, dl, img, txt)?;
                 }
-                // AdaLayerNormContinuous: scale first, then shift.
-                None => {
-                    let c = chunks(&ctx_norm.apply(&silu, "none", dl)?, 2, d)?;
-                    (
-                        txt.layer_norm(None, None, Some(&c[1]), Some(&c[0]), 1e-6)?,
-                        None,
-                    )
+            }
+            img
+        } else {
+            // With patches the blocks run through the hooks on the joint sequence (image then
+            // text, as the joint attention orders it): an image residual starts at token 0.
+            let joint = ditflow_plugin::ops::concat(&[&img, &txt], 1)?;
+            let joint = hooks.run_stack(0, self.blocks.len(), joint, &mut |i, h| {
+                if inp.skip_layers.contains(&i) {
+                    return Ok(h);
                 }
-            };
-            let (q, k, v) = blk.image.heads(&n, heads, dl)?;
-            let (cq, ck, cv) = blk.text.heads(&nc, heads, dl)?;
-            // Image first, then text (JointAttnProcessor2_0).
-            let cat = |a: &Tensor, b: &Tensor| ditflow_plugin::ops::concat(&[a, b], 2);
-            let o = attend_heads(&cat(&q, &cq)?, &cat(&k, &ck)?, &cat(&v, &cv)?, None)?;
-            let parts = o.split(1, &[li, lt])?;
-            img = img.gated_residual(&blk.to_out.apply(&parts[0], "none", dl)?, &m[2])?;
-            if let (Some((attn2, out2)), Some(nx)) = (&blk.attn2, &n_dual) {
-                let (q2, k2, v2) = attn2.heads(nx, heads, dl)?;
-                let o2 = attend_heads(&q2, &k2, &v2, None)?;
-                img = img.gated_residual(&out2.apply(&o2, "none", dl)?, &m[8])?;
-            }
-            let n2 = img.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
-            img = img.gated_residual(&blk.ff.forward(&n2, dl)?, &m[5])?;
-            if let (Some((to_add_out, ff)), Some(c)) = (&blk.context.out, c) {
-                txt = txt.gated_residual(&to_add_out.apply(&parts[1], "none", dl)?, &c[2])?;
-                let nc2 = txt.layer_norm(None, None, Some(&c[3]), Some(&c[4]), 1e-6)?;
-                txt = txt.gated_residual(&ff.forward(&nc2, dl)?, &c[5])?;
-            }
-        }
+                let parts = h.split(1, &[li, lt])?;
+                let (x, t) = self.joint_block(
+                    &self.blocks[i],
+                    &silu,
+                    dl,
+                    parts[0].clone(),
+                    parts[1].clone(),
+                )?;
+                ditflow_plugin::ops::concat(&[&x, &t], 1)
+            })?;
+            joint.split(1, &[li, lt])?.remove(0)
+        };
         let m = chunks(&self.norm_out.apply(&silu, "none", dl)?, 2, d)?;
         let out = img.layer_norm(None, None, Some(&m[1]), Some(&m[0]), 1e-6)?;
         let out = self.proj_out.apply(&out, "none", dl)?;
