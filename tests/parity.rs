@@ -337,3 +337,17 @@ fn a_checkpoint_given_to_the_wrong_loader_says_what_it_looks_like() {
         "{err}"
     );
 }
+
+#[test]
+fn an_sd3_single_file_in_the_stability_layout_equals_the_diffusers_folder() {
+    // The SD3.5 fixture as one file in Stability AI's layout with ComfyUI's prefix (checked in
+    // tools/make_sd3_fixtures.py to convert back exactly with diffusers' converter): bit-identical
+    // outputs, the skipped block included.
+    let s = session();
+    let root = common::repo().join("tests/fixtures/parity");
+    let io = root.join("sd3_5/io.safetensors");
+    let folder = forward_output(&s, "LoadSD3", &root.join("sd3_5"), &io, "sd3-folder");
+    let file = root.join("sd3_5_single/sd3.5-tiny.safetensors");
+    let single = forward_output(&s, "LoadSD3", &file, &io, "sd3-single");
+    assert_eq!(single, folder);
+}

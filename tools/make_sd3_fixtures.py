@@ -12,6 +12,11 @@ Also writes tests/fixtures/parity/vae16/: an AutoencoderKL with 16 latent channe
 convolutions, and shift and scaling factors (the SD3/Flux VAE's layout), with `in.image`,
 `in.latent` and `out.mean`, `out.logvar`, `out.decoded`.
 
+Also writes tests/fixtures/parity/sd3_5_single/: the SD3.5 model as one file in Stability AI's
+layout (`joint_blocks.N.x_block.attn.qkv…`, ComfyUI's `model.diffusion_model.` prefix), checked
+to convert back exactly with diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`, and
+its config beside it.
+
 Run (PyTorch and diffusers from PyPI; CI never runs this):
     .venv/bin/python tools/make_sd3_fixtures.py
 """
@@ -94,6 +99,78 @@ def vae16():
     print(f"vae16: {sum(p.numel() for p in model.parameters())} parameters")
 
 
+def to_sai(sd, n):
+    """The inverse of diffusers' convert_sd3_transformer_checkpoint_to_diffusers."""
+    out = {}
+    put = out.__setitem__
+    ren = {"pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+           "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2", "context_embedder": "context_embedder",
+           "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+           "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear"}
+    put("pos_embed", sd["pos_embed.pos_embed"])
+    for a, b in ren.items():
+        for t in ("weight", "bias"):
+            put(f"{b}.{t}", sd[f"{a}.{t}"])
+    swap = lambda w: torch.cat(list(w.chunk(2, dim=0))[::-1])
+    for i in range(n):
+        p, x, c = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+        last = i == n - 1
+        for t in ("weight", "bias"):
+            put(f"{x}attn.qkv.{t}", torch.cat([sd[f"{p}attn.to_{q}.{t}"] for q in "qkv"]))
+            put(f"{c}attn.qkv.{t}", torch.cat([sd[f"{p}attn.add_{q}_proj.{t}"] for q in "qkv"]))
+            put(f"{x}attn.proj.{t}", sd[f"{p}attn.to_out.0.{t}"])
+            if not last:
+                put(f"{c}attn.proj.{t}", sd[f"{p}attn.to_add_out.{t}"])
+            put(f"{x}adaLN_modulation.1.{t}", sd[f"{p}norm1.linear.{t}"])
+            m = sd[f"{p}norm1_context.linear.{t}"]
+            put(f"{c}adaLN_modulation.1.{t}", swap(m) if last else m)
+            put(f"{x}mlp.fc1.{t}", sd[f"{p}ff.net.0.proj.{t}"])
+            put(f"{x}mlp.fc2.{t}", sd[f"{p}ff.net.2.{t}"])
+            if not last:
+                put(f"{c}mlp.fc1.{t}", sd[f"{p}ff_context.net.0.proj.{t}"])
+                put(f"{c}mlp.fc2.{t}", sd[f"{p}ff_context.net.2.{t}"])
+            if f"{p}attn2.to_q.{t}" in sd:
+                put(f"{x}attn2.qkv.{t}", torch.cat([sd[f"{p}attn2.to_{q}.{t}"] for q in "qkv"]))
+                put(f"{x}attn2.proj.{t}", sd[f"{p}attn2.to_out.0.{t}"])
+        for a, b in [("norm_q", "attn.ln_q"), ("norm_k", "attn.ln_k")]:
+            if f"{p}attn.{a}.weight" in sd:
+                put(f"{x}{b}.weight", sd[f"{p}attn.{a}.weight"])
+        for a, b in [("norm_added_q", "attn.ln_q"), ("norm_added_k", "attn.ln_k")]:
+            if f"{p}attn.{a}.weight" in sd:
+                put(f"{c}{b}.weight", sd[f"{p}attn.{a}.weight"])
+        for a, b in [("norm_q", "attn2.ln_q"), ("norm_k", "attn2.ln_k")]:
+            if f"{p}attn2.{a}.weight" in sd:
+                put(f"{x}{b}.weight", sd[f"{p}attn2.{a}.weight"])
+    for t in ("weight", "bias"):
+        put(f"final_layer.adaLN_modulation.1.{t}", swap(sd[f"norm_out.linear.{t}"]))
+    return out
+
+
+def sd3_single():
+    import json
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    src = os.path.join(ROOT, "sd3_5")
+    out = os.path.join(ROOT, "sd3_5_single")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    sd = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    sai = to_sai(sd, cfg["num_layers"])
+    back = convert_sd3_transformer_checkpoint_to_diffusers({f"model.diffusion_model.{k}": v.clone() for k, v in sai.items()})
+    assert set(back) == set(sd), set(back) ^ set(sd)
+    for k, v in back.items():
+        assert torch.equal(v, sd[k]), k
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in sai.items()},
+              os.path.join(out, "sd3.5-tiny.safetensors"))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    print(f"sd3_5_single: {len(sai)} tensors, all {len(back)} equal after diffusers' converter")
+
+
 if __name__ == "__main__":
     main()
     vae16()
+    sd3_single()

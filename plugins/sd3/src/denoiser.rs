@@ -5,8 +5,9 @@
 //! token 0); attention sites are not offered yet.
 
 use crate::sd3::{self, Sd3};
+use crate::single_file;
 use ditflow_nn::{Config, Weights};
-use ditflow_plugin::files::{folder_fingerprint, input_path};
+use ditflow_plugin::files::{file_fingerprint, folder_fingerprint, input_path};
 use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
     Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StreamInfo,
@@ -97,7 +98,34 @@ impl Denoiser for Sd3Model {
 }
 
 impl Sd3Model {
+    /// From a diffusers folder, or from one `.safetensors` file in Stability AI's (or
+    /// ComfyUI's) layout.
     pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<Sd3Model> {
+        if dir.is_file() {
+            let abs =
+                std::path::absolute(dir).map_err(|e| Error(format!("{}: {e}", dir.display())))?;
+            let tensors = ctx.load_weights(&abs.to_string_lossy(), device)?;
+            if !single_file::is_sai(&tensors) {
+                let looks = ditflow_nn::describe_checkpoint(tensors.keys().map(String::as_str))
+                    .unwrap_or("no model this loader knows");
+                bail!(
+                    "{}: not an SD3 checkpoint in Stability AI's layout (no joint_blocks keys): it looks like {looks}",
+                    dir.display()
+                );
+            }
+            let tensors = single_file::to_diffusers(dir, tensors)?;
+            let cfg = Config {
+                path: dir.to_path_buf(),
+                json: single_file::config(dir, &tensors)?,
+            };
+            let w = Weights::from_tensors(dir, tensors);
+            let sd3 = Sd3::load(&cfg, &w, device)?;
+            return Ok(Sd3Model {
+                linears: sd3.linears(),
+                sd3,
+                deltas: LinearDeltaCache::default(),
+            });
+        }
         let cfg = Config::read(dir)?;
         match cfg.class_name() {
             Some("SD3Transformer2DModel") => {}
@@ -126,8 +154,11 @@ impl Node for LoadSD3 {
         NodeSchema::new("LoadSD3")
             .category("loaders")
             .doc(
-                "Loads a diffusers SD3Transformer2DModel folder (config.json plus safetensors, \
-                 sharded or not): SD3 or SD3.5 (q/k RMS norms, MMDiT-X dual attention). Its \
+                "Loads SD3 or SD3.5 (q/k RMS norms, MMDiT-X dual attention): a diffusers \
+                 SD3Transformer2DModel folder (config.json plus safetensors, sharded or not), or \
+                 one .safetensors file in Stability AI's layout (sd3.5_*.safetensors, also with \
+                 ComfyUI's model.diffusion_model. prefix), its config inferred from the shapes \
+                 (or a config.json beside it). Its \
                  forward reads diffusers' names: hidden_states, encoder_hidden_states, \
                  pooled_projections, timestep in [0, 1000] and optionally skip_layers.",
             )
@@ -146,6 +177,10 @@ impl Node for LoadSD3 {
     }
 
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
-        folder_fingerprint(&input_path(ctx, "path")?).map(Some)
+        let path = input_path(ctx, "path")?;
+        if path.is_file() {
+            return file_fingerprint("cannot read", &path).map(Some);
+        }
+        folder_fingerprint(&path).map(Some)
     }
 }

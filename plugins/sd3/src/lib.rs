@@ -3,12 +3,14 @@
 //! folder into a `Model<Denoiser>`.
 //! - [`sd3`]: the architecture: MMDiT joint blocks, q/k RMS norms, MMDiT-X dual attention, the
 //!   cropped position table, `skip_layers`;
-//! - [`denoiser`]: the protocol model and its loader node.
+//! - [`denoiser`]: the protocol model and its loader node;
+//! - [`single_file`]: Stability AI/ComfyUI single-file checkpoints mapped to diffusers' keys.
 
 #![forbid(unsafe_code)]
 
 pub mod denoiser;
 pub mod sd3;
+pub mod single_file;
 
 ditflow_plugin::export_plugin!(
     name: "ditflow-sd3",

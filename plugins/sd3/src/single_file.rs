@@ -1,0 +1,224 @@
+//! SD3/SD3.5 single-file checkpoints in Stability AI's layout (`sd3.5_large.safetensors`,
+//! `joint_blocks.N.x_block.attn.qkv…`), with or without ComfyUI's `model.diffusion_model.`
+//! prefix: the keys mapped to diffusers' names as diffusers' own converter does
+//! (`convert_sd3_transformer_checkpoint_to_diffusers` in `loaders/single_file_utils.py`,
+//! diffusers 0.42): the fused qkv split, and the shift and scale of the last context block and
+//! of the final layer swapped. The config is inferred from the shapes (heads of 64 channels, as
+//! every released SD3 has); a `config.json` beside the file overrides it.
+
+use ditflow_plugin::{Error, Result, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// One more than the largest block index after `prefix` in `keys`.
+fn count(keys: &HashMap<String, Tensor>, prefix: &str) -> usize {
+    keys.keys()
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |n| n + 1)
+}
+
+/// Whether `keys` are an SAI-layout SD3 checkpoint.
+pub fn is_sai(keys: &HashMap<String, Tensor>) -> bool {
+    keys.keys().any(|k| {
+        k.trim_start_matches("model.diffusion_model.")
+            .starts_with("joint_blocks.")
+    })
+}
+
+/// SAI keys → diffusers keys.
+pub fn to_diffusers(file: &Path, ck: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+    let mut ck: HashMap<String, Tensor> = ck
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.trim_start_matches("model.diffusion_model.").to_string(),
+                v,
+            )
+        })
+        .collect();
+    let n = count(&ck, "joint_blocks.");
+    let dim = ck
+        .get("x_embedder.proj.weight")
+        .map(|t| t.shape()[0])
+        .ok_or_else(|| {
+            Error(format!(
+                "{}: the SD3 checkpoint has no 'x_embedder.proj.weight'",
+                file.display()
+            ))
+        })?;
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    let mut take = |k: &str| -> Result<Tensor> {
+        ck.remove(k).ok_or_else(|| {
+            Error(format!(
+                "{}: the SD3 checkpoint has no '{k}'",
+                file.display()
+            ))
+        })
+    };
+    let rows = |t: &Tensor, a: usize, b: usize| t.slice(0, a as i64, b as i64, 1);
+    // (shift, scale) in SAI's order → (scale, shift) in diffusers'.
+    let swap = |t: &Tensor| -> Result<Tensor> {
+        ditflow_plugin::ops::concat(&[&rows(t, dim, 2 * dim)?, &rows(t, 0, dim)?], 0)
+    };
+    out.insert("pos_embed.pos_embed".into(), take("pos_embed")?);
+    for (from, to) in [
+        ("x_embedder.proj", "pos_embed.proj"),
+        (
+            "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_1",
+        ),
+        (
+            "t_embedder.mlp.2",
+            "time_text_embed.timestep_embedder.linear_2",
+        ),
+        ("context_embedder", "context_embedder"),
+        ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+        ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+        ("final_layer.linear", "proj_out"),
+    ] {
+        for t in ["weight", "bias"] {
+            out.insert(format!("{to}.{t}"), take(&format!("{from}.{t}"))?);
+        }
+    }
+    for t in ["weight", "bias"] {
+        let m = take(&format!("final_layer.adaLN_modulation.1.{t}"))?;
+        out.insert(format!("norm_out.linear.{t}"), swap(&m)?);
+    }
+    for i in 0..n {
+        let (p, x, c) = (
+            format!("transformer_blocks.{i}."),
+            format!("joint_blocks.{i}.x_block."),
+            format!("joint_blocks.{i}.context_block."),
+        );
+        let last = i + 1 == n;
+        for t in ["weight", "bias"] {
+            let qkv = take(&format!("{x}attn.qkv.{t}"))?;
+            let cqkv = take(&format!("{c}attn.qkv.{t}"))?;
+            for (j, q) in ["q", "k", "v"].iter().enumerate() {
+                out.insert(
+                    format!("{p}attn.to_{q}.{t}"),
+                    rows(&qkv, j * dim, (j + 1) * dim)?,
+                );
+                out.insert(
+                    format!("{p}attn.add_{q}_proj.{t}"),
+                    rows(&cqkv, j * dim, (j + 1) * dim)?,
+                );
+            }
+            out.insert(
+                format!("{p}attn.to_out.0.{t}"),
+                take(&format!("{x}attn.proj.{t}"))?,
+            );
+            out.insert(
+                format!("{p}norm1.linear.{t}"),
+                take(&format!("{x}adaLN_modulation.1.{t}"))?,
+            );
+            let cm = take(&format!("{c}adaLN_modulation.1.{t}"))?;
+            out.insert(
+                format!("{p}norm1_context.linear.{t}"),
+                if last { swap(&cm)? } else { cm },
+            );
+            out.insert(
+                format!("{p}ff.net.0.proj.{t}"),
+                take(&format!("{x}mlp.fc1.{t}"))?,
+            );
+            out.insert(
+                format!("{p}ff.net.2.{t}"),
+                take(&format!("{x}mlp.fc2.{t}"))?,
+            );
+            if !last {
+                out.insert(
+                    format!("{p}attn.to_add_out.{t}"),
+                    take(&format!("{c}attn.proj.{t}"))?,
+                );
+                out.insert(
+                    format!("{p}ff_context.net.0.proj.{t}"),
+                    take(&format!("{c}mlp.fc1.{t}"))?,
+                );
+                out.insert(
+                    format!("{p}ff_context.net.2.{t}"),
+                    take(&format!("{c}mlp.fc2.{t}"))?,
+                );
+            }
+        }
+        for (from, to) in [
+            (format!("{x}attn.ln_q"), format!("{p}attn.norm_q")),
+            (format!("{x}attn.ln_k"), format!("{p}attn.norm_k")),
+            (format!("{c}attn.ln_q"), format!("{p}attn.norm_added_q")),
+            (format!("{c}attn.ln_k"), format!("{p}attn.norm_added_k")),
+            (format!("{x}attn2.ln_q"), format!("{p}attn2.norm_q")),
+            (format!("{x}attn2.ln_k"), format!("{p}attn2.norm_k")),
+        ] {
+            if let Ok(w) = take(&format!("{from}.weight")) {
+                out.insert(format!("{to}.weight"), w);
+            }
+        }
+        if let Ok(qkv2) = take(&format!("{x}attn2.qkv.weight")) {
+            let b2 = take(&format!("{x}attn2.qkv.bias"))?;
+            for (j, q) in ["q", "k", "v"].iter().enumerate() {
+                out.insert(
+                    format!("{p}attn2.to_{q}.weight"),
+                    rows(&qkv2, j * dim, (j + 1) * dim)?,
+                );
+                out.insert(
+                    format!("{p}attn2.to_{q}.bias"),
+                    rows(&b2, j * dim, (j + 1) * dim)?,
+                );
+            }
+            for t in ["weight", "bias"] {
+                out.insert(
+                    format!("{p}attn2.to_out.0.{t}"),
+                    take(&format!("{x}attn2.proj.{t}"))?,
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A diffusers config for the converted weights: from `config.json` beside the file when there
+/// is one, else inferred from the shapes.
+pub fn config(file: &Path, w: &HashMap<String, Tensor>) -> Result<serde_json::Value> {
+    let beside = file.with_file_name("config.json");
+    if let Ok(text) = std::fs::read_to_string(&beside) {
+        return serde_json::from_str(&text)
+            .map_err(|e| Error(format!("{}: not valid JSON: {e}", beside.display())));
+    }
+    let shape = |k: &str| -> Result<Vec<usize>> {
+        w.get(k)
+            .map(|t| t.shape().to_vec())
+            .ok_or_else(|| Error(format!("{}: no '{k}' after conversion", file.display())))
+    };
+    let proj = shape("pos_embed.proj.weight")?;
+    let (dim, patch) = (proj[0], proj[2]);
+    let n = count(w, "transformer_blocks.");
+    let dual: Vec<usize> = (0..n)
+        .filter(|i| w.contains_key(&format!("transformer_blocks.{i}.attn2.to_q.weight")))
+        .collect();
+    let pos = shape("pos_embed.pos_embed")?[1];
+    let max = (pos as f64).sqrt().round() as usize;
+    let mut cfg = serde_json::json!({
+        "_class_name": "SD3Transformer2DModel",
+        "patch_size": patch,
+        "in_channels": proj[1],
+        "num_layers": n,
+        "attention_head_dim": 64,
+        "num_attention_heads": dim / 64,
+        "joint_attention_dim": shape("context_embedder.weight")?[1],
+        "caption_projection_dim": dim,
+        "pooled_projection_dim": shape("time_text_embed.text_embedder.linear_1.weight")?[1],
+        "out_channels": shape("proj_out.weight")?[0] / (patch * patch),
+        "pos_embed_max_size": max,
+        "dual_attention_layers": dual,
+    });
+    if w.contains_key("transformer_blocks.0.attn.norm_q.weight") {
+        cfg["qk_norm"] = "rms_norm".into();
+    }
+    Ok(cfg)
+}
