@@ -351,3 +351,33 @@ fn an_sd3_single_file_in_the_stability_layout_equals_the_diffusers_folder() {
     let single = forward_output(&s, "LoadSD3", &file, &io, "sd3-single");
     assert_eq!(single, folder);
 }
+
+#[test]
+fn a_single_file_with_a_missing_key_names_the_file_and_the_key() {
+    // The Flux BFL fixture without one of its keys.
+    let root = common::repo().join("tests/fixtures/parity/flux_dev_single");
+    let bytes = std::fs::read(root.join("flux1-tiny.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let dropped = "model.diffusion_model.double_blocks.1.txt_attn.proj.weight";
+    let kept: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != dropped)
+        .collect();
+    let dir = common::temp_dir("flux-missing-key");
+    let file = dir.join("flux1-broken.safetensors");
+    safetensors::serialize_to_file(kept, None, &file).unwrap();
+    std::fs::copy(root.join("config.json"), dir.join("config.json")).unwrap();
+    let yaml = format!(
+        "version: 1\nnodes:\n  m: {{type: LoadFlux, inputs: {{path: {:?}}}}}\noutputs:\n  m: m.model\n",
+        file.to_string_lossy()
+    );
+    let g = Graph::from_yaml(&yaml, "broken.yaml", Path::new(".")).unwrap();
+    let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+    let err = format!("{:?}", report.failed);
+    assert!(
+        err.contains("flux1-broken.safetensors")
+            && err.contains("double_blocks.1.txt_attn.proj.weight"),
+        "{err}"
+    );
+}
