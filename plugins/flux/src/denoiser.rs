@@ -7,7 +7,7 @@
 use crate::flux::{self, Flux};
 use crate::single_file;
 use ditflow_nn::{Config, Weights};
-use ditflow_plugin::files::{file_fingerprint, folder_fingerprint, input_path};
+use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
     Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StreamInfo,
@@ -106,24 +106,15 @@ impl FluxModel {
     /// or in diffusers' own key layout.
     pub fn load(path: &Path, device: Device, ctx: &Context) -> Result<FluxModel> {
         let (cfg, w) = if path.is_file() {
-            let abs =
-                std::path::absolute(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
-            let tensors = ctx.load_weights(&abs.to_string_lossy(), device)?;
+            let tensors =
+                ditflow_nn::strip_comfy_prefix(ditflow_nn::read_tensors(ctx, path, device)?);
             let tensors = if single_file::is_bfl(&tensors) {
                 single_file::to_diffusers(path, tensors)?
             } else if tensors
                 .keys()
-                .any(|k| k.contains("single_transformer_blocks."))
+                .any(|k| k.starts_with("single_transformer_blocks."))
             {
                 tensors
-                    .into_iter()
-                    .map(|(k, v)| {
-                        (
-                            k.trim_start_matches("model.diffusion_model.").to_string(),
-                            v,
-                        )
-                    })
-                    .collect()
             } else {
                 let looks = ditflow_nn::describe_checkpoint(tensors.keys().map(String::as_str))
                     .unwrap_or("no model this loader knows");
@@ -192,10 +183,6 @@ impl Node for LoadFlux {
     }
 
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
-        let path = input_path(ctx, "path")?;
-        if path.is_file() {
-            return file_fingerprint("cannot read", &path).map(Some);
-        }
-        folder_fingerprint(&path).map(Some)
+        model_fingerprint(&input_path(ctx, "path")?).map(Some)
     }
 }

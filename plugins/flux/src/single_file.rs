@@ -6,47 +6,25 @@
 //! final layer's shift and scale swapped. The config is inferred from the shapes; a
 //! `config.json` beside the file overrides it.
 
+use ditflow_nn::block_count;
 use ditflow_plugin::{Error, Result, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// One more than the largest block index after `prefix` in `keys`.
-fn count(keys: &HashMap<String, Tensor>, prefix: &str) -> usize {
-    keys.keys()
-        .filter_map(|k| {
-            k.strip_prefix(prefix)?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map_or(0, |n| n + 1)
-}
-
-/// Whether `keys` are a BFL-layout Flux checkpoint.
+/// Whether `keys` (ComfyUI's prefix stripped) are a BFL-layout Flux checkpoint.
 pub fn is_bfl(keys: &HashMap<String, Tensor>) -> bool {
-    keys.keys().any(|k| {
-        k.trim_start_matches("model.diffusion_model.")
-            .starts_with("double_blocks.")
-    })
+    keys.keys().any(|k| k.starts_with("double_blocks."))
 }
 
-/// BFL keys → diffusers keys.
+/// BFL keys (ComfyUI's prefix already stripped) → diffusers keys.
 pub fn to_diffusers(
     file: &Path,
     mut ck: HashMap<String, Tensor>,
 ) -> Result<HashMap<String, Tensor>> {
-    ck = ck
-        .into_iter()
-        .map(|(k, v)| {
-            (
-                k.trim_start_matches("model.diffusion_model.").to_string(),
-                v,
-            )
-        })
-        .collect();
-    let (n_double, n_single) = (count(&ck, "double_blocks."), count(&ck, "single_blocks."));
+    let (n_double, n_single) = (
+        block_count(&ck, "double_blocks."),
+        block_count(&ck, "single_blocks."),
+    );
     let has_guidance = ck.keys().any(|k| k.starts_with("guidance_in."));
     let dim = ck
         .get("img_in.weight")
@@ -225,10 +203,8 @@ pub fn to_diffusers(
 /// A diffusers config for the converted weights: from `config.json` beside the file when there
 /// is one, else inferred from the shapes (Flux's RoPE axes 16, 56, 56 for 128-wide heads).
 pub fn config(file: &Path, w: &HashMap<String, Tensor>) -> Result<serde_json::Value> {
-    let beside = file.with_file_name("config.json");
-    if let Ok(text) = std::fs::read_to_string(&beside) {
-        return serde_json::from_str(&text)
-            .map_err(|e| Error(format!("{}: not valid JSON: {e}", beside.display())));
+    if let Some(cfg) = ditflow_nn::config_beside(file)? {
+        return Ok(cfg);
     }
     let shape = |k: &str| -> Result<Vec<usize>> {
         w.get(k)
@@ -247,8 +223,8 @@ pub fn config(file: &Path, w: &HashMap<String, Tensor>) -> Result<serde_json::Va
         "_class_name": "FluxTransformer2DModel",
         "patch_size": 1,
         "in_channels": x[1],
-        "num_layers": count(w, "transformer_blocks."),
-        "num_single_layers": count(w, "single_transformer_blocks."),
+        "num_layers": block_count(w, "transformer_blocks."),
+        "num_single_layers": block_count(w, "single_transformer_blocks."),
         "attention_head_dim": head_dim,
         "num_attention_heads": x[0] / head_dim,
         "joint_attention_dim": shape("context_embedder.weight")?[1],

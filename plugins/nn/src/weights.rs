@@ -102,12 +102,9 @@ pub struct Weights {
 
 impl Weights {
     pub fn load(ctx: &Context, dir: &Path, device: Device) -> Result<Weights> {
-        // Absolute, so the host does not resolve it against the graph's folder a second time.
-        let abs = std::path::absolute(dir).map_err(|e| Error(format!("{}: {e}", dir.display())))?;
-        let tensors = ctx.load_weights(&abs.to_string_lossy(), device)?;
         Ok(Weights {
             dir: dir.to_path_buf(),
-            tensors,
+            tensors: read_tensors(ctx, dir, device)?,
         })
     }
 
@@ -158,6 +155,50 @@ impl Weights {
                 None
             },
         })
+    }
+}
+
+/// Every tensor of a safetensors file or model folder at `path`, on `device`.
+pub fn read_tensors(ctx: &Context, path: &Path, device: Device) -> Result<HashMap<String, Tensor>> {
+    // Absolute, so the host does not resolve it against the graph's folder a second time.
+    let abs = std::path::absolute(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
+    ctx.load_weights(&abs.to_string_lossy(), device)
+}
+
+/// A single-file checkpoint's keys without ComfyUI's `model.diffusion_model.` prefix.
+pub fn strip_comfy_prefix(tensors: HashMap<String, Tensor>) -> HashMap<String, Tensor> {
+    tensors
+        .into_iter()
+        .map(|(k, v)| match k.strip_prefix("model.diffusion_model.") {
+            Some(rest) => (rest.to_string(), v),
+            None => (k, v),
+        })
+        .collect()
+}
+
+/// One more than the largest block index after `prefix` in `keys` (`prefix` `"blocks."`:
+/// `blocks.0.…`, `blocks.7.…` → 8).
+pub fn block_count(keys: &HashMap<String, Tensor>, prefix: &str) -> usize {
+    keys.keys()
+        .filter_map(|k| {
+            k.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |n| n + 1)
+}
+
+/// The `config.json` beside a single-file checkpoint, when there is one.
+pub fn config_beside(file: &Path) -> Result<Option<serde_json::Value>> {
+    let beside = file.with_file_name("config.json");
+    match std::fs::read_to_string(&beside) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error(format!("{}: not valid JSON: {e}", beside.display()))),
+        Err(_) => Ok(None),
     }
 }
 

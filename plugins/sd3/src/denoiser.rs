@@ -7,7 +7,7 @@
 use crate::sd3::{self, Sd3};
 use crate::single_file;
 use ditflow_nn::{Config, Weights};
-use ditflow_plugin::files::{file_fingerprint, folder_fingerprint, input_path};
+use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
     Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StreamInfo,
@@ -100,33 +100,27 @@ impl Denoiser for Sd3Model {
 impl Sd3Model {
     /// From a diffusers folder, or from one `.safetensors` file in Stability AI's (or
     /// ComfyUI's) layout.
-    pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<Sd3Model> {
-        if dir.is_file() {
-            let abs =
-                std::path::absolute(dir).map_err(|e| Error(format!("{}: {e}", dir.display())))?;
-            let tensors = ctx.load_weights(&abs.to_string_lossy(), device)?;
+    pub fn load(path: &Path, device: Device, ctx: &Context) -> Result<Sd3Model> {
+        let (cfg, w) = if path.is_file() {
+            let tensors =
+                ditflow_nn::strip_comfy_prefix(ditflow_nn::read_tensors(ctx, path, device)?);
             if !single_file::is_sai(&tensors) {
                 let looks = ditflow_nn::describe_checkpoint(tensors.keys().map(String::as_str))
                     .unwrap_or("no model this loader knows");
                 bail!(
                     "{}: not an SD3 checkpoint in Stability AI's layout (no joint_blocks keys): it looks like {looks}",
-                    dir.display()
+                    path.display()
                 );
             }
-            let tensors = single_file::to_diffusers(dir, tensors)?;
+            let tensors = single_file::to_diffusers(path, tensors)?;
             let cfg = Config {
-                path: dir.to_path_buf(),
-                json: single_file::config(dir, &tensors)?,
+                path: path.to_path_buf(),
+                json: single_file::config(path, &tensors)?,
             };
-            let w = Weights::from_tensors(dir, tensors);
-            let sd3 = Sd3::load(&cfg, &w, device)?;
-            return Ok(Sd3Model {
-                linears: sd3.linears(),
-                sd3,
-                deltas: LinearDeltaCache::default(),
-            });
-        }
-        let cfg = Config::read(dir)?;
+            (cfg, Weights::from_tensors(path, tensors))
+        } else {
+            (Config::read(path)?, Weights::load(ctx, path, device)?)
+        };
         match cfg.class_name() {
             Some("SD3Transformer2DModel") => {}
             other => bail!(
@@ -135,7 +129,6 @@ impl Sd3Model {
                 other.unwrap_or("")
             ),
         }
-        let w = Weights::load(ctx, dir, device)?;
         let sd3 = Sd3::load(&cfg, &w, device)?;
         Ok(Sd3Model {
             linears: sd3.linears(),
@@ -163,8 +156,9 @@ impl Node for LoadSD3 {
                  pooled_projections, timestep in [0, 1000] and optionally skip_layers.",
             )
             .input(
-                Port::new("path", "String")
-                    .doc("The model folder; a relative path is taken from the graph's folder."),
+                Port::new("path", "String").doc(
+                    "The model folder or file; a relative path is taken from the graph's folder.",
+                ),
             )
             .output(Port::new("model", "Model<Denoiser>").doc("The denoiser."))
     }
@@ -177,10 +171,6 @@ impl Node for LoadSD3 {
     }
 
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
-        let path = input_path(ctx, "path")?;
-        if path.is_file() {
-            return file_fingerprint("cannot read", &path).map(Some);
-        }
-        folder_fingerprint(&path).map(Some)
+        model_fingerprint(&input_path(ctx, "path")?).map(Some)
     }
 }

@@ -6,44 +6,22 @@
 //! of the final layer swapped. The config is inferred from the shapes (heads of 64 channels, as
 //! every released SD3 has); a `config.json` beside the file overrides it.
 
+use ditflow_nn::block_count;
 use ditflow_plugin::{Error, Result, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// One more than the largest block index after `prefix` in `keys`.
-fn count(keys: &HashMap<String, Tensor>, prefix: &str) -> usize {
-    keys.keys()
-        .filter_map(|k| {
-            k.strip_prefix(prefix)?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map_or(0, |n| n + 1)
-}
-
-/// Whether `keys` are an SAI-layout SD3 checkpoint.
+/// Whether `keys` (ComfyUI's prefix stripped) are an SAI-layout SD3 checkpoint.
 pub fn is_sai(keys: &HashMap<String, Tensor>) -> bool {
-    keys.keys().any(|k| {
-        k.trim_start_matches("model.diffusion_model.")
-            .starts_with("joint_blocks.")
-    })
+    keys.keys().any(|k| k.starts_with("joint_blocks."))
 }
 
-/// SAI keys → diffusers keys.
-pub fn to_diffusers(file: &Path, ck: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
-    let mut ck: HashMap<String, Tensor> = ck
-        .into_iter()
-        .map(|(k, v)| {
-            (
-                k.trim_start_matches("model.diffusion_model.").to_string(),
-                v,
-            )
-        })
-        .collect();
-    let n = count(&ck, "joint_blocks.");
+/// SAI keys (ComfyUI's prefix already stripped) → diffusers keys.
+pub fn to_diffusers(
+    file: &Path,
+    mut ck: HashMap<String, Tensor>,
+) -> Result<HashMap<String, Tensor>> {
+    let n = block_count(&ck, "joint_blocks.");
     let dim = ck
         .get("x_embedder.proj.weight")
         .map(|t| t.shape()[0])
@@ -185,10 +163,8 @@ pub fn to_diffusers(file: &Path, ck: HashMap<String, Tensor>) -> Result<HashMap<
 /// A diffusers config for the converted weights: from `config.json` beside the file when there
 /// is one, else inferred from the shapes.
 pub fn config(file: &Path, w: &HashMap<String, Tensor>) -> Result<serde_json::Value> {
-    let beside = file.with_file_name("config.json");
-    if let Ok(text) = std::fs::read_to_string(&beside) {
-        return serde_json::from_str(&text)
-            .map_err(|e| Error(format!("{}: not valid JSON: {e}", beside.display())));
+    if let Some(cfg) = ditflow_nn::config_beside(file)? {
+        return Ok(cfg);
     }
     let shape = |k: &str| -> Result<Vec<usize>> {
         w.get(k)
@@ -197,7 +173,7 @@ pub fn config(file: &Path, w: &HashMap<String, Tensor>) -> Result<serde_json::Va
     };
     let proj = shape("pos_embed.proj.weight")?;
     let (dim, patch) = (proj[0], proj[2]);
-    let n = count(w, "transformer_blocks.");
+    let n = block_count(w, "transformer_blocks.");
     let dual: Vec<usize> = (0..n)
         .filter(|i| w.contains_key(&format!("transformer_blocks.{i}.attn2.to_q.weight")))
         .collect();

@@ -96,6 +96,15 @@ pub fn folder_fingerprint(dir: &Path) -> Result<u64> {
     })
 }
 
+/// [`file_fingerprint`] of a single-file checkpoint, [`folder_fingerprint`] of a model folder.
+pub fn model_fingerprint(path: &Path) -> Result<u64> {
+    if path.is_file() {
+        file_fingerprint("cannot read", path)
+    } else {
+        folder_fingerprint(path)
+    }
+}
+
 /// `path` made absolute against the current directory (without touching symlinks), for the path
 /// outputs of the savers.
 pub fn absolute(path: &Path) -> String {
