@@ -194,6 +194,128 @@ fn text_to_image_pipeline_matches_diffusers() {
     assert!(pipeline_error("scheduler_euler", "euler", "image_euler") <= 1e-3);
 }
 
+/// Runs the shipped graph `graphs/{graph}` on pipeline fixture `fixture` (its defaults point
+/// there) with `sets`, and returns the largest relative errors of the final latent and the image
+/// against the diffusers pipeline's.
+fn graph_pipeline_error(graph: &str, fixture: &str, sets: &[(&str, &str)]) -> (f64, f64) {
+    use ditflow::ArgValue;
+    let io = common::repo()
+        .join("tests/fixtures/parity")
+        .join(fixture)
+        .join("io.safetensors");
+    let g = Graph::from_file(&common::repo().join("graphs").join(graph)).unwrap();
+    let args: Vec<(String, ArgValue)> = sets
+        .iter()
+        .map(|(k, v)| (k.to_string(), ArgValue::Text(v.to_string())))
+        .collect();
+    let opts = RunOptions {
+        out_dir: common::temp_dir(&format!("graph-{fixture}")),
+        ..RunOptions::default()
+    };
+    let report = session().run(&g, &args, &opts).unwrap();
+    assert!(report.ok(), "{graph}: {:?}", report.failed);
+    let err = |output: &str, reference: &str| {
+        let ditflow::Value::Tensor(_, got) = &**report.output(output).unwrap() else {
+            panic!("a tensor")
+        };
+        let (ws, want) = read(&io, reference);
+        assert_eq!(got.shape(), &ws[..], "{graph}: {output}");
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+        got.as_f32()
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .fold(0f64, f64::max)
+            / scale
+    };
+    let (latent, image) = (err("latent", "out.latent"), err("pixels", "out.image"));
+    eprintln!("{graph}: latent relative error {latent:.2e}, image {image:.2e}");
+    (latent, image)
+}
+
+#[test]
+fn sd3_graph_matches_stable_diffusion_3_pipeline() {
+    // CLIP-L + CLIP-G penultimate states padded to T5's width, T5 tokens, pooled projections,
+    // flow-matching Euler with the scheduler's sigmas and shift 3, CFG 4, the 16-channel VAE:
+    // graphs/sd3_text_to_image.yaml against StableDiffusion3Pipeline. Tolerance 1e-3 relative
+    // to the largest reference value, for the final latent and the image.
+    let (latent, image) = graph_pipeline_error(
+        "sd3_text_to_image.yaml",
+        "sd3_pipeline",
+        &[
+            ("steps", "4"),
+            ("cfg", "4"),
+            ("t5_tokens", "16"),
+            ("seed", "11"),
+        ],
+    );
+    assert!(latent <= 1e-3 && image <= 1e-3, "{latent:.2e} {image:.2e}");
+}
+
+#[test]
+fn flux_graph_matches_flux_pipeline() {
+    // CLIP-L pooled + T5 tokens, 2x2 packing with the pipeline's image ids inside the model,
+    // linspace sigmas with the dynamic shift for 16 tokens, distilled guidance 3.5:
+    // graphs/flux_text_to_image.yaml against FluxPipeline. Tolerance 1e-3 as above.
+    let (latent, image) = graph_pipeline_error(
+        "flux_text_to_image.yaml",
+        "flux_pipeline",
+        &[
+            ("steps", "4"),
+            ("guidance", "3.5"),
+            ("t5_tokens", "16"),
+            ("seed", "12"),
+        ],
+    );
+    assert!(latent <= 1e-3 && image <= 1e-3, "{latent:.2e} {image:.2e}");
+}
+
+#[test]
+fn conditioning_that_does_not_fit_the_model_is_a_clear_error() {
+    // SD3 given plain T5 tokens (no pooled projections): the error names what the model reads
+    // and what the conditioning gave. A negative encoded differently from the positive: the
+    // error names the missing part.
+    let dir = common::repo().join("tests/fixtures/parity/sd3_pipeline");
+    let p = |n: &str| format!("{:?}", dir.join(n).to_string_lossy());
+    let run = |positive: &str, negative: &str| {
+        let yaml = format!(
+            r#"version: 1
+nodes:
+  dit: {{type: LoadSD3, inputs: {{path: {t}}}}}
+  t5: {{type: LoadTextEncoder, inputs: {{path: {t5}}}}}
+  l: {{type: LoadTextEncoder, inputs: {{path: {l}}}}}
+  g: {{type: LoadTextEncoder, inputs: {{path: {g}}}}}
+  plain: {{type: TextEncode, inputs: {{encoder: t5.encoder, text: "a red circle"}}}}
+  full: {{type: SD3TextEncode, inputs: {{clip_l: l.encoder, clip_g: g.encoder, t5: t5.encoder, text: "a red circle", t5_tokens: 16}}}}
+  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 16, downscale: 2}}}}
+  sample: {{type: Sample, inputs: {{model: dit.model, positive: {positive}, negative: {negative}, latent: latent.latent, sampler: flow_euler, steps: 2, cfg: 2.0}}}}
+outputs:
+  latent: sample.latent
+"#,
+            t = p("transformer"),
+            t5 = p("text_encoder_3"),
+            l = p("text_encoder"),
+            g = p("text_encoder_2"),
+        );
+        let g = Graph::from_yaml(&yaml, "mismatch.yaml", Path::new(".")).unwrap();
+        let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+        let failed = report.failed.first().expect("Sample fails");
+        assert_eq!(&*failed.node, "sample");
+        failed.error.clone()
+    };
+    let msg = run("plain.conditioning", "plain.conditioning");
+    assert!(
+        msg.contains("pooled_projections")
+            && msg.contains("the conditioning gave encoder_hidden_states"),
+        "{msg}"
+    );
+    let msg = run("full.conditioning", "plain.conditioning");
+    assert!(
+        msg.contains("the negative conditioning has no 'pooled_projections'"),
+        "{msg}"
+    );
+}
+
 /// Copies fixture `name` into a fresh folder, rewriting its weights with `edit`.
 fn broken_copy(
     name: &str,

@@ -90,12 +90,14 @@ fn scheduler_fields(path: &Path) -> Result<(String, Vec<(String, String)>)> {
 }
 
 /// Builds the scheduler for `class` from config fields plus overrides, for `steps` steps and an
-/// image of `image_seq_len` tokens (Flux's dynamic shift).
+/// image of `image_seq_len` tokens (Flux's dynamic shift); `flow_sigmas` says where a
+/// flow-matching schedule's unshifted sigmas come from.
 pub fn build_scheduler(
     class: &str,
     fields: &[(String, String)],
     steps: usize,
     image_seq_len: usize,
+    flow_sigmas: samplers::FlowSigmas,
 ) -> Result<Box<dyn Scheduler>> {
     let pairs = fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     let e = |e: samplers::SamplerError| Error(e.0);
@@ -122,10 +124,7 @@ pub fn build_scheduler(
             } else {
                 None
             };
-            Box::new(
-                samplers::FlowMatchEulerDiscrete::new(c, steps, samplers::FlowSigmas::Pipeline, mu)
-                    .map_err(e)?,
-            )
+            Box::new(samplers::FlowMatchEulerDiscrete::new(c, steps, flow_sigmas, mu).map_err(e)?)
         }
         other => bail!(
             "scheduler class \"{other}\" is not supported (supported: {})",
@@ -257,6 +256,83 @@ fn batch_conditionings(conds: &[&Tensor], device: Device) -> Result<(Tensor, Ten
     Ok((batch, m.to_device(device)?))
 }
 
+/// Parts passed once for the whole batch rather than per row (Flux's position ids).
+const SHARED_PARTS: &[&str] = &["img_ids", "txt_ids"];
+
+/// The forward arguments for a batch of conditioning sets (one per row): each part the model
+/// reads, rows stacked. Token sequences of different lengths are zero-padded, with an
+/// `encoder_attention_mask`, which the model must read; other parts must match in shape.
+fn batch_conditioning_sets(
+    rows: &[&Conditioning],
+    info: &ditflow_plugin::model::DenoiserInfo,
+    device: Device,
+) -> Result<Vec<(String, Tensor)>> {
+    let first = rows[0];
+    for row in rows {
+        for (has, lacks, name) in [(first, *row, "negative"), (*row, first, "positive")] {
+            if let Some(part) = has
+                .names()
+                .into_iter()
+                .find(|n| info.reads(n) && lacks.get(n).is_none())
+            {
+                bail!(
+                    "the {name} conditioning has no '{part}', which the {} has (encode both \
+                     prompts the same way)",
+                    if name == "negative" {
+                        "positive"
+                    } else {
+                        "negative"
+                    }
+                );
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for name in first.names() {
+        if !info.reads(name) {
+            continue;
+        }
+        let parts: Vec<&Tensor> = rows.iter().filter_map(|c| c.get(name)).collect();
+        if SHARED_PARTS.contains(&name) {
+            out.push((name.to_string(), parts[0].to_device(device)?));
+        } else if name == ditflow_plugin::conditioning::TOKENS {
+            let (tokens, mask) = batch_conditionings(&parts, device)?;
+            let differing = parts.iter().find(|p| p.shape() != parts[0].shape());
+            if info.reads("encoder_attention_mask") {
+                out.push(("encoder_attention_mask".to_string(), mask));
+            } else if let Some(other) = differing {
+                bail!(
+                    "the prompts' token sequences differ in shape ({:?} and {:?}) and the \
+                     model takes no attention mask to pad them: encode them to one length",
+                    parts[0].shape(),
+                    other.shape()
+                );
+            }
+            out.push((name.to_string(), tokens));
+        } else {
+            let s = parts[0].shape();
+            if s.first() != Some(&1) {
+                bail!("conditioning part '{name}' must have a batch of 1, got {s:?}");
+            }
+            if let Some(other) = parts.iter().find(|p| p.shape() != s) {
+                bail!(
+                    "conditioning part '{name}' is {s:?} in one prompt and {:?} in another",
+                    other.shape()
+                );
+            }
+            let parts = parts
+                .iter()
+                .map(|p| p.to_device(device)?.cast(DType::F32))
+                .collect::<Result<Vec<_>>>()?;
+            out.push((
+                name.to_string(),
+                ditflow_plugin::ops::concat(&parts.iter().collect::<Vec<_>>(), 0)?,
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// `Sample`: runs a scheduler over a denoiser with classifier-free guidance.
 #[derive(Default)]
 pub struct Sample;
@@ -273,13 +349,15 @@ impl Node for Sample {
                  batch: u + cfg·(c − u). Reports progress per step and stops when cancelled.",
             )
             .input(Port::new("model", "Model<Denoiser>").doc("A denoiser from any plugin (LoadDiffusionModel, a patch node, a C plugin)."))
-            .input(Port::new("positive", "Conditioning").optional().doc("The prompt's conditioning (needed by text-conditioned models)."))
-            .input(Port::new("negative", "Conditioning").optional().doc("The unconditional conditioning (needed when cfg != 1)."))
+            .input(Port::new("positive", "Conditioning").optional().doc("The prompt's conditioning (needed by text-conditioned models): TextEncode's tokens, or a named set such as SD3TextEncode's or FluxTextEncode's (tokens plus pooled_projections). Each part the model reads goes to its forward under its name."))
+            .input(Port::new("negative", "Conditioning").optional().doc("The unconditional conditioning (needed when cfg != 1), with the same parts as the positive."))
             .input(Port::new("latent", "Latent").doc("Sets the output shape (an EmptyLatent)."))
             .input(Port::new("sampler", "String").default("auto").choices(&["auto", "ddim", "euler", "dpmpp_2m", "flow_euler"]).doc("The scheduler."))
             .input(Port::new("scheduler_config", "String").default("").doc("A diffusers scheduler_config.json (relative to the graph's folder); empty for the class defaults."))
             .input(Port::new("karras", "Bool").default(false).doc("Karras sigmas (euler, dpmpp_2m)."))
             .input(Port::new("shift", "Float").default(0.0).range(0.0, 100.0).doc("Flow-matching shift; 0 keeps the config's."))
+            .input(Port::new("flow_sigmas", "String").default("linspace").choices(&["linspace", "scheduler"]).doc("Where flow_euler's unshifted sigmas come from: linspace(1, 1/N, N) as FluxPipeline and PixArt pass them, or the scheduler's own spacing, as StableDiffusion3Pipeline leaves it."))
+            .input(Port::new("guidance", "Float").default(3.5).range(0.0, 100.0).doc("Distilled guidance for models with a guidance embedding (Flux dev), given to the model as its 'guidance' input; other models ignore it."))
             .input(Port::new("steps", "Int").default(20i64).range(1.0, 1000.0).doc("Sampling steps."))
             .input(Port::new("cfg", "Float").default(4.5).range(0.0, 100.0).doc("Guidance scale; 1 disables guidance."))
             .input(Port::new("seed", "Int").default(0i64).doc("Noise seed (the same noise on every device)."))
@@ -293,8 +371,8 @@ impl Node for Sample {
             .map_err(|e| Error(format!("input 'model': {e}")))?;
         let info = den.info().clone();
         let device = ctx.device();
-        let positive: Option<Tensor> = ctx.input_opt("positive")?;
-        let negative: Option<Tensor> = ctx.input_opt("negative")?;
+        let positive: Option<Conditioning> = ctx.input_opt("positive")?;
+        let negative: Option<Conditioning> = ctx.input_opt("negative")?;
         let latent: Tensor = ctx.input("latent")?;
         let steps = ctx.input::<i64>("steps")? as usize;
         let cfg: f64 = ctx.input("cfg")?;
@@ -306,14 +384,7 @@ impl Node for Sample {
                 info.latent_channels
             );
         }
-        if let Some(other) = info
-            .conditioning
-            .iter()
-            .find(|c| !["encoder_hidden_states", "encoder_attention_mask"].contains(&c.as_str()))
-        {
-            bail!("the model needs a '{other}' conditioning, which Sample does not supply (it gives prompts as encoder_hidden_states)");
-        }
-        let text = info.reads("encoder_hidden_states");
+        let text = info.reads(ditflow_plugin::conditioning::TOKENS);
         if text && positive.is_none() {
             bail!("the model is text-conditioned: connect a 'positive' conditioning");
         }
@@ -364,19 +435,34 @@ impl Node for Sample {
         }
         let patch = info.patch_size.max(1);
         let tokens = (s[2] / patch) * (s[3] / patch);
-        let sched = build_scheduler(&class, &fields, steps, tokens)?;
+        let flow_sigmas = match ctx.input::<String>("flow_sigmas")?.as_str() {
+            "scheduler" => samplers::FlowSigmas::SchedulerDefault,
+            _ => samplers::FlowSigmas::Pipeline,
+        };
+        let sched = build_scheduler(&class, &fields, steps, tokens, flow_sigmas)?;
         // Conditioning batch: positives then negatives.
         let rows = if guided { 2 * batch } else { batch };
         let conditioning = match &positive {
-            Some(positive) if text => {
-                let mut list: Vec<&Tensor> = vec![positive; batch];
+            Some(positive) => {
+                let mut list: Vec<&Conditioning> = vec![positive; batch];
                 if guided {
                     let negative = negative.as_ref().unwrap_or(positive);
                     list.extend(std::iter::repeat_n(negative, batch));
                 }
-                Some(batch_conditionings(&list, device)?)
+                batch_conditioning_sets(&list, &info, device)?
             }
-            _ => None,
+            None => Vec::new(),
+        };
+        let guidance = if info.reads("guidance") {
+            Some(scalar(ctx.input::<f64>("guidance")? as f32)?)
+        } else {
+            None
+        };
+        let supplied: Vec<&str> = conditioning.iter().map(|(n, _)| n.as_str()).collect();
+        let supplied = if supplied.is_empty() {
+            "nothing".to_string()
+        } else {
+            supplied.join(", ")
         };
         let mut call = Call {
             run_id: ditflow_plugin::model::new_run_id(),
@@ -413,11 +499,16 @@ impl Node for Sample {
                 input
             };
             let mut args: Vec<(&str, &Tensor)> = vec![("hidden_states", &input)];
-            if let Some((cond, mask)) = &conditioning {
-                args.push(("encoder_hidden_states", cond));
-                args.push(("encoder_attention_mask", mask));
+            args.extend(conditioning.iter().map(|(n, t)| (n.as_str(), t)));
+            if let Some(g) = &guidance {
+                args.push(("guidance", g));
             }
-            let out = den.forward(&call, &args)?;
+            let out = den.forward(&call, &args).map_err(|e| {
+                Error(format!(
+                    "{e} (the model reads {}; the conditioning gave {supplied})",
+                    info.conditioning.join(", ")
+                ))
+            })?;
             // A learned-sigma model predicts 2C channels: the first C are the noise.
             let out = if out.shape()[1] != s[1] {
                 out.slice(1, 0, s[1] as i64, 1)?

@@ -251,6 +251,20 @@ impl PortType {
                     && dtype.is_none_or(|d| d == t.dtype())
                     && rank.is_none_or(|r| r == t.shape().len())
             }
+            // A Conditioning may also be a set of named tensors: `[name, tensor]` pairs (see
+            // the SDK's `conditioning` module).
+            (
+                PortType::Tensor {
+                    kind: TensorKind::Conditioning,
+                    dtype: None,
+                    rank: None,
+                },
+                Value::List(items),
+            ) => items.iter().all(|pair| {
+                matches!(&**pair, Value::List(p) if p.len() == 2
+                    && matches!(&*p[0], Value::String(_))
+                    && matches!(&*p[1], Value::Tensor(..)))
+            }),
             (PortType::List(inner), Value::List(items)) => {
                 items.iter().all(|v| inner.matches_value(v))
             }

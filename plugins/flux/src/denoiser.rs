@@ -1,6 +1,7 @@
 //! Flux as a protocol model: `FluxModel` describes itself (the image and text streams, the double-
-//! and single-stream stacks) and runs a forward from diffusers' named inputs; `LoadFlux` reads a
-//! diffusers folder. Every linear layer takes linear deltas (LoRA); both stacks take block
+//! and single-stream stacks) and runs a forward from diffusers' named inputs, on packed latents
+//! or on the VAE's `[B, C, H, W]` latents, which it packs 2×2 with FluxPipeline's image ids (so
+//! `Sample` drives it like any latent model); `LoadFlux` reads a diffusers folder. Every linear layer takes linear deltas (LoRA); both stacks take block
 //! residuals and range overrides on the joint text-then-image sequence (so a residual for the
 //! image tokens starts at the text length); attention sites are not offered yet.
 
@@ -48,9 +49,10 @@ impl Denoiser for FluxModel {
         }
         DenoiserInfo {
             prediction: Prediction::Flow,
-            latent_layout: "BLC".into(),
-            latent_channels: m.in_channels,
-            patch_size: 1,
+            // Sample's latents are the VAE's [B, C, H, W]; the forward packs them 2×2.
+            latent_layout: "BCHW".into(),
+            latent_channels: m.in_channels / (PACK * PACK),
+            patch_size: PACK,
             streams: vec![
                 StreamInfo {
                     name: "image".into(),
@@ -78,27 +80,72 @@ impl Denoiser for FluxModel {
         let dl = self.deltas.get(hooks, &self.linears, self.flux.device)?;
         let x = inputs.require("hidden_states")?;
         let batch = x.shape().first().copied().unwrap_or(0);
+        // Spatial latents [B, C, H, W] are packed here, with FluxPipeline's image ids; packed
+        // ones [B, L, C·4] come with their `img_ids`.
+        let spatial = (x.shape().len() == 4).then(|| (x.shape()[2] / PACK, x.shape()[3] / PACK));
+        let packed;
+        let image_ids;
+        let (x, img_ids) = match spatial {
+            Some((h, w)) => {
+                packed = ditflow_nn::pack_latents(x, PACK)?;
+                image_ids = match inputs.get("img_ids") {
+                    Some(ids) => ids.clone(),
+                    None => latent_image_ids(h, w)?,
+                };
+                (&packed, &image_ids)
+            }
+            None => (x, inputs.require("img_ids")?),
+        };
+        let text = inputs.require("encoder_hidden_states")?;
+        let zeros;
+        let txt_ids = match inputs.get("txt_ids") {
+            Some(ids) => ids,
+            None => {
+                let lt = text.shape().get(1).copied().unwrap_or(0);
+                zeros = Tensor::zeros(Kind::Tensor, DType::F32, &[lt, 3])?;
+                &zeros
+            }
+        };
         // A per-row `timestep` input (a lone forward) or the call's sigma, which is Flux's
         // timestep in [0, 1].
         let t = match inputs.get("timestep") {
             Some(t) => t.to_f32_vec()?,
             None => vec![call.sigma as f32; batch],
         };
-        let guidance = inputs.get("guidance").map(Tensor::to_f32_vec).transpose()?;
-        self.flux.forward(
+        // One guidance value for the batch (as FluxPipeline expands it) or one per row.
+        let guidance = match inputs.get("guidance").map(Tensor::to_f32_vec).transpose()? {
+            Some(g) if g.len() == 1 => Some(vec![g[0]; batch]),
+            g => g,
+        };
+        let out = self.flux.forward(
             &flux::Inputs {
                 hidden_states: x,
-                encoder_hidden_states: inputs.require("encoder_hidden_states")?,
+                encoder_hidden_states: text,
                 pooled_projections: inputs.require("pooled_projections")?,
                 timestep: &t,
-                img_ids: inputs.require("img_ids")?,
-                txt_ids: inputs.require("txt_ids")?,
+                img_ids,
+                txt_ids,
                 guidance: guidance.as_deref(),
             },
             hooks,
             &dl,
-        )
+        )?;
+        match spatial {
+            Some((h, w)) => ditflow_nn::unpack_latents(&out, h, w, PACK),
+            None => Ok(out),
+        }
     }
+}
+
+/// Flux's latent packing: 2×2 latent pixels per token.
+const PACK: usize = 2;
+
+/// FluxPipeline's `_prepare_latent_image_ids`: `[h·w, 3]` with (0, row, column) per token.
+pub fn latent_image_ids(h: usize, w: usize) -> Result<Tensor> {
+    let ids: Vec<f32> = (0..h)
+        .flat_map(|r| (0..w).flat_map(move |c| [0.0, r as f32, c as f32]))
+        .collect();
+    Tensor::from_f32(Kind::Tensor, &[h * w, 3], &ids)
 }
 
 impl FluxModel {
@@ -163,9 +210,10 @@ impl Node for LoadFlux {
                  one .safetensors file in Black Forest Labs' layout (flux1-dev.safetensors, \
                  also with ComfyUI's model.diffusion_model. prefix) or diffusers' layout, its \
                  config inferred from the shapes (or a config.json beside it). Its \
-                 forward reads diffusers' names: hidden_states (packed latents), \
-                 encoder_hidden_states, pooled_projections, timestep in [0, 1], img_ids, \
-                 txt_ids and, for dev, guidance.",
+                 forward reads diffusers' names: hidden_states (packed latents with their \
+                 img_ids, or [B, 16, H, W] latents packed inside), encoder_hidden_states, \
+                 pooled_projections, timestep in [0, 1], txt_ids (zeros when absent) and, for \
+                 dev, guidance.",
             )
             .input(
                 Port::new("path", "String").doc(

@@ -2,11 +2,14 @@
 //! (dev with its guidance embedding, schnell without), built on the SDK and the shared layers.
 //! `LoadFlux` reads a diffusers folder into a `Model<Denoiser>`.
 //! - [`flux`]: the architecture: double-stream and single-stream blocks, 3-axis RoPE;
-//! - [`denoiser`]: the protocol model and its loader node;
+//! - [`denoiser`]: the protocol model (taking the VAE's latents, packed 2×2 inside) and its
+//!   loader node;
+//! - [`conditioning`]: `FluxTextEncode`, the pipeline's CLIP-L pooled + T5 conditioning;
 //! - [`single_file`]: BFL/ComfyUI single-file checkpoints mapped to diffusers' keys.
 
 #![forbid(unsafe_code)]
 
+pub mod conditioning;
 pub mod denoiser;
 pub mod flux;
 pub mod single_file;
@@ -14,5 +17,5 @@ pub mod single_file;
 ditflow_plugin::export_plugin!(
     name: "ditflow-flux",
     version: env!("CARGO_PKG_VERSION"),
-    nodes: [denoiser::LoadFlux]
+    nodes: [denoiser::LoadFlux, conditioning::FluxTextEncode]
 );

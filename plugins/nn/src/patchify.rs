@@ -37,3 +37,41 @@ pub fn unpatchify(x: &Tensor, h: usize, w: usize, patch: usize, channels: usize)
         .permute(&[0, 5, 1, 3, 2, 4])?
         .reshape(&[b, c, h * p, w * p])
 }
+
+/// FluxPipeline's `_pack_latents`: `[B, C, H, W]` → `[B, (H/p)·(W/p), C·p·p]`, each token's
+/// features channel-major (`c, dy, dx`). The sides must be multiples of `p`.
+pub fn pack_latents(x: &Tensor, p: usize) -> Result<Tensor> {
+    let s = x.shape();
+    if s.len() != 4 || s[2] % p != 0 || s[3] % p != 0 {
+        return Err(Error(format!(
+            "latents must be [B, C, H, W] with H and W multiples of {p}, got {s:?}"
+        )));
+    }
+    let (b, c, h, w, p) = (s[0] as i64, s[1] as i64, s[2] as i64, s[3] as i64, p as i64);
+    x.reshape(&[b, c, h / p, p, w / p, p])?
+        .permute(&[0, 2, 4, 1, 3, 5])?
+        .reshape(&[b, (h / p) * (w / p), c * p * p])
+}
+
+/// FluxPipeline's `_unpack_latents`, the inverse of [`pack_latents`]: `[B, h·w, C·p·p]` →
+/// `[B, C, h·p, w·p]`.
+pub fn unpack_latents(x: &Tensor, h: usize, w: usize, p: usize) -> Result<Tensor> {
+    let s = x.shape();
+    if s.len() != 3 || s[1] != h * w || s[2] % (p * p) != 0 {
+        return Err(Error(format!(
+            "packed latents must be [B, {}, C·{}], got {s:?}",
+            h * w,
+            p * p
+        )));
+    }
+    let (b, c, h, w, p) = (
+        s[0] as i64,
+        (s[2] / (p * p)) as i64,
+        h as i64,
+        w as i64,
+        p as i64,
+    );
+    x.reshape(&[b, h, w, c, p, p])?
+        .permute(&[0, 3, 1, 4, 2, 5])?
+        .reshape(&[b, c, h * p, w * p])
+}

@@ -4,10 +4,12 @@
 //! - [`sd3`]: the architecture: MMDiT joint blocks, q/k RMS norms, MMDiT-X dual attention, the
 //!   cropped position table, `skip_layers`;
 //! - [`denoiser`]: the protocol model and its loader node;
+//! - [`conditioning`]: `SD3TextEncode`, the pipeline's CLIP-L + CLIP-G + T5 conditioning;
 //! - [`single_file`]: Stability AI/ComfyUI single-file checkpoints mapped to diffusers' keys.
 
 #![forbid(unsafe_code)]
 
+pub mod conditioning;
 pub mod denoiser;
 pub mod sd3;
 pub mod single_file;
@@ -15,5 +17,5 @@ pub mod single_file;
 ditflow_plugin::export_plugin!(
     name: "ditflow-sd3",
     version: env!("CARGO_PKG_VERSION"),
-    nodes: [denoiser::LoadSD3]
+    nodes: [denoiser::LoadSD3, conditioning::SD3TextEncode]
 );

@@ -47,7 +47,7 @@ extern "C" {
 /** The ABI major version. A host refuses plugins whose major differs. */
 #define DF_ABI_MAJOR 1u
 /** The ABI minor version. A host refuses plugins whose minor is newer than its own. */
-#define DF_ABI_MINOR 4u
+#define DF_ABI_MINOR 5u
 /** "DFLW": the first field of every plugin descriptor. */
 #define DF_PLUGIN_MAGIC 0x44464C57u
 /**
@@ -567,6 +567,9 @@ typedef struct DfTextEncoderDesc {
     /** Its longest sequence. */
     int64_t max_tokens;
     const void* reserved[4];
+    /** The token that pads a sequence to a fixed length, or -1 (ABI 1.5; a smaller size means
+     *  an older plugin, read as -1). */
+    int64_t pad_token_id;
 } DfTextEncoderDesc;
 
 /** The text-encoder interface. */

@@ -22,7 +22,7 @@ use std::ffi::{c_char, c_void};
 /// The ABI major version. A host refuses plugins whose major differs.
 pub const DF_ABI_MAJOR: u32 = 1;
 /// The ABI minor version. A host refuses plugins whose minor is newer than its own.
-pub const DF_ABI_MINOR: u32 = 4;
+pub const DF_ABI_MINOR: u32 = 5;
 /// A descriptor flag (ABI 1.2): the library may be unmapped once nothing it made is alive, because
 /// it leaves no per-thread destructors, threads or `atexit` handlers behind. Without it the host
 /// keeps the library mapped for the life of the process (Rust plugins: their standard library
@@ -630,6 +630,9 @@ pub struct DfTextEncoderDesc {
     /// Its longest sequence.
     pub max_tokens: i64,
     pub reserved: [*const c_void; 4],
+    /// The token that pads a sequence to a fixed length, or -1 when it has none (ABI 1.5; a
+    /// smaller `size` means an older plugin, read as -1).
+    pub pad_token_id: i64,
 }
 
 /// The text-encoder interface.

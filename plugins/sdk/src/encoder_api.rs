@@ -16,6 +16,8 @@ pub struct TextEncoderInfo {
     pub width: usize,
     /// Its longest sequence.
     pub max_tokens: usize,
+    /// The token that pads a sequence to a fixed length, when the tokenizer has one.
+    pub pad_token_id: Option<i64>,
 }
 
 /// What an autoencoder says about itself.
@@ -42,6 +44,26 @@ pub trait Autoencoder: Object {
     fn describe(&self) -> AutoencoderInfo;
     /// `image` to `mean` and `logvar`; `latent` to `decoded`.
     fn forward(&self, inputs: &Inputs) -> Result<Vec<(String, Tensor)>>;
+}
+
+/// A model's named outputs, taken by name with an error naming what is missing.
+pub struct NamedOutputs(pub Vec<(String, Tensor)>);
+
+impl NamedOutputs {
+    /// Output `name`, or an error naming `what` gave it not and what it gave.
+    pub fn take(&mut self, name: &str, what: &str) -> Result<Tensor> {
+        match self.0.iter().position(|(n, _)| n == name) {
+            Some(i) => Ok(self.0.swap_remove(i).1),
+            None => Err(Error(format!(
+                "{what} gave no '{name}' (it gave {})",
+                self.0
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
 }
 
 /// Named outputs in name order (a forward's result from a map).
@@ -208,6 +230,7 @@ impl Context {
                 width: info.width as i64,
                 max_tokens: info.max_tokens as i64,
                 reserved: [std::ptr::null(); 4],
+                pad_token_id: info.pad_token_id.unwrap_or(-1),
             },
         });
         self.make_interface(DF_INTERFACE_TEXT_ENCODER, T::TAG, b, |b| {
@@ -275,6 +298,67 @@ impl Value {
             scaling_factor: d.scaling_factor,
             shift_factor: d.shift_factor,
         })
+    }
+
+    /// This Model's text-encoder description, from whichever plugin made it.
+    pub fn text_encoder_info(&self) -> Result<TextEncoderInfo> {
+        let (api, object) = interface(self, DF_INTERFACE_TEXT_ENCODER, "a text encoder")?;
+        // SAFETY: the host checked the table's size for the interface.
+        let api = unsafe { &*(api as *const DfTextEncoderApi) };
+        let describe = api
+            .describe
+            .ok_or_else(|| Error::new("the text encoder does not describe itself"))?;
+        // SAFETY: the plugin's function on its own object.
+        let d = unsafe { describe(object).as_ref() }
+            .ok_or_else(|| Error::new("the text encoder gave no description"))?;
+        let has_pad = d.size as usize >= std::mem::size_of::<DfTextEncoderDesc>();
+        Ok(TextEncoderInfo {
+            width: d.width.max(0) as usize,
+            max_tokens: d.max_tokens.max(0) as usize,
+            pad_token_id: Some(d.pad_token_id).filter(|&p| has_pad && p >= 0),
+        })
+    }
+
+    /// Token ids `[1, max_tokens]` of `text` padded with the tokenizer's pad token, as
+    /// transformers' `padding="max_length", truncation=True` gives them; an error names the
+    /// encoder when it knows no pad token.
+    pub fn tokenize_padded(&self, text: &str, max_tokens: usize) -> Result<Tensor> {
+        let ids = self.tokenize(text, max_tokens)?;
+        let n = ids.shape().get(1).copied().unwrap_or(0);
+        if n >= max_tokens {
+            return Ok(ids);
+        }
+        let pad = self.text_encoder_info()?.pad_token_id.ok_or_else(|| {
+            Error(format!(
+                "{} has no pad token to pad the prompt to {max_tokens} tokens \
+                 (its tokenizer_config.json names none)",
+                crate::model::describe_model(self)
+            ))
+        })?;
+        let mut all: Vec<i64> = ids
+            .bytes()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        all.resize(max_tokens, pad);
+        let bytes: Vec<u8> = all.iter().flat_map(|i| i.to_le_bytes()).collect();
+        Tensor::from_bytes(
+            crate::Kind::Tensor,
+            crate::DType::I64,
+            &[1, max_tokens],
+            &bytes,
+        )
+    }
+
+    /// This text encoder's named outputs for `text` padded to `pad_to` tokens (see
+    /// [`Value::tokenize_padded`]), run without an attention mask, as the SD3 and Flux
+    /// pipelines run their encoders.
+    pub fn encode_padded(&self, text: &str, pad_to: usize) -> Result<NamedOutputs> {
+        let ids = self.tokenize_padded(text, pad_to)?;
+        Ok(NamedOutputs(crate::model::forward_named(
+            self,
+            &[("input_ids", &ids)],
+        )?))
     }
 
     /// Token ids `[1, n]` of `text` from this text encoder, whichever plugin made it.

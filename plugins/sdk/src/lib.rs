@@ -32,6 +32,7 @@
 
 pub mod abi;
 pub mod attention;
+pub mod conditioning;
 mod context;
 pub mod encoder_api;
 mod export;
@@ -42,6 +43,7 @@ pub mod ops;
 mod schema;
 mod value;
 
+pub use conditioning::Conditioning;
 pub use context::Context;
 pub use export::{panic_message, register_nodes, NodeRegistration};
 pub use ops::Device;
@@ -122,7 +124,7 @@ pub fn log_info(msg: &str) {
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        bail, export_plugin, Context, DType, Device, Error, Kind, Node, NodeSchema, Port, Result,
-        Tensor, Value,
+        bail, export_plugin, Conditioning, Context, DType, Device, Error, Kind, Node, NodeSchema,
+        Port, Result, Tensor, Value,
     };
 }

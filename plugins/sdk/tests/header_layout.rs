@@ -283,6 +283,7 @@ macro_rules! abi_items {
                     width: i64,
                     max_tokens: i64,
                     reserved: [*const c_void; 4],
+                    pad_token_id: i64,
                 }
                 DfTextEncoderApi {
                     size: u32,

@@ -1,7 +1,7 @@
 //! `CLIPTextModel` and `CLIPTextModelWithProjection` (transformers): token and position
 //! embeddings, pre-norm causal self-attention blocks with a QuickGELU or GELU MLP, a final layer
-//! norm, the pooled output at each sequence's first end-of-text token, and (with projection) the
-//! projected text embedding.
+//! norm, the pooled output at each sequence's first end-of-text token, the penultimate layer's
+//! hidden state, and (with projection) the projected text embedding.
 
 use ditflow_nn::{Config, Linear, Weights};
 use ditflow_plugin::{DType, Device, Error, Kind, Result, Tensor};
@@ -39,6 +39,9 @@ pub struct ClipOutput {
     pub pooler_output: Tensor,
     /// `[B, P]`, with a projection only.
     pub text_embeds: Option<Tensor>,
+    /// `[B, L, D]`: the input of the last layer, transformers' `hidden_states[-2]` (what SD3 and
+    /// SDXL condition on).
+    pub penultimate_hidden_state: Tensor,
 }
 
 impl ClipText {
@@ -179,7 +182,11 @@ impl ClipText {
             t.reshape(&[b as i64, l as i64, self.heads as i64, -1])?
                 .permute(&[0, 2, 1, 3])
         };
-        for layer in &self.layers {
+        let mut penultimate = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i + 1 == self.layers.len() {
+                penultimate = x.clone();
+            }
             let n = x.layer_norm(
                 Some(&layer.norm1.0),
                 Some(&layer.norm1.1),
@@ -256,6 +263,7 @@ impl ClipText {
             last_hidden_state: last,
             pooler_output: pooled,
             text_embeds,
+            penultimate_hidden_state: penultimate,
         })
     }
 }

@@ -1,7 +1,8 @@
 //! Text encoders: `LoadTextEncoder` reads a transformers model folder (T5EncoderModel, CLIPTextModel,
 //! CLIPTextModelWithProjection) into a `Model<TextEncoder>`. Its forward names follow transformers'
 //! arguments: `input_ids` and `attention_mask` in, `last_hidden_state` (and CLIP's
-//! `pooler_output`, `text_embeds`) out.
+//! `pooler_output`, `text_embeds` and `penultimate_hidden_state`, transformers'
+//! `hidden_states[-2]`) out.
 
 use crate::{clip::ClipText, t5::T5Encoder};
 use ditflow_nn::{Config, Weights};
@@ -20,7 +21,29 @@ pub enum TextModel {
 pub struct TextEncoder {
     pub model: TextModel,
     pub tokenizer: Option<tokenizers::Tokenizer>,
+    /// The tokenizer's pad token, from `tokenizer_config.json` (or `special_tokens_map.json`,
+    /// or the padding in `tokenizer.json`).
+    pub pad_token_id: Option<i64>,
     pub dir: std::path::PathBuf,
+}
+
+/// The pad token named beside a tokenizer: `pad_token` in `tokenizer_config.json` or
+/// `special_tokens_map.json` (a string or `{"content": ...}`), else `tokenizer.json`'s padding.
+fn pad_token_id(dir: &Path, tok: &tokenizers::Tokenizer) -> Option<i64> {
+    for file in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let Ok(text) = std::fs::read_to_string(dir.join(file)) else {
+            continue;
+        };
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let pad = &json["pad_token"];
+        let name = pad.as_str().or_else(|| pad["content"].as_str());
+        if let Some(id) = name.and_then(|n| tok.token_to_id(n)) {
+            return Some(id as i64);
+        }
+    }
+    tok.get_padding().map(|p| p.pad_id as i64)
 }
 
 impl Object for TextEncoder {
@@ -55,7 +78,9 @@ impl TextEncoder {
         } else {
             None
         };
+        let pad_token_id = tokenizer.as_ref().and_then(|t| pad_token_id(dir, t));
         Ok(TextEncoder {
+            pad_token_id,
             model: match class {
                 "T5EncoderModel" => TextModel::T5(Box::new(T5Encoder::load(&cfg, &w, device)?)),
                 _ => TextModel::Clip(Box::new(ClipText::load(
@@ -70,17 +95,30 @@ impl TextEncoder {
         })
     }
 
-    /// The token ids of `text` (special tokens added, padding dropped), at most `max`.
+    /// The token ids of `text` (special tokens added, padding dropped), at most `max`: a longer
+    /// text is truncated before the special tokens are added, as transformers' `truncation=True`
+    /// does, so an end-of-text token stays last.
     pub fn tokenize(&self, text: &str, max: usize) -> Result<Vec<i64>> {
+        use tokenizers::PostProcessor;
         let tok = self.tokenizer.as_ref().ok_or_else(|| {
             Error(format!(
                 "{}: no tokenizer.json beside the encoder",
                 self.dir.display()
             ))
         })?;
-        let enc = tok
-            .encode(text, true)
-            .map_err(|e| Error(format!("tokenizing {text:?}: {e}")))?;
+        let fail = |e: tokenizers::Error| Error(format!("tokenizing {text:?}: {e}"));
+        let mut enc = tok.encode(text, false).map_err(fail)?;
+        let added = tok
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        if enc.len() + added > max {
+            enc.truncate(
+                max.saturating_sub(added),
+                0,
+                tokenizers::TruncationDirection::Right,
+            );
+        }
+        let enc = tok.post_process(enc, None, true).map_err(fail)?;
         let ids: Vec<i64> = enc
             .get_ids()
             .iter()
@@ -122,6 +160,10 @@ impl TextEncoder {
                 let o = m.forward(&ids, mask)?;
                 outs.insert("last_hidden_state".to_string(), o.last_hidden_state);
                 outs.insert("pooler_output".to_string(), o.pooler_output);
+                outs.insert(
+                    "penultimate_hidden_state".to_string(),
+                    o.penultimate_hidden_state,
+                );
                 if let Some(t) = o.text_embeds {
                     outs.insert("text_embeds".to_string(), t);
                 }
@@ -140,7 +182,11 @@ impl ditflow_plugin::encoder_api::TextEncoder for TextEncoder {
                 m.max_positions,
             ),
         };
-        ditflow_plugin::encoder_api::TextEncoderInfo { width, max_tokens }
+        ditflow_plugin::encoder_api::TextEncoderInfo {
+            width,
+            max_tokens,
+            pad_token_id: self.pad_token_id,
+        }
     }
 
     fn tokenize(&self, text: &str, max_tokens: usize) -> Result<Tensor> {

@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""End-to-end fixtures for the SD3 and Flux text-to-image graphs: tiny, randomly initialised
+StableDiffusion3Pipeline and FluxPipeline parts (diffusers 0.42, transformers), saved as folders
+ditflow loads, and what each pipeline makes from ditflow's seeded noise.
+
+Writes tests/fixtures/parity/{sd3,flux}_pipeline/:
+- text_encoder*/: the CLIP and T5 encoders with a word-level tokenizer.json (CLIP's start and
+  end tokens, T5's `</s>`) and a tokenizer_config.json naming the pad token (CLIP-L pads with
+  its end token, CLIP-G with "!", T5 with `<pad>`, as the real tokenizers do);
+- transformer/, vae/ (16 channels, no quant convs, shift and scaling factors), scheduler/;
+- io.safetensors: `in.*` (the noise, its seed, steps, guidance) and `out.latent` (the final
+  latent before decoding; Flux's unpacked to [1, 16, h, w]) and `out.image` ([h, w, 3] in [0, 1]).
+
+Run (PyTorch, diffusers and transformers from PyPI; CI never runs this):
+    .venv/bin/python tools/make_mmdit_pipeline_fixtures.py
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_parity_fixtures import philox_randn  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "parity")
+PROMPT = "a red circle on a blue background"
+WORDS = ["a", "red", "blue", "circle", "square", "on", "background", "green"]
+
+
+def randomize(model, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and "norm" in name and p.dim() == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def clip_tokenizer(pad):
+    """A word-level CLIP-like tokenizer: `<|startoftext|> words <|endoftext|>`, the end token
+    the highest id (so transformers' legacy argmax pooling finds it), `pad` the pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["!", "<|unk|>"] + WORDS + ["<|startoftext|>", "<|endoftext|>"]
+    ids = {w: i for i, w in enumerate(vocab)}
+    tok = Tokenizer(models.WordLevel(vocab=ids, unk_token="<|unk|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", ids["<|startoftext|>"]), ("<|endoftext|>", ids["<|endoftext|>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=77, pad_token=pad,
+                                   bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|unk|>")
+    return tok, fast, len(vocab), ids["<|endoftext|>"]
+
+
+def t5_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<pad>", "</s>", "<unk>"] + WORDS
+    ids = {w: i for i, w in enumerate(vocab)}
+    tok = Tokenizer(models.WordLevel(vocab=ids, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, pad_token="<pad>",
+                                   eos_token="</s>", unk_token="<unk>")
+    return tok, fast, len(vocab)
+
+
+def save_encoder(out, model, tok, pad):
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"pad_token": pad}, f)
+
+
+def clip(hidden, layers, projection, eos_legacy, seed):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    pad = "<|endoftext|>" if eos_legacy else "!"
+    tok, fast, vocab, eos = clip_tokenizer(pad)
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=2, max_position_embeddings=77, projection_dim=projection or hidden,
+                         hidden_act="gelu", eos_token_id=2 if eos_legacy else eos, pad_token_id=1, bos_token_id=0)
+    model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
+    return randomize(model, seed, 0.2), tok, fast, pad
+
+
+def t5(d_model, seed):
+    from transformers import T5Config, T5EncoderModel
+
+    tok, fast, vocab = t5_tokenizer()
+    model = T5EncoderModel(T5Config(vocab_size=vocab, d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=2,
+                                    num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                                    feed_forward_proj="gated-gelu", dropout_rate=0.0))
+    return randomize(model, seed, 0.2), tok, fast
+
+
+def vae(seed):
+    from diffusers import AutoencoderKL
+
+    model = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        act_fn="silu", latent_channels=16, norm_num_groups=4, sample_size=16,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    randomize(model, seed, 0.2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("weight") and p.dim() == 4:
+                p.mul_(0.5)
+    return model
+
+
+def report(name, latent, image):
+    mid = ((image > 0.02) & (image < 0.98)).float().mean().item()
+    print(f"{name}: latent {tuple(latent.shape)} |max| {latent.abs().max():.3f}, "
+          f"image {tuple(image.shape)} with {100 * mid:.0f}% of values unclamped")
+
+
+def sd3(seed=100):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    out = os.path.join(ROOT, "sd3_pipeline")
+    shutil.rmtree(out, ignore_errors=True)
+    te1, tok1, fast1, pad1 = clip(16, 2, 8, True, seed)
+    te2, tok2, fast2, pad2 = clip(24, 2, 12, False, seed + 1)
+    te3, tok3, fast3 = t5(48, seed + 2)
+    dit = randomize(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=20, out_channels=16,
+        pos_embed_max_size=8), seed + 3, 0.15)
+    ae = vae(seed + 4)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    save_encoder(os.path.join(out, "text_encoder"), te1, tok1, pad1)
+    save_encoder(os.path.join(out, "text_encoder_2"), te2, tok2, pad2)
+    save_encoder(os.path.join(out, "text_encoder_3"), te3, tok3, "<pad>")
+    dit.save_pretrained(os.path.join(out, "transformer"), safe_serialization=True)
+    ae.save_pretrained(os.path.join(out, "vae"), safe_serialization=True)
+    sched.save_pretrained(os.path.join(out, "scheduler"))
+    pipe = StableDiffusion3Pipeline(transformer=dit, scheduler=sched, vae=ae, text_encoder=te1, tokenizer=fast1,
+                                    text_encoder_2=te2, tokenizer_2=fast2, text_encoder_3=te3, tokenizer_3=fast3)
+    noise_seed, steps, cfg, t5_tokens = 11, 4, 4.0, 16
+    noise = philox_randn((1, 16, 8, 8), noise_seed)
+    args = dict(prompt=PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=cfg, height=16,
+                width=16, latents=noise.clone(), max_sequence_length=t5_tokens)
+    with torch.no_grad():
+        latent = pipe(**args, output_type="latent").images
+        image = pipe(**args, output_type="pt").images
+    report("sd3_pipeline", latent, image)
+    save_file({"in.noise": noise, "in.noise_seed": torch.tensor([noise_seed]), "in.steps": torch.tensor([steps]),
+               "in.cfg": torch.tensor([cfg]), "in.t5_tokens": torch.tensor([t5_tokens]),
+               "out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()},
+              os.path.join(out, "io.safetensors"))
+
+
+def flux(seed=200):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    out = os.path.join(ROOT, "flux_pipeline")
+    shutil.rmtree(out, ignore_errors=True)
+    te1, tok1, fast1, pad1 = clip(16, 2, None, True, seed)
+    te2, tok2, fast2 = t5(24, seed + 1)
+    dit = randomize(FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4)),
+        seed + 2, 0.15)
+    ae = vae(seed + 3)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    save_encoder(os.path.join(out, "text_encoder"), te1, tok1, pad1)
+    save_encoder(os.path.join(out, "text_encoder_2"), te2, tok2, "<pad>")
+    dit.save_pretrained(os.path.join(out, "transformer"), safe_serialization=True)
+    ae.save_pretrained(os.path.join(out, "vae"), safe_serialization=True)
+    sched.save_pretrained(os.path.join(out, "scheduler"))
+    pipe = FluxPipeline(transformer=dit, scheduler=sched, vae=ae, text_encoder=te1, tokenizer=fast1,
+                        text_encoder_2=te2, tokenizer_2=fast2)
+    noise_seed, steps, guidance, t5_tokens = 12, 4, 3.5, 16
+    noise = philox_randn((1, 16, 8, 8), noise_seed)
+    packed = FluxPipeline._pack_latents(noise, 1, 16, 8, 8)
+    args = dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=16, width=16,
+                latents=packed.clone(), max_sequence_length=t5_tokens)
+    with torch.no_grad():
+        latent = pipe(**args, output_type="latent").images
+        image = pipe(**args, output_type="pt").images
+    latent = FluxPipeline._unpack_latents(latent, 16, 16, 2)
+    report("flux_pipeline", latent, image)
+    save_file({"in.noise": noise, "in.noise_seed": torch.tensor([noise_seed]), "in.steps": torch.tensor([steps]),
+               "in.guidance": torch.tensor([guidance]), "in.t5_tokens": torch.tensor([t5_tokens]),
+               "out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()},
+              os.path.join(out, "io.safetensors"))
+
+
+def main():
+    torch.set_num_threads(2)
+    sd3()
+    flux()
+
+
+if __name__ == "__main__":
+    main()
