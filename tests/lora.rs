@@ -301,7 +301,7 @@ fn model_info_counts_the_patches_and_their_memory() {
 /// One Forward of MMDiT parity fixture `folder` (loaded by `loader`) with LoRA `file` at
 /// `strength`, on the inputs of `io`.
 fn mmdit_forward(loader: &str, folder: &str, io: &str, file: &str, strength: f64) -> Vec<f32> {
-    let out_dir = common::temp_dir(&format!("lora-{folder}-{strength}"));
+    let out_dir = common::temp_dir(&format!("lora-{folder}-{file}-{strength}"));
     let model = common::repo().join("tests/fixtures/parity").join(folder);
     let yaml = format!(
         "version: 1\nnodes:\n  m0: {{type: {loader}, inputs: {{path: {:?}}}}}\n  m1: {{type: ApplyLoRA, inputs: {{model: m0.model, path: {:?}, strength: {strength}}}}}\n  f: {{type: Forward, inputs: {{model: m1.model, inputs: {:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n",
@@ -351,6 +351,36 @@ fn lora_on_flux_and_sd3_matches_peft() {
                 / scale;
             eprintln!("{name} at {strength}: relative error {err:.2e}");
             assert!(err <= 1e-4, "{name} at {strength}: {err}");
+        }
+    }
+}
+
+#[test]
+fn loras_in_the_original_layouts_apply_to_the_split_weights() {
+    // kohya's `lora_unet_double_blocks_0_img_attn_qkv` / `lora_unet_joint_blocks_0_x_block_attn_qkv`
+    // and ComfyUI's `diffusion_model.single_blocks.0.linear1` target the fused weights of BFL's
+    // and Stability AI's layouts; Flux and SD3 hold diffusers' split q, k, v (and Flux's MLP
+    // input), so each delta lands in its parts' rows. Reference: the deltas merged into the
+    // diffusers parts, split as diffusers' converters split them (checked against diffusers'
+    // kohya converter for Flux by the fixture script). Tolerance 1e-4 of the largest value.
+    for (loader, folder, name) in [
+        ("LoadFlux", "flux_dev", "flux"),
+        ("LoadSD3", "sd3_5", "sd3"),
+    ] {
+        let io = format!("{name}_fused_io.safetensors");
+        let want = read(&fixtures().join(&io), "out.fused");
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+        for layout in ["kohya", "comfy"] {
+            let file = format!("{name}_{layout}.safetensors");
+            let got = mmdit_forward(loader, folder, &io, &file, 1.0);
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f64 - *b as f64).abs())
+                .fold(0f64, f64::max)
+                / scale;
+            eprintln!("{file}: relative error {err:.2e}");
+            assert!(err <= 1e-4, "{file}: {err}");
         }
     }
 }

@@ -14,7 +14,10 @@ Writes tests/fixtures/lora/:
     1.0 and 0.6, b alone, and a (1.0) with b (0.6) as two adapters;
   - flux.safetensors / flux_io.safetensors and sd3.safetensors / sd3_io.safetensors: a random
     adapter (diffusers layout) on the Flux dev and SD3.5 parity fixtures, with the inputs of
-    their parity io files and peft's outputs at 1.0 and 0.6.
+    their parity io files and peft's outputs at 1.0 and 0.6;
+  - {flux,sd3}_kohya.safetensors, {flux,sd3}_comfy.safetensors, {flux,sd3}_fused_io.safetensors:
+    a LoRA on the original single-file layouts' fused weights (qkv, Flux's linear1) and renamed
+    ones, in kohya's and ComfyUI's layouts, with the merged reference.
 
 Run (PyTorch, diffusers and peft from PyPI; CI never runs this):
     .venv/bin/python tools/make_lora_fixtures.py
@@ -173,6 +176,113 @@ def mmdit(name, cls, folder, targets, seed):
     print(f"{name}: {len(state)} LoRA tensors")
 
 
+def fused_layout_lora(name, cls, folder, targets, seed, check_with=None, unchecked=()):
+    """A random LoRA on MMDiT parity fixture `folder` in its original single-file layout (BFL's
+    for Flux, Stability AI's for SD3), on fused weights (qkv; Flux's linear1 = q, k, v and the
+    MLP input) and renamed ones. `targets` maps each original name to its diffusers modules in
+    row order. Written twice: kohya's `lora_unet_NAME_WITH_UNDERSCORES.lora_down/lora_up/alpha`
+    ({name}_kohya.safetensors) and ComfyUI's `diffusion_model.NAME.lora_A/lora_B/alpha`
+    ({name}_comfy.safetensors). The reference ({name}_fused_io.safetensors, `out.fused`) merges
+    each delta into the diffusers modules, its rows split in order as diffusers' converters split
+    them; `check_with` (a pipeline class) checks that split against its own kohya conversion,
+    loaded with peft, leaving out the layers in `unchecked`."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    parity = os.path.join(os.path.dirname(ROOT), "parity", folder)
+    model = cls.from_pretrained(parity).eval()
+    io = {k[3:]: v for k, v in load_file(os.path.join(parity, "io.safetensors")).items() if k.startswith("in.")}
+    kwargs = dict(io)
+    if "skip_layers" in kwargs:
+        kwargs["skip_layers"] = kwargs["skip_layers"].tolist()
+    modules = dict(model.named_modules())
+    g = torch.Generator().manual_seed(seed)
+    rank, alpha = 4, 6.0
+    kohya, comfy = {}, {}
+    for fused, parts in targets.items():
+        o = sum(modules[p].weight.shape[0] for p in parts)
+        i = modules[parts[0]].weight.shape[1]
+        down = torch.randn(rank, i, generator=g) * 0.3
+        up = torch.randn(o, rank, generator=g) * 0.3
+        k = "lora_unet_" + fused.replace(".", "_")
+        kohya[k + ".lora_down.weight"], kohya[k + ".lora_up.weight"] = down, up
+        kohya[k + ".alpha"] = torch.tensor(alpha)
+        c = "diffusion_model." + fused
+        comfy[c + ".lora_A.weight"], comfy[c + ".lora_B.weight"] = down, up
+        comfy[c + ".alpha"] = torch.tensor(alpha)
+    save_file(kohya, os.path.join(ROOT, f"{name}_kohya.safetensors"))
+    save_file(comfy, os.path.join(ROOT, f"{name}_comfy.safetensors"))
+
+    def merged(skip=()):
+        m = copy.deepcopy(model)
+        mods = dict(m.named_modules())
+        with torch.no_grad():
+            for fused, parts in targets.items():
+                if fused in skip:
+                    continue
+                k = "lora_unet_" + fused.replace(".", "_")
+                delta = (alpha / rank) * kohya[k + ".lora_up.weight"] @ kohya[k + ".lora_down.weight"]
+                row = 0
+                for p in parts:
+                    n = mods[p].weight.shape[0]
+                    mods[p].weight += delta[row:row + n]
+                    row += n
+                assert row == delta.shape[0], fused
+            return m(**kwargs, return_dict=False)[0]
+
+    out = merged()
+    note = ""
+    if check_with is not None:
+        subset = {k: v for k, v in kohya.items() if not any(u.replace(".", "_") + "." in k for u in unchecked)}
+        tmp = os.path.join(ROOT, "_subset.safetensors")
+        save_file(subset, tmp)
+        converted = check_with.lora_state_dict(tmp)
+        os.remove(tmp)
+        state = converted[0] if isinstance(converted, tuple) else converted
+        peft_model = copy.deepcopy(model)
+        check_with.load_lora_into_transformer(state, network_alphas=None, transformer=peft_model, adapter_name="k")
+        with torch.no_grad():
+            a = peft_model(**kwargs, return_dict=False)[0]
+        b = merged(skip=unchecked)
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < 1e-5, f"{name}: the split differs from diffusers' converter: {err}"
+        note = f"; the split agrees with diffusers' converter to {err:.1e}"
+    tensors = {f"in.{k}": v.contiguous() for k, v in io.items()}
+    tensors["out.fused"] = out.contiguous()
+    save_file(tensors, os.path.join(ROOT, f"{name}_fused_io.safetensors"))
+    print(f"{name} (original layouts): {len(targets)} layers{note}")
+
+
+def flux_and_sd3_original_layouts():
+    from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+
+    def qkv(p, names):
+        return [f"{p}.{n}" for n in names]
+
+    flux = {
+        "double_blocks.0.img_attn.qkv": qkv("transformer_blocks.0.attn", ["to_q", "to_k", "to_v"]),
+        "double_blocks.1.txt_attn.qkv": qkv("transformer_blocks.1.attn", ["add_q_proj", "add_k_proj", "add_v_proj"]),
+        "double_blocks.0.txt_attn.proj": ["transformer_blocks.0.attn.to_add_out"],
+        "double_blocks.1.img_mlp.0": ["transformer_blocks.1.ff.net.0.proj"],
+        "single_blocks.0.linear1": qkv("single_transformer_blocks.0", ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]),
+        "single_blocks.1.linear2": ["single_transformer_blocks.1.proj_out"],
+        "img_in": ["x_embedder"],
+    }
+    # diffusers' kohya converter hard-codes the real model's linear1 rows and renames img_in
+    # without the `transformer.` prefix (so it is never loaded): those two are not checked.
+    fused_layout_lora("flux", FluxTransformer2DModel, "flux_dev", flux, 23, check_with=FluxPipeline,
+                      unchecked=("single_blocks.0.linear1", "img_in"))
+    sd3 = {
+        "joint_blocks.0.x_block.attn.qkv": qkv("transformer_blocks.0.attn", ["to_q", "to_k", "to_v"]),
+        "joint_blocks.1.context_block.attn.qkv": qkv("transformer_blocks.1.attn", ["add_q_proj", "add_k_proj", "add_v_proj"]),
+        "joint_blocks.0.x_block.attn2.qkv": qkv("transformer_blocks.0.attn2", ["to_q", "to_k", "to_v"]),
+        "joint_blocks.0.context_block.mlp.fc2": ["transformer_blocks.0.ff_context.net.2"],
+        "joint_blocks.2.x_block.adaLN_modulation.1": ["transformer_blocks.2.norm1.linear"],
+        "y_embedder.mlp.0": ["time_text_embed.text_embedder.linear_1"],
+    }
+    fused_layout_lora("sd3", SD3Transformer2DModel, "sd3_5", sd3, 24)
+
 if __name__ == "__main__":
     main()
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
@@ -183,3 +293,4 @@ if __name__ == "__main__":
     mmdit("sd3", SD3Transformer2DModel, "sd3_5",
           ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_v_proj", "to_add_out", "ff.net.2",
            "linear_2"], 22)
+    flux_and_sd3_original_layouts()

@@ -188,10 +188,17 @@ impl FluxModel {
             ),
         }
         let flux = Flux::load(&cfg, &w, device)?;
+        // BFL's names too (fused qkv and linear1 over the parts it holds), for LoRAs in BFL's,
+        // kohya's and ComfyUI's layouts.
+        let bfl = single_file::bfl_linears(
+            flux.double.len(),
+            flux.single.len(),
+            flux.guidance_embedder.is_some(),
+        );
         Ok(FluxModel {
-            linears: flux.linears(),
+            linears: ditflow_plugin::linear_delta::fused_aliases(flux.linears(), &bfl)?,
             flux,
-            deltas: LinearDeltaCache::default(),
+            deltas: LinearDeltaCache::holding_parts(),
         })
     }
 }

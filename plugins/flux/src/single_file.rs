@@ -16,6 +16,92 @@ pub fn is_bfl(keys: &HashMap<String, Tensor>) -> bool {
     keys.keys().any(|k| k.starts_with("double_blocks."))
 }
 
+/// Every BFL linear layer but the final modulation (whose halves are swapped) with its diffusers
+/// parts in row order: a rename is one part; the fused qkv is q, k and v (`dim` rows each); the
+/// single blocks' `linear1` is q, k, v and the MLP input (the rest). diffusers' converter maps
+/// them so; Flux publishes the BFL names as fused aliases, so LoRAs in BFL's layout (kohya's
+/// `lora_unet_double_blocks_…`, ComfyUI's) land on the parts.
+pub fn bfl_linears(
+    n_double: usize,
+    n_single: usize,
+    has_guidance: bool,
+) -> Vec<(String, Vec<String>)> {
+    let one = |bfl: &str, part: &str| (bfl.to_string(), vec![part.to_string()]);
+    let mut out = vec![
+        one(
+            "time_in.in_layer",
+            "time_text_embed.timestep_embedder.linear_1",
+        ),
+        one(
+            "time_in.out_layer",
+            "time_text_embed.timestep_embedder.linear_2",
+        ),
+        one(
+            "vector_in.in_layer",
+            "time_text_embed.text_embedder.linear_1",
+        ),
+        one(
+            "vector_in.out_layer",
+            "time_text_embed.text_embedder.linear_2",
+        ),
+        one("txt_in", "context_embedder"),
+        one("img_in", "x_embedder"),
+        one("final_layer.linear", "proj_out"),
+    ];
+    if has_guidance {
+        out.push(one(
+            "guidance_in.in_layer",
+            "time_text_embed.guidance_embedder.linear_1",
+        ));
+        out.push(one(
+            "guidance_in.out_layer",
+            "time_text_embed.guidance_embedder.linear_2",
+        ));
+    }
+    for i in 0..n_double {
+        let (q, p) = (
+            format!("double_blocks.{i}."),
+            format!("transformer_blocks.{i}."),
+        );
+        let pair = |b: &str, d: &str| one(&format!("{q}{b}"), &format!("{p}{d}"));
+        out.extend([
+            pair("img_mod.lin", "norm1.linear"),
+            pair("txt_mod.lin", "norm1_context.linear"),
+            pair("img_mlp.0", "ff.net.0.proj"),
+            pair("img_mlp.2", "ff.net.2"),
+            pair("txt_mlp.0", "ff_context.net.0.proj"),
+            pair("txt_mlp.2", "ff_context.net.2"),
+            pair("img_attn.proj", "attn.to_out.0"),
+            pair("txt_attn.proj", "attn.to_add_out"),
+        ]);
+        out.push((
+            format!("{q}img_attn.qkv"),
+            ["q", "k", "v"].map(|x| format!("{p}attn.to_{x}")).to_vec(),
+        ));
+        out.push((
+            format!("{q}txt_attn.qkv"),
+            ["q", "k", "v"]
+                .map(|x| format!("{p}attn.add_{x}_proj"))
+                .to_vec(),
+        ));
+    }
+    for i in 0..n_single {
+        let (q, p) = (
+            format!("single_blocks.{i}."),
+            format!("single_transformer_blocks.{i}."),
+        );
+        out.push(one(
+            &format!("{q}modulation.lin"),
+            &format!("{p}norm.linear"),
+        ));
+        out.push(one(&format!("{q}linear2"), &format!("{p}proj_out")));
+        let mut parts = ["q", "k", "v"].map(|x| format!("{p}attn.to_{x}")).to_vec();
+        parts.push(format!("{p}proj_mlp"));
+        out.push((format!("{q}linear1"), parts));
+    }
+    out
+}
+
 /// BFL keys (ComfyUI's prefix already stripped) → diffusers keys.
 pub fn to_diffusers(
     file: &Path,
@@ -47,40 +133,31 @@ pub fn to_diffusers(
             ))
         })
     };
-    let mut renames = vec![
-        (
-            "time_in.in_layer",
-            "time_text_embed.timestep_embedder.linear_1",
-        ),
-        (
-            "time_in.out_layer",
-            "time_text_embed.timestep_embedder.linear_2",
-        ),
-        (
-            "vector_in.in_layer",
-            "time_text_embed.text_embedder.linear_1",
-        ),
-        (
-            "vector_in.out_layer",
-            "time_text_embed.text_embedder.linear_2",
-        ),
-        ("txt_in", "context_embedder"),
-        ("img_in", "x_embedder"),
-        ("final_layer.linear", "proj_out"),
-    ];
-    if has_guidance {
-        renames.push((
-            "guidance_in.in_layer",
-            "time_text_embed.guidance_embedder.linear_1",
-        ));
-        renames.push((
-            "guidance_in.out_layer",
-            "time_text_embed.guidance_embedder.linear_2",
-        ));
-    }
-    for (from, to) in renames {
+    for (bfl, parts) in bfl_linears(n_double, n_single, has_guidance) {
         for t in ["weight", "bias"] {
-            put(format!("{to}.{t}"), take(&format!("{from}.{t}"))?);
+            let fused = take(&format!("{bfl}.{t}"))?;
+            let n = fused.shape()[0];
+            // Every part but the last is `dim` rows (q, k, v); the last takes the rest (v, or
+            // the single blocks' 4x MLP input).
+            let rest = n.checked_sub((parts.len() - 1) * dim).filter(|&r| r > 0);
+            let Some(rest) = rest else {
+                return Err(Error(format!(
+                    "{}: '{bfl}.{t}' has {n} rows, too few for its parts {}",
+                    file.display(),
+                    parts.join(", ")
+                )));
+            };
+            for (j, part) in parts.iter().enumerate() {
+                let (a, b) = if j + 1 == parts.len() {
+                    (j * dim, j * dim + rest)
+                } else {
+                    (j * dim, (j + 1) * dim)
+                };
+                put(
+                    format!("{part}.{t}"),
+                    fused.slice(0, a as i64, b as i64, 1)?,
+                );
+            }
         }
     }
     // Rows `[a, b)` of a weight or bias.
@@ -90,52 +167,6 @@ pub fn to_diffusers(
             format!("transformer_blocks.{i}."),
             format!("double_blocks.{i}."),
         );
-        for t in ["weight", "bias"] {
-            put(
-                format!("{p}norm1.linear.{t}"),
-                take(&format!("{q}img_mod.lin.{t}"))?,
-            );
-            put(
-                format!("{p}norm1_context.linear.{t}"),
-                take(&format!("{q}txt_mod.lin.{t}"))?,
-            );
-            let img = take(&format!("{q}img_attn.qkv.{t}"))?;
-            let txt = take(&format!("{q}txt_attn.qkv.{t}"))?;
-            for (j, x) in ["q", "k", "v"].iter().enumerate() {
-                put(
-                    format!("{p}attn.to_{x}.{t}"),
-                    rows(&img, j * dim, (j + 1) * dim)?,
-                );
-                put(
-                    format!("{p}attn.add_{x}_proj.{t}"),
-                    rows(&txt, j * dim, (j + 1) * dim)?,
-                );
-            }
-            put(
-                format!("{p}ff.net.0.proj.{t}"),
-                take(&format!("{q}img_mlp.0.{t}"))?,
-            );
-            put(
-                format!("{p}ff.net.2.{t}"),
-                take(&format!("{q}img_mlp.2.{t}"))?,
-            );
-            put(
-                format!("{p}ff_context.net.0.proj.{t}"),
-                take(&format!("{q}txt_mlp.0.{t}"))?,
-            );
-            put(
-                format!("{p}ff_context.net.2.{t}"),
-                take(&format!("{q}txt_mlp.2.{t}"))?,
-            );
-            put(
-                format!("{p}attn.to_out.0.{t}"),
-                take(&format!("{q}img_attn.proj.{t}"))?,
-            );
-            put(
-                format!("{p}attn.to_add_out.{t}"),
-                take(&format!("{q}txt_attn.proj.{t}"))?,
-            );
-        }
         for (to, from) in [
             ("norm_q", "img_attn.norm.query_norm"),
             ("norm_k", "img_attn.norm.key_norm"),
@@ -153,33 +184,6 @@ pub fn to_diffusers(
             format!("single_transformer_blocks.{i}."),
             format!("single_blocks.{i}."),
         );
-        for t in ["weight", "bias"] {
-            put(
-                format!("{p}norm.linear.{t}"),
-                take(&format!("{q}modulation.lin.{t}"))?,
-            );
-            // linear1 is q, k, v (dim each) and the MLP's input (4·dim).
-            let l1 = take(&format!("{q}linear1.{t}"))?;
-            if l1.shape()[0] != 7 * dim {
-                return Err(Error(format!(
-                    "{}: '{q}linear1.{t}' has {} rows, expected {} (q, k, v and a 4× MLP)",
-                    file.display(),
-                    l1.shape()[0],
-                    7 * dim
-                )));
-            }
-            for (j, x) in ["q", "k", "v"].iter().enumerate() {
-                put(
-                    format!("{p}attn.to_{x}.{t}"),
-                    rows(&l1, j * dim, (j + 1) * dim)?,
-                );
-            }
-            put(format!("{p}proj_mlp.{t}"), rows(&l1, 3 * dim, 7 * dim)?);
-            put(
-                format!("{p}proj_out.{t}"),
-                take(&format!("{q}linear2.{t}"))?,
-            );
-        }
         put(
             format!("{p}attn.norm_q.weight"),
             take(&format!("{q}norm.query_norm.scale"))?,

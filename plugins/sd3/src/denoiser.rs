@@ -130,10 +130,14 @@ impl Sd3Model {
             ),
         }
         let sd3 = Sd3::load(&cfg, &w, device)?;
+        // Stability AI's names too (fused qkv over the parts it holds), for LoRAs in SAI's,
+        // kohya's and ComfyUI's layouts.
+        let dual: Vec<bool> = sd3.blocks.iter().map(|b| b.attn2.is_some()).collect();
+        let sai = single_file::sai_linears(sd3.blocks.len(), &dual);
         Ok(Sd3Model {
-            linears: sd3.linears(),
+            linears: ditflow_plugin::linear_delta::fused_aliases(sd3.linears(), &sai)?,
             sd3,
-            deltas: LinearDeltaCache::default(),
+            deltas: LinearDeltaCache::holding_parts(),
         })
     }
 }

@@ -31,6 +31,9 @@ pub fn to_diffusers(
                 file.display()
             ))
         })?;
+    let dual: Vec<bool> = (0..n)
+        .map(|i| ck.contains_key(&format!("joint_blocks.{i}.x_block.attn2.qkv.weight")))
+        .collect();
     let mut out: HashMap<String, Tensor> = HashMap::new();
     let mut take = |k: &str| -> Result<Tensor> {
         ck.remove(k).ok_or_else(|| {
@@ -46,28 +49,45 @@ pub fn to_diffusers(
         ditflow_plugin::ops::concat(&[&rows(t, dim, 2 * dim)?, &rows(t, 0, dim)?], 0)
     };
     out.insert("pos_embed.pos_embed".into(), take("pos_embed")?);
-    for (from, to) in [
-        ("x_embedder.proj", "pos_embed.proj"),
-        (
-            "t_embedder.mlp.0",
-            "time_text_embed.timestep_embedder.linear_1",
-        ),
-        (
-            "t_embedder.mlp.2",
-            "time_text_embed.timestep_embedder.linear_2",
-        ),
-        ("context_embedder", "context_embedder"),
-        ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-        ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-        ("final_layer.linear", "proj_out"),
-    ] {
+    for t in ["weight", "bias"] {
+        out.insert(
+            format!("pos_embed.proj.{t}"),
+            take(&format!("x_embedder.proj.{t}"))?,
+        );
+    }
+    for (sai, parts) in sai_linears(n, &dual) {
         for t in ["weight", "bias"] {
-            out.insert(format!("{to}.{t}"), take(&format!("{from}.{t}"))?);
+            let fused = take(&format!("{sai}.{t}"))?;
+            if fused.shape()[0] % parts.len() != 0 {
+                return Err(Error(format!(
+                    "{}: '{sai}.{t}' has {} rows, which do not split into {} equal parts",
+                    file.display(),
+                    fused.shape()[0],
+                    parts.len()
+                )));
+            }
+            let each = fused.shape()[0] / parts.len();
+            for (j, part) in parts.iter().enumerate() {
+                out.insert(
+                    format!("{part}.{t}"),
+                    rows(&fused, j * each, (j + 1) * each)?,
+                );
+            }
         }
     }
     for t in ["weight", "bias"] {
         let m = take(&format!("final_layer.adaLN_modulation.1.{t}"))?;
         out.insert(format!("norm_out.linear.{t}"), swap(&m)?);
+        if n > 0 {
+            let m = take(&format!(
+                "joint_blocks.{}.context_block.adaLN_modulation.1.{t}",
+                n - 1
+            ))?;
+            out.insert(
+                format!("transformer_blocks.{}.norm1_context.linear.{t}", n - 1),
+                swap(&m)?,
+            );
+        }
     }
     for i in 0..n {
         let (p, x, c) = (
@@ -75,56 +95,6 @@ pub fn to_diffusers(
             format!("joint_blocks.{i}.x_block."),
             format!("joint_blocks.{i}.context_block."),
         );
-        let last = i + 1 == n;
-        for t in ["weight", "bias"] {
-            let qkv = take(&format!("{x}attn.qkv.{t}"))?;
-            let cqkv = take(&format!("{c}attn.qkv.{t}"))?;
-            for (j, q) in ["q", "k", "v"].iter().enumerate() {
-                out.insert(
-                    format!("{p}attn.to_{q}.{t}"),
-                    rows(&qkv, j * dim, (j + 1) * dim)?,
-                );
-                out.insert(
-                    format!("{p}attn.add_{q}_proj.{t}"),
-                    rows(&cqkv, j * dim, (j + 1) * dim)?,
-                );
-            }
-            out.insert(
-                format!("{p}attn.to_out.0.{t}"),
-                take(&format!("{x}attn.proj.{t}"))?,
-            );
-            out.insert(
-                format!("{p}norm1.linear.{t}"),
-                take(&format!("{x}adaLN_modulation.1.{t}"))?,
-            );
-            let cm = take(&format!("{c}adaLN_modulation.1.{t}"))?;
-            out.insert(
-                format!("{p}norm1_context.linear.{t}"),
-                if last { swap(&cm)? } else { cm },
-            );
-            out.insert(
-                format!("{p}ff.net.0.proj.{t}"),
-                take(&format!("{x}mlp.fc1.{t}"))?,
-            );
-            out.insert(
-                format!("{p}ff.net.2.{t}"),
-                take(&format!("{x}mlp.fc2.{t}"))?,
-            );
-            if !last {
-                out.insert(
-                    format!("{p}attn.to_add_out.{t}"),
-                    take(&format!("{c}attn.proj.{t}"))?,
-                );
-                out.insert(
-                    format!("{p}ff_context.net.0.proj.{t}"),
-                    take(&format!("{c}mlp.fc1.{t}"))?,
-                );
-                out.insert(
-                    format!("{p}ff_context.net.2.{t}"),
-                    take(&format!("{c}mlp.fc2.{t}"))?,
-                );
-            }
-        }
         for (from, to) in [
             (format!("{x}attn.ln_q"), format!("{p}attn.norm_q")),
             (format!("{x}attn.ln_k"), format!("{p}attn.norm_k")),
@@ -137,27 +107,76 @@ pub fn to_diffusers(
                 out.insert(format!("{to}.weight"), w);
             }
         }
-        if let Ok(qkv2) = take(&format!("{x}attn2.qkv.weight")) {
-            let b2 = take(&format!("{x}attn2.qkv.bias"))?;
-            for (j, q) in ["q", "k", "v"].iter().enumerate() {
-                out.insert(
-                    format!("{p}attn2.to_{q}.weight"),
-                    rows(&qkv2, j * dim, (j + 1) * dim)?,
-                );
-                out.insert(
-                    format!("{p}attn2.to_{q}.bias"),
-                    rows(&b2, j * dim, (j + 1) * dim)?,
-                );
-            }
-            for t in ["weight", "bias"] {
-                out.insert(
-                    format!("{p}attn2.to_out.0.{t}"),
-                    take(&format!("{x}attn2.proj.{t}"))?,
-                );
-            }
-        }
     }
     Ok(out)
+}
+
+/// Every SAI linear layer but the swapped modulations (the final layer's and the last context
+/// block's) with its diffusers parts in row order, as diffusers' converter maps them: a rename
+/// is one part, a fused qkv three equal ones. `dual[i]` says block `i` has MMDiT-X's second
+/// attention. SD3 publishes the SAI names as fused aliases, so LoRAs in SAI's layout (kohya's
+/// `lora_unet_joint_blocks_…`, ComfyUI's) land on the parts.
+pub fn sai_linears(n: usize, dual: &[bool]) -> Vec<(String, Vec<String>)> {
+    let one = |sai: &str, part: &str| (sai.to_string(), vec![part.to_string()]);
+    let mut out = vec![
+        one(
+            "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_1",
+        ),
+        one(
+            "t_embedder.mlp.2",
+            "time_text_embed.timestep_embedder.linear_2",
+        ),
+        one("context_embedder", "context_embedder"),
+        one("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+        one("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+        one("final_layer.linear", "proj_out"),
+    ];
+    for i in 0..n {
+        let p = format!("transformer_blocks.{i}.");
+        let (x, c) = (
+            format!("joint_blocks.{i}.x_block."),
+            format!("joint_blocks.{i}.context_block."),
+        );
+        let qkv = |fused: String, part: &dyn Fn(&str) -> String| {
+            (
+                fused,
+                ["q", "k", "v"].map(|q| format!("{p}{}", part(q))).to_vec(),
+            )
+        };
+        out.push(qkv(format!("{x}attn.qkv"), &|q| format!("attn.to_{q}")));
+        out.push(qkv(format!("{c}attn.qkv"), &|q| {
+            format!("attn.add_{q}_proj")
+        }));
+        out.extend([
+            one(&format!("{x}attn.proj"), &format!("{p}attn.to_out.0")),
+            one(
+                &format!("{x}adaLN_modulation.1"),
+                &format!("{p}norm1.linear"),
+            ),
+            one(&format!("{x}mlp.fc1"), &format!("{p}ff.net.0.proj")),
+            one(&format!("{x}mlp.fc2"), &format!("{p}ff.net.2")),
+        ]);
+        if i + 1 < n {
+            out.extend([
+                one(
+                    &format!("{c}adaLN_modulation.1"),
+                    &format!("{p}norm1_context.linear"),
+                ),
+                one(&format!("{c}attn.proj"), &format!("{p}attn.to_add_out")),
+                one(&format!("{c}mlp.fc1"), &format!("{p}ff_context.net.0.proj")),
+                one(&format!("{c}mlp.fc2"), &format!("{p}ff_context.net.2")),
+            ]);
+        }
+        if dual.get(i) == Some(&true) {
+            out.push(qkv(format!("{x}attn2.qkv"), &|q| format!("attn2.to_{q}")));
+            out.push(one(
+                &format!("{x}attn2.proj"),
+                &format!("{p}attn2.to_out.0"),
+            ));
+        }
+    }
+    out
 }
 
 /// A diffusers config for the converted weights: from `config.json` beside the file when there

@@ -1,7 +1,11 @@
 //! Linear deltas (LoRA) as a model applies them: the patches' low-rank deltas gathered per
-//! weight the model holds (an alias's delta lands in its rows of the fused weight), built once per
-//! patch set and kept by digest, and the linear forward that runs them unmerged beside the base
-//! weight or from a merged copy of it.
+//! weight the model holds, built once per patch set and kept by digest, and the linear forward
+//! that runs them unmerged beside the base weight or from a merged copy of it.
+//!
+//! A model publishes fused layers and their row-slice aliases either way round: holding the
+//! fused weight (an alias's delta lands in its rows of it), or holding the parts under a fused
+//! name it publishes for other layouts ([`fused_aliases`]; a delta on the fused name is split
+//! into its parts' rows, see [`LinearDeltaCache::holding_parts`]).
 //!
 //! Removal is dropping the patch: the base weights are never written, so a model without the
 //! patch is bit-exactly the base model. A patch at strength 0 is left out, so it is bit-exact too.
@@ -84,8 +88,15 @@ impl LinearDeltas {
         }
     }
 
-    /// Gathers the active linear deltas of `hooks`' patches for a model with `linears`.
-    fn build(hooks: &Hooks, linears: &[LinearInfo], key: u64, device: Device) -> Result<Self> {
+    /// Gathers the active linear deltas of `hooks`' patches for a model with `linears`; with
+    /// `parts_held` the model holds the parts of its fused layers rather than the fused weights.
+    fn build(
+        hooks: &Hooks,
+        linears: &[LinearInfo],
+        parts_held: bool,
+        key: u64,
+        device: Device,
+    ) -> Result<Self> {
         struct Parts {
             downs: Vec<Tensor>,
             ups: Vec<Tensor>,
@@ -104,13 +115,6 @@ impl LinearDeltas {
                         "a linear delta targets '{target}', which the model does not have"
                     ))
                 })?;
-                let (weight, row) = match &layer.fused_into {
-                    Some((fused, row)) => (fused.as_str(), *row),
-                    None => (layer.name.as_str(), 0),
-                };
-                let rows = by_name
-                    .get(weight)
-                    .map_or(layer.out_features, |l| l.out_features);
                 let tensor = |v, what| -> Result<Tensor> {
                     Value::from_borrowed(v)
                         .ok_or_else(|| Error(format!("the delta for '{target}' has no {what}")))?
@@ -121,15 +125,42 @@ impl LinearDeltas {
                 let down = tensor(d.down, "down")?;
                 let up = tensor(d.up, "up")?.affine(d.scale * p.strength, 0.0)?;
                 let rank = up.shape().get(1).copied().unwrap_or(0);
-                let up = place_rows(&up, row, rows, rank, device)?;
-                let e = parts.entry(weight.to_string()).or_insert(Parts {
-                    downs: Vec::new(),
-                    ups: Vec::new(),
-                    merge: false,
-                });
-                e.downs.push(down);
-                e.ups.push(up);
-                e.merge |= p.flags & DF_PATCH_MERGE != 0;
+                // (held weight, its delta's up rows).
+                let mut placed: Vec<(&str, Tensor)> = Vec::new();
+                let split: Vec<&LinearInfo> = if parts_held && layer.fused_into.is_none() {
+                    linears
+                        .iter()
+                        .filter(|l| l.fused_into.as_ref().is_some_and(|(f, _)| *f == target))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                if !split.is_empty() {
+                    for part in split {
+                        let row = part.fused_into.as_ref().map_or(0, |(_, r)| *r);
+                        let rows = up.slice(0, row as i64, (row + part.out_features) as i64, 1)?;
+                        placed.push((part.name.as_str(), rows));
+                    }
+                } else {
+                    let (weight, row) = match &layer.fused_into {
+                        Some((fused, row)) if !parts_held => (fused.as_str(), *row),
+                        _ => (layer.name.as_str(), 0),
+                    };
+                    let rows = by_name
+                        .get(weight)
+                        .map_or(layer.out_features, |l| l.out_features);
+                    placed.push((weight, place_rows(&up, row, rows, rank, device)?));
+                }
+                for (weight, up) in placed {
+                    let e = parts.entry(weight.to_string()).or_insert(Parts {
+                        downs: Vec::new(),
+                        ups: Vec::new(),
+                        merge: false,
+                    });
+                    e.downs.push(down.clone());
+                    e.ups.push(up);
+                    e.merge |= p.flags & DF_PATCH_MERGE != 0;
+                }
             }
         }
         let mut entries = HashMap::new();
@@ -188,11 +219,61 @@ unsafe fn deltas(p: &DfPatchDesc) -> &[DfLinearDelta] {
     unsafe { std::slice::from_raw_parts(p.linear_deltas, p.n_linear_deltas) }
 }
 
+/// `physical` (the layers a model holds) plus fused names over them for another key layout:
+/// each `(fused, parts)` publishes `fused` as the parts stacked on rows, and each part as its
+/// row-slice alias. The model then holds the parts ([`LinearDeltaCache::holding_parts`]). An
+/// error names a part that is not held or already an alias, or parts of different widths.
+pub fn fused_aliases(
+    mut physical: Vec<LinearInfo>,
+    groups: &[(String, Vec<String>)],
+) -> Result<Vec<LinearInfo>> {
+    let mut fused = Vec::new();
+    for (name, parts) in groups {
+        let mut row = 0;
+        let mut in_features = None;
+        for part in parts {
+            let layer = physical
+                .iter_mut()
+                .find(|l| l.name == *part)
+                .ok_or_else(|| Error(format!("fused layer '{name}': no layer '{part}'")))?;
+            if layer.fused_into.is_some()
+                || *in_features.get_or_insert(layer.in_features) != layer.in_features
+            {
+                return Err(Error(format!(
+                    "fused layer '{name}': '{part}' is already an alias or of another width"
+                )));
+            }
+            layer.fused_into = Some((name.clone(), row));
+            row += layer.out_features;
+        }
+        fused.push(LinearInfo {
+            name: name.clone(),
+            out_features: row,
+            in_features: in_features.unwrap_or(0),
+            fused_into: None,
+        });
+    }
+    physical.extend(fused);
+    Ok(physical)
+}
+
 /// A model's linear deltas for its current patch set, rebuilt only when the set changes.
 #[derive(Default)]
-pub struct LinearDeltaCache(Mutex<Option<Arc<LinearDeltas>>>);
+pub struct LinearDeltaCache {
+    slot: Mutex<Option<Arc<LinearDeltas>>>,
+    parts_held: bool,
+}
 
 impl LinearDeltaCache {
+    /// For a model that holds the parts of its fused layers (see [`fused_aliases`]): a delta on
+    /// a fused name is split into its parts' rows, and a delta on a part stays on it.
+    pub fn holding_parts() -> LinearDeltaCache {
+        LinearDeltaCache {
+            slot: Mutex::new(None),
+            parts_held: true,
+        }
+    }
+
     /// The deltas of `hooks`' patches that are active at this call, for a model with `linears`
     /// whose weights live on `device`.
     pub fn get(
@@ -206,11 +287,17 @@ impl LinearDeltaCache {
             static EMPTY: OnceLock<Arc<LinearDeltas>> = OnceLock::new();
             return Ok(EMPTY.get_or_init(Default::default).clone());
         }
-        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.slot.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(d) = slot.as_ref().filter(|d| d.key == key) {
             return Ok(d.clone());
         }
-        let d = Arc::new(LinearDeltas::build(hooks, linears, key, device)?);
+        let d = Arc::new(LinearDeltas::build(
+            hooks,
+            linears,
+            self.parts_held,
+            key,
+            device,
+        )?);
         *slot = Some(d.clone());
         Ok(d)
     }
