@@ -316,6 +316,187 @@ outputs:
     );
 }
 
+/// The largest error of tensor `got` against `out.{name}` of `io`, relative to the largest
+/// reference value.
+fn relative_error(got: &ditflow::Value, io: &Path, name: &str) -> f64 {
+    let ditflow::Value::Tensor(_, got) = got else {
+        panic!("{name}: a tensor")
+    };
+    let (ws, want) = read(io, &format!("out.{name}"));
+    assert_eq!(got.shape(), &ws[..], "{name}");
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    got.as_f32()
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0f64, f64::max)
+        / scale
+}
+
+#[test]
+fn sd3_controlnets_match_the_controlnet_pipeline() {
+    // StableDiffusion3ControlNetPipeline on tiny models: the hint PNG encoded by the VAE (its
+    // mean, InstantX's rule of no shift), the ControlNet run on each step's batched latents and
+    // prompt with zero pooled projections, its residuals every 2 of the 4 base blocks (not after
+    // the last, context_pre_only one). One ControlNet at 0.8; then two stacked (0.7 over
+    // [0, 0.5] and 1.2 over [0.25, 1]), summed as SD3MultiControlNetModel sums them.
+    // Tolerance 1e-3 relative to the largest reference value, latent and image.
+    let dir = common::repo().join("tests/fixtures/parity/sd3_controlnet");
+    let enc = common::repo().join("tests/fixtures/parity/sd3_pipeline");
+    let p = |d: &Path, n: &str| format!("{:?}", d.join(n).to_string_lossy());
+    let io = dir.join("io.safetensors");
+    let run = |patches: &str, model: &str| {
+        let yaml = format!(
+            r#"version: 1
+nodes:
+  dit: {{type: LoadSD3, inputs: {{path: {t}}}}}
+  vae: {{type: LoadVAE, inputs: {{path: {v}}}}}
+  l: {{type: LoadTextEncoder, inputs: {{path: {l}}}}}
+  g: {{type: LoadTextEncoder, inputs: {{path: {g}}}}}
+  t5: {{type: LoadTextEncoder, inputs: {{path: {t5}}}}}
+  cn_a: {{type: LoadSD3ControlNet, inputs: {{path: {a}}}}}
+  cn_b: {{type: LoadSD3ControlNet, inputs: {{path: {b}}}}}
+  hint_a: {{type: LoadImage, inputs: {{path: {ha}}}}}
+  hint_b: {{type: LoadImage, inputs: {{path: {hb}}}}}
+{patches}
+  pos: {{type: SD3TextEncode, inputs: {{clip_l: l.encoder, clip_g: g.encoder, t5: t5.encoder, text: "a red circle on a blue background", t5_tokens: 16}}}}
+  neg: {{type: SD3TextEncode, inputs: {{clip_l: l.encoder, clip_g: g.encoder, t5: t5.encoder, text: "", t5_tokens: 16}}}}
+  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 16, downscale: 2}}}}
+  sample: {{type: Sample, inputs: {{model: {model}, positive: pos.conditioning, negative: neg.conditioning, latent: latent.latent, sampler: flow_euler, scheduler_config: {s}, flow_sigmas: scheduler, steps: 4, cfg: 4.0, seed: 13}}}}
+  decode: {{type: VAEDecode, inputs: {{vae: vae.vae, latent: sample.latent}}}}
+outputs:
+  latent: sample.latent
+  image: decode.image
+"#,
+            t = p(&dir, "transformer"),
+            v = p(&dir, "vae"),
+            a = p(&dir, "controlnet_a"),
+            b = p(&dir, "controlnet_b"),
+            ha = p(&dir, "hint_a.png"),
+            hb = p(&dir, "hint_b.png"),
+            l = p(&enc, "text_encoder"),
+            g = p(&enc, "text_encoder_2"),
+            t5 = p(&enc, "text_encoder_3"),
+            s = p(&enc, "scheduler/scheduler_config.json"),
+        );
+        let g = Graph::from_yaml(&yaml, "controlnet.yaml", Path::new(".")).unwrap();
+        let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+        assert!(report.ok(), "{:?}", report.failed);
+        (
+            report.output("latent").unwrap().clone(),
+            report.output("image").unwrap().clone(),
+        )
+    };
+    let (latent, image) = run(
+        "  one: {type: ApplySD3ControlNet, inputs: {model: dit.model, controlnet: cn_a.controlnet, vae: vae.vae, image: hint_a.image, strength: 0.8}}",
+        "one.model",
+    );
+    let (le, ie) = (
+        relative_error(&latent, &io, "latent_single"),
+        relative_error(&image, &io, "image_single"),
+    );
+    eprintln!("one SD3 ControlNet: latent {le:.2e}, image {ie:.2e}");
+    assert!(le <= 1e-3 && ie <= 1e-3, "{le:.2e} {ie:.2e}");
+    let (latent, image) = run(
+        "  one: {type: ApplySD3ControlNet, inputs: {model: dit.model, controlnet: cn_a.controlnet, vae: vae.vae, image: hint_a.image, strength: 0.7, start: 0.0, end: 0.5}}\n  two: {type: ApplySD3ControlNet, inputs: {model: one.model, controlnet: cn_b.controlnet, vae: vae.vae, image: hint_b.image, strength: 1.2, start: 0.25, end: 1.0}}",
+        "two.model",
+    );
+    let (le, ie) = (
+        relative_error(&latent, &io, "latent_multi"),
+        relative_error(&image, &io, "image_multi"),
+    );
+    eprintln!("two SD3 ControlNets: latent {le:.2e}, image {ie:.2e}");
+    assert!(le <= 1e-3 && ie <= 1e-3, "{le:.2e} {ie:.2e}");
+}
+
+/// Writes a `size`×`size` grey RGB PNG.
+fn grey_png(path: &Path, size: u32) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), size, size);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut w = enc.write_header().unwrap();
+    w.write_image_data(&vec![128u8; (size * size * 3) as usize])
+        .unwrap();
+}
+
+#[test]
+fn controlnets_that_do_not_fit_are_clear_errors() {
+    // A hint image of another size than the picture (refused when the step runs, naming both
+    // shapes); an SD3 ControlNet on a Flux model (refused, naming the model's stacks); a
+    // feature cache over a ControlNet, and a ControlNet under a cache (refused either way: the
+    // cache would skip blocks whose residuals must be fresh).
+    let dir = common::repo().join("tests/fixtures/parity/sd3_controlnet");
+    let enc = common::repo().join("tests/fixtures/parity/sd3_pipeline");
+    let tmp = common::temp_dir("controlnet-misfit");
+    grey_png(&tmp.join("big.png"), 32);
+    let p = |d: &Path, n: &str| format!("{:?}", d.join(n).to_string_lossy());
+    let fail = |nodes: &str, output: &str| -> (String, String) {
+        let yaml = format!(
+            r#"version: 1
+nodes:
+  dit: {{type: LoadSD3, inputs: {{path: {t}}}}}
+  flux: {{type: LoadFlux, inputs: {{path: {f}}}}}
+  vae: {{type: LoadVAE, inputs: {{path: {v}}}}}
+  t5: {{type: LoadTextEncoder, inputs: {{path: {t5}}}}}
+  l: {{type: LoadTextEncoder, inputs: {{path: {l}}}}}
+  g: {{type: LoadTextEncoder, inputs: {{path: {g}}}}}
+  cn: {{type: LoadSD3ControlNet, inputs: {{path: {a}}}}}
+  hint: {{type: LoadImage, inputs: {{path: {h}}}}}
+  big: {{type: LoadImage, inputs: {{path: {big}}}}}
+  pos: {{type: SD3TextEncode, inputs: {{clip_l: l.encoder, clip_g: g.encoder, t5: t5.encoder, text: "a circle", t5_tokens: 16}}}}
+  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 16, downscale: 2}}}}
+{nodes}
+outputs:
+  out: {output}
+"#,
+            t = p(&dir, "transformer"),
+            f = p(&common::repo().join("tests/fixtures/parity"), "flux_dev"),
+            v = p(&dir, "vae"),
+            a = p(&dir, "controlnet_a"),
+            h = p(&dir, "hint_a.png"),
+            big = p(&tmp, "big.png"),
+            l = p(&enc, "text_encoder"),
+            g = p(&enc, "text_encoder_2"),
+            t5 = p(&enc, "text_encoder_3"),
+        );
+        let g = Graph::from_yaml(&yaml, "misfit.yaml", Path::new(".")).unwrap();
+        let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+        let f = report.failed.first().expect("a node fails");
+        (f.node.to_string(), f.error.clone())
+    };
+    let (node, msg) = fail(
+        "  cn1: {type: ApplySD3ControlNet, inputs: {model: dit.model, controlnet: cn.controlnet, vae: vae.vae, image: big.image}}\n  s: {type: Sample, inputs: {model: cn1.model, positive: pos.conditioning, latent: latent.latent, sampler: flow_euler, steps: 1, cfg: 1.0}}",
+        "s.latent",
+    );
+    assert_eq!(node, "s");
+    assert!(
+        msg.contains("[1, 16, 16, 16]")
+            && msg.contains("[1, 16, 8, 8]")
+            && msg.contains("SD3ControlNet"),
+        "{msg}"
+    );
+    let (node, msg) = fail(
+        "  cn1: {type: ApplySD3ControlNet, inputs: {model: flux.model, controlnet: cn.controlnet, vae: vae.vae, image: hint.image}}",
+        "cn1.model",
+    );
+    assert_eq!(node, "cn1");
+    assert!(
+        msg.contains("controlnet_a")
+            && msg.contains("needs an SD3 model")
+            && msg.contains("single_transformer_blocks"),
+        "{msg}"
+    );
+    for nodes in [
+        "  cn1: {type: ApplySD3ControlNet, inputs: {model: dit.model, controlnet: cn.controlnet, vae: vae.vae, image: hint.image}}\n  c: {type: FirstBlockCache, inputs: {model: cn1.model}}",
+        "  c: {type: FirstBlockCache, inputs: {model: dit.model}}\n  cn1: {type: ApplySD3ControlNet, inputs: {model: c.model, controlnet: cn.controlnet, vae: vae.vae, image: hint.image}}",
+    ] {
+        let last = if nodes.ends_with("cn1.model}}") { "c.model" } else { "cn1.model" };
+        let (_, msg) = fail(nodes, last);
+        assert!(msg.contains("SD3ControlNet") && msg.contains("FirstBlockCache"), "{msg}");
+    }
+}
+
 /// Copies fixture `name` into a fresh folder, rewriting its weights with `edit`.
 fn broken_copy(
     name: &str,

@@ -657,26 +657,7 @@ impl Node for VAEEncode {
             .autoencoder_info()
             .map_err(|e| Error(format!("input 'vae': {e}")))?;
         let image: Tensor = ctx.input("image")?;
-        let s = image.shape().to_vec();
-        if s.len() != 3 || s[2] != 3 || s[0] % vae.downscale != 0 || s[1] % vae.downscale != 0 {
-            bail!(
-                "the image must be [height, width, 3] with sides multiples of {}, got {s:?}",
-                vae.downscale
-            );
-        }
-        let (h, w) = (s[0] as i64, s[1] as i64);
-        // u8 images are 0..=255; f32 images 0..=1.
-        let unit = if image.dtype() == DType::U8 {
-            1.0 / 255.0
-        } else {
-            1.0
-        };
-        let x = image.cast(DType::F32)?.affine(unit, 0.0)?;
-        let x = x
-            .permute(&[2, 0, 1])?
-            .reshape(&[1, 3, h, w])?
-            .affine(2.0, -1.0)?;
-        let mean = output(forward_named(&model, &[("image", &x)])?, "mean", "the VAE")?;
+        let mean = model.encode_image_mean(&image)?;
         let z = mean.affine(vae.scaling_factor, -vae.shift_factor * vae.scaling_factor)?;
         ctx.set_output("latent", z.with_kind(Kind::Latent)?)
     }

@@ -51,9 +51,24 @@ pub struct Sd3 {
     pub text_embedder: (Linear, Linear),
     pub context_embedder: Linear,
     pub blocks: Vec<JointBlock>,
+    /// The output layer; a ControlNet's trunk has none.
+    pub head: Option<Head>,
+    pub device: Device,
+}
+
+/// The continuously modulated output layer and the unpatchifying projection.
+pub struct Head {
     pub norm_out: Linear,
     pub proj_out: Linear,
-    pub device: Device,
+}
+
+/// The embedded inputs of one forward: image and text tokens, `silu(temb)` and the patch grid.
+pub struct Embedded {
+    pub img: Tensor,
+    pub txt: Tensor,
+    pub silu: Tensor,
+    pub h: usize,
+    pub w: usize,
 }
 
 /// The model's inputs for one forward (diffusers' argument names).
@@ -72,6 +87,12 @@ pub struct Inputs<'a> {
 
 impl Sd3 {
     pub fn load(cfg: &Config, w: &Weights, device: Device) -> Result<Sd3> {
+        Sd3::load_trunk(cfg, w, device, false)
+    }
+
+    /// The transformer, or with `controlnet` an `SD3ControlNetModel`'s trunk: every block
+    /// updates its text stream (none is `context_pre_only`) and there is no output layer.
+    pub fn load_trunk(cfg: &Config, w: &Weights, device: Device, controlnet: bool) -> Result<Sd3> {
         let bad = |what: String| Error(format!("{}: {what}", cfg.path.display()));
         let patch = cfg.usize_or("patch_size", 2)?;
         let in_channels = cfg.usize_or("in_channels", 16)?;
@@ -113,7 +134,7 @@ impl Sd3 {
             .map(|i| {
                 let p = format!("transformer_blocks.{i}");
                 let is_dual = dual.contains(&i);
-                let last = i + 1 == layers;
+                let last = i + 1 == layers && !controlnet;
                 Ok(JointBlock {
                     norm1: w.linear(
                         &format!("{p}.norm1.linear"),
@@ -202,8 +223,14 @@ impl Sd3 {
             ),
             context_embedder: w.linear("context_embedder", joint_dim, dim, true)?,
             blocks,
-            norm_out: w.linear("norm_out.linear", dim, 2 * dim, true)?,
-            proj_out: w.linear("proj_out", dim, patch * patch * out_channels, true)?,
+            head: if controlnet {
+                None
+            } else {
+                Some(Head {
+                    norm_out: w.linear("norm_out.linear", dim, 2 * dim, true)?,
+                    proj_out: w.linear("proj_out", dim, patch * patch * out_channels, true)?,
+                })
+            },
             device,
         })
     }
@@ -247,13 +274,15 @@ impl Sd3 {
             }
             v.extend([&b.ff.proj_in, &b.ff.proj_out]);
         }
-        v.extend([&self.norm_out, &self.proj_out]);
+        if let Some(head) = &self.head {
+            v.extend([&head.norm_out, &head.proj_out]);
+        }
         v.into_iter().map(Linear::info).collect()
     }
 
     /// A joint block on the image and text streams (the text comes back unchanged from the last,
     /// `context_pre_only` block).
-    fn joint_block(
+    pub fn joint_block(
         &self,
         blk: &JointBlock,
         silu: &Tensor,
@@ -311,10 +340,9 @@ impl Sd3 {
         Ok((img, txt))
     }
 
-    /// The prediction `[B, out_channels, H, W]`, with the patches' linear deltas `dl` and the
-    /// other hooks at their sites.
-    pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
-        let d = self.dim;
+    /// The inputs checked and embedded: patch tokens with their cropped positions, the context
+    /// tokens, and `silu` of the timestep-plus-pooled-text embedding.
+    pub fn embed(&self, inp: &Inputs, dl: &LinearDeltas) -> Result<Embedded> {
         let x = inp.hidden_states.to_device(self.device)?;
         let (b, h, w) = patch_grid("SD3", &x, self.in_channels, self.patch)?;
         let es = inp.encoder_hidden_states.shape();
@@ -343,7 +371,7 @@ impl Sd3 {
                 self.blocks.len()
             )));
         }
-        let mut img = patchify(&x, &self.proj_w, &self.proj_b, self.patch)?
+        let img = patchify(&x, &self.proj_w, &self.proj_b, self.patch)?
             .add(&self.cropped_pos_embed(h, w)?)?;
         let t = timestep_sinusoids(inp.timestep, 256, true, 0.0, self.device)?;
         let pooled = inp.pooled_projections.to_device(self.device)?;
@@ -356,11 +384,35 @@ impl Sd3 {
                 dl,
             )?)?;
         let silu = temb.unary("silu")?;
-        let mut txt = self.context_embedder.apply(
+        let txt = self.context_embedder.apply(
             &inp.encoder_hidden_states.to_device(self.device)?,
             "none",
             dl,
         )?;
+        Ok(Embedded {
+            img,
+            txt,
+            silu,
+            h,
+            w,
+        })
+    }
+
+    /// The prediction `[B, out_channels, H, W]`, with the patches' linear deltas `dl` and the
+    /// other hooks at their sites.
+    pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
+        let d = self.dim;
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::new("SD3: a ControlNet trunk has no output layer"))?;
+        let Embedded {
+            mut img,
+            mut txt,
+            silu,
+            h,
+            w,
+        } = self.embed(inp, dl)?;
         let li = img.shape()[1];
         let lt = txt.shape()[1];
         let img = if hooks.is_empty() {
@@ -390,9 +442,9 @@ impl Sd3 {
             })?;
             joint.split(1, &[li, lt])?.remove(0)
         };
-        let m = chunks(&self.norm_out.apply(&silu, "none", dl)?, 2, d)?;
+        let m = chunks(&head.norm_out.apply(&silu, "none", dl)?, 2, d)?;
         let out = img.layer_norm(None, None, Some(&m[1]), Some(&m[0]), 1e-6)?;
-        let out = self.proj_out.apply(&out, "none", dl)?;
+        let out = head.proj_out.apply(&out, "none", dl)?;
         unpatchify(&out, h, w, self.patch, self.out_channels)
     }
 }

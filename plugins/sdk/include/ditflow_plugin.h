@@ -460,6 +460,14 @@ typedef int32_t (*DfBridgeFn)(void* user_data, const DfHostApi* host, const DfCa
 typedef int32_t (*DfLifecycleFn)(void* user_data, const DfHostApi* host, int32_t event,
                                  const DfCallContext* call);
 
+/**
+ * The call's named inputs (the latent and the conditioning, as the model receives them), before
+ * each forward and each block-stepping prepare of a model holding the patch (ABI 1.5): for
+ * patches that run a network of their own on them, such as a ControlNet.
+ */
+typedef int32_t (*DfCallInputsFn)(void* user_data, const DfHostApi* host, const DfCallContext* call,
+                                  const DfNamedValue* inputs, size_t n_inputs);
+
 /** Memory estimate of the patch's own state and extra networks, in bytes. */
 typedef uint64_t (*DfMemoryEstimateFn)(void* user_data, const DfDenoiserDesc* desc);
 
@@ -505,7 +513,9 @@ typedef struct DfPatchDesc {
     DfBridgeFn bridge;
     DfLifecycleFn lifecycle;
     DfMemoryEstimateFn memory_estimate;
-    const void* reserved[8];
+    /** ABI 1.5 (was the first reserved slot, so NULL in older plugins). */
+    DfCallInputsFn call_inputs;
+    const void* reserved[7];
 } DfPatchDesc;
 
 /**

@@ -491,6 +491,17 @@ pub type DfLifecycleFn = unsafe extern "C" fn(
     call: *const DfCallContext,
 ) -> i32;
 
+/// The call's named inputs (the latent and the conditioning, as the model receives them), before
+/// each forward and each block-stepping `prepare` of a model holding the patch (ABI 1.5): for
+/// patches that run a network of their own on them, such as a ControlNet.
+pub type DfCallInputsFn = unsafe extern "C" fn(
+    user_data: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    inputs: *const DfNamedValue,
+    n_inputs: usize,
+) -> i32;
+
 /// Memory estimate of the patch's own state and extra networks, in bytes.
 pub type DfMemoryEstimateFn =
     unsafe extern "C" fn(user_data: *mut c_void, desc: *const DfDenoiserDesc) -> u64;
@@ -537,7 +548,9 @@ pub struct DfPatchDesc {
     pub bridge: Option<DfBridgeFn>,
     pub lifecycle: Option<DfLifecycleFn>,
     pub memory_estimate: Option<DfMemoryEstimateFn>,
-    pub reserved: [*const c_void; 8],
+    /// ABI 1.5 (was the first reserved slot, so NULL in older plugins).
+    pub call_inputs: Option<DfCallInputsFn>,
+    pub reserved: [*const c_void; 7],
 }
 
 /// A denoiser's forward: `inputs` are named after the diffusers forward arguments

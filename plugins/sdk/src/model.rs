@@ -730,7 +730,8 @@ impl Context {
             bridge: spec.bridge.then_some(bridge_tramp::<H>),
             lifecycle: spec.lifecycle.then_some(lifecycle_tramp::<H>),
             memory_estimate: spec.memory_estimate.then_some(memory_tramp::<H>),
-            reserved: [std::ptr::null(); 8],
+            call_inputs: spec.call_inputs.then_some(call_inputs_tramp::<H>),
+            reserved: [std::ptr::null(); 7],
         };
         // SAFETY: a complete descriptor; the host copies it and owns `user` from here on.
         let v = unsafe { (host().model_patch)(self.raw(), model.as_ptr(), &desc) };
@@ -981,6 +982,7 @@ pub struct PatchSpec {
     pub attention_extra: bool,
     pub memory_estimate: bool,
     pub bridge: bool,
+    pub call_inputs: bool,
 }
 
 impl PatchSpec {
@@ -1008,6 +1010,7 @@ impl PatchSpec {
             attention_extra: false,
             memory_estimate: false,
             bridge: false,
+            call_inputs: false,
         }
     }
 }
@@ -1070,6 +1073,13 @@ pub trait PatchHooks: Send + Sync + 'static {
     }
 
     fn lifecycle(&self, _event: Event, _call: &Call) -> Result<()> {
+        Ok(())
+    }
+
+    /// The call's named inputs, before each forward (and each block-stepping `prepare`) of a
+    /// model holding the patch: a ControlNet runs its network on them here and hands the
+    /// results out from its block residuals.
+    fn call_inputs(&self, _call: &Call, _inputs: &Inputs) -> Result<()> {
         Ok(())
     }
 
@@ -1272,6 +1282,26 @@ unsafe extern "C" fn memory_tramp<H: PatchHooks>(
 pub fn patch_memory(model: &Value) -> u64 {
     // SAFETY: a live handle.
     unsafe { (host().model_patch_memory)(model.as_ptr()) }
+}
+
+unsafe extern "C" fn call_inputs_tramp<H: PatchHooks>(
+    user: *mut c_void,
+    host_api: *const DfHostApi,
+    call: *const DfCallContext,
+    inputs: *const DfNamedValue,
+    n_inputs: usize,
+) -> i32 {
+    trampoline(host_api, || {
+        // SAFETY: the user data made for `H`, and live arguments for the call.
+        let (h, call, inputs) = unsafe {
+            (
+                &*(user as *const H),
+                Call::from_raw(call),
+                Inputs::from_raw(inputs, n_inputs)?,
+            )
+        };
+        h.call_inputs(&call, &inputs)
+    })
 }
 
 unsafe extern "C" fn lifecycle_tramp<H: PatchHooks>(

@@ -265,7 +265,8 @@ macro_rules! abi_items {
                     bridge: Option<DfBridgeFn>,
                     lifecycle: Option<DfLifecycleFn>,
                     memory_estimate: Option<DfMemoryEstimateFn>,
-                    reserved: [*const c_void; 8],
+                    call_inputs: Option<DfCallInputsFn>,
+                    reserved: [*const c_void; 7],
                 }
                 DfDenoiserApi {
                     size: u32,
@@ -378,6 +379,10 @@ macro_rules! abi_items {
                 ) -> i32,
                 DfMemoryEstimateFn:
                     unsafe extern "C" fn(*mut c_void, *const DfDenoiserDesc) -> u64,
+                DfCallInputsFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, *const DfNamedValue,
+                    usize,
+                ) -> i32,
                 DfDenoiserForwardFn: unsafe extern "C" fn(
                     *mut c_void, *const DfHostApi, *const DfCallContext, *const DfNamedValue,
                     usize, *const *const DfPatchDesc, usize, *mut *mut DfValue,

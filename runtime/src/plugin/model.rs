@@ -402,7 +402,7 @@ unsafe fn own_patch(
         },
         ..*d
     };
-    desc.reserved = [std::ptr::null(); 8];
+    desc.reserved = [std::ptr::null(); 7];
     Patch {
         desc,
         name,
@@ -702,6 +702,28 @@ fn run_denoiser(
     }
 }
 
+/// Hands the call's named inputs to every patch of `o` with a `call_inputs` hook, in order.
+fn patch_call_inputs(
+    o: &Object,
+    call: *const DfCallContext,
+    inputs: *const DfNamedValue,
+    n_inputs: usize,
+) -> Result<(), String> {
+    for p in &o.patches {
+        if let Some(f) = p.desc.call_inputs {
+            // SAFETY: the patch's hook with its own user data and the caller's live inputs.
+            if unsafe { f(p.desc.user_data, host_api(), call, inputs, n_inputs) } != DF_OK {
+                return Err(format!(
+                    "{} failed on the call's inputs: {}",
+                    p.label(),
+                    take_last_error()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(super) unsafe extern "C" fn denoiser_forward(
     v: *const DfValue,
     call: *const DfCallContext,
@@ -715,6 +737,7 @@ pub(super) unsafe extern "C" fn denoiser_forward(
         if call.is_null() || out.is_null() {
             return Err("denoiser_forward: no call context or no output".into());
         }
+        patch_call_inputs(o, call, inputs, n_inputs)?;
         // SAFETY: the caller's `n_inputs` named values.
         let inputs = unsafe { items(inputs, n_inputs) };
         let hidden = inputs
@@ -815,6 +838,10 @@ pub(super) unsafe extern "C" fn denoiser_prepare(
 ) -> i32 {
     step("prepare", v, state, |o, api, patches, out| {
         let f = api.prepare?;
+        if let Err(e) = patch_call_inputs(o, call, inputs, n_inputs) {
+            set_last_error(e);
+            return Some(DF_ERROR);
+        }
         // SAFETY: the plugin's function on its own object with live borrowed arguments.
         Some(unsafe {
             f(

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""ControlNet pipeline fixtures: tiny, randomly initialised SD3 ControlNets (diffusers 0.42) on a
+tiny SD3 transformer, run by StableDiffusion3ControlNetPipeline from ditflow's seeded noise.
+
+Writes tests/fixtures/parity/sd3_controlnet/:
+- transformer/ (4 joint blocks), controlnet_a/ (2 blocks: residuals every 2 base blocks),
+  controlnet_b/ (2 blocks), vae/ (16 channels; its encoder's log-variance pinned at -30, so the
+  pipeline's `latent_dist.sample()` is its mean to 3e-7 and ditflow's mean-encoded hint matches);
+- hint_a.png, hint_b.png: the hint images (16x16);
+- io.safetensors: `in.noise`, `in.hint_a`/`in.hint_b` (the PNGs in [0, 1]), and the final latent
+  and image of two runs: `single` (controlnet_a at 0.8) and `multi` (SD3MultiControlNetModel of
+  a at 0.7 over [0, 0.5] and b at 1.2 over [0.25, 1]).
+The text encoders, tokenizers and scheduler are those of tests/fixtures/parity/sd3_pipeline/
+(made by tools/make_mmdit_pipeline_fixtures.py with the same seeds, so they are rebuilt here
+identically rather than saved twice).
+
+Run (PyTorch, diffusers and transformers from PyPI; CI never runs this):
+    .venv/bin/python tools/make_controlnet_fixtures.py
+"""
+import os
+import shutil
+import sys
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_mmdit_pipeline_fixtures import PROMPT, ROOT, clip, randomize, t5, vae  # noqa: E402
+from make_parity_fixtures import philox_randn  # noqa: E402
+
+
+def smooth_image(seed, path):
+    """A [16, 16, 3] picture in [0, 1] with some structure (a blurred random field), quantised to
+    8 bits and written to `path` as a PNG (what LoadImage reads)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 3, 8, 8, generator=g)
+    x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    u8 = (x[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8)
+    Image.fromarray(u8.numpy()).save(path)
+    return (u8.float() / 255).contiguous()
+
+
+def sd3(seed=300):
+    from diffusers import (FlowMatchEulerDiscreteScheduler, SD3ControlNetModel, SD3MultiControlNetModel,
+                           SD3Transformer2DModel, StableDiffusion3ControlNetPipeline)
+
+    out = os.path.join(ROOT, "sd3_controlnet")
+    shutil.rmtree(out, ignore_errors=True)
+    # The sd3_pipeline fixture's encoders (same constructors and seeds).
+    te1, _, fast1, _ = clip(16, 2, 8, True, 100)
+    te2, _, fast2, _ = clip(24, 2, 12, False, 101)
+    te3, _, fast3 = t5(48, 102)
+    shape = dict(sample_size=8, patch_size=2, in_channels=16, attention_head_dim=8, num_attention_heads=2,
+                 joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=20, out_channels=16,
+                 pos_embed_max_size=8)
+    dit = randomize(SD3Transformer2DModel(num_layers=4, **shape), seed, 0.15)
+    cn_a = randomize(SD3ControlNetModel(num_layers=2, **shape), seed + 1, 0.15)
+    # Both of 2 blocks: SD3MultiControlNetModel zips the nets' residual lists, so nets of
+    # different depths would be cut to the shortest (ditflow maps each by its own depth).
+    cn_b = randomize(SD3ControlNetModel(num_layers=2, **shape), seed + 2, 0.15)
+    ae = vae(seed + 3)
+    with torch.no_grad():
+        ae.encoder.conv_out.weight[16:] = 0
+        ae.encoder.conv_out.bias[16:] = -30
+    dit.save_pretrained(os.path.join(out, "transformer"), safe_serialization=True)
+    cn_a.save_pretrained(os.path.join(out, "controlnet_a"), safe_serialization=True)
+    cn_b.save_pretrained(os.path.join(out, "controlnet_b"), safe_serialization=True)
+    ae.save_pretrained(os.path.join(out, "vae"), safe_serialization=True)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    hint_a = smooth_image(seed + 4, os.path.join(out, "hint_a.png"))
+    hint_b = smooth_image(seed + 5, os.path.join(out, "hint_b.png"))
+    as_input = lambda h: (h.permute(2, 0, 1)[None] * 2 - 1).contiguous()  # noqa: E731
+    noise_seed, steps, cfg = 13, 4, 4.0
+    noise = philox_randn((1, 16, 8, 8), noise_seed)
+    tensors = {"in.noise": noise, "in.hint_a": hint_a, "in.hint_b": hint_b}
+    runs = {
+        "single": dict(controlnet=cn_a, control_image=as_input(hint_a), controlnet_conditioning_scale=0.8),
+        "multi": dict(controlnet=SD3MultiControlNetModel([cn_a, cn_b]),
+                      control_image=[as_input(hint_a), as_input(hint_b)],
+                      controlnet_conditioning_scale=[0.7, 1.2], control_guidance_start=[0.0, 0.25],
+                      control_guidance_end=[0.5, 1.0]),
+    }
+    for name, run in runs.items():
+        pipe = StableDiffusion3ControlNetPipeline(
+            transformer=dit, scheduler=sched, vae=ae, text_encoder=te1, tokenizer=fast1, text_encoder_2=te2,
+            tokenizer_2=fast2, text_encoder_3=te3, tokenizer_3=fast3, controlnet=run.pop("controlnet"))
+        args = dict(prompt=PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=cfg, height=16,
+                    width=16, max_sequence_length=16, **run)
+        with torch.no_grad():
+            latent = pipe(**args, latents=noise.clone(), output_type="latent").images
+            image = pipe(**args, latents=noise.clone(), output_type="pt").images
+        tensors[f"out.latent_{name}"] = latent.contiguous()
+        tensors[f"out.image_{name}"] = image[0].permute(1, 2, 0).contiguous()
+        print(f"sd3_controlnet {name}: latent |max| {latent.abs().max():.3f}")
+    save_file(tensors, os.path.join(out, "io.safetensors"))
+
+
+def main():
+    torch.set_num_threads(2)
+    sd3()
+
+
+if __name__ == "__main__":
+    main()
