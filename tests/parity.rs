@@ -409,6 +409,121 @@ outputs:
     assert!(le <= 1e-3 && ie <= 1e-3, "{le:.2e} {ie:.2e}");
 }
 
+#[test]
+fn flux_controlnets_match_the_controlnet_pipeline() {
+    // FluxControlNetPipeline on tiny models: the hint PNG encoded by the VAE (mean, shifted,
+    // scaled) and packed, the ControlNet run on each step's packed latents with the pipeline's
+    // ids and guidance, its residuals every ceil(2/1) double and ceil(4/2) single base blocks.
+    // A plain ControlNet at 0.8; a union one in mode 1 (its embedding prepended to the text) at
+    // 1.1 over [0.25, 0.75]. Tolerance 1e-3 relative to the largest reference value.
+    let dir = common::repo().join("tests/fixtures/parity/flux_controlnet");
+    let enc = common::repo().join("tests/fixtures/parity/flux_pipeline");
+    let p = |d: &Path, n: &str| format!("{:?}", d.join(n).to_string_lossy());
+    let io = dir.join("io.safetensors");
+    for (name, patch) in [
+        ("plain", "{type: ApplyFluxControlNet, inputs: {model: dit.model, controlnet: cn.controlnet, vae: vae.vae, image: hint.image, strength: 0.8}}"),
+        ("union", "{type: ApplyFluxControlNet, inputs: {model: dit.model, controlnet: union.controlnet, vae: vae.vae, image: hint.image, mode: 1, strength: 1.1, start: 0.25, end: 0.75}}"),
+    ] {
+        let yaml = format!(
+            r#"version: 1
+nodes:
+  dit: {{type: LoadFlux, inputs: {{path: {t}}}}}
+  vae: {{type: LoadVAE, inputs: {{path: {v}}}}}
+  clip: {{type: LoadTextEncoder, inputs: {{path: {c}}}}}
+  t5: {{type: LoadTextEncoder, inputs: {{path: {t5}}}}}
+  cn: {{type: LoadFluxControlNet, inputs: {{path: {a}}}}}
+  union: {{type: LoadFluxControlNet, inputs: {{path: {u}}}}}
+  hint: {{type: LoadImage, inputs: {{path: {h}}}}}
+  patched: {patch}
+  pos: {{type: FluxTextEncode, inputs: {{clip: clip.encoder, t5: t5.encoder, text: "a red circle on a blue background", t5_tokens: 16}}}}
+  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 16, downscale: 2}}}}
+  sample: {{type: Sample, inputs: {{model: patched.model, positive: pos.conditioning, latent: latent.latent, sampler: flow_euler, scheduler_config: {s}, steps: 4, cfg: 1.0, guidance: 3.5, seed: 14}}}}
+  decode: {{type: VAEDecode, inputs: {{vae: vae.vae, latent: sample.latent}}}}
+outputs:
+  latent: sample.latent
+  image: decode.image
+"#,
+            t = p(&dir, "transformer"),
+            v = p(&dir, "vae"),
+            a = p(&dir, "controlnet"),
+            u = p(&dir, "controlnet_union"),
+            h = p(&dir, "hint.png"),
+            c = p(&enc, "text_encoder"),
+            t5 = p(&enc, "text_encoder_2"),
+            s = p(&enc, "scheduler/scheduler_config.json"),
+        );
+        let g = Graph::from_yaml(&yaml, "flux_controlnet.yaml", Path::new(".")).unwrap();
+        let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+        assert!(report.ok(), "{name}: {:?}", report.failed);
+        let le = relative_error(report.output("latent").unwrap(), &io, &format!("latent_{name}"));
+        let ie = relative_error(report.output("image").unwrap(), &io, &format!("image_{name}"));
+        eprintln!("Flux ControlNet ({name}): latent {le:.2e}, image {ie:.2e}");
+        assert!(le <= 1e-3 && ie <= 1e-3, "{name}: {le:.2e} {ie:.2e}");
+    }
+}
+
+#[test]
+fn hint_preprocessors_match_opencv_and_pil() {
+    // CannyEdges against cv2.Canny on cv2's grey (every pixel the same: tolerance 0), and
+    // ResizeImage (stretch) against PIL's bilinear resize in float mode (tolerance 1e-5
+    // absolute), on a 48x40 picture of shapes, a gradient and noise.
+    let dir = common::repo().join("tests/fixtures/preprocess");
+    let io = dir.join("io.safetensors");
+    let yaml = format!(
+        r#"version: 1
+nodes:
+  pic: {{type: LoadImage, inputs: {{path: {p:?}}}}}
+  c1: {{type: CannyEdges, inputs: {{image: pic.image, low: 100, high: 200}}}}
+  c2: {{type: CannyEdges, inputs: {{image: pic.image, low: 50, high: 120}}}}
+  r1: {{type: ResizeImage, inputs: {{image: pic.image, width: 32, height: 24, fit: stretch}}}}
+  r2: {{type: ResizeImage, inputs: {{image: pic.image, width: 80, height: 64, fit: stretch}}}}
+  r3: {{type: ResizeImage, inputs: {{image: pic.image, width: 30, height: 50, fit: stretch}}}}
+outputs:
+  c1: c1.image
+  c2: c2.image
+  r1: r1.image
+  r2: r2.image
+  r3: r3.image
+"#,
+        p = dir.join("picture.png").to_string_lossy()
+    );
+    let g = Graph::from_yaml(&yaml, "preprocess.yaml", Path::new(".")).unwrap();
+    let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let tensor = |name: &str| match &**report.output(name).unwrap() {
+        ditflow::Value::Tensor(_, t) => t.as_f32().to_vec(),
+        _ => panic!("{name}: a tensor"),
+    };
+    for (out, reference) in [("c1", "out.canny_100_200"), ("c2", "out.canny_50_120")] {
+        let got = tensor(out);
+        let (_, want) = read(&io, reference);
+        // Ours is [h, w, 3] in [0, 1]; OpenCV's [h, w] in {0, 255}.
+        let differ = want
+            .iter()
+            .enumerate()
+            .filter(|(i, w)| (got[i * 3] * 255.0 - **w).abs() > 0.5)
+            .count();
+        eprintln!("{reference}: {differ} of {} pixels differ", want.len());
+        assert_eq!(differ, 0, "{reference}");
+    }
+    for (out, reference) in [
+        ("r1", "out.resize_32x24"),
+        ("r2", "out.resize_80x64"),
+        ("r3", "out.resize_30x50"),
+    ] {
+        let got = tensor(out);
+        let (_, want) = read(&io, reference);
+        assert_eq!(got.len(), want.len(), "{reference}");
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{reference}: largest difference {err:.2e}");
+        assert!(err <= 1e-5, "{reference}: {err}");
+    }
+}
+
 /// Writes a `size`×`size` grey RGB PNG.
 fn grey_png(path: &Path, size: u32) {
     let file = std::fs::File::create(path).unwrap();
@@ -423,7 +538,8 @@ fn grey_png(path: &Path, size: u32) {
 #[test]
 fn controlnets_that_do_not_fit_are_clear_errors() {
     // A hint image of another size than the picture (refused when the step runs, naming both
-    // shapes); an SD3 ControlNet on a Flux model (refused, naming the model's stacks); a
+    // shapes); an SD3 ControlNet on a Flux model and a Flux one on SD3 (refused, naming the
+    // model's stacks); a union ControlNet without a mode; a
     // feature cache over a ControlNet, and a ControlNet under a cache (refused either way: the
     // cache would skip blocks whose residuals must be fresh).
     let dir = common::repo().join("tests/fixtures/parity/sd3_controlnet");
@@ -442,6 +558,7 @@ nodes:
   l: {{type: LoadTextEncoder, inputs: {{path: {l}}}}}
   g: {{type: LoadTextEncoder, inputs: {{path: {g}}}}}
   cn: {{type: LoadSD3ControlNet, inputs: {{path: {a}}}}}
+  fcn: {{type: LoadFluxControlNet, inputs: {{path: {fu}}}}}
   hint: {{type: LoadImage, inputs: {{path: {h}}}}}
   big: {{type: LoadImage, inputs: {{path: {big}}}}}
   pos: {{type: SD3TextEncode, inputs: {{clip_l: l.encoder, clip_g: g.encoder, t5: t5.encoder, text: "a circle", t5_tokens: 16}}}}
@@ -454,6 +571,10 @@ outputs:
             f = p(&common::repo().join("tests/fixtures/parity"), "flux_dev"),
             v = p(&dir, "vae"),
             a = p(&dir, "controlnet_a"),
+            fu = p(
+                &common::repo().join("tests/fixtures/parity/flux_controlnet"),
+                "controlnet_union"
+            ),
             h = p(&dir, "hint_a.png"),
             big = p(&tmp, "big.png"),
             l = p(&enc, "text_encoder"),
@@ -485,6 +606,22 @@ outputs:
         msg.contains("controlnet_a")
             && msg.contains("needs an SD3 model")
             && msg.contains("single_transformer_blocks"),
+        "{msg}"
+    );
+    let (_, msg) = fail(
+        "  cn1: {type: ApplyFluxControlNet, inputs: {model: dit.model, controlnet: fcn.controlnet, vae: vae.vae, image: hint.image, mode: 1}}",
+        "cn1.model",
+    );
+    assert!(
+        msg.contains("needs a Flux model") && msg.contains("transformer_blocks (4 blocks)"),
+        "{msg}"
+    );
+    let (_, msg) = fail(
+        "  cn1: {type: ApplyFluxControlNet, inputs: {model: flux.model, controlnet: fcn.controlnet, vae: vae.vae, image: hint.image}}",
+        "cn1.model",
+    );
+    assert!(
+        msg.contains("controlnet_union") && msg.contains("needs a control mode"),
         "{msg}"
     );
     for nodes in [

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""ControlNet pipeline fixtures: tiny, randomly initialised SD3 ControlNets (diffusers 0.42) on a
-tiny SD3 transformer, run by StableDiffusion3ControlNetPipeline from ditflow's seeded noise.
+"""ControlNet pipeline fixtures: tiny, randomly initialised SD3 and Flux ControlNets (diffusers
+0.42) on tiny transformers, run by StableDiffusion3ControlNetPipeline and FluxControlNetPipeline
+from ditflow's seeded noise.
 
 Writes tests/fixtures/parity/sd3_controlnet/:
 - transformer/ (4 joint blocks), controlnet_a/ (2 blocks: residuals every 2 base blocks),
@@ -10,7 +11,13 @@ Writes tests/fixtures/parity/sd3_controlnet/:
 - io.safetensors: `in.noise`, `in.hint_a`/`in.hint_b` (the PNGs in [0, 1]), and the final latent
   and image of two runs: `single` (controlnet_a at 0.8) and `multi` (SD3MultiControlNetModel of
   a at 0.7 over [0, 0.5] and b at 1.2 over [0.25, 1]).
+Writes tests/fixtures/parity/flux_controlnet/:
+- transformer/ (2 double, 4 single blocks), controlnet/ (1 double, 2 single), controlnet_union/
+  (1 and 1, 3 control modes), vae/ (pinned as above), hint.png;
+- io.safetensors: `in.noise`, `in.hint`, and the final latent (unpacked) and image of `plain`
+  (controlnet at 0.8, guidance 3.5) and `union` (mode 1 at 1.1 over [0.25, 0.75]).
 The text encoders, tokenizers and scheduler are those of tests/fixtures/parity/sd3_pipeline/
+and flux_pipeline/
 (made by tools/make_mmdit_pipeline_fixtures.py with the same seeds, so they are rebuilt here
 identically rather than saved twice).
 
@@ -97,9 +104,62 @@ def sd3(seed=300):
     save_file(tensors, os.path.join(out, "io.safetensors"))
 
 
+def flux(seed=400):
+    from diffusers import (FlowMatchEulerDiscreteScheduler, FluxControlNetModel, FluxControlNetPipeline,
+                           FluxTransformer2DModel)
+
+    out = os.path.join(ROOT, "flux_controlnet")
+    shutil.rmtree(out, ignore_errors=True)
+    # The flux_pipeline fixture's encoders (same constructors and seeds).
+    te1, _, fast1, _ = clip(16, 2, None, True, 200)
+    te2, _, fast2 = t5(24, 201)
+    shape = dict(patch_size=1, in_channels=64, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                 pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    dit = randomize(FluxTransformer2DModel(num_layers=2, num_single_layers=4, **shape), seed, 0.15)
+    plain = randomize(FluxControlNetModel(num_layers=1, num_single_layers=2, **shape), seed + 1, 0.15)
+    union = randomize(FluxControlNetModel(num_layers=1, num_single_layers=1, num_mode=3, **shape), seed + 2, 0.15)
+    ae = vae(seed + 3)
+    with torch.no_grad():
+        ae.encoder.conv_out.weight[16:] = 0
+        ae.encoder.conv_out.bias[16:] = -30
+        # Distinct modes, so that the test tells them apart clearly.
+        union.controlnet_mode_embedder.weight.mul_(8)
+    dit.save_pretrained(os.path.join(out, "transformer"), safe_serialization=True)
+    plain.save_pretrained(os.path.join(out, "controlnet"), safe_serialization=True)
+    union.save_pretrained(os.path.join(out, "controlnet_union"), safe_serialization=True)
+    ae.save_pretrained(os.path.join(out, "vae"), safe_serialization=True)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    hint = smooth_image(seed + 4, os.path.join(out, "hint.png"))
+    control = (hint.permute(2, 0, 1)[None] * 2 - 1).contiguous()
+    noise_seed, steps, guidance = 14, 4, 3.5
+    noise = philox_randn((1, 16, 8, 8), noise_seed)
+    packed = FluxControlNetPipeline._pack_latents(noise, 1, 16, 8, 8)
+    tensors = {"in.noise": noise, "in.hint": hint}
+    runs = {
+        "plain": dict(controlnet=plain, controlnet_conditioning_scale=0.8),
+        "union": dict(controlnet=union, control_mode=1, controlnet_conditioning_scale=1.1,
+                      control_guidance_start=0.25, control_guidance_end=0.75),
+    }
+    for name, run in runs.items():
+        pipe = FluxControlNetPipeline(transformer=dit, scheduler=sched, vae=ae, text_encoder=te1, tokenizer=fast1,
+                                      text_encoder_2=te2, tokenizer_2=fast2, controlnet=run.pop("controlnet"))
+        args = dict(prompt=PROMPT, control_image=control, num_inference_steps=steps, guidance_scale=guidance,
+                    height=16, width=16, max_sequence_length=16, **run)
+        with torch.no_grad():
+            latent = pipe(**args, latents=packed.clone(), output_type="latent").images
+            image = pipe(**args, latents=packed.clone(), output_type="pt").images
+        latent = FluxControlNetPipeline._unpack_latents(latent, 16, 16, 2)
+        tensors[f"out.latent_{name}"] = latent.contiguous()
+        tensors[f"out.image_{name}"] = image[0].permute(1, 2, 0).contiguous()
+        print(f"flux_controlnet {name}: latent |max| {latent.abs().max():.3f}")
+    save_file(tensors, os.path.join(out, "io.safetensors"))
+
+
 def main():
     torch.set_num_threads(2)
     sd3()
+    flux()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 //! - [`tensor`]: `TensorStats` and `LatentToTensor`;
 //! - [`tensor_io`]: `LoadTensor` and `SaveTensor` (safetensors files);
 //! - [`image`]: `LoadImage` and `SaveImage` (PNG files);
+//! - [`preprocess`]: `ResizeImage`, `CannyEdges`, `GrayscaleMap`, ControlNet hint images;
 //! - [`forward`]: `Forward`, one forward of any protocol model from a file of tensors;
 //! - [`model_info`]: `ModelInfo`, a Model's interface, patches, digest and patch memory;
 //! - [`patches`]: `ApplyLoRA` and the feature caches, Model → Model patches;
@@ -30,6 +31,7 @@ pub mod model_info;
 pub mod noise;
 pub mod patches;
 pub mod pipeline;
+pub mod preprocess;
 pub mod samplers;
 pub mod tensor;
 pub mod tensor_io;
@@ -56,6 +58,9 @@ export_plugin!(
         tensor_io::SaveTensor,
         image::LoadImage,
         image::SaveImage,
+        preprocess::ResizeImage,
+        preprocess::CannyEdges,
+        preprocess::GrayscaleMap,
         forward::Forward,
         model_info::ModelInfo,
         patches::lora::ApplyLoRA,

@@ -47,20 +47,34 @@ pub struct Flux {
     pub text_embedder: (Linear, Linear),
     pub double: Vec<DoubleBlock>,
     pub single: Vec<SingleBlock>,
-    pub norm_out: Linear,
-    pub proj_out: Linear,
+    /// The output layer; a ControlNet's trunk has none.
+    pub head: Option<Head>,
     pub device: Device,
 }
 
+/// The continuously modulated output layer and the output projection.
+pub struct Head {
+    pub norm_out: Linear,
+    pub proj_out: Linear,
+}
+
 /// What every block of one forward reads.
-struct Run<'a> {
+pub struct Run<'a> {
     /// `silu(temb)`, the modulations' input.
-    silu: &'a Tensor,
-    rope: &'a (Tensor, Tensor),
-    dl: &'a LinearDeltas,
+    pub silu: &'a Tensor,
+    pub rope: &'a (Tensor, Tensor),
+    pub dl: &'a LinearDeltas,
     /// Text and image token counts.
-    lt: usize,
-    li: usize,
+    pub lt: usize,
+    pub li: usize,
+}
+
+/// The embedded inputs of one forward: image and text tokens and `silu` of the conditioning
+/// embedding.
+pub struct Embedded {
+    pub img: Tensor,
+    pub txt: Tensor,
+    pub silu: Tensor,
 }
 
 /// The model's inputs for one forward (diffusers' argument names).
@@ -82,6 +96,11 @@ pub struct Inputs<'a> {
 
 impl Flux {
     pub fn load(cfg: &Config, w: &Weights, device: Device) -> Result<Flux> {
+        Flux::load_trunk(cfg, w, device, false)
+    }
+
+    /// The transformer, or with `controlnet` a `FluxControlNetModel`'s trunk (no output layer).
+    pub fn load_trunk(cfg: &Config, w: &Weights, device: Device, controlnet: bool) -> Result<Flux> {
         let bad = |what: String| Error(format!("{}: {what}", cfg.path.display()));
         let patch = cfg.usize_or("patch_size", 1)?;
         if patch != 1 {
@@ -218,8 +237,14 @@ impl Flux {
             ),
             double,
             single,
-            norm_out: w.linear("norm_out.linear", dim, 2 * dim, true)?,
-            proj_out: w.linear("proj_out", dim, out_channels, true)?,
+            head: if controlnet {
+                None
+            } else {
+                Some(Head {
+                    norm_out: w.linear("norm_out.linear", dim, 2 * dim, true)?,
+                    proj_out: w.linear("proj_out", dim, out_channels, true)?,
+                })
+            },
             device,
         })
     }
@@ -255,12 +280,14 @@ impl Flux {
                 &b.proj_out,
             ]);
         }
-        v.extend([&self.norm_out, &self.proj_out]);
+        if let Some(head) = &self.head {
+            v.extend([&head.norm_out, &head.proj_out]);
+        }
         v.into_iter().map(Linear::info).collect()
     }
 
     /// A double-stream block on the text and image streams.
-    fn double_block(
+    pub fn double_block(
         &self,
         blk: &DoubleBlock,
         r: &Run,
@@ -287,7 +314,7 @@ impl Flux {
     }
 
     /// A single-stream block on the joint sequence.
-    fn single_block(&self, blk: &SingleBlock, r: &Run, joint: Tensor) -> Result<Tensor> {
+    pub fn single_block(&self, blk: &SingleBlock, r: &Run, joint: Tensor) -> Result<Tensor> {
         let (d, h, dl) = (self.dim, self.heads, r.dl);
         let m = chunks(&blk.norm.apply(r.silu, "none", dl)?, 3, d)?;
         let n = joint.layer_norm(None, None, Some(&m[0]), Some(&m[1]), 1e-6)?;
@@ -298,10 +325,9 @@ impl Flux {
         joint.gated_residual(&blk.proj_out.apply(&both, "none", dl)?, &m[2])
     }
 
-    /// The prediction `[B, L_img, out_channels]`, with the patches' linear deltas `dl` and
-    /// the other hooks at their sites.
-    pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
-        let d = self.dim;
+    /// The inputs checked and embedded (the position ids are checked here and turned into
+    /// RoPE tables by [`Flux::rope`]).
+    pub fn embed(&self, inp: &Inputs, dl: &LinearDeltas) -> Result<Embedded> {
         let x = inp.hidden_states;
         let xs = x.shape();
         if xs.len() != 3 || xs[2] != self.in_channels {
@@ -362,18 +388,38 @@ impl Flux {
         )?;
         let temb = temb.add(&text)?;
         let silu = temb.unary("silu")?;
-        // Tokens and positions (text first, as FluxPosEmbed joins them).
-        let mut img = self
+        let img = self
             .x_embedder
             .apply(&x.to_device(self.device)?, "none", dl)?;
-        let mut txt = self.context_embedder.apply(
+        let txt = self.context_embedder.apply(
             &inp.encoder_hidden_states.to_device(self.device)?,
             "none",
             dl,
         )?;
-        let ids =
-            ditflow_plugin::ops::concat(&[inp.txt_ids, inp.img_ids], 0)?.to_device(self.device)?;
-        let rope = ditflow_plugin::ops::rope_tables(&ids, &self.axes, 10000.0)?;
+        Ok(Embedded { img, txt, silu })
+    }
+
+    /// The RoPE tables of the text-then-image positions (as FluxPosEmbed joins them).
+    pub fn rope(&self, txt_ids: &Tensor, img_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        let ids = ditflow_plugin::ops::concat(&[txt_ids, img_ids], 0)?.to_device(self.device)?;
+        ditflow_plugin::ops::rope_tables(&ids, &self.axes, 10000.0)
+    }
+
+    /// The prediction `[B, L_img, out_channels]`, with the patches' linear deltas `dl` and
+    /// the other hooks at their sites.
+    pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
+        let d = self.dim;
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::new("Flux: a ControlNet trunk has no output layer"))?;
+        let Embedded {
+            mut img,
+            mut txt,
+            silu,
+        } = self.embed(inp, dl)?;
+        let (lt, li) = (txt.shape()[1], img.shape()[1]);
+        let rope = self.rope(inp.txt_ids, inp.img_ids)?;
         let run = Run {
             silu: &silu,
             rope: &rope,
@@ -407,8 +453,8 @@ impl Flux {
         };
         let img = joint.split(1, &[lt, li])?.remove(1);
         // AdaLayerNormContinuous: scale first, then shift.
-        let m = chunks(&self.norm_out.apply(&silu, "none", dl)?, 2, d)?;
+        let m = chunks(&head.norm_out.apply(&silu, "none", dl)?, 2, d)?;
         let out = img.layer_norm(None, None, Some(&m[1]), Some(&m[0]), 1e-6)?;
-        self.proj_out.apply(&out, "none", dl)
+        head.proj_out.apply(&out, "none", dl)
     }
 }

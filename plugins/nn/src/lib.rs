@@ -6,8 +6,11 @@
 //! - [`layers`]: `Linear`, `Attention`, `FeedForward`, `Conv2d`, `GroupNorm`, adaLN chunks, masks;
 //! - [`embeddings`]: timestep embeddings and sinusoids, 2-D sincos positions;
 //! - [`heads`]: attention over explicit heads with per-head q/k norms and RoPE (MMDiT);
-//! - [`patchify`]: latents to patch tokens and back.
+//! - [`patchify`]: latents to patch tokens and back;
+//! - [`controlnet`]: the ControlNet pipelines' shared rules (activity window, hint latent,
+//!   residual maps).
 
+pub mod controlnet;
 pub mod embeddings;
 pub mod heads;
 pub mod layers;

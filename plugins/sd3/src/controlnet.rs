@@ -8,6 +8,7 @@
 //! residuals add up, as `SD3MultiControlNetModel` sums them.
 
 use crate::sd3::{Inputs, Sd3};
+use ditflow_nn::controlnet::{hint_latent, kept, residual_index_sd3, tensor_digest};
 use ditflow_nn::{patchify, Config, Linear, Weights};
 use ditflow_plugin::files::{fnv1a, input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltas;
@@ -142,21 +143,6 @@ impl Sd3ControlNet {
     }
 }
 
-/// diffusers' ControlNet pipelines' rule: a ControlNet is kept at step `i` of `n` unless
-/// `i/n < start` or `(i+1)/n > end`.
-pub fn kept(call: &Call, start: f64, end: f64) -> bool {
-    let n = call.num_steps.max(1) as f64;
-    let i = call.step_index as f64;
-    !(i / n < start || (i + 1.0) / n > end)
-}
-
-/// The base block `block` of `n_base` reads residual `⌊block / (n_base / n_res)⌋`, as the SD3
-/// and Flux transformers' `interval_control` maps them (SD3 divides in floats and truncates).
-pub fn sd3_residual_index(block: usize, n_base: usize, n_res: usize) -> usize {
-    let interval = n_base as f64 / n_res.max(1) as f64;
-    ((block as f64 / interval) as usize).min(n_res.saturating_sub(1))
-}
-
 /// The patch: the ControlNet, its hint latent, its window, and the residuals of the current
 /// call (computed from the call's inputs).
 struct ControlNetPatch {
@@ -221,7 +207,7 @@ impl PatchHooks for ControlNetPatch {
         }
         let slot = self.residuals.lock().unwrap_or_else(|p| p.into_inner());
         Ok(slot.as_ref().map(|res| {
-            let i = sd3_residual_index(block, self.base_blocks, res.len());
+            let i = residual_index_sd3(block, self.base_blocks, res.len());
             // SD3's joint sequence is image then text: the residual starts at token 0.
             (res[i].clone(), 0)
         }))
@@ -262,22 +248,6 @@ impl Node for LoadSD3ControlNet {
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
         model_fingerprint(&input_path(ctx, "path")?).map(Some)
     }
-}
-
-/// The hint latent as the ControlNet pipelines make it: the VAE's mean, shifted (unless the
-/// ControlNet follows InstantX's rule of no shift) and scaled.
-pub fn hint_latent(vae: &Value, image: &Tensor, shift: bool) -> Result<Tensor> {
-    let info = vae.autoencoder_info()?;
-    let mean = vae.encode_image_mean(image)?;
-    let shift = if shift { info.shift_factor } else { 0.0 };
-    mean.affine(info.scaling_factor, -shift * info.scaling_factor)
-}
-
-/// A digest of a tensor's values, for the patch's identity.
-pub fn tensor_digest(t: &Tensor) -> Result<u64> {
-    let v = t.to_f32_vec()?;
-    Ok(v.iter()
-        .fold(0xcbf2_9ce4_8422_2325, |h, x| fnv1a(h, &x.to_le_bytes())))
 }
 
 /// `ApplySD3ControlNet`: model → model with a ControlNet's residuals.
