@@ -1,6 +1,7 @@
 //! Feature-cache benchmark (`cargo bench -p ditflow --bench caches`): text to image with the
-//! bundled demo model (20 steps, CFG 4) and with the tiny PixArt pipeline fixture, uncached and
-//! under each cache patch. For each method it prints the model evaluations per image, the
+//! bundled demo model (20 steps, CFG 4), the tiny PixArt pipeline fixture, and tiny random SD3
+//! (4 joint blocks, CFG 4) and Flux (2 double + 4 single blocks, distilled guidance) models,
+//! uncached and under each cache patch. For each method it prints the model evaluations per image, the
 //! block-stack evaluations computed and reused (from the caches' run summaries), the sampling
 //! wall time as a ratio to uncached in the same run, and the PSNR of the decoded image against
 //! the uncached one. Prints numbers; asserts nothing.
@@ -58,13 +59,73 @@ impl Captured {
     }
 }
 
+/// The model family of a case: how its graph loads the model and encodes the prompt.
+enum Family {
+    PixArt,
+    /// Text encoders from this folder (a pipeline fixture).
+    Sd3(PathBuf),
+    Flux(PathBuf),
+}
+
 struct Case {
     name: &'static str,
+    family: Family,
     dir: PathBuf,
     prompt: &'static str,
     size: usize,
     downscale: usize,
     scheduler: &'static str,
+}
+
+/// The nodes that load the model (`dm`) and make `pos` and `neg`, the latent's channels and
+/// Sample's extra inputs.
+fn family_nodes(case: &Case) -> (String, usize, &'static str) {
+    let d = |p: &str| case.dir.join(p).to_string_lossy().into_owned();
+    let prompt = case.prompt;
+    match &case.family {
+        Family::PixArt => (
+            format!(
+                "  te: {{type: LoadTextEncoder, inputs: {{path: {te:?}}}}}\n  dm: {{type: LoadDiffusionModel, inputs: {{path: {tr:?}}}}}\n  pos: {{type: TextEncode, inputs: {{encoder: te.encoder, text: {prompt:?}}}}}\n  neg: {{type: TextEncode, inputs: {{encoder: te.encoder, text: \"\"}}}}\n",
+                te = d("text_encoder"),
+                tr = d("transformer"),
+            ),
+            4,
+            "sampler: auto, cfg: 4.0",
+        ),
+        Family::Sd3(enc) => {
+            let e = |p: &str| enc.join(p).to_string_lossy().into_owned();
+            let encode = |name: &str, text: &str| format!("  {name}: {{type: SD3TextEncode, inputs: {{clip_l: l.encoder, clip_g: g.encoder, t5: t5.encoder, text: {text:?}, t5_tokens: 16}}}}\n");
+            (
+                format!(
+                    "  dm: {{type: LoadSD3, inputs: {{path: {tr:?}}}}}\n  l: {{type: LoadTextEncoder, inputs: {{path: {l:?}}}}}\n  g: {{type: LoadTextEncoder, inputs: {{path: {g:?}}}}}\n  t5: {{type: LoadTextEncoder, inputs: {{path: {t5:?}}}}}\n{}{}",
+                    encode("pos", prompt),
+                    encode("neg", ""),
+                    tr = d("transformer"),
+                    l = e("text_encoder"),
+                    g = e("text_encoder_2"),
+                    t5 = e("text_encoder_3"),
+                ),
+                16,
+                "sampler: flow_euler, flow_sigmas: scheduler, cfg: 4.0",
+            )
+        }
+        Family::Flux(enc) => {
+            let e = |p: &str| enc.join(p).to_string_lossy().into_owned();
+            let encode = |name: &str, text: &str| format!("  {name}: {{type: FluxTextEncode, inputs: {{clip: clip.encoder, t5: t5.encoder, text: {text:?}, t5_tokens: 16}}}}\n");
+            (
+                format!(
+                    "  dm: {{type: LoadFlux, inputs: {{path: {tr:?}}}}}\n  clip: {{type: LoadTextEncoder, inputs: {{path: {c:?}}}}}\n  t5: {{type: LoadTextEncoder, inputs: {{path: {t5:?}}}}}\n{}{}",
+                    encode("pos", prompt),
+                    encode("neg", ""),
+                    tr = d("transformer"),
+                    c = e("text_encoder"),
+                    t5 = e("text_encoder_2"),
+                ),
+                16,
+                "sampler: flow_euler, cfg: 1.0, guidance: 3.5",
+            )
+        }
+    }
 }
 
 fn graph(case: &Case, patch: &str, seed: u64, decode: bool) -> String {
@@ -79,11 +140,9 @@ fn graph(case: &Case, patch: &str, seed: u64, decode: bool) -> String {
     } else {
         format!("  p: {{type: {patch}}}\n").replace("MODEL", "dm.model")
     };
+    let (nodes, channels, sampling) = family_nodes(case);
     let mut y = format!(
-        "version: 1\nnodes:\n  te: {{type: LoadTextEncoder, inputs: {{path: {te:?}}}}}\n  dm: {{type: LoadDiffusionModel, inputs: {{path: {tr:?}}}}}\n  pos: {{type: TextEncode, inputs: {{encoder: te.encoder, text: {prompt:?}}}}}\n  neg: {{type: TextEncode, inputs: {{encoder: te.encoder, text: \"\"}}}}\n{patch}  lat: {{type: EmptyLatent, inputs: {{width: {s}, height: {s}, channels: 4, downscale: {ds}}}}}\n  s: {{type: Sample, inputs: {{model: {model}, positive: pos.conditioning, negative: neg.conditioning, latent: lat.latent, sampler: auto, scheduler_config: {sc:?}, steps: 20, cfg: 4.0, seed: {seed}}}}}\n",
-        te = d("text_encoder"),
-        tr = d("transformer"),
-        prompt = case.prompt,
+        "version: 1\nnodes:\n{nodes}{patch}  lat: {{type: EmptyLatent, inputs: {{width: {s}, height: {s}, channels: {channels}, downscale: {ds}}}}}\n  s: {{type: Sample, inputs: {{model: {model}, positive: pos.conditioning, negative: neg.conditioning, latent: lat.latent, {sampling}, scheduler_config: {sc:?}, steps: 20, seed: {seed}}}}}\n",
         s = case.size,
         ds = case.downscale,
         sc = d(case.scheduler),
@@ -153,6 +212,7 @@ fn main() {
     let cases = [
         Case {
             name: "demo PixArt (6 blocks, 16x16 latent)",
+            family: Family::PixArt,
             dir: common::repo().join("models/demo"),
             prompt: "a large red circle in the center on a blue background",
             size: 64,
@@ -161,11 +221,30 @@ fn main() {
         },
         Case {
             name: "tiny PixArt fixture (2 blocks, 8x8 latent)",
+            family: Family::PixArt,
             dir: common::repo().join("tests/fixtures/parity/pipeline"),
             prompt: "a red circle",
             size: 64,
             downscale: 8,
             scheduler: "scheduler_euler/scheduler_config.json",
+        },
+        Case {
+            name: "tiny random SD3 (4 joint blocks, 16x16 latent; the caches span all blocks)",
+            family: Family::Sd3(common::repo().join("tests/fixtures/parity/sd3_pipeline")),
+            dir: common::repo().join("tests/fixtures/parity/sd3_controlnet"),
+            prompt: "a red circle on a blue background",
+            size: 32,
+            downscale: 2,
+            scheduler: "../sd3_pipeline/scheduler/scheduler_config.json",
+        },
+        Case {
+            name: "tiny random Flux (2 double + 4 single blocks, 16x16 latent; the caches span the double blocks)",
+            family: Family::Flux(common::repo().join("tests/fixtures/parity/flux_pipeline")),
+            dir: common::repo().join("tests/fixtures/parity/flux_controlnet"),
+            prompt: "a red circle on a blue background",
+            size: 32,
+            downscale: 2,
+            scheduler: "../flux_pipeline/scheduler/scheduler_config.json",
         },
     ];
     let methods = [
@@ -186,8 +265,9 @@ fn main() {
         // Load and warm up every model once.
         run(&session, &graph(case, "", 99, true));
         println!(
-            "\n{} — 20 steps, CFG 4, {} seeds, best of {reps}",
+            "\n{} — 20 steps, {}, {} seeds, best of {reps}",
             case.name,
+            family_nodes(case).2,
             seeds.len()
         );
         println!(
