@@ -34,19 +34,25 @@ fn read(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
 
 /// Runs `Forward` on fixture `name` and returns the largest relative error over its outputs.
 fn forward_error(session: &Session, name: &str, outputs: &[&str]) -> f64 {
+    forward_error_with(session, name, "io.safetensors", outputs)
+}
+
+/// [`forward_error`] with the inputs and outputs of fixture `name`'s file `io`.
+fn forward_error_with(session: &Session, name: &str, io: &str, outputs: &[&str]) -> f64 {
     let (loader, port) = match name {
         "vae" | "vae16" => ("LoadVAE", "vae"),
         "flux_dev" | "flux_schnell" => ("LoadFlux", "model"),
         "sd3" | "sd3_5" => ("LoadSD3", "model"),
+        "hidream" => ("LoadHiDream", "model"),
         "t5" | "clip" | "clip_projection" => ("LoadTextEncoder", "encoder"),
         _ => ("LoadDiffusionModel", "model"),
     };
     let dir = common::repo().join("tests/fixtures/parity").join(name);
-    let out_dir = common::temp_dir(&format!("parity-{name}"));
+    let out_dir = common::temp_dir(&format!("parity-{name}-{io}"));
     let yaml = format!(
         "version: 1\nnodes:\n  m: {{type: {loader}, inputs: {{path: {dir:?}}}}}\n  f: {{type: Forward, inputs: {{model: m.{port}, inputs: {io:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n",
         dir = dir.to_string_lossy(),
-        io = dir.join("io.safetensors").to_string_lossy(),
+        io = dir.join(io).to_string_lossy(),
     );
     let g = Graph::from_yaml(&yaml, "parity.yaml", Path::new(".")).unwrap();
     let opts = RunOptions {
@@ -57,7 +63,7 @@ fn forward_error(session: &Session, name: &str, outputs: &[&str]) -> f64 {
     assert!(report.ok(), "{name}: {:?}", report.failed);
     let mut worst = 0f64;
     for out in outputs {
-        let (ws, want) = read(&dir.join("io.safetensors"), &format!("out.{out}"));
+        let (ws, want) = read(&dir.join(io), &format!("out.{out}"));
         let (gs, got) = read(&out_dir.join("out.safetensors"), &format!("out.{out}"));
         assert_eq!(gs, ws, "{name}.{out} shape");
         let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
@@ -109,6 +115,17 @@ fn sd3_and_sd3_5_match_diffusers() {
     for name in ["sd3", "sd3_5"] {
         assert!(forward_error(&s, name, &["sample"]) <= 1e-4, "{name}");
     }
+}
+
+#[test]
+fn hidream_matches_diffusers() {
+    // Double- and single-stream blocks with sparse MoE feed-forwards (4 experts, top 2, a
+    // shared one), q/k RMS norms across the heads, 3-axis RoPE, and each block reading its own
+    // Llama layer (llama_layers out of order). A wide latent is padded to max_resolution's
+    // tokens, their keys masked, as diffusers does.
+    let s = session();
+    assert!(forward_error(&s, "hidream", &["sample"]) <= 1e-4);
+    assert!(forward_error_with(&s, "hidream", "io_wide.safetensors", &["sample"]) <= 1e-4);
 }
 
 #[test]

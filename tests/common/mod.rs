@@ -74,6 +74,7 @@ pub const STD_PLUGINS: &[&str] = &[
     "ditflow_autoencoder_kl",
     "ditflow_flux",
     "ditflow_sd3",
+    "ditflow_hidream",
 ];
 
 /// The paths of the [`STD_PLUGINS`] libraries.
