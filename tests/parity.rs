@@ -541,6 +541,94 @@ outputs:
     }
 }
 
+#[test]
+fn a_bf16_checkpoint_runs_on_its_bf16_weights_exactly() {
+    // The Flux dev fixture saved in bf16, and in f32 holding the same bf16-rounded values: the
+    // bf16 linear weights are read as they are (converted while the GEMM packs them, with no
+    // f32 copy kept), so the two forwards agree bit for bit (tolerance 0).
+    let src = common::repo().join("tests/fixtures/parity/flux_dev");
+    let bytes = std::fs::read(src.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut bf16: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut rounded: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in st.tensors() {
+        assert_eq!(t.dtype(), safetensors::Dtype::F32);
+        let vals: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let halves: Vec<half::bf16> = vals.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        bf16.push((
+            name.clone(),
+            t.shape().to_vec(),
+            halves
+                .iter()
+                .flat_map(|h| h.to_bits().to_le_bytes())
+                .collect(),
+        ));
+        rounded.push((
+            name,
+            t.shape().to_vec(),
+            halves
+                .iter()
+                .flat_map(|h| h.to_f32().to_le_bytes())
+                .collect(),
+        ));
+    }
+    let write =
+        |tag: &str, dtype: safetensors::Dtype, tensors: &[(String, Vec<usize>, Vec<u8>)]| {
+            let dir = common::temp_dir(&format!("bf16-{tag}"));
+            std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+            let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+                .iter()
+                .map(|(n, s, b)| {
+                    (
+                        n.clone(),
+                        safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap(),
+                    )
+                })
+                .collect();
+            let data = safetensors::tensor::serialize(views, None).unwrap();
+            std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), data).unwrap();
+            dir
+        };
+    let outputs: Vec<Vec<f32>> = [
+        write("bf16", safetensors::Dtype::BF16, &bf16),
+        write("rounded", safetensors::Dtype::F32, &rounded),
+    ]
+    .iter()
+    .map(|dir| {
+        let out_dir = dir.join("out");
+        let yaml = format!(
+            "version: 1\nnodes:\n  m: {{type: LoadFlux, inputs: {{path: {:?}}}}}\n  f: {{type: Forward, inputs: {{model: m.model, inputs: {:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n",
+            dir.to_string_lossy(),
+            src.join("io.safetensors").to_string_lossy()
+        );
+        let g = Graph::from_yaml(&yaml, "bf16.yaml", Path::new(".")).unwrap();
+        let opts = RunOptions {
+            out_dir: out_dir.clone(),
+            ..RunOptions::default()
+        };
+        let report = session().run(&g, &[], &opts).unwrap();
+        assert!(report.ok(), "{:?}", report.failed);
+        read(&out_dir.join("out.safetensors"), "out.sample").1
+    })
+    .collect();
+    assert_eq!(outputs[0], outputs[1]);
+    // And within bf16's rounding of diffusers' f32 result.
+    let (_, want) = read(&src.join("io.safetensors"), "out.sample");
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let err = outputs[0]
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0f64, f64::max)
+        / scale;
+    eprintln!("bf16 Flux against diffusers' f32: relative error {err:.2e}");
+    assert!(err < 5e-2, "{err}");
+}
+
 /// Writes a `size`×`size` grey RGB PNG.
 fn grey_png(path: &Path, size: u32) {
     let file = std::fs::File::create(path).unwrap();

@@ -1,16 +1,30 @@
 //! PixArt forward benchmark, driven by `tools/bench_pixart.py` (which makes the model and inputs
 //! and times diffusers beside it): loads a model folder with `LoadDiffusionModel` once, then times
 //! the `Forward` node over repeated runs of a session (the loaded model stays cached) and prints
-//! the fastest as JSON.
+//! the fastest as JSON, with the process's resident and peak resident bytes.
 //!
 //! `cargo bench -p ditflow --bench pixart -- PLUGINS_DIR MODEL_DIR INPUTS.safetensors [REPS]
 //! [LOADER]` (LOADER: the node that loads MODEL_DIR, `LoadDiffusionModel` by default;
-//! `tools/bench_flux.py` passes `LoadFlux`).
+//! `tools/bench_mmdit.py` passes `LoadFlux` and `LoadSD3`).
 
 use ditflow::{Graph, RunOptions, Runtime, Session};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
+
+/// A byte count from `/proc/self/status` (`VmRSS:` now, `VmHWM:` the peak); 0 where there is
+/// none.
+fn proc_status_bytes(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
 
 fn main() {
     let args: Vec<String> = std::env::args()
@@ -46,7 +60,8 @@ fn main() {
         assert!(r.ok(), "{:?}", r.failed);
         best = best.min(t.elapsed().as_secs_f64());
     }
-    println!("{{\"bench\":\"pixart_forward\",\"seconds\":{best:.5},\"load_and_first_s\":{load_and_first:.3}}}");
+    let (rss, peak) = (proc_status_bytes("VmRSS:"), proc_status_bytes("VmHWM:"));
+    println!("{{\"bench\":\"pixart_forward\",\"seconds\":{best:.5},\"load_and_first_s\":{load_and_first:.3},\"resident_bytes\":{rss},\"peak_resident_bytes\":{peak}}}");
     if ditflow::tensor::op_call::profile::enabled() {
         for (op, n, secs) in ditflow::tensor::op_call::profile::report() {
             eprintln!("{op:>16} {n:>6} calls {:>9.2} ms", secs * 1e3);

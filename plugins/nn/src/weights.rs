@@ -139,6 +139,16 @@ impl Weights {
         }
     }
 
+    /// [`Weights::get`] for a linear layer's weight: a bf16 weight stays bf16 (the engine's
+    /// linear reads it as it is, so a bf16 checkpoint holds no f32 copy of its weights); other
+    /// dtypes become f32.
+    pub fn get_linear_weight(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
+        match self.tensors.get(key) {
+            Some(t) if t.dtype() == DType::BF16 && t.shape() == shape => Ok(t.clone()),
+            _ => self.get(key, shape),
+        }
+    }
+
     pub fn has(&self, key: &str) -> bool {
         self.tensors.contains_key(key)
     }
@@ -148,7 +158,7 @@ impl Weights {
     pub fn linear(&self, prefix: &str, input: usize, output: usize, bias: bool) -> Result<Linear> {
         Ok(Linear {
             name: prefix.to_string(),
-            weight: self.get(&format!("{prefix}.weight"), &[output, input])?,
+            weight: self.get_linear_weight(&format!("{prefix}.weight"), &[output, input])?,
             bias: if bias {
                 Some(self.get(&format!("{prefix}.bias"), &[output])?)
             } else {

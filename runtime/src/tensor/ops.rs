@@ -308,6 +308,37 @@ fn packed_weight(w: &Tensor, n: usize, k: usize) -> R<std::sync::Arc<cpu::gemm::
     Ok(packed)
 }
 
+/// A linear weight `[n, k]` as the GEMM's B operand: a bf16 weight as it is (converted while
+/// packed, per call, so it is never held in f32), others packed once and kept.
+enum WeightOperand<'a> {
+    Packed(std::sync::Arc<cpu::gemm::PackedB>),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> WeightOperand<'a> {
+    fn of(w: &'a Tensor, n: usize, k: usize) -> R<WeightOperand<'a>> {
+        Ok(match w.dtype() {
+            DType::BF16 => {
+                let v = w.as_slice::<half::bf16>()?;
+                // SAFETY: `bf16` is a `repr(transparent)` u16.
+                WeightOperand::Bf16(unsafe {
+                    std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len())
+                })
+            }
+            _ => WeightOperand::Packed(packed_weight(w, n, k)?),
+        })
+    }
+
+    fn operand(&self, k: usize) -> cpu::gemm::BOperand<'_> {
+        match self {
+            WeightOperand::Packed(p) => cpu::gemm::BOperand::Packed(p),
+            WeightOperand::Bf16(bits) => {
+                cpu::gemm::BOperand::Bf16(cpu::gemm::MatRefBf16::row_major(bits, k, true))
+            }
+        }
+    }
+}
+
 /// `x·wᵀ + bias`, then `act`: x `[..., K]`, w `[N, K]` (PyTorch's Linear layout), bias `[N]`.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) -> R {
     const OP: &str = "linear";
@@ -341,7 +372,8 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
         Device::Cpu => {
             let xf = f32s(x)?;
             let bf = bias.map(f32s).transpose()?;
-            let packed = packed_weight(w, n, k)?;
+            let weight = WeightOperand::of(w, n, k)?;
+            let b_operand = weight.operand(k);
             cpu_out(x.dtype(), &out_shape, |out| {
                 let ep = cpu::gemm::Epilogue {
                     bias: bf
@@ -357,7 +389,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
                         n,
                         k,
                         cpu::gemm::MatRef::row_major(&xf, k, false),
-                        cpu::gemm::BOperand::Packed(&packed),
+                        b_operand,
                         out.as_mut_ptr(),
                         n,
                         ep,
@@ -411,7 +443,8 @@ pub fn linear_split(
     *out_shape.last_mut().unwrap() = n / parts;
     let xf = f32s(x)?;
     let bf = bias.map(f32s).transpose()?;
-    let packed = packed_weight(w, n, k)?;
+    let weight = WeightOperand::of(w, n, k)?;
+    let b_operand = weight.operand(k);
     let mut outs = Vec::with_capacity(parts);
     for _ in 0..parts {
         outs.push(Tensor::for_overwrite(DType::F32, &out_shape)?);
@@ -434,7 +467,7 @@ pub fn linear_split(
             n,
             k,
             cpu::gemm::MatRef::row_major(&xf, k, false),
-            cpu::gemm::BOperand::Packed(&packed),
+            b_operand,
             &ptrs,
             ep,
             true,

@@ -59,6 +59,47 @@ impl MatRef {
     }
 }
 
+/// A read-only strided matrix of bf16 values (their bits): element (i, j) is at
+/// `ptr + i*rs + j*cs`. As a B operand it is converted to f32 while it is packed, per call, so a
+/// bf16 weight needs no resident f32 copy.
+#[derive(Clone, Copy)]
+pub struct MatRefBf16 {
+    pub ptr: *const u16,
+    pub rs: isize,
+    pub cs: isize,
+}
+
+// SAFETY: as for `MatRef`.
+unsafe impl Send for MatRefBf16 {}
+unsafe impl Sync for MatRefBf16 {}
+
+impl MatRefBf16 {
+    /// A row-major `rows × cols` matrix of bf16 bits, or its transpose when `trans`.
+    pub fn row_major(data: &[u16], cols: usize, trans: bool) -> MatRefBf16 {
+        let (rs, cs) = if trans {
+            (1, cols as isize)
+        } else {
+            (cols as isize, 1)
+        };
+        MatRefBf16 {
+            ptr: data.as_ptr(),
+            rs,
+            cs,
+        }
+    }
+
+    #[inline]
+    unsafe fn get(&self, i: usize, j: usize) -> f32 {
+        bf16_to_f32(*self.ptr.offset(i as isize * self.rs + j as isize * self.cs))
+    }
+}
+
+/// A bf16 value (its bits) as f32: exact, the bits shifted into the high half.
+#[inline]
+fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
 /// What happens to C after the product: an optional bias (per column or per row) and an
 /// activation, applied once the whole K sum is in.
 #[derive(Clone, Copy, Default)]
@@ -160,10 +201,12 @@ impl PackedB {
     }
 }
 
-/// The B operand of a product: any strided matrix (packed per call), or packed already.
+/// The B operand of a product: any strided matrix (packed per call), a strided bf16 matrix
+/// (converted while packed per call), or packed already.
 #[derive(Clone, Copy)]
 pub enum BOperand<'a> {
     Strided(MatRef),
+    Bf16(MatRefBf16),
     Packed(&'a PackedB),
 }
 
@@ -286,13 +329,11 @@ unsafe fn sgemm_out(
     } else {
         1
     };
-    // Columns per outer block: the packed B block (all of K × nc) stays within 4M floats.
+    // Columns per outer block: the packed B block (all of K × nc) stays within 4M floats, so
+    // the KC-step slice that all row blocks share at a time stays in cache; a B packed already
+    // is walked in the same blocks (its panels for columns jc.. start at panel jc / NR).
     let nc_cap = ((4usize << 20) / k).max(NR) / NR * NR;
-    let nc_block = if matches!(b, BOperand::Packed(_)) {
-        n
-    } else {
-        NC.min(nc_cap)
-    };
+    let nc_block = NC.min(nc_cap);
     PACK_B.with(|pb| {
         let mut pb = pb.borrow_mut();
         for jc in (0..n).step_by(nc_block) {
@@ -301,8 +342,8 @@ unsafe fn sgemm_out(
             // All of B[:, jc..jc+nc] in panels: panel p holds K steps of NR values, so the
             // KC-step block at `pc` starts at `p·NR·k + pc·NR`.
             let bpack = match b {
-                BOperand::Packed(p) => OutPtr(p.data.as_ptr() as *mut f32),
-                BOperand::Strided(b) => {
+                BOperand::Packed(p) => OutPtr(p.data.as_ptr().add(jc / NR * NR * k) as *mut f32),
+                BOperand::Strided(_) | BOperand::Bf16(_) => {
                     let need = n_panels * NR * k;
                     if pb.len() < need {
                         pb.resize(need, 0.0);
@@ -310,7 +351,12 @@ unsafe fn sgemm_out(
                     let bpack = OutPtr(pb.as_mut_ptr());
                     let pack_panel = |p: usize| {
                         let j0 = jc + p * NR;
-                        pack_b(k, NR.min(n - j0), b, 0, j0, bpack.get().add(p * NR * k));
+                        let out = bpack.get().add(p * NR * k);
+                        match b {
+                            BOperand::Strided(b) => pack_b(k, NR.min(n - j0), b, 0, j0, out),
+                            BOperand::Bf16(b) => pack_b_bf16(k, NR.min(n - j0), b, j0, out),
+                            BOperand::Packed(_) => unreachable!("packed B needs no packing"),
+                        }
                     };
                     if threads > 1 {
                         (0..n_panels).into_par_iter().for_each(pack_panel);
@@ -487,6 +533,21 @@ pub(crate) unsafe fn pack_b(
     out: *mut f32,
 ) {
     pack_panel::<NR>(kc, cols, b, p0, j0, out)
+}
+
+/// [`pack_b`] of a bf16 matrix over all of its `k` rows, converting to f32.
+unsafe fn pack_b_bf16(k: usize, cols: usize, b: MatRefBf16, j0: usize, out: *mut f32) {
+    for c in 0..NR {
+        if c < cols {
+            for p in 0..k {
+                *out.add(p * NR + c) = b.get(p, j0 + c);
+            }
+        } else {
+            for p in 0..k {
+                *out.add(p * NR + c) = 0.0;
+            }
+        }
+    }
 }
 
 /// Writes `out[p·W + c] = m(p0 + p, j0 + c)` for `p < kc`, `c < cols`, and zeros for
@@ -740,8 +801,14 @@ mod tests {
 
     #[test]
     fn prepacked_b_gives_the_same_product() {
+        // One column block, and several (n above NC, walked in blocks of the packed panels).
+        for (m, n, k) in [(37, 70, 300), (37, 4100, 40)] {
+            prepacked_matches(m, n, k);
+        }
+    }
+
+    fn prepacked_matches(m: usize, n: usize, k: usize) {
         let mut rng = Lcg(5);
-        let (m, n, k) = (37, 70, 300);
         let a = rng.vec(m * k);
         let w = rng.vec(n * k); // [n, k], used transposed as a linear layer's weight
         let wt = MatRef::row_major(&w, k, true);
@@ -765,6 +832,47 @@ mod tests {
                 k,
                 MatRef::row_major(&a, k, false),
                 BOperand::Packed(&packed),
+                c2.as_mut_ptr(),
+                n,
+                Epilogue::default(),
+                true,
+            );
+        }
+        assert_eq!(c1, c2);
+    }
+
+    #[test]
+    fn a_bf16_b_gives_the_product_of_its_f32_values() {
+        // B given as bf16 bits is converted while packed: the product equals the f32 product of
+        // the same (bf16-rounded) values bit for bit, over several NC blocks of columns.
+        let mut rng = Lcg(9);
+        let (m, n, k) = (13, 4100, 40);
+        let a = rng.vec(m * k);
+        let bits: Vec<u16> = rng
+            .vec(n * k)
+            .iter()
+            .map(|v| (v.to_bits() >> 16) as u16)
+            .collect();
+        let w: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
+        let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+        unsafe {
+            sgemm(
+                m,
+                n,
+                k,
+                MatRef::row_major(&a, k, false),
+                MatRef::row_major(&w, k, true),
+                c1.as_mut_ptr(),
+                n,
+                Epilogue::default(),
+                true,
+            );
+            sgemm_with(
+                m,
+                n,
+                k,
+                MatRef::row_major(&a, k, false),
+                BOperand::Bf16(MatRefBf16::row_major(&bits, k, true)),
                 c2.as_mut_ptr(),
                 n,
                 Epilogue::default(),
