@@ -141,6 +141,16 @@ fn autoencoder_kl_matches_diffusers() {
 }
 
 #[test]
+fn clip_text_encoders_match_transformers() {
+    // CLIPTextModel with the legacy end-of-text id (pooled at the largest id) and
+    // CLIPTextModelWithProjection with a real one (pooled at its first occurrence), on padded
+    // batches.
+    let s = session();
+    assert!(forward_error(&s, "clip", &["last_hidden_state", "pooler_output"]) <= 1e-4);
+    assert!(forward_error(&s, "clip_projection", &["last_hidden_state", "text_embeds"]) <= 1e-4);
+}
+
+#[test]
 fn t5_encoder_matches_transformers() {
     // Gated-GELU T5 with relative position buckets past the exact range and padded tokens.
     assert!(forward_error(&session(), "t5", &["last_hidden_state"]) <= 1e-4);

@@ -61,7 +61,16 @@ fn main() {
             let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
             println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6},\"gflops\":{gflops:.1}}}");
         }
-        for (m, k, n) in [(256, 384, 1536), (256, 1536, 384), (256, 384, 384)] {
+        // The last three are Flux's at real width: the MLP input, a single block's output and a
+        // fused q, k, v.
+        for (m, k, n) in [
+            (256, 384, 1536),
+            (256, 1536, 384),
+            (256, 384, 384),
+            (1024, 3072, 12288),
+            (1536, 15360, 3072),
+            (1024, 3072, 9216),
+        ] {
             let name = format!("linear_{m}x{k}x{n}");
             if !want(&name) {
                 continue;

@@ -6,6 +6,7 @@
 use ditflow_nn::{Config, Linear, Weights};
 use ditflow_plugin::{DType, Device, Error, Kind, Result, Tensor};
 
+/// One pre-norm encoder layer (`CLIPEncoderLayer`), shared by the text and vision towers.
 pub struct Layer {
     pub norm1: (Tensor, Tensor),
     pub q: Linear,
@@ -15,6 +16,75 @@ pub struct Layer {
     pub norm2: (Tensor, Tensor),
     pub fc1: Linear,
     pub fc2: Linear,
+}
+
+/// A `LayerNorm(d)` at `p` (`p.weight`, `p.bias`).
+pub fn layer_norm(w: &Weights, p: &str, d: usize) -> Result<(Tensor, Tensor)> {
+    Ok((
+        w.get(&format!("{p}.weight"), &[d])?,
+        w.get(&format!("{p}.bias"), &[d])?,
+    ))
+}
+
+/// CLIP's MLP activation by its config name.
+pub fn activation(cfg: &Config) -> Result<&'static str> {
+    match cfg.str_or("hidden_act", "quick_gelu")? {
+        "quick_gelu" => Ok("quick_gelu"),
+        "gelu" => Ok("gelu"),
+        other => Err(Error(format!(
+            "{}: hidden_act \"{other}\" is not supported",
+            cfg.path.display()
+        ))),
+    }
+}
+
+impl Layer {
+    /// The layer at `p` (`….layers.N`) of width `d` with an MLP of `ff`.
+    pub fn load(w: &Weights, p: &str, d: usize, ff: usize) -> Result<Layer> {
+        Ok(Layer {
+            norm1: layer_norm(w, &format!("{p}.layer_norm1"), d)?,
+            q: w.linear(&format!("{p}.self_attn.q_proj"), d, d, true)?,
+            k: w.linear(&format!("{p}.self_attn.k_proj"), d, d, true)?,
+            v: w.linear(&format!("{p}.self_attn.v_proj"), d, d, true)?,
+            out: w.linear(&format!("{p}.self_attn.out_proj"), d, d, true)?,
+            norm2: layer_norm(w, &format!("{p}.layer_norm2"), d)?,
+            fc1: w.linear(&format!("{p}.mlp.fc1"), d, ff, true)?,
+            fc2: w.linear(&format!("{p}.mlp.fc2"), ff, d, true)?,
+        })
+    }
+
+    /// `x` `[B, L, D]` through the layer, attention under the additive `bias` when given.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        heads: usize,
+        eps: f32,
+        act: &str,
+    ) -> Result<Tensor> {
+        let s = x.shape().to_vec();
+        let (b, l) = (s[0] as i64, s[1] as i64);
+        let split = |t: Tensor| -> Result<Tensor> {
+            t.reshape(&[b, l, heads as i64, -1])?.permute(&[0, 2, 1, 3])
+        };
+        let n = x.layer_norm(Some(&self.norm1.0), Some(&self.norm1.1), None, None, eps)?;
+        let (q, k, v) = (
+            split(self.q.forward(&n, "none")?)?,
+            split(self.k.forward(&n, "none")?)?,
+            split(self.v.forward(&n, "none")?)?,
+        );
+        let a = ditflow_plugin::ops::attention(&q, &k, &v, bias, None)?;
+        let a = a.permute(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
+        let x = x.add(&self.out.forward(&a, "none")?)?;
+        let n = x.layer_norm(Some(&self.norm2.0), Some(&self.norm2.1), None, None, eps)?;
+        let h = self.fc1.forward(&n, "none")?;
+        let h = match act {
+            // x · sigmoid(1.702 x)
+            "quick_gelu" => h.mul(&h.affine(1.702, 0.0)?.unary("sigmoid")?)?,
+            _ => h.unary("gelu")?,
+        };
+        x.add(&self.fc2.forward(&h, "none")?)
+    }
 }
 
 pub struct ClipText {
@@ -57,16 +127,7 @@ impl ClipText {
         let layers = cfg.usize_or("num_hidden_layers", 12)?;
         let vocab = cfg.usize_or("vocab_size", 49408)?;
         let positions = cfg.usize_or("max_position_embeddings", 77)?;
-        let activation = match cfg.str_or("hidden_act", "quick_gelu")? {
-            "quick_gelu" => "quick_gelu",
-            "gelu" => "gelu",
-            other => {
-                return Err(Error(format!(
-                    "{}: hidden_act \"{other}\" is not supported",
-                    cfg.path.display()
-                )))
-            }
-        };
+        let activation = activation(cfg)?;
         if heads == 0 || d % heads != 0 {
             return Err(Error(format!(
                 "{}: hidden_size {d} does not split into {heads} heads",
@@ -79,26 +140,9 @@ impl ClipText {
         } else {
             ""
         };
-        let ln = |p: &str| -> Result<(Tensor, Tensor)> {
-            Ok((
-                w.get(&format!("{p}.weight"), &[d])?,
-                w.get(&format!("{p}.bias"), &[d])?,
-            ))
-        };
+        let ln = |p: &str| layer_norm(w, p, d);
         let layers = (0..layers)
-            .map(|i| {
-                let p = format!("{tm}encoder.layers.{i}");
-                Ok(Layer {
-                    norm1: ln(&format!("{p}.layer_norm1"))?,
-                    q: w.linear(&format!("{p}.self_attn.q_proj"), d, d, true)?,
-                    k: w.linear(&format!("{p}.self_attn.k_proj"), d, d, true)?,
-                    v: w.linear(&format!("{p}.self_attn.v_proj"), d, d, true)?,
-                    out: w.linear(&format!("{p}.self_attn.out_proj"), d, d, true)?,
-                    norm2: ln(&format!("{p}.layer_norm2"))?,
-                    fc1: w.linear(&format!("{p}.mlp.fc1"), d, ff, true)?,
-                    fc2: w.linear(&format!("{p}.mlp.fc2"), ff, d, true)?,
-                })
-            })
+            .map(|i| Layer::load(w, &format!("{tm}encoder.layers.{i}"), d, ff))
             .collect::<Result<Vec<_>>>()?;
         let text_projection = if with_projection {
             let p = cfg.usize_or("projection_dim", 512)?;
@@ -129,14 +173,6 @@ impl ClipText {
             max_positions: positions,
             device,
         })
-    }
-
-    fn act(&self, x: &Tensor) -> Result<Tensor> {
-        match self.activation {
-            // x · sigmoid(1.702 x)
-            "quick_gelu" => x.mul(&x.affine(1.702, 0.0)?.unary("sigmoid")?),
-            _ => x.unary("gelu"),
-        }
     }
 
     /// One forward for ids `[B, L]` and an optional padding mask (1 keep, 0 padding).
@@ -178,44 +214,12 @@ impl ClipText {
                 .reshape(&[b as i64, 1, 1, l as i64])?;
             bias = bias.add(&drop.to_device(self.device)?)?;
         }
-        let split = |t: Tensor| -> Result<Tensor> {
-            t.reshape(&[b as i64, l as i64, self.heads as i64, -1])?
-                .permute(&[0, 2, 1, 3])
-        };
         let mut penultimate = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             if i + 1 == self.layers.len() {
                 penultimate = x.clone();
             }
-            let n = x.layer_norm(
-                Some(&layer.norm1.0),
-                Some(&layer.norm1.1),
-                None,
-                None,
-                self.eps,
-            )?;
-            let (q, k, v) = (
-                split(layer.q.forward(&n, "none")?)?,
-                split(layer.k.forward(&n, "none")?)?,
-                split(layer.v.forward(&n, "none")?)?,
-            );
-            let a = ditflow_plugin::ops::attention(&q, &k, &v, Some(&bias), None)?;
-            let a = a
-                .permute(&[0, 2, 1, 3])?
-                .reshape(&[b as i64, l as i64, -1])?;
-            x = x.add(&layer.out.forward(&a, "none")?)?;
-            let n = x.layer_norm(
-                Some(&layer.norm2.0),
-                Some(&layer.norm2.1),
-                None,
-                None,
-                self.eps,
-            )?;
-            x = x.add(
-                &layer
-                    .fc2
-                    .forward(&self.act(&layer.fc1.forward(&n, "none")?)?, "none")?,
-            )?;
+            x = layer.forward(&x, Some(&bias), self.heads, self.eps, self.activation)?;
         }
         let last = x.layer_norm(
             Some(&self.final_norm.0),
