@@ -639,6 +639,65 @@ fn a_bf16_checkpoint_runs_on_its_bf16_weights_exactly() {
     assert!(err < 5e-2, "{err}");
 }
 
+#[test]
+fn the_flux_ip_adapter_matches_flux_pipeline() {
+    // CLIPVisionModelWithProjection on the reference PNG (CLIPImageProcessor's normalisation;
+    // at 32x32 its resize and crop keep it as it is) against transformers (1e-4), then
+    // FluxPipeline with diffusers' load_ip_adapter at scale 0.7: the image tokens, and each
+    // double block's image queries attending to them, added after the block (1e-3, latent and
+    // image). Scale 0 must differ (the adapter is active).
+    let dir = common::repo().join("tests/fixtures/parity/flux_ip_adapter");
+    let base = common::repo().join("tests/fixtures/parity/flux_pipeline");
+    let p = |d: &Path, n: &str| format!("{:?}", d.join(n).to_string_lossy());
+    let io = dir.join("io.safetensors");
+    let run = |scale: f64| {
+        let yaml = format!(
+            r#"version: 1
+nodes:
+  dit: {{type: LoadFlux, inputs: {{path: {t}}}}}
+  vae: {{type: LoadVAE, inputs: {{path: {v}}}}}
+  clip: {{type: LoadTextEncoder, inputs: {{path: {c}}}}}
+  t5: {{type: LoadTextEncoder, inputs: {{path: {t5}}}}}
+  vision: {{type: LoadImageEncoder, inputs: {{path: {ie}}}}}
+  ref: {{type: LoadImage, inputs: {{path: {r}}}}}
+  embeds: {{type: CLIPVisionEncode, inputs: {{encoder: vision.encoder, image: ref.image}}}}
+  ip: {{type: ApplyFluxIPAdapter, inputs: {{model: dit.model, path: {ip}, image_embeds: embeds.image_embeds, scale: {scale}}}}}
+  pos: {{type: FluxTextEncode, inputs: {{clip: clip.encoder, t5: t5.encoder, text: "a red circle on a blue background", t5_tokens: 16}}}}
+  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 16, downscale: 2}}}}
+  sample: {{type: Sample, inputs: {{model: ip.model, positive: pos.conditioning, latent: latent.latent, sampler: flow_euler, scheduler_config: {s}, steps: 4, cfg: 1.0, guidance: 3.5, seed: 15}}}}
+  decode: {{type: VAEDecode, inputs: {{vae: vae.vae, latent: sample.latent}}}}
+outputs:
+  embeds: embeds.image_embeds
+  latent: sample.latent
+  image: decode.image
+"#,
+            t = p(&base, "transformer"),
+            v = p(&base, "vae"),
+            c = p(&base, "text_encoder"),
+            t5 = p(&base, "text_encoder_2"),
+            s = p(&base, "scheduler/scheduler_config.json"),
+            ie = p(&dir, "image_encoder"),
+            r = p(&dir, "reference.png"),
+            ip = p(&dir, "ip_adapter.safetensors"),
+        );
+        let g = Graph::from_yaml(&yaml, "ip_adapter.yaml", Path::new(".")).unwrap();
+        let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+        assert!(report.ok(), "{:?}", report.failed);
+        (
+            relative_error(report.output("embeds").unwrap(), &io, "image_embeds"),
+            relative_error(report.output("latent").unwrap(), &io, "latent"),
+            relative_error(report.output("image").unwrap(), &io, "image"),
+        )
+    };
+    let (ee, le, ie) = run(0.7);
+    eprintln!("Flux IP-Adapter: image embeds {ee:.2e}, latent {le:.2e}, image {ie:.2e}");
+    assert!(ee <= 1e-4, "{ee:.2e}");
+    assert!(le <= 1e-3 && ie <= 1e-3, "{le:.2e} {ie:.2e}");
+    let (_, off, _) = run(0.0);
+    eprintln!("without the adapter: latent {off:.2e}");
+    assert!(off > 1e-2, "the adapter changes the result ({off:.2e})");
+}
+
 /// Writes a `size`×`size` grey RGB PNG.
 fn grey_png(path: &Path, size: u32) {
     let file = std::fs::File::create(path).unwrap();

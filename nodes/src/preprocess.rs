@@ -4,162 +4,14 @@
 //! depth-like grey map: luminance, optionally blurred, stretched to [0, 1], optionally inverted).
 //! The pixel maths are plain functions on `[height, width, channels]` f32 buffers.
 
+use crate::image::unit_to_u8;
+use ditflow_nn::image::{fit, Filter, Fit, Pixels};
 use ditflow_plugin::prelude::*;
-
-/// An image's pixels: `[h, w, c]` row-major f32.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pixels {
-    pub h: usize,
-    pub w: usize,
-    pub c: usize,
-    pub data: Vec<f32>,
-}
-
-impl Pixels {
-    /// From an Image tensor `[H, W, C]` (f32 in [0, 1], or u8).
-    pub fn from_tensor(t: &Tensor) -> Result<Pixels> {
-        let (h, w, c) = crate::image::image_layout(t.shape())?;
-        let unit = if t.dtype() == DType::U8 {
-            1.0 / 255.0
-        } else {
-            1.0
-        };
-        let data = t
-            .cast(DType::F32)?
-            .to_f32_vec()?
-            .into_iter()
-            .map(|v| v * unit)
-            .collect();
-        Ok(Pixels { h, w, c, data })
-    }
-
-    pub fn into_tensor(self) -> Result<Tensor> {
-        Tensor::from_f32(Kind::Image, &[self.h, self.w, self.c], &self.data)
-    }
-
-    fn at(&self, y: usize, x: usize, ch: usize) -> f32 {
-        self.data[(y * self.w + x) * self.c + ch]
-    }
-}
-
-/// PIL's resampling weights for one axis (`ImagingResample` with the bilinear "triangle"
-/// filter): for each output sample, the first input index and its normalised weights. The
-/// filter widens by the scale when shrinking, so downscaling averages (antialiasing).
-fn resample_weights(src: usize, dst: usize) -> Vec<(usize, Vec<f64>)> {
-    let scale = src as f64 / dst as f64;
-    let support = scale.max(1.0);
-    (0..dst)
-        .map(|i| {
-            let center = (i as f64 + 0.5) * scale;
-            let lo = ((center - support).floor().max(0.0)) as usize;
-            let hi = ((center + support).ceil() as usize).min(src);
-            let ws: Vec<f64> = (lo..hi)
-                .map(|j| {
-                    let x = (j as f64 + 0.5 - center) / support;
-                    (1.0 - x.abs()).max(0.0)
-                })
-                .collect();
-            let total: f64 = ws.iter().sum();
-            let ws = if total > 0.0 {
-                ws.iter().map(|w| w / total).collect()
-            } else {
-                ws
-            };
-            (lo, ws)
-        })
-        .collect()
-}
-
-/// Resizes to `nw × nh` with PIL's bilinear filter (separable: rows, then columns).
-pub fn resize(p: &Pixels, nw: usize, nh: usize) -> Pixels {
-    let (cols, rows) = (resample_weights(p.w, nw), resample_weights(p.h, nh));
-    let mut mid = vec![0f32; p.h * nw * p.c];
-    for y in 0..p.h {
-        for (x, (lo, ws)) in cols.iter().enumerate() {
-            for ch in 0..p.c {
-                let v: f64 = ws
-                    .iter()
-                    .enumerate()
-                    .map(|(k, w)| w * p.at(y, lo + k, ch) as f64)
-                    .sum();
-                mid[(y * nw + x) * p.c + ch] = v as f32;
-            }
-        }
-    }
-    let mut out = vec![0f32; nh * nw * p.c];
-    for (y, (lo, ws)) in rows.iter().enumerate() {
-        for x in 0..nw {
-            for ch in 0..p.c {
-                let v: f64 = ws
-                    .iter()
-                    .enumerate()
-                    .map(|(k, w)| w * mid[((lo + k) * nw + x) * p.c + ch] as f64)
-                    .sum();
-                out[(y * nw + x) * p.c + ch] = v as f32;
-            }
-        }
-    }
-    Pixels {
-        h: nh,
-        w: nw,
-        c: p.c,
-        data: out,
-    }
-}
-
-/// How [`fit`] meets the target size.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Fit {
-    /// Resize to exactly the size (the aspect may change).
-    Stretch,
-    /// Resize to cover the size, then cut the centre.
-    Crop,
-    /// Resize to fit inside the size, then pad with black around the centre.
-    Pad,
-}
-
-/// `p` at `nw × nh` by `fit`.
-pub fn fit(p: &Pixels, nw: usize, nh: usize, fit: Fit) -> Pixels {
-    let (sx, sy) = (nw as f64 / p.w as f64, nh as f64 / p.h as f64);
-    let s = match fit {
-        Fit::Stretch => return resize(p, nw, nh),
-        Fit::Crop => sx.max(sy),
-        Fit::Pad => sx.min(sy),
-    };
-    let (rw, rh) = (
-        ((p.w as f64 * s).round() as usize).max(1),
-        ((p.h as f64 * s).round() as usize).max(1),
-    );
-    let r = resize(p, rw, rh);
-    let mut out = vec![0f32; nh * nw * p.c];
-    // Offsets of the resized picture in the output (negative: cut).
-    let (ox, oy) = (
-        (nw as i64 - rw as i64).div_euclid(2),
-        (nh as i64 - rh as i64).div_euclid(2),
-    );
-    for y in 0..nh {
-        for x in 0..nw {
-            let (ry, rx) = (y as i64 - oy, x as i64 - ox);
-            if ry < 0 || rx < 0 || ry >= rh as i64 || rx >= rw as i64 {
-                continue;
-            }
-            for ch in 0..p.c {
-                out[(y * nw + x) * p.c + ch] = r.at(ry as usize, rx as usize, ch);
-            }
-        }
-    }
-    Pixels {
-        h: nh,
-        w: nw,
-        c: p.c,
-        data: out,
-    }
-}
 
 /// 8-bit grey as OpenCV's `cvtColor(RGB2GRAY)` computes it (fixed-point BT.601 weights); a grey
 /// image is taken as is, and alpha is ignored.
 pub fn grey_u8(p: &Pixels) -> Vec<u8> {
-    let u8_of = |v: f32| crate::image::unit_to_u8(v) as u32;
+    let u8_of = |v: f32| unit_to_u8(v) as u32;
     (0..p.h * p.w)
         .map(|i| {
             let px = &p.data[i * p.c..(i + 1) * p.c];
@@ -370,7 +222,7 @@ impl Node for ResizeImage {
         };
         ctx.set_output(
             "image",
-            fit(&p, w as usize, h as usize, mode).into_tensor()?,
+            fit(&p, w as usize, h as usize, mode, Filter::Bilinear).into_tensor()?,
         )
     }
 }
@@ -469,58 +321,6 @@ impl Node for GrayscaleMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn gradient(w: usize, h: usize) -> Pixels {
-        let data = (0..h)
-            .flat_map(|y| (0..w).map(move |x| (x as f32 + 0.5) / w as f32 + 0.0 * y as f32))
-            .collect();
-        Pixels { h, w, c: 1, data }
-    }
-
-    #[test]
-    fn resizing_keeps_a_linear_ramp_linear_away_from_the_borders() {
-        // A ramp in x sampled at pixel centres is reproduced exactly by a normalised triangle
-        // filter whose taps are symmetric about the output sample (upscaling, and downscaling
-        // by whole factors) wherever it does not reach the border. Tolerance 1e-6. (Other
-        // factors are checked against PIL itself in tests/parity.rs.)
-        for (w, nw) in [(16, 32), (32, 16), (32, 8), (10, 25)] {
-            let r = resize(&gradient(w, 4), nw, 4);
-            let support = (w as f64 / nw as f64).max(1.0);
-            for x in 0..nw {
-                let center = (x as f64 + 0.5) * w as f64 / nw as f64;
-                if center - support < 0.0 || center + support > w as f64 {
-                    continue;
-                }
-                let want = center / w as f64;
-                for y in 0..4 {
-                    assert!(
-                        (r.at(y, x, 0) as f64 - want).abs() < 1e-6,
-                        "{w}->{nw} at {x}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn fit_modes_place_the_picture() {
-        let p = Pixels {
-            h: 2,
-            w: 4,
-            c: 1,
-            data: vec![1.0; 8],
-        };
-        // Pad to 4×4: rows 1 and 2 are the picture, rows 0 and 3 black.
-        let padded = fit(&p, 4, 4, Fit::Pad);
-        let rows: Vec<f32> = (0..4).map(|y| padded.at(y, 1, 0)).collect();
-        assert_eq!(rows, [0.0, 1.0, 1.0, 0.0]);
-        // Crop to 2×2: all picture.
-        assert!(fit(&p, 2, 2, Fit::Crop)
-            .data
-            .iter()
-            .all(|&v| (v - 1.0).abs() < 1e-6));
-        assert_eq!(fit(&p, 3, 5, Fit::Stretch).data.len(), 15);
-    }
 
     #[test]
     fn canny_finds_the_edge_of_a_square_and_nothing_in_flat_areas() {

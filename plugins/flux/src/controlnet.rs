@@ -127,7 +127,7 @@ impl FluxControlNet {
         let mut img = img;
         let mut double = Vec::with_capacity(self.double_out.len());
         for (blk, proj) in t.double.iter().zip(&self.double_out) {
-            (txt, img) = t.double_block(blk, &run, txt, img)?;
+            (txt, img) = t.double_block(blk, &run, txt, img, None)?;
             double.push(proj.apply(&img, "none", dl)?);
         }
         let mut joint = ditflow_plugin::ops::concat(&[&txt, &img], 1)?;

@@ -32,12 +32,13 @@ impl Object for FluxModel {
 impl Denoiser for FluxModel {
     fn describe(&self) -> DenoiserInfo {
         let m = &self.flux;
-        let stack = |name: &str, n: usize, streams: &[&str]| StackInfo {
+        let stack = |name: &str, n: usize, streams: &[&str], sites: u32| StackInfo {
             name: name.into(),
             streams: streams.iter().map(|s| s.to_string()).collect(),
             n_blocks: n,
-            sites: ditflow_plugin::abi::DF_SITE_POST_BLOCK,
+            sites,
         };
+        use ditflow_plugin::abi::{DF_SITE_ATTN, DF_SITE_POST_BLOCK};
         let mut conditioning = vec![
             "encoder_hidden_states",
             "pooled_projections",
@@ -64,14 +65,26 @@ impl Denoiser for FluxModel {
                 },
             ],
             stacks: vec![
-                stack("transformer_blocks", m.double.len(), &["image", "text"]),
-                stack("single_transformer_blocks", m.single.len(), &["joint"]),
+                // The double blocks' joint attention takes extra branches (IP-Adapters).
+                stack(
+                    "transformer_blocks",
+                    m.double.len(),
+                    &["image", "text"],
+                    DF_SITE_POST_BLOCK | DF_SITE_ATTN,
+                ),
+                stack(
+                    "single_transformer_blocks",
+                    m.single.len(),
+                    &["joint"],
+                    DF_SITE_POST_BLOCK,
+                ),
             ],
             linears: self.linears.clone(),
             capabilities: ditflow_plugin::abi::DF_CAP_LINEAR_DELTA
                 | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE
                 | ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL
-                | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE,
+                | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE
+                | ditflow_plugin::abi::DF_CAP_ATTENTION_EXTRA,
             conditioning: conditioning.into_iter().map(String::from).collect(),
         }
     }

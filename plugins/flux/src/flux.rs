@@ -8,6 +8,7 @@ use ditflow_nn::{
     attend_heads, chunks, timestep_sinusoids, Config, FeedForward, HeadProjections, Linear,
     TimestepEmbedding, Weights,
 };
+use ditflow_plugin::attention::{AttentionKind, AttentionSite};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::{Hooks, LinearInfo};
 use ditflow_plugin::{Device, Error, Result, Tensor};
@@ -286,13 +287,17 @@ impl Flux {
         v.into_iter().map(Linear::info).collect()
     }
 
-    /// A double-stream block on the text and image streams.
+    /// A double-stream block on the text and image streams; with `site`, the hooks' extra
+    /// attention branches there (from the image queries after their norm, before RoPE) are
+    /// added to the image stream after the feed-forward, ungated, as diffusers' Flux blocks add
+    /// an IP-Adapter's output.
     pub fn double_block(
         &self,
         blk: &DoubleBlock,
         r: &Run,
         txt: Tensor,
         img: Tensor,
+        site: Option<(&Hooks, usize)>,
     ) -> Result<(Tensor, Tensor)> {
         let (d, h, dl) = (self.dim, self.heads, r.dl);
         let m = chunks(&blk.norm1.apply(r.silu, "none", dl)?, 6, d)?;
@@ -307,6 +312,21 @@ impl Flux {
         let mut img = img.gated_residual(&blk.to_out.apply(&parts[1], "none", dl)?, &m[2])?;
         let n2 = img.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
         img = img.gated_residual(&blk.ff.forward(&n2, dl)?, &m[5])?;
+        if let Some((hooks, block)) = site {
+            let site = AttentionSite {
+                stack: 0,
+                block,
+                kind: AttentionKind::Joint,
+            };
+            let extra = hooks.attention_extras(&site, || {
+                let s = q.shape().to_vec();
+                q.permute(&[0, 2, 1, 3])?
+                    .reshape(&[s[0] as i64, s[2] as i64, (s[1] * s[3]) as i64])
+            })?;
+            if let Some(extra) = extra {
+                img = img.add(&extra)?;
+            }
+        }
         let mut txt = txt.gated_residual(&blk.to_add_out.apply(&parts[0], "none", dl)?, &c[2])?;
         let nc2 = txt.layer_norm(None, None, Some(&c[3]), Some(&c[4]), 1e-6)?;
         txt = txt.gated_residual(&blk.ff_context.forward(&nc2, dl)?, &c[5])?;
@@ -429,7 +449,7 @@ impl Flux {
         };
         let joint = if hooks.is_empty() {
             for blk in &self.double {
-                (txt, img) = self.double_block(blk, &run, txt, img)?;
+                (txt, img) = self.double_block(blk, &run, txt, img, None)?;
             }
             let mut joint = ditflow_plugin::ops::concat(&[&txt, &img], 1)?;
             for blk in &self.single {
@@ -443,8 +463,13 @@ impl Flux {
             let joint = ditflow_plugin::ops::concat(&[&txt, &img], 1)?;
             let joint = hooks.run_stack(0, self.double.len(), joint, &mut |i, h| {
                 let parts = h.split(1, &[lt, li])?;
-                let (t, x) =
-                    self.double_block(&self.double[i], &run, parts[0].clone(), parts[1].clone())?;
+                let (t, x) = self.double_block(
+                    &self.double[i],
+                    &run,
+                    parts[0].clone(),
+                    parts[1].clone(),
+                    Some((hooks, i)),
+                )?;
                 ditflow_plugin::ops::concat(&[&t, &x], 1)
             })?;
             hooks.run_stack(1, self.single.len(), joint, &mut |i, h| {

@@ -6,6 +6,7 @@
 //!   loader node;
 //! - [`controlnet`]: `FluxControlNetModel` (union mode too) as block-residual patches
 //!   (`LoadFluxControlNet`, `ApplyFluxControlNet`);
+//! - [`ip_adapter`]: the Flux IP-Adapter as an extra attention branch (`ApplyFluxIPAdapter`);
 //! - [`conditioning`]: `FluxTextEncode`, the pipeline's CLIP-L pooled + T5 conditioning;
 //! - [`single_file`]: BFL/ComfyUI single-file checkpoints mapped to diffusers' keys.
 
@@ -15,6 +16,7 @@ pub mod conditioning;
 pub mod controlnet;
 pub mod denoiser;
 pub mod flux;
+pub mod ip_adapter;
 pub mod single_file;
 
 ditflow_plugin::export_plugin!(
@@ -24,6 +26,7 @@ ditflow_plugin::export_plugin!(
         denoiser::LoadFlux,
         conditioning::FluxTextEncode,
         controlnet::LoadFluxControlNet,
-        controlnet::ApplyFluxControlNet
+        controlnet::ApplyFluxControlNet,
+        ip_adapter::ApplyFluxIPAdapter
     ]
 );

@@ -7,12 +7,14 @@
 //! - [`embeddings`]: timestep embeddings and sinusoids, 2-D sincos positions;
 //! - [`heads`]: attention over explicit heads with per-head q/k norms and RoPE (MMDiT);
 //! - [`patchify`]: latents to patch tokens and back;
+//! - [`image`]: pixels, PIL's resampling and fitting, for the image preprocessors;
 //! - [`controlnet`]: the ControlNet pipelines' shared rules (activity window, hint latent,
 //!   residual maps).
 
 pub mod controlnet;
 pub mod embeddings;
 pub mod heads;
+pub mod image;
 pub mod layers;
 pub mod patchify;
 pub mod weights;

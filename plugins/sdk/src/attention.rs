@@ -578,14 +578,31 @@ impl Hooks<'_> {
         o: Tensor,
         make_q: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Tensor> {
+        match self.attention_extras(site, make_q)? {
+            Some(extra) => o.add(&extra.cast(o.dtype())?),
+            None => Ok(o),
+        }
+    }
+
+    /// The sum of the extra attention branches at `site` from its queries `[B, L, H·D]` (made
+    /// only when a branch runs), each scaled by its patch's strength and gated to its rows;
+    /// `None` when no branch runs. Most models add it to the attention's output before the
+    /// output projection ([`Hooks::attention`] does); a model whose reference adds such a
+    /// branch elsewhere (Flux's IP-Adapter: after the block's feed-forward) calls this and adds
+    /// it there.
+    pub fn attention_extras(
+        &self,
+        site: &AttentionSite,
+        make_q: impl FnOnce() -> Result<Tensor>,
+    ) -> Result<Option<Tensor>> {
         let extras = self.attention_patches(site, |p| p.attention_extra.is_some());
         if extras.is_empty() {
-            return Ok(o);
+            return Ok(None);
         }
         let q = make_q()?;
         let raw_call = self.call_raw();
         let raw_site = site.raw();
-        let mut o = o;
+        let mut sum: Option<Tensor> = None;
         for (p, rows) in &extras {
             let f = p
                 .attention_extra
@@ -612,24 +629,27 @@ impl Hooks<'_> {
             let Some(delta) = Value::from_owned(out) else {
                 continue;
             };
-            let mut delta = delta.as_tensor()?.cast(o.dtype())?;
-            if delta.shape() != o.shape() {
+            let mut delta = delta.as_tensor()?.cast(crate::DType::F32)?;
+            if delta.shape() != q.shape() {
                 return Err(Error(format!(
-                    "{}: an extra attention branch of {:?} for an output of {:?}",
+                    "{}: an extra attention branch of {:?} for queries of {:?}",
                     label(p),
                     delta.shape(),
-                    o.shape()
+                    q.shape()
                 )));
             }
             if p.strength != 1.0 {
                 delta = delta.affine(p.strength, 0.0)?;
             }
             if let Some(g) = row_gate(rows, 3)? {
-                delta = delta.mul(&g.to_device(o.device())?)?;
+                delta = delta.mul(&g.to_device(q.device())?)?;
             }
-            o = o.add(&delta)?;
+            sum = Some(match sum {
+                Some(s) => s.add(&delta)?,
+                None => delta,
+            });
         }
-        Ok(o)
+        Ok(sum)
     }
 }
 

@@ -1,17 +1,25 @@
 //! `ditflow-t5-clip`: transformers' text encoders as a plugin, `T5EncoderModel`, `CLIPTextModel`
-//! and `CLIPTextModelWithProjection`, with their `tokenizer.json`, built on the SDK and the shared
+//! and `CLIPTextModelWithProjection`, with their `tokenizer.json`, and CLIP's vision tower
+//! (`CLIPVisionModelWithProjection`, IP-Adapters' image encoder), built on the SDK and the shared
 //! layers (`ditflow-nn`). `LoadTextEncoder` reads a model folder into a `Model<TextEncoder>`.
-//! - [`t5`], [`clip`]: the architectures;
-//! - [`encoder`]: the protocol model (tokenize and forward) and its loader node.
+//! - [`t5`], [`clip`]: the text architectures;
+//! - [`encoder`]: the protocol model (tokenize and forward) and its loader node;
+//! - [`clip_vision`]: the vision tower, its preprocessing, `LoadImageEncoder` and
+//!   `CLIPVisionEncode`.
 
 #![forbid(unsafe_code)]
 
 pub mod clip;
+pub mod clip_vision;
 pub mod encoder;
 pub mod t5;
 
 ditflow_plugin::export_plugin!(
     name: "ditflow-t5-clip",
     version: env!("CARGO_PKG_VERSION"),
-    nodes: [encoder::LoadTextEncoder]
+    nodes: [
+        encoder::LoadTextEncoder,
+        clip_vision::LoadImageEncoder,
+        clip_vision::ClipVisionEncode
+    ]
 );
