@@ -698,6 +698,69 @@ outputs:
     assert!(off > 1e-2, "the adapter changes the result ({off:.2e})");
 }
 
+#[test]
+fn an_all_in_one_sd3_file_gives_the_folders_result_bit_for_bit() {
+    // One file holding the transformer (Stability AI's layout), the VAE (the original LDM
+    // layout under first_stage_model.) and the three text encoders (text_encoders.*): the SD3
+    // pipeline run from it equals the run from the diffusers folders bit for bit (tolerance 0).
+    // The tiny models' configs are given (their heads and norm groups are not in their shapes).
+    let file =
+        common::repo().join("tests/fixtures/parity/sd3_all_in_one/sd3-tiny-all-in-one.safetensors");
+    let enc = common::repo().join("tests/fixtures/parity/sd3_pipeline");
+    let p = |d: &Path, n: &str| format!("{:?}", d.join(n).to_string_lossy());
+    let f = format!("{:?}", file.to_string_lossy());
+    let run = |loaders: &str| {
+        let yaml = format!(
+            r#"version: 1
+nodes:
+{loaders}
+  pos: {{type: SD3TextEncode, inputs: {{clip_l: l.encoder, clip_g: g.encoder, t5: t5.encoder, text: "a red circle on a blue background", t5_tokens: 16}}}}
+  neg: {{type: SD3TextEncode, inputs: {{clip_l: l.encoder, clip_g: g.encoder, t5: t5.encoder, text: "", t5_tokens: 16}}}}
+  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 16, downscale: 2}}}}
+  sample: {{type: Sample, inputs: {{model: dit.model, positive: pos.conditioning, negative: neg.conditioning, latent: latent.latent, sampler: flow_euler, scheduler_config: {s}, flow_sigmas: scheduler, steps: 3, cfg: 4.0, seed: 5}}}}
+  decode: {{type: VAEDecode, inputs: {{vae: vae.vae, latent: sample.latent}}}}
+outputs:
+  image: decode.image
+"#,
+            s = p(&enc, "scheduler/scheduler_config.json"),
+        );
+        let g = Graph::from_yaml(&yaml, "all_in_one.yaml", Path::new(".")).unwrap();
+        let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+        assert!(report.ok(), "{:?}", report.failed);
+        match &**report.output("image").unwrap() {
+            ditflow::Value::Tensor(_, t) => t.as_f32().to_vec(),
+            _ => panic!("an image"),
+        }
+    };
+    let folders = run(&format!(
+        "  dit: {{type: LoadSD3, inputs: {{path: {}}}}}\n  vae: {{type: LoadVAE, inputs: {{path: {}}}}}\n  l: {{type: LoadTextEncoder, inputs: {{path: {}}}}}\n  g: {{type: LoadTextEncoder, inputs: {{path: {}}}}}\n  t5: {{type: LoadTextEncoder, inputs: {{path: {}}}}}",
+        p(&enc, "transformer"),
+        p(&enc, "vae"),
+        p(&enc, "text_encoder"),
+        p(&enc, "text_encoder_2"),
+        p(&enc, "text_encoder_3"),
+    ));
+    let te = |name: &str, component: &str, folder: &str| {
+        format!(
+            "  {name}: {{type: LoadTextEncoder, inputs: {{path: {f}, component: {component}, tokenizer: {t}, config: {c}}}}}",
+            t = p(&enc, folder),
+            c = p(&enc, &format!("{folder}/config.json")),
+        )
+    };
+    let single = run(&[
+        format!("  dit: {{type: LoadSD3, inputs: {{path: {f}}}}}"),
+        format!(
+            "  vae: {{type: LoadVAE, inputs: {{path: {f}, config: {}}}}}",
+            p(&enc, "vae/config.json")
+        ),
+        te("l", "clip_l", "text_encoder"),
+        te("g", "clip_g", "text_encoder_2"),
+        te("t5", "t5xxl", "text_encoder_3"),
+    ]
+    .join("\n"));
+    assert_eq!(single, folders);
+}
+
 /// Writes a `size`×`size` grey RGB PNG.
 fn grey_png(path: &Path, size: u32) {
     let file = std::fs::File::create(path).unwrap();

@@ -1,15 +1,17 @@
 //! `ditflow-autoencoder-kl`: diffusers' `AutoencoderKL` as a plugin. `LoadVAE` reads a model
-//! folder into a `Model<Autoencoder>` that any plugin runs through the autoencoder interface:
-//! `image` to `mean` and `logvar`, `latent` to `decoded` (and with `tile_size`, the tiled decode).
+//! folder, or the VAE inside a single-file checkpoint ([`single_file`]), into a
+//! `Model<Autoencoder>` that any plugin runs through the autoencoder interface: `image` to `mean`
+//! and `logvar`, `latent` to `decoded` (and with `tile_size`, the tiled decode).
 
 #![forbid(unsafe_code)]
 
+pub mod single_file;
 pub mod vae;
 
 use ditflow_nn::{Config, Weights};
 use ditflow_plugin::encoder_api::sorted;
 use ditflow_plugin::export_plugin;
-use ditflow_plugin::files::{folder_fingerprint, input_path};
+use ditflow_plugin::files::{file_fingerprint, input_path, model_fingerprint};
 use ditflow_plugin::model::Inputs;
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
@@ -25,7 +27,28 @@ impl Object for Vae {
 }
 
 impl Vae {
-    pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<Vae> {
+    /// From a diffusers folder, or from a single file (the VAE inside an all-in-one
+    /// checkpoint, or a VAE file, in the original or diffusers' layout) with `config` (a
+    /// diffusers config.json) or its shapes' config.
+    pub fn load(dir: &Path, config: Option<&Path>, device: Device, ctx: &Context) -> Result<Vae> {
+        if dir.is_file() {
+            let all = ditflow_nn::read_tensors(ctx, dir, device)?;
+            let (vae, family) = single_file::vae_tensors(dir, all)?;
+            let vae = if single_file::is_ldm(&vae) {
+                single_file::to_diffusers(vae)?
+            } else {
+                vae
+            };
+            let cfg = match config {
+                Some(c) => Config::read(c)?,
+                None => Config {
+                    path: dir.to_path_buf(),
+                    json: single_file::infer_config(dir, &vae, family)?,
+                },
+            };
+            let w = Weights::from_tensors(dir, vae);
+            return Ok(Vae(AutoencoderKL::load(&cfg, &w, device)?));
+        }
         let cfg = Config::read(dir)?;
         match cfg.class_name() {
             Some("AutoencoderKL") => {}
@@ -110,26 +133,43 @@ impl Node for LoadVAE {
         NodeSchema::new("LoadVAE")
             .category("loaders")
             .doc(
-                "Loads a diffusers AutoencoderKL folder (config.json plus safetensors). The \
-                 scaling and shift factors come from its config. Cached until a file in the \
-                 folder changes.",
+                "Loads a diffusers AutoencoderKL folder (config.json plus safetensors), or the \
+                 VAE of a single .safetensors file: an all-in-one checkpoint (Stability AI's or \
+                 ComfyUI's first_stage_model. in the original layout) or a VAE file, in the \
+                 original or diffusers' layout. The scaling and shift factors come from the \
+                 config: the folder's, the config input's, or for a file without one its \
+                 shapes' with the factors of the family its other keys belong to (SD3, Flux or \
+                 SD). Cached until a file changes.",
             )
             .input(
-                Port::new("path", "String")
-                    .doc("The VAE folder; a relative path is taken from the graph's folder."),
+                Port::new("path", "String").doc(
+                    "The VAE folder or a .safetensors file; a relative path is taken from the graph's folder.",
+                ),
             )
+            .input(Port::new("config", "String").default("").doc(
+                "For a single file: a diffusers VAE config.json to use instead of the inferred one.",
+            ))
             .output(Port::new("vae", "Model<Autoencoder>").doc("The autoencoder."))
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let dir = input_path(ctx, "path")?;
-        let vae = Vae::load(&dir, ctx.device(), ctx)?;
+        let config: String = ctx.input("config")?;
+        let config = (!config.is_empty())
+            .then(|| ctx.input_path(&config))
+            .transpose()?;
+        let vae = Vae::load(&dir, config.as_deref(), ctx.device(), ctx)?;
         let value = ctx.make_autoencoder(vae)?;
         ctx.set_output("vae", value)
     }
 
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
-        folder_fingerprint(&input_path(ctx, "path")?).map(Some)
+        let mut f = model_fingerprint(&input_path(ctx, "path")?)?;
+        let config: String = ctx.input("config")?;
+        if !config.is_empty() {
+            f ^= file_fingerprint("cannot read", &ctx.input_path(&config)?)?.rotate_left(1);
+        }
+        Ok(Some(f))
     }
 }
 

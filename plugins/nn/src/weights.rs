@@ -14,11 +14,15 @@ pub struct Config {
 }
 
 impl Config {
+    /// The `config.json` of a model folder, or the config file `dir` itself names.
     pub fn read(dir: &Path) -> Result<Config> {
-        if !dir.is_dir() {
+        let path = if dir.is_file() {
+            dir.to_path_buf()
+        } else if dir.is_dir() {
+            dir.join("config.json")
+        } else {
             return Err(Error(format!("{}: no such model folder", dir.display())));
-        }
-        let path = dir.join("config.json");
+        };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error(format!("{}: {e}", path.display())))?;
         let json: serde_json::Value = serde_json::from_str(&text)

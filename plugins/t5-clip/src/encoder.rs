@@ -57,9 +57,50 @@ pub const TEXT_ENCODER_CLASSES: &[&str] = &[
     "CLIPTextModelWithProjection",
 ];
 
+/// Where a text encoder comes from: a transformers folder, or one component of a single file,
+/// with its config (a file's inferred from its shapes without one) and its tokenizer's folder
+/// (or `tokenizer.json`).
+pub struct Source<'a> {
+    pub path: &'a Path,
+    pub component: &'a str,
+    pub config: Option<&'a Path>,
+    pub tokenizer: Option<&'a Path>,
+}
+
 impl TextEncoder {
     pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<TextEncoder> {
-        let cfg = Config::read(dir)?;
+        TextEncoder::load_from(
+            &Source {
+                path: dir,
+                component: "",
+                config: None,
+                tokenizer: None,
+            },
+            device,
+            ctx,
+        )
+    }
+
+    pub fn load_from(src: &Source, device: Device, ctx: &Context) -> Result<TextEncoder> {
+        let dir = src.path;
+        let (cfg, w) = if dir.is_file() {
+            let all = ditflow_nn::read_tensors(ctx, dir, device)?;
+            let t = crate::single_file::component_tensors(dir, all, src.component)?;
+            let cfg = match src.config {
+                Some(c) => Config::read(c)?,
+                None => Config {
+                    path: dir.to_path_buf(),
+                    json: crate::single_file::infer_config(dir, &t)?,
+                },
+            };
+            (cfg, Weights::from_tensors(dir, t))
+        } else {
+            let cfg = match src.config {
+                Some(c) => Config::read(c)?,
+                None => Config::read(dir)?,
+            };
+            (cfg, Weights::load(ctx, dir, device)?)
+        };
         let class = cfg.class_name().unwrap_or("");
         if !TEXT_ENCODER_CLASSES.contains(&class) {
             bail!(
@@ -68,8 +109,18 @@ impl TextEncoder {
                 TEXT_ENCODER_CLASSES.join(", ")
             );
         }
-        let w = Weights::load(ctx, dir, device)?;
-        let tok_path = dir.join("tokenizer.json");
+        let tok_dir = match src.tokenizer {
+            Some(t) if t.is_file() => t.parent().unwrap_or(t).to_path_buf(),
+            Some(t) => t.to_path_buf(),
+            None => dir.to_path_buf(),
+        };
+        let tok_path = match src.tokenizer {
+            Some(t) if t.is_file() => t.to_path_buf(),
+            _ => tok_dir.join("tokenizer.json"),
+        };
+        if src.tokenizer.is_some() && !tok_path.is_file() {
+            bail!("{}: no tokenizer.json", tok_path.display());
+        }
         let tokenizer = if tok_path.is_file() {
             Some(
                 tokenizers::Tokenizer::from_file(&tok_path)
@@ -78,7 +129,7 @@ impl TextEncoder {
         } else {
             None
         };
-        let pad_token_id = tokenizer.as_ref().and_then(|t| pad_token_id(dir, t));
+        let pad_token_id = tokenizer.as_ref().and_then(|t| pad_token_id(&tok_dir, t));
         Ok(TextEncoder {
             pad_token_id,
             model: match class {
@@ -207,36 +258,69 @@ impl ditflow_plugin::encoder_api::TextEncoder for TextEncoder {
     }
 }
 
-/// `LoadTextEncoder`: a transformers text-encoder folder as a TextEncoder value.
+/// `LoadTextEncoder`: a transformers text-encoder folder, or one encoder of a single file, as a
+/// TextEncoder value.
 #[derive(Default)]
 pub struct LoadTextEncoder;
+
+/// An optional path input: `None` when empty.
+fn optional_path(ctx: &Context, name: &str) -> Result<Option<std::path::PathBuf>> {
+    let p: String = ctx.input(name)?;
+    (!p.is_empty()).then(|| ctx.input_path(&p)).transpose()
+}
 
 impl Node for LoadTextEncoder {
     fn schema() -> NodeSchema {
         NodeSchema::new("LoadTextEncoder")
             .category("loaders")
             .doc(
-                "Loads a transformers text-encoder folder (config.json plus safetensors) holding \
-                 a T5EncoderModel, CLIPTextModel or CLIPTextModelWithProjection, with the folder's
-                 tokenizer.json when there is one. Cached \
-                 until a file in the folder changes.",
+                "Loads a T5EncoderModel, CLIPTextModel or CLIPTextModelWithProjection: a \
+                 transformers folder (config.json plus safetensors, with its tokenizer.json when \
+                 there is one), or one encoder of a single .safetensors file (component: \
+                 clip_l, clip_g or t5xxl of Stability AI's and ComfyUI's all-in-one files, or \
+                 empty for a file holding one encoder), its config inferred from the shapes \
+                 unless given, its tokenizer from the tokenizer input. Cached until a file \
+                 changes.",
             )
             .input(
                 Port::new("path", "String")
-                    .doc("The encoder folder; a relative path is taken from the graph's folder."),
+                    .doc("The encoder folder or a .safetensors file; a relative path is taken from the graph's folder."),
             )
+            .input(Port::new("component", "String").default("").doc("For a single file: the encoder inside it (clip_l, clip_g, t5xxl)."))
+            .input(Port::new("tokenizer", "String").default("").doc("A folder with tokenizer.json (and tokenizer_config.json for the pad token), or the tokenizer.json; empty: the model folder's."))
+            .input(Port::new("config", "String").default("").doc("A transformers config.json to use instead of the folder's or the inferred one."))
             .output(Port::new("encoder", "Model<TextEncoder>").doc("The text encoder."))
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let dir = ditflow_plugin::files::input_path(ctx, "path")?;
-        let enc = TextEncoder::load(&dir, ctx.device(), ctx)?;
+        let component: String = ctx.input("component")?;
+        let (tokenizer, config) = (
+            optional_path(ctx, "tokenizer")?,
+            optional_path(ctx, "config")?,
+        );
+        let enc = TextEncoder::load_from(
+            &Source {
+                path: &dir,
+                component: &component,
+                config: config.as_deref(),
+                tokenizer: tokenizer.as_deref(),
+            },
+            ctx.device(),
+            ctx,
+        )?;
         let value = ctx.make_text_encoder(enc)?;
         ctx.set_output("encoder", value)
     }
 
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
-        ditflow_plugin::files::folder_fingerprint(&ditflow_plugin::files::input_path(ctx, "path")?)
-            .map(Some)
+        use ditflow_plugin::files::model_fingerprint;
+        let mut f = model_fingerprint(&ditflow_plugin::files::input_path(ctx, "path")?)?;
+        for (i, name) in ["tokenizer", "config"].iter().enumerate() {
+            if let Some(p) = optional_path(ctx, name)? {
+                f ^= model_fingerprint(&p)?.rotate_left(1 + i as u32);
+            }
+        }
+        Ok(Some(f))
     }
 }

@@ -4,6 +4,7 @@
 //! layers (`ditflow-nn`). `LoadTextEncoder` reads a model folder into a `Model<TextEncoder>`.
 //! - [`t5`], [`clip`]: the text architectures;
 //! - [`encoder`]: the protocol model (tokenize and forward) and its loader node;
+//! - [`single_file`]: encoders inside single-file checkpoints, their configs from the shapes;
 //! - [`clip_vision`]: the vision tower, its preprocessing, `LoadImageEncoder` and
 //!   `CLIPVisionEncode`.
 
@@ -12,6 +13,7 @@
 pub mod clip;
 pub mod clip_vision;
 pub mod encoder;
+pub mod single_file;
 pub mod t5;
 
 ditflow_plugin::export_plugin!(
