@@ -761,6 +761,69 @@ outputs:
     assert_eq!(single, folders);
 }
 
+#[test]
+fn single_files_without_configs_are_read_from_their_shapes() {
+    // A bare VAE in the LDM layout and an encoders file (CLIP-L with projection, T5 under
+    // text_encoders.*) with no configs: the loaders infer them from the shapes (32-group VAE
+    // norms, 64-wide CLIP heads, T5's heads from its relative-position table) and match
+    // diffusers and transformers (1e-4).
+    let dir = common::repo().join("tests/fixtures/parity/inferable");
+    let s = session();
+    for (loader, port, extra, io, outputs) in [
+        ("LoadVAE", "vae", "", "vae_io", &["decoded"][..]),
+        (
+            "LoadTextEncoder",
+            "encoder",
+            ", component: clip_l",
+            "clip_io",
+            &["last_hidden_state", "text_embeds"][..],
+        ),
+        (
+            "LoadTextEncoder",
+            "encoder",
+            ", component: t5xxl",
+            "t5_io",
+            &["last_hidden_state"][..],
+        ),
+    ] {
+        let file = if loader == "LoadVAE" {
+            "vae_ldm.safetensors"
+        } else {
+            "encoders.safetensors"
+        };
+        let out_dir = common::temp_dir(&format!("inferable-{io}"));
+        let yaml = format!(
+            "version: 1\nnodes:\n  m: {{type: {loader}, inputs: {{path: {:?}{extra}}}}}\n  f: {{type: Forward, inputs: {{model: m.{port}, inputs: {:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n",
+            dir.join(file).to_string_lossy(),
+            dir.join(format!("{io}.safetensors")).to_string_lossy(),
+        );
+        let g = Graph::from_yaml(&yaml, "inferable.yaml", Path::new(".")).unwrap();
+        let opts = RunOptions {
+            out_dir: out_dir.clone(),
+            ..RunOptions::default()
+        };
+        let report = s.run(&g, &[], &opts).unwrap();
+        assert!(report.ok(), "{io}: {:?}", report.failed);
+        for out in outputs {
+            let (ws, want) = read(
+                &dir.join(format!("{io}.safetensors")),
+                &format!("out.{out}"),
+            );
+            let (gs, got) = read(&out_dir.join("out.safetensors"), &format!("out.{out}"));
+            assert_eq!(gs, ws, "{io}.{out}");
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f64 - *b as f64).abs())
+                .fold(0f64, f64::max)
+                / scale;
+            eprintln!("{io}.{out}: relative error {err:.2e}");
+            assert!(err <= 1e-4, "{io}.{out}: {err}");
+        }
+    }
+}
+
 /// Writes a `size`×`size` grey RGB PNG.
 fn grey_png(path: &Path, size: u32) {
     let file = std::fs::File::create(path).unwrap();

@@ -8,7 +8,8 @@ transformer.`. The VAE mapping is checked to convert back exactly with diffusers
 `convert_ldm_vae_checkpoint`, the transformer's with `convert_sd3_transformer_checkpoint_to_diffusers`.
 
 Writes tests/fixtures/parity/sd3_all_in_one/: sd3-tiny-all-in-one.safetensors and the
-transformer's config.json beside it (the tiny model's heads cannot be inferred from its shapes).
+transformer's config.json beside it (the tiny model's heads cannot be inferred from its shapes),
+and tests/fixtures/parity/inferable/ (see `inferable`): models whose configs can be.
 
 Run (PyTorch and diffusers from PyPI; CI never runs this):
     .venv/bin/python tools/make_all_in_one_fixtures.py
@@ -84,5 +85,56 @@ def main():
     print(f"sd3_all_in_one: {len(tensors)} tensors; the VAE and transformer maps convert back exactly")
 
 
+def inferable():
+    """Tiny models whose configs the loaders can infer from the shapes (64-wide CLIP heads,
+    32-group VAE norms, T5's default maximum distance), in single files without configs:
+    tests/fixtures/parity/inferable/ holds vae_ldm.safetensors (a bare VAE in the LDM layout),
+    encoders.safetensors (CLIP-L and T5 under text_encoders.{clip_l,t5xxl}.transformer.), and
+    io files with transformers'/diffusers' outputs for Forward."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    out = os.path.join(ROOT, "inferable")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    g = torch.Generator().manual_seed(600)
+
+    def randomize(m, scale=0.2):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+        return m.eval()
+
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(32, 32), layers_per_block=1, latent_channels=16, norm_num_groups=32,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    randomize(vae, 0.1)
+    ldm = vae_to_ldm(vae.state_dict(), 2)
+    save_file({k: v.contiguous() for k, v in ldm.items()}, os.path.join(out, "vae_ldm.safetensors"))
+    latent = torch.randn(1, 16, 4, 4, generator=g)
+    with torch.no_grad():
+        decoded = vae.decode(latent).sample
+    save_file({"in.latent": latent, "out.decoded": decoded.contiguous()}, os.path.join(out, "vae_io.safetensors"))
+    clip = randomize(CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=20, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=77, projection_dim=24, hidden_act="gelu", eos_token_id=2)))
+    t5 = randomize(T5EncoderModel(T5Config(vocab_size=20, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                           relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                           dropout_rate=0.0)))
+    ids = torch.tensor([[0, 5, 9, 19, 3, 3], [0, 7, 19, 3, 3, 3]])
+    with torch.no_grad():
+        c = clip(ids)
+        t = t5(ids).last_hidden_state
+    tensors = {f"text_encoders.clip_l.transformer.{k}": v for k, v in clip.state_dict().items()}
+    tensors.update({f"text_encoders.t5xxl.transformer.{k}": v for k, v in t5.state_dict().items()
+                    if k != "encoder.embed_tokens.weight"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "encoders.safetensors"))
+    save_file({"in.input_ids": ids, "out.last_hidden_state": c.last_hidden_state.contiguous(),
+               "out.text_embeds": c.text_embeds.contiguous()}, os.path.join(out, "clip_io.safetensors"))
+    save_file({"in.input_ids": ids, "out.last_hidden_state": t.contiguous()}, os.path.join(out, "t5_io.safetensors"))
+    print(f"inferable: {len(ldm)} VAE and {len(tensors)} encoder tensors")
+
+
 if __name__ == "__main__":
     main()
+    inferable()
