@@ -82,15 +82,9 @@ fn model() -> PathBuf {
 /// The largest error relative to the largest value of peft's output `name`.
 fn error_vs_peft(got: &[f32], name: &str) -> f64 {
     let want = read(&fixtures().join("io.safetensors"), &format!("out.{name}"));
-    assert_eq!(got.len(), want.len());
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let err = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0f64, f64::max);
-    eprintln!("{name}: relative error {:.2e}", err / scale);
-    err / scale
+    let err = common::relative_error(got, &want);
+    eprintln!("{name}: relative error {err:.2e}");
+    err
 }
 
 #[test]
@@ -342,13 +336,7 @@ fn lora_on_flux_and_sd3_matches_peft() {
                 strength,
             );
             let want = read(&fixtures().join(&io), &format!("out.{key}"));
-            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-            let err = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (*a as f64 - *b as f64).abs())
-                .fold(0f64, f64::max)
-                / scale;
+            let err = common::relative_error(&got, &want);
             eprintln!("{name} at {strength}: relative error {err:.2e}");
             assert!(err <= 1e-4, "{name} at {strength}: {err}");
         }
@@ -369,16 +357,10 @@ fn loras_in_the_original_layouts_apply_to_the_split_weights() {
     ] {
         let io = format!("{name}_fused_io.safetensors");
         let want = read(&fixtures().join(&io), "out.fused");
-        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
         for layout in ["kohya", "comfy"] {
             let file = format!("{name}_{layout}.safetensors");
             let got = mmdit_forward(loader, folder, &io, &file, 1.0);
-            let err = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (*a as f64 - *b as f64).abs())
-                .fold(0f64, f64::max)
-                / scale;
+            let err = common::relative_error(&got, &want);
             eprintln!("{file}: relative error {err:.2e}");
             assert!(err <= 1e-4, "{file}: {err}");
         }

@@ -66,13 +66,7 @@ fn forward_error_with(session: &Session, name: &str, io: &str, outputs: &[&str])
         let (ws, want) = read(&dir.join(io), &format!("out.{out}"));
         let (gs, got) = read(&out_dir.join("out.safetensors"), &format!("out.{out}"));
         assert_eq!(gs, ws, "{name}.{out} shape");
-        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-        let err = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (*a as f64 - *b as f64).abs())
-            .fold(0f64, f64::max)
-            / scale;
+        let err = common::relative_error(&got, &want);
         eprintln!("{name}.{out}: relative error {err:.2e}");
         worst = worst.max(err);
     }
@@ -191,14 +185,7 @@ outputs:
     };
     let (ws, want) = read(&io, &format!("out.{image}"));
     assert_eq!(img.shape(), &ws[..]);
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let err = img
-        .as_f32()
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0f64, f64::max)
-        / scale;
+    let err = common::relative_error(img.as_f32(), &want);
     eprintln!("pipeline ({sampler}) image: relative error {err:.2e}");
     err
 }
@@ -247,13 +234,7 @@ fn graph_pipeline_error(graph: &str, fixture: &str, sets: &[(&str, &str)]) -> (f
         };
         let (ws, want) = read(&io, reference);
         assert_eq!(got.shape(), &ws[..], "{graph}: {output}");
-        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-        got.as_f32()
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (*a as f64 - *b as f64).abs())
-            .fold(0f64, f64::max)
-            / scale
+        common::relative_error(got.as_f32(), &want)
     };
     let (latent, image) = (err("latent", "out.latent"), err("pixels", "out.image"));
     eprintln!("{graph}: latent relative error {latent:.2e}, image {image:.2e}");
@@ -351,13 +332,7 @@ fn relative_error(got: &ditflow::Value, io: &Path, name: &str) -> f64 {
     };
     let (ws, want) = read(io, &format!("out.{name}"));
     assert_eq!(got.shape(), &ws[..], "{name}");
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    got.as_f32()
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0f64, f64::max)
-        / scale
+    common::relative_error(got.as_f32(), &want)
 }
 
 #[test]
@@ -628,13 +603,7 @@ fn a_bf16_checkpoint_runs_on_its_bf16_weights_exactly() {
     assert_eq!(outputs[0], outputs[1]);
     // And within bf16's rounding of diffusers' f32 result.
     let (_, want) = read(&src.join("io.safetensors"), "out.sample");
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let err = outputs[0]
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (*a as f64 - *b as f64).abs())
-        .fold(0f64, f64::max)
-        / scale;
+    let err = common::relative_error(&outputs[0], &want);
     eprintln!("bf16 Flux against diffusers' f32: relative error {err:.2e}");
     assert!(err < 5e-2, "{err}");
 }
@@ -811,13 +780,7 @@ fn single_files_without_configs_are_read_from_their_shapes() {
             );
             let (gs, got) = read(&out_dir.join("out.safetensors"), &format!("out.{out}"));
             assert_eq!(gs, ws, "{io}.{out}");
-            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-            let err = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (*a as f64 - *b as f64).abs())
-                .fold(0f64, f64::max)
-                / scale;
+            let err = common::relative_error(&got, &want);
             eprintln!("{io}.{out}: relative error {err:.2e}");
             assert!(err <= 1e-4, "{io}.{out}: {err}");
         }

@@ -88,6 +88,19 @@ pub fn plugin_lib(stem: &str) -> PathBuf {
     plugin_dir().join(lib_name(stem))
 }
 
+/// The largest absolute difference of `got` from `want`, relative to `want`'s largest magnitude:
+/// the parity tests' error measure.
+#[allow(dead_code)]
+pub fn relative_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len(), "compared tensors differ in size");
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0f64, f64::max)
+        / scale
+}
+
 /// A fresh, empty temporary folder for one test.
 pub fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ditflow-test-{}-{name}", std::process::id()));
