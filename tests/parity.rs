@@ -411,6 +411,43 @@ outputs:
     assert!(le <= 1e-3 && ie <= 1e-3, "{le:.2e} {ie:.2e}");
 }
 
+/// A FluxPipeline-like graph on the flux_pipeline fixture's encoders and scheduler: `dit` from
+/// `transformer`, `vae` from `vae`, the `extra` nodes, then 4 flow-matching steps (guidance 3.5)
+/// of the model `model` from `seed`, decoded; outputs `latent`, `image` and `extra_outputs`.
+fn flux_sample_graph(
+    transformer: &Path,
+    vae: &Path,
+    extra: &str,
+    model: &str,
+    seed: u64,
+    extra_outputs: &str,
+) -> String {
+    let enc = common::repo().join("tests/fixtures/parity/flux_pipeline");
+    let p = |d: &Path| format!("{:?}", d.to_string_lossy());
+    format!(
+        r#"version: 1
+nodes:
+  dit: {{type: LoadFlux, inputs: {{path: {t}}}}}
+  vae: {{type: LoadVAE, inputs: {{path: {v}}}}}
+  clip: {{type: LoadTextEncoder, inputs: {{path: {c}}}}}
+  t5: {{type: LoadTextEncoder, inputs: {{path: {t5}}}}}
+{extra}
+  pos: {{type: FluxTextEncode, inputs: {{clip: clip.encoder, t5: t5.encoder, text: "a red circle on a blue background", t5_tokens: 16}}}}
+  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 16, downscale: 2}}}}
+  sample: {{type: Sample, inputs: {{model: {model}, positive: pos.conditioning, latent: latent.latent, sampler: flow_euler, scheduler_config: {s}, steps: 4, cfg: 1.0, guidance: 3.5, seed: {seed}}}}}
+  decode: {{type: VAEDecode, inputs: {{vae: vae.vae, latent: sample.latent}}}}
+outputs:
+  latent: sample.latent
+  image: decode.image
+{extra_outputs}"#,
+        t = p(transformer),
+        v = p(vae),
+        c = p(&enc.join("text_encoder")),
+        t5 = p(&enc.join("text_encoder_2")),
+        s = p(&enc.join("scheduler/scheduler_config.json")),
+    )
+}
+
 #[test]
 fn flux_controlnets_match_the_controlnet_pipeline() {
     // FluxControlNetPipeline on tiny models: the hint PNG encoded by the VAE (mean, shifted,
@@ -419,40 +456,25 @@ fn flux_controlnets_match_the_controlnet_pipeline() {
     // A plain ControlNet at 0.8; a union one in mode 1 (its embedding prepended to the text) at
     // 1.1 over [0.25, 0.75]. Tolerance 1e-3 relative to the largest reference value.
     let dir = common::repo().join("tests/fixtures/parity/flux_controlnet");
-    let enc = common::repo().join("tests/fixtures/parity/flux_pipeline");
     let p = |d: &Path, n: &str| format!("{:?}", d.join(n).to_string_lossy());
     let io = dir.join("io.safetensors");
     for (name, patch) in [
         ("plain", "{type: ApplyFluxControlNet, inputs: {model: dit.model, controlnet: cn.controlnet, vae: vae.vae, image: hint.image, strength: 0.8}}"),
         ("union", "{type: ApplyFluxControlNet, inputs: {model: dit.model, controlnet: union.controlnet, vae: vae.vae, image: hint.image, mode: 1, strength: 1.1, start: 0.25, end: 0.75}}"),
     ] {
-        let yaml = format!(
-            r#"version: 1
-nodes:
-  dit: {{type: LoadFlux, inputs: {{path: {t}}}}}
-  vae: {{type: LoadVAE, inputs: {{path: {v}}}}}
-  clip: {{type: LoadTextEncoder, inputs: {{path: {c}}}}}
-  t5: {{type: LoadTextEncoder, inputs: {{path: {t5}}}}}
-  cn: {{type: LoadFluxControlNet, inputs: {{path: {a}}}}}
-  union: {{type: LoadFluxControlNet, inputs: {{path: {u}}}}}
-  hint: {{type: LoadImage, inputs: {{path: {h}}}}}
-  patched: {patch}
-  pos: {{type: FluxTextEncode, inputs: {{clip: clip.encoder, t5: t5.encoder, text: "a red circle on a blue background", t5_tokens: 16}}}}
-  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 16, downscale: 2}}}}
-  sample: {{type: Sample, inputs: {{model: patched.model, positive: pos.conditioning, latent: latent.latent, sampler: flow_euler, scheduler_config: {s}, steps: 4, cfg: 1.0, guidance: 3.5, seed: 14}}}}
-  decode: {{type: VAEDecode, inputs: {{vae: vae.vae, latent: sample.latent}}}}
-outputs:
-  latent: sample.latent
-  image: decode.image
-"#,
-            t = p(&dir, "transformer"),
-            v = p(&dir, "vae"),
+        let extra = format!(
+            "  cn: {{type: LoadFluxControlNet, inputs: {{path: {a}}}}}\n  union: {{type: LoadFluxControlNet, inputs: {{path: {u}}}}}\n  hint: {{type: LoadImage, inputs: {{path: {h}}}}}\n  patched: {patch}",
             a = p(&dir, "controlnet"),
             u = p(&dir, "controlnet_union"),
             h = p(&dir, "hint.png"),
-            c = p(&enc, "text_encoder"),
-            t5 = p(&enc, "text_encoder_2"),
-            s = p(&enc, "scheduler/scheduler_config.json"),
+        );
+        let yaml = flux_sample_graph(
+            &dir.join("transformer"),
+            &dir.join("vae"),
+            &extra,
+            "patched.model",
+            14,
+            "",
         );
         let g = Graph::from_yaml(&yaml, "flux_controlnet.yaml", Path::new(".")).unwrap();
         let report = session().run(&g, &[], &RunOptions::default()).unwrap();
@@ -620,34 +642,19 @@ fn the_flux_ip_adapter_matches_flux_pipeline() {
     let p = |d: &Path, n: &str| format!("{:?}", d.join(n).to_string_lossy());
     let io = dir.join("io.safetensors");
     let run = |scale: f64| {
-        let yaml = format!(
-            r#"version: 1
-nodes:
-  dit: {{type: LoadFlux, inputs: {{path: {t}}}}}
-  vae: {{type: LoadVAE, inputs: {{path: {v}}}}}
-  clip: {{type: LoadTextEncoder, inputs: {{path: {c}}}}}
-  t5: {{type: LoadTextEncoder, inputs: {{path: {t5}}}}}
-  vision: {{type: LoadImageEncoder, inputs: {{path: {ie}}}}}
-  ref: {{type: LoadImage, inputs: {{path: {r}}}}}
-  embeds: {{type: CLIPVisionEncode, inputs: {{encoder: vision.encoder, image: ref.image}}}}
-  ip: {{type: ApplyFluxIPAdapter, inputs: {{model: dit.model, path: {ip}, image_embeds: embeds.image_embeds, scale: {scale}}}}}
-  pos: {{type: FluxTextEncode, inputs: {{clip: clip.encoder, t5: t5.encoder, text: "a red circle on a blue background", t5_tokens: 16}}}}
-  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 16, downscale: 2}}}}
-  sample: {{type: Sample, inputs: {{model: ip.model, positive: pos.conditioning, latent: latent.latent, sampler: flow_euler, scheduler_config: {s}, steps: 4, cfg: 1.0, guidance: 3.5, seed: 15}}}}
-  decode: {{type: VAEDecode, inputs: {{vae: vae.vae, latent: sample.latent}}}}
-outputs:
-  embeds: embeds.image_embeds
-  latent: sample.latent
-  image: decode.image
-"#,
-            t = p(&base, "transformer"),
-            v = p(&base, "vae"),
-            c = p(&base, "text_encoder"),
-            t5 = p(&base, "text_encoder_2"),
-            s = p(&base, "scheduler/scheduler_config.json"),
+        let extra = format!(
+            "  vision: {{type: LoadImageEncoder, inputs: {{path: {ie}}}}}\n  ref: {{type: LoadImage, inputs: {{path: {r}}}}}\n  embeds: {{type: CLIPVisionEncode, inputs: {{encoder: vision.encoder, image: ref.image}}}}\n  ip: {{type: ApplyFluxIPAdapter, inputs: {{model: dit.model, path: {ip}, image_embeds: embeds.image_embeds, scale: {scale}}}}}",
             ie = p(&dir, "image_encoder"),
             r = p(&dir, "reference.png"),
             ip = p(&dir, "ip_adapter.safetensors"),
+        );
+        let yaml = flux_sample_graph(
+            &base.join("transformer"),
+            &base.join("vae"),
+            &extra,
+            "ip.model",
+            15,
+            "  embeds: embeds.image_embeds\n",
         );
         let g = Graph::from_yaml(&yaml, "ip_adapter.yaml", Path::new(".")).unwrap();
         let report = session().run(&g, &[], &RunOptions::default()).unwrap();
