@@ -92,6 +92,20 @@ fn main() {
             let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
             println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6},\"gflops\":{gflops:.1}}}");
         }
+        // The same Flux shapes with bf16 weights (converted while packed, per call).
+        for (m, k, n) in [(1024, 3072, 12288), (1536, 15360, 3072)] {
+            let name = format!("linear_bf16_{m}x{k}x{n}");
+            if !want(&name) {
+                continue;
+            }
+            let x = randn(&[1, m, k], 1, dev);
+            let w = ops::cast(&randn(&[n, k], 2, dev), ditflow::tensor::DType::BF16).unwrap();
+            let s = time(budget, || {
+                sync(&ops::linear(&x, &w, None, ditflow::kernels::cpu::Activation::None).unwrap())
+            });
+            let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
+            println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6},\"gflops\":{gflops:.1}}}");
+        }
         for l in [256, 1024, 4096] {
             let name = format!("attention_h6_d64_l{l}");
             if !want(&name) {

@@ -329,11 +329,15 @@ unsafe fn sgemm_out(
     } else {
         1
     };
-    // Columns per outer block: the packed B block (all of K × nc) stays within 4M floats, so
-    // the KC-step slice that all row blocks share at a time stays in cache; a B packed already
-    // is walked in the same blocks (its panels for columns jc.. start at panel jc / NR).
-    let nc_cap = ((4usize << 20) / k).max(NR) / NR * NR;
-    let nc_block = NC.min(nc_cap);
+    // Columns per outer block: NC, so the KC-step slice of B that all row blocks share at a
+    // time stays in cache (a B packed already is walked in such blocks: its panels for columns
+    // jc.. start at panel jc / NR); a B packed per call also keeps its whole block (all of
+    // K × nc) within 16M floats (64 MiB, reused). Fewer blocks mean fewer re-packings of A.
+    let nc_cap = ((16usize << 20) / k).max(NR) / NR * NR;
+    let nc_block = match b {
+        BOperand::Packed(_) => NC,
+        _ => NC.min(nc_cap),
+    };
     PACK_B.with(|pb| {
         let mut pb = pb.borrow_mut();
         for jc in (0..n).step_by(nc_block) {
