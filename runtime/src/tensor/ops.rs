@@ -313,10 +313,14 @@ fn packed_weight(w: &Tensor, n: usize, k: usize) -> R<std::sync::Arc<cpu::gemm::
 enum WeightOperand<'a> {
     Packed(std::sync::Arc<cpu::gemm::PackedB>),
     Bf16(&'a [u16]),
+    F32(&'a [f32]),
 }
 
 impl<'a> WeightOperand<'a> {
-    fn of(w: &'a Tensor, n: usize, k: usize) -> R<WeightOperand<'a>> {
+    fn of(w: &'a Tensor, n: usize, k: usize, m: usize) -> R<WeightOperand<'a>> {
+        if w.dtype() == DType::F32 && m >= PACK_PER_CALL_ROWS {
+            return Ok(WeightOperand::F32(w.as_slice::<f32>()?));
+        }
         Ok(match w.dtype() {
             DType::BF16 => {
                 let v = w.as_slice::<half::bf16>()?;
@@ -335,9 +339,17 @@ impl<'a> WeightOperand<'a> {
             WeightOperand::Bf16(bits) => {
                 cpu::gemm::BOperand::Bf16(cpu::gemm::MatRefBf16::row_major(bits, k, true))
             }
+            WeightOperand::F32(w) => {
+                cpu::gemm::BOperand::Strided(cpu::gemm::MatRef::row_major(w, k, true))
+            }
         }
     }
 }
+
+/// From this many rows of input on, an f32 weight is packed per call, as a bf16 one is (no
+/// packed copy is kept, and the per-call blocks measured faster); below, packing would cost
+/// as much as the product, so the packed weight is kept.
+const PACK_PER_CALL_ROWS: usize = 64;
 
 /// `x·wᵀ + bias`, then `act`: x `[..., K]`, w `[N, K]` (PyTorch's Linear layout), bias `[N]`.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) -> R {
@@ -372,7 +384,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
         Device::Cpu => {
             let xf = f32s(x)?;
             let bf = bias.map(f32s).transpose()?;
-            let weight = WeightOperand::of(w, n, k)?;
+            let weight = WeightOperand::of(w, n, k, m)?;
             let b_operand = weight.operand(k);
             cpu_out(x.dtype(), &out_shape, |out| {
                 let ep = cpu::gemm::Epilogue {
@@ -443,7 +455,7 @@ pub fn linear_split(
     *out_shape.last_mut().unwrap() = n / parts;
     let xf = f32s(x)?;
     let bf = bias.map(f32s).transpose()?;
-    let weight = WeightOperand::of(w, n, k)?;
+    let weight = WeightOperand::of(w, n, k, m)?;
     let b_operand = weight.operand(k);
     let mut outs = Vec::with_capacity(parts);
     for _ in 0..parts {

@@ -16,6 +16,9 @@ pub const NR: usize = 16;
 const KC: usize = 256;
 const MC: usize = 72;
 const NC: usize = 4080;
+/// Columns per block of a B packed already: its KC-step slice (2 MiB) stays in a core's cache
+/// whatever K is.
+const NC_PACKED: usize = 2048;
 
 /// A read-only strided matrix: element (i, j) is at `ptr + i*rs + j*cs`.
 #[derive(Clone, Copy)]
@@ -335,7 +338,7 @@ unsafe fn sgemm_out(
     // K × nc) within 16M floats (64 MiB, reused). Fewer blocks mean fewer re-packings of A.
     let nc_cap = ((16usize << 20) / k).max(NR) / NR * NR;
     let nc_block = match b {
-        BOperand::Packed(_) => NC,
+        BOperand::Packed(_) => NC_PACKED,
         _ => NC.min(nc_cap),
     };
     PACK_B.with(|pb| {
