@@ -5,8 +5,8 @@
 //! sequence (attention and MLP in parallel), and a continuously modulated output layer.
 
 use ditflow_nn::{
-    attend_heads, chunks, timestep_sinusoids, Config, FeedForward, HeadProjections, Linear,
-    TimestepEmbedding, Weights,
+    attend_heads, chunks, timestep_sinusoids, Config, ContinuousOutput, FeedForward,
+    HeadProjections, Linear, TimestepEmbedding, Weights,
 };
 use ditflow_plugin::attention::{AttentionKind, AttentionSite};
 use ditflow_plugin::linear_delta::LinearDeltas;
@@ -49,14 +49,8 @@ pub struct Flux {
     pub double: Vec<DoubleBlock>,
     pub single: Vec<SingleBlock>,
     /// The output layer; a ControlNet's trunk has none.
-    pub head: Option<Head>,
+    pub head: Option<ContinuousOutput>,
     pub device: Device,
-}
-
-/// The continuously modulated output layer and the output projection.
-pub struct Head {
-    pub norm_out: Linear,
-    pub proj_out: Linear,
 }
 
 /// What every block of one forward reads.
@@ -241,10 +235,7 @@ impl Flux {
             head: if controlnet {
                 None
             } else {
-                Some(Head {
-                    norm_out: w.linear("norm_out.linear", dim, 2 * dim, true)?,
-                    proj_out: w.linear("proj_out", dim, out_channels, true)?,
-                })
+                Some(ContinuousOutput::load(w, dim, out_channels)?)
             },
             device,
         })
@@ -428,7 +419,6 @@ impl Flux {
     /// The prediction `[B, L_img, out_channels]`, with the patches' linear deltas `dl` and
     /// the other hooks at their sites.
     pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
-        let d = self.dim;
         let head = self
             .head
             .as_ref()
@@ -477,9 +467,6 @@ impl Flux {
             })?
         };
         let img = joint.split(1, &[lt, li])?.remove(1);
-        // AdaLayerNormContinuous: scale first, then shift.
-        let m = chunks(&head.norm_out.apply(&silu, "none", dl)?, 2, d)?;
-        let out = img.layer_norm(None, None, Some(&m[1]), Some(&m[0]), 1e-6)?;
-        head.proj_out.apply(&out, "none", dl)
+        head.forward(&img, &silu, dl)
     }
 }

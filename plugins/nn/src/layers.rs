@@ -363,3 +363,29 @@ impl GroupNorm {
         )
     }
 }
+
+/// MMDiT's output layer (SD3, Flux): diffusers' `AdaLayerNormContinuous` (`norm_out.linear`
+/// gives scale, then shift, from `silu(temb)`; no affine norm, eps 1e-6) followed by the output
+/// projection (`proj_out`).
+pub struct ContinuousOutput {
+    pub norm_out: Linear,
+    pub proj_out: Linear,
+}
+
+impl ContinuousOutput {
+    /// `norm_out.linear` (`dim → 2·dim`) and `proj_out` (`dim → out`).
+    pub fn load(w: &Weights, dim: usize, out: usize) -> Result<ContinuousOutput> {
+        Ok(ContinuousOutput {
+            norm_out: w.linear("norm_out.linear", dim, 2 * dim, true)?,
+            proj_out: w.linear("proj_out", dim, out, true)?,
+        })
+    }
+
+    /// `proj_out(norm(x)·(1 + scale) + shift)` for tokens `x` `[B, L, dim]`.
+    pub fn forward(&self, x: &Tensor, silu: &Tensor, d: &LinearDeltas) -> Result<Tensor> {
+        let dim = x.shape().last().copied().unwrap_or(0);
+        let m = chunks(&self.norm_out.apply(silu, "none", d)?, 2, dim)?;
+        let out = x.layer_norm(None, None, Some(&m[1]), Some(&m[0]), 1e-6)?;
+        self.proj_out.apply(&out, "none", d)
+    }
+}

@@ -21,7 +21,9 @@ pub mod weights;
 
 pub use embeddings::{sincos_pos_embed_2d, timestep_sinusoids, PosEmbedCache, TimestepEmbedding};
 pub use heads::{attend_heads, split_heads, HeadProjections};
-pub use layers::{chunks, mask_bias, Attention, Conv2d, FeedForward, GroupNorm, Linear};
+pub use layers::{
+    chunks, mask_bias, Attention, ContinuousOutput, Conv2d, FeedForward, GroupNorm, Linear,
+};
 pub use patchify::{pack_latents, patch_grid, patchify, unpack_latents, unpatchify};
 pub use weights::{
     block_count, config_beside, describe_checkpoint, read_tensors, strip_comfy_prefix, Config,

@@ -7,7 +7,7 @@
 
 use ditflow_nn::{
     attend_heads, chunks, patch_grid, patchify, timestep_sinusoids, unpatchify, Config,
-    FeedForward, HeadProjections, Linear, TimestepEmbedding, Weights,
+    ContinuousOutput, FeedForward, HeadProjections, Linear, TimestepEmbedding, Weights,
 };
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::{Hooks, LinearInfo};
@@ -52,14 +52,8 @@ pub struct Sd3 {
     pub context_embedder: Linear,
     pub blocks: Vec<JointBlock>,
     /// The output layer; a ControlNet's trunk has none.
-    pub head: Option<Head>,
+    pub head: Option<ContinuousOutput>,
     pub device: Device,
-}
-
-/// The continuously modulated output layer and the unpatchifying projection.
-pub struct Head {
-    pub norm_out: Linear,
-    pub proj_out: Linear,
 }
 
 /// The embedded inputs of one forward: image and text tokens, `silu(temb)` and the patch grid.
@@ -226,10 +220,11 @@ impl Sd3 {
             head: if controlnet {
                 None
             } else {
-                Some(Head {
-                    norm_out: w.linear("norm_out.linear", dim, 2 * dim, true)?,
-                    proj_out: w.linear("proj_out", dim, patch * patch * out_channels, true)?,
-                })
+                Some(ContinuousOutput::load(
+                    w,
+                    dim,
+                    patch * patch * out_channels,
+                )?)
             },
             device,
         })
@@ -401,7 +396,6 @@ impl Sd3 {
     /// The prediction `[B, out_channels, H, W]`, with the patches' linear deltas `dl` and the
     /// other hooks at their sites.
     pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
-        let d = self.dim;
         let head = self
             .head
             .as_ref()
@@ -442,9 +436,7 @@ impl Sd3 {
             })?;
             joint.split(1, &[li, lt])?.remove(0)
         };
-        let m = chunks(&head.norm_out.apply(&silu, "none", dl)?, 2, d)?;
-        let out = img.layer_norm(None, None, Some(&m[1]), Some(&m[0]), 1e-6)?;
-        let out = head.proj_out.apply(&out, "none", dl)?;
+        let out = head.forward(&img, &silu, dl)?;
         unpatchify(&out, h, w, self.patch, self.out_channels)
     }
 }
