@@ -9,7 +9,9 @@
 
 use crate::denoiser::latent_image_ids;
 use crate::flux::{Flux, Inputs, Run};
-use ditflow_nn::controlnet::{hint_latent, kept, residual_index_flux, tensor_digest};
+use ditflow_nn::controlnet::{
+    file_label, hint_latent, kept, patch_digest, residual_index_flux, stacks_summary,
+};
 use ditflow_nn::{Config, Linear, Weights};
 use ditflow_plugin::files::{fnv1a, input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltas;
@@ -390,11 +392,7 @@ impl Node for ApplyFluxControlNet {
             _ => bail!(
                 "{file}: a Flux ControlNet needs a Flux model (double and single blocks); this \
                  model has {}",
-                info.stacks
-                    .iter()
-                    .map(|s| format!("{} ({} blocks)", s.name, s.n_blocks))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                stacks_summary(&info)
             ),
         };
         let width = info.streams.first().map_or(0, |s| s.width);
@@ -418,16 +416,9 @@ impl Node for ApplyFluxControlNet {
                 net.trunk.in_channels
             );
         }
-        let name = net
-            .path
-            .file_name()
-            .map_or(file.to_string(), |n| n.to_string_lossy().into_owned());
-        let digest = [start, end, strength, mode.map_or(-1.0, |m| m as f64)]
-            .iter()
-            .fold(
-                tensor_digest(&hint)? ^ model_fingerprint(&net.path)?,
-                |h, v| fnv1a(h, &v.to_le_bytes()),
-            );
+        let name = file_label(&net.path);
+        let mode_setting = mode.map_or(-1.0, |m| m as f64);
+        let digest = patch_digest(&hint, &net.path, &[start, end, strength, mode_setting])?;
         let shared = Arc::new(Shared {
             controlnet: controlnet.clone(),
             hint,

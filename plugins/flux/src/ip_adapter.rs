@@ -205,9 +205,7 @@ impl Node for ApplyFluxIPAdapter {
             &embeds,
             (flux.double.len(), flux.heads, flux.dim),
         )?;
-        let name = path.file_name().map_or(path.display().to_string(), |n| {
-            n.to_string_lossy().into_owned()
-        });
+        let name = ditflow_nn::controlnet::file_label(&path);
         let mut spec = PatchSpec::new(&format!("FluxIPAdapter({name})"));
         spec.strength = scale;
         spec.stack = Some(0);

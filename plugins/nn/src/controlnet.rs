@@ -2,9 +2,10 @@
 //! when a ControlNet is active and how its hint image becomes a latent, the maps from a base
 //! block to the ControlNet residual it reads, and a digest of the hint for the patch's identity.
 
-use ditflow_plugin::files::fnv1a;
-use ditflow_plugin::model::Call;
+use ditflow_plugin::files::{fnv1a, model_fingerprint};
+use ditflow_plugin::model::{Call, DenoiserInfo};
 use ditflow_plugin::{Result, Tensor, Value};
+use std::path::Path;
 
 /// diffusers' ControlNet pipelines' `controlnet_keep`: active at step `i` of `n` unless
 /// `i/n < start` or `(i+1)/n > end`.
@@ -35,6 +36,31 @@ pub fn hint_latent(vae: &Value, image: &Tensor, shift: bool) -> Result<Tensor> {
     let mean = vae.encode_image_mean(image)?;
     let shift = if shift { info.shift_factor } else { 0.0 };
     mean.affine(info.scaling_factor, -shift * info.scaling_factor)
+}
+
+/// A ControlNet patch's identity: its hint, its file (name, size and time) and its settings.
+pub fn patch_digest(hint: &Tensor, file: &Path, settings: &[f64]) -> Result<u64> {
+    Ok(settings
+        .iter()
+        .fold(tensor_digest(hint)? ^ model_fingerprint(file)?, |h, v| {
+            fnv1a(h, &v.to_le_bytes())
+        }))
+}
+
+/// A model's block stacks for a message: `transformer_blocks (19 blocks), ...`.
+pub fn stacks_summary(info: &DenoiserInfo) -> String {
+    info.stacks
+        .iter()
+        .map(|s| format!("{} ({} blocks)", s.name, s.n_blocks))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The last part of a path, for a patch's name (the whole path when it has none).
+pub fn file_label(path: &Path) -> String {
+    path.file_name().map_or(path.display().to_string(), |n| {
+        n.to_string_lossy().into_owned()
+    })
 }
 
 /// A digest of a tensor's values, for a patch's identity.

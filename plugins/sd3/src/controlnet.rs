@@ -8,9 +8,11 @@
 //! residuals add up, as `SD3MultiControlNetModel` sums them.
 
 use crate::sd3::{Inputs, Sd3};
-use ditflow_nn::controlnet::{hint_latent, kept, residual_index_sd3, tensor_digest};
+use ditflow_nn::controlnet::{
+    file_label, hint_latent, kept, patch_digest, residual_index_sd3, stacks_summary,
+};
 use ditflow_nn::{patchify, Config, Linear, Weights};
-use ditflow_plugin::files::{fnv1a, input_path, model_fingerprint};
+use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::{Call, DenoiserInfo, PatchHooks, PatchSpec};
 use ditflow_plugin::prelude::*;
@@ -323,11 +325,7 @@ impl Node for ApplySD3ControlNet {
             _ => bail!(
                 "{file}: an SD3 ControlNet needs an SD3 model (one stack of joint blocks); this \
                  model has {}",
-                info.stacks
-                    .iter()
-                    .map(|s| format!("{} ({} blocks)", s.name, s.n_blocks))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                stacks_summary(&info)
             ),
         };
         let width = info.streams.first().map_or(0, |s| s.width);
@@ -348,12 +346,7 @@ impl Node for ApplySD3ControlNet {
                 net.hint_channels
             );
         }
-        let mut spec = PatchSpec::new(&format!(
-            "SD3ControlNet({})",
-            net.path
-                .file_name()
-                .map_or(file.to_string(), |n| n.to_string_lossy().into_owned())
-        ));
+        let mut spec = PatchSpec::new(&format!("SD3ControlNet({})", file_label(&net.path)));
         spec.flags = ditflow_plugin::abi::DF_PATCH_NEEDS_FRESH;
         spec.strength = strength;
         spec.stack = Some(0);
@@ -361,10 +354,7 @@ impl Node for ApplySD3ControlNet {
         spec.call_inputs = true;
         spec.memory_estimate = true;
         spec.required_capabilities = ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL;
-        spec.digest = [start, end, strength].iter().fold(
-            tensor_digest(&hint)? ^ model_fingerprint(&net.path)?,
-            |h, v| fnv1a(h, &v.to_le_bytes()),
-        ) | 1;
+        spec.digest = patch_digest(&hint, &net.path, &[start, end, strength])? | 1;
         let patch = ControlNetPatch {
             controlnet: controlnet.clone(),
             hint,
