@@ -166,7 +166,7 @@ impl Cache {
                     || st.computed_at.is_none()
                     || k < *warmup
                     || last_step
-                    || (k - warmup.min(&k)) % (*interval).max(1) == 0;
+                    || (k - warmup.min(&k)).is_multiple_of((*interval).max(1));
                 if !run {
                     if let Some(at) = st.computed_at {
                         let m = (k - at) as f64;

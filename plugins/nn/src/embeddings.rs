@@ -70,7 +70,7 @@ pub fn sincos_pos_embed_2d(
     interpolation_scale: f64,
     device: Device,
 ) -> Result<Tensor> {
-    if dim % 4 != 0 {
+    if !dim.is_multiple_of(4) {
         return Err(Error(format!(
             "the hidden size {dim} must be a multiple of 4 for 2-D position embeddings"
         )));

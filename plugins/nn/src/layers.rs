@@ -81,7 +81,7 @@ impl Attention {
         let q = w.linear(&format!("{prefix}.to_q"), dim, dim, bias)?;
         let k = w.linear(&format!("{prefix}.to_k"), context_dim, dim, bias)?;
         let v = w.linear(&format!("{prefix}.to_v"), context_dim, dim, bias)?;
-        if heads == 0 || dim % heads != 0 {
+        if heads == 0 || !dim.is_multiple_of(heads) {
             return Err(Error(format!(
                 "{}: {prefix}: {dim} channels do not split into {heads} heads",
                 w.dir.display()
@@ -339,7 +339,7 @@ impl GroupNorm {
         groups: usize,
         eps: f32,
     ) -> Result<GroupNorm> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(Error(format!(
                 "{}: {prefix}: {channels} channels do not split into {groups} groups",
                 w.dir.display()

@@ -12,7 +12,11 @@ pub fn patch_grid(
     patch: usize,
 ) -> Result<(usize, usize, usize)> {
     let s = x.shape();
-    if s.len() != 4 || s[1] != in_channels || s[2] % patch != 0 || s[3] % patch != 0 {
+    if s.len() != 4
+        || s[1] != in_channels
+        || !s[2].is_multiple_of(patch)
+        || !s[3].is_multiple_of(patch)
+    {
         return Err(Error(format!(
             "{model}: hidden_states must be [B, {in_channels}, H, W] with H and W multiples of {patch}, got {s:?}"
         )));
@@ -42,7 +46,7 @@ pub fn unpatchify(x: &Tensor, h: usize, w: usize, patch: usize, channels: usize)
 /// features channel-major (`c, dy, dx`). The sides must be multiples of `p`.
 pub fn pack_latents(x: &Tensor, p: usize) -> Result<Tensor> {
     let s = x.shape();
-    if s.len() != 4 || s[2] % p != 0 || s[3] % p != 0 {
+    if s.len() != 4 || !s[2].is_multiple_of(p) || !s[3].is_multiple_of(p) {
         return Err(Error(format!(
             "latents must be [B, C, H, W] with H and W multiples of {p}, got {s:?}"
         )));
@@ -57,7 +61,7 @@ pub fn pack_latents(x: &Tensor, p: usize) -> Result<Tensor> {
 /// `[B, C, h·p, w·p]`.
 pub fn unpack_latents(x: &Tensor, h: usize, w: usize, p: usize) -> Result<Tensor> {
     let s = x.shape();
-    if s.len() != 3 || s[1] != h * w || s[2] % (p * p) != 0 {
+    if s.len() != 3 || s[1] != h * w || !s[2].is_multiple_of(p * p) {
         return Err(Error(format!(
             "packed latents must be [B, {}, C·{}], got {s:?}",
             h * w,

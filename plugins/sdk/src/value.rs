@@ -501,7 +501,7 @@ impl Tensor {
         if bytes.is_empty() {
             return Ok(&[]);
         }
-        if bytes.as_ptr() as usize % std::mem::align_of::<f32>() != 0 {
+        if !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()) {
             return Err(Error::new("tensor data is not aligned for f32"));
         }
         // SAFETY: aligned, length is a multiple of 4 (checked by the host at creation).

@@ -242,7 +242,7 @@ impl Tensor {
             });
         }
         let bytes = &map[offset..offset + len];
-        if (bytes.as_ptr() as usize) % dtype.size() != 0 {
+        if !(bytes.as_ptr() as usize).is_multiple_of(dtype.size()) {
             return Tensor::from_bytes(dtype, shape, bytes);
         }
         Ok(Tensor::from_host(

@@ -431,7 +431,7 @@ pub fn linear_split(
     parts: usize,
 ) -> R<Vec<Tensor>> {
     const OP: &str = "linear_split";
-    if w.rank() != 2 || parts == 0 || w.shape()[0] % parts != 0 {
+    if w.rank() != 2 || parts == 0 || !w.shape()[0].is_multiple_of(parts) {
         return Err(invalid(
             OP,
             format!("weight {:?} does not split into {parts} parts", w.shape()),
@@ -536,8 +536,8 @@ pub fn conv(
         dilation: per_axis(dilation, "dilation", 1)?,
     };
     if groups == 0
-        || g.c_in % groups != 0
-        || g.c_out % groups != 0
+        || !g.c_in.is_multiple_of(groups)
+        || !g.c_out.is_multiple_of(groups)
         || w.shape()[1] * groups != g.c_in
     {
         return Err(invalid(
@@ -628,7 +628,7 @@ pub fn layer_norm(x: &Tensor, p: LayerNorm) -> R {
             let g = t.numel() / d.max(1);
             if t.numel() % d.max(1) != 0
                 || g == 0
-                || rows % g != 0
+                || !rows.is_multiple_of(g)
                 || groups.is_some_and(|h| h != g)
             {
                 return Err(invalid(
@@ -1169,7 +1169,7 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> R {
     let d = x.shape()[x.rank() - 1];
     let rows = x.numel() / d.max(1);
     let groups = gate.numel() / d.max(1);
-    if gate.numel() % d.max(1) != 0 || groups == 0 || rows % groups != 0 {
+    if !gate.numel().is_multiple_of(d.max(1)) || groups == 0 || !rows.is_multiple_of(groups) {
         return Err(invalid(
             OP,
             format!("gate {:?} does not fit x {:?}", gate.shape(), x.shape()),

@@ -70,7 +70,7 @@ pub fn resolve_reshape(request: &[i64], numel: usize) -> Result<Vec<usize>, Stri
     }
     let mut out: Vec<usize> = request.iter().map(|&d| d.max(0) as usize).collect();
     if let Some(i) = unknown {
-        if known == 0 || numel % known != 0 {
+        if known == 0 || !numel.is_multiple_of(known) {
             return Err(format!(
                 "cannot infer -1: {numel} elements into {request:?}"
             ));

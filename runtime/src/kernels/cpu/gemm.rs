@@ -3,18 +3,25 @@
 //!
 //! BLIS's structure (Van Zee & van de Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS
 //! Functionality", 2015): B is packed into KC×NR column panels shared by all threads, each thread
-//! packs its own MC×KC block of A into MR-row panels, and a 6×16 AVX2/FMA micro-kernel runs over
-//! panel pairs. Any strides work, so transposed operands need no copy. Packing buffers are
-//! per-thread and reused: nothing is allocated per tile.
+//! packs its own MC×KC block of A into MR-row panels, and a micro-kernel runs over panel pairs:
+//! 24×16 with AVX-512 (one zmm register per row), 6×16 with AVX2/FMA, or portable code, picked
+//! at run time. Every path sums each element of C in the same order with fused multiply-adds, so
+//! AVX-512 and AVX2 give bit-identical products. Any strides work, so transposed operands need no
+//! copy. Packing buffers are per-thread and reused: nothing is allocated per tile.
 
 use super::{simd, Activation};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
+/// Rows of the AVX2 and portable micro-tile (also used by attention).
 pub const MR: usize = 6;
+/// Columns of every micro-tile, and the width of a packed B panel.
 pub const NR: usize = 16;
+/// Rows of the AVX-512 micro-tile: 24 accumulators of one zmm register each.
+const MR_AVX512: usize = 24;
+/// The most rows a micro-tile has.
+const MR_MAX: usize = MR_AVX512;
 const KC: usize = 256;
-const MC: usize = 72;
 const NC: usize = 4080;
 /// Columns per block of a B packed already: its KC-step slice (2 MiB) stays in a core's cache
 /// whatever K is.
@@ -291,11 +298,75 @@ pub unsafe fn sgemm_parts(
 
 /// Whether `n` columns split into `parts` outputs for [`sgemm_parts`].
 pub fn parts_fit(n: usize, parts: usize) -> bool {
-    parts > 0 && n % parts == 0 && (n / parts) % NR == 0
+    parts > 0 && n.is_multiple_of(parts) && (n / parts).is_multiple_of(NR)
 }
 
 #[allow(clippy::too_many_arguments)]
 unsafe fn sgemm_out(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: BOperand,
+    out: Out,
+    ep: Epilogue,
+    parallel: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx512() {
+        return sgemm_blocked::<Avx512Tile>(m, n, k, a, b, out, ep, parallel);
+    }
+    sgemm_blocked::<Tile6x16>(m, n, k, a, b, out, ep, parallel)
+}
+
+/// A micro-kernel: an `MR×NR` tile of C from an MR-row panel of A and an NR-wide panel of B.
+trait MicroTile {
+    /// Rows of the tile (and of a packed A panel).
+    const MR: usize;
+    /// Rows of A per block (a multiple of `MR`), packed per task.
+    const MC: usize;
+    /// `C (+)= A·B` over `kc` steps: `a` a packed panel (`[p][r]`), `b` a packed panel
+    /// (`[p][c]`), C with row stride `ldc`.
+    unsafe fn run(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool);
+    /// [`pack_panel`] at this tile's width: `rows` of A's transpose `at`, zero-padded to `MR`.
+    unsafe fn pack(kc: usize, rows: usize, at: MatRef, p0: usize, i0: usize, out: *mut f32);
+}
+
+/// The 6×16 tile: AVX2/FMA, or portable code.
+struct Tile6x16;
+
+impl MicroTile for Tile6x16 {
+    const MR: usize = MR;
+    const MC: usize = 72;
+    #[inline]
+    unsafe fn run(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+        micro_kernel(kc, a, 1, MR, b, c, ldc, acc)
+    }
+    unsafe fn pack(kc: usize, rows: usize, at: MatRef, p0: usize, i0: usize, out: *mut f32) {
+        pack_panel::<MR>(kc, rows, at, p0, i0, out)
+    }
+}
+
+/// The 24×16 AVX-512 tile.
+#[cfg(target_arch = "x86_64")]
+struct Avx512Tile;
+
+#[cfg(target_arch = "x86_64")]
+impl MicroTile for Avx512Tile {
+    const MR: usize = MR_AVX512;
+    const MC: usize = 144;
+    #[inline]
+    unsafe fn run(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
+        avx512_kernel(kc, a, b, c, ldc, acc)
+    }
+    unsafe fn pack(kc: usize, rows: usize, at: MatRef, p0: usize, i0: usize, out: *mut f32) {
+        pack_panel::<MR_AVX512>(kc, rows, at, p0, i0, out)
+    }
+}
+
+/// The blocked product with micro-tile `T`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn sgemm_blocked<T: MicroTile>(
     m: usize,
     n: usize,
     k: usize,
@@ -375,13 +446,13 @@ unsafe fn sgemm_out(
             };
             // Row blocks of at most MC rows, as even as whole MR panels allow, and a multiple of
             // the thread count when the rows are few; column groups when row blocks are scarce.
-            let m_panels = m.div_ceil(MR);
-            let mut m_blocks = m.div_ceil(MC);
+            let m_panels = m.div_ceil(T::MR);
+            let mut m_blocks = m.div_ceil(T::MC);
             if threads > 1 && m_blocks < 4 * threads {
                 m_blocks = m_blocks.div_ceil(threads) * threads;
             }
             let m_blocks = m_blocks.min(m_panels);
-            let mc_max = m_panels.div_ceil(m_blocks) * MR;
+            let mc_max = m_panels.div_ceil(m_blocks) * T::MR;
             let groups = if threads > 1 {
                 (2 * threads).div_ceil(m_blocks).clamp(1, n_panels)
             } else {
@@ -400,14 +471,14 @@ unsafe fn sgemm_out(
                 let mc = mc_max.min(m - i0);
                 PACK_A.with(|pa| {
                     let mut pa = pa.borrow_mut();
-                    let need = mc.div_ceil(MR) * MR * KC.min(k);
+                    let need = mc.div_ceil(T::MR) * T::MR * KC.min(k);
                     if pa.len() < need {
                         pa.resize(need, 0.0);
                     }
                     let finishes = ks.end == k;
                     for pc in ks.step_by(KC) {
                         let kc = KC.min(k - pc);
-                        pack_a(mc, kc, a, i0, pc, pa.as_mut_ptr());
+                        pack_a::<T>(mc, kc, a, i0, pc, pa.as_mut_ptr());
                         let tile = Tile {
                             out: &out,
                             overwrite: pc == 0 && !ep.accumulate,
@@ -416,10 +487,10 @@ unsafe fn sgemm_out(
                             let j0 = jc + p * NR;
                             let nr = NR.min(n - j0);
                             let bp = bpack.get().add(p * NR * k + pc * NR) as *const f32;
-                            for ir in 0..mc.div_ceil(MR) {
-                                let mr = MR.min(mc - ir * MR);
-                                let ap = pa.as_ptr().add(ir * MR * kc);
-                                tile.run(kc, ap, bp, i0 + ir * MR, j0, mr, nr);
+                            for ir in 0..mc.div_ceil(T::MR) {
+                                let mr = T::MR.min(mc - ir * T::MR);
+                                let ap = pa.as_ptr().add(ir * T::MR * kc);
+                                tile.run::<T>(kc, ap, bp, i0 + ir * T::MR, j0, mr, nr);
                             }
                         }
                     }
@@ -462,7 +533,7 @@ struct Tile<'a> {
 impl Tile<'_> {
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    unsafe fn run(
+    unsafe fn run<T: MicroTile>(
         &self,
         kc: usize,
         a: *const f32,
@@ -473,11 +544,11 @@ impl Tile<'_> {
         nr: usize,
     ) {
         let (c, ldc) = (self.out.at(i0, j0), self.out.ldc);
-        if mr == MR && nr == NR {
-            micro_kernel(kc, a, 1, MR, b, c, ldc, !self.overwrite);
+        if mr == T::MR && nr == NR {
+            T::run(kc, a, b, c, ldc, !self.overwrite);
         } else {
-            let mut acc = [0f32; MR * NR];
-            micro_kernel(kc, a, 1, MR, b, acc.as_mut_ptr(), NR, false);
+            let mut acc = [0f32; MR_MAX * NR];
+            T::run(kc, a, b, acc.as_mut_ptr(), NR, false);
             for r in 0..mr {
                 let row = std::slice::from_raw_parts_mut(c.add(r * ldc), nr);
                 let src = &acc[r * NR..r * NR + nr];
@@ -515,17 +586,18 @@ fn finish_row(row: &mut [f32], i: usize, j0: usize, ep: Epilogue) {
 
 /// Packs rows `i0..i0+mc`, columns `p0..p0+kc` of A into MR-row panels (`[panel][p][r]`),
 /// zero-padding the last panel.
-pub(crate) unsafe fn pack_a(mc: usize, kc: usize, a: MatRef, i0: usize, p0: usize, out: *mut f32) {
+unsafe fn pack_a<T: MicroTile>(
+    mc: usize,
+    kc: usize,
+    a: MatRef,
+    i0: usize,
+    p0: usize,
+    out: *mut f32,
+) {
     let at = a.transposed();
-    for ir in 0..mc.div_ceil(MR) {
-        pack_panel::<MR>(
-            kc,
-            MR.min(mc - ir * MR),
-            at,
-            p0,
-            i0 + ir * MR,
-            out.add(ir * MR * kc),
-        );
+    for ir in 0..mc.div_ceil(T::MR) {
+        let rows = T::MR.min(mc - ir * T::MR);
+        T::pack(kc, rows, at, p0, i0 + ir * T::MR, out.add(ir * T::MR * kc));
     }
 }
 
@@ -711,6 +783,46 @@ unsafe fn avx2_kernel(
     }
 }
 
+/// The 24×16 AVX-512 tile: C row r is one zmm accumulator, fed by a broadcast of A(r, p) and
+/// the B panel's row p. Each element's sum runs over p in order with fused multiply-adds, as in
+/// [`avx2_kernel`], so both give the same bits.
+///
+/// # Safety
+/// `a` must address a packed `MR_AVX512`-row panel and `b` a packed NR-wide panel, for `kc`
+/// steps; `c` 24 rows of 16 writable elements at stride `ldc`; the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn avx512_kernel(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    const R: usize = MR_AVX512;
+    let mut acc = [_mm512_setzero_ps(); R];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        let bv = _mm512_loadu_ps(b);
+        for (r, v) in acc.iter_mut().enumerate() {
+            *v = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r)), bv, *v);
+        }
+        a = a.add(R);
+        b = b.add(NR);
+    }
+    for (r, v) in acc.iter().enumerate() {
+        let d = c.add(r * ldc);
+        let v = if accumulate {
+            _mm512_add_ps(*v, _mm512_loadu_ps(d))
+        } else {
+            *v
+        };
+        _mm512_storeu_ps(d, v);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -803,6 +915,51 @@ mod tests {
             let (ta, tb) = (rng.next() > 0.0, rng.next() > 0.0);
             let e = random_product_error(&mut rng, m, n, k, ta, tb);
             assert!(e < 1e-5, "{m}x{n}x{k} ta={ta} tb={tb}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_avx512_tile_gives_the_avx2_tiles_bits() {
+        // Both tiles sum each element in the same order with FMAs: equal bits on edge-heavy
+        // shapes, with accumulation, a bias and an activation, in one and several threads.
+        if !simd::has_avx512() {
+            eprintln!("skipped: this CPU has no AVX-512 (or DITFLOW_SIMD caps it)");
+            return;
+        }
+        let mut rng = Lcg(17);
+        for (m, n, k) in [(1, 16, 3), (25, 33, 257), (150, 70, 600), (300, 4100, 20)] {
+            let a = rng.vec(m * k);
+            let w = rng.vec(n * k);
+            let bias = rng.vec(n);
+            let start = rng.vec(m * n);
+            let ep = Epilogue {
+                accumulate: true,
+                bias: Bias::PerColumn(&bias),
+                act: Activation::Silu,
+            };
+            for parallel in [false, true] {
+                let run = |wide: bool| {
+                    let mut c = start.clone();
+                    let out = Out {
+                        bases: vec![OutPtr(c.as_mut_ptr())],
+                        part_w: n,
+                        ldc: n,
+                    };
+                    let (ar, br) = (
+                        MatRef::row_major(&a, k, false),
+                        BOperand::Strided(MatRef::row_major(&w, k, true)),
+                    );
+                    unsafe {
+                        if wide {
+                            sgemm_blocked::<Avx512Tile>(m, n, k, ar, br, out, ep, parallel)
+                        } else {
+                            sgemm_blocked::<Tile6x16>(m, n, k, ar, br, out, ep, parallel)
+                        }
+                    }
+                    c
+                };
+                assert_eq!(run(true), run(false), "{m}x{n}x{k} parallel={parallel}");
+            }
         }
     }
 

@@ -6,17 +6,59 @@
 
 use super::Activation;
 
-/// True when the CPU has AVX2 and FMA (checked once).
-#[cfg(target_arch = "x86_64")]
-pub fn has_avx2() -> bool {
+/// The widest vector instruction set the CPU kernels use: found once at run time, and capped by
+/// the `DITFLOW_SIMD` environment variable (`avx2` or `portable`), so each path can be measured
+/// and tested on one machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Portable,
+    /// AVX2 with FMA.
+    Avx2,
+    /// AVX-512F (with AVX2 and FMA).
+    Avx512,
+}
+
+/// The instruction set in use (checked once).
+pub fn isa() -> Isa {
     use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let cap = match std::env::var("DITFLOW_SIMD").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        detected().min(cap)
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detected() -> Isa {
+    if is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+    {
+        Isa::Avx512
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        Isa::Avx2
+    } else {
+        Isa::Portable
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
+fn detected() -> Isa {
+    Isa::Portable
+}
+
+/// True when the kernels may use AVX2 and FMA.
 pub fn has_avx2() -> bool {
-    false
+    isa() >= Isa::Avx2
+}
+
+/// True when the kernels may use AVX-512F.
+pub fn has_avx512() -> bool {
+    isa() >= Isa::Avx512
 }
 
 const EXP_HI: f32 = 88.376_26;
