@@ -414,6 +414,10 @@ outputs:
 /// A FluxPipeline-like graph on the flux_pipeline fixture's encoders and scheduler: `dit` from
 /// `transformer`, `vae` from `vae`, the `extra` nodes, then 4 flow-matching steps (guidance 3.5)
 /// of the model `model` from `seed`, decoded; outputs `latent`, `image` and `extra_outputs`.
+const EMPTY_LATENT_16: &str = "{width: 16, height: 16, channels: 16, downscale: 2}";
+
+/// The Flux sampling graph of the pipeline fixtures: a 16x16 picture from a 2x VAE, unless
+/// `EMPTY_LATENT_16` is replaced by the caller.
 fn flux_sample_graph(
     transformer: &Path,
     vae: &Path,
@@ -433,7 +437,7 @@ nodes:
   t5: {{type: LoadTextEncoder, inputs: {{path: {t5}}}}}
 {extra}
   pos: {{type: FluxTextEncode, inputs: {{clip: clip.encoder, t5: t5.encoder, text: "a red circle on a blue background", t5_tokens: 16}}}}
-  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 16, downscale: 2}}}}
+  latent: {{type: EmptyLatent, inputs: {EMPTY_LATENT_16}}}
   sample: {{type: Sample, inputs: {{model: {model}, positive: pos.conditioning, latent: latent.latent, sampler: flow_euler, scheduler_config: {s}, steps: 4, cfg: 1.0, guidance: 3.5, seed: {seed}}}}}
   decode: {{type: VAEDecode, inputs: {{vae: vae.vae, latent: sample.latent}}}}
 outputs:
@@ -484,6 +488,41 @@ fn flux_controlnets_match_the_controlnet_pipeline() {
         eprintln!("Flux ControlNet ({name}): latent {le:.2e}, image {ie:.2e}");
         assert!(le <= 1e-3 && ie <= 1e-3, "{name}: {le:.2e} {ie:.2e}");
     }
+}
+
+#[test]
+fn an_xlabs_flux_controlnet_matches_the_controlnet_pipeline() {
+    // FluxControlNetPipeline with an XLabs-style ControlNet: the 64x64 hint image in [-1, 1]
+    // through the ControlNet's input hint block (8x smaller, packed 2x2), no VAE; its two double
+    // blocks' residuals repeat over the base's four (0, 1, 0, 1). At strength 0.9 over an 8x
+    // VAE's 8x8 latent. Tolerance 1e-3 relative to the largest reference value.
+    let dir = common::repo().join("tests/fixtures/parity/flux_controlnet_xlabs");
+    let p = |n: &str| format!("{:?}", dir.join(n).to_string_lossy());
+    let io = dir.join("io.safetensors");
+    let extra = format!(
+        "  cn: {{type: LoadFluxControlNet, inputs: {{path: {c}}}}}\n  hint: {{type: LoadImage, inputs: {{path: {h}}}}}\n  patched: {{type: ApplyFluxControlNet, inputs: {{model: dit.model, controlnet: cn.controlnet, image: hint.image, strength: 0.9}}}}",
+        c = p("controlnet"),
+        h = p("hint.png"),
+    );
+    let yaml = flux_sample_graph(
+        &dir.join("transformer"),
+        &dir.join("vae"),
+        &extra,
+        "patched.model",
+        15,
+        "",
+    )
+    .replace(
+        EMPTY_LATENT_16,
+        "{width: 64, height: 64, channels: 16, downscale: 8}",
+    );
+    let g = Graph::from_yaml(&yaml, "flux_controlnet_xlabs.yaml", Path::new(".")).unwrap();
+    let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let le = relative_error(report.output("latent").unwrap(), &io, "latent_xlabs");
+    let ie = relative_error(report.output("image").unwrap(), &io, "image_xlabs");
+    eprintln!("XLabs Flux ControlNet: latent {le:.2e}, image {ie:.2e}");
+    assert!(le <= 1e-3 && ie <= 1e-3, "{le:.2e} {ie:.2e}");
 }
 
 #[test]

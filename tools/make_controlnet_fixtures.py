@@ -16,13 +16,19 @@ Writes tests/fixtures/parity/flux_controlnet/:
   (1 and 1, 3 control modes), vae/ (pinned as above), hint.png;
 - io.safetensors: `in.noise`, `in.hint`, and the final latent (unpacked) and image of `plain`
   (controlnet at 0.8, guidance 3.5) and `union` (mode 1 at 1.1 over [0.25, 0.75]).
+Writes tests/fixtures/parity/flux_controlnet_xlabs/ (an XLabs-style ControlNet: an input hint
+block on the image itself, and residuals repeated over the double blocks):
+- transformer/ (4 double, 1 single block), controlnet/ (2 double, 0 single, 16-channel hint
+  block, patch size 2), vae/ (16 channels, 8x downscale), hint.png (64x64);
+- io.safetensors: `in.noise`, `in.hint`, and the final latent and image of `xlabs` (at 0.9,
+  guidance 3.5).
 The text encoders, tokenizers and scheduler are those of tests/fixtures/parity/sd3_pipeline/
 and flux_pipeline/
 (made by tools/make_mmdit_pipeline_fixtures.py with the same seeds, so they are rebuilt here
 identically rather than saved twice).
 
 Run (PyTorch, diffusers and transformers from PyPI; CI never runs this):
-    .venv/bin/python tools/make_controlnet_fixtures.py
+    .venv/bin/python tools/make_controlnet_fixtures.py [sd3] [flux] [xlabs]
 """
 import os
 import shutil
@@ -36,14 +42,14 @@ from make_mmdit_pipeline_fixtures import PROMPT, ROOT, clip, randomize, t5, vae 
 from make_parity_fixtures import philox_randn  # noqa: E402
 
 
-def smooth_image(seed, path):
-    """A [16, 16, 3] picture in [0, 1] with some structure (a blurred random field), quantised to
-    8 bits and written to `path` as a PNG (what LoadImage reads)."""
+def smooth_image(seed, path, size=16):
+    """A [size, size, 3] picture in [0, 1] with some structure (a blurred random field),
+    quantised to 8 bits and written to `path` as a PNG (what LoadImage reads)."""
     from PIL import Image
 
     g = torch.Generator().manual_seed(seed)
-    x = torch.rand(1, 3, 8, 8, generator=g)
-    x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
+    x = torch.rand(1, 3, size // 2, size // 2, generator=g)
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     u8 = (x[0].permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8)
     Image.fromarray(u8.numpy()).save(path)
     return (u8.float() / 255).contiguous()
@@ -156,10 +162,64 @@ def flux(seed=400):
     save_file(tensors, os.path.join(out, "io.safetensors"))
 
 
+def flux_xlabs(seed=500):
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxControlNetModel,
+                           FluxControlNetPipeline, FluxTransformer2DModel)
+
+    out = os.path.join(ROOT, "flux_controlnet_xlabs")
+    shutil.rmtree(out, ignore_errors=True)
+    te1, _, fast1, _ = clip(16, 2, None, True, 200)
+    te2, _, fast2 = t5(24, 201)
+    shape = dict(in_channels=64, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=24,
+                 pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    dit = randomize(FluxTransformer2DModel(num_layers=4, num_single_layers=1, patch_size=1, **shape), seed, 0.15)
+    # XLabs' layout as diffusers converts it: a hint block making 16 channels, packed in 2x2
+    # patches (patch_size 2) into the 64 of controlnet_x_embedder; two double blocks whose
+    # residuals repeat over the base's four (0, 1, 0, 1), where interval_control would give 0, 0, 1, 1.
+    cn = randomize(FluxControlNetModel(num_layers=2, num_single_layers=0, patch_size=2,
+                                       conditioning_embedding_channels=16, **shape), seed + 1, 0.15)
+    # An 8x VAE (four levels), as the hint block's 8x downscale needs.
+    ae = randomize(AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        act_fn="silu", latent_channels=16, norm_num_groups=4, sample_size=64,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    ), seed + 2, 0.2)
+    with torch.no_grad():
+        for name, p in ae.named_parameters():
+            if name.endswith("weight") and p.dim() == 4:
+                p.mul_(0.5)
+    dit.save_pretrained(os.path.join(out, "transformer"), safe_serialization=True)
+    cn.save_pretrained(os.path.join(out, "controlnet"), safe_serialization=True)
+    ae.save_pretrained(os.path.join(out, "vae"), safe_serialization=True)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    hint = smooth_image(seed + 3, os.path.join(out, "hint.png"), 64)
+    control = (hint.permute(2, 0, 1)[None] * 2 - 1).contiguous()
+    noise_seed, steps, guidance = 15, 4, 3.5
+    noise = philox_randn((1, 16, 8, 8), noise_seed)
+    packed = FluxControlNetPipeline._pack_latents(noise, 1, 16, 8, 8)
+    tensors = {"in.noise": noise, "in.hint": hint}
+    pipe = FluxControlNetPipeline(transformer=dit, scheduler=sched, vae=ae, text_encoder=te1, tokenizer=fast1,
+                                  text_encoder_2=te2, tokenizer_2=fast2, controlnet=cn)
+    args = dict(prompt=PROMPT, control_image=control, num_inference_steps=steps, guidance_scale=guidance,
+                height=64, width=64, max_sequence_length=16, controlnet_conditioning_scale=0.9)
+    with torch.no_grad():
+        latent = pipe(**args, latents=packed.clone(), output_type="latent").images
+        image = pipe(**args, latents=packed.clone(), output_type="pt").images
+    latent = FluxControlNetPipeline._unpack_latents(latent, 64, 64, 8)
+    tensors["out.latent_xlabs"] = latent.contiguous()
+    tensors["out.image_xlabs"] = image[0].permute(1, 2, 0).contiguous()
+    print(f"flux_controlnet_xlabs: latent |max| {latent.abs().max():.3f}")
+    save_file(tensors, os.path.join(out, "io.safetensors"))
+
+
 def main():
     torch.set_num_threads(2)
-    sd3()
-    flux()
+    wanted = sys.argv[1:] or ["sd3", "flux", "xlabs"]
+    for name, make in [("sd3", sd3), ("flux", flux), ("xlabs", flux_xlabs)]:
+        if name in wanted:
+            make()
 
 
 if __name__ == "__main__":

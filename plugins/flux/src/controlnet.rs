@@ -1,18 +1,22 @@
 //! Flux ControlNet as a patch: diffusers' `FluxControlNetModel` (the transformer's trunk with
-//! its own depths, the packed hint latent added through `controlnet_x_embedder`, a zero-
-//! initialised linear per block; in union mode a control-mode embedding prepended to the text)
-//! run on each call's inputs, its residuals added after the base model's double and single
-//! blocks as `FluxTransformer2DModel` does (`interval_control`, rounded up).
-//! `LoadFluxControlNet` reads the model; `ApplyFluxControlNet` encodes the hint image with the
-//! VAE as `FluxControlNetPipeline` does and patches any Flux denoiser with it (two patches, one
-//! per block stack, sharing the residuals). Several stack: their residuals add up.
+//! its own depths, the packed hint added through `controlnet_x_embedder`, a zero-initialised
+//! linear per block; in union mode a control-mode embedding prepended to the text) run on each
+//! call's inputs, its residuals added after the base model's double and single blocks as
+//! `FluxTransformer2DModel` does: every `interval_control` blocks (rounded up), or, for XLabs'
+//! ControlNets (those with an input hint block), repeated over the double blocks
+//! (`controlnet_blocks_repeat`). `LoadFluxControlNet` reads the model; `ApplyFluxControlNet`
+//! makes the hint as `FluxControlNetPipeline` does (the VAE's latent, or for XLabs' the image
+//! through the hint block) and patches any Flux denoiser with it (two patches, one per block
+//! stack, sharing the residuals). Several stack: their residuals add up.
 
 use crate::denoiser::latent_image_ids;
 use crate::flux::{Flux, Inputs, Run};
 use ditflow_nn::controlnet::{
-    file_label, hint_latent, kept, patch_digest, residual_index_flux, stacks_summary,
+    file_label, hint_latent, kept, patch_digest, residual_index_flux, residual_index_repeat,
+    stacks_summary,
 };
-use ditflow_nn::{Config, Linear, Weights};
+use ditflow_nn::{Config, Conv2d, Linear, Weights};
+use ditflow_plugin::encoder_api::image_to_signed_nchw;
 use ditflow_plugin::files::{fnv1a, input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::{Call, DenoiserInfo, PatchHooks, PatchSpec};
@@ -31,7 +35,55 @@ pub struct FluxControlNet {
     pub hint_embedder: Linear,
     /// Union mode: `controlnet_mode_embedder.weight`, `[num_mode, D]`.
     pub modes: Option<Tensor>,
+    /// XLabs' ControlNets: `input_hint_block`, which makes the hint from the image itself.
+    pub hint_block: Option<HintBlock>,
+    /// The hint's patch size when it is packed into tokens: the config's `patch_size` after a
+    /// hint block, 2 for a VAE latent (packed as FluxPipeline packs latents).
+    pub hint_patch: usize,
     pub path: PathBuf,
+}
+
+/// diffusers' `ControlNetConditioningEmbedding` with `block_out_channels` (16, 16, 16, 16), as
+/// `FluxControlNetModel` builds it: a 3×3 convolution in, three pairs of a 3×3 convolution and
+/// a stride-2 one, a 3×3 convolution out, SiLU after each but the last (8× smaller).
+pub struct HintBlock {
+    convs: Vec<Conv2d>,
+}
+
+impl HintBlock {
+    const WIDTH: usize = 16;
+
+    fn load(w: &Weights, channels: usize) -> Result<HintBlock> {
+        let c = HintBlock::WIDTH;
+        let mut convs = vec![Conv2d::load(w, "input_hint_block.conv_in", 3, c, 3, 1, 1)?];
+        for i in 0..6 {
+            let prefix = format!("input_hint_block.blocks.{i}");
+            convs.push(Conv2d::load(w, &prefix, c, c, 3, 1 + i % 2, 1)?);
+        }
+        convs.push(Conv2d::load(
+            w,
+            "input_hint_block.conv_out",
+            c,
+            channels,
+            3,
+            1,
+            1,
+        )?);
+        Ok(HintBlock { convs })
+    }
+
+    /// `[B, 3, H, W]` in [-1, 1] → `[B, channels, H/8, W/8]`.
+    pub fn forward(&self, image: &Tensor) -> Result<Tensor> {
+        let last = self.convs.len() - 1;
+        let mut x = image.clone();
+        for (i, conv) in self.convs.iter().enumerate() {
+            x = conv.forward(&x)?;
+            if i < last {
+                x = x.unary("silu")?;
+            }
+        }
+        Ok(x)
+    }
 }
 
 impl Object for FluxControlNet {
@@ -51,20 +103,24 @@ impl FluxControlNet {
                 cfg.class_name().unwrap_or("")
             )));
         }
-        if cfg
-            .json
-            .get("conditioning_embedding_channels")
-            .is_some_and(|v| !v.is_null())
-        {
-            return Err(bad(
-                "ControlNets with an input hint block (conditioning_embedding_channels, the \
-                 XLabs style) are not supported yet"
-                    .into(),
-            ));
-        }
         let w = Weights::load(ctx, path, device)?;
         let trunk = Flux::load_trunk(&cfg, &w, device, true)?;
         let dim = trunk.dim;
+        let (hint_block, hint_patch) = match cfg.opt_usize("conditioning_embedding_channels")? {
+            Some(channels) => {
+                let patch = cfg.opt_usize("patch_size")?.unwrap_or(1).max(1);
+                if channels * patch * patch != trunk.in_channels {
+                    return Err(bad(format!(
+                        "the input hint block makes {channels} channels, which packed in \
+                         {patch}x{patch} patches do not give the {} channels of \
+                         controlnet_x_embedder",
+                        trunk.in_channels
+                    )));
+                }
+                (Some(HintBlock::load(&w, channels)?), patch)
+            }
+            None => (None, 2),
+        };
         let outs = |prefix: &str, n: usize| -> Result<Vec<Linear>> {
             (0..n)
                 .map(|i| w.linear(&format!("{prefix}.{i}"), dim, dim, true))
@@ -79,6 +135,8 @@ impl FluxControlNet {
             single_out: outs("controlnet_single_blocks", trunk.single.len())?,
             hint_embedder: w.linear("controlnet_x_embedder", trunk.in_channels, dim, true)?,
             modes,
+            hint_block,
+            hint_patch,
             trunk,
             path: path.to_path_buf(),
         })
@@ -152,19 +210,31 @@ impl FluxControlNet {
                 .chain([&self.hint_embedder])
                 .map(Linear::info),
         );
+        let convs = self.hint_block.as_ref().map_or(0, |h| {
+            h.convs
+                .iter()
+                .map(|c| c.weight.numel() + c.bias.as_ref().map_or(0, Tensor::numel))
+                .sum::<usize>() as u64
+                * 4
+        });
         infos
             .iter()
             .map(|l| ((l.out_features + 1) * l.in_features * 4) as u64)
             .sum::<u64>()
             + self.modes.as_ref().map_or(0, |m| m.numel() as u64 * 4)
+            + convs
     }
 }
 
 /// What the two patches (double and single stack) of one ControlNet share.
 struct Shared {
     controlnet: Value,
-    /// `[1, C, h, w]`.
+    /// The hint packed into tokens, `[1, L_img, C·p²]`.
     hint: Tensor,
+    /// Its shape before packing, `[1, C, h, w]`, for messages.
+    hint_shape: Vec<usize>,
+    /// XLabs' rule: the double blocks' residuals repeat (`controlnet_blocks_repeat`).
+    repeat: bool,
     mode: Option<usize>,
     start: f64,
     end: f64,
@@ -197,28 +267,22 @@ impl PatchHooks for ControlNetPatch {
         let x = inputs.require("hidden_states")?;
         let rows = x.shape().first().copied().unwrap_or(0);
         let hint = ditflow_plugin::ops::concat(&vec![&s.hint; rows], 0)?;
-        let (hint, x, img_ids) = if x.shape().len() == 4 {
-            if x.shape()[2..] != s.hint.shape()[2..] {
-                bail!(
-                    "the hint latent is {:?} but the model's latent is {:?}: give a hint image \
-                     of the picture's size",
-                    s.hint.shape(),
-                    x.shape()
-                );
-            }
+        let (x, img_ids) = if x.shape().len() == 4 {
             let ids = latent_image_ids(x.shape()[2] / 2, x.shape()[3] / 2)?;
-            (
-                ditflow_nn::pack_latents(&hint, 2)?,
-                ditflow_nn::pack_latents(x, 2)?,
-                ids,
-            )
+            (ditflow_nn::pack_latents(x, 2)?, ids)
         } else {
-            (
-                ditflow_nn::pack_latents(&hint, 2)?,
-                x.clone(),
-                inputs.require("img_ids")?.clone(),
-            )
+            (x.clone(), inputs.require("img_ids")?.clone())
         };
+        if x.shape().get(1) != hint.shape().get(1) {
+            bail!(
+                "the hint ({:?}, {} tokens) does not fit the model's latent ({:?}, {} tokens): \
+                 give a hint image of the picture's size",
+                s.hint_shape,
+                hint.shape()[1],
+                inputs.require("hidden_states")?.shape(),
+                x.shape().get(1).copied().unwrap_or(0)
+            );
+        }
         let text = inputs.require("encoder_hidden_states")?;
         let txt_ids = match inputs.get("txt_ids") {
             Some(ids) => ids.clone(),
@@ -277,7 +341,12 @@ impl PatchHooks for ControlNetPatch {
         if res.is_empty() {
             return Ok(None);
         }
-        let r = &res[residual_index_flux(block, n_base, res.len())];
+        let index = if s.repeat && stack == 0 {
+            residual_index_repeat(block, res.len())
+        } else {
+            residual_index_flux(block, n_base, res.len())
+        };
+        let r = &res[index];
         // The joint sequence is text then image: the residual starts after the text.
         let text = hidden.shape()[1].saturating_sub(r.shape()[1]);
         Ok(Some((r.clone(), text)))
@@ -337,9 +406,11 @@ impl Node for ApplyFluxControlNet {
             .doc(
                 "Patches a Flux denoiser with a ControlNet, as FluxControlNetPipeline runs it: \
                  the hint image is encoded with the VAE (its mean, shifted and scaled) and \
-                 packed, the ControlNet runs on each step's latents and prompt (with the \
-                 control mode of a union ControlNet), and its residuals, times strength, are \
-                 added after the model's double and single blocks. It is active at step i of n \
+                 packed, or, for XLabs' ControlNets, scaled to [-1, 1] and passed through the \
+                 ControlNet's input hint block; the ControlNet runs on each step's latents and \
+                 prompt (with the control mode of a union ControlNet), and its residuals, times \
+                 strength, are added after the model's double and single blocks (XLabs': \
+                 repeated over the double blocks). It is active at step i of n \
                  unless i/n < start or (i+1)/n > end. Several stack (their residuals add up). A \
                  feature cache that skips blocks is refused with it. The hint image must have \
                  the picture's size. With true CFG (cfg > 1) each row's ControlNet sees its own \
@@ -347,7 +418,7 @@ impl Node for ApplyFluxControlNet {
             )
             .input(Port::new("model", "Model<Denoiser>").doc("A Flux denoiser (LoadFlux, possibly patched)."))
             .input(Port::new("controlnet", "Model").doc("From LoadFluxControlNet."))
-            .input(Port::new("vae", "Model<Autoencoder>").doc("The VAE that encodes the hint image."))
+            .input(Port::new("vae", "Model<Autoencoder>").optional().doc("The VAE that encodes the hint image (not used by XLabs' ControlNets, which have their own hint block)."))
             .input(Port::new("image", "Image").doc("The hint image [height, width, 3] in [0, 1]."))
             .input(Port::new("mode", "Int").default(-1i64).range(-1.0, 64.0).doc("A union ControlNet's control mode (e.g. 0 canny, 1 tile, 2 depth, ...); -1 for a plain ControlNet."))
             .input(Port::new("strength", "Float").default(1.0).range(-10.0, 10.0).doc("controlnet_conditioning_scale."))
@@ -359,7 +430,7 @@ impl Node for ApplyFluxControlNet {
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let model: Value = ctx.input("model")?;
         let controlnet: Value = ctx.input("controlnet")?;
-        let vae: Value = ctx.input("vae")?;
+        let vae: Option<Value> = ctx.input_opt("vae")?;
         let image: Tensor = ctx.input("image")?;
         let mode = usize::try_from(ctx.input::<i64>("mode")?).ok();
         let strength: f64 = ctx.input("strength")?;
@@ -406,22 +477,42 @@ impl Node for ApplyFluxControlNet {
                 base.1
             );
         }
-        let hint =
-            hint_latent(&vae, &image, true).map_err(|e| Error(format!("the hint image: {e}")))?;
-        if hint.shape()[1] * 4 != net.trunk.in_channels {
+        let hint = match (&net.hint_block, &vae) {
+            (Some(block), _) => {
+                let pixels = image_to_signed_nchw(&image)
+                    .map_err(|e| Error(format!("the hint image: {e}")))?
+                    .to_device(net.trunk.device)?;
+                block
+                    .forward(&pixels)
+                    .map_err(|e| Error(format!("{file}: the input hint block: {e}")))?
+            }
+            (None, Some(vae)) => {
+                hint_latent(vae, &image, true).map_err(|e| Error(format!("the hint image: {e}")))?
+            }
+            (None, None) => {
+                bail!("{file}: this ControlNet takes its hint as a VAE latent: connect input 'vae'")
+            }
+        };
+        let hint_shape = hint.shape().to_vec();
+        if hint_shape[1] * net.hint_patch * net.hint_patch != net.trunk.in_channels {
             bail!(
-                "{file}: the hint latent has {} channels; the ControlNet takes {} packed (4 per \
+                "{file}: the hint latent has {} channels; the ControlNet takes {} packed ({} per \
                  latent channel)",
-                hint.shape()[1],
-                net.trunk.in_channels
+                hint_shape[1],
+                net.trunk.in_channels,
+                net.hint_patch * net.hint_patch
             );
         }
+        let hint = ditflow_nn::pack_latents(&hint, net.hint_patch)
+            .map_err(|e| Error(format!("{file}: the hint: {e}")))?;
         let name = file_label(&net.path);
         let mode_setting = mode.map_or(-1.0, |m| m as f64);
         let digest = patch_digest(&hint, &net.path, &[start, end, strength, mode_setting])?;
         let shared = Arc::new(Shared {
             controlnet: controlnet.clone(),
             hint,
+            hint_shape,
+            repeat: net.hint_block.is_some(),
             mode,
             start,
             end,

@@ -97,8 +97,9 @@ impl Flux {
     /// The transformer, or with `controlnet` a `FluxControlNetModel`'s trunk (no output layer).
     pub fn load_trunk(cfg: &Config, w: &Weights, device: Device, controlnet: bool) -> Result<Flux> {
         let bad = |what: String| Error(format!("{}: {what}", cfg.path.display()));
+        // A ControlNet's patch size only says how its hint block's output is packed.
         let patch = cfg.usize_or("patch_size", 1)?;
-        if patch != 1 {
+        if patch != 1 && !controlnet {
             return Err(bad(format!(
                 "patch_size {patch} is not supported (Flux uses 1)"
             )));

@@ -28,6 +28,12 @@ pub fn residual_index_flux(block: usize, n_base: usize, n_res: usize) -> usize {
     (block / interval).min(n_res.saturating_sub(1))
 }
 
+/// XLabs' map (`controlnet_blocks_repeat`): base block `block` reads residual
+/// `block % n_res`.
+pub fn residual_index_repeat(block: usize, n_res: usize) -> usize {
+    block % n_res.max(1)
+}
+
 /// The hint latent as the ControlNet pipelines make it from an image `[H, W, 3]`: the VAE's
 /// mean (the pipelines sample; the mean is its expectation), minus the VAE's shift when
 /// `shift`, times its scaling factor.
@@ -88,5 +94,8 @@ mod tests {
         assert_eq!(flux[16..], [4, 4, 4]);
         let flux: Vec<usize> = (0..4).map(|b| residual_index_flux(b, 4, 3)).collect();
         assert_eq!(flux, [0, 0, 1, 1]);
+        // XLabs: 2 residuals over 5 blocks repeat: 0, 1, 0, 1, 0.
+        let xlabs: Vec<usize> = (0..5).map(|b| residual_index_repeat(b, 2)).collect();
+        assert_eq!(xlabs, [0, 1, 0, 1, 0]);
     }
 }

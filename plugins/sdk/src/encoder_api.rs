@@ -304,29 +304,19 @@ impl Value {
     /// (f32 in `[0, 1]`, or u8) from this autoencoder, whichever plugin made it; the sides must
     /// be multiples of its downscale factor.
     pub fn encode_image_mean(&self, image: &Tensor) -> Result<Tensor> {
-        use crate::{DType, Kind};
         let vae = self.autoencoder_info()?;
         let s = image.shape().to_vec();
-        if s.len() != 3 || s[2] != 3 || s[0] % vae.downscale != 0 || s[1] % vae.downscale != 0 {
+        if s.len() != 3
+            || s[2] != 3
+            || !s[0].is_multiple_of(vae.downscale)
+            || !s[1].is_multiple_of(vae.downscale)
+        {
             return Err(Error(format!(
                 "the image must be [height, width, 3] with sides multiples of {}, got {s:?}",
                 vae.downscale
             )));
         }
-        let (h, w) = (s[0] as i64, s[1] as i64);
-        // u8 images are 0..=255; f32 images 0..=1.
-        let unit = if image.dtype() == DType::U8 {
-            1.0 / 255.0
-        } else {
-            1.0
-        };
-        let x = image
-            .cast(DType::F32)?
-            .affine(unit, 0.0)?
-            .permute(&[2, 0, 1])?
-            .reshape(&[1, 3, h, w])?
-            .affine(2.0, -1.0)?
-            .with_kind(Kind::Tensor)?;
+        let x = image_to_signed_nchw(image)?;
         NamedOutputs(crate::model::forward_named(self, &[("image", &x)])?).take("mean", "the VAE")
     }
 
@@ -416,4 +406,29 @@ impl Value {
             _ => Err(Error(crate::ops::last_error())),
         }
     }
+}
+
+/// An image `[H, W, 3]` (f32 in `[0, 1]`, or u8) as the diffusers image processors give it to a
+/// model: `[1, 3, H, W]` in `[-1, 1]`.
+pub fn image_to_signed_nchw(image: &Tensor) -> Result<Tensor> {
+    use crate::{DType, Kind};
+    let s = image.shape().to_vec();
+    if s.len() != 3 || s[2] != 3 {
+        return Err(Error(format!(
+            "the image must be [height, width, 3], got {s:?}"
+        )));
+    }
+    // u8 images are 0..=255; f32 images 0..=1.
+    let unit = if image.dtype() == DType::U8 {
+        1.0 / 255.0
+    } else {
+        1.0
+    };
+    image
+        .cast(DType::F32)?
+        .affine(unit, 0.0)?
+        .permute(&[2, 0, 1])?
+        .reshape(&[1, 3, s[0] as i64, s[1] as i64])?
+        .affine(2.0, -1.0)?
+        .with_kind(Kind::Tensor)
 }
