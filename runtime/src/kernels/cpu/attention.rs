@@ -6,12 +6,13 @@
 //! block of queries, runs the GEMM micro-kernel for `S = (Q·scale)·Kᵀ` and `O += P·V`, and keeps
 //! the running row max and sum. Tasks are (batch, head, query block), spread over rayon.
 
-use super::gemm::{micro_kernel, pack_b, MatRef, MR, NR};
+use super::gemm::{pack_b, tile_kernel, tile_rows, MatRef, NR};
 use super::simd;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// The most query rows per task (a multiple of MR); blocks are evened out below it.
+/// The most query rows per task (a multiple of every tile's rows); blocks are evened out below
+/// it.
 const BQ_MAX: usize = 96;
 /// Keys per block (a multiple of NR).
 const BK: usize = 256;
@@ -206,7 +207,8 @@ pub fn attention_strided(
         });
 
     let q_blocks = lq.div_ceil(BQ_MAX);
-    let bq = lq.div_ceil(q_blocks).div_ceil(MR) * MR;
+    let mr = tile_rows();
+    let bq = lq.div_ceil(q_blocks).div_ceil(mr) * mr;
     let o = Out(out.as_mut_ptr());
     let packed = &packed;
     (0..heads * q_blocks).into_par_iter().for_each(|t| {
@@ -221,8 +223,8 @@ pub fn attention_strided(
         let mask_rows = mask.map(|m| (m, bi * m.sb + hi * m.sh + q0 * m.sq));
         SCRATCH.with(|s| {
             let s = &mut *s.borrow_mut();
-            // Rows padded to whole MR panels: padded rows stay zero and are never written out.
-            let prow = rows.div_ceil(MR) * MR;
+            // Rows padded to whole tiles: padded rows stay zero and are never written out.
+            let prow = rows.div_ceil(mr) * mr;
             let ow = v_panels * NR;
             grow(&mut s.q, prow * d);
             grow(&mut s.s, prow * BK);
@@ -244,17 +246,17 @@ pub fn attention_strided(
                 // S = (Q·scale)·K[kb..kb+bk]ᵀ, full tiles straight into S (row stride BK).
                 for p in 0..bk.div_ceil(NR) {
                     let bp = kp[(kb / NR + p) * NR * d..].as_ptr();
-                    for ir in 0..prow / MR {
+                    for ir in 0..prow / mr {
                         // SAFETY: Q rows are `d` apart, K panels hold `d` steps, S has room for
                         // `prow` rows of BK.
                         unsafe {
-                            micro_kernel(
+                            tile_kernel(
                                 d,
-                                s.q[ir * MR * d..].as_ptr(),
+                                s.q[ir * mr * d..].as_ptr(),
                                 d,
                                 1,
                                 bp,
-                                s.s[ir * MR * BK + p * NR..].as_mut_ptr(),
+                                s.s[ir * mr * BK + p * NR..].as_mut_ptr(),
                                 BK,
                                 false,
                             )
@@ -288,16 +290,16 @@ pub fn attention_strided(
                 // O += P·V[kb..kb+bk], reading P in place (rows BK apart).
                 for p in 0..v_panels {
                     let bp = vp[p * NR * lk + kb * NR..].as_ptr();
-                    for ir in 0..prow / MR {
+                    for ir in 0..prow / mr {
                         // SAFETY: P rows hold `bk` values, the V panel `bk` steps from `kb`.
                         unsafe {
-                            micro_kernel(
+                            tile_kernel(
                                 bk,
-                                s.s[ir * MR * BK..].as_ptr(),
+                                s.s[ir * mr * BK..].as_ptr(),
                                 BK,
                                 1,
                                 bp,
-                                s.o[ir * MR * ow + p * NR..].as_mut_ptr(),
+                                s.o[ir * mr * ow + p * NR..].as_mut_ptr(),
                                 ow,
                                 true,
                             )

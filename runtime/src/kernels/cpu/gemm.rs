@@ -357,7 +357,7 @@ impl MicroTile for Avx512Tile {
     const MC: usize = 144;
     #[inline]
     unsafe fn run(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, acc: bool) {
-        avx512_kernel(kc, a, b, c, ldc, acc)
+        avx512_kernel(kc, a, 1, MR_AVX512, b, c, ldc, acc)
     }
     unsafe fn pack(kc: usize, rows: usize, at: MatRef, p0: usize, i0: usize, out: *mut f32) {
         pack_panel::<MR_AVX512>(kc, rows, at, p0, i0, out)
@@ -616,6 +616,11 @@ pub(crate) unsafe fn pack_b(
 
 /// [`pack_b`] of a bf16 matrix over all of its `k` rows, converting to f32.
 unsafe fn pack_b_bf16(k: usize, cols: usize, b: MatRefBf16, j0: usize, out: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if b.rs == 1 && cols == NR && simd::has_avx2() {
+        let col = |c: usize| b.ptr.offset((j0 + c) as isize * b.cs);
+        return transpose_into_panel::<NR, u16>(k, &std::array::from_fn(col), out);
+    }
     for c in 0..NR {
         if c < cols {
             for p in 0..k {
@@ -644,6 +649,11 @@ unsafe fn pack_panel<const W: usize>(
             std::ptr::copy_nonoverlapping(m.at(p0 + p, j0), out.add(p * W), W);
         }
     } else if m.rs == 1 {
+        #[cfg(target_arch = "x86_64")]
+        if W.is_multiple_of(8) && cols == W && simd::has_avx2() {
+            let col = |c: usize| m.at(p0, j0 + c);
+            return transpose_into_panel::<W, f32>(kc, &std::array::from_fn(col), out);
+        }
         for c in 0..W {
             if c < cols {
                 let src = m.at(p0, j0 + c);
@@ -663,6 +673,110 @@ unsafe fn pack_panel<const W: usize>(
             }
         }
     }
+}
+
+/// A source of panel columns for [`transpose_into_panel`]: f32 values, or bf16 bits widened.
+#[cfg(target_arch = "x86_64")]
+trait PanelSource: Copy {
+    /// Eight consecutive values from `ptr` as f32.
+    unsafe fn load8(ptr: *const Self) -> std::arch::x86_64::__m256;
+    /// One value as f32.
+    unsafe fn get(ptr: *const Self) -> f32;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PanelSource for f32 {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(ptr: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(ptr)
+    }
+    #[inline]
+    unsafe fn get(ptr: *const f32) -> f32 {
+        *ptr
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PanelSource for u16 {
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(ptr: *const u16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(ptr as *const __m128i));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(bits))
+    }
+    #[inline]
+    unsafe fn get(ptr: *const u16) -> f32 {
+        bf16_to_f32(*ptr)
+    }
+}
+
+/// `out[p·W + c] = col[c][p]` for `p < kc`, `c < W` (W a multiple of 8): each column read
+/// contiguously, eight columns by eight steps turned by an 8×8 register transpose. The
+/// values are only moved (bf16 widened exactly), so the panel is the scalar loop's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_into_panel<const W: usize, T: PanelSource>(
+    kc: usize,
+    col: &[*const T; W],
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let whole = kc / 8 * 8;
+    for g in (0..W).step_by(8) {
+        let mut p = 0;
+        while p < whole {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (i, v) in r.iter_mut().enumerate() {
+                *v = T::load8(col[g + i].add(p));
+            }
+            let t = transpose8(r);
+            for (j, v) in t.iter().enumerate() {
+                _mm256_storeu_ps(out.add((p + j) * W + g), *v);
+            }
+            p += 8;
+        }
+        for p in whole..kc {
+            for i in 0..8 {
+                *out.add(p * W + g + i) = T::get(col[g + i].add(p));
+            }
+        }
+    }
+}
+
+/// The 8×8 transpose of eight rows of eight f32: `out[j][i] = r[i][j]`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2")]
+fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
 }
 
 /// One full MR×NR tile: `C (+)= Σ_p A[0..MR][p] ⊗ B[p][0..NR]`, where A's element (r, p) is at
@@ -784,17 +898,21 @@ unsafe fn avx2_kernel(
 }
 
 /// The 24×16 AVX-512 tile: C row r is one zmm accumulator, fed by a broadcast of A(r, p) and
-/// the B panel's row p. Each element's sum runs over p in order with fused multiply-adds, as in
+/// the B panel's row p. A's element (r, p) is at `a + r·a_rs + p·a_cs`, as for
+/// [`micro_kernel`]. Each element's sum runs over p in order with fused multiply-adds, as in
 /// [`avx2_kernel`], so both give the same bits.
 ///
 /// # Safety
-/// `a` must address a packed `MR_AVX512`-row panel and `b` a packed NR-wide panel, for `kc`
-/// steps; `c` 24 rows of 16 writable elements at stride `ldc`; the CPU must have AVX-512F.
+/// `a` must address 24 rows of A and `b` a packed NR-wide panel, for `kc` steps; `c` 24 rows of
+/// 16 writable elements at stride `ldc`; the CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn avx512_kernel(
     kc: usize,
     a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -803,14 +921,33 @@ unsafe fn avx512_kernel(
     use std::arch::x86_64::*;
     const R: usize = MR_AVX512;
     let mut acc = [_mm512_setzero_ps(); R];
-    let (mut a, mut b) = (a, b);
-    for _ in 0..kc {
-        let bv = _mm512_loadu_ps(b);
-        for (r, v) in acc.iter_mut().enumerate() {
-            *v = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r)), bv, *v);
+    let mut b = b;
+    if a_rs == 1 {
+        // A packed panel: the 24 values of step p side by side.
+        let mut a = a;
+        for _ in 0..kc {
+            let bv = _mm512_loadu_ps(b);
+            for (r, v) in acc.iter_mut().enumerate() {
+                *v = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r)), bv, *v);
+            }
+            a = a.add(a_cs);
+            b = b.add(NR);
         }
-        a = a.add(R);
-        b = b.add(NR);
+    } else {
+        // Rows `a_rs` apart (attention's Q and P blocks), walked by three pointers of 8 rows.
+        let rows = [a, a.add(8 * a_rs), a.add(16 * a_rs)];
+        let mut off = 0usize;
+        for _ in 0..kc {
+            let bv = _mm512_loadu_ps(b);
+            for (g, base) in rows.iter().enumerate() {
+                for i in 0..8 {
+                    let v = &mut acc[g * 8 + i];
+                    *v = _mm512_fmadd_ps(_mm512_set1_ps(*base.add(i * a_rs + off)), bv, *v);
+                }
+            }
+            off += a_cs;
+            b = b.add(NR);
+        }
     }
     for (r, v) in acc.iter().enumerate() {
         let d = c.add(r * ldc);
@@ -821,6 +958,39 @@ unsafe fn avx512_kernel(
         };
         _mm512_storeu_ps(d, v);
     }
+}
+
+/// Rows of the micro-tile that [`tile_kernel`] runs: 24 with AVX-512, else [`MR`].
+pub(crate) fn tile_rows() -> usize {
+    if cfg!(target_arch = "x86_64") && simd::has_avx512() {
+        MR_AVX512
+    } else {
+        MR
+    }
+}
+
+/// One full `tile_rows() × NR` tile with A's element (r, p) at `a + r·a_rs + p·a_cs`, as
+/// [`micro_kernel`] runs an `MR × NR` one: the widest kernel the CPU has.
+///
+/// # Safety
+/// As for [`micro_kernel`], with `tile_rows()` rows.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn tile_kernel(
+    kc: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx512() {
+        return avx512_kernel(kc, a, a_rs, a_cs, b, c, ldc, accumulate);
+    }
+    micro_kernel(kc, a, a_rs, a_cs, b, c, ldc, accumulate)
 }
 
 #[cfg(test)]
@@ -960,6 +1130,49 @@ mod tests {
                 };
                 assert_eq!(run(true), run(false), "{m}x{n}x{k} parallel={parallel}");
             }
+        }
+    }
+
+    #[test]
+    fn the_strided_avx512_tile_gives_four_avx2_tiles_bits() {
+        // Attention's use: A rows `a_rs` apart (not packed). One 24-row tile equals four 6-row
+        // tiles bit for bit, overwriting and accumulating.
+        if !simd::has_avx512() {
+            eprintln!("skipped: this CPU has no AVX-512 (or DITFLOW_SIMD caps it)");
+            return;
+        }
+        let mut rng = Lcg(23);
+        let (kc, a_rs, ldc) = (37, 41, 20);
+        let a = rng.vec(24 * a_rs);
+        let b = rng.vec(kc * NR);
+        let start = rng.vec(24 * ldc);
+        for accumulate in [false, true] {
+            let (mut wide, mut narrow) = (start.clone(), start.clone());
+            unsafe {
+                avx512_kernel(
+                    kc,
+                    a.as_ptr(),
+                    a_rs,
+                    1,
+                    b.as_ptr(),
+                    wide.as_mut_ptr(),
+                    ldc,
+                    accumulate,
+                );
+                for t in 0..4 {
+                    micro_kernel(
+                        kc,
+                        a[t * MR * a_rs..].as_ptr(),
+                        a_rs,
+                        1,
+                        b.as_ptr(),
+                        narrow[t * MR * ldc..].as_mut_ptr(),
+                        ldc,
+                        accumulate,
+                    );
+                }
+            }
+            assert_eq!(wide, narrow, "accumulate={accumulate}");
         }
     }
 
