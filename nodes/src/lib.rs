@@ -8,6 +8,8 @@
 //! - [`tensor`]: `TensorStats` and `LatentToTensor`;
 //! - [`tensor_io`]: `LoadTensor` and `SaveTensor` (safetensors files);
 //! - [`image`]: `LoadImage` and `SaveImage` (PNG files);
+//! - [`media`]: `LoadAudio`, `SaveAudio` (WAV), `LoadVideo`, `SaveVideo` (APNG, PNG sequences,
+//!   MP4/WebM through ffmpeg), `VideoFrame`, `AudioRate` and `VideoRate`;
 //! - [`preprocess`]: `ResizeImage`, `CannyEdges`, `GrayscaleMap`, ControlNet hint images;
 //! - [`forward`]: `Forward`, one forward of any protocol model from a file of tensors;
 //! - [`model_info`]: `ModelInfo`, a Model's interface, patches, digest and patch memory;
@@ -27,6 +29,7 @@ pub mod constants;
 pub mod forward;
 pub mod image;
 pub mod math;
+pub mod media;
 pub mod model_info;
 pub mod noise;
 pub mod patches;
@@ -58,6 +61,13 @@ export_plugin!(
         tensor_io::SaveTensor,
         image::LoadImage,
         image::SaveImage,
+        media::audio::LoadAudio,
+        media::audio::SaveAudio,
+        media::audio::AudioRate,
+        media::video::LoadVideo,
+        media::video::SaveVideo,
+        media::video::VideoFrame,
+        media::video::VideoRate,
         preprocess::ResizeImage,
         preprocess::CannyEdges,
         preprocess::GrayscaleMap,

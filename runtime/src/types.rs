@@ -265,6 +265,20 @@ impl PortType {
                     && matches!(&*p[0], Value::String(_))
                     && matches!(&*p[1], Value::Tensor(..)))
             }),
+            // Audio and Video carry their rate: `[tensor, rate]` (see the SDK's `media`
+            // module); a bare tensor has none.
+            (
+                PortType::Tensor {
+                    kind: kind @ (TensorKind::Audio | TensorKind::Video),
+                    dtype: None,
+                    rank: None,
+                },
+                Value::List(items),
+            ) => {
+                items.len() == 2
+                    && matches!(&*items[0], Value::Tensor(k, _) if k == kind)
+                    && matches!(&*items[1], Value::Float(_))
+            }
             (PortType::List(inner), Value::List(items)) => {
                 items.iter().all(|v| inner.matches_value(v))
             }
@@ -372,5 +386,24 @@ mod tests {
         assert!(l.is_ok());
         assert_eq!(t("Bool").value_from_text("yes").unwrap(), Value::Bool(true));
         assert!(t("Int").value_from_text("x").is_err());
+    }
+
+    #[test]
+    fn audio_and_video_values_carry_their_rate_or_none() {
+        let t = |s: &str| PortType::parse(s).unwrap();
+        let tensor = |kind| {
+            let zeros = crate::tensor::Tensor::zeros(DType::F32, &[2, 8]).unwrap();
+            Value::Tensor(kind, zeros)
+        };
+        let audio = tensor(TensorKind::Audio);
+        let with_rate = Value::list([audio.clone(), Value::Float(16000.0)]);
+        assert!(t("Audio").matches_value(&audio));
+        assert!(t("Audio").matches_value(&with_rate));
+        assert!(!t("Video").matches_value(&with_rate));
+        assert!(!t("Audio").matches_value(&Value::list([audio.clone(), Value::Int(3)])));
+        assert!(!t("Audio").matches_value(&Value::list([audio.clone()])));
+        let video = Value::list([tensor(TensorKind::Video), Value::Float(24.0)]);
+        assert!(t("Video").matches_value(&video));
+        assert!(!t("Audio").matches_value(&video));
     }
 }
