@@ -33,6 +33,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "samplers")
@@ -41,6 +42,7 @@ CLASSES = {
     "EulerDiscreteScheduler": EulerDiscreteScheduler,
     "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
     "FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler,
+    "UniPCMultistepScheduler": UniPCMultistepScheduler,
 }
 SHAPE = (1, 2, 3, 3)
 
@@ -98,6 +100,13 @@ TRAJECTORIES = {
     "flow_static_shift3": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 10, {"sigmas_source": "pipeline"}),
     "flow_dynamic_1024": ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15), 20, {"sigmas_source": "pipeline", "mu": FLUX_MU_1024}),
     "flow_sd3_default_shift3": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 7, {"sigmas_source": "scheduler_default"}),
+    # UniPC: Wan's set-up (bh2 on flow sigmas, shift 5), and the other branches.
+    "unipc_bh2_flow_shift5": ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, flow_shift=5.0, prediction_type="flow_prediction"), 10, {}),
+    "unipc_bh2_flow_dynamic": ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True), 12, {"mu": FLUX_MU_1024}),
+    "unipc_bh1_sigma_min_epsilon": ("UniPCMultistepScheduler", dict(SD, solver_type="bh1", final_sigmas_type="sigma_min"), 8, {}),
+    "unipc_3_karras_v": ("UniPCMultistepScheduler", dict(SD, solver_order=3, use_karras_sigmas=True, prediction_type="v_prediction"), 12, {}),
+    "unipc_trailing_disable_corrector": ("UniPCMultistepScheduler", dict(SD, timestep_spacing="trailing", disable_corrector=[0, 3], lower_order_final=False, final_sigmas_type="sigma_min"), 7, {}),
+    "unipc_3_leading_sample": ("UniPCMultistepScheduler", dict(solver_order=3, timestep_spacing="leading", steps_offset=1, prediction_type="sample"), 9, {}),
 }
 
 STEP_COUNTS = list(range(1, 21)) + [25, 30, 50, 100, 250]
@@ -118,6 +127,12 @@ TABLES = {
     "flow_dynamic_1024": ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True), {"sigmas_source": "pipeline", "mu": FLUX_MU_1024}),
     "flow_sd3_default_shift3": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0), {"sigmas_source": "scheduler_default"}),
     "flow_terminal_linear": ("FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True, time_shift_type="linear", shift_terminal=0.1), {"sigmas_source": "pipeline", "mu": 2.0}),
+    "unipc_linspace_sd": ("UniPCMultistepScheduler", dict(SD), {}),
+    "unipc_leading_sd": ("UniPCMultistepScheduler", dict(SD, timestep_spacing="leading", steps_offset=1), {}),
+    "unipc_karras_trailing": ("UniPCMultistepScheduler", dict(SD, use_karras_sigmas=True, timestep_spacing="trailing"), {}),
+    "unipc_flow_shift5": ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, flow_shift=5.0, prediction_type="flow_prediction"), {}),
+    "unipc_flow_karras": ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, use_karras_sigmas=True, prediction_type="flow_prediction", final_sigmas_type="sigma_min"), {}),
+    "unipc_flow_terminal_linear": ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, use_dynamic_shifting=True, time_shift_type="linear", shift_terminal=0.1, prediction_type="flow_prediction"), {"mu": 2.0}),
 }
 
 

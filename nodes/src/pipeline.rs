@@ -7,7 +7,6 @@ use crate::samplers::{self, Scheduler};
 use ditflow_plugin::model::forward_named;
 use ditflow_plugin::model::{Call, Event, Prediction, BRANCH_COND, BRANCH_UNCOND};
 use ditflow_plugin::prelude::*;
-use std::collections::VecDeque;
 use std::path::Path;
 
 /// Output `name` of a model's named forward, or an error naming the model's kind.
@@ -24,12 +23,36 @@ fn scalar(v: f32) -> Result<Tensor> {
     Tensor::from_f32(Kind::Tensor, &[1], &[v])
 }
 
+/// A tensor as a sampler's sample, so `Sample` applies steps by the samplers' one rule.
+#[derive(Clone)]
+struct SampleTensor(Tensor);
+
+impl samplers::Combine for SampleTensor {
+    type Error = Error;
+    fn scaled(&self, c: f64) -> Result<Self> {
+        self.0.affine(c, 0.0).map(SampleTensor)
+    }
+    fn plus(&self, other: &Self) -> Result<Self> {
+        self.0.add(&other.0).map(SampleTensor)
+    }
+    fn clamped(&self, c: f64) -> Result<Self> {
+        self.0.clamp(-c as f32, c as f32).map(SampleTensor)
+    }
+}
+
+impl From<samplers::SamplerError> for Error {
+    fn from(e: samplers::SamplerError) -> Error {
+        Error(e.0)
+    }
+}
+
 /// The sampler names `Sample` accepts, and the diffusers class each one is.
 pub const SAMPLERS: &[(&str, &str)] = &[
     ("ddim", "DDIMScheduler"),
     ("euler", "EulerDiscreteScheduler"),
     ("dpmpp_2m", "DPMSolverMultistepScheduler"),
     ("flow_euler", "FlowMatchEulerDiscreteScheduler"),
+    ("unipc", "UniPCMultistepScheduler"),
 ];
 
 /// Python's JSON extensions (`Infinity`, `-Infinity`, `NaN`, which diffusers writes into scheduler
@@ -125,6 +148,11 @@ pub fn build_scheduler(
                 None
             };
             Box::new(samplers::FlowMatchEulerDiscrete::new(c, steps, flow_sigmas, mu).map_err(e)?)
+        }
+        "UniPCMultistepScheduler" => {
+            // Pipelines that shift UniPC dynamically pass their own mu; none here does.
+            let c = samplers::UniPcConfig::from_fields(pairs).map_err(e)?;
+            Box::new(samplers::UniPc::new(c, steps, None).map_err(e)?)
         }
         other => bail!(
             "scheduler class \"{other}\" is not supported (supported: {})",
@@ -343,8 +371,9 @@ impl Node for Sample {
             .category("sampling")
             .doc(
                 "Denoises seeded noise of the latent's shape with a diffusion model under a \
-                 diffusers-equivalent scheduler: ddim, euler, dpmpp_2m (DPM-Solver++(2M)) or \
-                 flow_euler (flow matching), or `auto` for the class in scheduler_config. \
+                 diffusers-equivalent scheduler: ddim, euler, dpmpp_2m (DPM-Solver++(2M)), \
+                 flow_euler (flow matching) or unipc (UniPC, on flow sigmas for flow models), or \
+                 `auto` for the class in scheduler_config. \
                  Classifier-free guidance runs the conditional and unconditional prompts as one \
                  batch: u + cfg·(c − u). Reports progress per step and stops when cancelled.",
             )
@@ -352,7 +381,7 @@ impl Node for Sample {
             .input(Port::new("positive", "Conditioning").optional().doc("The prompt's conditioning (needed by text-conditioned models): TextEncode's tokens, or a named set such as SD3TextEncode's or FluxTextEncode's (tokens plus pooled_projections). Each part the model reads goes to its forward under its name."))
             .input(Port::new("negative", "Conditioning").optional().doc("The unconditional conditioning (needed when cfg != 1), with the same parts as the positive."))
             .input(Port::new("latent", "Latent").doc("Sets the output shape (an EmptyLatent)."))
-            .input(Port::new("sampler", "String").default("auto").choices(&["auto", "ddim", "euler", "dpmpp_2m", "flow_euler"]).doc("The scheduler."))
+            .input(Port::new("sampler", "String").default("auto").choices(&["auto", "ddim", "euler", "dpmpp_2m", "flow_euler", "unipc"]).doc("The scheduler."))
             .input(Port::new("scheduler_config", "String").default("").doc("A diffusers scheduler_config.json (relative to the graph's folder); empty for the class defaults."))
             .input(Port::new("karras", "Bool").default(false).doc("Karras sigmas (euler, dpmpp_2m)."))
             .input(Port::new("shift", "Float").default(0.0).range(0.0, 100.0).doc("Flow-matching shift; 0 keeps the config's."))
@@ -413,17 +442,33 @@ impl Node for Sample {
                 .ok_or_else(|| Error(format!("unknown sampler '{name}'")))?,
         };
         let flow_scheduler = class == "FlowMatchEulerDiscreteScheduler";
+        let unipc = class == "UniPCMultistepScheduler";
+        let has = |fields: &[(String, String)], k: &str| fields.iter().any(|(f, _)| f == k);
         match info.prediction {
-            Prediction::Flow if !flow_scheduler => {
-                bail!("the model predicts a flow velocity: use the flow_euler sampler, not {class}")
+            Prediction::Flow if unipc => {
+                // UniPC drives flow models on flow sigmas (Wan's set-up).
+                let flag = fields.iter().find(|(k, _)| k == "use_flow_sigmas");
+                if flag.is_some_and(|(_, v)| v.trim() == "false") {
+                    bail!("the model predicts a flow velocity: UniPC needs use_flow_sigmas = true");
+                }
+                if !has(&fields, "use_flow_sigmas") {
+                    fields.push(("use_flow_sigmas".into(), "true".into()));
+                }
+                if !has(&fields, "prediction_type") {
+                    fields.push(("prediction_type".into(), "\"flow_prediction\"".into()));
+                }
             }
+            Prediction::Flow if !flow_scheduler => bail!(
+                "the model predicts a flow velocity: use the flow_euler or unipc sampler, not \
+                 {class}"
+            ),
             Prediction::Epsilon | Prediction::V if flow_scheduler => bail!(
                 "the model predicts {:?}, which the flow-matching sampler cannot use",
                 info.prediction
             ),
             _ => {}
         }
-        if info.prediction == Prediction::V && !fields.iter().any(|(k, _)| k == "prediction_type") {
+        if info.prediction == Prediction::V && !has(&fields, "prediction_type") {
             fields.push(("prediction_type".into(), "\"v_prediction\"".into()));
         }
         if ctx.input::<bool>("karras")? {
@@ -431,7 +476,8 @@ impl Node for Sample {
         }
         let shift: f64 = ctx.input("shift")?;
         if shift > 0.0 {
-            fields.push(("shift".into(), shift.to_string()));
+            let key = if unipc { "flow_shift" } else { "shift" };
+            fields.push((key.into(), shift.to_string()));
         }
         let patch = info.patch_size.max(1);
         let tokens = (s[2] / patch) * (s[3] / patch);
@@ -484,7 +530,7 @@ impl Node for Sample {
         den.lifecycle(Event::RunBegin, &call)?;
         let mut x = ditflow_plugin::ops::randn(&s, seed as u64, device)?
             .affine(sched.init_noise_sigma(), 0.0)?;
-        let mut history: VecDeque<Tensor> = VecDeque::new();
+        let mut history = samplers::History::new(sched.as_ref());
         let total = sched.num_steps() as u64;
         for (i, step) in sched.steps().iter().enumerate() {
             ctx.check_cancelled()?;
@@ -522,25 +568,9 @@ impl Node for Sample {
             } else {
                 out
             };
-            let mut next = x
-                .affine(step.x_coeff, 0.0)?
-                .add(&out.affine(step.output_coeff, 0.0)?)?;
-            if step.uses_denoised() || sched.history_len() > 0 {
-                let mut d = x
-                    .affine(step.denoised_x, 0.0)?
-                    .add(&out.affine(step.denoised_output, 0.0)?)?;
-                if let Some(c) = step.denoised_clamp {
-                    d = d.clamp(-c as f32, c as f32)?;
-                }
-                history.push_front(d);
-                history.truncate(sched.history_len() + 1);
-                for &(k, c) in &step.denoised_terms {
-                    let d = history.get(k).ok_or_else(|| {
-                        Error(format!("step {i} needs the estimate of {k} steps back"))
-                    })?;
-                    next = next.add(&d.affine(c, 0.0)?)?;
-                }
-            }
+            let next =
+                samplers::apply_step(step, i, &SampleTensor(x), &SampleTensor(out), &mut history)?
+                    .0;
             x = next;
             den.lifecycle(Event::StepEnd, &call)?;
             ctx.progress(i as u64 + 1, total);

@@ -216,6 +216,7 @@ fn step(config: &DdimConfig, timestep: f64, alpha_t: f64, alpha_prev: f64) -> St
         x_coeff: direction * ex,
         output_coeff: direction * eo,
         denoised_terms: vec![(0, alpha_prev.sqrt())],
+        corrector: None,
     }
 }
 

@@ -446,6 +446,7 @@ fn build_steps(c: &DpmSolverMultistepConfig, timesteps: &[f64], sigmas: &[f32]) 
             x_coeff,
             output_coeff: 0.0,
             denoised_terms: terms,
+            corrector: None,
         });
     }
     steps

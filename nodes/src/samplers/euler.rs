@@ -277,6 +277,7 @@ fn step(prediction: PredictionType, timestep: f64, sigma: f64, sigma_next: f64) 
         x_coeff: 1.0 + gx * dt,
         output_coeff: go * dt,
         denoised_terms: Vec::new(),
+        corrector: None,
     }
 }
 

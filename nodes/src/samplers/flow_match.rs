@@ -303,6 +303,7 @@ impl FlowMatchEulerDiscrete {
                     x_coeff: 1.0,
                     output_coeff: s_next - s,
                     denoised_terms: Vec::new(),
+                    corrector: None,
                 }
             })
             .collect();

@@ -1,4 +1,4 @@
-//! The schedulers' maths, in plain Rust (no host, no tensors): four diffusers schedulers, each
+//! The schedulers' maths, in plain Rust (no host, no tensors): five diffusers schedulers, each
 //! reduced to per-step scalar coefficients that a sampling node applies with tensor ops.
 //!
 //! | diffusers class                  | here                                       |
@@ -7,6 +7,7 @@
 //! | `EulerDiscreteScheduler`         | [`euler::EulerDiscrete`]                   |
 //! | `DPMSolverMultistepScheduler`    | [`dpmpp_2m::DpmSolverMultistep`]           |
 //! | `FlowMatchEulerDiscreteScheduler`| [`flow_match::FlowMatchEulerDiscrete`]     |
+//! | `UniPCMultistepScheduler`        | [`unipc::UniPc`]                           |
 //!
 //! Every scheduler is built from its config (the fields of diffusers' `scheduler_config.json`,
 //! with diffusers' defaults) and the number of inference steps, and then is a fixed list of
@@ -16,13 +17,16 @@
 //! ```text
 //! input     = input_scale · x                       (the model is called as model(input, timestep))
 //! denoised  = denoised_x · x + denoised_output · out   (then clamped to ±denoised_clamp if set)
-//! x_next    = x_coeff · x + output_coeff · out + Σ (k, c) in denoised_terms: c · denoised[k]
+//! x_used    = x, or with a corrector: last · x_last + Σ (k, c) in its terms: c · denoised[k]
+//! x_next    = x_coeff · x_used + output_coeff · out + Σ (k, c) in denoised_terms: c · denoised[k]
 //! ```
 //!
-//! where `out` is the model's output for this step and `denoised[k]` is the denoised estimate
-//! (the x₀ prediction) of the step `k` steps back: `denoised[0]` is this step's, `denoised[1]` the
-//! previous step's. [`Scheduler::history_len`] says how many previous estimates a caller must
-//! keep. The sampling loop is the one of diffusers' pipelines: `x = noise · init_noise_sigma`, then
+//! where `out` is the model's output for this step, `denoised[k]` is the denoised estimate (the
+//! x₀ prediction) of the step `k` steps back (`denoised[0]` is this step's, `denoised[1]` the
+//! previous step's), and `x_last` is the previous step's `x_used` (a predictor-corrector such as
+//! UniPC corrects the sample the model saw before predicting from it). [`apply_step`] is that
+//! rule, for any [`Combine`] sample type, with a [`History`]; [`Scheduler::history_len`] says how
+//! many previous estimates it keeps. The sampling loop is the one of diffusers' pipelines: `x = noise · init_noise_sigma`, then
 //! one model call and one update per step; [`run`] is that loop on plain `f64` vectors.
 //!
 //! Precision: the schedule tables are computed the way diffusers computes them, including the
@@ -40,6 +44,7 @@ pub mod dpmpp_2m;
 pub mod euler;
 pub mod flow_match;
 pub mod schedule;
+pub mod unipc;
 
 #[cfg(test)]
 mod tests;
@@ -56,6 +61,7 @@ pub use flow_match::{
     TimeShiftType,
 };
 pub use schedule::BetaSchedule;
+pub use unipc::{UniPc, UniPcConfig, UniPcSolverType};
 
 /// An error from building a scheduler or running one: an unsupported option, a bad value, a
 /// step count diffusers refuses.
@@ -103,51 +109,22 @@ pub struct Step {
     pub output_coeff: f64,
     /// `(k, c)` pairs: `c` times the denoised estimate of `k` steps back (`0` = this step).
     pub denoised_terms: Vec<(usize, f64)>,
+    /// A corrector replacing `x` in the update (UniPC), or none.
+    pub corrector: Option<Corrector>,
+}
+
+/// A corrected sample, `last · x_last + Σ (k, c) c · denoised[k]`, where `x_last` is the sample
+/// the previous step's update started from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Corrector {
+    pub last: f64,
+    pub denoised_terms: Vec<(usize, f64)>,
 }
 
 impl Step {
     /// Whether the update uses any denoised estimate (this step's or an earlier one).
     pub fn uses_denoised(&self) -> bool {
-        !self.denoised_terms.is_empty()
-    }
-
-    /// This step's denoised estimate from the sample `x` and the model output `out`.
-    pub fn denoised(&self, x: &[f64], out: &[f64]) -> Result<Vec<f64>> {
-        check_len("model output", out.len(), x.len())?;
-        Ok(x.iter()
-            .zip(out)
-            .map(|(&x, &o)| {
-                let d = self.denoised_x * x + self.denoised_output * o;
-                match self.denoised_clamp {
-                    Some(c) => d.clamp(-c, c),
-                    None => d,
-                }
-            })
-            .collect())
-    }
-
-    /// The next sample. `denoised[k]` is the denoised estimate of `k` steps back (`denoised[0]`
-    /// this step's); only the entries the step refers to are read, and a missing one is an error.
-    pub fn next_sample(&self, x: &[f64], out: &[f64], denoised: &[&[f64]]) -> Result<Vec<f64>> {
-        check_len("model output", out.len(), x.len())?;
-        let mut next: Vec<f64> = x
-            .iter()
-            .zip(out)
-            .map(|(&x, &o)| self.x_coeff * x + self.output_coeff * o)
-            .collect();
-        for &(k, c) in &self.denoised_terms {
-            let Some(d) = denoised.get(k) else {
-                fail!(
-                    "the step needs the denoised estimate of {k} step(s) back, but only {} are kept",
-                    denoised.len()
-                );
-            };
-            check_len("denoised estimate", d.len(), x.len())?;
-            for (n, &d) in next.iter_mut().zip(d.iter()) {
-                *n += c * d;
-            }
-        }
-        Ok(next)
+        !self.denoised_terms.is_empty() || self.corrector.is_some()
     }
 }
 
@@ -167,7 +144,16 @@ pub(crate) fn check_finite(class: &str, init_noise_sigma: f64, steps: &[Step]) -
             s.output_coeff,
         ];
         let terms = s.denoised_terms.iter().map(|&(_, c)| c);
-        if !values.into_iter().chain(terms).all(f64::is_finite) {
+        let corrector = s
+            .corrector
+            .iter()
+            .flat_map(|c| std::iter::once(c.last).chain(c.denoised_terms.iter().map(|&(_, v)| v)));
+        if !values
+            .into_iter()
+            .chain(terms)
+            .chain(corrector)
+            .all(f64::is_finite)
+        {
             fail!(
                 "{class}: step {i} of the schedule is not finite (timestep {}); the config and \
                  step count give a degenerate schedule",
@@ -239,6 +225,97 @@ pub(crate) fn config_from_fields<'a, C: Default>(
     Ok(c)
 }
 
+/// The arithmetic a step needs from a sample: scaling, adding and clamping, so that plain
+/// vectors ([`run`]) and tensors (the sampling node) apply steps by one rule.
+pub trait Combine: Sized + Clone {
+    /// The error of the sample's operations.
+    type Error: From<SamplerError>;
+    fn scaled(&self, c: f64) -> std::result::Result<Self, Self::Error>;
+    fn plus(&self, other: &Self) -> std::result::Result<Self, Self::Error>;
+    fn clamped(&self, c: f64) -> std::result::Result<Self, Self::Error>;
+}
+
+impl Combine for Vec<f64> {
+    type Error = SamplerError;
+    fn scaled(&self, c: f64) -> Result<Self> {
+        Ok(self.iter().map(|v| v * c).collect())
+    }
+    fn plus(&self, other: &Self) -> Result<Self> {
+        check_len("term", other.len(), self.len())?;
+        Ok(self.iter().zip(other).map(|(a, b)| a + b).collect())
+    }
+    fn clamped(&self, c: f64) -> Result<Self> {
+        Ok(self.iter().map(|v| v.clamp(-c, c)).collect())
+    }
+}
+
+/// What a trajectory keeps between steps: the latest denoised estimates (most recent first) and
+/// the sample the last update started from.
+pub struct History<T> {
+    denoised: VecDeque<T>,
+    last: Option<T>,
+    keep: usize,
+}
+
+impl<T> History<T> {
+    /// A fresh history for `scheduler`.
+    pub fn new<S: Scheduler + ?Sized>(scheduler: &S) -> History<T> {
+        History {
+            denoised: VecDeque::new(),
+            last: None,
+            keep: scheduler.history_len(),
+        }
+    }
+
+    fn estimate(&self, k: usize, step: usize) -> Result<&T> {
+        match self.denoised.get(k) {
+            Some(d) => Ok(d),
+            None => fail!(
+                "step {step} needs the denoised estimate of {k} step(s) back, but only {} are kept",
+                self.denoised.len()
+            ),
+        }
+    }
+}
+
+/// Step `index` from sample `x` with model output `out` (see the module docs): returns the next
+/// sample and updates `history`.
+pub fn apply_step<T: Combine>(
+    step: &Step,
+    index: usize,
+    x: &T,
+    out: &T,
+    history: &mut History<T>,
+) -> std::result::Result<T, T::Error> {
+    let terms = |base: T, terms: &[(usize, f64)], h: &History<T>| {
+        terms.iter().try_fold(base, |acc, &(k, c)| {
+            acc.plus(&h.estimate(k, index)?.scaled(c)?)
+        })
+    };
+    if step.uses_denoised() || history.keep > 0 {
+        let mut d = x
+            .scaled(step.denoised_x)?
+            .plus(&out.scaled(step.denoised_output)?)?;
+        if let Some(c) = step.denoised_clamp {
+            d = d.clamped(c)?;
+        }
+        history.denoised.push_front(d);
+        history.denoised.truncate(history.keep + 1);
+    }
+    let used = match (&step.corrector, &history.last) {
+        (Some(c), Some(last)) => terms(last.scaled(c.last)?, &c.denoised_terms, history)?,
+        _ => x.clone(),
+    };
+    let next = used
+        .scaled(step.x_coeff)?
+        .plus(&out.scaled(step.output_coeff)?)?;
+    let next = terms(next, &step.denoised_terms, history)?;
+    if step.corrector.is_some() || history.keep > 0 {
+        history.last = Some(used);
+    }
+    Ok(next)
+}
+
 /// Runs a whole trajectory on plain vectors, as diffusers' pipelines do: the start is
 /// `noise · init_noise_sigma`, and each step calls `model(input_scale · x, timestep)`. Returns
 /// every sample: the start, then the sample after each step (`num_steps() + 1` vectors).
@@ -251,17 +328,12 @@ where
     let mut x: Vec<f64> = noise.into_iter().map(|v| v * sigma).collect();
     let mut trajectory = Vec::with_capacity(scheduler.num_steps() + 1);
     trajectory.push(x.clone());
-    // The most recent denoised estimate first.
-    let mut history: VecDeque<Vec<f64>> = VecDeque::new();
-    let keep = scheduler.history_len();
-    for step in scheduler.steps() {
+    let mut history = History::new(scheduler);
+    for (i, step) in scheduler.steps().iter().enumerate() {
         let input: Vec<f64> = x.iter().map(|v| v * step.input_scale).collect();
         let out = model(&input, step.timestep);
-        let denoised = step.denoised(&x, &out)?;
-        history.push_front(denoised);
-        history.truncate(keep + 1);
-        let refs: Vec<&[f64]> = history.iter().map(Vec::as_slice).collect();
-        x = step.next_sample(&x, &out, &refs)?;
+        check_len("model output", out.len(), x.len())?;
+        x = apply_step(step, i, &x, &out, &mut history)?;
         trajectory.push(x.clone());
     }
     Ok(trajectory)

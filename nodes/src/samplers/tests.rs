@@ -113,6 +113,9 @@ fn try_build(
             FlowMatchEulerDiscrete::new(config!(FlowMatchEulerDiscreteConfig), steps, sigmas, mu)
                 .map(|s| Box::new(s) as Box<dyn Scheduler>)
         }
+        "UniPCMultistepScheduler" => {
+            UniPc::new(config!(UniPcConfig), steps, mu).map(|s| Box::new(s) as Box<dyn Scheduler>)
+        }
         other => panic!("unknown scheduler {other}"),
     }
 }
@@ -152,6 +155,12 @@ const TRAJECTORIES: &[&str] = &[
     "flow_static_shift3",
     "flow_dynamic_1024",
     "flow_sd3_default_shift3",
+    "unipc_bh2_flow_shift5",
+    "unipc_bh2_flow_dynamic",
+    "unipc_bh1_sigma_min_epsilon",
+    "unipc_3_karras_v",
+    "unipc_trailing_disable_corrector",
+    "unipc_3_leading_sample",
 ];
 
 #[test]
@@ -282,9 +291,12 @@ fn run_rejects_a_model_output_of_the_wrong_size() {
     let s = Ddim::new(DdimConfig::default(), 3).expect("a scheduler");
     let r = run(&s, vec![0.5; 4], |_, _| vec![0.0; 3]);
     assert!(r.is_err());
-    let step = &s.steps()[0];
+    // A step reading an estimate the history does not hold (the first step reads one back).
+    let mut step = s.steps()[0].clone();
+    step.denoised_terms.push((1, 1.0));
+    let mut history = History::new(&s);
     assert!(
-        step.next_sample(&[1.0], &[1.0], &[]).is_err(),
+        apply_step(&step, 0, &vec![1.0], &vec![1.0], &mut history).is_err(),
         "missing denoised estimate"
     );
 }
