@@ -44,6 +44,7 @@ fn forward_error_with(session: &Session, name: &str, io: &str, outputs: &[&str])
         "flux_dev" | "flux_schnell" => ("LoadFlux", "model"),
         "sd3" | "sd3_5" => ("LoadSD3", "model"),
         "hidream" => ("LoadHiDream", "model"),
+        "wan" | "wan_t2" => ("LoadWan", "model"),
         "t5" | "clip" | "clip_projection" => ("LoadTextEncoder", "encoder"),
         _ => ("LoadDiffusionModel", "model"),
     };
@@ -120,6 +121,16 @@ fn hidream_matches_diffusers() {
     let s = session();
     assert!(forward_error(&s, "hidream", &["sample"]) <= 1e-4);
     assert!(forward_error_with(&s, "hidream", "io_wide.safetensors", &["sample"]) <= 1e-4);
+}
+
+#[test]
+fn wan_matches_diffusers() {
+    // WanTransformer3DModel: 3-D patches, RoPE with the head dimension split over frames, rows
+    // and columns (a non-square picture), q/k RMS norms across the heads, the cross-attention
+    // norm, two rows at two timesteps; and a 2-frame temporal patch.
+    let s = session();
+    assert!(forward_error(&s, "wan", &["sample"]) <= 1e-4);
+    assert!(forward_error(&s, "wan_t2", &["sample"]) <= 1e-4);
 }
 
 #[test]

@@ -75,6 +75,7 @@ pub const STD_PLUGINS: &[&str] = &[
     "ditflow_flux",
     "ditflow_sd3",
     "ditflow_hidream",
+    "ditflow_wan",
 ];
 
 /// The paths of the [`STD_PLUGINS`] libraries.

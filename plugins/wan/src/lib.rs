@@ -1,0 +1,17 @@
+//! `ditflow-wan`: Wan2.1 video as a plugin, diffusers' `WanTransformer3DModel`, built on the SDK
+//! and the shared layers. `LoadWan` reads a diffusers folder into a `Model<Denoiser>`.
+//! - [`wan`]: the architecture: 3-D patch embedding, the 3-way RoPE split of the head dimension,
+//!   the time and text embeddings, blocks with q/k RMS norms across the heads and the
+//!   cross-attention norm, the output layer and unpatchify;
+//! - [`denoiser`]: the protocol model and its loader node.
+
+#![forbid(unsafe_code)]
+
+pub mod denoiser;
+pub mod wan;
+
+ditflow_plugin::export_plugin!(
+    name: "ditflow-wan",
+    version: env!("CARGO_PKG_VERSION"),
+    nodes: [denoiser::LoadWan]
+);

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Wan parity fixture: a tiny, randomly initialised WanTransformer3DModel (diffusers 0.42): 3-D
+patches (1, 2, 2), 2 heads of 12 channels (so the RoPE split of the head dimension is 4 for the
+frames, 4 for the rows, 4 for the columns), q/k RMS norms across the heads, the cross-attention
+norm, and the inputs and output of one forward.
+
+Writes tests/fixtures/parity/wan/: the model as save_pretrained writes it, and io.safetensors with
+`in.*` (hidden_states [2, 4, 3, 8, 10]: two rows, 3 frames, a non-square picture; timestep
+[900, 250]; encoder_hidden_states [2, 7, 16]) and `out.sample` [2, 4, 3, 8, 10]; and
+tests/fixtures/parity/wan_t2/ the same with a 2-frame temporal patch (patch (2, 2, 2), 4 frames).
+
+Run (PyTorch and diffusers from PyPI; CI never runs this):
+    .venv/bin/python tools/make_wan_fixtures.py
+"""
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "parity")
+
+
+def make(out, patch, frames, seed):
+    from diffusers import WanTransformer3DModel
+
+    shutil.rmtree(out, ignore_errors=True)
+    model = WanTransformer3DModel(
+        patch_size=patch, num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=48, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    inputs = {
+        "hidden_states": torch.randn(2, 4, frames, 8, 10, generator=g),
+        "timestep": torch.tensor([900.0, 250.0]),
+        "encoder_hidden_states": torch.randn(2, 7, 16, generator=g),
+    }
+    with torch.no_grad():
+        sample = model(**inputs, return_dict=False)[0]
+    tensors = {f"in.{k}": v.contiguous() for k, v in inputs.items()}
+    tensors["out.sample"] = sample.contiguous()
+    save_file(tensors, os.path.join(out, "io.safetensors"))
+    print(f"{os.path.basename(out)}: {sum(p.numel() for p in model.parameters())} parameters, "
+          f"out {tuple(sample.shape)} |max| {sample.abs().max():.3f}")
+
+
+def main():
+    torch.set_num_threads(2)
+    make(os.path.join(ROOT, "wan"), (1, 2, 2), 3, 23)
+    make(os.path.join(ROOT, "wan_t2"), (2, 2, 2), 4, 24)
+
+
+if __name__ == "__main__":
+    main()
