@@ -45,6 +45,7 @@ fn forward_error_with(session: &Session, name: &str, io: &str, outputs: &[&str])
         "sd3" | "sd3_5" => ("LoadSD3", "model"),
         "hidream" => ("LoadHiDream", "model"),
         "wan" | "wan_t2" => ("LoadWan", "model"),
+        "stable_audio" => ("LoadStableAudio", "model"),
         "t5" | "clip" | "clip_projection" => ("LoadTextEncoder", "encoder"),
         _ => ("LoadDiffusionModel", "model"),
     };
@@ -131,6 +132,18 @@ fn wan_matches_diffusers() {
     let s = session();
     assert!(forward_error(&s, "wan", &["sample"]) <= 1e-4);
     assert!(forward_error(&s, "wan_t2", &["sample"]) <= 1e-4);
+}
+
+#[test]
+fn stable_audio_matches_diffusers() {
+    // StableAudioDiTModel: the global token prepended, grouped-query cross-attention (4 query
+    // heads over 2 key/value heads), RoPE on half of each head's channels in split halves, with
+    // the pipeline's rotary tables given, and built here the pipeline's way when not.
+    let s = session();
+    assert!(forward_error(&s, "stable_audio", &["sample"]) <= 1e-4);
+    assert!(
+        forward_error_with(&s, "stable_audio", "io_no_rotary.safetensors", &["sample"]) <= 1e-4
+    );
 }
 
 #[test]

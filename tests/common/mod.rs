@@ -76,6 +76,7 @@ pub const STD_PLUGINS: &[&str] = &[
     "ditflow_sd3",
     "ditflow_hidream",
     "ditflow_wan",
+    "ditflow_stable_audio",
 ];
 
 /// The paths of the [`STD_PLUGINS`] libraries.

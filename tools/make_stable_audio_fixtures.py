@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Stable Audio parity fixture: a tiny, randomly initialised StableAudioDiTModel (diffusers 0.42)
+with grouped-query cross-attention (4 query heads sharing 2 key/value heads), the partial
+half-split RoPE and the prepended global token, and the inputs and output of one forward.
+
+Writes tests/fixtures/parity/stable_audio/: the model as save_pretrained writes it, and
+- io.safetensors: `in.*` (hidden_states [2, 4, 11], timestep [2], encoder_hidden_states
+  [2, 5, 6], global_hidden_states [2, 1, 10], and the rotary tables StableAudioPipeline builds,
+  rotary_embedding_cos/sin [12, 4]) and `out.sample`;
+- io_no_rotary.safetensors: the same without the tables, whose output (computed with the
+  pipeline's tables) ditflow must reproduce by building the tables itself.
+
+Run (PyTorch and diffusers from PyPI; CI never runs this):
+    .venv/bin/python tools/make_stable_audio_fixtures.py
+"""
+import os
+import shutil
+
+import torch
+from safetensors.torch import save_file
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "parity")
+
+
+def main():
+    from diffusers import StableAudioDiTModel
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    torch.set_num_threads(2)
+    out = os.path.join(ROOT, "stable_audio")
+    shutil.rmtree(out, ignore_errors=True)
+    model = StableAudioDiTModel(
+        sample_size=16, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        num_key_value_attention_heads=2, out_channels=4, cross_attention_dim=12, time_proj_dim=16,
+        global_states_input_dim=10, cross_attention_input_dim=6,
+    )
+    g = torch.Generator().manual_seed(31)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        # Gaussian Fourier frequencies are N(0, 1) in the model; the buffer is saved with it.
+        model.time_proj.weight.copy_(torch.randn(model.time_proj.weight.shape, generator=g))
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    length = 11
+    # As StableAudioPipeline: rotary_embed_dim = head_dim // 2, over the audio plus the global token.
+    cos, sin = get_1d_rotary_pos_embed(model.config.attention_head_dim // 2, length + 1, use_real=True,
+                                       repeat_interleave_real=False)
+    inputs = {
+        "hidden_states": torch.randn(2, 4, length, generator=g),
+        "timestep": torch.tensor([0.3, 0.9]),
+        "encoder_hidden_states": torch.randn(2, 5, 6, generator=g),
+        "global_hidden_states": torch.randn(2, 1, 10, generator=g),
+    }
+    with torch.no_grad():
+        sample = model(**inputs, rotary_embedding=(cos, sin), return_dict=False)[0]
+    tensors = {f"in.{k}": v.contiguous() for k, v in inputs.items()}
+    tensors["out.sample"] = sample.contiguous()
+    save_file(tensors, os.path.join(out, "io_no_rotary.safetensors"))
+    tensors["in.rotary_embedding_cos"] = cos.contiguous()
+    tensors["in.rotary_embedding_sin"] = sin.contiguous()
+    save_file(tensors, os.path.join(out, "io.safetensors"))
+    print(f"stable_audio: {sum(p.numel() for p in model.parameters())} parameters, out {tuple(sample.shape)} "
+          f"|max| {sample.abs().max():.3f}")
+
+
+if __name__ == "__main__":
+    main()
