@@ -147,6 +147,46 @@ fn stable_audio_matches_diffusers() {
 }
 
 #[test]
+fn the_dual_cross_attention_bridge_matches_bridgedit() {
+    // BridgeDiT's CrossDiTBlockAdaLN, re-written in PyTorch from its public code by
+    // tools/make_bridge_fixtures.py: per-stream adaLN, q/k/v with RoPE over each stream's own
+    // index, bicross (each stream attends to the other) for two blocks, and a2v (the second
+    // stream attends to itself). Tolerance 1e-4 relative to the largest reference value.
+    for (name, blocks) in [("bridge", 2), ("bridge_a2v", 1)] {
+        let dir = common::repo().join("tests/fixtures/parity").join(name);
+        let io = dir.join("io.safetensors");
+        let q = |p: &Path| format!("{:?}", p.to_string_lossy());
+        let mut nodes = format!(
+            "  b: {{type: LoadBridge, inputs: {{path: {d}}}}}\n",
+            d = q(&dir.join("model"))
+        );
+        for t in ["video", "audio", "video_emb", "audio_emb"] {
+            nodes += &format!(
+                "  {t}: {{type: LoadTensor, inputs: {{path: {io}, name: in.{t}}}}}\n",
+                io = q(&io)
+            );
+        }
+        let mut outputs = String::new();
+        for i in 0..blocks {
+            nodes += &format!("  blk{i}: {{type: BridgeBlock, inputs: {{bridge: b.bridge, index: {i}, video: video.tensor, audio: audio.tensor, video_emb: video_emb.tensor, audio_emb: audio_emb.tensor}}}}\n");
+            outputs += &format!("  video_{i}: blk{i}.video\n  audio_{i}: blk{i}.audio\n");
+        }
+        let yaml = format!("version: 1\nnodes:\n{nodes}outputs:\n{outputs}");
+        let g = Graph::from_yaml(&yaml, "bridge.yaml", Path::new(".")).unwrap();
+        let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+        assert!(report.ok(), "{name}: {:?}", report.failed);
+        for i in 0..blocks {
+            for stream in ["video", "audio"] {
+                let key = format!("{stream}_{i}");
+                let e = relative_error(report.output(&key).unwrap(), &io, &key);
+                eprintln!("{name} {key}: {e:.2e}");
+                assert!(e <= 1e-4, "{name} {key}: {e:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
 fn dit_matches_diffusers() {
     // Class-conditional DiT, including the null class.
     assert!(forward_error(&session(), "dit", &["sample"]) <= 1e-4);

@@ -77,6 +77,7 @@ pub const STD_PLUGINS: &[&str] = &[
     "ditflow_hidream",
     "ditflow_wan",
     "ditflow_stable_audio",
+    "ditflow_av_bridge",
 ];
 
 /// The paths of the [`STD_PLUGINS`] libraries.

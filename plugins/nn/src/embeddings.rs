@@ -126,3 +126,27 @@ impl PosEmbedCache {
         Ok(t)
     }
 }
+
+/// diffusers' `get_1d_rotary_pos_embed(dim, n, use_real=True)` with its default float32
+/// frequencies, as PyTorch computes it: the per-pair `(cos, sin)` tables `[n, dim / 2]` for the
+/// positions `0..n` (angles `pos · 1/10000^(2j/dim)` as float32 products), on `device`. The
+/// rope op applies them to interleaved pairs or split halves alike.
+pub fn rotary_tables_f32(dim: usize, n: usize, device: Device) -> Result<(Tensor, Tensor)> {
+    let half = dim / 2;
+    let freqs: Vec<f32> = (0..half)
+        .map(|j| 1.0f32 / 10000f32.powf((2 * j) as f32 / dim as f32))
+        .collect();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &freqs {
+            let angle = f64::from(p as f32 * f);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    Ok((
+        Tensor::from_f32(Kind::Tensor, &[n, half], &cos)?.to_device(device)?,
+        Tensor::from_f32(Kind::Tensor, &[n, half], &sin)?.to_device(device)?,
+    ))
+}

@@ -4,13 +4,17 @@
 //! when no patch is set.
 //! - [`weights`]: `Config` and `Weights`, a model folder's config and tensors;
 //! - [`layers`]: `Linear`, `Attention`, `FeedForward`, `Conv2d`, `GroupNorm`, adaLN chunks, masks;
-//! - [`embeddings`]: timestep embeddings and sinusoids, 2-D sincos positions;
+//! - [`embeddings`]: timestep embeddings and sinusoids, 2-D sincos positions, float32 RoPE
+//!   tables;
 //! - [`heads`]: attention over explicit heads with per-head q/k norms and RoPE (MMDiT);
 //! - [`patchify`]: latents to patch tokens and back;
 //! - [`image`]: pixels, PIL's resampling and fitting, for the image preprocessors;
 //! - [`controlnet`]: the ControlNet pipelines' shared rules (activity window, hint latent,
-//!   residual maps).
+//!   residual maps);
+//! - [`bridge`]: the audio-video bridge blocks that couple two towers (BridgeDiT's dual
+//!   cross-attention).
 
+pub mod bridge;
 pub mod controlnet;
 pub mod embeddings;
 pub mod heads;
@@ -19,7 +23,9 @@ pub mod layers;
 pub mod patchify;
 pub mod weights;
 
-pub use embeddings::{sincos_pos_embed_2d, timestep_sinusoids, PosEmbedCache, TimestepEmbedding};
+pub use embeddings::{
+    rotary_tables_f32, sincos_pos_embed_2d, timestep_sinusoids, PosEmbedCache, TimestepEmbedding,
+};
 pub use heads::{attend_heads, split_heads, HeadProjections};
 pub use layers::{
     chunks, mask_bias, Attention, ContinuousOutput, Conv2d, FeedForward, GroupNorm, Linear,

@@ -10,7 +10,7 @@
 //! in float32 (angles `pos · 1/10000^(2j/dim)` rounded as float32 products), or the tables
 //! given as inputs.
 
-use ditflow_nn::{split_heads, Config, Linear, Weights};
+use ditflow_nn::{rotary_tables_f32, split_heads, Config, Linear, Weights};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::{Hooks, LinearInfo};
 use ditflow_plugin::{Device, Error, Kind, Result, Tensor};
@@ -111,25 +111,6 @@ fn pointwise(w: &Weights, name: &str, c: usize) -> Result<Linear> {
             .reshape(&[c as i64, c as i64])?,
         bias: None,
     })
-}
-
-/// `get_1d_rotary_pos_embed(dim, n, use_real=True)` in float32 as PyTorch computes it: the
-/// per-pair `(cos, sin)` tables `[n, dim / 2]`.
-pub fn rotary_tables(dim: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
-    let half = dim / 2;
-    let freqs: Vec<f32> = (0..half)
-        .map(|j| 1.0f32 / 10000f32.powf((2 * j) as f32 / dim as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(n * half);
-    let mut sin = Vec::with_capacity(n * half);
-    for p in 0..n {
-        for f in &freqs {
-            let angle = f64::from(p as f32 * f);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (cos, sin)
 }
 
 impl StableAudioDit {
@@ -308,13 +289,7 @@ impl StableAudioDit {
                 };
                 (half(c)?, half(s)?)
             }
-            None => {
-                let (c, s) = rotary_tables(rot, l + 1);
-                let make = |v: &[f32]| -> Result<Tensor> {
-                    Tensor::from_f32(Kind::Tensor, &[l + 1, rot / 2], v)?.to_device(self.device)
-                };
-                (make(&c)?, make(&s)?)
-            }
+            None => rotary_tables_f32(rot, l + 1, self.device)?,
         };
         let context = self.cross_2.apply(
             &self.cross_1.apply(

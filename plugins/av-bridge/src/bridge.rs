@@ -1,0 +1,180 @@
+//! A bridge between two towers: a folder with `config.json` (`_class_name`
+//! `DualCrossAttentionBridge`: the blocks' widths, heads, `flag`, and the tower blocks each
+//! bridge block follows, `video_points` and `audio_points`) and safetensors with BridgeDiT's
+//! names (`dual_dit_blocks.{i}.attn.q_proj_1`, ...). `LoadBridge` reads it; `BridgeBlock` runs
+//! block `i` on the two streams' tokens and time embeddings, for checking it and for graphs that
+//! step towers by hand.
+
+use ditflow_nn::bridge::{BridgeDims, DualCrossBlock, Exchange};
+use ditflow_nn::{Config, Weights};
+use ditflow_plugin::files::{input_path, model_fingerprint};
+use ditflow_plugin::linear_delta::LinearDeltas;
+use ditflow_plugin::prelude::*;
+use ditflow_plugin::Object;
+use std::path::{Path, PathBuf};
+
+/// A loaded bridge.
+pub struct Bridge {
+    pub blocks: Vec<DualCrossBlock>,
+    /// The tower blocks (video, audio) after which bridge block `i` runs.
+    pub points: Vec<(usize, usize)>,
+    pub path: PathBuf,
+}
+
+impl Object for Bridge {
+    const TAG: &'static str = "ditflow-av-bridge.bridge";
+}
+
+impl Bridge {
+    pub fn load(path: &Path, device: Device, ctx: &Context) -> Result<Bridge> {
+        let cfg = Config::read(path)?;
+        let bad = |what: String| Error(format!("{}: {what}", cfg.path.display()));
+        if cfg.class_name() != Some("DualCrossAttentionBridge") {
+            return Err(bad(format!(
+                "class \"{}\" is not a DualCrossAttentionBridge",
+                cfg.class_name().unwrap_or("")
+            )));
+        }
+        let n = cfg.usize_or("num_blocks", 4)?;
+        let c1 = cfg.usize_or("num_input_channels_1", 1536)?;
+        let c2 = cfg.usize_or("num_input_channels_2", 1536)?;
+        let qk = cfg.usize_or("num_qk_channels", c1.min(c2))?;
+        let dims = BridgeDims {
+            heads: cfg.usize_or("num_heads", 12)?,
+            channels: (c1, c2),
+            emb: (
+                cfg.usize_or("t_emb_dim_1", c1)?,
+                cfg.usize_or("t_emb_dim_2", c2)?,
+            ),
+            qk,
+            v: cfg.usize_or("num_v_channels", qk)?,
+            mlp_ratio: cfg.f64_or("mlp_ratio", 4.0)?,
+        };
+        let exchange = Exchange::parse(cfg.str_or("flag", "bicross")?).map_err(|e| bad(e.0))?;
+        let points = |key: &str| -> Result<Vec<usize>> {
+            match cfg.json.get(key) {
+                None => Ok(Vec::new()),
+                Some(v) => v
+                    .as_array()
+                    .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+                    .ok_or_else(|| bad(format!("{key} must be a list of block indices"))),
+            }
+        };
+        let (vp, ap) = (points("video_points")?, points("audio_points")?);
+        if vp.len() != ap.len() || (!vp.is_empty() && vp.len() != n) {
+            return Err(bad(format!(
+                "{} video points and {} audio points for {n} bridge blocks: each block follows \
+                 one block of each tower",
+                vp.len(),
+                ap.len()
+            )));
+        }
+        let w = Weights::load(ctx, path, device)?;
+        let blocks = (0..n)
+            .map(|i| DualCrossBlock::load(&w, &format!("dual_dit_blocks.{i}"), dims, exchange))
+            .collect::<Result<_>>()?;
+        Ok(Bridge {
+            blocks,
+            points: vp.into_iter().zip(ap).collect(),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+/// `LoadBridge`: a bridge folder.
+#[derive(Default)]
+pub struct LoadBridge;
+
+impl Node for LoadBridge {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("LoadBridge")
+            .category("loaders")
+            .doc(
+                "Loads an audio-video bridge: a folder with config.json (DualCrossAttentionBridge: \
+                 num_blocks, num_heads, the two streams' widths, flag bicross|a2v|v2a, and the \
+                 tower blocks each bridge block follows) and safetensors in BridgeDiT's names \
+                 (dual_dit_blocks.{i}.attn.q_proj_1, ...). Cached until a file changes.",
+            )
+            .input(Port::new("path", "String").doc("The bridge folder; a relative path is taken from the graph's folder."))
+            .output(Port::new("bridge", "Model").doc("The bridge."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let dir = input_path(ctx, "path")?;
+        let bridge = Bridge::load(&dir, ctx.device(), ctx)?;
+        let value = ctx.make_object(bridge)?;
+        ctx.set_output("bridge", value)
+    }
+
+    fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
+        model_fingerprint(&input_path(ctx, "path")?).map(Some)
+    }
+}
+
+/// `BridgeBlock`: one bridge block on two streams.
+#[derive(Default)]
+pub struct BridgeBlock;
+
+impl Node for BridgeBlock {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("BridgeBlock")
+            .category("audio-video")
+            .doc(
+                "Runs block `index` of a bridge on the two towers' tokens: each stream modulated \
+                 by its time embedding, the exchange (bicross: each attends to the other), RoPE \
+                 over each stream's own sequence index, and the gated MLPs.",
+            )
+            .input(Port::new("bridge", "Model").doc("From LoadBridge."))
+            .input(
+                Port::new("index", "Int")
+                    .default(0i64)
+                    .range(0.0, 1024.0)
+                    .doc("The bridge block."),
+            )
+            .input(Port::new("video", "Tensor").doc("The first stream's tokens [B, N1, C1]."))
+            .input(Port::new("audio", "Tensor").doc("The second stream's tokens [B, N2, C2]."))
+            .input(
+                Port::new("video_emb", "Tensor").doc("The first tower's time embedding [B, E1]."),
+            )
+            .input(
+                Port::new("audio_emb", "Tensor").doc("The second tower's time embedding [B, E2]."),
+            )
+            .input(
+                Port::new("rope", "Bool")
+                    .default(true)
+                    .doc("Rotate q and k by each stream's sequence index."),
+            )
+            .output(Port::new("video", "Tensor").doc("The first stream after the block."))
+            .output(Port::new("audio", "Tensor").doc("The second stream after the block."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let bridge: Value = ctx.input("bridge")?;
+        let b = bridge
+            .as_object::<Bridge>()
+            .map_err(|e| Error(format!("input 'bridge': {e} (load it with LoadBridge)")))?;
+        let index: i64 = ctx.input("index")?;
+        let blk = usize::try_from(index)
+            .ok()
+            .and_then(|i| b.blocks.get(i))
+            .ok_or_else(|| {
+                Error(format!(
+                    "{}: block {index} of a bridge of {} blocks",
+                    b.path.display(),
+                    b.blocks.len()
+                ))
+            })?;
+        let device = ctx.device();
+        let t = |name: &str| -> Result<Tensor> { ctx.input::<Tensor>(name)?.to_device(device) };
+        let (v, a) = blk.forward(
+            &t("video")?,
+            &t("audio")?,
+            &t("video_emb")?,
+            &t("audio_emb")?,
+            ctx.input("rope")?,
+            LinearDeltas::none(),
+        )?;
+        ctx.set_output("video", v)?;
+        ctx.set_output("audio", a)
+    }
+}

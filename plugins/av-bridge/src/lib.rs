@@ -1,0 +1,16 @@
+//! `ditflow-av-bridge`: bridges that couple two towers (a video and an audio denoiser) so that
+//! what is heard happens when it is seen. Built on the SDK and the shared layers' bridge blocks.
+//! - [`bridge`]: `LoadBridge` reads a bridge (BridgeDiT's dual cross-attention blocks and the
+//!   tower blocks they follow), and `BridgeBlock` runs one of its blocks on two streams' tokens.
+//!
+//! Coupling two separately loaded towers during sampling (block stepping) comes next.
+
+#![forbid(unsafe_code)]
+
+pub mod bridge;
+
+ditflow_plugin::export_plugin!(
+    name: "ditflow-av-bridge",
+    version: env!("CARGO_PKG_VERSION"),
+    nodes: [bridge::LoadBridge, bridge::BridgeBlock]
+);

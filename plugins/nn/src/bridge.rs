@@ -1,0 +1,203 @@
+//! Bridge blocks that couple two towers' hidden states: BridgeDiT's dual cross-attention block
+//! (`CrossDiTBlockAdaLN`, Guan et al. 2025). Each stream is modulated by its own time embedding
+//! (adaLN: SiLU then a linear to six chunks), LayerNormed without affine, projected to q, k and
+//! v with RoPE over its own sequence index, and then, by `exchange`:
+//! - `Bidirectional` ("bicross"): stream 1 attends to stream 2 and stream 2 to stream 1;
+//! - `ToFirst` ("a2v"): stream 1 attends to stream 2, stream 2 to itself;
+//! - `ToSecond` ("v2a"): stream 2 attends to stream 1, stream 1 to itself;
+//!
+//! each output projected back and added under its gate, then a GELU-tanh MLP under the second
+//! modulation. Zero-initialised output projections make a fresh bridge the identity.
+
+use crate::embeddings::rotary_tables_f32;
+use crate::heads::split_heads;
+use crate::layers::{chunks, Linear};
+use crate::weights::Weights;
+use ditflow_plugin::linear_delta::LinearDeltas;
+use ditflow_plugin::{Error, Result, Tensor};
+
+/// Who attends to whom in a dual cross-attention block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exchange {
+    Bidirectional,
+    ToFirst,
+    ToSecond,
+}
+
+impl Exchange {
+    /// BridgeDiT's `flag`: `bicross`, `a2v` or `v2a`.
+    pub fn parse(flag: &str) -> Result<Exchange> {
+        Ok(match flag {
+            "bicross" => Exchange::Bidirectional,
+            "a2v" => Exchange::ToFirst,
+            "v2a" => Exchange::ToSecond,
+            other => {
+                return Err(Error(format!(
+                    "bridge flag \"{other}\" is not one of bicross, a2v, v2a"
+                )))
+            }
+        })
+    }
+}
+
+/// One stream's side of the block.
+pub struct BridgeSide {
+    /// SiLU then `[E → 6·C]`: shift, scale, gate of the attention, then of the MLP.
+    pub modulation: Linear,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub channels: usize,
+}
+
+/// The widths of a dual cross-attention block.
+#[derive(Clone, Copy, Debug)]
+pub struct BridgeDims {
+    pub heads: usize,
+    /// Stream widths.
+    pub channels: (usize, usize),
+    /// Time-embedding widths.
+    pub emb: (usize, usize),
+    pub qk: usize,
+    pub v: usize,
+    pub mlp_ratio: f64,
+}
+
+/// BridgeDiT's `CrossDiTBlockAdaLN`.
+pub struct DualCrossBlock {
+    pub first: BridgeSide,
+    pub second: BridgeSide,
+    pub heads: usize,
+    pub exchange: Exchange,
+}
+
+impl DualCrossBlock {
+    /// Loads `{prefix}.attn.{q,k,v,o}_proj_{1,2}`, `{prefix}.mlp_{1,2}.fc{1,2}` and
+    /// `{prefix}.adaln_modulation_{1,2}.1` (BridgeDiT's names).
+    pub fn load(
+        w: &Weights,
+        prefix: &str,
+        d: BridgeDims,
+        exchange: Exchange,
+    ) -> Result<DualCrossBlock> {
+        if d.heads == 0 || !d.qk.is_multiple_of(d.heads) || !d.v.is_multiple_of(d.heads) {
+            return Err(Error(format!(
+                "{}: {} heads do not divide q/k width {} and v width {}",
+                w.dir.display(),
+                d.heads,
+                d.qk,
+                d.v
+            )));
+        }
+        let side = |n: usize, c: usize, e: usize| -> Result<BridgeSide> {
+            let hidden = (c as f64 * d.mlp_ratio) as usize;
+            let a = format!("{prefix}.attn");
+            Ok(BridgeSide {
+                modulation: w.linear(
+                    &format!("{prefix}.adaln_modulation_{n}.1"),
+                    e,
+                    6 * c,
+                    true,
+                )?,
+                q: w.linear(&format!("{a}.q_proj_{n}"), c, d.qk, true)?,
+                k: w.linear(&format!("{a}.k_proj_{n}"), c, d.qk, true)?,
+                v: w.linear(&format!("{a}.v_proj_{n}"), c, d.v, true)?,
+                o: w.linear(&format!("{a}.o_proj_{n}"), d.v, c, true)?,
+                fc1: w.linear(&format!("{prefix}.mlp_{n}.fc1"), c, hidden, true)?,
+                fc2: w.linear(&format!("{prefix}.mlp_{n}.fc2"), hidden, c, true)?,
+                channels: c,
+            })
+        };
+        Ok(DualCrossBlock {
+            first: side(1, d.channels.0, d.emb.0)?,
+            second: side(2, d.channels.1, d.emb.1)?,
+            heads: d.heads,
+            exchange,
+        })
+    }
+
+    pub fn linears(&self) -> Vec<&Linear> {
+        [&self.first, &self.second]
+            .into_iter()
+            .flat_map(|s| [&s.modulation, &s.q, &s.k, &s.v, &s.o, &s.fc1, &s.fc2])
+            .collect()
+    }
+
+    /// The block on `x1` `[B, N1, C1]` and `x2` `[B, N2, C2]` with time embeddings `e1`
+    /// `[B, E1]` and `e2` `[B, E2]`; q and k rotated by each stream's sequence index when
+    /// `rope`.
+    pub fn forward(
+        &self,
+        x1: &Tensor,
+        x2: &Tensor,
+        e1: &Tensor,
+        e2: &Tensor,
+        rope: bool,
+        dl: &LinearDeltas,
+    ) -> Result<(Tensor, Tensor)> {
+        let (s1, s2) = (&self.first, &self.second);
+        for (what, x, c) in [("first", x1, s1.channels), ("second", x2, s2.channels)] {
+            let s = x.shape();
+            if s.len() != 3 || s[2] != c || s[0] != x1.shape()[0] {
+                return Err(Error(format!(
+                    "bridge: the {what} stream must be [B, N, {c}], got {s:?}"
+                )));
+            }
+        }
+        let m1 = chunks(
+            &s1.modulation.apply(&e1.unary("silu")?, "none", dl)?,
+            6,
+            s1.channels,
+        )?;
+        let m2 = chunks(
+            &s2.modulation.apply(&e2.unary("silu")?, "none", dl)?,
+            6,
+            s2.channels,
+        )?;
+        let h1 = x1.layer_norm(None, None, Some(&m1[0]), Some(&m1[1]), 1e-6)?;
+        let h2 = x2.layer_norm(None, None, Some(&m2[0]), Some(&m2[1]), 1e-6)?;
+        let heads = |side: &BridgeSide, h: &Tensor| -> Result<[Tensor; 3]> {
+            Ok([
+                split_heads(&side.q.apply(h, "none", dl)?, self.heads)?,
+                split_heads(&side.k.apply(h, "none", dl)?, self.heads)?,
+                split_heads(&side.v.apply(h, "none", dl)?, self.heads)?,
+            ])
+        };
+        let [mut q1, mut k1, v1] = heads(s1, &h1)?;
+        let [mut q2, mut k2, v2] = heads(s2, &h2)?;
+        if rope {
+            let dh = q1.shape()[3];
+            let device = q1.device();
+            let (c1, n1) = rotary_tables_f32(dh, x1.shape()[1], device)?;
+            let (c2, n2) = rotary_tables_f32(dh, x2.shape()[1], device)?;
+            q1 = q1.rope(&c1, &n1, true)?;
+            k1 = k1.rope(&c1, &n1, true)?;
+            q2 = q2.rope(&c2, &n2, true)?;
+            k2 = k2.rope(&c2, &n2, true)?;
+        }
+        let attend = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+            let o = ditflow_plugin::ops::attention(q, k, v, None, None)?;
+            let s = o.shape().to_vec();
+            o.permute(&[0, 2, 1, 3])?
+                .reshape(&[s[0] as i64, s[2] as i64, (s[1] * s[3]) as i64])
+        };
+        let (o1, o2) = match self.exchange {
+            Exchange::Bidirectional => (attend(&q1, &k2, &v2)?, attend(&q2, &k1, &v1)?),
+            Exchange::ToFirst => (attend(&q1, &k2, &v2)?, attend(&q2, &k2, &v2)?),
+            Exchange::ToSecond => (attend(&q1, &k1, &v1)?, attend(&q2, &k1, &v1)?),
+        };
+        let x1 = x1.gated_residual(&s1.o.apply(&o1, "none", dl)?, &m1[2])?;
+        let x2 = x2.gated_residual(&s2.o.apply(&o2, "none", dl)?, &m2[2])?;
+        let mlp = |side: &BridgeSide, x: &Tensor, m: &[Tensor]| -> Result<Tensor> {
+            let h = x.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
+            let f = side
+                .fc2
+                .apply(&side.fc1.apply(&h, "gelu_tanh", dl)?, "none", dl)?;
+            x.gated_residual(&f, &m[5])
+        };
+        Ok((mlp(s1, &x1, &m1)?, mlp(s2, &x2, &m2)?))
+    }
+}
