@@ -46,6 +46,7 @@ fn forward_error_with(session: &Session, name: &str, io: &str, outputs: &[&str])
         "hidream" => ("LoadHiDream", "model"),
         "wan" | "wan_t2" => ("LoadWan", "model"),
         "stable_audio" => ("LoadStableAudio", "model"),
+        "oobleck" => ("LoadOobleck", "vae"),
         "t5" | "clip" | "clip_projection" => ("LoadTextEncoder", "encoder"),
         _ => ("LoadDiffusionModel", "model"),
     };
@@ -184,6 +185,14 @@ fn the_dual_cross_attention_bridge_matches_bridgedit() {
             }
         }
     }
+}
+
+#[test]
+fn oobleck_matches_diffusers() {
+    // AutoencoderOobleck: weight norms folded at load (a transposed convolution's over its
+    // input channels), Snake activations, residual units with dilations 1, 3, 9, strides 2 and
+    // 4 down and up; the latent's mean and softplus std, and a decode.
+    assert!(forward_error(&session(), "oobleck", &["mean", "std", "decoded"]) <= 1e-4);
 }
 
 #[test]

@@ -10,6 +10,10 @@ Writes tests/fixtures/parity/stable_audio/: the model as save_pretrained writes 
 - io_no_rotary.safetensors: the same without the tables, whose output (computed with the
   pipeline's tables) ditflow must reproduce by building the tables itself.
 
+Writes tests/fixtures/parity/oobleck/: a tiny AutoencoderOobleck (weight-normalised convolutions,
+Snake activations, strides 2 and 4) and io.safetensors with `in.audio` [2, 2, 64] and `in.latent`
+[2, 4, 8], and `out.mean`, `out.std` (the latent distribution's) and `out.decoded`.
+
 Run (PyTorch and diffusers from PyPI; CI never runs this):
     .venv/bin/python tools/make_stable_audio_fixtures.py
 """
@@ -67,5 +71,36 @@ def main():
           f"|max| {sample.abs().max():.3f}")
 
 
+
+def oobleck():
+    from diffusers import AutoencoderOobleck
+
+    out = os.path.join(ROOT, "oobleck")
+    shutil.rmtree(out, ignore_errors=True)
+    vae = AutoencoderOobleck(encoder_hidden_size=8, downsampling_ratios=[2, 4], channel_multiples=[1, 2],
+                             decoder_channels=6, decoder_input_channels=4, audio_channels=2, sampling_rate=8000)
+    g = torch.Generator().manual_seed(37)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("alpha") or name.endswith("beta"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)  # logarithms
+            elif name.endswith("weight_g"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    vae.eval()
+    vae.save_pretrained(out, safe_serialization=True)
+    audio = torch.randn(2, 2, 64, generator=g) * 0.5
+    latent = torch.randn(2, 4, 8, generator=g)
+    with torch.no_grad():
+        dist = vae.encode(audio).latent_dist
+        decoded = vae.decode(latent).sample
+    tensors = {"in.audio": audio, "in.latent": latent, "out.mean": dist.mean.contiguous(),
+               "out.std": dist.std.contiguous(), "out.decoded": decoded.contiguous()}
+    save_file(tensors, os.path.join(out, "io.safetensors"))
+    print(f"oobleck: mean {tuple(dist.mean.shape)}, decoded {tuple(decoded.shape)} |max| {decoded.abs().max():.3f}")
+
+
 if __name__ == "__main__":
     main()
+    oobleck()

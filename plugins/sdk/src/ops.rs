@@ -399,13 +399,27 @@ impl Tensor {
         padding: &[usize],
         groups: usize,
     ) -> Result<Tensor> {
-        let (s, p) = (ints(stride), ints(padding));
+        self.conv_dilated(w, bias, stride, padding, &[], groups)
+    }
+
+    /// [`Tensor::conv`] with a dilation per spatial axis (one value for all; empty for 1).
+    pub fn conv_dilated(
+        &self,
+        w: &Tensor,
+        bias: Option<&Tensor>,
+        stride: &[usize],
+        padding: &[usize],
+        dilation: &[usize],
+        groups: usize,
+    ) -> Result<Tensor> {
+        let (s, p, d) = (ints(stride), ints(padding), ints(dilation));
         one(
             "conv",
             &[Some(self), Some(w), bias],
             &[
                 ("stride", Attr::Ints(&s)),
                 ("padding", Attr::Ints(&p)),
+                ("dilation", Attr::Ints(&d)),
                 ("groups", Attr::Int(groups as i64)),
             ],
         )
