@@ -45,6 +45,7 @@ fn forward_error_with(session: &Session, name: &str, io: &str, outputs: &[&str])
         "sd3" | "sd3_5" => ("LoadSD3", "model"),
         "hidream" => ("LoadHiDream", "model"),
         "wan" | "wan_t2" => ("LoadWan", "model"),
+        "wan_vae" => ("LoadWanVAE", "vae"),
         "stable_audio" => ("LoadStableAudio", "model"),
         "oobleck" => ("LoadOobleck", "vae"),
         "t5" | "clip" | "clip_projection" => ("LoadTextEncoder", "encoder"),
@@ -193,6 +194,14 @@ fn oobleck_matches_diffusers() {
     // input channels), Snake activations, residual units with dilations 1, 3, 9, strides 2 and
     // 4 down and up; the latent's mean and softplus std, and a decode.
     assert!(forward_error(&session(), "oobleck", &["mean", "std", "decoded"]) <= 1e-4);
+}
+
+#[test]
+fn the_wan_vae_matches_diffusers_chunk_by_chunk() {
+    // AutoencoderKLWan on 9 frames: the encoder's first frame alone then two chunks of four,
+    // the decoder one latent frame at a time, the causal convolutions' caches, the temporal
+    // downsamplers' pass-through first chunk and the upsamplers' Rep rule.
+    assert!(forward_error(&session(), "wan_vae", &["mean", "logvar", "decoded"]) <= 1e-4);
 }
 
 #[test]

@@ -9,6 +9,11 @@ Writes tests/fixtures/parity/wan/: the model as save_pretrained writes it, and i
 [900, 250]; encoder_hidden_states [2, 7, 16]) and `out.sample` [2, 4, 3, 8, 10]; and
 tests/fixtures/parity/wan_t2/ the same with a 2-frame temporal patch (patch (2, 2, 2), 4 frames).
 
+Writes tests/fixtures/parity/wan_vae/: a tiny AutoencoderKLWan (Wan2.1's layout: base 8, z 4,
+stages (1, 2, 2, 2), temporal downsampling in the last two) and io.safetensors with `in.video`
+[1, 3, 9, 16, 16] (9 frames: the first chunk alone, then two of four, so every cache rule runs),
+`in.latent` [1, 4, 3, 2, 2], and `out.mean`, `out.logvar` (the encoding) and `out.decoded`.
+
 Run (PyTorch and diffusers from PyPI; CI never runs this):
     .venv/bin/python tools/make_wan_fixtures.py
 """
@@ -53,10 +58,42 @@ def make(out, patch, frames, seed):
           f"out {tuple(sample.shape)} |max| {sample.abs().max():.3f}")
 
 
+def vae(seed=25):
+    from diffusers import AutoencoderKLWan
+
+    out = os.path.join(ROOT, "wan_vae")
+    shutil.rmtree(out, ignore_errors=True)
+    model = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                             temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    video = torch.rand(1, 3, 9, 16, 16, generator=g) * 2 - 1
+    latent = torch.randn(1, 4, 3, 2, 2, generator=g)
+    with torch.no_grad():
+        dist = model.encode(video).latent_dist
+        decoded = model.decode(latent).sample
+    tensors = {"in.video": video, "in.latent": latent, "out.mean": dist.mean.contiguous(),
+               "out.logvar": dist.logvar.contiguous(), "out.decoded": decoded.contiguous()}
+    save_file(tensors, os.path.join(out, "io.safetensors"))
+    print(f"wan_vae: mean {tuple(dist.mean.shape)} |max| {dist.mean.abs().max():.3f}, decoded "
+          f"{tuple(decoded.shape)} with {100 * (decoded.abs() < 1).float().mean():.0f}% unclamped")
+
+
 def main():
     torch.set_num_threads(2)
     make(os.path.join(ROOT, "wan"), (1, 2, 2), 3, 23)
     make(os.path.join(ROOT, "wan_t2"), (2, 2, 2), 4, 24)
+    vae()
 
 
 if __name__ == "__main__":

@@ -3,15 +3,17 @@
 //! - [`wan`]: the architecture: 3-D patch embedding, the 3-way RoPE split of the head dimension,
 //!   the time and text embeddings, blocks with q/k RMS norms across the heads and the
 //!   cross-attention norm, the output layer and unpatchify;
-//! - [`denoiser`]: the protocol model and its loader node.
+//! - [`denoiser`]: the protocol model and its loader node;
+//! - [`vae`]: `AutoencoderKLWan`, the causal video VAE run chunk by chunk (`LoadWanVAE`).
 
 #![forbid(unsafe_code)]
 
 pub mod denoiser;
+pub mod vae;
 pub mod wan;
 
 ditflow_plugin::export_plugin!(
     name: "ditflow-wan",
     version: env!("CARGO_PKG_VERSION"),
-    nodes: [denoiser::LoadWan]
+    nodes: [denoiser::LoadWan, vae::LoadWanVAE]
 );
