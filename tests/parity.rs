@@ -205,6 +205,57 @@ fn the_wan_vae_matches_diffusers_chunk_by_chunk() {
 }
 
 #[test]
+fn two_towers_coupled_by_a_bridge_match_bridgedit_s_segments() {
+    // The tiny Wan and Stable Audio transformers coupled by two dual cross-attention blocks
+    // after video blocks 0, 1 and audio blocks 0, 1, through block stepping, against diffusers'
+    // blocks run segment by segment with the PyTorch bridge (tools/make_bridged_towers_fixtures.py);
+    // with the bridge off, each tower alone. Tolerance 1e-4 relative to the largest reference.
+    let parity = common::repo().join("tests/fixtures/parity");
+    let dir = parity.join("bridged_towers");
+    let io = dir.join("io.safetensors");
+    let q = |p: &Path| format!("{:?}", p.to_string_lossy());
+    let yaml = format!(
+        r#"version: 1
+nodes:
+  v: {{type: LoadWan, inputs: {{path: {v}}}}}
+  a: {{type: LoadStableAudio, inputs: {{path: {a}}}}}
+  b: {{type: LoadBridge, inputs: {{path: {b}}}}}
+  on: {{type: BridgedForward, inputs: {{video: v.model, audio: a.model, bridge: b.bridge, video_inputs: {vi}, audio_inputs: {ai}}}}}
+  off: {{type: BridgedForward, inputs: {{video: v.model, audio: a.model, bridge: b.bridge, video_inputs: {vi}, audio_inputs: {ai}, enabled: false}}}}
+outputs:
+  video: on.video
+  audio: on.audio
+  video_alone: off.video
+  audio_alone: off.audio
+"#,
+        v = q(&parity.join("wan")),
+        a = q(&parity.join("stable_audio")),
+        b = q(&dir.join("bridge")),
+        vi = q(&dir.join("video.safetensors")),
+        ai = q(&dir.join("audio.safetensors")),
+    );
+    let g = Graph::from_yaml(&yaml, "bridged.yaml", Path::new(".")).unwrap();
+    let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    for key in ["video", "audio", "video_alone", "audio_alone"] {
+        let e = relative_error(report.output(key).unwrap(), &io, key);
+        eprintln!("bridged towers {key}: {e:.2e}");
+        assert!(e <= 1e-4, "{key}: {e:.2e}");
+    }
+    // A bridge whose blocks follow tower blocks these towers do not have (the 4-block one of
+    // the bridge fixture) is refused before anything runs, naming the bridge and the counts.
+    let bad = yaml.replace(&q(&dir.join("bridge")), &q(&parity.join("bridge/model")));
+    let g = Graph::from_yaml(&bad, "bridged_bad.yaml", Path::new(".")).unwrap();
+    let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+    let f = report.failed.first().expect("the bridged forward fails");
+    assert!(
+        f.error.contains("bridge/model") && f.error.contains("towers of 2 and 2 blocks"),
+        "{}",
+        f.error
+    );
+}
+
+#[test]
 fn dit_matches_diffusers() {
     // Class-conditional DiT, including the null class.
     assert!(forward_error(&session(), "dit", &["sample"]) <= 1e-4);

@@ -178,3 +178,169 @@ impl Node for BridgeBlock {
         ctx.set_output("audio", a)
     }
 }
+
+/// The named `in.*` tensors of a safetensors file, for a tower's forward.
+fn tower_inputs(ctx: &Context, input: &str) -> Result<Vec<(String, Tensor)>> {
+    let path = input_path(ctx, input)?;
+    let all = ctx.load_weights(&path.to_string_lossy(), Device::Cpu)?;
+    let mut named: Vec<(String, Tensor)> = all
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix("in.").map(|n| (n.to_string(), v)))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    if named.is_empty() {
+        bail!("{}: no in.* tensors", path.display());
+    }
+    Ok(named)
+}
+
+/// A tower's named inputs.
+pub type Named<'a> = [(&'a str, &'a Tensor)];
+
+/// Both towers' predictions for one call, the bridge's blocks run after their tower blocks
+/// (`points`) through block stepping; with `enabled` false the towers run alone (each still
+/// stepped, so the two results differ by the bridge only).
+pub fn bridged_forward(
+    bridge: &Bridge,
+    video: &ditflow_plugin::model::DenoiserRef,
+    audio: &ditflow_plugin::model::DenoiserRef,
+    calls: (&ditflow_plugin::model::Call, &ditflow_plugin::model::Call),
+    inputs: (&Named, &Named),
+    enabled: bool,
+) -> Result<(Tensor, Tensor)> {
+    let file = bridge.path.display();
+    let blocks = |d: &ditflow_plugin::model::DenoiserRef, which: &str| -> Result<usize> {
+        let info = d.info();
+        if info.capabilities & ditflow_plugin::abi::DF_CAP_BLOCK_STEPPING == 0 {
+            bail!(
+                "{file}: the {which} tower cannot be stepped block by block, which a bridge needs"
+            );
+        }
+        match info.stacks.as_slice() {
+            [s] => Ok(s.n_blocks),
+            s => bail!(
+                "{file}: the {which} tower has {} block stacks; a bridge couples towers of one",
+                s.len()
+            ),
+        }
+    };
+    let (nv, na) = (blocks(video, "video")?, blocks(audio, "audio")?);
+    let mut last = (None::<usize>, None::<usize>);
+    for (i, &(v, a)) in bridge.points.iter().enumerate() {
+        if v >= nv || a >= na || last.0.is_some_and(|p| v <= p) || last.1.is_some_and(|p| a <= p) {
+            bail!(
+                "{file}: bridge block {i} follows video block {v} and audio block {a}, which do \
+                 not fit towers of {nv} and {na} blocks in increasing order"
+            );
+        }
+        last = (Some(v), Some(a));
+    }
+    if bridge.points.len() != bridge.blocks.len() {
+        bail!("{file}: the bridge gives no tower blocks to follow (video_points, audio_points)");
+    }
+    let (cv, ca) = calls;
+    let mut sv = video.prepare(cv, inputs.0)?;
+    let mut sa = audio.prepare(ca, inputs.1)?;
+    let (mut next_v, mut next_a) = (0usize, 0usize);
+    for (blk, &(v, a)) in bridge.blocks.iter().zip(&bridge.points) {
+        if next_v <= v {
+            sv = video.run_blocks(cv, &sv, 0, next_v, v)?;
+        }
+        if next_a <= a {
+            sa = audio.run_blocks(ca, &sa, 0, next_a, a)?;
+        }
+        (next_v, next_a) = (v + 1, a + 1);
+        if enabled {
+            let emb = |s: &ditflow_plugin::model::StepState, which: &str| {
+                s.embedding.clone().ok_or_else(|| {
+                    Error(format!(
+                        "{file}: the {which} tower's state carries no time embedding for the bridge"
+                    ))
+                })
+            };
+            let (ev, ea) = (emb(&sv, "video")?, emb(&sa, "audio")?);
+            let (hv, ha) =
+                blk.forward(&sv.hidden, &sa.hidden, &ev, &ea, true, LinearDeltas::none())?;
+            sv.hidden = hv;
+            sa.hidden = ha;
+        }
+    }
+    if next_v < nv {
+        sv = video.run_blocks(cv, &sv, 0, next_v, nv - 1)?;
+    }
+    if next_a < na {
+        sa = audio.run_blocks(ca, &sa, 0, next_a, na - 1)?;
+    }
+    Ok((video.finish(cv, &sv)?, audio.finish(ca, &sa)?))
+}
+
+/// `BridgedForward`: one forward of two towers coupled by a bridge.
+#[derive(Default)]
+pub struct BridgedForward;
+
+impl Node for BridgedForward {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("BridgedForward")
+            .category("audio-video")
+            .doc(
+                "One forward of a video and an audio tower coupled by a bridge, through block \
+                 stepping: each tower runs up to the block a bridge block follows, the bridge \
+                 block exchanges their hidden states (modulated by each tower's time \
+                 embedding), and so on, then each tower's head. Each tower's named inputs are \
+                 the in.* tensors of its file. With enabled false the towers run alone.",
+            )
+            .input(
+                Port::new("video", "Model<Denoiser>").doc("The video tower (stepping: LoadWan)."),
+            )
+            .input(
+                Port::new("audio", "Model<Denoiser>")
+                    .doc("The audio tower (stepping: LoadStableAudio)."),
+            )
+            .input(Port::new("bridge", "Model").doc("From LoadBridge."))
+            .input(
+                Port::new("video_inputs", "String")
+                    .doc("A safetensors file of the video tower's in.* inputs."),
+            )
+            .input(
+                Port::new("audio_inputs", "String")
+                    .doc("A safetensors file of the audio tower's in.* inputs."),
+            )
+            .input(
+                Port::new("enabled", "Bool")
+                    .default(true)
+                    .doc("Run the bridge (false: the towers alone)."),
+            )
+            .output(Port::new("video", "Tensor").doc("The video tower's prediction."))
+            .output(Port::new("audio", "Tensor").doc("The audio tower's prediction."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let video: Value = ctx.input("video")?;
+        let audio: Value = ctx.input("audio")?;
+        let bridge: Value = ctx.input("bridge")?;
+        let b = bridge
+            .as_object::<Bridge>()
+            .map_err(|e| Error(format!("input 'bridge': {e} (load it with LoadBridge)")))?;
+        let dv = video
+            .as_denoiser()
+            .map_err(|e| Error(format!("input 'video': {e}")))?;
+        let da = audio
+            .as_denoiser()
+            .map_err(|e| Error(format!("input 'audio': {e}")))?;
+        let vi = tower_inputs(ctx, "video_inputs")?;
+        let ai = tower_inputs(ctx, "audio_inputs")?;
+        let vr: Vec<(&str, &Tensor)> = vi.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let ar: Vec<(&str, &Tensor)> = ai.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let rows = |r: &[(&str, &Tensor)]| {
+            r.iter()
+                .find(|(k, _)| *k == "hidden_states")
+                .map_or(1, |(_, t)| t.shape()[0])
+        };
+        let cv = ditflow_plugin::model::Call::single(rows(&vr), 0.0);
+        let ca = ditflow_plugin::model::Call::single(rows(&ar), 0.0);
+        let enabled: bool = ctx.input("enabled")?;
+        let (v, a) = bridged_forward(b, &dv, &da, (&cv, &ca), (&vr, &ar), enabled)?;
+        ctx.set_output("video", v.to_device(Device::Cpu)?)?;
+        ctx.set_output("audio", a.to_device(Device::Cpu)?)
+    }
+}

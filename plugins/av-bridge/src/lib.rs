@@ -1,9 +1,10 @@
 //! `ditflow-av-bridge`: bridges that couple two towers (a video and an audio denoiser) so that
 //! what is heard happens when it is seen. Built on the SDK and the shared layers' bridge blocks.
 //! - [`bridge`]: `LoadBridge` reads a bridge (BridgeDiT's dual cross-attention blocks and the
-//!   tower blocks they follow), and `BridgeBlock` runs one of its blocks on two streams' tokens.
+//!   tower blocks they follow), `BridgeBlock` runs one of its blocks on two streams' tokens, and
+//!   `BridgedForward` runs two separately loaded towers coupled by it through block stepping.
 //!
-//! Coupling two separately loaded towers during sampling (block stepping) comes next.
+//! Sampling both streams with it comes next.
 
 #![forbid(unsafe_code)]
 
@@ -12,5 +13,5 @@ pub mod bridge;
 ditflow_plugin::export_plugin!(
     name: "ditflow-av-bridge",
     version: env!("CARGO_PKG_VERSION"),
-    nodes: [bridge::LoadBridge, bridge::BridgeBlock]
+    nodes: [bridge::LoadBridge, bridge::BridgeBlock, bridge::BridgedForward]
 );

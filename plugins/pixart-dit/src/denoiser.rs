@@ -119,6 +119,7 @@ impl Denoiser for DiffusionModel {
         Ok(StepState {
             hidden,
             inner: Value::object(Stepped { step, deltas: dl })?,
+            embedding: None,
         })
     }
 
@@ -140,6 +141,7 @@ impl Denoiser for DiffusionModel {
         Ok(StepState {
             hidden,
             inner: state.inner.clone(),
+            embedding: None,
         })
     }
 

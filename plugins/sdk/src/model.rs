@@ -419,25 +419,32 @@ pub trait Denoiser: Object {
 }
 
 /// A stepped denoiser's state between block ranges: the hidden state `[B, L, D]`, which bridges
-/// and other towers may read and change, and the model's own data (an object value).
+/// and other towers may read and change, the model's own data (an object value), and, for
+/// bridges that modulate by it, the tower's time embedding `[B, E]` when the model gives one.
 #[derive(Clone)]
 pub struct StepState {
     pub hidden: Tensor,
     pub inner: Value,
+    pub embedding: Option<Tensor>,
 }
 
 impl StepState {
-    /// As a List `[hidden, inner]`, the state's C form.
+    /// As a List `[hidden, inner]` or `[hidden, inner, embedding]`, the state's C form.
     fn into_value(self) -> Value {
-        Value::list(vec![self.hidden.into_value(), self.inner])
+        let mut items = vec![self.hidden.into_value(), self.inner];
+        if let Some(e) = self.embedding {
+            items.push(e.into_value());
+        }
+        Value::list(items)
     }
 
     fn from_value(v: &Value) -> Result<StepState> {
         let items = v.as_list()?;
         match items.as_slice() {
-            [hidden, inner, ..] => Ok(StepState {
+            [hidden, inner, rest @ ..] => Ok(StepState {
                 hidden: hidden.as_tensor()?,
                 inner: inner.clone(),
+                embedding: rest.first().map(Value::as_tensor).transpose()?,
             }),
             _ => Err(Error::new("a step state must be a List [hidden, state]")),
         }

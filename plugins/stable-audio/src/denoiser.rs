@@ -9,7 +9,8 @@ use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
-    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StreamInfo,
+    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StepState,
+    StreamInfo,
 };
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
@@ -48,7 +49,8 @@ impl Denoiser for StableAudioModel {
             capabilities: ditflow_plugin::abi::DF_CAP_LINEAR_DELTA
                 | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE
                 | ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL
-                | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE,
+                | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE
+                | ditflow_plugin::abi::DF_CAP_BLOCK_STEPPING,
             conditioning: vec![
                 "encoder_hidden_states".into(),
                 "global_hidden_states".into(),
@@ -58,31 +60,81 @@ impl Denoiser for StableAudioModel {
 
     fn forward(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<Tensor> {
         let dl = self.deltas.get(hooks, &self.linears, self.dit.device)?;
-        let x = inputs.require("hidden_states")?;
-        let t = match inputs.get("timestep") {
-            Some(t) => t.to_f32_vec()?,
-            None => vec![call.timestep as f32],
-        };
-        let rotary = match (
-            inputs.get("rotary_embedding_cos"),
-            inputs.get("rotary_embedding_sin"),
-        ) {
-            (Some(c), Some(s)) => Some((c, s)),
-            (None, None) => None,
-            _ => bail!("give both rotary_embedding_cos and rotary_embedding_sin, or neither"),
-        };
-        self.dit.forward(
-            &dit::Inputs {
-                hidden_states: x,
-                timestep: &t,
-                encoder_hidden_states: inputs.require("encoder_hidden_states")?,
-                global_hidden_states: inputs.require("global_hidden_states")?,
-                rotary,
-            },
-            hooks,
-            &dl,
-        )
+        let t = timesteps(call, inputs);
+        self.dit.forward(&dit_inputs(inputs, &t)?, hooks, &dl)
     }
+
+    fn prepare(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<StepState> {
+        let dl = self.deltas.get(hooks, &self.linears, self.dit.device)?;
+        let t = timesteps(call, inputs);
+        let (hidden, step) = self.dit.prepare(&dit_inputs(inputs, &t)?, &dl)?;
+        let embedding = Some(step.time.clone());
+        Ok(StepState {
+            hidden,
+            inner: Value::object(Stepped { step, deltas: dl })?,
+            embedding,
+        })
+    }
+
+    fn run_blocks(
+        &self,
+        _call: &Call,
+        state: StepState,
+        stack: usize,
+        from: usize,
+        to: usize,
+        hooks: &Hooks,
+    ) -> Result<StepState> {
+        if stack != 0 {
+            bail!("Stable Audio has one block stack (0), not {stack}");
+        }
+        let s = state.inner.as_object::<Stepped>()?;
+        let hidden = self
+            .dit
+            .blocks(&s.step, from, to, state.hidden.clone(), hooks, &s.deltas)?;
+        Ok(StepState { hidden, ..state })
+    }
+
+    fn finish(&self, _call: &Call, state: StepState, _hooks: &Hooks) -> Result<Tensor> {
+        let s = state.inner.as_object::<Stepped>()?;
+        self.dit.finish(&s.step, state.hidden.clone(), &s.deltas)
+    }
+}
+
+/// The `timestep` input, or the call's.
+fn timesteps(call: &Call, inputs: &Inputs) -> Vec<f32> {
+    match inputs.get("timestep").map(Tensor::to_f32_vec) {
+        Some(Ok(t)) => t,
+        _ => vec![call.timestep as f32],
+    }
+}
+
+fn dit_inputs<'a>(inputs: &'a Inputs, t: &'a [f32]) -> Result<dit::Inputs<'a>> {
+    let rotary = match (
+        inputs.get("rotary_embedding_cos"),
+        inputs.get("rotary_embedding_sin"),
+    ) {
+        (Some(c), Some(s)) => Some((c, s)),
+        (None, None) => None,
+        _ => bail!("give both rotary_embedding_cos and rotary_embedding_sin, or neither"),
+    };
+    Ok(dit::Inputs {
+        hidden_states: inputs.require("hidden_states")?,
+        timestep: t,
+        encoder_hidden_states: inputs.require("encoder_hidden_states")?,
+        global_hidden_states: inputs.require("global_hidden_states")?,
+        rotary,
+    })
+}
+
+/// A stepped Stable Audio's own state: what its blocks and head read, and the linear deltas.
+struct Stepped {
+    step: dit::Step,
+    deltas: std::sync::Arc<ditflow_plugin::linear_delta::LinearDeltas>,
+}
+
+impl Object for Stepped {
+    const TAG: &'static str = "ditflow-stable-audio.step";
 }
 
 impl StableAudioModel {

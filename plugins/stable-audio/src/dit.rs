@@ -68,6 +68,16 @@ pub struct Inputs<'a> {
     pub rotary: Option<(&'a Tensor, &'a Tensor)>,
 }
 
+/// What one forward's blocks and head read, kept between block ranges when stepped.
+pub struct Step {
+    pub rope: (Tensor, Tensor),
+    pub context: Tensor,
+    /// `[B, D]`: the timestep's embedding (what bridges modulate by).
+    pub time: Tensor,
+    /// Audio tokens (the global one not counted).
+    pub len: usize,
+}
+
 pub struct StableAudioDit {
     pub dim: usize,
     pub heads: usize,
@@ -228,8 +238,22 @@ impl StableAudioDit {
     }
 
     /// The prediction `[B, C, L]`, with linear deltas `dl` and the hooks on the
-    /// `transformer_blocks` stack (over the global token and the audio tokens).
+    /// `transformer_blocks` stack (over the global token and the audio tokens): `prepare`, the
+    /// blocks, `finish`, as block stepping runs them.
     pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
+        let (h, step) = self.prepare(inp, dl)?;
+        let n = self.blocks.len();
+        let h = if n == 0 {
+            h
+        } else {
+            self.blocks(&step, 0, n - 1, h, hooks, dl)?
+        };
+        self.finish(&step, h, dl)
+    }
+
+    /// The tokens (the global token first) before the first block, and what the blocks and
+    /// the head read.
+    pub fn prepare(&self, inp: &Inputs, dl: &LinearDeltas) -> Result<(Tensor, Step)> {
         let x = inp.hidden_states.to_device(self.device)?;
         let s = x.shape().to_vec();
         if s.len() != 3 || s[1] != self.in_channels || s[2] == 0 {
@@ -322,12 +346,37 @@ impl StableAudioDit {
         let tokens = self.preprocess.apply(&tokens, "none", dl)?.add(&tokens)?;
         let h = self.proj_in.apply(&tokens, "none", dl)?;
         let h = ditflow_plugin::ops::concat(&[&global, &h], 1)?;
-        let rope = (cos, sin);
-        let h = hooks.run_stack(0, self.blocks.len(), h, &mut |i, h| {
-            self.block(&self.blocks[i], h, &context, &rope, dl)
-        })?;
+        Ok((
+            h,
+            Step {
+                rope: (cos, sin),
+                context,
+                time,
+                len: l,
+            },
+        ))
+    }
+
+    /// Blocks `from..=to` on tokens `h`, with the hooks of the `transformer_blocks` stack.
+    pub fn blocks(
+        &self,
+        step: &Step,
+        from: usize,
+        to: usize,
+        h: Tensor,
+        hooks: &Hooks,
+        dl: &LinearDeltas,
+    ) -> Result<Tensor> {
+        hooks.run_blocks(0, self.blocks.len(), from, to, h, &mut |i, h| {
+            self.block(&self.blocks[i], h, &step.context, &step.rope, dl)
+        })
+    }
+
+    /// The head: the output projection, the global token dropped, the 1×1 convolution with
+    /// its residual, back to `[B, C, L]`.
+    pub fn finish(&self, step: &Step, h: Tensor, dl: &LinearDeltas) -> Result<Tensor> {
         let out = self.proj_out.apply(&h, "none", dl)?;
-        let out = out.slice(1, 1, (l + 1) as i64, 1)?;
+        let out = out.slice(1, 1, (step.len + 1) as i64, 1)?;
         let out = self.postprocess.apply(&out, "none", dl)?.add(&out)?;
         out.permute(&[0, 2, 1])
     }

@@ -8,7 +8,8 @@ use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
-    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StreamInfo,
+    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StepState,
+    StreamInfo,
 };
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
@@ -47,36 +48,93 @@ impl Denoiser for WanModel {
             capabilities: ditflow_plugin::abi::DF_CAP_LINEAR_DELTA
                 | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE
                 | ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL
-                | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE,
+                | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE
+                | ditflow_plugin::abi::DF_CAP_BLOCK_STEPPING,
             conditioning: vec!["encoder_hidden_states".into()],
         }
     }
 
     fn forward(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<Tensor> {
         let dl = self.deltas.get(hooks, &self.linears, self.wan.device)?;
-        let x = inputs.require("hidden_states")?;
-        let batch = x.shape().first().copied().unwrap_or(0);
-        let t = match inputs.get("timestep") {
-            Some(t) => {
-                let t = t.to_f32_vec()?;
-                if t.len() == 1 {
-                    vec![t[0]; batch]
-                } else {
-                    t
-                }
-            }
-            None => vec![call.timestep as f32; batch],
-        };
-        self.wan.forward(
-            &wan::Inputs {
-                hidden_states: x,
-                timestep: &t,
-                encoder_hidden_states: inputs.require("encoder_hidden_states")?,
-            },
-            hooks,
-            &dl,
-        )
+        let t = timesteps(call, inputs)?;
+        self.wan.forward(&wan_inputs(inputs, &t)?, hooks, &dl)
     }
+
+    fn prepare(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<StepState> {
+        let dl = self.deltas.get(hooks, &self.linears, self.wan.device)?;
+        let t = timesteps(call, inputs)?;
+        let (hidden, step) = self.wan.prepare(&wan_inputs(inputs, &t)?, &dl)?;
+        let embedding = Some(step.temb.clone());
+        Ok(StepState {
+            hidden,
+            inner: Value::object(Stepped { step, deltas: dl })?,
+            embedding,
+        })
+    }
+
+    fn run_blocks(
+        &self,
+        _call: &Call,
+        state: StepState,
+        stack: usize,
+        from: usize,
+        to: usize,
+        hooks: &Hooks,
+    ) -> Result<StepState> {
+        if stack != 0 {
+            bail!("Wan has one block stack (0), not {stack}");
+        }
+        let s = state.inner.as_object::<Stepped>()?;
+        let hidden = self
+            .wan
+            .blocks(&s.step, from, to, state.hidden.clone(), hooks, &s.deltas)?;
+        Ok(StepState { hidden, ..state })
+    }
+
+    fn finish(&self, _call: &Call, state: StepState, _hooks: &Hooks) -> Result<Tensor> {
+        let s = state.inner.as_object::<Stepped>()?;
+        self.wan.finish(&s.step, state.hidden.clone(), &s.deltas)
+    }
+}
+
+/// One timestep per row: the `timestep` input (one value for all rows, or one per row), or the
+/// call's.
+fn timesteps(call: &Call, inputs: &Inputs) -> Result<Vec<f32>> {
+    let batch = inputs
+        .require("hidden_states")?
+        .shape()
+        .first()
+        .copied()
+        .unwrap_or(0);
+    Ok(match inputs.get("timestep") {
+        Some(t) => {
+            let t = t.to_f32_vec()?;
+            if t.len() == 1 {
+                vec![t[0]; batch]
+            } else {
+                t
+            }
+        }
+        None => vec![call.timestep as f32; batch],
+    })
+}
+
+fn wan_inputs<'a>(inputs: &'a Inputs, t: &'a [f32]) -> Result<wan::Inputs<'a>> {
+    Ok(wan::Inputs {
+        hidden_states: inputs.require("hidden_states")?,
+        timestep: t,
+        encoder_hidden_states: inputs.require("encoder_hidden_states")?,
+    })
+}
+
+/// A stepped Wan's own state: what its blocks and head read, and the call's linear deltas.
+struct Stepped {
+    step: wan::Step,
+    deltas: std::sync::Arc<ditflow_plugin::linear_delta::LinearDeltas>,
+}
+
+impl Object for Stepped {
+    const TAG: &'static str = "ditflow-wan.step";
 }
 
 impl WanModel {

@@ -98,6 +98,18 @@ pub struct Inputs<'a> {
     pub encoder_hidden_states: &'a Tensor,
 }
 
+/// What one forward's blocks and head read, kept between block ranges when stepped.
+pub struct Step {
+    pub rope: (Tensor, Tensor),
+    /// `[B, 6, D]`.
+    pub proj: Tensor,
+    pub context: Tensor,
+    /// `[B, D]`: the time embedding before its projection (what bridges modulate by).
+    pub temb: Tensor,
+    pub grid: [usize; 3],
+    pub batch: usize,
+}
+
 pub struct Wan {
     pub dim: usize,
     pub heads: usize,
@@ -318,8 +330,21 @@ impl Wan {
     }
 
     /// The prediction `[B, out_channels, F, H, W]`, with the patches' linear deltas `dl` and
-    /// the other hooks (block residuals, range overrides) on the `blocks` stack.
+    /// the other hooks (block residuals, range overrides) on the `blocks` stack: `prepare`, the
+    /// blocks, `finish`, as block stepping runs them.
     pub fn forward(&self, inp: &Inputs, hooks: &Hooks, dl: &LinearDeltas) -> Result<Tensor> {
+        let (h, step) = self.prepare(inp, dl)?;
+        let n = self.blocks.len();
+        let h = if n == 0 {
+            h
+        } else {
+            self.blocks(&step, 0, n - 1, h, hooks, dl)?
+        };
+        self.finish(&step, h, dl)
+    }
+
+    /// The tokens before the first block, and what the blocks and the head read.
+    pub fn prepare(&self, inp: &Inputs, dl: &LinearDeltas) -> Result<(Tensor, Step)> {
         let x = inp.hidden_states.to_device(self.device)?;
         let (tokens, grid) = self.patchify(&x)?;
         let b = tokens.shape()[0];
@@ -338,7 +363,7 @@ impl Wan {
             )));
         }
         let rope = self.rope(grid)?;
-        let mut h = self.patch_embedding.apply(&tokens, "none", dl)?;
+        let h = self.patch_embedding.apply(&tokens, "none", dl)?;
         let t = timestep_sinusoids(inp.timestep, self.freq_dim, true, 0.0, self.device)?;
         let temb = self.time_embedder.forward(&t, dl)?;
         // [B, 6·D]: each block adds its own table.
@@ -347,18 +372,53 @@ impl Wan {
         let context = self
             .text_2
             .apply(&self.text_1.apply(&text, "gelu_tanh", dl)?, "none", dl)?;
-        h = hooks.run_stack(0, self.blocks.len(), h, &mut |i, h| {
-            self.block(&self.blocks[i], h, &proj, &context, &rope, dl)
-        })?;
-        // The output: shift and scale are the table plus the time embedding itself.
+        Ok((
+            h,
+            Step {
+                rope,
+                proj,
+                context,
+                temb,
+                grid,
+                batch: b,
+            },
+        ))
+    }
+
+    /// Blocks `from..=to` on tokens `h`, with the hooks of the `blocks` stack.
+    pub fn blocks(
+        &self,
+        step: &Step,
+        from: usize,
+        to: usize,
+        h: Tensor,
+        hooks: &Hooks,
+        dl: &LinearDeltas,
+    ) -> Result<Tensor> {
+        hooks.run_blocks(0, self.blocks.len(), from, to, h, &mut |i, h| {
+            self.block(
+                &self.blocks[i],
+                h,
+                &step.proj,
+                &step.context,
+                &step.rope,
+                dl,
+            )
+        })
+    }
+
+    /// The head: the output modulation (the table plus the time embedding itself), the
+    /// projection and unpatchify.
+    pub fn finish(&self, step: &Step, h: Tensor, dl: &LinearDeltas) -> Result<Tensor> {
+        let b = step.batch;
         let out_mod = self
             .scale_shift_table
             .reshape(&[1, 2, self.dim as i64])?
-            .add(&temb.reshape(&[b as i64, 1, self.dim as i64])?)?;
+            .add(&step.temb.reshape(&[b as i64, 1, self.dim as i64])?)?;
         let m = chunks(&out_mod, 2, self.dim)?;
         let h = h.layer_norm(None, None, Some(&m[0]), Some(&m[1]), NORM_EPS)?;
         let out = self.proj_out.apply(&h, "none", dl)?;
-        self.unpatchify(&out, b, grid)
+        self.unpatchify(&out, b, step.grid)
     }
 
     /// One block on tokens `h` `[B, L, D]`, with the time projection `proj` `[B, 6, D]`.
