@@ -15,7 +15,8 @@
 //! - [`model_info`]: `ModelInfo`, a Model's interface, patches, digest and patch memory;
 //! - [`patches`]: `ApplyLoRA` and the feature caches, Model → Model patches;
 //! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `Sample`, `VAEDecode` and `VAEEncode`;
-//! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching).
+//! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching, UniPC),
+//!   the `ditflow-samplers` crate.
 //!
 //! The model families are plugins of their own (`plugins/pixart-dit`, `plugins/t5-clip`,
 //! `plugins/autoencoder-kl`); the nodes here reach them only through the model protocol.
@@ -35,7 +36,8 @@ pub mod noise;
 pub mod patches;
 pub mod pipeline;
 pub mod preprocess;
-pub mod samplers;
+/// The schedulers' maths (the `ditflow-samplers` crate, shared with other plugins' sampling nodes).
+pub use ditflow_samplers as samplers;
 pub mod tensor;
 pub mod tensor_io;
 pub mod text;

@@ -3,11 +3,10 @@
 //! on a batched conditional/unconditional forward), `VAEDecode` and `VAEEncode`. `SaveImage`
 //! writes the result.
 
-use crate::samplers::{self, Scheduler};
+use crate::samplers;
 use ditflow_plugin::model::forward_named;
 use ditflow_plugin::model::{Call, Event, Prediction, BRANCH_COND, BRANCH_UNCOND};
 use ditflow_plugin::prelude::*;
-use std::path::Path;
 
 /// Output `name` of a model's named forward, or an error naming the model's kind.
 fn output(outputs: Vec<(String, Tensor)>, name: &str, what: &str) -> Result<Tensor> {
@@ -29,6 +28,9 @@ struct SampleTensor(Tensor);
 
 impl samplers::Combine for SampleTensor {
     type Error = Error;
+    fn sampler_error(e: samplers::SamplerError) -> Error {
+        Error(e.0)
+    }
     fn scaled(&self, c: f64) -> Result<Self> {
         self.0.affine(c, 0.0).map(SampleTensor)
     }
@@ -38,131 +40,6 @@ impl samplers::Combine for SampleTensor {
     fn clamped(&self, c: f64) -> Result<Self> {
         self.0.clamp(-c as f32, c as f32).map(SampleTensor)
     }
-}
-
-impl From<samplers::SamplerError> for Error {
-    fn from(e: samplers::SamplerError) -> Error {
-        Error(e.0)
-    }
-}
-
-/// The sampler names `Sample` accepts, and the diffusers class each one is.
-pub const SAMPLERS: &[(&str, &str)] = &[
-    ("ddim", "DDIMScheduler"),
-    ("euler", "EulerDiscreteScheduler"),
-    ("dpmpp_2m", "DPMSolverMultistepScheduler"),
-    ("flow_euler", "FlowMatchEulerDiscreteScheduler"),
-    ("unipc", "UniPCMultistepScheduler"),
-];
-
-/// Python's JSON extensions (`Infinity`, `-Infinity`, `NaN`, which diffusers writes into scheduler
-/// configs) as JSON strings, so a standard parser reads the file; strings are left alone.
-pub fn quote_python_constants(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    let mut in_string = false;
-    while let Some(c) = rest.chars().next() {
-        if in_string {
-            if c == '\\' {
-                let n = rest.chars().take(2).map(char::len_utf8).sum::<usize>();
-                out.push_str(&rest[..n]);
-                rest = &rest[n..];
-                continue;
-            }
-            in_string = c != '"';
-        } else if c == '"' {
-            in_string = true;
-        } else if let Some(word) = ["-Infinity", "Infinity", "NaN"]
-            .iter()
-            .find(|w| rest.starts_with(**w))
-        {
-            out.push('"');
-            out.push_str(word);
-            out.push('"');
-            rest = &rest[word.len()..];
-            continue;
-        }
-        out.push(c);
-        rest = &rest[c.len_utf8()..];
-    }
-    out
-}
-
-/// Reads a diffusers `scheduler_config.json` into `(key, JSON text)` pairs and its class name.
-fn scheduler_fields(path: &Path) -> Result<(String, Vec<(String, String)>)> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| Error(format!("{}: {e}", path.display())))?;
-    let text = quote_python_constants(&text);
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error(format!("{}: not valid JSON: {e}", path.display())))?;
-    let obj = json
-        .as_object()
-        .ok_or_else(|| Error(format!("{}: expected a JSON object", path.display())))?;
-    let class = obj
-        .get("_class_name")
-        .and_then(|v| v.as_str())
-        .unwrap_or("")
-        .to_string();
-    Ok((
-        class,
-        obj.iter()
-            .filter(|(k, _)| !k.starts_with('_'))
-            .map(|(k, v)| (k.clone(), v.to_string()))
-            .collect(),
-    ))
-}
-
-/// Builds the scheduler for `class` from config fields plus overrides, for `steps` steps and an
-/// image of `image_seq_len` tokens (Flux's dynamic shift); `flow_sigmas` says where a
-/// flow-matching schedule's unshifted sigmas come from.
-pub fn build_scheduler(
-    class: &str,
-    fields: &[(String, String)],
-    steps: usize,
-    image_seq_len: usize,
-    flow_sigmas: samplers::FlowSigmas,
-) -> Result<Box<dyn Scheduler>> {
-    let pairs = fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-    let e = |e: samplers::SamplerError| Error(e.0);
-    Ok(match class {
-        "DDIMScheduler" => Box::new(
-            samplers::Ddim::new(samplers::DdimConfig::from_fields(pairs).map_err(e)?, steps)
-                .map_err(e)?,
-        ),
-        "EulerDiscreteScheduler" => Box::new(
-            samplers::EulerDiscrete::new(
-                samplers::EulerDiscreteConfig::from_fields(pairs).map_err(e)?,
-                steps,
-            )
-            .map_err(e)?,
-        ),
-        "DPMSolverMultistepScheduler" => {
-            let c = samplers::DpmSolverMultistepConfig::from_fields(pairs).map_err(e)?;
-            Box::new(samplers::DpmSolverMultistep::new(c, steps, None).map_err(e)?)
-        }
-        "FlowMatchEulerDiscreteScheduler" => {
-            let c = samplers::FlowMatchEulerDiscreteConfig::from_fields(pairs).map_err(e)?;
-            let mu = if c.use_dynamic_shifting {
-                Some(c.mu(image_seq_len))
-            } else {
-                None
-            };
-            Box::new(samplers::FlowMatchEulerDiscrete::new(c, steps, flow_sigmas, mu).map_err(e)?)
-        }
-        "UniPCMultistepScheduler" => {
-            // Pipelines that shift UniPC dynamically pass their own mu; none here does.
-            let c = samplers::UniPcConfig::from_fields(pairs).map_err(e)?;
-            Box::new(samplers::UniPc::new(c, steps, None).map_err(e)?)
-        }
-        other => bail!(
-            "scheduler class \"{other}\" is not supported (supported: {})",
-            SAMPLERS
-                .iter()
-                .map(|(_, c)| *c)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    })
 }
 
 /// `TextEncode`: a prompt as a Conditioning tensor.
@@ -428,14 +305,14 @@ impl Node for Sample {
         let (file_class, mut fields) = if cfg_path.is_empty() {
             (String::new(), Vec::new())
         } else {
-            scheduler_fields(&ctx.input_path(&cfg_path)?)?
+            samplers::scheduler_fields(&ctx.input_path(&cfg_path)?).map_err(|e| Error(e.0))?
         };
         let class = match sampler.as_str() {
             "auto" if file_class.is_empty() => {
                 bail!("sampler 'auto' needs a scheduler_config naming the class")
             }
             "auto" => file_class,
-            name => SAMPLERS
+            name => samplers::SAMPLERS
                 .iter()
                 .find(|(n, _)| *n == name)
                 .map(|(_, c)| c.to_string())
@@ -485,7 +362,8 @@ impl Node for Sample {
             "scheduler" => samplers::FlowSigmas::SchedulerDefault,
             _ => samplers::FlowSigmas::Pipeline,
         };
-        let sched = build_scheduler(&class, &fields, steps, tokens, flow_sigmas)?;
+        let sched = samplers::build_scheduler(&class, &fields, steps, tokens, flow_sigmas)
+            .map_err(|e| Error(e.0))?;
         // Conditioning batch: positives then negatives.
         let rows = if guided { 2 * batch } else { batch };
         let conditioning = match &positive {
@@ -644,21 +522,6 @@ impl Node for VAEDecode {
             .reshape(&[3, h, w])?
             .permute(&[1, 2, 0])?;
         ctx.set_output("image", img.to_device(Device::Cpu)?.with_kind(Kind::Image)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn python_json_constants_become_strings() {
-        let t = r#"{"a": -Infinity, "b": "NaN in \"text\"", "c": [Infinity, NaN], "d": 1e-3}"#;
-        let v: serde_json::Value = serde_json::from_str(&quote_python_constants(t)).unwrap();
-        assert_eq!(v["a"], "-Infinity");
-        assert_eq!(v["b"], "NaN in \"text\"");
-        assert_eq!(v["c"][0], "Infinity");
-        assert_eq!(v["d"], 1e-3);
     }
 }
 

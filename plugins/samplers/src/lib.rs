@@ -1,4 +1,5 @@
-//! The schedulers' maths, in plain Rust (no host, no tensors): five diffusers schedulers, each
+//! `ditflow-samplers`: the schedulers' maths, in plain Rust (no host, no tensors), shared by the
+//! sampling nodes of every plugin: five diffusers schedulers, each
 //! reduced to per-step scalar coefficients that a sampling node applies with tensor ops.
 //!
 //! | diffusers class                  | here                                       |
@@ -39,6 +40,7 @@
 //! about 1e-7 relative to the sample's size, more for elements near zero (the parity tests allow
 //! 1e-5; see `tests.rs`).
 
+pub mod config;
 pub mod ddim;
 pub mod dpmpp_2m;
 pub mod euler;
@@ -53,6 +55,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
 
+pub use config::{build_scheduler, quote_python_constants, scheduler_fields, SAMPLERS};
 pub use ddim::{Ddim, DdimConfig};
 pub use dpmpp_2m::{DpmSolverMultistep, DpmSolverMultistepConfig, SolverType};
 pub use euler::{EulerDiscrete, EulerDiscreteConfig, TimestepType};
@@ -82,7 +85,7 @@ pub type Result<T> = std::result::Result<T, SamplerError>;
 /// Returns early with a [`SamplerError`] made from a format string.
 macro_rules! fail {
     ($($arg:tt)*) => {
-        return Err($crate::samplers::SamplerError(format!($($arg)*)))
+        return Err($crate::SamplerError(format!($($arg)*)))
     };
 }
 pub(crate) use fail;
@@ -229,7 +232,9 @@ pub(crate) fn config_from_fields<'a, C: Default>(
 /// vectors ([`run`]) and tensors (the sampling node) apply steps by one rule.
 pub trait Combine: Sized + Clone {
     /// The error of the sample's operations.
-    type Error: From<SamplerError>;
+    type Error;
+    /// A schedule's error (a missing estimate) as the sample's error.
+    fn sampler_error(e: SamplerError) -> Self::Error;
     fn scaled(&self, c: f64) -> std::result::Result<Self, Self::Error>;
     fn plus(&self, other: &Self) -> std::result::Result<Self, Self::Error>;
     fn clamped(&self, c: f64) -> std::result::Result<Self, Self::Error>;
@@ -237,6 +242,9 @@ pub trait Combine: Sized + Clone {
 
 impl Combine for Vec<f64> {
     type Error = SamplerError;
+    fn sampler_error(e: SamplerError) -> SamplerError {
+        e
+    }
     fn scaled(&self, c: f64) -> Result<Self> {
         Ok(self.iter().map(|v| v * c).collect())
     }
@@ -289,7 +297,8 @@ pub fn apply_step<T: Combine>(
 ) -> std::result::Result<T, T::Error> {
     let terms = |base: T, terms: &[(usize, f64)], h: &History<T>| {
         terms.iter().try_fold(base, |acc, &(k, c)| {
-            acc.plus(&h.estimate(k, index)?.scaled(c)?)
+            let d = h.estimate(k, index).map_err(T::sampler_error)?;
+            acc.plus(&d.scaled(c)?)
         })
     };
     if step.uses_denoised() || history.keep > 0 {

@@ -22,7 +22,10 @@ const TRAJECTORY_RTOL: f64 = 1e-5;
 const TABLE_RTOL: f64 = 1e-6;
 
 fn fixture_dir() -> String {
-    format!("{}/../tests/fixtures/samplers", env!("CARGO_MANIFEST_DIR"))
+    format!(
+        "{}/../../tests/fixtures/samplers",
+        env!("CARGO_MANIFEST_DIR")
+    )
 }
 
 fn read(name: &str) -> Vec<u8> {

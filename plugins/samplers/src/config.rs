@@ -1,0 +1,137 @@
+//! Schedulers by name and from diffusers' `scheduler_config.json` files: the sampler names the
+//! sampling nodes accept, the config file's fields (Python's JSON constants quoted), and
+//! [`build_scheduler`], a scheduler for a class, its fields and a step count.
+
+use crate::{
+    fail, Ddim, DdimConfig, DpmSolverMultistep, DpmSolverMultistepConfig, EulerDiscrete,
+    EulerDiscreteConfig, FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig, FlowSigmas, Result,
+    SamplerError, Scheduler, UniPc, UniPcConfig,
+};
+use std::path::Path;
+
+/// The sampler names `Sample` accepts, and the diffusers class each one is.
+pub const SAMPLERS: &[(&str, &str)] = &[
+    ("ddim", "DDIMScheduler"),
+    ("euler", "EulerDiscreteScheduler"),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+    ("flow_euler", "FlowMatchEulerDiscreteScheduler"),
+    ("unipc", "UniPCMultistepScheduler"),
+];
+
+/// Python's JSON extensions (`Infinity`, `-Infinity`, `NaN`, which diffusers writes into scheduler
+/// configs) as JSON strings, so a standard parser reads the file; strings are left alone.
+pub fn quote_python_constants(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut in_string = false;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            if c == '\\' {
+                let n = rest.chars().take(2).map(char::len_utf8).sum::<usize>();
+                out.push_str(&rest[..n]);
+                rest = &rest[n..];
+                continue;
+            }
+            in_string = c != '"';
+        } else if c == '"' {
+            in_string = true;
+        } else if let Some(word) = ["-Infinity", "Infinity", "NaN"]
+            .iter()
+            .find(|w| rest.starts_with(**w))
+        {
+            out.push('"');
+            out.push_str(word);
+            out.push('"');
+            rest = &rest[word.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// Reads a diffusers `scheduler_config.json` into `(key, JSON text)` pairs and its class name.
+pub fn scheduler_fields(path: &Path) -> Result<(String, Vec<(String, String)>)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SamplerError(format!("{}: {e}", path.display())))?;
+    let text = quote_python_constants(&text);
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| SamplerError(format!("{}: not valid JSON: {e}", path.display())))?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| SamplerError(format!("{}: expected a JSON object", path.display())))?;
+    let class = obj
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_string();
+    Ok((
+        class,
+        obj.iter()
+            .filter(|(k, _)| !k.starts_with('_'))
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect(),
+    ))
+}
+
+/// Builds the scheduler for `class` from config fields plus overrides, for `steps` steps and an
+/// image of `image_seq_len` tokens (Flux's dynamic shift); `flow_sigmas` says where a
+/// flow-matching schedule's unshifted sigmas come from.
+pub fn build_scheduler(
+    class: &str,
+    fields: &[(String, String)],
+    steps: usize,
+    image_seq_len: usize,
+    flow_sigmas: FlowSigmas,
+) -> Result<Box<dyn Scheduler>> {
+    let pairs = fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    Ok(match class {
+        "DDIMScheduler" => Box::new(Ddim::new(DdimConfig::from_fields(pairs)?, steps)?),
+        "EulerDiscreteScheduler" => Box::new(EulerDiscrete::new(
+            EulerDiscreteConfig::from_fields(pairs)?,
+            steps,
+        )?),
+        "DPMSolverMultistepScheduler" => {
+            let c = DpmSolverMultistepConfig::from_fields(pairs)?;
+            Box::new(DpmSolverMultistep::new(c, steps, None)?)
+        }
+        "FlowMatchEulerDiscreteScheduler" => {
+            let c = FlowMatchEulerDiscreteConfig::from_fields(pairs)?;
+            let mu = if c.use_dynamic_shifting {
+                Some(c.mu(image_seq_len))
+            } else {
+                None
+            };
+            Box::new(FlowMatchEulerDiscrete::new(c, steps, flow_sigmas, mu)?)
+        }
+        "UniPCMultistepScheduler" => {
+            // Pipelines that shift UniPC dynamically pass their own mu; none here does.
+            let c = UniPcConfig::from_fields(pairs)?;
+            Box::new(UniPc::new(c, steps, None)?)
+        }
+        other => fail!(
+            "scheduler class \"{other}\" is not supported (supported: {})",
+            SAMPLERS
+                .iter()
+                .map(|(_, c)| *c)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_json_constants_become_strings() {
+        let t = r#"{"a": -Infinity, "b": "NaN in \"text\"", "c": [Infinity, NaN], "d": 1e-3}"#;
+        let v: serde_json::Value = serde_json::from_str(&quote_python_constants(t)).unwrap();
+        assert_eq!(v["a"], "-Infinity");
+        assert_eq!(v["b"], "NaN in \"text\"");
+        assert_eq!(v["c"][0], "Infinity");
+        assert_eq!(v["d"], 1e-3);
+    }
+}
