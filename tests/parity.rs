@@ -256,6 +256,78 @@ outputs:
 }
 
 #[test]
+fn sampling_two_bridged_towers_matches_the_lockstep_reference() {
+    // SampleAudioVideo as BridgeDiT samples: both towers each step through the bridge, the
+    // video on UniPC flow sigmas (shift 3), the audio on DPM-Solver++ with v-prediction, CFG 3
+    // and 2 with their own negatives, seeded Philox noise; then with modality-isolation
+    // guidance 0.5. Against diffusers' schedulers and blocks with the PyTorch bridge
+    // (tools/make_bridged_towers_fixtures.py). Tolerance 1e-4 relative to the largest value.
+    let parity = common::repo().join("tests/fixtures/parity");
+    let dir = parity.join("bridged_towers");
+    let io = dir.join("sample.safetensors");
+    let q = |p: &Path| format!("{:?}", p.to_string_lossy());
+    let t = |n: &str| {
+        format!(
+            "{{type: LoadTensor, inputs: {{path: {}, name: {n}}}}}",
+            q(&io)
+        )
+    };
+    for (suffix, iso) in [("", 0.0), ("_iso", 0.5)] {
+        let yaml = format!(
+            r#"version: 1
+nodes:
+  v: {{type: LoadWan, inputs: {{path: {v}}}}}
+  a: {{type: LoadStableAudio, inputs: {{path: {a}}}}}
+  b: {{type: LoadBridge, inputs: {{path: {b}}}}}
+  tvp: {tvp}
+  tvn: {tvn}
+  tap: {tap}
+  tan: {tan}
+  tgp: {tgp}
+  tgn: {tgn}
+  tvl: {tvl}
+  tal: {tal}
+  vp: {{type: ConditioningPart, inputs: {{tensor: tvp.tensor}}}}
+  vn: {{type: ConditioningPart, inputs: {{tensor: tvn.tensor}}}}
+  ap0: {{type: ConditioningPart, inputs: {{tensor: tap.tensor}}}}
+  ap: {{type: ConditioningPart, inputs: {{conditioning: ap0.conditioning, name: global_hidden_states, tensor: tgp.tensor}}}}
+  an0: {{type: ConditioningPart, inputs: {{tensor: tan.tensor}}}}
+  an: {{type: ConditioningPart, inputs: {{conditioning: an0.conditioning, name: global_hidden_states, tensor: tgn.tensor}}}}
+  vl: {{type: TensorAs, inputs: {{tensor: tvl.tensor, kind: Latent}}}}
+  al: {{type: TensorAs, inputs: {{tensor: tal.tensor, kind: Latent}}}}
+  s: {{type: SampleAudioVideo, inputs: {{video: v.model, audio: a.model, bridge: b.bridge, video_positive: vp.conditioning, video_negative: vn.conditioning, audio_positive: ap.conditioning, audio_negative: an.conditioning, video_latent: vl.value, audio_latent: al.value, video_scheduler_config: {sc}, steps: 4, video_cfg: 3.0, audio_cfg: 2.0, isolation: {iso}, seed: 5}}}}
+outputs:
+  video_latent{suffix}: s.video_latent
+  audio_latent{suffix}: s.audio_latent
+"#,
+            v = q(&parity.join("wan")),
+            a = q(&parity.join("stable_audio")),
+            b = q(&dir.join("bridge")),
+            tvp = t("in.video_positive"),
+            tvn = t("in.video_negative"),
+            tap = t("in.audio_positive"),
+            tan = t("in.audio_negative"),
+            tgp = t("in.audio_global_positive"),
+            tgn = t("in.audio_global_negative"),
+            tvl = t("out.video_latent"),
+            tal = t("out.audio_latent"),
+            sc = q(&dir.join("video_scheduler/scheduler_config.json")),
+        );
+        let g = Graph::from_yaml(&yaml, "sample_av.yaml", Path::new(".")).unwrap();
+        let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+        assert!(report.ok(), "{suffix}: {:?}", report.failed);
+        for key in [
+            format!("video_latent{suffix}"),
+            format!("audio_latent{suffix}"),
+        ] {
+            let e = relative_error(report.output(&key).unwrap(), &io, &key);
+            eprintln!("SampleAudioVideo {key}: {e:.2e}");
+            assert!(e <= 1e-4, "{key}: {e:.2e}");
+        }
+    }
+}
+
+#[test]
 fn dit_matches_diffusers() {
     // Class-conditional DiT, including the null class.
     assert!(forward_error(&session(), "dit", &["sample"]) <= 1e-4);

@@ -9,7 +9,13 @@ video tower's time embedding (before time_proj) and the audio tower's timestep e
 
 Writes tests/fixtures/parity/bridged_towers/: bridge/ (config.json, bridge.safetensors; video
 points [0, 1], audio points [0, 1]), video.safetensors and audio.safetensors (each tower's in.*),
-and io.safetensors with out.video and out.audio (bridged) and out.video_alone, out.audio_alone.
+and io.safetensors with out.video and out.audio (bridged) and out.video_alone, out.audio_alone;
+and sample.safetensors: a 4-step SampleAudioVideo run as BridgeDiT samples (both towers in
+lockstep, the video on UniPC flow sigmas (shift 3), the audio on DPM-Solver++ with v-prediction,
+classifier-free guidance per tower (3 and 2, each with its own negative), seeded Philox noise),
+with `in.*` conditionings and `out.video_latent`, `out.audio_latent`, and the same with
+modality-isolation guidance 0.5 (`out.video_latent_iso`, `out.audio_latent_iso`); the video
+scheduler's config in video_scheduler/.
 
 Run after tools/make_wan_fixtures.py and tools/make_stable_audio_fixtures.py (PyTorch and
 diffusers from PyPI; CI never runs this):
@@ -131,5 +137,94 @@ def main():
           f"audio {tuple(audio.shape)} by {(audio - alone_a).abs().max():.3f}")
 
 
+def run_towers(wan, sa, blocks, points, v, a, bridged):
+    """Both towers' predictions for inputs v = (x, t, text) and a = (x, t, text, global), the
+    bridge after `points` when `bridged`."""
+    with torch.no_grad():
+        hv, cv = wan_prelude(wan, *v)
+        head = sa.config.attention_head_dim // 2
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+        rope = get_1d_rotary_pos_embed(head, a[0].shape[2] + 1, use_real=True, repeat_interleave_real=False)
+        ha, ca = audio_prelude(sa, *a, rope)
+        nv, na = 0, 0
+        for blk, pv, pa in zip(blocks, *points):
+            for b in wan.blocks[nv:pv + 1]:
+                hv = b(hv, cv[2], cv[1], cv[0])
+            for b in sa.transformer_blocks[na:pa + 1]:
+                ha = b(hidden_states=ha, encoder_hidden_states=ca[0], rotary_embedding=ca[1])
+            nv, na = pv + 1, pa + 1
+            if bridged:
+                hv, ha = blk(hv, ha, cv[3], ca[2])
+        for b in wan.blocks[nv:]:
+            hv = b(hv, cv[2], cv[1], cv[0])
+        for b in sa.transformer_blocks[na:]:
+            ha = b(hidden_states=ha, encoder_hidden_states=ca[0], rotary_embedding=ca[1])
+        return wan_head(wan, hv, cv), audio_head(sa, ha)
+
+
+def sample():
+    from diffusers import DPMSolverMultistepScheduler, StableAudioDiTModel, UniPCMultistepScheduler
+    from diffusers import WanTransformer3DModel
+    from make_parity_fixtures import philox_randn
+
+    out = os.path.join(ROOT, "bridged_towers")
+    wan = WanTransformer3DModel.from_pretrained(os.path.join(ROOT, "wan")).eval()
+    sa = StableAudioDiTModel.from_pretrained(os.path.join(ROOT, "stable_audio")).eval()
+    bridge = load_file(os.path.join(out, "bridge", "bridge.safetensors"))
+    with open(os.path.join(out, "bridge", "config.json")) as f:
+        config = json.load(f)
+    dv, da = config["num_input_channels_1"], config["num_input_channels_2"]
+    blocks = []
+    for i in range(config["num_blocks"]):
+        blk = DualCross(c1=dv, c2=da, e1=dv, e2=da, qk=16, vc=16, heads=2, flag="bicross").eval()
+        ours = blk.state(f"dual_dit_blocks.{i}")
+        with torch.no_grad():
+            for n, s in ((1, blk.s1), (2, blk.s2)):
+                for mine, theirs in [("mod", f"adaln_modulation_{n}.1"), ("q", f"attn.q_proj_{n}"),
+                                     ("k", f"attn.k_proj_{n}"), ("v", f"attn.v_proj_{n}"), ("o", f"attn.o_proj_{n}"),
+                                     ("fc1", f"mlp_{n}.fc1"), ("fc2", f"mlp_{n}.fc2")]:
+                    layer = getattr(s, mine)
+                    layer.weight.copy_(bridge[f"dual_dit_blocks.{i}.{theirs}.weight"])
+                    layer.bias.copy_(bridge[f"dual_dit_blocks.{i}.{theirs}.bias"])
+        assert set(ours) <= set(bridge)
+        blocks.append(blk)
+    points = (config["video_points"], config["audio_points"])
+    g = torch.Generator().manual_seed(61)
+    conds = {"in.video_positive": torch.randn(1, 7, 16, generator=g), "in.video_negative": torch.randn(1, 7, 16, generator=g),
+             "in.audio_positive": torch.randn(1, 5, 6, generator=g), "in.audio_negative": torch.randn(1, 5, 6, generator=g),
+             "in.audio_global_positive": torch.randn(1, 1, 10, generator=g),
+             "in.audio_global_negative": torch.randn(1, 1, 10, generator=g)}
+    steps, seed, cfg_v, cfg_a = 4, 5, 3.0, 2.0
+    tensors = dict(conds)
+    for suffix, iso in (("", 0.0), ("_iso", 0.5)):
+        sv = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+        sa_s = DPMSolverMultistepScheduler(prediction_type="v_prediction")
+        sv.save_config(os.path.join(out, "video_scheduler"))
+        sv.set_timesteps(steps)
+        sa_s.set_timesteps(steps)
+        xv = philox_randn((1, 4, 3, 8, 10), seed).float() * sv.init_noise_sigma
+        xa = philox_randn((1, 4, 11), seed + 1).float() * sa_s.init_noise_sigma
+        text_v = torch.cat([conds["in.video_positive"], conds["in.video_negative"]])
+        text_a = torch.cat([conds["in.audio_positive"], conds["in.audio_negative"]])
+        glob_a = torch.cat([conds["in.audio_global_positive"], conds["in.audio_global_negative"]])
+        for tv, ta in zip(sv.timesteps, sa_s.timesteps):
+            v = (torch.cat([xv] * 2), tv.float().expand(2), text_v)
+            a = (torch.cat([xa] * 2), ta.float().expand(2), text_a, glob_a)
+            pv, pa = run_towers(wan, sa, blocks, points, v, a, True)
+            if iso:
+                ov, oa = run_towers(wan, sa, blocks, points, v, a, False)
+                pv, pa = pv + iso * (pv - ov), pa + iso * (pa - oa)
+            pv = pv[1:] + cfg_v * (pv[:1] - pv[1:])
+            pa = pa[1:] + cfg_a * (pa[:1] - pa[1:])
+            xv = sv.step(pv, tv, xv).prev_sample
+            xa = sa_s.step(pa, ta, xa).prev_sample
+        tensors[f"out.video_latent{suffix}"] = xv.contiguous()
+        tensors[f"out.audio_latent{suffix}"] = xa.contiguous()
+        print(f"sample{suffix}: video |max| {xv.abs().max():.3f}, audio |max| {xa.abs().max():.3f}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "sample.safetensors"))
+
+
 if __name__ == "__main__":
     main()
+    sample()

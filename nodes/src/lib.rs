@@ -5,7 +5,7 @@
 //! - [`math`]: `Math` (floats) and `IntMath` (checked integers);
 //! - [`text`]: `FormatString`, template filling;
 //! - [`noise`]: `RandomNoise` (seeded latents) and `NoiseToImage` (visualise a latent);
-//! - [`tensor`]: `TensorStats` and `LatentToTensor`;
+//! - [`tensor`]: `TensorStats`, `LatentToTensor`, `TensorAs` and `ConditioningPart`;
 //! - [`tensor_io`]: `LoadTensor` and `SaveTensor` (safetensors files);
 //! - [`image`]: `LoadImage` and `SaveImage` (PNG files);
 //! - [`media`]: `LoadAudio`, `SaveAudio` (WAV), `LoadVideo`, `SaveVideo` (APNG, PNG sequences,
@@ -59,6 +59,8 @@ export_plugin!(
         noise::NoiseToImage,
         tensor::TensorStats,
         tensor::LatentToTensor,
+        tensor::TensorAs,
+        tensor::ConditioningPart,
         tensor_io::LoadTensor,
         tensor_io::SaveTensor,
         image::LoadImage,

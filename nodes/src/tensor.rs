@@ -1,5 +1,6 @@
-//! Tensor nodes that neither read nor write files: `TensorStats` (summary statistics) and
-//! `LatentToTensor` (a kind conversion), plus helpers shared with the other modules.
+//! Tensor nodes that neither read nor write files: `TensorStats` (summary statistics),
+//! `LatentToTensor` and `TensorAs` (kind conversions) and `ConditioningPart` (a named part added
+//! to a conditioning set), plus helpers shared with the other modules.
 
 use ditflow_plugin::prelude::*;
 
@@ -132,6 +133,97 @@ impl Node for LatentToTensor {
         let latent: Tensor = ctx.input("latent")?;
         check_cpu_data(&latent, "latent")?;
         ctx.set_output("tensor", latent.with_kind(Kind::Tensor)?)
+    }
+}
+
+/// The kinds `TensorAs` gives.
+const KINDS: [(&str, Kind); 6] = [
+    ("Tensor", Kind::Tensor),
+    ("Latent", Kind::Latent),
+    ("Conditioning", Kind::Conditioning),
+    ("Image", Kind::Image),
+    ("Audio", Kind::Audio),
+    ("Video", Kind::Video),
+];
+
+/// `TensorAs`: a tensor relabelled as another tensor kind.
+#[derive(Default)]
+pub struct TensorAs;
+
+impl Node for TensorAs {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("TensorAs")
+            .category("tensor")
+            .doc(
+                "Relabels a tensor (same dtype, shape and data) as a Tensor, Latent, \
+                 Conditioning, Image, Audio or Video, so saved tensors (LoadTensor) feed the \
+                 nodes that take those kinds. An Audio or Video made this way has no rate.",
+            )
+            .input(Port::new("tensor", "Any").doc("Any tensor-like value."))
+            .input(
+                Port::new("kind", "String")
+                    .choices(&[
+                        "Tensor",
+                        "Latent",
+                        "Conditioning",
+                        "Image",
+                        "Audio",
+                        "Video",
+                    ])
+                    .doc("The kind to give it."),
+            )
+            .output(Port::new("value", "Any").doc("The same data as that kind."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let t: Tensor = ctx.input("tensor")?;
+        let kind: String = ctx.input("kind")?;
+        let k = KINDS
+            .iter()
+            .find(|(n, _)| *n == kind)
+            .map(|(_, k)| *k)
+            .ok_or_else(|| Error(format!("kind '{kind}' is not a tensor kind")))?;
+        ctx.set_output("value", t.with_kind(k)?)
+    }
+}
+
+/// `ConditioningPart`: a conditioning set with one more named part.
+#[derive(Default)]
+pub struct ConditioningPart;
+
+impl Node for ConditioningPart {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("ConditioningPart")
+            .category("conditioning")
+            .doc(
+                "Adds (or replaces) the part `name` of a conditioning set, e.g. \
+                 encoder_hidden_states or global_hidden_states from saved tensors; without a \
+                 conditioning it starts a new set.",
+            )
+            .input(
+                Port::new("conditioning", "Conditioning")
+                    .optional()
+                    .doc("The set to extend."),
+            )
+            .input(
+                Port::new("name", "String")
+                    .default("encoder_hidden_states")
+                    .doc("The part's name (a model forward's argument)."),
+            )
+            .input(Port::new("tensor", "Any").doc("The part: any tensor-like value."))
+            .output(Port::new("conditioning", "Conditioning").doc("The set with the part."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let base: Option<Conditioning> = ctx.input_opt("conditioning")?;
+        let name: String = ctx.input("name")?;
+        if name.is_empty() {
+            bail!("a conditioning part needs a name");
+        }
+        let t: Tensor = ctx.input("tensor")?;
+        let mut c = base.unwrap_or_default();
+        c.insert(&name, t);
+        ctx.set_output("conditioning", c)
     }
 }
 
