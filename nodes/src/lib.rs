@@ -14,7 +14,8 @@
 //! - [`forward`]: `Forward`, one forward of any protocol model from a file of tensors;
 //! - [`model_info`]: `ModelInfo`, a Model's interface, patches, digest and patch memory;
 //! - [`patches`]: `ApplyLoRA` and the feature caches, Model → Model patches;
-//! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `Sample`, `VAEDecode` and `VAEEncode`;
+//! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `EmptyVideoLatent`, `EmptyAudioLatent`, `Sample`,
+//!   `VAEDecode` and `VAEEncode`;
 //! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching, UniPC),
 //!   the `ditflow-samplers` crate.
 //!
@@ -83,6 +84,8 @@ export_plugin!(
         patches::cache::TaylorSeer,
         pipeline::TextEncode,
         pipeline::EmptyLatent,
+        pipeline::EmptyVideoLatent,
+        pipeline::EmptyAudioLatent,
         pipeline::Sample,
         pipeline::VAEDecode,
         pipeline::VAEEncode,

@@ -126,6 +126,98 @@ impl Node for EmptyLatent {
     }
 }
 
+/// The latent shape of a video of `frames` frames at `width`×`height`: `[1, C, (frames − 1) /
+/// temporal + 1, height / downscale, width / downscale]` (Wan's count of latent frames: the first
+/// frame alone, then `temporal` per latent frame).
+pub fn video_latent_shape(
+    frames: usize,
+    width: usize,
+    height: usize,
+    channels: usize,
+    downscale: usize,
+    temporal: usize,
+) -> Result<[usize; 5]> {
+    if frames == 0 || temporal == 0 || !(frames - 1).is_multiple_of(temporal) {
+        bail!(
+            "{frames} frames do not make whole latent frames of {temporal} (give 1 + k·{temporal})"
+        );
+    }
+    if downscale == 0 || !width.is_multiple_of(downscale) || !height.is_multiple_of(downscale) {
+        bail!("width {width} and height {height} must be multiples of downscale {downscale}");
+    }
+    Ok([
+        1,
+        channels,
+        (frames - 1) / temporal + 1,
+        height / downscale,
+        width / downscale,
+    ])
+}
+
+/// `EmptyVideoLatent`: a video latent of zeros.
+#[derive(Default)]
+pub struct EmptyVideoLatent;
+
+impl Node for EmptyVideoLatent {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("EmptyVideoLatent")
+            .category("latent")
+            .doc("A video latent of zeros, [1, channels, (frames - 1)/temporal + 1, height/downscale, width/downscale] (Wan's VAE: 16 channels, 8x, 4 frames per latent frame after the first): the shape SampleAudioVideo fills with seeded noise.")
+            .input(Port::new("frames", "Int").default(17i64).range(1.0, 10000.0).doc("Video frames (1 + k·temporal)."))
+            .input(Port::new("width", "Int").default(416i64).range(8.0, 16384.0).doc("Width in pixels."))
+            .input(Port::new("height", "Int").default(240i64).range(8.0, 16384.0).doc("Height in pixels."))
+            .input(Port::new("channels", "Int").default(16i64).range(1.0, 256.0).doc("Latent channels."))
+            .input(Port::new("downscale", "Int").default(8i64).range(1.0, 64.0).doc("Pixels per latent pixel."))
+            .input(Port::new("temporal", "Int").default(4i64).range(1.0, 64.0).doc("Frames per latent frame after the first."))
+            .output(Port::new("latent", "Latent").doc("The zero latent."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let get = |n: &str| -> Result<usize> { Ok(ctx.input::<i64>(n)?.max(0) as usize) };
+        let shape = video_latent_shape(
+            get("frames")?,
+            get("width")?,
+            get("height")?,
+            get("channels")?,
+            get("downscale")?,
+            get("temporal")?,
+        )?;
+        ctx.set_output("latent", Tensor::zeros(Kind::Latent, DType::F32, &shape)?)
+    }
+}
+
+/// `EmptyAudioLatent`: an audio latent of zeros.
+#[derive(Default)]
+pub struct EmptyAudioLatent;
+
+impl Node for EmptyAudioLatent {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("EmptyAudioLatent")
+            .category("latent")
+            .doc("An audio latent of zeros, [1, channels, int(seconds · sample_rate / hop)] (Stable Audio's Oobleck: 64 channels, hop 2048 at 44.1 kHz).")
+            .input(Port::new("seconds", "Float").default(5.4).range(0.001, 3600.0).doc("Duration."))
+            .input(Port::new("sample_rate", "Int").default(44100i64).range(1.0, 1e6).doc("The VAE's sample rate."))
+            .input(Port::new("channels", "Int").default(64i64).range(1.0, 1024.0).doc("Latent channels."))
+            .input(Port::new("hop", "Int").default(2048i64).range(1.0, 1e6).doc("Samples per latent frame (the VAE's hop)."))
+            .output(Port::new("latent", "Latent").doc("The zero latent."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let seconds: f64 = ctx.input("seconds")?;
+        let rate = ctx.input::<i64>("sample_rate")?.max(1) as f64;
+        let hop = ctx.input::<i64>("hop")?.max(1) as f64;
+        let c = ctx.input::<i64>("channels")?.max(1) as usize;
+        let n = (seconds * rate / hop) as usize;
+        if n == 0 {
+            bail!("{seconds} s at {rate} Hz is less than one latent frame of {hop} samples");
+        }
+        ctx.set_output(
+            "latent",
+            Tensor::zeros(Kind::Latent, DType::F32, &[1, c, n])?,
+        )
+    }
+}
+
 /// Pads `[1, L, D]` conditionings to one length; returns the batch `[N, Lmax, D]` and its mask.
 fn batch_conditionings(conds: &[&Tensor], device: Device) -> Result<(Tensor, Tensor)> {
     let width = conds[0].shape()[2];
@@ -553,5 +645,31 @@ impl Node for VAEEncode {
         let mean = model.encode_image_mean(&image)?;
         let z = mean.affine(vae.scaling_factor, -vae.shift_factor * vae.scaling_factor)?;
         ctx.set_output("latent", z.with_kind(Kind::Latent)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn video_latents_count_frames_as_wan_does() {
+        // 81 frames of 480x832 at 8x and 4 per latent frame: Wan's [16, 21, 60, 104].
+        assert_eq!(
+            video_latent_shape(81, 832, 480, 16, 8, 4).unwrap(),
+            [1, 16, 21, 60, 104]
+        );
+        assert_eq!(
+            video_latent_shape(1, 16, 16, 4, 8, 4).unwrap(),
+            [1, 4, 1, 2, 2]
+        );
+        assert!(video_latent_shape(10, 16, 16, 4, 8, 4)
+            .unwrap_err()
+            .0
+            .contains("1 + k"));
+        assert!(video_latent_shape(9, 20, 16, 4, 8, 4)
+            .unwrap_err()
+            .0
+            .contains("multiples"));
     }
 }
