@@ -330,6 +330,16 @@ fn batch_conditioning_sets(
     Ok(out)
 }
 
+/// A denoiser's prediction as the schedulers see it.
+pub fn model_prediction(p: Prediction) -> samplers::ModelPrediction {
+    match p {
+        Prediction::Unknown => samplers::ModelPrediction::Unknown,
+        Prediction::Epsilon => samplers::ModelPrediction::Epsilon,
+        Prediction::V => samplers::ModelPrediction::V,
+        Prediction::Flow => samplers::ModelPrediction::Flow,
+    }
+}
+
 /// `Sample`: runs a scheduler over a denoiser with classifier-free guidance.
 #[derive(Default)]
 pub struct Sample;
@@ -394,52 +404,15 @@ impl Node for Sample {
         // The scheduler.
         let sampler: String = ctx.input("sampler")?;
         let cfg_path: String = ctx.input("scheduler_config")?;
-        let (file_class, mut fields) = if cfg_path.is_empty() {
-            (String::new(), Vec::new())
+        let file = if cfg_path.is_empty() {
+            None
         } else {
-            samplers::scheduler_fields(&ctx.input_path(&cfg_path)?).map_err(|e| Error(e.0))?
+            Some(ctx.input_path(&cfg_path)?)
         };
-        let class = match sampler.as_str() {
-            "auto" if file_class.is_empty() => {
-                bail!("sampler 'auto' needs a scheduler_config naming the class")
-            }
-            "auto" => file_class,
-            name => samplers::SAMPLERS
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, c)| c.to_string())
-                .ok_or_else(|| Error(format!("unknown sampler '{name}'")))?,
-        };
-        let flow_scheduler = class == "FlowMatchEulerDiscreteScheduler";
+        let (class, mut fields) =
+            samplers::scheduler_for(&sampler, file.as_deref(), model_prediction(info.prediction))
+                .map_err(|e| Error(e.0))?;
         let unipc = class == "UniPCMultistepScheduler";
-        let has = |fields: &[(String, String)], k: &str| fields.iter().any(|(f, _)| f == k);
-        match info.prediction {
-            Prediction::Flow if unipc => {
-                // UniPC drives flow models on flow sigmas (Wan's set-up).
-                let flag = fields.iter().find(|(k, _)| k == "use_flow_sigmas");
-                if flag.is_some_and(|(_, v)| v.trim() == "false") {
-                    bail!("the model predicts a flow velocity: UniPC needs use_flow_sigmas = true");
-                }
-                if !has(&fields, "use_flow_sigmas") {
-                    fields.push(("use_flow_sigmas".into(), "true".into()));
-                }
-                if !has(&fields, "prediction_type") {
-                    fields.push(("prediction_type".into(), "\"flow_prediction\"".into()));
-                }
-            }
-            Prediction::Flow if !flow_scheduler => bail!(
-                "the model predicts a flow velocity: use the flow_euler or unipc sampler, not \
-                 {class}"
-            ),
-            Prediction::Epsilon | Prediction::V if flow_scheduler => bail!(
-                "the model predicts {:?}, which the flow-matching sampler cannot use",
-                info.prediction
-            ),
-            _ => {}
-        }
-        if info.prediction == Prediction::V && !has(&fields, "prediction_type") {
-            fields.push(("prediction_type".into(), "\"v_prediction\"".into()));
-        }
         if ctx.input::<bool>("karras")? {
             fields.push(("use_karras_sigmas".into(), "true".into()));
         }

@@ -45,8 +45,8 @@ struct Tower<'a> {
     history: History<Sample>,
 }
 
-/// A scheduler for a tower: `sampler` by name, or the class of `config`, with the fields a
-/// model's prediction needs (UniPC on flow sigmas for flow models, v-prediction).
+/// A scheduler for a tower: `sampler` by name, or the class of `config`, with the fields the
+/// model's prediction needs (the samplers' `scheduler_for`).
 fn scheduler(
     ctx: &Context,
     info: &DenoiserInfo,
@@ -56,45 +56,19 @@ fn scheduler(
     who: &str,
 ) -> Result<Box<dyn Scheduler>> {
     let e = |e: SamplerError| Error(format!("the {who} scheduler: {}", e.0));
-    let (file_class, mut fields) = if config.is_empty() {
-        (String::new(), Vec::new())
+    let file = if config.is_empty() {
+        None
     } else {
-        samplers::scheduler_fields(&ctx.input_path(config)?).map_err(e)?
+        Some(ctx.input_path(config)?)
     };
-    let class = match sampler {
-        "auto" if file_class.is_empty() => {
-            bail!("the {who} sampler 'auto' needs a scheduler_config naming the class")
-        }
-        "auto" => file_class,
-        name => samplers::SAMPLERS
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, c)| c.to_string())
-            .ok_or_else(|| Error(format!("unknown {who} sampler '{name}'")))?,
+    let prediction = match info.prediction {
+        Prediction::Unknown => samplers::ModelPrediction::Unknown,
+        Prediction::Epsilon => samplers::ModelPrediction::Epsilon,
+        Prediction::V => samplers::ModelPrediction::V,
+        Prediction::Flow => samplers::ModelPrediction::Flow,
     };
-    let has = |f: &[(String, String)], k: &str| f.iter().any(|(n, _)| n == k);
-    match (info.prediction, class.as_str()) {
-        (Prediction::Flow, "UniPCMultistepScheduler") => {
-            if !has(&fields, "use_flow_sigmas") {
-                fields.push(("use_flow_sigmas".into(), "true".into()));
-            }
-            if !has(&fields, "prediction_type") {
-                fields.push(("prediction_type".into(), "\"flow_prediction\"".into()));
-            }
-        }
-        (Prediction::Flow, "FlowMatchEulerDiscreteScheduler") => {}
-        (Prediction::Flow, other) => bail!(
-            "the {who} tower predicts a flow velocity: use the unipc or flow_euler sampler, not {other}"
-        ),
-        (_, "FlowMatchEulerDiscreteScheduler") => bail!(
-            "the {who} tower predicts {:?}, which the flow-matching sampler cannot use",
-            info.prediction
-        ),
-        (Prediction::V, _) if !has(&fields, "prediction_type") => {
-            fields.push(("prediction_type".into(), "\"v_prediction\"".into()));
-        }
-        _ => {}
-    }
+    let (class, fields) =
+        samplers::scheduler_for(sampler, file.as_deref(), prediction).map_err(e)?;
     samplers::build_scheduler(
         &class,
         &fields,

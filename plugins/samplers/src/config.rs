@@ -121,6 +121,68 @@ pub fn build_scheduler(
     })
 }
 
+/// What a model predicts, as far as a scheduler's class and fields go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelPrediction {
+    /// Not said by the model (its scheduler config decides).
+    Unknown,
+    Epsilon,
+    V,
+    Flow,
+}
+
+/// The scheduler class and config fields for a model: `sampler` by name (one of [`SAMPLERS`]),
+/// or `auto` for the class of the config `file`; the file's fields, with what the model's
+/// prediction needs added (UniPC on flow sigmas with `flow_prediction` for flow models,
+/// `v_prediction` for v models). A class that cannot drive the model is an error.
+pub fn scheduler_for(
+    sampler: &str,
+    file: Option<&Path>,
+    prediction: ModelPrediction,
+) -> Result<(String, Vec<(String, String)>)> {
+    let (file_class, mut fields) = match file {
+        Some(f) => scheduler_fields(f)?,
+        None => (String::new(), Vec::new()),
+    };
+    let class = match sampler {
+        "auto" if file_class.is_empty() => {
+            fail!("sampler 'auto' needs a scheduler_config naming the class")
+        }
+        "auto" => file_class,
+        name => match SAMPLERS.iter().find(|(n, _)| *n == name) {
+            Some((_, c)) => c.to_string(),
+            None => fail!("unknown sampler '{name}'"),
+        },
+    };
+    let has = |fields: &[(String, String)], k: &str| fields.iter().any(|(f, _)| f == k);
+    let flow_matching = class == "FlowMatchEulerDiscreteScheduler";
+    match prediction {
+        ModelPrediction::Flow if class == "UniPCMultistepScheduler" => {
+            let flag = fields.iter().find(|(k, _)| k == "use_flow_sigmas");
+            if flag.is_some_and(|(_, v)| v.trim() == "false") {
+                fail!("the model predicts a flow velocity: UniPC needs use_flow_sigmas = true");
+            }
+            if !has(&fields, "use_flow_sigmas") {
+                fields.push(("use_flow_sigmas".into(), "true".into()));
+            }
+            if !has(&fields, "prediction_type") {
+                fields.push(("prediction_type".into(), "\"flow_prediction\"".into()));
+            }
+        }
+        ModelPrediction::Flow if !flow_matching => fail!(
+            "the model predicts a flow velocity: use the flow_euler or unipc sampler, not {class}"
+        ),
+        ModelPrediction::Epsilon | ModelPrediction::V if flow_matching => {
+            fail!("the model predicts {prediction:?}, which the flow-matching sampler cannot use")
+        }
+        ModelPrediction::V if !has(&fields, "prediction_type") => {
+            fields.push(("prediction_type".into(), "\"v_prediction\"".into()));
+        }
+        _ => {}
+    }
+    Ok((class, fields))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,7 +55,10 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
 
-pub use config::{build_scheduler, quote_python_constants, scheduler_fields, SAMPLERS};
+pub use config::{
+    build_scheduler, quote_python_constants, scheduler_fields, scheduler_for, ModelPrediction,
+    SAMPLERS,
+};
 pub use ddim::{Ddim, DdimConfig};
 pub use dpmpp_2m::{DpmSolverMultistep, DpmSolverMultistepConfig, SolverType};
 pub use euler::{EulerDiscrete, EulerDiscreteConfig, TimestepType};
