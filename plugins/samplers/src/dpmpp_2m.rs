@@ -20,7 +20,7 @@
 //! `final_sigmas_type = "zero"`; with `lower_order_final` and fewer than 15 steps the one before
 //! it is at most second order; the order otherwise grows by one per step up to `solver_order`.
 
-use super::schedule::{self, BetaSchedule};
+use super::schedule::{self, point, BetaSchedule, Point};
 use super::{
     fail, value, FinalSigmasType, PredictionType, Result, Scheduler, Step, TimestepSpacing,
 };
@@ -353,31 +353,6 @@ impl DpmSolverMultistep {
     /// The config this scheduler was built from.
     pub fn config(&self) -> &DpmSolverMultistepConfig {
         &self.config
-    }
-}
-
-/// The solver's view of one sigma: the scales α_t and σ_t and λ = ln α_t − ln σ_t.
-#[derive(Clone, Copy)]
-struct Point {
-    sigma: f64,
-    alpha_t: f64,
-    sigma_t: f64,
-    lambda: f64,
-}
-
-fn point(flow: bool, sigma: f32) -> Point {
-    let sigma = f64::from(sigma);
-    let (alpha_t, sigma_t) = if flow {
-        (1.0 - sigma, sigma)
-    } else {
-        let a = 1.0 / (sigma * sigma + 1.0).sqrt();
-        (a, sigma * a)
-    };
-    Point {
-        sigma,
-        alpha_t,
-        sigma_t,
-        lambda: alpha_t.ln() - sigma_t.ln(),
     }
 }
 

@@ -326,6 +326,34 @@ pub fn spaced_timesteps(
     })
 }
 
+/// A multistep solver's view of one sigma: the scales α_t and σ_t and λ = ln α_t − ln σ_t
+/// (flow sigmas: `α = 1 − σ`, `σ_t = σ`; otherwise `α = 1/√(σ² + 1)`, `σ_t = σ·α`), from the
+/// float32 sigma as diffusers keeps it.
+#[derive(Clone, Copy, Debug)]
+pub struct Point {
+    pub sigma: f64,
+    pub alpha_t: f64,
+    pub sigma_t: f64,
+    pub lambda: f64,
+}
+
+/// The [`Point`] of `sigma`.
+pub fn point(flow: bool, sigma: f32) -> Point {
+    let sigma = f64::from(sigma);
+    let (alpha_t, sigma_t) = if flow {
+        (1.0 - sigma, sigma)
+    } else {
+        let a = 1.0 / (sigma * sigma + 1.0).sqrt();
+        (a, sigma * a)
+    };
+    Point {
+        sigma,
+        alpha_t,
+        sigma_t,
+        lambda: alpha_t.ln() - sigma_t.ln(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

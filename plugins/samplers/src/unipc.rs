@@ -24,7 +24,7 @@
 //! One difference: with `bh1` and a final sigma of zero, diffusers multiplies B(h) = −∞ by 0 on
 //! the last step and returns NaN; here the last step gives its limit, the x₀ estimate.
 
-use super::schedule::{self, BetaSchedule};
+use super::schedule::{self, point, BetaSchedule, Point};
 use super::{
     fail, value, Corrector, FinalSigmasType, PredictionType, Result, Scheduler, Step,
     TimeShiftType, TimestepSpacing,
@@ -345,31 +345,6 @@ impl UniPc {
     /// The config this scheduler was built from.
     pub fn config(&self) -> &UniPcConfig {
         &self.config
-    }
-}
-
-/// The solver's view of one sigma: α_t, σ_t and λ.
-#[derive(Clone, Copy)]
-struct Point {
-    sigma: f64,
-    alpha_t: f64,
-    sigma_t: f64,
-    lambda: f64,
-}
-
-fn point(flow: bool, sigma: f32) -> Point {
-    let sigma = f64::from(sigma);
-    let (alpha_t, sigma_t) = if flow {
-        (1.0 - sigma, sigma)
-    } else {
-        let a = 1.0 / (sigma * sigma + 1.0).sqrt();
-        (a, sigma * a)
-    };
-    Point {
-        sigma,
-        alpha_t,
-        sigma_t,
-        lambda: alpha_t.ln() - sigma_t.ln(),
     }
 }
 
