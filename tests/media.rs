@@ -293,3 +293,32 @@ fn a_missing_ffmpeg_is_a_clear_error_naming_the_node() {
     );
     assert!(dir.join("out/clip.png").is_file());
 }
+
+#[test]
+fn encoding_audio_checks_the_vae_s_sample_rate() {
+    // The Oobleck fixture takes 8000 Hz stereo: a 16 kHz file is refused naming both rates; an
+    // 8 kHz one encodes to [1, 4, samples / 8].
+    let dir = common::temp_dir("media-encode-audio");
+    let vae = common::repo().join("tests/fixtures/parity/oobleck");
+    let tone: Vec<i16> = (0..128)
+        .map(|i| ((i as f32 * 0.2).sin() * 9000.0) as i16)
+        .collect();
+    for (rate, name) in [(16000u32, "fast.wav"), (8000, "ok.wav")] {
+        write_wav16(&dir.join(name), 2, rate, &tone);
+    }
+    let yaml = |file: &str| {
+        format!(
+            "version: 1\nnodes:\n  v: {{type: LoadOobleck, inputs: {{path: {}}}}}\n  a: {{type: LoadAudio, inputs: {{path: {}}}}}\n  e: {{type: EncodeAudio, inputs: {{vae: v.vae, audio: a.audio}}}}\noutputs:\n  latent: e.latent\n",
+            q(&vae),
+            q(&dir.join(file))
+        )
+    };
+    let err = run(&yaml("fast.wav"), &dir).unwrap_err();
+    assert!(err.contains("16000 Hz") && err.contains("8000 Hz"), "{err}");
+    let report = run(&yaml("ok.wav"), &dir).unwrap();
+    let latent = report.output("latent").unwrap();
+    let Value::Tensor(_, t) = &**latent else {
+        panic!("a latent")
+    };
+    assert_eq!(t.shape(), &[1, 4, 8]);
+}

@@ -328,6 +328,68 @@ outputs:
 }
 
 #[test]
+fn decode_nodes_give_audio_and_video_values_of_the_vaes() {
+    // DecodeAudio (Oobleck) gives the first row of the decode at the VAE's 8000 Hz; DecodeVideo
+    // (Wan VAE) gives its frames [T, H, W, 3] mapped from [-1, 1] to [0, 1] at the given rate.
+    // Tolerance as the VAEs' parity: 1e-4 relative to the largest value.
+    let parity = common::repo().join("tests/fixtures/parity");
+    let q = |p: &Path| format!("{:?}", p.to_string_lossy());
+    let (oo, wv) = (parity.join("oobleck"), parity.join("wan_vae"));
+    let yaml = format!(
+        r#"version: 1
+nodes:
+  o: {{type: LoadOobleck, inputs: {{path: {o}}}}}
+  w: {{type: LoadWanVAE, inputs: {{path: {w}}}}}
+  ol: {{type: LoadTensor, inputs: {{path: {oi}, name: in.latent}}}}
+  wl: {{type: LoadTensor, inputs: {{path: {wi}, name: in.latent}}}}
+  oll: {{type: TensorAs, inputs: {{tensor: ol.tensor, kind: Latent}}}}
+  wll: {{type: TensorAs, inputs: {{tensor: wl.tensor, kind: Latent}}}}
+  da: {{type: DecodeAudio, inputs: {{vae: o.vae, latent: oll.value}}}}
+  dv: {{type: DecodeVideo, inputs: {{vae: w.vae, latent: wll.value, fps: 12}}}}
+outputs:
+  audio: da.audio
+  video: dv.video
+"#,
+        o = q(&oo),
+        w = q(&wv),
+        oi = q(&oo.join("io.safetensors")),
+        wi = q(&wv.join("io.safetensors")),
+    );
+    let g = Graph::from_yaml(&yaml, "decode.yaml", Path::new(".")).unwrap();
+    let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let media = |name: &str| -> (Vec<usize>, Vec<f32>, f64) {
+        let v = report.output(name).unwrap();
+        let ditflow::Value::List(items) = &**v else {
+            panic!("{name}: [tensor, rate]")
+        };
+        let (ditflow::Value::Tensor(_, t), ditflow::Value::Float(r)) = (&*items[0], &*items[1])
+        else {
+            panic!("{name}: [tensor, rate]")
+        };
+        (t.shape().to_vec(), t.as_f32().to_vec(), *r)
+    };
+    let (shape, audio, rate) = media("audio");
+    let (_, want) = read(&oo.join("io.safetensors"), "out.decoded");
+    assert_eq!((shape.as_slice(), rate), (&[2usize, 64][..], 8000.0));
+    let e = common::relative_error(&audio, &want[..2 * 64]);
+    assert!(e <= 1e-4, "audio {e:.2e}");
+    let (shape, frames, fps) = media("video");
+    let (ws, want) = read(&wv.join("io.safetensors"), "out.decoded");
+    assert_eq!((shape.as_slice(), fps), (&[9usize, 16, 16, 3][..], 12.0));
+    let (t, h, w) = (ws[2], ws[3], ws[4]);
+    let want: Vec<f32> = (0..t * h * w * 3)
+        .map(|i| {
+            let (f, rest) = (i / (h * w * 3), i % (h * w * 3));
+            let (y, x, c) = (rest / (w * 3), (rest / 3) % w, rest % 3);
+            (want[((c * t + f) * h + y) * w + x] * 0.5 + 0.5).clamp(0.0, 1.0)
+        })
+        .collect();
+    let e = common::relative_error(&frames, &want);
+    assert!(e <= 1e-4, "video {e:.2e}");
+}
+
+#[test]
 fn dit_matches_diffusers() {
     // Class-conditional DiT, including the null class.
     assert!(forward_error(&session(), "dit", &["sample"]) <= 1e-4);

@@ -5,7 +5,8 @@
 //!   timestep's Fourier features), grouped-query cross-attention, the partial half-split RoPE
 //!   and its table as `StableAudioPipeline` builds it;
 //! - [`denoiser`]: the protocol model and its loader node;
-//! - [`oobleck`]: `AutoencoderOobleck`, the waveform VAE (`LoadOobleck`).
+//! - [`oobleck`]: `AutoencoderOobleck`, the waveform VAE (`LoadOobleck`, `EncodeAudio`,
+//!   `DecodeAudio`).
 
 #![forbid(unsafe_code)]
 
@@ -16,5 +17,10 @@ pub mod oobleck;
 ditflow_plugin::export_plugin!(
     name: "ditflow-stable-audio",
     version: env!("CARGO_PKG_VERSION"),
-    nodes: [denoiser::LoadStableAudio, oobleck::LoadOobleck]
+    nodes: [
+        denoiser::LoadStableAudio,
+        oobleck::LoadOobleck,
+        oobleck::EncodeAudio,
+        oobleck::DecodeAudio
+    ]
 );

@@ -480,3 +480,86 @@ impl Node for LoadOobleck {
         model_fingerprint(&input_path(ctx, "path")?).map(Some)
     }
 }
+
+/// The Oobleck VAE behind a value (only this plugin's).
+fn oobleck(v: &Value) -> Result<&Oobleck> {
+    v.as_object::<Oobleck>()
+        .map_err(|e| Error(format!("input 'vae': {e} (load it with LoadOobleck)")))
+}
+
+/// `EncodeAudio`: audio as an Oobleck latent (the distribution's mean).
+#[derive(Default)]
+pub struct EncodeAudio;
+
+impl Node for EncodeAudio {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("EncodeAudio")
+            .category("audio")
+            .doc(
+                "Encodes audio with the Oobleck VAE into its latent mean [1, C, frames]. The \
+                 audio must be at the VAE's sample rate with its channel count (resample it \
+                 first otherwise).",
+            )
+            .input(Port::new("vae", "Model<Autoencoder>").doc("From LoadOobleck."))
+            .input(Port::new("audio", "Audio").doc("Samples [channels, samples] with a rate."))
+            .output(Port::new("latent", "Latent").doc("The latent mean."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let v: Value = ctx.input("vae")?;
+        let vae = oobleck(&v)?;
+        let audio: ditflow_plugin::Audio = ctx.input("audio")?;
+        let rate = audio.rate("EncodeAudio")?;
+        if rate != vae.sampling_rate as f64 {
+            bail!(
+                "the audio is at {rate} Hz but this VAE takes {} Hz: resample it first",
+                vae.sampling_rate
+            );
+        }
+        if audio.channels() != vae.audio_channels {
+            bail!(
+                "the audio has {} channels but this VAE takes {}",
+                audio.channels(),
+                vae.audio_channels
+            );
+        }
+        let s = audio.samples.shape().to_vec();
+        let x = audio
+            .samples
+            .reshape(&[1, s[0] as i64, s[1] as i64])?
+            .to_device(ctx.device())?;
+        let (mean, _) = vae.encode(&x)?;
+        ctx.set_output("latent", mean.with_kind(Kind::Latent)?)
+    }
+}
+
+/// `DecodeAudio`: an Oobleck latent as audio at the VAE's sample rate.
+#[derive(Default)]
+pub struct DecodeAudio;
+
+impl Node for DecodeAudio {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("DecodeAudio")
+            .category("audio")
+            .doc("Decodes an Oobleck latent [1, C, frames] into audio [channels, frames x hop] at the VAE's sample rate (the first of a batch).")
+            .input(Port::new("vae", "Model<Autoencoder>").doc("From LoadOobleck."))
+            .input(Port::new("latent", "Latent").doc("The latent."))
+            .output(Port::new("audio", "Audio").doc("The waveform with the VAE's sample rate."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let v: Value = ctx.input("vae")?;
+        let vae = oobleck(&v)?;
+        let latent: Tensor = ctx.input("latent")?;
+        let y = vae.decode(&latent)?;
+        let s = y.shape().to_vec();
+        let first = y
+            .slice(0, 0, 1, 1)?
+            .reshape(&[s[1] as i64, s[2] as i64])?
+            .to_device(Device::Cpu)?;
+        ctx.set_output(
+            "audio",
+            ditflow_plugin::Audio::new(first, vae.sampling_rate as f64)?,
+        )
+    }
+}

@@ -4,7 +4,8 @@
 //!   the time and text embeddings, blocks with q/k RMS norms across the heads and the
 //!   cross-attention norm, the output layer and unpatchify;
 //! - [`denoiser`]: the protocol model and its loader node;
-//! - [`vae`]: `AutoencoderKLWan`, the causal video VAE run chunk by chunk (`LoadWanVAE`).
+//! - [`vae`]: `AutoencoderKLWan`, the causal video VAE run chunk by chunk (`LoadWanVAE`,
+//!   `DecodeVideo`).
 
 #![forbid(unsafe_code)]
 
@@ -15,5 +16,5 @@ pub mod wan;
 ditflow_plugin::export_plugin!(
     name: "ditflow-wan",
     version: env!("CARGO_PKG_VERSION"),
-    nodes: [denoiser::LoadWan, vae::LoadWanVAE]
+    nodes: [denoiser::LoadWan, vae::LoadWanVAE, vae::DecodeVideo]
 );

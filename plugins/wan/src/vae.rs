@@ -750,3 +750,39 @@ impl Node for LoadWanVAE {
         model_fingerprint(&input_path(ctx, "path")?).map(Some)
     }
 }
+
+/// `DecodeVideo`: a Wan latent as video frames.
+#[derive(Default)]
+pub struct DecodeVideo;
+
+impl Node for DecodeVideo {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("DecodeVideo")
+            .category("video")
+            .doc("Decodes a Wan video latent [1, z, t, h, w] with the Wan VAE into frames [frames, H, W, 3] in [0, 1] (the first of a batch) at the given frame rate.")
+            .input(Port::new("vae", "Model<Autoencoder>").doc("From LoadWanVAE."))
+            .input(Port::new("latent", "Latent").doc("The latent."))
+            .input(Port::new("fps", "Float").default(16.0).range(0.001, 1000.0).doc("The frame rate (Wan2.1: 16)."))
+            .output(Port::new("video", "Video").doc("The frames with their rate."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let v: Value = ctx.input("vae")?;
+        let vae = v
+            .as_object::<WanVae>()
+            .map_err(|e| Error(format!("input 'vae': {e} (load it with LoadWanVAE)")))?;
+        let latent: Tensor = ctx.input("latent")?;
+        let fps: f64 = ctx.input("fps")?;
+        let y = vae.decode(&latent)?;
+        let s = y.shape().to_vec();
+        // [1, 3, T, H, W] in [-1, 1] → [T, H, W, 3] in [0, 1].
+        let frames = y
+            .slice(0, 0, 1, 1)?
+            .reshape(&[s[1] as i64, s[2] as i64, s[3] as i64, s[4] as i64])?
+            .permute(&[1, 2, 3, 0])?
+            .affine(0.5, 0.5)?
+            .clamp(0.0, 1.0)?
+            .to_device(Device::Cpu)?;
+        ctx.set_output("video", ditflow_plugin::Video::new(frames, fps)?)
+    }
+}
