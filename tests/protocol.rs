@@ -589,13 +589,25 @@ fn write_all(path: &Path, tensors: &[(String, safetensors::Dtype, Vec<usize>, Ve
 
 fn forward_sample(session: &Session, dir: &Path, patch: &str, io: &Path) -> Vec<f32> {
     let model = common::repo().join("tests/fixtures/lora/transformer");
+    forward_sample_with(session, dir, "LoadDiffusionModel", &model, patch, io)
+}
+
+/// [`forward_sample`] of the model at `model` loaded by `loader`.
+fn forward_sample_with(
+    session: &Session,
+    dir: &Path,
+    loader: &str,
+    model: &Path,
+    patch: &str,
+    io: &Path,
+) -> Vec<f32> {
     let (patch, m) = if patch.is_empty() {
         (String::new(), "dm.model")
     } else {
         (format!("  p: {{type: {patch}}}\n"), "p.model")
     };
     let yaml = format!(
-        "version: 1\nnodes:\n  dm: {{type: LoadDiffusionModel, inputs: {{path: {:?}}}}}\n{patch}  f: {{type: Forward, inputs: {{model: {m}, inputs: {:?}, outputs: f.safetensors}}}}\noutputs:\n  path: f.path\n",
+        "version: 1\nnodes:\n  dm: {{type: {loader}, inputs: {{path: {:?}}}}}\n{patch}  f: {{type: Forward, inputs: {{model: {m}, inputs: {:?}, outputs: f.safetensors}}}}\noutputs:\n  path: f.path\n",
         model.to_string_lossy(),
         io.to_string_lossy()
     );
@@ -662,6 +674,57 @@ fn a_key_length_mask_equals_truncating_the_keys() {
         &got,
         &want.iter().map(|&v| v as f64).collect::<Vec<_>>(),
         "key lengths 2 vs 2 tokens",
+    );
+}
+
+#[test]
+fn attention_hooks_on_wan_mask_its_captions_and_keep_its_rope() {
+    // Wan's attention sites: a key-length mask of 3 on the cross-attention equals the forward
+    // with the captions cut to 3 tokens; a mask keeping all 60 video keys on the
+    // self-attention (the hooked path, with RoPE on the heads) equals the plain forward.
+    // Tolerance 1e-4 of the largest value.
+    let (session, dir) = session(false);
+    let model = common::repo().join("tests/fixtures/parity/wan");
+    let io = model.join("io.safetensors");
+    let mut cut = Vec::new();
+    for (name, dtype, shape, bytes) in read_all(&io) {
+        match name.as_str() {
+            "in.encoder_hidden_states" => {
+                let (b, l, c) = (shape[0], shape[1], shape[2]);
+                let mut out = Vec::new();
+                for row in 0..b {
+                    out.extend_from_slice(&bytes[row * l * c * 4..(row * l + 3) * c * 4]);
+                }
+                cut.push((name, dtype, vec![b, 3, c], out));
+            }
+            n if n.starts_with("in.") => cut.push((name, dtype, shape, bytes)),
+            _ => {}
+        }
+    }
+    let cut_path = dir.join("wan_cut.safetensors");
+    write_all(&cut_path, &cut);
+    let run =
+        |patch: &str, io: &Path| forward_sample_with(&session, &dir, "LoadWan", &model, patch, io);
+    let full = run("", &io);
+    let want = run("", &cut_path);
+    assert_ne!(full, want);
+    let got = run(
+        "KeyLengthMask, inputs: {model: dm.model, length: 3, kind: cross}",
+        &io,
+    );
+    assert_close(
+        &got,
+        &want.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        "Wan cross mask",
+    );
+    let kept = run(
+        "KeyLengthMask, inputs: {model: dm.model, length: 60, kind: self}",
+        &io,
+    );
+    assert_close(
+        &kept,
+        &full.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+        "Wan self, all keys",
     );
 }
 

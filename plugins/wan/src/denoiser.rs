@@ -1,7 +1,8 @@
 //! Wan as a protocol model: `WanModel` describes itself (one video stream, the `blocks` stack)
 //! and runs a forward from diffusers' named inputs (`hidden_states` `[B, C, F, H, W]`,
 //! `timestep`, `encoder_hidden_states`); `LoadWan` reads a diffusers folder. Every linear layer
-//! takes linear deltas; the blocks take block residuals and range overrides.
+//! takes linear deltas; the blocks take block residuals and range overrides, and their self- and
+//! cross-attention sites take attention edits, structured masks and extra branches.
 
 use crate::wan::{self, Wan};
 use ditflow_nn::{Config, Weights};
@@ -42,14 +43,17 @@ impl Denoiser for WanModel {
                 name: "blocks".into(),
                 streams: vec!["video".into()],
                 n_blocks: m.blocks.len(),
-                sites: ditflow_plugin::abi::DF_SITE_POST_BLOCK,
+                sites: ditflow_plugin::abi::DF_SITE_POST_BLOCK | ditflow_plugin::abi::DF_SITE_ATTN,
             }],
             linears: self.linears.clone(),
             capabilities: ditflow_plugin::abi::DF_CAP_LINEAR_DELTA
                 | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE
                 | ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL
                 | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE
-                | ditflow_plugin::abi::DF_CAP_BLOCK_STEPPING,
+                | ditflow_plugin::abi::DF_CAP_BLOCK_STEPPING
+                | ditflow_plugin::abi::DF_CAP_ATTENTION_EDIT
+                | ditflow_plugin::abi::DF_CAP_ATTENTION_MASK
+                | ditflow_plugin::abi::DF_CAP_ATTENTION_EXTRA,
             conditioning: vec!["encoder_hidden_states".into()],
         }
     }

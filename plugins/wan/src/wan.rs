@@ -10,6 +10,7 @@
 use ditflow_nn::{
     chunks, split_heads, timestep_sinusoids, Config, Linear, TimestepEmbedding, Weights,
 };
+use ditflow_plugin::attention::{AttentionKind, AttentionSite};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::{Hooks, LinearInfo};
 use ditflow_plugin::{Device, Error, Kind, Result, Tensor};
@@ -44,7 +45,9 @@ impl WanAttention {
         })
     }
 
-    /// Attention of `x` `[B, L, D]` to `context` (itself when `None`), with RoPE when given.
+    /// Attention of `x` `[B, L, D]` to `context` (itself when `None`), with RoPE when given;
+    /// with attention patches at `at`'s site, their edits, masks and extra branches run.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -53,6 +56,7 @@ impl WanAttention {
         rope: Option<&(Tensor, Tensor)>,
         dl: &LinearDeltas,
         eps: f32,
+        at: (&Hooks, AttentionSite),
     ) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let normed = |t: Tensor, w: &Option<Tensor>| match w {
@@ -62,6 +66,25 @@ impl WanAttention {
         let q = normed(self.q.apply(x, "none", dl)?, &self.norm_q)?;
         let k = normed(self.k.apply(ctx, "none", dl)?, &self.norm_k)?;
         let v = self.v.apply(ctx, "none", dl)?;
+        let (hooks, site) = at;
+        if hooks.has_attention(&site) {
+            // The hooks read q, k and v as [B, L, H·D]: rotate on the heads first.
+            let rotate = |t: Tensor| -> Result<Tensor> {
+                match rope {
+                    Some((cos, sin)) => {
+                        let s = t.shape().to_vec();
+                        split_heads(&t, heads)?
+                            .rope(cos, sin, true)?
+                            .permute(&[0, 2, 1, 3])?
+                            .reshape(&[s[0] as i64, s[1] as i64, s[2] as i64])
+                    }
+                    None => Ok(t),
+                }
+            };
+            let head_dim = q.shape()[2] / heads;
+            let o = hooks.attention_qkv(&site, rotate(q)?, rotate(k)?, v, None, heads, head_dim)?;
+            return self.out.apply(&o, "none", dl);
+        }
         let o = ditflow_nn::attend_heads(
             &split_heads(&q, heads)?,
             &split_heads(&k, heads)?,
@@ -396,14 +419,7 @@ impl Wan {
         dl: &LinearDeltas,
     ) -> Result<Tensor> {
         hooks.run_blocks(0, self.blocks.len(), from, to, h, &mut |i, h| {
-            self.block(
-                &self.blocks[i],
-                h,
-                &step.proj,
-                &step.context,
-                &step.rope,
-                dl,
-            )
+            self.block(i, h, &step.proj, &step.context, &step.rope, dl, hooks)
         })
     }
 
@@ -421,16 +437,25 @@ impl Wan {
         self.unpatchify(&out, b, step.grid)
     }
 
-    /// One block on tokens `h` `[B, L, D]`, with the time projection `proj` `[B, 6, D]`.
+    /// Block `i` on tokens `h` `[B, L, D]`, with the time projection `proj` `[B, 6, D]` and the
+    /// hooks' attention patches at its self- and cross-attention sites.
+    #[allow(clippy::too_many_arguments)]
     fn block(
         &self,
-        blk: &WanBlock,
+        i: usize,
         h: Tensor,
         proj: &Tensor,
         context: &Tensor,
         rope: &(Tensor, Tensor),
         dl: &LinearDeltas,
+        hooks: &Hooks,
     ) -> Result<Tensor> {
+        let blk = &self.blocks[i];
+        let site = |kind| AttentionSite {
+            stack: 0,
+            block: i,
+            kind,
+        };
         let m = chunks(
             &blk.scale_shift_table
                 .reshape(&[1, 6, self.dim as i64])?
@@ -441,17 +466,29 @@ impl Wan {
         let (shift, scale, gate) = (&m[0], &m[1], &m[2]);
         let (c_shift, c_scale, c_gate) = (&m[3], &m[4], &m[5]);
         let x = h.layer_norm(None, None, Some(shift), Some(scale), NORM_EPS)?;
-        let a = blk
-            .attn1
-            .forward(&x, None, self.heads, Some(rope), dl, self.eps)?;
+        let a = blk.attn1.forward(
+            &x,
+            None,
+            self.heads,
+            Some(rope),
+            dl,
+            self.eps,
+            (hooks, site(AttentionKind::SelfAttention)),
+        )?;
         let h = h.gated_residual(&a, gate)?;
         let x = match &blk.norm2 {
             Some((w, b)) => h.layer_norm(Some(w), Some(b), None, None, NORM_EPS)?,
             None => h.clone(),
         };
-        let a = blk
-            .attn2
-            .forward(&x, Some(context), self.heads, None, dl, self.eps)?;
+        let a = blk.attn2.forward(
+            &x,
+            Some(context),
+            self.heads,
+            None,
+            dl,
+            self.eps,
+            (hooks, site(AttentionKind::Cross)),
+        )?;
         let h = h.add(&a)?;
         let x = h.layer_norm(None, None, Some(c_shift), Some(c_scale), NORM_EPS)?;
         let f = blk
