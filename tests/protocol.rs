@@ -728,6 +728,62 @@ fn attention_hooks_on_wan_mask_its_captions_and_keep_its_rope() {
     );
 }
 
+#[test]
+fn scene_captions_give_each_scene_its_own_caption() {
+    // Mask²DiT's segment mask on Wan: two scenes of 1 and 2 latent frames, captions of 3 and 4
+    // tokens; against diffusers' Wan with the boolean mask passed to every cross-attention
+    // (tools/make_wan_fixtures.py). Tolerance 1e-4 of the largest value. Durations that do not
+    // add up are refused.
+    let (session, dir) = session(false);
+    let model = common::repo().join("tests/fixtures/parity/wan");
+    let io = model.join("io_scenes.safetensors");
+    let (_, _, _, bytes) = read_all(&io)
+        .into_iter()
+        .find(|t| t.0 == "out.sample")
+        .unwrap();
+    let want: Vec<f64> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect();
+    let run = |patch: &str| forward_sample_with(&session, &dir, "LoadWan", &model, patch, &io);
+    let got = run("SceneCaptions, inputs: {model: dm.model, frames: [1, 2], tokens: [3, 4]}");
+    let plain = run("");
+    eprintln!(
+        "got vs plain max diff {}",
+        got.iter()
+            .zip(&plain)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    );
+    assert_close(&got, &want, "two scenes");
+    assert!(plain
+        .iter()
+        .zip(&want)
+        .any(|(a, b)| (*a as f64 - b).abs() > 1e-3));
+    let yaml = format!(
+        "version: 1\nnodes:\n  dm: {{type: LoadWan, inputs: {{path: {:?}}}}}\n  p: {{type: SceneCaptions, inputs: {{model: dm.model, frames: [1, 1], tokens: [3, 4]}}}}\n  f: {{type: Forward, inputs: {{model: p.model, inputs: {:?}, outputs: f.safetensors}}}}\noutputs:\n  path: f.path\n",
+        model.to_string_lossy(),
+        io.to_string_lossy()
+    );
+    let g = Graph::from_yaml(&yaml, "scenes.yaml", &dir).unwrap();
+    let report = session
+        .run(
+            &g,
+            &[],
+            &RunOptions {
+                out_dir: dir.clone(),
+                ..RunOptions::default()
+            },
+        )
+        .unwrap();
+    let f = report.failed.first().expect("the forward fails");
+    assert!(
+        f.error.contains("add up") && f.error.contains("SceneCaptions"),
+        "{}",
+        f.error
+    );
+}
+
 /// `SteppedForward` of the LoRA fixture's PixArt (2 blocks) with `patch`.
 fn stepped_sample(
     session: &Session,

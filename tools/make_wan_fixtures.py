@@ -14,6 +14,11 @@ stages (1, 2, 2, 2), temporal downsampling in the last two) and io.safetensors w
 [1, 3, 9, 16, 16] (9 frames: the first chunk alone, then two of four, so every cache rule runs),
 `in.latent` [1, 4, 3, 2, 2], and `out.mean`, `out.logvar` (the encoding) and `out.decoded`.
 
+Writes tests/fixtures/parity/wan/io_scenes.safetensors: the wan/ model's forward on one row cut
+into two scenes (latent frames [1, 2], captions of [3, 4] tokens) with Mask²DiT's segment mask at
+every cross-attention (video tokens of scene s attend only to scene s's caption tokens; a custom
+WanAttnProcessor passes the boolean mask), `in.*` and `out.sample`.
+
 Run (PyTorch and diffusers from PyPI; CI never runs this):
     .venv/bin/python tools/make_wan_fixtures.py
 """
@@ -89,11 +94,41 @@ def vae(seed=25):
           f"{tuple(decoded.shape)} with {100 * (decoded.abs() < 1).float().mean():.0f}% unclamped")
 
 
+def scenes():
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+    from safetensors.torch import load_file
+
+    out = os.path.join(ROOT, "wan")
+    model = WanTransformer3DModel.from_pretrained(out).eval()
+    io = load_file(os.path.join(out, "io.safetensors"))
+    x, t, text = io["in.hidden_states"][:1], io["in.timestep"][:1], io["in.encoder_hidden_states"][:1]
+    frames, tokens = [1, 2], [3, 4]
+    per_frame = (x.shape[3] // 2) * (x.shape[4] // 2)
+    video = torch.tensor([s for s, n in enumerate(frames) for _ in range(n * per_frame)])
+    caption = torch.tensor([s for s, n in enumerate(tokens) for _ in range(n)])
+    mask = video[:, None] == caption[None, :]
+
+    class SceneMask(WanAttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, mask, rotary_emb)
+
+    for block in model.blocks:
+        block.attn2.set_processor(SceneMask())
+    with torch.no_grad():
+        sample = model(x, t, text, return_dict=False)[0]
+    save_file({"in.hidden_states": x.contiguous(), "in.timestep": t.contiguous(),
+               "in.encoder_hidden_states": text.contiguous(), "out.sample": sample.contiguous()},
+              os.path.join(out, "io_scenes.safetensors"))
+    print(f"wan scenes: out {tuple(sample.shape)} |max| {sample.abs().max():.3f}")
+
+
 def main():
     torch.set_num_threads(2)
     make(os.path.join(ROOT, "wan"), (1, 2, 2), 3, 23)
     make(os.path.join(ROOT, "wan_t2"), (2, 2, 2), 4, 24)
     vae()
+    scenes()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@
 //! - [`preprocess`]: `ResizeImage`, `CannyEdges`, `GrayscaleMap`, ControlNet hint images;
 //! - [`forward`]: `Forward`, one forward of any protocol model from a file of tensors;
 //! - [`model_info`]: `ModelInfo`, a Model's interface, patches, digest and patch memory;
-//! - [`patches`]: `ApplyLoRA` and the feature caches, Model → Model patches;
+//! - [`patches`]: `ApplyLoRA`, the feature caches and `SceneCaptions`, Model → Model patches;
 //! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `EmptyVideoLatent`, `EmptyAudioLatent`, `Sample`,
 //!   `VAEDecode` and `VAEEncode`;
 //! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching, UniPC),
@@ -82,6 +82,7 @@ export_plugin!(
         patches::cache::FirstBlockCache,
         patches::cache::TeaCache,
         patches::cache::TaylorSeer,
+        patches::scenes::SceneCaptions,
         pipeline::TextEncode,
         pipeline::EmptyLatent,
         pipeline::EmptyVideoLatent,

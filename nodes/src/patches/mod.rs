@@ -2,7 +2,9 @@
 //! sharing the input's weights, with one more patch in its ordered, digested list.
 //! - [`lora`]: `ApplyLoRA`, linear deltas from a LoRA file;
 //! - [`cache`]: `FirstBlockCache`, `TeaCache` and `TaylorSeer`, range overrides over the block
-//!   stack.
+//!   stack;
+//! - [`scenes`]: `SceneCaptions`, a multi-scene video whose scenes follow their own captions.
 
 pub mod cache;
 pub mod lora;
+pub mod scenes;

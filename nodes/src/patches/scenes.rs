@@ -1,0 +1,219 @@
+//! `SceneCaptions`: one video in several scenes, each following its own caption (Mask²DiT's
+//! segment mask, for a model whose video attends to its captions by cross-attention, as Wan
+//! does). The scenes' captions are encoded one after another into one conditioning; the patch
+//! lets the video tokens of scene s attend only to scene s's caption tokens (a structured
+//! segment mask at every cross-attention site), while the video's self-attention stays over all
+//! frames, so the scenes stay one continuous video.
+
+use ditflow_plugin::attention::{AttentionKind, AttentionSite, Mask};
+use ditflow_plugin::files::fnv1a;
+use ditflow_plugin::model::{Call, Inputs, PatchHooks, PatchSpec};
+use ditflow_plugin::prelude::*;
+use std::sync::Mutex;
+
+/// The segment ids of one call: each video token's scene and each caption token's scene.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SceneSegments {
+    pub video: Vec<i64>,
+    pub text: Vec<i64>,
+}
+
+/// The segments of a video of `frames` latent frames with `per_frame` tokens each, cut into
+/// scenes of `scene_frames` latent frames, whose captions have `scene_tokens` tokens each and
+/// fill `text_len` tokens together.
+pub fn scene_segments(
+    frames: usize,
+    per_frame: usize,
+    text_len: usize,
+    scene_frames: &[usize],
+    scene_tokens: &[usize],
+) -> Result<SceneSegments> {
+    if scene_frames.is_empty() || scene_frames.len() != scene_tokens.len() {
+        bail!(
+            "{} scene lengths and {} caption lengths: give one of each per scene",
+            scene_frames.len(),
+            scene_tokens.len()
+        );
+    }
+    let total: usize = scene_frames.iter().sum();
+    if total != frames {
+        bail!(
+            "the scenes last {total} latent frames ({scene_frames:?}) but the video has {frames}: \
+             their durations must add up to the video's"
+        );
+    }
+    let tokens: usize = scene_tokens.iter().sum();
+    if tokens != text_len {
+        bail!(
+            "the scenes' captions have {tokens} tokens ({scene_tokens:?}) but the conditioning \
+             has {text_len}: encode the scenes' captions one after another, each to its length"
+        );
+    }
+    let spread = |counts: &[usize], each: usize| -> Vec<i64> {
+        counts
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &n)| std::iter::repeat_n(s as i64, n * each))
+            .collect()
+    };
+    Ok(SceneSegments {
+        video: spread(scene_frames, per_frame),
+        text: spread(scene_tokens, 1),
+    })
+}
+
+/// The patch: the scenes, and the segments of the current call (from its inputs).
+struct Scenes {
+    frames: Vec<usize>,
+    tokens: Vec<usize>,
+    patch: usize,
+    segments: Mutex<Option<SceneSegments>>,
+}
+
+impl PatchHooks for Scenes {
+    fn call_inputs(&self, _call: &Call, inputs: &Inputs) -> Result<()> {
+        let x = inputs.require("hidden_states")?;
+        let s = x.shape();
+        if s.len() != 5 {
+            bail!("SceneCaptions needs a video latent [B, C, frames, H, W], got {s:?}");
+        }
+        let per_frame = (s[3] / self.patch) * (s[4] / self.patch);
+        let text = inputs.require("encoder_hidden_states")?;
+        let segs = scene_segments(
+            s[2],
+            per_frame,
+            text.shape().get(1).copied().unwrap_or(0),
+            &self.frames,
+            &self.tokens,
+        )?;
+        *self.segments.lock().unwrap_or_else(|p| p.into_inner()) = Some(segs);
+        Ok(())
+    }
+
+    fn attention_mask(&self, _call: &Call, site: &AttentionSite) -> Result<Option<Mask>> {
+        if site.kind != AttentionKind::Cross {
+            return Ok(None);
+        }
+        let segs = self.segments.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = segs.as_ref() else {
+            return Ok(None);
+        };
+        let n = self.frames.len();
+        Ok(Some(Mask::Segments {
+            q: s.video.clone(),
+            k: s.text.clone(),
+            n,
+            allow: (0..n * n).map(|i| i / n == i % n).collect(),
+        }))
+    }
+}
+
+fn counts(ctx: &Context, name: &str) -> Result<Vec<usize>> {
+    let v: Value = ctx.input(name)?;
+    v.as_list()?
+        .iter()
+        .map(|x| {
+            let n = x.as_int()?;
+            usize::try_from(n)
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| Error(format!("input '{name}': {n} is not a positive count")))
+        })
+        .collect()
+}
+
+/// `SceneCaptions`: model → model whose scenes follow their own captions.
+#[derive(Default)]
+pub struct SceneCaptions;
+
+impl Node for SceneCaptions {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("SceneCaptions")
+            .category("patches")
+            .doc(
+                "Cuts a video into scenes that follow their own captions (Mask²DiT's segment \
+                 mask on a cross-attention video model such as Wan): encode the scenes' captions \
+                 one after another into one conditioning; the video tokens of scene s then \
+                 attend only to scene s's caption tokens, while the video's self-attention \
+                 spans all frames. The scenes' latent frames must add up to the video's, and \
+                 their caption lengths to the conditioning's.",
+            )
+            .input(
+                Port::new("model", "Model<Denoiser>")
+                    .doc("A video denoiser with cross-attention sites (LoadWan)."),
+            )
+            .input(
+                Port::new("frames", "List<Int>")
+                    .doc("Each scene's length in latent frames, in order."),
+            )
+            .input(
+                Port::new("tokens", "List<Int>")
+                    .doc("Each scene's caption length in tokens, in order."),
+            )
+            .output(Port::new("model", "Model<Denoiser>").doc("The model with the scene mask."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let model: Value = ctx.input("model")?;
+        let frames = counts(ctx, "frames")?;
+        let tokens = counts(ctx, "tokens")?;
+        if frames.len() != tokens.len() || frames.is_empty() {
+            bail!(
+                "{} scene lengths and {} caption lengths: give one of each per scene",
+                frames.len(),
+                tokens.len()
+            );
+        }
+        let info = model
+            .as_denoiser()
+            .map_err(|e| Error(format!("input 'model': {e}")))?
+            .info()
+            .clone();
+        let patch = info.patch_size.max(1);
+        // The mask goes to the cross-attention sites of the first stack that has attention sites.
+        let stack = info
+            .stacks
+            .iter()
+            .position(|s| s.sites & ditflow_plugin::abi::DF_SITE_ATTN != 0)
+            .ok_or_else(|| {
+                Error::new(
+                    "input 'model': this denoiser offers no attention sites for a scene mask",
+                )
+            })?;
+        let mut spec = PatchSpec::new(&format!("SceneCaptions({} scenes)", frames.len()));
+        spec.attention_mask = true;
+        spec.call_inputs = true;
+        spec.stack = Some(stack);
+        spec.required_capabilities = ditflow_plugin::abi::DF_CAP_ATTENTION_MASK;
+        spec.digest = frames
+            .iter()
+            .chain(&[usize::MAX])
+            .chain(&tokens)
+            .fold(0x005c_e9e5_u64, |h, n| fnv1a(h, &n.to_le_bytes()))
+            | 1;
+        let hooks = Scenes {
+            frames,
+            tokens,
+            patch,
+            segments: Mutex::new(None),
+        };
+        let v = ctx.patch_model(&model, &spec, hooks)?;
+        ctx.set_output("model", v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_follow_the_scenes_and_their_durations_must_add_up() {
+        let s = scene_segments(3, 2, 5, &[1, 2], &[2, 3]).unwrap();
+        assert_eq!(s.video, [0, 0, 1, 1, 1, 1]);
+        assert_eq!(s.text, [0, 0, 1, 1, 1]);
+        let e = scene_segments(4, 2, 5, &[1, 2], &[2, 3]).unwrap_err();
+        assert!(e.0.contains("add up"), "{}", e.0);
+        let e = scene_segments(3, 2, 6, &[1, 2], &[2, 3]).unwrap_err();
+        assert!(e.0.contains("6"), "{}", e.0);
+    }
+}
