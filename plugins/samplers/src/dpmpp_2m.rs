@@ -266,30 +266,13 @@ impl DpmSolverMultistep {
             .count();
         let last_timestep = n_train - clipped;
         let n = num_inference_steps;
-        let mut timesteps: Vec<f64> = match c.timestep_spacing {
-            TimestepSpacing::Linspace => {
-                let t = schedule::np_linspace(0.0, last_timestep as f64 - 1.0, n + 1);
-                t.into_iter()
-                    .rev()
-                    .take(n)
-                    .map(schedule::round_half_even)
-                    .collect()
-            }
-            TimestepSpacing::Leading => {
-                let ratio = last_timestep / (n + 1);
-                (1..=n)
-                    .rev()
-                    .map(|i| (i * ratio) as f64 + c.steps_offset as f64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                let ratio = n_train as f64 / n as f64;
-                schedule::np_arange(last_timestep as f64, 0.0, -ratio)?
-                    .into_iter()
-                    .map(|t| schedule::round_half_even(t) - 1.0)
-                    .collect()
-            }
-        };
+        let mut timesteps = schedule::multistep_timesteps(
+            c.timestep_spacing,
+            last_timestep,
+            n_train,
+            n,
+            c.steps_offset,
+        )?;
 
         let sigmas: Vec<f64> = if c.use_karras_sigmas {
             // diffusers flips the table: the ends are the sigmas of timesteps 0 and N−1.

@@ -326,6 +326,43 @@ pub fn spaced_timesteps(
     })
 }
 
+/// The discrete timesteps of the multistep solvers (`DPMSolverMultistepScheduler`,
+/// `UniPCMultistepScheduler`) for `steps` inference steps, over training timesteps
+/// `0..last_timestep` (fewer than `num_train_timesteps` when DPM-Solver clips λ): `linspace`
+/// over `steps + 1` points with the last dropped, `leading` multiples of
+/// `last_timestep / (steps + 1)`, `trailing` counted back from `last_timestep`.
+pub fn multistep_timesteps(
+    spacing: super::TimestepSpacing,
+    last_timestep: usize,
+    num_train_timesteps: usize,
+    steps: usize,
+    steps_offset: i64,
+) -> Result<Vec<f64>> {
+    use super::TimestepSpacing as S;
+    Ok(match spacing {
+        S::Linspace => np_linspace(0.0, last_timestep as f64 - 1.0, steps + 1)
+            .into_iter()
+            .rev()
+            .take(steps)
+            .map(round_half_even)
+            .collect(),
+        S::Leading => {
+            let ratio = last_timestep / (steps + 1);
+            (1..=steps)
+                .rev()
+                .map(|i| (i * ratio) as f64 + steps_offset as f64)
+                .collect()
+        }
+        S::Trailing => {
+            let ratio = num_train_timesteps as f64 / steps as f64;
+            np_arange(last_timestep as f64, 0.0, -ratio)?
+                .into_iter()
+                .map(|t| round_half_even(t) - 1.0)
+                .collect()
+        }
+    })
+}
+
 /// A multistep solver's view of one sigma: the scales α_t and σ_t and λ = ln α_t − ln σ_t
 /// (flow sigmas: `α = 1 − σ`, `σ_t = σ`; otherwise `α = 1/√(σ² + 1)`, `σ_t = σ·α`), from the
 /// float32 sigma as diffusers keeps it.

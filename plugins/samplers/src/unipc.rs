@@ -247,28 +247,8 @@ impl UniPc {
         let n_train = alphas_cumprod.len();
         let table = schedule::sigmas_f32(&alphas_cumprod);
         let n = num_inference_steps;
-        let mut timesteps: Vec<f64> = match c.timestep_spacing {
-            TimestepSpacing::Linspace => schedule::np_linspace(0.0, n_train as f64 - 1.0, n + 1)
-                .into_iter()
-                .rev()
-                .take(n)
-                .map(schedule::round_half_even)
-                .collect(),
-            TimestepSpacing::Leading => {
-                let ratio = n_train / (n + 1);
-                (1..=n)
-                    .rev()
-                    .map(|i| (i * ratio) as f64 + c.steps_offset as f64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => {
-                let ratio = n_train as f64 / n as f64;
-                schedule::np_arange(n_train as f64, 0.0, -ratio)?
-                    .into_iter()
-                    .map(|t| schedule::round_half_even(t) - 1.0)
-                    .collect()
-            }
-        };
+        let mut timesteps =
+            schedule::multistep_timesteps(c.timestep_spacing, n_train, n_train, n, c.steps_offset)?;
         let sigmas: Vec<f64> = if c.use_karras_sigmas {
             let sigmas =
                 schedule::karras_sigmas(f64::from(table[0]), f64::from(table[n_train - 1]), n);
