@@ -5,7 +5,7 @@
 
 use crate::samplers;
 use ditflow_plugin::model::forward_named;
-use ditflow_plugin::model::{Call, Event, Prediction, BRANCH_COND, BRANCH_UNCOND};
+use ditflow_plugin::model::{Call, Event, BRANCH_COND, BRANCH_UNCOND};
 use ditflow_plugin::prelude::*;
 
 /// Output `name` of a model's named forward, or an error naming the model's kind.
@@ -20,26 +20,6 @@ fn output(outputs: Vec<(String, Tensor)>, name: &str, what: &str) -> Result<Tens
 /// A scalar input tensor for a named forward.
 fn scalar(v: f32) -> Result<Tensor> {
     Tensor::from_f32(Kind::Tensor, &[1], &[v])
-}
-
-/// A tensor as a sampler's sample, so `Sample` applies steps by the samplers' one rule.
-#[derive(Clone)]
-struct SampleTensor(Tensor);
-
-impl samplers::Combine for SampleTensor {
-    type Error = Error;
-    fn sampler_error(e: samplers::SamplerError) -> Error {
-        Error(e.0)
-    }
-    fn scaled(&self, c: f64) -> Result<Self> {
-        self.0.affine(c, 0.0).map(SampleTensor)
-    }
-    fn plus(&self, other: &Self) -> Result<Self> {
-        self.0.add(&other.0).map(SampleTensor)
-    }
-    fn clamped(&self, c: f64) -> Result<Self> {
-        self.0.clamp(-c as f32, c as f32).map(SampleTensor)
-    }
 }
 
 /// `TextEncode`: a prompt as a Conditioning tensor.
@@ -330,16 +310,6 @@ fn batch_conditioning_sets(
     Ok(out)
 }
 
-/// A denoiser's prediction as the schedulers see it.
-pub fn model_prediction(p: Prediction) -> samplers::ModelPrediction {
-    match p {
-        Prediction::Unknown => samplers::ModelPrediction::Unknown,
-        Prediction::Epsilon => samplers::ModelPrediction::Epsilon,
-        Prediction::V => samplers::ModelPrediction::V,
-        Prediction::Flow => samplers::ModelPrediction::Flow,
-    }
-}
-
 /// `Sample`: runs a scheduler over a denoiser with classifier-free guidance.
 #[derive(Default)]
 pub struct Sample;
@@ -410,7 +380,7 @@ impl Node for Sample {
             Some(ctx.input_path(&cfg_path)?)
         };
         let (class, mut fields) =
-            samplers::scheduler_for(&sampler, file.as_deref(), model_prediction(info.prediction))
+            samplers::scheduler_for(&sampler, file.as_deref(), info.prediction.into())
                 .map_err(|e| Error(e.0))?;
         let unipc = class == "UniPCMultistepScheduler";
         if ctx.input::<bool>("karras")? {
@@ -511,10 +481,7 @@ impl Node for Sample {
             } else {
                 out
             };
-            let next =
-                samplers::apply_step(step, i, &SampleTensor(x), &SampleTensor(out), &mut history)?
-                    .0;
-            x = next;
+            x = samplers::apply_step(step, i, &x, &out, &mut history)?;
             den.lifecycle(Event::StepEnd, &call)?;
             ctx.progress(i as u64 + 1, total);
         }

@@ -11,27 +11,7 @@ use ditflow_plugin::model::{
 };
 use ditflow_plugin::ops::concat;
 use ditflow_plugin::prelude::*;
-use ditflow_samplers::{self as samplers, apply_step, Combine, History, SamplerError, Scheduler};
-
-/// A tensor as a scheduler's sample.
-#[derive(Clone)]
-struct Sample(Tensor);
-
-impl Combine for Sample {
-    type Error = Error;
-    fn sampler_error(e: SamplerError) -> Error {
-        Error(e.0)
-    }
-    fn scaled(&self, c: f64) -> Result<Self> {
-        self.0.affine(c, 0.0).map(Sample)
-    }
-    fn plus(&self, other: &Self) -> Result<Self> {
-        self.0.add(&other.0).map(Sample)
-    }
-    fn clamped(&self, c: f64) -> Result<Self> {
-        self.0.clamp(-c as f32, c as f32).map(Sample)
-    }
-}
+use ditflow_samplers::{self as samplers, apply_step, History, SamplerError, Scheduler};
 
 /// One tower's side of the sampling: its model, schedule, conditioning rows and guidance.
 struct Tower<'a> {
@@ -42,7 +22,7 @@ struct Tower<'a> {
     conditioning: Vec<(String, Tensor)>,
     cfg: f64,
     x: Tensor,
-    history: History<Sample>,
+    history: History<Tensor>,
 }
 
 /// A scheduler for a tower: `sampler` by name, or the class of `config`, with the fields the
@@ -361,9 +341,8 @@ impl Node for SampleAudioVideo {
                     pred
                 };
                 let step = &t.sched.steps()[i];
-                t.x = apply_step(step, i, &Sample(t.x.clone()), &Sample(out), &mut t.history)
-                    .map_err(|e| Error(format!("the {} step {i}: {}", t.name, e.0)))?
-                    .0;
+                t.x = apply_step(step, i, &t.x, &out, &mut t.history)
+                    .map_err(|e| Error(format!("the {} step {i}: {}", t.name, e.0)))?;
             }
             ctx.progress(i as u64 + 1, n as u64);
         }

@@ -131,6 +131,18 @@ pub enum ModelPrediction {
     Flow,
 }
 
+impl From<ditflow_plugin::model::Prediction> for ModelPrediction {
+    fn from(p: ditflow_plugin::model::Prediction) -> ModelPrediction {
+        use ditflow_plugin::model::Prediction as P;
+        match p {
+            P::Unknown => ModelPrediction::Unknown,
+            P::Epsilon => ModelPrediction::Epsilon,
+            P::V => ModelPrediction::V,
+            P::Flow => ModelPrediction::Flow,
+        }
+    }
+}
+
 /// The scheduler class and config fields for a model: `sampler` by name (one of [`SAMPLERS`]),
 /// or `auto` for the class of the config `file`; the file's fields, with what the model's
 /// prediction needs added (UniPC on flow sigmas with `flow_prediction` for flow models,

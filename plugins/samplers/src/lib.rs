@@ -1,5 +1,5 @@
-//! `ditflow-samplers`: the schedulers' maths, in plain Rust (no host, no tensors), shared by the
-//! sampling nodes of every plugin: five diffusers schedulers, each
+//! `ditflow-samplers`: the schedulers' maths, in plain Rust, shared by the sampling nodes of every
+//! plugin (steps apply to f64 vectors or, through the SDK, to tensors): five diffusers schedulers, each
 //! reduced to per-step scalar coefficients that a sampling node applies with tensor ops.
 //!
 //! | diffusers class                  | here                                       |
@@ -257,6 +257,23 @@ impl Combine for Vec<f64> {
     }
     fn clamped(&self, c: f64) -> Result<Self> {
         Ok(self.iter().map(|v| v.clamp(-c, c)).collect())
+    }
+}
+
+/// Tensors as samples, for the sampling nodes: a scheduler's error becomes the node's.
+impl Combine for ditflow_plugin::Tensor {
+    type Error = ditflow_plugin::Error;
+    fn sampler_error(e: SamplerError) -> ditflow_plugin::Error {
+        ditflow_plugin::Error(e.0)
+    }
+    fn scaled(&self, c: f64) -> ditflow_plugin::Result<Self> {
+        self.affine(c, 0.0)
+    }
+    fn plus(&self, other: &Self) -> ditflow_plugin::Result<Self> {
+        self.add(other)
+    }
+    fn clamped(&self, c: f64) -> ditflow_plugin::Result<Self> {
+        self.clamp(-c as f32, c as f32)
     }
 }
 
