@@ -189,6 +189,112 @@ fn the_dual_cross_attention_bridge_matches_bridgedit() {
 }
 
 #[test]
+fn the_bridge_rotates_by_each_token_s_time_in_seconds() {
+    // LTX-2's alignment (rope_positions "seconds"): 15 video tokens as 5 frames of 0.25 s and 7
+    // audio tokens 0.2 s apart after a global token at 0, 4 positions per second, against the
+    // PyTorch block of tools/make_bridge_fixtures.py at those positions. Without the frame count
+    // BridgeBlock rotates by the sequence index, which differs. Tolerance 1e-4 relative.
+    let dir = common::repo().join("tests/fixtures/parity/bridge_seconds");
+    let io = dir.join("io.safetensors");
+    let q = |p: &Path| format!("{:?}", p.to_string_lossy());
+    let mut nodes = format!(
+        "  b: {{type: LoadBridge, inputs: {{path: {d}}}}}\n",
+        d = q(&dir.join("model"))
+    );
+    for t in ["video", "audio", "video_emb", "audio_emb"] {
+        nodes += &format!(
+            "  {t}: {{type: LoadTensor, inputs: {{path: {io}, name: in.{t}}}}}\n",
+            io = q(&io)
+        );
+    }
+    let ins = "bridge: b.bridge, video: video.tensor, audio: audio.tensor, video_emb: video_emb.tensor, audio_emb: audio_emb.tensor";
+    nodes += &format!("  timed: {{type: BridgeBlock, inputs: {{{ins}, frames: 5}}}}\n");
+    nodes += &format!("  indexed: {{type: BridgeBlock, inputs: {{{ins}}}}}\n");
+    let yaml = format!(
+        "version: 1\nnodes:\n{nodes}outputs:\n  video: timed.video\n  audio: timed.audio\n  \
+         video_index: indexed.video\n"
+    );
+    let g = Graph::from_yaml(&yaml, "bridge_seconds.yaml", Path::new(".")).unwrap();
+    let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    for stream in ["video", "audio"] {
+        let e = relative_error(report.output(stream).unwrap(), &io, &format!("{stream}_0"));
+        eprintln!("bridge_seconds {stream}: {e:.2e}");
+        assert!(e <= 1e-4, "{stream}: {e:.2e}");
+    }
+    let e = relative_error(report.output("video_index").unwrap(), &io, "video_0");
+    assert!(e > 1e-3, "the sequence index gives other numbers ({e:.2e})");
+}
+
+#[test]
+fn stable_audio_conditioning_matches_the_pipeline() {
+    // StableAudioProjectionModel (a linear text projection, the seconds start/end number
+    // conditioners) and StableAudioPipeline's assembly: the prompt padded to 8 tokens with the
+    // padding zeroed, then the start and end tokens; the global states the two side by side.
+    // Tolerance 1e-4 relative to the largest reference value.
+    let dir = common::repo().join("tests/fixtures/parity/stable_audio_projection");
+    let io = dir.join("io.safetensors");
+    let q = |p: &Path| format!("{:?}", p.to_string_lossy());
+    let yaml = format!(
+        r#"version: 1
+nodes:
+  p: {{type: LoadStableAudioProjection, inputs: {{path: {m}}}}}
+  t: {{type: LoadTensor, inputs: {{path: {io}, name: in.text}}}}
+  text: {{type: TensorAs, inputs: {{tensor: t.tensor, kind: Conditioning}}}}
+  c: {{type: StableAudioConditioning, inputs: {{projection: p.projection, text: text.value, seconds_start: 1.5, seconds_end: 9.25, pad_to: 8}}}}
+  u: {{type: StableAudioConditioning, inputs: {{projection: p.projection, text: text.value, seconds_start: 1.5, seconds_end: 9.25, pad_to: 8, unconditional: true}}}}
+  late: {{type: StableAudioConditioning, inputs: {{projection: p.projection, text: text.value, seconds_end: 48.0}}}}
+outputs:
+  c: c.conditioning
+  u: u.conditioning
+"#,
+        m = q(&dir.join("model")),
+        io = q(&io)
+    );
+    let g = Graph::from_yaml(&yaml, "sa_conditioning.yaml", Path::new(".")).unwrap();
+    let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+    let part = |v: &ditflow::Value, name: &str| -> ditflow::Value {
+        let ditflow::Value::List(pairs) = v else {
+            panic!("a conditioning of named parts")
+        };
+        for pair in pairs.iter() {
+            if let ditflow::Value::List(p) = pair.as_ref() {
+                if matches!(p[0].as_ref(), ditflow::Value::String(s) if s.as_str() == name) {
+                    return p[1].as_ref().clone();
+                }
+            }
+        }
+        panic!("no part {name}")
+    };
+    let c = report.output("c").unwrap();
+    for name in ["encoder_hidden_states", "global_hidden_states"] {
+        let e = relative_error(&part(c, name), &io, name);
+        eprintln!("stable audio conditioning {name}: {e:.2e}");
+        assert!(e <= 1e-4, "{name}: {e:.2e}");
+    }
+    // The unconditional form: zero encoder states, the same global states.
+    let u = report.output("u").unwrap();
+    let ditflow::Value::Tensor(_, zeros) = part(u, "encoder_hidden_states") else {
+        panic!("a tensor")
+    };
+    assert!(zeros.as_f32().iter().all(|&x| x == 0.0));
+    assert!(
+        relative_error(
+            &part(u, "global_hidden_states"),
+            &io,
+            "global_hidden_states"
+        ) <= 1e-4
+    );
+    // Seconds beyond the model's range are refused, naming the range.
+    let f = report
+        .failed
+        .iter()
+        .find(|f| &*f.node == "late")
+        .expect("48 s is refused");
+    assert!(f.error.contains("[0, 47]"), "{}", f.error);
+}
+
+#[test]
 fn oobleck_matches_diffusers() {
     // AutoencoderOobleck: weight norms folded at load (a transposed convolution's over its
     // input channels), Snake activations, residual units with dilations 1, 3, 9, strides 2 and

@@ -11,7 +11,10 @@ over each stream's own sequence index; then bicross: O_1 = attn(q_1, k_2, v_2), 
 k_1, v_1) (a2v: O_2 is stream 2's self-attention); x += gate * o_proj(O); x += gate2 *
 fc2(GELU_tanh(fc1(LN(x)(1 + scale2) + shift2))).
 
-Writes tests/fixtures/parity/bridge/ (bicross, 2 blocks) and bridge_a2v/ (1 block): model/ with
+Writes tests/fixtures/parity/bridge/ (bicross, 2 blocks), bridge_a2v/ (1 block) and
+bridge_seconds/ (bicross, 1 block, RoPE at each token's time in seconds, LTX-2's alignment: the
+15 video tokens as 5 frames of 0.25 s, the 7 audio tokens 0.2 s apart after a global token at 0,
+4 positions per second): model/ with
 config.json (DualCrossAttentionBridge) and bridge.safetensors (dual_dit_blocks.{i}.*), and io.safetensors (in.video
 [2, 15, 24], in.audio [2, 7, 16], in.video_emb [2, 24], in.audio_emb [2, 16]; out.video_{i},
 out.audio_{i} for block i).
@@ -32,6 +35,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 
 def rope_tables(dim, n):
+    """Tables for positions 0..n-1 (an int) or the given positions (a float tensor)."""
     from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
     return get_1d_rotary_pos_embed(dim, n, use_real=True)  # repeat-interleaved [n, dim]
@@ -74,7 +78,8 @@ class DualCross(nn.Module):
                 out[f"{prefix}.{theirs}.bias"] = layer.bias.detach().clone().contiguous()
         return out
 
-    def forward(self, x1, x2, e1, e2):
+    def forward(self, x1, x2, e1, e2, positions=None):
+        """`positions`: each stream's RoPE positions (float tensors), else the sequence index."""
         def split(t):
             b, n, c = t.shape
             return t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
@@ -91,8 +96,9 @@ class DualCross(nn.Module):
         q1, k1, v1 = (split(f(h1)) for f in (self.s1.q, self.s1.k, self.s1.v))
         q2, k2, v2 = (split(f(h2)) for f in (self.s2.q, self.s2.k, self.s2.v))
         d = q1.shape[-1]
-        c1, n1 = rope_tables(d, x1.shape[1])
-        c2, n2 = rope_tables(d, x2.shape[1])
+        p1, p2 = positions if positions is not None else (x1.shape[1], x2.shape[1])
+        c1, n1 = rope_tables(d, p1)
+        c2, n2 = rope_tables(d, p2)
         q1, k1 = rotate(q1, c1, n1), rotate(k1, c1, n1)
         q2, k2 = rotate(q2, c2, n2), rotate(k2, c2, n2)
         o1 = attention(q1, k2, v2) if self.flag in ("bicross", "a2v") else attention(q1, k1, v1)
@@ -105,7 +111,15 @@ class DualCross(nn.Module):
         return x1, x2
 
 
-def make(name, flag, blocks, seed):
+def seconds_positions(n1, frames, n2, first, second, prefix):
+    """The bridge's rope_positions "seconds"/"scaled": frame(n) * first for the first stream
+    (frames major), max(n - prefix, 0) * second for the second, one float32 product each."""
+    pv = (torch.arange(n1) // (n1 // frames)).float() * torch.tensor(first, dtype=torch.float32)
+    pa = (torch.arange(n2) - prefix).clamp(min=0).float() * torch.tensor(second, dtype=torch.float32)
+    return pv, pa
+
+
+def make(name, flag, blocks, seed, rope=None):
     out = os.path.join(ROOT, name)
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(os.path.join(out, "model"))
@@ -120,6 +134,13 @@ def make(name, flag, blocks, seed):
               "num_input_channels_1": 24, "num_input_channels_2": 16, "num_qk_channels": 16, "num_v_channels": 16,
               "t_emb_dim_1": 24, "t_emb_dim_2": 16, "mlp_ratio": 4.0, "flag": flag,
               "video_points": [1, 3][:blocks], "audio_points": [0, 2][:blocks]}
+    positions = None
+    if rope is not None:
+        # 15 video tokens as 5 frames of 3, 7 audio tokens after one global token.
+        config.update(rope)
+        pps = rope["positions_per_second"]
+        positions = seconds_positions(15, 5, 7, rope["video_seconds_per_frame"] * pps,
+                                      rope["audio_seconds_per_token"] * pps, rope["audio_prefix_tokens"])
     with open(os.path.join(out, "model", "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     weights = {}
@@ -131,7 +152,7 @@ def make(name, flag, blocks, seed):
     tensors = {f"in.{k}": v for k, v in inputs.items()}
     with torch.no_grad():
         for i, net in enumerate(nets):
-            v, a = net(inputs["video"], inputs["audio"], inputs["video_emb"], inputs["audio_emb"])
+            v, a = net(inputs["video"], inputs["audio"], inputs["video_emb"], inputs["audio_emb"], positions)
             tensors[f"out.video_{i}"], tensors[f"out.audio_{i}"] = v.contiguous(), a.contiguous()
     save_file(tensors, os.path.join(out, "io.safetensors"))
     print(f"{name}: {blocks} block(s), |video| {tensors['out.video_0'].abs().max():.3f}")
@@ -141,6 +162,9 @@ def main():
     torch.set_num_threads(2)
     make("bridge", "bicross", 2, 41)
     make("bridge_a2v", "a2v", 1, 42)
+    make("bridge_seconds", "bicross", 1, 43,
+         {"rope_positions": "seconds", "video_seconds_per_frame": 0.25, "audio_seconds_per_token": 0.2,
+          "audio_prefix_tokens": 1, "positions_per_second": 4.0})
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ Writes tests/fixtures/parity/oobleck/: a tiny AutoencoderOobleck (weight-normali
 Snake activations, strides 2 and 4) and io.safetensors with `in.audio` [2, 2, 64] and `in.latent`
 [2, 4, 8], and `out.mean`, `out.std` (the latent distribution's) and `out.decoded`.
 
+Writes tests/fixtures/parity/stable_audio_projection/: a random StableAudioProjectionModel (text
+width 12 projected to 10, seconds in [0, 47]) in model/, and io.safetensors with `in.text`
+[1, 5, 12] (a prompt's real tokens) and, as StableAudioPipeline assembles them for seconds 1.5 to
+9.25 with the prompt padded to 8 tokens (the padding's projections zeroed by the attention mask),
+`out.encoder_hidden_states` [1, 10, 10] and `out.global_hidden_states` [1, 1, 20].
+
 Run (PyTorch and diffusers from PyPI; CI never runs this):
     .venv/bin/python tools/make_stable_audio_fixtures.py
 """
@@ -101,6 +107,32 @@ def oobleck():
     print(f"oobleck: mean {tuple(dist.mean.shape)}, decoded {tuple(decoded.shape)} |max| {decoded.abs().max():.3f}")
 
 
+def projection():
+    from diffusers.pipelines.stable_audio.modeling_stable_audio import StableAudioProjectionModel
+
+    out = os.path.join(ROOT, "stable_audio_projection")
+    shutil.rmtree(out, ignore_errors=True)
+    g = torch.Generator().manual_seed(37)
+    proj = StableAudioProjectionModel(text_encoder_dim=12, conditioning_dim=10, min_value=0, max_value=47)
+    with torch.no_grad():
+        for p in proj.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    proj.eval().save_pretrained(os.path.join(out, "model"), safe_serialization=True)
+    text = torch.randn(1, 5, 12, generator=g)
+    # The pipeline's padded prompt: 3 padding tokens with whatever T5 gave them, masked out.
+    padded = torch.cat([text, torch.randn(1, 3, 12, generator=g)], dim=1)
+    mask = torch.tensor([[1] * 5 + [0] * 3])
+    with torch.no_grad():
+        states = proj(text_hidden_states=padded).text_hidden_states * mask.unsqueeze(-1)
+        sec = proj(start_seconds=torch.tensor([1.5]), end_seconds=torch.tensor([9.25]))
+        start, end = sec.seconds_start_hidden_states, sec.seconds_end_hidden_states
+    tensors = {"in.text": text, "out.encoder_hidden_states": torch.cat([states, start, end], dim=1),
+               "out.global_hidden_states": torch.cat([start, end], dim=2)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "io.safetensors"))
+    print(f"stable_audio_projection: states {tuple(tensors['out.encoder_hidden_states'].shape)}")
+
+
 if __name__ == "__main__":
     main()
     oobleck()
+    projection()

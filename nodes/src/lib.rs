@@ -73,6 +73,7 @@ export_plugin!(
         media::video::SaveVideo,
         media::video::VideoFrame,
         media::video::VideoRate,
+        media::video::PixelsToVideo,
         preprocess::ResizeImage,
         preprocess::CannyEdges,
         preprocess::GrayscaleMap,

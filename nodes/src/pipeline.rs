@@ -51,6 +51,12 @@ impl Node for TextEncode {
                     .range(1.0, 4096.0)
                     .doc("Tokens kept at most (diffusers' max_sequence_length)."),
             )
+            .input(
+                Port::new("pad_to", "Int")
+                    .default(0i64)
+                    .range(0.0, 4096.0)
+                    .doc("Zero-pad the embeddings to this many tokens, as Wan's pipeline pads its prompts (to 512); 0: the real tokens only."),
+            )
             .output(Port::new("conditioning", "Conditioning").doc("[1, tokens, width] embeddings."))
     }
 
@@ -66,6 +72,15 @@ impl Node for TextEncode {
             "last_hidden_state",
             "the text encoder",
         )?;
+        let pad = ctx.input::<i64>("pad_to")?.max(0) as usize;
+        let s = out.shape().to_vec();
+        let out = if s.len() == 3 && pad > s[1] {
+            let zeros = Tensor::zeros(Kind::Tensor, out.dtype(), &[s[0], pad - s[1], s[2]])?
+                .to_device(out.device())?;
+            ditflow_plugin::ops::concat(&[&out, &zeros], 1)?
+        } else {
+            out
+        };
         ctx.set_output("conditioning", out.with_kind(Kind::Conditioning)?)
     }
 }

@@ -1,11 +1,12 @@
 //! Video file nodes. `SaveVideo` writes animated PNG (APNG) or a PNG sequence itself, and MP4 or
 //! WebM with the audio muxed in through ffmpeg; `LoadVideo` reads those back (MP4 and the rest
-//! through ffmpeg, with their sound); `VideoFrame` picks a frame as an image and `VideoRate`
-//! sets a frame rate. Frames are f32 `[frames, height, width, 3]` in [0, 1].
+//! through ffmpeg, with their sound); `VideoFrame` picks a frame as an image, `VideoRate` sets a
+//! frame rate, and `PixelsToVideo` reads a pixel-space video latent (a model trained on the
+//! frames themselves) as a video. Frames are f32 `[frames, height, width, 3]` in [0, 1].
 
 use super::audio::{load_audio, pcm_of, write_wav, WavFormat};
 use super::ffmpeg;
-use crate::image::{decode_png, encode_png, unit_to_u8};
+use crate::image::{decode_png, encode_png, unit_to_u8, upscale_nearest};
 use ditflow_plugin::files::{absolute, input_path, io_error, model_fingerprint, output_path};
 use ditflow_plugin::media::video_layout;
 use ditflow_plugin::prelude::*;
@@ -28,14 +29,19 @@ pub fn frame_delay(fps: f64) -> (u16, u16) {
     (100, den as u16)
 }
 
-/// f32 frames `[T, H, W, 3]` as 8-bit RGB bytes.
-fn frames_u8(video: &Video) -> Result<(Vec<u8>, (usize, usize, usize))> {
-    let layout = video.layout()?;
+/// f32 frames `[T, H, W, 3]` as 8-bit RGB bytes, each pixel a `scale × scale` block.
+fn frames_u8(video: &Video, scale: usize) -> Result<(Vec<u8>, (usize, usize, usize))> {
+    let (t, h, w) = video.layout()?;
     let frames = video.frames.cast(DType::F32)?.to_device(Device::Cpu)?;
-    Ok((
-        frames.as_f32()?.iter().copied().map(unit_to_u8).collect(),
-        layout,
-    ))
+    let rgb: Vec<u8> = frames.as_f32()?.iter().copied().map(unit_to_u8).collect();
+    if scale <= 1 {
+        return Ok((rgb, (t, h, w)));
+    }
+    let out = rgb
+        .chunks_exact(h * w * 3)
+        .flat_map(|f| upscale_nearest(f, w, h, 3, scale))
+        .collect();
+    Ok((out, (t, h * scale, w * scale)))
 }
 
 /// Encodes 8-bit RGB frames as an APNG that loops forever.
@@ -213,6 +219,12 @@ impl Node for SaveVideo {
                     .default("video.png")
                     .doc("Where to write; a relative path goes under the run's output folder."),
             )
+            .input(
+                Port::new("scale", "Int")
+                    .default(1i64)
+                    .range(1.0, 64.0)
+                    .doc("Each pixel becomes a scale × scale block (nearest neighbour)."),
+            )
             .output(
                 Port::new("path", "String")
                     .doc("The absolute path of the file (or folder) written."),
@@ -225,7 +237,8 @@ impl Node for SaveVideo {
         let audio: Option<Audio> = ctx.input_opt("audio")?;
         let requested: String = ctx.input("path")?;
         let fps = video.rate("SaveVideo")?;
-        let (rgb, layout) = frames_u8(&video)?;
+        let scale = ctx.input::<i64>("scale")?.clamp(1, 64) as usize;
+        let (rgb, layout) = frames_u8(&video, scale)?;
         let pcm = audio.as_ref().map(|a| pcm_of(a, "SaveVideo")).transpose()?;
         let wav_bytes = |pcm: &super::audio::Pcm| -> Result<Vec<u8>> {
             let mut bytes = std::io::Cursor::new(Vec::new());
@@ -290,6 +303,48 @@ impl Node for SaveVideo {
             }
         }
         ctx.set_output("path", absolute(&path))
+    }
+}
+
+/// `PixelsToVideo`: a pixel-space video latent as a video.
+#[derive(Default)]
+pub struct PixelsToVideo;
+
+impl Node for PixelsToVideo {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("PixelsToVideo")
+            .category("video")
+            .doc(
+                "Reads a video latent of a model trained on the frames themselves, [1, 3, \
+                 frames, height, width] in [-1, 1], as a video at fps: (x + 1) / 2, clamped to \
+                 [0, 1]. (A latent-space model's video goes through its VAE: DecodeVideo.)",
+            )
+            .input(Port::new("latent", "Latent").doc("[1, 3, frames, height, width] in [-1, 1]."))
+            .input(
+                Port::new("fps", "Float")
+                    .default(16.0)
+                    .range(0.001, 1000.0)
+                    .doc("The frame rate."),
+            )
+            .output(Port::new("video", "Video").doc("The frames."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let latent: Tensor = ctx.input("latent")?;
+        let s = latent.shape().to_vec();
+        let [1, 3, t, h, w] = s[..] else {
+            bail!("the latent must be [1, 3, frames, height, width] (RGB pixels), got {s:?}");
+        };
+        let x = latent.cast(DType::F32)?.to_device(Device::Cpu)?;
+        let x = x.as_f32()?;
+        let mut frames = vec![0f32; t * h * w * 3];
+        for c in 0..3 {
+            for (i, v) in x[c * t * h * w..(c + 1) * t * h * w].iter().enumerate() {
+                frames[i * 3 + c] = ((v + 1.0) * 0.5).clamp(0.0, 1.0);
+            }
+        }
+        let frames = Tensor::from_f32(Kind::Video, &[t, h, w, 3], &frames)?;
+        ctx.set_output("video", Video::new(frames, ctx.input("fps")?)?)
     }
 }
 

@@ -1,11 +1,12 @@
 //! A bridge between two towers: a folder with `config.json` (`_class_name`
-//! `DualCrossAttentionBridge`: the blocks' widths, heads, `flag`, and the tower blocks each
-//! bridge block follows, `video_points` and `audio_points`) and safetensors with BridgeDiT's
+//! `DualCrossAttentionBridge`: the blocks' widths, heads, `flag`, the tower blocks each bridge
+//! block follows, `video_points` and `audio_points`, and the RoPE alignment, `rope_positions`)
+//! and safetensors with BridgeDiT's
 //! names (`dual_dit_blocks.{i}.attn.q_proj_1`, ...). `LoadBridge` reads it; `BridgeBlock` runs
 //! block `i` on the two streams' tokens and time embeddings, for checking it and for graphs that
 //! step towers by hand.
 
-use ditflow_nn::bridge::{BridgeDims, DualCrossBlock, Exchange};
+use ditflow_nn::bridge::{BridgeDims, DualCrossBlock, Exchange, Positions};
 use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltas;
@@ -18,6 +19,8 @@ pub struct Bridge {
     pub blocks: Vec<DualCrossBlock>,
     /// The tower blocks (video, audio) after which bridge block `i` runs.
     pub points: Vec<(usize, usize)>,
+    /// Where the two streams' tokens sit for the blocks' RoPE.
+    pub positions: Positions,
     pub path: PathBuf,
 }
 
@@ -69,6 +72,7 @@ impl Bridge {
                 ap.len()
             )));
         }
+        let positions = rope_positions(&cfg).map_err(|e| bad(e.0))?;
         let w = Weights::load(ctx, path, device)?;
         let blocks = (0..n)
             .map(|i| DualCrossBlock::load(&w, &format!("dual_dit_blocks.{i}"), dims, exchange))
@@ -76,9 +80,71 @@ impl Bridge {
         Ok(Bridge {
             blocks,
             points: vp.into_iter().zip(ap).collect(),
+            positions,
             path: path.to_path_buf(),
         })
     }
+}
+
+/// The config's RoPE alignment, `rope_positions`:
+/// - `index` (the default; BridgeDiT): each stream's sequence index;
+/// - `scaled` (Ovi): the video's frame index times `video_position_scale` (1), the audio's token
+///   index times `audio_position_scale` (Ovi: 0.19676);
+/// - `seconds` (LTX-2): each token's time, `video_seconds_per_frame` per video frame and
+///   `audio_seconds_per_token` per audio token, times `positions_per_second` (1);
+/// - `none`: no rotation.
+///
+/// With `scaled` and `seconds`, the first `audio_prefix_tokens` audio tokens (Stable Audio's
+/// global token) sit at 0.
+fn rope_positions(cfg: &Config) -> Result<Positions> {
+    let prefix = cfg.usize_or("audio_prefix_tokens", 0)?;
+    let mode = cfg.str_or("rope_positions", "index")?;
+    let positive = |key: &str, v: f64| -> Result<f64> {
+        if v.is_finite() && v > 0.0 {
+            Ok(v)
+        } else {
+            Err(Error(format!("{key} must be a positive number, got {v}")))
+        }
+    };
+    Ok(match mode {
+        "index" => Positions::Index,
+        "none" => Positions::Off,
+        "scaled" => Positions::Scaled {
+            first: positive(
+                "video_position_scale",
+                cfg.f64_or("video_position_scale", 1.0)?,
+            )?,
+            second: positive(
+                "audio_position_scale",
+                cfg.f64_or("audio_position_scale", 1.0)?,
+            )?,
+            second_prefix: prefix,
+        },
+        "seconds" => {
+            let need = |key: &str| -> Result<f64> {
+                match cfg.json.get(key).and_then(|v| v.as_f64()) {
+                    Some(v) => positive(key, v),
+                    None => Err(Error(format!(
+                        "rope_positions \"seconds\" needs {key} (a number)"
+                    ))),
+                }
+            };
+            let per_second = positive(
+                "positions_per_second",
+                cfg.f64_or("positions_per_second", 1.0)?,
+            )?;
+            Positions::Scaled {
+                first: need("video_seconds_per_frame")? * per_second,
+                second: need("audio_seconds_per_token")? * per_second,
+                second_prefix: prefix,
+            }
+        }
+        other => {
+            return Err(Error(format!(
+                "rope_positions \"{other}\" is not one of index, scaled, seconds, none"
+            )))
+        }
+    })
 }
 
 /// `LoadBridge`: a bridge folder.
@@ -142,7 +208,13 @@ impl Node for BridgeBlock {
             .input(
                 Port::new("rope", "Bool")
                     .default(true)
-                    .doc("Rotate q and k by each stream's sequence index."),
+                    .doc("Rotate q and k (at each stream's sequence index, or the bridge's positions when frames is given)."),
+            )
+            .input(
+                Port::new("frames", "Int")
+                    .default(0i64)
+                    .range(0.0, 1e6)
+                    .doc("The video's latent frames: with it, the bridge's rope_positions place the tokens (0: sequence index)."),
             )
             .output(Port::new("video", "Tensor").doc("The first stream after the block."))
             .output(Port::new("audio", "Tensor").doc("The second stream after the block."))
@@ -166,12 +238,21 @@ impl Node for BridgeBlock {
             })?;
         let device = ctx.device();
         let t = |name: &str| -> Result<Tensor> { ctx.input::<Tensor>(name)?.to_device(device) };
+        let (video, audio) = (t("video")?, t("audio")?);
+        let rope: bool = ctx.input("rope")?;
+        let frames: i64 = ctx.input("frames")?;
+        let positions = match (rope, frames) {
+            (false, _) => Positions::Off,
+            (true, 0) => Positions::Index,
+            (true, _) => b.positions,
+        };
+        let p = positions.compute(video.shape()[1], frames.max(0) as usize, audio.shape()[1])?;
         let (v, a) = blk.forward(
-            &t("video")?,
-            &t("audio")?,
+            &video,
+            &audio,
             &t("video_emb")?,
             &t("audio_emb")?,
-            ctx.input("rope")?,
+            p.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice())),
             LinearDeltas::none(),
         )?;
         ctx.set_output("video", v)?;
@@ -241,6 +322,22 @@ pub fn bridged_forward(
     let (cv, ca) = calls;
     let mut sv = video.prepare(cv, inputs.0)?;
     let mut sa = audio.prepare(ca, inputs.1)?;
+    // The video latent's frames (`[B, C, F, H, W]`) place its tokens in time.
+    let frames = inputs
+        .0
+        .iter()
+        .find(|(k, _)| *k == "hidden_states")
+        .and_then(|(_, t)| t.shape().get(2).copied())
+        .unwrap_or(0);
+    let rope = if enabled {
+        bridge
+            .positions
+            .compute(sv.hidden.shape()[1], frames, sa.hidden.shape()[1])
+            .map_err(|e| Error(format!("{file}: {}", e.0)))?
+    } else {
+        None
+    };
+    let rope = rope.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice()));
     let (mut next_v, mut next_a) = (0usize, 0usize);
     for (blk, &(v, a)) in bridge.blocks.iter().zip(&bridge.points) {
         if next_v <= v {
@@ -260,7 +357,7 @@ pub fn bridged_forward(
             };
             let (ev, ea) = (emb(&sv, "video")?, emb(&sa, "audio")?);
             let (hv, ha) =
-                blk.forward(&sv.hidden, &sa.hidden, &ev, &ea, true, LinearDeltas::none())?;
+                blk.forward(&sv.hidden, &sa.hidden, &ev, &ea, rope, LinearDeltas::none())?;
             sv.hidden = hv;
             sa.hidden = ha;
         }

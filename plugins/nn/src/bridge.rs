@@ -1,7 +1,8 @@
 //! Bridge blocks that couple two towers' hidden states: BridgeDiT's dual cross-attention block
 //! (`CrossDiTBlockAdaLN`, Guan et al. 2025). Each stream is modulated by its own time embedding
 //! (adaLN: SiLU then a linear to six chunks), LayerNormed without affine, projected to q, k and
-//! v with RoPE over its own sequence index, and then, by `exchange`:
+//! v with RoPE at each token's [`Positions`] (the sequence index, as BridgeDiT; a scaled index,
+//! as Ovi; or the token's time in seconds, as LTX-2), and then, by `exchange`:
 //! - `Bidirectional` ("bicross"): stream 1 attends to stream 2 and stream 2 to stream 1;
 //! - `ToFirst` ("a2v"): stream 1 attends to stream 2, stream 2 to itself;
 //! - `ToSecond` ("v2a"): stream 2 attends to stream 1, stream 1 to itself;
@@ -9,7 +10,7 @@
 //! each output projected back and added under its gate, then a GELU-tanh MLP under the second
 //! modulation. Zero-initialised output projections make a fresh bridge the identity.
 
-use crate::embeddings::rotary_tables_f32;
+use crate::embeddings::rotary_tables_at_f32;
 use crate::heads::split_heads;
 use crate::layers::{chunks, Linear};
 use crate::weights::Weights;
@@ -35,6 +36,63 @@ impl Exchange {
                 return Err(Error(format!(
                     "bridge flag \"{other}\" is not one of bicross, a2v, v2a"
                 )))
+            }
+        })
+    }
+}
+
+/// Where each stream's tokens sit for the bridge's RoPE.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Positions {
+    /// No rotation.
+    Off,
+    /// Each stream's own sequence index (BridgeDiT).
+    Index,
+    /// Token times on a common scale: the first stream's token `n` of a clip of `F` frames
+    /// (tokens frame-major, `N1 / F` per frame) sits at `frame(n) · first`; the second stream's
+    /// token `n` at `max(n − second_prefix, 0) · second` (prefix tokens, such as Stable Audio's
+    /// global token, at 0). Ovi's scaled index is `first` 1, `second` 0.19676; LTX-2's seconds
+    /// are each stream's seconds per frame or token times positions per second.
+    Scaled {
+        first: f64,
+        second: f64,
+        second_prefix: usize,
+    },
+}
+
+impl Positions {
+    /// The two streams' positions for `n1` and `n2` tokens, the first stream spanning `frames`
+    /// frames; `None` when off.
+    pub fn compute(
+        &self,
+        n1: usize,
+        frames: usize,
+        n2: usize,
+    ) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        Ok(match *self {
+            Positions::Off => None,
+            Positions::Index => Some((
+                (0..n1).map(|i| i as f32).collect(),
+                (0..n2).map(|i| i as f32).collect(),
+            )),
+            Positions::Scaled {
+                first,
+                second,
+                second_prefix,
+            } => {
+                if frames == 0 || !n1.is_multiple_of(frames) {
+                    return Err(Error(format!(
+                        "bridge: {n1} video tokens do not split into {frames} frames"
+                    )));
+                }
+                let per_frame = n1 / frames;
+                let (a, b) = (first as f32, second as f32);
+                Some((
+                    (0..n1).map(|i| (i / per_frame) as f32 * a).collect(),
+                    (0..n2)
+                        .map(|i| i.saturating_sub(second_prefix) as f32 * b)
+                        .collect(),
+                ))
             }
         })
     }
@@ -127,15 +185,15 @@ impl DualCrossBlock {
     }
 
     /// The block on `x1` `[B, N1, C1]` and `x2` `[B, N2, C2]` with time embeddings `e1`
-    /// `[B, E1]` and `e2` `[B, E2]`; q and k rotated by each stream's sequence index when
-    /// `rope`.
+    /// `[B, E1]` and `e2` `[B, E2]`; q and k rotated at each stream's positions (`rope`, one
+    /// per token; see [`Positions::compute`]) when given.
     pub fn forward(
         &self,
         x1: &Tensor,
         x2: &Tensor,
         e1: &Tensor,
         e2: &Tensor,
-        rope: bool,
+        rope: Option<(&[f32], &[f32])>,
         dl: &LinearDeltas,
     ) -> Result<(Tensor, Tensor)> {
         let (s1, s2) = (&self.first, &self.second);
@@ -168,11 +226,20 @@ impl DualCrossBlock {
         };
         let [mut q1, mut k1, v1] = heads(s1, &h1)?;
         let [mut q2, mut k2, v2] = heads(s2, &h2)?;
-        if rope {
+        if let Some((p1, p2)) = rope {
+            if p1.len() != x1.shape()[1] || p2.len() != x2.shape()[1] {
+                return Err(Error(format!(
+                    "bridge: {} and {} positions for streams of {} and {} tokens",
+                    p1.len(),
+                    p2.len(),
+                    x1.shape()[1],
+                    x2.shape()[1]
+                )));
+            }
             let dh = q1.shape()[3];
             let device = q1.device();
-            let (c1, n1) = rotary_tables_f32(dh, x1.shape()[1], device)?;
-            let (c2, n2) = rotary_tables_f32(dh, x2.shape()[1], device)?;
+            let (c1, n1) = rotary_tables_at_f32(dh, p1, device)?;
+            let (c2, n2) = rotary_tables_at_f32(dh, p2, device)?;
             q1 = q1.rope(&c1, &n1, true)?;
             k1 = k1.rope(&c1, &n1, true)?;
             q2 = q2.rope(&c2, &n2, true)?;

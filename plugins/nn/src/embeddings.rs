@@ -132,15 +132,27 @@ impl PosEmbedCache {
 /// positions `0..n` (angles `pos · 1/10000^(2j/dim)` as float32 products), on `device`. The
 /// rope op applies them to interleaved pairs or split halves alike.
 pub fn rotary_tables_f32(dim: usize, n: usize, device: Device) -> Result<(Tensor, Tensor)> {
+    let positions: Vec<f32> = (0..n).map(|p| p as f32).collect();
+    rotary_tables_at_f32(dim, &positions, device)
+}
+
+/// [`rotary_tables_f32`] at arbitrary (float32) positions, as `get_1d_rotary_pos_embed` computes
+/// them for a float position tensor: `[positions.len(), dim / 2]`.
+pub fn rotary_tables_at_f32(
+    dim: usize,
+    positions: &[f32],
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
     let half = dim / 2;
+    let n = positions.len();
     let freqs: Vec<f32> = (0..half)
         .map(|j| 1.0f32 / 10000f32.powf((2 * j) as f32 / dim as f32))
         .collect();
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
-    for p in 0..n {
+    for p in positions {
         for f in &freqs {
-            let angle = f64::from(p as f32 * f);
+            let angle = f64::from(p * f);
             cos.push(angle.cos() as f32);
             sin.push(angle.sin() as f32);
         }

@@ -1,5 +1,5 @@
 //! Stable Audio as a protocol model: `StableAudioModel` describes itself (one audio stream, the
-//! `transformer_blocks` stack, v-prediction) and runs a forward from diffusers' named inputs
+//! `transformer_blocks` stack, v-prediction unless loaded as another) and runs a forward from diffusers' named inputs
 //! (`hidden_states` `[B, C, L]`, `timestep`, `encoder_hidden_states`, `global_hidden_states`,
 //! and optionally the pipeline's rotary tables `rotary_embedding_cos` and
 //! `rotary_embedding_sin`); `LoadStableAudio` reads a diffusers folder.
@@ -19,6 +19,8 @@ use std::path::Path;
 /// A loaded `StableAudioDiTModel`.
 pub struct StableAudioModel {
     pub dit: StableAudioDit,
+    /// What the weights were trained to predict (Stable Audio's own: v).
+    pub prediction: Prediction,
     linears: Vec<LinearInfo>,
     deltas: LinearDeltaCache,
 }
@@ -31,7 +33,7 @@ impl Denoiser for StableAudioModel {
     fn describe(&self) -> DenoiserInfo {
         let m = &self.dit;
         DenoiserInfo {
-            prediction: Prediction::V,
+            prediction: self.prediction,
             latent_layout: "BCL".into(),
             latent_channels: m.in_channels,
             patch_size: 1,
@@ -138,7 +140,12 @@ impl Object for Stepped {
 }
 
 impl StableAudioModel {
-    pub fn load(path: &Path, device: Device, ctx: &Context) -> Result<StableAudioModel> {
+    pub fn load(
+        path: &Path,
+        prediction: Prediction,
+        device: Device,
+        ctx: &Context,
+    ) -> Result<StableAudioModel> {
         let cfg = Config::read(path)?;
         match cfg.class_name() {
             Some("StableAudioDiTModel") => {}
@@ -151,6 +158,7 @@ impl StableAudioModel {
         let w = Weights::load(ctx, path, device)?;
         let dit = StableAudioDit::load(&cfg, &w, device)?;
         Ok(StableAudioModel {
+            prediction,
             linears: dit.linears(),
             dit,
             deltas: LinearDeltaCache::default(),
@@ -178,12 +186,23 @@ impl Node for LoadStableAudio {
                 Port::new("path", "String")
                     .doc("The model folder; a relative path is taken from the graph's folder."),
             )
+            .input(
+                Port::new("prediction", "String")
+                    .default("v")
+                    .choices(&["v", "flow", "epsilon"])
+                    .doc("What the model predicts: v (Stable Audio's own), or flow or epsilon for transformers trained so."),
+            )
             .output(Port::new("model", "Model<Denoiser>").doc("The denoiser."))
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
         let dir = input_path(ctx, "path")?;
-        let model = StableAudioModel::load(&dir, ctx.device(), ctx)?;
+        let prediction = match ctx.input::<String>("prediction")?.as_str() {
+            "flow" => Prediction::Flow,
+            "epsilon" => Prediction::Epsilon,
+            _ => Prediction::V,
+        };
+        let model = StableAudioModel::load(&dir, prediction, ctx.device(), ctx)?;
         let value = ctx.make_denoiser(model)?;
         ctx.set_output("model", value)
     }

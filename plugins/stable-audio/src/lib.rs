@@ -6,13 +6,16 @@
 //!   and its table as `StableAudioPipeline` builds it;
 //! - [`denoiser`]: the protocol model and its loader node;
 //! - [`oobleck`]: `AutoencoderOobleck`, the waveform VAE (`LoadOobleck`, `EncodeAudio`,
-//!   `DecodeAudio`).
+//!   `DecodeAudio`);
+//! - [`projection`]: `StableAudioProjectionModel` and the pipeline's conditioning
+//!   (`LoadStableAudioProjection`, `StableAudioConditioning`).
 
 #![forbid(unsafe_code)]
 
 pub mod denoiser;
 pub mod dit;
 pub mod oobleck;
+pub mod projection;
 
 ditflow_plugin::export_plugin!(
     name: "ditflow-stable-audio",
@@ -21,6 +24,8 @@ ditflow_plugin::export_plugin!(
         denoiser::LoadStableAudio,
         oobleck::LoadOobleck,
         oobleck::EncodeAudio,
-        oobleck::DecodeAudio
+        oobleck::DecodeAudio,
+        projection::LoadStableAudioProjection,
+        projection::StableAudioConditioning
     ]
 );
