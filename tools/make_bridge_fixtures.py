@@ -14,7 +14,9 @@ fc2(GELU_tanh(fc1(LN(x)(1 + scale2) + shift2))).
 Writes tests/fixtures/parity/bridge/ (bicross, 2 blocks), bridge_a2v/ (1 block) and
 bridge_seconds/ (bicross, 1 block, RoPE at each token's time in seconds, LTX-2's alignment: the
 15 video tokens as 5 frames of 0.25 s, the 7 audio tokens 0.2 s apart after a global token at 0,
-4 positions per second): model/ with
+4 positions per second), and bridge_joint/ (joint attention: each stream over both) and
+bridge_additive/ (no attention: each token takes the other stream's values interpolated to its
+time) at those positions: model/ with
 config.json (DualCrossAttentionBridge) and bridge.safetensors (dual_dit_blocks.{i}.*), and io.safetensors (in.video
 [2, 15, 24], in.audio [2, 7, 16], in.video_emb [2, 24], in.audio_emb [2, 16]; out.video_{i},
 out.audio_{i} for block i).
@@ -46,6 +48,29 @@ def rotate(x, cos, sin):
     re, im = x.reshape(*x.shape[:-1], -1, 2).unbind(-1)
     rot = torch.stack([-im, re], dim=-1).flatten(3)
     return x * cos[None, None] + rot * sin[None, None]
+
+
+def resample_weights(src, dst):
+    """Weights [len(dst), len(src)] carrying values at positions src to positions dst: tokens
+    sharing a position averaged, then linear interpolation between the distinct positions (held
+    at the ends), in float64."""
+    src, dst = src.double(), dst.double()
+    distinct = torch.unique(src)  # sorted
+    w = torch.zeros(len(dst), len(src), dtype=torch.float64)
+    for i, x in enumerate(dst):
+        j = int((distinct <= x).sum())
+        if j == 0:
+            parts = [(0, 1.0)]
+        elif j == len(distinct):
+            parts = [(j - 1, 1.0)]
+        else:
+            a, b = distinct[j - 1], distinct[j]
+            t = float((x - a) / (b - a))
+            parts = [(j - 1, 1.0 - t), (j, t)]
+        for g, weight in parts:
+            members = src == distinct[g]
+            w[i, members] += weight / int(members.sum())
+    return w.float()
 
 
 def attention(q, k, v):
@@ -101,8 +126,16 @@ class DualCross(nn.Module):
         c2, n2 = rope_tables(d, p2)
         q1, k1 = rotate(q1, c1, n1), rotate(k1, c1, n1)
         q2, k2 = rotate(q2, c2, n2), rotate(k2, c2, n2)
-        o1 = attention(q1, k2, v2) if self.flag in ("bicross", "a2v") else attention(q1, k1, v1)
-        o2 = attention(q2, k1, v1) if self.flag in ("bicross", "v2a") else attention(q2, k2, v2)
+        if self.flag == "joint":
+            k, v = torch.cat([k1, k2], dim=2), torch.cat([v1, v2], dim=2)
+            o1, o2 = attention(q1, k, v), attention(q2, k, v)
+        elif self.flag == "additive":
+            # No attention: each token takes the other stream's values at its own time.
+            w12, w21 = resample_weights(p2, p1), resample_weights(p1, p2)
+            o1, o2 = split(w12 @ merge(v2)), split(w21 @ merge(v1))
+        else:
+            o1 = attention(q1, k2, v2) if self.flag in ("bicross", "a2v") else attention(q1, k1, v1)
+            o2 = attention(q2, k1, v1) if self.flag in ("bicross", "v2a") else attention(q2, k2, v2)
         x1 = x1 + m1[2][:, None] * self.s1.o(merge(o1))
         x2 = x2 + m2[2][:, None] * self.s2.o(merge(o2))
         gelu = lambda t: nn.functional.gelu(t, approximate="tanh")
@@ -146,6 +179,8 @@ def make(name, flag, blocks, seed, rope=None):
     weights = {}
     for i, net in enumerate(nets):
         weights.update(net.state(f"dual_dit_blocks.{i}"))
+    if flag == "additive":  # attends to nothing: a checkpoint need not hold q and k
+        weights = {k: v for k, v in weights.items() if ".q_proj_" not in k and ".k_proj_" not in k}
     save_file(weights, os.path.join(out, "model", "bridge.safetensors"))
     inputs = {"video": torch.randn(2, 15, 24), "audio": torch.randn(2, 7, 16),
               "video_emb": torch.randn(2, 24), "audio_emb": torch.randn(2, 16)}
@@ -162,9 +197,11 @@ def main():
     torch.set_num_threads(2)
     make("bridge", "bicross", 2, 41)
     make("bridge_a2v", "a2v", 1, 42)
-    make("bridge_seconds", "bicross", 1, 43,
-         {"rope_positions": "seconds", "video_seconds_per_frame": 0.25, "audio_seconds_per_token": 0.2,
-          "audio_prefix_tokens": 1, "positions_per_second": 4.0})
+    seconds = {"rope_positions": "seconds", "video_seconds_per_frame": 0.25, "audio_seconds_per_token": 0.2,
+               "audio_prefix_tokens": 1, "positions_per_second": 4.0}
+    make("bridge_seconds", "bicross", 1, 43, seconds)
+    make("bridge_joint", "joint", 1, 44, seconds)
+    make("bridge_additive", "additive", 1, 45, seconds)
 
 
 if __name__ == "__main__":

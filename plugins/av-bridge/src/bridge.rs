@@ -73,6 +73,13 @@ impl Bridge {
             )));
         }
         let positions = rope_positions(&cfg).map_err(|e| bad(e.0))?;
+        if exchange == Exchange::Additive && !matches!(positions, Positions::Scaled { .. }) {
+            return Err(bad(
+                "the additive exchange meets the streams at their token times: rope_positions \
+                 must be scaled or seconds"
+                    .into(),
+            ));
+        }
         let w = Weights::load(ctx, path, device)?;
         let blocks = (0..n)
             .map(|i| DualCrossBlock::load(&w, &format!("dual_dit_blocks.{i}"), dims, exchange))
@@ -157,7 +164,7 @@ impl Node for LoadBridge {
             .category("loaders")
             .doc(
                 "Loads an audio-video bridge: a folder with config.json (DualCrossAttentionBridge: \
-                 num_blocks, num_heads, the two streams' widths, flag bicross|a2v|v2a, and the \
+                 num_blocks, num_heads, the two streams' widths, flag bicross|a2v|v2a|joint|additive, rope_positions index|scaled|seconds|none, and the \
                  tower blocks each bridge block follows) and safetensors in BridgeDiT's names \
                  (dual_dit_blocks.{i}.attn.q_proj_1, ...). Cached until a file changes.",
             )
@@ -246,6 +253,13 @@ impl Node for BridgeBlock {
             (true, 0) => Positions::Index,
             (true, _) => b.positions,
         };
+        if blk.exchange == Exchange::Additive && !matches!(positions, Positions::Scaled { .. }) {
+            bail!(
+                "{}: the additive exchange meets the streams at their token times: give the \
+                 video's frames",
+                b.path.display()
+            );
+        }
         let p = positions.compute(video.shape()[1], frames.max(0) as usize, audio.shape()[1])?;
         let (v, a) = blk.forward(
             &video,

@@ -118,6 +118,9 @@ impl Node for SampleAudioVideo {
                     .optional()
                     .doc("From LoadBridge; without one the towers are sampled side by side."),
             )
+            .input(Port::new("bridged", "Bool").default(true).doc(
+                "Couple the towers through the bridge (false: switched off, each tower alone).",
+            ))
             .input(
                 Port::new("video_positive", "Conditioning")
                     .doc("The video caption's conditioning."),
@@ -206,9 +209,17 @@ impl Node for SampleAudioVideo {
             ),
             None => None,
         };
+        let bridge = if ctx.input::<bool>("bridged")? {
+            bridge
+        } else {
+            None
+        };
         let isolation: f64 = ctx.input("isolation")?;
         if isolation != 0.0 && bridge.is_none() {
-            bail!("isolation guidance compares with the bridge switched off: connect a bridge");
+            bail!(
+                "isolation guidance compares with the bridge switched off: connect a bridge and \
+                 leave it on"
+            );
         }
         let steps = ctx.input::<i64>("steps")?.max(1) as usize;
         let seed = ctx.input::<i64>("seed")? as u64;

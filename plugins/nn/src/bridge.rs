@@ -6,6 +6,10 @@
 //! - `Bidirectional` ("bicross"): stream 1 attends to stream 2 and stream 2 to stream 1;
 //! - `ToFirst` ("a2v"): stream 1 attends to stream 2, stream 2 to itself;
 //! - `ToSecond` ("v2a"): stream 2 attends to stream 1, stream 1 to itself;
+//! - `Joint` ("joint"): each stream attends to both streams' tokens together;
+//! - `Additive` ("additive"): no attention; each token takes the other stream's values at its
+//!   own time, linearly interpolated between the other stream's token times (tokens at one time,
+//!   such as a video frame's, averaged), so the positions must be token times;
 //!
 //! each output projected back and added under its gate, then a GELU-tanh MLP under the second
 //! modulation. Zero-initialised output projections make a fresh bridge the identity.
@@ -15,6 +19,7 @@ use crate::heads::split_heads;
 use crate::layers::{chunks, Linear};
 use crate::weights::Weights;
 use ditflow_plugin::linear_delta::LinearDeltas;
+use ditflow_plugin::ops::concat;
 use ditflow_plugin::{Error, Result, Tensor};
 
 /// Who attends to whom in a dual cross-attention block.
@@ -23,6 +28,8 @@ pub enum Exchange {
     Bidirectional,
     ToFirst,
     ToSecond,
+    Joint,
+    Additive,
 }
 
 impl Exchange {
@@ -32,9 +39,11 @@ impl Exchange {
             "bicross" => Exchange::Bidirectional,
             "a2v" => Exchange::ToFirst,
             "v2a" => Exchange::ToSecond,
+            "joint" => Exchange::Joint,
+            "additive" => Exchange::Additive,
             other => {
                 return Err(Error(format!(
-                    "bridge flag \"{other}\" is not one of bicross, a2v, v2a"
+                    "bridge flag \"{other}\" is not one of bicross, a2v, v2a, joint, additive"
                 )))
             }
         })
@@ -102,8 +111,9 @@ impl Positions {
 pub struct BridgeSide {
     /// SiLU then `[E → 6·C]`: shift, scale, gate of the attention, then of the MLP.
     pub modulation: Linear,
-    pub q: Linear,
-    pub k: Linear,
+    /// Absent for the additive exchange, which attends to nothing.
+    pub q: Option<Linear>,
+    pub k: Option<Linear>,
     pub v: Linear,
     pub o: Linear,
     pub fc1: Linear,
@@ -150,6 +160,7 @@ impl DualCrossBlock {
                 d.v
             )));
         }
+        let attends = exchange != Exchange::Additive;
         let side = |n: usize, c: usize, e: usize| -> Result<BridgeSide> {
             let hidden = (c as f64 * d.mlp_ratio) as usize;
             let a = format!("{prefix}.attn");
@@ -160,8 +171,12 @@ impl DualCrossBlock {
                     6 * c,
                     true,
                 )?,
-                q: w.linear(&format!("{a}.q_proj_{n}"), c, d.qk, true)?,
-                k: w.linear(&format!("{a}.k_proj_{n}"), c, d.qk, true)?,
+                q: attends
+                    .then(|| w.linear(&format!("{a}.q_proj_{n}"), c, d.qk, true))
+                    .transpose()?,
+                k: attends
+                    .then(|| w.linear(&format!("{a}.k_proj_{n}"), c, d.qk, true))
+                    .transpose()?,
                 v: w.linear(&format!("{a}.v_proj_{n}"), c, d.v, true)?,
                 o: w.linear(&format!("{a}.o_proj_{n}"), d.v, c, true)?,
                 fc1: w.linear(&format!("{prefix}.mlp_{n}.fc1"), c, hidden, true)?,
@@ -180,7 +195,12 @@ impl DualCrossBlock {
     pub fn linears(&self) -> Vec<&Linear> {
         [&self.first, &self.second]
             .into_iter()
-            .flat_map(|s| [&s.modulation, &s.q, &s.k, &s.v, &s.o, &s.fc1, &s.fc2])
+            .flat_map(|s| {
+                [Some(&s.modulation), s.q.as_ref(), s.k.as_ref(), Some(&s.v)]
+                    .into_iter()
+                    .chain([Some(&s.o), Some(&s.fc1), Some(&s.fc2)])
+                    .flatten()
+            })
             .collect()
     }
 
@@ -217,15 +237,6 @@ impl DualCrossBlock {
         )?;
         let h1 = x1.layer_norm(None, None, Some(&m1[0]), Some(&m1[1]), 1e-6)?;
         let h2 = x2.layer_norm(None, None, Some(&m2[0]), Some(&m2[1]), 1e-6)?;
-        let heads = |side: &BridgeSide, h: &Tensor| -> Result<[Tensor; 3]> {
-            Ok([
-                split_heads(&side.q.apply(h, "none", dl)?, self.heads)?,
-                split_heads(&side.k.apply(h, "none", dl)?, self.heads)?,
-                split_heads(&side.v.apply(h, "none", dl)?, self.heads)?,
-            ])
-        };
-        let [mut q1, mut k1, v1] = heads(s1, &h1)?;
-        let [mut q2, mut k2, v2] = heads(s2, &h2)?;
         if let Some((p1, p2)) = rope {
             if p1.len() != x1.shape()[1] || p2.len() != x2.shape()[1] {
                 return Err(Error(format!(
@@ -236,6 +247,57 @@ impl DualCrossBlock {
                     x2.shape()[1]
                 )));
             }
+        }
+        let (o1, o2) = if self.exchange == Exchange::Additive {
+            let (p1, p2) = rope.ok_or_else(|| {
+                Error(
+                    "bridge: the additive exchange meets the streams at their token times: give \
+                     the bridge rope_positions scaled or seconds"
+                        .into(),
+                )
+            })?;
+            let v1 = s1.v.apply(&h1, "none", dl)?;
+            let v2 = s2.v.apply(&h2, "none", dl)?;
+            (resample(&v2, p2, p1)?, resample(&v1, p1, p2)?)
+        } else {
+            self.attend(s1, s2, &h1, &h2, rope, dl)?
+        };
+        let x1 = x1.gated_residual(&s1.o.apply(&o1, "none", dl)?, &m1[2])?;
+        let x2 = x2.gated_residual(&s2.o.apply(&o2, "none", dl)?, &m2[2])?;
+        let mlp = |side: &BridgeSide, x: &Tensor, m: &[Tensor]| -> Result<Tensor> {
+            let h = x.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
+            let f = side
+                .fc2
+                .apply(&side.fc1.apply(&h, "gelu_tanh", dl)?, "none", dl)?;
+            x.gated_residual(&f, &m[5])
+        };
+        Ok((mlp(s1, &x1, &m1)?, mlp(s2, &x2, &m2)?))
+    }
+
+    /// The attention exchanges' outputs `[B, N, v]` for the modulated streams.
+    fn attend(
+        &self,
+        s1: &BridgeSide,
+        s2: &BridgeSide,
+        h1: &Tensor,
+        h2: &Tensor,
+        rope: Option<(&[f32], &[f32])>,
+        dl: &LinearDeltas,
+    ) -> Result<(Tensor, Tensor)> {
+        let heads = |side: &BridgeSide, h: &Tensor| -> Result<[Tensor; 3]> {
+            fn need(l: &Option<Linear>) -> Result<&Linear> {
+                l.as_ref()
+                    .ok_or_else(|| Error("bridge: an attention exchange without q/k".into()))
+            }
+            Ok([
+                split_heads(&need(&side.q)?.apply(h, "none", dl)?, self.heads)?,
+                split_heads(&need(&side.k)?.apply(h, "none", dl)?, self.heads)?,
+                split_heads(&side.v.apply(h, "none", dl)?, self.heads)?,
+            ])
+        };
+        let [mut q1, mut k1, v1] = heads(s1, h1)?;
+        let [mut q2, mut k2, v2] = heads(s2, h2)?;
+        if let Some((p1, p2)) = rope {
             let dh = q1.shape()[3];
             let device = q1.device();
             let (c1, n1) = rotary_tables_at_f32(dh, p1, device)?;
@@ -251,20 +313,69 @@ impl DualCrossBlock {
             o.permute(&[0, 2, 1, 3])?
                 .reshape(&[s[0] as i64, s[2] as i64, (s[1] * s[3]) as i64])
         };
-        let (o1, o2) = match self.exchange {
+        Ok(match self.exchange {
             Exchange::Bidirectional => (attend(&q1, &k2, &v2)?, attend(&q2, &k1, &v1)?),
             Exchange::ToFirst => (attend(&q1, &k2, &v2)?, attend(&q2, &k2, &v2)?),
             Exchange::ToSecond => (attend(&q1, &k1, &v1)?, attend(&q2, &k1, &v1)?),
-        };
-        let x1 = x1.gated_residual(&s1.o.apply(&o1, "none", dl)?, &m1[2])?;
-        let x2 = x2.gated_residual(&s2.o.apply(&o2, "none", dl)?, &m2[2])?;
-        let mlp = |side: &BridgeSide, x: &Tensor, m: &[Tensor]| -> Result<Tensor> {
-            let h = x.layer_norm(None, None, Some(&m[3]), Some(&m[4]), 1e-6)?;
-            let f = side
-                .fc2
-                .apply(&side.fc1.apply(&h, "gelu_tanh", dl)?, "none", dl)?;
-            x.gated_residual(&f, &m[5])
-        };
-        Ok((mlp(s1, &x1, &m1)?, mlp(s2, &x2, &m2)?))
+            Exchange::Joint => {
+                let k = concat(&[&k1, &k2], 2)?;
+                let v = concat(&[&v1, &v2], 2)?;
+                (attend(&q1, &k, &v)?, attend(&q2, &k, &v)?)
+            }
+            Exchange::Additive => unreachable!("the additive exchange attends to nothing"),
+        })
     }
+}
+
+/// The weights `[to.len(), from.len()]` that carry values at positions `from` to positions
+/// `to`: tokens sharing a position are averaged, then interpolated linearly between the
+/// distinct positions (held at the ends), in f64.
+pub fn resample_weights(from: &[f32], to: &[f32]) -> Vec<f32> {
+    let mut distinct: Vec<f32> = from.to_vec();
+    distinct.sort_by(f32::total_cmp);
+    distinct.dedup();
+    let count = |p: f32| from.iter().filter(|&&q| q == p).count() as f64;
+    let mut w = vec![0f32; to.len() * from.len()];
+    for (i, &x) in to.iter().enumerate() {
+        let j = distinct.partition_point(|&u| u <= x);
+        let parts: [(usize, f64); 2] = if j == 0 {
+            [(0, 1.0), (0, 0.0)]
+        } else if j == distinct.len() {
+            [(j - 1, 1.0), (j - 1, 0.0)]
+        } else {
+            let (a, b) = (f64::from(distinct[j - 1]), f64::from(distinct[j]));
+            let t = (f64::from(x) - a) / (b - a);
+            [(j - 1, 1.0 - t), (j, t)]
+        };
+        for (g, weight) in parts {
+            if weight == 0.0 {
+                continue;
+            }
+            let u = distinct[g];
+            let n = count(u);
+            for (k, &p) in from.iter().enumerate() {
+                if p == u {
+                    w[i * from.len() + k] += (weight / n) as f32;
+                }
+            }
+        }
+    }
+    w
+}
+
+/// Values `v` `[B, N, C]` at positions `from` resampled to positions `to`: `[B, to.len(), C]`.
+fn resample(v: &Tensor, from: &[f32], to: &[f32]) -> Result<Tensor> {
+    let w = Tensor::from_f32(
+        ditflow_plugin::Kind::Tensor,
+        &[to.len(), from.len()],
+        &resample_weights(from, to),
+    )?
+    .to_device(v.device())?;
+    let map = Linear {
+        name: "bridge.resample".into(),
+        weight: w,
+        bias: None,
+    };
+    map.forward(&v.permute(&[0, 2, 1])?, "none")?
+        .permute(&[0, 2, 1])
 }
