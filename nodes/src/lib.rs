@@ -13,7 +13,7 @@
 //! - [`preprocess`]: `ResizeImage`, `CannyEdges`, `GrayscaleMap`, ControlNet hint images;
 //! - [`forward`]: `Forward`, one forward of any protocol model from a file of tensors;
 //! - [`model_info`]: `ModelInfo`, a Model's interface, patches, digest and patch memory;
-//! - [`patches`]: `ApplyLoRA`, the feature caches and `SceneCaptions`, Model → Model patches;
+//! - [`patches`]: `ApplyLoRA`, the feature caches and `SceneCaptions`, Model → Model patches (and `EncodeScenes`, the scene prompts it reads);
 //! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `EmptyVideoLatent`, `EmptyAudioLatent`, `Sample`,
 //!   `VAEDecode` and `VAEEncode`;
 //! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching, UniPC),
@@ -74,6 +74,8 @@ export_plugin!(
         media::video::VideoFrame,
         media::video::VideoRate,
         media::video::PixelsToVideo,
+        media::video::JoinVideos,
+        media::audio::JoinAudio,
         preprocess::ResizeImage,
         preprocess::CannyEdges,
         preprocess::GrayscaleMap,
@@ -84,6 +86,7 @@ export_plugin!(
         patches::cache::TeaCache,
         patches::cache::TaylorSeer,
         patches::scenes::SceneCaptions,
+        patches::scenes::EncodeScenes,
         pipeline::TextEncode,
         pipeline::EmptyLatent,
         pipeline::EmptyVideoLatent,

@@ -22,6 +22,26 @@ fn scalar(v: f32) -> Result<Tensor> {
     Tensor::from_f32(Kind::Tensor, &[1], &[v])
 }
 
+/// A prompt's last hidden state `[1, tokens, width]` (at most `max` tokens), zero-padded to
+/// `pad_to` tokens when that is more.
+pub fn encode_text(enc: &Value, text: &str, max: usize, pad_to: usize) -> Result<Tensor> {
+    let ids = enc
+        .tokenize(text, max)
+        .map_err(|e| Error(format!("input 'encoder': {e}")))?;
+    let out = output(
+        forward_named(enc, &[("input_ids", &ids)])?,
+        "last_hidden_state",
+        "the text encoder",
+    )?;
+    let s = out.shape().to_vec();
+    if s.len() == 3 && pad_to > s[1] {
+        let zeros = Tensor::zeros(Kind::Tensor, out.dtype(), &[s[0], pad_to - s[1], s[2]])?
+            .to_device(out.device())?;
+        return ditflow_plugin::ops::concat(&[&out, &zeros], 1);
+    }
+    Ok(out)
+}
+
 /// `TextEncode`: a prompt as a Conditioning tensor.
 #[derive(Default)]
 pub struct TextEncode;
@@ -64,23 +84,8 @@ impl Node for TextEncode {
         let enc: Value = ctx.input("encoder")?;
         let text: String = ctx.input("text")?;
         let max: i64 = ctx.input("max_tokens")?;
-        let ids = enc
-            .tokenize(&text, max as usize)
-            .map_err(|e| Error(format!("input 'encoder': {e}")))?;
-        let out = output(
-            forward_named(&enc, &[("input_ids", &ids)])?,
-            "last_hidden_state",
-            "the text encoder",
-        )?;
         let pad = ctx.input::<i64>("pad_to")?.max(0) as usize;
-        let s = out.shape().to_vec();
-        let out = if s.len() == 3 && pad > s[1] {
-            let zeros = Tensor::zeros(Kind::Tensor, out.dtype(), &[s[0], pad - s[1], s[2]])?
-                .to_device(out.device())?;
-            ditflow_plugin::ops::concat(&[&out, &zeros], 1)?
-        } else {
-            out
-        };
+        let out = encode_text(&enc, &text, max.max(1) as usize, pad)?;
         ctx.set_output("conditioning", out.with_kind(Kind::Conditioning)?)
     }
 }

@@ -1,5 +1,6 @@
 //! Audio file nodes: `LoadAudio` reads WAV (through `hound`; other formats through ffmpeg when it
-//! is installed), `SaveAudio` writes WAV, and `AudioRate` sets a bare tensor's sample rate.
+//! is installed), `SaveAudio` writes WAV, `AudioRate` sets a bare tensor's sample rate, and
+//! `JoinAudio` plays one sound after another.
 //! Samples are f32 `[channels, samples]`, full scale at ±1; integer WAVs are scaled by
 //! 2^(bits-1).
 
@@ -251,6 +252,57 @@ impl Node for AudioRate {
         let audio: Audio = ctx.input("audio")?;
         let rate: f64 = ctx.input("sample_rate")?;
         ctx.set_output("audio", Audio::new(audio.samples, rate)?)
+    }
+}
+
+/// `JoinAudio`: one sound after another.
+#[derive(Default)]
+pub struct JoinAudio;
+
+impl Node for JoinAudio {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("JoinAudio")
+            .category("audio")
+            .doc(
+                "Plays the second sound after the first, dropping the second's first \
+                 `overlap` seconds (the part it shares with the first, as JoinVideos drops a \
+                 scene extension's repeated frames). Channels and sample rates must match.",
+            )
+            .input(Port::new("first", "Audio").doc("The first sound."))
+            .input(Port::new("second", "Audio").doc("The sound that follows."))
+            .input(
+                Port::new("overlap", "Float")
+                    .default(0.0)
+                    .range(0.0, 1e6)
+                    .doc("Seconds of the second to drop."),
+            )
+            .output(Port::new("audio", "Audio").doc("Both, one after the other."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let a: Audio = ctx.input("first")?;
+        let b: Audio = ctx.input("second")?;
+        let rate = a.rate("JoinAudio")?;
+        if (b.rate("JoinAudio")? - rate).abs() > 1e-9 || a.channels() != b.channels() {
+            bail!(
+                "the sounds are {} channels at {rate} Hz and {} at {} Hz: join sounds of one \
+                 form",
+                a.channels(),
+                b.channels(),
+                b.rate("JoinAudio")?
+            );
+        }
+        let overlap: f64 = ctx.input("overlap")?;
+        let drop = (overlap * rate).round() as usize;
+        if drop >= b.len() {
+            bail!("overlap {overlap} s drops all of the second sound");
+        }
+        let kept = b.samples.split(1, &[drop, b.len() - drop])?.remove(1);
+        let joined = ditflow_plugin::ops::concat(
+            &[&a.samples.cast(DType::F32)?, &kept.cast(DType::F32)?],
+            1,
+        )?;
+        ctx.set_output("audio", Audio::new(joined.with_kind(Kind::Audio)?, rate)?)
     }
 }
 

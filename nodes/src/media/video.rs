@@ -1,7 +1,7 @@
 //! Video file nodes. `SaveVideo` writes animated PNG (APNG) or a PNG sequence itself, and MP4 or
 //! WebM with the audio muxed in through ffmpeg; `LoadVideo` reads those back (MP4 and the rest
 //! through ffmpeg, with their sound); `VideoFrame` picks a frame as an image, `VideoRate` sets a
-//! frame rate, and `PixelsToVideo` reads a pixel-space video latent (a model trained on the
+//! frame rate, `JoinVideos` plays one after another, and `PixelsToVideo` reads a pixel-space video latent (a model trained on the
 //! frames themselves) as a video. Frames are f32 `[frames, height, width, 3]` in [0, 1].
 
 use super::audio::{load_audio, pcm_of, write_wav, WavFormat};
@@ -303,6 +303,59 @@ impl Node for SaveVideo {
             }
         }
         ctx.set_output("path", absolute(&path))
+    }
+}
+
+/// `JoinVideos`: one video after another.
+#[derive(Default)]
+pub struct JoinVideos;
+
+impl Node for JoinVideos {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("JoinVideos")
+            .category("video")
+            .doc(
+                "Plays the second video after the first, dropping the second's first `overlap` \
+                 frames (those it repeats of the first, as a scene extension opens with the \
+                 frames it continues). Sizes and frame rates must match.",
+            )
+            .input(Port::new("first", "Video").doc("The first video."))
+            .input(Port::new("second", "Video").doc("The video that follows."))
+            .input(
+                Port::new("overlap", "Int")
+                    .default(0i64)
+                    .range(0.0, 100000.0)
+                    .doc("The second's opening frames to drop."),
+            )
+            .output(Port::new("video", "Video").doc("Both, one after the other."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let a: Video = ctx.input("first")?;
+        let b: Video = ctx.input("second")?;
+        let overlap = ctx.input::<i64>("overlap")?.max(0) as usize;
+        let ((ta, ha, wa), (tb, hb, wb)) = (a.layout()?, b.layout()?);
+        if (ha, wa) != (hb, wb) {
+            bail!("the videos are {wa}×{ha} and {wb}×{hb}: join videos of one size");
+        }
+        let fps = match (a.fps, b.fps) {
+            (Some(x), Some(y)) if (x - y).abs() > 1e-9 => {
+                bail!("the videos run at {x} and {y} fps: join videos of one rate")
+            }
+            (x, y) => x.or(y),
+        };
+        if overlap >= tb {
+            bail!("overlap {overlap} drops all {tb} frames of the second video");
+        }
+        let kept = b.frames.split(0, &[overlap, tb - overlap])?.remove(1);
+        let first = a.frames.cast(DType::F32)?;
+        let frames = ditflow_plugin::ops::concat(&[&first, &kept.cast(DType::F32)?], 0)?;
+        debug_assert_eq!(frames.shape()[0], ta + tb - overlap);
+        let joined = Video {
+            frames: frames.with_kind(Kind::Video)?,
+            fps,
+        };
+        ctx.set_output("video", joined)
     }
 }
 

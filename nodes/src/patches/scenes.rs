@@ -3,7 +3,8 @@
 //! does). The scenes' captions are encoded one after another into one conditioning; the patch
 //! lets the video tokens of scene s attend only to scene s's caption tokens (a structured
 //! segment mask at every cross-attention site), while the video's self-attention stays over all
-//! frames, so the scenes stay one continuous video.
+//! frames, so the scenes stay one continuous video. `EncodeScenes` encodes the list of scene
+//! prompts into that conditioning and gives each scene's caption length.
 
 use ditflow_plugin::attention::{AttentionKind, AttentionSite, Mask};
 use ditflow_plugin::files::fnv1a;
@@ -120,6 +121,69 @@ fn counts(ctx: &Context, name: &str) -> Result<Vec<usize>> {
                 .ok_or_else(|| Error(format!("input '{name}': {n} is not a positive count")))
         })
         .collect()
+}
+
+/// `EncodeScenes`: a list of scene prompts as one conditioning.
+#[derive(Default)]
+pub struct EncodeScenes;
+
+impl Node for EncodeScenes {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("EncodeScenes")
+            .category("conditioning")
+            .doc(
+                "Encodes each scene's prompt (as TextEncode does) and lays the captions one \
+                 after another in one conditioning, for SceneCaptions: its tokens output gives \
+                 each caption's length. An empty prompt list is refused.",
+            )
+            .input(Port::new("encoder", "Model<TextEncoder>").doc("From LoadTextEncoder."))
+            .input(Port::new("prompts", "List<String>").doc("The scenes' prompts, in order."))
+            .input(
+                Port::new("max_tokens", "Int")
+                    .default(120i64)
+                    .range(1.0, 4096.0)
+                    .doc("Tokens kept at most per prompt."),
+            )
+            .input(
+                Port::new("pad_to", "Int")
+                    .default(0i64)
+                    .range(0.0, 4096.0)
+                    .doc("Zero-pad each caption to this many tokens (0: its real tokens)."),
+            )
+            .output(Port::new("conditioning", "Conditioning").doc("The captions, scene by scene."))
+            .output(Port::new("tokens", "List<Int>").doc("Each caption's length in tokens."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let enc: Value = ctx.input("encoder")?;
+        let prompts: Value = ctx.input("prompts")?;
+        let prompts: Vec<String> = prompts
+            .as_list()?
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_str()
+                    .map(str::to_string)
+                    .map_err(|_| Error(format!("input 'prompts': item {i} is not a String")))
+            })
+            .collect::<Result<_>>()?;
+        if prompts.is_empty() {
+            bail!("input 'prompts': give at least one scene's prompt");
+        }
+        let max = ctx.input::<i64>("max_tokens")?.max(1) as usize;
+        let pad = ctx.input::<i64>("pad_to")?.max(0) as usize;
+        let captions = prompts
+            .iter()
+            .map(|p| crate::pipeline::encode_text(&enc, p, max, pad))
+            .collect::<Result<Vec<_>>>()?;
+        let tokens: Vec<Value> = captions
+            .iter()
+            .map(|c| Value::int(c.shape()[1] as i64))
+            .collect();
+        let all = ditflow_plugin::ops::concat(&captions.iter().collect::<Vec<_>>(), 1)?;
+        ctx.set_output("conditioning", all.with_kind(Kind::Conditioning)?)?;
+        ctx.set_output("tokens", Value::list(tokens))
+    }
 }
 
 /// `SceneCaptions`: model → model whose scenes follow their own captions.

@@ -3,7 +3,10 @@
 //! given, through block stepping), each with its own captions, its own classifier-free guidance
 //! scale and negative prompt, and its own scheduler; the two schedules share the step count (a
 //! timestep per modality). Modality-isolation guidance pushes each prediction away from the one
-//! with the bridge switched off: `p + s·(p − p_alone)`.
+//! with the bridge switched off: `p + s·(p − p_alone)`. A video can continue an earlier one (a
+//! scene extension): the first `context_frames` latent frames are held to the last frames of
+//! `video_context`, noised to each step's level with the noise they started from, and set to
+//! them exactly at the end, so the new frames grow out of the old ones.
 
 use crate::bridge::{bridged_forward, Bridge};
 use ditflow_plugin::model::{
@@ -95,6 +98,60 @@ fn named_refs(v: &[(String, Tensor)]) -> Vec<(&str, &Tensor)> {
     v.iter().map(|(k, t)| (k.as_str(), t)).collect()
 }
 
+/// Known opening frames of a video latent: the context's frames and the noise they started from.
+struct KnownFrames {
+    frames: Tensor,
+    noise: Tensor,
+    k: usize,
+}
+
+impl KnownFrames {
+    /// `x` with its first frames replaced by `a·frames + b·noise`.
+    fn hold(&self, x: &Tensor, (a, b): (f64, f64)) -> Result<Tensor> {
+        let f = x.shape()[2];
+        let rest = x.split(2, &[self.k, f - self.k])?;
+        let known = self
+            .frames
+            .affine(a, 0.0)?
+            .add(&self.noise.affine(b, 0.0)?)?;
+        concat(&[&known, &rest[1]], 2)
+    }
+}
+
+/// The `video_context` input's last `context_frames` frames, for a video latent `x` that starts
+/// as `init_sigma · noise`.
+fn video_context(ctx: &Context, x: &Tensor, init_sigma: f64) -> Result<Option<KnownFrames>> {
+    let k = ctx.input::<i64>("context_frames")?.max(0) as usize;
+    let given: Option<Tensor> = ctx.input_opt("video_context")?;
+    let (k, c) = match (k, given) {
+        (0, _) => return Ok(None),
+        (_, None) => bail!("context_frames {k} needs a video_context"),
+        (k, Some(c)) => (k, c),
+    };
+    let (cs, xs) = (c.shape().to_vec(), x.shape().to_vec());
+    if cs.len() != 5 || cs[0] != 1 || cs[1] != xs[1] || cs[3..] != xs[3..] {
+        bail!("the video_context {cs:?} must be a latent like the video's {xs:?}, frames aside");
+    }
+    if k > cs[2] || k >= xs[2] {
+        bail!(
+            "context_frames {k}: the context has {} latent frames and the video {}; keep fewer \
+             than the video's",
+            cs[2],
+            xs[2]
+        );
+    }
+    let frames = c
+        .to_device(x.device())?
+        .cast(DType::F32)?
+        .split(2, &[cs[2] - k, k])?
+        .remove(1);
+    let noise = x
+        .split(2, &[k, xs[2] - k])?
+        .remove(0)
+        .affine(1.0 / init_sigma, 0.0)?;
+    Ok(Some(KnownFrames { frames, noise, k }))
+}
+
 /// `SampleAudioVideo`.
 #[derive(Default)]
 pub struct SampleAudioVideo;
@@ -145,6 +202,19 @@ impl Node for SampleAudioVideo {
             .input(
                 Port::new("audio_latent", "Latent")
                     .doc("Sets the audio latent's shape [1, C, length]."),
+            )
+            .input(
+                Port::new("video_context", "Latent")
+                    .optional()
+                    .doc("An earlier video latent [1, C, frames, h, w] this one continues."),
+            )
+            .input(
+                Port::new("context_frames", "Int")
+                    .default(0i64)
+                    .range(0.0, 10000.0)
+                    .doc(
+                        "How many of video_context's last latent frames open this video (0: none).",
+                    ),
             )
             .input(
                 Port::new("video_sampler", "String")
@@ -275,8 +345,14 @@ impl Node for SampleAudioVideo {
             );
         }
         let n = towers[0].sched.num_steps();
+        let context = video_context(ctx, &towers[0].x, towers[0].sched.init_noise_sigma())?;
+        let noising = towers[0].sched.noising();
         for i in 0..n {
             ctx.check_cancelled()?;
+            if let Some(c) = &context {
+                let step = &towers[0].sched.steps()[i];
+                towers[0].x = c.hold(&towers[0].x, noising.coefficients(step.sigma))?;
+            }
             // Each tower's inputs: the scaled latent (rows for the guided batch), its timestep,
             // its conditioning.
             let mut calls = Vec::with_capacity(2);
@@ -356,6 +432,9 @@ impl Node for SampleAudioVideo {
                     .map_err(|e| Error(format!("the {} step {i}: {}", t.name, e.0)))?;
             }
             ctx.progress(i as u64 + 1, n as u64);
+        }
+        if let Some(c) = &context {
+            towers[0].x = c.hold(&towers[0].x, (1.0, 0.0))?;
         }
         let video = towers[0].x.with_kind(Kind::Latent)?;
         let audio = towers[1].x.with_kind(Kind::Latent)?;

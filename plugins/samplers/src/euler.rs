@@ -297,6 +297,10 @@ impl Scheduler for EulerDiscrete {
     fn init_noise_sigma(&self) -> f64 {
         self.init_noise_sigma
     }
+
+    fn noising(&self) -> crate::Noising {
+        crate::Noising::Exploding
+    }
 }
 
 #[cfg(test)]

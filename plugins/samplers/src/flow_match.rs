@@ -338,6 +338,10 @@ impl Scheduler for FlowMatchEulerDiscrete {
     fn init_noise_sigma(&self) -> f64 {
         1.0
     }
+
+    fn noising(&self) -> crate::Noising {
+        crate::Noising::Flow
+    }
 }
 
 #[cfg(test)]

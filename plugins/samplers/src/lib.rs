@@ -178,6 +178,34 @@ fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
 }
 
 /// What every scheduler offers once built for a number of inference steps.
+/// How a clean sample `x₀` and unit noise `ε` make the sample at noise level `σ` (a step's
+/// [`Step::sigma`]), for holding known parts of a latent at each step's level (frames given as
+/// context, masked regions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Noising {
+    /// Flow matching: `(1 − σ)·x₀ + σ·ε`.
+    Flow,
+    /// Variance exploding (Euler on a VP model's sigmas, k-diffusion style): `x₀ + σ·ε`.
+    Exploding,
+    /// Variance preserving (DDIM, DPM-Solver, UniPC without flow sigmas):
+    /// `(x₀ + σ·ε) / √(1 + σ²)`, i.e. `√ᾱ·x₀ + √(1 − ᾱ)·ε`.
+    Preserving,
+}
+
+impl Noising {
+    /// `(a, b)` with the sample `a·x₀ + b·ε` at `sigma`.
+    pub fn coefficients(self, sigma: f64) -> (f64, f64) {
+        match self {
+            Noising::Flow => (1.0 - sigma, sigma),
+            Noising::Exploding => (1.0, sigma),
+            Noising::Preserving => {
+                let n = (1.0 + sigma * sigma).sqrt();
+                (1.0 / n, sigma / n)
+            }
+        }
+    }
+}
+
 pub trait Scheduler {
     /// The diffusers class this scheduler reproduces (e.g. `"DDIMScheduler"`).
     fn class_name(&self) -> &'static str;
@@ -187,6 +215,11 @@ pub trait Scheduler {
 
     /// The factor the initial noise is multiplied by (diffusers' `init_noise_sigma`).
     fn init_noise_sigma(&self) -> f64;
+
+    /// How a clean sample and noise make this scheduler's sample at a step's `sigma`.
+    fn noising(&self) -> Noising {
+        Noising::Preserving
+    }
 
     /// How many previous denoised estimates a step may refer to (0 for one-step methods). A
     /// caller keeps the denoised estimates of that many previous steps (from every step, whether

@@ -394,3 +394,36 @@ fn odd_inputs_never_panic() {
 fn boxed<S: Scheduler + 'static>(s: S) -> Box<dyn Scheduler> {
     Box::new(s)
 }
+
+#[test]
+fn noising_gives_each_scheduler_s_own_sample_at_a_step() {
+    // A variance-preserving step's sigma is √((1 − ᾱ)/ᾱ): its noising must be √ᾱ·x₀ + √(1 − ᾱ)·ε,
+    // so a² + b² = 1 with a = 1/√(1 + σ²) (float64, to 1e-12).
+    let s = Ddim::new(DdimConfig::default(), 5).expect("a scheduler");
+    assert_eq!(s.noising(), Noising::Preserving);
+    for step in s.steps() {
+        let (a, b) = s.noising().coefficients(step.sigma);
+        let alpha_bar = 1.0 / (1.0 + step.sigma * step.sigma);
+        assert!((a * a - alpha_bar).abs() < 1e-12 && (a * a + b * b - 1.0).abs() < 1e-12);
+    }
+    // Flow matching: x = (1 − σ)·x₀ + σ·ε, and a flow prediction's x₀ estimate x − σ·v recovers
+    // x₀ from it exactly (v = ε − x₀).
+    let f = FlowMatchEulerDiscrete::new(
+        FlowMatchEulerDiscreteConfig::default(),
+        4,
+        FlowSigmas::Pipeline,
+        None,
+    )
+    .unwrap();
+    assert_eq!(f.noising(), Noising::Flow);
+    let (x0, eps) = (0.3, -1.7);
+    for step in f.steps() {
+        let (a, b) = f.noising().coefficients(step.sigma);
+        let x = a * x0 + b * eps;
+        let denoised = step.denoised_x * x + step.denoised_output * (eps - x0);
+        assert!((denoised - x0).abs() < 1e-12, "sigma {}", step.sigma);
+    }
+    // Euler's k-diffusion form: x = x₀ + σ·ε.
+    let e = EulerDiscrete::new(EulerDiscreteConfig::default(), 4).unwrap();
+    assert_eq!(e.noising().coefficients(2.0), (1.0, 2.0));
+}

@@ -496,6 +496,14 @@ impl Scheduler for UniPc {
         1.0
     }
 
+    fn noising(&self) -> crate::Noising {
+        if self.config.use_flow_sigmas {
+            crate::Noising::Flow
+        } else {
+            crate::Noising::Preserving
+        }
+    }
+
     /// The corrector reaches one step further back than the predictor.
     fn history_len(&self) -> usize {
         self.config.solver_order
