@@ -48,7 +48,7 @@ fn forward_error_with(session: &Session, name: &str, io: &str, outputs: &[&str])
         "wan_vae" => ("LoadWanVAE", "vae"),
         "stable_audio" => ("LoadStableAudio", "model"),
         "oobleck" => ("LoadOobleck", "vae"),
-        "t5" | "clip" | "clip_projection" => ("LoadTextEncoder", "encoder"),
+        "t5" | "umt5" | "clip" | "clip_projection" => ("LoadTextEncoder", "encoder"),
         _ => ("LoadDiffusionModel", "model"),
     };
     let dir = common::repo().join("tests/fixtures/parity").join(name);
@@ -550,6 +550,8 @@ fn clip_text_encoders_match_transformers() {
 fn t5_encoder_matches_transformers() {
     // Gated-GELU T5 with relative position buckets past the exact range and padded tokens.
     assert!(forward_error(&session(), "t5", &["last_hidden_state"]) <= 1e-4);
+    // UMT5 (Wan's text encoder): each of its 3 blocks has its own relative position bias.
+    assert!(forward_error(&session(), "umt5", &["last_hidden_state"]) <= 1e-4);
 }
 
 /// Runs tokens → image on the pipeline fixture with scheduler config `scheduler` and compares

@@ -178,6 +178,21 @@ def t5(seed):
     save("t5", model, {"input_ids": ids, "attention_mask": mask}, {"last_hidden_state": out})
 
 
+def umt5(seed):
+    """UMT5EncoderModel (Wan's text encoder): T5 with a relative position bias in every block."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=3, num_heads=2,
+                     relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                     feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    model = randomize(UMT5EncoderModel(cfg), seed)
+    ids = torch.tensor([[5, 17, 3, 44, 9, 1, 0, 0, 0, 0, 0, 0], [7, 7, 2, 31, 12, 40, 22, 8, 19, 33, 4, 1]])
+    mask = (torch.arange(12)[None, :] < torch.tensor([[6], [12]])).long()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    save("umt5", model, {"input_ids": ids, "attention_mask": mask}, {"last_hidden_state": out})
+
+
 def clip(name, with_projection, eos_token_id, seed):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -296,6 +311,7 @@ def main():
     dit(30)
     vae(40)
     t5(50)
+    umt5(51)
     pipeline(60)
     clip("clip", False, 2, 70)
     clip("clip_projection", True, 49, 80)

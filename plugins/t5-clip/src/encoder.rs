@@ -53,6 +53,7 @@ impl Object for TextEncoder {
 /// The classes `LoadTextEncoder` understands.
 pub const TEXT_ENCODER_CLASSES: &[&str] = &[
     "T5EncoderModel",
+    "UMT5EncoderModel",
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
 ];
@@ -133,7 +134,12 @@ impl TextEncoder {
         Ok(TextEncoder {
             pad_token_id,
             model: match class {
-                "T5EncoderModel" => TextModel::T5(Box::new(T5Encoder::load(&cfg, &w, device)?)),
+                "T5EncoderModel" => {
+                    TextModel::T5(Box::new(T5Encoder::load(&cfg, &w, device, false)?))
+                }
+                "UMT5EncoderModel" => {
+                    TextModel::T5(Box::new(T5Encoder::load(&cfg, &w, device, true)?))
+                }
                 _ => TextModel::Clip(Box::new(ClipText::load(
                     &cfg,
                     &w,
@@ -274,7 +280,7 @@ impl Node for LoadTextEncoder {
         NodeSchema::new("LoadTextEncoder")
             .category("loaders")
             .doc(
-                "Loads a T5EncoderModel, CLIPTextModel or CLIPTextModelWithProjection: a \
+                "Loads a T5EncoderModel, UMT5EncoderModel (Wan's), CLIPTextModel or CLIPTextModelWithProjection: a \
                  transformers folder (config.json plus safetensors, with its tokenizer.json when \
                  there is one), or one encoder of a single .safetensors file (component: \
                  clip_l, clip_g or t5xxl of Stability AI's and ComfyUI's all-in-one files, or \

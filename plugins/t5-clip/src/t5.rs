@@ -1,6 +1,7 @@
 //! `T5EncoderModel` (transformers): token embeddings, pre-norm blocks of unscaled self-attention
 //! with T5's bucketed relative position bias (computed by the first block, shared by all) and a
-//! ReLU or gated-GELU MLP, and a final RMS norm. The text encoder of PixArt.
+//! ReLU or gated-GELU MLP, and a final RMS norm. The text encoder of PixArt. `UMT5EncoderModel`
+//! (Wan's text encoder) is the same with a relative position bias of each block's own.
 
 use ditflow_nn::{Config, Linear, Weights};
 use ditflow_plugin::{DType, Device, Error, Kind, Result, Tensor};
@@ -20,8 +21,8 @@ pub struct Block {
 
 pub struct T5Encoder {
     pub embed: Tensor,
-    /// `[num_buckets, heads]`.
-    pub relative_bias: Tensor,
+    /// `[num_buckets, heads]`: one for all blocks (T5), or one per block (UMT5).
+    pub relative_bias: Vec<Tensor>,
     pub blocks: Vec<Block>,
     pub final_norm: Tensor,
     pub heads: usize,
@@ -51,7 +52,13 @@ pub fn relative_position_bucket(relative: i64, num_buckets: usize, max_distance:
 }
 
 impl T5Encoder {
-    pub fn load(cfg: &Config, w: &Weights, device: Device) -> Result<T5Encoder> {
+    /// A `T5EncoderModel`, or with `per_block_bias` a `UMT5EncoderModel`.
+    pub fn load(
+        cfg: &Config,
+        w: &Weights,
+        device: Device,
+        per_block_bias: bool,
+    ) -> Result<T5Encoder> {
         let d_model = cfg.usize_or("d_model", 512)?;
         let d_kv = cfg.usize_or("d_kv", 64)?;
         let d_ff = cfg.usize_or("d_ff", 2048)?;
@@ -112,10 +119,16 @@ impl T5Encoder {
             .collect::<Result<Vec<_>>>()?;
         Ok(T5Encoder {
             embed: w.get(embed_key, &[vocab, d_model])?,
-            relative_bias: w.get(
-                "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                &[num_buckets, heads],
-            )?,
+            relative_bias: (0..if per_block_bias { layers } else { 1 })
+                .map(|i| {
+                    w.get(
+                        &format!(
+                            "encoder.block.{i}.layer.0.SelfAttention.relative_attention_bias.weight"
+                        ),
+                        &[num_buckets, heads],
+                    )
+                })
+                .collect::<Result<_>>()?,
             blocks,
             final_norm: w.get("encoder.final_layer_norm.weight", &[d_model])?,
             heads,
@@ -128,8 +141,8 @@ impl T5Encoder {
         })
     }
 
-    /// `[1, heads, L, L]` position bias.
-    fn position_bias(&self, l: usize) -> Result<Tensor> {
+    /// `[1, heads, L, L]` position biases, one per table.
+    fn position_biases(&self, l: usize) -> Result<Vec<Tensor>> {
         let buckets: Vec<i64> = (0..l)
             .flat_map(|q| (0..l).map(move |k| (q, k)))
             .map(|(q, k)| {
@@ -146,11 +159,19 @@ impl T5Encoder {
                 .flat_map(|b| b.to_le_bytes())
                 .collect::<Vec<u8>>(),
         )?;
+        let ids = ids.to_device(self.device)?;
         // [L, L, H] -> [1, H, L, L]
         self.relative_bias
-            .embedding(&ids.to_device(self.device)?)?
-            .permute(&[2, 0, 1])?
-            .reshape(&[1, self.heads as i64, l as i64, l as i64])
+            .iter()
+            .map(|table| {
+                table.embedding(&ids)?.permute(&[2, 0, 1])?.reshape(&[
+                    1,
+                    self.heads as i64,
+                    l as i64,
+                    l as i64,
+                ])
+            })
+            .collect()
     }
 
     /// The last hidden state `[B, L, d_model]` for token ids `[B, L]` and an optional mask
@@ -163,7 +184,7 @@ impl T5Encoder {
             )));
         }
         let (b, l) = (s[0] as i64, s[1]);
-        let mut bias = self.position_bias(l)?;
+        let mut biases = self.position_biases(l)?;
         if let Some(m) = mask {
             if m.shape() != s.as_slice() {
                 return Err(Error(format!(
@@ -176,21 +197,24 @@ impl T5Encoder {
                 .cast(DType::F32)?
                 .affine(1e30, -1e30)?
                 .reshape(&[b, 1, 1, l as i64])?;
-            bias = bias.add(&drop)?;
+            for bias in &mut biases {
+                *bias = bias.add(&drop)?;
+            }
         }
         let mut x = self.embed.embedding(&ids.to_device(self.device)?)?;
         let split = |t: Tensor| -> Result<Tensor> {
             t.reshape(&[b, l as i64, self.heads as i64, -1])?
                 .permute(&[0, 2, 1, 3])
         };
-        for blk in &self.blocks {
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let bias = &biases[i.min(biases.len() - 1)];
             let n = x.rms_norm(Some(&blk.norm_attn), self.eps)?;
             let (q, k, v) = (
                 split(blk.q.forward(&n, "none")?)?,
                 split(blk.k.forward(&n, "none")?)?,
                 split(blk.v.forward(&n, "none")?)?,
             );
-            let a = ditflow_plugin::ops::attention(&q, &k, &v, Some(&bias), Some(1.0))?;
+            let a = ditflow_plugin::ops::attention(&q, &k, &v, Some(bias), Some(1.0))?;
             let a = a.permute(&[0, 2, 1, 3])?.reshape(&[b, l as i64, -1])?;
             x = x.add(&blk.o.forward(&a, "none")?)?;
             let n = x.rms_norm(Some(&blk.norm_ff), self.eps)?;
