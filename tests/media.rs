@@ -322,3 +322,78 @@ fn encoding_audio_checks_the_vae_s_sample_rate() {
     };
     assert_eq!(t.shape(), &[1, 4, 8]);
 }
+
+#[test]
+fn videos_and_sounds_join_and_pixel_latents_become_frames() {
+    // A folder of 6 frames joined after itself without its first 2 frames: 10 frames, the
+    // second part from frame 2 on; a 200-sample sound joined after itself less 0.005 s (110
+    // samples at 22050 Hz); a saved tensor as a pixel-space latent: (x + 1) / 2, clamped, in
+    // [frames, h, w, 3] order; SaveVideo's scale writes 2x the size.
+    let dir = common::temp_dir("media-join");
+    let frames = write_frames(&dir.join("in"));
+    let tone: Vec<i16> = (0..200).map(|i| (i * 100) as i16).collect();
+    write_wav16(&dir.join("in.wav"), 1, 22050, &tone);
+    // A [1, 3, 2, 1, 2] latent: channel c, frame f, pixel x = (c·4 + f·2 + x) / 4 − 1.2.
+    let latent: Vec<f32> = (0..12).map(|i| i as f32 / 4.0 - 1.2).collect();
+    let bytes: Vec<u8> = latent.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let header = format!(
+        "{{\"x\":{{\"dtype\":\"F32\",\"shape\":[1,3,2,1,2],\"data_offsets\":[0,{}]}}}}",
+        bytes.len()
+    );
+    let mut st = (header.len() as u64).to_le_bytes().to_vec();
+    st.extend_from_slice(header.as_bytes());
+    st.extend_from_slice(&bytes);
+    std::fs::write(dir.join("latent.safetensors"), st).unwrap();
+    let yaml = format!(
+        r#"version: 1
+nodes:
+  v: {{type: LoadVideo, inputs: {{path: {v}, fps: 12}}}}
+  j: {{type: JoinVideos, inputs: {{first: v.video, second: v.video, overlap: 2}}}}
+  a: {{type: LoadAudio, inputs: {{path: {a}}}}}
+  ja: {{type: JoinAudio, inputs: {{first: a.audio, second: a.audio, overlap: 0.005}}}}
+  t: {{type: LoadTensor, inputs: {{path: {l}, name: x}}}}
+  lat: {{type: TensorAs, inputs: {{tensor: t.tensor, kind: Latent}}}}
+  p: {{type: PixelsToVideo, inputs: {{latent: lat.value, fps: 4}}}}
+  s: {{type: SaveVideo, inputs: {{video: j.video, path: big.png, scale: 2}}}}
+  back: {{type: LoadVideo, inputs: {{path: s.path}}}}
+  bad: {{type: JoinVideos, inputs: {{first: v.video, second: p.video}}}}
+outputs:
+  j: j.video
+  ja: ja.audio
+  p: p.video
+  back: back.video
+"#,
+        v = q(&dir.join("in")),
+        a = q(&dir.join("in.wav")),
+        l = q(&dir.join("latent.safetensors"))
+    );
+    let g = Graph::from_yaml(&yaml, "join.yaml", Path::new(".")).unwrap();
+    let opts = RunOptions {
+        out_dir: dir.clone(),
+        ..RunOptions::default()
+    };
+    let report = session().run(&g, &[], &opts).unwrap();
+    let (shape, j, fps) = media(&report, "j");
+    assert_eq!((shape.as_slice(), fps), (&[10usize, 8, 12, 3][..], 12.0));
+    let frame = 8 * 12 * 3;
+    let want = |i: usize| frames[i] as f32 / 255.0;
+    assert!((0..6 * frame).all(|i| (j[i] - want(i)).abs() < 1e-6));
+    assert!((0..4 * frame).all(|i| (j[6 * frame + i] - want(2 * frame + i)).abs() < 1e-6));
+    let (shape, ja, rate) = media(&report, "ja");
+    assert_eq!((shape.as_slice(), rate), (&[1usize, 290][..], 22050.0));
+    assert_eq!(ja[200], tone[110] as f32 / 32768.0);
+    let (shape, p, fps) = media(&report, "p");
+    assert_eq!((shape.as_slice(), fps), (&[2usize, 1, 2, 3][..], 4.0));
+    for f in 0..2 {
+        for x in 0..2 {
+            for c in 0..3 {
+                let v = latent[c * 4 + f * 2 + x];
+                let want = ((v + 1.0) / 2.0).clamp(0.0, 1.0);
+                assert!((p[(f * 2 + x) * 3 + c] - want).abs() < 1e-6);
+            }
+        }
+    }
+    assert_eq!(media(&report, "back").0, vec![10, 16, 24, 3]);
+    let f = report.failed.iter().find(|f| &*f.node == "bad").unwrap();
+    assert!(f.error.contains("one size"), "{}", f.error);
+}
