@@ -458,7 +458,8 @@ def load_towers(out):
 
 
 @torch.no_grad()
-def sample(out, vprompts, aprompts, steps=20, cfg_v=3.0, cfg_a=3.0, seed=0, bridged=True, philox=False):
+def sample(out, vprompts, aprompts, steps=20, cfg_v=3.0, cfg_a=3.0, seed=0, bridged=True, philox=False,
+           isolation=1.0):
     """Lockstep sampling as graphs/text_to_sounding_video.yaml does it; with `philox`, one prompt
     from ditflow's seeded noise (the video's from seed, the audio's from seed + 1), so the two can
     be compared number for number. Returns frames [n, 3, F, H, W] in [0, 1], waveforms and the
@@ -489,8 +490,12 @@ def sample(out, vprompts, aprompts, steps=20, cfg_v=3.0, cfg_a=3.0, seed=0, brid
     sa_s.set_timesteps(steps)
     keep = torch.full((2 * n,), 1.0 if bridged else 0.0)
     for t in sv.timesteps:
-        pv, pa = towers_forward(wan, sa, blocks, torch.cat([xv, xv]), torch.cat([xa, xa]), t.float().expand(2 * n),
-                                text_v, states, glob, keep)
+        args = (wan, sa, blocks, torch.cat([xv, xv]), torch.cat([xa, xa]), t.float().expand(2 * n), text_v, states, glob)
+        pv, pa = towers_forward(*args, keep)
+        if bridged and isolation:
+            # Modality-isolation guidance: away from the prediction without the bridge.
+            ov, oa = towers_forward(*args, torch.zeros_like(keep))
+            pv, pa = pv + isolation * (pv - ov), pa + isolation * (pa - oa)
         pv = pv[n:] + cfg_v * (pv[:n] - pv[n:])
         pa = pa[n:] + cfg_a * (pa[:n] - pa[n:])
         xv = sv.step(pv, t, xv).prev_sample
