@@ -73,7 +73,7 @@ def panel(png, cell=48, wave_h=64):
     mid = top + wave_h // 2
     draw.line([(0, mid), (width, mid)], fill=(200, 200, 200))
     for f in floor_frames(frames):
-        x = f * cell + cell // 2
+        x = f * cell  # frame f shows the time f / fps onwards
         draw.line([(x, top), (x, top + wave_h)], fill=(255, 170, 170))
     # The waveform's envelope per pixel column.
     per = len(audio) / width
