@@ -412,3 +412,52 @@ fn three_scenes_follow_their_prompts_and_the_extension_continues_them() {
     eprintln!("extension seam {seam:.4}, consecutive frames {typical:.4} on average");
     assert!(seam <= 2.0 * typical, "seam {seam:.4} vs {typical:.4}");
 }
+
+#[test]
+fn scene_and_extension_inputs_that_cannot_work_are_refused() {
+    // An empty scene list; more context frames than the video has; context frames without a
+    // context: each a node error naming the problem, before any sampling.
+    let graph = common::repo().join("graphs/sounding_scenes.yaml");
+    let text = std::fs::read_to_string(&graph).unwrap();
+    let rt = Runtime::new();
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("plugins load");
+    }
+    let session = Session::new(Arc::new(rt));
+    let cases = [
+        (
+            text.replace(r#"prompts: ["", "", ""]"#, "prompts: []"),
+            "no_scenes",
+            "at least one scene",
+        ),
+        (
+            text.replace("context_frames: 4", "context_frames: 16"),
+            "fourth",
+            "context_frames 16",
+        ),
+        (
+            text.replace("video_context: first.video_latent, ", ""),
+            "fourth",
+            "needs a video_context",
+        ),
+    ];
+    for (yaml, node, message) in cases {
+        let g = Graph::from_yaml(&yaml, "sounding_scenes.yaml", graph.parent().unwrap()).unwrap();
+        let report = session
+            .run(
+                &g,
+                &[],
+                &RunOptions {
+                    out_dir: common::temp_dir("sounding_bad"),
+                    ..RunOptions::default()
+                },
+            )
+            .unwrap();
+        let f = report
+            .failed
+            .iter()
+            .find(|f| &*f.node == node)
+            .unwrap_or_else(|| panic!("{node} fails: {:?}", report.failed));
+        assert!(f.error.contains(message), "{node}: {}", f.error);
+    }
+}
