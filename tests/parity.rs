@@ -148,6 +148,23 @@ fn stable_audio_matches_diffusers() {
     );
 }
 
+/// Graph nodes loading a bridge fixture: `b` (the bridge of `dir/model`) and the four input
+/// tensors of `io` (`video`, `audio`, `video_emb`, `audio_emb`).
+fn bridge_fixture_nodes(dir: &Path, io: &Path) -> String {
+    let q = |p: &Path| format!("{:?}", p.to_string_lossy());
+    let mut nodes = format!(
+        "  b: {{type: LoadBridge, inputs: {{path: {d}}}}}\n",
+        d = q(&dir.join("model"))
+    );
+    for t in ["video", "audio", "video_emb", "audio_emb"] {
+        nodes += &format!(
+            "  {t}: {{type: LoadTensor, inputs: {{path: {io}, name: in.{t}}}}}\n",
+            io = q(io)
+        );
+    }
+    nodes
+}
+
 #[test]
 fn the_dual_cross_attention_bridge_matches_bridgedit() {
     // BridgeDiT's CrossDiTBlockAdaLN, re-written in PyTorch from its public code by
@@ -157,17 +174,7 @@ fn the_dual_cross_attention_bridge_matches_bridgedit() {
     for (name, blocks) in [("bridge", 2), ("bridge_a2v", 1)] {
         let dir = common::repo().join("tests/fixtures/parity").join(name);
         let io = dir.join("io.safetensors");
-        let q = |p: &Path| format!("{:?}", p.to_string_lossy());
-        let mut nodes = format!(
-            "  b: {{type: LoadBridge, inputs: {{path: {d}}}}}\n",
-            d = q(&dir.join("model"))
-        );
-        for t in ["video", "audio", "video_emb", "audio_emb"] {
-            nodes += &format!(
-                "  {t}: {{type: LoadTensor, inputs: {{path: {io}, name: in.{t}}}}}\n",
-                io = q(&io)
-            );
-        }
+        let mut nodes = bridge_fixture_nodes(&dir, &io);
         let mut outputs = String::new();
         for i in 0..blocks {
             nodes += &format!("  blk{i}: {{type: BridgeBlock, inputs: {{bridge: b.bridge, index: {i}, video: video.tensor, audio: audio.tensor, video_emb: video_emb.tensor, audio_emb: audio_emb.tensor}}}}\n");
@@ -205,17 +212,7 @@ fn the_bridge_rotates_by_each_token_s_time_in_seconds() {
 fn bridge_at_token_times(name: &str) {
     let dir = common::repo().join("tests/fixtures/parity").join(name);
     let io = dir.join("io.safetensors");
-    let q = |p: &Path| format!("{:?}", p.to_string_lossy());
-    let mut nodes = format!(
-        "  b: {{type: LoadBridge, inputs: {{path: {d}}}}}\n",
-        d = q(&dir.join("model"))
-    );
-    for t in ["video", "audio", "video_emb", "audio_emb"] {
-        nodes += &format!(
-            "  {t}: {{type: LoadTensor, inputs: {{path: {io}, name: in.{t}}}}}\n",
-            io = q(&io)
-        );
-    }
+    let mut nodes = bridge_fixture_nodes(&dir, &io);
     let ins = "bridge: b.bridge, video: video.tensor, audio: audio.tensor, video_emb: video_emb.tensor, audio_emb: audio_emb.tensor";
     nodes += &format!("  timed: {{type: BridgeBlock, inputs: {{{ins}, frames: 5}}}}\n");
     nodes += &format!("  indexed: {{type: BridgeBlock, inputs: {{{ins}}}}}\n");
