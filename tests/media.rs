@@ -55,16 +55,11 @@ fn write_wav16(path: &Path, channels: u16, rate: u32, interleaved: &[i16]) {
 
 /// The tensor and rate of an Audio or Video output (`[tensor, rate]`).
 fn media(report: &ditflow::RunReport, name: &str) -> (Vec<usize>, Vec<f32>, f64) {
-    let v = report
-        .output(name)
-        .unwrap_or_else(|| panic!("output {name}"));
-    let Value::List(items) = &**v else {
-        panic!("{name}: a [tensor, rate] list");
-    };
-    let (Value::Tensor(_, t), Value::Float(rate)) = (&*items[0], &*items[1]) else {
-        panic!("{name}: a [tensor, rate] list");
-    };
-    (t.shape().to_vec(), t.as_f32().to_vec(), *rate)
+    common::media_value(
+        report
+            .output(name)
+            .unwrap_or_else(|| panic!("output {name}")),
+    )
 }
 
 fn q(p: &Path) -> String {

@@ -22,17 +22,6 @@ const PROMPTS: &[(&str, &str)] = &[
     ("green", "triangle"),
 ];
 
-/// A `[tensor, rate]` media value's data, shape and rate.
-fn media(v: &Value) -> (Vec<usize>, Vec<f32>, f64) {
-    let Value::List(items) = v else {
-        panic!("a [tensor, rate] list")
-    };
-    let (Value::Tensor(_, t), Value::Float(rate)) = (items[0].as_ref(), items[1].as_ref()) else {
-        panic!("a [tensor, rate] list")
-    };
-    (t.shape().to_vec(), t.as_f32().to_vec(), *rate)
-}
-
 /// Frames where the shape touches the floor: local maxima of the vertical centroid of what
 /// differs from the background (each pixel's median over the clip, since the shape moves),
 /// within a pixel of the lowest the centroid gets. `frames` is `[T, H, W, 3]`.
@@ -199,8 +188,8 @@ fn score(session: &Session, g: &Graph, bridged: bool) -> Score {
             )
             .unwrap();
         assert!(report.ok(), "{colour} {shape}: {:?}", report.failed);
-        let (vs, frames, fps) = media(report.output("frames").unwrap());
-        let (_, audio, rate) = media(report.output("audio").unwrap());
+        let (vs, frames, fps) = common::media_value(report.output("frames").unwrap());
+        let (_, audio, rate) = common::media_value(report.output("audio").unwrap());
         let seen = visual_bounces(&vs, &frames);
         let heard = audio_onsets(&audio, rate, fps);
         let (f1, lag) = event_f1(&seen, &heard, 1);
@@ -380,9 +369,9 @@ fn three_scenes_follow_their_prompts_and_the_extension_continues_them() {
         )
         .unwrap();
     assert!(report.ok(), "{:?}", report.failed);
-    let (shape, scenes, _) = media(report.output("scenes").unwrap());
-    let (_, fourth, _) = media(report.output("fourth").unwrap());
-    let (joined_shape, _, _) = media(report.output("frames").unwrap());
+    let (shape, scenes, _) = common::media_value(report.output("scenes").unwrap());
+    let (_, fourth, _) = common::media_value(report.output("fourth").unwrap());
+    let (joined_shape, _, _) = common::media_value(report.output("frames").unwrap());
     assert_eq!(joined_shape[0], 16 + 12);
     let colours = shape_colours(&shape, &scenes);
     eprintln!("scene colours by frame: {colours:?}");

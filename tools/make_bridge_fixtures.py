@@ -92,16 +92,28 @@ class DualCross(nn.Module):
         self.s1, self.s2 = Side(c1, e1, qk, vc, ratio), Side(c2, e2, qk, vc, ratio)
         self.heads, self.flag = heads, flag
 
-    def state(self, prefix):
-        out = {}
+    def layers(self, prefix):
+        """Each linear layer with its name in BridgeDiT's checkpoints."""
         for n, s in ((1, self.s1), (2, self.s2)):
             for ours, theirs in [("mod", f"adaln_modulation_{n}.1"), ("q", f"attn.q_proj_{n}"),
                                  ("k", f"attn.k_proj_{n}"), ("v", f"attn.v_proj_{n}"), ("o", f"attn.o_proj_{n}"),
                                  ("fc1", f"mlp_{n}.fc1"), ("fc2", f"mlp_{n}.fc2")]:
-                layer = getattr(s, ours)
-                out[f"{prefix}.{theirs}.weight"] = layer.weight.detach().clone().contiguous()
-                out[f"{prefix}.{theirs}.bias"] = layer.bias.detach().clone().contiguous()
+                yield f"{prefix}.{theirs}", getattr(s, ours)
+
+    def state(self, prefix):
+        out = {}
+        for name, layer in self.layers(prefix):
+            out[f"{name}.weight"] = layer.weight.detach().clone().contiguous()
+            out[f"{name}.bias"] = layer.bias.detach().clone().contiguous()
         return out
+
+    def load(self, weights, prefix):
+        """Copies the layers' weights from a checkpoint in BridgeDiT's names (as float32)."""
+        with torch.no_grad():
+            for name, layer in self.layers(prefix):
+                layer.weight.copy_(weights[f"{name}.weight"].float())
+                layer.bias.copy_(weights[f"{name}.bias"].float())
+        return self
 
     def forward(self, x1, x2, e1, e2, positions=None):
         """`positions`: each stream's RoPE positions (float tensors), else the sequence index."""

@@ -178,17 +178,7 @@ def sample():
     blocks = []
     for i in range(config["num_blocks"]):
         blk = DualCross(c1=dv, c2=da, e1=dv, e2=da, qk=16, vc=16, heads=2, flag="bicross").eval()
-        ours = blk.state(f"dual_dit_blocks.{i}")
-        with torch.no_grad():
-            for n, s in ((1, blk.s1), (2, blk.s2)):
-                for mine, theirs in [("mod", f"adaln_modulation_{n}.1"), ("q", f"attn.q_proj_{n}"),
-                                     ("k", f"attn.k_proj_{n}"), ("v", f"attn.v_proj_{n}"), ("o", f"attn.o_proj_{n}"),
-                                     ("fc1", f"mlp_{n}.fc1"), ("fc2", f"mlp_{n}.fc2")]:
-                    layer = getattr(s, mine)
-                    layer.weight.copy_(bridge[f"dual_dit_blocks.{i}.{theirs}.weight"])
-                    layer.bias.copy_(bridge[f"dual_dit_blocks.{i}.{theirs}.bias"])
-        assert set(ours) <= set(bridge)
-        blocks.append(blk)
+        blocks.append(blk.load(bridge, f"dual_dit_blocks.{i}"))
     points = (config["video_points"], config["audio_points"])
     g = torch.Generator().manual_seed(61)
     conds = {"in.video_positive": torch.randn(1, 7, 16, generator=g), "in.video_negative": torch.randn(1, 7, 16, generator=g),

@@ -438,18 +438,8 @@ def load_towers(out):
     wan = WanTransformer3DModel.from_pretrained(os.path.join(out, "video_transformer")).float().eval()
     sa = StableAudioDiTModel.from_pretrained(os.path.join(out, "audio_transformer")).float().eval()
     proj = StableAudioProjectionModel.from_pretrained(os.path.join(out, "projection_model")).float().eval()
-    blocks = make_bridge()
     w = load_file(os.path.join(out, "bridge", "bridge.safetensors"))
-    with torch.no_grad():
-        for i, blk in enumerate(blocks):
-            for n, s in ((1, blk.s1), (2, blk.s2)):
-                for mine, theirs in [("mod", f"adaln_modulation_{n}.1"), ("q", f"attn.q_proj_{n}"),
-                                     ("k", f"attn.k_proj_{n}"), ("v", f"attn.v_proj_{n}"), ("o", f"attn.o_proj_{n}"),
-                                     ("fc1", f"mlp_{n}.fc1"), ("fc2", f"mlp_{n}.fc2")]:
-                    layer = getattr(s, mine)
-                    layer.weight.copy_(w[f"dual_dit_blocks.{i}.{theirs}.weight"].float())
-                    layer.bias.copy_(w[f"dual_dit_blocks.{i}.{theirs}.bias"].float())
-            blk.eval()
+    blocks = [blk.load(w, f"dual_dit_blocks.{i}").eval() for i, blk in enumerate(make_bridge())]
     return te, wan, sa, proj, blocks
 
 

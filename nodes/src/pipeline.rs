@@ -33,13 +33,7 @@ pub fn encode_text(enc: &Value, text: &str, max: usize, pad_to: usize) -> Result
         "last_hidden_state",
         "the text encoder",
     )?;
-    let s = out.shape().to_vec();
-    if s.len() == 3 && pad_to > s[1] {
-        let zeros = Tensor::zeros(Kind::Tensor, out.dtype(), &[s[0], pad_to - s[1], s[2]])?
-            .to_device(out.device())?;
-        return ditflow_plugin::ops::concat(&[&out, &zeros], 1);
-    }
-    Ok(out)
+    ditflow_plugin::ops::pad_tokens(&out, pad_to)
 }
 
 /// `TextEncode`: a prompt as a Conditioning tensor.
@@ -229,15 +223,8 @@ fn batch_conditionings(conds: &[&Tensor], device: Device) -> Result<(Tensor, Ten
         if s.len() != 3 || s[0] != 1 || s[2] != width {
             bail!("conditionings must be [1, tokens, {width}], got {s:?}");
         }
-        let c = c.to_device(device)?;
-        let t = if s[1] < lmax {
-            let pad = Tensor::zeros(Kind::Tensor, DType::F32, &[1, lmax - s[1], width])?
-                .to_device(device)?;
-            ditflow_plugin::ops::concat(&[&c.cast(DType::F32)?, &pad], 1)?
-        } else {
-            c.cast(DType::F32)?
-        };
-        padded.push(t);
+        let c = c.to_device(device)?.cast(DType::F32)?;
+        padded.push(ditflow_plugin::ops::pad_tokens(&c, lmax)?);
         mask.extend((0..lmax).map(|i| (i < s[1]) as i64));
     }
     let batch = ditflow_plugin::ops::concat(&padded.iter().collect::<Vec<_>>(), 0)?;

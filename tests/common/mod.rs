@@ -142,3 +142,15 @@ pub fn build_c_plugin_with(source: &str, out_dir: &Path, extra: &[&str]) -> Path
     assert!(status.success(), "compiling {} failed", src.display());
     out
 }
+
+/// The shape, f32 data and rate of an Audio or Video value (`[tensor, rate]`).
+pub fn media_value(v: &ditflow::Value) -> (Vec<usize>, Vec<f32>, f64) {
+    let ditflow::Value::List(items) = v else {
+        panic!("a [tensor, rate] list, got {v:?}")
+    };
+    let (ditflow::Value::Tensor(_, t), ditflow::Value::Float(rate)) = (&*items[0], &*items[1])
+    else {
+        panic!("a [tensor, rate] list")
+    };
+    (t.shape().to_vec(), t.as_f32().to_vec(), *rate)
+}

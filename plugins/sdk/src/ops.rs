@@ -222,6 +222,19 @@ pub fn concat(xs: &[&Tensor], axis: i64) -> Result<Tensor> {
     one("concat", &inputs, &[("axis", Attr::Int(axis))])
 }
 
+/// Token sequences `[B, L, D]` zero-padded at the end to `len` tokens (unchanged when `L` is
+/// already that long), in their dtype and on their device.
+pub fn pad_tokens(x: &Tensor, len: usize) -> Result<Tensor> {
+    match *x.shape() {
+        [b, l, d] if l < len => {
+            let zeros =
+                Tensor::zeros(Kind::Tensor, x.dtype(), &[b, len - l, d])?.to_device(x.device())?;
+            concat(&[x, &zeros], 1)
+        }
+        _ => Ok(x.clone()),
+    }
+}
+
 /// Seeded standard-normal f32 noise on `device` (the same numbers on every device).
 pub fn randn(shape: &[usize], seed: u64, device: Device) -> Result<Tensor> {
     let s = ints(shape);

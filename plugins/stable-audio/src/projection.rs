@@ -154,19 +154,12 @@ impl Projection {
             Some(l) => l.apply(&text, "none", LinearDeltas::none())?,
             None => text,
         };
-        let width = tokens.shape()[2];
-        let tokens = if pad_to > s[1] {
-            let pad = Tensor::zeros(Kind::Tensor, DType::F32, &[1, pad_to - s[1], width])?
-                .to_device(self.device)?;
-            concat(&[&tokens, &pad], 1)?
-        } else {
-            tokens
-        };
+        let tokens = ditflow_plugin::ops::pad_tokens(&tokens, pad_to)?;
         let a = self.start.embed(start, self.min, self.max, self.device)?;
         let b = self.end.embed(end, self.min, self.max, self.device)?;
         let states = concat(&[&tokens, &a, &b], 1)?;
         let states = if unconditional {
-            states.affine(0.0, 0.0)?
+            Tensor::zeros(Kind::Tensor, DType::F32, states.shape())?.to_device(self.device)?
         } else {
             states
         };
