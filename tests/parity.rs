@@ -388,6 +388,55 @@ outputs:
 }
 
 #[test]
+fn two_towers_fused_in_their_cross_attention_match_ovi_s_fusion_blocks() {
+    // Ovi's key/value injection (a FusedCrossAttentionBridge in every block pair of the tiny Wan
+    // and Stable Audio transformers), run through block stepping by halves, against the pure
+    // PyTorch fusion of tools/make_fused_bridge_fixtures.py on diffusers' blocks. Tolerance
+    // 1e-4 relative to the largest reference; with the bridge off, each tower alone.
+    let parity = common::repo().join("tests/fixtures/parity");
+    let inputs = parity.join("bridged_towers");
+    let dir = parity.join("bridged_towers_fused");
+    let q = |p: &Path| format!("{:?}", p.to_string_lossy());
+    let yaml = format!(
+        r#"version: 1
+nodes:
+  v: {{type: LoadWan, inputs: {{path: {v}}}}}
+  a: {{type: LoadStableAudio, inputs: {{path: {a}}}}}
+  b: {{type: LoadBridge, inputs: {{path: {b}}}}}
+  on: {{type: BridgedForward, inputs: {{video: v.model, audio: a.model, bridge: b.bridge, video_inputs: {vi}, audio_inputs: {ai}}}}}
+  off: {{type: BridgedForward, inputs: {{video: v.model, audio: a.model, bridge: b.bridge, video_inputs: {vi}, audio_inputs: {ai}, enabled: false}}}}
+outputs:
+  video: on.video
+  audio: on.audio
+  video_alone: off.video
+  audio_alone: off.audio
+"#,
+        v = q(&parity.join("wan")),
+        a = q(&parity.join("stable_audio")),
+        b = q(&dir.join("bridge")),
+        vi = q(&inputs.join("video.safetensors")),
+        ai = q(&inputs.join("audio.safetensors")),
+    );
+    let g = Graph::from_yaml(&yaml, "fused.yaml", Path::new(".")).unwrap();
+    let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    for key in ["video", "audio"] {
+        let e = relative_error(
+            report.output(key).unwrap(),
+            &dir.join("io.safetensors"),
+            key,
+        );
+        eprintln!("fused towers {key}: {e:.2e}");
+        assert!(e <= 1e-4, "{key}: {e:.2e}");
+    }
+    let io = inputs.join("io.safetensors");
+    for key in ["video_alone", "audio_alone"] {
+        let e = relative_error(report.output(key).unwrap(), &io, key);
+        assert!(e <= 1e-4, "{key}: {e:.2e}");
+    }
+}
+
+#[test]
 fn sampling_two_bridged_towers_matches_the_lockstep_reference() {
     // SampleAudioVideo as BridgeDiT samples: both towers each step through the bridge, the
     // video on UniPC flow sigmas (shift 3), the audio on DPM-Solver++ with v-prediction, CFG 3

@@ -1,23 +1,39 @@
-//! A bridge between two towers: a folder with `config.json` (`_class_name`
-//! `DualCrossAttentionBridge`: the blocks' widths, heads, `flag`, the tower blocks each bridge
-//! block follows, `video_points` and `audio_points`, and the RoPE alignment, `rope_positions`)
-//! and safetensors with BridgeDiT's
-//! names (`dual_dit_blocks.{i}.attn.q_proj_1`, ...). `LoadBridge` reads it; `BridgeBlock` runs
-//! block `i` on the two streams' tokens and time embeddings, for checking it and for graphs that
-//! step towers by hand.
+//! A bridge between two towers: a folder with `config.json` and safetensors. Its class is
+//! - `DualCrossAttentionBridge` (BridgeDiT): bridge blocks of their own, with the blocks'
+//!   widths, heads, `flag`, the tower blocks each bridge block follows (`video_points` and
+//!   `audio_points`) and the RoPE alignment (`rope_positions`), in BridgeDiT's names
+//!   (`dual_dit_blocks.{i}.attn.q_proj_1`, ...);
+//! - `FusedCrossAttentionBridge` (Ovi): key/value paths into each tower's own cross-attention
+//!   in the paired blocks ([`crate::fused`]).
+//!
+//! `LoadBridge` reads it; `BridgeBlock` runs block `i` of a dual cross-attention bridge on the
+//! two streams' tokens and time embeddings, for checking it and for graphs that step towers by
+//! hand; [`bridged_forward`] couples two towers through block stepping.
 
+use crate::fused::{Fused, FusedTowers};
 use ditflow_nn::bridge::{BridgeDims, DualCrossBlock, Exchange, Positions};
 use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltas;
+use ditflow_plugin::model::{BlockPart, DenoiserRef};
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How a bridge exchanges between the towers.
+pub enum Exchanges {
+    /// Bridge blocks of their own (BridgeDiT's dual cross-attention blocks), block `i` after
+    /// the tower blocks of point `i`.
+    Blocks(Vec<DualCrossBlock>),
+    /// Ovi's key/value injection into the cross-attentions of each point's tower blocks.
+    Fused(Arc<Fused>),
+}
 
 /// A loaded bridge.
 pub struct Bridge {
-    pub blocks: Vec<DualCrossBlock>,
-    /// The tower blocks (video, audio) after which bridge block `i` runs.
+    pub exchanges: Exchanges,
+    /// The tower blocks (video, audio) that exchange `i` follows (blocks) or sits in (fused).
     pub points: Vec<(usize, usize)>,
     /// Where the two streams' tokens sit for the blocks' RoPE.
     pub positions: Positions,
@@ -32,11 +48,18 @@ impl Bridge {
     pub fn load(path: &Path, device: Device, ctx: &Context) -> Result<Bridge> {
         let cfg = Config::read(path)?;
         let bad = |what: String| Error(format!("{}: {what}", cfg.path.display()));
-        if cfg.class_name() != Some("DualCrossAttentionBridge") {
-            return Err(bad(format!(
-                "class \"{}\" is not a DualCrossAttentionBridge",
-                cfg.class_name().unwrap_or("")
-            )));
+        match cfg.class_name() {
+            Some("DualCrossAttentionBridge") => {}
+            Some("FusedCrossAttentionBridge") => {
+                return Bridge::load_fused(&cfg, path, device, ctx)
+            }
+            other => {
+                return Err(bad(format!(
+                    "class \"{}\" is not a DualCrossAttentionBridge or a \
+                     FusedCrossAttentionBridge",
+                    other.unwrap_or("")
+                )))
+            }
         }
         let n = cfg.usize_or("num_blocks", 4)?;
         let c1 = cfg.usize_or("num_input_channels_1", 1536)?;
@@ -54,15 +77,8 @@ impl Bridge {
             mlp_ratio: cfg.f64_or("mlp_ratio", 4.0)?,
         };
         let exchange = Exchange::parse(cfg.str_or("flag", "bicross")?).map_err(|e| bad(e.0))?;
-        let points = |key: &str| -> Result<Vec<usize>> {
-            match cfg.json.get(key) {
-                None => Ok(Vec::new()),
-                Some(v) => v
-                    .as_array()
-                    .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-                    .ok_or_else(|| bad(format!("{key} must be a list of block indices"))),
-            }
-        };
+        let points =
+            |key: &str| -> Result<Vec<usize>> { Ok(block_list(&cfg, key)?.unwrap_or_default()) };
         let (vp, ap) = (points("video_points")?, points("audio_points")?);
         if vp.len() != ap.len() || (!vp.is_empty() && vp.len() != n) {
             return Err(bad(format!(
@@ -85,11 +101,70 @@ impl Bridge {
             .map(|i| DualCrossBlock::load(&w, &format!("dual_dit_blocks.{i}"), dims, exchange))
             .collect::<Result<_>>()?;
         Ok(Bridge {
-            blocks,
+            exchanges: Exchanges::Blocks(blocks),
             points: vp.into_iter().zip(ap).collect(),
             positions,
             path: path.to_path_buf(),
         })
+    }
+
+    /// A `FusedCrossAttentionBridge`: `video_points` and `audio_points` pair the tower blocks
+    /// (every block of towers of `num_blocks` when absent, as Ovi).
+    fn load_fused(cfg: &Config, path: &Path, device: Device, ctx: &Context) -> Result<Bridge> {
+        let bad = |what: String| Error(format!("{}: {what}", cfg.path.display()));
+        let (vp, ap) = (
+            block_list(cfg, "video_points")?,
+            block_list(cfg, "audio_points")?,
+        );
+        let (vp, ap) = match (vp, ap, cfg.opt_usize("num_blocks")?) {
+            (None, None, Some(n)) => ((0..n).collect(), (0..n).collect()),
+            (Some(v), Some(a), _) if v.len() == a.len() && !v.is_empty() => (v, a),
+            _ => {
+                return Err(bad(
+                    "a fused bridge pairs tower blocks: give video_points and audio_points of \
+                     one length, or num_blocks for every block of both towers"
+                        .into(),
+                ))
+            }
+        };
+        let points: Vec<(usize, usize)> = vp.into_iter().zip(ap).collect();
+        let positions = rope_positions(cfg).map_err(|e| bad(e.0))?;
+        let fused = Fused::load(cfg, path, &points, device, ctx)?;
+        Ok(Bridge {
+            exchanges: Exchanges::Fused(Arc::new(fused)),
+            points,
+            positions,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The bridge's own blocks, or an error naming the file for a fused bridge.
+    pub fn blocks(&self) -> Result<&[DualCrossBlock]> {
+        match &self.exchanges {
+            Exchanges::Blocks(b) => Ok(b),
+            Exchanges::Fused(_) => Err(Error(format!(
+                "{}: a fused cross-attention bridge has no blocks of its own (it runs inside the \
+                 towers' cross-attention)",
+                self.path.display()
+            ))),
+        }
+    }
+}
+
+/// A list of block indices under `key`, `None` when absent.
+fn block_list(cfg: &Config, key: &str) -> Result<Option<Vec<usize>>> {
+    match cfg.json.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_array()
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .map(Some)
+            .ok_or_else(|| {
+                Error(format!(
+                    "{}: {key} must be a list of block indices",
+                    cfg.path.display()
+                ))
+            }),
     }
 }
 
@@ -233,14 +308,15 @@ impl Node for BridgeBlock {
             .as_object::<Bridge>()
             .map_err(|e| Error(format!("input 'bridge': {e} (load it with LoadBridge)")))?;
         let index: i64 = ctx.input("index")?;
+        let blocks = b.blocks()?;
         let blk = usize::try_from(index)
             .ok()
-            .and_then(|i| b.blocks.get(i))
+            .and_then(|i| blocks.get(i))
             .ok_or_else(|| {
                 Error(format!(
                     "{}: block {index} of a bridge of {} blocks",
                     b.path.display(),
-                    b.blocks.len()
+                    blocks.len()
                 ))
             })?;
         let device = ctx.device();
@@ -292,23 +368,69 @@ fn tower_inputs(ctx: &Context, input: &str) -> Result<Vec<(String, Tensor)>> {
 /// A tower's named inputs.
 pub type Named<'a> = [(&'a str, &'a Tensor)];
 
-/// Both towers' predictions for one call, the bridge's blocks run after their tower blocks
-/// (`points`) through block stepping; with `enabled` false the towers run alone (each still
-/// stepped, so the two results differ by the bridge only).
+/// Two towers ready for a bridge: as given, and, for a fused bridge, each carrying its
+/// injection patch.
+pub struct Coupled {
+    pub video: Value,
+    pub audio: Value,
+    fused: Option<FusedTowers>,
+}
+
+impl Coupled {
+    pub fn new(ctx: &Context, bridge: &Bridge, video: &Value, audio: &Value) -> Result<Coupled> {
+        let fused = match &bridge.exchanges {
+            Exchanges::Blocks(_) => None,
+            Exchanges::Fused(f) => Some(FusedTowers::new(ctx, f, &bridge.path, video, audio)?),
+        };
+        Ok(Coupled {
+            video: video.clone(),
+            audio: audio.clone(),
+            fused,
+        })
+    }
+}
+
+/// Both towers' predictions for one call, coupled by the bridge through block stepping (each
+/// bridge block after its tower blocks, or the fused exchange inside each paired block); with
+/// `enabled` false the towers run alone (each still stepped, so the two results differ by the
+/// bridge only).
 pub fn bridged_forward(
     bridge: &Bridge,
-    video: &ditflow_plugin::model::DenoiserRef,
-    audio: &ditflow_plugin::model::DenoiserRef,
+    towers: &Coupled,
     calls: (&ditflow_plugin::model::Call, &ditflow_plugin::model::Call),
     inputs: (&Named, &Named),
     enabled: bool,
 ) -> Result<(Tensor, Tensor)> {
     let file = bridge.path.display();
-    let blocks = |d: &ditflow_plugin::model::DenoiserRef, which: &str| -> Result<usize> {
+    let fused = match (&towers.fused, enabled) {
+        (Some(f), true) => Some(f),
+        _ => None,
+    };
+    let (video, audio) = match fused {
+        Some(f) => (&f.video, &f.audio),
+        None => (&towers.video, &towers.audio),
+    };
+    let video = video
+        .as_denoiser()
+        .map_err(|e| Error(format!("the video tower: {e}")))?;
+    let audio = audio
+        .as_denoiser()
+        .map_err(|e| Error(format!("the audio tower: {e}")))?;
+    let need = if towers.fused.is_some() {
+        ditflow_plugin::abi::DF_CAP_BLOCK_PARTS
+    } else {
+        ditflow_plugin::abi::DF_CAP_BLOCK_STEPPING
+    };
+    let blocks = |d: &DenoiserRef, which: &str| -> Result<usize> {
         let info = d.info();
-        if info.capabilities & ditflow_plugin::abi::DF_CAP_BLOCK_STEPPING == 0 {
+        if info.capabilities & need == 0 {
             bail!(
-                "{file}: the {which} tower cannot be stepped block by block, which a bridge needs"
+                "{file}: the {which} tower cannot be stepped {}, which this bridge needs",
+                if towers.fused.is_some() {
+                    "block by block in halves (up to its cross-attention, then the rest)"
+                } else {
+                    "block by block"
+                }
             );
         }
         match info.stacks.as_slice() {
@@ -319,19 +441,23 @@ pub fn bridged_forward(
             ),
         }
     };
-    let (nv, na) = (blocks(video, "video")?, blocks(audio, "audio")?);
+    let (nv, na) = (blocks(&video, "video")?, blocks(&audio, "audio")?);
     let mut last = (None::<usize>, None::<usize>);
     for (i, &(v, a)) in bridge.points.iter().enumerate() {
         if v >= nv || a >= na || last.0.is_some_and(|p| v <= p) || last.1.is_some_and(|p| a <= p) {
             bail!(
-                "{file}: bridge block {i} follows video block {v} and audio block {a}, which do \
+                "{file}: bridge point {i} pairs video block {v} with audio block {a}, which do \
                  not fit towers of {nv} and {na} blocks in increasing order"
             );
         }
         last = (Some(v), Some(a));
     }
-    if bridge.points.len() != bridge.blocks.len() {
-        bail!("{file}: the bridge gives no tower blocks to follow (video_points, audio_points)");
+    if let Exchanges::Blocks(b) = &bridge.exchanges {
+        if bridge.points.len() != b.len() {
+            bail!(
+                "{file}: the bridge gives no tower blocks to follow (video_points, audio_points)"
+            );
+        }
     }
     let (cv, ca) = calls;
     let mut sv = video.prepare(cv, inputs.0)?;
@@ -353,28 +479,67 @@ pub fn bridged_forward(
     };
     let rope = rope.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice()));
     let (mut next_v, mut next_a) = (0usize, 0usize);
-    for (blk, &(v, a)) in bridge.blocks.iter().zip(&bridge.points) {
-        if next_v <= v {
-            sv = video.run_blocks(cv, &sv, 0, next_v, v)?;
-        }
-        if next_a <= a {
-            sa = audio.run_blocks(ca, &sa, 0, next_a, a)?;
+    for (i, &(v, a)) in bridge.points.iter().enumerate() {
+        match (&bridge.exchanges, enabled) {
+            (Exchanges::Blocks(blocks), true) => {
+                if next_v <= v {
+                    sv = video.run_blocks(cv, &sv, 0, next_v, v)?;
+                }
+                if next_a <= a {
+                    sa = audio.run_blocks(ca, &sa, 0, next_a, a)?;
+                }
+                let emb = |s: &ditflow_plugin::model::StepState, which: &str| {
+                    s.embedding.clone().ok_or_else(|| {
+                        Error(format!(
+                            "{file}: the {which} tower's state carries no time embedding for the \
+                             bridge"
+                        ))
+                    })
+                };
+                let (ev, ea) = (emb(&sv, "video")?, emb(&sa, "audio")?);
+                let (hv, ha) = blocks[i].forward(
+                    &sv.hidden,
+                    &sa.hidden,
+                    &ev,
+                    &ea,
+                    rope,
+                    LinearDeltas::none(),
+                )?;
+                sv.hidden = hv;
+                sa.hidden = ha;
+            }
+            (Exchanges::Fused(_), true) => {
+                let f = fused.ok_or_else(|| Error::new("the fused towers are missing"))?;
+                if next_v < v {
+                    sv = video.run_blocks(cv, &sv, 0, next_v, v - 1)?;
+                }
+                if next_a < a {
+                    sa = audio.run_blocks(ca, &sa, 0, next_a, a - 1)?;
+                }
+                sv = video.run_block_part(cv, &sv, 0, v, BlockPart::ToCross)?;
+                sa = audio.run_block_part(ca, &sa, 0, a, BlockPart::ToCross)?;
+                f.arm(i, (v, a), (&sv.hidden, &sa.hidden), rope)?;
+                let rest = audio
+                    .run_block_part(ca, &sa, 0, a, BlockPart::FromCross)
+                    .and_then(|s| {
+                        Ok((
+                            s,
+                            video.run_block_part(cv, &sv, 0, v, BlockPart::FromCross)?,
+                        ))
+                    });
+                f.disarm();
+                (sa, sv) = rest?;
+            }
+            (_, false) => {
+                if next_v <= v {
+                    sv = video.run_blocks(cv, &sv, 0, next_v, v)?;
+                }
+                if next_a <= a {
+                    sa = audio.run_blocks(ca, &sa, 0, next_a, a)?;
+                }
+            }
         }
         (next_v, next_a) = (v + 1, a + 1);
-        if enabled {
-            let emb = |s: &ditflow_plugin::model::StepState, which: &str| {
-                s.embedding.clone().ok_or_else(|| {
-                    Error(format!(
-                        "{file}: the {which} tower's state carries no time embedding for the bridge"
-                    ))
-                })
-            };
-            let (ev, ea) = (emb(&sv, "video")?, emb(&sa, "audio")?);
-            let (hv, ha) =
-                blk.forward(&sv.hidden, &sa.hidden, &ev, &ea, rope, LinearDeltas::none())?;
-            sv.hidden = hv;
-            sa.hidden = ha;
-        }
     }
     if next_v < nv {
         sv = video.run_blocks(cv, &sv, 0, next_v, nv - 1)?;
@@ -432,12 +597,11 @@ impl Node for BridgedForward {
         let b = bridge
             .as_object::<Bridge>()
             .map_err(|e| Error(format!("input 'bridge': {e} (load it with LoadBridge)")))?;
-        let dv = video
-            .as_denoiser()
-            .map_err(|e| Error(format!("input 'video': {e}")))?;
-        let da = audio
-            .as_denoiser()
-            .map_err(|e| Error(format!("input 'audio': {e}")))?;
+        for (name, v) in [("video", &video), ("audio", &audio)] {
+            v.as_denoiser()
+                .map_err(|e| Error(format!("input '{name}': {e}")))?;
+        }
+        let towers = Coupled::new(ctx, b, &video, &audio)?;
         let vi = tower_inputs(ctx, "video_inputs")?;
         let ai = tower_inputs(ctx, "audio_inputs")?;
         let vr: Vec<(&str, &Tensor)> = vi.iter().map(|(k, t)| (k.as_str(), t)).collect();
@@ -450,7 +614,7 @@ impl Node for BridgedForward {
         let cv = ditflow_plugin::model::Call::single(rows(&vr), 0.0);
         let ca = ditflow_plugin::model::Call::single(rows(&ar), 0.0);
         let enabled: bool = ctx.input("enabled")?;
-        let (v, a) = bridged_forward(b, &dv, &da, (&cv, &ca), (&vr, &ar), enabled)?;
+        let (v, a) = bridged_forward(b, &towers, (&cv, &ca), (&vr, &ar), enabled)?;
         ctx.set_output("video", v.to_device(Device::Cpu)?)?;
         ctx.set_output("audio", a.to_device(Device::Cpu)?)
     }

@@ -8,7 +8,7 @@
 //! `video_context`, noised to each step's level with the noise they started from, and set to
 //! them exactly at the end, so the new frames grow out of the old ones.
 
-use crate::bridge::{bridged_forward, Bridge};
+use crate::bridge::{bridged_forward, Bridge, Coupled};
 use ditflow_plugin::model::{
     Call, DenoiserInfo, DenoiserRef, Prediction, BRANCH_COND, BRANCH_UNCOND,
 };
@@ -345,6 +345,9 @@ impl Node for SampleAudioVideo {
             );
         }
         let n = towers[0].sched.num_steps();
+        let coupled = bridge
+            .map(|b| Coupled::new(ctx, b, &video_value, &audio_value))
+            .transpose()?;
         let context = video_context(ctx, &towers[0].x, towers[0].sched.init_noise_sigma())?;
         let noising = towers[0].sched.noising();
         for i in 0..n {
@@ -381,31 +384,18 @@ impl Node for SampleAudioVideo {
                 calls.push(call);
             }
             let (rv, ra) = (named_refs(&inputs[0]), named_refs(&inputs[1]));
-            let (pv, pa) = match bridge {
-                Some(b) => {
+            let (pv, pa) = match bridge.zip(coupled.as_ref()) {
+                Some((b, coupled)) => {
                     if (towers[0].cfg != 1.0) != (towers[1].cfg != 1.0) {
                         bail!(
                             "with a bridge, both towers are guided or neither (the bridge pairs \
                              their rows): set video_cfg and audio_cfg both to 1 or both above"
                         );
                     }
-                    let on = bridged_forward(
-                        b,
-                        &towers[0].model,
-                        &towers[1].model,
-                        (&calls[0], &calls[1]),
-                        (&rv, &ra),
-                        true,
-                    )?;
+                    let on = bridged_forward(b, coupled, (&calls[0], &calls[1]), (&rv, &ra), true)?;
                     if isolation != 0.0 {
-                        let off = bridged_forward(
-                            b,
-                            &towers[0].model,
-                            &towers[1].model,
-                            (&calls[0], &calls[1]),
-                            (&rv, &ra),
-                            false,
-                        )?;
+                        let off =
+                            bridged_forward(b, coupled, (&calls[0], &calls[1]), (&rv, &ra), false)?;
                         let push = |p: &Tensor, q: &Tensor| -> Result<Tensor> {
                             p.add(&p.sub(q)?.affine(isolation, 0.0)?)
                         };

@@ -13,6 +13,10 @@
 //!
 //! each output projected back and added under its gate, then a GELU-tanh MLP under the second
 //! modulation. Zero-initialised output projections make a fresh bridge the identity.
+//!
+//! Ovi's fused cross-attention ([`FusedKv`]) has no block of its own: it adds key/value paths
+//! from the other tower to a tower's own text cross-attention, sharing its queries and output
+//! projection.
 
 use crate::embeddings::rotary_tables_at_f32;
 use crate::heads::split_heads;
@@ -324,6 +328,95 @@ impl DualCrossBlock {
             }
             Exchange::Additive => unreachable!("the additive exchange attends to nothing"),
         })
+    }
+}
+
+/// Ovi's key/value injection into one tower's text cross-attention (`FusionModel`'s
+/// `k_fusion`, `v_fusion`, `pre_attn_norm_fusion` and `norm_k_fusion` of a block's
+/// `cross_attn`): the other tower's hidden state after its self-attention is LayerNormed (with
+/// affine), projected to keys (then RMSNormed across the heads) and values of this tower's
+/// query width, and attended by this tower's cross-attention queries. The branch's output is
+/// added to the text attention's before the shared output projection; there is no gate.
+pub struct FusedKv {
+    pub norm: (Tensor, Tensor),
+    pub k: Linear,
+    pub v: Linear,
+    pub norm_k: Tensor,
+}
+
+/// Rotary tables `(cos, sin)` `[L, R/2]` of one stream's positions.
+pub type RopeTables = (Tensor, Tensor);
+
+/// Ovi's epsilon for the fusion norms (`WanLayerNorm`, `WanRMSNorm`).
+const FUSION_EPS: f32 = 1e-6;
+
+impl FusedKv {
+    /// `{prefix}.pre_attn_norm_fusion`, `{prefix}.k_fusion`, `{prefix}.v_fusion` and
+    /// `{prefix}.norm_k_fusion` for targets of `target` channels and queries of `width`.
+    pub fn load(w: &Weights, prefix: &str, target: usize, width: usize) -> Result<FusedKv> {
+        Ok(FusedKv {
+            norm: (
+                w.get(&format!("{prefix}.pre_attn_norm_fusion.weight"), &[target])?,
+                w.get(&format!("{prefix}.pre_attn_norm_fusion.bias"), &[target])?,
+            ),
+            k: w.linear(&format!("{prefix}.k_fusion"), target, width, true)?,
+            v: w.linear(&format!("{prefix}.v_fusion"), target, width, true)?,
+            norm_k: w.get(&format!("{prefix}.norm_k_fusion.weight"), &[width])?,
+        })
+    }
+
+    pub fn linears(&self) -> [&Linear; 2] {
+        [&self.k, &self.v]
+    }
+
+    /// The branch for cross-attention queries `q` `[B, Lq, H·D]` (after the tower's own q norm)
+    /// over the other tower's `target` `[B, Lt, C]`: `[B, Lq, H·D]`. With `rope`, the tables of
+    /// the queries' and of the targets' positions rotate the first dimensions of each head
+    /// (interleaved pairs, as Ovi's complex rotation).
+    pub fn branch(
+        &self,
+        q: &Tensor,
+        target: &Tensor,
+        heads: usize,
+        rope: Option<(&RopeTables, &RopeTables)>,
+        dl: &LinearDeltas,
+    ) -> Result<Tensor> {
+        let (qs, ts) = (q.shape(), target.shape());
+        if qs.len() != 3 || ts.len() != 3 || qs[0] != ts[0] || ts[2] != self.norm.0.shape()[0] {
+            return Err(Error(format!(
+                "fused cross-attention: queries {qs:?} and targets {ts:?} (targets of {} \
+                 channels, one row each per query row)",
+                self.norm.0.shape()[0]
+            )));
+        }
+        let y = target.layer_norm(
+            Some(&self.norm.0),
+            Some(&self.norm.1),
+            None,
+            None,
+            FUSION_EPS,
+        )?;
+        let k = self
+            .k
+            .apply(&y, "none", dl)?
+            .rms_norm(Some(&self.norm_k), FUSION_EPS)?;
+        let v = self.v.apply(&y, "none", dl)?;
+        if k.shape()[2] != qs[2] {
+            return Err(Error(format!(
+                "fused cross-attention: keys of {} channels for queries of {}",
+                k.shape()[2],
+                qs[2]
+            )));
+        }
+        let (mut q, mut k) = (split_heads(q, heads)?, split_heads(&k, heads)?);
+        if let Some(((cq, sq), (ck, sk))) = rope {
+            q = q.rope(cq, sq, true)?;
+            k = k.rope(ck, sk, true)?;
+        }
+        let o = ditflow_plugin::ops::attention(&q, &k, &split_heads(&v, heads)?, None, None)?;
+        let s = o.shape().to_vec();
+        o.permute(&[0, 2, 1, 3])?
+            .reshape(&[s[0] as i64, s[2] as i64, (s[1] * s[3]) as i64])
     }
 }
 

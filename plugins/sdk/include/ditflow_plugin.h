@@ -47,7 +47,7 @@ extern "C" {
 /** The ABI major version. A host refuses plugins whose major differs. */
 #define DF_ABI_MAJOR 1u
 /** The ABI minor version. A host refuses plugins whose minor is newer than its own. */
-#define DF_ABI_MINOR 5u
+#define DF_ABI_MINOR 6u
 /** "DFLW": the first field of every plugin descriptor. */
 #define DF_PLUGIN_MAGIC 0x44464C57u
 /**
@@ -265,6 +265,19 @@ typedef void (*DfObjectDropFn)(void* object);
 #define DF_CAP_ATTENTION_MASK (1ull << 5)
 #define DF_CAP_ATTENTION_EXTRA (1ull << 6)
 #define DF_CAP_BLOCK_STEPPING (1ull << 7)
+/**
+ * Block stepping by halves (ABI 1.6): a block up to its cross-attention's input, then the rest
+ * (run_block_part), for bridges that exchange inside a block (Ovi's fused cross-attention).
+ */
+#define DF_CAP_BLOCK_PARTS (1ull << 8)
+
+/**
+ * The halves of a block: up to the cross-attention's input (the hidden state after the
+ * self-attention's residual), and from the cross-attention to the end of the block (with the
+ * block's post-block hooks).
+ */
+#define DF_BLOCK_PART_TO_CROSS 0u
+#define DF_BLOCK_PART_FROM_CROSS 1u
 
 /** Patch flags: its range override may skip or forecast blocks. */
 #define DF_PATCH_SKIPS_BLOCKS (1u << 0)
@@ -542,6 +555,16 @@ typedef int32_t (*DfDenoiserRunBlocksFn)(void* object, const DfHostApi* host,
                                          const DfPatchDesc* const* patches, size_t n_patches,
                                          DfValue** out);
 
+/**
+ * Block stepping by halves (DF_CAP_BLOCK_PARTS, ABI 1.6): half `part` (DF_BLOCK_PART_*) of block
+ * `block` of `stack` on a state, giving the next state (owned).
+ */
+typedef int32_t (*DfDenoiserRunBlockPartFn)(void* object, const DfHostApi* host,
+                                            const DfCallContext* call, const DfValue* state,
+                                            uint32_t stack, uint32_t block, uint32_t part,
+                                            const DfPatchDesc* const* patches, size_t n_patches,
+                                            DfValue** out);
+
 /** Block stepping, 3: the head, from the last state to the prediction (owned). */
 typedef int32_t (*DfDenoiserFinishFn)(void* object, const DfHostApi* host,
                                       const DfCallContext* call, const DfValue* state,
@@ -561,7 +584,9 @@ typedef struct DfDenoiserApi {
     DfDenoiserPrepareFn prepare;
     DfDenoiserRunBlocksFn run_blocks;
     DfDenoiserFinishFn finish;
-    const void* reserved[4];
+    /** Block stepping by halves (DF_CAP_BLOCK_PARTS, ABI 1.6). */
+    DfDenoiserRunBlockPartFn run_block_part;
+    const void* reserved[3];
 } DfDenoiserApi;
 
 /** A generic forward over named inputs: a List of [name, tensor] pairs (owned) in *out. */
@@ -821,9 +846,17 @@ struct DfHostApi {
      * value that is not a Model.
      */
     uint64_t (*model_patch_memory)(const DfValue* v);
+    /* --- ABI 1.6 ---------------------------------------------------------------------------- */
+    /**
+     * Half `part` (DF_BLOCK_PART_*) of block `block` of `stack` on a state, with the model's
+     * patches (DF_CAP_BLOCK_PARTS), giving the next state (owned).
+     */
+    int32_t (*denoiser_run_block_part)(const DfValue* v, const DfCallContext* call,
+                                       const DfValue* state, uint32_t stack, uint32_t block,
+                                       uint32_t part, DfValue** out);
 
     /** Reserved for functions added by later minors. */
-    const void* reserved[13];
+    const void* reserved[12];
 };
 
 /* ------------------------------------------------------------------------------------------ */

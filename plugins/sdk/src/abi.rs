@@ -22,7 +22,7 @@ use std::ffi::{c_char, c_void};
 /// The ABI major version. A host refuses plugins whose major differs.
 pub const DF_ABI_MAJOR: u32 = 1;
 /// The ABI minor version. A host refuses plugins whose minor is newer than its own.
-pub const DF_ABI_MINOR: u32 = 5;
+pub const DF_ABI_MINOR: u32 = 6;
 /// A descriptor flag (ABI 1.2): the library may be unmapped once nothing it made is alive, because
 /// it leaves no per-thread destructors, threads or `atexit` handlers behind. Without it the host
 /// keeps the library mapped for the life of the process (Rust plugins: their standard library
@@ -235,6 +235,15 @@ pub const DF_CAP_ATTENTION_EDIT: u64 = 1 << 4;
 pub const DF_CAP_ATTENTION_MASK: u64 = 1 << 5;
 pub const DF_CAP_ATTENTION_EXTRA: u64 = 1 << 6;
 pub const DF_CAP_BLOCK_STEPPING: u64 = 1 << 7;
+/// Block stepping by halves (ABI 1.6): a block up to its cross-attention's input, then the rest
+/// (`run_block_part`), for bridges that exchange inside a block (Ovi's fused cross-attention).
+pub const DF_CAP_BLOCK_PARTS: u64 = 1 << 8;
+
+/// The halves of a block ([`DfDenoiserRunBlockPartFn`]): up to the cross-attention's input (the
+/// hidden state after the self-attention's residual), and from the cross-attention to the end of
+/// the block (with the block's post-block hooks).
+pub const DF_BLOCK_PART_TO_CROSS: u32 = 0;
+pub const DF_BLOCK_PART_FROM_CROSS: u32 = 1;
 
 /// Patch flags ([`DfPatchDesc::flags`]).
 /// Its range override may skip or forecast blocks instead of computing them.
@@ -595,6 +604,21 @@ pub type DfDenoiserRunBlocksFn = unsafe extern "C" fn(
     out: *mut *mut DfValue,
 ) -> i32;
 
+/// Block stepping by halves (`DF_CAP_BLOCK_PARTS`, ABI 1.6): runs half `part`
+/// (`DF_BLOCK_PART_*`) of block `block` of `stack` on a state, giving the next state.
+pub type DfDenoiserRunBlockPartFn = unsafe extern "C" fn(
+    object: *mut c_void,
+    host: *const DfHostApi,
+    call: *const DfCallContext,
+    state: *const DfValue,
+    stack: u32,
+    block: u32,
+    part: u32,
+    patches: *const *const DfPatchDesc,
+    n_patches: usize,
+    out: *mut *mut DfValue,
+) -> i32;
+
 /// Block stepping, step 3: the head, from the last state to the prediction.
 pub type DfDenoiserFinishFn = unsafe extern "C" fn(
     object: *mut c_void,
@@ -620,7 +644,9 @@ pub struct DfDenoiserApi {
     pub prepare: Option<DfDenoiserPrepareFn>,
     pub run_blocks: Option<DfDenoiserRunBlocksFn>,
     pub finish: Option<DfDenoiserFinishFn>,
-    pub reserved: [*const c_void; 4],
+    /// Block stepping by halves (`DF_CAP_BLOCK_PARTS`, ABI 1.6).
+    pub run_block_part: Option<DfDenoiserRunBlockPartFn>,
+    pub reserved: [*const c_void; 3],
 }
 
 /// A generic forward over named inputs, writing a List of `[name, tensor]` pairs (owned) to
@@ -917,8 +943,20 @@ pub struct DfHostApi {
     /// Bytes a Model's patches hold beyond its base: their linear deltas, and what their
     /// `memory_estimate` hooks report. 0 for a value that is not a Model.
     pub model_patch_memory: unsafe extern "C" fn(v: *const DfValue) -> u64,
+    // --- ABI 1.6 ------------------------------------------------------------------------------
+    /// Half `part` (`DF_BLOCK_PART_*`) of block `block` of `stack` on a state, with the model's
+    /// patches (`DF_CAP_BLOCK_PARTS`), giving the next state (owned).
+    pub denoiser_run_block_part: unsafe extern "C" fn(
+        v: *const DfValue,
+        call: *const DfCallContext,
+        state: *const DfValue,
+        stack: u32,
+        block: u32,
+        part: u32,
+        out: *mut *mut DfValue,
+    ) -> i32,
 
-    pub reserved: [*const c_void; 13],
+    pub reserved: [*const c_void; 12],
 }
 
 /// Registers a plugin's node types through `host->register_node(reg, ...)`.

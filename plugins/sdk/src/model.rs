@@ -416,6 +416,50 @@ pub trait Denoiser: Object {
     fn finish(&self, _call: &Call, _state: StepState, _hooks: &Hooks) -> Result<Tensor> {
         Err(Error::new("this denoiser does not step block by block"))
     }
+
+    /// Block stepping by halves (`DF_CAP_BLOCK_PARTS`): half `part` of block `block` of
+    /// `stack`. `ToCross` then `FromCross` must equal `run_blocks` over the block.
+    fn run_block_part(
+        &self,
+        _call: &Call,
+        _state: StepState,
+        _stack: usize,
+        _block: usize,
+        _part: BlockPart,
+        _hooks: &Hooks,
+    ) -> Result<StepState> {
+        Err(Error::new(
+            "this denoiser does not step its blocks by halves",
+        ))
+    }
+}
+
+/// The halves of a block for block stepping by halves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockPart {
+    /// Up to the cross-attention's input: the hidden state after the self-attention's residual.
+    ToCross,
+    /// From the cross-attention to the end of the block, with the block's post-block hooks.
+    FromCross,
+}
+
+impl BlockPart {
+    fn raw(self) -> u32 {
+        match self {
+            BlockPart::ToCross => DF_BLOCK_PART_TO_CROSS,
+            BlockPart::FromCross => DF_BLOCK_PART_FROM_CROSS,
+        }
+    }
+
+    fn from_raw(raw: u32) -> Result<BlockPart> {
+        match raw {
+            DF_BLOCK_PART_TO_CROSS => Ok(BlockPart::ToCross),
+            DF_BLOCK_PART_FROM_CROSS => Ok(BlockPart::FromCross),
+            other => Err(Error(format!(
+                "block part {other} is not one of 0 (to the cross-attention) and 1 (from it)"
+            ))),
+        }
+    }
 }
 
 /// A stepped denoiser's state between block ranges: the hidden state `[B, L, D]`, which bridges
@@ -611,6 +655,32 @@ unsafe extern "C" fn run_blocks_box<T: Denoiser>(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C" fn run_block_part_box<T: Denoiser>(
+    object: *mut c_void,
+    host_api: *const DfHostApi,
+    call: *const DfCallContext,
+    state: *const DfValue,
+    stack: u32,
+    block: u32,
+    part: u32,
+    patches: *const *const DfPatchDesc,
+    n_patches: usize,
+    out: *mut *mut DfValue,
+) -> i32 {
+    trampoline(host_api, || {
+        let state = StepState::from_raw(state)?;
+        let part = BlockPart::from_raw(part)?;
+        // SAFETY: the host's live arguments for the call.
+        let next = unsafe {
+            with_model::<T, _>(object, call, patches, n_patches, |m, c, h| {
+                m.run_block_part(c, state, stack as usize, block as usize, part, h)
+            })?
+        };
+        put(out, next.into_value())
+    })
+}
+
 unsafe extern "C" fn finish_box<T: Denoiser>(
     object: *mut c_void,
     host_api: *const DfHostApi,
@@ -656,7 +726,8 @@ impl Context {
                 prepare: Some(prepare_box::<T>),
                 run_blocks: Some(run_blocks_box::<T>),
                 finish: Some(finish_box::<T>),
-                reserved: [std::ptr::null(); 4],
+                run_block_part: Some(run_block_part_box::<T>),
+                reserved: [std::ptr::null(); 3],
             },
             desc,
         });
@@ -916,6 +987,37 @@ impl DenoiserRef<'_> {
                 stack as u32,
                 from as u32,
                 to as u32,
+                &mut out,
+            )
+        };
+        match (rc, Value::from_owned(out)) {
+            (DF_OK, Some(v)) => StepState::from_value(&v),
+            _ => Err(Error(crate::ops::last_error())),
+        }
+    }
+
+    /// Block stepping by halves: half `part` of block `block` of `stack`
+    /// (`DF_CAP_BLOCK_PARTS`).
+    pub fn run_block_part(
+        &self,
+        call: &Call,
+        state: &StepState,
+        stack: usize,
+        block: usize,
+        part: BlockPart,
+    ) -> Result<StepState> {
+        let raw = call.raw();
+        let state = state.clone().into_value();
+        let mut out: *mut DfValue = std::ptr::null_mut();
+        // SAFETY: live arguments for the duration of the call.
+        let rc = unsafe {
+            (host().denoiser_run_block_part)(
+                self.value.as_ptr(),
+                &raw,
+                state.as_ptr(),
+                stack as u32,
+                block as u32,
+                part.raw(),
                 &mut out,
             )
         };
@@ -1570,6 +1672,45 @@ impl<'a> Hooks<'a> {
             }
         }
         self.run_range(stack, n_blocks, from, to, hidden, &overrides, block)
+    }
+
+    /// Half `part` of block `block` of `stack` (of `n_blocks`) on `hidden`: `to_cross` runs the
+    /// block up to its cross-attention's input, `from_cross` the rest, followed by the block's
+    /// post-block hooks. A range override over the block is refused: it replaces whole blocks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_block_part(
+        &self,
+        stack: usize,
+        n_blocks: usize,
+        block: usize,
+        part: BlockPart,
+        hidden: Tensor,
+        to_cross: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+        from_cross: &mut dyn FnMut(usize, Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if block >= n_blocks {
+            return Err(Error(format!("block {block} of a stack of {n_blocks}")));
+        }
+        if let Some(p) = self.patches.iter().find(|p| {
+            let (f, l) = block_range(p, n_blocks);
+            p.range_override.is_some() && p.stack == stack as i32 && f <= block && l >= block
+        }) {
+            return Err(Error(format!(
+                "{} overrides whole blocks, which a step by halves of block {block} would cut",
+                label(p)
+            )));
+        }
+        match part {
+            BlockPart::ToCross => to_cross(block, hidden),
+            BlockPart::FromCross => {
+                let h = from_cross(block, hidden)?;
+                if self.patches.is_empty() {
+                    Ok(h)
+                } else {
+                    self.after_block(stack, block, h)
+                }
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -158,7 +158,11 @@ macro_rules! abi_items {
                         *const DfValue, *const DfCallContext, *const DfValue, *mut *mut DfValue,
                     ) -> i32,
                     model_patch_memory: unsafe extern "C" fn(*const DfValue) -> u64,
-                    reserved: [*const c_void; 13],
+                    denoiser_run_block_part: unsafe extern "C" fn(
+                        *const DfValue, *const DfCallContext, *const DfValue, u32, u32, u32,
+                        *mut *mut DfValue,
+                    ) -> i32,
+                    reserved: [*const c_void; 12],
                 }
                 DfNamedValue {
                     name: *const c_char,
@@ -276,7 +280,8 @@ macro_rules! abi_items {
                     prepare: Option<DfDenoiserPrepareFn>,
                     run_blocks: Option<DfDenoiserRunBlocksFn>,
                     finish: Option<DfDenoiserFinishFn>,
-                    reserved: [*const c_void; 4],
+                    run_block_part: Option<DfDenoiserRunBlockPartFn>,
+                    reserved: [*const c_void; 3],
                 }
                 DfTextEncoderDesc {
                     size: u32,
@@ -395,6 +400,10 @@ macro_rules! abi_items {
                     *mut c_void, *const DfHostApi, *const DfCallContext, *const DfValue, u32,
                     u32, u32, *const *const DfPatchDesc, usize, *mut *mut DfValue,
                 ) -> i32,
+                DfDenoiserRunBlockPartFn: unsafe extern "C" fn(
+                    *mut c_void, *const DfHostApi, *const DfCallContext, *const DfValue, u32,
+                    u32, u32, *const *const DfPatchDesc, usize, *mut *mut DfValue,
+                ) -> i32,
                 DfDenoiserFinishFn: unsafe extern "C" fn(
                     *mut c_void, *const DfHostApi, *const DfCallContext, *const DfValue,
                     *const *const DfPatchDesc, usize, *mut *mut DfValue,
@@ -424,7 +433,8 @@ macro_rules! abi_items {
                 DF_SITE_POST_CROSS_ATTN, DF_SITE_POST_BLOCK,
                 DF_CAP_LINEAR_DELTA, DF_CAP_LINEAR_MERGE, DF_CAP_BLOCK_RESIDUAL,
                 DF_CAP_RANGE_OVERRIDE, DF_CAP_ATTENTION_EDIT, DF_CAP_ATTENTION_MASK,
-                DF_CAP_ATTENTION_EXTRA, DF_CAP_BLOCK_STEPPING,
+                DF_CAP_ATTENTION_EXTRA, DF_CAP_BLOCK_STEPPING, DF_CAP_BLOCK_PARTS,
+                DF_BLOCK_PART_TO_CROSS, DF_BLOCK_PART_FROM_CROSS,
                 DF_PATCH_SKIPS_BLOCKS, DF_PATCH_NEEDS_FRESH, DF_PATCH_MERGE,
                 DF_EVENT_RUN_BEGIN, DF_EVENT_STEP_BEGIN, DF_EVENT_STEP_END, DF_EVENT_RUN_END,
                 DF_MASK_NONE, DF_MASK_KEY_LENGTHS, DF_MASK_SEGMENT_IDS, DF_MASK_DENSE,

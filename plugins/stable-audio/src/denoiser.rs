@@ -9,8 +9,8 @@ use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
-    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StepState,
-    StreamInfo,
+    BlockPart, Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo,
+    StepState, StreamInfo,
 };
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
@@ -45,14 +45,16 @@ impl Denoiser for StableAudioModel {
                 name: "transformer_blocks".into(),
                 streams: vec!["audio".into()],
                 n_blocks: m.blocks.len(),
-                sites: ditflow_plugin::abi::DF_SITE_POST_BLOCK,
+                sites: ditflow_plugin::abi::DF_SITE_POST_BLOCK | ditflow_plugin::abi::DF_SITE_ATTN,
             }],
             linears: self.linears.clone(),
             capabilities: ditflow_plugin::abi::DF_CAP_LINEAR_DELTA
                 | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE
                 | ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL
                 | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE
-                | ditflow_plugin::abi::DF_CAP_BLOCK_STEPPING,
+                | ditflow_plugin::abi::DF_CAP_BLOCK_STEPPING
+                | ditflow_plugin::abi::DF_CAP_BLOCK_PARTS
+                | ditflow_plugin::abi::DF_CAP_ATTENTION_EXTRA,
             conditioning: vec![
                 "encoder_hidden_states".into(),
                 "global_hidden_states".into(),
@@ -94,6 +96,25 @@ impl Denoiser for StableAudioModel {
         let hidden = self
             .dit
             .blocks(&s.step, from, to, state.hidden.clone(), hooks, &s.deltas)?;
+        Ok(StepState { hidden, ..state })
+    }
+
+    fn run_block_part(
+        &self,
+        _call: &Call,
+        state: StepState,
+        stack: usize,
+        block: usize,
+        part: BlockPart,
+        hooks: &Hooks,
+    ) -> Result<StepState> {
+        if stack != 0 {
+            bail!("Stable Audio has one block stack (0), not {stack}");
+        }
+        let s = state.inner.as_object::<Stepped>()?;
+        let hidden =
+            self.dit
+                .block_part(&s.step, block, part, state.hidden.clone(), hooks, &s.deltas)?;
         Ok(StepState { hidden, ..state })
     }
 

@@ -11,8 +11,9 @@
 //! given as inputs.
 
 use ditflow_nn::{rotary_tables_f32, split_heads, Config, Linear, Weights};
+use ditflow_plugin::attention::{AttentionKind, AttentionSite};
 use ditflow_plugin::linear_delta::LinearDeltas;
-use ditflow_plugin::model::{Hooks, LinearInfo};
+use ditflow_plugin::model::{BlockPart, Hooks, LinearInfo};
 use ditflow_plugin::{Device, Error, Kind, Result, Tensor};
 
 /// LayerNorm's eps (the blocks' `norm_eps`).
@@ -368,8 +369,30 @@ impl StableAudioDit {
         dl: &LinearDeltas,
     ) -> Result<Tensor> {
         hooks.run_blocks(0, self.blocks.len(), from, to, h, &mut |i, h| {
-            self.block(&self.blocks[i], h, &step.context, &step.rope, dl)
+            let h = self.first_half(i, h, &step.rope, dl, hooks)?;
+            self.second_half(i, h, &step.context, dl, hooks)
         })
+    }
+
+    /// Half `part` of block `i` on tokens `h`, with the hooks of the `transformer_blocks` stack.
+    pub fn block_part(
+        &self,
+        step: &Step,
+        i: usize,
+        part: BlockPart,
+        h: Tensor,
+        hooks: &Hooks,
+        dl: &LinearDeltas,
+    ) -> Result<Tensor> {
+        hooks.run_block_part(
+            0,
+            self.blocks.len(),
+            i,
+            part,
+            h,
+            &mut |i, h| self.first_half(i, h, &step.rope, dl, hooks),
+            &mut |i, h| self.second_half(i, h, &step.context, dl, hooks),
+        )
     }
 
     /// The head: the output projection, the global token dropped, the 1×1 convolution with
@@ -381,22 +404,52 @@ impl StableAudioDit {
         out.permute(&[0, 2, 1])
     }
 
-    fn block(
+    /// Block `i` up to its cross-attention's input: the self-attention and its residual.
+    fn first_half(
         &self,
-        blk: &AudioBlock,
+        i: usize,
         h: Tensor,
-        context: &Tensor,
         rope: &(Tensor, Tensor),
         dl: &LinearDeltas,
+        hooks: &Hooks,
     ) -> Result<Tensor> {
-        let norm = |x: &Tensor, (w, b): &(Tensor, Tensor)| {
-            x.layer_norm(Some(w), Some(b), None, None, NORM_EPS)
-        };
+        let blk = &self.blocks[i];
         let x = norm(&h, &blk.norm1)?;
-        let a = self.attend(&blk.attn1, &x, &x, self.heads, Some(rope), dl)?;
-        let h = a.add(&h)?;
+        let site = site(i, AttentionKind::SelfAttention);
+        let a = self.attend(
+            &blk.attn1,
+            &x,
+            &x,
+            self.heads,
+            Some(rope),
+            dl,
+            (hooks, site),
+        )?;
+        a.add(&h)
+    }
+
+    /// The rest of block `i`: the cross-attention and the gated feed-forward, each with its
+    /// residual.
+    fn second_half(
+        &self,
+        i: usize,
+        h: Tensor,
+        context: &Tensor,
+        dl: &LinearDeltas,
+        hooks: &Hooks,
+    ) -> Result<Tensor> {
+        let blk = &self.blocks[i];
         let x = norm(&h, &blk.norm2)?;
-        let a = self.attend(&blk.attn2, &x, context, self.kv_heads, None, dl)?;
+        let site = site(i, AttentionKind::Cross);
+        let a = self.attend(
+            &blk.attn2,
+            &x,
+            context,
+            self.kv_heads,
+            None,
+            dl,
+            (hooks, site),
+        )?;
         let h = a.add(&h)?;
         let x = norm(&h, &blk.norm3)?;
         let proj = blk.ff_in.apply(&x, "none", dl)?;
@@ -407,7 +460,9 @@ impl StableAudioDit {
     }
 
     /// Attention of `x` to `context` with `kv_heads` key/value heads (repeated to the query
-    /// heads, each shared by consecutive ones) and RoPE on q and k when given.
+    /// heads, each shared by consecutive ones) and RoPE on q and k when given; the patches'
+    /// extra branches at `at`'s site are added before the output projection.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         attn: &AudioAttention,
@@ -416,8 +471,10 @@ impl StableAudioDit {
         kv_heads: usize,
         rope: Option<&(Tensor, Tensor)>,
         dl: &LinearDeltas,
+        at: (&Hooks, AttentionSite),
     ) -> Result<Tensor> {
-        let q = split_heads(&attn.q.apply(x, "none", dl)?, self.heads)?;
+        let q_flat = attn.q.apply(x, "none", dl)?;
+        let q = split_heads(&q_flat, self.heads)?;
         let k = split_heads(&attn.k.apply(context, "none", dl)?, kv_heads)?;
         let v = split_heads(&attn.v.apply(context, "none", dl)?, kv_heads)?;
         let (k, v) = if kv_heads == self.heads {
@@ -437,6 +494,11 @@ impl StableAudioDit {
         let o =
             o.permute(&[0, 2, 1, 3])?
                 .reshape(&[s[0] as i64, s[2] as i64, (s[1] * s[3]) as i64])?;
+        let (hooks, site) = at;
+        let o = match hooks.attention_extras(&site, || Ok(q_flat))? {
+            Some(extra) => o.add(&extra)?,
+            None => o,
+        };
         attn.out.apply(&o, "none", dl)
     }
 
@@ -451,5 +513,19 @@ impl StableAudioDit {
             s[2] as i64,
             s[3] as i64,
         ])
+    }
+}
+
+/// A LayerNorm with its affine weights, at the model's epsilon.
+fn norm(x: &Tensor, (w, b): &(Tensor, Tensor)) -> Result<Tensor> {
+    x.layer_norm(Some(w), Some(b), None, None, NORM_EPS)
+}
+
+/// The attention site of `kind` in block `block` of the `transformer_blocks` stack.
+fn site(block: usize, kind: AttentionKind) -> AttentionSite {
+    AttentionSite {
+        stack: 0,
+        block,
+        kind,
     }
 }

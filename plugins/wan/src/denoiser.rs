@@ -9,8 +9,8 @@ use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
-    Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StepState,
-    StreamInfo,
+    BlockPart, Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo,
+    StepState, StreamInfo,
 };
 use ditflow_plugin::prelude::*;
 use ditflow_plugin::Object;
@@ -51,6 +51,7 @@ impl Denoiser for WanModel {
                 | ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL
                 | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE
                 | ditflow_plugin::abi::DF_CAP_BLOCK_STEPPING
+                | ditflow_plugin::abi::DF_CAP_BLOCK_PARTS
                 | ditflow_plugin::abi::DF_CAP_ATTENTION_EDIT
                 | ditflow_plugin::abi::DF_CAP_ATTENTION_MASK
                 | ditflow_plugin::abi::DF_CAP_ATTENTION_EXTRA,
@@ -92,6 +93,25 @@ impl Denoiser for WanModel {
         let hidden = self
             .wan
             .blocks(&s.step, from, to, state.hidden.clone(), hooks, &s.deltas)?;
+        Ok(StepState { hidden, ..state })
+    }
+
+    fn run_block_part(
+        &self,
+        _call: &Call,
+        state: StepState,
+        stack: usize,
+        block: usize,
+        part: BlockPart,
+        hooks: &Hooks,
+    ) -> Result<StepState> {
+        if stack != 0 {
+            bail!("Wan has one block stack (0), not {stack}");
+        }
+        let s = state.inner.as_object::<Stepped>()?;
+        let hidden =
+            self.wan
+                .block_part(&s.step, block, part, state.hidden.clone(), hooks, &s.deltas)?;
         Ok(StepState { hidden, ..state })
     }
 

@@ -12,7 +12,7 @@ use ditflow_nn::{
 };
 use ditflow_plugin::attention::{AttentionKind, AttentionSite};
 use ditflow_plugin::linear_delta::LinearDeltas;
-use ditflow_plugin::model::{Hooks, LinearInfo};
+use ditflow_plugin::model::{BlockPart, Hooks, LinearInfo};
 use ditflow_plugin::{Device, Error, Kind, Result, Tensor};
 
 /// LayerNorm's eps everywhere in the model (the config's `eps`, 1e-6 in every release).
@@ -437,6 +437,27 @@ impl Wan {
         self.unpatchify(&out, b, step.grid)
     }
 
+    /// Half `part` of block `i` on tokens `h`, with the hooks of the `blocks` stack.
+    pub fn block_part(
+        &self,
+        step: &Step,
+        i: usize,
+        part: BlockPart,
+        h: Tensor,
+        hooks: &Hooks,
+        dl: &LinearDeltas,
+    ) -> Result<Tensor> {
+        hooks.run_block_part(
+            0,
+            self.blocks.len(),
+            i,
+            part,
+            h,
+            &mut |i, h| self.first_half(i, h, &step.proj, &step.rope, dl, hooks),
+            &mut |i, h| self.second_half(i, h, &step.proj, &step.context, dl, hooks),
+        )
+    }
+
     /// Block `i` on tokens `h` `[B, L, D]`, with the time projection `proj` `[B, 6, D]` and the
     /// hooks' attention patches at its self- and cross-attention sites.
     #[allow(clippy::too_many_arguments)]
@@ -450,32 +471,62 @@ impl Wan {
         dl: &LinearDeltas,
         hooks: &Hooks,
     ) -> Result<Tensor> {
-        let blk = &self.blocks[i];
-        let site = |kind| AttentionSite {
-            stack: 0,
-            block: i,
-            kind,
-        };
-        let m = chunks(
-            &blk.scale_shift_table
+        let h = self.first_half(i, h, proj, rope, dl, hooks)?;
+        self.second_half(i, h, proj, context, dl, hooks)
+    }
+
+    /// Block `i`'s modulation: the table plus the time projection, six `[B, 1, D]` chunks.
+    fn modulation(&self, i: usize, proj: &Tensor) -> Result<Vec<Tensor>> {
+        chunks(
+            &self.blocks[i]
+                .scale_shift_table
                 .reshape(&[1, 6, self.dim as i64])?
                 .add(proj)?,
             6,
             self.dim,
-        )?;
+        )
+    }
+
+    /// Block `i` up to its cross-attention's input: the modulated self-attention and its gated
+    /// residual.
+    fn first_half(
+        &self,
+        i: usize,
+        h: Tensor,
+        proj: &Tensor,
+        rope: &(Tensor, Tensor),
+        dl: &LinearDeltas,
+        hooks: &Hooks,
+    ) -> Result<Tensor> {
+        let m = self.modulation(i, proj)?;
         let (shift, scale, gate) = (&m[0], &m[1], &m[2]);
-        let (c_shift, c_scale, c_gate) = (&m[3], &m[4], &m[5]);
         let x = h.layer_norm(None, None, Some(shift), Some(scale), NORM_EPS)?;
-        let a = blk.attn1.forward(
+        let a = self.blocks[i].attn1.forward(
             &x,
             None,
             self.heads,
             Some(rope),
             dl,
             self.eps,
-            (hooks, site(AttentionKind::SelfAttention)),
+            (hooks, self.site(i, AttentionKind::SelfAttention)),
         )?;
-        let h = h.gated_residual(&a, gate)?;
+        h.gated_residual(&a, gate)
+    }
+
+    /// The rest of block `i`: the cross-attention (after its norm) and the modulated
+    /// feed-forward.
+    fn second_half(
+        &self,
+        i: usize,
+        h: Tensor,
+        proj: &Tensor,
+        context: &Tensor,
+        dl: &LinearDeltas,
+        hooks: &Hooks,
+    ) -> Result<Tensor> {
+        let blk = &self.blocks[i];
+        let m = self.modulation(i, proj)?;
+        let (c_shift, c_scale, c_gate) = (&m[3], &m[4], &m[5]);
         let x = match &blk.norm2 {
             Some((w, b)) => h.layer_norm(Some(w), Some(b), None, None, NORM_EPS)?,
             None => h.clone(),
@@ -487,7 +538,7 @@ impl Wan {
             None,
             dl,
             self.eps,
-            (hooks, site(AttentionKind::Cross)),
+            (hooks, self.site(i, AttentionKind::Cross)),
         )?;
         let h = h.add(&a)?;
         let x = h.layer_norm(None, None, Some(c_shift), Some(c_scale), NORM_EPS)?;
@@ -495,6 +546,14 @@ impl Wan {
             .ff_out
             .apply(&blk.ff_in.apply(&x, "gelu_tanh", dl)?, "none", dl)?;
         h.gated_residual(&f, c_gate)
+    }
+
+    fn site(&self, block: usize, kind: AttentionKind) -> AttentionSite {
+        AttentionSite {
+            stack: 0,
+            block,
+            kind,
+        }
     }
 
     /// `[B, L, pt·ph·pw·C]` → `[B, C, F, H, W]` (diffusers' reshape, permute and flattens).

@@ -71,7 +71,8 @@ static HOST_API: SyncHostApi = SyncHostApi(DfHostApi {
     denoiser_run_blocks: model::denoiser_run_blocks,
     denoiser_finish: model::denoiser_finish,
     model_patch_memory: model::model_patch_memory,
-    reserved: [std::ptr::null(); 13],
+    denoiser_run_block_part: model::denoiser_run_block_part,
+    reserved: [std::ptr::null(); 12],
 });
 
 /// The table passed to plugins.

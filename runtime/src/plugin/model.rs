@@ -887,6 +887,36 @@ pub(super) unsafe extern "C" fn denoiser_run_blocks(
     })
 }
 
+pub(super) unsafe extern "C" fn denoiser_run_block_part(
+    v: *const DfValue,
+    call: *const DfCallContext,
+    state: *const DfValue,
+    stack: u32,
+    block: u32,
+    part: u32,
+    out: *mut *mut DfValue,
+) -> i32 {
+    step("run_block_part", v, out, |o, api, patches, out| {
+        // NULL in a plugin built before ABI 1.6 (a reserved slot then).
+        let f = api.run_block_part?;
+        // SAFETY: as above.
+        Some(unsafe {
+            f(
+                o.ptr,
+                host_api(),
+                call,
+                state,
+                stack,
+                block,
+                part,
+                patches.as_ptr(),
+                patches.len(),
+                out,
+            )
+        })
+    })
+}
+
 pub(super) unsafe extern "C" fn denoiser_finish(
     v: *const DfValue,
     call: *const DfCallContext,
