@@ -784,6 +784,34 @@ fn scene_captions_give_each_scene_its_own_caption() {
     );
 }
 
+#[test]
+fn scene_captions_on_a_joint_attention_model_use_mask2dit_s_joint_mask() {
+    // Mask²DiT's joint form on SD3 (image then text in one sequence): two scenes, bands of 1 and
+    // 3 token rows of the 4x4 grid, captions of 2 and 3 tokens; image tokens see all image tokens
+    // and their scene's caption, caption tokens their own caption and their scene's image tokens.
+    // Against diffusers' SD3 with that boolean mask at every joint attention
+    // (tools/make_sd3_fixtures.py). Tolerance 1e-4 of the largest value.
+    let (session, dir) = session(false);
+    let model = common::repo().join("tests/fixtures/parity/sd3");
+    let io = model.join("io_scenes.safetensors");
+    let (_, _, _, bytes) = read_all(&io)
+        .into_iter()
+        .find(|t| t.0 == "out.sample")
+        .unwrap();
+    let want: Vec<f64> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect();
+    let run = |patch: &str| forward_sample_with(&session, &dir, "LoadSD3", &model, patch, &io);
+    let got = run("SceneCaptions, inputs: {model: dm.model, frames: [1, 3], tokens: [2, 3]}");
+    assert_close(&got, &want, "two regions on SD3");
+    let plain = run("");
+    assert!(plain
+        .iter()
+        .zip(&want)
+        .any(|(a, b)| (*a as f64 - b).abs() > 1e-3));
+}
+
 /// `SteppedForward` of the LoRA fixture's PixArt (2 blocks) with `patch`.
 fn stepped_sample(
     session: &Session,

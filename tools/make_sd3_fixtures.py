@@ -17,8 +17,15 @@ layout (`joint_blocks.N.x_block.attn.qkv…`, ComfyUI's `model.diffusion_model.`
 to convert back exactly with diffusers' `convert_sd3_transformer_checkpoint_to_diffusers`, and
 its config beside it.
 
+Also writes tests/fixtures/parity/sd3/io_scenes.safetensors: the sd3/ model's forward on one row
+cut into two scenes (bands of token rows [1, 3] of the 4x4 token grid, captions of [2, 3] tokens)
+with Mask²DiT's joint mask at every joint attention (image tokens attend to all image tokens and
+to their scene's caption; caption tokens to their own caption and their scene's image tokens), a
+boolean mask handed to scaled_dot_product_attention by a copy of JointAttnProcessor2_0.
+
 Run (PyTorch and diffusers from PyPI; CI never runs this):
-    .venv/bin/python tools/make_sd3_fixtures.py
+    .venv/bin/python tools/make_sd3_fixtures.py          # everything
+    .venv/bin/python tools/make_sd3_fixtures.py scenes   # the scene fixture alone
 """
 import os
 import shutil
@@ -170,7 +177,58 @@ def sd3_single():
     print(f"sd3_5_single: {len(sai)} tensors, all {len(back)} equal after diffusers' converter")
 
 
+def scenes():
+    import torch.nn.functional as F
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    out = os.path.join(ROOT, "sd3")
+    model = SD3Transformer2DModel.from_pretrained(out).eval()
+    io = load_file(os.path.join(out, "io.safetensors"))
+    x, text = io["in.hidden_states"][:1], io["in.encoder_hidden_states"][:1]
+    pooled, t = io["in.pooled_projections"][:1], io["in.timestep"][:1]
+    rows, tokens = [1, 3], [2, 3]
+    per_row = x.shape[3] // 2
+    n = len(rows)
+    image = torch.tensor([s for s, r in enumerate(rows) for _ in range(r * per_row)])
+    caption = torch.tensor([n + s for s, c in enumerate(tokens) for _ in range(c)])
+    ids = torch.cat([image, caption])
+    a, b = ids[:, None], ids[None, :]
+    mask = ((a < n) & (b < n)) | ((a < n) & (b == a + n)) | ((a >= n) & (b == a - n)) | ((a >= n) & (b == a))
+
+    class SceneMask:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+            bsz, li = hidden_states.shape[0], hidden_states.shape[1]
+            split = lambda y: y.view(bsz, -1, attn.heads, y.shape[-1] // attn.heads).transpose(1, 2)  # noqa: E731
+            q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+            cq = split(attn.add_q_proj(encoder_hidden_states))
+            ck = split(attn.add_k_proj(encoder_hidden_states))
+            cv = split(attn.add_v_proj(encoder_hidden_states))
+            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+            img, ctx = o[:, :li], o[:, li:]
+            if not attn.context_pre_only:
+                ctx = attn.to_add_out(ctx)
+            return attn.to_out[0](img), ctx
+
+    for block in model.transformer_blocks:
+        assert block.attn.norm_q is None
+        block.attn.set_processor(SceneMask())
+    with torch.no_grad():
+        sample = model(x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t, return_dict=False)[0]
+    save_file({"in.hidden_states": x.contiguous(), "in.encoder_hidden_states": text.contiguous(),
+               "in.pooled_projections": pooled.contiguous(), "in.timestep": t.contiguous(),
+               "out.sample": sample.contiguous()}, os.path.join(out, "io_scenes.safetensors"))
+    print(f"sd3 scenes: out {tuple(sample.shape)} |max| {sample.abs().max():.3f}")
+
+
 if __name__ == "__main__":
-    main()
-    vae16()
-    sd3_single()
+    import sys
+
+    if sys.argv[1:] == ["scenes"]:
+        scenes()
+    else:
+        main()
+        vae16()
+        sd3_single()
+        scenes()

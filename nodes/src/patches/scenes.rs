@@ -1,10 +1,15 @@
 //! `SceneCaptions`: one video in several scenes, each following its own caption (Mask²DiT's
-//! segment mask, for a model whose video attends to its captions by cross-attention, as Wan
-//! does). The scenes' captions are encoded one after another into one conditioning; the patch
-//! lets the video tokens of scene s attend only to scene s's caption tokens (a structured
-//! segment mask at every cross-attention site), while the video's self-attention stays over all
-//! frames, so the scenes stay one continuous video. `EncodeScenes` encodes the list of scene
-//! prompts into that conditioning and gives each scene's caption length.
+//! segment mask). The scenes' captions are encoded one after another into one conditioning, and
+//! the patch puts a structured segment mask on the model's attention sites:
+//! - cross-attention (Wan): the video tokens of scene s attend only to scene s's caption tokens,
+//!   while the video's self-attention stays over all frames;
+//! - joint attention (MMDiT, one sequence of both streams): the text of scene s attends to its
+//!   own text and its scene's video, and the video of scene s to its scene's text and to all the
+//!   video, Mask²DiT's own form. On an image model (a `[B, C, H, W]` latent) the scenes are
+//!   bands of token rows, top to bottom: regional captions.
+//!
+//! So the scenes stay one continuous video. `EncodeScenes` encodes the list of scene prompts into
+//! that conditioning and gives each scene's caption length.
 
 use ditflow_plugin::attention::{AttentionKind, AttentionSite, Mask};
 use ditflow_plugin::files::fnv1a;
@@ -68,6 +73,9 @@ struct Scenes {
     frames: Vec<usize>,
     tokens: Vec<usize>,
     patch: usize,
+    /// The joint sequence's order: the video (image) stream first, then the text (SD3), or
+    /// the text first (Flux).
+    video_first: bool,
     segments: Mutex<Option<SceneSegments>>,
 }
 
@@ -75,13 +83,18 @@ impl PatchHooks for Scenes {
     fn call_inputs(&self, _call: &Call, inputs: &Inputs) -> Result<()> {
         let x = inputs.require("hidden_states")?;
         let s = x.shape();
-        if s.len() != 5 {
-            bail!("SceneCaptions needs a video latent [B, C, frames, H, W], got {s:?}");
-        }
-        let per_frame = (s[3] / self.patch) * (s[4] / self.patch);
+        // A video's scenes are runs of latent frames; an image's, bands of token rows.
+        let (frames, per_frame) = match s.len() {
+            5 => (s[2], (s[3] / self.patch) * (s[4] / self.patch)),
+            4 => (s[2] / self.patch, s[3] / self.patch),
+            _ => bail!(
+                "SceneCaptions needs a video latent [B, C, frames, H, W] or an image latent \
+                 [B, C, H, W], got {s:?}"
+            ),
+        };
         let text = inputs.require("encoder_hidden_states")?;
         let segs = scene_segments(
-            s[2],
+            frames,
             per_frame,
             text.shape().get(1).copied().unwrap_or(0),
             &self.frames,
@@ -92,20 +105,50 @@ impl PatchHooks for Scenes {
     }
 
     fn attention_mask(&self, _call: &Call, site: &AttentionSite) -> Result<Option<Mask>> {
-        if site.kind != AttentionKind::Cross {
-            return Ok(None);
-        }
         let segs = self.segments.lock().unwrap_or_else(|p| p.into_inner());
         let Some(s) = segs.as_ref() else {
             return Ok(None);
         };
         let n = self.frames.len();
-        Ok(Some(Mask::Segments {
-            q: s.video.clone(),
-            k: s.text.clone(),
-            n,
-            allow: (0..n * n).map(|i| i / n == i % n).collect(),
-        }))
+        Ok(match site.kind {
+            AttentionKind::Cross => Some(Mask::Segments {
+                q: s.video.clone(),
+                k: s.text.clone(),
+                n,
+                allow: (0..n * n).map(|i| i / n == i % n).collect(),
+            }),
+            AttentionKind::Joint => Some(joint_mask(s, n, self.video_first)),
+            AttentionKind::SelfAttention => None,
+        })
+    }
+}
+
+/// Mask²DiT's mask over one joint sequence of `n` scenes: segment `s` is scene s's video,
+/// segment `n + s` its text. Video attends to all video and to its scene's text; text to its
+/// own text and its scene's video.
+pub fn joint_mask(s: &SceneSegments, n: usize, video_first: bool) -> Mask {
+    let text: Vec<i64> = s.text.iter().map(|&t| t + n as i64).collect();
+    let ids = if video_first {
+        [s.video.as_slice(), &text].concat()
+    } else {
+        [text.as_slice(), &s.video].concat()
+    };
+    let allow = (0..4 * n * n)
+        .map(|i| {
+            let (a, b) = (i / (2 * n), i % (2 * n));
+            match (a < n, b < n) {
+                (true, true) => true,
+                (true, false) => b - n == a,
+                (false, true) => a - n == b,
+                (false, false) => a == b,
+            }
+        })
+        .collect();
+    Mask::Segments {
+        q: ids.clone(),
+        k: ids,
+        n: 2 * n,
+        allow,
     }
 }
 
@@ -196,19 +239,22 @@ impl Node for SceneCaptions {
             .category("patches")
             .doc(
                 "Cuts a video into scenes that follow their own captions (Mask²DiT's segment \
-                 mask on a cross-attention video model such as Wan): encode the scenes' captions \
-                 one after another into one conditioning; the video tokens of scene s then \
-                 attend only to scene s's caption tokens, while the video's self-attention \
-                 spans all frames. The scenes' latent frames must add up to the video's, and \
-                 their caption lengths to the conditioning's.",
+                 mask): encode the scenes' captions one after another into one conditioning. On \
+                 a cross-attention model (Wan) the video tokens of scene s attend only to scene \
+                 s's caption tokens, while the video's self-attention spans all frames; on a \
+                 joint-attention model (SD3) the text of scene s attends to its own text and \
+                 its scene's video, and the video to its scene's text and all the video. On an \
+                 image model the scenes are bands of token rows, top to bottom. The scenes' \
+                 latent frames (or token rows) must add up to the latent's, and their caption \
+                 lengths to the conditioning's.",
             )
             .input(
                 Port::new("model", "Model<Denoiser>")
-                    .doc("A video denoiser with cross-attention sites (LoadWan)."),
+                    .doc("A denoiser with cross- or joint-attention sites (LoadWan, LoadSD3)."),
             )
             .input(
                 Port::new("frames", "List<Int>")
-                    .doc("Each scene's length in latent frames, in order."),
+                    .doc("Each scene's length in latent frames (an image: token rows), in order."),
             )
             .input(
                 Port::new("tokens", "List<Int>")
@@ -234,6 +280,7 @@ impl Node for SceneCaptions {
             .info()
             .clone();
         let patch = info.patch_size.max(1);
+        let video_first = info.streams.first().is_none_or(|s| s.name != "text");
         // The mask goes to the cross-attention sites of the first stack that has attention sites.
         let stack = info
             .stacks
@@ -259,6 +306,7 @@ impl Node for SceneCaptions {
             frames,
             tokens,
             patch,
+            video_first,
             segments: Mutex::new(None),
         };
         let v = ctx.patch_model(&model, &spec, hooks)?;
@@ -279,5 +327,29 @@ mod tests {
         assert!(e.0.contains("add up"), "{}", e.0);
         let e = scene_segments(3, 2, 6, &[1, 2], &[2, 3]).unwrap_err();
         assert!(e.0.contains("6"), "{}", e.0);
+    }
+
+    #[test]
+    fn the_joint_mask_is_mask2dit_s() {
+        // Two scenes: video tokens [0, 1, 1], text tokens [0, 1]; image first.
+        let s = SceneSegments {
+            video: vec![0, 1, 1],
+            text: vec![0, 1],
+        };
+        let Mask::Segments { q, k, n, allow } = joint_mask(&s, 2, true) else {
+            panic!("a segment mask")
+        };
+        assert_eq!(q, [0, 1, 1, 2, 3]);
+        assert_eq!(q, k);
+        assert_eq!(n, 4);
+        let sees = |a: usize, b: usize| allow[a * 4 + b];
+        // Video of scene 0 sees all video and its own text only.
+        assert!(sees(0, 0) && sees(0, 1) && sees(0, 2) && !sees(0, 3));
+        // Text of scene 1 sees its own text and its scene's video only.
+        assert!(!sees(3, 0) && sees(3, 1) && !sees(3, 2) && sees(3, 3));
+        let Mask::Segments { q, .. } = joint_mask(&s, 2, false) else {
+            panic!("a segment mask")
+        };
+        assert_eq!(q, [2, 3, 0, 1, 1]);
     }
 }

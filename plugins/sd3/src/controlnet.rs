@@ -123,7 +123,7 @@ impl Sd3ControlNet {
         let mut txt = e.txt;
         let mut out = Vec::with_capacity(self.out.len());
         for (blk, proj) in t.blocks.iter().zip(&self.out) {
-            (img, txt) = t.joint_block(blk, &e.silu, dl, img, txt)?;
+            (img, txt) = t.joint_block(blk, &e.silu, dl, img, txt, None)?;
             out.push(proj.apply(&img, "none", dl)?);
         }
         Ok(out)

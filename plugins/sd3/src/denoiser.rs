@@ -2,7 +2,8 @@
 //! stack) and runs a forward from diffusers' named inputs (with `skip_layers`); `LoadSD3` reads a
 //! diffusers folder. Every linear layer takes linear deltas (LoRA); the joint stack takes block
 //! residuals and range overrides on the image-then-text sequence (an image residual starts at
-//! token 0); attention sites are not offered yet.
+//! token 0) and structured attention masks at each block's joint attention site, over the same
+//! image-then-text sequence (`SceneCaptions`' joint form).
 
 use crate::sd3::{self, Sd3};
 use crate::single_file;
@@ -47,13 +48,14 @@ impl Denoiser for Sd3Model {
                 name: "transformer_blocks".into(),
                 streams: vec!["image".into(), "text".into()],
                 n_blocks: m.blocks.len(),
-                sites: ditflow_plugin::abi::DF_SITE_POST_BLOCK,
+                sites: ditflow_plugin::abi::DF_SITE_POST_BLOCK | ditflow_plugin::abi::DF_SITE_ATTN,
             }],
             linears: self.linears.clone(),
             capabilities: ditflow_plugin::abi::DF_CAP_LINEAR_DELTA
                 | ditflow_plugin::abi::DF_CAP_LINEAR_MERGE
                 | ditflow_plugin::abi::DF_CAP_BLOCK_RESIDUAL
-                | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE,
+                | ditflow_plugin::abi::DF_CAP_RANGE_OVERRIDE
+                | ditflow_plugin::abi::DF_CAP_ATTENTION_MASK,
             conditioning: ["encoder_hidden_states", "pooled_projections", "skip_layers"]
                 .iter()
                 .map(|s| s.to_string())

@@ -9,6 +9,7 @@ use ditflow_nn::{
     attend_heads, chunks, patch_grid, patchify, timestep_sinusoids, unpatchify, Config,
     ContinuousOutput, FeedForward, HeadProjections, Linear, TimestepEmbedding, Weights,
 };
+use ditflow_plugin::attention::{AttentionKind, AttentionSite};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::{Hooks, LinearInfo};
 use ditflow_plugin::{Device, Error, Result, Tensor};
@@ -276,7 +277,8 @@ impl Sd3 {
     }
 
     /// A joint block on the image and text streams (the text comes back unchanged from the last,
-    /// `context_pre_only` block).
+    /// `context_pre_only` block); with `site` (the hooks and the block's index), the patches'
+    /// attention hooks run at its joint attention site, on the sequence image then text.
     pub fn joint_block(
         &self,
         blk: &JointBlock,
@@ -284,6 +286,7 @@ impl Sd3 {
         dl: &LinearDeltas,
         mut img: Tensor,
         mut txt: Tensor,
+        site: Option<(&Hooks, usize)>,
     ) -> Result<(Tensor, Tensor)> {
         let (d, heads) = (self.dim, self.heads);
         let (li, lt) = (img.shape()[1], txt.shape()[1]);
@@ -317,7 +320,39 @@ impl Sd3 {
         let (cq, ck, cv) = blk.text.heads(&nc, heads, dl)?;
         // Image first, then text (JointAttnProcessor2_0).
         let cat = |a: &Tensor, b: &Tensor| ditflow_plugin::ops::concat(&[a, b], 2);
-        let o = attend_heads(&cat(&q, &cq)?, &cat(&k, &ck)?, &cat(&v, &cv)?, None)?;
+        let (q, k, v) = (cat(&q, &cq)?, cat(&k, &ck)?, cat(&v, &cv)?);
+        let hooked = site.map(|(hooks, block)| {
+            let site = AttentionSite {
+                stack: 0,
+                block,
+                kind: AttentionKind::Joint,
+            };
+            (hooks, site)
+        });
+        let o = match hooked {
+            Some((hooks, site)) if hooks.has_attention(&site) => {
+                // The hooks read q, k and v as [B, L, H·D].
+                let flat = |t: &Tensor| -> Result<Tensor> {
+                    let s = t.shape().to_vec();
+                    t.permute(&[0, 2, 1, 3])?.reshape(&[
+                        s[0] as i64,
+                        s[2] as i64,
+                        (s[1] * s[3]) as i64,
+                    ])
+                };
+                let head_dim = q.shape()[3];
+                hooks.attention_qkv(
+                    &site,
+                    flat(&q)?,
+                    flat(&k)?,
+                    flat(&v)?,
+                    None,
+                    heads,
+                    head_dim,
+                )?
+            }
+            _ => attend_heads(&q, &k, &v, None)?,
+        };
         let parts = o.split(1, &[li, lt])?;
         img = img.gated_residual(&blk.to_out.apply(&parts[0], "none", dl)?, &m[2])?;
         if let (Some((attn2, out2)), Some(nx)) = (&blk.attn2, &n_dual) {
@@ -412,7 +447,7 @@ impl Sd3 {
         let img = if hooks.is_empty() {
             for (i, blk) in self.blocks.iter().enumerate() {
                 if !inp.skip_layers.contains(&i) {
-                    (img, txt) = self.joint_block(blk, &silu, dl, img, txt)?;
+                    (img, txt) = self.joint_block(blk, &silu, dl, img, txt, None)?;
                 }
             }
             img
@@ -431,6 +466,7 @@ impl Sd3 {
                     dl,
                     parts[0].clone(),
                     parts[1].clone(),
+                    Some((hooks, i)),
                 )?;
                 ditflow_plugin::ops::concat(&[&x, &t], 1)
             })?;
