@@ -390,9 +390,10 @@ outputs:
 #[test]
 fn two_towers_fused_in_their_cross_attention_match_ovi_s_fusion_blocks() {
     // Ovi's key/value injection (a FusedCrossAttentionBridge in every block pair of the tiny Wan
-    // and Stable Audio transformers), run through block stepping by halves, against the pure
-    // PyTorch fusion of tools/make_fused_bridge_fixtures.py on diffusers' blocks. Tolerance
-    // 1e-4 relative to the largest reference; with the bridge off, each tower alone.
+    // and a tiny Stable Audio of the same head width, Ovi's RoPE: the video's three Wan bands,
+    // the audio's time band at scaled positions), run through block stepping by halves, against
+    // the pure PyTorch fusion of tools/make_fused_bridge_fixtures.py on diffusers' blocks.
+    // Tolerance 1e-4 relative to the largest reference; with the bridge off, each tower alone.
     let parity = common::repo().join("tests/fixtures/parity");
     let inputs = parity.join("bridged_towers");
     let dir = parity.join("bridged_towers_fused");
@@ -412,10 +413,10 @@ outputs:
   audio_alone: off.audio
 "#,
         v = q(&parity.join("wan")),
-        a = q(&parity.join("stable_audio")),
+        a = q(&dir.join("stable_audio")),
         b = q(&dir.join("bridge")),
         vi = q(&inputs.join("video.safetensors")),
-        ai = q(&inputs.join("audio.safetensors")),
+        ai = q(&dir.join("audio.safetensors")),
     );
     let g = Graph::from_yaml(&yaml, "fused.yaml", Path::new(".")).unwrap();
     let report = session().run(&g, &[], &RunOptions::default()).unwrap();
@@ -429,11 +430,41 @@ outputs:
         eprintln!("fused towers {key}: {e:.2e}");
         assert!(e <= 1e-4, "{key}: {e:.2e}");
     }
-    let io = inputs.join("io.safetensors");
-    for key in ["video_alone", "audio_alone"] {
-        let e = relative_error(report.output(key).unwrap(), &io, key);
-        assert!(e <= 1e-4, "{key}: {e:.2e}");
-    }
+    let e = relative_error(
+        report.output("video_alone").unwrap(),
+        &inputs.join("io.safetensors"),
+        "video_alone",
+    );
+    assert!(e <= 1e-4, "video alone: {e:.2e}");
+    let e = relative_error(
+        report.output("audio_alone").unwrap(),
+        &dir.join("io.safetensors"),
+        "audio_alone",
+    );
+    assert!(e <= 1e-4, "audio alone: {e:.2e}");
+    // A config whose RoPE does not fit the towers is refused when loaded, naming its file.
+    let bad = common::temp_dir("fused-bad");
+    let cfg = std::fs::read_to_string(dir.join("bridge/config.json")).unwrap();
+    let cfg = cfg.replace("\"rope_dims\": 4", "\"rope_dims\": 6");
+    std::fs::write(bad.join("config.json"), cfg).unwrap();
+    std::fs::copy(
+        dir.join("bridge/bridge.safetensors"),
+        bad.join("bridge.safetensors"),
+    )
+    .unwrap();
+    let g = Graph::from_yaml(
+        &yaml.replace(&q(&dir.join("bridge")), &q(&bad)),
+        "fused_bad.yaml",
+        Path::new("."),
+    )
+    .unwrap();
+    let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+    let f = report.failed.first().expect("the bridge is refused");
+    assert!(
+        f.error.contains("config.json") && f.error.contains("set rope_dims to 4"),
+        "{}",
+        f.error
+    );
 }
 
 #[test]

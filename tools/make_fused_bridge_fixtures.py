@@ -16,14 +16,22 @@ every block pair as Ovi's FusionModel.single_fusion_block_forward runs its two t
       v_f = v_fusion(y)
 
 The shared output projection o is linear, so o(A + B) = o(A) + W_o·B: the text part is diffusers'
-own attn2 module and the fusion part adds W_o·B. RoPE rotates the first `rope_dims` dims of each
-head in interleaved pairs (Ovi's complex rotation) with angles position·10000^(−2j/rope_dims); the
-video's token positions are its latent frame index, the audio's its token index times 0.5 (the
-global token at 0), Ovi's scaled alignment.
+own attn2 module and the fusion part adds W_o·B. RoPE is Ovi's, in interleaved pairs (its
+complex rotation): the video side rotates its whole head with Wan's three bands (time, height,
+width: 4, 4, 4 dims of the tiny head of 12, as 44, 42, 42 of Ovi's 128) at each token's latent
+frame, row and column; the audio side rotates its first 4 dims (the time band's width) at its
+token index times 0.5 (the global token at 0), Ovi's scaled alignment; band j of width n turns by
+position·10000^(−2j/n).
+
+Ovi's towers share their head width (128), so the video's 3-band tables also rotate the keys
+made from the video in the audio tower's heads: the audio tower here is a tiny Stable Audio of its
+own with the tiny Wan's head width (12).
 
 Writes tests/fixtures/parity/bridged_towers_fused/: bridge/ (config.json, bridge.safetensors in
-Ovi's names) and io.safetensors with out.video, out.audio. The towers' inputs are those of
-tests/fixtures/parity/bridged_towers/ (run tools/make_bridged_towers_fixtures.py first).
+Ovi's names), stable_audio/ (the audio tower), audio.safetensors (its in.*, no rotary tables:
+the model computes them as StableAudioPipeline does) and io.safetensors with out.video,
+out.audio. The video tower and its inputs are those of tests/fixtures/parity/wan and
+bridged_towers/ (run tools/make_bridged_towers_fixtures.py first).
 
     .venv/bin/python tools/make_fused_bridge_fixtures.py
 """
@@ -40,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from make_bridged_towers_fixtures import audio_head, audio_prelude, wan_head, wan_prelude  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "parity")
-ROPE_DIMS = 8
+ROPE_DIMS = 4
 AUDIO_SCALE = 0.5
 
 
@@ -67,14 +75,19 @@ class FusedKv(torch.nn.Module):
         return o.transpose(1, 2).flatten(2)
 
 
-def rotate(x, positions):
-    """Interleaved rotation of the first ROPE_DIMS dims of each head of x [B, H, L, D]."""
-    j = torch.arange(0, ROPE_DIMS, 2, dtype=torch.float64) / ROPE_DIMS
-    angle = positions.double()[:, None] * (1.0 / 10000.0 ** j)[None, :]
+def angles(positions, width):
+    """[L, width/2] angles of one band: position·10000^(−2j/width)."""
+    j = torch.arange(0, width, 2, dtype=torch.float64) / width
+    return positions.double()[:, None] * (1.0 / 10000.0 ** j)[None, :]
+
+
+def rotate(x, angle):
+    """Interleaved rotation of the first 2·angle.shape[1] dims of each head of x [B, H, L, D]."""
+    r = 2 * angle.shape[1]
     rot = torch.polar(torch.ones_like(angle), angle)
-    head = torch.view_as_complex(x[..., :ROPE_DIMS].double().reshape(*x.shape[:-1], -1, 2).contiguous())
+    head = torch.view_as_complex(x[..., :r].double().reshape(*x.shape[:-1], -1, 2).contiguous())
     head = torch.view_as_real(head * rot).flatten(-2).to(x.dtype)
-    return torch.cat([head, x[..., ROPE_DIMS:]], dim=-1)
+    return torch.cat([head, x[..., r:]], dim=-1)
 
 
 def wan_to_cross(blk, h, temb, rope):
@@ -115,10 +128,33 @@ def main():
     out = os.path.join(ROOT, "bridged_towers_fused")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(os.path.join(out, "bridge"))
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
     wan = WanTransformer3DModel.from_pretrained(os.path.join(ROOT, "wan")).eval()
-    sa = StableAudioDiTModel.from_pretrained(os.path.join(ROOT, "stable_audio")).eval()
     vin = load_file(os.path.join(src, "video.safetensors"))
-    ain = load_file(os.path.join(src, "audio.safetensors"))
+    sa = StableAudioDiTModel(
+        sample_size=16, in_channels=4, num_layers=2, attention_head_dim=wan.config.attention_head_dim,
+        num_attention_heads=2, num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=12,
+        time_proj_dim=16, global_states_input_dim=10, cross_attention_input_dim=6,
+    )
+    g = torch.Generator().manual_seed(73)
+    with torch.no_grad():
+        for name, p in sa.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        sa.time_proj.weight.copy_(torch.randn(sa.time_proj.weight.shape, generator=g))
+    sa.eval()
+    sa.save_pretrained(os.path.join(out, "stable_audio"), safe_serialization=True)
+    length = 11
+    ain = {"in.hidden_states": torch.randn(1, 4, length, generator=g), "in.timestep": torch.tensor([0.6]),
+           "in.encoder_hidden_states": torch.randn(1, 5, 6, generator=g),
+           "in.global_hidden_states": torch.randn(1, 1, 10, generator=g)}
+    save_file(ain, os.path.join(out, "audio.safetensors"))
+    cos, sin = get_1d_rotary_pos_embed(sa.config.attention_head_dim // 2, length + 1, use_real=True,
+                                       repeat_interleave_real=False)
+    ain["in.rotary_embedding_cos"], ain["in.rotary_embedding_sin"] = cos, sin
     dv = wan.config.num_attention_heads * wan.config.attention_head_dim
     da = sa.inner_dim
     hv_, ha_ = wan.config.num_attention_heads, sa.config.num_attention_heads
@@ -136,7 +172,8 @@ def main():
                     weights[key + ("" if name.endswith(("weight", "bias")) else ".weight")] = p.detach().clone()
     save_file(weights, os.path.join(out, "bridge", "bridge.safetensors"))
     config = {"_class_name": "FusedCrossAttentionBridge", "num_blocks": n, "video_dim": dv, "audio_dim": da,
-              "video_heads": hv_, "audio_heads": ha_, "rope_dims": ROPE_DIMS, "rope_positions": "scaled",
+              "video_heads": hv_, "audio_heads": ha_, "rope_dims": ROPE_DIMS, "video_rope": "wan",
+              "rope_positions": "scaled",
               "video_position_scale": 1.0, "audio_position_scale": AUDIO_SCALE, "audio_prefix_tokens": 1}
     with open(os.path.join(out, "bridge", "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -146,10 +183,15 @@ def main():
         rope = (ain["in.rotary_embedding_cos"], ain["in.rotary_embedding_sin"])
         ha, ca = audio_prelude(sa, ain["in.hidden_states"], ain["in.timestep"], ain["in.encoder_hidden_states"],
                                ain["in.global_hidden_states"], rope)
-        frames = vin["in.hidden_states"].shape[2]
-        per_frame = hv.shape[1] // frames
-        pos_v = torch.arange(hv.shape[1]) // per_frame
-        pos_a = (torch.arange(ha.shape[1]) - 1).clamp(min=0) * AUDIO_SCALE
+        _, _, frames, rows, cols = vin["in.hidden_states"].shape
+        rows, cols = rows // 2, cols // 2
+        token = torch.arange(hv.shape[1])
+        d = wan.config.attention_head_dim
+        hw = 2 * (d // 6)
+        assert d - 2 * hw == ROPE_DIMS
+        pos_v = torch.cat([angles(token // (rows * cols), ROPE_DIMS), angles((token // cols) % rows, hw),
+                           angles(token % cols, hw)], dim=1)
+        pos_a = angles((torch.arange(ha.shape[1]) - 1).clamp(min=0) * AUDIO_SCALE, ROPE_DIMS)
         for i, (fv, fa) in enumerate(pairs):
             bv, ba = wan.blocks[i], sa.transformer_blocks[i]
             hv = wan_to_cross(bv, hv, cv[1], cv[0])
@@ -159,7 +201,10 @@ def main():
             hv = wan_from_cross(bv, v_sa, cv[1], cv[2], fv, a_sa, hv_, pos_v, pos_a)
         video, audio = wan_head(wan, hv, cv), audio_head(sa, ha)
         alone = wan(vin["in.hidden_states"], vin["in.timestep"], vin["in.encoder_hidden_states"], return_dict=False)[0]
-    save_file({"out.video": video.contiguous(), "out.audio": audio.contiguous()}, os.path.join(out, "io.safetensors"))
+        audio_alone = sa(ain["in.hidden_states"], ain["in.timestep"], ain["in.encoder_hidden_states"],
+                         ain["in.global_hidden_states"], rotary_embedding=(cos, sin), return_dict=False)[0]
+    save_file({"out.video": video.contiguous(), "out.audio": audio.contiguous(),
+               "out.audio_alone": audio_alone.contiguous()}, os.path.join(out, "io.safetensors"))
     print(f"bridged_towers_fused: video {tuple(video.shape)} differs from the tower alone by "
           f"{(video - alone).abs().max():.3f}, audio {tuple(audio.shape)}")
 

@@ -478,6 +478,20 @@ pub fn bridged_forward(
         None
     };
     let rope = rope.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice()));
+    // The video's token grid (frames, rows, columns), for a fused bridge's Wan-style RoPE.
+    let grid = {
+        let p = video.info().patch_size.max(1);
+        let shape = inputs
+            .0
+            .iter()
+            .find(|(k, _)| *k == "hidden_states")
+            .map(|(_, t)| t.shape().to_vec())
+            .unwrap_or_default();
+        match shape.as_slice() {
+            [_, _, f, h, w] => [*f, h / p, w / p],
+            _ => [frames, 0, 0],
+        }
+    };
     let (mut next_v, mut next_a) = (0usize, 0usize);
     for (i, &(v, a)) in bridge.points.iter().enumerate() {
         match (&bridge.exchanges, enabled) {
@@ -518,7 +532,7 @@ pub fn bridged_forward(
                 }
                 sv = video.run_block_part(cv, &sv, 0, v, BlockPart::ToCross)?;
                 sa = audio.run_block_part(ca, &sa, 0, a, BlockPart::ToCross)?;
-                f.arm(i, (v, a), (&sv.hidden, &sa.hidden), rope)?;
+                f.arm(i, (v, a), (&sv.hidden, &sa.hidden), rope, grid)?;
                 let rest = audio
                     .run_block_part(ca, &sa, 0, a, BlockPart::FromCross)
                     .and_then(|s| {

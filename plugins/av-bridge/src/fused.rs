@@ -33,6 +33,11 @@ pub struct Fused {
     pub heads: (usize, usize),
     /// The rotated prefix of each head (Ovi: 44, the temporal band); 0 when not rotated.
     pub rope_dims: usize,
+    /// `Some(axes)`: the video side rotates its whole head as Wan does, over the axes' widths
+    /// (time, height, width: Ovi's 44, 42, 42), the time band at the frame positions, the
+    /// others at each token's row and column (`video_rope: "wan"`); `None`: its first
+    /// `rope_dims` at the frame positions (`"temporal"`).
+    pub video_axes: Option<[usize; 3]>,
 }
 
 impl Fused {
@@ -67,6 +72,35 @@ impl Fused {
                 head_dims.0, head_dims.1
             )));
         }
+        let video_axes = match cfg.str_or("video_rope", "temporal")? {
+            "temporal" => None,
+            "wan" => {
+                let d = head_dims.0;
+                if head_dims.1 != d {
+                    return Err(bad(format!(
+                        "video_rope \"wan\" rotates the keys made from the video in the audio's \
+                         heads too, as Ovi's towers of one head width do: the heads are {d} and \
+                         {} wide",
+                        head_dims.1
+                    )));
+                }
+                let hw = 2 * (d / 6);
+                let axes = [d - 2 * hw, hw, hw];
+                if rope_dims != axes[0] {
+                    return Err(bad(format!(
+                        "video_rope \"wan\" rotates the video's time band of {} dims against the \
+                         audio's first rope_dims: set rope_dims to {} (got {rope_dims})",
+                        axes[0], axes[0]
+                    )));
+                }
+                Some(axes)
+            }
+            other => {
+                return Err(bad(format!(
+                    "video_rope \"{other}\" is not one of temporal, wan"
+                )))
+            }
+        };
         let w = Weights::load(ctx, dir, device)?;
         let pairs = points
             .iter()
@@ -91,6 +125,7 @@ impl Fused {
             pairs,
             heads,
             rope_dims,
+            video_axes,
         })
     }
 }
@@ -202,21 +237,24 @@ impl FusedTowers {
     }
 
     /// Arms the pair `pair` (video block `v`, audio block `a`) with each tower's hidden state
-    /// after its self-attention, at the positions `rope` (video's, audio's) when given.
+    /// after its self-attention, at the positions `rope` (video's, audio's) when given; `grid`
+    /// is the video's token grid (frames, rows, columns).
     pub fn arm(
         &self,
         pair: usize,
         (v, a): (usize, usize),
         (hv, ha): (&Tensor, &Tensor),
         rope: Option<(&[f32], &[f32])>,
+        grid: [usize; 3],
     ) -> Result<()> {
+        let device = hv.device();
         let tables = match (rope, self.fused.rope_dims) {
             (Some((pv, pa)), r) if r > 0 => {
-                let device = hv.device();
-                Some((
-                    rotary_tables_at_f32(r, pv, device)?,
-                    rotary_tables_at_f32(r, pa, device)?,
-                ))
+                let video = match self.fused.video_axes {
+                    None => rotary_tables_at_f32(r, pv, device)?,
+                    Some(axes) => wan_tables(axes, pv, grid, device)?,
+                };
+                Some((video, rotary_tables_at_f32(r, pa, device)?))
             }
             _ => None,
         };
@@ -254,4 +292,28 @@ impl FusedTowers {
             }
         }
     }
+}
+
+/// Wan's 3-axis rotary tables for the video tokens of a `grid` (frames, rows, columns; frame
+/// major): the time band at the tokens' positions `times`, the height and width bands at their
+/// row and column.
+fn wan_tables(
+    axes: [usize; 3],
+    times: &[f32],
+    [f, h, w]: [usize; 3],
+    device: Device,
+) -> Result<RopeTables> {
+    if times.len() != f * h * w {
+        bail!(
+            "fused cross-attention: {} video positions for a token grid of {f}x{h}x{w}",
+            times.len()
+        );
+    }
+    let ids: Vec<f32> = times
+        .iter()
+        .enumerate()
+        .flat_map(|(n, &t)| [t, ((n / w) % h) as f32, (n % w) as f32])
+        .collect();
+    let ids = Tensor::from_f32(Kind::Tensor, &[times.len(), 3], &ids)?.to_device(device)?;
+    ditflow_plugin::ops::rope_tables(&ids, &axes, 10000.0)
 }
