@@ -476,7 +476,26 @@ fn sampling_two_bridged_towers_matches_the_lockstep_reference() {
     // (tools/make_bridged_towers_fixtures.py). Tolerance 1e-4 relative to the largest value.
     let parity = common::repo().join("tests/fixtures/parity");
     let dir = parity.join("bridged_towers");
+    lockstep_sampling_error(&dir.join("bridge"), &parity.join("stable_audio"), &dir);
+}
+
+#[test]
+fn sampling_two_towers_fused_by_ovi_s_bridge_matches_the_lockstep_reference() {
+    // The same sampling with the fused cross-attention bridge (its rows paired through each
+    // guided batch, switched off for the isolation pass), against the PyTorch fusion
+    // (tools/make_fused_bridge_fixtures.py). Tolerance 1e-4 relative to the largest value.
+    let parity = common::repo().join("tests/fixtures/parity");
+    let dir = parity.join("bridged_towers_fused");
+    lockstep_sampling_error(&dir.join("bridge"), &dir.join("stable_audio"), &dir);
+}
+
+/// Runs SampleAudioVideo with `bridge` over the tiny Wan and the audio tower `audio` on the
+/// conditionings of `bridged_towers/sample.safetensors`, and checks both latents, plain and
+/// with isolation guidance 0.5, against `dir/sample.safetensors` within 1e-4.
+fn lockstep_sampling_error(bridge: &Path, audio: &Path, dir: &Path) {
+    let parity = common::repo().join("tests/fixtures/parity");
     let io = dir.join("sample.safetensors");
+    let scheduler = parity.join("bridged_towers/video_scheduler/scheduler_config.json");
     let q = |p: &Path| format!("{:?}", p.to_string_lossy());
     let t = |n: &str| {
         format!(
@@ -513,8 +532,8 @@ outputs:
   audio_latent{suffix}: s.audio_latent
 "#,
             v = q(&parity.join("wan")),
-            a = q(&parity.join("stable_audio")),
-            b = q(&dir.join("bridge")),
+            a = q(audio),
+            b = q(bridge),
             tvp = t("in.video_positive"),
             tvn = t("in.video_negative"),
             tap = t("in.audio_positive"),
@@ -523,7 +542,7 @@ outputs:
             tgn = t("in.audio_global_negative"),
             tvl = t("out.video_latent"),
             tal = t("out.audio_latent"),
-            sc = q(&dir.join("video_scheduler/scheduler_config.json")),
+            sc = q(&scheduler),
         );
         let g = Graph::from_yaml(&yaml, "sample_av.yaml", Path::new(".")).unwrap();
         let report = session().run(&g, &[], &RunOptions::default()).unwrap();

@@ -27,6 +27,8 @@ Ovi's towers share their head width (128), so the video's 3-band tables also rot
 made from the video in the audio tower's heads: the audio tower here is a tiny Stable Audio of its
 own with the tiny Wan's head width (12).
 
+Also a 4-step SampleAudioVideo run with the fused bridge in sample.safetensors (see sample()).
+
 Writes tests/fixtures/parity/bridged_towers_fused/: bridge/ (config.json, bridge.safetensors in
 Ovi's names), stable_audio/ (the audio tower), audio.safetensors (its in.*, no rotary tables:
 the model computes them as StableAudioPipeline does) and io.safetensors with out.video,
@@ -179,35 +181,107 @@ def main():
         json.dump(config, f, indent=2)
 
     with torch.no_grad():
-        hv, cv = wan_prelude(wan, vin["in.hidden_states"], vin["in.timestep"], vin["in.encoder_hidden_states"])
-        rope = (ain["in.rotary_embedding_cos"], ain["in.rotary_embedding_sin"])
-        ha, ca = audio_prelude(sa, ain["in.hidden_states"], ain["in.timestep"], ain["in.encoder_hidden_states"],
-                               ain["in.global_hidden_states"], rope)
-        _, _, frames, rows, cols = vin["in.hidden_states"].shape
-        rows, cols = rows // 2, cols // 2
-        token = torch.arange(hv.shape[1])
-        d = wan.config.attention_head_dim
-        hw = 2 * (d // 6)
-        assert d - 2 * hw == ROPE_DIMS
-        pos_v = torch.cat([angles(token // (rows * cols), ROPE_DIMS), angles((token // cols) % rows, hw),
-                           angles(token % cols, hw)], dim=1)
-        pos_a = angles((torch.arange(ha.shape[1]) - 1).clamp(min=0) * AUDIO_SCALE, ROPE_DIMS)
-        for i, (fv, fa) in enumerate(pairs):
-            bv, ba = wan.blocks[i], sa.transformer_blocks[i]
-            hv = wan_to_cross(bv, hv, cv[1], cv[0])
-            ha = audio_to_cross(ba, ha, ca[1])
-            v_sa, a_sa = hv, ha
-            ha = audio_from_cross(ba, a_sa, ca[0], fa, v_sa, ha_, pos_a, pos_v)
-            hv = wan_from_cross(bv, v_sa, cv[1], cv[2], fv, a_sa, hv_, pos_v, pos_a)
-        video, audio = wan_head(wan, hv, cv), audio_head(sa, ha)
-        alone = wan(vin["in.hidden_states"], vin["in.timestep"], vin["in.encoder_hidden_states"], return_dict=False)[0]
-        audio_alone = sa(ain["in.hidden_states"], ain["in.timestep"], ain["in.encoder_hidden_states"],
-                         ain["in.global_hidden_states"], rotary_embedding=(cos, sin), return_dict=False)[0]
+        v_in = (vin["in.hidden_states"], vin["in.timestep"], vin["in.encoder_hidden_states"])
+        a_in = (ain["in.hidden_states"], ain["in.timestep"], ain["in.encoder_hidden_states"],
+                ain["in.global_hidden_states"])
+        video, audio = run_fused(wan, sa, pairs, v_in, a_in)
+        alone = wan(*v_in, return_dict=False)[0]
+        audio_alone = sa(*a_in, rotary_embedding=(cos, sin), return_dict=False)[0]
     save_file({"out.video": video.contiguous(), "out.audio": audio.contiguous(),
                "out.audio_alone": audio_alone.contiguous()}, os.path.join(out, "io.safetensors"))
     print(f"bridged_towers_fused: video {tuple(video.shape)} differs from the tower alone by "
           f"{(video - alone).abs().max():.3f}, audio {tuple(audio.shape)}")
 
 
+def run_fused(wan, sa, pairs, v, a):
+    """Both towers' predictions for inputs v = (x, t, text) and a = (x, t, text, global), fused in
+    every block pair."""
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    hv, cv = wan_prelude(wan, *v)
+    rope = get_1d_rotary_pos_embed(sa.config.attention_head_dim // 2, a[0].shape[2] + 1, use_real=True,
+                                   repeat_interleave_real=False)
+    ha, ca = audio_prelude(sa, *a, rope)
+    _, _, frames, rows, cols = v[0].shape
+    rows, cols = rows // 2, cols // 2
+    token = torch.arange(hv.shape[1])
+    d = wan.config.attention_head_dim
+    hw = 2 * (d // 6)
+    assert d - 2 * hw == ROPE_DIMS
+    pos_v = torch.cat([angles(token // (rows * cols), ROPE_DIMS), angles((token // cols) % rows, hw),
+                       angles(token % cols, hw)], dim=1)
+    pos_a = angles((torch.arange(ha.shape[1]) - 1).clamp(min=0) * AUDIO_SCALE, ROPE_DIMS)
+    hv_, ha_ = wan.config.num_attention_heads, sa.config.num_attention_heads
+    for i, (fv, fa) in enumerate(pairs):
+        bv, ba = wan.blocks[i], sa.transformer_blocks[i]
+        hv = wan_to_cross(bv, hv, cv[1], cv[0])
+        ha = audio_to_cross(ba, ha, ca[1])
+        v_sa, a_sa = hv, ha
+        ha = audio_from_cross(ba, a_sa, ca[0], fa, v_sa, ha_, pos_a, pos_v)
+        hv = wan_from_cross(bv, v_sa, cv[1], cv[2], fv, a_sa, hv_, pos_v, pos_a)
+    return wan_head(wan, hv, cv), audio_head(sa, ha)
+
+
+def sample():
+    """A 4-step SampleAudioVideo run with the fused bridge, as tools/make_bridged_towers_fixtures.py
+    samples with its dual cross-attention bridge (the same conditionings, schedulers, guidance and
+    seed), plain and with modality-isolation guidance 0.5: sample.safetensors."""
+    from diffusers import DPMSolverMultistepScheduler, StableAudioDiTModel, UniPCMultistepScheduler
+    from diffusers import WanTransformer3DModel
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+    from make_parity_fixtures import philox_randn
+
+    out = os.path.join(ROOT, "bridged_towers_fused")
+    conds = load_file(os.path.join(ROOT, "bridged_towers", "sample.safetensors"))
+    conds = {k: v for k, v in conds.items() if k.startswith("in.")}
+    wan = WanTransformer3DModel.from_pretrained(os.path.join(ROOT, "wan")).eval()
+    sa = StableAudioDiTModel.from_pretrained(os.path.join(out, "stable_audio")).eval()
+    weights = load_file(os.path.join(out, "bridge", "bridge.safetensors"))
+    dv = wan.config.num_attention_heads * wan.config.attention_head_dim
+    da = sa.inner_dim
+    pairs = []
+    for i in range(len(wan.blocks)):
+        pair = (FusedKv(da, dv).eval(), FusedKv(dv, da).eval())
+        for tower, f in zip(("video_model", "audio_model"), pair):
+            state = {}
+            for name, _ in f.named_parameters():
+                key = f"{tower}.blocks.{i}.cross_attn.{name}"
+                state[name] = weights[key + ("" if name.endswith(("weight", "bias")) else ".weight")]
+            f.load_state_dict(state)
+        pairs.append(pair)
+    steps, seed, cfg_v, cfg_a = 4, 5, 3.0, 2.0
+    tensors = dict(conds)
+    for suffix, iso in (("", 0.0), ("_iso", 0.5)):
+        sv = UniPCMultistepScheduler.from_pretrained(os.path.join(ROOT, "bridged_towers", "video_scheduler"))
+        sa_s = DPMSolverMultistepScheduler(prediction_type="v_prediction")
+        sv.set_timesteps(steps)
+        sa_s.set_timesteps(steps)
+        xv = philox_randn((1, 4, 3, 8, 10), seed).float() * sv.init_noise_sigma
+        xa = philox_randn((1, 4, 11), seed + 1).float() * sa_s.init_noise_sigma
+        text_v = torch.cat([conds["in.video_positive"], conds["in.video_negative"]])
+        text_a = torch.cat([conds["in.audio_positive"], conds["in.audio_negative"]])
+        glob_a = torch.cat([conds["in.audio_global_positive"], conds["in.audio_global_negative"]])
+        for tv, ta in zip(sv.timesteps, sa_s.timesteps):
+            v = (torch.cat([xv] * 2), tv.float().expand(2), text_v)
+            a = (torch.cat([xa] * 2), ta.float().expand(2), text_a, glob_a)
+            with torch.no_grad():
+                pv, pa = run_fused(wan, sa, pairs, v, a)
+                if iso:
+                    ov = wan(*v, return_dict=False)[0]
+                    rope = get_1d_rotary_pos_embed(sa.config.attention_head_dim // 2, xa.shape[2] + 1,
+                                                   use_real=True, repeat_interleave_real=False)
+                    oa = sa(*a, rotary_embedding=rope, return_dict=False)[0]
+                    pv, pa = pv + iso * (pv - ov), pa + iso * (pa - oa)
+            pv = pv[1:] + cfg_v * (pv[:1] - pv[1:])
+            pa = pa[1:] + cfg_a * (pa[:1] - pa[1:])
+            xv = sv.step(pv, tv, xv).prev_sample
+            xa = sa_s.step(pa, ta, xa).prev_sample
+        tensors[f"out.video_latent{suffix}"] = xv.contiguous()
+        tensors[f"out.audio_latent{suffix}"] = xa.contiguous()
+        print(f"fused sample{suffix}: video |max| {xv.abs().max():.3f}, audio |max| {xa.abs().max():.3f}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "sample.safetensors"))
+
+
 if __name__ == "__main__":
     main()
+    sample()
