@@ -824,6 +824,64 @@ outputs:
     );
 }
 
+#[test]
+fn guidance_settings_of_sample_compose_as_their_definitions_say() {
+    // Sample on the tiny SD3 pipeline with the guidance pieces (their maths matches diffusers'
+    // guiders in the samplers' tests): an empty guidance interval runs the conditional prompt
+    // alone, bit for bit what cfg 1 gives; APG with eta 1 and no cap is CFG (within float32
+    // rounding, 1e-5 of the largest value); with eta 0 it differs; a start after the stop is
+    // refused, naming the node and the setting.
+    let dir = common::repo().join("tests/fixtures/parity/sd3_pipeline");
+    let p = |n: &str| format!("{:?}", dir.join(n).to_string_lossy());
+    let run = |extra: &str| {
+        let yaml = format!(
+            r#"version: 1
+nodes:
+  dit: {{type: LoadSD3, inputs: {{path: {t}}}}}
+  t5: {{type: LoadTextEncoder, inputs: {{path: {t5}}}}}
+  l: {{type: LoadTextEncoder, inputs: {{path: {l}}}}}
+  g: {{type: LoadTextEncoder, inputs: {{path: {g}}}}}
+  pos: {{type: SD3TextEncode, inputs: {{clip_l: l.encoder, clip_g: g.encoder, t5: t5.encoder, text: "a red circle", t5_tokens: 16}}}}
+  neg: {{type: SD3TextEncode, inputs: {{clip_l: l.encoder, clip_g: g.encoder, t5: t5.encoder, text: "", t5_tokens: 16}}}}
+  latent: {{type: EmptyLatent, inputs: {{width: 16, height: 16, channels: 16, downscale: 2}}}}
+  sample: {{type: Sample, inputs: {{model: dit.model, positive: pos.conditioning, negative: neg.conditioning, latent: latent.latent, sampler: flow_euler, steps: 3, seed: 4{extra}}}}}
+outputs:
+  latent: sample.latent
+"#,
+            t = p("transformer"),
+            t5 = p("text_encoder_3"),
+            l = p("text_encoder"),
+            g = p("text_encoder_2"),
+        );
+        let g = Graph::from_yaml(&yaml, "guidance.yaml", Path::new(".")).unwrap();
+        let report = session().run(&g, &[], &RunOptions::default()).unwrap();
+        match report.output("latent").map(|v| &**v) {
+            Some(ditflow::Value::Tensor(_, t)) => Ok(t.as_f32().to_vec()),
+            _ => Err(report.failed.first().expect("a failure").clone()),
+        }
+    };
+    let cond_only = run(", cfg: 1.0").unwrap();
+    let empty = run(", cfg: 3.0, guidance_start: 0.0, guidance_stop: 0.0").unwrap();
+    assert_eq!(cond_only, empty);
+    let cfg = run(", cfg: 3.0").unwrap();
+    let apg =
+        run(", cfg: 3.0, guidance_method: apg, apg_eta: 1.0, apg_norm_threshold: 0.0").unwrap();
+    let scale = cfg.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = cfg
+        .iter()
+        .zip(&apg)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(err <= 1e-5 * scale, "APG eta 1 vs CFG: {err} of {scale}");
+    let projected = run(", cfg: 3.0, guidance_method: apg, apg_eta: 0.0").unwrap();
+    assert!(projected
+        .iter()
+        .zip(&cfg)
+        .any(|(a, b)| (a - b).abs() > 1e-3));
+    let f = run(", cfg: 3.0, guidance_start: 0.8, guidance_stop: 0.2").unwrap_err();
+    assert_eq!(&*f.node, "sample");
+    assert!(f.error.contains("guidance_start"), "{}", f.error);
+}
+
 /// The largest error of tensor `got` against `out.{name}` of `io`, relative to the largest
 /// reference value.
 fn relative_error(got: &ditflow::Value, io: &Path, name: &str) -> f64 {

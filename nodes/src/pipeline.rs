@@ -331,7 +331,12 @@ impl Node for Sample {
                  flow_euler (flow matching) or unipc (UniPC, on flow sigmas for flow models), or \
                  `auto` for the class in scheduler_config. \
                  Classifier-free guidance runs the conditional and unconditional prompts as one \
-                 batch: u + cfg·(c − u). Reports progress per step and stops when cancelled.",
+                 batch: u + cfg·(c − u); guidance_method apg projects out the part of c − u \
+                 parallel to c (adaptive projected guidance), guidance_rescale mixes in the \
+                 guided prediction rescaled to c's standard deviation, and guidance_start and \
+                 guidance_stop guide only that fraction of the steps (the others run the \
+                 conditional prompt alone), as diffusers' guiders. Reports progress per step and \
+                 stops when cancelled.",
             )
             .input(Port::new("model", "Model<Denoiser>").doc("A denoiser from any plugin (LoadDiffusionModel, a patch node, a C plugin)."))
             .input(Port::new("positive", "Conditioning").optional().doc("The prompt's conditioning (needed by text-conditioned models): TextEncode's tokens, or a named set such as SD3TextEncode's or FluxTextEncode's (tokens plus pooled_projections). Each part the model reads goes to its forward under its name."))
@@ -346,6 +351,13 @@ impl Node for Sample {
             .input(Port::new("steps", "Int").default(20i64).range(1.0, 1000.0).doc("Sampling steps."))
             .input(Port::new("cfg", "Float").default(4.5).range(0.0, 100.0).doc("Guidance scale; 1 disables guidance."))
             .input(Port::new("seed", "Int").default(0i64).doc("Noise seed (the same noise on every device)."))
+            .input(Port::new("guidance_method", "String").default("cfg").choices(&["cfg", "apg"]).doc("How the two predictions combine: cfg, or apg (adaptive projected guidance)."))
+            .input(Port::new("guidance_rescale", "Float").default(0.0).range(0.0, 1.0).doc("CFG rescale's factor (0: off): the guided prediction mixed with itself rescaled to the conditional one's standard deviation."))
+            .input(Port::new("guidance_start", "Float").default(0.0).range(0.0, 1.0).doc("The fraction of the steps where guidance starts."))
+            .input(Port::new("guidance_stop", "Float").default(1.0).range(0.0, 1.0).doc("The fraction of the steps where guidance stops."))
+            .input(Port::new("apg_eta", "Float").default(1.0).range(0.0, 10.0).doc("APG: the weight of the difference's part parallel to the conditional prediction."))
+            .input(Port::new("apg_norm_threshold", "Float").default(15.0).range(0.0, 1e6).doc("APG: the difference's norm per row is capped here (0: no cap)."))
+            .input(Port::new("apg_momentum", "Float").default(0.0).range(-10.0, 10.0).doc("APG: the momentum of the difference's running average (0: none; diffusers' examples use -0.5)."))
             .output(Port::new("latent", "Latent").doc("The denoised latent."))
     }
 
@@ -406,18 +418,41 @@ impl Node for Sample {
         };
         let sched = samplers::build_scheduler(&class, &fields, steps, tokens, flow_sigmas)
             .map_err(|e| Error(e.0))?;
-        // Conditioning batch: positives then negatives.
+        let method = match ctx.input::<String>("guidance_method")?.as_str() {
+            "apg" => samplers::guidance::Method::Apg {
+                eta: ctx.input("apg_eta")?,
+                norm_threshold: ctx.input("apg_norm_threshold")?,
+                momentum: Some(ctx.input::<f64>("apg_momentum")?).filter(|&m| m != 0.0),
+            },
+            _ => samplers::guidance::Method::Cfg,
+        };
+        let gconfig = samplers::guidance::GuidanceConfig {
+            scale: cfg,
+            method,
+            rescale: ctx.input("guidance_rescale")?,
+            start: ctx.input("guidance_start")?,
+            stop: ctx.input("guidance_stop")?,
+        };
+        gconfig.validate().map_err(|e| Error(e.0))?;
+        let mut guide = samplers::guidance::Guidance::new(gconfig);
+        // Conditioning batch: positives then negatives; the positives alone for the steps
+        // outside the guidance interval.
         let rows = if guided { 2 * batch } else { batch };
-        let conditioning = match &positive {
+        let (conditioning, cond_only) = match &positive {
             Some(positive) => {
                 let mut list: Vec<&Conditioning> = vec![positive; batch];
+                let only = if guided {
+                    batch_conditioning_sets(&list, &info, device)?
+                } else {
+                    Vec::new()
+                };
                 if guided {
                     let negative = negative.as_ref().unwrap_or(positive);
                     list.extend(std::iter::repeat_n(negative, batch));
                 }
-                batch_conditioning_sets(&list, &info, device)?
+                (batch_conditioning_sets(&list, &info, device)?, only)
             }
-            None => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
         let guidance = if info.reads("guidance") {
             Some(scalar(ctx.input::<f64>("guidance")? as f32)?)
@@ -452,20 +487,31 @@ impl Node for Sample {
             .affine(sched.init_noise_sigma(), 0.0)?;
         let mut history = samplers::History::new(sched.as_ref());
         let total = sched.num_steps() as u64;
+        let n = sched.num_steps();
         for (i, step) in sched.steps().iter().enumerate() {
             ctx.check_cancelled()?;
+            // Outside the guidance interval the conditional rows run alone.
+            let both = guided && gconfig.active(i, n);
             call.step_index = i;
             call.sigma = step.sigma;
             call.timestep = step.timestep;
+            call.branches
+                .resize(if both || !guided { rows } else { batch }, BRANCH_UNCOND);
+            call.cond_ids.resize(call.branches.len(), 1);
             den.lifecycle(Event::StepBegin, &call)?;
             let input = x.affine(step.input_scale, 0.0)?;
-            let input = if guided {
+            let input = if both {
                 ditflow_plugin::ops::concat(&[&input, &input], 0)?
             } else {
                 input
             };
             let mut args: Vec<(&str, &Tensor)> = vec![("hidden_states", &input)];
-            args.extend(conditioning.iter().map(|(n, t)| (n.as_str(), t)));
+            let parts = if guided && !both {
+                &cond_only
+            } else {
+                &conditioning
+            };
+            args.extend(parts.iter().map(|(n, t)| (n.as_str(), t)));
             if let Some(g) = &guidance {
                 args.push(("guidance", g));
             }
@@ -481,10 +527,12 @@ impl Node for Sample {
             } else {
                 out
             };
-            let out = if guided {
+            let out = if guided && gconfig.is_plain() {
                 let parts = out.split(0, &[batch, batch])?;
                 let (c, u) = (&parts[0], &parts[1]);
                 u.add(&c.sub(u)?.affine(cfg, 0.0)?)?
+            } else if guided {
+                guided_prediction(&mut guide, i, n, &out, both, batch)?
             } else {
                 out
             };
@@ -495,6 +543,34 @@ impl Node for Sample {
         den.lifecycle(Event::RunEnd, &call)?;
         ctx.set_output("latent", x.with_kind(Kind::Latent)?)
     }
+}
+
+/// The guided prediction of step `i` of `n` from the model's output `out` (the conditional
+/// rows, then the unconditional ones when `both`), combined in f64.
+fn guided_prediction(
+    guide: &mut samplers::guidance::Guidance,
+    i: usize,
+    n: usize,
+    out: &Tensor,
+    both: bool,
+    batch: usize,
+) -> Result<Tensor> {
+    let wide = |t: &Tensor| -> Result<Vec<f64>> {
+        Ok(t.to_f32_vec()?.into_iter().map(f64::from).collect())
+    };
+    let (cond, uncond) = if both {
+        let parts = out.split(0, &[batch, batch])?;
+        (wide(&parts[0])?, Some(wide(&parts[1])?))
+    } else {
+        (wide(out)?, None)
+    };
+    let pred = guide
+        .combine(i, n, &cond, uncond.as_deref(), batch)
+        .map_err(|e| Error(e.0))?;
+    let mut shape = out.shape().to_vec();
+    shape[0] = batch;
+    let pred: Vec<f32> = pred.into_iter().map(|v| v as f32).collect();
+    Tensor::from_f32(Kind::Tensor, &shape, &pred)?.to_device(out.device())
 }
 
 /// `VAEDecode`: a latent as an image.

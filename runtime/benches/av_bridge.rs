@@ -1,7 +1,8 @@
-//! The bridge's overhead, driven by `tools/bench_av_bridge.py` (which makes real-width towers,
-//! a bridge and their conditioning): one `SampleAudioVideo` step of both towers coupled by the
-//! bridge, against the same step of the two towers alone (stepped the same way), in alternating
-//! rounds of one process; each keeps its fastest, printed as JSON.
+//! The bridges' overhead, driven by `tools/bench_av_bridge.py` (which makes real-width towers,
+//! two bridges and their conditioning): one `SampleAudioVideo` step of both towers coupled by a
+//! dual cross-attention bridge (`bridge/`), and by a fused cross-attention bridge in every block
+//! pair (`fused/`), against the same step of the two towers alone, in alternating rounds of one
+//! process; each keeps its fastest, printed as JSON.
 //!
 //! `cargo bench -p ditflow --bench av_bridge -- PLUGINS_DIR FIXTURE_DIR [REPS]`
 
@@ -10,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-fn graph(dir: &Path, bridged: bool) -> String {
+/// The step's graph, coupled by the bridge in folder `bridge` when given.
+fn graph(dir: &Path, bridge: Option<&str>) -> String {
     let q = |n: &str| format!("{:?}", dir.join(n).to_string_lossy());
     let t = |n: &str| {
         format!(
@@ -18,7 +20,10 @@ fn graph(dir: &Path, bridged: bool) -> String {
             q("inputs.safetensors")
         )
     };
-    let bridge = if bridged { ", bridge: b.bridge" } else { "" };
+    let (folder, port) = match bridge {
+        Some(f) => (f, ", bridge: b.bridge"),
+        None => ("bridge", ""),
+    };
     format!(
         r#"version: 1
 inputs:
@@ -37,13 +42,13 @@ nodes:
   ap: {{type: ConditioningPart, inputs: {{conditioning: ap0.conditioning, name: global_hidden_states, tensor: tg.tensor}}}}
   vl: {{type: TensorAs, inputs: {{tensor: vl0.tensor, kind: Latent}}}}
   al: {{type: TensorAs, inputs: {{tensor: al0.tensor, kind: Latent}}}}
-  s: {{type: SampleAudioVideo, inputs: {{video: v.model, audio: a.model{bridge}, video_positive: vp.conditioning, audio_positive: ap.conditioning, video_latent: vl.value, audio_latent: al.value, steps: 1, seed: $seed}}}}
+  s: {{type: SampleAudioVideo, inputs: {{video: v.model, audio: a.model{port}, video_positive: vp.conditioning, audio_positive: ap.conditioning, video_latent: vl.value, audio_latent: al.value, steps: 1, seed: $seed}}}}
 outputs:
   video: s.video_latent
 "#,
         v = q("video"),
         a = q("audio"),
-        b = q("bridge"),
+        b = q(folder),
         tv = t("video_text"),
         ta = t("audio_text"),
         tg = t("audio_global"),
@@ -65,14 +70,14 @@ fn main() {
     let rt = Runtime::with_plugins(&[PathBuf::from(plugins)]);
     let session = Session::new(Arc::new(rt));
     let dir = Path::new(dir);
-    let graphs = [false, true].map(|bridged| {
-        Graph::from_yaml(&graph(dir, bridged), "av_bridge.yaml", Path::new(".")).expect("graph")
+    let graphs = [None, Some("bridge"), Some("fused")].map(|bridge| {
+        Graph::from_yaml(&graph(dir, bridge), "av_bridge.yaml", Path::new(".")).expect("graph")
     });
     let opts = RunOptions {
         workers: 1,
         ..RunOptions::default()
     };
-    let mut best = [f64::INFINITY; 2];
+    let mut best = [f64::INFINITY; 3];
     // A new seed each run, so the sampling step runs again while the loaded models stay cached.
     for round in 0..=reps {
         for (g, slot) in graphs.iter().zip(best.iter_mut()) {
@@ -86,9 +91,12 @@ fn main() {
         }
     }
     println!(
-        "{{\"alone_seconds\": {:.6}, \"bridged_seconds\": {:.6}, \"overhead\": {:.4}}}",
+        "{{\"alone_seconds\": {:.6}, \"bridged_seconds\": {:.6}, \"overhead\": {:.4}, \
+         \"fused_seconds\": {:.6}, \"fused_overhead\": {:.4}}}",
         best[0],
         best[1],
-        best[1] / best[0] - 1.0
+        best[1] / best[0] - 1.0,
+        best[2],
+        best[2] / best[0] - 1.0
     );
 }

@@ -10,6 +10,9 @@
 //! | `FlowMatchEulerDiscreteScheduler`| [`flow_match::FlowMatchEulerDiscrete`]     |
 //! | `UniPCMultistepScheduler`        | [`unipc::UniPc`]                           |
 //!
+//! [`guidance`] combines each step's conditional and unconditional predictions (CFG, APG, CFG
+//! rescale, a guidance interval) as diffusers' guiders do.
+//!
 //! Every scheduler is built from its config (the fields of diffusers' `scheduler_config.json`,
 //! with diffusers' defaults) and the number of inference steps, and then is a fixed list of
 //! [`Step`]s. Each step says at which `timestep` to call the model, how to scale the model's
@@ -45,6 +48,7 @@ pub mod ddim;
 pub mod dpmpp_2m;
 pub mod euler;
 pub mod flow_match;
+pub mod guidance;
 pub mod schedule;
 pub mod unipc;
 

@@ -427,3 +427,116 @@ fn noising_gives_each_scheduler_s_own_sample_at_a_step() {
     let e = EulerDiscrete::new(EulerDiscreteConfig::default(), 4).unwrap();
     assert_eq!(e.noising().coefficients(2.0), (1.0, 2.0));
 }
+
+/// The guidance setting a guidance fixture's metadata describes.
+fn guidance_config(meta: &HashMap<String, String>) -> crate::guidance::GuidanceConfig {
+    use crate::guidance::{GuidanceConfig, Method};
+    let f = |k: &str| -> f64 { meta[k].parse().unwrap_or_else(|_| panic!("{k}")) };
+    let method = match meta["method"].as_str() {
+        "cfg" => Method::Cfg,
+        _ => Method::Apg {
+            eta: f("eta"),
+            norm_threshold: f("norm_threshold"),
+            momentum: meta.get("momentum").map(|m| m.parse().expect("momentum")),
+        },
+    };
+    GuidanceConfig {
+        scale: f("scale"),
+        method,
+        rescale: f("rescale"),
+        start: f("start"),
+        stop: f("stop"),
+    }
+}
+
+#[test]
+fn guidance_matches_diffusers_guiders() {
+    // diffusers' ClassifierFreeGuidance (with guidance_rescale and an interval) and
+    // AdaptiveProjectedGuidance (momentum, norm cap, eta; and with rescale), step by step on
+    // float64 predictions of two rows (tools/make_guidance_fixtures.py). Both compute in
+    // float64: tolerance 1e-12 relative to the largest value. Outside the interval the
+    // unconditional prediction is not given, as the sampling node skips it there.
+    for name in ["cfg_rescale", "apg", "apg_plain"] {
+        let bytes = read(&format!("guidance_{name}"));
+        let meta = metadata(&bytes);
+        let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+        let config = guidance_config(&meta);
+        config.validate().expect("a valid setting");
+        let steps: usize = meta["steps"].parse().expect("steps");
+        let mut g = crate::guidance::Guidance::new(config);
+        let mut guided = 0;
+        for i in 0..steps {
+            let cond = floats(&st, &format!("cond.{i}"));
+            let uncond = floats(&st, &format!("uncond.{i}"));
+            let want = floats(&st, &format!("pred.{i}"));
+            let active = config.active(i, steps);
+            guided += active as usize;
+            let got = g
+                .combine(i, steps, &cond, active.then_some(uncond.as_slice()), 2)
+                .expect("combined");
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-12 * scale, "{name} step {i}: {err:e} of {scale}");
+        }
+        if name == "cfg_rescale" {
+            assert_eq!(
+                guided, 3,
+                "the interval [0.2, 0.8) of 6 steps guides steps 1, 2, 3"
+            );
+        }
+    }
+}
+
+#[test]
+fn apg_and_rescale_follow_their_formulas_in_float64() {
+    // APG's projection and CFG rescale written out independently in float64 on one row:
+    // d = c − u, d∥ = (d·ĉ)ĉ, pred = u + s·(d − d∥ + eta·d∥); rescale mixes pred·σ(c)/σ(pred)
+    // with pred by φ (σ: the unbiased standard deviation). Tolerance 1e-13 relative.
+    use crate::guidance::{Guidance, GuidanceConfig, Method};
+    let c: Vec<f64> = (0..12).map(|i| (i as f64 * 0.7).sin()).collect();
+    let u: Vec<f64> = (0..12).map(|i| (i as f64 * 0.3).cos() * 0.5).collect();
+    let (s, eta, phi) = (3.5, 0.25, 0.6);
+    let d: Vec<f64> = c.iter().zip(&u).map(|(a, b)| a - b).collect();
+    let cn = c.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let dot = d.iter().zip(&c).map(|(a, b)| a * b).sum::<f64>() / cn;
+    let pred: Vec<f64> = (0..12)
+        .map(|i| {
+            let par = dot * c[i] / cn;
+            u[i] + s * (d[i] - par + eta * par)
+        })
+        .collect();
+    let sd = |v: &[f64]| {
+        let m = v.iter().sum::<f64>() / 12.0;
+        (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / 11.0).sqrt()
+    };
+    let ratio = sd(&c) / sd(&pred);
+    let want: Vec<f64> = pred
+        .iter()
+        .map(|p| phi * p * ratio + (1.0 - phi) * p)
+        .collect();
+    let mut g = Guidance::new(GuidanceConfig {
+        scale: s,
+        method: Method::Apg {
+            eta,
+            norm_threshold: 0.0,
+            momentum: None,
+        },
+        rescale: phi,
+        start: 0.0,
+        stop: 1.0,
+    });
+    let got = g.combine(0, 1, &c, Some(&u), 1).unwrap();
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-13 * b.abs().max(1.0), "{a} vs {b}");
+    }
+    // Settings out of range are refused, naming the setting.
+    let mut bad = GuidanceConfig::cfg(4.0);
+    bad.rescale = 1.5;
+    assert!(bad.validate().unwrap_err().0.contains("guidance_rescale"));
+    let mut bad = GuidanceConfig::cfg(4.0);
+    (bad.start, bad.stop) = (0.8, 0.2);
+    assert!(bad.validate().unwrap_err().0.contains("after"));
+}
