@@ -221,7 +221,12 @@ fn rescale(pred: &mut [f64], cond: &[f64], rows: usize, factor: f64) {
         var.sqrt()
     };
     for (p, c) in pred.chunks_mut(len).zip(cond.chunks(len)) {
-        let ratio = std(c) / std(p);
+        // A constant row has nothing to rescale (diffusers would divide by zero).
+        let spread = std(p);
+        if spread == 0.0 || !spread.is_finite() {
+            continue;
+        }
+        let ratio = std(c) / spread;
         for x in p.iter_mut() {
             *x = factor * (*x * ratio) + (1.0 - factor) * *x;
         }

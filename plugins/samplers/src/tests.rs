@@ -532,6 +532,13 @@ fn apg_and_rescale_follow_their_formulas_in_float64() {
     for (a, b) in got.iter().zip(&want) {
         assert!((a - b).abs() <= 1e-13 * b.abs().max(1.0), "{a} vs {b}");
     }
+    // A constant guided row is left as it is, not divided by its zero spread.
+    let mut flat = Guidance::new(GuidanceConfig {
+        rescale: 0.5,
+        ..GuidanceConfig::cfg(2.0)
+    });
+    let got = flat.combine(0, 1, &[1.0; 4], Some(&[1.0; 4]), 1).unwrap();
+    assert_eq!(got, [1.0; 4]);
     // Settings out of range are refused, naming the setting.
     let mut bad = GuidanceConfig::cfg(4.0);
     bad.rescale = 1.5;
