@@ -336,17 +336,18 @@ fn the_wan_vae_matches_diffusers_chunk_by_chunk() {
     assert!(forward_error(&session(), "wan_vae", &["mean", "logvar", "decoded"]) <= 1e-4);
 }
 
-#[test]
-fn two_towers_coupled_by_a_bridge_match_bridgedit_s_segments() {
-    // The tiny Wan and Stable Audio transformers coupled by two dual cross-attention blocks
-    // after video blocks 0, 1 and audio blocks 0, 1, through block stepping, against diffusers'
-    // blocks run segment by segment with the PyTorch bridge (tools/make_bridged_towers_fixtures.py);
-    // with the bridge off, each tower alone. Tolerance 1e-4 relative to the largest reference.
-    let parity = common::repo().join("tests/fixtures/parity");
-    let dir = parity.join("bridged_towers");
-    let io = dir.join("io.safetensors");
+/// A graph of two `BridgedForward`s of the Wan tower `video` and the Stable Audio tower `audio`
+/// coupled by `bridge` on the in.* inputs of `vi` and `ai`: `video`, `audio` with the bridge on,
+/// `video_alone`, `audio_alone` with it off.
+fn bridged_forward_graph(
+    video: &Path,
+    audio: &Path,
+    bridge: &Path,
+    vi: &Path,
+    ai: &Path,
+) -> String {
     let q = |p: &Path| format!("{:?}", p.to_string_lossy());
-    let yaml = format!(
+    format!(
         r#"version: 1
 nodes:
   v: {{type: LoadWan, inputs: {{path: {v}}}}}
@@ -360,11 +361,30 @@ outputs:
   video_alone: off.video
   audio_alone: off.audio
 "#,
-        v = q(&parity.join("wan")),
-        a = q(&parity.join("stable_audio")),
-        b = q(&dir.join("bridge")),
-        vi = q(&dir.join("video.safetensors")),
-        ai = q(&dir.join("audio.safetensors")),
+        v = q(video),
+        a = q(audio),
+        b = q(bridge),
+        vi = q(vi),
+        ai = q(ai),
+    )
+}
+
+#[test]
+fn two_towers_coupled_by_a_bridge_match_bridgedit_s_segments() {
+    // The tiny Wan and Stable Audio transformers coupled by two dual cross-attention blocks
+    // after video blocks 0, 1 and audio blocks 0, 1, through block stepping, against diffusers'
+    // blocks run segment by segment with the PyTorch bridge (tools/make_bridged_towers_fixtures.py);
+    // with the bridge off, each tower alone. Tolerance 1e-4 relative to the largest reference.
+    let parity = common::repo().join("tests/fixtures/parity");
+    let dir = parity.join("bridged_towers");
+    let io = dir.join("io.safetensors");
+    let q = |p: &Path| format!("{:?}", p.to_string_lossy());
+    let yaml = bridged_forward_graph(
+        &parity.join("wan"),
+        &parity.join("stable_audio"),
+        &dir.join("bridge"),
+        &dir.join("video.safetensors"),
+        &dir.join("audio.safetensors"),
     );
     let g = Graph::from_yaml(&yaml, "bridged.yaml", Path::new(".")).unwrap();
     let report = session().run(&g, &[], &RunOptions::default()).unwrap();
@@ -398,25 +418,12 @@ fn two_towers_fused_in_their_cross_attention_match_ovi_s_fusion_blocks() {
     let inputs = parity.join("bridged_towers");
     let dir = parity.join("bridged_towers_fused");
     let q = |p: &Path| format!("{:?}", p.to_string_lossy());
-    let yaml = format!(
-        r#"version: 1
-nodes:
-  v: {{type: LoadWan, inputs: {{path: {v}}}}}
-  a: {{type: LoadStableAudio, inputs: {{path: {a}}}}}
-  b: {{type: LoadBridge, inputs: {{path: {b}}}}}
-  on: {{type: BridgedForward, inputs: {{video: v.model, audio: a.model, bridge: b.bridge, video_inputs: {vi}, audio_inputs: {ai}}}}}
-  off: {{type: BridgedForward, inputs: {{video: v.model, audio: a.model, bridge: b.bridge, video_inputs: {vi}, audio_inputs: {ai}, enabled: false}}}}
-outputs:
-  video: on.video
-  audio: on.audio
-  video_alone: off.video
-  audio_alone: off.audio
-"#,
-        v = q(&parity.join("wan")),
-        a = q(&dir.join("stable_audio")),
-        b = q(&dir.join("bridge")),
-        vi = q(&inputs.join("video.safetensors")),
-        ai = q(&dir.join("audio.safetensors")),
+    let yaml = bridged_forward_graph(
+        &parity.join("wan"),
+        &dir.join("stable_audio"),
+        &dir.join("bridge"),
+        &inputs.join("video.safetensors"),
+        &dir.join("audio.safetensors"),
     );
     let g = Graph::from_yaml(&yaml, "fused.yaml", Path::new(".")).unwrap();
     let report = session().run(&g, &[], &RunOptions::default()).unwrap();

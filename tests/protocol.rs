@@ -728,6 +728,18 @@ fn attention_hooks_on_wan_mask_its_captions_and_keep_its_rope() {
     );
 }
 
+/// The `out.sample` tensor of a safetensors file, widened to f64.
+fn out_sample(io: &Path) -> Vec<f64> {
+    let (_, _, _, bytes) = read_all(io)
+        .into_iter()
+        .find(|t| t.0 == "out.sample")
+        .unwrap();
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+        .collect()
+}
+
 #[test]
 fn scene_captions_give_each_scene_its_own_caption() {
     // Mask²DiT's segment mask on Wan: two scenes of 1 and 2 latent frames, captions of 3 and 4
@@ -737,14 +749,7 @@ fn scene_captions_give_each_scene_its_own_caption() {
     let (session, dir) = session(false);
     let model = common::repo().join("tests/fixtures/parity/wan");
     let io = model.join("io_scenes.safetensors");
-    let (_, _, _, bytes) = read_all(&io)
-        .into_iter()
-        .find(|t| t.0 == "out.sample")
-        .unwrap();
-    let want: Vec<f64> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-        .collect();
+    let want = out_sample(&io);
     let run = |patch: &str| forward_sample_with(&session, &dir, "LoadWan", &model, patch, &io);
     let got = run("SceneCaptions, inputs: {model: dm.model, frames: [1, 2], tokens: [3, 4]}");
     let plain = run("");
@@ -794,14 +799,7 @@ fn scene_captions_on_a_joint_attention_model_use_mask2dit_s_joint_mask() {
     let (session, dir) = session(false);
     let model = common::repo().join("tests/fixtures/parity/sd3");
     let io = model.join("io_scenes.safetensors");
-    let (_, _, _, bytes) = read_all(&io)
-        .into_iter()
-        .find(|t| t.0 == "out.sample")
-        .unwrap();
-    let want: Vec<f64> = bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-        .collect();
+    let want = out_sample(&io);
     let run = |patch: &str| forward_sample_with(&session, &dir, "LoadSD3", &model, patch, &io);
     let got = run("SceneCaptions, inputs: {model: dm.model, frames: [1, 3], tokens: [2, 3]}");
     assert_close(&got, &want, "two regions on SD3");
