@@ -462,23 +462,8 @@ pub fn bridged_forward(
     let (cv, ca) = calls;
     let mut sv = video.prepare(cv, inputs.0)?;
     let mut sa = audio.prepare(ca, inputs.1)?;
-    // The video latent's frames (`[B, C, F, H, W]`) place its tokens in time.
-    let frames = inputs
-        .0
-        .iter()
-        .find(|(k, _)| *k == "hidden_states")
-        .and_then(|(_, t)| t.shape().get(2).copied())
-        .unwrap_or(0);
-    let rope = if enabled {
-        bridge
-            .positions
-            .compute(sv.hidden.shape()[1], frames, sa.hidden.shape()[1])
-            .map_err(|e| Error(format!("{file}: {}", e.0)))?
-    } else {
-        None
-    };
-    let rope = rope.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice()));
-    // The video's token grid (frames, rows, columns), for a fused bridge's Wan-style RoPE.
+    // The video latent `[B, C, F, H, W]`: its frames place its tokens in time, and its token
+    // grid (frames, rows, columns) sets a fused bridge's Wan-style RoPE.
     let grid = {
         let p = video.info().patch_size.max(1);
         let shape = inputs
@@ -489,19 +474,56 @@ pub fn bridged_forward(
             .unwrap_or_default();
         match shape.as_slice() {
             [_, _, f, h, w] => [*f, h / p, w / p],
-            _ => [frames, 0, 0],
+            [_, _, f, ..] => [*f, 0, 0],
+            _ => [0, 0, 0],
         }
+    };
+    let frames = grid[0];
+    let rope = if enabled {
+        bridge
+            .positions
+            .compute(sv.hidden.shape()[1], frames, sa.hidden.shape()[1])
+            .map_err(|e| Error(format!("{file}: {}", e.0)))?
+    } else {
+        None
+    };
+    let rope = rope.as_ref().map(|(a, b)| (a.as_slice(), b.as_slice()));
+    let tables = match fused {
+        Some(f) => f.tables(rope, grid, sv.hidden.device())?,
+        None => None,
     };
     let (mut next_v, mut next_a) = (0usize, 0usize);
     for (i, &(v, a)) in bridge.points.iter().enumerate() {
-        match (&bridge.exchanges, enabled) {
-            (Exchanges::Blocks(blocks), true) => {
-                if next_v <= v {
-                    sv = video.run_blocks(cv, &sv, 0, next_v, v)?;
-                }
-                if next_a <= a {
-                    sa = audio.run_blocks(ca, &sa, 0, next_a, a)?;
-                }
+        if let Some(f) = fused {
+            // Up to the paired blocks, their first halves, the exchange inside their second.
+            if next_v < v {
+                sv = video.run_blocks(cv, &sv, 0, next_v, v - 1)?;
+            }
+            if next_a < a {
+                sa = audio.run_blocks(ca, &sa, 0, next_a, a - 1)?;
+            }
+            sv = video.run_block_part(cv, &sv, 0, v, BlockPart::ToCross)?;
+            sa = audio.run_block_part(ca, &sa, 0, a, BlockPart::ToCross)?;
+            f.arm(i, (v, a), (&sv.hidden, &sa.hidden), tables.as_ref())?;
+            let rest = audio
+                .run_block_part(ca, &sa, 0, a, BlockPart::FromCross)
+                .and_then(|s| {
+                    Ok((
+                        s,
+                        video.run_block_part(cv, &sv, 0, v, BlockPart::FromCross)?,
+                    ))
+                });
+            f.disarm();
+            (sa, sv) = rest?;
+        } else {
+            // Up to and through the blocks a bridge block follows, then the bridge block.
+            if next_v <= v {
+                sv = video.run_blocks(cv, &sv, 0, next_v, v)?;
+            }
+            if next_a <= a {
+                sa = audio.run_blocks(ca, &sa, 0, next_a, a)?;
+            }
+            if let (Exchanges::Blocks(blocks), true) = (&bridge.exchanges, enabled) {
                 let emb = |s: &ditflow_plugin::model::StepState, which: &str| {
                     s.embedding.clone().ok_or_else(|| {
                         Error(format!(
@@ -521,36 +543,6 @@ pub fn bridged_forward(
                 )?;
                 sv.hidden = hv;
                 sa.hidden = ha;
-            }
-            (Exchanges::Fused(_), true) => {
-                let f = fused.ok_or_else(|| Error::new("the fused towers are missing"))?;
-                if next_v < v {
-                    sv = video.run_blocks(cv, &sv, 0, next_v, v - 1)?;
-                }
-                if next_a < a {
-                    sa = audio.run_blocks(ca, &sa, 0, next_a, a - 1)?;
-                }
-                sv = video.run_block_part(cv, &sv, 0, v, BlockPart::ToCross)?;
-                sa = audio.run_block_part(ca, &sa, 0, a, BlockPart::ToCross)?;
-                f.arm(i, (v, a), (&sv.hidden, &sa.hidden), rope, grid)?;
-                let rest = audio
-                    .run_block_part(ca, &sa, 0, a, BlockPart::FromCross)
-                    .and_then(|s| {
-                        Ok((
-                            s,
-                            video.run_block_part(cv, &sv, 0, v, BlockPart::FromCross)?,
-                        ))
-                    });
-                f.disarm();
-                (sa, sv) = rest?;
-            }
-            (_, false) => {
-                if next_v <= v {
-                    sv = video.run_blocks(cv, &sv, 0, next_v, v)?;
-                }
-                if next_a <= a {
-                    sa = audio.run_blocks(ca, &sa, 0, next_a, a)?;
-                }
             }
         }
         (next_v, next_a) = (v + 1, a + 1);

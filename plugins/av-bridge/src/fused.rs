@@ -236,19 +236,15 @@ impl FusedTowers {
         })
     }
 
-    /// Arms the pair `pair` (video block `v`, audio block `a`) with each tower's hidden state
-    /// after its self-attention, at the positions `rope` (video's, audio's) when given; `grid`
-    /// is the video's token grid (frames, rows, columns).
-    pub fn arm(
+    /// The rotary tables (video's, audio's) of one call's token positions `rope` (video's,
+    /// audio's) when given; `grid` is the video's token grid (frames, rows, columns).
+    pub fn tables(
         &self,
-        pair: usize,
-        (v, a): (usize, usize),
-        (hv, ha): (&Tensor, &Tensor),
         rope: Option<(&[f32], &[f32])>,
         grid: [usize; 3],
-    ) -> Result<()> {
-        let device = hv.device();
-        let tables = match (rope, self.fused.rope_dims) {
+        device: Device,
+    ) -> Result<Option<(RopeTables, RopeTables)>> {
+        Ok(match (rope, self.fused.rope_dims) {
             (Some((pv, pa)), r) if r > 0 => {
                 let video = match self.fused.video_axes {
                     None => rotary_tables_at_f32(r, pv, device)?,
@@ -257,7 +253,18 @@ impl FusedTowers {
                 Some((video, rotary_tables_at_f32(r, pa, device)?))
             }
             _ => None,
-        };
+        })
+    }
+
+    /// Arms the pair `pair` (video block `v`, audio block `a`) with each tower's hidden state
+    /// after its self-attention, and the call's rotary `tables` ([`FusedTowers::tables`]).
+    pub fn arm(
+        &self,
+        pair: usize,
+        (v, a): (usize, usize),
+        (hv, ha): (&Tensor, &Tensor),
+        tables: Option<&(RopeTables, RopeTables)>,
+    ) -> Result<()> {
         let set = |slot: &Slot, p: Option<Pending>| -> Result<()> {
             *slot
                 .lock()
@@ -270,7 +277,7 @@ impl FusedTowers {
                 block: v,
                 pair,
                 target: ha.clone(),
-                rope: tables.clone(),
+                rope: tables.cloned(),
             }),
         )?;
         set(
@@ -279,7 +286,7 @@ impl FusedTowers {
                 block: a,
                 pair,
                 target: hv.clone(),
-                rope: tables.map(|(tv, ta)| (ta, tv)),
+                rope: tables.map(|(tv, ta)| (ta.clone(), tv.clone())),
             }),
         )
     }

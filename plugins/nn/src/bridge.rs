@@ -19,7 +19,7 @@
 //! projection.
 
 use crate::embeddings::rotary_tables_at_f32;
-use crate::heads::split_heads;
+use crate::heads::{attend_heads, split_heads};
 use crate::layers::{chunks, Linear};
 use crate::weights::Weights;
 use ditflow_plugin::linear_delta::LinearDeltas;
@@ -365,10 +365,6 @@ impl FusedKv {
         })
     }
 
-    pub fn linears(&self) -> [&Linear; 2] {
-        [&self.k, &self.v]
-    }
-
     /// The branch for cross-attention queries `q` `[B, Lq, H·D]` (after the tower's own q norm)
     /// over the other tower's `target` `[B, Lt, C]`: `[B, Lq, H·D]`. With `rope`, the tables of
     /// the queries' and of the targets' positions rotate the first dimensions of each head
@@ -409,14 +405,12 @@ impl FusedKv {
             )));
         }
         let (mut q, mut k) = (split_heads(q, heads)?, split_heads(&k, heads)?);
+        // The two sides turn by tables of their own positions, so they rotate here.
         if let Some(((cq, sq), (ck, sk))) = rope {
             q = q.rope(cq, sq, true)?;
             k = k.rope(ck, sk, true)?;
         }
-        let o = ditflow_plugin::ops::attention(&q, &k, &split_heads(&v, heads)?, None, None)?;
-        let s = o.shape().to_vec();
-        o.permute(&[0, 2, 1, 3])?
-            .reshape(&[s[0] as i64, s[2] as i64, (s[1] * s[3]) as i64])
+        attend_heads(&q, &k, &split_heads(&v, heads)?, None)
     }
 }
 

@@ -453,8 +453,14 @@ impl Wan {
             i,
             part,
             h,
-            &mut |i, h| self.first_half(i, h, &step.proj, &step.rope, dl, hooks),
-            &mut |i, h| self.second_half(i, h, &step.proj, &step.context, dl, hooks),
+            &mut |i, h| {
+                let m = self.modulation(i, &step.proj)?;
+                self.first_half(i, h, &m, &step.rope, dl, hooks)
+            },
+            &mut |i, h| {
+                let m = self.modulation(i, &step.proj)?;
+                self.second_half(i, h, &m, &step.context, dl, hooks)
+            },
         )
     }
 
@@ -471,8 +477,9 @@ impl Wan {
         dl: &LinearDeltas,
         hooks: &Hooks,
     ) -> Result<Tensor> {
-        let h = self.first_half(i, h, proj, rope, dl, hooks)?;
-        self.second_half(i, h, proj, context, dl, hooks)
+        let m = self.modulation(i, proj)?;
+        let h = self.first_half(i, h, &m, rope, dl, hooks)?;
+        self.second_half(i, h, &m, context, dl, hooks)
     }
 
     /// Block `i`'s modulation: the table plus the time projection, six `[B, 1, D]` chunks.
@@ -487,18 +494,17 @@ impl Wan {
         )
     }
 
-    /// Block `i` up to its cross-attention's input: the modulated self-attention and its gated
-    /// residual.
+    /// Block `i` up to its cross-attention's input: the self-attention modulated by `m` (the
+    /// block's [`Wan::modulation`]) and its gated residual.
     fn first_half(
         &self,
         i: usize,
         h: Tensor,
-        proj: &Tensor,
+        m: &[Tensor],
         rope: &(Tensor, Tensor),
         dl: &LinearDeltas,
         hooks: &Hooks,
     ) -> Result<Tensor> {
-        let m = self.modulation(i, proj)?;
         let (shift, scale, gate) = (&m[0], &m[1], &m[2]);
         let x = h.layer_norm(None, None, Some(shift), Some(scale), NORM_EPS)?;
         let a = self.blocks[i].attn1.forward(
@@ -513,19 +519,18 @@ impl Wan {
         h.gated_residual(&a, gate)
     }
 
-    /// The rest of block `i`: the cross-attention (after its norm) and the modulated
-    /// feed-forward.
+    /// The rest of block `i`: the cross-attention (after its norm) and the feed-forward
+    /// modulated by `m`.
     fn second_half(
         &self,
         i: usize,
         h: Tensor,
-        proj: &Tensor,
+        m: &[Tensor],
         context: &Tensor,
         dl: &LinearDeltas,
         hooks: &Hooks,
     ) -> Result<Tensor> {
         let blk = &self.blocks[i];
-        let m = self.modulation(i, proj)?;
         let (c_shift, c_scale, c_gate) = (&m[3], &m[4], &m[5]);
         let x = match &blk.norm2 {
             Some((w, b)) => h.layer_norm(Some(w), Some(b), None, None, NORM_EPS)?,
