@@ -658,10 +658,11 @@ fn t5_encoder_matches_transformers() {
 }
 
 /// Runs tokens → image on the pipeline fixture with scheduler config `scheduler` and compares
-/// with the reference image `out.{image}`. Tolerance: 1e-3 relative to the largest pixel value.
-fn pipeline_error(scheduler: &str, sampler: &str, image: &str) -> f64 {
+/// with the reference image `out.{image}` of `io` (a file of the fixture). Tolerance: 1e-3
+/// relative to the largest pixel value.
+fn pipeline_error(scheduler: &str, sampler: &str, io: &str, image: &str) -> f64 {
     let dir = common::repo().join("tests/fixtures/parity/pipeline");
-    let io = dir.join("io.safetensors");
+    let io = dir.join(io);
     let yaml = format!(
         r#"version: 1
 nodes:
@@ -711,19 +712,47 @@ fn text_to_image_pipeline_matches_diffusers() {
         &noise[..],
         "the fixture's noise is ditflow's"
     );
-    assert!(pipeline_error("scheduler", "auto", "image") <= 1e-3);
-    assert!(pipeline_error("scheduler_euler", "euler", "image_euler") <= 1e-3);
+    assert!(pipeline_error("scheduler", "auto", "io.safetensors", "image") <= 1e-3);
+    assert!(pipeline_error("scheduler_euler", "euler", "io.safetensors", "image_euler") <= 1e-3);
+}
+
+#[test]
+fn stochastic_and_two_call_samplers_match_diffusers_in_the_pipeline() {
+    // Euler ancestral adds fresh noise at every step: ditflow draws it from the seed's stream
+    // k + 1 at step k, and the fixture script hands diffusers the same noise (replayed Philox).
+    // Heun calls the model twice per step (11 calls for 6 steps), each call with CFG.
+    let io = "io_samplers.safetensors";
+    let e = pipeline_error(
+        "scheduler_euler_ancestral",
+        "euler_ancestral",
+        io,
+        "image_euler_ancestral",
+    );
+    assert!(e <= 1e-3, "euler_ancestral {e:.2e}");
+    let e = pipeline_error("scheduler_heun", "heun", io, "image_heun");
+    assert!(e <= 1e-3, "heun {e:.2e}");
 }
 
 /// Runs the shipped graph `graphs/{graph}` on pipeline fixture `fixture` (its defaults point
 /// there) with `sets`, and returns the largest relative errors of the final latent and the image
-/// against the diffusers pipeline's.
+/// against the diffusers pipeline's (`out.latent` and `out.image` of its io.safetensors).
 fn graph_pipeline_error(graph: &str, fixture: &str, sets: &[(&str, &str)]) -> (f64, f64) {
+    let refs = ("io.safetensors", "out.latent", "out.image");
+    graph_pipeline_error_against(graph, fixture, refs, sets)
+}
+
+/// [`graph_pipeline_error`] against the references `(file, latent, image)` of the fixture.
+fn graph_pipeline_error_against(
+    graph: &str,
+    fixture: &str,
+    (file, latent_ref, image_ref): (&str, &str, &str),
+    sets: &[(&str, &str)],
+) -> (f64, f64) {
     use ditflow::ArgValue;
     let io = common::repo()
         .join("tests/fixtures/parity")
         .join(fixture)
-        .join("io.safetensors");
+        .join(file);
     let g = Graph::from_file(&common::repo().join("graphs").join(graph)).unwrap();
     let args: Vec<(String, ArgValue)> = sets
         .iter()
@@ -743,7 +772,7 @@ fn graph_pipeline_error(graph: &str, fixture: &str, sets: &[(&str, &str)]) -> (f
         assert_eq!(got.shape(), &ws[..], "{graph}: {output}");
         common::relative_error(got.as_f32(), &want)
     };
-    let (latent, image) = (err("latent", "out.latent"), err("pixels", "out.image"));
+    let (latent, image) = (err("latent", latent_ref), err("pixels", image_ref));
     eprintln!("{graph}: latent relative error {latent:.2e}, image {image:.2e}");
     (latent, image)
 }
@@ -765,6 +794,56 @@ fn sd3_graph_matches_stable_diffusion_3_pipeline() {
         ],
     );
     assert!(latent <= 1e-3 && image <= 1e-3, "{latent:.2e} {image:.2e}");
+}
+
+#[test]
+fn sd3_image_to_image_and_inpainting_graphs_match_their_pipelines() {
+    // graphs/sd3_image_to_image.yaml against StableDiffusion3Img2ImgPipeline (strength 0.6: 3 of
+    // 4 steps from the VAE's mean of init.png noised to the second sigma), and
+    // graphs/sd3_inpaint.yaml against StableDiffusion3InpaintPipeline (strength 0.7, mask.png
+    // binarized and taken at the latent's size; outside it the image latent at each step's
+    // level). Both from ditflow's noise, seed 11. Tolerance 1e-3 as above.
+    let sets = [
+        ("steps", "4"),
+        ("cfg", "4"),
+        ("t5_tokens", "16"),
+        ("seed", "11"),
+    ];
+    let refs = (
+        "io_img2img.safetensors",
+        "out.img2img_latent",
+        "out.img2img_image",
+    );
+    let (latent, image) =
+        graph_pipeline_error_against("sd3_image_to_image.yaml", "sd3_pipeline", refs, &sets);
+    assert!(
+        latent <= 1e-3 && image <= 1e-3,
+        "img2img {latent:.2e} {image:.2e}"
+    );
+    let refs = (
+        "io_img2img.safetensors",
+        "out.inpaint_latent",
+        "out.inpaint_image",
+    );
+    let (latent, image) =
+        graph_pipeline_error_against("sd3_inpaint.yaml", "sd3_pipeline", refs, &sets);
+    assert!(
+        latent <= 1e-3 && image <= 1e-3,
+        "inpaint {latent:.2e} {image:.2e}"
+    );
+    // A strength that leaves no step is the node's error, not an empty run.
+    let g = Graph::from_file(&common::repo().join("graphs/sd3_image_to_image.yaml")).unwrap();
+    let args = [
+        ("steps".to_string(), ditflow::ArgValue::Text("4".into())),
+        ("denoise".to_string(), ditflow::ArgValue::Text("0".into())),
+    ];
+    let opts = RunOptions {
+        out_dir: common::temp_dir("img2img-bad"),
+        ..RunOptions::default()
+    };
+    let report = session().run(&g, &args, &opts).unwrap();
+    let failed = format!("{:?}", report.failed);
+    assert!(failed.contains("leaves no step"), "{failed}");
 }
 
 #[test]

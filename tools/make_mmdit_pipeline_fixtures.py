@@ -159,6 +159,59 @@ def sd3(seed=100):
                "in.cfg": torch.tensor([cfg]), "in.t5_tokens": torch.tensor([t5_tokens]),
                "out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()},
               os.path.join(out, "io.safetensors"))
+    sd3_img2img(out, pipe, noise_seed, steps, cfg, t5_tokens)
+
+
+def sd3_img2img(out, pipe, noise_seed, steps, cfg, t5_tokens):
+    """StableDiffusion3Img2ImgPipeline and StableDiffusion3InpaintPipeline on the same parts, from
+    init.png (and mask.png, 1 = repaint), with ditflow's noise and the VAE's mean as the image
+    latent (the pipelines' retrieve_latents switched to argmax, as VAEEncode takes the mean).
+    Writes io_img2img.safetensors: out.img2img_latent / out.img2img_image (strength 0.6) and
+    out.inpaint_latent / out.inpaint_image (strength 0.7; the image decoded from the latent as the
+    text-to-image pipeline decodes, see below)."""
+    import numpy as np
+    from PIL import Image
+    from diffusers import StableDiffusion3Img2ImgPipeline, StableDiffusion3InpaintPipeline
+    from diffusers.pipelines.stable_diffusion_3 import (pipeline_stable_diffusion_3_img2img as m_img2img,
+                                                         pipeline_stable_diffusion_3_inpaint as m_inpaint)
+
+    y, x = np.mgrid[0:16, 0:16]
+    pixels = np.stack([(x * 16) % 256, (y * 16) % 256, ((x + y) * 8) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(pixels).save(os.path.join(out, "init.png"))
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 2:10] = 255
+    Image.fromarray(mask).save(os.path.join(out, "mask.png"))
+    noise = philox_randn((1, 16, 8, 8), noise_seed)
+    for m in (m_img2img, m_inpaint):
+        original = m.retrieve_latents
+        m.retrieve_latents = lambda enc, generator=None, sample_mode="sample", original=original: original(
+            enc, generator, sample_mode="argmax")
+        m.randn_tensor = lambda shape, **_: noise.clone().reshape(shape)
+    parts = dict(transformer=pipe.transformer, scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                 tokenizer=pipe.tokenizer, text_encoder_2=pipe.text_encoder_2, tokenizer_2=pipe.tokenizer_2,
+                 text_encoder_3=pipe.text_encoder_3, tokenizer_3=pipe.tokenizer_3)
+    args = dict(prompt=PROMPT, negative_prompt="", num_inference_steps=steps, guidance_scale=cfg,
+                max_sequence_length=t5_tokens)
+    image = Image.fromarray(pixels)
+    tensors = {}
+    with torch.no_grad():
+        i2i = StableDiffusion3Img2ImgPipeline(**parts)
+        for kind in ("latent", "pt"):
+            r = i2i(**args, image=image, strength=0.6, output_type=kind).images
+            tensors["out.img2img_" + ("latent" if kind == "latent" else "image")] = r if kind == "latent" else \
+                r[0].permute(1, 2, 0)
+        inp = StableDiffusion3InpaintPipeline(**parts)
+        latent = inp(**args, image=image, mask_image=Image.fromarray(mask), strength=0.7, height=16, width=16,
+                     output_type="latent").images
+        tensors["out.inpaint_latent"] = latent
+        # The inpainting pipeline decodes latent / scaling_factor without adding the VAE's
+        # shift_factor back (unlike its text-to-image and img2img siblings); the reference image
+        # is its latent decoded as those do.
+        vae = pipe.vae
+        decoded = vae.decode(latent / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+        tensors["out.inpaint_image"] = pipe.image_processor.postprocess(decoded, output_type="pt")[0].permute(1, 2, 0)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "io_img2img.safetensors"))
+    print("sd3 img2img/inpaint: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
 
 
 def flux(seed=200):
@@ -201,6 +254,8 @@ def flux(seed=200):
 def main():
     torch.set_num_threads(2)
     sd3()
+    if sys.argv[1:] == ["sd3"]:
+        return
     flux()
 
 

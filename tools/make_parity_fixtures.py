@@ -16,6 +16,7 @@ Run (PyTorch, diffusers and transformers from PyPI; CI never runs this):
 import json
 import os
 import shutil
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -215,15 +216,19 @@ def clip(name, with_projection, eos_token_id, seed):
     save(name, model, {"input_ids": ids, "attention_mask": mask}, outs)
 
 
-def philox_randn(shape, seed):
-    """ditflow's seeded noise (runtime/src/tensor/rng.rs): Philox4x32-10 on counter i // 4, with
-    Box-Muller in float64 on word pairs, so the pipeline fixture starts from the same noise."""
+def philox_randn(shape, seed, stream=0):
+    """ditflow's seeded noise (runtime/src/tensor/rng.rs): Philox4x32-10 on counter i // 4 (words
+    0-1) and the stream (words 2-3), with Box-Muller in float64 on word pairs, so the pipeline
+    fixture starts from the same noise (stream 0) and stochastic samplers add the same step noise
+    (stream k + 1 at step k)."""
     import numpy as np
 
     n = int(np.prod(shape))
     blocks = (n + 3) // 4
     ctr = np.arange(blocks, dtype=np.uint64)
-    c = [(ctr & 0xFFFFFFFF).astype(np.uint64), (ctr >> 32).astype(np.uint64), np.zeros(blocks, np.uint64), np.zeros(blocks, np.uint64)]
+    s0, s1 = np.uint64(stream & 0xFFFFFFFF), np.uint64((stream >> 32) & 0xFFFFFFFF)
+    c = [(ctr & 0xFFFFFFFF).astype(np.uint64), (ctr >> 32).astype(np.uint64), np.full(blocks, s0, np.uint64),
+         np.full(blocks, s1, np.uint64)]
     k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
     mask = np.uint64(0xFFFFFFFF)
     for r in range(10):
@@ -303,9 +308,54 @@ def pipeline(seed):
     print(f"pipeline: image {tuple(image.shape)}")
 
 
+def pipeline_samplers():
+    """The pipeline fixture's saved models under the stochastic and two-call samplers: Euler
+    ancestral (its step noise replayed from ditflow's Philox stream k + 1 at step k) and Heun, in
+    PixArtSigmaPipeline from the same starting noise. Writes pipeline/io_samplers.safetensors
+    (out.image_euler_ancestral, out.image_heun) and the two scheduler configs; reads what
+    pipeline() wrote, so it can run alone: make_parity_fixtures.py pipeline_samplers."""
+    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
+                           PixArtSigmaPipeline, PixArtTransformer2DModel)
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast, T5EncoderModel
+
+    out = os.path.join(ROOT, "pipeline")
+    tok = Tokenizer.from_file(os.path.join(out, "text_encoder", "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    te = T5EncoderModel.from_pretrained(os.path.join(out, "text_encoder"))
+    dit = PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"))
+    vae = AutoencoderKL.from_pretrained(os.path.join(out, "vae"))
+    noise_seed, steps, cfg = 7, 6, 3.0
+    noise = philox_randn((1, 4, 8, 8), noise_seed)
+    calls = [0]
+
+    def replayed(shape, **_):
+        calls[0] += 1
+        return philox_randn(tuple(shape), noise_seed, stream=calls[0])
+
+    scheduling_euler_ancestral_discrete.randn_tensor = replayed
+    images = {}
+    for name, cls in [("euler_ancestral", EulerAncestralDiscreteScheduler), ("heun", HeunDiscreteScheduler)]:
+        sched = cls.from_pretrained(os.path.join(out, "scheduler"))
+        sched.save_pretrained(os.path.join(out, f"scheduler_{name}"))
+        pipe = PixArtSigmaPipeline(tokenizer=fast, text_encoder=te, vae=vae, transformer=dit, scheduler=sched)
+        calls[0] = 0
+        with torch.no_grad():
+            image = pipe(prompt="a red circle on a blue background", negative_prompt="", num_inference_steps=steps,
+                         guidance_scale=cfg, height=16, width=16, latents=noise.clone(), output_type="pt",
+                         clean_caption=False, use_resolution_binning=False, max_sequence_length=12).images
+        images[f"out.image_{name}"] = image[0].permute(1, 2, 0).contiguous()
+        print(f"pipeline ({name}): {calls[0]} noise draws")
+    save_file(images, os.path.join(out, "io_samplers.safetensors"))
+
+
 def main():
     torch.set_num_threads(2)
     os.makedirs(ROOT, exist_ok=True)
+    if sys.argv[1:] == ["pipeline_samplers"]:
+        pipeline_samplers()
+        return
     pixart("pixart_alpha", True, 10)
     pixart("pixart_sigma", False, 20)
     dit(30)
@@ -315,6 +365,7 @@ def main():
     pipeline(60)
     clip("clip", False, 2, 70)
     clip("clip_projection", True, 49, 80)
+    pipeline_samplers()
 
 
 if __name__ == "__main__":

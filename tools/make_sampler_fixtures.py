@@ -12,6 +12,10 @@ Writes tests/fixtures/samplers/:
         trajectory [n + 1, 1, 2, 3, 3] (the start, then the sample after each step).
     Metadata: "scheduler" (the diffusers class), "steps", "config.KEY" (each config field set,
     as JSON text), "sigmas_source" and "mu" (flow matching, DPM-Solver's mu), "init_noise_sigma".
+    Heun's trajectories have one sample per model call (2 * steps - 1 of them). Stochastic
+    schedulers (Euler ancestral, LCM, SDE DPM-Solver++) also hold step_noise [calls, 1, 2, 3, 3]:
+    the fresh noise of each model call, ditflow's Philox stream k + 1 of seed NOISE_SEED
+    (metadata "noise_seed"), replayed here and handed to diffusers' step.
   - tables.safetensors: timesteps and sigmas (float32, as diffusers keeps them; exact) for many
     step counts per configuration: for each case C, "C.steps" (int64 step counts), "C.lengths"
     (int64, the number of timesteps each count gives: usually the count), "C.timesteps" and
@@ -25,16 +29,25 @@ gives the same bytes). Run from the repository root (CI never runs this):
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.schedulers import scheduling_euler_ancestral_discrete, scheduling_lcm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_parity_fixtures import philox_randn  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "samplers")
 CLASSES = {
@@ -43,7 +56,13 @@ CLASSES = {
     "DPMSolverMultistepScheduler": DPMSolverMultistepScheduler,
     "FlowMatchEulerDiscreteScheduler": FlowMatchEulerDiscreteScheduler,
     "UniPCMultistepScheduler": UniPCMultistepScheduler,
+    "EulerAncestralDiscreteScheduler": EulerAncestralDiscreteScheduler,
+    "HeunDiscreteScheduler": HeunDiscreteScheduler,
+    "FlowMatchHeunDiscreteScheduler": FlowMatchHeunDiscreteScheduler,
+    "LCMScheduler": LCMScheduler,
 }
+# The seed of the stochastic schedulers' step noise (ditflow's Philox streams 1, 2, ...).
+NOISE_SEED = 20261202
 SHAPE = (1, 2, 3, 3)
 
 # Stable Diffusion's training schedule.
@@ -107,6 +126,18 @@ TRAJECTORIES = {
     "unipc_3_karras_v": ("UniPCMultistepScheduler", dict(SD, solver_order=3, use_karras_sigmas=True, prediction_type="v_prediction"), 12, {}),
     "unipc_trailing_disable_corrector": ("UniPCMultistepScheduler", dict(SD, timestep_spacing="trailing", disable_corrector=[0, 3], lower_order_final=False, final_sigmas_type="sigma_min"), 7, {}),
     "unipc_3_leading_sample": ("UniPCMultistepScheduler", dict(solver_order=3, timestep_spacing="leading", steps_offset=1, prediction_type="sample"), 9, {}),
+    # Ancestral and SDE samplers (fresh noise per step), Heun (two model calls per step), LCM.
+    "euler_ancestral_epsilon": ("EulerAncestralDiscreteScheduler", dict(SD), 8, {}),
+    "euler_ancestral_leading_v": ("EulerAncestralDiscreteScheduler", dict(SD, timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction"), 10, {}),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True), 10, {}),
+    "dpmpp_2m_sde_heun_v": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", solver_type="heun", prediction_type="v_prediction", final_sigmas_type="sigma_min", lower_order_final=False), 8, {}),
+    "dpmpp_3m_sde_karras": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", solver_order=3, use_karras_sigmas=True), 12, {}),
+    "heun_epsilon": ("HeunDiscreteScheduler", dict(SD), 6, {}),
+    "heun_karras_v": ("HeunDiscreteScheduler", dict(SD, use_karras_sigmas=True, prediction_type="v_prediction"), 7, {}),
+    "heun_trailing_sample_clip": ("HeunDiscreteScheduler", dict(timestep_spacing="trailing", prediction_type="sample", clip_sample=True, clip_sample_range=1.2), 5, {}),
+    "flow_heun_shift3": ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0), 6, {}),
+    "lcm_4": ("LCMScheduler", {}, 4, {}),
+    "lcm_6_v_clip": ("LCMScheduler", dict(prediction_type="v_prediction", clip_sample=True, original_inference_steps=30), 6, {}),
 }
 
 STEP_COUNTS = list(range(1, 21)) + [25, 30, 50, 100, 250]
@@ -165,6 +196,11 @@ def metadata(cls_name, config, steps, extra, prefix=""):
     return meta
 
 
+def stochastic(cls_name, config):
+    return cls_name in ("EulerAncestralDiscreteScheduler", "LCMScheduler") or \
+        config.get("algorithm_type") == "sde-dpmsolver++"
+
+
 def trajectory(name, cls_name, config, steps, extra, noise):
     sched = make(cls_name, config, steps, extra)
     timesteps = sched.timesteps
@@ -173,22 +209,40 @@ def trajectory(name, cls_name, config, steps, extra, noise):
     init = float(sched.init_noise_sigma) if hasattr(sched, "init_noise_sigma") else 1.0
     x = noise * init
     traj = [x]
-    for t in timesteps:
+    fresh = [philox_randn(SHAPE, NOISE_SEED, stream=i + 1).to(torch.float64) for i in range(len(timesteps))] \
+        if stochastic(cls_name, config) else []
+    at = [0]
+
+    def replayed(shape, **_):
+        # diffusers' own draw inside step(), replaced by this step's Philox stream.
+        return fresh[at[0]].reshape(shape)
+
+    for module in (scheduling_euler_ancestral_discrete, scheduling_lcm):
+        module.randn_tensor = replayed
+    for i, t in enumerate(timesteps):
+        at[0] = i
         inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         out = stand_in_model(inp, float(t))
-        x = sched.step(out, t, x).prev_sample
-        assert x.dtype == torch.float64
+        if cls_name == "DPMSolverMultistepScheduler" and fresh:
+            x = sched.step(out, t, x, variance_noise=fresh[i]).prev_sample
+        else:
+            x = sched.step(out, t, x).prev_sample
+        assert x.dtype == torch.float64, (name, x.dtype)
         traj.append(x)
     tensors = {
         "noise": noise.contiguous(),
         "timesteps": timesteps.to(torch.float64).contiguous(),
         "trajectory": torch.stack(traj).contiguous(),
     }
-    if cls_name != "DDIMScheduler":
+    if fresh:
+        tensors["step_noise"] = torch.stack(fresh).contiguous()
+    if cls_name not in ("DDIMScheduler", "LCMScheduler"):
         tensors["sigmas"] = sched.sigmas.to(torch.float64).contiguous()
     meta = metadata(cls_name, config, steps, extra)
     meta["init_noise_sigma"] = repr(init)
     meta["model"] = "0.3 * x * cos(t / 300) + 0.1 * sin(x + t / 500)"
+    if fresh:
+        meta["noise_seed"] = str(NOISE_SEED)
     save_file(tensors, os.path.join(ROOT, name + ".safetensors"), metadata=meta)
     print(f"{name}: {len(timesteps)} steps, |x| {float(x.abs().max()):.4f}")
 
@@ -218,9 +272,11 @@ def tables():
 
 def main():
     os.makedirs(ROOT, exist_ok=True)
-    for f in os.listdir(ROOT):
-        if f.endswith(".safetensors"):
-            os.remove(os.path.join(ROOT, f))
+    # This script's files only (tools/make_guidance_fixtures.py writes here too).
+    for f in list(TRAJECTORIES) + ["tables"]:
+        path = os.path.join(ROOT, f + ".safetensors")
+        if os.path.exists(path):
+            os.remove(path)
     g = torch.Generator().manual_seed(20240607)
     noise = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     for name, (cls_name, config, steps, extra) in TRAJECTORIES.items():

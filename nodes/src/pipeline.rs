@@ -327,9 +327,12 @@ impl Node for Sample {
             .category("sampling")
             .doc(
                 "Denoises seeded noise of the latent's shape with a diffusion model under a \
-                 diffusers-equivalent scheduler: ddim, euler, dpmpp_2m (DPM-Solver++(2M)), \
-                 flow_euler (flow matching) or unipc (UniPC, on flow sigmas for flow models), or \
-                 `auto` for the class in scheduler_config. \
+                 diffusers-equivalent scheduler: ddim, euler, euler_ancestral, heun (two model \
+                 calls per step), dpmpp_2m (DPM-Solver++(2M)), dpmpp_2m_sde (its SDE form), lcm, \
+                 flow_euler and flow_heun (flow matching) or unipc (UniPC, on flow sigmas for flow \
+                 models), or `auto` for the class in scheduler_config. Stochastic samplers draw \
+                 each step's noise from the seed's own stream for that step, so a seed gives the \
+                 same picture on every device. \
                  Classifier-free guidance runs the conditional and unconditional prompts as one \
                  batch: u + cfg·(c − u); guidance_method apg projects out the part of c − u \
                  parallel to c (adaptive projected guidance), guidance_rescale mixes in the \
@@ -341,10 +344,13 @@ impl Node for Sample {
             .input(Port::new("model", "Model<Denoiser>").doc("A denoiser from any plugin (LoadDiffusionModel, a patch node, a C plugin)."))
             .input(Port::new("positive", "Conditioning").optional().doc("The prompt's conditioning (needed by text-conditioned models): TextEncode's tokens, or a named set such as SD3TextEncode's or FluxTextEncode's (tokens plus pooled_projections). Each part the model reads goes to its forward under its name."))
             .input(Port::new("negative", "Conditioning").optional().doc("The unconditional conditioning (needed when cfg != 1), with the same parts as the positive."))
-            .input(Port::new("latent", "Latent").doc("Sets the output shape (an EmptyLatent)."))
-            .input(Port::new("sampler", "String").default("auto").choices(&["auto", "ddim", "euler", "dpmpp_2m", "flow_euler", "unipc"]).doc("The scheduler."))
+            .input(Port::new("latent", "Latent").optional().doc("Sets the output shape (an EmptyLatent); may be left out with an init_latent."))
+            .input(Port::new("init_latent", "Latent").optional().doc("An encoded image to start from (VAEEncode): image-to-image, and inpainting with a mask."))
+            .input(Port::new("denoise", "Float").default(1.0).range(0.0, 1.0).doc("With an init_latent, the fraction of the schedule to run (diffusers' strength): the sampling starts from the init latent noised to the level of step ⌊steps·(1 − denoise)⌋."))
+            .input(Port::new("mask", "Image").optional().doc("Inpainting: where to repaint (≥ 0.5, in the first channel or the luminance of [H, W, C] pixels, or [h, w] at the latent's size); elsewhere the init latent is held at each step's noise level, and given back clean at the end."))
+            .input(Port::new("sampler", "String").default("auto").choices(&["auto", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "flow_euler", "flow_heun", "unipc"]).doc("The scheduler."))
             .input(Port::new("scheduler_config", "String").default("").doc("A diffusers scheduler_config.json (relative to the graph's folder); empty for the class defaults."))
-            .input(Port::new("karras", "Bool").default(false).doc("Karras sigmas (euler, dpmpp_2m)."))
+            .input(Port::new("karras", "Bool").default(false).doc("Karras sigmas (euler, heun, dpmpp_2m, unipc)."))
             .input(Port::new("shift", "Float").default(0.0).range(0.0, 100.0).doc("Flow-matching shift; 0 keeps the config's."))
             .input(Port::new("flow_sigmas", "String").default("linspace").choices(&["linspace", "scheduler"]).doc("Where flow_euler's unshifted sigmas come from: linspace(1, 1/N, N) as FluxPipeline and PixArt pass them, or the scheduler's own spacing, as StableDiffusion3Pipeline leaves it."))
             .input(Port::new("guidance", "Float").default(3.5).range(0.0, 100.0).doc("Distilled guidance for models with a guidance embedding (Flux dev), given to the model as its 'guidance' input; other models ignore it."))
@@ -370,7 +376,13 @@ impl Node for Sample {
         let device = ctx.device();
         let positive: Option<Conditioning> = ctx.input_opt("positive")?;
         let negative: Option<Conditioning> = ctx.input_opt("negative")?;
-        let latent: Tensor = ctx.input("latent")?;
+        let init: Option<Tensor> = ctx.input_opt("init_latent")?;
+        let latent = match (ctx.input_opt::<Tensor>("latent")?, &init) {
+            (Some(l), _) => l,
+            (None, Some(i)) => i.clone(),
+            (None, None) => bail!("connect a 'latent' (an EmptyLatent) or an 'init_latent'"),
+        };
+        let denoise: f64 = ctx.input("denoise")?;
         let steps = ctx.input::<i64>("steps")? as usize;
         let cfg: f64 = ctx.input("cfg")?;
         let seed: i64 = ctx.input("seed")?;
@@ -380,6 +392,17 @@ impl Node for Sample {
                 "the latent must be [B, {}, H, W], got {s:?}",
                 info.latent_channels
             );
+        }
+        if let Some(i) = &init {
+            if i.shape() != &s[..] {
+                bail!("the init latent is {:?} but the latent is {s:?}", i.shape());
+            }
+        } else if denoise < 1.0 {
+            bail!("denoise {denoise} needs an init_latent to start from");
+        }
+        let mask: Option<Tensor> = ctx.input_opt("mask")?;
+        if mask.is_some() && init.is_none() {
+            bail!("a mask needs the init_latent it keeps outside the mask");
         }
         let text = info.reads(ditflow_plugin::conditioning::TOKENS);
         if text && positive.is_none() {
@@ -418,6 +441,29 @@ impl Node for Sample {
         };
         let sched = samplers::build_scheduler(&class, &fields, steps, tokens, flow_sigmas)
             .map_err(|e| Error(e.0))?;
+        // Image-to-image starts part-way down the schedule, as diffusers' img2img pipelines do.
+        let start = match &init {
+            Some(_) => {
+                let start = samplers::img2img_start(steps, denoise, sched.order());
+                if start >= sched.num_steps() {
+                    bail!("denoise {denoise} of {steps} steps leaves no step to run");
+                }
+                if !samplers::can_start_at(sched.as_ref(), start) {
+                    bail!(
+                        "the {} sampler cannot start part-way (its step {start} uses estimates \
+                         of earlier steps): use euler, euler_ancestral, heun, ddim, lcm, \
+                         flow_euler or flow_heun for image-to-image",
+                        sched.class_name()
+                    );
+                }
+                start
+            }
+            None => 0,
+        };
+        let mask = match &mask {
+            Some(m) => Some(latent_mask(m, &s)?.to_device(device)?),
+            None => None,
+        };
         let method = match ctx.input::<String>("guidance_method")?.as_str() {
             "apg" => samplers::guidance::Method::Apg {
                 eta: ctx.input("apg_eta")?,
@@ -483,12 +529,20 @@ impl Node for Sample {
             cond_ids: (0..rows).map(|r| (r >= batch) as i64).collect(),
         };
         den.lifecycle(Event::RunBegin, &call)?;
-        let mut x = ditflow_plugin::ops::randn(&s, seed as u64, device)?
-            .affine(sched.init_noise_sigma(), 0.0)?;
+        let noise = ditflow_plugin::ops::randn(&s, seed as u64, device)?;
+        // The init latent noised to the level `sigma` (diffusers' add_noise / scale_noise).
+        let noised = |x0: &Tensor, sigma: f64| -> Result<Tensor> {
+            let (a, b) = sched.noising().coefficients(sigma);
+            x0.affine(a, 0.0)?.add(&noise.affine(b, 0.0)?)
+        };
+        let mut x = match &init {
+            Some(x0) => noised(&x0.to_device(device)?, sched.steps()[start].sigma)?,
+            None => noise.affine(sched.init_noise_sigma(), 0.0)?,
+        };
         let mut history = samplers::History::new(sched.as_ref());
-        let total = sched.num_steps() as u64;
         let n = sched.num_steps();
-        for (i, step) in sched.steps().iter().enumerate() {
+        let total = (n - start) as u64;
+        for (i, step) in sched.steps().iter().enumerate().skip(start) {
             ctx.check_cancelled()?;
             // Outside the guidance interval the conditional rows run alone.
             let both = guided && gconfig.active(i, n);
@@ -536,13 +590,74 @@ impl Node for Sample {
             } else {
                 out
             };
-            x = samplers::apply_step(step, i, &x, &out, &mut history)?;
+            // A stochastic step's fresh noise: stream i + 1 of the seed.
+            let fresh = if step.noise != 0.0 {
+                let stream = samplers::step_noise_stream(i);
+                Some(ditflow_plugin::ops::randn_stream(
+                    &s,
+                    seed as u64,
+                    stream,
+                    device,
+                )?)
+            } else {
+                None
+            };
+            x = samplers::apply_step(step, i, &x, &out, fresh.as_ref(), &mut history)?;
+            // Inpainting: outside the mask, the init latent at the next step's level (clean
+            // after the last step).
+            if let (Some(m), Some(x0)) = (&mask, &init) {
+                let x0 = x0.to_device(device)?;
+                let kept = match sched.steps().get(i + 1) {
+                    Some(next) => noised(&x0, next.sigma)?,
+                    None => x0,
+                };
+                x = kept.add(&x.sub(&kept)?.mul(m)?)?;
+            }
             den.lifecycle(Event::StepEnd, &call)?;
-            ctx.progress(i as u64 + 1, total);
+            ctx.progress((i - start) as u64 + 1, total);
         }
         den.lifecycle(Event::RunEnd, &call)?;
         ctx.set_output("latent", x.with_kind(Kind::Latent)?)
     }
+}
+
+/// An inpainting mask `[1, 1, h, w]` of 0s and 1s for a latent of shape `s` (`[B, C, h, w]`):
+/// from `[h, w]` as given, or from pixels `[H, W]` / `[H, W, C]` (the luminance of 3 channels,
+/// else the first) taken at every `H/h`-th row and column, as diffusers' nearest resize does,
+/// then binarized at 0.5 as its mask processor does.
+fn latent_mask(m: &Tensor, s: &[usize]) -> Result<Tensor> {
+    let (h, w) = (s[2], s[3]);
+    let (mh, mw, c) = match *m.shape() {
+        [mh, mw] => (mh, mw, 1),
+        [mh, mw, c] if c > 0 => (mh, mw, c),
+        _ => bail!(
+            "the mask must be [H, W] or [H, W, C] pixels, got {:?}",
+            m.shape()
+        ),
+    };
+    if mh % h != 0 || mw % w != 0 {
+        bail!("the mask is {mh}x{mw}, which is not a whole multiple of the latent's {h}x{w}");
+    }
+    let (fy, fx) = (mh / h, mw / w);
+    let v = m.cast(DType::F32)?.to_device(Device::Cpu)?.to_f32_vec()?;
+    let scale = if m.dtype() == DType::U8 {
+        1.0 / 255.0
+    } else {
+        1.0
+    };
+    let mut out = Vec::with_capacity(h * w);
+    for y in 0..h {
+        for x in 0..w {
+            let at = ((y * fy) * mw + x * fx) * c;
+            let value = if c >= 3 {
+                (0.299 * v[at] + 0.587 * v[at + 1] + 0.114 * v[at + 2]) * scale
+            } else {
+                v[at] * scale
+            };
+            out.push(if value >= 0.5 { 1.0f32 } else { 0.0 });
+        }
+    }
+    Tensor::from_f32(Kind::Tensor, &[1, 1, h, w], &out)
 }
 
 /// The guided prediction of step `i` of `n` from the model's output `out` (the conditional

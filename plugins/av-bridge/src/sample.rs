@@ -26,6 +26,8 @@ struct Tower<'a> {
     cfg: f64,
     x: Tensor,
     history: History<Tensor>,
+    /// The seed of the tower's noise (its start, and a stochastic step's fresh noise).
+    seed: u64,
 }
 
 /// A scheduler for a tower: `sampler` by name, or the class of `config`, with the fields the
@@ -229,7 +231,7 @@ impl Node for SampleAudioVideo {
             .input(
                 Port::new("audio_sampler", "String")
                     .default("dpmpp_2m")
-                    .doc("The audio scheduler (ddim, euler, dpmpp_2m, unipc, or auto)."),
+                    .doc("The audio scheduler (one of Sample's samplers, or auto)."),
             )
             .input(
                 Port::new("audio_scheduler_config", "String")
@@ -324,7 +326,8 @@ impl Node for SampleAudioVideo {
             if shape.first() != Some(&1) {
                 bail!("the {name} latent must have one row, got {shape:?}");
             }
-            let x = ditflow_plugin::ops::randn(&shape, seed + k as u64, device)?
+            let seed = seed + k as u64;
+            let x = ditflow_plugin::ops::randn(&shape, seed, device)?
                 .affine(sched.init_noise_sigma(), 0.0)?;
             let history = History::new(sched.as_ref());
             towers.push(Tower {
@@ -335,6 +338,7 @@ impl Node for SampleAudioVideo {
                 cfg,
                 x,
                 history,
+                seed,
             });
         }
         if towers[0].sched.num_steps() != towers[1].sched.num_steps() {
@@ -418,7 +422,16 @@ impl Node for SampleAudioVideo {
                     pred
                 };
                 let step = &t.sched.steps()[i];
-                t.x = apply_step(step, i, &t.x, &out, &mut t.history)
+                let fresh = if step.noise != 0.0 {
+                    let stream = samplers::step_noise_stream(i);
+                    let shape = t.x.shape().to_vec();
+                    Some(ditflow_plugin::ops::randn_stream(
+                        &shape, t.seed, stream, device,
+                    )?)
+                } else {
+                    None
+                };
+                t.x = apply_step(step, i, &t.x, &out, fresh.as_ref(), &mut t.history)
                     .map_err(|e| Error(format!("the {} step {i}: {}", t.name, e.0)))?;
             }
             ctx.progress(i as u64 + 1, n as u64);

@@ -3,19 +3,58 @@
 //! [`build_scheduler`], a scheduler for a class, its fields and a step count.
 
 use crate::{
-    fail, Ddim, DdimConfig, DpmSolverMultistep, DpmSolverMultistepConfig, EulerDiscrete,
-    EulerDiscreteConfig, FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig, FlowSigmas, Result,
-    SamplerError, Scheduler, UniPc, UniPcConfig,
+    fail, Ddim, DdimConfig, DpmSolverMultistep, DpmSolverMultistepConfig, EulerAncestralDiscrete,
+    EulerDiscrete, EulerDiscreteConfig, FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig,
+    FlowSigmas, HeunDiscrete, HeunDiscreteConfig, Lcm, LcmConfig, Result, SamplerError, Scheduler,
+    UniPc, UniPcConfig,
 };
 use std::path::Path;
 
-/// The sampler names `Sample` accepts, and the diffusers class each one is.
-pub const SAMPLERS: &[(&str, &str)] = &[
-    ("ddim", "DDIMScheduler"),
-    ("euler", "EulerDiscreteScheduler"),
-    ("dpmpp_2m", "DPMSolverMultistepScheduler"),
-    ("flow_euler", "FlowMatchEulerDiscreteScheduler"),
-    ("unipc", "UniPCMultistepScheduler"),
+/// A sampler name `Sample` accepts: the diffusers class it is, and config fields it sets over the
+/// model's scheduler config (JSON text).
+pub struct Sampler {
+    pub name: &'static str,
+    pub class: &'static str,
+    pub fields: &'static [(&'static str, &'static str)],
+}
+
+const fn sampler(name: &'static str, class: &'static str) -> Sampler {
+    Sampler {
+        name,
+        class,
+        fields: &[],
+    }
+}
+
+/// The sampler names `Sample` accepts.
+pub const SAMPLERS: &[Sampler] = &[
+    sampler("ddim", "DDIMScheduler"),
+    sampler("euler", "EulerDiscreteScheduler"),
+    sampler("euler_ancestral", "EulerAncestralDiscreteScheduler"),
+    sampler("heun", "HeunDiscreteScheduler"),
+    sampler("dpmpp_2m", "DPMSolverMultistepScheduler"),
+    Sampler {
+        name: "dpmpp_2m_sde",
+        class: "DPMSolverMultistepScheduler",
+        fields: &[("algorithm_type", "\"sde-dpmsolver++\"")],
+    },
+    sampler("lcm", "LCMScheduler"),
+    sampler("flow_euler", "FlowMatchEulerDiscreteScheduler"),
+    sampler("flow_heun", "FlowMatchHeunDiscreteScheduler"),
+    sampler("unipc", "UniPCMultistepScheduler"),
+];
+
+/// The diffusers classes [`build_scheduler`] knows.
+pub const CLASSES: &[&str] = &[
+    "DDIMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "LCMScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler",
+    "UniPCMultistepScheduler",
 ];
 
 /// Python's JSON extensions (`Infinity`, `-Infinity`, `NaN`, which diffusers writes into scheduler
@@ -92,6 +131,19 @@ pub fn build_scheduler(
             EulerDiscreteConfig::from_fields(pairs)?,
             steps,
         )?),
+        "EulerAncestralDiscreteScheduler" => Box::new(EulerAncestralDiscrete::new(
+            EulerDiscreteConfig::from_fields(pairs)?,
+            steps,
+        )?),
+        "HeunDiscreteScheduler" => Box::new(HeunDiscrete::new(
+            HeunDiscreteConfig::from_fields(pairs)?,
+            steps,
+        )?),
+        "FlowMatchHeunDiscreteScheduler" => Box::new(HeunDiscrete::flow_match(
+            FlowMatchEulerDiscreteConfig::from_fields(pairs)?,
+            steps,
+        )?),
+        "LCMScheduler" => Box::new(Lcm::new(LcmConfig::from_fields(pairs)?, steps)?),
         "DPMSolverMultistepScheduler" => {
             let c = DpmSolverMultistepConfig::from_fields(pairs)?;
             Box::new(DpmSolverMultistep::new(c, steps, None)?)
@@ -112,11 +164,7 @@ pub fn build_scheduler(
         }
         other => fail!(
             "scheduler class \"{other}\" is not supported (supported: {})",
-            SAMPLERS
-                .iter()
-                .map(|(_, c)| *c)
-                .collect::<Vec<_>>()
-                .join(", ")
+            CLASSES.join(", ")
         ),
     })
 }
@@ -161,13 +209,26 @@ pub fn scheduler_for(
             fail!("sampler 'auto' needs a scheduler_config naming the class")
         }
         "auto" => file_class,
-        name => match SAMPLERS.iter().find(|(n, _)| *n == name) {
-            Some((_, c)) => c.to_string(),
-            None => fail!("unknown sampler '{name}'"),
+        name => match SAMPLERS.iter().find(|s| s.name == name) {
+            Some(s) => {
+                for &(k, v) in s.fields {
+                    fields.retain(|(f, _)| f != k);
+                    fields.push((k.into(), v.into()));
+                }
+                s.class.to_string()
+            }
+            None => fail!(
+                "unknown sampler '{name}' (known: auto, {})",
+                SAMPLERS
+                    .iter()
+                    .map(|s| s.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         },
     };
     let has = |fields: &[(String, String)], k: &str| fields.iter().any(|(f, _)| f == k);
-    let flow_matching = class == "FlowMatchEulerDiscreteScheduler";
+    let flow_matching = class.starts_with("FlowMatch");
     match prediction {
         ModelPrediction::Flow if class == "UniPCMultistepScheduler" => {
             let flag = fields.iter().find(|(k, _)| k == "use_flow_sigmas");
@@ -182,7 +243,8 @@ pub fn scheduler_for(
             }
         }
         ModelPrediction::Flow if !flow_matching => fail!(
-            "the model predicts a flow velocity: use the flow_euler or unipc sampler, not {class}"
+            "the model predicts a flow velocity: use the flow_euler, flow_heun or unipc sampler, \
+             not {class}"
         ),
         ModelPrediction::Epsilon | ModelPrediction::V if flow_matching => {
             fail!("the model predicts {prediction:?}, which the flow-matching sampler cannot use")

@@ -217,6 +217,7 @@ fn step(config: &DdimConfig, timestep: f64, alpha_t: f64, alpha_prev: f64) -> St
         output_coeff: direction * eo,
         denoised_terms: vec![(0, alpha_prev.sqrt())],
         corrector: None,
+        noise: 0.0,
     }
 }
 

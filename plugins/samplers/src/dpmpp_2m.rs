@@ -1,7 +1,8 @@
 //! DPM-Solver++ multistep (Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
 //! Probabilistic Models"), "DPM++ 2M" at the default order 2: diffusers'
 //! `DPMSolverMultistepScheduler` (`schedulers/scheduling_dpmsolver_multistep.py`) with
-//! `algorithm_type = "dpmsolver++"`.
+//! `algorithm_type = "dpmsolver++"`, or its stochastic form `"sde-dpmsolver++"` ("DPM++ 2M
+//! SDE").
 //!
 //! With α_t, σ_t the signal and noise scales at a sigma (`α = 1/√(σ²+1)`, `σ_t = σ·α`; with
 //! `use_flow_sigmas`, `α = 1 − σ`, `σ_t = σ`), `λ = ln α − ln σ_t`, `h = λ_t − λ_s0`, and `m_k` the
@@ -14,6 +15,10 @@
 //!             D0 = m0,  D1 = (m0 − m1)/r0,  r0 = (λ_s0 − λ_s1)/h
 //! 3rd order:  as diffusers' `multistep_dpm_solver_third_order_update`
 //! ```
+//!
+//! The SDE form replaces `σ_t/σ_s0` by `σ_t/σ_s0·e^−h` and `e^−h` by `e^−2h` in the D0 and D1
+//! terms (its D2 term is diffusers' own), and adds fresh noise `σ_t·√(1 − e^−2h)·ε` at every
+//! step.
 //!
 //! Order selection follows diffusers' `step` exactly: the first step is first order; the last
 //! step is first order when `euler_at_final`, or `lower_order_final` with fewer than 15 steps, or
@@ -202,10 +207,13 @@ impl DpmSolverMultistep {
         mu: Option<f64>,
     ) -> Result<Self> {
         let c = &config;
-        if c.algorithm_type != "dpmsolver++" && c.algorithm_type != "deis" {
+        if !matches!(
+            c.algorithm_type.as_str(),
+            "dpmsolver++" | "sde-dpmsolver++" | "deis"
+        ) {
             fail!(
                 "DPMSolverMultistepScheduler: algorithm_type {:?} is not supported (only \
-                 dpmsolver++)",
+                 dpmsolver++ and sde-dpmsolver++)",
                 c.algorithm_type
             );
         }
@@ -344,6 +352,7 @@ fn build_steps(c: &DpmSolverMultistepConfig, timesteps: &[f64], sigmas: &[f32]) 
     let flow = c.use_flow_sigmas;
     let points: Vec<Point> = sigmas.iter().map(|&s| point(flow, s)).collect();
     let few = c.lower_order_final && n < 15;
+    let sde = c.algorithm_type == "sde-dpmsolver++";
     let mut steps = Vec::with_capacity(n);
     for (i, &timestep) in timesteps.iter().enumerate() {
         let (Some(&s0), Some(&t)) = (points.get(i), points.get(i + 1)) else {
@@ -361,8 +370,20 @@ fn build_steps(c: &DpmSolverMultistepConfig, timesteps: &[f64], sigmas: &[f32]) 
             PredictionType::FlowPrediction => (1.0, -s0.sigma),
         };
         let h = t.lambda - s0.lambda;
-        let em1 = (-h).exp() - 1.0; // e^−h − 1
-        let x_coeff = t.sigma_t / s0.sigma_t;
+        // e^−h − 1 (e^−2h − 1 for the SDE: its first- and second-order terms are the ODE's
+        // with h doubled).
+        let hh = if sde { 2.0 * h } else { h };
+        let em1 = (-hh).exp() - 1.0;
+        let x_coeff = if sde {
+            t.sigma_t / s0.sigma_t * (-h).exp()
+        } else {
+            t.sigma_t / s0.sigma_t
+        };
+        let noise = if sde {
+            t.sigma_t * (1.0 - (-2.0 * h).exp()).sqrt()
+        } else {
+            0.0
+        };
         // Coefficients of D0, D1, D2 in x_t (after the x term).
         let terms = if c.solver_order == 1 || lower_order_nums < 1 || lower_order_final {
             vec![(0, -t.alpha_t * em1)]
@@ -372,7 +393,7 @@ fn build_steps(c: &DpmSolverMultistepConfig, timesteps: &[f64], sigmas: &[f32]) 
             let c_d0 = -t.alpha_t * em1;
             let c_d1 = match c.solver_type {
                 SolverType::Midpoint => -0.5 * t.alpha_t * em1,
-                SolverType::Heun => t.alpha_t * (em1 / h + 1.0),
+                SolverType::Heun => t.alpha_t * (em1 / hh + 1.0),
             };
             // D1 = (m0 − m1)/r0.
             vec![(0, c_d0 + c_d1 / r0), (1, -c_d1 / r0)]
@@ -381,8 +402,13 @@ fn build_steps(c: &DpmSolverMultistepConfig, timesteps: &[f64], sigmas: &[f32]) 
             let (h0, h1) = (s0.lambda - s1.lambda, s1.lambda - s2.lambda);
             let (r0, r1) = (h0 / h, h1 / h);
             let c_d0 = -t.alpha_t * em1;
-            let c_d1 = t.alpha_t * (em1 / h + 1.0);
-            let c_d2 = -t.alpha_t * ((em1 + h) / (h * h) - 0.5);
+            let c_d1 = t.alpha_t * (em1 / hh + 1.0);
+            // diffusers: α_t((1 − e^−2h − 2h)/(2h)² − 0.5) for the SDE.
+            let c_d2 = if sde {
+                -t.alpha_t * ((em1 + hh) / (hh * hh) + 0.5)
+            } else {
+                -t.alpha_t * ((em1 + h) / (h * h) - 0.5)
+            };
             // D1_0 = (m0 − m1)/r0, D1_1 = (m1 − m2)/r1, D1 = D1_0 + k·(D1_0 − D1_1) with
             // k = r0/(r0 + r1), D2 = (D1_0 − D1_1)/(r0 + r1).
             let k = r0 / (r0 + r1);
@@ -405,6 +431,7 @@ fn build_steps(c: &DpmSolverMultistepConfig, timesteps: &[f64], sigmas: &[f32]) 
             output_coeff: 0.0,
             denoised_terms: terms,
             corrector: None,
+            noise,
         });
     }
     steps
@@ -469,7 +496,7 @@ mod tests {
     #[test]
     fn unsupported_options_are_errors() {
         let bad = [
-            ("algorithm_type", "sde-dpmsolver++"),
+            ("algorithm_type", "sde-dpmsolver"),
             ("solver_order", "4"),
             ("thresholding", "true"),
             ("use_lu_lambdas", "true"),

@@ -16,6 +16,15 @@
 //! diffusers finds the first step by looking the first timestep up in the list, and takes the
 //! second match when it occurs twice; here sampling always starts at the first step (the same
 //! whenever the first timestep is unique, which is every usual schedule).
+//!
+//! [`EulerAncestralDiscrete`] is diffusers' `EulerAncestralDiscreteScheduler` on the same
+//! schedule (without Karras sigmas, which that class does not have): each step goes down to
+//! `σ_down` and adds fresh noise of scale `σ_up`,
+//!
+//! ```text
+//! σ_up = √(σ_next²·(σ² − σ_next²)/σ²);   σ_down = √(σ_next² − σ_up²)
+//! x_next = x + d·(σ_down − σ) + σ_up·ε
+//! ```
 
 use super::schedule::{self, BetaSchedule};
 use super::{
@@ -170,74 +179,16 @@ impl EulerDiscrete {
                 "EulerDiscreteScheduler: prediction_type must be epsilon, v_prediction or sample"
             );
         }
-        let alphas_cumprod = schedule::alphas_cumprod(
-            config.num_train_timesteps,
-            config.beta_start,
-            config.beta_end,
-            config.beta_schedule,
-            config.trained_betas.as_deref(),
-        )?;
-        let n_train = alphas_cumprod.len();
-        let table = schedule::sigmas_f32(&alphas_cumprod);
-        let log_sigmas = schedule::log_f32(&table);
-
-        // Timesteps are float32 in diffusers.
-        let mut timesteps: Vec<f64> = schedule::spaced_timesteps(
-            config.timestep_spacing,
-            n_train,
-            num_inference_steps,
-            config.steps_offset,
-            false,
-        )?
-        .into_iter()
-        .map(|t| f64::from(t as f32))
-        .collect();
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| schedule::np_interp(t, &table))
-            .collect();
-        if config.use_karras_sigmas {
-            let (Some(&first), Some(&last)) = (sigmas.first(), sigmas.last()) else {
-                fail!("EulerDiscreteScheduler: no timesteps");
-            };
-            let sigma_min = config.sigma_min.unwrap_or(last);
-            let sigma_max = config.sigma_max.unwrap_or(first);
-            sigmas = schedule::karras_sigmas(sigma_min, sigma_max, num_inference_steps);
-            timesteps = sigmas
-                .iter()
-                .map(|&s| f64::from(schedule::sigma_to_t(s, &log_sigmas) as f32))
-                .collect();
-        }
-        let last = match config.final_sigmas_type {
-            FinalSigmasType::Zero => 0.0f32,
-            FinalSigmasType::SigmaMin => table[0],
-        };
-        let sigmas: Vec<f32> = sigmas
-            .iter()
-            .map(|&s| s as f32)
-            .chain(std::iter::once(last))
-            .collect();
-        if config.timestep_type == TimestepType::Continuous
-            && config.prediction_type == PredictionType::VPrediction
-        {
-            timesteps = sigmas[..sigmas.len() - 1]
-                .iter()
-                .map(|&s| f64::from(0.25f32 * s.ln()))
-                .collect();
-        }
-
-        let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let init_noise_sigma = match config.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
-            TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
-        };
-
+        let SigmaSchedule {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+        } = sigma_schedule(&config, num_inference_steps)?;
         let steps: Vec<Step> = timesteps
             .iter()
             .zip(sigmas.windows(2))
             .map(|(&t, w)| step(config.prediction_type, t, f64::from(w[0]), f64::from(w[1])))
             .collect();
-        let init_noise_sigma = f64::from(init_noise_sigma);
         super::check_finite("EulerDiscreteScheduler", init_noise_sigma, &steps)?;
         Ok(Self {
             config,
@@ -251,6 +202,85 @@ impl EulerDiscrete {
     pub fn config(&self) -> &EulerDiscreteConfig {
         &self.config
     }
+}
+
+/// The timesteps, the sigmas (one per step, then the final one, float32 as diffusers keeps
+/// them) and `init_noise_sigma` of the Euler family's schedule, which Euler, Euler ancestral
+/// and Heun share.
+pub(crate) struct SigmaSchedule {
+    pub timesteps: Vec<f64>,
+    pub sigmas: Vec<f32>,
+    pub init_noise_sigma: f64,
+}
+
+/// [`SigmaSchedule`] of `config` for `n` inference steps (diffusers' `set_timesteps`).
+pub(crate) fn sigma_schedule(config: &EulerDiscreteConfig, n: usize) -> Result<SigmaSchedule> {
+    let alphas_cumprod = schedule::alphas_cumprod(
+        config.num_train_timesteps,
+        config.beta_start,
+        config.beta_end,
+        config.beta_schedule,
+        config.trained_betas.as_deref(),
+    )?;
+    let n_train = alphas_cumprod.len();
+    let table = schedule::sigmas_f32(&alphas_cumprod);
+    let log_sigmas = schedule::log_f32(&table);
+
+    // Timesteps are float32 in diffusers.
+    let mut timesteps: Vec<f64> = schedule::spaced_timesteps(
+        config.timestep_spacing,
+        n_train,
+        n,
+        config.steps_offset,
+        false,
+    )?
+    .into_iter()
+    .map(|t| f64::from(t as f32))
+    .collect();
+    let mut sigmas: Vec<f64> = timesteps
+        .iter()
+        .map(|&t| schedule::np_interp(t, &table))
+        .collect();
+    if config.use_karras_sigmas {
+        let (Some(&first), Some(&last)) = (sigmas.first(), sigmas.last()) else {
+            fail!("no timesteps");
+        };
+        let sigma_min = config.sigma_min.unwrap_or(last);
+        let sigma_max = config.sigma_max.unwrap_or(first);
+        sigmas = schedule::karras_sigmas(sigma_min, sigma_max, n);
+        timesteps = sigmas
+            .iter()
+            .map(|&s| f64::from(schedule::sigma_to_t(s, &log_sigmas) as f32))
+            .collect();
+    }
+    let last = match config.final_sigmas_type {
+        FinalSigmasType::Zero => 0.0f32,
+        FinalSigmasType::SigmaMin => table[0],
+    };
+    let sigmas: Vec<f32> = sigmas
+        .iter()
+        .map(|&s| s as f32)
+        .chain(std::iter::once(last))
+        .collect();
+    if config.timestep_type == TimestepType::Continuous
+        && config.prediction_type == PredictionType::VPrediction
+    {
+        timesteps = sigmas[..sigmas.len() - 1]
+            .iter()
+            .map(|&s| f64::from(0.25f32 * s.ln()))
+            .collect();
+    }
+
+    let max_sigma = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let init_noise_sigma = match config.timestep_spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max_sigma,
+        TimestepSpacing::Leading => (max_sigma * max_sigma + 1.0).sqrt(),
+    };
+    Ok(SigmaSchedule {
+        timesteps,
+        sigmas,
+        init_noise_sigma: f64::from(init_noise_sigma),
+    })
 }
 
 /// One Euler step from σ to σ_next.
@@ -278,12 +308,94 @@ fn step(prediction: PredictionType, timestep: f64, sigma: f64, sigma_next: f64) 
         output_coeff: go * dt,
         denoised_terms: Vec::new(),
         corrector: None,
+        noise: 0.0,
     }
 }
 
 impl Scheduler for EulerDiscrete {
     fn class_name(&self) -> &'static str {
         "EulerDiscreteScheduler"
+    }
+
+    fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    fn sigmas(&self) -> Option<Vec<f64>> {
+        Some(self.sigmas.iter().map(|&s| f64::from(s)).collect())
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma
+    }
+
+    fn noising(&self) -> crate::Noising {
+        crate::Noising::Exploding
+    }
+}
+
+/// `EulerAncestralDiscreteScheduler` set up for a number of inference steps. Its config holds the
+/// fields of [`EulerDiscreteConfig`] that the ancestral class has (the others keep their
+/// defaults; Karras sigmas, a continuous timestep and `final_sigmas_type` do not apply).
+#[derive(Debug, Clone)]
+pub struct EulerAncestralDiscrete {
+    sigmas: Vec<f32>,
+    init_noise_sigma: f64,
+    steps: Vec<Step>,
+}
+
+impl EulerAncestralDiscrete {
+    /// Builds the scheduler for `num_inference_steps` steps.
+    pub fn new(config: EulerDiscreteConfig, num_inference_steps: usize) -> Result<Self> {
+        const CLASS: &str = "EulerAncestralDiscreteScheduler";
+        if config.rescale_betas_zero_snr {
+            fail!("{CLASS}: rescale_betas_zero_snr is not supported");
+        }
+        if !matches!(
+            config.prediction_type,
+            PredictionType::Epsilon | PredictionType::VPrediction
+        ) {
+            fail!("{CLASS}: prediction_type must be epsilon or v_prediction");
+        }
+        let config = EulerDiscreteConfig {
+            use_karras_sigmas: false,
+            use_exponential_sigmas: false,
+            use_beta_sigmas: false,
+            interpolation_type: "linear".into(),
+            timestep_type: TimestepType::Discrete,
+            final_sigmas_type: FinalSigmasType::Zero,
+            ..config
+        };
+        let SigmaSchedule {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+        } = sigma_schedule(&config, num_inference_steps)?;
+        let steps: Vec<Step> = timesteps
+            .iter()
+            .zip(sigmas.windows(2))
+            .map(|(&t, w)| {
+                let (from, to) = (f64::from(w[0]), f64::from(w[1]));
+                let up = (to * to * (from * from - to * to) / (from * from)).sqrt();
+                let down = (to * to - up * up).sqrt();
+                Step {
+                    noise: up,
+                    ..step(config.prediction_type, t, from, down)
+                }
+            })
+            .collect();
+        super::check_finite(CLASS, init_noise_sigma, &steps)?;
+        Ok(Self {
+            sigmas,
+            init_noise_sigma,
+            steps,
+        })
+    }
+}
+
+impl Scheduler for EulerAncestralDiscrete {
+    fn class_name(&self) -> &'static str {
+        "EulerAncestralDiscreteScheduler"
     }
 
     fn steps(&self) -> &[Step] {

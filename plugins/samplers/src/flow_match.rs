@@ -304,6 +304,7 @@ impl FlowMatchEulerDiscrete {
                     output_coeff: s_next - s,
                     denoised_terms: Vec::new(),
                     corrector: None,
+                    noise: 0.0,
                 }
             })
             .collect();

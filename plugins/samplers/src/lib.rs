@@ -1,13 +1,17 @@
 //! `ditflow-samplers`: the schedulers' maths, in plain Rust, shared by the sampling nodes of every
-//! plugin (steps apply to f64 vectors or, through the SDK, to tensors): five diffusers schedulers, each
-//! reduced to per-step scalar coefficients that a sampling node applies with tensor ops.
+//! plugin (steps apply to f64 vectors or, through the SDK, to tensors): nine diffusers schedulers,
+//! each reduced to per-model-call scalar coefficients that a sampling node applies with tensor ops.
 //!
 //! | diffusers class                  | here                                       |
 //! |----------------------------------|--------------------------------------------|
 //! | `DDIMScheduler` (eta = 0)        | [`ddim::Ddim`]                             |
 //! | `EulerDiscreteScheduler`         | [`euler::EulerDiscrete`]                   |
-//! | `DPMSolverMultistepScheduler`    | [`dpmpp_2m::DpmSolverMultistep`]           |
+//! | `EulerAncestralDiscreteScheduler`| [`euler::EulerAncestralDiscrete`]          |
+//! | `HeunDiscreteScheduler`          | [`heun::HeunDiscrete`]                     |
+//! | `DPMSolverMultistepScheduler`    | [`dpmpp_2m::DpmSolverMultistep`] (ODE, SDE)|
+//! | `LCMScheduler`                   | [`lcm::Lcm`]                               |
 //! | `FlowMatchEulerDiscreteScheduler`| [`flow_match::FlowMatchEulerDiscrete`]     |
+//! | `FlowMatchHeunDiscreteScheduler` | [`heun::HeunDiscrete::flow_match`]         |
 //! | `UniPCMultistepScheduler`        | [`unipc::UniPc`]                           |
 //!
 //! [`guidance`] combines each step's conditional and unconditional predictions (CFG, APG, CFG
@@ -23,6 +27,7 @@
 //! denoised  = denoised_x · x + denoised_output · out   (then clamped to ±denoised_clamp if set)
 //! x_used    = x, or with a corrector: last · x_last + Σ (k, c) in its terms: c · denoised[k]
 //! x_next    = x_coeff · x_used + output_coeff · out + Σ (k, c) in denoised_terms: c · denoised[k]
+//!             + noise · ε                           (ε: fresh unit noise, for stochastic steps)
 //! ```
 //!
 //! where `out` is the model's output for this step, `denoised[k]` is the denoised estimate (the
@@ -30,8 +35,15 @@
 //! previous step's), and `x_last` is the previous step's `x_used` (a predictor-corrector such as
 //! UniPC corrects the sample the model saw before predicting from it). [`apply_step`] is that
 //! rule, for any [`Combine`] sample type, with a [`History`]; [`Scheduler::history_len`] says how
-//! many previous estimates it keeps. The sampling loop is the one of diffusers' pipelines: `x = noise · init_noise_sigma`, then
-//! one model call and one update per step; [`run`] is that loop on plain `f64` vectors.
+//! many previous estimates it keeps. The sampling loop is the one of diffusers' pipelines:
+//! `x = noise · init_noise_sigma`, then one model call and one update per step; [`run`] is that
+//! loop on plain `f64` vectors.
+//!
+//! A step is one model call. Methods with two calls per step (Heun) are two steps, the second
+//! correcting from the sample the first started at (`x_last`), as diffusers interleaves them.
+//! Stochastic methods (ancestral, SDE, LCM) add fresh noise at a step (`noise`); the sampling
+//! nodes draw it from the counter-based RNG as stream `step + 1` of the seed
+//! ([`step_noise_stream`]), so a seed gives the same trajectory on every device.
 //!
 //! Precision: the schedule tables are computed the way diffusers computes them, including the
 //! places where diffusers stores them in float32 (betas, `alphas_cumprod`, sigmas, float
@@ -49,6 +61,8 @@ pub mod dpmpp_2m;
 pub mod euler;
 pub mod flow_match;
 pub mod guidance;
+pub mod heun;
+pub mod lcm;
 pub mod schedule;
 pub mod unipc;
 
@@ -61,15 +75,17 @@ use std::str::FromStr;
 
 pub use config::{
     build_scheduler, quote_python_constants, scheduler_fields, scheduler_for, ModelPrediction,
-    SAMPLERS,
+    Sampler, CLASSES, SAMPLERS,
 };
 pub use ddim::{Ddim, DdimConfig};
 pub use dpmpp_2m::{DpmSolverMultistep, DpmSolverMultistepConfig, SolverType};
-pub use euler::{EulerDiscrete, EulerDiscreteConfig, TimestepType};
+pub use euler::{EulerAncestralDiscrete, EulerDiscrete, EulerDiscreteConfig, TimestepType};
 pub use flow_match::{
     calculate_shift, FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig, FlowSigmas,
     TimeShiftType,
 };
+pub use heun::{HeunDiscrete, HeunDiscreteConfig};
+pub use lcm::{Lcm, LcmConfig};
 pub use schedule::BetaSchedule;
 pub use unipc::{UniPc, UniPcConfig, UniPcSolverType};
 
@@ -119,8 +135,10 @@ pub struct Step {
     pub output_coeff: f64,
     /// `(k, c)` pairs: `c` times the denoised estimate of `k` steps back (`0` = this step).
     pub denoised_terms: Vec<(usize, f64)>,
-    /// A corrector replacing `x` in the update (UniPC), or none.
+    /// A corrector replacing `x` in the update (UniPC, Heun's second call), or none.
     pub corrector: Option<Corrector>,
+    /// The factor of fresh unit noise added to `x_next` (0 for a deterministic step).
+    pub noise: f64,
 }
 
 /// A corrected sample, `last · x_last + Σ (k, c) c · denoised[k]`, where `x_last` is the sample
@@ -152,6 +170,7 @@ pub(crate) fn check_finite(class: &str, init_noise_sigma: f64, steps: &[Step]) -
             s.denoised_output,
             s.x_coeff,
             s.output_coeff,
+            s.noise,
         ];
         let terms = s.denoised_terms.iter().map(|&(_, c)| c);
         let corrector = s
@@ -241,6 +260,11 @@ pub trait Scheduler {
     /// The number of steps (the number of model calls).
     fn num_steps(&self) -> usize {
         self.steps().len()
+    }
+
+    /// Model calls per inference step (diffusers' `order`: 2 for Heun, else 1).
+    fn order(&self) -> usize {
+        1
     }
 
     /// The timesteps the model is called with, one per step.
@@ -343,13 +367,48 @@ impl<T> History<T> {
     }
 }
 
+/// The first model call of image-to-image with strength `denoise` over `steps` inference steps,
+/// as diffusers' img2img pipelines cut the schedule (`get_timesteps`): `t_start·order` with
+/// `t_start = ⌊steps − min(steps·denoise, steps)⌋`.
+pub fn img2img_start(steps: usize, denoise: f64, order: usize) -> usize {
+    let n = steps as f64;
+    let kept = (n * denoise).min(n);
+    ((n - kept).max(0.0) as usize) * order
+}
+
+/// Whether sampling can start at step `start` with an empty history: no step from there reads
+/// an estimate from before `start` (a multistep solver's higher-order steps do; diffusers
+/// restarts their order count instead, which these precomputed steps do not).
+pub fn can_start_at<S: Scheduler + ?Sized>(scheduler: &S, start: usize) -> bool {
+    scheduler
+        .steps()
+        .iter()
+        .enumerate()
+        .skip(start)
+        .all(|(i, s)| {
+            let made = i - start; // estimates made since `start`, before this step's own
+            let reads = |terms: &[(usize, f64)]| terms.iter().all(|&(k, _)| k <= made);
+            reads(&s.denoised_terms)
+                && s.corrector
+                    .as_ref()
+                    .is_none_or(|c| i == start || reads(&c.denoised_terms))
+        })
+}
+
+/// The RNG stream of the fresh noise of step `index` (stream 0 is the starting noise).
+pub fn step_noise_stream(index: usize) -> u64 {
+    index as u64 + 1
+}
+
 /// Step `index` from sample `x` with model output `out` (see the module docs): returns the next
-/// sample and updates `history`.
+/// sample and updates `history`. `noise` is the step's fresh unit noise, needed when
+/// `step.noise` is not 0.
 pub fn apply_step<T: Combine>(
     step: &Step,
     index: usize,
     x: &T,
     out: &T,
+    noise: Option<&T>,
     history: &mut History<T>,
 ) -> std::result::Result<T, T::Error> {
     let terms = |base: T, terms: &[(usize, f64)], h: &History<T>| {
@@ -376,6 +435,16 @@ pub fn apply_step<T: Combine>(
         .scaled(step.x_coeff)?
         .plus(&out.scaled(step.output_coeff)?)?;
     let next = terms(next, &step.denoised_terms, history)?;
+    let next = if step.noise == 0.0 {
+        next
+    } else {
+        let Some(noise) = noise else {
+            return Err(T::sampler_error(SamplerError(format!(
+                "step {index} adds noise, but no noise was given"
+            ))));
+        };
+        next.plus(&noise.scaled(step.noise)?)?
+    };
     if step.corrector.is_some() || history.keep > 0 {
         history.last = Some(used);
     }
@@ -383,12 +452,19 @@ pub fn apply_step<T: Combine>(
 }
 
 /// Runs a whole trajectory on plain vectors, as diffusers' pipelines do: the start is
-/// `noise · init_noise_sigma`, and each step calls `model(input_scale · x, timestep)`. Returns
-/// every sample: the start, then the sample after each step (`num_steps() + 1` vectors).
-pub fn run<S, F>(scheduler: &S, noise: Vec<f64>, mut model: F) -> Result<Vec<Vec<f64>>>
+/// `noise · init_noise_sigma`, and each step calls `model(input_scale · x, timestep)`; a
+/// stochastic step adds `step_noise(i)`. Returns every sample: the start, then the sample after
+/// each step (`num_steps() + 1` vectors).
+pub fn run<S, F, N>(
+    scheduler: &S,
+    noise: Vec<f64>,
+    mut model: F,
+    mut step_noise: N,
+) -> Result<Vec<Vec<f64>>>
 where
     S: Scheduler + ?Sized,
     F: FnMut(&[f64], f64) -> Vec<f64>,
+    N: FnMut(usize) -> Vec<f64>,
 {
     let sigma = scheduler.init_noise_sigma();
     let mut x: Vec<f64> = noise.into_iter().map(|v| v * sigma).collect();
@@ -399,7 +475,14 @@ where
         let input: Vec<f64> = x.iter().map(|v| v * step.input_scale).collect();
         let out = model(&input, step.timestep);
         check_len("model output", out.len(), x.len())?;
-        x = apply_step(step, i, &x, &out, &mut history)?;
+        let fresh = if step.noise == 0.0 {
+            None
+        } else {
+            let n = step_noise(i);
+            check_len("step noise", n.len(), x.len())?;
+            Some(n)
+        };
+        x = apply_step(step, i, &x, &out, fresh.as_ref(), &mut history)?;
         trajectory.push(x.clone());
     }
     Ok(trajectory)

@@ -103,6 +103,19 @@ fn try_build(
         }
         "EulerDiscreteScheduler" => EulerDiscrete::new(config!(EulerDiscreteConfig), steps)
             .map(|s| Box::new(s) as Box<dyn Scheduler>),
+        "EulerAncestralDiscreteScheduler" => {
+            EulerAncestralDiscrete::new(config!(EulerDiscreteConfig), steps)
+                .map(|s| Box::new(s) as Box<dyn Scheduler>)
+        }
+        "HeunDiscreteScheduler" => HeunDiscrete::new(config!(HeunDiscreteConfig), steps)
+            .map(|s| Box::new(s) as Box<dyn Scheduler>),
+        "FlowMatchHeunDiscreteScheduler" => {
+            HeunDiscrete::flow_match(config!(FlowMatchEulerDiscreteConfig), steps)
+                .map(|s| Box::new(s) as Box<dyn Scheduler>)
+        }
+        "LCMScheduler" => {
+            Lcm::new(config!(LcmConfig), steps).map(|s| Box::new(s) as Box<dyn Scheduler>)
+        }
         "DPMSolverMultistepScheduler" => {
             DpmSolverMultistep::new(config!(DpmSolverMultistepConfig), steps, mu)
                 .map(|s| Box::new(s) as Box<dyn Scheduler>)
@@ -164,6 +177,17 @@ const TRAJECTORIES: &[&str] = &[
     "unipc_3_karras_v",
     "unipc_trailing_disable_corrector",
     "unipc_3_leading_sample",
+    "euler_ancestral_epsilon",
+    "euler_ancestral_leading_v",
+    "dpmpp_2m_sde_karras",
+    "dpmpp_2m_sde_heun_v",
+    "dpmpp_3m_sde_karras",
+    "heun_epsilon",
+    "heun_karras_v",
+    "heun_trailing_sample_clip",
+    "flow_heun_shift3",
+    "lcm_4",
+    "lcm_6_v_clip",
 ];
 
 #[test]
@@ -193,10 +217,22 @@ fn trajectories_match_diffusers() {
         }
 
         let noise = floats(&st, "noise");
-        let theirs = floats(&st, "trajectory");
-        let ours = run(s.as_ref(), noise.clone(), stand_in_model).expect("a trajectory");
-        assert_eq!(ours.len(), steps + 1, "{name}");
         let n = noise.len();
+        // A stochastic scheduler's fresh noise, one row per model call (ditflow's Philox
+        // streams, replayed in PyTorch by the fixture script).
+        let fresh = st
+            .tensor("step_noise")
+            .map(|_| floats(&st, "step_noise"))
+            .ok();
+        let step_noise = |i: usize| match &fresh {
+            Some(f) => f[i * n..(i + 1) * n].to_vec(),
+            None => panic!("{name}: step {i} adds noise, and the fixture has none"),
+        };
+        let theirs = floats(&st, "trajectory");
+        let ours =
+            run(s.as_ref(), noise.clone(), stand_in_model, step_noise).expect("a trajectory");
+        // One sample per model call, plus the start (Heun makes two calls per step).
+        assert_eq!(ours.len(), theirs.len() / n, "{name}");
         let mut worst = 0.0f64;
         for (i, x) in ours.iter().enumerate() {
             let want = &theirs[i * n..(i + 1) * n];
@@ -292,16 +328,23 @@ fn timestep_and_sigma_tables_match_diffusers() {
 #[test]
 fn run_rejects_a_model_output_of_the_wrong_size() {
     let s = Ddim::new(DdimConfig::default(), 3).expect("a scheduler");
-    let r = run(&s, vec![0.5; 4], |_, _| vec![0.0; 3]);
+    let r = run(&s, vec![0.5; 4], |_, _| vec![0.0; 3], |_| Vec::new());
     assert!(r.is_err());
     // A step reading an estimate the history does not hold (the first step reads one back).
     let mut step = s.steps()[0].clone();
     step.denoised_terms.push((1, 1.0));
     let mut history = History::new(&s);
     assert!(
-        apply_step(&step, 0, &vec![1.0], &vec![1.0], &mut history).is_err(),
+        apply_step(&step, 0, &vec![1.0], &vec![1.0], None, &mut history).is_err(),
         "missing denoised estimate"
     );
+    // A stochastic step without its noise, and with noise of the wrong size.
+    let s = EulerAncestralDiscrete::new(EulerDiscreteConfig::default(), 3).expect("a scheduler");
+    let mut history = History::new(&s);
+    let step = &s.steps()[0];
+    assert!(apply_step(step, 0, &vec![1.0], &vec![1.0], None, &mut history).is_err());
+    let r = run(&s, vec![0.5; 4], |x, _| x.to_vec(), |_| vec![0.0; 3]);
+    assert!(r.is_err(), "step noise of the wrong size");
 }
 
 /// Odd configs and step counts give a scheduler or an error, never a panic, and a built
@@ -315,7 +358,7 @@ fn odd_inputs_never_panic() {
         if let Ok(s) = s {
             built += 1;
             if s.num_steps() <= 1001 {
-                let _ = run(s.as_ref(), vec![0.5, -1.0], model);
+                let _ = run(s.as_ref(), vec![0.5, -1.0], model, |_| vec![0.1, -0.1]);
             }
             let _ = (s.timesteps(), s.sigmas(), s.model_input_scale(usize::MAX));
         }
@@ -345,6 +388,31 @@ fn odd_inputs_never_panic() {
                                 .and_then(|c| DpmSolverMultistep::new(c, n, None))
                                 .map(boxed),
                         );
+                    }
+                    // The other classes, through the by-name builder (SDE DPM++ with a
+                    // third order too).
+                    let text: Vec<(String, String)> = f
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect();
+                    for class in [
+                        "EulerAncestralDiscreteScheduler",
+                        "HeunDiscreteScheduler",
+                        "LCMScheduler",
+                        "DPMSolverMultistepScheduler",
+                    ] {
+                        let mut fields = text.clone();
+                        if class.starts_with("DPM") {
+                            fields.push(("algorithm_type".into(), "\"sde-dpmsolver++\"".into()));
+                            fields.push(("solver_order".into(), "3".into()));
+                        }
+                        check(build_scheduler(
+                            class,
+                            &fields,
+                            n,
+                            256,
+                            FlowSigmas::Pipeline,
+                        ));
                     }
                 }
             }
@@ -384,6 +452,11 @@ fn odd_inputs_never_panic() {
                                 .map(boxed),
                         );
                     }
+                    check(
+                        FlowMatchEulerDiscreteConfig::from_fields(f)
+                            .and_then(|c| HeunDiscrete::flow_match(c, n))
+                            .map(boxed),
+                    );
                 }
             }
         }
@@ -546,4 +619,22 @@ fn apg_and_rescale_follow_their_formulas_in_float64() {
     let mut bad = GuidanceConfig::cfg(4.0);
     (bad.start, bad.stop) = (0.8, 0.2);
     assert!(bad.validate().unwrap_err().0.contains("after"));
+}
+
+#[test]
+fn image_to_image_starts_where_diffusers_cuts_the_schedule() {
+    // diffusers' get_timesteps: t_start = int(max(n − min(n·strength, n), 0)), times the order.
+    assert_eq!(img2img_start(4, 0.6, 1), 1);
+    assert_eq!(img2img_start(5, 0.55, 1), 2);
+    assert_eq!(img2img_start(10, 1.0, 1), 0);
+    assert_eq!(img2img_start(10, 0.0, 1), 10);
+    assert_eq!(img2img_start(6, 0.5, 2), 6);
+    // One-step methods and Heun's pairs start anywhere; a multistep solver's higher-order steps
+    // read estimates from before the start, so it cannot (diffusers restarts its order count).
+    let euler = EulerDiscrete::new(EulerDiscreteConfig::default(), 10).expect("euler");
+    let heun = HeunDiscrete::new(HeunDiscreteConfig::default(), 10).expect("heun");
+    let dpm = DpmSolverMultistep::new(DpmSolverMultistepConfig::default(), 10, None).expect("dpm");
+    assert!((0..10).all(|i| can_start_at(&euler, i)));
+    assert!((0..10).all(|i| can_start_at(&heun, 2 * i)));
+    assert!(can_start_at(&dpm, 0) && !can_start_at(&dpm, 3));
 }

@@ -474,6 +474,7 @@ fn build_steps(c: &UniPcConfig, timesteps: &[f64], sigmas: &[f32]) -> Result<Vec
             output_coeff: 0.0,
             denoised_terms: terms,
             corrector,
+            noise: 0.0,
         });
     }
     Ok(steps)

@@ -237,6 +237,12 @@ pub fn pad_tokens(x: &Tensor, len: usize) -> Result<Tensor> {
 
 /// Seeded standard-normal f32 noise on `device` (the same numbers on every device).
 pub fn randn(shape: &[usize], seed: u64, device: Device) -> Result<Tensor> {
+    randn_stream(shape, seed, 0, device)
+}
+
+/// [`randn`] from one of the seed's independent streams: stream 0 is [`randn`]'s, and a
+/// stochastic sampler's step `k` draws from stream `k + 1`.
+pub fn randn_stream(shape: &[usize], seed: u64, stream: u64, device: Device) -> Result<Tensor> {
     let s = ints(shape);
     let dev = device.name();
     one(
@@ -245,6 +251,7 @@ pub fn randn(shape: &[usize], seed: u64, device: Device) -> Result<Tensor> {
         &[
             ("shape", Attr::Ints(&s)),
             ("seed", Attr::Int(seed as i64)),
+            ("stream", Attr::Int(stream as i64)),
             ("device", Attr::Str(&dev)),
         ],
     )

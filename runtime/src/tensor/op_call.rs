@@ -129,8 +129,9 @@ pub const OPS: &[OpSig] = &[
     OpSig {
         name: "randn",
         inputs: &[],
-        attrs: &["shape", "seed", "device"],
-        doc: "seeded standard-normal f32 noise (Philox)",
+        attrs: &["shape", "seed", "stream", "device"],
+        doc:
+            "seeded standard-normal f32 noise (Philox), from one of the seed's streams (0 default)",
     },
     OpSig {
         name: "matmul",
@@ -414,9 +415,11 @@ fn call_op(name: &str, inputs: &[Option<&Tensor>], attrs: &Attrs) -> Result<Vec<
         "randn" => {
             let shape = attrs.usizes(op, "shape")?;
             let seed = attrs.int(op, "seed", Some(0))? as u64;
-            one(ops::randn(
+            let stream = attrs.int(op, "stream", Some(0))? as u64;
+            one(ops::randn_stream(
                 &shape,
                 seed,
+                stream,
                 parse_device(op, attrs.str(op, "device", "cpu")?)?,
             )?)
         }

@@ -183,14 +183,19 @@ impl Tensor {
 /// Standard-normal f32 noise from the counter-based RNG: the same numbers for the same seed on
 /// every device.
 pub fn randn(shape: &[usize], seed: u64, device: Device) -> R {
+    randn_stream(shape, seed, 0, device)
+}
+
+/// [`randn`] from one of the seed's independent streams (see [`super::rng`]).
+pub fn randn_stream(shape: &[usize], seed: u64, stream: u64, device: Device) -> R {
     match device {
         Device::Cpu => {
             let mut t = Tensor::zeros(DType::F32, shape)?;
-            super::rng::fill_randn(seed, t.as_f32_mut());
+            super::rng::fill_randn_stream(seed, stream, t.as_f32_mut());
             Ok(t)
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(n) => cuda::ops::randn(shape, seed, n),
+        Device::Cuda(n) => cuda::ops::randn(shape, seed, stream, n),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Err(no_cuda()),
     }

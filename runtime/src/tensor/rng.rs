@@ -1,9 +1,11 @@
 //! Counter-based random numbers: Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy
 //! as 1, 2, 3", SC 2011) and standard-normal noise drawn from it with Box–Muller.
 //!
-//! Element `i` of a noise tensor depends only on `(seed, i)`: counter `i / 4`, lane `i % 4`. Any
-//! device, any thread split, any order gives the same tensor for the same seed, which is what makes
-//! seeded generation reproducible across CPU and CUDA.
+//! Element `i` of a noise tensor depends only on `(seed, stream, i)`: counter words 0–1 are
+//! `i / 4`, words 2–3 the stream, lane `i % 4`. Any device, any thread split, any order gives the
+//! same tensor for the same seed, which is what makes seeded generation reproducible across CPU
+//! and CUDA. Stream 0 is a sampler's starting noise; stochastic samplers draw step `k`'s fresh
+//! noise from stream `k + 1`.
 
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
@@ -52,12 +54,18 @@ fn normals_of_block(words: [u32; 4]) -> [f32; 4] {
     out
 }
 
-/// Fills `out` with standard normals for `seed`, element `i` being the `i`-th of the stream.
+/// Fills `out` with standard normals for `seed`, element `i` being the `i`-th of stream 0.
 pub fn fill_randn(seed: u64, out: &mut [f32]) {
+    fill_randn_stream(seed, 0, out)
+}
+
+/// Fills `out` with standard normals for `seed`, element `i` being the `i`-th of `stream`.
+pub fn fill_randn_stream(seed: u64, stream: u64, out: &mut [f32]) {
     let key = [seed as u32, (seed >> 32) as u32];
+    let (s0, s1) = (stream as u32, (stream >> 32) as u32);
     for (block, chunk) in out.chunks_mut(4).enumerate() {
         let c = block as u64;
-        let normals = normals_of_block(philox4x32_10([c as u32, (c >> 32) as u32, 0, 0], key));
+        let normals = normals_of_block(philox4x32_10([c as u32, (c >> 32) as u32, s0, s1], key));
         chunk.copy_from_slice(&normals[..chunk.len()]);
     }
 }
@@ -96,6 +104,42 @@ mod tests {
         let mut c = vec![0f32; 37];
         fill_randn(8, &mut c);
         assert_ne!(a, c);
+    }
+
+    /// The step noise of the stochastic sampler fixtures is ditflow's streams 1, 2, … of their
+    /// seed, replayed in NumPy by `tools/make_parity_fixtures.py` (`philox_randn`): bit for bit.
+    #[test]
+    fn streams_match_the_python_replay_of_the_sampler_fixtures() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/samplers/euler_ancestral_epsilon.safetensors"
+        );
+        let bytes = std::fs::read(path).expect("the fixture");
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("a header");
+        let seed: u64 = meta.metadata().as_ref().expect("metadata")["noise_seed"]
+            .parse()
+            .expect("a seed");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("a safetensors file");
+        let view = st.tensor("step_noise").expect("step_noise");
+        let rows = view.shape()[0];
+        let want: Vec<f32> = view
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect();
+        let n = want.len() / rows;
+        for k in 0..rows {
+            let mut got = vec![0f32; n];
+            fill_randn_stream(seed, k as u64 + 1, &mut got);
+            assert_eq!(got, want[k * n..(k + 1) * n], "stream {}", k + 1);
+        }
+        // Stream 0 is the plain noise, and streams differ.
+        let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+        fill_randn(seed, &mut a);
+        fill_randn_stream(seed, 0, &mut b);
+        assert_eq!(a, b);
+        fill_randn_stream(seed, 1, &mut b);
+        assert_ne!(a, b);
     }
 
     /// Moments of 1M draws against N(0, 1), with bounds of about 5 standard errors.

@@ -128,10 +128,10 @@ __device__ void philox(u32 c[4], u32 k0, u32 k1) {
     }
 }
 
-extern "C" __global__ void randn(float* out, i64 n, u64 seed) {
+extern "C" __global__ void randn(float* out, i64 n, u64 seed, u64 stream) {
     i64 blocks = (n + 3) / 4;
     for (i64 b = blockIdx.x * (i64)blockDim.x + threadIdx.x; b < blocks; b += (i64)gridDim.x * blockDim.x) {
-        u32 c[4] = {(u32)b, (u32)((u64)b >> 32), 0, 0};
+        u32 c[4] = {(u32)b, (u32)((u64)b >> 32), (u32)stream, (u32)(stream >> 32)};
         philox(c, (u32)seed, (u32)(seed >> 32));
         for (int p = 0; p < 2; p++) {
             double u1 = ((double)c[2 * p] + 1.0) * (1.0 / 4294967296.0);

@@ -149,12 +149,12 @@ pub fn cast(x: &Tensor, dtype: DType) -> R {
     Ok(out)
 }
 
-pub fn randn(shape: &[usize], seed: u64, ordinal: usize) -> R {
+pub fn randn(shape: &[usize], seed: u64, stream: u64, ordinal: usize) -> R {
     let be = Backend::get(ordinal).map_err(OpError::Device)?;
     let out = new_tensor(&be, DType::F32, shape)?;
     let n = out.numel() as i64;
     let o = ptr(&be, &out)?;
-    launch!(be, "randn", grid(out.numel().div_ceil(4)); &o, &n, &seed)?;
+    launch!(be, "randn", grid(out.numel().div_ceil(4)); &o, &n, &seed, &stream)?;
     Ok(out)
 }
 
