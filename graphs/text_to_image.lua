@@ -14,6 +14,9 @@ local opts = {
   scale = input("scale", "Int", {default = 4, doc = "the PNG is written at this multiple of the model's 64x64 (nearest neighbour)"}),
 }
 local models = input("models", "String", {default = "../models/demo", doc = "the demo model folder, relative to this file"})
+opts.preview_every = input("preview_every", "Int", {default = 5,
+  doc = "a 16x16 preview of the picture forming every this many steps (node_preview events; 0: none)"})
+opts.preview_map = node("rgb_path", "FormatString", {template = "{a}/vae/latent_rgb.json", a = models}).text
 
 local save = demo.branch(demo.load(models), "", opts)
 output("image", save.path)

@@ -249,14 +249,27 @@ def flux(seed=200):
                "in.guidance": torch.tensor([guidance]), "in.t5_tokens": torch.tensor([t5_tokens]),
                "out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()},
               os.path.join(out, "io.safetensors"))
+    # True CFG (the pipeline's true_cfg_scale with a negative prompt, each evaluation with the
+    # distilled guidance too): io_true_cfg.safetensors.
+    true_args = dict(args, negative_prompt=TRUE_CFG_NEGATIVE, true_cfg_scale=2.0)
+    with torch.no_grad():
+        latent = pipe(**true_args, output_type="latent").images
+        image = pipe(**true_args, output_type="pt").images
+    latent = FluxPipeline._unpack_latents(latent, 16, 16, 2)
+    report("flux_pipeline (true cfg 2)", latent, image)
+    save_file({"out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()},
+              os.path.join(out, "io_true_cfg.safetensors"))
+
+
+TRUE_CFG_NEGATIVE = "a green square on a blue background"
 
 
 def main():
     torch.set_num_threads(2)
-    sd3()
-    if sys.argv[1:] == ["sd3"]:
-        return
-    flux()
+    if sys.argv[1:] != ["flux"]:
+        sd3()
+    if sys.argv[1:] != ["sd3"]:
+        flux()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import sys
 import numpy as np
 import torch
 from diffusers import (
+    DDIMInverseScheduler,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -60,6 +61,7 @@ CLASSES = {
     "HeunDiscreteScheduler": HeunDiscreteScheduler,
     "FlowMatchHeunDiscreteScheduler": FlowMatchHeunDiscreteScheduler,
     "LCMScheduler": LCMScheduler,
+    "DDIMInverseScheduler": DDIMInverseScheduler,
 }
 # The seed of the stochastic schedulers' step noise (ditflow's Philox streams 1, 2, ...).
 NOISE_SEED = 20261202
@@ -138,6 +140,9 @@ TRAJECTORIES = {
     "flow_heun_shift3": ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0), 6, {}),
     "lcm_4": ("LCMScheduler", {}, 4, {}),
     "lcm_6_v_clip": ("LCMScheduler", dict(prediction_type="v_prediction", clip_sample=True, original_inference_steps=30), 6, {}),
+    # DDIM inversion, from the clean sample ("noise" here) up the noise levels.
+    "ddim_inverse_leading_epsilon": ("DDIMInverseScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), 10, {}),
+    "ddim_inverse_trailing_v": ("DDIMInverseScheduler", dict(SD, clip_sample=False, timestep_spacing="trailing", prediction_type="v_prediction"), 8, {}),
 }
 
 STEP_COUNTS = list(range(1, 21)) + [25, 30, 50, 100, 250]
@@ -236,7 +241,7 @@ def trajectory(name, cls_name, config, steps, extra, noise):
     }
     if fresh:
         tensors["step_noise"] = torch.stack(fresh).contiguous()
-    if cls_name not in ("DDIMScheduler", "LCMScheduler"):
+    if cls_name not in ("DDIMScheduler", "LCMScheduler", "DDIMInverseScheduler"):
         tensors["sigmas"] = sched.sigmas.to(torch.float64).contiguous()
     meta = metadata(cls_name, config, steps, extra)
     meta["init_noise_sigma"] = repr(init)

@@ -18,7 +18,8 @@ end
 
 -- One text-to-image branch: prompt -> T5 -> PixArt (flow-matching Euler with guidance) -> VAE ->
 -- PNG. Node ids get `suffix` so several branches can share one graph; `opts` holds prompt,
--- negative, seed, steps, cfg, out and scale (constants or graph inputs).
+-- negative, seed, steps, cfg, out and scale (constants or graph inputs), and optionally
+-- preview_every and preview_map (Sample's previews).
 function demo.branch(m, suffix, opts)
   local function id(name) return name .. suffix end
   local pos = node(id("pos"), "TextEncode", {encoder = m.te.encoder, text = opts.prompt})
@@ -28,6 +29,7 @@ function demo.branch(m, suffix, opts)
     model = m.dit.model, positive = pos.conditioning, negative = neg.conditioning,
     latent = latent.latent, sampler = "auto", scheduler_config = m.scheduler,
     steps = opts.steps, cfg = opts.cfg, seed = opts.seed,
+    preview_every = opts.preview_every, preview_map = opts.preview_map,
   })
   local decode = node(id("decode"), "VAEDecode", {vae = m.vae.vae, latent = sample.latent})
   return node(id("save"), "SaveImage", {image = decode.image, path = opts.out, scale = opts.scale})

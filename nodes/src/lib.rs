@@ -15,9 +15,9 @@
 //! - [`model_info`]: `ModelInfo`, a Model's interface, patches, digest and patch memory;
 //! - [`patches`]: `ApplyLoRA`, the feature caches and `SceneCaptions`, Model → Model patches (and `EncodeScenes`, the scene prompts it reads);
 //! - [`pipeline`]: `TextEncode`, `EmptyLatent`, `EmptyVideoLatent`, `EmptyAudioLatent`, `Sample`,
-//!   `VAEDecode` and `VAEEncode`;
-//! - [`samplers`]: the schedulers' maths (DDIM, Euler, DPM-Solver++(2M), flow matching, UniPC),
-//!   the `ditflow-samplers` crate.
+//!   `Invert`, `VAEDecode` and `VAEEncode`;
+//! - [`samplers`]: the schedulers' maths (diffusers' samplers, RF-Solver and the inversions), the
+//!   `ditflow-samplers` crate.
 //!
 //! The model families are plugins of their own (`plugins/pixart-dit`, `plugins/t5-clip`,
 //! `plugins/autoencoder-kl`); the nodes here reach them only through the model protocol.
@@ -92,6 +92,7 @@ export_plugin!(
         pipeline::EmptyVideoLatent,
         pipeline::EmptyAudioLatent,
         pipeline::Sample,
+        pipeline::Invert,
         pipeline::VAEDecode,
         pipeline::VAEEncode,
     ]

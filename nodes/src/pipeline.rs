@@ -329,7 +329,8 @@ impl Node for Sample {
                 "Denoises seeded noise of the latent's shape with a diffusion model under a \
                  diffusers-equivalent scheduler: ddim, euler, euler_ancestral, heun (two model \
                  calls per step), dpmpp_2m (DPM-Solver++(2M)), dpmpp_2m_sde (its SDE form), lcm, \
-                 flow_euler and flow_heun (flow matching) or unipc (UniPC, on flow sigmas for flow \
+                 flow_euler and flow_heun (flow matching), rf_solver (RF-Solver, second order, \
+                 for flow models; Invert's inversion) or unipc (UniPC, on flow sigmas for flow \
                  models), or `auto` for the class in scheduler_config. Stochastic samplers draw \
                  each step's noise from the seed's own stream for that step, so a seed gives the \
                  same picture on every device. \
@@ -348,7 +349,7 @@ impl Node for Sample {
             .input(Port::new("init_latent", "Latent").optional().doc("An encoded image to start from (VAEEncode): image-to-image, and inpainting with a mask."))
             .input(Port::new("denoise", "Float").default(1.0).range(0.0, 1.0).doc("With an init_latent, the fraction of the schedule to run (diffusers' strength): the sampling starts from the init latent noised to the level of step ⌊steps·(1 − denoise)⌋."))
             .input(Port::new("mask", "Image").optional().doc("Inpainting: where to repaint (≥ 0.5, in the first channel or the luminance of [H, W, C] pixels, or [h, w] at the latent's size); elsewhere the init latent is held at each step's noise level, and given back clean at the end."))
-            .input(Port::new("sampler", "String").default("auto").choices(&["auto", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "flow_euler", "flow_heun", "unipc"]).doc("The scheduler."))
+            .input(Port::new("sampler", "String").default("auto").choices(&["auto", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "flow_euler", "flow_heun", "rf_solver", "unipc"]).doc("The scheduler."))
             .input(Port::new("scheduler_config", "String").default("").doc("A diffusers scheduler_config.json (relative to the graph's folder); empty for the class defaults."))
             .input(Port::new("karras", "Bool").default(false).doc("Karras sigmas (euler, heun, dpmpp_2m, unipc)."))
             .input(Port::new("shift", "Float").default(0.0).range(0.0, 100.0).doc("Flow-matching shift; 0 keeps the config's."))
@@ -364,260 +365,445 @@ impl Node for Sample {
             .input(Port::new("apg_eta", "Float").default(1.0).range(0.0, 10.0).doc("APG: the weight of the difference's part parallel to the conditional prediction."))
             .input(Port::new("apg_norm_threshold", "Float").default(15.0).range(0.0, 1e6).doc("APG: the difference's norm per row is capped here (0: no cap)."))
             .input(Port::new("apg_momentum", "Float").default(0.0).range(-10.0, 10.0).doc("APG: the momentum of the difference's running average (0: none; diffusers' examples use -0.5)."))
+            .input(Port::new("preview_every", "Int").default(0).range(0.0, 1e6).doc("Every this many steps (and at the last), a node_preview event with a small PNG of the current x₀ estimate, one pixel per latent pixel through preview_map (0: none)."))
+            .input(Port::new("preview_map", "String").default("").doc("The VAE's latent-to-RGB map, latent_rgb.json (tools/fit_latent_rgb.py; relative to the graph's folder); empty: the first three latent channels as colours."))
+            .input(Port::new("noise", "Latent").optional().doc("The starting noise instead of the seed's (an Invert's latent: sampling it under an edited prompt edits the inverted image)."))
             .output(Port::new("latent", "Latent").doc("The denoised latent."))
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
-        let model: Value = ctx.input("model")?;
-        let den = model
-            .as_denoiser()
-            .map_err(|e| Error(format!("input 'model': {e}")))?;
-        let info = den.info().clone();
-        let device = ctx.device();
-        let positive: Option<Conditioning> = ctx.input_opt("positive")?;
-        let negative: Option<Conditioning> = ctx.input_opt("negative")?;
-        let init: Option<Tensor> = ctx.input_opt("init_latent")?;
-        let latent = match (ctx.input_opt::<Tensor>("latent")?, &init) {
-            (Some(l), _) => l,
-            (None, Some(i)) => i.clone(),
-            (None, None) => bail!("connect a 'latent' (an EmptyLatent) or an 'init_latent'"),
-        };
-        let denoise: f64 = ctx.input("denoise")?;
-        let steps = ctx.input::<i64>("steps")? as usize;
-        let cfg: f64 = ctx.input("cfg")?;
-        let seed: i64 = ctx.input("seed")?;
-        let s = latent.shape().to_vec();
-        if s.len() != 4 || s[1] != info.latent_channels {
+        run_denoiser(ctx, Mode::Sample)
+    }
+}
+
+/// What [`run_denoiser`] does: sample down the noise levels, or invert up them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Sample,
+    Invert,
+}
+
+/// `Invert`: a clean latent to the noise that samples back to it.
+#[derive(Default)]
+pub struct Invert;
+
+impl Node for Invert {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("Invert")
+            .category("sampling")
+            .doc(
+                "Inverts a clean latent (an image through VAEEncode) into the noise that a \
+                 sampler takes back to it, by walking the schedule up the noise levels under \
+                 the conditioning: rf_solver (RF-Solver's second-order inversion, for flow \
+                 models), flow_euler (first-order, the baseline) or ddim (DDIMInverseScheduler, \
+                 for epsilon and v models). Sampling the result with Sample's `noise` input and \
+                 the same sampler under an edited prompt edits the image (RF-Solver-Edit without \
+                 its feature sharing). Guidance as in Sample (cfg 1, the default, runs the \
+                 conditional prompt alone). Reports progress per step.",
+            )
+            .input(Port::new("model", "Model<Denoiser>").doc("A denoiser from any plugin."))
+            .input(Port::new("positive", "Conditioning").optional().doc("The conditioning of the image's own prompt."))
+            .input(Port::new("negative", "Conditioning").optional().doc("The unconditional conditioning (needed when cfg != 1)."))
+            .input(Port::new("latent", "Latent").doc("The clean latent to invert (VAEEncode)."))
+            .input(Port::new("sampler", "String").default("rf_solver").choices(&["rf_solver", "flow_euler", "ddim"]).doc("The inversion."))
+            .input(Port::new("scheduler_config", "String").default("").doc("A diffusers scheduler_config.json (relative to the graph's folder): the schedule's fields (shift, betas, ...)."))
+            .input(Port::new("shift", "Float").default(0.0).range(0.0, 100.0).doc("Flow-matching shift; 0 keeps the config's."))
+            .input(Port::new("flow_sigmas", "String").default("linspace").choices(&["linspace", "scheduler"]).doc("Where the flow sigmas come from, as in Sample: use the same as the Sample that follows."))
+            .input(Port::new("steps", "Int").default(28).range(1.0, 1000.0).doc("Inference steps (rf_solver calls the model twice per step)."))
+            .input(Port::new("cfg", "Float").default(1.0).range(0.0, 100.0).doc("Classifier-free guidance scale (1: none)."))
+            .input(Port::new("guidance", "Float").default(3.5).range(0.0, 100.0).doc("Distilled guidance for models with a guidance embedding, as in Sample."))
+            .input(Port::new("guidance_method", "String").default("cfg").choices(&["cfg", "apg"]).doc("As in Sample."))
+            .input(Port::new("guidance_rescale", "Float").default(0.0).range(0.0, 1.0).doc("As in Sample."))
+            .input(Port::new("guidance_start", "Float").default(0.0).range(0.0, 1.0).doc("As in Sample."))
+            .input(Port::new("guidance_stop", "Float").default(1.0).range(0.0, 1.0).doc("As in Sample."))
+            .input(Port::new("apg_eta", "Float").default(1.0).range(0.0, 10.0).doc("As in Sample."))
+            .input(Port::new("apg_norm_threshold", "Float").default(15.0).range(0.0, 1e6).doc("As in Sample."))
+            .input(Port::new("apg_momentum", "Float").default(0.0).range(-10.0, 10.0).doc("As in Sample."))
+            .output(Port::new("latent", "Latent").doc("The inverted latent: the noise to sample from."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        run_denoiser(ctx, Mode::Invert)
+    }
+}
+
+/// `Sample` and `Invert`: one model call per scheduler step, with guidance, over the latent.
+fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
+    let invert = mode == Mode::Invert;
+    let model: Value = ctx.input("model")?;
+    let den = model
+        .as_denoiser()
+        .map_err(|e| Error(format!("input 'model': {e}")))?;
+    let info = den.info().clone();
+    let device = ctx.device();
+    let positive: Option<Conditioning> = ctx.input_opt("positive")?;
+    let negative: Option<Conditioning> = ctx.input_opt("negative")?;
+    let init: Option<Tensor> = if invert {
+        None
+    } else {
+        ctx.input_opt("init_latent")?
+    };
+    let latent = match (ctx.input_opt::<Tensor>("latent")?, &init) {
+        (Some(l), _) => l,
+        (None, Some(i)) => i.clone(),
+        (None, None) => bail!("connect a 'latent' (an EmptyLatent) or an 'init_latent'"),
+    };
+    let denoise: f64 = if invert { 1.0 } else { ctx.input("denoise")? };
+    let steps = ctx.input::<i64>("steps")? as usize;
+    let cfg: f64 = ctx.input("cfg")?;
+    let seed: i64 = if invert { 0 } else { ctx.input("seed")? };
+    let given_noise: Option<Tensor> = if invert {
+        None
+    } else {
+        ctx.input_opt("noise")?
+    };
+    if let Some(n) = &given_noise {
+        if n.shape() != latent.shape() {
             bail!(
-                "the latent must be [B, {}, H, W], got {s:?}",
-                info.latent_channels
+                "the noise is {:?} but the latent is {:?}",
+                n.shape(),
+                latent.shape()
             );
         }
-        if let Some(i) = &init {
-            if i.shape() != &s[..] {
-                bail!("the init latent is {:?} but the latent is {s:?}", i.shape());
-            }
-        } else if denoise < 1.0 {
-            bail!("denoise {denoise} needs an init_latent to start from");
+    }
+    let s = latent.shape().to_vec();
+    if s.len() != 4 || s[1] != info.latent_channels {
+        bail!(
+            "the latent must be [B, {}, H, W], got {s:?}",
+            info.latent_channels
+        );
+    }
+    if let Some(i) = &init {
+        if i.shape() != &s[..] {
+            bail!("the init latent is {:?} but the latent is {s:?}", i.shape());
         }
-        let mask: Option<Tensor> = ctx.input_opt("mask")?;
-        if mask.is_some() && init.is_none() {
-            bail!("a mask needs the init_latent it keeps outside the mask");
-        }
-        let text = info.reads(ditflow_plugin::conditioning::TOKENS);
-        if text && positive.is_none() {
-            bail!("the model is text-conditioned: connect a 'positive' conditioning");
-        }
-        let batch = s[0];
-        let guided = cfg != 1.0;
-        if guided && text && negative.is_none() {
-            bail!("cfg {cfg} needs a negative conditioning (an empty prompt works)");
-        }
-        // The scheduler.
-        let sampler: String = ctx.input("sampler")?;
-        let cfg_path: String = ctx.input("scheduler_config")?;
-        let file = if cfg_path.is_empty() {
-            None
-        } else {
-            Some(ctx.input_path(&cfg_path)?)
-        };
-        let (class, mut fields) =
-            samplers::scheduler_for(&sampler, file.as_deref(), info.prediction.into())
-                .map_err(|e| Error(e.0))?;
-        let unipc = class == "UniPCMultistepScheduler";
-        if ctx.input::<bool>("karras")? {
-            fields.push(("use_karras_sigmas".into(), "true".into()));
-        }
-        let shift: f64 = ctx.input("shift")?;
-        if shift > 0.0 {
-            let key = if unipc { "flow_shift" } else { "shift" };
-            fields.push((key.into(), shift.to_string()));
-        }
-        let patch = info.patch_size.max(1);
-        let tokens = (s[2] / patch) * (s[3] / patch);
-        let flow_sigmas = match ctx.input::<String>("flow_sigmas")?.as_str() {
-            "scheduler" => samplers::FlowSigmas::SchedulerDefault,
-            _ => samplers::FlowSigmas::Pipeline,
-        };
-        let sched = samplers::build_scheduler(&class, &fields, steps, tokens, flow_sigmas)
+    } else if denoise < 1.0 {
+        bail!("denoise {denoise} needs an init_latent to start from");
+    }
+    let mask: Option<Tensor> = if invert { None } else { ctx.input_opt("mask")? };
+    if mask.is_some() && init.is_none() {
+        bail!("a mask needs the init_latent it keeps outside the mask");
+    }
+    let text = info.reads(ditflow_plugin::conditioning::TOKENS);
+    if text && positive.is_none() {
+        bail!("the model is text-conditioned: connect a 'positive' conditioning");
+    }
+    let batch = s[0];
+    let guided = cfg != 1.0;
+    if guided && text && negative.is_none() {
+        bail!("cfg {cfg} needs a negative conditioning (an empty prompt works)");
+    }
+    // The scheduler.
+    let sampler: String = ctx.input("sampler")?;
+    let cfg_path: String = ctx.input("scheduler_config")?;
+    let file = if cfg_path.is_empty() {
+        None
+    } else {
+        Some(ctx.input_path(&cfg_path)?)
+    };
+    let (class, mut fields) =
+        samplers::scheduler_for(&sampler, file.as_deref(), info.prediction.into())
             .map_err(|e| Error(e.0))?;
-        // Image-to-image starts part-way down the schedule, as diffusers' img2img pipelines do.
-        let start = match &init {
-            Some(_) => {
-                let start = samplers::img2img_start(steps, denoise, sched.order());
-                if start >= sched.num_steps() {
-                    bail!("denoise {denoise} of {steps} steps leaves no step to run");
-                }
-                if !samplers::can_start_at(sched.as_ref(), start) {
-                    bail!(
-                        "the {} sampler cannot start part-way (its step {start} uses estimates \
+    let unipc = class == "UniPCMultistepScheduler";
+    if !invert && ctx.input::<bool>("karras")? {
+        fields.push(("use_karras_sigmas".into(), "true".into()));
+    }
+    let shift: f64 = ctx.input("shift")?;
+    if shift > 0.0 {
+        let key = if unipc { "flow_shift" } else { "shift" };
+        fields.push((key.into(), shift.to_string()));
+    }
+    let patch = info.patch_size.max(1);
+    let tokens = (s[2] / patch) * (s[3] / patch);
+    let flow_sigmas = match ctx.input::<String>("flow_sigmas")?.as_str() {
+        "scheduler" => samplers::FlowSigmas::SchedulerDefault,
+        _ => samplers::FlowSigmas::Pipeline,
+    };
+    let sched = if invert {
+        samplers::build_inversion(&sampler, &fields, steps, tokens, flow_sigmas)
+    } else {
+        samplers::build_scheduler(&class, &fields, steps, tokens, flow_sigmas)
+    }
+    .map_err(|e| Error(e.0))?;
+    // Image-to-image starts part-way down the schedule, as diffusers' img2img pipelines do.
+    let start = match &init {
+        Some(_) => {
+            let start = samplers::img2img_start(steps, denoise, sched.order());
+            if start >= sched.num_steps() {
+                bail!("denoise {denoise} of {steps} steps leaves no step to run");
+            }
+            if !samplers::can_start_at(sched.as_ref(), start) {
+                bail!(
+                    "the {} sampler cannot start part-way (its step {start} uses estimates \
                          of earlier steps): use euler, euler_ancestral, heun, ddim, lcm, \
                          flow_euler or flow_heun for image-to-image",
-                        sched.class_name()
-                    );
-                }
-                start
+                    sched.class_name()
+                );
             }
-            None => 0,
-        };
-        let mask = match &mask {
-            Some(m) => Some(latent_mask(m, &s)?.to_device(device)?),
-            None => None,
-        };
-        let method = match ctx.input::<String>("guidance_method")?.as_str() {
-            "apg" => samplers::guidance::Method::Apg {
-                eta: ctx.input("apg_eta")?,
-                norm_threshold: ctx.input("apg_norm_threshold")?,
-                momentum: Some(ctx.input::<f64>("apg_momentum")?).filter(|&m| m != 0.0),
-            },
-            _ => samplers::guidance::Method::Cfg,
-        };
-        let gconfig = samplers::guidance::GuidanceConfig {
-            scale: cfg,
-            method,
-            rescale: ctx.input("guidance_rescale")?,
-            start: ctx.input("guidance_start")?,
-            stop: ctx.input("guidance_stop")?,
-        };
-        gconfig.validate().map_err(|e| Error(e.0))?;
-        let mut guide = samplers::guidance::Guidance::new(gconfig);
-        // Conditioning batch: positives then negatives; the positives alone for the steps
-        // outside the guidance interval.
-        let rows = if guided { 2 * batch } else { batch };
-        let (conditioning, cond_only) = match &positive {
-            Some(positive) => {
-                let mut list: Vec<&Conditioning> = vec![positive; batch];
-                let only = if guided {
-                    batch_conditioning_sets(&list, &info, device)?
+            start
+        }
+        None => 0,
+    };
+    let mask = match &mask {
+        Some(m) => Some(latent_mask(m, &s)?.to_device(device)?),
+        None => None,
+    };
+    let method = match ctx.input::<String>("guidance_method")?.as_str() {
+        "apg" => samplers::guidance::Method::Apg {
+            eta: ctx.input("apg_eta")?,
+            norm_threshold: ctx.input("apg_norm_threshold")?,
+            momentum: Some(ctx.input::<f64>("apg_momentum")?).filter(|&m| m != 0.0),
+        },
+        _ => samplers::guidance::Method::Cfg,
+    };
+    let gconfig = samplers::guidance::GuidanceConfig {
+        scale: cfg,
+        method,
+        rescale: ctx.input("guidance_rescale")?,
+        start: ctx.input("guidance_start")?,
+        stop: ctx.input("guidance_stop")?,
+    };
+    gconfig.validate().map_err(|e| Error(e.0))?;
+    let mut guide = samplers::guidance::Guidance::new(gconfig);
+    // Conditioning batch: positives then negatives; the positives alone for the steps
+    // outside the guidance interval.
+    let rows = if guided { 2 * batch } else { batch };
+    let (conditioning, cond_only) = match &positive {
+        Some(positive) => {
+            let mut list: Vec<&Conditioning> = vec![positive; batch];
+            let only = if guided {
+                batch_conditioning_sets(&list, &info, device)?
+            } else {
+                Vec::new()
+            };
+            if guided {
+                let negative = negative.as_ref().unwrap_or(positive);
+                list.extend(std::iter::repeat_n(negative, batch));
+            }
+            (batch_conditioning_sets(&list, &info, device)?, only)
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    let guidance = if info.reads("guidance") {
+        Some(scalar(ctx.input::<f64>("guidance")? as f32)?)
+    } else {
+        None
+    };
+    let supplied: Vec<&str> = conditioning.iter().map(|(n, _)| n.as_str()).collect();
+    let supplied = if supplied.is_empty() {
+        "nothing".to_string()
+    } else {
+        supplied.join(", ")
+    };
+    let mut call = Call {
+        run_id: ditflow_plugin::model::new_run_id(),
+        step_index: 0,
+        num_steps: sched.num_steps(),
+        sigma: 0.0,
+        timestep: 0.0,
+        branches: (0..rows)
+            .map(|r| {
+                if r < batch {
+                    BRANCH_COND
                 } else {
-                    Vec::new()
-                };
-                if guided {
-                    let negative = negative.as_ref().unwrap_or(positive);
-                    list.extend(std::iter::repeat_n(negative, batch));
+                    BRANCH_UNCOND
                 }
-                (batch_conditioning_sets(&list, &info, device)?, only)
-            }
-            None => (Vec::new(), Vec::new()),
+            })
+            .collect(),
+        cond_ids: (0..rows).map(|r| (r >= batch) as i64).collect(),
+    };
+    den.lifecycle(Event::RunBegin, &call)?;
+    let noise = match &given_noise {
+        Some(n) => n.to_device(device)?,
+        None => ditflow_plugin::ops::randn(&s, seed as u64, device)?,
+    };
+    // The init latent noised to the level `sigma` (diffusers' add_noise / scale_noise).
+    let noised = |x0: &Tensor, sigma: f64| -> Result<Tensor> {
+        let (a, b) = sched.noising().coefficients(sigma);
+        x0.affine(a, 0.0)?.add(&noise.affine(b, 0.0)?)
+    };
+    let mut x = match &init {
+        Some(x0) => noised(&x0.to_device(device)?, sched.steps()[start].sigma)?,
+        // Inversion starts from the clean latent itself.
+        None if invert => latent.to_device(device)?,
+        None => noise.affine(sched.init_noise_sigma(), 0.0)?,
+    };
+    let mut history = samplers::History::new(sched.as_ref());
+    let preview_every = if invert {
+        0
+    } else {
+        ctx.input::<i64>("preview_every")?.max(0) as usize
+    };
+    let preview_map = if preview_every > 0 {
+        let path: String = ctx.input("preview_map")?;
+        Some(LatentRgb::load(ctx, &path, s[1])?)
+    } else {
+        None
+    };
+    let n = sched.num_steps();
+    let total = (n - start) as u64;
+    for (i, step) in sched.steps().iter().enumerate().skip(start) {
+        ctx.check_cancelled()?;
+        // Outside the guidance interval the conditional rows run alone.
+        let both = guided && gconfig.active(i, n);
+        call.step_index = i;
+        call.sigma = step.sigma;
+        call.timestep = step.timestep;
+        call.branches
+            .resize(if both || !guided { rows } else { batch }, BRANCH_UNCOND);
+        call.cond_ids.resize(call.branches.len(), 1);
+        den.lifecycle(Event::StepBegin, &call)?;
+        let input = x.affine(step.input_scale, 0.0)?;
+        let input = if both {
+            ditflow_plugin::ops::concat(&[&input, &input], 0)?
+        } else {
+            input
         };
-        let guidance = if info.reads("guidance") {
-            Some(scalar(ctx.input::<f64>("guidance")? as f32)?)
+        let mut args: Vec<(&str, &Tensor)> = vec![("hidden_states", &input)];
+        let parts = if guided && !both {
+            &cond_only
+        } else {
+            &conditioning
+        };
+        args.extend(parts.iter().map(|(n, t)| (n.as_str(), t)));
+        if let Some(g) = &guidance {
+            args.push(("guidance", g));
+        }
+        let out = den.forward(&call, &args).map_err(|e| {
+            Error(format!(
+                "{e} (the model reads {}; the conditioning gave {supplied})",
+                info.conditioning.join(", ")
+            ))
+        })?;
+        // A learned-sigma model predicts 2C channels: the first C are the noise.
+        let out = if out.shape()[1] != s[1] {
+            out.slice(1, 0, s[1] as i64, 1)?
+        } else {
+            out
+        };
+        let out = if guided && gconfig.is_plain() {
+            let parts = out.split(0, &[batch, batch])?;
+            let (c, u) = (&parts[0], &parts[1]);
+            u.add(&c.sub(u)?.affine(cfg, 0.0)?)?
+        } else if guided {
+            guided_prediction(&mut guide, i, n, &out, both, batch)?
+        } else {
+            out
+        };
+        let done = (i - start) as u64 + 1;
+        if let Some(map) = &preview_map {
+            if done.is_multiple_of(preview_every as u64) || i + 1 == n {
+                // This step's x₀ estimate, from the sample and the (guided) prediction.
+                let x0 = x
+                    .affine(step.denoised_x, 0.0)?
+                    .add(&out.affine(step.denoised_output, 0.0)?)?;
+                ctx.preview(done, total, &map.png(&x0)?);
+            }
+        }
+        // A stochastic step's fresh noise: stream i + 1 of the seed.
+        let fresh = if step.noise != 0.0 {
+            let stream = samplers::step_noise_stream(i);
+            Some(ditflow_plugin::ops::randn_stream(
+                &s,
+                seed as u64,
+                stream,
+                device,
+            )?)
         } else {
             None
         };
-        let supplied: Vec<&str> = conditioning.iter().map(|(n, _)| n.as_str()).collect();
-        let supplied = if supplied.is_empty() {
-            "nothing".to_string()
-        } else {
-            supplied.join(", ")
-        };
-        let mut call = Call {
-            run_id: ditflow_plugin::model::new_run_id(),
-            step_index: 0,
-            num_steps: sched.num_steps(),
-            sigma: 0.0,
-            timestep: 0.0,
-            branches: (0..rows)
-                .map(|r| {
-                    if r < batch {
-                        BRANCH_COND
-                    } else {
-                        BRANCH_UNCOND
-                    }
-                })
-                .collect(),
-            cond_ids: (0..rows).map(|r| (r >= batch) as i64).collect(),
-        };
-        den.lifecycle(Event::RunBegin, &call)?;
-        let noise = ditflow_plugin::ops::randn(&s, seed as u64, device)?;
-        // The init latent noised to the level `sigma` (diffusers' add_noise / scale_noise).
-        let noised = |x0: &Tensor, sigma: f64| -> Result<Tensor> {
-            let (a, b) = sched.noising().coefficients(sigma);
-            x0.affine(a, 0.0)?.add(&noise.affine(b, 0.0)?)
-        };
-        let mut x = match &init {
-            Some(x0) => noised(&x0.to_device(device)?, sched.steps()[start].sigma)?,
-            None => noise.affine(sched.init_noise_sigma(), 0.0)?,
-        };
-        let mut history = samplers::History::new(sched.as_ref());
-        let n = sched.num_steps();
-        let total = (n - start) as u64;
-        for (i, step) in sched.steps().iter().enumerate().skip(start) {
-            ctx.check_cancelled()?;
-            // Outside the guidance interval the conditional rows run alone.
-            let both = guided && gconfig.active(i, n);
-            call.step_index = i;
-            call.sigma = step.sigma;
-            call.timestep = step.timestep;
-            call.branches
-                .resize(if both || !guided { rows } else { batch }, BRANCH_UNCOND);
-            call.cond_ids.resize(call.branches.len(), 1);
-            den.lifecycle(Event::StepBegin, &call)?;
-            let input = x.affine(step.input_scale, 0.0)?;
-            let input = if both {
-                ditflow_plugin::ops::concat(&[&input, &input], 0)?
-            } else {
-                input
+        x = samplers::apply_step(step, i, &x, &out, fresh.as_ref(), &mut history)?;
+        // Inpainting: outside the mask, the init latent at the next step's level (clean
+        // after the last step).
+        if let (Some(m), Some(x0)) = (&mask, &init) {
+            let x0 = x0.to_device(device)?;
+            let kept = match sched.steps().get(i + 1) {
+                Some(next) => noised(&x0, next.sigma)?,
+                None => x0,
             };
-            let mut args: Vec<(&str, &Tensor)> = vec![("hidden_states", &input)];
-            let parts = if guided && !both {
-                &cond_only
-            } else {
-                &conditioning
-            };
-            args.extend(parts.iter().map(|(n, t)| (n.as_str(), t)));
-            if let Some(g) = &guidance {
-                args.push(("guidance", g));
-            }
-            let out = den.forward(&call, &args).map_err(|e| {
-                Error(format!(
-                    "{e} (the model reads {}; the conditioning gave {supplied})",
-                    info.conditioning.join(", ")
-                ))
-            })?;
-            // A learned-sigma model predicts 2C channels: the first C are the noise.
-            let out = if out.shape()[1] != s[1] {
-                out.slice(1, 0, s[1] as i64, 1)?
-            } else {
-                out
-            };
-            let out = if guided && gconfig.is_plain() {
-                let parts = out.split(0, &[batch, batch])?;
-                let (c, u) = (&parts[0], &parts[1]);
-                u.add(&c.sub(u)?.affine(cfg, 0.0)?)?
-            } else if guided {
-                guided_prediction(&mut guide, i, n, &out, both, batch)?
-            } else {
-                out
-            };
-            // A stochastic step's fresh noise: stream i + 1 of the seed.
-            let fresh = if step.noise != 0.0 {
-                let stream = samplers::step_noise_stream(i);
-                Some(ditflow_plugin::ops::randn_stream(
-                    &s,
-                    seed as u64,
-                    stream,
-                    device,
-                )?)
-            } else {
-                None
-            };
-            x = samplers::apply_step(step, i, &x, &out, fresh.as_ref(), &mut history)?;
-            // Inpainting: outside the mask, the init latent at the next step's level (clean
-            // after the last step).
-            if let (Some(m), Some(x0)) = (&mask, &init) {
-                let x0 = x0.to_device(device)?;
-                let kept = match sched.steps().get(i + 1) {
-                    Some(next) => noised(&x0, next.sigma)?,
-                    None => x0,
-                };
-                x = kept.add(&x.sub(&kept)?.mul(m)?)?;
-            }
-            den.lifecycle(Event::StepEnd, &call)?;
-            ctx.progress((i - start) as u64 + 1, total);
+            x = kept.add(&x.sub(&kept)?.mul(m)?)?;
         }
-        den.lifecycle(Event::RunEnd, &call)?;
-        ctx.set_output("latent", x.with_kind(Kind::Latent)?)
+        den.lifecycle(Event::StepEnd, &call)?;
+        ctx.progress((i - start) as u64 + 1, total);
+    }
+    den.lifecycle(Event::RunEnd, &call)?;
+    ctx.set_output("latent", x.with_kind(Kind::Latent)?)
+}
+
+/// A linear latent-to-RGB map for previews: `rgb = Σ_c z_c · weights[c] + bias` per latent
+/// pixel, colours in [0, 1] (a VAE folder's `latent_rgb.json`, made by `tools/fit_latent_rgb.py`).
+struct LatentRgb {
+    weights: Vec<[f32; 3]>,
+    bias: [f32; 3],
+}
+
+impl LatentRgb {
+    /// The map in file `path` (relative to the graph's folder), or for an empty path the first
+    /// three of `channels` channels as red, green and blue (`z/2 + 1/2`).
+    fn load(ctx: &Context, path: &str, channels: usize) -> Result<LatentRgb> {
+        if path.is_empty() {
+            let weights = (0..channels)
+                .map(|c| {
+                    let mut w = [0.0; 3];
+                    if c < 3 {
+                        w[c] = 0.5;
+                    }
+                    w
+                })
+                .collect();
+            return Ok(LatentRgb {
+                weights,
+                bias: [0.5; 3],
+            });
+        }
+        let file = ctx.input_path(path)?;
+        let text = std::fs::read_to_string(&file)
+            .map_err(|e| Error(format!("preview_map {}: {e}", file.display())))?;
+        let bad = |why: &str| Error(format!("preview_map {}: {why}", file.display()));
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(&format!("not JSON: {e}")))?;
+        let triple = |v: &serde_json::Value| -> Option<[f32; 3]> {
+            let a = v.as_array().filter(|a| a.len() == 3)?;
+            let f = |i: usize| a[i].as_f64().map(|x| x as f32);
+            Some([f(0)?, f(1)?, f(2)?])
+        };
+        let weights: Vec<[f32; 3]> = json["weights"]
+            .as_array()
+            .ok_or_else(|| bad("no \"weights\" list"))?
+            .iter()
+            .map(triple)
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("each weight must be [r, g, b]"))?;
+        if weights.len() != channels {
+            return Err(bad(&format!(
+                "{} weight rows for a latent of {channels} channels",
+                weights.len()
+            )));
+        }
+        let bias = triple(&json["bias"]).ok_or_else(|| bad("\"bias\" must be [r, g, b]"))?;
+        Ok(LatentRgb { weights, bias })
+    }
+
+    /// The PNG of the first row of latent `x0` (`[B, C, h, w]`), one pixel per latent pixel.
+    fn png(&self, x0: &Tensor) -> Result<Vec<u8>> {
+        let [_, c, h, w] = *x0.shape() else {
+            bail!(
+                "a preview needs a [B, C, H, W] latent, got {:?}",
+                x0.shape()
+            );
+        };
+        let v = x0.slice(0, 0, 1, 1)?.to_device(Device::Cpu)?.to_f32_vec()?;
+        let mut rgb = Vec::with_capacity(h * w * 3);
+        for p in 0..h * w {
+            for k in 0..3 {
+                let mut acc = self.bias[k];
+                for (ch, wt) in self.weights.iter().enumerate().take(c) {
+                    acc += v[ch * h * w + p] * wt[k];
+                }
+                rgb.push((acc.clamp(0.0, 1.0) * 255.0).round() as u8);
+            }
+        }
+        crate::image::encode_png(w, h, 3, &rgb)
     }
 }
 

@@ -3,10 +3,11 @@
 //! [`build_scheduler`], a scheduler for a class, its fields and a step count.
 
 use crate::{
-    fail, Ddim, DdimConfig, DpmSolverMultistep, DpmSolverMultistepConfig, EulerAncestralDiscrete,
-    EulerDiscrete, EulerDiscreteConfig, FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig,
-    FlowSigmas, HeunDiscrete, HeunDiscreteConfig, Lcm, LcmConfig, Result, SamplerError, Scheduler,
-    UniPc, UniPcConfig,
+    fail, Ddim, DdimConfig, DdimInverse, Direction, DpmSolverMultistep, DpmSolverMultistepConfig,
+    EulerAncestralDiscrete, EulerDiscrete, EulerDiscreteConfig, FlowEulerInversion,
+    FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig, FlowSigmas, HeunDiscrete,
+    HeunDiscreteConfig, Lcm, LcmConfig, Result, RfSolver, SamplerError, Scheduler, UniPc,
+    UniPcConfig,
 };
 use std::path::Path;
 
@@ -41,8 +42,49 @@ pub const SAMPLERS: &[Sampler] = &[
     sampler("lcm", "LCMScheduler"),
     sampler("flow_euler", "FlowMatchEulerDiscreteScheduler"),
     sampler("flow_heun", "FlowMatchHeunDiscreteScheduler"),
+    sampler("rf_solver", "RFSolver"),
     sampler("unipc", "UniPCMultistepScheduler"),
 ];
+
+/// The inversions `Invert` accepts: sampler name, and what it inverts with.
+pub const INVERSIONS: &[(&str, &str)] = &[
+    ("rf_solver", "RF-Solver's inversion (flow models)"),
+    ("flow_euler", "Euler up the flow sigmas (flow models)"),
+    ("ddim", "DDIMInverseScheduler (epsilon, v or sample models)"),
+];
+
+/// The inversion `sampler` (one of [`INVERSIONS`]) from config fields, for `steps` steps and
+/// an image of `image_seq_len` tokens (a dynamic flow shift); `flow_sigmas` as for
+/// [`build_scheduler`].
+pub fn build_inversion(
+    sampler: &str,
+    fields: &[(String, String)],
+    steps: usize,
+    image_seq_len: usize,
+    flow_sigmas: FlowSigmas,
+) -> Result<Box<dyn Scheduler>> {
+    let pairs = fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    Ok(match sampler {
+        "rf_solver" | "flow_euler" => {
+            let c = FlowMatchEulerDiscreteConfig::from_fields(pairs)?;
+            let mu = c.use_dynamic_shifting.then(|| c.mu(image_seq_len));
+            if sampler == "rf_solver" {
+                Box::new(RfSolver::new(c, steps, flow_sigmas, mu, Direction::Invert)?)
+            } else {
+                Box::new(FlowEulerInversion::new(c, steps, flow_sigmas, mu)?)
+            }
+        }
+        "ddim" => Box::new(DdimInverse::new(DdimConfig::from_fields(pairs)?, steps)?),
+        other => fail!(
+            "unknown inversion '{other}' (known: {})",
+            INVERSIONS
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    })
+}
 
 /// The diffusers classes [`build_scheduler`] knows.
 pub const CLASSES: &[&str] = &[
@@ -54,7 +96,9 @@ pub const CLASSES: &[&str] = &[
     "LCMScheduler",
     "FlowMatchEulerDiscreteScheduler",
     "FlowMatchHeunDiscreteScheduler",
+    "RFSolver",
     "UniPCMultistepScheduler",
+    "DDIMInverseScheduler",
 ];
 
 /// Python's JSON extensions (`Infinity`, `-Infinity`, `NaN`, which diffusers writes into scheduler
@@ -144,6 +188,14 @@ pub fn build_scheduler(
             steps,
         )?),
         "LCMScheduler" => Box::new(Lcm::new(LcmConfig::from_fields(pairs)?, steps)?),
+        "RFSolver" => {
+            let c = FlowMatchEulerDiscreteConfig::from_fields(pairs)?;
+            let mu = c.use_dynamic_shifting.then(|| c.mu(image_seq_len));
+            Box::new(RfSolver::new(c, steps, flow_sigmas, mu, Direction::Sample)?)
+        }
+        "DDIMInverseScheduler" => {
+            Box::new(DdimInverse::new(DdimConfig::from_fields(pairs)?, steps)?)
+        }
         "DPMSolverMultistepScheduler" => {
             let c = DpmSolverMultistepConfig::from_fields(pairs)?;
             Box::new(DpmSolverMultistep::new(c, steps, None)?)
@@ -228,7 +280,7 @@ pub fn scheduler_for(
         },
     };
     let has = |fields: &[(String, String)], k: &str| fields.iter().any(|(f, _)| f == k);
-    let flow_matching = class.starts_with("FlowMatch");
+    let flow_matching = class.starts_with("FlowMatch") || class == "RFSolver";
     match prediction {
         ModelPrediction::Flow if class == "UniPCMultistepScheduler" => {
             let flag = fields.iter().find(|(k, _)| k == "use_flow_sigmas");
@@ -243,8 +295,8 @@ pub fn scheduler_for(
             }
         }
         ModelPrediction::Flow if !flow_matching => fail!(
-            "the model predicts a flow velocity: use the flow_euler, flow_heun or unipc sampler, \
-             not {class}"
+            "the model predicts a flow velocity: use the flow_euler, flow_heun, rf_solver or unipc \
+             sampler, not {class}"
         ),
         ModelPrediction::Epsilon | ModelPrediction::V if flow_matching => {
             fail!("the model predicts {prediction:?}, which the flow-matching sampler cannot use")

@@ -235,6 +235,99 @@ impl Scheduler for Ddim {
     }
 }
 
+/// DDIM inversion: diffusers' `DDIMInverseScheduler`, the deterministic DDIM update run from the
+/// clean sample up the noise levels (its config is [`DdimConfig`]'s fields; `leading` or
+/// `trailing` spacing). The timesteps ascend; at timestep t the model is called at t and the
+/// sample moves from ᾱ at `t − num_train_timesteps / steps` (ᾱ = 1 below 0 with
+/// `set_alpha_to_one`, else ᾱ₀) to ᾱ at t, as diffusers steps it.
+#[derive(Debug, Clone)]
+pub struct DdimInverse {
+    steps: Vec<Step>,
+}
+
+impl DdimInverse {
+    /// Builds the inversion for `num_inference_steps` steps.
+    pub fn new(config: DdimConfig, num_inference_steps: usize) -> Result<Self> {
+        const CLASS: &str = "DDIMInverseScheduler";
+        if config.thresholding || config.rescale_betas_zero_snr {
+            fail!("{CLASS}: thresholding and rescale_betas_zero_snr are not supported");
+        }
+        if config.prediction_type == PredictionType::FlowPrediction {
+            fail!("{CLASS}: prediction_type must be epsilon, sample or v_prediction");
+        }
+        if config.timestep_spacing == TimestepSpacing::Linspace {
+            fail!("{CLASS}: timestep_spacing must be leading or trailing");
+        }
+        let alphas_cumprod = schedule::alphas_cumprod(
+            config.num_train_timesteps,
+            config.beta_start,
+            config.beta_end,
+            config.beta_schedule,
+            config.trained_betas.as_deref(),
+        )?;
+        let n_train = alphas_cumprod.len();
+        schedule::check_steps(num_inference_steps)?;
+        if num_inference_steps > n_train {
+            fail!(
+                "{CLASS}: {num_inference_steps} inference steps is more than num_train_timesteps \
+                 ({n_train})"
+            );
+        }
+        let mut timesteps = schedule::spaced_timesteps(
+            config.timestep_spacing,
+            n_train,
+            num_inference_steps,
+            config.steps_offset,
+            true,
+        )?;
+        timesteps.reverse();
+        let initial = if config.set_alpha_to_one {
+            1.0
+        } else {
+            f64::from(alphas_cumprod[0])
+        };
+        let jump = (n_train / num_inference_steps) as i64;
+        let at = |t: i64| usize::try_from(t).ok().filter(|&i| i < n_train);
+        let mut steps = Vec::with_capacity(timesteps.len());
+        for &t in &timesteps {
+            let t = t as i64;
+            let Some(target) = at(t) else {
+                fail!(
+                    "{CLASS}: timestep {t} is outside the training schedule (0..{n_train}); check \
+                     steps_offset and the number of steps"
+                );
+            };
+            let from = (t - jump).min(n_train as i64 - 1);
+            let alpha_from = match at(from) {
+                Some(i) => f64::from(alphas_cumprod[i]),
+                None => initial,
+            };
+            steps.push(step(
+                &config,
+                t as f64,
+                alpha_from,
+                f64::from(alphas_cumprod[target]),
+            ));
+        }
+        super::check_finite(CLASS, 1.0, &steps)?;
+        Ok(Self { steps })
+    }
+}
+
+impl Scheduler for DdimInverse {
+    fn class_name(&self) -> &'static str {
+        "DDIMInverseScheduler"
+    }
+
+    fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,8 @@
 //! | `FlowMatchEulerDiscreteScheduler`| [`flow_match::FlowMatchEulerDiscrete`]     |
 //! | `FlowMatchHeunDiscreteScheduler` | [`heun::HeunDiscrete::flow_match`]         |
 //! | `UniPCMultistepScheduler`        | [`unipc::UniPc`]                           |
+//! | `DDIMInverseScheduler`           | [`ddim::DdimInverse`]                      |
+//! | RF-Solver (not in diffusers)     | [`rf_solver::RfSolver`], and its inversion |
 //!
 //! [`guidance`] combines each step's conditional and unconditional predictions (CFG, APG, CFG
 //! rescale, a guidance interval) as diffusers' guiders do.
@@ -63,6 +65,7 @@ pub mod flow_match;
 pub mod guidance;
 pub mod heun;
 pub mod lcm;
+pub mod rf_solver;
 pub mod schedule;
 pub mod unipc;
 
@@ -74,10 +77,10 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use config::{
-    build_scheduler, quote_python_constants, scheduler_fields, scheduler_for, ModelPrediction,
-    Sampler, CLASSES, SAMPLERS,
+    build_inversion, build_scheduler, quote_python_constants, scheduler_fields, scheduler_for,
+    ModelPrediction, Sampler, CLASSES, INVERSIONS, SAMPLERS,
 };
-pub use ddim::{Ddim, DdimConfig};
+pub use ddim::{Ddim, DdimConfig, DdimInverse};
 pub use dpmpp_2m::{DpmSolverMultistep, DpmSolverMultistepConfig, SolverType};
 pub use euler::{EulerAncestralDiscrete, EulerDiscrete, EulerDiscreteConfig, TimestepType};
 pub use flow_match::{
@@ -86,6 +89,7 @@ pub use flow_match::{
 };
 pub use heun::{HeunDiscrete, HeunDiscreteConfig};
 pub use lcm::{Lcm, LcmConfig};
+pub use rf_solver::{Direction, FlowEulerInversion, RfSolver};
 pub use schedule::BetaSchedule;
 pub use unipc::{UniPc, UniPcConfig, UniPcSolverType};
 

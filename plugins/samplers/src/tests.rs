@@ -101,6 +101,9 @@ fn try_build(
         "DDIMScheduler" => {
             Ddim::new(config!(DdimConfig), steps).map(|s| Box::new(s) as Box<dyn Scheduler>)
         }
+        "DDIMInverseScheduler" => {
+            DdimInverse::new(config!(DdimConfig), steps).map(|s| Box::new(s) as Box<dyn Scheduler>)
+        }
         "EulerDiscreteScheduler" => EulerDiscrete::new(config!(EulerDiscreteConfig), steps)
             .map(|s| Box::new(s) as Box<dyn Scheduler>),
         "EulerAncestralDiscreteScheduler" => {
@@ -188,6 +191,8 @@ const TRAJECTORIES: &[&str] = &[
     "flow_heun_shift3",
     "lcm_4",
     "lcm_6_v_clip",
+    "ddim_inverse_leading_epsilon",
+    "ddim_inverse_trailing_v",
 ];
 
 #[test]

@@ -47,7 +47,7 @@ extern "C" {
 /** The ABI major version. A host refuses plugins whose major differs. */
 #define DF_ABI_MAJOR 1u
 /** The ABI minor version. A host refuses plugins whose minor is newer than its own. */
-#define DF_ABI_MINOR 6u
+#define DF_ABI_MINOR 7u
 /** "DFLW": the first field of every plugin descriptor. */
 #define DF_PLUGIN_MAGIC 0x44464C57u
 /**
@@ -854,9 +854,16 @@ struct DfHostApi {
     int32_t (*denoiser_run_block_part)(const DfValue* v, const DfCallContext* call,
                                        const DfValue* state, uint32_t stack, uint32_t block,
                                        uint32_t part, DfValue** out);
+    /* --- ABI 1.7 ---------------------------------------------------------------------------- */
+    /**
+     * Reports a preview of the node's work at `step` of `total`: `len` bytes of a PNG image
+     * (copied). Subscribers receive it as a `node_preview` event.
+     */
+    void (*preview)(DfContext* ctx, uint64_t step, uint64_t total, const uint8_t* png,
+                    uint64_t len);
 
     /** Reserved for functions added by later minors. */
-    const void* reserved[12];
+    const void* reserved[11];
 };
 
 /* ------------------------------------------------------------------------------------------ */

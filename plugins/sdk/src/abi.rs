@@ -22,7 +22,7 @@ use std::ffi::{c_char, c_void};
 /// The ABI major version. A host refuses plugins whose major differs.
 pub const DF_ABI_MAJOR: u32 = 1;
 /// The ABI minor version. A host refuses plugins whose minor is newer than its own.
-pub const DF_ABI_MINOR: u32 = 6;
+pub const DF_ABI_MINOR: u32 = 7;
 /// A descriptor flag (ABI 1.2): the library may be unmapped once nothing it made is alive, because
 /// it leaves no per-thread destructors, threads or `atexit` handlers behind. Without it the host
 /// keeps the library mapped for the life of the process (Rust plugins: their standard library
@@ -955,8 +955,13 @@ pub struct DfHostApi {
         part: u32,
         out: *mut *mut DfValue,
     ) -> i32,
+    // --- ABI 1.7 ------------------------------------------------------------------------------
+    /// Reports a preview of the node's work at `step` of `total`: `len` bytes of a PNG image
+    /// (copied). Subscribers receive it as a `node_preview` event.
+    pub preview:
+        unsafe extern "C" fn(ctx: *mut DfContext, step: u64, total: u64, png: *const u8, len: u64),
 
-    pub reserved: [*const c_void; 12],
+    pub reserved: [*const c_void; 11],
 }
 
 /// Registers a plugin's node types through `host->register_node(reg, ...)`.

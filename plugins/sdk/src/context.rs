@@ -72,6 +72,13 @@ impl Context {
         unsafe { (host().progress)(self.raw, step, total) }
     }
 
+    /// Reports a preview of the work at `step` of `total`: a PNG image (subscribers get a
+    /// `node_preview` event).
+    pub fn preview(&self, step: u64, total: u64, png: &[u8]) {
+        // SAFETY: `raw` is live for the callback; the host copies the bytes.
+        unsafe { (host().preview)(self.raw, step, total, png.as_ptr(), png.len() as u64) }
+    }
+
     /// Whether the run was cancelled; long loops should check this and return early.
     pub fn is_cancelled(&self) -> bool {
         // SAFETY: `raw` is live for the callback.

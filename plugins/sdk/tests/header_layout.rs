@@ -162,7 +162,8 @@ macro_rules! abi_items {
                         *const DfValue, *const DfCallContext, *const DfValue, u32, u32, u32,
                         *mut *mut DfValue,
                     ) -> i32,
-                    reserved: [*const c_void; 12],
+                    preview: unsafe extern "C" fn(*mut DfContext, u64, u64, *const u8, u64),
+                    reserved: [*const c_void; 11],
                 }
                 DfNamedValue {
                     name: *const c_char,

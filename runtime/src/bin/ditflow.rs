@@ -197,7 +197,7 @@ impl Bars {
                     let b = self.multi.add(ProgressBar::new(*total));
                     b.set_style(
                         ProgressStyle::with_template(
-                            "{prefix:>12} [{bar:30}] {pos}/{len} {elapsed}",
+                            "{prefix:>12} [{bar:30}] {pos}/{len} {elapsed} {msg}",
                         )
                         .unwrap_or_else(|_| ProgressStyle::default_bar())
                         .progress_chars("=> "),
@@ -207,6 +207,17 @@ impl Bars {
                 });
                 bar.set_length(*total);
                 bar.set_position(*step);
+            }
+            Event::NodePreview {
+                node, step, png, ..
+            } => {
+                // The preview itself travels in the JSON events; the bar says it is there.
+                if let Some(bar) = bars.get(node) {
+                    bar.set_message(format!(
+                        "preview at step {step} ({} bytes)",
+                        png.len() * 3 / 4
+                    ));
+                }
             }
             Event::NodeFinished { node, .. } | Event::NodeFailed { node, .. } => {
                 if let Some(b) = bars.remove(node) {

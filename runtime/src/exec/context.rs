@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 /// Receives `(step, total)` progress reports from a running node.
 pub type ProgressFn<'a> = &'a (dyn Fn(u64, u64) + Sync);
+/// Receives `(step, total, png)` previews from a running node.
+pub type PreviewFn<'a> = &'a (dyn Fn(u64, u64, &[u8]) + Sync);
 
 /// One execution of one node.
 pub struct ExecContext<'a> {
@@ -18,6 +20,7 @@ pub struct ExecContext<'a> {
     pub(crate) outputs: Vec<Option<Arc<Value>>>,
     pub(crate) error: Option<String>,
     pub(crate) progress: ProgressFn<'a>,
+    pub(crate) preview: PreviewFn<'a>,
     pub(crate) cancel: &'a AtomicBool,
     pub(crate) graph_dir: &'a Path,
     pub(crate) out_dir: &'a Path,
@@ -69,6 +72,11 @@ impl<'a> ExecContext<'a> {
 
     pub fn progress(&self, step: u64, total: u64) {
         (self.progress)(step, total)
+    }
+
+    /// Reports a preview (a PNG image) of the work at `step` of `total`.
+    pub fn preview(&self, step: u64, total: u64, png: &[u8]) {
+        (self.preview)(step, total, png)
     }
 
     pub fn is_cancelled(&self) -> bool {

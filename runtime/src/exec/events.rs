@@ -23,6 +23,14 @@ pub enum Event {
         step: u64,
         total: u64,
     },
+    /// A picture of the node's work so far (a sampler's x₀ estimate every few steps): a PNG,
+    /// base64-encoded, at `step` of `total`.
+    NodePreview {
+        node: Arc<str>,
+        step: u64,
+        total: u64,
+        png: String,
+    },
     NodeCached {
         node: Arc<str>,
     },
@@ -100,3 +108,44 @@ impl Event {
 
 /// A subscriber; called from worker threads, so it must be quick and thread-safe.
 pub type Subscriber = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// Standard base64 (RFC 4648, with padding) of `bytes`: how a preview's PNG travels in JSON.
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> shift) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod base64_tests {
+    #[test]
+    fn base64_matches_rfc_4648_test_vectors() {
+        let cases = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (plain, encoded) in cases {
+            assert_eq!(super::base64(plain.as_bytes()), encoded);
+        }
+    }
+}

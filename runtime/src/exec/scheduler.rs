@@ -152,6 +152,17 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
             },
         );
     };
+    let preview = |step: u64, total: u64, png: &[u8]| {
+        emit(
+            subscribers,
+            &Event::NodePreview {
+                node: node.id.clone(),
+                step,
+                total,
+                png: super::events::base64(png),
+            },
+        );
+    };
     let mut ctx = ExecContext {
         node_id: &node.id,
         node_type: &node.ty,
@@ -159,6 +170,7 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
         outputs: vec![None; node.ty.outputs.len()],
         error: None,
         progress: &progress,
+        preview: &preview,
         cancel: &opts.cancel,
         graph_dir: &plan.graph_dir,
         out_dir: &opts.out_dir,

@@ -72,7 +72,8 @@ static HOST_API: SyncHostApi = SyncHostApi(DfHostApi {
     denoiser_finish: model::denoiser_finish,
     model_patch_memory: model::model_patch_memory,
     denoiser_run_block_part: model::denoiser_run_block_part,
-    reserved: [std::ptr::null(); 12],
+    preview,
+    reserved: [std::ptr::null(); 11],
 });
 
 /// The table passed to plugins.
@@ -203,6 +204,19 @@ unsafe extern "C" fn progress(ctx: *mut DfContext, step: u64, total: u64) {
         // SAFETY: host pointers of the running callback.
         if let Some(ctx) = unsafe { context(ctx) } {
             ctx.progress(step, total);
+        }
+    })
+}
+
+unsafe extern "C" fn preview(ctx: *mut DfContext, step: u64, total: u64, png: *const u8, len: u64) {
+    guard((), || {
+        if png.is_null() {
+            return;
+        }
+        // SAFETY: host pointers of the running callback; `len` bytes at `png` by contract.
+        if let Some(ctx) = unsafe { context(ctx) } {
+            let bytes = unsafe { std::slice::from_raw_parts(png, len as usize) };
+            ctx.preview(step, total, bytes);
         }
     })
 }
