@@ -753,7 +753,18 @@ fn graph_pipeline_error_against(
         .join("tests/fixtures/parity")
         .join(fixture)
         .join(file);
-    let g = Graph::from_file(&common::repo().join("graphs").join(graph)).unwrap();
+    // A graph file, or `edited:FILE:FROM=>TO` for the file with one piece of text replaced.
+    let g = match graph.strip_prefix("edited:") {
+        Some(spec) => {
+            let (file, edit) = spec.split_once(':').unwrap();
+            let (from, to) = edit.split_once("=>").unwrap();
+            let dir = common::repo().join("graphs");
+            let text = std::fs::read_to_string(dir.join(file)).unwrap();
+            assert!(text.contains(from), "{file} has no {from:?}");
+            Graph::from_yaml(&text.replace(from, to), file, &dir).unwrap()
+        }
+        None => Graph::from_file(&common::repo().join("graphs").join(graph)).unwrap(),
+    };
     let args: Vec<(String, ArgValue)> = sets
         .iter()
         .map(|(k, v)| (k.to_string(), ArgValue::Text(v.to_string())))
@@ -794,6 +805,50 @@ fn sd3_graph_matches_stable_diffusion_3_pipeline() {
         ],
     );
     assert!(latent <= 1e-3 && image <= 1e-3, "{latent:.2e} {image:.2e}");
+}
+
+#[test]
+fn sd3_skip_layer_guidance_matches_stable_diffusion_3_pipeline() {
+    // StableDiffusion3Pipeline's skip_guidance_layers [1], scale 2.8, start 0.1, stop 0.75: a third
+    // evaluation of the conditional prompt without block 1 at steps 1 and 2 of 4, added as
+    // 2.8·(c − c_skip): the graph's slg inputs, through a range-override patch that only acts
+    // in the skip-layers branch. Tolerance 1e-3 as above.
+    let refs = ("io_slg.safetensors", "out.latent", "out.image");
+    let (latent, image) = graph_pipeline_error_against(
+        "sd3_text_to_image.yaml",
+        "sd3_pipeline",
+        refs,
+        &[
+            ("steps", "4"),
+            ("cfg", "4"),
+            ("t5_tokens", "16"),
+            ("seed", "11"),
+            ("slg_scale", "2.8"),
+            ("slg_layers", "1"),
+            ("slg_start", "0.1"),
+            ("slg_stop", "0.75"),
+        ],
+    );
+    assert!(
+        latent <= 1e-3 && image <= 1e-3,
+        "slg {latent:.2e} {image:.2e}"
+    );
+    // The same without skip-layer guidance is the plain pipeline's picture, not this one.
+    let (plain, _) = graph_pipeline_error_against(
+        "sd3_text_to_image.yaml",
+        "sd3_pipeline",
+        refs,
+        &[
+            ("steps", "4"),
+            ("cfg", "4"),
+            ("t5_tokens", "16"),
+            ("seed", "11"),
+        ],
+    );
+    assert!(
+        plain > 1e-2,
+        "skip-layer guidance changed nothing ({plain:.2e})"
+    );
 }
 
 #[test]
@@ -881,6 +936,20 @@ fn flux_graph_matches_flux_pipeline() {
     assert!(
         latent <= 1e-3 && image <= 1e-3,
         "true cfg {latent:.2e} {image:.2e}"
+    );
+    // Custom sigmas: FluxPipeline's own linspace(1, 1/4, 4) given as a list give its picture.
+    let edited = "edited:flux_text_to_image.yaml:flow_sigmas: linspace,=>\
+                  flow_sigmas: custom, sigmas: \"1.0, 0.75, 0.5, 0.25\",";
+    let sets = [
+        ("steps", "4"),
+        ("guidance", "3.5"),
+        ("t5_tokens", "16"),
+        ("seed", "12"),
+    ];
+    let (latent, image) = graph_pipeline_error(edited, "flux_pipeline", &sets);
+    assert!(
+        latent <= 1e-3 && image <= 1e-3,
+        "custom sigmas {latent:.2e} {image:.2e}"
     );
 }
 

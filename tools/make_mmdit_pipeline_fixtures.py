@@ -159,6 +159,15 @@ def sd3(seed=100):
                "in.cfg": torch.tensor([cfg]), "in.t5_tokens": torch.tensor([t5_tokens]),
                "out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()},
               os.path.join(out, "io.safetensors"))
+    # Skip-layer guidance (SD3.5's): block 1 left out of a third evaluation at steps 1 and 2.
+    slg_args = dict(args, skip_guidance_layers=[1], skip_layer_guidance_scale=2.8,
+                    skip_layer_guidance_start=0.1, skip_layer_guidance_stop=0.75)
+    with torch.no_grad():
+        latent = pipe(**slg_args, output_type="latent").images
+        image = pipe(**slg_args, output_type="pt").images
+    report("sd3_pipeline (skip-layer guidance)", latent, image)
+    save_file({"out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()},
+              os.path.join(out, "io_slg.safetensors"))
     sd3_img2img(out, pipe, noise_seed, steps, cfg, t5_tokens)
 
 

@@ -353,7 +353,9 @@ impl Node for Sample {
             .input(Port::new("scheduler_config", "String").default("").doc("A diffusers scheduler_config.json (relative to the graph's folder); empty for the class defaults."))
             .input(Port::new("karras", "Bool").default(false).doc("Karras sigmas (euler, heun, dpmpp_2m, unipc)."))
             .input(Port::new("shift", "Float").default(0.0).range(0.0, 100.0).doc("Flow-matching shift; 0 keeps the config's."))
-            .input(Port::new("flow_sigmas", "String").default("linspace").choices(&["linspace", "scheduler"]).doc("Where flow_euler's unshifted sigmas come from: linspace(1, 1/N, N) as FluxPipeline and PixArt pass them, or the scheduler's own spacing, as StableDiffusion3Pipeline leaves it."))
+            .input(Port::new("flow_sigmas", "String").default("linspace").choices(&["linspace", "scheduler", "custom"]).doc("Where flow_euler's unshifted sigmas come from: linspace(1, 1/N, N) as FluxPipeline and PixArt pass them, the scheduler's own spacing, as StableDiffusion3Pipeline leaves it, or the list in `sigmas`."))
+            .input(Port::new("sigmas", "String").default("").doc("With flow_sigmas: custom, the unshifted sigmas, one per step, as a list (\"1.0, 0.75, 0.5, 0.25\"): a graph input or a Lua node can make it; the shift applies to them as to the others."))
+            .input(Port::new("spacing", "String").default("default").choices(&["default", "karras", "exponential", "beta"]).doc("The sigmas' spacing for the samplers that have them (euler, heun, dpmpp_2m, dpmpp_2m_sde; karras for unipc too): Karras's ρ = 7, evenly in log σ, or Beta(0.6, 0.6) quantiles, between the schedule's ends."))
             .input(Port::new("guidance", "Float").default(3.5).range(0.0, 100.0).doc("Distilled guidance for models with a guidance embedding (Flux dev), given to the model as its 'guidance' input; other models ignore it."))
             .input(Port::new("steps", "Int").default(20i64).range(1.0, 1000.0).doc("Sampling steps."))
             .input(Port::new("cfg", "Float").default(4.5).range(0.0, 100.0).doc("Guidance scale; 1 disables guidance."))
@@ -367,6 +369,10 @@ impl Node for Sample {
             .input(Port::new("apg_momentum", "Float").default(0.0).range(-10.0, 10.0).doc("APG: the momentum of the difference's running average (0: none; diffusers' examples use -0.5)."))
             .input(Port::new("preview_every", "Int").default(0).range(0.0, 1e6).doc("Every this many steps (and at the last), a node_preview event with a small PNG of the current x₀ estimate, one pixel per latent pixel through preview_map (0: none)."))
             .input(Port::new("preview_map", "String").default("").doc("The VAE's latent-to-RGB map, latent_rgb.json (tools/fit_latent_rgb.py; relative to the graph's folder); empty: the first three latent channels as colours."))
+            .input(Port::new("slg_scale", "Float").default(0.0).range(-100.0, 100.0).doc("Skip-layer guidance (SD3.5's): adds scale·(c − c without slg_layers) to the guided prediction at the steps between slg_start and slg_stop (0: off; 2.8 is SD3.5's). Needs cfg != 1 and a denoiser with range overrides."))
+            .input(Port::new("slg_layers", "String").default("7, 8, 9").doc("The blocks of the model's first stack that skip-layer guidance leaves out (SD3.5 Medium: 7, 8, 9)."))
+            .input(Port::new("slg_start", "Float").default(0.01).range(0.0, 1.0).doc("Skip-layer guidance runs at steps i with i > steps·slg_start ..."))
+            .input(Port::new("slg_stop", "Float").default(0.2).range(0.0, 1.0).doc("... and i < steps·slg_stop, as StableDiffusion3Pipeline counts them."))
             .input(Port::new("noise", "Latent").optional().doc("The starting noise instead of the seed's (an Invert's latent: sampling it under an edited prompt edits the inverted image)."))
             .output(Port::new("latent", "Latent").doc("The denoised latent."))
     }
@@ -505,8 +511,18 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         samplers::scheduler_for(&sampler, file.as_deref(), info.prediction.into())
             .map_err(|e| Error(e.0))?;
     let unipc = class == "UniPCMultistepScheduler";
-    if !invert && ctx.input::<bool>("karras")? {
-        fields.push(("use_karras_sigmas".into(), "true".into()));
+    if !invert {
+        let spacing: String = ctx.input("spacing")?;
+        let key = match spacing.as_str() {
+            "karras" => Some("use_karras_sigmas"),
+            "exponential" => Some("use_exponential_sigmas"),
+            "beta" => Some("use_beta_sigmas"),
+            _ if ctx.input::<bool>("karras")? => Some("use_karras_sigmas"),
+            _ => None,
+        };
+        if let Some(key) = key {
+            fields.push((key.into(), "true".into()));
+        }
     }
     let shift: f64 = ctx.input("shift")?;
     if shift > 0.0 {
@@ -517,6 +533,24 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
     let tokens = (s[2] / patch) * (s[3] / patch);
     let flow_sigmas = match ctx.input::<String>("flow_sigmas")?.as_str() {
         "scheduler" => samplers::FlowSigmas::SchedulerDefault,
+        "custom" if !invert => {
+            let text: String = ctx.input("sigmas")?;
+            let list = parse_sigmas(&text)?;
+            if list.len() != steps {
+                bail!(
+                    "sigmas lists {} values for {steps} steps: give one per step",
+                    list.len()
+                );
+            }
+            if let Some(w) = list.windows(2).find(|w| w[1] >= w[0]) {
+                bail!(
+                    "sigmas must decrease from step to step, but {} is followed by {}",
+                    w[0],
+                    w[1]
+                );
+            }
+            samplers::FlowSigmas::Custom(list)
+        }
         _ => samplers::FlowSigmas::Pipeline,
     };
     let sched = if invert {
@@ -642,6 +676,24 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
     };
     let n = sched.num_steps();
     let total = (n - start) as u64;
+    // Skip-layer guidance: the model again, with blocks left out in the skip-layers branch.
+    let slg_scale: f64 = if invert { 0.0 } else { ctx.input("slg_scale")? };
+    let slg_model = if slg_scale != 0.0 {
+        if !guided {
+            bail!("slg_scale {slg_scale} needs cfg != 1: skip-layer guidance adds to CFG");
+        }
+        let layers = parse_layers(&ctx.input::<String>("slg_layers")?)?;
+        Some(crate::patches::skip_layers::skip_layers_model(
+            ctx, &model, &layers,
+        )?)
+    } else {
+        None
+    };
+    let (slg_start, slg_stop): (f64, f64) = if slg_model.is_some() {
+        (ctx.input("slg_start")?, ctx.input("slg_stop")?)
+    } else {
+        (0.0, 0.0)
+    };
     for (i, step) in sched.steps().iter().enumerate().skip(start) {
         ctx.check_cancelled()?;
         // Outside the guidance interval the conditional rows run alone.
@@ -681,6 +733,15 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         } else {
             out
         };
+        // Skip-layer guidance at this step: the conditional rows before the guidance combines them.
+        let runs = (n - start) as f64;
+        let j = (i - start) as f64;
+        let skip_cond = match &slg_model {
+            Some(_) if both && j > runs * slg_start && j < runs * slg_stop => {
+                Some(out.slice(0, 0, batch as i64, 1)?)
+            }
+            _ => None,
+        };
         let out = if guided && gconfig.is_plain() {
             let parts = out.split(0, &[batch, batch])?;
             let (c, u) = (&parts[0], &parts[1]);
@@ -689,6 +750,27 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
             guided_prediction(&mut guide, i, n, &out, both, batch)?
         } else {
             out
+        };
+        let out = match (&slg_model, skip_cond) {
+            (Some(m), Some(c)) => {
+                let mut skip_call = call.clone();
+                skip_call.branches = vec![ditflow_plugin::model::BRANCH_SKIP_LAYERS; batch];
+                skip_call.cond_ids = vec![0; batch];
+                let input = x.affine(step.input_scale, 0.0)?;
+                let mut args: Vec<(&str, &Tensor)> = vec![("hidden_states", &input)];
+                args.extend(cond_only.iter().map(|(n, t)| (n.as_str(), t)));
+                if let Some(g) = &guidance {
+                    args.push(("guidance", g));
+                }
+                let skipped = m.as_denoiser()?.forward(&skip_call, &args)?;
+                let skipped = if skipped.shape()[1] != s[1] {
+                    skipped.slice(1, 0, s[1] as i64, 1)?
+                } else {
+                    skipped
+                };
+                out.add(&c.sub(&skipped)?.affine(slg_scale, 0.0)?)?
+            }
+            _ => out,
         };
         let done = (i - start) as u64 + 1;
         if let Some(map) = &preview_map {
@@ -728,6 +810,41 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
     }
     den.lifecycle(Event::RunEnd, &call)?;
     ctx.set_output("latent", x.with_kind(Kind::Latent)?)
+}
+
+/// Block indices written as integers separated by commas or spaces, in optional brackets.
+fn parse_layers(text: &str) -> Result<Vec<usize>> {
+    let inner = text.trim().trim_start_matches('[').trim_end_matches(']');
+    let layers: Vec<usize> = inner
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<usize>().map_err(|_| {
+                Error(format!(
+                    "slg_layers: {t:?} is not a block index (give a list like 7, 8, 9)"
+                ))
+            })
+        })
+        .collect::<Result<_>>()?;
+    if layers.is_empty() {
+        bail!("slg_layers is empty: name the blocks to skip, like 7, 8, 9");
+    }
+    Ok(layers)
+}
+
+/// A list of sigmas written as numbers separated by commas or spaces, in optional brackets.
+fn parse_sigmas(text: &str) -> Result<Vec<f64>> {
+    let inner = text.trim().trim_start_matches('[').trim_end_matches(']');
+    inner
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(|t| match t.parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+            _ => Err(Error(format!(
+                "sigmas: {t:?} is not a non-negative number (give a list like 1.0, 0.75, 0.5)"
+            ))),
+        })
+        .collect()
 }
 
 /// A linear latent-to-RGB map for previews: `rgb = Σ_c z_c · weights[c] + bias` per latent

@@ -3,8 +3,10 @@
 //! - [`lora`]: `ApplyLoRA`, linear deltas from a LoRA file;
 //! - [`cache`]: `FirstBlockCache`, `TeaCache` and `TaylorSeer`, range overrides over the block
 //!   stack;
-//! - [`scenes`]: `SceneCaptions`, a multi-scene video whose scenes follow their own captions.
+//! - [`scenes`]: `SceneCaptions`, a multi-scene video whose scenes follow their own captions;
+//! - [`skip_layers`]: skip-layer guidance's patch, which `Sample` applies itself.
 
 pub mod cache;
 pub mod lora;
 pub mod scenes;
+pub mod skip_layers;

@@ -260,7 +260,7 @@ pub fn scheduler_for(
         "auto" if file_class.is_empty() => {
             fail!("sampler 'auto' needs a scheduler_config naming the class")
         }
-        "auto" => file_class,
+        "auto" => file_class.clone(),
         name => match SAMPLERS.iter().find(|s| s.name == name) {
             Some(s) => {
                 for &(k, v) in s.fields {
@@ -281,6 +281,27 @@ pub fn scheduler_for(
     };
     let has = |fields: &[(String, String)], k: &str| fields.iter().any(|(f, _)| f == k);
     let flow_matching = class.starts_with("FlowMatch") || class == "RFSolver";
+    // A model that does not say what it predicts: its scheduler config does.
+    let prediction = match prediction {
+        ModelPrediction::Unknown if !file_class.is_empty() => {
+            let field = |k: &str| {
+                fields
+                    .iter()
+                    .find(|(f, _)| f == k)
+                    .map(|(_, v)| v.trim().trim_matches('"').to_string())
+            };
+            let flow = file_class.starts_with("FlowMatch")
+                || field("prediction_type").as_deref() == Some("flow_prediction")
+                || field("use_flow_sigmas").as_deref() == Some("true");
+            match field("prediction_type").as_deref() {
+                _ if flow => ModelPrediction::Flow,
+                Some("v_prediction") => ModelPrediction::V,
+                _ if sampler != "auto" => ModelPrediction::Epsilon,
+                _ => ModelPrediction::Unknown,
+            }
+        }
+        p => p,
+    };
     match prediction {
         ModelPrediction::Flow if class == "UniPCMultistepScheduler" => {
             let flag = fields.iter().find(|(k, _)| k == "use_flow_sigmas");

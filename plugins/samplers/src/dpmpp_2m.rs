@@ -82,9 +82,9 @@ pub struct DpmSolverMultistepConfig {
     pub euler_at_final: bool,
     /// Karras sigmas (false).
     pub use_karras_sigmas: bool,
-    /// Exponential sigmas (not supported: must be false).
+    /// Exponential sigmas: evenly spaced in log σ (false).
     pub use_exponential_sigmas: bool,
-    /// Beta-distribution sigmas (not supported: must be false).
+    /// Beta-distribution sigmas (Beta(0.6, 0.6) quantiles; false).
     pub use_beta_sigmas: bool,
     /// Lu lambdas (not supported: must be false).
     pub use_lu_lambdas: bool,
@@ -226,8 +226,19 @@ impl DpmSolverMultistep {
         if c.thresholding {
             fail!("DPMSolverMultistepScheduler: thresholding is not supported");
         }
-        if c.use_exponential_sigmas || c.use_beta_sigmas || c.use_lu_lambdas {
-            fail!("DPMSolverMultistepScheduler: exponential, beta and Lu sigmas are not supported");
+        if c.use_lu_lambdas {
+            fail!("DPMSolverMultistepScheduler: Lu lambdas are not supported");
+        }
+        let spacings = [
+            c.use_karras_sigmas,
+            c.use_exponential_sigmas,
+            c.use_beta_sigmas,
+        ];
+        if spacings.iter().filter(|&&on| on).count() > 1 {
+            fail!(
+                "DPMSolverMultistepScheduler: only one of use_karras_sigmas, \
+                 use_exponential_sigmas and use_beta_sigmas can be set"
+            );
         }
         if c.variance_type.is_some() {
             fail!("DPMSolverMultistepScheduler: learned variance_type is not supported");
@@ -299,6 +310,19 @@ impl DpmSolverMultistep {
                         schedule::round_half_even(t)
                     }
                 })
+                .collect();
+            sigmas
+        } else if c.use_exponential_sigmas || c.use_beta_sigmas {
+            // The flipped table's ends, as for Karras; timesteps cast to int64 unrounded.
+            let (lo, hi) = (f64::from(table[0]), f64::from(table[n_train - 1]));
+            let sigmas = if c.use_exponential_sigmas {
+                schedule::exponential_sigmas(lo, hi, n)
+            } else {
+                schedule::beta_sigmas(lo, hi, n)
+            };
+            timesteps = sigmas
+                .iter()
+                .map(|&s| schedule::sigma_to_t(s, &log_sigmas).trunc())
                 .collect();
             sigmas
         } else if c.use_flow_sigmas {

@@ -10,7 +10,8 @@
 //! ```
 //!
 //! Sigmas come from the training schedule at the spaced timesteps (linear interpolation), or
-//! are Karras sigmas between the same ends (`use_karras_sigmas`), and end with 0
+//! are Karras, exponential or beta-distribution sigmas between the same ends
+//! (`use_karras_sigmas`, `use_exponential_sigmas`, `use_beta_sigmas`), and end with 0
 //! (`final_sigmas_type = "zero"`) or the smallest training sigma (`"sigma_min"`).
 //!
 //! diffusers finds the first step by looking the first timestep up in the list, and takes the
@@ -72,13 +73,13 @@ pub struct EulerDiscreteConfig {
     pub interpolation_type: String,
     /// Karras sigmas (false).
     pub use_karras_sigmas: bool,
-    /// Exponential sigmas (not supported: must be false).
+    /// Exponential sigmas: evenly spaced in log σ (false).
     pub use_exponential_sigmas: bool,
-    /// Beta-distribution sigmas (not supported: must be false).
+    /// Beta-distribution sigmas (Beta(0.6, 0.6) quantiles; false).
     pub use_beta_sigmas: bool,
-    /// Lower end of the Karras sigmas (default: the schedule's last sigma).
+    /// Lower end of the Karras, exponential or beta sigmas (default: the schedule's last sigma).
     pub sigma_min: Option<f64>,
-    /// Upper end of the Karras sigmas (default: the schedule's first sigma).
+    /// Upper end of those sigmas (default: the schedule's first sigma).
     pub sigma_max: Option<f64>,
     /// Timestep spacing (`linspace`).
     pub timestep_spacing: TimestepSpacing,
@@ -168,9 +169,6 @@ impl EulerDiscrete {
                 config.interpolation_type
             );
         }
-        if config.use_exponential_sigmas || config.use_beta_sigmas {
-            fail!("EulerDiscreteScheduler: exponential and beta sigmas are not supported");
-        }
         if config.rescale_betas_zero_snr {
             fail!("EulerDiscreteScheduler: rescale_betas_zero_snr is not supported");
         }
@@ -241,13 +239,29 @@ pub(crate) fn sigma_schedule(config: &EulerDiscreteConfig, n: usize) -> Result<S
         .iter()
         .map(|&t| schedule::np_interp(t, &table))
         .collect();
-    if config.use_karras_sigmas {
+    let spacings = [
+        config.use_karras_sigmas,
+        config.use_exponential_sigmas,
+        config.use_beta_sigmas,
+    ];
+    if spacings.iter().filter(|&&on| on).count() > 1 {
+        fail!(
+            "only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can be set"
+        );
+    }
+    if spacings.contains(&true) {
         let (Some(&first), Some(&last)) = (sigmas.first(), sigmas.last()) else {
             fail!("no timesteps");
         };
         let sigma_min = config.sigma_min.unwrap_or(last);
         let sigma_max = config.sigma_max.unwrap_or(first);
-        sigmas = schedule::karras_sigmas(sigma_min, sigma_max, n);
+        sigmas = if config.use_karras_sigmas {
+            schedule::karras_sigmas(sigma_min, sigma_max, n)
+        } else if config.use_exponential_sigmas {
+            schedule::exponential_sigmas(sigma_min, sigma_max, n)
+        } else {
+            schedule::beta_sigmas(sigma_min, sigma_max, n)
+        };
         timesteps = sigmas
             .iter()
             .map(|&s| f64::from(schedule::sigma_to_t(s, &log_sigmas) as f32))
@@ -437,8 +451,6 @@ mod tests {
     fn unsupported_options_are_errors() {
         let bad = [
             ("interpolation_type", "log_linear"),
-            ("use_beta_sigmas", "true"),
-            ("use_exponential_sigmas", "true"),
             ("rescale_betas_zero_snr", "true"),
             ("prediction_type", "flow_prediction"),
         ];
@@ -447,5 +459,11 @@ mod tests {
             assert!(c.is_ok_and(|c| EulerDiscrete::new(c, 10).is_err()), "{k}");
         }
         assert!(EulerDiscrete::new(EulerDiscreteConfig::default(), 0).is_err());
+        let two = [("use_beta_sigmas", "true"), ("use_karras_sigmas", "true")];
+        let c = EulerDiscreteConfig::from_fields(two);
+        assert!(
+            c.is_ok_and(|c| EulerDiscrete::new(c, 10).is_err()),
+            "two spacings"
+        );
     }
 }

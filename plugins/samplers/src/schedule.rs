@@ -287,6 +287,119 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
         .collect()
 }
 
+/// Exponential sigmas: `n` values from `sigma_max` down to `sigma_min`, evenly spaced in log σ
+/// (diffusers' `_convert_to_exponential`).
+pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    np_linspace(sigma_max.ln(), sigma_min.ln(), n)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
+}
+
+/// Beta sigmas ("Beta Sampling is All You Need", Lee et al. 2024; diffusers' `_convert_to_beta`
+/// with α = β = 0.6): `sigma_min + ppf(1 − u)·(sigma_max − sigma_min)` for `n` values of `u`
+/// evenly in [0, 1], `ppf` the inverse CDF of the Beta(α, β) distribution (scipy's
+/// `beta.ppf`).
+pub fn beta_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    const ALPHA: f64 = 0.6;
+    const BETA: f64 = 0.6;
+    np_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|u| sigma_min + beta_ppf(1.0 - u, ALPHA, BETA) * (sigma_max - sigma_min))
+        .collect()
+}
+
+/// ln Γ(x) for x > 0 (Lanczos, g = 7, nine terms: about 1e-15 relative).
+fn ln_gamma(x: f64) -> f64 {
+    const G: f64 = 7.0;
+    const C: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        // Reflection: Γ(x)Γ(1 − x) = π / sin(πx).
+        let pi = std::f64::consts::PI;
+        return (pi / (pi * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let t = x + G + 0.5;
+    let sum = C[1..]
+        .iter()
+        .enumerate()
+        .fold(C[0], |acc, (i, c)| acc + c / (x + i as f64 + 1.0));
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + sum.ln()
+}
+
+/// The regularized incomplete beta function I_x(a, b), by its continued fraction (modified
+/// Lentz), on the side of the symmetry where it converges fast.
+fn incomplete_beta(x: f64, a: f64, b: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    if x > (a + 1.0) / (a + b + 2.0) {
+        return 1.0 - incomplete_beta(1.0 - x, b, a);
+    }
+    let front =
+        (ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln()).exp() / a;
+    let tiny = 1e-300;
+    let (mut c, mut d) = (1.0f64, 1.0 - (a + b) * x / (a + 1.0));
+    d = if d.abs() < tiny { tiny } else { d };
+    d = 1.0 / d;
+    let mut f = d;
+    for m in 1..500 {
+        let m = m as f64;
+        for numerator in [
+            m * (b - m) * x / ((a + 2.0 * m - 1.0) * (a + 2.0 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2.0 * m) * (a + 2.0 * m + 1.0)),
+        ] {
+            d = 1.0 + numerator * d;
+            d = if d.abs() < tiny { tiny } else { d };
+            c = 1.0 + numerator / c;
+            c = if c.abs() < tiny { tiny } else { c };
+            d = 1.0 / d;
+            f *= c * d;
+        }
+        if (c * d - 1.0).abs() < 1e-16 {
+            break;
+        }
+    }
+    front * f
+}
+
+/// The inverse CDF of Beta(a, b) at `q` in [0, 1], by bisection on [`incomplete_beta`] to the
+/// last bits of f64.
+fn beta_ppf(q: f64, a: f64, b: f64) -> f64 {
+    if q <= 0.0 {
+        return 0.0;
+    }
+    if q >= 1.0 {
+        return 1.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if incomplete_beta(mid, a, b) < q {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
 /// The discrete timesteps of `DDIMScheduler` and `EulerDiscreteScheduler` for `steps` inference
 /// steps, as f64 (before each scheduler's own cast). `linspace` values are not rounded here.
 pub fn spaced_timesteps(
@@ -404,6 +517,21 @@ mod tests {
         assert!(np_arange(0.0, 1.0, 0.0).is_err());
         assert_eq!(round_half_even(2.5), 2.0);
         assert_eq!(round_half_even(3.5), 4.0);
+    }
+
+    #[test]
+    fn the_beta_distribution_s_inverse_cdf_matches_known_values() {
+        // Beta(1, 1) is uniform; Beta(2, 2)'s CDF is 3x² − 2x³; Beta(0.6, 0.6) is symmetric, and
+        // scipy.stats.beta.ppf(0.25, 0.6, 0.6) = 0.17568037865269498 (tolerance 1e-12).
+        assert!((beta_ppf(0.3, 1.0, 1.0) - 0.3).abs() < 1e-12);
+        let x = beta_ppf(0.7, 2.0, 2.0);
+        assert!((3.0 * x * x - 2.0 * x * x * x - 0.7).abs() < 1e-12);
+        assert!((beta_ppf(0.5, 0.6, 0.6) - 0.5).abs() < 1e-12);
+        let (a, b) = (beta_ppf(0.25, 0.6, 0.6), beta_ppf(0.75, 0.6, 0.6));
+        assert!((a - 0.175_680_378_652_694_98).abs() < 1e-12, "{a}");
+        assert!((a + b - 1.0).abs() < 1e-12);
+        assert!((incomplete_beta(a, 0.6, 0.6) - 0.25).abs() < 1e-12);
+        assert!((ln_gamma(0.5) - std::f64::consts::PI.sqrt().ln()).abs() < 1e-13);
     }
 
     #[test]

@@ -191,6 +191,8 @@ const TRAJECTORIES: &[&str] = &[
     "flow_heun_shift3",
     "lcm_4",
     "lcm_6_v_clip",
+    "euler_beta_v",
+    "dpmpp_2m_exponential",
     "ddim_inverse_leading_epsilon",
     "ddim_inverse_trailing_v",
 ];

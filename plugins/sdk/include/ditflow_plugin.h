@@ -247,6 +247,8 @@ typedef void (*DfObjectDropFn)(void* object);
 /** Guidance branches of a batch row; masks use bit (1 << branch). */
 #define DF_BRANCH_COND 0
 #define DF_BRANCH_UNCOND 1
+/** The conditional prompt run with some blocks skipped (skip-layer guidance; ABI 1.7). */
+#define DF_BRANCH_SKIP_LAYERS 2
 
 /** Hook sites inside a block (DfStackDesc.sites, a mask). */
 #define DF_SITE_ATTN_IN (1u << 0)

@@ -217,6 +217,8 @@ pub const DF_PREDICTION_FLOW: i32 = 3;
 /// Guidance branches of a batch row ([`DfCallContext::branches`]); masks use bit `1 << branch`.
 pub const DF_BRANCH_COND: i32 = 0;
 pub const DF_BRANCH_UNCOND: i32 = 1;
+/// The conditional prompt run with some blocks skipped (skip-layer guidance; ABI 1.7).
+pub const DF_BRANCH_SKIP_LAYERS: i32 = 2;
 
 /// Hook sites inside a block ([`DfStackDesc::sites`], a mask).
 pub const DF_SITE_ATTN_IN: u32 = 1 << 0;

@@ -254,6 +254,7 @@ unsafe fn read_desc(d: &DfDenoiserDesc) -> DenoiserInfo {
 /// Guidance branch of a batch row.
 pub const BRANCH_COND: i32 = DF_BRANCH_COND;
 pub const BRANCH_UNCOND: i32 = DF_BRANCH_UNCOND;
+pub const BRANCH_SKIP_LAYERS: i32 = DF_BRANCH_SKIP_LAYERS;
 
 /// The per-call context: which step of how many, the noise level, and each batch row's guidance
 /// branch and conditioning id.
