@@ -442,3 +442,106 @@ fn rf_solver_inverts_the_demo_s_own_picture_above_30_db() {
     eprintln!("inversion PSNR: {psnrs:?}");
     assert!(psnrs[0].1 >= 30.0, "rf_solver {:.1} dB", psnrs[0].1);
 }
+
+#[test]
+fn outpainting_continues_the_picture_past_its_border() {
+    // The demo's large red circle in the center, cut at row 44 (the circle spans rows 12..52),
+    // padded back to 64 rows by PadImage (the bottom row repeated: a red band down to the edge)
+    // and outpainted under the same prompt: the kept rows stay (mean absolute error under 0.1
+    // over rows 0..36, through the VAE), and the model closes the circle, so the bottom rows'
+    // centre is background blue where the padding had put red.
+    let rt = Runtime::new();
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("nodes plugin loads");
+    }
+    let session = Session::new(Arc::new(rt));
+    let dir = common::temp_dir("demo-outpaint");
+    let opts = RunOptions {
+        out_dir: dir.clone(),
+        ..RunOptions::default()
+    };
+    let prompt = "a large red circle in the center on a blue background";
+    let t2i = Graph::from_file(&common::repo().join("graphs/text_to_image.yaml")).unwrap();
+    let args = vec![
+        ("prompt".to_string(), ArgValue::Text(prompt.into())),
+        ("scale".to_string(), ArgValue::Text("1".into())),
+    ];
+    let report = session.run(&t2i, &args, &opts).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let Value::String(path) = &**report.output("image").unwrap() else {
+        panic!("a path")
+    };
+    let (full, w, h) = png_pixels(&std::fs::read(path.as_str()).unwrap());
+    assert_eq!((w, h), (64, 64));
+    let keep = 44;
+    let cut = dir.join("cut.png");
+    let bytes: Vec<u8> = full[..keep * w * 3]
+        .iter()
+        .map(|v| (v * 255.0).round() as u8)
+        .collect();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&cut).unwrap());
+    let mut enc = png::Encoder::new(&mut file, w as u32, keep as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()
+        .unwrap()
+        .write_image_data(&bytes)
+        .unwrap();
+    drop(file);
+    let nodes = format!(
+        "  img: {{type: LoadImage, inputs: {{path: {c:?}}}}}\n  pad: {{type: PadImage, inputs: {{image: img.image, bottom: 20}}}}\n  enc: {{type: VAEEncode, inputs: {{vae: vae.vae, image: pad.image}}}}\n",
+        c = cut.to_string_lossy(),
+    );
+    let yaml = demo_graph(
+        "sampler: flow_euler, init_latent: enc.latent, mask: pad.mask, denoise: 1.0",
+        &nodes,
+    )
+    .replace("steps: 4, cfg: 1.0", "steps: 20, cfg: 4.0, negative: neg.conditioning")
+    .replace(
+        "  latent: {type: EmptyLatent",
+        "  neg: {type: TextEncode, inputs: {encoder: te.encoder, text: \"\"}}\n  latent: {type: EmptyLatent",
+    )
+    .replace(
+        "  latent: sample.latent\n",
+        "  pixels: dec.image\n  padded: pad.image\n",
+    )
+    .replace("outputs:\n", "  dec: {type: VAEDecode, inputs: {vae: vae.vae, latent: sample.latent}}\noutputs:\n");
+    let g = Graph::from_yaml(&yaml, "outpaint.yaml", &dir).unwrap();
+    let report = session.run(&g, &[], &opts).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let img = |name: &str| match &**report.output(name).unwrap() {
+        Value::Tensor(_, t) => t.as_f32().to_vec(),
+        _ => panic!("an image"),
+    };
+    let (out, padded) = (img("pixels"), img("padded"));
+    assert_eq!(out.len(), 64 * 64 * 3);
+    let kept = 36 * w * 3;
+    let mae = out[..kept]
+        .iter()
+        .zip(&full[..kept])
+        .map(|(a, b)| (a.clamp(0.0, 1.0) - b).abs())
+        .sum::<f32>()
+        / kept as f32;
+    let centre = |px: &[f32]| -> [f32; 3] {
+        let mut sum = [0f32; 3];
+        let mut n = 0.0;
+        for y in 58..64 {
+            for x in 28..36 {
+                for c in 0..3 {
+                    sum[c] += px[(y * 64 + x) * 3 + c].clamp(0.0, 1.0);
+                }
+                n += 1.0;
+            }
+        }
+        sum.map(|v| v / n)
+    };
+    let (now, before) = (centre(&out), centre(&padded));
+    eprintln!("outpainting: kept rows MAE {mae:.3}; bottom centre {now:?} (padded {before:?})");
+    assert!(mae <= 0.1, "kept rows changed: {mae:.3}");
+    assert_eq!(nearest(before), "red", "the padding repeats the cut circle");
+    assert_eq!(
+        nearest(now),
+        "blue",
+        "the outpainted bottom closes the circle"
+    );
+}

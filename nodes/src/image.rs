@@ -1,4 +1,5 @@
-//! Image file nodes: `SaveImage` writes 8-bit PNGs and `LoadImage` reads them. Images are
+//! Image file nodes: `SaveImage` writes 8-bit PNGs and `LoadImage` reads them; `PadImage` grows an
+//! image for outpainting. Images are
 //! `[height, width, channels]` tensors: f32 in [0, 1] (or u8 for saving) with 1 (grey), 3 (RGB)
 //! or 4 (RGBA) channels. Encoding, decoding and pixel conversion are plain functions
 //! ([`encode_png`], [`decode_png`], [`unit_to_u8`]).
@@ -266,6 +267,92 @@ impl Node for LoadImage {
 
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
         file_fingerprint("cannot read", &input_path(ctx, "path")?).map(Some)
+    }
+}
+
+/// `PadImage`: an image grown by borders, and the mask of what was added (outpainting).
+#[derive(Default)]
+pub struct PadImage;
+
+impl Node for PadImage {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("PadImage")
+            .category("image")
+            .doc(
+                "Pads an image for outpainting: `left`, `top`, `right` and `bottom` pixels are \
+                 added, filled with the nearest edge pixel, and the mask ([H, W, 1], 1 where \
+                 pixels were added) says what to paint. Sample with the padded image as its \
+                 init_latent (through VAEEncode), the mask and denoise 1 outpaints; `feather` \
+                 pixels of the original next to the border are covered too, fading from 1 to 0 \
+                 (Sample binarizes a mask at 0.5, as diffusers does, so about half of them are \
+                 repainted).",
+            )
+            .input(Port::new("image", "Image").doc("An f32 image [height, width, channels] in [0, 1] (LoadImage)."))
+            .input(Port::new("left", "Int").default(0i64).range(0.0, 8192.0).doc("Pixels added on the left."))
+            .input(Port::new("top", "Int").default(0i64).range(0.0, 8192.0).doc("Pixels added at the top."))
+            .input(Port::new("right", "Int").default(0i64).range(0.0, 8192.0).doc("Pixels added on the right."))
+            .input(Port::new("bottom", "Int").default(0i64).range(0.0, 8192.0).doc("Pixels added at the bottom."))
+            .input(Port::new("feather", "Int").default(0i64).range(0.0, 1024.0).doc("Pixels of the original, next to the added border, that the mask also covers, fading from 1 at the border to 0."))
+            .output(Port::new("image", "Image").doc("The padded image."))
+            .output(Port::new("mask", "Image").doc("[H, W, 1]: 1 where pixels were added."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let image: Tensor = ctx.input("image")?;
+        let (h, w, c) = image_layout(image.shape())?;
+        check_cpu_data(&image, "image")?;
+        let src: Vec<f32> = match image.dtype() {
+            DType::F32 => image.as_f32()?.to_vec(),
+            DType::U8 => image
+                .bytes()
+                .iter()
+                .map(|&v| f32::from(v) / 255.0)
+                .collect(),
+            other => bail!(
+                "images are padded from f32 or u8 samples, not {}",
+                other.name()
+            ),
+        };
+        let pad = |name: &str| -> Result<usize> { Ok(ctx.input::<i64>(name)?.max(0) as usize) };
+        let (l, t, r, b) = (pad("left")?, pad("top")?, pad("right")?, pad("bottom")?);
+        let feather = pad("feather")?;
+        let (hh, ww) = (h + t + b, w + l + r);
+        if hh * ww > 1 << 28 {
+            bail!("the padded image would be {ww}x{hh} pixels: too large");
+        }
+        let mut out = Vec::with_capacity(hh * ww * c);
+        let mut mask = Vec::with_capacity(hh * ww);
+        for y in 0..hh {
+            let sy = y.saturating_sub(t).min(h - 1);
+            for x in 0..ww {
+                let sx = x.saturating_sub(l).min(w - 1);
+                out.extend_from_slice(&src[(sy * w + sx) * c..(sy * w + sx + 1) * c]);
+                let inside = y >= t && y < t + h && x >= l && x < l + w;
+                let m = if !inside {
+                    1.0
+                } else if feather > 0 {
+                    // Distance to the nearest added border, in pixels of the original.
+                    let d = [
+                        (l > 0).then(|| x - l),
+                        (t > 0).then(|| y - t),
+                        (r > 0).then(|| l + w - 1 - x),
+                        (b > 0).then(|| t + h - 1 - y),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                    match d {
+                        Some(d) if d < feather => 1.0 - (d + 1) as f32 / (feather + 1) as f32,
+                        _ => 0.0,
+                    }
+                } else {
+                    0.0
+                };
+                mask.push(m);
+            }
+        }
+        ctx.set_output("image", Tensor::from_f32(Kind::Image, &[hh, ww, c], &out)?)?;
+        ctx.set_output("mask", Tensor::from_f32(Kind::Image, &[hh, ww, 1], &mask)?)
     }
 }
 

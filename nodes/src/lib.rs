@@ -66,6 +66,7 @@ export_plugin!(
         tensor_io::SaveTensor,
         image::LoadImage,
         image::SaveImage,
+        image::PadImage,
         media::audio::LoadAudio,
         media::audio::SaveAudio,
         media::audio::AudioRate,
