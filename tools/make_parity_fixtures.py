@@ -347,7 +347,50 @@ def pipeline_samplers():
                          clean_caption=False, use_resolution_binning=False, max_sequence_length=12).images
         images[f"out.image_{name}"] = image[0].permute(1, 2, 0).contiguous()
         print(f"pipeline ({name}): {calls[0]} noise draws")
+    images["out.image_img2img"] = pipeline_img2img(out, fast, te, dit, vae, noise, steps, cfg)
     save_file(images, os.path.join(out, "io_samplers.safetensors"))
+
+
+def pipeline_img2img(out, fast, te, dit, vae, noise, steps, cfg, strength=0.6):
+    """Image-to-image on the PixArt pipeline's parts with its DPM-Solver++ as diffusers' img2img
+    pipelines do it (PixArt has no img2img pipeline of its own): the schedule cut at
+    t_start = int(n - min(n * strength, n)) with the scheduler's begin index set there (so the
+    multistep solver restarts its order count), and the start add_noise(x0, noise, t) with x0 the
+    VAE's mean of sd3_pipeline/init.png times the scaling factor. Runs PixArtSigmaPipeline itself
+    with its timesteps so cut and those latents."""
+    import numpy as np
+    from PIL import Image
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as m
+
+    pixels = np.asarray(Image.open(os.path.join(ROOT, "sd3_pipeline", "init.png")).convert("RGB"))
+    img = torch.from_numpy(pixels).float().permute(2, 0, 1)[None] / 255.0 * 2 - 1
+    with torch.no_grad():
+        x0 = vae.encode(img).latent_dist.mean * vae.config.scaling_factor
+    sched = DPMSolverMultistepScheduler.from_pretrained(os.path.join(out, "scheduler"))
+    sched.set_timesteps(steps)
+    t_start = int(max(steps - min(steps * strength, steps), 0))
+    start = sched.timesteps[t_start:t_start + 1]
+    latents = sched.add_noise(x0, noise, start)
+    original = m.retrieve_timesteps
+
+    def cut(scheduler, num_inference_steps=None, device=None, timesteps=None, sigmas=None, **kw):
+        ts, n = original(scheduler, num_inference_steps, device, timesteps, sigmas, **kw)
+        scheduler.set_begin_index(t_start * scheduler.order)
+        return ts[t_start * scheduler.order:], n - t_start
+
+    m.retrieve_timesteps = cut
+    try:
+        sched = DPMSolverMultistepScheduler.from_pretrained(os.path.join(out, "scheduler"))
+        pipe = PixArtSigmaPipeline(tokenizer=fast, text_encoder=te, vae=vae, transformer=dit, scheduler=sched)
+        with torch.no_grad():
+            image = pipe(prompt="a red circle on a blue background", negative_prompt="", num_inference_steps=steps,
+                         guidance_scale=cfg, height=16, width=16, latents=latents.clone(), output_type="pt",
+                         clean_caption=False, use_resolution_binning=False, max_sequence_length=12).images
+    finally:
+        m.retrieve_timesteps = original
+    print(f"pipeline (img2img, DPM-Solver++ from step {t_start} of {steps})")
+    return image[0].permute(1, 2, 0).contiguous()
 
 
 def main():

@@ -140,6 +140,11 @@ TRAJECTORIES = {
     "flow_heun_shift3": ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0), 6, {}),
     "lcm_4": ("LCMScheduler", {}, 4, {}),
     "lcm_6_v_clip": ("LCMScheduler", dict(prediction_type="v_prediction", clip_sample=True, original_inference_steps=30), 6, {}),
+    # Started part-way (img2img): the multistep solvers restart their order count there.
+    "dpmpp_2m_from_3": ("DPMSolverMultistepScheduler", dict(SD), 10, {"start": 3}),
+    "dpmpp_3m_sde_from_2": ("DPMSolverMultistepScheduler", dict(SD, solver_order=3, algorithm_type="sde-dpmsolver++"), 9, {"start": 2}),
+    "unipc_bh2_flow_from_4": ("UniPCMultistepScheduler", dict(use_flow_sigmas=True, flow_shift=5.0, prediction_type="flow_prediction"), 10, {"start": 4}),
+    "unipc_3_from_2": ("UniPCMultistepScheduler", dict(SD, solver_order=3), 8, {"start": 2}),
     "euler_beta_v": ("EulerDiscreteScheduler", dict(SD, use_beta_sigmas=True, prediction_type="v_prediction"), 9, {}),
     "dpmpp_2m_exponential": ("DPMSolverMultistepScheduler", dict(SD, use_exponential_sigmas=True), 10, {}),
     # DDIM inversion, from the clean sample ("noise" here) up the noise levels.
@@ -220,9 +225,17 @@ def trajectory(name, cls_name, config, steps, extra, noise):
     assert (timesteps == timesteps[0]).sum() == 1, name
     init = float(sched.init_noise_sigma) if hasattr(sched, "init_noise_sigma") else 1.0
     x = noise * init
-    traj = [x]
+    # The model calls skipped (image-to-image's cut), and the step noise of every call.
+    offset = extra.get("start", 0) * getattr(sched, "order", 1)
     fresh = [philox_randn(SHAPE, NOISE_SEED, stream=i + 1).to(torch.float64) for i in range(len(timesteps))] \
         if stochastic(cls_name, config) else []
+    if offset:
+        # Part-way, as img2img pipelines run it: the begin index set, the schedule cut there,
+        # the start sample given (here the noise itself).
+        sched.set_begin_index(offset)
+        timesteps = timesteps[offset:]
+        x = noise.clone()
+    traj = [x]
     at = [0]
 
     def replayed(shape, **_):
@@ -231,7 +244,7 @@ def trajectory(name, cls_name, config, steps, extra, noise):
 
     for module in (scheduling_euler_ancestral_discrete, scheduling_lcm):
         module.randn_tensor = replayed
-    for i, t in enumerate(timesteps):
+    for i, t in enumerate(timesteps, start=offset):
         at[0] = i
         inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
         out = stand_in_model(inp, float(t))

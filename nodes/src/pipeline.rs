@@ -569,8 +569,7 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
             if !samplers::can_start_at(sched.as_ref(), start) {
                 bail!(
                     "the {} sampler cannot start part-way (its step {start} uses estimates \
-                         of earlier steps): use euler, euler_ancestral, heun, ddim, lcm, \
-                         flow_euler or flow_heun for image-to-image",
+                     of earlier steps)",
                     sched.class_name()
                 );
             }
@@ -647,6 +646,8 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         cond_ids: (0..rows).map(|r| (r >= batch) as i64).collect(),
     };
     den.lifecycle(Event::RunBegin, &call)?;
+    // The steps run: a multistep solver restarts its order count where image-to-image starts.
+    let steps_run = sched.steps_from(start);
     let noise = match &given_noise {
         Some(n) => n.to_device(device)?,
         None => ditflow_plugin::ops::randn(&s, seed as u64, device)?,
@@ -657,7 +658,7 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         x0.affine(a, 0.0)?.add(&noise.affine(b, 0.0)?)
     };
     let mut x = match &init {
-        Some(x0) => noised(&x0.to_device(device)?, sched.steps()[start].sigma)?,
+        Some(x0) => noised(&x0.to_device(device)?, steps_run[start].sigma)?,
         // Inversion starts from the clean latent itself.
         None if invert => latent.to_device(device)?,
         None => noise.affine(sched.init_noise_sigma(), 0.0)?,
@@ -694,7 +695,7 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
     } else {
         (0.0, 0.0)
     };
-    for (i, step) in sched.steps().iter().enumerate().skip(start) {
+    for (i, step) in steps_run.iter().enumerate().skip(start) {
         ctx.check_cancelled()?;
         // Outside the guidance interval the conditional rows run alone.
         let both = guided && gconfig.active(i, n);
@@ -799,7 +800,7 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         // after the last step).
         if let (Some(m), Some(x0)) = (&mask, &init) {
             let x0 = x0.to_device(device)?;
-            let kept = match sched.steps().get(i + 1) {
+            let kept = match steps_run.get(i + 1) {
                 Some(next) => noised(&x0, next.sigma)?,
                 None => x0,
             };

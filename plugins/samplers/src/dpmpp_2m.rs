@@ -356,7 +356,7 @@ impl DpmSolverMultistep {
             .map(|&s| s as f32)
             .chain(std::iter::once(last))
             .collect();
-        let steps = build_steps(c, &timesteps, &sigmas);
+        let steps = build_steps(c, &timesteps, &sigmas, 0);
         super::check_finite("DPMSolverMultistepScheduler", 1.0, &steps)?;
         Ok(Self {
             config,
@@ -371,7 +371,14 @@ impl DpmSolverMultistep {
     }
 }
 
-fn build_steps(c: &DpmSolverMultistepConfig, timesteps: &[f64], sigmas: &[f32]) -> Vec<Step> {
+/// The steps for `timesteps` and `sigmas`, sampling from step `start` (the order count starts
+/// there, as diffusers' restarts with a begin index; steps before it are built as from 0).
+fn build_steps(
+    c: &DpmSolverMultistepConfig,
+    timesteps: &[f64],
+    sigmas: &[f32],
+    start: usize,
+) -> Vec<Step> {
     let n = timesteps.len();
     let flow = c.use_flow_sigmas;
     let points: Vec<Point> = sigmas.iter().map(|&s| point(flow, s)).collect();
@@ -385,7 +392,7 @@ fn build_steps(c: &DpmSolverMultistepConfig, timesteps: &[f64], sigmas: &[f32]) 
         let lower_order_final =
             i + 1 == n && (c.euler_at_final || few || c.final_sigmas_type == FinalSigmasType::Zero);
         let lower_order_second = i + 2 == n && few;
-        let lower_order_nums = i.min(c.solver_order);
+        let lower_order_nums = i.checked_sub(start).unwrap_or(i).min(c.solver_order);
         // x0 = dx·x + do·out at this step's sigma.
         let (dx, d_o) = match c.prediction_type {
             PredictionType::Epsilon => (1.0 / s0.alpha_t, -s0.sigma_t / s0.alpha_t),
@@ -480,6 +487,11 @@ impl Scheduler for DpmSolverMultistep {
 
     fn history_len(&self) -> usize {
         self.config.solver_order - 1
+    }
+
+    fn steps_from(&self, start: usize) -> std::borrow::Cow<'_, [Step]> {
+        let timesteps: Vec<f64> = self.steps.iter().map(|s| s.timestep).collect();
+        build_steps(&self.config, &timesteps, &self.sigmas, start).into()
     }
 }
 

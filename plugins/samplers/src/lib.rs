@@ -271,6 +271,13 @@ pub trait Scheduler {
         1
     }
 
+    /// The steps when sampling starts at step `start` (image-to-image), index for index with
+    /// [`Scheduler::steps`]: the same steps, except that a multistep solver restarts its order
+    /// count at `start`, as diffusers' does once its begin index is set there.
+    fn steps_from(&self, _start: usize) -> std::borrow::Cow<'_, [Step]> {
+        self.steps().into()
+    }
+
     /// The timesteps the model is called with, one per step.
     fn timesteps(&self) -> Vec<f64> {
         self.steps().iter().map(|s| s.timestep).collect()
@@ -380,12 +387,11 @@ pub fn img2img_start(steps: usize, denoise: f64, order: usize) -> usize {
     ((n - kept).max(0.0) as usize) * order
 }
 
-/// Whether sampling can start at step `start` with an empty history: no step from there reads
-/// an estimate from before `start` (a multistep solver's higher-order steps do; diffusers
-/// restarts their order count instead, which these precomputed steps do not).
+/// Whether sampling can start at step `start` with an empty history: no step of
+/// [`Scheduler::steps_from`] from there reads an estimate from before `start`.
 pub fn can_start_at<S: Scheduler + ?Sized>(scheduler: &S, start: usize) -> bool {
     scheduler
-        .steps()
+        .steps_from(start)
         .iter()
         .enumerate()
         .skip(start)
@@ -462,6 +468,25 @@ pub fn apply_step<T: Combine>(
 pub fn run<S, F, N>(
     scheduler: &S,
     noise: Vec<f64>,
+    model: F,
+    step_noise: N,
+) -> Result<Vec<Vec<f64>>>
+where
+    S: Scheduler + ?Sized,
+    F: FnMut(&[f64], f64) -> Vec<f64>,
+    N: FnMut(usize) -> Vec<f64>,
+{
+    let sigma = scheduler.init_noise_sigma();
+    let x = noise.into_iter().map(|v| v * sigma).collect();
+    run_from(scheduler, 0, x, model, step_noise)
+}
+
+/// [`run`] from sample `x` at step `start` (image-to-image's cut schedule): returns the start,
+/// then the sample after each step from `start` on.
+pub fn run_from<S, F, N>(
+    scheduler: &S,
+    start: usize,
+    x: Vec<f64>,
     mut model: F,
     mut step_noise: N,
 ) -> Result<Vec<Vec<f64>>>
@@ -470,12 +495,12 @@ where
     F: FnMut(&[f64], f64) -> Vec<f64>,
     N: FnMut(usize) -> Vec<f64>,
 {
-    let sigma = scheduler.init_noise_sigma();
-    let mut x: Vec<f64> = noise.into_iter().map(|v| v * sigma).collect();
+    let mut x = x;
     let mut trajectory = Vec::with_capacity(scheduler.num_steps() + 1);
     trajectory.push(x.clone());
     let mut history = History::new(scheduler);
-    for (i, step) in scheduler.steps().iter().enumerate() {
+    let steps = scheduler.steps_from(start);
+    for (i, step) in steps.iter().enumerate().skip(start) {
         let input: Vec<f64> = x.iter().map(|v| v * step.input_scale).collect();
         let out = model(&input, step.timestep);
         check_len("model output", out.len(), x.len())?;

@@ -313,7 +313,7 @@ impl UniPc {
             .map(|&s| s as f32)
             .chain(std::iter::once(last))
             .collect();
-        let steps = build_steps(c, &timesteps, &sigmas)?;
+        let steps = build_steps(c, &timesteps, &sigmas, 0)?;
         super::check_finite(CLASS, 1.0, &steps)?;
         Ok(Self {
             config,
@@ -393,7 +393,14 @@ fn solve_rhos(rks: &[f64], with_one: bool, b: &[f64]) -> Vec<f64> {
     x
 }
 
-fn build_steps(c: &UniPcConfig, timesteps: &[f64], sigmas: &[f32]) -> Result<Vec<Step>> {
+/// The steps for `timesteps` and `sigmas`, sampling from step `start` (the order count starts
+/// there, as diffusers' restarts with a begin index; steps before it are built as from 0).
+fn build_steps(
+    c: &UniPcConfig,
+    timesteps: &[f64],
+    sigmas: &[f32],
+    start: usize,
+) -> Result<Vec<Step>> {
     let n = timesteps.len();
     let flow = c.use_flow_sigmas;
     let p: Vec<Point> = sigmas.iter().map(|&s| point(flow, s)).collect();
@@ -405,7 +412,7 @@ fn build_steps(c: &UniPcConfig, timesteps: &[f64], sigmas: &[f32]) -> Result<Vec
             } else {
                 c.solver_order
             };
-            cap.min(i.min(c.solver_order) + 1)
+            cap.min(i.checked_sub(start).unwrap_or(i).min(c.solver_order) + 1)
         })
         .collect();
     let mut steps = Vec::with_capacity(n);
@@ -508,6 +515,15 @@ impl Scheduler for UniPc {
     /// The corrector reaches one step further back than the predictor.
     fn history_len(&self) -> usize {
         self.config.solver_order
+    }
+
+    fn steps_from(&self, start: usize) -> std::borrow::Cow<'_, [Step]> {
+        let timesteps: Vec<f64> = self.steps.iter().map(|s| s.timestep).collect();
+        match build_steps(&self.config, &timesteps, &self.sigmas, start) {
+            Ok(steps) => steps.into(),
+            // Built from the same values once already.
+            Err(_) => self.steps.as_slice().into(),
+        }
     }
 }
 
