@@ -431,13 +431,7 @@ fn rf_solver_inverts_the_demo_s_own_picture_above_30_db() {
             _ => panic!("an image"),
         };
         let (a, b) = (img("a"), img("b"));
-        let mse = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| ((x.clamp(0.0, 1.0) - y.clamp(0.0, 1.0)) as f64).powi(2))
-            .sum::<f64>()
-            / a.len() as f64;
-        psnrs.push((sampler, 10.0 * (1.0 / mse).log10()));
+        psnrs.push((sampler, common::psnr(&b, &a)));
     }
     eprintln!("inversion PSNR: {psnrs:?}");
     assert!(psnrs[0].1 >= 30.0, "rf_solver {:.1} dB", psnrs[0].1);

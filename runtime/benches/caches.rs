@@ -182,21 +182,6 @@ fn floats(v: &Value) -> Vec<f32> {
     }
 }
 
-/// PSNR of `x` against `reference`, both images in [0, 1].
-fn psnr(x: &[f32], reference: &[f32]) -> f64 {
-    let mse = x
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| ((a.clamp(0.0, 1.0) - b.clamp(0.0, 1.0)) as f64).powi(2))
-        .sum::<f64>()
-        / x.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (1.0 / mse).log10()
-    }
-}
-
 fn main() {
     let captured = Captured::default();
     let sink = captured.clone();
@@ -306,7 +291,7 @@ fn main() {
                 if mi == 0 {
                     base_images.push(image);
                 } else {
-                    psnrs.push(psnr(&image, &base_images[si]));
+                    psnrs.push(common::psnr(&image, &base_images[si]));
                 }
             }
             if mi == 0 {

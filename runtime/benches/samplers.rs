@@ -73,21 +73,6 @@ fn pixels(r: &ditflow::RunReport) -> Vec<f32> {
     }
 }
 
-/// PSNR of `x` against `reference`, both images in [0, 1].
-fn psnr(x: &[f32], reference: &[f32]) -> f64 {
-    let mse = x
-        .iter()
-        .zip(reference)
-        .map(|(a, b)| ((a.clamp(0.0, 1.0) - b.clamp(0.0, 1.0)) as f64).powi(2))
-        .sum::<f64>()
-        / x.len() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (1.0 / mse).log10()
-    }
-}
-
 fn main() {
     let rt = Runtime::new();
     for lib in common::std_plugins() {
@@ -129,7 +114,10 @@ fn main() {
             let yaml = graph(&format!("sampler: {sampler}, steps: {steps}, seed: 0"), "");
             let (r, _) = run(&session, &yaml);
             let img = pixels(&r);
-            let (p, q) = (psnr(&img, &reference), psnr(&img, &converged));
+            let (p, q) = (
+                common::psnr(&img, &reference),
+                common::psnr(&img, &converged),
+            );
             println!("{sampler:>12} {steps:>6} {calls:>6} {p:>10.2} {q:>10.2}");
             println!(
                 "{{\"bench\":\"sampler_quality\",\"sampler\":\"{sampler}\",\"steps\":{steps},\"calls\":{calls},\"psnr_db\":{p:.3},\"psnr_converged_db\":{q:.3}}}"
@@ -157,7 +145,7 @@ fn main() {
             Value::Tensor(_, t) => t.to_f32_vec().unwrap(),
             _ => unreachable!(),
         };
-        let p = psnr(&again, &pixels(&r));
+        let p = common::psnr(&again, &pixels(&r));
         let calls = if sampler == "rf_solver" {
             4 * steps
         } else {

@@ -154,3 +154,18 @@ pub fn media_value(v: &ditflow::Value) -> (Vec<usize>, Vec<f32>, f64) {
     };
     (t.shape().to_vec(), t.as_f32().to_vec(), *rate)
 }
+
+/// PSNR in dB of image `x` against `reference`, both in [0, 1] (values clamped there).
+pub fn psnr(x: &[f32], reference: &[f32]) -> f64 {
+    let mse = x
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| ((a.clamp(0.0, 1.0) - b.clamp(0.0, 1.0)) as f64).powi(2))
+        .sum::<f64>()
+        / x.len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (1.0 / mse).log10()
+    }
+}

@@ -97,6 +97,36 @@ impl DdimConfig {
     pub fn from_fields<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<Self> {
         super::config_from_fields(fields, Self::set)
     }
+
+    /// The training `alphas_cumprod` (float32) for `class` run for `steps` steps, once the
+    /// options this module does not support and the step count are checked.
+    fn checked_alphas(&self, class: &str, steps: usize) -> Result<Vec<f32>> {
+        if self.thresholding {
+            fail!("{class}: thresholding is not supported");
+        }
+        if self.rescale_betas_zero_snr {
+            fail!("{class}: rescale_betas_zero_snr is not supported");
+        }
+        if self.prediction_type == PredictionType::FlowPrediction {
+            fail!("{class}: prediction_type must be epsilon, sample or v_prediction");
+        }
+        if self.clip_sample && (self.clip_sample_range.is_nan() || self.clip_sample_range < 0.0) {
+            fail!("{class}: clip_sample_range must be >= 0");
+        }
+        let alphas_cumprod = schedule::alphas_cumprod(
+            self.num_train_timesteps,
+            self.beta_start,
+            self.beta_end,
+            self.beta_schedule,
+            self.trained_betas.as_deref(),
+        )?;
+        let n_train = alphas_cumprod.len();
+        schedule::check_steps(steps)?;
+        if steps > n_train {
+            fail!("{class}: {steps} inference steps is more than num_train_timesteps ({n_train})");
+        }
+        Ok(alphas_cumprod)
+    }
 }
 
 /// `DDIMScheduler` set up for a number of inference steps.
@@ -111,35 +141,8 @@ impl Ddim {
     /// Builds the scheduler for `num_inference_steps` steps (diffusers' `__init__` then
     /// `set_timesteps`).
     pub fn new(config: DdimConfig, num_inference_steps: usize) -> Result<Self> {
-        if config.thresholding {
-            fail!("DDIMScheduler: thresholding is not supported");
-        }
-        if config.rescale_betas_zero_snr {
-            fail!("DDIMScheduler: rescale_betas_zero_snr is not supported");
-        }
-        if config.prediction_type == PredictionType::FlowPrediction {
-            fail!("DDIMScheduler: prediction_type must be epsilon, sample or v_prediction");
-        }
-        if config.clip_sample
-            && (config.clip_sample_range.is_nan() || config.clip_sample_range < 0.0)
-        {
-            fail!("DDIMScheduler: clip_sample_range must be >= 0");
-        }
-        let alphas_cumprod = schedule::alphas_cumprod(
-            config.num_train_timesteps,
-            config.beta_start,
-            config.beta_end,
-            config.beta_schedule,
-            config.trained_betas.as_deref(),
-        )?;
+        let alphas_cumprod = config.checked_alphas("DDIMScheduler", num_inference_steps)?;
         let n_train = alphas_cumprod.len();
-        schedule::check_steps(num_inference_steps)?;
-        if num_inference_steps > n_train {
-            fail!(
-                "DDIMScheduler: {num_inference_steps} inference steps is more than \
-                 num_train_timesteps ({n_train})"
-            );
-        }
         let timesteps = schedule::spaced_timesteps(
             config.timestep_spacing,
             n_train,
@@ -249,30 +252,11 @@ impl DdimInverse {
     /// Builds the inversion for `num_inference_steps` steps.
     pub fn new(config: DdimConfig, num_inference_steps: usize) -> Result<Self> {
         const CLASS: &str = "DDIMInverseScheduler";
-        if config.thresholding || config.rescale_betas_zero_snr {
-            fail!("{CLASS}: thresholding and rescale_betas_zero_snr are not supported");
-        }
-        if config.prediction_type == PredictionType::FlowPrediction {
-            fail!("{CLASS}: prediction_type must be epsilon, sample or v_prediction");
-        }
         if config.timestep_spacing == TimestepSpacing::Linspace {
             fail!("{CLASS}: timestep_spacing must be leading or trailing");
         }
-        let alphas_cumprod = schedule::alphas_cumprod(
-            config.num_train_timesteps,
-            config.beta_start,
-            config.beta_end,
-            config.beta_schedule,
-            config.trained_betas.as_deref(),
-        )?;
+        let alphas_cumprod = config.checked_alphas(CLASS, num_inference_steps)?;
         let n_train = alphas_cumprod.len();
-        schedule::check_steps(num_inference_steps)?;
-        if num_inference_steps > n_train {
-            fail!(
-                "{CLASS}: {num_inference_steps} inference steps is more than num_train_timesteps \
-                 ({n_train})"
-            );
-        }
         let mut timesteps = schedule::spaced_timesteps(
             config.timestep_spacing,
             n_train,
