@@ -657,8 +657,13 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         let (a, b) = sched.noising().coefficients(sigma);
         x0.affine(a, 0.0)?.add(&noise.affine(b, 0.0)?)
     };
+    // The init latent on the run's device, once.
+    let init = match init {
+        Some(x0) => Some(x0.to_device(device)?),
+        None => None,
+    };
     let mut x = match &init {
-        Some(x0) => noised(&x0.to_device(device)?, steps_run[start].sigma)?,
+        Some(x0) => noised(x0, steps_run[start].sigma)?,
         // Inversion starts from the clean latent itself.
         None if invert => latent.to_device(device)?,
         None => noise.affine(sched.init_noise_sigma(), 0.0)?,
@@ -799,10 +804,9 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         // Inpainting: outside the mask, the init latent at the next step's level (clean
         // after the last step).
         if let (Some(m), Some(x0)) = (&mask, &init) {
-            let x0 = x0.to_device(device)?;
             let kept = match steps_run.get(i + 1) {
-                Some(next) => noised(&x0, next.sigma)?,
-                None => x0,
+                Some(next) => noised(x0, next.sigma)?,
+                None => x0.clone(),
             };
             x = kept.add(&x.sub(&kept)?.mul(m)?)?;
         }
