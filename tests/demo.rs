@@ -539,3 +539,36 @@ fn outpainting_continues_the_picture_past_its_border() {
         "the outpainted bottom closes the circle"
     );
 }
+
+#[test]
+fn a_lua_node_can_make_the_custom_sigmas() {
+    // A Lua node writes linspace(1, 1/n, n) (the flow samplers' default) as Sample's `sigmas`
+    // list: the picture is the default one, bit for bit.
+    let rt = Runtime::new();
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("nodes plugin loads");
+    }
+    let session = Session::new(Arc::new(rt));
+    let dir = common::temp_dir("lua-sigmas");
+    let lua = "lua_nodes:\n  Sigmas:\n    doc: \"linspace(1, 1/n, n) as a list\"\n    inputs: {n: Int}\n    outputs: {sigmas: String}\n    code: |\n      local out = {}\n      local step = (1 / n - 1) / (n - 1)\n      for i = 0, n - 1 do out[#out + 1] = string.format(\"%.17g\", 1 + i * step) end\n      return table.concat(out, \", \")\n";
+    let custom = demo_graph(
+        "sampler: flow_euler, flow_sigmas: custom, sigmas: sig.sigmas",
+        "  sig: {type: Sigmas, inputs: {n: 4}}\n",
+    )
+    .replace("version: 1\n", &format!("version: 1\n{lua}"));
+    let plain = demo_graph("sampler: flow_euler", "");
+    let latent = |yaml: &str| {
+        let g = Graph::from_yaml(yaml, "sigmas.yaml", &dir).unwrap_or_else(|e| panic!("{e}"));
+        let opts = RunOptions {
+            out_dir: dir.clone(),
+            ..RunOptions::default()
+        };
+        let report = session.run(&g, &[], &opts).unwrap();
+        assert!(report.ok(), "{:?}", report.failed);
+        match &**report.output("latent").unwrap() {
+            Value::Tensor(_, t) => t.as_f32().to_vec(),
+            _ => panic!("a latent"),
+        }
+    };
+    assert_eq!(latent(&custom), latent(&plain));
+}
