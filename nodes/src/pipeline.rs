@@ -5,7 +5,7 @@
 
 use crate::samplers;
 use ditflow_plugin::model::forward_named;
-use ditflow_plugin::model::{Call, Event, BRANCH_COND, BRANCH_UNCOND};
+use ditflow_plugin::model::{Call, DenoiserRef, Event, BRANCH_COND, BRANCH_UNCOND};
 use ditflow_plugin::prelude::*;
 
 /// Output `name` of a model's named forward, or an error naming the model's kind.
@@ -717,28 +717,17 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         } else {
             input
         };
-        let mut args: Vec<(&str, &Tensor)> = vec![("hidden_states", &input)];
         let parts = if guided && !both {
             &cond_only
         } else {
             &conditioning
         };
-        args.extend(parts.iter().map(|(n, t)| (n.as_str(), t)));
-        if let Some(g) = &guidance {
-            args.push(("guidance", g));
-        }
-        let out = den.forward(&call, &args).map_err(|e| {
+        let out = prediction(&den, &call, &input, parts, guidance.as_ref(), s[1]).map_err(|e| {
             Error(format!(
                 "{e} (the model reads {}; the conditioning gave {supplied})",
                 info.conditioning.join(", ")
             ))
         })?;
-        // A learned-sigma model predicts 2C channels: the first C are the noise.
-        let out = if out.shape()[1] != s[1] {
-            out.slice(1, 0, s[1] as i64, 1)?
-        } else {
-            out
-        };
         // Skip-layer guidance at this step: the conditional rows before the guidance combines them.
         let runs = (n - start) as f64;
         let j = (i - start) as f64;
@@ -763,17 +752,14 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
                 skip_call.branches = vec![ditflow_plugin::model::BRANCH_SKIP_LAYERS; batch];
                 skip_call.cond_ids = vec![0; batch];
                 let input = x.affine(step.input_scale, 0.0)?;
-                let mut args: Vec<(&str, &Tensor)> = vec![("hidden_states", &input)];
-                args.extend(cond_only.iter().map(|(n, t)| (n.as_str(), t)));
-                if let Some(g) = &guidance {
-                    args.push(("guidance", g));
-                }
-                let skipped = m.as_denoiser()?.forward(&skip_call, &args)?;
-                let skipped = if skipped.shape()[1] != s[1] {
-                    skipped.slice(1, 0, s[1] as i64, 1)?
-                } else {
-                    skipped
-                };
+                let skipped = prediction(
+                    &m.as_denoiser()?,
+                    &skip_call,
+                    &input,
+                    &cond_only,
+                    guidance.as_ref(),
+                    s[1],
+                )?;
                 out.add(&c.sub(&skipped)?.affine(slg_scale, 0.0)?)?
             }
             _ => out,
@@ -815,6 +801,30 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
     }
     den.lifecycle(Event::RunEnd, &call)?;
     ctx.set_output("latent", x.with_kind(Kind::Latent)?)
+}
+
+/// One forward of `den` on `input` with the conditioning `parts` (and the distilled `guidance`,
+/// for models that read it), keeping the first `channels` channels: a learned-sigma model
+/// predicts twice as many, and the first half is the noise.
+fn prediction(
+    den: &DenoiserRef,
+    call: &Call,
+    input: &Tensor,
+    parts: &[(String, Tensor)],
+    guidance: Option<&Tensor>,
+    channels: usize,
+) -> Result<Tensor> {
+    let mut args: Vec<(&str, &Tensor)> = vec![("hidden_states", input)];
+    args.extend(parts.iter().map(|(n, t)| (n.as_str(), t)));
+    if let Some(g) = guidance {
+        args.push(("guidance", g));
+    }
+    let out = den.forward(call, &args)?;
+    if out.shape()[1] != channels {
+        out.slice(1, 0, channels as i64, 1)
+    } else {
+        Ok(out)
+    }
 }
 
 /// Block indices written as integers separated by commas or spaces, in optional brackets.

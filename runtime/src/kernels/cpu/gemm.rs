@@ -973,15 +973,7 @@ unsafe fn avx512_kernel(
         off += a_cs;
         b = b.add(NR);
     }
-    for (r, v) in acc.iter().enumerate() {
-        let d = c.add(r * ldc);
-        let v = if accumulate {
-            _mm512_add_ps(*v, _mm512_loadu_ps(d))
-        } else {
-            *v
-        };
-        _mm512_storeu_ps(d, v);
-    }
+    store_rows(&acc, c, ldc, accumulate)
 }
 
 /// [`avx512_kernel`] on a packed A panel, with cache hints, which on an Intel Xeon took about
@@ -1023,6 +1015,19 @@ unsafe fn avx512_packed_kernel(
         b = b.add(NR);
         next = next.wrapping_add(NR);
     }
+    store_rows(&acc, c, ldc, accumulate)
+}
+
+/// Writes (or with `accumulate` adds) accumulator row `r` to `c + r·ldc`.
+///
+/// # Safety
+/// `c` must address `acc.len()` rows of 16 writable elements at stride `ldc`; the CPU must have
+/// AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_rows(acc: &[std::arch::x86_64::__m512], c: *mut f32, ldc: usize, accumulate: bool) {
+    use std::arch::x86_64::*;
     for (r, v) in acc.iter().enumerate() {
         let d = c.add(r * ldc);
         let v = if accumulate {
