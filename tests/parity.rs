@@ -931,6 +931,42 @@ fn sd3_image_to_image_and_inpainting_graphs_match_their_pipelines() {
         latent <= 1e-3 && image <= 1e-3,
         "inpaint {latent:.2e} {image:.2e}"
     );
+    // graphs/sd3_inpaint_model.yaml: a 33-channel inpainting transformer that reads the mask
+    // and the masked image's latent (MaskImage, VAEEncode) beside the latent, at strength 1,
+    // against StableDiffusion3InpaintPipeline with it. Tolerance 1e-3 as above.
+    let refs = ("io_inpaint_model.safetensors", "out.latent", "out.image");
+    let (latent, image) =
+        graph_pipeline_error_against("sd3_inpaint_model.yaml", "sd3_pipeline", refs, &sets);
+    assert!(
+        latent <= 1e-3 && image <= 1e-3,
+        "inpainting model {latent:.2e} {image:.2e}"
+    );
+    // Without its masked image, the inpainting model is refused with a message naming it.
+    let text = std::fs::read_to_string(common::repo().join("graphs/sd3_inpaint_model.yaml"))
+        .unwrap()
+        .replace(", masked_latent: masked_latent.latent", "");
+    let g = Graph::from_yaml(
+        &text,
+        "sd3_inpaint_model.yaml",
+        &common::repo().join("graphs"),
+    )
+    .unwrap();
+    let opts = RunOptions {
+        out_dir: common::temp_dir("graph-inpaint-model-bad"),
+        ..RunOptions::default()
+    };
+    let report = session()
+        .run(
+            &g,
+            &[("steps".to_string(), ditflow::ArgValue::Text("2".into()))],
+            &opts,
+        )
+        .unwrap();
+    let failed = format!("{:?}", report.failed);
+    assert!(
+        failed.contains("inpainting model") && failed.contains("masked_latent"),
+        "{failed}"
+    );
     // A strength that leaves no step is the node's error, not an empty run.
     let g = Graph::from_file(&common::repo().join("graphs/sd3_image_to_image.yaml")).unwrap();
     let args = [

@@ -9,7 +9,9 @@ Writes tests/fixtures/parity/{sd3,flux}_pipeline/:
   its end token, CLIP-G with "!", T5 with `<pad>`, as the real tokenizers do);
 - transformer/, vae/ (16 channels, no quant convs, shift and scaling factors), scheduler/;
 - io.safetensors: `in.*` (the noise, its seed, steps, guidance) and `out.latent` (the final
-  latent before decoding; Flux's unpacked to [1, 16, h, w]) and `out.image` ([h, w, 3] in [0, 1]).
+  latent before decoding; Flux's unpacked to [1, 16, h, w]) and `out.image` ([h, w, 3] in [0, 1]);
+- SD3's variants: io_slg, io_img2img (img2img and inpainting, from init.png and mask.png), and
+  transformer_inpaint/ with io_inpaint_model (a 33-channel inpainting transformer).
 
 Run (PyTorch, diffusers and transformers from PyPI; CI never runs this):
     .venv/bin/python tools/make_mmdit_pipeline_fixtures.py
@@ -221,6 +223,33 @@ def sd3_img2img(out, pipe, noise_seed, steps, cfg, t5_tokens):
         tensors["out.inpaint_image"] = pipe.image_processor.postprocess(decoded, output_type="pt")[0].permute(1, 2, 0)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, "io_img2img.safetensors"))
     print("sd3 img2img/inpaint: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()))
+    sd3_inpaint_model(out, parts, args, image, mask)
+
+
+def sd3_inpaint_model(out, parts, args, image, mask, seed=105):
+    """A dedicated inpainting transformer (33 input channels: the latent, the mask at the
+    latent's size and the masked image's latent) in StableDiffusion3InpaintPipeline at strength
+    1, from the same noise, init.png and mask.png. Writes transformer_inpaint/ and
+    io_inpaint_model.safetensors: out.latent and out.image (decoded as the text-to-image
+    pipeline decodes, see sd3_img2img)."""
+    from PIL import Image
+    from diffusers import SD3Transformer2DModel, StableDiffusion3InpaintPipeline
+
+    dit = randomize(SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=33, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=20, out_channels=16,
+        pos_embed_max_size=8), seed, 0.15)
+    dit.save_pretrained(os.path.join(out, "transformer_inpaint"), safe_serialization=True)
+    pipe = StableDiffusion3InpaintPipeline(**dict(parts, transformer=dit))
+    with torch.no_grad():
+        latent = pipe(**args, image=image, mask_image=Image.fromarray(mask), strength=1.0, height=16, width=16,
+                      output_type="latent").images
+        vae = pipe.vae
+        decoded = vae.decode(latent / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+        image_out = pipe.image_processor.postprocess(decoded, output_type="pt")[0].permute(1, 2, 0)
+    report("sd3_pipeline (inpainting model)", latent, image_out)
+    save_file({"out.latent": latent.contiguous(), "out.image": image_out.contiguous()},
+              os.path.join(out, "io_inpaint_model.safetensors"))
 
 
 def flux(seed=200):

@@ -1,5 +1,5 @@
 //! Image file nodes: `SaveImage` writes 8-bit PNGs and `LoadImage` reads them; `PadImage` grows an
-//! image for outpainting. Images are
+//! image for outpainting and `MaskImage` greys the region an inpainting model repaints. Images are
 //! `[height, width, channels]` tensors: f32 in [0, 1] (or u8 for saving) with 1 (grey), 3 (RGB)
 //! or 4 (RGBA) channels. Encoding, decoding and pixel conversion are plain functions
 //! ([`encode_png`], [`decode_png`], [`unit_to_u8`]).
@@ -353,6 +353,73 @@ impl Node for PadImage {
         }
         ctx.set_output("image", Tensor::from_f32(Kind::Image, &[hh, ww, c], &out)?)?;
         ctx.set_output("mask", Tensor::from_f32(Kind::Image, &[hh, ww, 1], &mask)?)
+    }
+}
+
+/// A mask pixel's value: the luminance of 3 or more channels (Rec. 601, as PIL's `convert("L")`
+/// that diffusers' mask processor runs), else its first channel.
+pub fn mask_value(pixel: &[f32]) -> f32 {
+    if pixel.len() >= 3 {
+        0.299 * pixel[0] + 0.587 * pixel[1] + 0.114 * pixel[2]
+    } else {
+        pixel[0]
+    }
+}
+
+/// `MaskImage`: an image with the region a mask repaints set to grey, the masked image that
+/// dedicated inpainting models take (through VAEEncode) beside the mask.
+#[derive(Default)]
+pub struct MaskImage;
+
+impl Node for MaskImage {
+    fn schema() -> NodeSchema {
+        NodeSchema::new("MaskImage")
+            .category("image")
+            .doc(
+                "Sets the pixels where the mask is ≥ 0.5 (its luminance, or its one channel) to \
+                 grey, 0.5, which the VAE sees as 0: diffusers' `image * (mask < 0.5)` in [-1, 1]. \
+                 VAEEncode of the result is a dedicated inpainting model's masked_latent.",
+            )
+            .input(
+                Port::new("image", "Image")
+                    .doc("An f32 image [height, width, channels] in [0, 1] (LoadImage)."),
+            )
+            .input(
+                Port::new("mask", "Image")
+                    .doc("An image of the same height and width: white repaints."),
+            )
+            .output(Port::new("image", "Image").doc("The image with the masked region grey."))
+    }
+
+    fn execute(&self, ctx: &mut Context) -> Result<()> {
+        let image: Tensor = ctx.input("image")?;
+        let mask: Tensor = ctx.input("mask")?;
+        let (h, w, c) = image_layout(image.shape())?;
+        let (mh, mw, mc) = image_layout(mask.shape())?;
+        if (mh, mw) != (h, w) {
+            bail!(
+                "the mask is {mw}x{mh} but the image is {w}x{h}: give a mask of the image's size"
+            );
+        }
+        let unit = |t: &Tensor, what: &str| -> Result<Vec<f32>> {
+            check_cpu_data(t, what)?;
+            match t.dtype() {
+                DType::F32 => Ok(t.as_f32()?.to_vec()),
+                DType::U8 => Ok(t.bytes().iter().map(|&v| f32::from(v) / 255.0).collect()),
+                other => bail!(
+                    "the {what} must hold f32 or u8 samples, not {}",
+                    other.name()
+                ),
+            }
+        };
+        let mut out = unit(&image, "image")?;
+        let m = unit(&mask, "mask")?;
+        for p in 0..h * w {
+            if mask_value(&m[p * mc..(p + 1) * mc]) >= 0.5 {
+                out[p * c..(p + 1) * c].fill(0.5);
+            }
+        }
+        ctx.set_output("image", Tensor::from_f32(Kind::Image, &[h, w, c], &out)?)
     }
 }
 

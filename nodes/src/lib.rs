@@ -67,6 +67,7 @@ export_plugin!(
         image::LoadImage,
         image::SaveImage,
         image::PadImage,
+        image::MaskImage,
         media::audio::LoadAudio,
         media::audio::SaveAudio,
         media::audio::AudioRate,

@@ -348,7 +348,8 @@ impl Node for Sample {
             .input(Port::new("latent", "Latent").optional().doc("Sets the output shape (an EmptyLatent); may be left out with an init_latent."))
             .input(Port::new("init_latent", "Latent").optional().doc("An encoded image to start from (VAEEncode): image-to-image, and inpainting with a mask."))
             .input(Port::new("denoise", "Float").default(1.0).range(0.0, 1.0).doc("With an init_latent, the fraction of the schedule to run (diffusers' strength): the sampling starts from the init latent noised to the level of step ⌊steps·(1 − denoise)⌋."))
-            .input(Port::new("mask", "Image").optional().doc("Inpainting: where to repaint (≥ 0.5, in the first channel or the luminance of [H, W, C] pixels, or [h, w] at the latent's size); elsewhere the init latent is held at each step's noise level, and given back clean at the end."))
+            .input(Port::new("mask", "Image").optional().doc("Inpainting: where to repaint (≥ 0.5, in the first channel or the luminance of [H, W, C] pixels, or [h, w] at the latent's size); elsewhere the init latent is held at each step's noise level, and given back clean at the end. A dedicated inpainting model (SD3 with 33 input channels) takes the mask as input instead."))
+            .input(Port::new("masked_latent", "Latent").optional().doc("A dedicated inpainting model's encoded masked image: the image through MaskImage and VAEEncode."))
             .input(Port::new("sampler", "String").default("auto").choices(&["auto", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "flow_euler", "flow_heun", "rf_solver", "unipc"]).doc("The scheduler."))
             .input(Port::new("scheduler_config", "String").default("").doc("A diffusers scheduler_config.json (relative to the graph's folder); empty for the class defaults."))
             .input(Port::new("karras", "Bool").default(false).doc("Karras sigmas (euler, heun, dpmpp_2m, unipc)."))
@@ -487,8 +488,33 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         bail!("denoise {denoise} needs an init_latent to start from");
     }
     let mask: Option<Tensor> = if invert { None } else { ctx.input_opt("mask")? };
-    if mask.is_some() && init.is_none() {
+    // A dedicated inpainting model reads the mask and the masked image itself, and its
+    // output is not blended with the init latent (as diffusers' 33-channel SD3 inpainting).
+    let inpaint_model = info.reads(ditflow_plugin::conditioning::MASKED_IMAGE_LATENTS);
+    let masked_latent: Option<Tensor> = if invert {
+        None
+    } else {
+        ctx.input_opt("masked_latent")?
+    };
+    if inpaint_model {
+        if mask.is_none() || masked_latent.is_none() {
+            bail!(
+                "this is an inpainting model: connect a 'mask' and a 'masked_latent' (the image \
+                 through MaskImage and VAEEncode)"
+            );
+        }
+    } else if masked_latent.is_some() {
+        bail!("masked_latent is for dedicated inpainting models, and this model reads none");
+    } else if mask.is_some() && init.is_none() {
         bail!("a mask needs the init_latent it keeps outside the mask");
+    }
+    if let Some(m) = &masked_latent {
+        if m.shape() != &s[..] {
+            bail!(
+                "the masked latent is {:?} but the latent is {s:?}",
+                m.shape()
+            );
+        }
     }
     let text = info.reads(ditflow_plugin::conditioning::TOKENS);
     if text && positive.is_none() {
@@ -581,6 +607,28 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         Some(m) => Some(latent_mask(m, &s)?.to_device(device)?),
         None => None,
     };
+    // The mask and masked image as the inpainting model's conditioning, for every row.
+    let inpaint_parts = |rows: usize| -> Result<Vec<(String, Tensor)>> {
+        let (Some(m), Some(ml), true) = (&mask, &masked_latent, inpaint_model) else {
+            return Ok(Vec::new());
+        };
+        let ml = ml.to_device(device)?;
+        let per = rows / batch;
+        let ms = vec![m; rows];
+        let mls = vec![&ml; per];
+        Ok(vec![
+            (
+                ditflow_plugin::conditioning::INPAINT_MASK.to_string(),
+                ditflow_plugin::ops::concat(&ms, 0)?,
+            ),
+            (
+                ditflow_plugin::conditioning::MASKED_IMAGE_LATENTS.to_string(),
+                ditflow_plugin::ops::concat(&mls, 0)?,
+            ),
+        ])
+    };
+    // Latent blending, for models that do not inpaint by themselves.
+    let blend = if inpaint_model { None } else { mask.clone() };
     let method = match ctx.input::<String>("guidance_method")?.as_str() {
         "apg" => samplers::guidance::Method::Apg {
             eta: ctx.input("apg_eta")?,
@@ -617,6 +665,11 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         }
         None => (Vec::new(), Vec::new()),
     };
+    let (mut conditioning, mut cond_only) = (conditioning, cond_only);
+    conditioning.extend(inpaint_parts(rows)?);
+    if guided {
+        cond_only.extend(inpaint_parts(batch)?);
+    }
     let guidance = if info.reads("guidance") {
         Some(scalar(ctx.input::<f64>("guidance")? as f32)?)
     } else {
@@ -789,7 +842,7 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         x = samplers::apply_step(step, i, &x, &out, fresh.as_ref(), &mut history)?;
         // Inpainting: outside the mask, the init latent at the next step's level (clean
         // after the last step).
-        if let (Some(m), Some(x0)) = (&mask, &init) {
+        if let (Some(m), Some(x0)) = (&blend, &init) {
             let kept = match steps_run.get(i + 1) {
                 Some(next) => noised(x0, next.sigma)?,
                 None => x0.clone(),
@@ -967,11 +1020,7 @@ fn latent_mask(m: &Tensor, s: &[usize]) -> Result<Tensor> {
     for y in 0..h {
         for x in 0..w {
             let at = ((y * fy) * mw + x * fx) * c;
-            let value = if c >= 3 {
-                (0.299 * v[at] + 0.587 * v[at + 1] + 0.114 * v[at + 2]) * scale
-            } else {
-                v[at] * scale
-            };
+            let value = crate::image::mask_value(&v[at..at + c]) * scale;
             out.push(if value >= 0.5 { 1.0f32 } else { 0.0 });
         }
     }

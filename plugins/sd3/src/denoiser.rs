@@ -29,13 +29,23 @@ impl Object for Sd3Model {
     const TAG: &'static str = "ditflow-sd3.model";
 }
 
+/// The conditioning a 33-channel inpainting model reads, in the order its input joins them.
+const INPAINT_PARTS: [&str; 2] = [
+    ditflow_plugin::conditioning::INPAINT_MASK,
+    ditflow_plugin::conditioning::MASKED_IMAGE_LATENTS,
+];
+
 impl Denoiser for Sd3Model {
     fn describe(&self) -> DenoiserInfo {
         let m = &self.sd3;
         DenoiserInfo {
             prediction: Prediction::Flow,
             latent_layout: "BCHW".into(),
-            latent_channels: m.in_channels,
+            latent_channels: if m.inpaints() {
+                m.out_channels
+            } else {
+                m.in_channels
+            },
             patch_size: m.patch,
             streams: ["image", "text"]
                 .iter()
@@ -58,6 +68,11 @@ impl Denoiser for Sd3Model {
                 | ditflow_plugin::abi::DF_CAP_ATTENTION_MASK,
             conditioning: ["encoder_hidden_states", "pooled_projections", "skip_layers"]
                 .iter()
+                .chain(if m.inpaints() {
+                    &INPAINT_PARTS[..]
+                } else {
+                    &[]
+                })
                 .map(|s| s.to_string())
                 .collect(),
         }
@@ -66,6 +81,15 @@ impl Denoiser for Sd3Model {
     fn forward(&self, call: &Call, inputs: &Inputs, hooks: &Hooks) -> Result<Tensor> {
         let dl = self.deltas.get(hooks, &self.linears, self.sd3.device)?;
         let x = inputs.require("hidden_states")?;
+        // An inpainting model's input: the latent, the mask and the masked image's latent.
+        let joined;
+        let x = if self.sd3.inpaints() {
+            let [mask, masked] = INPAINT_PARTS.map(|n| inputs.require(n));
+            joined = ditflow_plugin::ops::concat(&[x, mask?, masked?], 1)?;
+            &joined
+        } else {
+            x
+        };
         let batch = x.shape().first().copied().unwrap_or(0);
         let t = match inputs.get("timestep") {
             Some(t) => t.to_f32_vec()?,

@@ -370,6 +370,12 @@ impl Sd3 {
         Ok((img, txt))
     }
 
+    /// Whether this is an inpainting model (StableDiffusion3InpaintPipeline's 33 channels):
+    /// its input is the latent, a 1-channel mask and the masked image's latent.
+    pub fn inpaints(&self) -> bool {
+        self.in_channels == 2 * self.out_channels + 1
+    }
+
     /// The inputs checked and embedded: patch tokens with their cropped positions, the context
     /// tokens, and `silu` of the timestep-plus-pooled-text embedding.
     pub fn embed(&self, inp: &Inputs, dl: &LinearDeltas) -> Result<Embedded> {

@@ -11,6 +11,14 @@ use crate::{Error, FromValue, IntoValue, Kind, Result, Tensor, Value};
 /// The name a bare conditioning tensor stands for.
 pub const TOKENS: &str = "encoder_hidden_states";
 
+/// A dedicated inpainting model's mask, `[B, 1, h, w]` at the latent's size, 1 where it
+/// repaints (`Sample` gives it to a model that reads it).
+pub const INPAINT_MASK: &str = "inpaint_mask";
+
+/// A dedicated inpainting model's encoded masked image, `[B, C, h, w]` like the latent: the
+/// picture with the repainted region set to grey, through the VAE.
+pub const MASKED_IMAGE_LATENTS: &str = "masked_image_latents";
+
 /// Named conditioning tensors, in the order they were added; names are unique.
 #[derive(Clone, Default)]
 pub struct Conditioning {
