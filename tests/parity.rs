@@ -1035,6 +1035,63 @@ fn flux_graph_matches_flux_pipeline() {
 }
 
 #[test]
+fn flux_fill_graph_matches_flux_fill_pipeline() {
+    // graphs/flux_fill.yaml against FluxFillPipeline: a Fill transformer (in_channels 2·64 +
+    // 4·2², the mask folded 2×2 pixels per latent pixel for the tiny VAE) reading the masked
+    // image's latent and the mask beside the latent, strength 1, guidance 30, no latent
+    // blending. From ditflow's noise, seed 12. Tolerance 1e-3 as above.
+    let sets = [
+        ("steps", "4"),
+        ("guidance", "30"),
+        ("t5_tokens", "16"),
+        ("seed", "12"),
+    ];
+    let refs = ("io_fill.safetensors", "out.latent", "out.image");
+    let (latent, image) =
+        graph_pipeline_error_against("flux_fill.yaml", "flux_pipeline", refs, &sets);
+    assert!(latent <= 1e-3 && image <= 1e-3, "{latent:.2e} {image:.2e}");
+    // A mask at the latent's size reaches the Fill model, which needs it at the image's: a
+    // clear error naming the model and the sizes.
+    let dir = common::temp_dir("flux-fill-bad");
+    let small = dir.join("small_mask.png");
+    let mut enc = png::Encoder::new(std::fs::File::create(&small).unwrap(), 8, 8);
+    enc.set_color(png::ColorType::Grayscale);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header()
+        .unwrap()
+        .write_image_data(&[255; 64])
+        .unwrap();
+    let text = std::fs::read_to_string(common::repo().join("graphs/flux_fill.yaml"))
+        .unwrap()
+        .replace(
+            "mask: mask_in.image, masked_latent",
+            "mask: small.image, masked_latent",
+        )
+        .replace(
+            "nodes:\n",
+            &format!("nodes:\n  small: {{type: LoadImage, inputs: {{path: {small:?}}}}}\n"),
+        );
+    let g = Graph::from_yaml(&text, "flux_fill.yaml", &common::repo().join("graphs")).unwrap();
+    let args = [
+        ("steps".to_string(), ditflow::ArgValue::Text("2".into())),
+        (
+            "t5_tokens".to_string(),
+            ditflow::ArgValue::Text("16".into()),
+        ),
+    ];
+    let opts = RunOptions {
+        out_dir: dir,
+        ..RunOptions::default()
+    };
+    let report = session().run(&g, &args, &opts).unwrap();
+    let failed = format!("{:?}", report.failed);
+    assert!(
+        failed.contains("Flux Fill") && failed.contains("[1, 1, 16, 16]"),
+        "{failed}"
+    );
+}
+
+#[test]
 fn conditioning_that_does_not_fit_the_model_is_a_clear_error() {
     // SD3 given plain T5 tokens (no pooled projections): the error names what the model reads
     // and what the conditioning gave. A negative encoded differently from the positive: the

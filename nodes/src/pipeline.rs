@@ -348,7 +348,7 @@ impl Node for Sample {
             .input(Port::new("latent", "Latent").optional().doc("Sets the output shape (an EmptyLatent); may be left out with an init_latent."))
             .input(Port::new("init_latent", "Latent").optional().doc("An encoded image to start from (VAEEncode): image-to-image, and inpainting with a mask."))
             .input(Port::new("denoise", "Float").default(1.0).range(0.0, 1.0).doc("With an init_latent, the fraction of the schedule to run (diffusers' strength): the sampling starts from the init latent noised to the level of step ⌊steps·(1 − denoise)⌋."))
-            .input(Port::new("mask", "Image").optional().doc("Inpainting: where to repaint (≥ 0.5, in the first channel or the luminance of [H, W, C] pixels, or [h, w] at the latent's size); elsewhere the init latent is held at each step's noise level, and given back clean at the end. A dedicated inpainting model (SD3 with 33 input channels) takes the mask as input instead."))
+            .input(Port::new("mask", "Image").optional().doc("Inpainting: where to repaint (≥ 0.5, in the first channel or the luminance of [H, W, C] pixels, or [h, w] at the latent's size); elsewhere the init latent is held at each step's noise level, and given back clean at the end. A dedicated inpainting model (SD3 with 33 input channels, FLUX.1-Fill) takes the mask as input instead."))
             .input(Port::new("masked_latent", "Latent").optional().doc("A dedicated inpainting model's encoded masked image: the image through MaskImage and VAEEncode."))
             .input(Port::new("sampler", "String").default("auto").choices(&["auto", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "lcm", "flow_euler", "flow_heun", "rf_solver", "unipc"]).doc("The scheduler."))
             .input(Port::new("scheduler_config", "String").default("").doc("A diffusers scheduler_config.json (relative to the graph's folder); empty for the class defaults."))
@@ -603,29 +603,38 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
         }
         None => 0,
     };
+    // The mask at the image's size, for an inpainting model that folds pixels into channels.
+    let mask_pixels = match &mask {
+        Some(m) if info.reads(ditflow_plugin::conditioning::INPAINT_MASK_PIXELS) => {
+            Some(pixel_mask(m)?.to_device(device)?)
+        }
+        _ => None,
+    };
     let mask = match &mask {
         Some(m) => Some(latent_mask(m, &s)?.to_device(device)?),
         None => None,
     };
-    // The mask and masked image as the inpainting model's conditioning, for every row.
+    // The mask and masked image as the inpainting model's conditioning (the parts it reads),
+    // for every row.
     let inpaint_parts = |rows: usize| -> Result<Vec<(String, Tensor)>> {
         let (Some(m), Some(ml), true) = (&mask, &masked_latent, inpaint_model) else {
             return Ok(Vec::new());
         };
-        let ml = ml.to_device(device)?;
-        let per = rows / batch;
-        let ms = vec![m; rows];
-        let mls = vec![&ml; per];
-        Ok(vec![
-            (
-                ditflow_plugin::conditioning::INPAINT_MASK.to_string(),
-                ditflow_plugin::ops::concat(&ms, 0)?,
-            ),
-            (
-                ditflow_plugin::conditioning::MASKED_IMAGE_LATENTS.to_string(),
-                ditflow_plugin::ops::concat(&mls, 0)?,
-            ),
-        ])
+        let repeat = |t: &Tensor, n: usize| ditflow_plugin::ops::concat(&vec![t; n], 0);
+        use ditflow_plugin::conditioning::{
+            INPAINT_MASK, INPAINT_MASK_PIXELS, MASKED_IMAGE_LATENTS,
+        };
+        let mut parts = vec![(
+            MASKED_IMAGE_LATENTS.to_string(),
+            repeat(&ml.to_device(device)?, rows / batch)?,
+        )];
+        if info.reads(INPAINT_MASK) {
+            parts.push((INPAINT_MASK.to_string(), repeat(m, rows)?));
+        }
+        if let Some(p) = &mask_pixels {
+            parts.push((INPAINT_MASK_PIXELS.to_string(), repeat(p, rows)?));
+        }
+        Ok(parts)
     };
     // Latent blending, for models that do not inpaint by themselves.
     let blend = if inpaint_model { None } else { mask.clone() };
@@ -1024,6 +1033,36 @@ fn latent_mask(m: &Tensor, s: &[usize]) -> Result<Tensor> {
             out.push(if value >= 0.5 { 1.0f32 } else { 0.0 });
         }
     }
+    Tensor::from_f32(Kind::Tensor, &[1, 1, h, w], &out)
+}
+
+/// An inpainting mask `[1, 1, H, W]` of 0s and 1s at the pixels' own size, from `[H, W]` or
+/// `[H, W, C]` (the luminance of 3 channels, else the first), binarized at 0.5.
+fn pixel_mask(m: &Tensor) -> Result<Tensor> {
+    let (h, w, c) = match *m.shape() {
+        [h, w] => (h, w, 1),
+        [h, w, c] if c > 0 => (h, w, c),
+        _ => bail!(
+            "the mask must be [H, W] or [H, W, C] pixels, got {:?}",
+            m.shape()
+        ),
+    };
+    let v = m.cast(DType::F32)?.to_device(Device::Cpu)?.to_f32_vec()?;
+    let scale = if m.dtype() == DType::U8 {
+        1.0 / 255.0
+    } else {
+        1.0
+    };
+    let out: Vec<f32> = v
+        .chunks_exact(c)
+        .map(|p| {
+            if crate::image::mask_value(p) * scale >= 0.5 {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
     Tensor::from_f32(Kind::Tensor, &[1, 1, h, w], &out)
 }
 

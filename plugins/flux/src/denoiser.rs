@@ -48,11 +48,17 @@ impl Denoiser for FluxModel {
         if m.guidance_embedder.is_some() {
             conditioning.push("guidance");
         }
+        if m.fill_fold().is_some() {
+            conditioning.extend(FILL_PARTS);
+        }
         DenoiserInfo {
             prediction: Prediction::Flow,
             // Sample's latents are the VAE's [B, C, H, W]; the forward packs them 2×2.
             latent_layout: "BCHW".into(),
-            latent_channels: m.in_channels / (PACK * PACK),
+            latent_channels: match m.fill_fold() {
+                Some(_) => m.out_channels,
+                None => m.in_channels,
+            } / (PACK * PACK),
             patch_size: PACK,
             streams: vec![
                 StreamInfo {
@@ -100,7 +106,10 @@ impl Denoiser for FluxModel {
         let image_ids;
         let (x, img_ids) = match spatial {
             Some((h, w)) => {
-                packed = ditflow_nn::pack_latents(x, PACK)?;
+                packed = match self.flux.fill_fold() {
+                    Some(f) => fill_tokens(x, inputs, f)?,
+                    None => ditflow_nn::pack_latents(x, PACK)?,
+                };
                 image_ids = match inputs.get("img_ids") {
                     Some(ids) => ids.clone(),
                     None => latent_image_ids(h, w)?,
@@ -152,6 +161,46 @@ impl Denoiser for FluxModel {
 
 /// Flux's latent packing: 2×2 latent pixels per token.
 const PACK: usize = 2;
+
+/// The conditioning Flux Fill reads: the masked image's latent and the mask at the image's size.
+const FILL_PARTS: [&str; 2] = [
+    ditflow_plugin::conditioning::MASKED_IMAGE_LATENTS,
+    ditflow_plugin::conditioning::INPAINT_MASK_PIXELS,
+];
+
+/// Flux Fill's input tokens for latents `x` `[B, C, h, w]`, as FluxFillPipeline joins them: the
+/// latent, the masked image's latent and the mask folded `f`×`f` pixels per latent pixel into
+/// `f²` channels, each packed 2×2, then concatenated on channels.
+fn fill_tokens(x: &Tensor, inputs: &Inputs, f: usize) -> Result<Tensor> {
+    let [masked, mask] = FILL_PARTS.map(|n| inputs.require(n));
+    let (masked, mask) = (masked?, mask?);
+    let xs = x.shape();
+    let (b, h, w) = (xs[0], xs[2], xs[3]);
+    if masked.shape() != xs {
+        bail!(
+            "Flux Fill: masked_image_latents must be {xs:?} like the latent, got {:?}",
+            masked.shape()
+        );
+    }
+    if mask.shape() != [b, 1, h * f, w * f] {
+        bail!(
+            "Flux Fill: the mask must be [{b}, 1, {}, {}], the image's size ({f}× the latent's \
+             {h}x{w}), got {:?}",
+            h * f,
+            w * f,
+            mask.shape()
+        );
+    }
+    let (bi, hi, wi, fi) = (b as i64, h as i64, w as i64, f as i64);
+    let folded = mask
+        .cast(x.dtype())?
+        .reshape(&[bi, hi, fi, wi, fi])?
+        .permute(&[0, 2, 4, 1, 3])?
+        .reshape(&[bi, fi * fi, hi, wi])?;
+    let parts = [x, masked, &folded].map(|t| ditflow_nn::pack_latents(t, PACK));
+    let [a, m, k] = parts;
+    ditflow_plugin::ops::concat(&[&a?, &m?, &k?], 2)
+}
 
 /// FluxPipeline's `_prepare_latent_image_ids`: `[h·w, 3]` with (0, row, column) per token.
 pub fn latent_image_ids(h: usize, w: usize) -> Result<Tensor> {
@@ -233,7 +282,9 @@ impl Node for LoadFlux {
                  forward reads diffusers' names: hidden_states (packed latents with their \
                  img_ids, or [B, 16, H, W] latents packed inside), encoder_hidden_states, \
                  pooled_projections, timestep in [0, 1], txt_ids (zeros when absent) and, for \
-                 dev, guidance.",
+                 dev, guidance. FLUX.1-Fill (in_channels 2·out + 4·f², 384) inpaints by itself: \
+                 it also reads masked_image_latents and the mask at the image's size, which \
+                 Sample gives it from its mask and masked_latent inputs.",
             )
             .input(
                 Port::new("path", "String").doc(

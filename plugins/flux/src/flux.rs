@@ -337,6 +337,19 @@ impl Flux {
         joint.gated_residual(&blk.proj_out.apply(&both, "none", dl)?, &m[2])
     }
 
+    /// Flux Fill (FluxFillPipeline's inpainting model): `Some(f)` when the input channels
+    /// hold, beside the packed latent, the masked image's packed latent and the mask folded
+    /// `f`×`f` pixels per latent pixel into channels, then packed (`in = 2·out + 4·f²`; 384 for
+    /// FLUX.1-Fill with the VAE's 8).
+    pub fn fill_fold(&self) -> Option<usize> {
+        let extra = self.in_channels.checked_sub(2 * self.out_channels)?;
+        if extra == 0 || !extra.is_multiple_of(4) {
+            return None;
+        }
+        let f = (((extra / 4) as f64).sqrt().round()) as usize;
+        (f * f == extra / 4).then_some(f)
+    }
+
     /// The inputs checked and embedded (the position ids are checked here and turned into
     /// RoPE tables by [`Flux::rope`]).
     pub fn embed(&self, inp: &Inputs, dl: &LinearDeltas) -> Result<Embedded> {

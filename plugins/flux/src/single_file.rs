@@ -227,6 +227,7 @@ pub fn config(file: &Path, w: &HashMap<String, Tensor>) -> Result<serde_json::Va
         "_class_name": "FluxTransformer2DModel",
         "patch_size": 1,
         "in_channels": x[1],
+        "out_channels": shape("proj_out.weight")?[0],
         "num_layers": block_count(w, "transformer_blocks."),
         "num_single_layers": block_count(w, "single_transformer_blocks."),
         "attention_head_dim": head_dim,

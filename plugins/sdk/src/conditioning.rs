@@ -15,6 +15,10 @@ pub const TOKENS: &str = "encoder_hidden_states";
 /// repaints (`Sample` gives it to a model that reads it).
 pub const INPAINT_MASK: &str = "inpaint_mask";
 
+/// A dedicated inpainting model's mask at the image's size, `[B, 1, H, W]` of 0s and 1s (1
+/// where it repaints), for models that fold pixels into channels (Flux Fill).
+pub const INPAINT_MASK_PIXELS: &str = "inpaint_mask_pixels";
+
 /// A dedicated inpainting model's encoded masked image, `[B, C, h, w]` like the latent: the
 /// picture with the repainted region set to grey, through the VAE.
 pub const MASKED_IMAGE_LATENTS: &str = "masked_image_latents";
