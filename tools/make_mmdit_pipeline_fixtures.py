@@ -173,6 +173,17 @@ def sd3(seed=100):
     sd3_img2img(out, pipe, noise_seed, steps, cfg, t5_tokens)
 
 
+def test_picture():
+    """The 16x16 test picture (sd3_pipeline/init.png) and its mask (mask.png, 255 = repaint)."""
+    import numpy as np
+
+    y, x = np.mgrid[0:16, 0:16]
+    pixels = np.stack([(x * 16) % 256, (y * 16) % 256, ((x + y) * 8) % 256], axis=-1).astype(np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 2:10] = 255
+    return pixels, mask
+
+
 def sd3_img2img(out, pipe, noise_seed, steps, cfg, t5_tokens):
     """StableDiffusion3Img2ImgPipeline and StableDiffusion3InpaintPipeline on the same parts, from
     init.png (and mask.png, 1 = repaint), with ditflow's noise and the VAE's mean as the image
@@ -186,11 +197,8 @@ def sd3_img2img(out, pipe, noise_seed, steps, cfg, t5_tokens):
     from diffusers.pipelines.stable_diffusion_3 import (pipeline_stable_diffusion_3_img2img as m_img2img,
                                                          pipeline_stable_diffusion_3_inpaint as m_inpaint)
 
-    y, x = np.mgrid[0:16, 0:16]
-    pixels = np.stack([(x * 16) % 256, (y * 16) % 256, ((x + y) * 8) % 256], axis=-1).astype(np.uint8)
+    pixels, mask = test_picture()
     Image.fromarray(pixels).save(os.path.join(out, "init.png"))
-    mask = np.zeros((16, 16), np.uint8)
-    mask[4:12, 2:10] = 255
     Image.fromarray(mask).save(os.path.join(out, "mask.png"))
     noise = philox_randn((1, 16, 8, 8), noise_seed)
     for m in (m_img2img, m_inpaint):
@@ -297,6 +305,41 @@ def flux(seed=200):
     report("flux_pipeline (true cfg 2)", latent, image)
     save_file({"out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()},
               os.path.join(out, "io_true_cfg.safetensors"))
+    flux_fill(out, pipe, noise, t5_tokens, seed + 4)
+
+
+def flux_fill(out, pipe, noise, t5_tokens, seed):
+    """A Flux Fill transformer (FLUX.1-Fill's layout: in_channels = 2·64 + 4·f² with the mask
+    folded f×f = 2×2 pixels per latent pixel for the tiny VAE) in FluxFillPipeline at strength 1,
+    guidance 30, from the same noise and the test picture and mask (sd3_pipeline's init.png and
+    mask.png), the masked image's latent the VAE's mean. Writes transformer_fill/ and
+    io_fill.safetensors: out.latent (unpacked) and out.image."""
+    from PIL import Image
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+    from diffusers.pipelines.flux import pipeline_flux_fill as m_fill
+
+    dit = randomize(FluxTransformer2DModel(
+        patch_size=1, in_channels=144, out_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4)), seed, 0.15)
+    dit.save_pretrained(os.path.join(out, "transformer_fill"), safe_serialization=True)
+    original = m_fill.retrieve_latents
+    m_fill.retrieve_latents = lambda enc, generator=None, sample_mode="sample": original(
+        enc, generator, sample_mode="argmax")
+    m_fill.randn_tensor = lambda shape, **_: noise.clone().reshape(shape)
+    fill = FluxFillPipeline(transformer=dit, scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                            tokenizer=pipe.tokenizer, text_encoder_2=pipe.text_encoder_2,
+                            tokenizer_2=pipe.tokenizer_2)
+    pixels, mask = test_picture()
+    args = dict(prompt=PROMPT, image=Image.fromarray(pixels), mask_image=Image.fromarray(mask), height=16,
+                width=16, strength=1.0, num_inference_steps=4, guidance_scale=30.0, max_sequence_length=t5_tokens)
+    with torch.no_grad():
+        latent = fill(**args, output_type="latent").images
+        image = fill(**args, output_type="pt").images
+    latent = FluxFillPipeline._unpack_latents(latent, 16, 16, 2)
+    report("flux_pipeline (fill)", latent, image)
+    save_file({"out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()},
+              os.path.join(out, "io_fill.safetensors"))
 
 
 TRUE_CFG_NEGATIVE = "a green square on a blue background"
