@@ -389,6 +389,15 @@ fn bad_sampling_settings_are_clear_errors() {
         "",
     ));
     assert!(e.contains("must decrease"), "{e}");
+    // A sampler that takes no custom list says so and names the ones that do.
+    let e = failure(&demo_graph(
+        "sampler: flow_heun, flow_sigmas: custom, sigmas: \"1.0, 0.75, 0.5, 0.25\"",
+        "",
+    ));
+    assert!(
+        e.contains("takes no custom sigmas") && e.contains("EulerDiscreteScheduler"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -778,6 +778,21 @@ fn stochastic_and_two_call_samplers_match_diffusers_in_the_pipeline() {
     assert!(e <= 1e-3, "heun {e:.2e}");
 }
 
+#[test]
+fn euler_with_custom_sigmas_matches_the_pipeline_given_them() {
+    // Sample's spacing: custom with six sigmas (the end, 0, from the config) against
+    // PixArtSigmaPipeline(sigmas=[14.6, 8, 4, 2, 1, 0.4, 0]) with EulerDiscreteScheduler. Tolerance
+    // 1e-3 as above.
+    let sampler = "euler, spacing: custom, sigmas: \"14.6, 8.0, 4.0, 2.0, 1.0, 0.4\"";
+    let e = pipeline_error(
+        "scheduler_euler",
+        sampler,
+        "io_custom_sigmas.safetensors",
+        "image",
+    );
+    assert!(e <= 1e-3, "{e:.2e}");
+}
+
 /// Runs the shipped graph `graphs/{graph}` on pipeline fixture `fixture` (its defaults point
 /// there) with `sets`, and returns the largest relative errors of the final latent and the image
 /// against the diffusers pipeline's (`out.latent` and `out.image` of its io.safetensors).

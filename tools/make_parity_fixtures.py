@@ -351,6 +351,37 @@ def pipeline_samplers():
     save_file(images, os.path.join(out, "io_samplers.safetensors"))
 
 
+# Custom sigmas for the Euler pipeline run: σ per step, then the final 0.
+CUSTOM_SIGMAS = [14.6, 8.0, 4.0, 2.0, 1.0, 0.4, 0.0]
+
+
+def pipeline_custom_sigmas():
+    """The pipeline fixture's models under EulerDiscreteScheduler (scheduler_euler/) with custom
+    sigmas (PixArtSigmaPipeline's sigmas=CUSTOM_SIGMAS), from the same noise. Writes
+    pipeline/io_custom_sigmas.safetensors (out.image); reads what pipeline() wrote, so it can run
+    alone: make_parity_fixtures.py pipeline_custom_sigmas."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast, T5EncoderModel
+
+    out = os.path.join(ROOT, "pipeline")
+    tok = Tokenizer.from_file(os.path.join(out, "text_encoder", "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    te = T5EncoderModel.from_pretrained(os.path.join(out, "text_encoder"))
+    dit = PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"))
+    vae = AutoencoderKL.from_pretrained(os.path.join(out, "vae"))
+    sched = EulerDiscreteScheduler.from_pretrained(os.path.join(out, "scheduler_euler"))
+    pipe = PixArtSigmaPipeline(tokenizer=fast, text_encoder=te, vae=vae, transformer=dit, scheduler=sched)
+    noise = philox_randn((1, 4, 8, 8), 7)
+    with torch.no_grad():
+        image = pipe(prompt="a red circle on a blue background", negative_prompt="", sigmas=CUSTOM_SIGMAS,
+                     guidance_scale=3.0, height=16, width=16, latents=noise.clone(), output_type="pt",
+                     clean_caption=False, use_resolution_binning=False, max_sequence_length=12).images
+    save_file({"out.image": image[0].permute(1, 2, 0).contiguous()},
+              os.path.join(out, "io_custom_sigmas.safetensors"))
+    print(f"pipeline (euler, custom sigmas {CUSTOM_SIGMAS})")
+
+
 def pipeline_img2img(out, fast, te, dit, vae, noise, steps, cfg, strength=0.6):
     """Image-to-image on the PixArt pipeline's parts with its DPM-Solver++ as diffusers' img2img
     pipelines do it (PixArt has no img2img pipeline of its own): the schedule cut at
@@ -399,6 +430,9 @@ def main():
     if sys.argv[1:] == ["pipeline_samplers"]:
         pipeline_samplers()
         return
+    if sys.argv[1:] == ["pipeline_custom_sigmas"]:
+        pipeline_custom_sigmas()
+        return
     pixart("pixart_alpha", True, 10)
     pixart("pixart_sigma", False, 20)
     dit(30)
@@ -409,6 +443,7 @@ def main():
     clip("clip", False, 2, 70)
     clip("clip_projection", True, 49, 80)
     pipeline_samplers()
+    pipeline_custom_sigmas()
 
 
 if __name__ == "__main__":

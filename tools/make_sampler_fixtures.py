@@ -100,7 +100,8 @@ def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shif
 FLUX_MU_1024 = calculate_shift(1024)
 
 # name: (class, config, steps, extra); extra: sigmas_source ("pipeline" = Flux's
-# linspace(1, 1/n, n), "scheduler_default" = none passed, as SD3) and mu.
+# linspace(1, 1/n, n), "scheduler_default" = none passed, as SD3), mu, and custom_sigmas (the list
+# given to set_timesteps, with its end: steps is one fewer).
 TRAJECTORIES = {
     "ddim_leading_epsilon": ("DDIMScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), 10, {}),
     "ddim_trailing_v": ("DDIMScheduler", dict(clip_sample=False, timestep_spacing="trailing", prediction_type="v_prediction"), 7, {}),
@@ -147,6 +148,9 @@ TRAJECTORIES = {
     "unipc_3_from_2": ("UniPCMultistepScheduler", dict(SD, solver_order=3), 8, {"start": 2}),
     "euler_beta_v": ("EulerDiscreteScheduler", dict(SD, use_beta_sigmas=True, prediction_type="v_prediction"), 9, {}),
     "dpmpp_2m_exponential": ("DPMSolverMultistepScheduler", dict(SD, use_exponential_sigmas=True), 10, {}),
+    # Custom sigmas (set_timesteps(sigmas=...), the list with its end; the steps are one fewer).
+    "euler_custom_sigmas_epsilon": ("EulerDiscreteScheduler", dict(SD), 6, {"custom_sigmas": [14.6, 9.0, 4.5, 2.0, 0.8, 0.3, 0.0]}),
+    "euler_custom_sigmas_v_end": ("EulerDiscreteScheduler", dict(SD, prediction_type="v_prediction"), 4, {"custom_sigmas": [10.0, 3.0, 1.0, 0.25, 0.05]}),
     # DDIM inversion, from the clean sample ("noise" here) up the noise levels.
     "ddim_inverse_leading_epsilon": ("DDIMInverseScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), 10, {}),
     "ddim_inverse_trailing_v": ("DDIMInverseScheduler", dict(SD, clip_sample=False, timestep_spacing="trailing", prediction_type="v_prediction"), 8, {}),
@@ -190,7 +194,9 @@ def make(cls_name, config, steps, extra):
     kwargs = {}
     if "mu" in extra:
         kwargs["mu"] = extra["mu"]
-    if extra.get("sigmas_source") == "pipeline":
+    if "custom_sigmas" in extra:
+        sched.set_timesteps(sigmas=extra["custom_sigmas"])
+    elif extra.get("sigmas_source") == "pipeline":
         kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
         sched.set_timesteps(**kwargs)
     else:

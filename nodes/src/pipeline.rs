@@ -355,8 +355,8 @@ impl Node for Sample {
             .input(Port::new("karras", "Bool").default(false).doc("Karras sigmas (euler, heun, dpmpp_2m, unipc)."))
             .input(Port::new("shift", "Float").default(0.0).range(0.0, 100.0).doc("Flow-matching shift; 0 keeps the config's."))
             .input(Port::new("flow_sigmas", "String").default("linspace").choices(&["linspace", "scheduler", "custom"]).doc("Where flow_euler's unshifted sigmas come from: linspace(1, 1/N, N) as FluxPipeline and PixArt pass them, the scheduler's own spacing, as StableDiffusion3Pipeline leaves it, or the list in `sigmas`."))
-            .input(Port::new("sigmas", "String").default("").doc("With flow_sigmas: custom, the unshifted sigmas, one per step, as a list (\"1.0, 0.75, 0.5, 0.25\"): a graph input or a Lua node can make it; the shift applies to them as to the others."))
-            .input(Port::new("spacing", "String").default("default").choices(&["default", "karras", "exponential", "beta"]).doc("The sigmas' spacing for the samplers that have them (euler, heun, dpmpp_2m, dpmpp_2m_sde; karras for unipc too): Karras's ρ = 7, evenly in log σ, or Beta(0.6, 0.6) quantiles, between the schedule's ends."))
+            .input(Port::new("sigmas", "String").default("").doc("A custom schedule as a list (\"1.0, 0.75, 0.5, 0.25\"), decreasing: a graph input or a Lua node can make it. With flow_sigmas: custom (flow_euler, rf_solver), the unshifted sigmas, one per step, which the shift applies to as to the others; with spacing: custom (euler), the model's σ, one per step and optionally the final one (else 0, or the config's final_sigmas_type), as diffusers' set_timesteps(sigmas=...)."))
+            .input(Port::new("spacing", "String").default("default").choices(&["default", "karras", "exponential", "beta", "custom"]).doc("The sigmas' spacing for the samplers that have them (euler, heun, dpmpp_2m, dpmpp_2m_sde; karras for unipc too): Karras's ρ = 7, evenly in log σ, or Beta(0.6, 0.6) quantiles, between the schedule's ends; custom (euler) takes the list in `sigmas`."))
             .input(Port::new("guidance", "Float").default(3.5).range(0.0, 100.0).doc("Distilled guidance for models with a guidance embedding (Flux dev), given to the model as its 'guidance' input; other models ignore it."))
             .input(Port::new("steps", "Int").default(20i64).range(1.0, 1000.0).doc("Sampling steps."))
             .input(Port::new("cfg", "Float").default(4.5).range(0.0, 100.0).doc("Guidance scale; 1 disables guidance."))
@@ -557,15 +557,25 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
     }
     let patch = info.patch_size.max(1);
     let tokens = (s[2] / patch) * (s[3] / patch);
+    // A custom list: flow_sigmas: custom for the flow samplers, spacing: custom for euler.
+    let custom = !invert
+        && (ctx.input::<String>("flow_sigmas")? == "custom"
+            || ctx.input::<String>("spacing")? == "custom");
     let flow_sigmas = match ctx.input::<String>("flow_sigmas")?.as_str() {
-        "scheduler" => samplers::FlowSigmas::SchedulerDefault,
-        "custom" if !invert => {
+        _ if custom => {
             let text: String = ctx.input("sigmas")?;
             let list = parse_sigmas(&text)?;
-            if list.len() != steps {
+            // Euler may add the final sigma; the flow samplers take one per step.
+            let euler = class == "EulerDiscreteScheduler";
+            if list.len() != steps && !(euler && list.len() == steps + 1) {
                 bail!(
-                    "sigmas lists {} values for {steps} steps: give one per step",
-                    list.len()
+                    "sigmas lists {} values for {steps} steps: give one per step{}",
+                    list.len(),
+                    if euler {
+                        " (and optionally the final one)"
+                    } else {
+                        ""
+                    }
                 );
             }
             if let Some(w) = list.windows(2).find(|w| w[1] >= w[0]) {
@@ -575,9 +585,10 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
                     w[1]
                 );
             }
-            samplers::FlowSigmas::Custom(list)
+            samplers::SigmaSource::Custom(list)
         }
-        _ => samplers::FlowSigmas::Pipeline,
+        "scheduler" => samplers::SigmaSource::SchedulerDefault,
+        _ => samplers::SigmaSource::Pipeline,
     };
     let sched = if invert {
         samplers::build_inversion(&sampler, &fields, steps, tokens, flow_sigmas)

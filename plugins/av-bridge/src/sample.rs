@@ -59,7 +59,7 @@ fn scheduler(
         &fields,
         steps,
         0,
-        samplers::FlowSigmas::SchedulerDefault,
+        samplers::SigmaSource::SchedulerDefault,
     )
     .map_err(e)
 }

@@ -5,9 +5,8 @@
 use crate::{
     fail, Ddim, DdimConfig, DdimInverse, Direction, DpmSolverMultistep, DpmSolverMultistepConfig,
     EulerAncestralDiscrete, EulerDiscrete, EulerDiscreteConfig, FlowEulerInversion,
-    FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig, FlowSigmas, HeunDiscrete,
-    HeunDiscreteConfig, Lcm, LcmConfig, Result, RfSolver, SamplerError, Scheduler, UniPc,
-    UniPcConfig,
+    FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig, HeunDiscrete, HeunDiscreteConfig, Lcm,
+    LcmConfig, Result, RfSolver, SamplerError, Scheduler, SigmaSource, UniPc, UniPcConfig,
 };
 use std::path::Path;
 
@@ -55,13 +54,13 @@ pub const INVERSIONS: &[(&str, &str)] = &[
 
 /// The inversion `sampler` (one of [`INVERSIONS`]) from config fields, for `steps` steps and
 /// an image of `image_seq_len` tokens (a dynamic flow shift); `flow_sigmas` as for
-/// [`build_scheduler`].
+/// [`build_scheduler`]'s `sigmas`.
 pub fn build_inversion(
     sampler: &str,
     fields: &[(String, String)],
     steps: usize,
     image_seq_len: usize,
-    flow_sigmas: FlowSigmas,
+    flow_sigmas: SigmaSource,
 ) -> Result<Box<dyn Scheduler>> {
     let pairs = fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     Ok(match sampler {
@@ -85,6 +84,13 @@ pub fn build_inversion(
         ),
     })
 }
+
+/// The classes that take a custom list of sigmas (diffusers' `set_timesteps(sigmas=...)`).
+pub const CUSTOM_SIGMA_CLASSES: &[&str] = &[
+    "EulerDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+    "RFSolver",
+];
 
 /// The diffusers classes [`build_scheduler`] knows.
 pub const CLASSES: &[&str] = &[
@@ -159,22 +165,31 @@ pub fn scheduler_fields(path: &Path) -> Result<(String, Vec<(String, String)>)> 
 }
 
 /// Builds the scheduler for `class` from config fields plus overrides, for `steps` steps and an
-/// image of `image_seq_len` tokens (Flux's dynamic shift); `flow_sigmas` says where a
-/// flow-matching schedule's unshifted sigmas come from.
+/// image of `image_seq_len` tokens (Flux's dynamic shift); `sigmas` says where the schedule's
+/// sigmas come from (custom ones only for the classes in [`CUSTOM_SIGMA_CLASSES`]).
 pub fn build_scheduler(
     class: &str,
     fields: &[(String, String)],
     steps: usize,
     image_seq_len: usize,
-    flow_sigmas: FlowSigmas,
+    sigmas: SigmaSource,
 ) -> Result<Box<dyn Scheduler>> {
+    if matches!(sigmas, SigmaSource::Custom(_)) && !CUSTOM_SIGMA_CLASSES.contains(&class) {
+        fail!(
+            "{class} takes no custom sigmas (these do: {})",
+            CUSTOM_SIGMA_CLASSES.join(", ")
+        );
+    }
     let pairs = fields.iter().map(|(k, v)| (k.as_str(), v.as_str()));
     Ok(match class {
         "DDIMScheduler" => Box::new(Ddim::new(DdimConfig::from_fields(pairs)?, steps)?),
-        "EulerDiscreteScheduler" => Box::new(EulerDiscrete::new(
-            EulerDiscreteConfig::from_fields(pairs)?,
-            steps,
-        )?),
+        "EulerDiscreteScheduler" => {
+            let c = EulerDiscreteConfig::from_fields(pairs)?;
+            Box::new(match &sigmas {
+                SigmaSource::Custom(list) => EulerDiscrete::with_sigmas(c, steps, list)?,
+                _ => EulerDiscrete::new(c, steps)?,
+            })
+        }
         "EulerAncestralDiscreteScheduler" => Box::new(EulerAncestralDiscrete::new(
             EulerDiscreteConfig::from_fields(pairs)?,
             steps,
@@ -191,7 +206,7 @@ pub fn build_scheduler(
         "RFSolver" => {
             let c = FlowMatchEulerDiscreteConfig::from_fields(pairs)?;
             let mu = c.use_dynamic_shifting.then(|| c.mu(image_seq_len));
-            Box::new(RfSolver::new(c, steps, flow_sigmas, mu, Direction::Sample)?)
+            Box::new(RfSolver::new(c, steps, sigmas, mu, Direction::Sample)?)
         }
         "DDIMInverseScheduler" => {
             Box::new(DdimInverse::new(DdimConfig::from_fields(pairs)?, steps)?)
@@ -207,7 +222,7 @@ pub fn build_scheduler(
             } else {
                 None
             };
-            Box::new(FlowMatchEulerDiscrete::new(c, steps, flow_sigmas, mu)?)
+            Box::new(FlowMatchEulerDiscrete::new(c, steps, sigmas, mu)?)
         }
         "UniPCMultistepScheduler" => {
             // Pipelines that shift UniPC dynamically pass their own mu; none here does.

@@ -163,6 +163,27 @@ impl EulerDiscrete {
     /// Builds the scheduler for `num_inference_steps` steps (diffusers' `__init__` then
     /// `set_timesteps`).
     pub fn new(config: EulerDiscreteConfig, num_inference_steps: usize) -> Result<Self> {
+        Self::check(&config)?;
+        let schedule = sigma_schedule(&config, num_inference_steps)?;
+        Self::on_schedule(config, schedule)
+    }
+
+    /// Builds the scheduler on the given sigmas (diffusers' `set_timesteps(sigmas=...)`): one per
+    /// step, each > 0 and smaller than the one before, then optionally the final one (0
+    /// usually); without it the end is `final_sigmas_type`'s. The timesteps are the training
+    /// schedule's at those sigmas.
+    pub fn with_sigmas(
+        config: EulerDiscreteConfig,
+        num_inference_steps: usize,
+        sigmas: &[f64],
+    ) -> Result<Self> {
+        Self::check(&config)?;
+        let schedule = custom_sigma_schedule(&config, num_inference_steps, sigmas)?;
+        Self::on_schedule(config, schedule)
+    }
+
+    /// The settings this scheduler does not support, refused.
+    fn check(config: &EulerDiscreteConfig) -> Result<()> {
         if config.interpolation_type != "linear" {
             fail!(
                 "EulerDiscreteScheduler: interpolation_type {:?} is not supported (only linear)",
@@ -177,11 +198,15 @@ impl EulerDiscrete {
                 "EulerDiscreteScheduler: prediction_type must be epsilon, v_prediction or sample"
             );
         }
+        Ok(())
+    }
+
+    fn on_schedule(config: EulerDiscreteConfig, schedule: SigmaSchedule) -> Result<Self> {
         let SigmaSchedule {
             timesteps,
             sigmas,
             init_noise_sigma,
-        } = sigma_schedule(&config, num_inference_steps)?;
+        } = schedule;
         let steps: Vec<Step> = timesteps
             .iter()
             .zip(sigmas.windows(2))
@@ -211,8 +236,8 @@ pub(crate) struct SigmaSchedule {
     pub init_noise_sigma: f64,
 }
 
-/// [`SigmaSchedule`] of `config` for `n` inference steps (diffusers' `set_timesteps`).
-pub(crate) fn sigma_schedule(config: &EulerDiscreteConfig, n: usize) -> Result<SigmaSchedule> {
+/// The training schedule's sigmas (float32) and their logarithms.
+fn training_sigmas(config: &EulerDiscreteConfig) -> Result<(Vec<f32>, Vec<f32>)> {
     let alphas_cumprod = schedule::alphas_cumprod(
         config.num_train_timesteps,
         config.beta_start,
@@ -220,9 +245,15 @@ pub(crate) fn sigma_schedule(config: &EulerDiscreteConfig, n: usize) -> Result<S
         config.beta_schedule,
         config.trained_betas.as_deref(),
     )?;
-    let n_train = alphas_cumprod.len();
     let table = schedule::sigmas_f32(&alphas_cumprod);
     let log_sigmas = schedule::log_f32(&table);
+    Ok((table, log_sigmas))
+}
+
+/// [`SigmaSchedule`] of `config` for `n` inference steps (diffusers' `set_timesteps`).
+pub(crate) fn sigma_schedule(config: &EulerDiscreteConfig, n: usize) -> Result<SigmaSchedule> {
+    let (table, log_sigmas) = training_sigmas(config)?;
+    let n_train = table.len();
 
     // Timesteps are float32 in diffusers.
     let mut timesteps: Vec<f64> = schedule::spaced_timesteps(
@@ -276,6 +307,67 @@ pub(crate) fn sigma_schedule(config: &EulerDiscreteConfig, n: usize) -> Result<S
         .map(|&s| s as f32)
         .chain(std::iter::once(last))
         .collect();
+    finish_schedule(config, timesteps, sigmas)
+}
+
+/// [`SigmaSchedule`] on given sigmas for `n` steps (`set_timesteps(sigmas=...)`): `n` of them,
+/// then the end from `final_sigmas_type`, or `n + 1` with the end given.
+fn custom_sigma_schedule(
+    config: &EulerDiscreteConfig,
+    n: usize,
+    given: &[f64],
+) -> Result<SigmaSchedule> {
+    schedule::check_steps(n)?;
+    let (table, log_sigmas) = training_sigmas(config)?;
+    let end = match given.len() {
+        l if l == n => None,
+        l if l == n + 1 => Some(given[n]),
+        l => fail!(
+            "EulerDiscreteScheduler: {l} sigmas given for {n} steps: give one per step, and \
+             optionally the final one"
+        ),
+    };
+    let steps = &given[..n];
+    if let Some(s) = steps.iter().find(|s| !s.is_finite() || **s <= 0.0) {
+        fail!("EulerDiscreteScheduler: each step's sigma must be finite and > 0, got {s}");
+    }
+    if let Some(w) = steps.windows(2).find(|w| w[1] >= w[0]) {
+        fail!(
+            "EulerDiscreteScheduler: the sigmas must decrease, but {} is followed by {}",
+            w[0],
+            w[1]
+        );
+    }
+    let last = match end {
+        Some(e) if !e.is_finite() || e < 0.0 || e >= steps[n - 1] => fail!(
+            "EulerDiscreteScheduler: the final sigma must be ≥ 0 and below the last step's {}, \
+             got {e}",
+            steps[n - 1]
+        ),
+        Some(e) => e as f32,
+        None => match config.final_sigmas_type {
+            FinalSigmasType::Zero => 0.0f32,
+            FinalSigmasType::SigmaMin => table[0],
+        },
+    };
+    let sigmas: Vec<f32> = steps
+        .iter()
+        .map(|&s| s as f32)
+        .chain(std::iter::once(last))
+        .collect();
+    let timesteps = sigmas[..n]
+        .iter()
+        .map(|&s| f64::from(schedule::sigma_to_t(f64::from(s), &log_sigmas) as f32))
+        .collect();
+    finish_schedule(config, timesteps, sigmas)
+}
+
+/// The continuous timesteps of v-prediction's EDM set-up, and `init_noise_sigma`.
+fn finish_schedule(
+    config: &EulerDiscreteConfig,
+    mut timesteps: Vec<f64>,
+    sigmas: Vec<f32>,
+) -> Result<SigmaSchedule> {
     if config.timestep_type == TimestepType::Continuous
         && config.prediction_type == PredictionType::VPrediction
     {
@@ -465,5 +557,37 @@ mod tests {
             c.is_ok_and(|c| EulerDiscrete::new(c, 10).is_err()),
             "two spacings"
         );
+    }
+
+    #[test]
+    fn custom_sigmas_take_the_configs_end_or_their_own() {
+        let c = EulerDiscreteConfig::default;
+        let given = [14.6, 5.0, 1.0];
+        let ends = |e: &EulerDiscrete| e.sigmas().unwrap_or_default();
+        let own = EulerDiscrete::with_sigmas(c(), 3, &[14.6, 5.0, 1.0, 0.0]).map(|e| ends(&e));
+        let zero = EulerDiscrete::with_sigmas(c(), 3, &given).map(|e| ends(&e));
+        assert_eq!(own, zero);
+        let min = EulerDiscreteConfig {
+            final_sigmas_type: FinalSigmasType::SigmaMin,
+            ..c()
+        };
+        let table = training_sigmas(&min).map(|t| f64::from(t.0[0]));
+        let last = EulerDiscrete::with_sigmas(min, 3, &given).map(|e| ends(&e)[3]);
+        assert_eq!(last, table);
+        // Too few or many, not decreasing, not positive, an end above the last step: errors
+        // that say why.
+        let bad: [(&[f64], &str); 5] = [
+            (&[14.6, 5.0], "2 sigmas given for 3 steps"),
+            (&[14.6, 5.0, 6.0], "must decrease"),
+            (&[14.6, 5.0, 0.0], "> 0"),
+            (&[14.6, 5.0, 1.0, 2.0], "final sigma"),
+            (&[14.6, 5.0, f64::NAN], "finite"),
+        ];
+        for (list, why) in bad {
+            match EulerDiscrete::with_sigmas(c(), 3, list) {
+                Err(e) => assert!(e.0.contains(why), "{list:?}: {}", e.0),
+                Ok(_) => panic!("{list:?} was accepted"),
+            }
+        }
     }
 }

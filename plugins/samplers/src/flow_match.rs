@@ -6,15 +6,16 @@
 //! `v = ε − x₀`, timesteps are `σ · num_train_timesteps`, and one step is
 //! `x_next = x + (σ_next − σ)·v`, with a final σ of 0.
 //!
-//! Sigmas: the pipelines pass `linspace(1, 1/N, N)` (Flux, [`FlowSigmas::Pipeline`]); SD3 passes
-//! none and the scheduler spaces them itself ([`FlowSigmas::SchedulerDefault`]). They are then
+//! Sigmas: the pipelines pass `linspace(1, 1/N, N)` (Flux, [`SigmaSource::Pipeline`]); SD3 passes
+//! none and the scheduler spaces them itself ([`SigmaSource::SchedulerDefault`]). They are then
 //! shifted, statically (`σ' = s·σ / (1 + (s − 1)·σ)`) or, with `use_dynamic_shifting`, by
 //! `mu` (exponential: `σ' = e^μ / (e^μ + (1/σ − 1))`; linear: `μ / (μ + (1/σ − 1))`); Flux's `mu`
 //! comes from the image's sequence length ([`calculate_shift`]). diffusers does that shifting on
 //! float32 NumPy arrays when the sigmas are given, so it is done in float32 here too (each
 //! operation rounded to float32), and the sigmas match bit for bit.
 
-use super::{fail, schedule, value, Result, Scheduler, Step};
+use super::schedule::{self, SigmaSource};
+use super::{fail, value, Result, Scheduler, Step};
 use std::str::FromStr;
 
 /// The form of the dynamic shift (diffusers' `time_shift_type`).
@@ -149,19 +150,6 @@ pub fn calculate_shift(
     image_seq_len as f64 * m + b
 }
 
-/// Where the unshifted sigmas come from.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub enum FlowSigmas {
-    /// `linspace(1, 1/N, N)`, as the Flux-style pipelines pass them.
-    #[default]
-    Pipeline,
-    /// None passed (the SD3 pipeline): the scheduler spaces the timesteps evenly between its own
-    /// training schedule's ends.
-    SchedulerDefault,
-    /// These sigmas, one per step (`set_timesteps(sigmas=...)`).
-    Custom(Vec<f64>),
-}
-
 /// `FlowMatchEulerDiscreteScheduler` set up for a number of inference steps.
 #[derive(Debug, Clone)]
 pub struct FlowMatchEulerDiscrete {
@@ -187,7 +175,7 @@ impl FlowMatchEulerDiscrete {
     pub fn new(
         config: FlowMatchEulerDiscreteConfig,
         num_inference_steps: usize,
-        sigmas: FlowSigmas,
+        sigmas: SigmaSource,
         mu: Option<f64>,
     ) -> Result<Self> {
         let c = &config;
@@ -234,14 +222,14 @@ impl FlowMatchEulerDiscrete {
         };
         // (unshifted sigmas, the rounding of the arithmetic that shifts them)
         let (raw, q): (Vec<f64>, fn(f64) -> f64) = match sigmas {
-            FlowSigmas::Pipeline => (
+            SigmaSource::Pipeline => (
                 schedule::np_linspace(1.0, 1.0 / num_inference_steps as f64, num_inference_steps)
                     .into_iter()
                     .map(f32r)
                     .collect(),
                 f32r,
             ),
-            FlowSigmas::Custom(s) => {
+            SigmaSource::Custom(s) => {
                 if s.len() != num_inference_steps {
                     fail!(
                         "FlowMatchEulerDiscreteScheduler: {} sigmas given for {num_inference_steps} steps",
@@ -250,7 +238,7 @@ impl FlowMatchEulerDiscrete {
                 }
                 (s.into_iter().map(f32r).collect(), f32r)
             }
-            FlowSigmas::SchedulerDefault => {
+            SigmaSource::SchedulerDefault => {
                 // The training schedule's ends, as `__init__` computes them in float32: the
                 // sigmas t/N for t = N..1, statically shifted unless the shift is dynamic.
                 let init = |s: f64| {
@@ -358,7 +346,7 @@ mod tests {
 
     #[test]
     fn shift_one_keeps_the_linspace() {
-        let s = FlowMatchEulerDiscrete::new(Default::default(), 4, FlowSigmas::Pipeline, None);
+        let s = FlowMatchEulerDiscrete::new(Default::default(), 4, SigmaSource::Pipeline, None);
         let s = s.ok().and_then(|s| s.sigmas()).unwrap_or_default();
         assert_eq!(s, vec![1.0, 0.75, 0.5, 0.25, 0.0]);
     }
@@ -369,20 +357,20 @@ mod tests {
             use_dynamic_shifting: true,
             ..Default::default()
         };
-        assert!(FlowMatchEulerDiscrete::new(dynamic, 4, FlowSigmas::Pipeline, None).is_err());
+        assert!(FlowMatchEulerDiscrete::new(dynamic, 4, SigmaSource::Pipeline, None).is_err());
         let c = FlowMatchEulerDiscreteConfig::default();
-        assert!(FlowMatchEulerDiscrete::new(c.clone(), 0, FlowSigmas::Pipeline, None).is_err());
-        let custom = FlowSigmas::Custom(vec![1.0, 0.5]);
+        assert!(FlowMatchEulerDiscrete::new(c.clone(), 0, SigmaSource::Pipeline, None).is_err());
+        let custom = SigmaSource::Custom(vec![1.0, 0.5]);
         assert!(FlowMatchEulerDiscrete::new(c.clone(), 3, custom, None).is_err());
         let bad = FlowMatchEulerDiscreteConfig {
             shift: 0.0,
             ..c.clone()
         };
-        assert!(FlowMatchEulerDiscrete::new(bad, 4, FlowSigmas::Pipeline, None).is_err());
+        assert!(FlowMatchEulerDiscrete::new(bad, 4, SigmaSource::Pipeline, None).is_err());
         for k in ["invert_sigmas", "use_karras_sigmas", "stochastic_sampling"] {
             let mut c = c.clone();
             assert_eq!(c.set(k, "true"), Ok(true));
-            assert!(FlowMatchEulerDiscrete::new(c, 4, FlowSigmas::Pipeline, None).is_err());
+            assert!(FlowMatchEulerDiscrete::new(c, 4, SigmaSource::Pipeline, None).is_err());
         }
     }
 }

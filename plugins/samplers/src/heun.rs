@@ -17,7 +17,8 @@
 //! through x̂₀, so `clip_sample` clamps it as diffusers does.
 
 use super::euler::{sigma_schedule, EulerDiscreteConfig, SigmaSchedule};
-use super::flow_match::{FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig, FlowSigmas};
+use super::flow_match::{FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig};
+use super::schedule::SigmaSource;
 use super::{fail, value, Corrector, PredictionType, Result, Scheduler, Step};
 
 /// The fields of a `HeunDiscreteScheduler` config, with diffusers' defaults.
@@ -139,7 +140,7 @@ impl HeunDiscrete {
         let euler = FlowMatchEulerDiscrete::new(
             config,
             num_inference_steps,
-            FlowSigmas::SchedulerDefault,
+            SigmaSource::SchedulerDefault,
             None,
         )
         .map_err(|e| super::SamplerError(e.0.replace("FlowMatchEuler", "FlowMatchHeun")))?;

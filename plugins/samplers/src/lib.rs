@@ -78,19 +78,18 @@ use std::str::FromStr;
 
 pub use config::{
     build_inversion, build_scheduler, quote_python_constants, scheduler_fields, scheduler_for,
-    ModelPrediction, Sampler, CLASSES, INVERSIONS, SAMPLERS,
+    ModelPrediction, Sampler, CLASSES, CUSTOM_SIGMA_CLASSES, INVERSIONS, SAMPLERS,
 };
 pub use ddim::{Ddim, DdimConfig, DdimInverse};
 pub use dpmpp_2m::{DpmSolverMultistep, DpmSolverMultistepConfig, SolverType};
 pub use euler::{EulerAncestralDiscrete, EulerDiscrete, EulerDiscreteConfig, TimestepType};
 pub use flow_match::{
-    calculate_shift, FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig, FlowSigmas,
-    TimeShiftType,
+    calculate_shift, FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig, TimeShiftType,
 };
 pub use heun::{HeunDiscrete, HeunDiscreteConfig};
 pub use lcm::{Lcm, LcmConfig};
 pub use rf_solver::{Direction, FlowEulerInversion, RfSolver};
-pub use schedule::BetaSchedule;
+pub use schedule::{BetaSchedule, SigmaSource};
 pub use unipc::{UniPc, UniPcConfig, UniPcSolverType};
 
 /// An error from building a scheduler or running one: an unsupported option, a bad value, a

@@ -18,7 +18,8 @@
 //! is called at timestep `σ · num_train_timesteps`. [`FlowEulerInversion`] is plain Euler up the
 //! same sigmas, the first-order baseline.
 
-use super::flow_match::{FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig, FlowSigmas};
+use super::flow_match::{FlowMatchEulerDiscrete, FlowMatchEulerDiscreteConfig};
+use super::schedule::SigmaSource;
 use super::{Corrector, Result, Scheduler, Step};
 
 /// Which way a flow solver walks the sigmas.
@@ -34,7 +35,7 @@ pub enum Direction {
 fn walked_sigmas(
     config: FlowMatchEulerDiscreteConfig,
     steps: usize,
-    sigmas: FlowSigmas,
+    sigmas: SigmaSource,
     mu: Option<f64>,
     direction: Direction,
 ) -> Result<(Vec<f64>, f64)> {
@@ -78,7 +79,7 @@ impl RfSolver {
     pub fn new(
         config: FlowMatchEulerDiscreteConfig,
         steps: usize,
-        sigmas: FlowSigmas,
+        sigmas: SigmaSource,
         mu: Option<f64>,
         direction: Direction,
     ) -> Result<Self> {
@@ -154,7 +155,7 @@ impl FlowEulerInversion {
     pub fn new(
         config: FlowMatchEulerDiscreteConfig,
         steps: usize,
-        sigmas: FlowSigmas,
+        sigmas: SigmaSource,
         mu: Option<f64>,
     ) -> Result<Self> {
         let (sigmas, n_train) = walked_sigmas(config, steps, sigmas, mu, Direction::Invert)?;
@@ -238,7 +239,7 @@ mod tests {
         };
         let x = vec![0.7, -1.2, 0.05, 2.0];
         for direction in [Direction::Sample, Direction::Invert] {
-            let s = RfSolver::new(config.clone(), 6, FlowSigmas::Pipeline, None, direction)
+            let s = RfSolver::new(config.clone(), 6, SigmaSource::Pipeline, None, direction)
                 .expect("a solver");
             assert_eq!(s.num_steps(), 12);
             let sigmas = s.sigmas().expect("sigmas");
@@ -257,20 +258,20 @@ mod tests {
     #[test]
     fn inversion_walks_the_sampling_sigmas_backwards() {
         let c = FlowMatchEulerDiscreteConfig::default();
-        let up = RfSolver::new(c.clone(), 4, FlowSigmas::Pipeline, None, Direction::Invert)
+        let up = RfSolver::new(c.clone(), 4, SigmaSource::Pipeline, None, Direction::Invert)
             .expect("a solver");
-        let down = RfSolver::new(c.clone(), 4, FlowSigmas::Pipeline, None, Direction::Sample)
+        let down = RfSolver::new(c.clone(), 4, SigmaSource::Pipeline, None, Direction::Sample)
             .expect("a solver");
         let mut s = down.sigmas().expect("sigmas");
         s.reverse();
         assert_eq!(up.sigmas(), Some(s));
         assert_eq!(up.steps()[0].sigma, 0.0);
-        let e = FlowEulerInversion::new(c, 4, FlowSigmas::Pipeline, None).expect("euler");
+        let e = FlowEulerInversion::new(c, 4, SigmaSource::Pipeline, None).expect("euler");
         assert_eq!(e.num_steps(), 4);
         assert!(RfSolver::new(
             FlowMatchEulerDiscreteConfig::default(),
             0,
-            FlowSigmas::Pipeline,
+            SigmaSource::Pipeline,
             None,
             Direction::Sample
         )

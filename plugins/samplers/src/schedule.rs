@@ -11,6 +11,22 @@
 use super::{fail, Result, SamplerError};
 use std::str::FromStr;
 
+/// Where a schedule's sigmas come from.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum SigmaSource {
+    /// The pipelines' default: `linspace(1, 1/N, N)` for the flow schedulers, as the Flux-style
+    /// pipelines pass them; the scheduler's own spacing for the others.
+    #[default]
+    Pipeline,
+    /// None passed (the SD3 pipeline): the flow scheduler spaces the timesteps evenly between its
+    /// own training schedule's ends.
+    SchedulerDefault,
+    /// These sigmas (`set_timesteps(sigmas=...)`): for the flow schedulers the unshifted sigmas,
+    /// one per step; for `EulerDiscreteScheduler` its σ, one per step and optionally the final
+    /// one (else `final_sigmas_type`'s).
+    Custom(Vec<f64>),
+}
+
 /// The training beta schedule (diffusers' `beta_schedule`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BetaSchedule {

@@ -104,8 +104,19 @@ fn try_build(
         "DDIMInverseScheduler" => {
             DdimInverse::new(config!(DdimConfig), steps).map(|s| Box::new(s) as Box<dyn Scheduler>)
         }
-        "EulerDiscreteScheduler" => EulerDiscrete::new(config!(EulerDiscreteConfig), steps)
-            .map(|s| Box::new(s) as Box<dyn Scheduler>),
+        "EulerDiscreteScheduler" => match get("custom_sigmas") {
+            // The Python list diffusers was given, "[14.6, 9.0, ...]".
+            Some(list) => {
+                let sigmas: Vec<f64> = list
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .split(',')
+                    .map(|v| v.trim().parse().expect("a sigma"))
+                    .collect();
+                EulerDiscrete::with_sigmas(config!(EulerDiscreteConfig), steps, &sigmas)
+            }
+            None => EulerDiscrete::new(config!(EulerDiscreteConfig), steps),
+        }
+        .map(|s| Box::new(s) as Box<dyn Scheduler>),
         "EulerAncestralDiscreteScheduler" => {
             EulerAncestralDiscrete::new(config!(EulerDiscreteConfig), steps)
                 .map(|s| Box::new(s) as Box<dyn Scheduler>)
@@ -125,8 +136,8 @@ fn try_build(
         }
         "FlowMatchEulerDiscreteScheduler" => {
             let sigmas = match get("sigmas_source") {
-                Some("pipeline") => FlowSigmas::Pipeline,
-                Some("scheduler_default") => FlowSigmas::SchedulerDefault,
+                Some("pipeline") => SigmaSource::Pipeline,
+                Some("scheduler_default") => SigmaSource::SchedulerDefault,
                 other => panic!("unknown sigmas_source {other:?}"),
             };
             FlowMatchEulerDiscrete::new(config!(FlowMatchEulerDiscreteConfig), steps, sigmas, mu)
@@ -197,6 +208,8 @@ const TRAJECTORIES: &[&str] = &[
     "unipc_3_from_2",
     "euler_beta_v",
     "dpmpp_2m_exponential",
+    "euler_custom_sigmas_epsilon",
+    "euler_custom_sigmas_v_end",
     "ddim_inverse_leading_epsilon",
     "ddim_inverse_trailing_v",
 ];
@@ -429,7 +442,7 @@ fn odd_inputs_never_panic() {
                             &fields,
                             n,
                             256,
-                            FlowSigmas::Pipeline,
+                            SigmaSource::Pipeline,
                         ));
                     }
                 }
@@ -463,7 +476,7 @@ fn odd_inputs_never_panic() {
                     ("true", Some(0.7)),
                 ] {
                     let f = [(key, v), ("use_dynamic_shifting", dynamic)];
-                    for src in [FlowSigmas::Pipeline, FlowSigmas::SchedulerDefault] {
+                    for src in [SigmaSource::Pipeline, SigmaSource::SchedulerDefault] {
                         check(
                             FlowMatchEulerDiscreteConfig::from_fields(f)
                                 .and_then(|c| FlowMatchEulerDiscrete::new(c, n, src, mu))
@@ -502,7 +515,7 @@ fn noising_gives_each_scheduler_s_own_sample_at_a_step() {
     let f = FlowMatchEulerDiscrete::new(
         FlowMatchEulerDiscreteConfig::default(),
         4,
-        FlowSigmas::Pipeline,
+        SigmaSource::Pipeline,
         None,
     )
     .unwrap();
