@@ -208,43 +208,6 @@ fn vae_encode_then_decode_reproduces_the_image() {
     assert!(mae < 0.05, "mean absolute error {mae}");
 }
 
-/// Standard base64 (with padding) back to bytes.
-fn unbase64(text: &str) -> Vec<u8> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => panic!("not base64: {c}"),
-    };
-    let mut out = Vec::new();
-    for chunk in text.as_bytes().chunks(4) {
-        let pad = chunk.iter().filter(|&&c| c == b'=').count();
-        let n = chunk
-            .iter()
-            .map(|&c| if c == b'=' { 0 } else { u32::from(value(c)) })
-            .fold(0u32, |acc, v| (acc << 6) | v);
-        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
-    }
-    out
-}
-
-/// An 8-bit RGB PNG's pixels as floats in [0, 1], with its width and height.
-fn png_pixels(bytes: &[u8]) -> (Vec<f32>, usize, usize) {
-    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
-        .read_info()
-        .expect("a PNG");
-    let mut buf = vec![0; reader.output_buffer_size().expect("a size")];
-    let info = reader.next_frame(&mut buf).expect("a frame");
-    assert_eq!(info.color_type, png::ColorType::Rgb);
-    let px = buf[..info.buffer_size()]
-        .iter()
-        .map(|&v| v as f32 / 255.0)
-        .collect();
-    (px, info.width as usize, info.height as usize)
-}
-
 #[test]
 fn the_demo_previews_the_picture_as_it_forms() {
     // Every 5 of 20 steps Sample sends a node_preview event: a 16x16 PNG of its x₀ estimate
@@ -259,25 +222,11 @@ fn the_demo_previews_the_picture_as_it_forms() {
         rt.load_plugin_file(&lib).expect("nodes plugin loads");
     }
     let session = Session::new(Arc::new(rt));
-    let previews = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = previews.clone();
     let mut opts = RunOptions {
         out_dir: common::temp_dir("demo-previews"),
         ..RunOptions::default()
     };
-    opts.subscribers.push(Arc::new(move |e: &ditflow::Event| {
-        if let ditflow::Event::NodePreview {
-            node,
-            step,
-            total,
-            png,
-        } = e
-        {
-            seen.lock()
-                .unwrap()
-                .push((node.to_string(), *step, *total, png.clone()));
-        }
-    }));
+    let previews = common::collect_previews(&mut opts);
     let prompt = "a large yellow square in the center on a black background";
     let args = vec![("prompt".to_string(), ArgValue::Text(prompt.into()))];
     let report = session.run(&g, &args, &opts).unwrap();
@@ -289,9 +238,9 @@ fn the_demo_previews_the_picture_as_it_forms() {
     let Value::String(path) = &**report.output("image").unwrap() else {
         panic!("a path")
     };
-    let (image, w, h) = png_pixels(&std::fs::read(path.as_str()).unwrap());
-    let (last, pw, ph) = png_pixels(&unbase64(&previews[3].3));
-    let (first, _, _) = png_pixels(&unbase64(&previews[0].3));
+    let (image, w, h) = common::png_pixels(&std::fs::read(path.as_str()).unwrap());
+    let (last, pw, ph) = common::png_pixels(&common::unbase64(&previews[3].3));
+    let (first, _, _) = common::png_pixels(&common::unbase64(&previews[0].3));
     assert_eq!((pw, ph), (16, 16));
     let (fy, fx) = (h / ph, w / pw);
     let mut block = vec![0f32; pw * ph * 3];
@@ -474,7 +423,7 @@ fn outpainting_continues_the_picture_past_its_border() {
     let Value::String(path) = &**report.output("image").unwrap() else {
         panic!("a path")
     };
-    let (full, w, h) = png_pixels(&std::fs::read(path.as_str()).unwrap());
+    let (full, w, h) = common::png_pixels(&std::fs::read(path.as_str()).unwrap());
     assert_eq!((w, h), (64, 64));
     let keep = 44;
     let cut = dir.join("cut.png");

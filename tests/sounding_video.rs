@@ -450,3 +450,57 @@ fn scene_and_extension_inputs_that_cannot_work_are_refused() {
         assert!(f.error.contains(message), "{node}: {}", f.error);
     }
 }
+
+#[test]
+fn the_video_previews_its_frames_as_they_form() {
+    // Every 5 of 20 steps SampleAudioVideo sends a node_preview event: the video tower's x₀
+    // estimate, its 16 latent frames side by side (256x16; the tower works on pixels, so the
+    // first three channels are the colours). The last is the finished clip: within 0.02 mean
+    // absolute error of the frames (8-bit rounding and the last step's x₀ estimate against its
+    // update), and closer to them than the first preview.
+    let g = Graph::from_file(&common::repo().join("graphs/text_to_sounding_video.yaml")).unwrap();
+    let rt = Runtime::new();
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("plugins load");
+    }
+    let session = Session::new(Arc::new(rt));
+    let mut opts = RunOptions {
+        out_dir: common::temp_dir("sounding-previews"),
+        ..RunOptions::default()
+    };
+    let previews = common::collect_previews(&mut opts);
+    let report = session.run(&g, &[], &opts).unwrap();
+    assert!(report.ok(), "{:?}", report.failed);
+    let previews = previews.lock().unwrap().clone();
+    let steps: Vec<(u64, u64)> = previews.iter().map(|p| (p.1, p.2)).collect();
+    assert_eq!(steps, [(5, 20), (10, 20), (15, 20), (20, 20)]);
+    assert!(previews.iter().all(|p| p.0 == "sample"));
+    let (vs, frames, _) = common::media_value(report.output("frames").unwrap());
+    let [t, h, w, 3] = vs[..] else {
+        panic!("frames {vs:?}")
+    };
+    // The frames side by side, as the preview lays them out.
+    let mut strip = vec![0f32; t * h * w * 3];
+    for f in 0..t {
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    strip[(y * t * w + f * w + x) * 3 + c] = frames[((f * h + y) * w + x) * 3 + c];
+                }
+            }
+        }
+    }
+    let mae = |i: usize| {
+        let (px, pw, ph) = common::png_pixels(&common::unbase64(&previews[i].3));
+        assert_eq!((pw, ph), (t * w, h));
+        px.iter()
+            .zip(&strip)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / strip.len() as f32
+    };
+    let (first, last) = (mae(0), mae(3));
+    eprintln!("preview vs frames: last {last:.4}, first {first:.4} mean absolute error");
+    assert!(last <= 0.02, "last preview {last:.4}");
+    assert!(last < first, "the previews approach the clip as it forms");
+}

@@ -749,7 +749,7 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
     };
     let preview_map = if preview_every > 0 {
         let path: String = ctx.input("preview_map")?;
-        Some(LatentRgb::load(ctx, &path, s[1])?)
+        Some(samplers::preview::LatentRgb::for_input(ctx, &path, s[1])?)
     } else {
         None
     };
@@ -933,83 +933,6 @@ fn parse_sigmas(text: &str) -> Result<Vec<f64>> {
             ))),
         })
         .collect()
-}
-
-/// A linear latent-to-RGB map for previews: `rgb = Σ_c z_c · weights[c] + bias` per latent
-/// pixel, colours in [0, 1] (a VAE folder's `latent_rgb.json`, made by `tools/fit_latent_rgb.py`).
-struct LatentRgb {
-    weights: Vec<[f32; 3]>,
-    bias: [f32; 3],
-}
-
-impl LatentRgb {
-    /// The map in file `path` (relative to the graph's folder), or for an empty path the first
-    /// three of `channels` channels as red, green and blue (`z/2 + 1/2`).
-    fn load(ctx: &Context, path: &str, channels: usize) -> Result<LatentRgb> {
-        if path.is_empty() {
-            let weights = (0..channels)
-                .map(|c| {
-                    let mut w = [0.0; 3];
-                    if c < 3 {
-                        w[c] = 0.5;
-                    }
-                    w
-                })
-                .collect();
-            return Ok(LatentRgb {
-                weights,
-                bias: [0.5; 3],
-            });
-        }
-        let file = ctx.input_path(path)?;
-        let text = std::fs::read_to_string(&file)
-            .map_err(|e| Error(format!("preview_map {}: {e}", file.display())))?;
-        let bad = |why: &str| Error(format!("preview_map {}: {why}", file.display()));
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(&format!("not JSON: {e}")))?;
-        let triple = |v: &serde_json::Value| -> Option<[f32; 3]> {
-            let a = v.as_array().filter(|a| a.len() == 3)?;
-            let f = |i: usize| a[i].as_f64().map(|x| x as f32);
-            Some([f(0)?, f(1)?, f(2)?])
-        };
-        let weights: Vec<[f32; 3]> = json["weights"]
-            .as_array()
-            .ok_or_else(|| bad("no \"weights\" list"))?
-            .iter()
-            .map(triple)
-            .collect::<Option<_>>()
-            .ok_or_else(|| bad("each weight must be [r, g, b]"))?;
-        if weights.len() != channels {
-            return Err(bad(&format!(
-                "{} weight rows for a latent of {channels} channels",
-                weights.len()
-            )));
-        }
-        let bias = triple(&json["bias"]).ok_or_else(|| bad("\"bias\" must be [r, g, b]"))?;
-        Ok(LatentRgb { weights, bias })
-    }
-
-    /// The PNG of the first row of latent `x0` (`[B, C, h, w]`), one pixel per latent pixel.
-    fn png(&self, x0: &Tensor) -> Result<Vec<u8>> {
-        let [_, c, h, w] = *x0.shape() else {
-            bail!(
-                "a preview needs a [B, C, H, W] latent, got {:?}",
-                x0.shape()
-            );
-        };
-        let v = x0.slice(0, 0, 1, 1)?.to_device(Device::Cpu)?.to_f32_vec()?;
-        let mut rgb = Vec::with_capacity(h * w * 3);
-        for p in 0..h * w {
-            for k in 0..3 {
-                let mut acc = self.bias[k];
-                for (ch, wt) in self.weights.iter().enumerate().take(c) {
-                    acc += v[ch * h * w + p] * wt[k];
-                }
-                rgb.push((acc.clamp(0.0, 1.0) * 255.0).round() as u8);
-            }
-        }
-        crate::image::encode_png(w, h, 3, &rgb)
-    }
 }
 
 /// An inpainting mask `[1, 1, h, w]` of 0s and 1s for a latent of shape `s` (`[B, C, h, w]`):

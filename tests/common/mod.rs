@@ -169,3 +169,65 @@ pub fn psnr(x: &[f32], reference: &[f32]) -> f64 {
         10.0 * (1.0 / mse).log10()
     }
 }
+
+/// Standard base64 (with padding) back to bytes.
+pub fn unbase64(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let mut out = Vec::new();
+    for chunk in text.as_bytes().chunks(4) {
+        let pad = chunk.iter().filter(|&&c| c == b'=').count();
+        let n = chunk
+            .iter()
+            .map(|&c| if c == b'=' { 0 } else { u32::from(value(c)) })
+            .fold(0u32, |acc, v| (acc << 6) | v);
+        out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
+    }
+    out
+}
+
+/// An 8-bit RGB PNG's pixels as floats in [0, 1], with its width and height.
+pub fn png_pixels(bytes: &[u8]) -> (Vec<f32>, usize, usize) {
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .expect("a PNG");
+    let mut buf = vec![0; reader.output_buffer_size().expect("a size")];
+    let info = reader.next_frame(&mut buf).expect("a frame");
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    let px = buf[..info.buffer_size()]
+        .iter()
+        .map(|&v| v as f32 / 255.0)
+        .collect();
+    (px, info.width as usize, info.height as usize)
+}
+
+/// The `node_preview` events of a run with `opts`, as (node, step, total, base64 PNG), gathered
+/// as they come.
+pub type Previews = std::sync::Arc<std::sync::Mutex<Vec<(String, u64, u64, String)>>>;
+
+/// Subscribes to `opts`'s events and returns where their previews will be gathered.
+pub fn collect_previews(opts: &mut ditflow::RunOptions) -> Previews {
+    let previews = Previews::default();
+    let seen = previews.clone();
+    opts.subscribers
+        .push(std::sync::Arc::new(move |e: &ditflow::Event| {
+            if let ditflow::Event::NodePreview {
+                node,
+                step,
+                total,
+                png,
+            } = e
+            {
+                seen.lock()
+                    .unwrap()
+                    .push((node.to_string(), *step, *total, png.clone()));
+            }
+        }));
+    previews
+}

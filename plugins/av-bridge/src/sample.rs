@@ -267,6 +267,21 @@ impl Node for SampleAudioVideo {
                     .default(0i64)
                     .doc("The noise seed."),
             )
+            .input(
+                Port::new("preview_every", "Int")
+                    .default(0i64)
+                    .range(0.0, 1e6)
+                    .doc(
+                        "Every this many steps (and at the last), a node_preview event with a \
+                         PNG of the video's current x₀ estimate, its latent frames side by \
+                         side, one pixel per latent pixel through preview_map (0: none).",
+                    ),
+            )
+            .input(Port::new("preview_map", "String").default("").doc(
+                "The video VAE's latent-to-RGB map, latent_rgb.json (tools/fit_latent_rgb.py; \
+                 relative to the graph's folder); empty: the first three channels as colours, \
+                 which is the picture itself for a pixel-space tower.",
+            ))
             .output(Port::new("video_latent", "Latent").doc("The denoised video latent."))
             .output(Port::new("audio_latent", "Latent").doc("The denoised audio latent."))
     }
@@ -353,6 +368,16 @@ impl Node for SampleAudioVideo {
             .map(|b| Coupled::new(ctx, b, &video_value, &audio_value))
             .transpose()?;
         let context = video_context(ctx, &towers[0].x, towers[0].sched.init_noise_sigma())?;
+        let preview_every = ctx.input::<i64>("preview_every")?.max(0) as usize;
+        let preview_map = if preview_every > 0 {
+            let path: String = ctx.input("preview_map")?;
+            let channels = towers[0].x.shape()[1];
+            Some(samplers::preview::LatentRgb::for_input(
+                ctx, &path, channels,
+            )?)
+        } else {
+            None
+        };
         let noising = towers[0].sched.noising();
         for i in 0..n {
             ctx.check_cancelled()?;
@@ -422,6 +447,15 @@ impl Node for SampleAudioVideo {
                     pred
                 };
                 let step = &t.sched.steps()[i];
+                let due = (i + 1).is_multiple_of(preview_every.max(1)) || i + 1 == n;
+                if let (Some(map), "video", true) = (&preview_map, t.name, due) {
+                    // The video's x₀ estimate at this step, from the sample and the guided
+                    // prediction.
+                    let x0 =
+                        t.x.affine(step.denoised_x, 0.0)?
+                            .add(&out.affine(step.denoised_output, 0.0)?)?;
+                    ctx.preview(i as u64 + 1, n as u64, &map.png(&x0)?);
+                }
                 let fresh = if step.noise != 0.0 {
                     let stream = samplers::step_noise_stream(i);
                     let shape = t.x.shape().to_vec();

@@ -17,7 +17,8 @@
 //! | RF-Solver (not in diffusers)     | [`rf_solver::RfSolver`], and its inversion |
 //!
 //! [`guidance`] combines each step's conditional and unconditional predictions (CFG, APG, CFG
-//! rescale, a guidance interval) as diffusers' guiders do.
+//! rescale, a guidance interval) as diffusers' guiders do; [`preview`] renders a step's x₀
+//! estimate for a preview event.
 //!
 //! Every scheduler is built from its config (the fields of diffusers' `scheduler_config.json`,
 //! with diffusers' defaults) and the number of inference steps, and then is a fixed list of
@@ -65,6 +66,7 @@ pub mod flow_match;
 pub mod guidance;
 pub mod heun;
 pub mod lcm;
+pub mod preview;
 pub mod rf_solver;
 pub mod schedule;
 pub mod unipc;
