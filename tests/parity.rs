@@ -1956,6 +1956,30 @@ fn a_flux_single_file_in_the_bfl_layout_equals_the_diffusers_folder() {
 }
 
 #[test]
+fn a_flux_gguf_loads_like_its_single_file() {
+    // The tiny BFL-layout Flux written as GGUF by the gguf package (tools/make_gguf_fixtures.py):
+    // all F32, bit-identical to the safetensors file; with the weights that hold whole Q8_0
+    // blocks quantized (6 of 84 at this width), the forward's relative error against f32 is
+    // printed, and held under 5e-2 as a sanity bound (Q8_0 keeps 8 bits per weight; measured
+    // in the note).
+    let s = session();
+    let root = common::repo().join("tests/fixtures");
+    let io = root.join("parity/flux_dev/io.safetensors");
+    let file = root.join("parity/flux_dev_single/flux1-tiny.safetensors");
+    let single = forward_output(&s, "LoadFlux", &file, &io, "gguf-single");
+    let f32_gguf = root.join("gguf/flux1-tiny-F32.gguf");
+    assert_eq!(
+        forward_output(&s, "LoadFlux", &f32_gguf, &io, "gguf-f32"),
+        single
+    );
+    let q8 = root.join("gguf/flux1-tiny-Q8_0.gguf");
+    let quantized = forward_output(&s, "LoadFlux", &q8, &io, "gguf-q8");
+    let err = common::relative_error(&quantized, &single);
+    eprintln!("flux1-tiny Q8_0 GGUF forward: relative error {err:.2e} against f32");
+    assert!(err > 0.0 && err < 5e-2, "{err:.2e}");
+}
+
+#[test]
 fn a_checkpoint_given_to_the_wrong_loader_says_what_it_looks_like() {
     let s = session();
     let root = common::repo().join("tests/fixtures/parity");

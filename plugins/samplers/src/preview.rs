@@ -125,6 +125,9 @@ fn encode_rgb_png(width: usize, height: usize, rgb: &[u8]) -> Result<Vec<u8>> {
     let mut encoder = png::Encoder::new(&mut out, w, h);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
+    // Previews are small and frequent: the fastest deflate (the default level's set-up costs
+    // more than a 16x16 picture's whole encoding).
+    encoder.set_compression(png::Compression::Fast);
     let mut writer = encoder.write_header().map_err(failed)?;
     writer.write_image_data(rgb).map_err(failed)?;
     writer.finish().map_err(failed)?;

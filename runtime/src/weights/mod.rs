@@ -1,10 +1,14 @@
 //! Model weights: safetensors files memory-mapped (zero-copy where the dtype is kept), sharded
-//! checkpoints (`*.safetensors.index.json`), and diffusers-style model folders (`config.json`
-//! beside the weights).
+//! checkpoints (`*.safetensors.index.json`), diffusers-style model folders (`config.json`
+//! beside the weights), and GGUF files ([`gguf`]: F32, F16 and BF16 tensors mapped, the block
+//! formats of [`quant`] dequantised at load).
 //!
 //! Every failure is a [`WeightsError`] naming the file (and the tensor, where there is one): a
 //! truncated or malformed file is an error, never a crash. Mapped files stay mapped while any
 //! tensor viewing them is alive.
+
+pub mod gguf;
+pub mod quant;
 
 use crate::tensor::ops::{self, OpError};
 use crate::tensor::{DType, Device, Tensor};
@@ -46,6 +50,9 @@ pub struct Weights {
     pub tensors: BTreeMap<String, Tensor>,
     /// The files they came from.
     pub files: Vec<PathBuf>,
+    /// A GGUF file's metadata (values as text: arrays as `[1, 2, 3]`), and for each tensor stored
+    /// in a block format, `ditflow.format.<name>` = its format (`Q8_0`, ...).
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Weights {
@@ -73,7 +80,8 @@ fn dtype_of(d: safetensors::Dtype) -> Option<DType> {
 }
 
 impl Weights {
-    /// Opens a `.safetensors` file, a `*.safetensors.index.json`, or a diffusers model folder.
+    /// Opens a `.safetensors` or `.gguf` file, a `*.safetensors.index.json`, or a diffusers
+    /// model folder.
     pub fn open(path: &Path, opts: LoadOptions) -> Result<Weights, WeightsError> {
         if path.is_dir() {
             return Weights::open(&find_weights_in(path)?, opts);
@@ -137,6 +145,13 @@ impl Weights {
         // SAFETY: the mapping is read-only; a file truncated by another process while mapped is
         // outside what we can defend against (as for every mmap reader).
         let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| file_err(path, e))?);
+        if map.starts_with(b"GGUF")
+            || path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return self.add_gguf(path, &map, opts);
+        }
         let st = safetensors::SafeTensors::deserialize(&map)
             .map_err(|e| file_err(path, format!("not a valid safetensors file: {e}")))?;
         let base = map.as_ptr() as usize;
@@ -151,7 +166,7 @@ impl Weights {
                 None if view.dtype() == safetensors::Dtype::F64 => DType::F32,
                 None => return Err(terr(format!("dtype {:?} is not supported", view.dtype()))),
             };
-            let mut t = if view.dtype() == safetensors::Dtype::F64 {
+            let t = if view.dtype() == safetensors::Dtype::F64 {
                 let vals: Vec<f32> = view
                     .data()
                     .chunks_exact(8)
@@ -163,19 +178,82 @@ impl Weights {
                 Tensor::from_mapped(dtype, view.shape(), &map, offset, view.data().len())
                     .map_err(|e| terr(e.to_string()))?
             };
-            if let Some(fd) = opts.float_dtype {
-                if matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) && t.dtype() != fd {
-                    t = ops::cast(&t, fd).map_err(|e| terr(e.to_string()))?;
-                }
-            }
-            if opts.device != Device::Cpu {
-                t = t.to_device(opts.device).map_err(|e| terr(e.to_string()))?;
-            }
-            if self.tensors.insert(name.clone(), t).is_some() {
-                return Err(terr("appears in two files".into()));
-            }
+            self.insert(path, &name, t, opts)?;
         }
         self.files.push(path.to_path_buf());
+        Ok(())
+    }
+
+    /// A GGUF file's tensors: F32, F16 and BF16 mapped as stored, block formats dequantised to
+    /// f32 (then to `opts.float_dtype` if set); its metadata into [`Weights::metadata`].
+    fn add_gguf(
+        &mut self,
+        path: &Path,
+        map: &Arc<memmap2::Mmap>,
+        opts: LoadOptions,
+    ) -> Result<(), WeightsError> {
+        let file = gguf::Gguf::parse(map).map_err(|e| file_err(path, format!("GGUF: {e}")))?;
+        for (k, v) in &file.metadata {
+            self.metadata.insert(k.clone(), v.to_string());
+        }
+        for info in &file.tensors {
+            let terr = |msg: String| WeightsError::Tensor {
+                path: path.to_path_buf(),
+                name: info.name.clone(),
+                msg,
+            };
+            let shape = info.shape();
+            let stored = match info.kind {
+                gguf::GgufType::F32 => Some(DType::F32),
+                gguf::GgufType::F16 => Some(DType::F16),
+                gguf::GgufType::BF16 => Some(DType::BF16),
+                gguf::GgufType::Blocks(_) => None,
+            };
+            let t = match (stored, info.kind) {
+                (Some(dtype), _) => Tensor::from_mapped(dtype, &shape, map, info.start, info.len)
+                    .map_err(|e| terr(e.to_string()))?,
+                (None, gguf::GgufType::Blocks(format)) => {
+                    let count: usize = shape.iter().product();
+                    let mut values = vec![0f32; count];
+                    format.dequantize(&map[info.start..info.start + info.len], &mut values);
+                    self.metadata.insert(
+                        format!("ditflow.format.{}", info.name),
+                        format.name().to_string(),
+                    );
+                    Tensor::from_f32(&shape, &values).map_err(|e| terr(e.to_string()))?
+                }
+                (None, _) => unreachable!("every unmapped type is a block format"),
+            };
+            self.insert(path, &info.name, t, opts)?;
+        }
+        self.files.push(path.to_path_buf());
+        Ok(())
+    }
+
+    /// Adds tensor `name` of file `path`, cast and moved as `opts` ask.
+    fn insert(
+        &mut self,
+        path: &Path,
+        name: &str,
+        mut t: Tensor,
+        opts: LoadOptions,
+    ) -> Result<(), WeightsError> {
+        let terr = |msg: String| WeightsError::Tensor {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            msg,
+        };
+        if let Some(fd) = opts.float_dtype {
+            if matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16) && t.dtype() != fd {
+                t = ops::cast(&t, fd).map_err(|e| terr(e.to_string()))?;
+            }
+        }
+        if opts.device != Device::Cpu {
+            t = t.to_device(opts.device).map_err(|e| terr(e.to_string()))?;
+        }
+        if self.tensors.insert(name.to_string(), t).is_some() {
+            return Err(terr("appears in two files".into()));
+        }
         Ok(())
     }
 

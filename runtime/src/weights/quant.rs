@@ -1,0 +1,223 @@
+//! ggml's block formats, dequantised to f32 exactly as ggml (and the `gguf` package's
+//! `dequantize`) computes them: each product and sum rounded to f32 in the same order, so the
+//! values match bit for bit.
+//!
+//! | format | block | bytes | value                                                     |
+//! |--------|-------|-------|-----------------------------------------------------------|
+//! | Q8_0   | 32    | 34    | d · q, q an i8                                           |
+//! | Q4_0   | 32    | 18    | d · (q − 8), q 4 bits                                    |
+//! | Q4_1   | 32    | 20    | d · q + m                                                |
+//! | Q5_0   | 32    | 22    | d · (q − 16), q 5 bits (the 5th in a 32-bit mask)        |
+//! | Q5_1   | 32    | 24    | d · q + m                                                |
+//! | Q4_K   | 256   | 144   | (d · sc) · q − (dmin · m), 6-bit sc, m per 32 values     |
+//! | Q5_K   | 256   | 176   | as Q4_K with a 5th bit per value                         |
+//! | Q6_K   | 256   | 210   | (d · sc) · (q − 32), q 6 bits, an i8 sc per 16 values    |
+//!
+//! d, m and dmin are f16. Within a 32-value block of the 4-bit formats, byte j holds value j in
+//! its low nibble and value j + 16 in its high one.
+
+use half::f16;
+
+/// A block format: values per block and bytes per block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockFormat {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl BlockFormat {
+    /// ggml's type id (`GGMLQuantizationType`) → the format.
+    pub fn from_ggml(id: u32) -> Option<BlockFormat> {
+        Some(match id {
+            2 => BlockFormat::Q4_0,
+            3 => BlockFormat::Q4_1,
+            6 => BlockFormat::Q5_0,
+            7 => BlockFormat::Q5_1,
+            8 => BlockFormat::Q8_0,
+            12 => BlockFormat::Q4K,
+            13 => BlockFormat::Q5K,
+            14 => BlockFormat::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// ggml's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockFormat::Q8_0 => "Q8_0",
+            BlockFormat::Q4_0 => "Q4_0",
+            BlockFormat::Q4_1 => "Q4_1",
+            BlockFormat::Q5_0 => "Q5_0",
+            BlockFormat::Q5_1 => "Q5_1",
+            BlockFormat::Q4K => "Q4_K",
+            BlockFormat::Q5K => "Q5_K",
+            BlockFormat::Q6K => "Q6_K",
+        }
+    }
+
+    /// Values per block.
+    pub fn block_len(self) -> usize {
+        match self {
+            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => 256,
+            _ => 32,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q8_0 => 34,
+            BlockFormat::Q4_0 => 18,
+            BlockFormat::Q4_1 => 20,
+            BlockFormat::Q5_0 => 22,
+            BlockFormat::Q5_1 => 24,
+            BlockFormat::Q4K => 144,
+            BlockFormat::Q5K => 176,
+            BlockFormat::Q6K => 210,
+        }
+    }
+
+    /// Dequantises whole blocks: `out.len()` values from `out.len() / block_len` blocks of
+    /// `data`. The caller checks the lengths (`data` must hold exactly those blocks).
+    pub fn dequantize(self, data: &[u8], out: &mut [f32]) {
+        let (n, b) = (self.block_len(), self.block_bytes());
+        debug_assert_eq!(data.len() / b * n, out.len());
+        for (block, values) in data.chunks_exact(b).zip(out.chunks_exact_mut(n)) {
+            match self {
+                BlockFormat::Q8_0 => q8_0(block, values),
+                BlockFormat::Q4_0 => q4(block, values, false),
+                BlockFormat::Q4_1 => q4(block, values, true),
+                BlockFormat::Q5_0 => q5(block, values, false),
+                BlockFormat::Q5_1 => q5(block, values, true),
+                BlockFormat::Q4K => qk(block, values, false),
+                BlockFormat::Q5K => qk(block, values, true),
+                BlockFormat::Q6K => q6_k(block, values),
+            }
+        }
+    }
+}
+
+fn half_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+fn q8_0(b: &[u8], out: &mut [f32]) {
+    let d = half_at(b, 0);
+    for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+        *o = f32::from(q as i8) * d;
+    }
+}
+
+/// Q4_0 (`d · (q − 8)`) or, with `min`, Q4_1 (`d · q + m`).
+fn q4(b: &[u8], out: &mut [f32], min: bool) {
+    let d = half_at(b, 0);
+    let (m, qs) = if min {
+        (half_at(b, 2), &b[4..20])
+    } else {
+        (0.0, &b[2..18])
+    };
+    for j in 0..16 {
+        let (lo, hi) = (qs[j] & 0x0F, qs[j] >> 4);
+        if min {
+            out[j] = d * f32::from(lo) + m;
+            out[j + 16] = d * f32::from(hi) + m;
+        } else {
+            out[j] = d * f32::from(lo as i8 - 8);
+            out[j + 16] = d * f32::from(hi as i8 - 8);
+        }
+    }
+}
+
+/// Q5_0 (`d · (q − 16)`) or, with `min`, Q5_1 (`d · q + m`).
+fn q5(b: &[u8], out: &mut [f32], min: bool) {
+    let d = half_at(b, 0);
+    let (m, at) = if min { (half_at(b, 2), 4) } else { (0.0, 2) };
+    let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    let qs = &b[at + 4..at + 20];
+    for (i, o) in out.iter_mut().enumerate() {
+        let low = (qs[i % 16] >> (4 * (i / 16))) & 0x0F;
+        let q = low | ((((qh >> i) & 1) as u8) << 4);
+        *o = if min {
+            d * f32::from(q) + m
+        } else {
+            d * f32::from(q as i8 - 16)
+        };
+    }
+}
+
+/// The 6-bit scale and minimum of sub-block `s` (0..8) of a Q4_K/Q5_K block's 12 scale bytes.
+fn scale_min(sc: &[u8], s: usize) -> (u8, u8) {
+    if s < 4 {
+        (sc[s] & 0x3F, sc[s + 4] & 0x3F)
+    } else {
+        let k = s - 4;
+        (
+            (sc[k + 8] & 0x0F) | ((sc[k] >> 2) & 0x30),
+            (sc[k + 8] >> 4) | ((sc[k + 4] >> 2) & 0x30),
+        )
+    }
+}
+
+/// Q4_K or, with `high`, Q5_K: 8 sub-blocks of 32, `(d · sc) · q − (dmin · m)`.
+fn qk(b: &[u8], out: &mut [f32], high: bool) {
+    let (d, dmin) = (half_at(b, 0), half_at(b, 2));
+    let sc = &b[4..16];
+    let (qh, qs) = if high {
+        (&b[16..48], &b[48..176])
+    } else {
+        (&b[0..0], &b[16..144])
+    };
+    for s in 0..8 {
+        let (scale, m) = scale_min(sc, s);
+        let (ds, dm) = (d * f32::from(scale), dmin * f32::from(m));
+        let chunk = &qs[(s / 2) * 32..(s / 2) * 32 + 32];
+        for l in 0..32 {
+            let mut q = (chunk[l] >> (4 * (s % 2))) & 0x0F;
+            if high {
+                q |= ((qh[l] >> s) & 1) << 4;
+            }
+            out[s * 32 + l] = ds * f32::from(q) - dm;
+        }
+    }
+}
+
+/// Q6_K: 16 sub-blocks of 16 with i8 scales, `(d · sc) · (q − 32)`.
+fn q6_k(b: &[u8], out: &mut [f32]) {
+    let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
+    let d = half_at(b, 208);
+    for (e, o) in out.iter_mut().enumerate() {
+        let (half, within) = (e / 128, e % 128);
+        let low = (ql[half * 64 + within % 64] >> (4 * (within / 64))) & 0x0F;
+        let high = (qh[half * 32 + within % 32] >> (2 * (within / 32))) & 0x03;
+        let q = (low | (high << 4)) as i8 - 32;
+        let ds = d * f32::from(scales[e / 16] as i8);
+        *o = ds * f32::from(q);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_and_q4_0_by_hand() {
+        // d = 0.5 (f16 0x3800): q8 values −2, 3 → −1, 1.5.
+        let mut b = vec![0x00, 0x38];
+        b.extend((0..32).map(|i| if i == 0 { (-2i8) as u8 } else { 3 }));
+        let mut out = [0.0; 32];
+        BlockFormat::Q8_0.dequantize(&b, &mut out);
+        assert_eq!((out[0], out[1]), (-1.0, 1.5));
+        // Q4_0: byte 0 = 0xF0: value 0 = 0 − 8, value 16 = 15 − 8.
+        let mut b = vec![0x00, 0x38, 0xF0];
+        b.extend([0x88; 15]);
+        let mut out = [0.0; 32];
+        BlockFormat::Q4_0.dequantize(&b, &mut out);
+        assert_eq!((out[0], out[16], out[1]), (-4.0, 3.5, 0.0));
+    }
+}

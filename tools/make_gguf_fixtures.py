@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""GGUF fixtures written by the reference writer (the `gguf` package from PyPI, llama.cpp's own
+Python library), for the runtime's GGUF reader and block dequantisation.
+
+Writes tests/fixtures/gguf/:
+- quants.gguf: one [4, 512] tensor per format ("w.<FORMAT>"): F32, F16 and BF16, and the block
+  formats Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (quantized from a float tensor by gguf's quantize, which
+  matches ggml's reference quantizer) and the K-quants Q4_K, Q5_K and Q6_K (random blocks with
+  sane f16 scales: the package has no K-quant quantizer); metadata of every value type, with
+  general.architecture "flux".
+- quants.safetensors: each tensor as gguf's own `dequantize` gives it (float32), for a bit-exact
+  comparison.
+- flux1-tiny-F32.gguf and flux1-tiny-Q8_0.gguf: the tiny Flux of
+  tests/fixtures/parity/flux_dev_single (Black Forest Labs' names with ComfyUI's prefix, as
+  city96's Flux GGUFs keep them) as GGUF, architecture "flux": every tensor F32, and with the
+  2-D weights whose rows hold whole Q8_0 blocks quantized (the rest F32, as city96's converter
+  leaves what does not fit), with that folder's config.json beside them.
+
+Run (numpy, gguf and safetensors from PyPI; CI never runs this):
+    .venv/bin/python tools/make_gguf_fixtures.py
+"""
+import os
+import shutil
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.quants import dequantize, quantize
+from safetensors.numpy import save_file
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures", "gguf")
+SHAPE = (4, 512)
+QUANTIZED = [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
+K_QUANTS = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+def k_blocks(qtype, rng):
+    """Random K-quant blocks [rows, bytes] with finite f16 super-block scales."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = SHAPE[0] * SHAPE[1] // block
+    raw = rng.integers(0, 256, size=(n, size), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.05, size=(n, 2)).astype(np.float16).view(np.uint8)
+    if qtype == Q.Q6_K:
+        raw[:, size - 2:] = scales[:, :2]  # d is the last field
+    else:
+        raw[:, 0:4] = scales  # d, dmin lead the block
+    return raw.reshape(SHAPE[0], -1)
+
+
+def main():
+    os.makedirs(ROOT, exist_ok=True)
+    rng = np.random.default_rng(20261203)
+    data = rng.standard_normal(SHAPE).astype(np.float32)
+    data[0, :32] = 0.0  # a block of zeros (scale 0)
+    tensors = {"w.F32": (data, None), "w.F16": (data.astype(np.float16), None)}
+    tensors["w.BF16"] = (quantize(data, Q.BF16), Q.BF16)
+    for q in QUANTIZED:
+        tensors[f"w.{q.name}"] = (quantize(data, q), q)
+    for q in K_QUANTS:
+        tensors[f"w.{q.name}"] = (k_blocks(q, rng), q)
+    path = os.path.join(ROOT, "quants.gguf")
+    writer = GGUFWriter(path, "flux")
+    writer.add_string("general.name", "ditflow gguf fixture")
+    writer.add_uint32("fixture.u32", 7)
+    writer.add_int64("fixture.i64", -3)
+    writer.add_float32("fixture.f32", 0.5)
+    writer.add_bool("fixture.bool", True)
+    writer.add_array("fixture.array", [1, 2, 3])
+    for name, (t, q) in tensors.items():
+        writer.add_tensor(name, t, raw_dtype=q)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    # The reference: gguf's reader and dequantize on what was written.
+    expected = {}
+    for t in GGUFReader(path).tensors:
+        values = dequantize(t.data, t.tensor_type)
+        expected[t.name] = np.ascontiguousarray(values.reshape(SHAPE).astype(np.float32))
+        print(f"{t.name}: {t.tensor_type.name}, {t.n_bytes} bytes, |max| {np.abs(expected[t.name]).max():.3f}")
+    save_file(expected, os.path.join(ROOT, "quants.safetensors"))
+    flux()
+
+
+def flux():
+    from safetensors.numpy import load_file
+
+    single = os.path.join(os.path.dirname(ROOT), "parity", "flux_dev_single", "flux1-tiny.safetensors")
+    weights = load_file(single)
+    # The config the tiny model needs beside it (its RoPE axes cannot be inferred).
+    shutil.copy(os.path.join(os.path.dirname(single), "config.json"), os.path.join(ROOT, "config.json"))
+    for fmt in ("F32", "Q8_0"):
+        writer = GGUFWriter(os.path.join(ROOT, f"flux1-tiny-{fmt}.gguf"), "flux")
+        quantized = 0
+        for name, t in weights.items():
+            t = np.ascontiguousarray(t.astype(np.float32))
+            if fmt == "Q8_0" and t.ndim == 2 and t.shape[1] % 32 == 0:
+                writer.add_tensor(name, quantize(t, Q.Q8_0), raw_dtype=Q.Q8_0)
+                quantized += 1
+            else:
+                writer.add_tensor(name, t)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        print(f"flux1-tiny-{fmt}.gguf: {quantized} of {len(weights)} tensors quantized")
+
+
+if __name__ == "__main__":
+    main()
