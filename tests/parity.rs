@@ -1956,7 +1956,7 @@ fn a_flux_single_file_in_the_bfl_layout_equals_the_diffusers_folder() {
 }
 
 #[test]
-fn a_flux_gguf_loads_like_its_single_file() {
+fn flux_and_sd3_ggufs_load_like_their_single_files() {
     // The tiny BFL-layout Flux written as GGUF by the gguf package (tools/make_gguf_fixtures.py):
     // all F32, bit-identical to the safetensors file; with the weights that hold whole Q8_0
     // blocks quantized (6 of 84 at this width), the forward's relative error against f32 is
@@ -1967,16 +1967,37 @@ fn a_flux_gguf_loads_like_its_single_file() {
     let io = root.join("parity/flux_dev/io.safetensors");
     let file = root.join("parity/flux_dev_single/flux1-tiny.safetensors");
     let single = forward_output(&s, "LoadFlux", &file, &io, "gguf-single");
-    let f32_gguf = root.join("gguf/flux1-tiny-F32.gguf");
+    let f32_gguf = root.join("gguf/flux/flux1-tiny-F32.gguf");
     assert_eq!(
         forward_output(&s, "LoadFlux", &f32_gguf, &io, "gguf-f32"),
         single
     );
-    let q8 = root.join("gguf/flux1-tiny-Q8_0.gguf");
+    let q8 = root.join("gguf/flux/flux1-tiny-Q8_0.gguf");
     let quantized = forward_output(&s, "LoadFlux", &q8, &io, "gguf-q8");
     let err = common::relative_error(&quantized, &single);
     eprintln!("flux1-tiny Q8_0 GGUF forward: relative error {err:.2e} against f32");
     assert!(err > 0.0 && err < 5e-2, "{err:.2e}");
+    // City96's SD3.5 GGUFs keep Stability AI's names: the tiny SD3.5 as an F32 GGUF gives its
+    // single file's forward bit for bit.
+    let io = root.join("parity/sd3_5/io.safetensors");
+    let file = root.join("parity/sd3_5_single/sd3.5-tiny.safetensors");
+    let gguf = root.join("gguf/sd3/sd3.5-tiny-F32.gguf");
+    assert_eq!(
+        forward_output(&s, "LoadSD3", &gguf, &io, "gguf-sd3"),
+        forward_output(&s, "LoadSD3", &file, &io, "gguf-sd3-single")
+    );
+    // A GGUF of another architecture is refused by what its tensors are.
+    let yaml = format!(
+        "version: 1\nnodes:\n  m: {{type: LoadFlux, inputs: {{path: {:?}}}}}\noutputs:\n  m: m.model\n",
+        gguf.to_string_lossy()
+    );
+    let g = Graph::from_yaml(&yaml, "wrong.yaml", Path::new(".")).unwrap();
+    let report = s.run(&g, &[], &RunOptions::default()).unwrap();
+    let err = format!("{:?}", report.failed);
+    assert!(
+        err.contains("not a Flux checkpoint") && err.contains("SD3"),
+        "{err}"
+    );
 }
 
 #[test]

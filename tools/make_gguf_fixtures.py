@@ -10,11 +10,13 @@ Writes tests/fixtures/gguf/:
   general.architecture "flux".
 - quants.safetensors: each tensor as gguf's own `dequantize` gives it (float32), for a bit-exact
   comparison.
-- flux1-tiny-F32.gguf and flux1-tiny-Q8_0.gguf: the tiny Flux of
+- flux/flux1-tiny-F32.gguf and flux/flux1-tiny-Q8_0.gguf: the tiny Flux of
   tests/fixtures/parity/flux_dev_single (Black Forest Labs' names with ComfyUI's prefix, as
   city96's Flux GGUFs keep them) as GGUF, architecture "flux": every tensor F32, and with the
   2-D weights whose rows hold whole Q8_0 blocks quantized (the rest F32, as city96's converter
   leaves what does not fit), with that folder's config.json beside them.
+- sd3/sd3.5-tiny-F32.gguf: the tiny SD3.5 of tests/fixtures/parity/sd3_5_single (Stability AI's
+  names), architecture "sd3", with its config.json.
 
 Run (numpy, gguf and safetensors from PyPI; CI never runs this):
     .venv/bin/python tools/make_gguf_fixtures.py
@@ -79,18 +81,29 @@ def main():
         expected[t.name] = np.ascontiguousarray(values.reshape(SHAPE).astype(np.float32))
         print(f"{t.name}: {t.tensor_type.name}, {t.n_bytes} bytes, |max| {np.abs(expected[t.name]).max():.3f}")
     save_file(expected, os.path.join(ROOT, "quants.safetensors"))
-    flux()
+    single_files()
 
 
-def flux():
+def single_files():
+    """The tiny single files as GGUF, each in its own folder with its config.json."""
+    parity = os.path.join(os.path.dirname(ROOT), "parity")
+    convert(os.path.join(parity, "flux_dev_single", "flux1-tiny.safetensors"), "flux", ("F32", "Q8_0"))
+    convert(os.path.join(parity, "sd3_5_single", "sd3.5-tiny.safetensors"), "sd3", ("F32",))
+
+
+def convert(single, arch, formats):
+    """`single` as GGUF files of architecture `arch` in ROOT/arch/, one per format: F32, or
+    Q8_0 for the 2-D weights whose rows hold whole blocks (the rest F32)."""
     from safetensors.numpy import load_file
 
-    single = os.path.join(os.path.dirname(ROOT), "parity", "flux_dev_single", "flux1-tiny.safetensors")
+    out = os.path.join(ROOT, arch)
+    os.makedirs(out, exist_ok=True)
     weights = load_file(single)
-    # The config the tiny model needs beside it (its RoPE axes cannot be inferred).
-    shutil.copy(os.path.join(os.path.dirname(single), "config.json"), os.path.join(ROOT, "config.json"))
-    for fmt in ("F32", "Q8_0"):
-        writer = GGUFWriter(os.path.join(ROOT, f"flux1-tiny-{fmt}.gguf"), "flux")
+    # The config the tiny model needs beside it (its shapes leave some settings open).
+    shutil.copy(os.path.join(os.path.dirname(single), "config.json"), os.path.join(out, "config.json"))
+    stem = os.path.basename(single).removesuffix(".safetensors")
+    for fmt in formats:
+        writer = GGUFWriter(os.path.join(out, f"{stem}-{fmt}.gguf"), arch)
         quantized = 0
         for name, t in weights.items():
             t = np.ascontiguousarray(t.astype(np.float32))
@@ -103,8 +116,7 @@ def flux():
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        print(f"flux1-tiny-{fmt}.gguf: {quantized} of {len(weights)} tensors quantized")
-
+        print(f"{arch}/{stem}-{fmt}.gguf: {quantized} of {len(weights)} tensors quantized")
 
 if __name__ == "__main__":
     main()

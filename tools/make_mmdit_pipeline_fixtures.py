@@ -298,14 +298,21 @@ def flux(seed=200):
     # True CFG (the pipeline's true_cfg_scale with a negative prompt, each evaluation with the
     # distilled guidance too): io_true_cfg.safetensors.
     true_args = dict(args, negative_prompt=TRUE_CFG_NEGATIVE, true_cfg_scale=2.0)
-    with torch.no_grad():
-        latent = pipe(**true_args, output_type="latent").images
-        image = pipe(**true_args, output_type="pt").images
-    latent = FluxPipeline._unpack_latents(latent, 16, 16, 2)
-    report("flux_pipeline (true cfg 2)", latent, image)
-    save_file({"out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()},
-              os.path.join(out, "io_true_cfg.safetensors"))
+    flux_case(pipe, true_args, "flux_pipeline (true cfg 2)", os.path.join(out, "io_true_cfg.safetensors"))
     flux_fill(out, pipe, noise, t5_tokens, seed + 4)
+
+
+def flux_case(pipe, args, name, path):
+    """A Flux-family pipeline run twice on `args` (the latent, then the image): out.latent
+    (unpacked) and out.image into `path`."""
+    from diffusers import FluxPipeline
+
+    with torch.no_grad():
+        latent = pipe(**args, output_type="latent").images
+        image = pipe(**args, output_type="pt").images
+    latent = FluxPipeline._unpack_latents(latent, 16, 16, 2)
+    report(name, latent, image)
+    save_file({"out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()}, path)
 
 
 def flux_fill(out, pipe, noise, t5_tokens, seed):
@@ -333,13 +340,7 @@ def flux_fill(out, pipe, noise, t5_tokens, seed):
     pixels, mask = test_picture()
     args = dict(prompt=PROMPT, image=Image.fromarray(pixels), mask_image=Image.fromarray(mask), height=16,
                 width=16, strength=1.0, num_inference_steps=4, guidance_scale=30.0, max_sequence_length=t5_tokens)
-    with torch.no_grad():
-        latent = fill(**args, output_type="latent").images
-        image = fill(**args, output_type="pt").images
-    latent = FluxFillPipeline._unpack_latents(latent, 16, 16, 2)
-    report("flux_pipeline (fill)", latent, image)
-    save_file({"out.latent": latent.contiguous(), "out.image": image[0].permute(1, 2, 0).contiguous()},
-              os.path.join(out, "io_fill.safetensors"))
+    flux_case(fill, args, "flux_pipeline (fill)", os.path.join(out, "io_fill.safetensors"))
 
 
 TRUE_CFG_NEGATIVE = "a green square on a blue background"

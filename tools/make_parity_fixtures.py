@@ -308,15 +308,9 @@ def pipeline(seed):
     print(f"pipeline: image {tuple(image.shape)}")
 
 
-def pipeline_samplers():
-    """The pipeline fixture's saved models under the stochastic and two-call samplers: Euler
-    ancestral (its step noise replayed from ditflow's Philox stream k + 1 at step k) and Heun, in
-    PixArtSigmaPipeline from the same starting noise. Writes pipeline/io_samplers.safetensors
-    (out.image_euler_ancestral, out.image_heun) and the two scheduler configs; reads what
-    pipeline() wrote, so it can run alone: make_parity_fixtures.py pipeline_samplers."""
-    from diffusers import (AutoencoderKL, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler,
-                           PixArtSigmaPipeline, PixArtTransformer2DModel)
-    from diffusers.schedulers import scheduling_euler_ancestral_discrete
+def pipeline_parts():
+    """What pipeline() saved: (its folder, the fast tokenizer, T5, PixArt, the VAE)."""
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
@@ -326,6 +320,19 @@ def pipeline_samplers():
     te = T5EncoderModel.from_pretrained(os.path.join(out, "text_encoder"))
     dit = PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"))
     vae = AutoencoderKL.from_pretrained(os.path.join(out, "vae"))
+    return out, fast, te, dit, vae
+
+
+def pipeline_samplers():
+    """The pipeline fixture's saved models under the stochastic and two-call samplers: Euler
+    ancestral (its step noise replayed from ditflow's Philox stream k + 1 at step k) and Heun, in
+    PixArtSigmaPipeline from the same starting noise. Writes pipeline/io_samplers.safetensors
+    (out.image_euler_ancestral, out.image_heun) and the two scheduler configs; reads what
+    pipeline() wrote, so it can run alone: make_parity_fixtures.py pipeline_samplers."""
+    from diffusers import EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, PixArtSigmaPipeline
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete
+
+    out, fast, te, dit, vae = pipeline_parts()
     noise_seed, steps, cfg = 7, 6, 3.0
     noise = philox_randn((1, 4, 8, 8), noise_seed)
     calls = [0]
@@ -360,16 +367,9 @@ def pipeline_custom_sigmas():
     sigmas (PixArtSigmaPipeline's sigmas=CUSTOM_SIGMAS), from the same noise. Writes
     pipeline/io_custom_sigmas.safetensors (out.image); reads what pipeline() wrote, so it can run
     alone: make_parity_fixtures.py pipeline_custom_sigmas."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast, T5EncoderModel
+    from diffusers import EulerDiscreteScheduler, PixArtSigmaPipeline
 
-    out = os.path.join(ROOT, "pipeline")
-    tok = Tokenizer.from_file(os.path.join(out, "text_encoder", "tokenizer.json"))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    te = T5EncoderModel.from_pretrained(os.path.join(out, "text_encoder"))
-    dit = PixArtTransformer2DModel.from_pretrained(os.path.join(out, "transformer"))
-    vae = AutoencoderKL.from_pretrained(os.path.join(out, "vae"))
+    out, fast, te, dit, vae = pipeline_parts()
     sched = EulerDiscreteScheduler.from_pretrained(os.path.join(out, "scheduler_euler"))
     pipe = PixArtSigmaPipeline(tokenizer=fast, text_encoder=te, vae=vae, transformer=dit, scheduler=sched)
     noise = philox_randn((1, 4, 8, 8), 7)

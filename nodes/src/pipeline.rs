@@ -935,44 +935,10 @@ fn parse_sigmas(text: &str) -> Result<Vec<f64>> {
         .collect()
 }
 
-/// An inpainting mask `[1, 1, h, w]` of 0s and 1s for a latent of shape `s` (`[B, C, h, w]`):
-/// from `[h, w]` as given, or from pixels `[H, W]` / `[H, W, C]` (the luminance of 3 channels,
-/// else the first) taken at every `H/h`-th row and column, as diffusers' nearest resize does,
-/// then binarized at 0.5 as its mask processor does.
-fn latent_mask(m: &Tensor, s: &[usize]) -> Result<Tensor> {
-    let (h, w) = (s[2], s[3]);
-    let (mh, mw, c) = match *m.shape() {
-        [mh, mw] => (mh, mw, 1),
-        [mh, mw, c] if c > 0 => (mh, mw, c),
-        _ => bail!(
-            "the mask must be [H, W] or [H, W, C] pixels, got {:?}",
-            m.shape()
-        ),
-    };
-    if mh % h != 0 || mw % w != 0 {
-        bail!("the mask is {mh}x{mw}, which is not a whole multiple of the latent's {h}x{w}");
-    }
-    let (fy, fx) = (mh / h, mw / w);
-    let v = m.cast(DType::F32)?.to_device(Device::Cpu)?.to_f32_vec()?;
-    let scale = if m.dtype() == DType::U8 {
-        1.0 / 255.0
-    } else {
-        1.0
-    };
-    let mut out = Vec::with_capacity(h * w);
-    for y in 0..h {
-        for x in 0..w {
-            let at = ((y * fy) * mw + x * fx) * c;
-            let value = crate::image::mask_value(&v[at..at + c]) * scale;
-            out.push(if value >= 0.5 { 1.0f32 } else { 0.0 });
-        }
-    }
-    Tensor::from_f32(Kind::Tensor, &[1, 1, h, w], &out)
-}
-
-/// An inpainting mask `[1, 1, H, W]` of 0s and 1s at the pixels' own size, from `[H, W]` or
-/// `[H, W, C]` (the luminance of 3 channels, else the first), binarized at 0.5.
-fn pixel_mask(m: &Tensor) -> Result<Tensor> {
+/// A mask's pixels binarized at 0.5, `(H, W, values)`: from `[H, W]` or `[H, W, C]` (the
+/// luminance of 3 channels, else the first; 8-bit values read as 0–255), as diffusers' mask
+/// processor binarizes.
+fn binary_mask(m: &Tensor) -> Result<(usize, usize, Vec<f32>)> {
     let (h, w, c) = match *m.shape() {
         [h, w] => (h, w, 1),
         [h, w, c] if c > 0 => (h, w, c),
@@ -987,17 +953,33 @@ fn pixel_mask(m: &Tensor) -> Result<Tensor> {
     } else {
         1.0
     };
-    let out: Vec<f32> = v
+    let out = v
         .chunks_exact(c)
-        .map(|p| {
-            if crate::image::mask_value(p) * scale >= 0.5 {
-                1.0
-            } else {
-                0.0
-            }
-        })
+        .map(|p| f32::from(u8::from(crate::image::mask_value(p) * scale >= 0.5)))
+        .collect();
+    Ok((h, w, out))
+}
+
+/// An inpainting mask `[1, 1, h, w]` of 0s and 1s for a latent of shape `s` (`[B, C, h, w]`):
+/// the [`binary_mask`] taken at every `H/h`-th row and column, as diffusers' nearest resize does
+/// (a mask `[h, w]` at the latent's size as it is).
+fn latent_mask(m: &Tensor, s: &[usize]) -> Result<Tensor> {
+    let (h, w) = (s[2], s[3]);
+    let (mh, mw, v) = binary_mask(m)?;
+    if mh % h != 0 || mw % w != 0 {
+        bail!("the mask is {mh}x{mw}, which is not a whole multiple of the latent's {h}x{w}");
+    }
+    let (fy, fx) = (mh / h, mw / w);
+    let out: Vec<f32> = (0..h * w)
+        .map(|i| v[(i / w) * fy * mw + (i % w) * fx])
         .collect();
     Tensor::from_f32(Kind::Tensor, &[1, 1, h, w], &out)
+}
+
+/// An inpainting mask `[1, 1, H, W]` of 0s and 1s at the pixels' own size ([`binary_mask`]).
+fn pixel_mask(m: &Tensor) -> Result<Tensor> {
+    let (h, w, v) = binary_mask(m)?;
+    Tensor::from_f32(Kind::Tensor, &[1, 1, h, w], &v)
 }
 
 /// The guided prediction of step `i` of `n` from the model's output `out` (the conditional
