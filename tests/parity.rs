@@ -1956,7 +1956,7 @@ fn a_flux_single_file_in_the_bfl_layout_equals_the_diffusers_folder() {
 }
 
 #[test]
-fn flux_and_sd3_ggufs_load_like_their_single_files() {
+fn flux_sd3_and_wan_ggufs_load_like_their_single_files() {
     // The tiny BFL-layout Flux written as GGUF by the gguf package (tools/make_gguf_fixtures.py):
     // all F32, bit-identical to the safetensors file; with the weights that hold whole Q8_0
     // blocks quantized (6 of 84 at this width), the forward's relative error against f32 is
@@ -1985,6 +1985,21 @@ fn flux_and_sd3_ggufs_load_like_their_single_files() {
     assert_eq!(
         forward_output(&s, "LoadSD3", &gguf, &io, "gguf-sd3"),
         forward_output(&s, "LoadSD3", &file, &io, "gguf-sd3-single")
+    );
+    // City96's Wan GGUFs keep Wan's original names (renamed here as diffusers' single-file
+    // converter renames them): the tiny Wan in that layout as an F32 GGUF gives the diffusers
+    // folder's forward bit for bit.
+    let io = root.join("parity/wan/io.safetensors");
+    let wan = root.join("gguf/wan/wan-tiny-F32.gguf");
+    assert_eq!(
+        forward_output(&s, "LoadWan", &wan, &io, "gguf-wan"),
+        forward_output(
+            &s,
+            "LoadWan",
+            &root.join("parity/wan"),
+            &io,
+            "gguf-wan-folder"
+        )
     );
     // A GGUF of another architecture is refused by what its tensors are.
     let yaml = format!(

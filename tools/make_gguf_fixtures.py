@@ -17,6 +17,8 @@ Writes tests/fixtures/gguf/:
   leaves what does not fit), with that folder's config.json beside them.
 - sd3/sd3.5-tiny-F32.gguf: the tiny SD3.5 of tests/fixtures/parity/sd3_5_single (Stability AI's
   names), architecture "sd3", with its config.json.
+- wan/wan-tiny-F32.gguf: the tiny Wan of tests/fixtures/parity/wan in Wan's original names (see
+  wan()), architecture "wan", with its config.json.
 
 Run (numpy, gguf and safetensors from PyPI; CI never runs this):
     .venv/bin/python tools/make_gguf_fixtures.py
@@ -89,6 +91,51 @@ def single_files():
     parity = os.path.join(os.path.dirname(ROOT), "parity")
     convert(os.path.join(parity, "flux_dev_single", "flux1-tiny.safetensors"), "flux", ("F32", "Q8_0"))
     convert(os.path.join(parity, "sd3_5_single", "sd3.5-tiny.safetensors"), "sd3", ("F32",))
+    wan(parity)
+
+
+def wan(parity):
+    """The tiny Wan (tests/fixtures/parity/wan, diffusers' names) in Wan's original layout, as
+    city96's Wan GGUFs hold it: the names mapped back through diffusers' own renames, checked to
+    come back exactly through diffusers' convert_wan_transformer_to_diffusers. Writes wan/ (a
+    single file, converted to wan-tiny-F32.gguf like the others)."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors.numpy import load_file, save_file as save_np
+
+    folder = os.path.join(parity, "wan")
+    weights = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    # diffusers' renames, undone in reverse order (the norm2/norm3 swap is its own inverse).
+    renames = [("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+               ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+               ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+               ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+               ("time_projection.1", "condition_embedder.time_proj"), ("cross_attn", "attn2"),
+               ("self_attn", "attn1"), (".o.", ".to_out.0."), (".q.", ".to_q."), (".k.", ".to_k."),
+               (".v.", ".to_v."), ("head.modulation", "scale_shift_table"), ("head.head", "proj_out"),
+               ("ffn.0", "ffn.net.0.proj"), ("ffn.2", "ffn.net.2"), ("norm2", "norm__placeholder"),
+               ("norm3", "norm2"), ("norm__placeholder", "norm3")]
+
+    def original(key):
+        if key == "scale_shift_table":
+            return "head.modulation"
+        if key.endswith(".scale_shift_table"):
+            return key.replace("scale_shift_table", "modulation")
+        for orig, new in reversed(renames):
+            key = key.replace(new, orig)
+        return key
+
+    single = {original(k): v for k, v in weights.items()}
+    import torch
+    back = convert_wan_transformer_to_diffusers({k: torch.from_numpy(v) for k, v in single.items()})
+    assert sorted(back) == sorted(weights), sorted(set(back) ^ set(weights))
+    assert all(np.array_equal(back[k].numpy(), weights[k]) for k in weights)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "wan-tiny.safetensors")
+        save_np(single, path)
+        shutil.copy(os.path.join(folder, "config.json"), os.path.join(tmp, "config.json"))
+        convert(path, "wan", ("F32",))
 
 
 def convert(single, arch, formats):

@@ -234,6 +234,10 @@ pub fn describe_checkpoint<'a>(keys: impl IntoIterator<Item = &'a str>) -> Optio
         "an SD3 transformer (diffusers' layout)"
     } else if any("adaln_single.") {
         "a PixArt transformer"
+    } else if any("patch_embedding.") && any("self_attn.") {
+        "a Wan transformer (Wan's original layout)"
+    } else if any("patch_embedding.") && any("condition_embedder.") {
+        "a Wan transformer (diffusers' layout)"
     } else if any("input_blocks.") || any("down_blocks.0.attentions.") {
         "a UNet (Stable Diffusion 1.x/2.x/XL)"
     } else if any("encoder.down") || any("decoder.up") {
@@ -257,6 +261,10 @@ mod tests {
         assert_eq!(
             d(&["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"]),
             Some("a Flux transformer (Black Forest Labs' layout)")
+        );
+        assert_eq!(
+            d(&["patch_embedding.weight", "blocks.0.self_attn.q.weight"]),
+            Some("a Wan transformer (Wan's original layout)")
         );
         assert_eq!(
             d(&["joint_blocks.0.x_block.attn.qkv.weight"]),

@@ -4,6 +4,7 @@
 //! takes linear deltas; the blocks take block residuals and range overrides, and their self- and
 //! cross-attention sites take attention edits, structured masks and extra branches.
 
+use crate::single_file;
 use crate::wan::{self, Wan};
 use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{input_path, model_fingerprint};
@@ -162,8 +163,35 @@ impl Object for Stepped {
 }
 
 impl WanModel {
+    /// From a diffusers folder, or from one file (`.safetensors` or `.gguf`) in Wan's original
+    /// layout or in diffusers' own names.
     pub fn load(path: &Path, device: Device, ctx: &Context) -> Result<WanModel> {
-        let cfg = Config::read(path)?;
+        let (cfg, w) = if path.is_file() {
+            let tensors =
+                ditflow_nn::strip_comfy_prefix(ditflow_nn::read_tensors(ctx, path, device)?);
+            let tensors = if single_file::is_original(&tensors) {
+                single_file::to_diffusers(tensors)
+            } else if tensors.contains_key("patch_embedding.weight")
+                && tensors.keys().any(|k| k.starts_with("condition_embedder."))
+            {
+                tensors
+            } else {
+                let looks = ditflow_nn::describe_checkpoint(tensors.keys().map(String::as_str))
+                    .unwrap_or("no model this loader knows");
+                bail!(
+                    "{}: not a Wan checkpoint (no patch_embedding and blocks keys): it looks like {looks}",
+                    path.display()
+                );
+            };
+            let json = single_file::config(path, &tensors)?;
+            let cfg = Config {
+                path: path.to_path_buf(),
+                json,
+            };
+            (cfg, Weights::from_tensors(path, tensors))
+        } else {
+            (Config::read(path)?, Weights::load(ctx, path, device)?)
+        };
         match cfg.class_name() {
             Some("WanTransformer3DModel") => {}
             other => bail!(
@@ -172,7 +200,6 @@ impl WanModel {
                 other.unwrap_or("")
             ),
         }
-        let w = Weights::load(ctx, path, device)?;
         let wan = Wan::load(&cfg, &w, device)?;
         Ok(WanModel {
             linears: wan.linears(),
@@ -192,14 +219,17 @@ impl Node for LoadWan {
             .category("loaders")
             .doc(
                 "Loads a Wan2.1 text-to-video transformer: a diffusers WanTransformer3DModel \
-                 folder (config.json plus safetensors, sharded or not). Its forward reads \
+                 folder (config.json plus safetensors, sharded or not), or one file (.safetensors \
+                 or a city96 .gguf) in Wan's original layout, with config.json beside it or the \
+                 config inferred from the shapes. Its forward reads \
                  diffusers' names: hidden_states [B, C, frames, H, W], timestep in [0, 1000] and \
                  encoder_hidden_states (UMT5's tokens). Image-conditioned (I2V) checkpoints are \
                  refused for now.",
             )
             .input(
-                Port::new("path", "String")
-                    .doc("The model folder; a relative path is taken from the graph's folder."),
+                Port::new("path", "String").doc(
+                    "The model folder or file; a relative path is taken from the graph's folder.",
+                ),
             )
             .output(Port::new("model", "Model<Denoiser>").doc("The denoiser."))
     }

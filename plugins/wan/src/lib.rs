@@ -4,12 +4,14 @@
 //!   the time and text embeddings, blocks with q/k RMS norms across the heads and the
 //!   cross-attention norm, the output layer and unpatchify;
 //! - [`denoiser`]: the protocol model and its loader node;
+//! - [`single_file`]: one file in Wan's original layout, renamed as diffusers does;
 //! - [`vae`]: `AutoencoderKLWan`, the causal video VAE run chunk by chunk (`LoadWanVAE`,
 //!   `DecodeVideo`).
 
 #![forbid(unsafe_code)]
 
 pub mod denoiser;
+pub mod single_file;
 pub mod vae;
 pub mod wan;
 
