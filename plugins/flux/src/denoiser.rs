@@ -7,7 +7,6 @@
 
 use crate::flux::{self, Flux};
 use crate::single_file;
-use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
@@ -214,9 +213,7 @@ impl FluxModel {
     /// From a diffusers folder, or from one `.safetensors` file in the BFL (or ComfyUI) layout
     /// or in diffusers' own key layout.
     pub fn load(path: &Path, device: Device, ctx: &Context) -> Result<FluxModel> {
-        let (cfg, w) = if path.is_file() {
-            let tensors =
-                ditflow_nn::strip_comfy_prefix(ditflow_nn::read_tensors(ctx, path, device)?);
+        let (cfg, w) = ditflow_nn::open_model(ctx, path, device, |tensors| {
             let tensors = if single_file::is_bfl(&tensors) {
                 single_file::to_diffusers(path, tensors)?
             } else if tensors
@@ -225,22 +222,12 @@ impl FluxModel {
             {
                 tensors
             } else {
-                let looks = ditflow_nn::describe_checkpoint(tensors.keys().map(String::as_str))
-                    .unwrap_or("no model this loader knows");
-                bail!(
-                    "{}: not a Flux checkpoint (no double_blocks or transformer_blocks keys): it looks like {looks}",
-                    path.display()
-                );
+                let what = "a Flux checkpoint (no double_blocks or transformer_blocks keys)";
+                return Err(ditflow_nn::not_a(path, what, &tensors));
             };
             let json = single_file::config(path, &tensors)?;
-            let cfg = Config {
-                path: path.to_path_buf(),
-                json,
-            };
-            (cfg, Weights::from_tensors(path, tensors))
-        } else {
-            (Config::read(path)?, Weights::load(ctx, path, device)?)
-        };
+            Ok((tensors, json))
+        })?;
         match cfg.class_name() {
             Some("FluxTransformer2DModel") => {}
             other => bail!(

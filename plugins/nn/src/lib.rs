@@ -32,6 +32,6 @@ pub use layers::{
 };
 pub use patchify::{pack_latents, patch_grid, patchify, unpack_latents, unpatchify};
 pub use weights::{
-    block_count, config_beside, describe_checkpoint, read_tensors, strip_comfy_prefix, Config,
-    Weights,
+    block_count, config_beside, converted_shape, describe_checkpoint, not_a, open_model,
+    read_tensors, strip_comfy_prefix, Config, Weights,
 };

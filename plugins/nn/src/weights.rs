@@ -216,6 +216,45 @@ pub fn config_beside(file: &Path) -> Result<Option<serde_json::Value>> {
     }
 }
 
+/// A model's config and weights from `path`: a diffusers folder as it is, or one checkpoint file
+/// (`.safetensors` or `.gguf`, ComfyUI's prefix stripped) handed to `single`, which gives back
+/// the tensors in the model's own names and their diffusers config.
+pub fn open_model(
+    ctx: &Context,
+    path: &Path,
+    device: Device,
+    single: impl FnOnce(HashMap<String, Tensor>) -> Result<(HashMap<String, Tensor>, serde_json::Value)>,
+) -> Result<(Config, Weights)> {
+    if !path.is_file() {
+        return Ok((Config::read(path)?, Weights::load(ctx, path, device)?));
+    }
+    let tensors = strip_comfy_prefix(read_tensors(ctx, path, device)?);
+    let (tensors, json) = single(tensors)?;
+    let cfg = Config {
+        path: path.to_path_buf(),
+        json,
+    };
+    Ok((cfg, Weights::from_tensors(path, tensors)))
+}
+
+/// The error for a file that is not `what` (`"a Flux checkpoint (no double_blocks keys)"`):
+/// it names the file and what its keys look like.
+pub fn not_a(path: &Path, what: &str, tensors: &HashMap<String, Tensor>) -> Error {
+    let looks = describe_checkpoint(tensors.keys().map(String::as_str))
+        .unwrap_or("no model this loader knows");
+    Error(format!(
+        "{}: not {what}: it looks like {looks}",
+        path.display()
+    ))
+}
+
+/// The shape of tensor `key` of converted weights `w` read from `file`, or an error naming both.
+pub fn converted_shape(file: &Path, w: &HashMap<String, Tensor>, key: &str) -> Result<Vec<usize>> {
+    w.get(key)
+        .map(|t| t.shape().to_vec())
+        .ok_or_else(|| Error(format!("{}: no '{key}' after conversion", file.display())))
+}
+
 /// What a checkpoint's keys look like, for a loader's message when it is given the wrong one:
 /// `a Flux transformer (Black Forest Labs' layout)`, `an SD3 transformer`, ... or `None`.
 pub fn describe_checkpoint<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {

@@ -7,7 +7,6 @@
 
 use crate::sd3::{self, Sd3};
 use crate::single_file;
-use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
@@ -127,26 +126,15 @@ impl Sd3Model {
     /// From a diffusers folder, or from one `.safetensors` file in Stability AI's (or
     /// ComfyUI's) layout.
     pub fn load(path: &Path, device: Device, ctx: &Context) -> Result<Sd3Model> {
-        let (cfg, w) = if path.is_file() {
-            let tensors =
-                ditflow_nn::strip_comfy_prefix(ditflow_nn::read_tensors(ctx, path, device)?);
+        let (cfg, w) = ditflow_nn::open_model(ctx, path, device, |tensors| {
             if !single_file::is_sai(&tensors) {
-                let looks = ditflow_nn::describe_checkpoint(tensors.keys().map(String::as_str))
-                    .unwrap_or("no model this loader knows");
-                bail!(
-                    "{}: not an SD3 checkpoint in Stability AI's layout (no joint_blocks keys): it looks like {looks}",
-                    path.display()
-                );
+                let what = "an SD3 checkpoint in Stability AI's layout (no joint_blocks keys)";
+                return Err(ditflow_nn::not_a(path, what, &tensors));
             }
             let tensors = single_file::to_diffusers(path, tensors)?;
-            let cfg = Config {
-                path: path.to_path_buf(),
-                json: single_file::config(path, &tensors)?,
-            };
-            (cfg, Weights::from_tensors(path, tensors))
-        } else {
-            (Config::read(path)?, Weights::load(ctx, path, device)?)
-        };
+            let json = single_file::config(path, &tensors)?;
+            Ok((tensors, json))
+        })?;
         match cfg.class_name() {
             Some("SD3Transformer2DModel") => {}
             other => bail!(

@@ -185,11 +185,7 @@ pub fn config(file: &Path, w: &HashMap<String, Tensor>) -> Result<serde_json::Va
     if let Some(cfg) = ditflow_nn::config_beside(file)? {
         return Ok(cfg);
     }
-    let shape = |k: &str| -> Result<Vec<usize>> {
-        w.get(k)
-            .map(|t| t.shape().to_vec())
-            .ok_or_else(|| Error(format!("{}: no '{k}' after conversion", file.display())))
-    };
+    let shape = |k: &str| ditflow_nn::converted_shape(file, w, k);
     let proj = shape("pos_embed.proj.weight")?;
     let (dim, patch) = (proj[0], proj[2]);
     let n = block_count(w, "transformer_blocks.");

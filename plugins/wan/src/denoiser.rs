@@ -6,7 +6,6 @@
 
 use crate::single_file;
 use crate::wan::{self, Wan};
-use ditflow_nn::{Config, Weights};
 use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::LinearDeltaCache;
 use ditflow_plugin::model::{
@@ -166,9 +165,7 @@ impl WanModel {
     /// From a diffusers folder, or from one file (`.safetensors` or `.gguf`) in Wan's original
     /// layout or in diffusers' own names.
     pub fn load(path: &Path, device: Device, ctx: &Context) -> Result<WanModel> {
-        let (cfg, w) = if path.is_file() {
-            let tensors =
-                ditflow_nn::strip_comfy_prefix(ditflow_nn::read_tensors(ctx, path, device)?);
+        let (cfg, w) = ditflow_nn::open_model(ctx, path, device, |tensors| {
             let tensors = if single_file::is_original(&tensors) {
                 single_file::to_diffusers(tensors)
             } else if tensors.contains_key("patch_embedding.weight")
@@ -176,22 +173,12 @@ impl WanModel {
             {
                 tensors
             } else {
-                let looks = ditflow_nn::describe_checkpoint(tensors.keys().map(String::as_str))
-                    .unwrap_or("no model this loader knows");
-                bail!(
-                    "{}: not a Wan checkpoint (no patch_embedding and blocks keys): it looks like {looks}",
-                    path.display()
-                );
+                let what = "a Wan checkpoint (no patch_embedding and blocks keys)";
+                return Err(ditflow_nn::not_a(path, what, &tensors));
             };
             let json = single_file::config(path, &tensors)?;
-            let cfg = Config {
-                path: path.to_path_buf(),
-                json,
-            };
-            (cfg, Weights::from_tensors(path, tensors))
-        } else {
-            (Config::read(path)?, Weights::load(ctx, path, device)?)
-        };
+            Ok((tensors, json))
+        })?;
         match cfg.class_name() {
             Some("WanTransformer3DModel") => {}
             other => bail!(
