@@ -558,10 +558,10 @@ fn run_denoiser(ctx: &mut Context, mode: Mode) -> Result<()> {
     let patch = info.patch_size.max(1);
     let tokens = (s[2] / patch) * (s[3] / patch);
     // A custom list: flow_sigmas: custom for the flow samplers, spacing: custom for euler.
-    let custom = !invert
-        && (ctx.input::<String>("flow_sigmas")? == "custom"
-            || ctx.input::<String>("spacing")? == "custom");
-    let flow_sigmas = match ctx.input::<String>("flow_sigmas")?.as_str() {
+    let flow_sigmas: String = ctx.input("flow_sigmas")?;
+    let custom =
+        !invert && (flow_sigmas == "custom" || ctx.input::<String>("spacing")? == "custom");
+    let flow_sigmas = match flow_sigmas.as_str() {
         _ if custom => {
             let text: String = ctx.input("sigmas")?;
             let list = parse_sigmas(&text)?;
