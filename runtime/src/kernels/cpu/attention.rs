@@ -6,7 +6,7 @@
 //! block of queries, runs the GEMM micro-kernel for `S = (Q·scale)·Kᵀ` and `O += P·V`, and keeps
 //! the running row max and sum. Tasks are (batch, head, query block), spread over rayon.
 
-use super::gemm::{pack_b, tile_kernel, tile_rows, MatRef, NR};
+use super::gemm::{pack_b, tile_kernel, tile_pair_kernel, tile_rows, MatRef, NR};
 use super::simd;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -243,23 +243,32 @@ pub fn attention_strided(
             s.l[..rows].fill(0.0);
             for kb in (0..lk).step_by(BK) {
                 let bk = BK.min(lk - kb);
-                // S = (Q·scale)·K[kb..kb+bk]ᵀ, full tiles straight into S (row stride BK).
-                for p in 0..bk.div_ceil(NR) {
-                    let bp = kp[(kb / NR + p) * NR * d..].as_ptr();
+                // S = (Q·scale)·K[kb..kb+bk]ᵀ, full tiles straight into S (row stride BK), two
+                // key panels at a time.
+                let k_block_panels = bk.div_ceil(NR);
+                for p in (0..k_block_panels).step_by(2) {
+                    let bp = |p: usize| kp[(kb / NR + p) * NR * d..].as_ptr();
                     for ir in 0..prow / mr {
+                        let a = s.q[ir * mr * d..].as_ptr();
+                        let c0 = s.s[ir * mr * BK..].as_mut_ptr();
+                        let c = |p: usize| c0.wrapping_add(p * NR);
                         // SAFETY: Q rows are `d` apart, K panels hold `d` steps, S has room for
                         // `prow` rows of BK.
                         unsafe {
-                            tile_kernel(
-                                d,
-                                s.q[ir * mr * d..].as_ptr(),
-                                d,
-                                1,
-                                bp,
-                                s.s[ir * mr * BK + p * NR..].as_mut_ptr(),
-                                BK,
-                                false,
-                            )
+                            if p + 1 < k_block_panels {
+                                tile_pair_kernel(
+                                    d,
+                                    a,
+                                    d,
+                                    1,
+                                    [bp(p), bp(p + 1)],
+                                    [c(p), c(p + 1)],
+                                    BK,
+                                    false,
+                                )
+                            } else {
+                                tile_kernel(d, a, d, 1, bp(p), c(p), BK, false)
+                            }
                         };
                     }
                 }
@@ -287,22 +296,30 @@ pub fn attention_strided(
                         }
                     }
                 }
-                // O += P·V[kb..kb+bk], reading P in place (rows BK apart).
-                for p in 0..v_panels {
-                    let bp = vp[p * NR * lk + kb * NR..].as_ptr();
+                // O += P·V[kb..kb+bk], reading P in place (rows BK apart), two panels at a
+                // time.
+                for p in (0..v_panels).step_by(2) {
+                    let bp = |p: usize| vp[p * NR * lk + kb * NR..].as_ptr();
                     for ir in 0..prow / mr {
-                        // SAFETY: P rows hold `bk` values, the V panel `bk` steps from `kb`.
+                        let a = s.s[ir * mr * BK..].as_ptr();
+                        let c0 = s.o[ir * mr * ow..].as_mut_ptr();
+                        let c = |p: usize| c0.wrapping_add(p * NR);
+                        // SAFETY: P rows hold `bk` values, the V panels `bk` steps from `kb`.
                         unsafe {
-                            tile_kernel(
-                                bk,
-                                s.s[ir * mr * BK..].as_ptr(),
-                                BK,
-                                1,
-                                bp,
-                                s.o[ir * mr * ow + p * NR..].as_mut_ptr(),
-                                ow,
-                                true,
-                            )
+                            if p + 1 < v_panels {
+                                tile_pair_kernel(
+                                    bk,
+                                    a,
+                                    BK,
+                                    1,
+                                    [bp(p), bp(p + 1)],
+                                    [c(p), c(p + 1)],
+                                    ow,
+                                    true,
+                                )
+                            } else {
+                                tile_kernel(bk, a, BK, 1, bp(p), c(p), ow, true)
+                            }
                         };
                     }
                 }

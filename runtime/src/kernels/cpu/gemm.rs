@@ -10,6 +10,7 @@
 //! copy. Packing buffers are per-thread and reused: nothing is allocated per tile.
 
 use super::{simd, Activation};
+use crate::weights::quant::BlockFormat;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -104,6 +105,20 @@ impl MatRefBf16 {
     }
 }
 
+/// A matrix in one of ggml's block formats, read transposed as a GEMM's B operand: column j of
+/// B is row j of the stored `[n, k]` weight, `row_bytes` apart, its k values in blocks. Rows are
+/// dequantised while packed, per call, so the weight stays quantized in memory.
+#[derive(Clone, Copy)]
+pub struct MatRefQuant {
+    pub ptr: *const u8,
+    pub row_bytes: usize,
+    pub format: BlockFormat,
+}
+
+// SAFETY: as for `MatRef`.
+unsafe impl Send for MatRefQuant {}
+unsafe impl Sync for MatRefQuant {}
+
 /// A bf16 value (its bits) as f32: exact, the bits shifted into the high half.
 #[inline]
 fn bf16_to_f32(bits: u16) -> f32 {
@@ -180,6 +195,8 @@ impl Out {
 thread_local! {
     static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static PACK_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One panel's rows of a quantized B, dequantised before they are turned into the panel.
+    static DEQUANT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// B packed once into NR-wide panels over all of K (`[panel][k][NR]`), for a weight used by many
@@ -212,11 +229,13 @@ impl PackedB {
 }
 
 /// The B operand of a product: any strided matrix (packed per call), a strided bf16 matrix
-/// (converted while packed per call), or packed already.
+/// (converted while packed per call), a block-quantized one (dequantised while packed per
+/// call), or packed already.
 #[derive(Clone, Copy)]
 pub enum BOperand<'a> {
     Strided(MatRef),
     Bf16(MatRefBf16),
+    Quant(MatRefQuant),
     Packed(&'a PackedB),
 }
 
@@ -340,6 +359,24 @@ trait MicroTile {
     );
     /// [`pack_panel`] at this tile's width: `rows` of A's transpose `at`, zero-padded to `MR`.
     unsafe fn pack(kc: usize, rows: usize, at: MatRef, p0: usize, i0: usize, out: *mut f32);
+    /// Two full tiles side by side: the same A panel against B panels `b[0]` and `b[1]`, into
+    /// `c[0]` and `c[1]` (each `MR×NR`, row stride `ldc`), with `next[i]` fetched meanwhile (or
+    /// null). Each element is summed as [`MicroTile::run`] sums it, so the bits are the same.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    unsafe fn run_pair(
+        kc: usize,
+        a: *const f32,
+        b: [*const f32; 2],
+        next: [*const f32; 2],
+        c: [*mut f32; 2],
+        ldc: usize,
+        acc: bool,
+    ) {
+        for i in 0..2 {
+            Self::run(kc, a, b[i], next[i], c[i], ldc, acc);
+        }
+    }
 }
 
 /// The 6×16 tile: AVX2/FMA, or portable code.
@@ -387,6 +424,24 @@ impl MicroTile for Avx512Tile {
     }
     unsafe fn pack(kc: usize, rows: usize, at: MatRef, p0: usize, i0: usize, out: *mut f32) {
         pack_panel::<MR_AVX512>(kc, rows, at, p0, i0, out)
+    }
+    /// Two 12×32 halves: per K step two B loads feed 24 FMAs (the 24×16 tile needs a load
+    /// per FMA), as BLIS's Skylake-X kernel does.
+    #[inline]
+    unsafe fn run_pair(
+        kc: usize,
+        a: *const f32,
+        b: [*const f32; 2],
+        next: [*const f32; 2],
+        c: [*mut f32; 2],
+        ldc: usize,
+        acc: bool,
+    ) {
+        const H: usize = MR_AVX512 / 2;
+        let packed = (1, MR_AVX512);
+        avx512_wide_kernel::<true>(kc, a, packed, b, next[0], c, ldc, acc);
+        let lower = [c[0].add(H * ldc), c[1].add(H * ldc)];
+        avx512_wide_kernel::<true>(kc, a.add(H), packed, b, next[1], lower, ldc, acc);
     }
 }
 
@@ -447,7 +502,7 @@ unsafe fn sgemm_blocked<T: MicroTile>(
             // KC-step block at `pc` starts at `p·NR·k + pc·NR`.
             let bpack = match b {
                 BOperand::Packed(p) => OutPtr(p.data.as_ptr().add(jc / NR * NR * k) as *mut f32),
-                BOperand::Strided(_) | BOperand::Bf16(_) => {
+                BOperand::Strided(_) | BOperand::Bf16(_) | BOperand::Quant(_) => {
                     let need = n_panels * NR * k;
                     if pb.len() < need {
                         pb.resize(need, 0.0);
@@ -459,6 +514,7 @@ unsafe fn sgemm_blocked<T: MicroTile>(
                         match b {
                             BOperand::Strided(b) => pack_b(k, NR.min(n - j0), b, 0, j0, out),
                             BOperand::Bf16(b) => pack_b_bf16(k, NR.min(n - j0), b, j0, out),
+                            BOperand::Quant(b) => pack_b_quant(k, NR.min(n - j0), b, j0, out),
                             BOperand::Packed(_) => unreachable!("packed B needs no packing"),
                         }
                     };
@@ -509,10 +565,36 @@ unsafe fn sgemm_blocked<T: MicroTile>(
                             out: &out,
                             overwrite: pc == 0 && !ep.accumulate,
                         };
-                        for p in p0..p1 {
+                        let mut p = p0;
+                        while p < p1 {
                             let j0 = jc + p * NR;
-                            let nr = NR.min(n - j0);
                             let bp = bpack.get().add(p * NR * k + pc * NR) as *const f32;
+                            if p + 1 < p1 && j0 + 2 * NR <= n {
+                                // Two whole panels at once; the next two are fetched meanwhile.
+                                let b = [bp, bp.add(NR * k)];
+                                let next = if p + 3 < p1 {
+                                    [bp.add(2 * NR * k), bp.add(3 * NR * k)]
+                                } else {
+                                    [std::ptr::null(); 2]
+                                };
+                                for ir in 0..mc.div_ceil(T::MR) {
+                                    let (i, mr) = (i0 + ir * T::MR, T::MR.min(mc - ir * T::MR));
+                                    let ap = pa.as_ptr().add(ir * T::MR * kc);
+                                    let next = if ir == 0 { next } else { [std::ptr::null(); 2] };
+                                    if mr == T::MR {
+                                        let c = [out.at(i, j0), out.at(i, j0 + NR)];
+                                        T::run_pair(kc, ap, b, next, c, out.ldc, !tile.overwrite);
+                                    } else {
+                                        for h in 0..2 {
+                                            let j = j0 + h * NR;
+                                            tile.run::<T>(kc, ap, (b[h], next[h]), i, j, mr, NR);
+                                        }
+                                    }
+                                }
+                                p += 2;
+                                continue;
+                            }
+                            let nr = NR.min(n - j0);
                             // The next panel's K block, fetched while this one's first tile runs
                             // (the panels lie NR·k apart, too far for the hardware's prefetch).
                             let next = if p + 1 < p1 {
@@ -526,6 +608,7 @@ unsafe fn sgemm_blocked<T: MicroTile>(
                                 let next = if ir == 0 { next } else { std::ptr::null() };
                                 tile.run::<T>(kc, ap, (bp, next), i0 + ir * T::MR, j0, mr, nr);
                             }
+                            p += 1;
                         }
                     }
                     // Bias and activation once the sums are complete, over whole row stretches
@@ -666,6 +749,33 @@ unsafe fn pack_b_bf16(k: usize, cols: usize, b: MatRefBf16, j0: usize, out: *mut
             }
         }
     }
+}
+
+/// [`pack_b`] of a block-quantized matrix over all of its `k` rows: each of the panel's
+/// columns (a stored row) dequantised whole, then turned into the panel.
+unsafe fn pack_b_quant(k: usize, cols: usize, b: MatRefQuant, j0: usize, out: *mut f32) {
+    DEQUANT.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        if buf.len() < NR * k {
+            buf.resize(NR * k, 0.0);
+        }
+        for c in 0..NR {
+            let dst = &mut buf[c * k..(c + 1) * k];
+            if c < cols {
+                let row =
+                    std::slice::from_raw_parts(b.ptr.add((j0 + c) * b.row_bytes), b.row_bytes);
+                b.format.dequantize(row, dst);
+            } else {
+                dst.fill(0.0);
+            }
+        }
+        let m = MatRef {
+            ptr: buf.as_ptr(),
+            rs: 1,
+            cs: k as isize,
+        };
+        pack_panel::<NR>(k, NR, m, 0, 0, out);
+    })
 }
 
 /// Writes `out[p·W + c] = m(p0 + p, j0 + c)` for `p < kc`, `c < cols`, and zeros for
@@ -1018,6 +1128,64 @@ unsafe fn avx512_packed_kernel(
     store_rows(&acc, c, ldc, accumulate)
 }
 
+/// Twelve rows of A against two B panels: C rows `r < 12` of `c[0]` (B panel `b[0]`) and
+/// `c[1]` (`b[1]`), 24 accumulators, two B loads per 24 FMAs. A's element (r, p) is at
+/// `a + r·a_rs + p·a_cs`; `PACKED` fixes `a_rs = 1, a_cs = 24` (a packed 24-row panel) so the
+/// offsets are constants. Each element is summed over p in order with FMAs, as in
+/// [`avx512_kernel`]. The cache hints are [`avx512_packed_kernel`]'s, with `next` one B panel
+/// to fetch (or null).
+///
+/// # Safety
+/// As for [`avx512_kernel`], for 12 rows, both panels and both outputs.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn avx512_wide_kernel<const PACKED: bool>(
+    kc: usize,
+    a: *const f32,
+    (a_rs, a_cs): (usize, usize),
+    b: [*const f32; 2],
+    next: *const f32,
+    c: [*mut f32; 2],
+    ldc: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    const H: usize = MR_AVX512 / 2;
+    let (a_rs, a_cs) = if PACKED { (1, MR_AVX512) } else { (a_rs, a_cs) };
+    for r in 0..H {
+        _mm_prefetch::<_MM_HINT_T0>(c[0].add(r * ldc) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(c[1].add(r * ldc) as *const i8);
+    }
+    let mut acc = [[_mm512_setzero_ps(); 2]; H];
+    let (mut a, mut b0, mut b1) = (a, b[0], b[1]);
+    let mut next = if next.is_null() { b0 } else { next };
+    for _ in 0..kc {
+        _mm_prefetch::<_MM_HINT_T0>(next as *const i8);
+        if PACKED {
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(16 * MR_AVX512) as *const i8);
+        }
+        let (v0, v1) = (_mm512_loadu_ps(b0), _mm512_loadu_ps(b1));
+        for (r, pair) in acc.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*a.add(r * a_rs));
+            pair[0] = _mm512_fmadd_ps(av, v0, pair[0]);
+            pair[1] = _mm512_fmadd_ps(av, v1, pair[1]);
+        }
+        a = a.add(a_cs);
+        b0 = b0.add(NR);
+        b1 = b1.add(NR);
+        next = next.wrapping_add(NR);
+    }
+    for (h, &c) in c.iter().enumerate() {
+        store_rows(
+            &std::array::from_fn::<_, H, _>(|r| acc[r][h]),
+            c,
+            ldc,
+            accumulate,
+        );
+    }
+}
+
 /// Writes (or with `accumulate` adds) accumulator row `r` to `c + r·ldc`.
 ///
 /// # Safety
@@ -1070,6 +1238,38 @@ pub(crate) unsafe fn tile_kernel(
         return avx512_kernel(kc, a, a_rs, a_cs, b, c, ldc, accumulate);
     }
     micro_kernel(kc, a, a_rs, a_cs, b, c, ldc, accumulate)
+}
+
+/// [`tile_kernel`] over two B panels side by side: C's `tile_rows() × 2·NR` tile, the
+/// columns of `b[0]` into `c[0]` and of `b[1]` into `c[1]`, with the same bits as two
+/// [`tile_kernel`] calls (on AVX-512, two 12×32 halves with two B loads per 24 FMAs).
+///
+/// # Safety
+/// As for [`tile_kernel`], for both panels and both outputs.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub(crate) unsafe fn tile_pair_kernel(
+    kc: usize,
+    a: *const f32,
+    a_rs: usize,
+    a_cs: usize,
+    b: [*const f32; 2],
+    c: [*mut f32; 2],
+    ldc: usize,
+    accumulate: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::has_avx512() {
+        const H: usize = MR_AVX512 / 2;
+        let null = std::ptr::null();
+        avx512_wide_kernel::<false>(kc, a, (a_rs, a_cs), b, null, c, ldc, accumulate);
+        let lower = [c[0].add(H * ldc), c[1].add(H * ldc)];
+        let a = a.add(H * a_rs);
+        return avx512_wide_kernel::<false>(kc, a, (a_rs, a_cs), b, null, lower, ldc, accumulate);
+    }
+    for h in 0..2 {
+        micro_kernel(kc, a, a_rs, a_cs, b[h], c[h], ldc, accumulate);
+    }
 }
 
 #[cfg(test)]
@@ -1336,6 +1536,64 @@ mod tests {
             );
         }
         assert_eq!(c1, c2);
+    }
+
+    #[test]
+    fn a_quantized_b_gives_the_product_of_its_dequantised_values() {
+        // Each format's rows, dequantised while packed, give the f32 product of the same values
+        // bit for bit, over several NC blocks of columns and a partial last panel.
+        let mut rng = Lcg(11);
+        for format in [BlockFormat::Q8_0, BlockFormat::Q4_1, BlockFormat::Q6K] {
+            let (m, n, k) = (13, 4100 + 3, 2 * format.block_len());
+            let row_bytes = k / format.block_len() * format.block_bytes();
+            let mut bytes: Vec<u8> = (0..n * row_bytes)
+                .map(|_| ((rng.next() + 1.0) * 127.0) as u8)
+                .collect();
+            // Scales (the f16 at each block's start) kept finite and small.
+            for blk in bytes.chunks_exact_mut(format.block_bytes()) {
+                let d = half::f16::from_f32(0.01 * (1.0 + rng.next())).to_le_bytes();
+                let at = if format == BlockFormat::Q6K { 208 } else { 0 };
+                blk[at..at + 2].copy_from_slice(&d);
+                if format == BlockFormat::Q4_1 {
+                    blk[2..4].copy_from_slice(&d);
+                }
+            }
+            let mut w = vec![0f32; n * k];
+            format.dequantize(&bytes, &mut w);
+            let a = rng.vec(m * k);
+            let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let quant = MatRefQuant {
+                ptr: bytes.as_ptr(),
+                row_bytes,
+                format,
+            };
+            unsafe {
+                sgemm(
+                    m,
+                    n,
+                    k,
+                    MatRef::row_major(&a, k, false),
+                    MatRef::row_major(&w, k, true),
+                    c1.as_mut_ptr(),
+                    n,
+                    Epilogue::default(),
+                    true,
+                );
+                sgemm_with(
+                    m,
+                    n,
+                    k,
+                    MatRef::row_major(&a, k, false),
+                    BOperand::Quant(quant),
+                    c2.as_mut_ptr(),
+                    n,
+                    Epilogue::default(),
+                    true,
+                );
+            }
+            assert!(c1.iter().all(|v| v.is_finite()), "{format:?}");
+            assert_eq!(c1, c2, "{format:?}");
+        }
     }
 
     #[test]
