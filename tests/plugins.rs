@@ -78,7 +78,7 @@ fn a_plugin_for_another_abi_major_is_refused_with_a_clear_message() {
     let msg = err.to_string();
     assert!(msg.contains(&lib.display().to_string()), "{msg}");
     assert!(
-        msg.contains("'bad-abi'") && msg.contains("ABI 2.") && msg.contains("host speaks ABI 1.7"),
+        msg.contains("'bad-abi'") && msg.contains("ABI 2.") && msg.contains("host speaks ABI 1.8"),
         "{msg}"
     );
 }
@@ -89,7 +89,7 @@ fn a_plugin_with_a_newer_minor_is_refused() {
     let lib = common::build_c_plugin("tests/plugins/c/newer_minor_plugin.c", &dir);
     let err = Runtime::new().load_plugin_file(&lib).expect_err("refused");
     assert!(
-        err.to_string().contains("ABI 1.8") && err.to_string().contains("ABI 1.7"),
+        err.to_string().contains("ABI 1.9") && err.to_string().contains("ABI 1.8"),
         "{err}"
     );
 }

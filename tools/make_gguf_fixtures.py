@@ -94,6 +94,30 @@ def single_files():
     wan(parity)
 
 
+# diffusers' renames of Wan's original keys, undone in reverse order by wan_original_key (the
+# norm2/norm3 swap is its own inverse).
+WAN_RENAMES = [("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+               ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+               ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+               ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+               ("time_projection.1", "condition_embedder.time_proj"), ("cross_attn", "attn2"),
+               ("self_attn", "attn1"), (".o.", ".to_out.0."), (".q.", ".to_q."), (".k.", ".to_k."),
+               (".v.", ".to_v."), ("head.modulation", "scale_shift_table"), ("head.head", "proj_out"),
+               ("ffn.0", "ffn.net.0.proj"), ("ffn.2", "ffn.net.2"), ("norm2", "norm__placeholder"),
+               ("norm3", "norm2"), ("norm__placeholder", "norm3")]
+
+
+def wan_original_key(key):
+    """A diffusers WanTransformer3DModel key in Wan's original names (city96's GGUF layout)."""
+    if key == "scale_shift_table":
+        return "head.modulation"
+    if key.endswith(".scale_shift_table"):
+        return key.replace("scale_shift_table", "modulation")
+    for orig, new in reversed(WAN_RENAMES):
+        key = key.replace(new, orig)
+    return key
+
+
 def wan(parity):
     """The tiny Wan (tests/fixtures/parity/wan, diffusers' names) in Wan's original layout, as
     city96's Wan GGUFs hold it: the names mapped back through diffusers' own renames, checked to
@@ -104,27 +128,7 @@ def wan(parity):
 
     folder = os.path.join(parity, "wan")
     weights = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-    # diffusers' renames, undone in reverse order (the norm2/norm3 swap is its own inverse).
-    renames = [("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
-               ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
-               ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
-               ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
-               ("time_projection.1", "condition_embedder.time_proj"), ("cross_attn", "attn2"),
-               ("self_attn", "attn1"), (".o.", ".to_out.0."), (".q.", ".to_q."), (".k.", ".to_k."),
-               (".v.", ".to_v."), ("head.modulation", "scale_shift_table"), ("head.head", "proj_out"),
-               ("ffn.0", "ffn.net.0.proj"), ("ffn.2", "ffn.net.2"), ("norm2", "norm__placeholder"),
-               ("norm3", "norm2"), ("norm__placeholder", "norm3")]
-
-    def original(key):
-        if key == "scale_shift_table":
-            return "head.modulation"
-        if key.endswith(".scale_shift_table"):
-            return key.replace("scale_shift_table", "modulation")
-        for orig, new in reversed(renames):
-            key = key.replace(new, orig)
-        return key
-
-    single = {original(k): v for k, v in weights.items()}
+    single = {wan_original_key(k): v for k, v in weights.items()}
     import torch
     back = convert_wan_transformer_to_diffusers({k: torch.from_numpy(v) for k, v in single.items()})
     assert sorted(back) == sorted(weights), sorted(set(back) ^ set(weights))

@@ -25,16 +25,17 @@ pub fn dtype_from_safetensors(dtype: Dtype) -> Option<DType> {
     })
 }
 
-/// The safetensors dtype of a ditflow dtype.
-pub fn dtype_to_safetensors(dtype: DType) -> Dtype {
-    match dtype {
+/// The safetensors dtype of a ditflow dtype; `None` for a block format (safetensors has none).
+pub fn dtype_to_safetensors(dtype: DType) -> Option<Dtype> {
+    Some(match dtype {
         DType::F32 => Dtype::F32,
         DType::F16 => Dtype::F16,
         DType::BF16 => Dtype::BF16,
         DType::I64 => Dtype::I64,
         DType::I32 => Dtype::I32,
         DType::U8 => Dtype::U8,
-    }
+        _ => return None,
+    })
 }
 
 /// Finds tensor `name` in `bytes`, the contents of the safetensors file `file` (used in errors),
@@ -88,7 +89,14 @@ pub fn tensor_view<'a>(
     shape: &[usize],
     data: &'a [u8],
 ) -> Result<TensorView<'a>> {
-    TensorView::new(dtype_to_safetensors(dtype), shape.to_vec(), data)
+    let st = dtype_to_safetensors(dtype).ok_or_else(|| {
+        Error(format!(
+            "cannot save tensor {name:?}: safetensors has no {} (a block-quantized dtype); \
+             cast it to f32 first",
+            dtype.name()
+        ))
+    })?;
+    TensorView::new(st, shape.to_vec(), data)
         .map_err(|e| Error(format!("cannot save tensor {name:?}: {e}")))
 }
 
@@ -216,7 +224,7 @@ mod tests {
             let (got, shape, _) = read_safetensor(&file, Path::new("t"), "x").unwrap();
             assert_eq!((got, shape), (dtype, vec![4]));
             assert_eq!(
-                dtype_from_safetensors(dtype_to_safetensors(dtype)),
+                dtype_to_safetensors(dtype).and_then(dtype_from_safetensors),
                 Some(dtype)
             );
         }

@@ -1,11 +1,13 @@
 //! PixArt forward benchmark, driven by `tools/bench_pixart.py` (which makes the model and inputs
 //! and times diffusers beside it): loads a model folder with `LoadDiffusionModel` once, then times
 //! the `Forward` node over repeated runs of a session (the loaded model stays cached) and prints
-//! the fastest as JSON, with the process's resident and peak resident bytes.
+//! the fastest as JSON, with the process's resident and peak resident bytes, and its resident
+//! bytes before the model was loaded.
 //!
 //! `cargo bench -p ditflow --bench pixart -- PLUGINS_DIR MODEL_DIR INPUTS.safetensors [REPS]
-//! [LOADER]` (LOADER: the node that loads MODEL_DIR, `LoadDiffusionModel` by default;
-//! `tools/bench_mmdit.py` passes `LoadFlux` and `LoadSD3`).
+//! [LOADER] [OUTPUT]` (LOADER: the node that loads MODEL_DIR, `LoadDiffusionModel` by default;
+//! `tools/bench_mmdit.py` passes `LoadFlux` and `LoadSD3`; OUTPUT: where to keep the forward's
+//! outputs, as safetensors).
 
 use ditflow::{Graph, RunOptions, Runtime, Session};
 use std::path::{Path, PathBuf};
@@ -39,6 +41,8 @@ fn main() {
     let loader = rest.get(1).map_or("LoadDiffusionModel", String::as_str);
     let rt = Runtime::with_plugins(&[PathBuf::from(plugins)]);
     let session = Session::new(Arc::new(rt));
+    // What the process holds before the model: the rise above it is the model's cost.
+    let baseline = proc_status_bytes("VmRSS:");
     let out = std::env::temp_dir().join(format!("ditflow-bench-pixart-{}", std::process::id()));
     let yaml = format!(
         "version: 1\nnodes:\n  m: {{type: {loader}, inputs: {{path: {model:?}}}}}\n  f: {{type: Forward, inputs: {{model: m.model, inputs: {inputs:?}, outputs: out.safetensors}}}}\noutputs:\n  path: f.path\n"
@@ -61,11 +65,14 @@ fn main() {
         best = best.min(t.elapsed().as_secs_f64());
     }
     let (rss, peak) = (proc_status_bytes("VmRSS:"), proc_status_bytes("VmHWM:"));
-    println!("{{\"bench\":\"pixart_forward\",\"seconds\":{best:.5},\"load_and_first_s\":{load_and_first:.3},\"resident_bytes\":{rss},\"peak_resident_bytes\":{peak}}}");
+    println!("{{\"bench\":\"pixart_forward\",\"seconds\":{best:.5},\"load_and_first_s\":{load_and_first:.3},\"resident_bytes\":{rss},\"peak_resident_bytes\":{peak},\"baseline_resident_bytes\":{baseline}}}");
     if ditflow::tensor::op_call::profile::enabled() {
         for (op, n, secs) in ditflow::tensor::op_call::profile::report() {
             eprintln!("{op:>16} {n:>6} calls {:>9.2} ms", secs * 1e3);
         }
+    }
+    if let Some(keep) = rest.get(2) {
+        std::fs::copy(out.join("out.safetensors"), keep).expect("the forward's output");
     }
     let _ = std::fs::remove_dir_all(out);
 }

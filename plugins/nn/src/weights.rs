@@ -143,12 +143,16 @@ impl Weights {
         }
     }
 
-    /// [`Weights::get`] for a linear layer's weight: a bf16 weight stays bf16 (the engine's
-    /// linear reads it as it is, so a bf16 checkpoint holds no f32 copy of its weights); other
-    /// dtypes become f32.
+    /// [`Weights::get`] for a linear layer's weight: a bf16 or block-quantized (GGUF) weight
+    /// stays as stored (the engine's linear reads it as it is, so such a checkpoint holds no
+    /// f32 copy of its weights); other dtypes become f32.
     pub fn get_linear_weight(&self, key: &str, shape: &[usize]) -> Result<Tensor> {
         match self.tensors.get(key) {
-            Some(t) if t.dtype() == DType::BF16 && t.shape() == shape => Ok(t.clone()),
+            Some(t)
+                if (t.dtype() == DType::BF16 || t.dtype().is_quantized()) && t.shape() == shape =>
+            {
+                Ok(t.clone())
+            }
             _ => self.get(key, shape),
         }
     }

@@ -47,7 +47,7 @@ extern "C" {
 /** The ABI major version. A host refuses plugins whose major differs. */
 #define DF_ABI_MAJOR 1u
 /** The ABI minor version. A host refuses plugins whose minor is newer than its own. */
-#define DF_ABI_MINOR 7u
+#define DF_ABI_MINOR 8u
 /** "DFLW": the first field of every plugin descriptor. */
 #define DF_PLUGIN_MAGIC 0x44464C57u
 /**
@@ -102,6 +102,16 @@ extern "C" {
 #define DF_DTYPE_I64 4
 #define DF_DTYPE_I32 5
 #define DF_DTYPE_U8 6
+/* ggml's block formats (ABI 1.8): the last axis stored in blocks of 32 values (256 for the
+ * K-quants), each block scaled; the data are the blocks' bytes, as GGUF stores them. */
+#define DF_DTYPE_Q8_0 7
+#define DF_DTYPE_Q4_0 8
+#define DF_DTYPE_Q4_1 9
+#define DF_DTYPE_Q5_0 10
+#define DF_DTYPE_Q5_1 11
+#define DF_DTYPE_Q4_K 12
+#define DF_DTYPE_Q5_K 13
+#define DF_DTYPE_Q6_K 14
 
 /* Devices (ABI 1.1): the CPU, and CUDA device n as DF_DEVICE_CUDA0 + n. */
 #define DF_DEVICE_CPU 0

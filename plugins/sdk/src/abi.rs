@@ -22,7 +22,7 @@ use std::ffi::{c_char, c_void};
 /// The ABI major version. A host refuses plugins whose major differs.
 pub const DF_ABI_MAJOR: u32 = 1;
 /// The ABI minor version. A host refuses plugins whose minor is newer than its own.
-pub const DF_ABI_MINOR: u32 = 7;
+pub const DF_ABI_MINOR: u32 = 8;
 /// A descriptor flag (ABI 1.2): the library may be unmapped once nothing it made is alive, because
 /// it leaves no per-thread destructors, threads or `atexit` handlers behind. Without it the host
 /// keeps the library mapped for the life of the process (Rust plugins: their standard library
@@ -71,6 +71,16 @@ pub const DF_DTYPE_BF16: i32 = 3;
 pub const DF_DTYPE_I64: i32 = 4;
 pub const DF_DTYPE_I32: i32 = 5;
 pub const DF_DTYPE_U8: i32 = 6;
+/// ggml's block formats (ABI 1.8): a tensor's last axis is stored in blocks of 32 values (256
+/// for the K-quants), each block scaled; its data are the blocks' bytes, as GGUF stores them.
+pub const DF_DTYPE_Q8_0: i32 = 7;
+pub const DF_DTYPE_Q4_0: i32 = 8;
+pub const DF_DTYPE_Q4_1: i32 = 9;
+pub const DF_DTYPE_Q5_0: i32 = 10;
+pub const DF_DTYPE_Q5_1: i32 = 11;
+pub const DF_DTYPE_Q4_K: i32 = 12;
+pub const DF_DTYPE_Q5_K: i32 = 13;
+pub const DF_DTYPE_Q6_K: i32 = 14;
 
 /// Log levels for `log`.
 /// Devices: the CPU, and CUDA device `n` as `DF_DEVICE_CUDA0 + n` (ABI 1.1).

@@ -71,7 +71,13 @@ impl LinearDeltas {
             let w = match e.merged.get() {
                 Some(w) => w,
                 None => {
-                    let w = weight.add(&e.up.matmul(&e.down, false, false)?)?;
+                    // A block-quantized weight is merged in f32 (as ComfyUI-GGUF patches).
+                    let base = if weight.dtype().is_quantized() {
+                        weight.cast(crate::DType::F32)?
+                    } else {
+                        weight.clone()
+                    };
+                    let w = base.add(&e.up.matmul(&e.down, false, false)?)?;
                     e.merged.get_or_init(|| w)
                 }
             };

@@ -94,7 +94,8 @@ impl Kind {
     }
 }
 
-/// Tensor element types.
+/// Tensor element types: dense ones, and ggml's block formats (the last axis stored in blocks
+/// of [`DType::block`] values, each block scaled: a quantized weight as GGUF stores it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
@@ -103,54 +104,83 @@ pub enum DType {
     I64,
     I32,
     U8,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q4K,
+    Q5K,
+    Q6K,
 }
+
+/// Every dtype with its `DF_DTYPE_*` code and name.
+const DTYPES: [(DType, i32, &str); 14] = [
+    (DType::F32, abi::DF_DTYPE_F32, "f32"),
+    (DType::F16, abi::DF_DTYPE_F16, "f16"),
+    (DType::BF16, abi::DF_DTYPE_BF16, "bf16"),
+    (DType::I64, abi::DF_DTYPE_I64, "i64"),
+    (DType::I32, abi::DF_DTYPE_I32, "i32"),
+    (DType::U8, abi::DF_DTYPE_U8, "u8"),
+    (DType::Q8_0, abi::DF_DTYPE_Q8_0, "q8_0"),
+    (DType::Q4_0, abi::DF_DTYPE_Q4_0, "q4_0"),
+    (DType::Q4_1, abi::DF_DTYPE_Q4_1, "q4_1"),
+    (DType::Q5_0, abi::DF_DTYPE_Q5_0, "q5_0"),
+    (DType::Q5_1, abi::DF_DTYPE_Q5_1, "q5_1"),
+    (DType::Q4K, abi::DF_DTYPE_Q4_K, "q4_k"),
+    (DType::Q5K, abi::DF_DTYPE_Q5_K, "q5_k"),
+    (DType::Q6K, abi::DF_DTYPE_Q6_K, "q6_k"),
+];
 
 impl DType {
     /// The dtype for a `DF_DTYPE_*` code.
     pub fn from_raw(raw: i32) -> Option<DType> {
-        Some(match raw {
-            abi::DF_DTYPE_F32 => DType::F32,
-            abi::DF_DTYPE_F16 => DType::F16,
-            abi::DF_DTYPE_BF16 => DType::BF16,
-            abi::DF_DTYPE_I64 => DType::I64,
-            abi::DF_DTYPE_I32 => DType::I32,
-            abi::DF_DTYPE_U8 => DType::U8,
-            _ => return None,
-        })
+        DTYPES.iter().find(|e| e.1 == raw).map(|e| e.0)
     }
 
     /// The `DF_DTYPE_*` code.
     pub fn raw(self) -> i32 {
+        DTYPES.iter().find(|e| e.0 == self).map_or(0, |e| e.1)
+    }
+
+    /// `(values, bytes)` per storage block: `(1, element size)` for a dense dtype, ggml's block
+    /// for a block format (32 values in 34 bytes for Q8_0, 256 in 210 for Q6_K...).
+    pub fn block(self) -> (usize, usize) {
         match self {
-            DType::F32 => abi::DF_DTYPE_F32,
-            DType::F16 => abi::DF_DTYPE_F16,
-            DType::BF16 => abi::DF_DTYPE_BF16,
-            DType::I64 => abi::DF_DTYPE_I64,
-            DType::I32 => abi::DF_DTYPE_I32,
-            DType::U8 => abi::DF_DTYPE_U8,
+            DType::F32 | DType::I32 => (1, 4),
+            DType::F16 | DType::BF16 => (1, 2),
+            DType::I64 => (1, 8),
+            DType::U8 => (1, 1),
+            DType::Q8_0 => (32, 34),
+            DType::Q4_0 => (32, 18),
+            DType::Q4_1 => (32, 20),
+            DType::Q5_0 => (32, 22),
+            DType::Q5_1 => (32, 24),
+            DType::Q4K => (256, 144),
+            DType::Q5K => (256, 176),
+            DType::Q6K => (256, 210),
         }
     }
 
-    /// Bytes per element.
+    /// Whether this is a block format (see [`DType::block`]).
+    pub fn is_quantized(self) -> bool {
+        self.block().0 > 1
+    }
+
+    /// Bytes per element of a dense dtype. A block format's values have no whole size: its
+    /// storage is counted in bytes (1 here); [`DType::block`] gives the block's.
     pub fn size(self) -> usize {
-        match self {
-            DType::F32 | DType::I32 => 4,
-            DType::F16 | DType::BF16 => 2,
-            DType::I64 => 8,
-            DType::U8 => 1,
+        let (values, bytes) = self.block();
+        if values == 1 {
+            bytes
+        } else {
+            1
         }
     }
 
-    /// The name used in type expressions and files (`f32`, `bf16`...).
+    /// The name used in type expressions and files (`f32`, `bf16`, `q8_0`...).
     pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            DType::I64 => "i64",
-            DType::I32 => "i32",
-            DType::U8 => "u8",
-        }
+        DTYPES.iter().find(|e| e.0 == self).map_or("?", |e| e.2)
     }
 }
 

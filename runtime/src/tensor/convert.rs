@@ -1,6 +1,7 @@
 //! Element types and conversions between dtypes (f16 and bf16 through the `half` crate).
 
 use super::DType;
+use crate::weights::quant::BlockFormat;
 use half::{bf16, f16};
 
 /// A Rust type that is the element of some dtype.
@@ -24,11 +25,18 @@ fn read(dtype: DType, bytes: &[u8], i: usize) -> f64 {
         DType::I64 => i64::from_le_bytes(b.try_into().unwrap()) as f64,
         DType::I32 => i32::from_le_bytes(b.try_into().unwrap()) as f64,
         DType::U8 => b[0] as f64,
+        _ => unreachable!("block formats are dequantised whole"),
     }
 }
 
-/// The elements of `bytes` (of `dtype`) as f32.
+/// The elements of `bytes` (of `dtype`) as f32; a block format's whole blocks dequantised.
 pub fn to_f32_vec(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    if let Some(format) = BlockFormat::of(dtype) {
+        let blocks = bytes.len() / format.block_bytes();
+        let mut out = vec![0f32; blocks * format.block_len()];
+        format.dequantize(&bytes[..blocks * format.block_bytes()], &mut out);
+        return out;
+    }
     let n = bytes.len() / dtype.size();
     match dtype {
         DType::F32 => bytes
@@ -48,8 +56,16 @@ pub fn to_f32_vec(dtype: DType, bytes: &[u8]) -> Vec<f32> {
 }
 
 /// Converts `src` bytes of `from` into `dst` bytes of `to` (same element count). Floats to
-/// integers truncate toward zero and saturate; floats to u8 saturate to 0..=255.
+/// integers truncate toward zero and saturate; floats to u8 saturate to 0..=255. A block
+/// format is dequantised first; `to` must be dense (the caller checks: nothing quantises).
 pub fn convert(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
+    if from.is_quantized() && from != to {
+        let values: Vec<u8> = to_f32_vec(from, src)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        return convert(DType::F32, &values, to, dst);
+    }
     let n = src.len() / from.size();
     debug_assert_eq!(dst.len(), n * to.size());
     if from == to {
@@ -75,6 +91,7 @@ pub fn convert(from: DType, src: &[u8], to: DType, dst: &mut [u8]) {
             DType::I64 => out.copy_from_slice(&(v as i64).to_le_bytes()),
             DType::I32 => out.copy_from_slice(&(v as i32).to_le_bytes()),
             DType::U8 => out[0] = v as u8,
+            _ => unreachable!("the caller never converts to a block format"),
         }
     }
 }

@@ -177,11 +177,19 @@ pub enum TensorError {
 const MAX_BYTES: usize = isize::MAX as usize / 2;
 
 impl Tensor {
-    /// Bytes needed for `shape` of `dtype`, or `None` on overflow.
+    /// Bytes needed for `shape` of `dtype`, or `None` on overflow, or for a block format whose
+    /// last axis is not whole blocks.
     pub fn nbytes_for(dtype: DType, shape: &[usize]) -> Option<usize> {
-        shape
+        let (values, bytes) = dtype.block();
+        let last = shape.last().copied().unwrap_or(1);
+        if !last.is_multiple_of(values) {
+            return None;
+        }
+        let rows = shape[..shape.len().saturating_sub(1)]
             .iter()
-            .try_fold(dtype.size(), |acc, &d| acc.checked_mul(d))
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+        rows.checked_mul(last / values)?
+            .checked_mul(bytes)
             .filter(|&n| n <= MAX_BYTES)
     }
 
@@ -312,7 +320,9 @@ impl Tensor {
 
     /// The same data under another shape with the same element count (shares storage).
     pub fn reshaped(&self, shape: &[usize]) -> Result<Tensor, TensorError> {
-        if shape.iter().product::<usize>() != self.numel() {
+        // A block format's rows must stay whole: the last axis is kept.
+        let rows_kept = !self.dtype.is_quantized() || shape.last() == self.shape.last();
+        if shape.iter().product::<usize>() != self.numel() || !rows_kept {
             return Err(TensorError::SizeMismatch {
                 shape: shape.to_vec(),
                 dtype: self.dtype.name(),
@@ -350,7 +360,7 @@ impl Tensor {
     }
 
     pub fn nbytes(&self) -> usize {
-        self.numel() * self.dtype.size()
+        Self::nbytes_for(self.dtype, &self.shape).unwrap_or(0)
     }
 
     pub fn device(&self) -> Device {

@@ -68,6 +68,27 @@ fn float_input(op: &'static str, t: &Tensor) -> R<()> {
     }
 }
 
+/// An error unless `t` is of a dense dtype (not a block format, whose values are only read by
+/// `linear`, `cast` and the ops that move whole rows).
+fn dense(op: &'static str, t: &Tensor) -> R<()> {
+    if t.dtype().is_quantized() {
+        return Err(invalid(
+            op,
+            format!(
+                "does not take {} tensors (block-quantized weights); cast to f32 first",
+                t.dtype().name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of `shape[from..]` of `dtype`: a row unit of the layout ops (for a block format,
+/// whole rows of the last axis).
+fn inner_bytes(dtype: DType, shape: &[usize], from: usize) -> usize {
+    Tensor::nbytes_for(dtype, &shape[from.min(shape.len())..]).unwrap_or(0)
+}
+
 /// The f32 elements of a CPU tensor, borrowed when already f32.
 fn f32s(t: &Tensor) -> R<Cow<'_, [f32]>> {
     if t.dtype() == DType::F32 {
@@ -136,6 +157,15 @@ macro_rules! dispatch {
 pub fn cast(x: &Tensor, dtype: DType) -> R {
     if x.dtype() == dtype {
         return Ok(x.clone());
+    }
+    if dtype.is_quantized() {
+        return Err(invalid(
+            "cast",
+            format!(
+                "cannot quantize to {}: block formats are only loaded",
+                dtype.name()
+            ),
+        ));
     }
     match x.device() {
         Device::Cpu => {
@@ -319,12 +349,17 @@ enum WeightOperand<'a> {
     Packed(std::sync::Arc<cpu::gemm::PackedB>),
     Bf16(&'a [u16]),
     F32(&'a [f32]),
+    /// A block-quantized weight's bytes and format, dequantised per panel.
+    Quant(&'a [u8], crate::weights::quant::BlockFormat),
 }
 
 impl<'a> WeightOperand<'a> {
     fn of(w: &'a Tensor, n: usize, k: usize, m: usize) -> R<WeightOperand<'a>> {
         if w.dtype() == DType::F32 && m >= PACK_PER_CALL_ROWS {
             return Ok(WeightOperand::F32(w.as_slice::<f32>()?));
+        }
+        if let Some(format) = crate::weights::quant::BlockFormat::of(w.dtype()) {
+            return Ok(WeightOperand::Quant(w.cpu_bytes()?, format));
         }
         Ok(match w.dtype() {
             DType::BF16 => {
@@ -347,6 +382,13 @@ impl<'a> WeightOperand<'a> {
             WeightOperand::F32(w) => {
                 cpu::gemm::BOperand::Strided(cpu::gemm::MatRef::row_major(w, k, true))
             }
+            WeightOperand::Quant(bytes, format) => {
+                cpu::gemm::BOperand::Quant(cpu::gemm::MatRefQuant {
+                    ptr: bytes.as_ptr(),
+                    row_bytes: k / format.block_len() * format.block_bytes(),
+                    format: *format,
+                })
+            }
         }
     }
 }
@@ -356,11 +398,31 @@ impl<'a> WeightOperand<'a> {
 /// as much as the product, so the packed weight is kept.
 const PACK_PER_CALL_ROWS: usize = 64;
 
-/// `x·wᵀ + bias`, then `act`: x `[..., K]`, w `[N, K]` (PyTorch's Linear layout), bias `[N]`.
+/// A float weight, or a block-quantized one (read by the CPU GEMM as it is).
+fn weight_input(op: &'static str, w: &Tensor) -> R<()> {
+    if w.dtype().is_quantized() {
+        if w.device() != Device::Cpu {
+            return Err(invalid(
+                op,
+                format!(
+                    "a {} weight on {} (block formats are read on the CPU; cast to f32 or bf16 \
+                     before moving it)",
+                    w.dtype().name(),
+                    w.device()
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    float_input(op, w)
+}
+
+/// `x·wᵀ + bias`, then `act`: x `[..., K]`, w `[N, K]` (PyTorch's Linear layout; f32, f16,
+/// bf16 or a block format, each read as stored), bias `[N]`.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) -> R {
     const OP: &str = "linear";
     float_input(OP, x)?;
-    float_input(OP, w)?;
+    weight_input(OP, w)?;
     if w.rank() != 2 || x.rank() == 0 || x.shape()[x.rank() - 1] != w.shape()[1] {
         return Err(invalid(
             OP,
@@ -454,7 +516,7 @@ pub fn linear_split(
         let y = linear(x, w, bias, act)?;
         return split(&y, -1, &vec![n / parts; parts]);
     }
-    float_input(OP, w)?;
+    weight_input(OP, w)?;
     let m = x.numel() / k.max(1);
     let mut out_shape = x.shape().to_vec();
     *out_shape.last_mut().unwrap() = n / parts;
@@ -1252,6 +1314,7 @@ pub fn reshape(x: &Tensor, shape_req: &[i64]) -> R {
 /// Reorders axes: output axis `i` is input axis `perm[i]`.
 pub fn permute(x: &Tensor, perm: &[usize]) -> R {
     const OP: &str = "permute";
+    dense(OP, x)?;
     let mut seen = vec![false; x.rank()];
     if perm.len() != x.rank()
         || perm
@@ -1334,9 +1397,14 @@ pub fn concat(xs: &[&Tensor], axis: i64) -> R {
         out_shape[ax] += t.shape()[ax];
     }
     let dev = same_device(OP, xs)?;
-    let (outer, _, inner) = shape::split_at_axis(first.shape(), ax);
-    let elem = first.dtype().size();
-    let lens: Vec<usize> = xs.iter().map(|t| t.shape()[ax] * inner * elem).collect();
+    if ax + 1 == first.rank() {
+        dense(OP, first)?;
+    }
+    let (outer, _, _) = shape::split_at_axis(first.shape(), ax);
+    let lens: Vec<usize> = xs
+        .iter()
+        .map(|t| inner_bytes(t.dtype(), t.shape(), ax))
+        .collect();
     match dev {
         Device::Cpu => {
             let mut out = Tensor::zeros(first.dtype(), &out_shape)?;
@@ -1377,16 +1445,21 @@ pub fn slice(x: &Tensor, axis: i64, start: i64, end: i64, step: usize) -> R {
     let count = if e > s { (e - s).div_ceil(step) } else { 0 };
     let mut out_shape = x.shape().to_vec();
     out_shape[ax] = count;
-    let elem = x.dtype().size();
+    if ax + 1 == x.rank() {
+        dense(OP, x)?;
+    }
     match x.device() {
         Device::Cpu => {
             let mut out = Tensor::zeros(x.dtype(), &out_shape)?;
+            // Moved in bytes: the `inner` values after the axis are one element of `row` bytes
+            // (whole blocks for a block format).
+            let row = inner_bytes(x.dtype(), x.shape(), ax + 1);
             layout::slice(
                 x.cpu_bytes()?,
-                elem,
+                row,
                 outer,
                 dim,
-                inner,
+                1,
                 s,
                 step,
                 count,
@@ -1567,6 +1640,7 @@ pub fn index_add(x: &Tensor, index: &Tensor, src: &Tensor) -> R {
 /// Rows of `table` `[V, D]` picked by integer `ids` `[...]` → `[..., D]`.
 pub fn embedding(table: &Tensor, ids: &Tensor) -> R {
     const OP: &str = "embedding";
+    dense(OP, table)?;
     if table.rank() != 2 {
         return Err(invalid(
             OP,
@@ -1815,6 +1889,51 @@ mod tests {
             matmul(&a, &b, false, false),
             Err(OpError::Invalid { op: "matmul", .. })
         ));
+    }
+
+    #[test]
+    fn a_quantized_weight_is_read_as_stored_and_gives_its_dequantised_product() {
+        // A Q8_0 weight [48, 64] (two blocks per row): `linear` reads its bytes as they are
+        // (no f32 copy) and gives the product of its dequantised values bit for bit, with a
+        // bias and an activation, for few rows and many; rows sliced out stay Q8_0.
+        let (n, k) = (48, 64);
+        let mut bytes = Vec::new();
+        for r in 0..n * k / 32 {
+            bytes.extend(half::f16::from_f32(0.01 + 0.001 * r as f32).to_le_bytes());
+            bytes.extend((0..32).map(|i| ((r * 7 + i * 13) % 255) as u8));
+        }
+        let w = Tensor::from_bytes(DType::Q8_0, &[n, k], &bytes).unwrap();
+        assert_eq!(w.nbytes(), n * k / 32 * 34);
+        let wf = cast(&w, DType::F32).unwrap();
+        let b = t(&[n], 2);
+        for m in [3, 70] {
+            let x = t(&[1, m, k], 1);
+            let got = linear(&x, &w, Some(&b), Activation::GeluTanh).unwrap();
+            let want = linear(&x, &wf, Some(&b), Activation::GeluTanh).unwrap();
+            assert_eq!(got.as_f32(), want.as_f32(), "m = {m}");
+        }
+        let rows = slice(&w, 0, 8, 24, 1).unwrap();
+        assert_eq!(
+            (rows.dtype(), rows.shape()),
+            (DType::Q8_0, &[16usize, 64][..])
+        );
+        assert_eq!(
+            cast(&rows, DType::F32).unwrap().as_f32(),
+            slice(&wf, 0, 8, 24, 1).unwrap().as_f32()
+        );
+        let joined = concat(&[&rows, &rows], 0).unwrap();
+        assert_eq!(joined.nbytes(), 2 * rows.nbytes());
+        // What cannot read blocks says so.
+        for e in [
+            permute(&w, &[1, 0]).unwrap_err(),
+            slice(&w, 1, 0, 32, 1).unwrap_err(),
+            cast(&wf, DType::Q8_0).unwrap_err(),
+            binary(&w, &w, Binary::Add).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains("q8_0"), "{e}");
+        }
+        assert!(w.reshaped(&[n * 2, k / 2]).is_err());
+        assert!(Tensor::from_bytes(DType::Q8_0, &[2, 33], &[0; 68]).is_err());
     }
 
     #[test]

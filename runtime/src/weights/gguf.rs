@@ -364,15 +364,15 @@ mod tests {
             let block = !matches!(f, "F32" | "F16" | "BF16");
             assert_eq!(stored.map(String::as_str), block.then_some(f), "{f}");
         }
-        // The stored floats are mapped as they are; the block formats become f32.
-        assert_eq!(
-            w.get("w.BF16", None).unwrap().dtype(),
-            crate::tensor::DType::BF16
-        );
-        assert_eq!(
-            w.get("w.Q4_K", None).unwrap().dtype(),
-            crate::tensor::DType::F32
-        );
+        // Every tensor is kept as stored: the block formats as their quantized dtypes, whose
+        // bytes are the file's.
+        use crate::tensor::DType;
+        assert_eq!(w.get("w.BF16", None).unwrap().dtype(), DType::BF16);
+        let q4k = w.get("w.Q4_K", None).unwrap();
+        assert_eq!((q4k.dtype(), q4k.shape()), (DType::Q4K, &[4usize, 512][..]));
+        assert_eq!(q4k.nbytes(), 4 * 2 * 144);
+        let q8 = w.get("w.Q8_0", None).unwrap();
+        assert_eq!((q8.dtype(), q8.nbytes()), (DType::Q8_0, 4 * 16 * 34));
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Model weights: safetensors files memory-mapped (zero-copy where the dtype is kept), sharded
 //! checkpoints (`*.safetensors.index.json`), diffusers-style model folders (`config.json`
-//! beside the weights), and GGUF files ([`gguf`]: F32, F16 and BF16 tensors mapped, the block
-//! formats of [`quant`] dequantised at load).
+//! beside the weights), and GGUF files ([`gguf`]: every tensor mapped as stored, the block
+//! formats of [`quant`] as block-quantized dtypes that the CPU GEMM reads as they are; widened
+//! at load only for a GPU).
 //!
 //! Every failure is a [`WeightsError`] naming the file (and the tensor, where there is one): a
 //! truncated or malformed file is an error, never a crash. Mapped files stay mapped while any
@@ -184,8 +185,8 @@ impl Weights {
         Ok(())
     }
 
-    /// A GGUF file's tensors: F32, F16 and BF16 mapped as stored, block formats dequantised to
-    /// f32 (then to `opts.float_dtype` if set); its metadata into [`Weights::metadata`].
+    /// A GGUF file's tensors, each mapped as stored (a block format as its quantized dtype; see
+    /// [`Weights::insert`] for the GPU); its metadata into [`Weights::metadata`].
     fn add_gguf(
         &mut self,
         path: &Path,
@@ -213,14 +214,12 @@ impl Weights {
                 (Some(dtype), _) => Tensor::from_mapped(dtype, &shape, map, info.start, info.len)
                     .map_err(|e| terr(e.to_string()))?,
                 (None, gguf::GgufType::Blocks(format)) => {
-                    let count: usize = shape.iter().product();
-                    let mut values = vec![0f32; count];
-                    format.dequantize(&map[info.start..info.start + info.len], &mut values);
                     self.metadata.insert(
                         format!("ditflow.format.{}", info.name),
                         format.name().to_string(),
                     );
-                    Tensor::from_f32(&shape, &values).map_err(|e| terr(e.to_string()))?
+                    Tensor::from_mapped(format.dtype(), &shape, map, info.start, info.len)
+                        .map_err(|e| terr(e.to_string()))?
                 }
                 (None, _) => unreachable!("every unmapped type is a block format"),
             };
@@ -249,6 +248,11 @@ impl Weights {
             }
         }
         if opts.device != Device::Cpu {
+            if t.dtype().is_quantized() {
+                // The CUDA kernels read dense weights: a block format is widened on the way.
+                let to = opts.float_dtype.unwrap_or(DType::F32);
+                t = ops::cast(&t, to).map_err(|e| terr(e.to_string()))?;
+            }
             t = t.to_device(opts.device).map_err(|e| terr(e.to_string()))?;
         }
         if self.tensors.insert(name.to_string(), t).is_some() {

@@ -16,6 +16,7 @@
 //! d, m and dmin are f16. Within a 32-value block of the 4-bit formats, byte j holds value j in
 //! its low nibble and value j + 16 in its high one.
 
+use crate::tensor::DType;
 use half::f16;
 
 /// A block format: values per block and bytes per block.
@@ -32,6 +33,35 @@ pub enum BlockFormat {
 }
 
 impl BlockFormat {
+    /// The format of a block-quantized dtype.
+    pub fn of(dtype: DType) -> Option<BlockFormat> {
+        Some(match dtype {
+            DType::Q8_0 => BlockFormat::Q8_0,
+            DType::Q4_0 => BlockFormat::Q4_0,
+            DType::Q4_1 => BlockFormat::Q4_1,
+            DType::Q5_0 => BlockFormat::Q5_0,
+            DType::Q5_1 => BlockFormat::Q5_1,
+            DType::Q4K => BlockFormat::Q4K,
+            DType::Q5K => BlockFormat::Q5K,
+            DType::Q6K => BlockFormat::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// The tensor dtype that stores this format.
+    pub fn dtype(self) -> DType {
+        match self {
+            BlockFormat::Q8_0 => DType::Q8_0,
+            BlockFormat::Q4_0 => DType::Q4_0,
+            BlockFormat::Q4_1 => DType::Q4_1,
+            BlockFormat::Q5_0 => DType::Q5_0,
+            BlockFormat::Q5_1 => DType::Q5_1,
+            BlockFormat::Q4K => DType::Q4K,
+            BlockFormat::Q5K => DType::Q5K,
+            BlockFormat::Q6K => DType::Q6K,
+        }
+    }
+
     /// ggml's type id (`GGMLQuantizationType`) → the format.
     pub fn from_ggml(id: u32) -> Option<BlockFormat> {
         Some(match id {
