@@ -70,6 +70,13 @@ const char* ditflow_last_error(void);
 /** The library's version, e.g. "0.1.0". */
 const char* ditflow_version(void);
 
+/** The memory cap (the CLI's --max-memory): keep at most `bytes` of the models' memory-mapped
+ *  weights resident, the rest read back from disk as it is used (bit for bit as uncapped);
+ *  0 removes the cap. It holds for the whole process. */
+void ditflow_set_max_memory(size_t bytes);
+/** Bytes of weights read back from disk under the memory cap since the process started. */
+uint64_t ditflow_weights_streamed_bytes(void);
+
 /* ---- Runtime ------------------------------------------------------------------------------ */
 
 /** A runtime with no node types. */

@@ -9,7 +9,9 @@ error per quantized format.
    LoadWan and run on a small latent by the forward benchmark (runtime/benches/pixart.rs), which
    prints its peak resident bytes and its resident bytes before the load. Printed: the rise as a
    multiple of the file's size (target <= 1.1; widening to f32 would be 2x for the bf16 file and
-   about 3.8x for the Q8_0 one) and the forward's time.
+   about 3.8x for the Q8_0 one) and the forward's time; then the Q8_0 file under --max-memory at
+   half its size: the peak, the bytes read back, the slowdown, and whether the output is the
+   uncapped one bit for bit.
 2. Accuracy. Two blocks at the same widths, saved in f32 and as GGUFs in each format the `gguf`
    package can quantize (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0; it has no K-quant quantizer): the
    relative error of each forward against the f32 one (printed, not asserted).
@@ -71,11 +73,12 @@ def write_gguf(model, path, fmt):
     model.save_config(os.path.dirname(path))
 
 
-def ours(path, io, keep=None, reps=1):
-    """The forward benchmark's figures for the model at `path`; its outputs kept at `keep`."""
+def ours(path, io, keep=None, reps=1, cap=None):
+    """The forward benchmark's figures for the model at `path`; its outputs kept at `keep`; its
+    mapped weights capped at `cap` bytes resident."""
     res = subprocess.run(["cargo", "bench", "-q", "-p", "ditflow", "--bench", "pixart", "--",
                           os.path.join(ROOT, "target", "release"), path, io, str(reps), "LoadWan"]
-                         + ([keep] if keep else []),
+                         + ([keep] if keep else []) + ([f"--max-memory={cap}"] if cap else []),
                          cwd=ROOT, env=ENV, capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(res.stderr)
@@ -106,11 +109,23 @@ def memory(tmp, io):
              "Q8_0": os.path.getsize(q8)}
     print(f"Wan2.1-1.3B widths, {LAYERS} blocks ({params / 1e9:.2f}B parameters), 64 video + 64 text tokens, "
           f"{ENV.get('RAYON_NUM_THREADS', '2')} threads:")
+    outs = {}
     for name, path in [("bf16", bf16), ("Q8_0", q8)]:
-        r = ours(path, io)
+        outs[name] = os.path.join(tmp, f"out-{name}.safetensors")
+        r = ours(path, io, outs[name], reps=2)
         rise = r["peak_resident_bytes"] - r["baseline_resident_bytes"]
         print(f"  {name:5} file {sizes[name] / GIB:5.2f} GiB  peak RSS rise {rise / GIB:5.2f} GiB = "
               f"{rise / sizes[name]:.2f}x the file (target <= 1.1)  forward {r['seconds'] * 1e3:7.1f} ms")
+        uncapped = r["seconds"]
+    # The Q8_0 file again under --max-memory at half its size.
+    cap = sizes["Q8_0"] // 2
+    capped_out = os.path.join(tmp, "out-capped.safetensors")
+    r = ours(q8, io, capped_out, reps=2, cap=cap)
+    rise = r["peak_resident_bytes"] - r["baseline_resident_bytes"]
+    same = open(capped_out, "rb").read() == open(outs["Q8_0"], "rb").read()
+    print(f"  Q8_0 under --max-memory {cap / GIB:.2f} GiB: peak RSS rise {rise / GIB:5.2f} GiB, "
+          f"{r['streamed_bytes'] / GIB:.2f} GiB read back over 3 forwards, forward {r['seconds'] * 1e3:7.1f} ms "
+          f"({r['seconds'] / uncapped:.2f}x uncapped), output {'bit-identical' if same else 'DIFFERENT'}")
     shutil.rmtree(bf16)
     shutil.rmtree(q8_dir)
 
@@ -121,7 +136,8 @@ def accuracy(tmp, io):
     model.save_pretrained(f32, safe_serialization=True)
     out = os.path.join(tmp, "out.safetensors")
     ours(f32, io, out)
-    reference = load_file(out)
+    # Copied out: the next run rewrites the file in place.
+    reference = {k: v.clone() for k, v in load_file(out).items()}
     print("Two blocks at the same widths: the forward's relative error against f32, per GGUF format:")
     for fmt in ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]:
         folder = os.path.join(tmp, fmt)

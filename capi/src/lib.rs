@@ -241,6 +241,16 @@ pub extern "C" fn ditflow_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
+#[no_mangle]
+pub extern "C" fn ditflow_set_max_memory(bytes: usize) {
+    ditflow::weights::residency::set_cap(Some(bytes).filter(|&b| b > 0));
+}
+
+#[no_mangle]
+pub extern "C" fn ditflow_weights_streamed_bytes() -> u64 {
+    ditflow::weights::residency::streamed_bytes()
+}
+
 // ---- Runtime -----------------------------------------------------------------------------------
 
 #[no_mangle]

@@ -125,12 +125,16 @@ int main(int argc, char** argv) {
         fprintf(stderr, "usage: host NODES_PLUGIN GRAPHS_DIR OUT_DIR\n");
         return 2;
     }
+    /* A memory cap far above what these graphs map: set, nothing read back, removed. */
+    ditflow_set_max_memory((size_t)1 << 40);
     rt = ditflow_runtime_new();
     CHECK(rt != NULL);
     CHECK(ditflow_runtime_load_plugin(rt, argv[1]) == DITFLOW_OK);
     CHECK(ditflow_runtime_node_type_count(rt) > 10);
     CHECK(ditflow_runtime_load_plugin(rt, "/nonexistent/libnothing.so") == DITFLOW_ERR_PLUGIN);
     CHECK(strstr(ditflow_last_error(), "/nonexistent/libnothing.so") != NULL);
+    CHECK(ditflow_weights_streamed_bytes() == 0);
+    ditflow_set_max_memory(0);
     session = ditflow_session_new(rt);
     /* The session keeps the runtime alive. */
     ditflow_runtime_free(rt);

@@ -7,7 +7,8 @@
 //! `cargo bench -p ditflow --bench pixart -- PLUGINS_DIR MODEL_DIR INPUTS.safetensors [REPS]
 //! [LOADER] [OUTPUT]` (LOADER: the node that loads MODEL_DIR, `LoadDiffusionModel` by default;
 //! `tools/bench_mmdit.py` passes `LoadFlux` and `LoadSD3`; OUTPUT: where to keep the forward's
-//! outputs, as safetensors).
+//! outputs, as safetensors). `--max-memory=SIZE` caps the resident mapped weights (the bytes read
+//! back are printed as `streamed_bytes`).
 
 use ditflow::{Graph, RunOptions, Runtime, Session};
 use std::path::{Path, PathBuf};
@@ -33,6 +34,13 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    // `--max-memory=SIZE`: the memory cap on the model's mapped weights.
+    if let Some(size) =
+        std::env::args().find_map(|a| a.strip_prefix("--max-memory=").map(String::from))
+    {
+        let bytes = ditflow::weights::residency::parse_bytes(&size).expect("--max-memory");
+        ditflow::weights::residency::set_cap(Some(bytes));
+    }
     let [plugins, model, inputs, rest @ ..] = &args[..] else {
         eprintln!("usage: pixart PLUGINS_DIR MODEL_DIR INPUTS.safetensors [REPS]");
         std::process::exit(2);
@@ -65,7 +73,7 @@ fn main() {
         best = best.min(t.elapsed().as_secs_f64());
     }
     let (rss, peak) = (proc_status_bytes("VmRSS:"), proc_status_bytes("VmHWM:"));
-    println!("{{\"bench\":\"pixart_forward\",\"seconds\":{best:.5},\"load_and_first_s\":{load_and_first:.3},\"resident_bytes\":{rss},\"peak_resident_bytes\":{peak},\"baseline_resident_bytes\":{baseline}}}");
+    println!("{{\"bench\":\"pixart_forward\",\"seconds\":{best:.5},\"load_and_first_s\":{load_and_first:.3},\"resident_bytes\":{rss},\"peak_resident_bytes\":{peak},\"baseline_resident_bytes\":{baseline},\"streamed_bytes\":{}}}", ditflow::weights::residency::streamed_bytes());
     if ditflow::tensor::op_call::profile::enabled() {
         for (op, n, secs) in ditflow::tensor::op_call::profile::report() {
             eprintln!("{op:>16} {n:>6} calls {:>9.2} ms", secs * 1e3);

@@ -96,6 +96,28 @@ struct RunArgs {
     workers: Option<usize>,
     #[command(flatten)]
     device: DeviceArgs,
+    /// Keep at most this much of the models' memory-mapped weights resident (`8G`, `512M`):
+    /// the rest stays on disk and is read back as it is used, bit for bit as uncapped, and the
+    /// bytes read back are reported (`weights_streamed` events).
+    #[arg(long = "max-memory", value_name = "SIZE")]
+    max_memory: Option<String>,
+}
+
+/// Applies `--max-memory`; false means exit 2 (the error is printed).
+fn apply_memory_cap(max_memory: &Option<String>) -> bool {
+    let Some(text) = max_memory else {
+        return true;
+    };
+    match ditflow::weights::residency::parse_bytes(text) {
+        Ok(bytes) => {
+            ditflow::weights::residency::set_cap(Some(bytes));
+            true
+        }
+        Err(e) => {
+            eprintln!("error: --max-memory: {e}");
+            false
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -219,6 +241,18 @@ impl Bars {
                     ));
                 }
             }
+            Event::WeightsStreamed {
+                node,
+                step: Some(step),
+                bytes,
+            } => {
+                if let Some(bar) = bars.get(node) {
+                    bar.set_message(format!(
+                        "step {step} read {:.1} MiB of weights from disk (--max-memory)",
+                        *bytes as f64 / (1u64 << 20) as f64
+                    ));
+                }
+            }
             Event::NodeFinished { node, .. } | Event::NodeFailed { node, .. } => {
                 if let Some(b) = bars.remove(node) {
                     b.finish_and_clear();
@@ -288,8 +322,12 @@ fn cmd_run(
         out,
         workers,
         device,
+        max_memory,
     }: RunArgs,
 ) -> anyhow::Result<ExitCode> {
+    if !apply_memory_cap(&max_memory) {
+        return Ok(ExitCode::from(2));
+    }
     let Some(opts) = run_options(events, out, workers, &device) else {
         return Ok(ExitCode::from(2));
     };
@@ -344,8 +382,12 @@ fn cmd_watch(
         out,
         workers,
         device,
+        max_memory,
     }: RunArgs,
 ) -> anyhow::Result<ExitCode> {
+    if !apply_memory_cap(&max_memory) {
+        return Ok(ExitCode::from(2));
+    }
     let args = match parse_sets(&set) {
         Ok(a) => a,
         Err(e) => {

@@ -31,6 +31,14 @@ pub enum Event {
         total: u64,
         png: String,
     },
+    /// Weights read back from their files under the memory cap (`--max-memory`) since the
+    /// node's last report: `step` the progress step they were read for (none: the node's work
+    /// outside its steps).
+    WeightsStreamed {
+        node: Arc<str>,
+        step: Option<u64>,
+        bytes: u64,
+    },
     NodeCached {
         node: Arc<str>,
     },
@@ -91,6 +99,7 @@ impl Event {
         match self {
             Event::NodeStarted { node, .. }
             | Event::NodeProgress { node, .. }
+            | Event::WeightsStreamed { node, .. }
             | Event::NodeCached { node }
             | Event::NodeFinished { node, .. }
             | Event::NodeFailed { node, .. }

@@ -10,6 +10,7 @@ use super::context::ExecContext;
 use super::events::{Event, Subscriber};
 use super::plan::{CacheKey, InputSource, KeyHasher, Plan};
 use crate::value::Value;
+use crate::weights::residency;
 use ditflow_plugin::panic_message;
 use std::collections::VecDeque;
 use std::hash::Hash;
@@ -142,6 +143,25 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
         };
     }
     let subscribers = &opts.subscribers;
+    // Weights read back from disk under the memory cap, reported per step and at the end.
+    let streamed_at = AtomicU64::new(residency::streamed_bytes());
+    let report_streamed = |step: Option<u64>| {
+        if residency::cap().is_none() {
+            return;
+        }
+        let now = residency::streamed_bytes();
+        let before = streamed_at.swap(now, Ordering::Relaxed);
+        if now > before {
+            emit(
+                subscribers,
+                &Event::WeightsStreamed {
+                    node: node.id.clone(),
+                    step,
+                    bytes: now - before,
+                },
+            );
+        }
+    };
     let progress = |step: u64, total: u64| {
         emit(
             subscribers,
@@ -151,6 +171,7 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
                 total,
             },
         );
+        report_streamed(Some(step));
     };
     let preview = |step: u64, total: u64, png: &[u8]| {
         emit(
@@ -230,6 +251,7 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
         Err(p) => Err(format!("panicked: {}", panic_message(p.as_ref()))),
     };
     let ms = t0.elapsed().as_secs_f64() * 1e3;
+    report_streamed(None);
     if let Err(e) = result {
         return fail(key, e);
     }

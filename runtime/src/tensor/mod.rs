@@ -376,6 +376,18 @@ impl Tensor {
         matches!(&self.storage, Storage::Cpu(b) if matches!(**b, HostBuf::Mapped { .. }))
     }
 
+    /// The mapped file and the byte range of a tensor that views one (see [`Tensor::is_mapped`]).
+    pub(crate) fn mapped_range(&self) -> Option<(&Arc<memmap2::Mmap>, usize, usize)> {
+        match &self.storage {
+            Storage::Cpu(b) => match &**b {
+                HostBuf::Mapped { map, offset, len } => Some((map, *offset, *len)),
+                HostBuf::Owned { .. } => None,
+            },
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => None,
+        }
+    }
+
     /// An address that identifies the storage (for identity hashing, never dereferenced).
     pub fn storage_id(&self) -> usize {
         match &self.storage {

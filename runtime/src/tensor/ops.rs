@@ -355,6 +355,7 @@ enum WeightOperand<'a> {
 
 impl<'a> WeightOperand<'a> {
     fn of(w: &'a Tensor, n: usize, k: usize, m: usize) -> R<WeightOperand<'a>> {
+        crate::weights::residency::touch(w).map_err(|msg| invalid("linear", msg))?;
         if w.dtype() == DType::F32 && m >= PACK_PER_CALL_ROWS {
             return Ok(WeightOperand::F32(w.as_slice::<f32>()?));
         }

@@ -10,6 +10,7 @@
 
 pub mod gguf;
 pub mod quant;
+pub mod residency;
 
 use crate::tensor::ops::{self, OpError};
 use crate::tensor::{DType, Device, Tensor};

@@ -1497,6 +1497,25 @@ mod tests {
         assert_eq!(c1, c2);
     }
 
+    /// `a [m, k]` times `w [n, k]` transposed in f32, and times `b` (the same weight in another
+    /// form): the two products.
+    fn products_with(
+        (m, n, k): (usize, usize, usize),
+        a: &[f32],
+        w: &[f32],
+        b: BOperand,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+        let ar = MatRef::row_major(a, k, false);
+        let ep = Epilogue::default();
+        unsafe {
+            let wt = MatRef::row_major(w, k, true);
+            sgemm(m, n, k, ar, wt, c1.as_mut_ptr(), n, ep, true);
+            sgemm_with(m, n, k, ar, b, c2.as_mut_ptr(), n, ep, true);
+        }
+        (c1, c2)
+    }
+
     #[test]
     fn a_bf16_b_gives_the_product_of_its_f32_values() {
         // B given as bf16 bits is converted while packed: the product equals the f32 product of
@@ -1510,31 +1529,8 @@ mod tests {
             .map(|v| (v.to_bits() >> 16) as u16)
             .collect();
         let w: Vec<f32> = bits.iter().map(|&b| bf16_to_f32(b)).collect();
-        let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
-        unsafe {
-            sgemm(
-                m,
-                n,
-                k,
-                MatRef::row_major(&a, k, false),
-                MatRef::row_major(&w, k, true),
-                c1.as_mut_ptr(),
-                n,
-                Epilogue::default(),
-                true,
-            );
-            sgemm_with(
-                m,
-                n,
-                k,
-                MatRef::row_major(&a, k, false),
-                BOperand::Bf16(MatRefBf16::row_major(&bits, k, true)),
-                c2.as_mut_ptr(),
-                n,
-                Epilogue::default(),
-                true,
-            );
-        }
+        let b = BOperand::Bf16(MatRefBf16::row_major(&bits, k, true));
+        let (c1, c2) = products_with((m, n, k), &a, &w, b);
         assert_eq!(c1, c2);
     }
 
@@ -1561,36 +1557,12 @@ mod tests {
             let mut w = vec![0f32; n * k];
             format.dequantize(&bytes, &mut w);
             let a = rng.vec(m * k);
-            let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
             let quant = MatRefQuant {
                 ptr: bytes.as_ptr(),
                 row_bytes,
                 format,
             };
-            unsafe {
-                sgemm(
-                    m,
-                    n,
-                    k,
-                    MatRef::row_major(&a, k, false),
-                    MatRef::row_major(&w, k, true),
-                    c1.as_mut_ptr(),
-                    n,
-                    Epilogue::default(),
-                    true,
-                );
-                sgemm_with(
-                    m,
-                    n,
-                    k,
-                    MatRef::row_major(&a, k, false),
-                    BOperand::Quant(quant),
-                    c2.as_mut_ptr(),
-                    n,
-                    Epilogue::default(),
-                    true,
-                );
-            }
+            let (c1, c2) = products_with((m, n, k), &a, &w, BOperand::Quant(quant));
             assert!(c1.iter().all(|v| v.is_finite()), "{format:?}");
             assert_eq!(c1, c2, "{format:?}");
         }
