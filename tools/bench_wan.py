@@ -4,14 +4,17 @@ keeping its fastest of a few forwards (PyTorch eager, under inference_mode), ran
 two blocks of WanTransformer3DModel at Wan2.1-1.3B's widths (12 heads of 128, feed-forward
 8960, UMT5's 4096-wide text), a 17-frame 240x416 clip's latent [1, 16, 5, 30, 52] (1950 video
 tokens) and 512 text tokens. Timed in f32 and ditflow also from bf16 weights, with the peak
-resident bytes, as tools/bench_mmdit.py does (its runner is reused).
+resident bytes, as tools/bench_mmdit.py does (its runner is reused), then ditflow from the same
+weights as a Q8_0 GGUF (tools/bench_memory.py's writer).
 
 Run (PyTorch and diffusers from PyPI; CI never runs this):
     .venv/bin/python tools/bench_wan.py
 """
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -41,7 +44,24 @@ def main():
     subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True, env=ENV)
     subprocess.run(["cargo", "bench", "-q", "-p", "ditflow", "--bench", "pixart", "--no-run"], cwd=ROOT, check=True,
                    env=ENV)
-    run_case(wan_case())
+    case = wan_case()
+    best = run_case(case)
+    # The same weights (run_case scaled them in place) as a city96-style Q8_0 GGUF, timed alone.
+    from bench_memory import ours, write_gguf
+    from safetensors.torch import save_file
+
+    tmp = tempfile.mkdtemp(prefix="ditflow-bench-wan-")
+    try:
+        io = os.path.join(tmp, "io.safetensors")
+        save_file({f"in.{k}": v.contiguous() for k, v in case[2].items()}, io)
+        os.makedirs(os.path.join(tmp, "q8"))
+        path = os.path.join(tmp, "q8", "wan-Q8_0.gguf")
+        write_gguf(case[1], path, "Q8_0")
+        q8 = min(ours(path, io, reps=3)["seconds"] for _ in range(2))
+        print(f"  ditflow  {q8 * 1e3:8.1f} ms  (Q8_0 GGUF weights: {q8 / best['model']:.2f}x our f32, "
+              f"{q8 / best['torch']:.2f}x PyTorch's f32)")
+    finally:
+        shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

@@ -526,15 +526,21 @@ unsafe fn sgemm_blocked<T: MicroTile>(
                     bpack
                 }
             };
-            // Row blocks of at most MC rows, as even as whole MR panels allow, and a multiple of
-            // the thread count when the rows are few; column groups when row blocks are scarce.
+            // Row blocks of about MC rows, a multiple of the thread count, with the MR panels
+            // spread over them as evenly as they go (sizes differ by one panel at most, the
+            // larger ones interleaved), so each thread's half of the blocks is as much work as
+            // the other's; column groups when row blocks are scarce.
             let m_panels = m.div_ceil(T::MR);
             let mut m_blocks = m.div_ceil(T::MC);
-            if threads > 1 && m_blocks < 4 * threads {
+            if threads > 1 {
                 m_blocks = m_blocks.div_ceil(threads) * threads;
             }
             let m_blocks = m_blocks.min(m_panels);
-            let mc_max = m_panels.div_ceil(m_blocks) * T::MR;
+            // Block `ib`'s rows.
+            let block_rows = |ib: usize| {
+                let (p0, p1) = (ib * m_panels / m_blocks, (ib + 1) * m_panels / m_blocks);
+                (p0 * T::MR, (p1 * T::MR).min(m))
+            };
             let groups = if threads > 1 {
                 (2 * threads).div_ceil(m_blocks).clamp(1, n_panels)
             } else {
@@ -544,13 +550,13 @@ unsafe fn sgemm_blocked<T: MicroTile>(
             // A task computes a block of C (rows i0.., panels p0..p1) for the K steps in `ks`.
             let task = |t: usize, ks: std::ops::Range<usize>| {
                 let (ib, g) = (t / groups, t % groups);
-                let i0 = ib * mc_max;
+                let (i0, i1) = block_rows(ib);
                 let p0 = g * per_group;
                 let p1 = (p0 + per_group).min(n_panels);
-                if i0 >= m || p0 >= p1 {
+                if i0 >= i1 || p0 >= p1 {
                     return;
                 }
-                let mc = mc_max.min(m - i0);
+                let mc = i1 - i0;
                 PACK_A.with(|pa| {
                     let mut pa = pa.borrow_mut();
                     let need = mc.div_ceil(T::MR) * T::MR * KC.min(k);
