@@ -12,12 +12,14 @@ error per quantized format.
    about 3.8x for the Q8_0 one) and the forward's time; then the Q8_0 file under --max-memory at
    half its size: the peak, the bytes read back, the slowdown, and whether the output is the
    uncapped one bit for bit.
-2. Accuracy. Two blocks at the same widths, saved in f32 and as GGUFs in each format the `gguf`
-   package can quantize (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0; it has no K-quant quantizer): the
-   relative error of each forward against the f32 one (printed, not asserted).
+2. Accuracy. Two Wan blocks at the same widths, and a small Flux (hidden 512: 1 double and 2
+   single blocks, in BFL's layout as city96's Flux GGUFs hold it), each saved in f32 and as
+   GGUFs in each format the `gguf` package can quantize (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0; it has no
+   K-quant quantizer): the relative error of each forward against the f32 one (printed, not
+   asserted).
 
 Run (PyTorch, diffusers and gguf from PyPI; CI never runs this):
-    .venv/bin/python tools/bench_memory.py
+    .venv/bin/python tools/bench_memory.py          # PARTS=memory or PARTS=accuracy for one
 """
 import json
 import os
@@ -32,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_mmdit import ENV, ROOT  # noqa: E402
+from make_flux_fixtures import to_bfl  # noqa: E402
 from make_gguf_fixtures import wan_original_key  # noqa: E402
 
 LAYERS = int(os.environ.get("LAYERS", "21"))
@@ -52,32 +55,38 @@ def wan(layers):
     return model
 
 
-def write_gguf(model, path, fmt):
-    """`model` as a GGUF of architecture "wan" in Wan's names: 2-D weights in `fmt` where their
-    rows hold whole blocks, everything else F32; its config.json beside it."""
+def write_gguf(tensors, path, fmt, arch, config_of):
+    """`tensors` (name -> torch tensor) as a GGUF of architecture `arch`: 2-D weights in `fmt`
+    where their rows hold whole blocks, everything else F32 (as city96's converter leaves
+    them); the config of model `config_of` beside it."""
     from gguf import GGMLQuantizationType as Q, GGUFWriter
     from gguf.quants import quantize
 
     qtype = Q[fmt]
-    writer = GGUFWriter(path, "wan")
-    for name, t in model.state_dict().items():
+    writer = GGUFWriter(path, arch)
+    for name, t in tensors.items():
         t = np.ascontiguousarray(t.float().numpy())
         if fmt != "F32" and t.ndim == 2 and t.shape[1] % 32 == 0:
-            writer.add_tensor(wan_original_key(name), quantize(t, qtype), raw_dtype=qtype)
+            writer.add_tensor(name, quantize(t, qtype), raw_dtype=qtype)
         else:
-            writer.add_tensor(wan_original_key(name), t)
+            writer.add_tensor(name, t)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    model.save_config(os.path.dirname(path))
+    config_of.save_config(os.path.dirname(path))
 
 
-def ours(path, io, keep=None, reps=1, cap=None):
-    """The forward benchmark's figures for the model at `path`; its outputs kept at `keep`; its
-    mapped weights capped at `cap` bytes resident."""
+def write_wan_gguf(model, path, fmt):
+    """A diffusers Wan as a city96-style Wan GGUF (Wan's original names)."""
+    write_gguf({wan_original_key(k): v for k, v in model.state_dict().items()}, path, fmt, "wan", model)
+
+
+def ours(path, io, keep=None, reps=1, cap=None, loader="LoadWan"):
+    """The forward benchmark's figures for the model at `path` loaded by `loader`; its outputs
+    kept at `keep`; its mapped weights capped at `cap` bytes resident."""
     res = subprocess.run(["cargo", "bench", "-q", "-p", "ditflow", "--bench", "pixart", "--",
-                          os.path.join(ROOT, "target", "release"), path, io, str(reps), "LoadWan"]
+                          os.path.join(ROOT, "target", "release"), path, io, str(reps), loader]
                          + ([keep] if keep else []) + ([f"--max-memory={cap}"] if cap else []),
                          cwd=ROOT, env=ENV, capture_output=True, text=True)
     if res.returncode != 0:
@@ -103,7 +112,7 @@ def memory(tmp, io):
     q8_dir = os.path.join(tmp, "q8")
     os.makedirs(q8_dir)
     q8 = os.path.join(q8_dir, "wan-Q8_0.gguf")
-    write_gguf(model, q8, "Q8_0")
+    write_wan_gguf(model, q8, "Q8_0")
     del model
     sizes = {"bf16": os.path.getsize(os.path.join(bf16, "diffusion_pytorch_model.safetensors")),
              "Q8_0": os.path.getsize(q8)}
@@ -130,25 +139,54 @@ def memory(tmp, io):
     shutil.rmtree(q8_dir)
 
 
-def accuracy(tmp, io):
-    model = wan(2)
-    f32 = os.path.join(tmp, "f32")
-    model.save_pretrained(f32, safe_serialization=True)
+def flux():
+    """A small Flux whose widths hold whole blocks (hidden 512, 4 heads of 128), and its inputs:
+    256 image and 64 text tokens."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=128,
+                                   num_attention_heads=4, joint_attention_dim=512, pooled_projection_dim=768,
+                                   guidance_embeds=True).eval()
+    li, lt, h = 256, 64, 16
+    img_ids = torch.zeros(h, h, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(h)[None, :]
+    inputs = {"hidden_states": torch.randn(1, li, 64), "encoder_hidden_states": torch.randn(1, lt, 512),
+              "pooled_projections": torch.randn(1, 768), "timestep": torch.tensor([0.5]),
+              "img_ids": img_ids.reshape(li, 3), "txt_ids": torch.zeros(lt, 3), "guidance": torch.tensor([3.5])}
+    return model, inputs
+
+
+def accuracy(tmp, wan_io):
+    flux_model, flux_inputs = flux()
+    flux_io = os.path.join(tmp, "flux_io.safetensors")
+    save_file({f"in.{k}": v.contiguous() for k, v in flux_inputs.items()}, flux_io)
+    cases = [
+        ("Wan at Wan2.1-1.3B widths, 2 blocks", wan(2), wan_io, "LoadWan", write_wan_gguf),
+        ("Flux, hidden 512, 1 double + 2 single blocks", flux_model, flux_io, "LoadFlux",
+         lambda m, path, fmt: write_gguf(to_bfl(m.state_dict()), path, fmt, "flux", m)),
+    ]
     out = os.path.join(tmp, "out.safetensors")
-    ours(f32, io, out)
-    # Copied out: the next run rewrites the file in place.
-    reference = {k: v.clone() for k, v in load_file(out).items()}
-    print("Two blocks at the same widths: the forward's relative error against f32, per GGUF format:")
-    for fmt in ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]:
-        folder = os.path.join(tmp, fmt)
-        os.makedirs(folder)
-        path = os.path.join(folder, f"wan-{fmt}.gguf")
-        write_gguf(model, path, fmt)
-        r = ours(path, io, out)
-        got = load_file(out)
-        err = max(float((got[k] - reference[k]).norm() / reference[k].norm()) for k in reference)
-        print(f"  {fmt:5} {err:.2e}  (file {os.path.getsize(path) / 2**20:6.1f} MiB, forward {r['seconds'] * 1e3:6.1f} ms)")
-        shutil.rmtree(folder)
+    for title, model, io, loader, writer in cases:
+        f32 = os.path.join(tmp, "f32")
+        model.save_pretrained(f32, safe_serialization=True)
+        ours(f32, io, out, loader=loader)
+        # Copied out: the next run rewrites the file in place.
+        reference = {k: v.clone() for k, v in load_file(out).items()}
+        shutil.rmtree(f32)
+        print(f"{title}: the forward's relative error against f32, per GGUF format:")
+        for fmt in ["Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0"]:
+            folder = os.path.join(tmp, fmt)
+            os.makedirs(folder)
+            path = os.path.join(folder, f"model-{fmt}.gguf")
+            writer(model, path, fmt)
+            r = ours(path, io, out, loader=loader)
+            got = load_file(out)
+            err = max(float((got[k] - reference[k]).norm() / reference[k].norm()) for k in reference)
+            print(f"  {fmt:5} {err:.2e}  (file {os.path.getsize(path) / 2**20:6.1f} MiB, "
+                  f"forward {r['seconds'] * 1e3:6.1f} ms)")
+            shutil.rmtree(folder)
 
 
 def main():
@@ -158,8 +196,11 @@ def main():
     tmp = tempfile.mkdtemp(prefix="ditflow-bench-memory-")
     try:
         io = inputs(tmp)
-        memory(tmp, io)
-        accuracy(tmp, io)
+        parts = os.environ.get("PARTS", "memory,accuracy").split(",")
+        if "memory" in parts:
+            memory(tmp, io)
+        if "accuracy" in parts:
+            accuracy(tmp, io)
     finally:
         shutil.rmtree(tmp)
 

@@ -47,7 +47,7 @@ def main():
     case = wan_case()
     best = run_case(case)
     # The same weights (run_case scaled them in place) as a city96-style Q8_0 GGUF, timed alone.
-    from bench_memory import ours, write_gguf
+    from bench_memory import ours, write_wan_gguf
     from safetensors.torch import save_file
 
     tmp = tempfile.mkdtemp(prefix="ditflow-bench-wan-")
@@ -56,7 +56,7 @@ def main():
         save_file({f"in.{k}": v.contiguous() for k, v in case[2].items()}, io)
         os.makedirs(os.path.join(tmp, "q8"))
         path = os.path.join(tmp, "q8", "wan-Q8_0.gguf")
-        write_gguf(case[1], path, "Q8_0")
+        write_wan_gguf(case[1], path, "Q8_0")
         q8 = min(ours(path, io, reps=3)["seconds"] for _ in range(2))
         print(f"  ditflow  {q8 * 1e3:8.1f} ms  (Q8_0 GGUF weights: {q8 / best['model']:.2f}x our f32, "
               f"{q8 / best['torch']:.2f}x PyTorch's f32)")

@@ -187,6 +187,16 @@ impl Tensor {
         if self.device() == device {
             return Ok(self.clone());
         }
+        if self.dtype().is_quantized() {
+            return Err(invalid(
+                "to_device",
+                format!(
+                    "a {} tensor stays on the CPU (the GPU kernels read dense weights): cast it to \
+                     f32 or bf16 first",
+                    self.dtype().name()
+                ),
+            ));
+        }
         #[cfg(feature = "cuda")]
         {
             match device {
@@ -1930,6 +1940,7 @@ mod tests {
             slice(&w, 1, 0, 32, 1).unwrap_err(),
             cast(&wf, DType::Q8_0).unwrap_err(),
             binary(&w, &w, Binary::Add).unwrap_err(),
+            w.to_device(Device::Cuda(0)).unwrap_err(),
         ] {
             assert!(e.to_string().contains("q8_0"), "{e}");
         }

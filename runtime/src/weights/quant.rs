@@ -119,9 +119,7 @@ impl BlockFormat {
         let (n, b) = (self.block_len(), self.block_bytes());
         debug_assert_eq!(data.len() / b * n, out.len());
         #[cfg(target_arch = "x86_64")]
-        if matches!(self, BlockFormat::Q8_0 | BlockFormat::Q4_0)
-            && crate::kernels::cpu::simd::has_avx2()
-        {
+        if crate::kernels::cpu::simd::has_avx2() {
             // SAFETY: the CPU has AVX2; the loops stay inside whole blocks of both slices.
             return unsafe { dequantize_avx2(self, data, out) };
         }
@@ -140,8 +138,9 @@ impl BlockFormat {
     }
 }
 
-/// Q8_0 and Q4_0 eight values at a time: each value widened to f32 exactly and multiplied by
-/// the block's scale once, as the scalar loops do, so the bits are theirs.
+/// Every format eight values at a time: each value widened to f32 exactly, then scaled with
+/// the same products and sums (in the same order, no fused multiply-adds) as the scalar
+/// loops, so the bits are theirs.
 ///
 /// # Safety
 /// The CPU must have AVX2; `data` holds whole blocks of `format` and `out` their values.
@@ -149,29 +148,147 @@ impl BlockFormat {
 #[target_feature(enable = "avx2")]
 unsafe fn dequantize_avx2(format: BlockFormat, data: &[u8], out: &mut [f32]) {
     use std::arch::x86_64::*;
+    // Macros rather than closures, so the intrinsics are compiled with this function's AVX2.
+    // Eight bytes from `p` as i32 lanes (zero-extended).
+    macro_rules! bytes8 {
+        ($p:expr) => {
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64($p as *const __m128i))
+        };
+    }
+    // The four bits of each lane from bit `shift`.
+    macro_rules! nibble {
+        ($v:expr, $shift:expr) => {
+            _mm256_and_si256(
+                _mm256_srlv_epi32($v, _mm256_set1_epi32($shift)),
+                _mm256_set1_epi32(0x0F),
+            )
+        };
+    }
+    let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     let (n, b) = (format.block_len(), format.block_bytes());
     for (block, values) in data.chunks_exact(b).zip(out.chunks_exact_mut(n)) {
-        let d = _mm256_set1_ps(half_at(block, 0));
+        let blk = block.as_ptr();
         let dst = values.as_mut_ptr();
-        if format == BlockFormat::Q8_0 {
-            for g in 0..4 {
-                let q = _mm_loadl_epi64(block.as_ptr().add(2 + 8 * g) as *const __m128i);
-                let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
-                _mm256_storeu_ps(dst.add(8 * g), _mm256_mul_ps(v, d));
+        match format {
+            BlockFormat::Q8_0 => {
+                let d = _mm256_set1_ps(half_at(block, 0));
+                for g in 0..4 {
+                    let q =
+                        _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * g) as *const __m128i));
+                    _mm256_storeu_ps(dst.add(8 * g), _mm256_mul_ps(_mm256_cvtepi32_ps(q), d));
+                }
             }
-        } else {
-            let eight = _mm256_set1_epi32(8);
-            for g in 0..2 {
-                let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
-                    block.as_ptr().add(2 + 8 * g) as *const __m128i
-                ));
-                let lo = _mm256_sub_epi32(_mm256_and_si256(q, _mm256_set1_epi32(0x0F)), eight);
-                let hi = _mm256_sub_epi32(_mm256_srli_epi32::<4>(q), eight);
-                _mm256_storeu_ps(dst.add(8 * g), _mm256_mul_ps(_mm256_cvtepi32_ps(lo), d));
-                _mm256_storeu_ps(
-                    dst.add(16 + 8 * g),
-                    _mm256_mul_ps(_mm256_cvtepi32_ps(hi), d),
+            BlockFormat::Q4_0 | BlockFormat::Q4_1 => {
+                let min = format == BlockFormat::Q4_1;
+                let (d, m, qs) = if min {
+                    (
+                        _mm256_set1_ps(half_at(block, 0)),
+                        _mm256_set1_ps(half_at(block, 2)),
+                        blk.add(4),
+                    )
+                } else {
+                    (
+                        _mm256_set1_ps(half_at(block, 0)),
+                        _mm256_setzero_ps(),
+                        blk.add(2),
+                    )
+                };
+                for g in 0..4 {
+                    // Values 8g.. : the low nibbles of bytes 8g.. for g < 2, else the high ones.
+                    let q = nibble!(bytes8!(qs.add(8 * (g % 2))), 4 * (g / 2) as i32);
+                    let v = if min {
+                        _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), m)
+                    } else {
+                        let q = _mm256_sub_epi32(q, _mm256_set1_epi32(8));
+                        _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))
+                    };
+                    _mm256_storeu_ps(dst.add(8 * g), v);
+                }
+            }
+            BlockFormat::Q5_0 | BlockFormat::Q5_1 => {
+                let min = format == BlockFormat::Q5_1;
+                let at = if min { 4 } else { 2 };
+                let (d, m) = (
+                    _mm256_set1_ps(half_at(block, 0)),
+                    if min {
+                        _mm256_set1_ps(half_at(block, 2))
+                    } else {
+                        _mm256_setzero_ps()
+                    },
                 );
+                let qh =
+                    u32::from_le_bytes([block[at], block[at + 1], block[at + 2], block[at + 3]]);
+                let qs = blk.add(at + 4);
+                for g in 0..4 {
+                    let low = nibble!(bytes8!(qs.add(8 * (g % 2))), 4 * (g / 2) as i32);
+                    let shifts = _mm256_add_epi32(lanes, _mm256_set1_epi32(8 * g as i32));
+                    let bit = _mm256_and_si256(
+                        _mm256_srlv_epi32(_mm256_set1_epi32(qh as i32), shifts),
+                        _mm256_set1_epi32(1),
+                    );
+                    let q = _mm256_or_si256(low, _mm256_slli_epi32::<4>(bit));
+                    let v = if min {
+                        _mm256_add_ps(_mm256_mul_ps(d, _mm256_cvtepi32_ps(q)), m)
+                    } else {
+                        let q = _mm256_sub_epi32(q, _mm256_set1_epi32(16));
+                        _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))
+                    };
+                    _mm256_storeu_ps(dst.add(8 * g), v);
+                }
+            }
+            BlockFormat::Q4K | BlockFormat::Q5K => {
+                let high = format == BlockFormat::Q5K;
+                let (d, dmin) = (half_at(block, 0), half_at(block, 2));
+                let (qh, qs) = if high {
+                    (blk.add(16), blk.add(48))
+                } else {
+                    (blk, blk.add(16))
+                };
+                for s in 0..8 {
+                    let (scale, m) = scale_min(&block[4..16], s);
+                    let ds = _mm256_set1_ps(d * f32::from(scale));
+                    let dm = _mm256_set1_ps(dmin * f32::from(m));
+                    let chunk = qs.add((s / 2) * 32);
+                    for g in 0..4 {
+                        let mut q = nibble!(bytes8!(chunk.add(8 * g)), 4 * (s % 2) as i32);
+                        if high {
+                            let bit = _mm256_and_si256(
+                                _mm256_srlv_epi32(
+                                    bytes8!(qh.add(8 * g)),
+                                    _mm256_set1_epi32(s as i32),
+                                ),
+                                _mm256_set1_epi32(1),
+                            );
+                            q = _mm256_or_si256(q, _mm256_slli_epi32::<4>(bit));
+                        }
+                        let v = _mm256_sub_ps(_mm256_mul_ps(ds, _mm256_cvtepi32_ps(q)), dm);
+                        _mm256_storeu_ps(dst.add(s * 32 + 8 * g), v);
+                    }
+                }
+            }
+            BlockFormat::Q6K => {
+                let d = half_at(block, 208);
+                for g in 0..32 {
+                    let e = 8 * g;
+                    let (h, within) = (e / 128, e % 128);
+                    let low = nibble!(
+                        bytes8!(blk.add(h * 64 + within % 64)),
+                        4 * (within / 64) as i32
+                    );
+                    let hi = _mm256_and_si256(
+                        _mm256_srlv_epi32(
+                            bytes8!(blk.add(128 + h * 32 + within % 32)),
+                            _mm256_set1_epi32(2 * (within / 32) as i32),
+                        ),
+                        _mm256_set1_epi32(3),
+                    );
+                    let q = _mm256_sub_epi32(
+                        _mm256_or_si256(low, _mm256_slli_epi32::<4>(hi)),
+                        _mm256_set1_epi32(32),
+                    );
+                    let ds = _mm256_set1_ps(d * f32::from(block[192 + e / 16] as i8));
+                    _mm256_storeu_ps(dst.add(e), _mm256_mul_ps(ds, _mm256_cvtepi32_ps(q)));
+                }
             }
         }
     }
@@ -286,21 +403,36 @@ mod tests {
             eprintln!("skipped: this CPU has no AVX2 (or DITFLOW_SIMD caps it)");
             return;
         }
-        for format in [BlockFormat::Q8_0, BlockFormat::Q4_0] {
+        use BlockFormat::*;
+        for format in [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4K, Q5K, Q6K] {
             let (n, b) = (format.block_len(), format.block_bytes());
             let mut data: Vec<u8> = (0..64 * b).map(|i| (i * 37 % 251) as u8).collect();
             for (i, blk) in data.chunks_exact_mut(b).enumerate() {
-                blk[..2].copy_from_slice(&f16::from_f32(0.003 * (i as f32 - 20.0)).to_le_bytes());
+                // Finite f16 scales (and minimums) where each format keeps them.
+                let d = f16::from_f32(0.003 * (i as f32 - 20.0)).to_le_bytes();
+                let m = f16::from_f32(0.01 * (i as f32 - 30.0)).to_le_bytes();
+                if format == Q6K {
+                    blk[208..210].copy_from_slice(&d);
+                } else {
+                    blk[..2].copy_from_slice(&d);
+                    if matches!(format, Q4_1 | Q5_1 | Q4K | Q5K) {
+                        blk[2..4].copy_from_slice(&m);
+                    }
+                }
             }
             let mut fast = vec![0f32; 64 * n];
             unsafe { dequantize_avx2(format, &data, &mut fast) };
             let mut scalar = vec![0f32; 64 * n];
             for (blk, out) in data.chunks_exact(b).zip(scalar.chunks_exact_mut(n)) {
                 match format {
-                    BlockFormat::Q8_0 => q8_0(blk, out),
-                    _ => q4(blk, out, false),
+                    Q8_0 => q8_0(blk, out),
+                    Q4_0 | Q4_1 => q4(blk, out, format == Q4_1),
+                    Q5_0 | Q5_1 => q5(blk, out, format == Q5_1),
+                    Q4K | Q5K => qk(blk, out, format == Q5K),
+                    Q6K => q6_k(blk, out),
                 }
             }
+            assert!(scalar.iter().all(|v| v.is_finite()), "{format:?}");
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&fast), bits(&scalar), "{format:?}");
         }
