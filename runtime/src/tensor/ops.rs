@@ -316,59 +316,19 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> R {
         cuda => |t| cuda::ops::matmul(&t[0], &t[1], trans_a, trans_b, batch, a_batched, b_batched, m, n, ka, &out_shape))
 }
 
-/// Linear weights packed for the GEMM, by storage. An entry holds its tensor, so the storage's
-/// address cannot be reused while the entry exists; the cache is emptied when it passes
-/// [`PACK_CACHE_BYTES`].
-static PACKED_WEIGHTS: std::sync::Mutex<Option<PackCache>> = std::sync::Mutex::new(None);
-
-/// The most bytes of packed weights kept.
-pub const PACK_CACHE_BYTES: usize = 1 << 30;
-
-type PackCache =
-    std::collections::HashMap<(usize, usize, usize), (Tensor, std::sync::Arc<cpu::gemm::PackedB>)>;
-
-fn packed_weight(w: &Tensor, n: usize, k: usize) -> R<std::sync::Arc<cpu::gemm::PackedB>> {
-    let key = (w.storage_id(), n, k);
-    if let Some((_, p)) = PACKED_WEIGHTS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .as_ref()
-        .and_then(|c| c.get(&key))
-    {
-        return Ok(p.clone());
-    }
-    // Converted to f32 (a copy only for half-precision weights) on a miss alone.
-    let wf = f32s(w)?;
-    // SAFETY: `wf` holds the [n, k] weight, read transposed as k×n.
-    let packed = std::sync::Arc::new(unsafe {
-        cpu::gemm::PackedB::new(k, n, cpu::gemm::MatRef::row_major(&wf, k, true))
-    });
-    let mut guard = PACKED_WEIGHTS.lock().unwrap_or_else(|p| p.into_inner());
-    let cache = guard.get_or_insert_with(Default::default);
-    let bytes: usize = cache.values().map(|(_, p)| p.nbytes()).sum();
-    if bytes + packed.nbytes() > PACK_CACHE_BYTES {
-        cache.clear();
-    }
-    cache.insert(key, (w.clone(), packed.clone()));
-    Ok(packed)
-}
-
-/// A linear weight `[n, k]` as the GEMM's B operand: a bf16 weight as it is (converted while
-/// packed, per call, so it is never held in f32), others packed once and kept.
+/// A linear weight `[n, k]` as the GEMM's B operand, read as it is stored and packed per call,
+/// so no packed or widened copy of a model's weights is kept: f32 read in place, bf16 widened
+/// and block formats dequantised while packed; f16 (rare in checkpoints) widened per call.
 enum WeightOperand<'a> {
-    Packed(std::sync::Arc<cpu::gemm::PackedB>),
     Bf16(&'a [u16]),
-    F32(&'a [f32]),
+    F32(Cow<'a, [f32]>),
     /// A block-quantized weight's bytes and format, dequantised per panel.
     Quant(&'a [u8], crate::weights::quant::BlockFormat),
 }
 
 impl<'a> WeightOperand<'a> {
-    fn of(w: &'a Tensor, n: usize, k: usize, m: usize) -> R<WeightOperand<'a>> {
+    fn of(w: &'a Tensor) -> R<WeightOperand<'a>> {
         crate::weights::residency::touch(w).map_err(|msg| invalid("linear", msg))?;
-        if w.dtype() == DType::F32 && m >= PACK_PER_CALL_ROWS {
-            return Ok(WeightOperand::F32(w.as_slice::<f32>()?));
-        }
         if let Some(format) = crate::weights::quant::BlockFormat::of(w.dtype()) {
             return Ok(WeightOperand::Quant(w.cpu_bytes()?, format));
         }
@@ -380,13 +340,12 @@ impl<'a> WeightOperand<'a> {
                     std::slice::from_raw_parts(v.as_ptr() as *const u16, v.len())
                 })
             }
-            _ => WeightOperand::Packed(packed_weight(w, n, k)?),
+            _ => WeightOperand::F32(f32s(w)?),
         })
     }
 
     fn operand(&self, k: usize) -> cpu::gemm::BOperand<'_> {
         match self {
-            WeightOperand::Packed(p) => cpu::gemm::BOperand::Packed(p),
             WeightOperand::Bf16(bits) => {
                 cpu::gemm::BOperand::Bf16(cpu::gemm::MatRefBf16::row_major(bits, k, true))
             }
@@ -403,11 +362,6 @@ impl<'a> WeightOperand<'a> {
         }
     }
 }
-
-/// From this many rows of input on, an f32 weight is packed per call, as a bf16 one is (no
-/// packed copy is kept, and the per-call blocks measured faster); below, packing would cost
-/// as much as the product, so the packed weight is kept.
-const PACK_PER_CALL_ROWS: usize = 64;
 
 /// A float weight, or a block-quantized one (read by the CPU GEMM as it is).
 fn weight_input(op: &'static str, w: &Tensor) -> R<()> {
@@ -462,7 +416,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
         Device::Cpu => {
             let xf = f32s(x)?;
             let bf = bias.map(f32s).transpose()?;
-            let weight = WeightOperand::of(w, n, k, m)?;
+            let weight = WeightOperand::of(w)?;
             let b_operand = weight.operand(k);
             cpu_out(x.dtype(), &out_shape, |out| {
                 let ep = cpu::gemm::Epilogue {
@@ -533,7 +487,7 @@ pub fn linear_split(
     *out_shape.last_mut().unwrap() = n / parts;
     let xf = f32s(x)?;
     let bf = bias.map(f32s).transpose()?;
-    let weight = WeightOperand::of(w, n, k, m)?;
+    let weight = WeightOperand::of(w)?;
     let b_operand = weight.operand(k);
     let mut outs = Vec::with_capacity(parts);
     for _ in 0..parts {
