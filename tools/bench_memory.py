@@ -28,14 +28,13 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_mmdit import ENV, ROOT  # noqa: E402
 from make_flux_fixtures import to_bfl  # noqa: E402
-from make_gguf_fixtures import wan_original_key  # noqa: E402
+from make_gguf_fixtures import wan_original_key, write_gguf as write_gguf_file  # noqa: E402
 
 LAYERS = int(os.environ.get("LAYERS", "21"))
 GIB = 1 << 30
@@ -56,24 +55,9 @@ def wan(layers):
 
 
 def write_gguf(tensors, path, fmt, arch, config_of):
-    """`tensors` (name -> torch tensor) as a GGUF of architecture `arch`: 2-D weights in `fmt`
-    where their rows hold whole blocks, everything else F32 (as city96's converter leaves
-    them); the config of model `config_of` beside it."""
-    from gguf import GGMLQuantizationType as Q, GGUFWriter
-    from gguf.quants import quantize
-
-    qtype = Q[fmt]
-    writer = GGUFWriter(path, arch)
-    for name, t in tensors.items():
-        t = np.ascontiguousarray(t.float().numpy())
-        if fmt != "F32" and t.ndim == 2 and t.shape[1] % 32 == 0:
-            writer.add_tensor(name, quantize(t, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, t)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    """`tensors` (name -> torch tensor) as a city96-style GGUF of architecture `arch` in `fmt`
+    (tools/make_gguf_fixtures.py's writer), with the config of model `config_of` beside it."""
+    write_gguf_file({k: v.float().numpy() for k, v in tensors.items()}, path, fmt, arch)
     config_of.save_config(os.path.dirname(path))
 
 

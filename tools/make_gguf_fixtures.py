@@ -154,20 +154,30 @@ def convert(single, arch, formats):
     shutil.copy(os.path.join(os.path.dirname(single), "config.json"), os.path.join(out, "config.json"))
     stem = os.path.basename(single).removesuffix(".safetensors")
     for fmt in formats:
-        writer = GGUFWriter(os.path.join(out, f"{stem}-{fmt}.gguf"), arch)
-        quantized = 0
-        for name, t in weights.items():
-            t = np.ascontiguousarray(t.astype(np.float32))
-            if fmt == "Q8_0" and t.ndim == 2 and t.shape[1] % 32 == 0:
-                writer.add_tensor(name, quantize(t, Q.Q8_0), raw_dtype=Q.Q8_0)
-                quantized += 1
-            else:
-                writer.add_tensor(name, t)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        quantized = write_gguf(weights, os.path.join(out, f"{stem}-{fmt}.gguf"), fmt, arch)
         print(f"{arch}/{stem}-{fmt}.gguf: {quantized} of {len(weights)} tensors quantized")
+
+
+def write_gguf(tensors, path, fmt, arch):
+    """`tensors` (name -> float array) as a GGUF of architecture `arch`, as city96's converter
+    writes them: the 2-D weights whose rows hold whole blocks in `fmt` (none for F32), the rest
+    F32. Returns how many were quantized."""
+    qtype = Q[fmt]
+    writer = GGUFWriter(path, arch)
+    quantized = 0
+    for name, t in tensors.items():
+        t = np.ascontiguousarray(np.asarray(t, dtype=np.float32))
+        if fmt != "F32" and t.ndim == 2 and t.shape[1] % 32 == 0:
+            writer.add_tensor(name, quantize(t, qtype), raw_dtype=qtype)
+            quantized += 1
+        else:
+            writer.add_tensor(name, t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return quantized
+
 
 if __name__ == "__main__":
     main()
