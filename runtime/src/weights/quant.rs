@@ -91,26 +91,14 @@ impl BlockFormat {
         }
     }
 
-    /// Values per block.
+    /// Values per block (the dtype's [`DType::block`]).
     pub fn block_len(self) -> usize {
-        match self {
-            BlockFormat::Q4K | BlockFormat::Q5K | BlockFormat::Q6K => 256,
-            _ => 32,
-        }
+        self.dtype().block().0
     }
 
-    /// Bytes per block.
+    /// Bytes per block (the dtype's [`DType::block`]).
     pub fn block_bytes(self) -> usize {
-        match self {
-            BlockFormat::Q8_0 => 34,
-            BlockFormat::Q4_0 => 18,
-            BlockFormat::Q4_1 => 20,
-            BlockFormat::Q5_0 => 22,
-            BlockFormat::Q5_1 => 24,
-            BlockFormat::Q4K => 144,
-            BlockFormat::Q5K => 176,
-            BlockFormat::Q6K => 210,
-        }
+        self.dtype().block().1
     }
 
     /// Dequantises whole blocks: `out.len()` values from `out.len() / block_len` blocks of
