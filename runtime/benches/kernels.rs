@@ -70,6 +70,11 @@ fn main() {
             (1024, 3072, 12288),
             (1536, 15360, 3072),
             (1024, 3072, 9216),
+            // Wan2.1-1.3B's at 1950 video tokens: q/k/v, the fused q, k, v, and the MLP.
+            (1950, 1536, 1536),
+            (1950, 1536, 4608),
+            (1950, 1536, 8960),
+            (1950, 8960, 1536),
         ] {
             let name = format!("linear_{m}x{k}x{n}");
             if !want(&name) {

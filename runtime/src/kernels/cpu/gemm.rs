@@ -8,6 +8,9 @@
 //! at run time. Every path sums each element of C in the same order with fused multiply-adds, so
 //! AVX-512 and AVX2 give bit-identical products. Any strides work, so transposed operands need no
 //! copy. Packing buffers are per-thread and reused: nothing is allocated per tile.
+//!
+//! Products of at most [`super::gemv::GEMV_ROWS`] rows against a weight stored row by row go to
+//! [`super::gemv`] instead, which reads each weight row once at memory speed.
 
 use super::{simd, Activation};
 use crate::weights::quant::BlockFormat;
@@ -160,7 +163,7 @@ impl OutPtr {
 /// Where C goes: one row-major matrix (`parts` of one), or `n / part_w` matrices side by side,
 /// each `[m, part_w]` at its own address, so one product fills separate outputs (a fused QKV
 /// projection as three tensors) without copies.
-struct Out {
+pub(super) struct Out {
     bases: Vec<OutPtr>,
     part_w: usize,
     ldc: usize,
@@ -169,14 +172,14 @@ struct Out {
 impl Out {
     /// The address of C(i, j); `j..j + width` must stay inside one part.
     #[inline]
-    unsafe fn at(&self, i: usize, j: usize) -> *mut f32 {
+    pub(super) unsafe fn at(&self, i: usize, j: usize) -> *mut f32 {
         self.bases[j / self.part_w]
             .get()
             .add(i * self.ldc + j % self.part_w)
     }
 
     /// Calls `f(j, row)` for row `i`, columns `j0..j1`, a stretch in one part at a time.
-    unsafe fn for_stretches(
+    pub(super) unsafe fn for_stretches(
         &self,
         i: usize,
         j0: usize,
@@ -331,6 +334,9 @@ unsafe fn sgemm_out(
     ep: Epilogue,
     parallel: bool,
 ) {
+    if super::gemv::fits(m, &b) {
+        return super::gemv::gemv(m, n, k, a, b, &out, ep, parallel);
+    }
     #[cfg(target_arch = "x86_64")]
     if simd::has_avx512() {
         return sgemm_blocked::<Avx512Tile>(m, n, k, a, b, out, ep, parallel);
@@ -689,7 +695,7 @@ impl Tile<'_> {
 
 /// Bias and activation on a finished stretch of row `i` starting at column `j0`.
 #[inline]
-fn finish_row(row: &mut [f32], i: usize, j0: usize, ep: Epilogue) {
+pub(super) fn finish_row(row: &mut [f32], i: usize, j0: usize, ep: Epilogue) {
     match ep.bias {
         Bias::None => {}
         Bias::PerColumn(bias) => {

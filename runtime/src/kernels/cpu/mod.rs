@@ -6,6 +6,7 @@ pub mod attention;
 pub mod conv;
 pub mod elementwise;
 pub mod gemm;
+pub mod gemv;
 pub mod layout;
 pub mod norm;
 pub mod reduce;

@@ -98,7 +98,7 @@ pub fn erf_scalar(x: f32) -> f32 {
     let poly = t
         * (0.254_829_6
             + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    s * (1.0 - poly * exp_scalar(-a * a))
+    s * (1.0 - poly * exp_scalar((-a * a).max(-30.0)))
 }
 
 #[inline]
@@ -107,11 +107,13 @@ fn act_scalar(act: Activation, x: f32) -> f32 {
         Activation::None => x,
         Activation::Gelu => 0.5 * x * (1.0 + erf_scalar(x * std::f32::consts::FRAC_1_SQRT_2)),
         Activation::GeluTanh => {
-            let u = 0.797_884_6 * (x + 0.044_715 * x * x * x);
-            // tanh(u) = 1 - 2 / (exp(2u) + 1)
+            // tanh(u) = 1 - 2 / (exp(2u) + 1); past |u| = 10 that is ±1 in f32 already, and the
+            // clamp keeps exp's result clear of subnormals (each a slow microcode assist).
+            let u = (0.797_884_6 * (x + 0.044_715 * x * x * x)).clamp(-10.0, 10.0);
             0.5 * x * (2.0 - 2.0 / (exp_scalar(2.0 * u) + 1.0))
         }
-        Activation::Silu => x / (1.0 + exp_scalar(-x)),
+        // exp(-x) below e^-30 leaves 1 + exp(-x) = 1 in f32: the clamp only avoids subnormals.
+        Activation::Silu => x / (1.0 + exp_scalar((-x).max(-30.0))),
         Activation::Relu => x.max(0.0),
     }
 }
@@ -209,7 +211,11 @@ mod avx2 {
             p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(c));
         }
         p = _mm256_mul_ps(p, t);
-        let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
+        // erf is 1 in f32 past a² = 30 either way; the clamp keeps exp clear of subnormals.
+        let e = exp(_mm256_max_ps(
+            _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)),
+            _mm256_set1_ps(-30.0),
+        ));
         let r = _mm256_fnmadd_ps(p, e, one);
         _mm256_or_ps(r, sign)
     }
@@ -234,13 +240,21 @@ mod avx2 {
                     _mm256_set1_ps(0.797_884_6),
                     _mm256_fmadd_ps(_mm256_set1_ps(0.044_715), x3, x),
                 );
+                // As in `act_scalar`: no subnormals out of exp.
+                let u = _mm256_min_ps(
+                    _mm256_max_ps(u, _mm256_set1_ps(-10.0)),
+                    _mm256_set1_ps(10.0),
+                );
                 let e = exp(_mm256_add_ps(u, u));
                 let two = _mm256_set1_ps(2.0);
                 let th = _mm256_sub_ps(two, _mm256_div_ps(two, _mm256_add_ps(e, one)));
                 _mm256_mul_ps(_mm256_mul_ps(half, x), th)
             }
             Activation::Silu => {
-                let e = exp(_mm256_sub_ps(_mm256_setzero_ps(), x));
+                let e = exp(_mm256_max_ps(
+                    _mm256_sub_ps(_mm256_setzero_ps(), x),
+                    _mm256_set1_ps(-30.0),
+                ));
                 _mm256_div_ps(x, _mm256_add_ps(one, e))
             }
             Activation::Relu => _mm256_max_ps(x, _mm256_setzero_ps()),
