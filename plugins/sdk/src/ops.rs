@@ -502,6 +502,26 @@ impl Tensor {
         )
     }
 
+    /// [`Tensor::rope`] of `heads` heads side by side: `self` `[.., L, heads·Dh]`, as a projection
+    /// writes them, each head rotated at its row's position (then [`attention_fused`] reads
+    /// them in place, with no per-head copies).
+    pub fn rope_heads(
+        &self,
+        cos: &Tensor,
+        sin: &Tensor,
+        interleaved: bool,
+        heads: usize,
+    ) -> Result<Tensor> {
+        one(
+            "rope",
+            &[Some(self), Some(cos), Some(sin)],
+            &[
+                ("interleaved", Attr::Int(interleaved as i64)),
+                ("heads", Attr::Int(heads as i64)),
+            ],
+        )
+    }
+
     /// An elementwise function by name (`exp`, `silu`, `gelu`, ...).
     pub fn unary(&self, f: &str) -> Result<Tensor> {
         one("unary", &[Some(self)], &[("fn", Attr::Str(f))])

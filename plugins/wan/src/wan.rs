@@ -7,9 +7,7 @@
 //! (after an affine LayerNorm) and a GELU-tanh feed-forward; the output LayerNorm modulated by
 //! the time embedding, the projection and unpatchify.
 
-use ditflow_nn::{
-    chunks, split_heads, timestep_sinusoids, Config, Linear, TimestepEmbedding, Weights,
-};
+use ditflow_nn::{chunks, timestep_sinusoids, Config, Linear, TimestepEmbedding, Weights};
 use ditflow_plugin::attention::{AttentionKind, AttentionSite};
 use ditflow_plugin::linear_delta::LinearDeltas;
 use ditflow_plugin::model::{BlockPart, Hooks, LinearInfo};
@@ -66,31 +64,21 @@ impl WanAttention {
         let q = normed(self.q.apply(x, "none", dl)?, &self.norm_q)?;
         let k = normed(self.k.apply(ctx, "none", dl)?, &self.norm_k)?;
         let v = self.v.apply(ctx, "none", dl)?;
+        // RoPE on the heads side by side, so attention reads them in place: no per-head copies.
+        let rotate = |t: Tensor| -> Result<Tensor> {
+            match rope {
+                Some((cos, sin)) => t.rope_heads(cos, sin, true, heads),
+                None => Ok(t),
+            }
+        };
+        let (q, k) = (rotate(q)?, rotate(k)?);
+        let head_dim = q.shape()[2] / heads;
         let (hooks, site) = at;
-        if hooks.has_attention(&site) {
-            // The hooks read q, k and v as [B, L, H·D]: rotate on the heads first.
-            let rotate = |t: Tensor| -> Result<Tensor> {
-                match rope {
-                    Some((cos, sin)) => {
-                        let s = t.shape().to_vec();
-                        split_heads(&t, heads)?
-                            .rope(cos, sin, true)?
-                            .permute(&[0, 2, 1, 3])?
-                            .reshape(&[s[0] as i64, s[1] as i64, s[2] as i64])
-                    }
-                    None => Ok(t),
-                }
-            };
-            let head_dim = q.shape()[2] / heads;
-            let o = hooks.attention_qkv(&site, rotate(q)?, rotate(k)?, v, None, heads, head_dim)?;
-            return self.out.apply(&o, "none", dl);
-        }
-        let o = ditflow_nn::attend_heads(
-            &split_heads(&q, heads)?,
-            &split_heads(&k, heads)?,
-            &split_heads(&v, heads)?,
-            rope,
-        )?;
+        let o = if hooks.has_attention(&site) {
+            hooks.attention_qkv(&site, q, k, v, None, heads, head_dim)?
+        } else {
+            ditflow_plugin::ops::attention_qkv(&q, &k, &v, None, heads, head_dim)?
+        };
         self.out.apply(&o, "none", dl)
     }
 

@@ -204,8 +204,8 @@ pub const OPS: &[OpSig] = &[
     OpSig {
         name: "rope",
         inputs: &["x", "cos", "sin"],
-        attrs: &["interleaved"],
-        doc: "rotary position embedding",
+        attrs: &["interleaved", "heads"],
+        doc: "rotary position embedding (of `heads` heads side by side in x's last axis)",
     },
     OpSig {
         name: "unary",
@@ -519,12 +519,22 @@ fn call_op(name: &str, inputs: &[Option<&Tensor>], attrs: &Attrs) -> Result<Vec<
             )?;
             Ok(vec![c, s])
         }
-        "rope" => one(ops::rope(
-            req(0),
-            req(1),
-            req(2),
-            attrs.int(op, "interleaved", Some(1))? != 0,
-        )?),
+        "rope" => {
+            let heads = attrs.int(op, "heads", Some(1))?;
+            if heads < 1 {
+                return Err(invalid(
+                    op,
+                    format!("heads must be at least 1, got {heads}"),
+                ));
+            }
+            one(ops::rope_heads(
+                req(0),
+                req(1),
+                req(2),
+                attrs.int(op, "interleaved", Some(1))? != 0,
+                heads as usize,
+            )?)
+        }
         "unary" | "activation" => {
             let f = attrs.str(op, "fn", "")?;
             let u =

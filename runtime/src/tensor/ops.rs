@@ -1077,9 +1077,16 @@ pub fn rope_tables(
     ))
 }
 
-/// Rotates `x` `[..., L, D]` by tables `[L, R/2]` (R ≤ D; channels past R pass through).
-/// `interleaved`: channel pairs (2i, 2i+1), as Flux; otherwise (i, i + R/2).
+/// Rotary position embedding: `x` `[.., L, D]` rotated by the tables `cos`, `sin` `[L, R/2]`
+/// (`R <= D`, the rotated prefix), `interleaved` pairs (2i, 2i+1), else (i, i + R/2).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> R {
+    rope_heads(x, cos, sin, interleaved, 1)
+}
+
+/// [`rope`] of `heads` heads side by side: `x` `[.., L, heads·Dh]` as a projection writes them,
+/// each head's first `R <= Dh` channels rotated at its row's position, so attention can read the
+/// heads in place ([`attention_fused`]) with no per-head copies.
+pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, heads: usize) -> R {
     const OP: &str = "rope";
     float_input(OP, x)?;
     if x.rank() < 2 || cos.rank() != 2 || cos.shape() != sin.shape() {
@@ -1093,23 +1100,34 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> R {
             ),
         ));
     }
-    let (l, d) = (x.shape()[x.rank() - 2], x.shape()[x.rank() - 1]);
+    let (l, width) = (x.shape()[x.rank() - 2], x.shape()[x.rank() - 1]);
+    if heads == 0 || !width.is_multiple_of(heads) {
+        return Err(invalid(
+            OP,
+            format!("{heads} heads do not split x {:?}'s last axis", x.shape()),
+        ));
+    }
+    let d = width / heads;
     let r = cos.shape()[1] * 2;
     if cos.shape()[0] != l || r > d {
         return Err(invalid(
             OP,
-            format!("tables {:?} do not fit x {:?}", cos.shape(), x.shape()),
+            format!(
+                "tables {:?} do not fit x {:?} ({heads} heads of {d})",
+                cos.shape(),
+                x.shape()
+            ),
         ));
     }
     dispatch!(OP, x.dtype(), [x, cos, sin],
         cpu => {
             let (xf, cf, sf) = (f32s(x)?, f32s(cos)?, f32s(sin)?);
             cpu_out(x.dtype(), x.shape(), |out| {
-                layout::rope(&xf, l, d, &cf, &sf, r, interleaved, out);
+                layout::rope(&xf, l, (heads, d), &cf, &sf, r, interleaved, out);
                 Ok(())
             })
         },
-        cuda => |t| cuda::ops::rope(&t[0], &t[1], &t[2], l, d, r, interleaved))
+        cuda => |t| cuda::ops::rope(&t[0], &t[1], &t[2], l, (heads, d), r, interleaved))
 }
 
 // --- elementwise ----------------------------------------------------------------------------

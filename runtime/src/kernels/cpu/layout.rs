@@ -189,13 +189,15 @@ pub fn rope_tables(
     (cos, sin)
 }
 
-/// Rotates `x` `[rows = outer·l, d]` by the tables `[l, r/2]` (`r <= d`, the rotated prefix).
-/// `interleaved`: pairs are (2i, 2i+1) (Flux, GPT-J); otherwise (i, i + r/2) (GPT-NeoX).
+/// Rotates `x` `[rows = outer·l, heads·d]` by the tables `[l, r/2]` (`r <= d`, the rotated
+/// prefix of each of a row's `heads` stretches of `d`: heads side by side, as a projection
+/// writes them, all at the row's position). `interleaved`: pairs are (2i, 2i+1) (Flux, GPT-J);
+/// otherwise (i, i + r/2) (GPT-NeoX).
 #[allow(clippy::too_many_arguments)]
 pub fn rope(
     x: &[f32],
     l: usize,
-    d: usize,
+    (heads, d): (usize, usize),
     cos: &[f32],
     sin: &[f32],
     r: usize,
@@ -203,18 +205,19 @@ pub fn rope(
     out: &mut [f32],
 ) {
     let half = r / 2;
-    let rows = x.len() / d.max(1);
-    if rows == 0 {
+    let heads = heads.max(1);
+    let stretches = x.len() / d.max(1);
+    if stretches == 0 {
         return;
     }
-    let chunk = rows_per_task(rows, d, 32 * 1024);
+    let chunk = rows_per_task(stretches, d, 32 * 1024);
     out.par_chunks_mut(chunk * d)
         .enumerate()
         .for_each(|(c, oc)| {
             for (ri, o) in oc.chunks_exact_mut(d).enumerate() {
-                let row = c * chunk + ri;
-                let pos = row % l;
-                let xr = &x[row * d..(row + 1) * d];
+                let stretch = c * chunk + ri;
+                let pos = stretch / heads % l;
+                let xr = &x[stretch * d..(stretch + 1) * d];
                 let (cr, sr) = (
                     &cos[pos * half..(pos + 1) * half],
                     &sin[pos * half..(pos + 1) * half],
@@ -301,7 +304,7 @@ mod tests {
         let x = rng.vec(2 * l * d);
         for interleaved in [true, false] {
             let mut out = vec![0f32; x.len()];
-            rope(&x, l, d, &cos, &sin, r, interleaved, &mut out);
+            rope(&x, l, (1, d), &cos, &sin, r, interleaved, &mut out);
             let mut want = vec![0f64; x.len()];
             for row in 0..2 * l {
                 let p = row % l;
@@ -322,6 +325,29 @@ mod tests {
                 }
             }
             assert!(max_rel_err(&out, &want) < 1e-6, "interleaved={interleaved}");
+        }
+    }
+
+    #[test]
+    fn rope_over_heads_side_by_side_gives_the_bits_of_each_head_rotated_alone() {
+        let mut rng = Lcg(9);
+        let (b, l, heads, d, r) = (2, 5, 3, 8, 6);
+        let pos: Vec<f64> = (0..l).map(|i| i as f64 * 1.5).collect();
+        let (cos, sin) = rope_tables(&pos, l, &[r], 10000.0);
+        let x = rng.vec(b * l * heads * d);
+        let mut fused = vec![0f32; x.len()];
+        rope(&x, l, (heads, d), &cos, &sin, r, false, &mut fused);
+        // Each head as its own [B, L, d] rows.
+        for h in 0..heads {
+            let take = |v: &[f32]| -> Vec<f32> {
+                (0..b * l)
+                    .flat_map(|row| v[(row * heads + h) * d..][..d].to_vec())
+                    .collect()
+            };
+            let alone_in = take(&x);
+            let mut alone = vec![0f32; alone_in.len()];
+            rope(&alone_in, l, (1, d), &cos, &sin, r, false, &mut alone);
+            assert_eq!(take(&fused), alone, "head {h}");
         }
     }
 }

@@ -405,13 +405,14 @@ extern "C" __global__ void attention_wide(const float* q, const float* k, const 
 // --- positions --------------------------------------------------------------------------------
 
 extern "C" __global__ void rope(const float* x, float* y, const float* cs, const float* sn,
-                                i64 rows, int l, int d, int r, int interleaved) {
+                                i64 rows, int l, int d, int r, int interleaved, int heads) {
+    // rows: stretches of d (heads side by side in each row of x, all at the row's position).
     int half = r / 2;
     i64 n = rows * d;
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         i64 row = i / d;
         int j = (int)(i % d);
-        int pos = (int)(row % l);
+        int pos = (int)((row / heads) % l);
         const float* xr = x + row * d;
         if (j >= r) { y[i] = xr[j]; continue; }
         int pair, first, a, b;

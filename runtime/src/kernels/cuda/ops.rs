@@ -539,13 +539,14 @@ pub fn rope(
     cos: &Tensor,
     sin: &Tensor,
     l: usize,
-    d: usize,
+    (heads, d): (usize, usize),
     r: usize,
     interleaved: bool,
 ) -> R {
     let be = backend(x)?;
     let out = new_tensor(&be, DType::F32, x.shape())?;
     let rws = x.numel() / d.max(1);
+    let hh = heads.max(1) as i32;
     let (xp, yp, cp, sp) = (
         ptr(&be, x)?,
         ptr(&be, &out)?,
@@ -553,7 +554,7 @@ pub fn rope(
         ptr(&be, sin)?,
     );
     let (rr, ll, dd, rot, il) = (rws as i64, l as i32, d as i32, r as i32, interleaved as i32);
-    launch!(be, "rope", grid(x.numel()); &xp, &yp, &cp, &sp, &rr, &ll, &dd, &rot, &il)?;
+    launch!(be, "rope", grid(x.numel()); &xp, &yp, &cp, &sp, &rr, &ll, &dd, &rot, &il, &hh)?;
     Ok(out)
 }
 
