@@ -2016,6 +2016,55 @@ fn flux_sd3_and_wan_ggufs_load_like_their_single_files() {
 }
 
 #[test]
+fn a_pixart_gguf_loads_like_its_folder() {
+    // The tiny PixArt-Σ in diffusers' names as GGUF (tools/make_gguf_fixtures.py), with its
+    // config.json beside: all F32, bit-identical to the folder; with the weights that hold whole
+    // Q8_0 blocks quantized (3 of 57 at this width), the forward's relative error against f32 is
+    // printed and held under 5e-2 as a sanity bound (measured in the note).
+    let s = session();
+    let root = common::repo().join("tests/fixtures");
+    let io = root.join("parity/pixart_sigma/io.safetensors");
+    let folder = forward_output(
+        &s,
+        "LoadDiffusionModel",
+        &root.join("parity/pixart_sigma"),
+        &io,
+        "pixart-folder",
+    );
+    let gguf = |name: &str| root.join("gguf/pixart").join(name);
+    let f32_gguf = gguf("pixart-sigma-tiny-F32.gguf");
+    let f32_out = forward_output(&s, "LoadDiffusionModel", &f32_gguf, &io, "pixart-f32");
+    assert_eq!(f32_out, folder);
+    let q8 = gguf("pixart-sigma-tiny-Q8_0.gguf");
+    let quantized = forward_output(&s, "LoadDiffusionModel", &q8, &io, "pixart-q8");
+    let err = common::relative_error(&quantized, &folder);
+    eprintln!("pixart-sigma-tiny Q8_0 GGUF forward: relative error {err:.2e} against f32");
+    assert!(err > 0.0 && err < 5e-2, "{err:.2e}");
+    // Without its config.json beside it, or with another model's tensors, the file is refused
+    // with a message that says why.
+    let lone = common::temp_dir("pixart-lone").join("pixart.gguf");
+    std::fs::copy(&f32_gguf, &lone).unwrap();
+    let load = |path: &Path| {
+        let yaml = format!(
+            "version: 1\nnodes:\n  m: {{type: LoadDiffusionModel, inputs: {{path: {:?}}}}}\noutputs:\n  m: m.model\n",
+            path.to_string_lossy()
+        );
+        let g = Graph::from_yaml(&yaml, "pixart.yaml", Path::new(".")).unwrap();
+        format!(
+            "{:?}",
+            s.run(&g, &[], &RunOptions::default()).unwrap().failed
+        )
+    };
+    let err = load(&lone);
+    assert!(
+        err.contains("needs its diffusers config.json beside it"),
+        "{err}"
+    );
+    let err = load(&root.join("gguf/wan/wan-tiny-F32.gguf"));
+    assert!(err.contains("not a PixArt or DiT checkpoint"), "{err}");
+}
+
+#[test]
 fn a_checkpoint_given_to_the_wrong_loader_says_what_it_looks_like() {
     let s = session();
     let root = common::repo().join("tests/fixtures/parity");

@@ -12,8 +12,9 @@ error per quantized format.
    about 3.8x for the Q8_0 one) and the forward's time; then the Q8_0 file under --max-memory at
    half its size: the peak, the bytes read back, the slowdown, and whether the output is the
    uncapped one bit for bit.
-2. Accuracy. Two Wan blocks at the same widths, and a small Flux (hidden 512: 1 double and 2
-   single blocks, in BFL's layout as city96's Flux GGUFs hold it), each saved in f32 and as
+2. Accuracy. Two Wan blocks at the same widths, a small Flux (hidden 512: 1 double and 2
+   single blocks, in BFL's layout as city96's Flux GGUFs hold it) and a small PixArt-Σ (hidden
+   384, 4 layers, caption width 512, diffusers' names), each saved in f32 and as
    GGUFs in each format the `gguf` package can quantize (Q8_0, Q5_1, Q5_0, Q4_1, Q4_0; it has no
    K-quant quantizer): the relative error of each forward against the f32 one (printed, not
    asserted).
@@ -146,10 +147,17 @@ def accuracy(tmp, wan_io):
     flux_model, flux_inputs = flux()
     flux_io = os.path.join(tmp, "flux_io.safetensors")
     save_file({f"in.{k}": v.contiguous() for k, v in flux_inputs.items()}, flux_io)
+    from bench_pixart_sigma import pixart
+
+    pixart_model, pixart_inputs, _ = pixart(6, 64, 4, 512, 32, 16)
+    pixart_io = os.path.join(tmp, "pixart_io.safetensors")
+    save_file({f"in.{k}": v.contiguous() for k, v in pixart_inputs.items()}, pixart_io)
     cases = [
         ("Wan at Wan2.1-1.3B widths, 2 blocks", wan(2), wan_io, "LoadWan", write_wan_gguf),
         ("Flux, hidden 512, 1 double + 2 single blocks", flux_model, flux_io, "LoadFlux",
          lambda m, path, fmt: write_gguf(to_bfl(m.state_dict()), path, fmt, "flux", m)),
+        ("PixArt-Sigma, hidden 384, 4 layers, 256 image + 16 caption tokens", pixart_model.eval(), pixart_io,
+         "LoadDiffusionModel", lambda m, path, fmt: write_gguf(m.state_dict(), path, fmt, "pixart", m)),
     ]
     out = os.path.join(tmp, "out.safetensors")
     for title, model, io, loader, writer in cases:

@@ -4,7 +4,8 @@ one run on 2 threads (PyTorch eager under inference_mode; each side keeps its fa
 random weights: hidden 1152 (16 heads of 72), 28 layers, caption width 4096 with 120 caption
 tokens, a 64x64 latent with patch 2 (1024 image tokens). Timed in f32 (target: ours <= 0.85x
 PyTorch's time) and ours also from the weights saved in bf16 (target: within 1.15x of our f32),
-with the peak resident bytes.
+with the peak resident bytes, then ours from the same weights as a Q8_0 GGUF in diffusers'
+names (tools/bench_memory.py's writer).
 
 Then the growth of cost with tokens on both sides: the smaller config of tools/bench_pixart.py
 (hidden 384, 12 layers) at 256 and at 4096 image tokens.
@@ -42,6 +43,26 @@ def pixart(heads, head_dim, layers, caption, sample, caption_tokens):
     return model, inputs, tokens
 
 
+def q8_0(model, inputs):
+    """Our fastest forward from `model`'s weights (as run_case left them) as a Q8_0 GGUF."""
+    import shutil
+    import tempfile
+
+    from bench_memory import ours, write_gguf
+    from safetensors.torch import save_file
+
+    tmp = tempfile.mkdtemp(prefix="ditflow-bench-pixart-q8-")
+    try:
+        io = os.path.join(tmp, "io.safetensors")
+        save_file({f"in.{k}": v.contiguous() for k, v in inputs.items()}, io)
+        os.makedirs(os.path.join(tmp, "q8"))
+        path = os.path.join(tmp, "q8", "pixart-sigma-Q8_0.gguf")
+        write_gguf(model.state_dict(), path, "Q8_0", "pixart", model)
+        return min(ours(path, io, reps=3, loader="LoadDiffusionModel")["seconds"] for _ in range(2))
+    finally:
+        shutil.rmtree(tmp)
+
+
 def main():
     torch.set_num_threads(THREADS)
     subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True, env=ENV)
@@ -53,6 +74,9 @@ def main():
         best = run_case((f"PixArt-Sigma real size (hidden 1152, 28 layers), {tokens} image + 120 caption tokens",
                          model, inputs, "LoadDiffusionModel"), target=0.85, torch_kwargs=NO_CONDITIONS)
         print(f"  bf16 weights / f32: {best['model_bf16'] / best['model']:.2f}x (target <= 1.15)")
+        q8 = q8_0(model, inputs)
+        print(f"  ditflow  {q8 * 1e3:8.1f} ms  (Q8_0 GGUF weights: {q8 / best['model']:.2f}x our f32, "
+              f"{q8 / best['torch']:.2f}x PyTorch's f32)")
     if "small" in wanted:
         for sample in [32, 128]:
             model, inputs, tokens = pixart(6, 64, 12, 64, sample, 16)

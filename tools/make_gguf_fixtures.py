@@ -19,6 +19,9 @@ Writes tests/fixtures/gguf/:
   names), architecture "sd3", with its config.json.
 - wan/wan-tiny-F32.gguf: the tiny Wan of tests/fixtures/parity/wan in Wan's original names (see
   wan()), architecture "wan", with its config.json.
+- pixart/pixart-sigma-tiny-F32.gguf and pixart/pixart-sigma-tiny-Q8_0.gguf: the tiny PixArt-Σ of
+  tests/fixtures/parity/pixart_sigma in diffusers' names, architecture "pixart" (no community
+  GGUF layout exists for it), F32 and with the whole-block weights Q8_0, with its config.json.
 
 Run (numpy, gguf and safetensors from PyPI; CI never runs this):
     .venv/bin/python tools/make_gguf_fixtures.py
@@ -92,6 +95,8 @@ def single_files():
     convert(os.path.join(parity, "flux_dev_single", "flux1-tiny.safetensors"), "flux", ("F32", "Q8_0"))
     convert(os.path.join(parity, "sd3_5_single", "sd3.5-tiny.safetensors"), "sd3", ("F32",))
     wan(parity)
+    convert(os.path.join(parity, "pixart_sigma", "diffusion_pytorch_model.safetensors"), "pixart", ("F32", "Q8_0"),
+            stem="pixart-sigma-tiny")
 
 
 # diffusers' renames of Wan's original keys, undone in reverse order by wan_original_key (the
@@ -142,9 +147,10 @@ def wan(parity):
         convert(path, "wan", ("F32",))
 
 
-def convert(single, arch, formats):
+def convert(single, arch, formats, stem=None):
     """`single` as GGUF files of architecture `arch` in ROOT/arch/, one per format: F32, or
-    Q8_0 for the 2-D weights whose rows hold whole blocks (the rest F32)."""
+    Q8_0 for the 2-D weights whose rows hold whole blocks (the rest F32); named after `single`
+    or `stem`."""
     from safetensors.numpy import load_file
 
     out = os.path.join(ROOT, arch)
@@ -152,7 +158,7 @@ def convert(single, arch, formats):
     weights = load_file(single)
     # The config the tiny model needs beside it (its shapes leave some settings open).
     shutil.copy(os.path.join(os.path.dirname(single), "config.json"), os.path.join(out, "config.json"))
-    stem = os.path.basename(single).removesuffix(".safetensors")
+    stem = stem or os.path.basename(single).removesuffix(".safetensors")
     for fmt in formats:
         quantized = write_gguf(weights, os.path.join(out, f"{stem}-{fmt}.gguf"), fmt, arch)
         print(f"{arch}/{stem}-{fmt}.gguf: {quantized} of {len(weights)} tensors quantized")

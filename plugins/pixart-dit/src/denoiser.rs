@@ -4,8 +4,7 @@
 
 use crate::dit::DiT;
 use crate::pixart::{self, PixArt};
-use ditflow_nn::{Config, Weights};
-use ditflow_plugin::files::{folder_fingerprint, input_path};
+use ditflow_plugin::files::{input_path, model_fingerprint};
 use ditflow_plugin::linear_delta::{LinearDeltaCache, LinearDeltas};
 use ditflow_plugin::model::{
     Call, Denoiser, DenoiserInfo, Hooks, Inputs, LinearInfo, Prediction, StackInfo, StepState,
@@ -266,8 +265,25 @@ impl DiffusionModel {
 pub const DIFFUSION_CLASSES: &[&str] = &["PixArtTransformer2DModel", "DiTTransformer2DModel"];
 
 impl DiffusionModel {
-    pub fn load(dir: &Path, device: Device, ctx: &Context) -> Result<DiffusionModel> {
-        let cfg = Config::read(dir)?;
+    /// From a diffusers folder, or from one file (`.safetensors`, or a `.gguf` whose tensors
+    /// may be block-quantized) in diffusers' names with the folder's `config.json` beside it.
+    pub fn load(path: &Path, device: Device, ctx: &Context) -> Result<DiffusionModel> {
+        let (cfg, w) = ditflow_nn::open_model(ctx, path, device, |tensors| {
+            if !tensors.keys().any(|k| k.starts_with("transformer_blocks.")) {
+                let what =
+                    "a PixArt or DiT checkpoint in diffusers' names (no transformer_blocks keys)";
+                return Err(ditflow_nn::not_a(path, what, &tensors));
+            }
+            let json = ditflow_nn::config_beside(path)?.ok_or_else(|| {
+                Error(format!(
+                    "{}: a single-file PixArt or DiT checkpoint needs its diffusers config.json \
+                     beside it (none in {})",
+                    path.display(),
+                    path.parent().unwrap_or(Path::new(".")).display()
+                ))
+            })?;
+            Ok((tensors, json))
+        })?;
         let class = cfg.class_name().unwrap_or("");
         if !DIFFUSION_CLASSES.contains(&class) {
             bail!(
@@ -276,7 +292,6 @@ impl DiffusionModel {
                 DIFFUSION_CLASSES.join(", ")
             );
         }
-        let w = Weights::load(ctx, dir, device)?;
         let arch = match class {
             "PixArtTransformer2DModel" => Arch::PixArt(Box::new(PixArt::load(&cfg, &w, device)?)),
             _ => Arch::DiT(Box::new(DiT::load(&cfg, &w, device)?)),
@@ -304,25 +319,28 @@ impl Node for LoadDiffusionModel {
             .category("loaders")
             .doc(
                 "Loads a diffusers model folder (config.json plus safetensors, sharded or not) \
-                 holding a PixArtTransformer2DModel (PixArt-α or -Σ) or a DiTTransformer2DModel. \
-                 Weights are memory-mapped onto the run's device. The model stays cached until a \
-                 file in the folder changes.",
+                 holding a PixArtTransformer2DModel (PixArt-α or -Σ) or a DiTTransformer2DModel, \
+                 or one file of it in diffusers' names (.safetensors, or a .gguf with \
+                 block-quantized weights such as Q8_0, read as stored) with the folder's \
+                 config.json beside it. Weights are memory-mapped onto the run's device. The \
+                 model stays cached until a file in the folder (or the file) changes.",
             )
             .input(
-                Port::new("path", "String")
-                    .doc("The model folder; a relative path is taken from the graph's folder."),
+                Port::new("path", "String").doc(
+                    "The model folder or file; a relative path is taken from the graph's folder.",
+                ),
             )
             .output(Port::new("model", "Model<Denoiser>").doc("The denoiser."))
     }
 
     fn execute(&self, ctx: &mut Context) -> Result<()> {
-        let dir = input_path(ctx, "path")?;
-        let model = DiffusionModel::load(&dir, ctx.device(), ctx)?;
+        let path = input_path(ctx, "path")?;
+        let model = DiffusionModel::load(&path, ctx.device(), ctx)?;
         let value = ctx.make_denoiser(model)?;
         ctx.set_output("model", value)
     }
 
     fn fingerprint(&self, ctx: &mut Context) -> Result<Option<u64>> {
-        folder_fingerprint(&input_path(ctx, "path")?).map(Some)
+        model_fingerprint(&input_path(ctx, "path")?).map(Some)
     }
 }
