@@ -65,6 +65,8 @@ fn main() {
     let first = session.run(&g, &[], &opts).expect("valid graph");
     assert!(first.ok(), "{:?}", first.failed);
     let load_and_first = t0.elapsed().as_secs_f64();
+    // The op profile (DITFLOW_PROFILE) covers the timed forwards only, not the load.
+    ditflow::tensor::op_call::profile::reset();
     let mut best = f64::INFINITY;
     for _ in 0..reps {
         let t = Instant::now();
@@ -75,8 +77,10 @@ fn main() {
     let (rss, peak) = (proc_status_bytes("VmRSS:"), proc_status_bytes("VmHWM:"));
     println!("{{\"bench\":\"pixart_forward\",\"seconds\":{best:.5},\"load_and_first_s\":{load_and_first:.3},\"resident_bytes\":{rss},\"peak_resident_bytes\":{peak},\"baseline_resident_bytes\":{baseline},\"streamed_bytes\":{}}}", ditflow::weights::residency::streamed_bytes());
     if ditflow::tensor::op_call::profile::enabled() {
+        eprintln!("per forward, over {reps}:");
         for (op, n, secs) in ditflow::tensor::op_call::profile::report() {
-            eprintln!("{op:>16} {n:>6} calls {:>9.2} ms", secs * 1e3);
+            let per = reps.max(1) as f64;
+            eprintln!("{op:>16} {:>6} calls {:>9.2} ms", n as f64 / per, secs * 1e3 / per);
         }
     }
     if let Some(keep) = rest.get(2) {

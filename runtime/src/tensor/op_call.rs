@@ -342,6 +342,11 @@ pub mod profile {
         e.1 += seconds;
     }
 
+    /// Forgets what was gathered so far (a benchmark's warm-up).
+    pub fn reset() {
+        *TABLE.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// `(op, calls, seconds)`, slowest first.
     pub fn report() -> Vec<(&'static str, u64, f64)> {
         let t = TABLE.lock().unwrap_or_else(|p| p.into_inner());
