@@ -76,6 +76,10 @@ const char* ditflow_version(void);
 void ditflow_set_max_memory(size_t bytes);
 /** Bytes of weights read back from disk under the memory cap since the process started. */
 uint64_t ditflow_weights_streamed_bytes(void);
+/** Tensor cores on CUDA (the CLI's --tensor-cores), for the whole process: nonzero lets
+ *  attention and bf16/f16-weight linears run in bf16/f16 with f32 sums and f32 GEMMs in TF32
+ *  (results within about 1e-2 of the CPU's); 0 (the default) keeps f32. No effect on the CPU. */
+void ditflow_set_tensor_cores(int on);
 
 /* ---- Runtime ------------------------------------------------------------------------------ */
 

@@ -257,3 +257,42 @@ fn watch_prints_run_events_and_reruns_on_edits() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn ops_lists_the_tensor_core_paths_and_run_takes_the_flag() {
+    let o = Command::new(env!("CARGO_BIN_EXE_ditflow"))
+        .arg("ops")
+        .env_remove("DITFLOW_TENSOR_CORES")
+        .output()
+        .expect("run ditflow ops");
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.contains(
+            "tensor-core paths on CUDA (with --tensor-cores or DITFLOW_TENSOR_CORES=1; now off)"
+        ),
+        "{stdout}"
+    );
+    for op in ["attention", "linear", "matmul"] {
+        assert!(
+            stdout.lines().any(|l| l.trim_start().starts_with(op)
+                && (l.contains("cuBLAS") || l.contains("mma.sync"))),
+            "no tensor-core line for {op}: {stdout}"
+        );
+    }
+    // On the CPU the flag changes nothing: the bundled example's caption is the same.
+    let out = common::temp_dir("cli-tensor-cores");
+    let o = ditflow(&[
+        "run",
+        "graphs/noise.yaml",
+        "--set",
+        "seed=7",
+        "--tensor-cores",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("caption = seed 7: mean"));
+}

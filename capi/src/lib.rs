@@ -247,6 +247,11 @@ pub extern "C" fn ditflow_set_max_memory(bytes: usize) {
 }
 
 #[no_mangle]
+pub extern "C" fn ditflow_set_tensor_cores(on: c_int) {
+    ditflow::kernels::set_tensor_cores(on != 0);
+}
+
+#[no_mangle]
 pub extern "C" fn ditflow_weights_streamed_bytes() -> u64 {
     ditflow::weights::residency::streamed_bytes()
 }

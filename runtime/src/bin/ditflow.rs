@@ -49,10 +49,18 @@ struct DeviceArgs {
     /// Where tensors live: cpu, cuda, cuda:N, or auto (the first GPU if one works, else the CPU).
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
+    /// On CUDA, trade f32 for tensor-core speed: attention and bf16/f16-weight linears in bf16
+    /// or f16 with f32 sums, f32 GEMMs in TF32 (results within about 1e-2 of the CPU's; see
+    /// `ditflow ops`). No effect on the CPU.
+    #[arg(long = "tensor-cores")]
+    tensor_cores: bool,
 }
 
 /// Resolves `--device`; `None` means exit 2 (the error is printed).
 fn resolve_device(args: &DeviceArgs) -> Option<Device> {
+    if args.tensor_cores {
+        ditflow::kernels::set_tensor_cores(true);
+    }
     let text = args.device.as_deref().unwrap_or("auto");
     let request = match text.parse::<DeviceRequest>() {
         Ok(r) => r,
@@ -472,6 +480,18 @@ fn cmd_ops() -> anyhow::Result<ExitCode> {
         "\ndevices: cpu ({} threads); {cuda}",
         rayon_threads()
     )?;
+    writeln!(
+        stdout,
+        "\ntensor-core paths on CUDA (with --tensor-cores or DITFLOW_TENSOR_CORES=1; now {}):",
+        if ditflow::kernels::tensor_cores() {
+            "on"
+        } else {
+            "off"
+        }
+    )?;
+    for (op, how) in ditflow::kernels::TENSOR_CORE_OPS {
+        writeln!(stdout, "  {op:<15} {how}")?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -444,6 +444,17 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
             })
         }
         #[cfg(feature = "cuda")]
+        Device::Cuda(_)
+            if crate::kernels::tensor_cores() && matches!(w.dtype(), DType::BF16 | DType::F16) =>
+        {
+            // The weight stays in its own type, for the tensor cores.
+            let mut rest = vec![x];
+            rest.extend(bias);
+            on_cuda(x.dtype(), &rest, |t| {
+                cuda::ops::linear_half(&t[0], w, t.get(1), act, m, n, k, &out_shape)
+            })
+        }
+        #[cfg(feature = "cuda")]
         Device::Cuda(_) => on_cuda(x.dtype(), &ins, |t| {
             cuda::ops::linear(&t[0], &t[1], t.get(2), act, m, n, k, &out_shape)
         }),

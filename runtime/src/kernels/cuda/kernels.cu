@@ -402,6 +402,187 @@ extern "C" __global__ void attention_wide(const float* q, const float* k, const 
     }
 }
 
+// --- attention on tensor cores ---------------------------------------------------------------
+//
+// FlashAttention-2's loop (Dao, 2023) on mma.sync.m16n8k16 with bf16 operands and f32
+// accumulation (sm_80 and later): a block of 4 warps takes 64 query rows of one head, each warp
+// 16 of them, and walks the keys in tiles of 64. Q's fragments are loaded once into registers;
+// each tile of K (row-major, [key][d]) and of V (transposed, [d][key]) is converted to bf16 into
+// shared memory; S = Q·Kᵀ comes out in the accumulator layout, which for two adjacent 8-key tiles
+// is exactly the A fragment of P·V (the FA2 register trick), so P never goes through memory. The
+// softmax is online per row (max and sum kept in f32, rows reduced over the 4 lanes that share
+// them); an additive mask with strides as `attention`'s; a fully masked row gives zeros. Head
+// sizes up to DP (64 or 128) are zero-padded to it. q, k, v and out are f32 in global memory.
+
+#define MMA_Q_ROWS 64
+#define MMA_KEYS 64
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    u32 r;  // round to nearest even, hi into the upper half
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int DP>
+__device__ void attention_mma_tile(const float* q, const float* k, const float* v, const float* mask,
+                                   float* out, int H, int Lq, int Lk, int D,
+                                   i64 msb, i64 msh, i64 msq, float scale) {
+    // K as [key][d] and V transposed as [d][key], bf16, rows padded by 8 (16 bytes) so the
+    // 32-bit fragment loads of a warp fall in different banks.
+    __shared__ unsigned short ks[MMA_KEYS][DP + 8];
+    __shared__ unsigned short vt[DP][MMA_KEYS + 8];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane >> 2, t = lane & 3;  // groupID and thread-in-group of the mma layouts
+    const i64 bh = blockIdx.y;
+    const int bi = (int)(bh / H), hi = (int)(bh % H);
+    const int r0 = blockIdx.x * MMA_Q_ROWS + warp * 16 + g, r1 = r0 + 8;  // this thread's rows
+    const float* qh = q + bh * (i64)Lq * D;
+    const float* kh = k + bh * (i64)Lk * D;
+    const float* vh = v + bh * (i64)Lk * D;
+    // Q's A fragments for every 16 channels, scaled, zero past D and past Lq.
+    u32 qa[DP / 16][4];
+    #pragma unroll
+    for (int kk = 0; kk < DP / 16; kk++) {
+        #pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int c = kk * 16 + half * 8 + t * 2;
+            float x00 = 0.f, x01 = 0.f, x10 = 0.f, x11 = 0.f;
+            if (r0 < Lq && c < D) x00 = qh[(i64)r0 * D + c] * scale;
+            if (r0 < Lq && c + 1 < D) x01 = qh[(i64)r0 * D + c + 1] * scale;
+            if (r1 < Lq && c < D) x10 = qh[(i64)r1 * D + c] * scale;
+            if (r1 < Lq && c + 1 < D) x11 = qh[(i64)r1 * D + c + 1] * scale;
+            qa[kk][half * 2] = pack_bf16(x00, x01);
+            qa[kk][half * 2 + 1] = pack_bf16(x10, x11);
+        }
+    }
+    float o[DP / 8][4];
+    #pragma unroll
+    for (int n = 0; n < DP / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+    const float* mrow0 = (mask && r0 < Lq) ? mask + bi * msb + hi * msh + (i64)r0 * msq : 0;
+    const float* mrow1 = (mask && r1 < Lq) ? mask + bi * msb + hi * msh + (i64)r1 * msq : 0;
+    for (int k0 = 0; k0 < Lk; k0 += MMA_KEYS) {
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < MMA_KEYS * DP; idx += blockDim.x) {
+            int key = idx / DP, c = idx % DP;
+            bool in = k0 + key < Lk && c < D;
+            ks[key][c] = f32_to_bf16(in ? kh[(i64)(k0 + key) * D + c] : 0.f);
+            vt[c][key] = f32_to_bf16(in ? vh[(i64)(k0 + key) * D + c] : 0.f);
+        }
+        __syncthreads();
+        // S = Q·Kᵀ for this warp's 16 rows and the tile's 64 keys: 8 accumulators of 16x8.
+        float s[MMA_KEYS / 8][4];
+        #pragma unroll
+        for (int n = 0; n < MMA_KEYS / 8; n++) {
+            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+            #pragma unroll
+            for (int kk = 0; kk < DP / 16; kk++) {
+                const unsigned short* kr = &ks[n * 8 + g][kk * 16 + t * 2];
+                u32 b0 = *(const u32*)kr, b1 = *(const u32*)(kr + 8);
+                mma_bf16(s[n], qa[kk], b0, b1);
+            }
+        }
+        // Mask, padding keys, and the row maxima (over the quad of lanes sharing a row).
+        float bm0 = -INFINITY, bm1 = -INFINITY;
+        #pragma unroll
+        for (int n = 0; n < MMA_KEYS / 8; n++) {
+            #pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int key = k0 + n * 8 + t * 2 + e;
+                if (key >= Lk) {
+                    s[n][e] = -INFINITY;
+                    s[n][2 + e] = -INFINITY;
+                } else {
+                    if (mrow0) s[n][e] += mrow0[key];
+                    if (mrow1) s[n][2 + e] += mrow1[key];
+                }
+                bm0 = fmaxf(bm0, s[n][e]);
+                bm1 = fmaxf(bm1, s[n][2 + e]);
+            }
+        }
+        #pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            bm0 = fmaxf(bm0, __shfl_xor_sync(0xffffffffu, bm0, x));
+            bm1 = fmaxf(bm1, __shfl_xor_sync(0xffffffffu, bm1, x));
+        }
+        float mn0 = fmaxf(m0, bm0), mn1 = fmaxf(m1, bm1);
+        // A row with no finite score yet keeps m = -inf: its weights are 0 and nothing rescales.
+        float a0 = (mn0 == -INFINITY || m0 == -INFINITY) ? (mn0 == -INFINITY ? 1.f : 0.f) : expf(m0 - mn0);
+        float a1 = (mn1 == -INFINITY || m1 == -INFINITY) ? (mn1 == -INFINITY ? 1.f : 0.f) : expf(m1 - mn1);
+        float ps0 = 0.f, ps1 = 0.f;
+        #pragma unroll
+        for (int n = 0; n < MMA_KEYS / 8; n++) {
+            #pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float p0 = (s[n][e] == -INFINITY) ? 0.f : expf(s[n][e] - mn0);
+                float p1 = (s[n][2 + e] == -INFINITY) ? 0.f : expf(s[n][2 + e] - mn1);
+                s[n][e] = p0;
+                s[n][2 + e] = p1;
+                ps0 += p0;
+                ps1 += p1;
+            }
+        }
+        #pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            ps0 += __shfl_xor_sync(0xffffffffu, ps0, x);
+            ps1 += __shfl_xor_sync(0xffffffffu, ps1, x);
+        }
+        l0 = l0 * a0 + ps0;
+        l1 = l1 * a1 + ps1;
+        m0 = mn0;
+        m1 = mn1;
+        #pragma unroll
+        for (int n = 0; n < DP / 8; n++) {
+            o[n][0] *= a0; o[n][1] *= a0;
+            o[n][2] *= a1; o[n][3] *= a1;
+        }
+        // O += P·V: P's A fragment for keys 16j.. is S's accumulators of key tiles 2j and 2j+1.
+        #pragma unroll
+        for (int j = 0; j < MMA_KEYS / 16; j++) {
+            u32 pa[4] = {pack_bf16(s[2 * j][0], s[2 * j][1]), pack_bf16(s[2 * j][2], s[2 * j][3]),
+                         pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]),
+                         pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3])};
+            #pragma unroll
+            for (int n = 0; n < DP / 8; n++) {
+                const unsigned short* vr = &vt[n * 8 + g][j * 16 + t * 2];
+                u32 b0 = *(const u32*)vr, b1 = *(const u32*)(vr + 8);
+                mma_bf16(o[n], pa, b0, b1);
+            }
+        }
+    }
+    float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    float* oh = out + bh * (i64)Lq * D;
+    #pragma unroll
+    for (int n = 0; n < DP / 8; n++) {
+        #pragma unroll
+        for (int e = 0; e < 2; e++) {
+            int c = n * 8 + t * 2 + e;
+            if (c < D && r0 < Lq) oh[(i64)r0 * D + c] = o[n][e] * inv0;
+            if (c < D && r1 < Lq) oh[(i64)r1 * D + c] = o[n][2 + e] * inv1;
+        }
+    }
+}
+
+extern "C" __global__ void attention_mma64(const float* q, const float* k, const float* v, const float* mask,
+                                           float* out, int H, int Lq, int Lk, int D,
+                                           i64 msb, i64 msh, i64 msq, float scale) {
+    attention_mma_tile<64>(q, k, v, mask, out, H, Lq, Lk, D, msb, msh, msq, scale);
+}
+
+extern "C" __global__ void attention_mma128(const float* q, const float* k, const float* v, const float* mask,
+                                            float* out, int H, int Lq, int Lk, int D,
+                                            i64 msb, i64 msh, i64 msq, float scale) {
+    attention_mma_tile<128>(q, k, v, mask, out, H, Lq, Lk, D, msb, msh, msq, scale);
+}
+
 // --- positions --------------------------------------------------------------------------------
 
 extern "C" __global__ void rope(const float* x, float* y, const float* cs, const float* sn,

@@ -27,6 +27,8 @@ pub const KERNEL_NAMES: &[&str] = &[
     "softmax",
     "attention",
     "attention_wide",
+    "attention_mma64",
+    "attention_mma128",
     "rope",
     "unary",
     "affine",

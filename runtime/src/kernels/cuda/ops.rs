@@ -8,7 +8,7 @@ use crate::kernels::cpu::conv::ConvGeom;
 use crate::kernels::cpu::Activation;
 use crate::tensor::ops::{Binary, OpError, Reduce, Unary, Upsample};
 use crate::tensor::{DType, Device, Tensor};
-use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
@@ -160,7 +160,8 @@ pub fn randn(shape: &[usize], seed: u64, stream: u64, ordinal: usize) -> R {
 
 // --- GEMM ------------------------------------------------------------------------------------
 
-/// Row-major `C[batch, m, n] = op(A)·op(B)` through cuBLAS's column-major SGEMM (computing Cᵀ).
+/// Row-major `C[batch, m, n] = op(A)·op(B)` through cuBLAS's column-major SGEMM (computing Cᵀ);
+/// in TF32 on tensor cores under [`crate::kernels::tensor_cores`].
 #[allow(clippy::too_many_arguments)]
 fn sgemm(
     be: &Backend,
@@ -176,6 +177,37 @@ fn sgemm(
     stride_a: usize,
     stride_b: usize,
 ) -> R<()> {
+    let compute = if crate::kernels::tensor_cores() {
+        cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32
+    } else {
+        cublasComputeType_t::CUBLAS_COMPUTE_32F
+    };
+    let f32t = cudaDataType::CUDA_R_32F;
+    gemm_typed(
+        be,
+        (a, f32t),
+        (b, f32t),
+        c,
+        (trans_a, trans_b),
+        (m, n, k),
+        (batch, stride_a, stride_b),
+        compute,
+    )
+}
+
+/// Row-major `C[batch, m, n] = op(A)·op(B)` with A and B of the given cuBLAS types and C in
+/// f32 (cublasGemmStridedBatchedEx, column-major, computing Cᵀ).
+#[allow(clippy::too_many_arguments)]
+fn gemm_typed(
+    be: &Backend,
+    (a, a_type): (u64, cudaDataType),
+    (b, b_type): (u64, cudaDataType),
+    c: u64,
+    (trans_a, trans_b): (bool, bool),
+    (m, n, k): (usize, usize, usize),
+    (batch, stride_a, stride_b): (usize, usize, usize),
+    compute: cublasComputeType_t,
+) -> R<()> {
     let op = |t: bool| {
         if t {
             cublasOperation_t::CUBLAS_OP_T
@@ -187,30 +219,36 @@ fn sgemm(
     let ldb = if trans_a { m } else { k };
     let (alpha, beta) = (1.0f32, 0.0f32);
     let _ = be.ctx.bind_to_thread();
-    // SAFETY: the pointers address live buffers holding the operands' `batch` matrices.
+    // SAFETY: the pointers address live buffers holding the operands' `batch` matrices of the
+    // stated types; alpha and beta are f32, as the f32 compute types take them.
     unsafe {
-        cudarc::cublas::result::sgemm_strided_batched(
+        cudarc::cublas::result::gemm_strided_batched_ex(
             *be.blas.handle(),
             op(trans_b),
             op(trans_a),
             n as i32,
             m as i32,
             k as i32,
-            &alpha,
-            b as *const f32,
+            (&alpha as *const f32).cast(),
+            b as *const std::ffi::c_void,
+            b_type,
             lda as i32,
             stride_b as i64,
-            a as *const f32,
+            a as *const std::ffi::c_void,
+            a_type,
             ldb as i32,
             stride_a as i64,
-            &beta,
-            c as *mut f32,
+            (&beta as *const f32).cast(),
+            c as *mut std::ffi::c_void,
+            cudaDataType::CUDA_R_32F,
             n as i32,
             (m * n) as i64,
             batch as i32,
+            compute,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
         )
     }
-    .map_err(|e| OpError::Device(format!("cuBLAS SGEMM: {e}")))
+    .map_err(|e| OpError::Device(format!("cuBLAS GEMM: {e}")))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -274,6 +312,53 @@ fn bias_act(
     }
     let (yp, r, c, a) = (ptr(be, y)?, rows as i64, cols as i64, act_code(act));
     launch!(be, "bias_act", grid(rows * cols); &yp, &bias_col, &bias_row, &r, &c, &a)
+}
+
+/// [`linear`] with a bf16 or f16 weight read as it is stored, on tensor cores: `x` (f32) rounded
+/// to the weight's type, the product summed in f32 by cuBLAS, then the bias and activation.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_half(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    act: Activation,
+    m: usize,
+    n: usize,
+    k: usize,
+    out_shape: &[usize],
+) -> R {
+    let be = backend(x)?;
+    let w_type = match w.dtype() {
+        DType::BF16 => cudaDataType::CUDA_R_16BF,
+        DType::F16 => cudaDataType::CUDA_R_16F,
+        other => {
+            return Err(OpError::Device(format!(
+                "linear_half takes a bf16 or f16 weight, got {}",
+                other.name()
+            )))
+        }
+    };
+    let out = new_tensor(&be, DType::F32, out_shape)?;
+    if out.numel() == 0 {
+        return Ok(out);
+    }
+    if k == 0 {
+        fill_zero(&be, out.clone())?;
+    } else {
+        let xh = cast(x, w.dtype())?;
+        gemm_typed(
+            &be,
+            (ptr(&be, &xh)?, w_type),
+            (ptr(&be, w)?, w_type),
+            ptr(&be, &out)?,
+            (false, true),
+            (m, n, k),
+            (1, 0, 0),
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        )?;
+    }
+    bias_act(&be, &out, opt_ptr(&be, bias)?, 0, m, n, act)?;
+    Ok(out)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -468,6 +553,18 @@ pub fn softmax(x: &Tensor, outer: usize, dim: usize, inner: usize) -> R {
 
 // --- attention and positions -------------------------------------------------------------------
 
+/// Batch × heads as a launch's grid height (at most 65535).
+fn grid_y(heads: usize) -> R<u32> {
+    u32::try_from(heads)
+        .ok()
+        .filter(|&n| n <= 65_535)
+        .ok_or_else(|| {
+            OpError::Device(format!(
+                "CUDA attention supports up to 65535 batch×heads, got {heads}"
+            ))
+        })
+}
+
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -506,17 +603,22 @@ pub fn attention(
         dims.dv as i32,
     );
     let (sb, sh, sq) = (st[0] as i64, st[1] as i64, st[2] as i64);
-    if dims.d <= 128 && dims.dv <= 128 {
+    if crate::kernels::tensor_cores() && dims.d == dims.dv && dims.d <= 128 {
+        // Tensor cores: 64 query rows of one head per block of 4 warps.
+        let heads = grid_y(dims.b * dims.h)?;
+        let cfg = LaunchConfig {
+            grid_dim: (dims.lq.div_ceil(64) as u32, heads, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        if dims.d <= 64 {
+            launch!(be, "attention_mma64", cfg; &qp, &kp, &vp, &mp, &op, &h, &lq, &lk, &d, &sb, &sh, &sq, &scale)?;
+        } else {
+            launch!(be, "attention_mma128", cfg; &qp, &kp, &vp, &mp, &op, &h, &lq, &lk, &d, &sb, &sh, &sq, &scale)?;
+        }
+    } else if dims.d <= 128 && dims.dv <= 128 {
         // Tiled kernel: 8 query rows of one head per block.
-        let heads = u32::try_from(dims.b * dims.h)
-            .ok()
-            .filter(|&n| n <= 65_535)
-            .ok_or_else(|| {
-                OpError::Device(format!(
-                    "CUDA attention supports up to 65535 batch×heads, got {}",
-                    dims.b * dims.h
-                ))
-            })?;
+        let heads = grid_y(dims.b * dims.h)?;
         let cfg = LaunchConfig {
             grid_dim: (dims.lq.div_ceil(8) as u32, heads, 1),
             block_dim: (256, 1, 1),
