@@ -80,7 +80,11 @@ fn main() {
         eprintln!("per forward, over {reps}:");
         for (op, n, secs) in ditflow::tensor::op_call::profile::report() {
             let per = reps.max(1) as f64;
-            eprintln!("{op:>16} {:>6} calls {:>9.2} ms", n as f64 / per, secs * 1e3 / per);
+            eprintln!(
+                "{op:>16} {:>6} calls {:>9.2} ms",
+                n as f64 / per,
+                secs * 1e3 / per
+            );
         }
     }
     if let Some(keep) = rest.get(2) {
