@@ -411,3 +411,32 @@ fn cuda_ops_match_cpu_ops() {
         );
     }
 }
+
+/// A session with the standard plugins.
+fn session() -> ditflow::Session {
+    let rt = ditflow::Runtime::new();
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("plugin loads");
+    }
+    ditflow::Session::new(std::sync::Arc::new(rt))
+}
+
+#[test]
+fn every_tiny_model_forward_on_cuda_matches_the_cpu() {
+    // End to end through the loaders and Forward, each parity fixture on the GPU against the
+    // CPU. Tolerance 1e-3 of the output's largest value: f32 throughout, but cuBLAS and the
+    // kernels sum in other orders than the CPU, over a few layers.
+    let Some(dev) = gpu() else { return };
+    let s = session();
+    for &case in common::PARITY_MODELS {
+        let cpu = common::fixture_forward(&s, case, Device::Cpu, "cpu").unwrap();
+        let got = common::fixture_forward(&s, case, dev, "gpu").unwrap();
+        let e = common::relative_error(&got, &cpu);
+        eprintln!("{} ({}) on CUDA: {e:.2e}", case.1, case.0);
+        assert!(
+            e < 1e-3,
+            "{} on CUDA: relative error {e} against the CPU",
+            case.1
+        );
+    }
+}

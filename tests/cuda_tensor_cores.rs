@@ -6,6 +6,8 @@
 //! `tests/cuda.rs` on every machine.
 
 use ditflow::kernels::{cuda_available, set_tensor_cores, tensor_cores};
+mod common;
+
 use ditflow::kernels::cpu::Activation;
 use ditflow::tensor::ops;
 use ditflow::tensor::{DType, Device, Tensor};
@@ -17,7 +19,13 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
     a.iter()
         .zip(&b)
-        .map(|(x, y)| if x.is_nan() { f64::INFINITY } else { (*x as f64 - *y as f64).abs() })
+        .map(|(x, y)| {
+            if x.is_nan() {
+                f64::INFINITY
+            } else {
+                (*x as f64 - *y as f64).abs()
+            }
+        })
         .fold(0.0, f64::max)
         / scale
 }
@@ -46,16 +54,28 @@ fn tensor_core_paths_match_the_cpu_within_bf16_precision() {
         (1, 2, 65, 64, 72),
         (1, 1, 5, 3, 40),
     ] {
-        let (q, k, v) = (r(&[b, h, lq, d], 1), r(&[b, h, lk, d], 2), r(&[b, h, lk, d], 3));
+        let (q, k, v) = (
+            r(&[b, h, lq, d], 1),
+            r(&[b, h, lk, d], 2),
+            r(&[b, h, lk, d], 3),
+        );
         let cpu = ops::attention(&q, &k, &v, None, None).unwrap();
         let got = ops::attention(&m(&q), &m(&k), &m(&v), None, None).unwrap();
         let e = rel(&got, &cpu);
         eprintln!("attention {:?}: {e:.2e}", (b, h, lq, lk, d));
-        assert!(e < 3e-2, "attention {:?}: relative error {e}", (b, h, lq, lk, d));
+        assert!(
+            e < 3e-2,
+            "attention {:?}: relative error {e}",
+            (b, h, lq, lk, d)
+        );
     }
     // An additive mask: key 0 hidden from every query, and query 2 sees nothing (zeros).
     let (lq, lk, d) = (3, 70, 64);
-    let (q, k, v) = (r(&[1, 1, lq, d], 4), r(&[1, 1, lk, d], 5), r(&[1, 1, lk, d], 6));
+    let (q, k, v) = (
+        r(&[1, 1, lq, d], 4),
+        r(&[1, 1, lk, d], 5),
+        r(&[1, 1, lk, d], 6),
+    );
     let mut mask = vec![0f32; lq * lk];
     mask[0] = f32::NEG_INFINITY;
     mask[lk] = f32::NEG_INFINITY;
@@ -66,7 +86,10 @@ fn tensor_core_paths_match_the_cpu_within_bf16_precision() {
     let e = rel(&got, &cpu);
     assert!(e < 3e-2, "masked attention: relative error {e}");
     let row2 = &got.to_f32_vec().unwrap()[2 * d..];
-    assert!(row2.iter().all(|&x| x == 0.0), "a fully masked row gives zeros: {row2:?}");
+    assert!(
+        row2.iter().all(|&x| x == 0.0),
+        "a fully masked row gives zeros: {row2:?}"
+    );
     // Linear with bf16 and f16 weights read as stored, bias and GELU (tanh): x rounded to the
     // weight's type. Tolerance 2e-2.
     let (x, b) = (r(&[1, 70, 256], 7), r(&[96], 8));
@@ -76,7 +99,11 @@ fn tensor_core_paths_match_the_cpu_within_bf16_precision() {
         let got = ops::linear(&m(&x), &m(&w), Some(&m(&b)), Activation::GeluTanh).unwrap();
         let e = rel(&got, &cpu);
         eprintln!("linear, {} weight: {e:.2e}", dtype.name());
-        assert!(e < 2e-2, "linear with a {} weight: relative error {e}", dtype.name());
+        assert!(
+            e < 2e-2,
+            "linear with a {} weight: relative error {e}",
+            dtype.name()
+        );
     }
     // f32 GEMMs in TF32 (10 bits of mantissa): tolerance 1e-2.
     let (a, bm) = (r(&[130, 300], 10), r(&[300, 70], 11));
@@ -85,4 +112,32 @@ fn tensor_core_paths_match_the_cpu_within_bf16_precision() {
     let e = rel(&got, &cpu);
     eprintln!("matmul in TF32: {e:.2e}");
     assert!(e < 1e-2, "matmul in TF32: relative error {e}");
+}
+
+#[test]
+fn every_tiny_model_forward_with_tensor_cores_stays_near_the_cpu() {
+    // End to end, each parity fixture on the GPU with tensor cores against the CPU's f32.
+    // Tolerance 5e-2 of the output's largest value: bf16 operands (8 bits of mantissa) in
+    // attention and TF32 in the GEMMs, over a few layers.
+    set_tensor_cores(true);
+    if let Err(why) = cuda_available(0) {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let rt = ditflow::Runtime::new();
+    for lib in common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("plugin loads");
+    }
+    let s = ditflow::Session::new(std::sync::Arc::new(rt));
+    for &case in common::PARITY_MODELS {
+        let cpu = common::fixture_forward(&s, case, Device::Cpu, "cpu").unwrap();
+        let got = common::fixture_forward(&s, case, Device::Cuda(0), "tensor-cores").unwrap();
+        let e = common::relative_error(&got, &cpu);
+        eprintln!("{} ({}) with tensor cores: {e:.2e}", case.1, case.0);
+        assert!(
+            e < 5e-2,
+            "{} with tensor cores: relative error {e} against the CPU",
+            case.1
+        );
+    }
 }
