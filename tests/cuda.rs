@@ -4,6 +4,8 @@
 //! machine without a GPU, and, when a GPU is present, every CUDA op matches the CPU op.
 
 mod common;
+#[path = "common/fixture_forward.rs"]
+mod fixture_forward;
 
 use ditflow::kernels::cuda_available;
 use ditflow::tensor::ops::{self, Binary, LayerNorm, Reduce, Unary, Upsample};
@@ -428,9 +430,9 @@ fn every_tiny_model_forward_on_cuda_matches_the_cpu() {
     // kernels sum in other orders than the CPU, over a few layers.
     let Some(dev) = gpu() else { return };
     let s = session();
-    for &case in common::PARITY_MODELS {
-        let cpu = common::fixture_forward(&s, case, Device::Cpu, "cpu").unwrap();
-        let got = common::fixture_forward(&s, case, dev, "gpu").unwrap();
+    for &case in fixture_forward::PARITY_MODELS {
+        let cpu = fixture_forward::fixture_forward(&s, case, Device::Cpu, "cpu").unwrap();
+        let got = fixture_forward::fixture_forward(&s, case, dev, "gpu").unwrap();
         let e = common::relative_error(&got, &cpu);
         eprintln!("{} ({}) on CUDA: {e:.2e}", case.1, case.0);
         assert!(

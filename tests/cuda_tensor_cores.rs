@@ -7,6 +7,8 @@
 
 use ditflow::kernels::{cuda_available, set_tensor_cores, tensor_cores};
 mod common;
+#[path = "common/fixture_forward.rs"]
+mod fixture_forward;
 
 use ditflow::kernels::cpu::Activation;
 use ditflow::tensor::ops;
@@ -129,9 +131,10 @@ fn every_tiny_model_forward_with_tensor_cores_stays_near_the_cpu() {
         rt.load_plugin_file(&lib).expect("plugin loads");
     }
     let s = ditflow::Session::new(std::sync::Arc::new(rt));
-    for &case in common::PARITY_MODELS {
-        let cpu = common::fixture_forward(&s, case, Device::Cpu, "cpu").unwrap();
-        let got = common::fixture_forward(&s, case, Device::Cuda(0), "tensor-cores").unwrap();
+    for &case in fixture_forward::PARITY_MODELS {
+        let cpu = fixture_forward::fixture_forward(&s, case, Device::Cpu, "cpu").unwrap();
+        let got =
+            fixture_forward::fixture_forward(&s, case, Device::Cuda(0), "tensor-cores").unwrap();
         let e = common::relative_error(&got, &cpu);
         eprintln!("{} ({}) with tensor cores: {e:.2e}", case.1, case.0);
         assert!(
