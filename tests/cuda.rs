@@ -4,12 +4,13 @@
 //! machine without a GPU, and, when a GPU is present, every CUDA op matches the CPU op.
 
 mod common;
-#[path = "common/fixture_forward.rs"]
-mod fixture_forward;
+#[path = "common/gpu_checks.rs"]
+mod gpu_checks;
 
 use ditflow::kernels::cuda_available;
 use ditflow::tensor::ops::{self, Binary, LayerNorm, Reduce, Unary, Upsample};
 use ditflow::tensor::{DType, Device, Tensor};
+use gpu_checks::{r, rel};
 
 fn nvrtc_required() -> bool {
     std::env::var_os("DITFLOW_REQUIRE_NVRTC").is_some_and(|v| v == "1")
@@ -93,22 +94,6 @@ fn gpu() -> Option<Device> {
             None
         }
     }
-}
-
-/// max |a - b| / max |b|.
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max)
-        / scale
-}
-
-fn r(shape: &[usize], seed: u64) -> Tensor {
-    ops::randn(shape, seed, Device::Cpu).unwrap()
 }
 
 /// Runs `f` on CPU inputs and on the same inputs moved to the GPU, and compares.
@@ -414,31 +399,11 @@ fn cuda_ops_match_cpu_ops() {
     }
 }
 
-/// A session with the standard plugins.
-fn session() -> ditflow::Session {
-    let rt = ditflow::Runtime::new();
-    for lib in common::std_plugins() {
-        rt.load_plugin_file(&lib).expect("plugin loads");
-    }
-    ditflow::Session::new(std::sync::Arc::new(rt))
-}
-
 #[test]
 fn every_tiny_model_forward_on_cuda_matches_the_cpu() {
     // End to end through the loaders and Forward, each parity fixture on the GPU against the
     // CPU. Tolerance 1e-3 of the output's largest value: f32 throughout, but cuBLAS and the
     // kernels sum in other orders than the CPU, over a few layers.
     let Some(dev) = gpu() else { return };
-    let s = session();
-    for &case in fixture_forward::PARITY_MODELS {
-        let cpu = fixture_forward::fixture_forward(&s, case, Device::Cpu, "cpu").unwrap();
-        let got = fixture_forward::fixture_forward(&s, case, dev, "gpu").unwrap();
-        let e = common::relative_error(&got, &cpu);
-        eprintln!("{} ({}) on CUDA: {e:.2e}", case.1, case.0);
-        assert!(
-            e < 1e-3,
-            "{} on CUDA: relative error {e} against the CPU",
-            case.1
-        );
-    }
+    gpu_checks::every_model_matches_the_cpu(dev, 1e-3, "on CUDA");
 }

@@ -5,36 +5,15 @@
 //! f32 op. Skipped where no GPU is found; the kernels' NVRTC compilation is checked in
 //! `tests/cuda.rs` on every machine.
 
-use ditflow::kernels::{cuda_available, set_tensor_cores, tensor_cores};
 mod common;
-#[path = "common/fixture_forward.rs"]
-mod fixture_forward;
+#[path = "common/gpu_checks.rs"]
+mod gpu_checks;
 
 use ditflow::kernels::cpu::Activation;
+use ditflow::kernels::{cuda_available, set_tensor_cores, tensor_cores};
 use ditflow::tensor::ops;
 use ditflow::tensor::{DType, Device, Tensor};
-
-/// max |a - b| / max |b|.
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| {
-            if x.is_nan() {
-                f64::INFINITY
-            } else {
-                (*x as f64 - *y as f64).abs()
-            }
-        })
-        .fold(0.0, f64::max)
-        / scale
-}
-
-fn r(shape: &[usize], seed: u64) -> Tensor {
-    ops::randn(shape, seed, Device::Cpu).unwrap()
-}
+use gpu_checks::{r, rel};
 
 #[test]
 fn tensor_core_paths_match_the_cpu_within_bf16_precision() {
@@ -126,21 +105,5 @@ fn every_tiny_model_forward_with_tensor_cores_stays_near_the_cpu() {
         eprintln!("skipped: {why}");
         return;
     }
-    let rt = ditflow::Runtime::new();
-    for lib in common::std_plugins() {
-        rt.load_plugin_file(&lib).expect("plugin loads");
-    }
-    let s = ditflow::Session::new(std::sync::Arc::new(rt));
-    for &case in fixture_forward::PARITY_MODELS {
-        let cpu = fixture_forward::fixture_forward(&s, case, Device::Cpu, "cpu").unwrap();
-        let got =
-            fixture_forward::fixture_forward(&s, case, Device::Cuda(0), "tensor-cores").unwrap();
-        let e = common::relative_error(&got, &cpu);
-        eprintln!("{} ({}) with tensor cores: {e:.2e}", case.1, case.0);
-        assert!(
-            e < 5e-2,
-            "{} with tensor cores: relative error {e} against the CPU",
-            case.1
-        );
-    }
+    gpu_checks::every_model_matches_the_cpu(Device::Cuda(0), 5e-2, "with tensor cores");
 }

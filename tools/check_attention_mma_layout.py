@@ -27,6 +27,15 @@ def mma(c, a, b):
             C[g + (8 if i >= 2 else 0), t*2 + (i & 1)] = c[lane][i]
     D = A @ B + C
     return [[D[(lane>>2) + (8 if i >= 2 else 0), (lane&3)*2 + (i&1)] for i in range(4)] for lane in range(32)]
+def b_fragments(smem, n, kk):
+    """Each lane's B registers for 8-column tile n and k-step kk, read as the kernel reads them
+    from shared memory held [n][k] (K as [key][d], V transposed as [d][key])."""
+    frags = []
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        row, base = smem[n*8 + g], kk*16 + t*2
+        frags.append([row[base], row[base+1], row[base+8], row[base+9]])
+    return frags
 def kernel(q, k, v, mask, DP, scale):
     Lq, D = q.shape; Lk = k.shape[0]
     out = np.zeros((Lq, D))
@@ -61,12 +70,7 @@ def kernel(q, k, v, mask, DP, scale):
                 for n in range(KEYS//8):
                     for kk in range(DP//16):
                         a = [qa[lane][kk] for lane in range(32)]
-                        b = []
-                        for lane in range(32):
-                            g, t = lane >> 2, lane & 3
-                            row = ks[n*8+g]; base = kk*16 + t*2
-                            b.append([row[base], row[base+1], row[base+8], row[base+9]])
-                        res = mma([s[l][n] for l in range(32)], a, b)
+                        res = mma([s[l][n] for l in range(32)], a, b_fragments(ks, n, kk))
                         for l in range(32): s[l][n] = res[l]
                 bm0 = {}; bm1 = {}
                 for lane in range(32):
@@ -112,12 +116,7 @@ def kernel(q, k, v, mask, DP, scale):
                         pa.append([bf(S[2*j][0]), bf(S[2*j][1]), bf(S[2*j][2]), bf(S[2*j][3]),
                                    bf(S[2*j+1][0]), bf(S[2*j+1][1]), bf(S[2*j+1][2]), bf(S[2*j+1][3])])
                     for n in range(DP//8):
-                        b = []
-                        for lane in range(32):
-                            g, t = lane >> 2, lane & 3
-                            row = vt[n*8+g]; base = j*16 + t*2
-                            b.append([row[base], row[base+1], row[base+8], row[base+9]])
-                        res = mma([o[l][n] for l in range(32)], pa, b)
+                        res = mma([o[l][n] for l in range(32)], pa, b_fragments(vt, n, j))
                         for l in range(32): o[l][n] = res[l]
             for lane in range(32):
                 g, t = lane >> 2, lane & 3

@@ -451,7 +451,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
             let mut rest = vec![x];
             rest.extend(bias);
             on_cuda(x.dtype(), &rest, |t| {
-                cuda::ops::linear_half(&t[0], w, t.get(1), act, m, n, k, &out_shape)
+                cuda::ops::linear(&t[0], w, t.get(1), act, m, n, k, &out_shape)
             })
         }
         #[cfg(feature = "cuda")]

@@ -314,53 +314,9 @@ fn bias_act(
     launch!(be, "bias_act", grid(rows * cols); &yp, &bias_col, &bias_row, &r, &c, &a)
 }
 
-/// [`linear`] with a bf16 or f16 weight read as it is stored, on tensor cores: `x` (f32) rounded
-/// to the weight's type, the product summed in f32 by cuBLAS, then the bias and activation.
-#[allow(clippy::too_many_arguments)]
-pub fn linear_half(
-    x: &Tensor,
-    w: &Tensor,
-    bias: Option<&Tensor>,
-    act: Activation,
-    m: usize,
-    n: usize,
-    k: usize,
-    out_shape: &[usize],
-) -> R {
-    let be = backend(x)?;
-    let w_type = match w.dtype() {
-        DType::BF16 => cudaDataType::CUDA_R_16BF,
-        DType::F16 => cudaDataType::CUDA_R_16F,
-        other => {
-            return Err(OpError::Device(format!(
-                "linear_half takes a bf16 or f16 weight, got {}",
-                other.name()
-            )))
-        }
-    };
-    let out = new_tensor(&be, DType::F32, out_shape)?;
-    if out.numel() == 0 {
-        return Ok(out);
-    }
-    if k == 0 {
-        fill_zero(&be, out.clone())?;
-    } else {
-        let xh = cast(x, w.dtype())?;
-        gemm_typed(
-            &be,
-            (ptr(&be, &xh)?, w_type),
-            (ptr(&be, w)?, w_type),
-            ptr(&be, &out)?,
-            (false, true),
-            (m, n, k),
-            (1, 0, 0),
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        )?;
-    }
-    bias_act(&be, &out, opt_ptr(&be, bias)?, 0, m, n, act)?;
-    Ok(out)
-}
-
+/// `x·wᵀ + bias`, then `act`, in f32: `x` f32, and `w` f32 (SGEMM; TF32 under tensor cores) or
+/// bf16/f16 read as stored (the tensor-core path passes it unwidened: `x` is rounded to its
+/// type and cuBLAS sums in f32).
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     x: &Tensor,
@@ -379,6 +335,23 @@ pub fn linear(
     }
     if k == 0 {
         fill_zero(&be, out.clone())?;
+    } else if let DType::BF16 | DType::F16 = w.dtype() {
+        let w_type = if w.dtype() == DType::BF16 {
+            cudaDataType::CUDA_R_16BF
+        } else {
+            cudaDataType::CUDA_R_16F
+        };
+        let xh = cast(x, w.dtype())?;
+        gemm_typed(
+            &be,
+            (ptr(&be, &xh)?, w_type),
+            (ptr(&be, w)?, w_type),
+            ptr(&be, &out)?,
+            (false, true),
+            (m, n, k),
+            (1, 0, 0),
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        )?;
     } else {
         sgemm(
             &be,

@@ -1,7 +1,58 @@
-//! End-to-end forwards of the tiny parity models on a chosen device, for the CUDA tests
-//! (included by `#[path]` beside `mod common;`, in the runtime's package, whose dev-dependencies
-//! have `safetensors`).
+//! Helpers of the CUDA tests (included by `#[path]` beside `mod common;` in the runtime's
+//! package, whose dev-dependencies have `safetensors`): errors between tensors, random inputs, a
+//! session with the standard plugins, and the tiny parity models' forwards on a chosen device.
 #![allow(dead_code)]
+
+use ditflow::tensor::{ops, Device, Tensor};
+
+/// max |a - b| / max |b| (a NaN counts as infinitely far).
+pub fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| {
+            if x.is_nan() {
+                f64::INFINITY
+            } else {
+                (*x as f64 - *y as f64).abs()
+            }
+        })
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// Standard-normal values on the CPU.
+pub fn r(shape: &[usize], seed: u64) -> Tensor {
+    ops::randn(shape, seed, Device::Cpu).unwrap()
+}
+
+/// A session with the standard plugins.
+pub fn session() -> ditflow::Session {
+    let rt = ditflow::Runtime::new();
+    for lib in crate::common::std_plugins() {
+        rt.load_plugin_file(&lib).expect("plugin loads");
+    }
+    ditflow::Session::new(std::sync::Arc::new(rt))
+}
+
+/// Every tiny model's forward on `device` against the CPU's, within `tol` of the output's
+/// largest value (`what` names the setting in the messages).
+pub fn every_model_matches_the_cpu(device: Device, tol: f64, what: &str) {
+    let s = session();
+    for &case in PARITY_MODELS {
+        let cpu = fixture_forward(&s, case, Device::Cpu, "cpu").unwrap();
+        let got = fixture_forward(&s, case, device, "device").unwrap();
+        let e = crate::common::relative_error(&got, &cpu);
+        eprintln!("{} ({}) {what}: {e:.2e}", case.1, case.0);
+        assert!(
+            e < tol,
+            "{} {what}: relative error {e} against the CPU (tolerance {tol})",
+            case.1
+        );
+    }
+}
 
 /// The tiny models of `tests/fixtures/parity` with their loaders, for end-to-end comparisons
 /// (on CUDA against the CPU): (loader, model folder, inputs file).
