@@ -79,6 +79,21 @@ def ours(path, io, keep=None, reps=1, cap=None, loader="LoadWan"):
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")][0]
 
 
+def gguf_seconds(model_inputs, write, name, loader):
+    """Our fastest forward (3 reps, twice) on `model_inputs` from the GGUF that `write(path)`
+    writes as `name` in a fresh folder, loaded by `loader`; the folder is removed after."""
+    tmp = tempfile.mkdtemp(prefix="ditflow-bench-gguf-")
+    try:
+        io = os.path.join(tmp, "io.safetensors")
+        save_file({f"in.{k}": v.contiguous() for k, v in model_inputs.items()}, io)
+        os.makedirs(os.path.join(tmp, "model"))
+        path = os.path.join(tmp, "model", name)
+        write(path)
+        return min(ours(path, io, reps=3, loader=loader)["seconds"] for _ in range(2))
+    finally:
+        shutil.rmtree(tmp)
+
+
 def inputs(tmp):
     torch.manual_seed(1)
     io = os.path.join(tmp, "io.safetensors")

@@ -45,22 +45,10 @@ def pixart(heads, head_dim, layers, caption, sample, caption_tokens):
 
 def q8_0(model, inputs):
     """Our fastest forward from `model`'s weights (as run_case left them) as a Q8_0 GGUF."""
-    import shutil
-    import tempfile
+    from bench_memory import gguf_seconds, write_gguf
 
-    from bench_memory import ours, write_gguf
-    from safetensors.torch import save_file
-
-    tmp = tempfile.mkdtemp(prefix="ditflow-bench-pixart-q8-")
-    try:
-        io = os.path.join(tmp, "io.safetensors")
-        save_file({f"in.{k}": v.contiguous() for k, v in inputs.items()}, io)
-        os.makedirs(os.path.join(tmp, "q8"))
-        path = os.path.join(tmp, "q8", "pixart-sigma-Q8_0.gguf")
-        write_gguf(model.state_dict(), path, "Q8_0", "pixart", model)
-        return min(ours(path, io, reps=3, loader="LoadDiffusionModel")["seconds"] for _ in range(2))
-    finally:
-        shutil.rmtree(tmp)
+    return gguf_seconds(inputs, lambda path: write_gguf(model.state_dict(), path, "Q8_0", "pixart", model),
+                        "pixart-sigma-Q8_0.gguf", "LoadDiffusionModel")
 
 
 def main():

@@ -11,10 +11,8 @@ Run (PyTorch and diffusers from PyPI; CI never runs this):
     .venv/bin/python tools/bench_wan.py
 """
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import torch
 
@@ -47,22 +45,11 @@ def main():
     case = wan_case()
     best = run_case(case)
     # The same weights (run_case scaled them in place) as a city96-style Q8_0 GGUF, timed alone.
-    from bench_memory import ours, write_wan_gguf
-    from safetensors.torch import save_file
+    from bench_memory import gguf_seconds, write_wan_gguf
 
-    tmp = tempfile.mkdtemp(prefix="ditflow-bench-wan-")
-    try:
-        io = os.path.join(tmp, "io.safetensors")
-        save_file({f"in.{k}": v.contiguous() for k, v in case[2].items()}, io)
-        os.makedirs(os.path.join(tmp, "q8"))
-        path = os.path.join(tmp, "q8", "wan-Q8_0.gguf")
-        write_wan_gguf(case[1], path, "Q8_0")
-        q8 = min(ours(path, io, reps=3)["seconds"] for _ in range(2))
-        print(f"  ditflow  {q8 * 1e3:8.1f} ms  (Q8_0 GGUF weights: {q8 / best['model']:.2f}x our f32, "
-              f"{q8 / best['torch']:.2f}x PyTorch's f32)")
-    finally:
-        shutil.rmtree(tmp)
-
+    q8 = gguf_seconds(case[2], lambda path: write_wan_gguf(case[1], path, "Q8_0"), "wan-Q8_0.gguf", "LoadWan")
+    print(f"  ditflow  {q8 * 1e3:8.1f} ms  (Q8_0 GGUF weights: {q8 / best['model']:.2f}x our f32, "
+          f"{q8 / best['torch']:.2f}x PyTorch's f32)")
 
 if __name__ == "__main__":
     main()

@@ -87,8 +87,9 @@ def kernel(q, k, v, mask, DP, scale):
                             x0 = max(x0, s[lane][n][e]); x1 = max(x1, s[lane][n][2+e])
                     bm0[lane] = x0; bm1[lane] = x1
                 # The row maxima, reduced over the quad of lanes that share the rows.
-                B0 = {l: max(max(s[x][n][e] for n in range(KEYS//8) for e in range(2)) for x in [(l & ~3)+i for i in range(4)]) for l in range(32)}
-                B1 = {l: max(max(s[x][n][2+e] for n in range(KEYS//8) for e in range(2)) for x in [(l & ~3)+i for i in range(4)]) for l in range(32)}
+                quad = lambda l: [(l & ~3) + i for i in range(4)]
+                B0 = {l: max(bm0[x] for x in quad(l)) for l in range(32)}
+                B1 = {l: max(bm1[x] for x in quad(l)) for l in range(32)}
                 ps0 = {}; ps1 = {}; al0={}; al1={}
                 for lane in range(32):
                     mn0 = max(m0[lane], B0[lane]); mn1 = max(m1[lane], B1[lane])

@@ -128,7 +128,7 @@ unsafe impl Sync for MatRefQuant {}
 
 /// A bf16 value (its bits) as f32: exact, the bits shifted into the high half.
 #[inline]
-fn bf16_to_f32(bits: u16) -> f32 {
+pub(super) fn bf16_to_f32(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
 

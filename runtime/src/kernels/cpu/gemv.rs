@@ -98,7 +98,7 @@ pub(super) unsafe fn gemv(
                     BOperand::Bf16(b) => {
                         let src = std::slice::from_raw_parts(b.ptr.offset(j as isize * b.cs), k);
                         for (d, &bits) in buf.iter_mut().zip(src) {
-                            *d = f32::from_bits((bits as u32) << 16);
+                            *d = super::gemm::bf16_to_f32(bits);
                         }
                         &buf[..k]
                     }
