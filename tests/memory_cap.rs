@@ -1,7 +1,9 @@
 //! The memory cap on weights (`--max-memory`, `ditflow::weights::residency`): a model whose
 //! mapped weights are twice the cap runs bit for bit as uncapped, reading released weights back
 //! from its file (reported in `weights_streamed` events), and a cap below one weight's size is an
-//! error naming the node. A test binary of its own: the cap holds for the whole process.
+//! error naming the node; a session lets go of its least recently used models once their weights
+//! pass the cap. A test binary of its own: the cap holds for the whole process, so its tests take
+//! turns ([`CAP`]).
 
 mod common;
 
@@ -9,6 +11,9 @@ use ditflow::weights::residency;
 use ditflow::{Event, Graph, RunOptions, Runtime, Session};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+
+/// Held by each test while it sets the process-wide cap.
+static CAP: Mutex<()> = Mutex::new(());
 
 fn session() -> Session {
     let rt = Runtime::new();
@@ -21,8 +26,17 @@ fn session() -> Session {
 /// The tiny Wan as a GGUF in Wan's original names (its weights stay mapped: LoadWan only renames
 /// them) through `Forward`, writing `out`; the run's report and events.
 fn forward(session: &Session, out: &str) -> (ditflow::RunReport, Vec<Event>, std::path::PathBuf) {
+    let model = common::repo().join("tests/fixtures/gguf/wan/wan-tiny-F32.gguf");
+    forward_model(session, &model, out)
+}
+
+/// [`forward`] with the model file `model`.
+fn forward_model(
+    session: &Session,
+    model: &Path,
+    out: &str,
+) -> (ditflow::RunReport, Vec<Event>, std::path::PathBuf) {
     let root = common::repo().join("tests/fixtures");
-    let model = root.join("gguf/wan/wan-tiny-F32.gguf");
     let io = root.join("parity/wan/io.safetensors");
     let out_dir = common::temp_dir("memory-cap");
     let yaml = format!(
@@ -51,6 +65,7 @@ fn bytes(path: &Path) -> Vec<u8> {
 
 #[test]
 fn a_model_twice_the_cap_runs_bit_for_bit_and_a_cap_below_one_weight_is_an_error() {
+    let _cap = CAP.lock().unwrap_or_else(|p| p.into_inner());
     let file = common::repo().join("tests/fixtures/gguf/wan/wan-tiny-F32.gguf");
     let size = std::fs::metadata(&file).unwrap().len() as usize;
     // Uncapped: the reference output.
@@ -99,6 +114,50 @@ fn a_model_twice_the_cap_runs_bit_for_bit_and_a_cap_below_one_weight_is_an_error
         err.contains("\"f\"") && err.contains("memory cap") && err.contains("--max-memory"),
         "{err}"
     );
+}
+
+#[test]
+fn a_session_lets_go_of_its_least_recently_used_model_once_the_models_pass_the_cap() {
+    let _cap = CAP.lock().unwrap_or_else(|p| p.into_inner());
+    // Two copies of the tiny Wan in folders of their own: two models of one size.
+    let src = common::repo().join("tests/fixtures/gguf/wan");
+    let copies: Vec<_> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let dir = common::temp_dir(&format!("memory-cap-model-{name}"));
+            for f in ["wan-tiny-F32.gguf", "config.json"] {
+                std::fs::copy(src.join(f), dir.join(f)).unwrap();
+            }
+            dir.join("wan-tiny-F32.gguf")
+        })
+        .collect();
+    let size = std::fs::metadata(&copies[0]).unwrap().len() as usize;
+    let run = |s: &Session, i: usize| {
+        let (report, _, _) = forward_model(s, &copies[i], &format!("model{i}.safetensors"));
+        assert!(report.ok(), "{:?}", report.failed);
+        s.cache_stats()
+    };
+
+    // No cap: the session keeps both.
+    let s = session();
+    run(&s, 0);
+    let stats = run(&s, 1);
+    assert_eq!((stats.models, stats.models_evicted), (2, 0), "{stats:?}");
+    assert!(
+        stats.model_bytes > size && stats.model_bytes <= 2 * size,
+        "two models' weights charged: {stats:?} for files of {size} bytes"
+    );
+
+    // A cap of one and a half models: loading the second lets the first go, and using the
+    // first again lets the second go; every run still completes.
+    residency::set_cap(Some(size * 3 / 2));
+    let s = session();
+    assert_eq!(run(&s, 0).models, 1);
+    let stats = run(&s, 1);
+    assert_eq!((stats.models, stats.models_evicted), (1, 1), "{stats:?}");
+    let stats = run(&s, 0);
+    residency::set_cap(None);
+    assert_eq!((stats.models, stats.models_evicted), (1, 2), "{stats:?}");
 }
 
 #[test]

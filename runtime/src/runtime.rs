@@ -439,8 +439,14 @@ impl Session {
     }
 
     /// Runs an already validated plan.
+    /// Cached models are held to the memory cap ([`crate::weights::residency::cap`]) as it
+    /// stands when the run starts.
     pub fn run_plan(&self, plan: &Plan, opts: &RunOptions) -> RunReport {
         self.drop_stale_outputs();
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_model_cap(crate::weights::residency::cap());
         run_plan(plan, opts, &self.cache)
     }
 

@@ -73,6 +73,10 @@ pub struct Object {
     pub(crate) patches: Vec<Arc<crate::plugin::model::Patch>>,
     /// Identifies the base plus the patch list.
     pub(crate) digest: u64,
+    /// Bytes of the weights the node that made this object loaded for it (0 for a patched
+    /// model, which shares its base's): what a session's cache charges it against the memory
+    /// cap.
+    pub(crate) weight_bytes: usize,
     /// Keeps the library that owns `drop_fn` mapped; declared last so it drops last.
     pub(crate) _keep_alive: Option<Arc<dyn Send + Sync>>,
 }
@@ -107,6 +111,7 @@ impl Object {
             base: None,
             patches: Vec::new(),
             digest: ptr as u64,
+            weight_bytes: 0,
             _keep_alive: keep_alive,
         }
     }
@@ -176,6 +181,16 @@ impl Value {
             Value::Tensor(_, t) => own + t.nbytes(),
             Value::List(items) => own + items.iter().map(|v| v.byte_size()).sum::<usize>(),
             _ => own,
+        }
+    }
+
+    /// Bytes of model weights the value holds: each unpatched model's [`Object::weight_bytes`]
+    /// (a patched model shares its base's), summed over lists.
+    pub fn model_bytes(&self) -> usize {
+        match self {
+            Value::Object(o) if o.base.is_none() => o.weight_bytes,
+            Value::List(items) => items.iter().map(|v| v.model_bytes()).sum(),
+            _ => 0,
         }
     }
 

@@ -28,6 +28,9 @@ pub struct ExecContext<'a> {
     pub(crate) keep_alive: Option<Arc<dyn Send + Sync>>,
     /// The run's device (`--device`).
     pub(crate) device: crate::tensor::Device,
+    /// Bytes of weights this execution loaded (`load_weights`) and no object has claimed yet:
+    /// the next object it makes is charged them (see [`crate::value::Object::weight_bytes`]).
+    pub(crate) weight_bytes: usize,
 }
 
 impl<'a> ExecContext<'a> {

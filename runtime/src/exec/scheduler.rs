@@ -197,6 +197,7 @@ fn execute_node(plan: &Plan, job: Job, opts: &RunOptions, cache: &Mutex<Cache>) 
         out_dir: &opts.out_dir,
         keep_alive: None,
         device: opts.device,
+        weight_bytes: 0,
     };
     let imp = node.ty.imp.clone();
     let fail = |key, e: String| Done {

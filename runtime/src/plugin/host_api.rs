@@ -406,10 +406,14 @@ unsafe extern "C" fn value_object(
 ) -> *mut DfValue {
     // Built first so the plugin's object is released even when the call is refused.
     // SAFETY: host pointers of the running callback.
-    let keep_alive = unsafe { context(ctx) }.and_then(|c| c.keep_alive.clone());
+    let (keep_alive, weight_bytes) = match unsafe { context(ctx) } {
+        Some(c) => (c.keep_alive.clone(), std::mem::take(&mut c.weight_bytes)),
+        None => (None, 0),
+    };
     // SAFETY: a NUL-terminated tag from the plugin.
     let tag = unsafe { text(type_tag) }.unwrap_or("").to_string();
-    let obj = Object::new(tag, object, drop, keep_alive);
+    let mut obj = Object::new(tag, object, drop, keep_alive);
+    obj.weight_bytes = weight_bytes;
     if obj.tag.is_empty() || object.is_null() {
         return std::ptr::null_mut();
     }

@@ -239,6 +239,7 @@ pub(super) unsafe extern "C" fn load_weights(
             },
         )
         .map_err(|e| e.to_string())?;
+        ctx.weight_bytes += w.tensors.values().map(|t| t.nbytes()).sum::<usize>();
         let pairs: Vec<Arc<Value>> = w
             .tensors
             .into_iter()

@@ -423,11 +423,15 @@ pub(super) unsafe extern "C" fn value_model(
     drop: Option<DfObjectDropFn>,
 ) -> *mut DfValue {
     // SAFETY: host pointers of the running callback.
-    let keep_alive = unsafe { context(ctx) }.and_then(|c| c.keep_alive.clone());
+    let (keep_alive, weight_bytes) = match unsafe { context(ctx) } {
+        Some(c) => (c.keep_alive.clone(), std::mem::take(&mut c.weight_bytes)),
+        None => (None, 0),
+    };
     // SAFETY: a NUL-terminated tag from the plugin.
     let tag = unsafe { text(type_tag) }.unwrap_or("").to_string();
     // Built first so the plugin's object is released even when the call is refused.
     let mut obj = Object::new(tag, object, drop, keep_alive);
+    obj.weight_bytes = weight_bytes;
     let min_size = match interface {
         DF_INTERFACE_DENOISER => std::mem::size_of::<DfDenoiserApi>(),
         DF_INTERFACE_TEXT_ENCODER => std::mem::size_of::<DfTextEncoderApi>(),

@@ -135,9 +135,25 @@ impl HostBuf {
     }
 }
 
+/// CPU storage: its bytes, and the GEMM's packed form of them once a linear layer has made it
+/// (see [`Tensor::packed_weight`]), which lives and dies with the bytes.
+struct Host {
+    buf: HostBuf,
+    packed: std::sync::OnceLock<crate::kernels::cpu::gemm::PackedB>,
+}
+
+impl Host {
+    fn new(buf: HostBuf) -> Host {
+        Host {
+            buf,
+            packed: std::sync::OnceLock::new(),
+        }
+    }
+}
+
 #[derive(Clone)]
 enum Storage {
-    Cpu(Arc<HostBuf>),
+    Cpu(Arc<Host>),
     #[cfg(feature = "cuda")]
     Cuda(Arc<crate::kernels::cuda::DeviceBuf>),
 }
@@ -292,7 +308,7 @@ impl Tensor {
             dtype,
             shape: shape.into(),
             dims: shape.iter().map(|&d| d as i64).collect(),
-            storage: Storage::Cpu(Arc::new(buf)),
+            storage: Storage::Cpu(Arc::new(Host::new(buf))),
         }
     }
 
@@ -373,13 +389,13 @@ impl Tensor {
 
     /// True when the CPU bytes are a window into a memory-mapped file.
     pub fn is_mapped(&self) -> bool {
-        matches!(&self.storage, Storage::Cpu(b) if matches!(**b, HostBuf::Mapped { .. }))
+        matches!(&self.storage, Storage::Cpu(b) if matches!(b.buf, HostBuf::Mapped { .. }))
     }
 
     /// The mapped file and the byte range of a tensor that views one (see [`Tensor::is_mapped`]).
     pub(crate) fn mapped_range(&self) -> Option<(&Arc<memmap2::Mmap>, usize, usize)> {
         match &self.storage {
-            Storage::Cpu(b) => match &**b {
+            Storage::Cpu(b) => match &b.buf {
                 HostBuf::Mapped { map, offset, len } => Some((map, *offset, *len)),
                 HostBuf::Owned { .. } => None,
             },
@@ -391,7 +407,7 @@ impl Tensor {
     /// An address that identifies the storage (for identity hashing, never dereferenced).
     pub fn storage_id(&self) -> usize {
         match &self.storage {
-            Storage::Cpu(b) => b.bytes().as_ptr() as usize,
+            Storage::Cpu(b) => b.buf.bytes().as_ptr() as usize,
             #[cfg(feature = "cuda")]
             Storage::Cuda(b) => Arc::as_ptr(b) as usize,
         }
@@ -400,10 +416,31 @@ impl Tensor {
     /// The raw row-major bytes of a CPU tensor.
     pub fn cpu_bytes(&self) -> Result<&[u8], TensorError> {
         match &self.storage {
-            Storage::Cpu(b) => Ok(&b.bytes()[..self.nbytes()]),
+            Storage::Cpu(b) => Ok(&b.buf.bytes()[..self.nbytes()]),
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => Err(TensorError::NotOnCpu(self.device())),
         }
+    }
+
+    /// The packed GEMM form of this CPU tensor's bytes, made by `make` on the first call and
+    /// kept with the storage: every tensor sharing it sees the same one, it is dropped with the
+    /// storage, and forgotten if the bytes are ever written. `None` for CUDA storage, or when
+    /// the kept form was made for another shape (`fits` says whether it serves).
+    pub(crate) fn packed_weight(
+        &self,
+        fits: impl Fn(&crate::kernels::cpu::gemm::PackedB) -> bool,
+        make: impl FnOnce() -> crate::kernels::cpu::gemm::PackedB,
+    ) -> Option<&crate::kernels::cpu::gemm::PackedB> {
+        match &self.storage {
+            Storage::Cpu(b) => Some(b.packed.get_or_init(make)).filter(|p| fits(p)),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(_) => None,
+        }
+    }
+
+    /// Whether a packed form of this tensor's bytes is kept (see [`Tensor::packed_weight`]).
+    pub(crate) fn has_packed_weight(&self) -> bool {
+        matches!(&self.storage, Storage::Cpu(b) if b.packed.get().is_some())
     }
 
     /// Typed elements of a CPU tensor.
@@ -445,7 +482,12 @@ impl Tensor {
     pub fn unique_bytes_mut(&mut self) -> Option<&mut [u8]> {
         let n = self.nbytes();
         match &mut self.storage {
-            Storage::Cpu(b) => Arc::get_mut(b)?.bytes_mut().map(|s| &mut s[..n]),
+            Storage::Cpu(b) => {
+                let host = Arc::get_mut(b)?;
+                // The bytes may change: a packed form of them would be stale.
+                host.packed.take();
+                host.buf.bytes_mut().map(|s| &mut s[..n])
+            }
             #[cfg(feature = "cuda")]
             Storage::Cuda(_) => None,
         }
@@ -460,15 +502,15 @@ impl Tensor {
         else {
             return Err(TensorError::NotOnCpu(device));
         };
-        let writable = Arc::get_mut(buf).is_some_and(|b| b.bytes_mut().is_some());
+        let writable = Arc::get_mut(buf).is_some_and(|b| b.buf.bytes_mut().is_some());
         if !writable {
             let mut copy = HostBuf::zeroed(n);
-            copy.bytes_mut().expect("owned")[..n].copy_from_slice(&buf.bytes()[..n]);
-            *buf = Arc::new(copy);
+            copy.bytes_mut().expect("owned")[..n].copy_from_slice(&buf.buf.bytes()[..n]);
+            *buf = Arc::new(Host::new(copy));
         }
-        let bytes = Arc::get_mut(buf)
-            .and_then(|b| b.bytes_mut())
-            .expect("unique after copy");
+        let host = Arc::get_mut(buf).expect("unique after copy");
+        host.packed.take();
+        let bytes = host.buf.bytes_mut().expect("owned after copy");
         Ok(&mut bytes[..n])
     }
 

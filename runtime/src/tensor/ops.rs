@@ -316,10 +316,13 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> R {
         cuda => |t| cuda::ops::matmul(&t[0], &t[1], trans_a, trans_b, batch, a_batched, b_batched, m, n, ka, &out_shape))
 }
 
-/// A linear weight `[n, k]` as the GEMM's B operand, read as it is stored and packed per call,
-/// so no packed or widened copy of a model's weights is kept: f32 read in place, bf16 widened
-/// and block formats dequantised while packed; f16 (rare in checkpoints) widened per call.
+/// A linear weight `[n, k]` as the GEMM's B operand: an f32 weight packed once and kept with
+/// it (in place of its file pages), or read as stored and packed per call, so no widened copy
+/// of a model's weights is kept: bf16 widened and block formats dequantised while packed; f16
+/// (rare in checkpoints) widened per call.
 enum WeightOperand<'a> {
+    /// An f32 weight packed once and kept with it ([`crate::weights::packed`]).
+    Packed(&'a cpu::gemm::PackedB),
     Bf16(&'a [u16]),
     F32(Cow<'a, [f32]>),
     /// A block-quantized weight's bytes and format, dequantised per panel.
@@ -327,7 +330,11 @@ enum WeightOperand<'a> {
 }
 
 impl<'a> WeightOperand<'a> {
-    fn of(w: &'a Tensor) -> R<WeightOperand<'a>> {
+    /// The operand for a product of `rows` rows.
+    fn of(w: &'a Tensor, rows: usize) -> R<WeightOperand<'a>> {
+        if let Some(packed) = crate::weights::packed::packed_linear_weight(w, rows) {
+            return Ok(WeightOperand::Packed(packed));
+        }
         crate::weights::residency::touch(w).map_err(|msg| invalid("linear", msg))?;
         if let Some(format) = crate::weights::quant::BlockFormat::of(w.dtype()) {
             return Ok(WeightOperand::Quant(w.cpu_bytes()?, format));
@@ -346,6 +353,7 @@ impl<'a> WeightOperand<'a> {
 
     fn operand(&self, k: usize) -> cpu::gemm::BOperand<'_> {
         match self {
+            WeightOperand::Packed(packed) => cpu::gemm::BOperand::Packed(packed),
             WeightOperand::Bf16(bits) => {
                 cpu::gemm::BOperand::Bf16(cpu::gemm::MatRefBf16::row_major(bits, k, true))
             }
@@ -416,7 +424,7 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
         Device::Cpu => {
             let xf = f32s(x)?;
             let bf = bias.map(f32s).transpose()?;
-            let weight = WeightOperand::of(w)?;
+            let weight = WeightOperand::of(w, m)?;
             let b_operand = weight.operand(k);
             cpu_out(x.dtype(), &out_shape, |out| {
                 let ep = cpu::gemm::Epilogue {
@@ -498,7 +506,7 @@ pub fn linear_split(
     *out_shape.last_mut().unwrap() = n / parts;
     let xf = f32s(x)?;
     let bf = bias.map(f32s).transpose()?;
-    let weight = WeightOperand::of(w)?;
+    let weight = WeightOperand::of(w, m)?;
     let b_operand = weight.operand(k);
     let mut outs = Vec::with_capacity(parts);
     for _ in 0..parts {

@@ -9,6 +9,7 @@
 //! tensor viewing them is alive.
 
 pub mod gguf;
+pub mod packed;
 pub mod quant;
 pub mod residency;
 

@@ -152,7 +152,7 @@ fn release_until_fits(st: &mut State, cap: usize, keep: (usize, usize)) {
         };
         let e = st.entries.get_mut(&key).expect("just found");
         if let Some(map) = e.map.upgrade() {
-            release(&map, e.offset, e.len);
+            release_pages(&map, e.offset, e.len);
         }
         e.resident = false;
         e.released = true;
@@ -161,7 +161,7 @@ fn release_until_fits(st: &mut State, cap: usize, keep: (usize, usize)) {
 }
 
 /// Drops the whole pages of `map[offset..offset + len]` from the process.
-fn release(map: &memmap2::Mmap, offset: usize, len: usize) {
+pub(crate) fn release_pages(map: &memmap2::Mmap, offset: usize, len: usize) {
     const PAGE: usize = 4096;
     let start = offset.div_ceil(PAGE) * PAGE;
     let end = (offset + len) / PAGE * PAGE;

@@ -12,6 +12,7 @@
 //! Products of at most [`super::gemv::GEMV_ROWS`] rows against a weight stored row by row go to
 //! [`super::gemv`] instead, which reads each weight row once at memory speed.
 
+use super::aligned::AlignedBuf;
 use super::{simd, Activation};
 use crate::weights::quant::BlockFormat;
 use rayon::prelude::*;
@@ -200,8 +201,8 @@ impl Out {
 }
 
 thread_local! {
-    static PACK_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static PACK_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PACK_A: RefCell<AlignedBuf> = const { RefCell::new(AlignedBuf::new()) };
+    static PACK_B: RefCell<AlignedBuf> = const { RefCell::new(AlignedBuf::new()) };
     /// One panel's rows of a quantized B, dequantised before they are turned into the panel.
     static DEQUANT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
@@ -211,7 +212,7 @@ thread_local! {
 pub struct PackedB {
     pub k: usize,
     pub n: usize,
-    data: Vec<f32>,
+    data: AlignedBuf,
 }
 
 impl PackedB {
@@ -221,7 +222,7 @@ impl PackedB {
     /// `b` must address `k×n` readable elements.
     pub unsafe fn new(k: usize, n: usize, b: MatRef) -> PackedB {
         let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * NR * k];
+        let mut data = AlignedBuf::zeroed(panels * NR * k);
         let out = OutPtr(data.as_mut_ptr());
         (0..panels).into_par_iter().for_each(|p| {
             let j0 = p * NR;
@@ -514,9 +515,7 @@ unsafe fn sgemm_blocked<T: MicroTile>(
                 BOperand::Packed(p) => OutPtr(p.data.as_ptr().add(jc / NR * NR * k) as *mut f32),
                 BOperand::Strided(_) | BOperand::Bf16(_) | BOperand::Quant(_) => {
                     let need = n_panels * NR * k;
-                    if pb.len() < need {
-                        pb.resize(need, 0.0);
-                    }
+                    pb.grow(need);
                     let bpack = OutPtr(pb.as_mut_ptr());
                     let pack_panel = |p: usize| {
                         let j0 = jc + p * NR;
@@ -570,9 +569,7 @@ unsafe fn sgemm_blocked<T: MicroTile>(
                 PACK_A.with(|pa| {
                     let mut pa = pa.borrow_mut();
                     let need = mc.div_ceil(T::MR) * T::MR * KC.min(k);
-                    if pa.len() < need {
-                        pa.resize(need, 0.0);
-                    }
+                    pa.grow(need);
                     let finishes = ks.end == k;
                     for pc in ks.step_by(KC) {
                         let kc = KC.min(k - pc);

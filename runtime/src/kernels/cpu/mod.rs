@@ -2,6 +2,7 @@
 //! fused norm-modulate. Every kernel here works on f32 slices; the dispatcher converts f16 and
 //! bf16 at its edges.
 
+pub mod aligned;
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
