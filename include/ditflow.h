@@ -74,7 +74,12 @@ const char* ditflow_version(void);
  *  weights resident, the rest read back from disk as it is used (bit for bit as uncapped);
  *  0 removes the cap. It holds for the whole process. */
 void ditflow_set_max_memory(size_t bytes);
-/** Bytes of weights read back from disk under the memory cap since the process started. */
+/** The VRAM cap (the CLI's --max-vram): each GPU holds at most `bytes` of model weights; models
+ *  loaded from then on leave the rest in host memory, uploaded when an op needs them (least
+ *  recently used let go first). 0 removes the cap. It holds for the whole process. */
+void ditflow_set_max_vram(size_t bytes);
+/** Bytes of weights read back from disk under the memory cap, or uploaded to a GPU under the
+ *  VRAM cap, since the process started. */
 uint64_t ditflow_weights_streamed_bytes(void);
 /** Tensor cores on CUDA (the CLI's --tensor-cores), for the whole process: nonzero lets
  *  attention and bf16/f16-weight linears run in bf16/f16 with f32 sums and f32 GEMMs in TF32

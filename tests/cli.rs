@@ -295,4 +295,23 @@ fn ops_lists_the_tensor_core_paths_and_run_takes_the_flag() {
     ]);
     assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
     assert!(text(&o.stdout).contains("caption = seed 7: mean"));
+    // --max-vram takes a size (no effect on the CPU), and says why a bad one is refused.
+    let o = ditflow(&[
+        "run",
+        "graphs/noise.yaml",
+        "--max-vram",
+        "8G",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    let o = ditflow(&["run", "graphs/noise.yaml", "--max-vram", "8X"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("--max-vram") && text(&o.stderr).contains("unknown unit"),
+        "{}",
+        text(&o.stderr)
+    );
 }

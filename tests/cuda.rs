@@ -407,3 +407,37 @@ fn every_tiny_model_forward_on_cuda_matches_the_cpu() {
     let Some(dev) = gpu() else { return };
     gpu_checks::every_model_matches_the_cpu(dev, 1e-3, "on CUDA");
 }
+
+#[test]
+fn under_a_vram_cap_of_half_the_weights_every_tiny_model_runs_as_uncapped() {
+    // Weights past the cap stay in host memory and are uploaded per use: the same values reach
+    // the same kernels, so the output is the uncapped one (tolerance 1e-6 of its largest value,
+    // for a cuBLAS that picks another algorithm for another buffer), and the uploads are
+    // counted as streamed bytes.
+    use ditflow::weights::{residency, vram};
+    let Some(dev) = gpu() else { return };
+    for &case in gpu_checks::PARITY_MODELS {
+        let folder = common::repo().join("tests/fixtures/parity").join(case.1);
+        let weights: u64 = std::fs::read_dir(&folder)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        let want =
+            gpu_checks::fixture_forward(&gpu_checks::session(), case, dev, "uncapped").unwrap();
+        vram::set_cap(Some(weights as usize / 2));
+        let before = residency::streamed_bytes();
+        let got = gpu_checks::fixture_forward(&gpu_checks::session(), case, dev, "vram-capped");
+        vram::set_cap(None);
+        let got = got.unwrap();
+        let e = common::relative_error(&got, &want);
+        let streamed = residency::streamed_bytes() - before;
+        eprintln!(
+            "{} under a VRAM cap of half its weights: {e:.2e}, {streamed} bytes uploaded per use",
+            case.1
+        );
+        assert!(e <= 1e-6, "{}: {e} against uncapped", case.1);
+        assert!(streamed > 0, "{}: nothing staged under the cap", case.1);
+    }
+}

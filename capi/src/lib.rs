@@ -247,6 +247,11 @@ pub extern "C" fn ditflow_set_max_memory(bytes: usize) {
 }
 
 #[no_mangle]
+pub extern "C" fn ditflow_set_max_vram(bytes: usize) {
+    ditflow::weights::vram::set_cap(Some(bytes).filter(|&b| b > 0));
+}
+
+#[no_mangle]
 pub extern "C" fn ditflow_set_tensor_cores(on: c_int) {
     ditflow::kernels::set_tensor_cores(on != 0);
 }

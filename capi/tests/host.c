@@ -125,8 +125,9 @@ int main(int argc, char** argv) {
         fprintf(stderr, "usage: host NODES_PLUGIN GRAPHS_DIR OUT_DIR\n");
         return 2;
     }
-    /* A memory cap far above what these graphs map: set, nothing read back, removed. */
+    /* Memory and VRAM caps far above what these graphs map: set, nothing read back, removed. */
     ditflow_set_max_memory((size_t)1 << 40);
+    ditflow_set_max_vram((size_t)1 << 40);
     rt = ditflow_runtime_new();
     CHECK(rt != NULL);
     CHECK(ditflow_runtime_load_plugin(rt, argv[1]) == DITFLOW_OK);
@@ -135,6 +136,7 @@ int main(int argc, char** argv) {
     CHECK(strstr(ditflow_last_error(), "/nonexistent/libnothing.so") != NULL);
     CHECK(ditflow_weights_streamed_bytes() == 0);
     ditflow_set_max_memory(0);
+    ditflow_set_max_vram(0);
     session = ditflow_session_new(rt);
     /* The session keeps the runtime alive. */
     ditflow_runtime_free(rt);

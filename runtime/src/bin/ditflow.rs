@@ -54,12 +54,25 @@ struct DeviceArgs {
     /// `ditflow ops`). No effect on the CPU.
     #[arg(long = "tensor-cores")]
     tensor_cores: bool,
+    /// On a GPU, cap the model weights it holds (e.g. 8G): weights past the cap stay in host
+    /// memory and are uploaded when an op needs them, least recently used let go first.
+    #[arg(long = "max-vram", value_name = "SIZE")]
+    max_vram: Option<String>,
 }
 
 /// Resolves `--device`; `None` means exit 2 (the error is printed).
 fn resolve_device(args: &DeviceArgs) -> Option<Device> {
     if args.tensor_cores {
         ditflow::kernels::set_tensor_cores(true);
+    }
+    if let Some(text) = &args.max_vram {
+        match ditflow::weights::residency::parse_bytes(text) {
+            Ok(bytes) => ditflow::weights::vram::set_cap(Some(bytes)),
+            Err(e) => {
+                eprintln!("error: --max-vram: {e}");
+                return None;
+            }
+        }
     }
     let text = args.device.as_deref().unwrap_or("auto");
     let request = match text.parse::<DeviceRequest>() {

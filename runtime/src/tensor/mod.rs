@@ -438,6 +438,15 @@ impl Tensor {
         }
     }
 
+    /// How many handles share this tensor's storage (1: this one alone).
+    pub(crate) fn storage_refs(&self) -> usize {
+        match &self.storage {
+            Storage::Cpu(b) => Arc::strong_count(b),
+            #[cfg(feature = "cuda")]
+            Storage::Cuda(b) => Arc::strong_count(b),
+        }
+    }
+
     /// Whether a packed form of this tensor's bytes is kept (see [`Tensor::packed_weight`]).
     pub(crate) fn has_packed_weight(&self) -> bool {
         matches!(&self.storage, Storage::Cpu(b) if b.packed.get().is_some())

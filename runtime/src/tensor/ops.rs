@@ -48,6 +48,9 @@ fn same_device(op: &'static str, ts: &[&Tensor]) -> R<Device> {
     let d = ts.first().map_or(Device::Cpu, |t| t.device());
     for t in ts {
         if t.device() != d {
+            if let Some(gpu) = staging_device(ts) {
+                return Ok(gpu);
+            }
             return Err(invalid(
                 op,
                 format!("inputs on different devices ({d} and {})", t.device()),
@@ -55,6 +58,25 @@ fn same_device(op: &'static str, ts: &[&Tensor]) -> R<Device> {
         }
     }
     Ok(d)
+}
+
+/// Under the VRAM cap ([`crate::weights::vram`]) weights left in host memory join ops on a GPU,
+/// which stage them ([`on_cuda`]): the GPU of inputs on one GPU and the CPU, else `None`.
+fn staging_device(ts: &[&Tensor]) -> Option<Device> {
+    crate::weights::vram::cap()?;
+    let gpu = ts.iter().map(|t| t.device()).find(|d| *d != Device::Cpu)?;
+    ts.iter()
+        .all(|t| t.device() == gpu || t.device() == Device::Cpu)
+        .then_some(gpu)
+}
+
+/// `t` on `device`: itself, or a host weight staged on the GPU under the VRAM cap.
+#[cfg(feature = "cuda")]
+fn on_device(t: &Tensor, device: Device) -> R<Tensor> {
+    match device {
+        Device::Cuda(n) if t.device() == Device::Cpu => cuda::ops::stage(t, n),
+        _ => Ok(t.clone()),
+    }
 }
 
 fn float_input(op: &'static str, t: &Tensor) -> R<()> {
@@ -120,13 +142,19 @@ use crate::kernels::cuda;
 /// Runs a CUDA op on f32 copies of half-precision inputs and narrows the result back.
 #[cfg(feature = "cuda")]
 fn on_cuda(dtype: DType, inputs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> R) -> R {
+    let gpu = inputs
+        .iter()
+        .map(|t| t.device())
+        .find(|d| *d != Device::Cpu)
+        .unwrap_or(Device::Cpu);
     let widened = inputs
         .iter()
         .map(|t| {
+            let t = on_device(t, gpu)?;
             if is_float(t.dtype()) && t.dtype() != DType::F32 {
-                cast(t, DType::F32)
+                cast(&t, DType::F32)
             } else {
-                Ok((*t).clone())
+                Ok(t)
             }
         })
         .collect::<R<Vec<_>>>()?;
@@ -452,14 +480,15 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
             })
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_)
+        gpu @ Device::Cuda(_)
             if crate::kernels::tensor_cores() && matches!(w.dtype(), DType::BF16 | DType::F16) =>
         {
             // The weight stays in its own type, for the tensor cores.
+            let w = on_device(w, gpu)?;
             let mut rest = vec![x];
             rest.extend(bias);
             on_cuda(x.dtype(), &rest, |t| {
-                cuda::ops::linear(&t[0], w, t.get(1), act, m, n, k, &out_shape)
+                cuda::ops::linear(&t[0], &w, t.get(1), act, m, n, k, &out_shape)
             })
         }
         #[cfg(feature = "cuda")]
@@ -1398,6 +1427,20 @@ pub fn concat(xs: &[&Tensor], axis: i64) -> R {
         }
         out_shape[ax] += t.shape()[ax];
     }
+    // Weights split between a GPU and host memory by the VRAM cap (a loader fusing q, k and v)
+    // join in host memory, to be staged on use.
+    let on_host: Vec<Tensor>;
+    let host_refs: Vec<&Tensor>;
+    let xs = if staging_device(xs).is_some() && xs.iter().any(|t| t.device() == Device::Cpu) {
+        on_host = xs
+            .iter()
+            .map(|t| t.to_device(Device::Cpu))
+            .collect::<R<_>>()?;
+        host_refs = on_host.iter().collect();
+        &host_refs[..]
+    } else {
+        xs
+    };
     let dev = same_device(OP, xs)?;
     if ax + 1 == first.rank() {
         dense(OP, first)?;

@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod packed;
 pub mod quant;
 pub mod residency;
+pub mod vram;
 
 use crate::tensor::ops::{self, OpError};
 use crate::tensor::{DType, Device, Tensor};
@@ -249,13 +250,34 @@ impl Weights {
                 t = ops::cast(&t, fd).map_err(|e| terr(e.to_string()))?;
             }
         }
-        if opts.device != Device::Cpu {
-            if t.dtype().is_quantized() {
-                // The CUDA kernels read dense weights: a block format is widened on the way.
+        if let Device::Cuda(ordinal) = opts.device {
+            // Under the VRAM cap a weight that does not fit stays in host memory, as stored, and
+            // is staged on use (see `vram`). The CUDA kernels read dense weights: a block format
+            // is widened on the way.
+            let dense_bytes = |t: &Tensor| {
                 let to = opts.float_dtype.unwrap_or(DType::F32);
-                t = ops::cast(&t, to).map_err(|e| terr(e.to_string()))?;
+                t.numel()
+                    * if t.dtype().is_quantized() {
+                        to.size()
+                    } else {
+                        t.dtype().size()
+                    }
+            };
+            let charge = if vram::cap().is_some() {
+                dense_bytes(&t)
+            } else {
+                0
+            };
+            if vram::try_charge(ordinal, charge) {
+                if t.dtype().is_quantized() {
+                    let to = opts.float_dtype.unwrap_or(DType::F32);
+                    t = ops::cast(&t, to).map_err(|e| {
+                        vram::uncharge(ordinal, charge);
+                        terr(e.to_string())
+                    })?;
+                }
+                t = upload_weight(&t, ordinal, charge).map_err(|e| terr(e.to_string()))?;
             }
-            t = t.to_device(opts.device).map_err(|e| terr(e.to_string()))?;
         }
         if self.tensors.insert(name.to_string(), t).is_some() {
             return Err(terr("appears in two files".into()));
@@ -386,6 +408,20 @@ impl ModelFolder {
 impl From<WeightsError> for OpError {
     fn from(e: WeightsError) -> OpError {
         OpError::Device(e.to_string())
+    }
+}
+
+/// Uploads weight `t` to GPU `ordinal`, its `charge` bytes counted by the VRAM cap while the
+/// copy lives.
+fn upload_weight(t: &Tensor, ordinal: usize, charge: usize) -> Result<Tensor, OpError> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::kernels::cuda::ops::to_device_charged(t, ordinal, charge)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        vram::uncharge(ordinal, charge);
+        t.to_device(Device::Cuda(ordinal))
     }
 }
 

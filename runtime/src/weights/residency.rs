@@ -57,6 +57,12 @@ pub fn streamed_bytes() -> u64 {
     STREAMED.load(Ordering::Relaxed)
 }
 
+/// Counts `bytes` of weights brought back to where an op needs them (uploads under the VRAM
+/// cap, [`super::vram`]).
+pub(crate) fn count_streamed(bytes: u64) {
+    STREAMED.fetch_add(bytes, Ordering::Relaxed);
+}
+
 /// Parses a byte count as the command line takes it: `8G`, `512M`, `2.5GiB`, `1000000`.
 pub fn parse_bytes(text: &str) -> Result<usize, String> {
     let t = text.trim();

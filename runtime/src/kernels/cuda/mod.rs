@@ -6,6 +6,7 @@
 //! every entry point probes first and catches panics: a machine without CUDA gets an error
 //! message, never a crash.
 
+mod blaslt;
 pub mod ops;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
@@ -49,6 +50,17 @@ pub const KERNEL_NAMES: &[&str] = &[
 pub struct DeviceBuf {
     slice: CudaSlice<u8>,
     ordinal: usize,
+    /// Bytes charged to the device's loaded weights under the VRAM cap
+    /// ([`crate::weights::vram`]), returned when the buffer goes.
+    vram_charge: usize,
+}
+
+impl Drop for DeviceBuf {
+    fn drop(&mut self) {
+        if self.vram_charge > 0 {
+            crate::weights::vram::uncharge(self.ordinal, self.vram_charge);
+        }
+    }
 }
 
 impl DeviceBuf {
@@ -74,6 +86,10 @@ impl DeviceBuf {
 
 /// One device's context, stream, BLAS handle and kernels.
 pub struct Backend {
+    /// cuBLASLt, made on first use (`None` where it cannot be used).
+    lt: OnceLock<Option<blaslt::Lt>>,
+    /// Host weights staged on this device under the VRAM cap.
+    pub(crate) staged: Mutex<crate::weights::vram::Staged<crate::tensor::Tensor>>,
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub blas: cudarc::cublas::CudaBlas,
@@ -231,6 +247,8 @@ impl Backend {
             cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e}"))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         Ok(Backend {
+            staged: Mutex::default(),
+            lt: OnceLock::new(),
             ctx,
             stream,
             blas,
@@ -239,6 +257,11 @@ impl Backend {
             ordinal,
             name,
         })
+    }
+
+    /// cuBLASLt for fused linear epilogues, or `None` where it cannot be used.
+    pub(crate) fn lt(&self) -> Option<&blaslt::Lt> {
+        self.lt.get_or_init(|| blaslt::Lt::new(self)).as_ref()
     }
 
     pub(crate) fn func(&self, name: &str) -> &CudaFunction {
@@ -253,6 +276,7 @@ impl Backend {
         Ok(DeviceBuf {
             slice,
             ordinal: self.ordinal,
+            vram_charge: 0,
         })
     }
 

@@ -127,9 +127,51 @@ fn act_code(a: Activation) -> i32 {
 // --- movement and dtype ----------------------------------------------------------------------
 
 pub fn to_device(host: &Tensor, ordinal: usize) -> R {
-    let be = Backend::get(ordinal).map_err(OpError::Device)?;
-    let b = be.upload(host.cpu_bytes()?).map_err(dev_err("upload"))?;
+    to_device_charged(host, ordinal, 0)
+}
+
+/// [`to_device`] for a loaded weight whose `charge` bytes the VRAM cap counts while the copy
+/// lives ([`crate::weights::vram::try_charge`]).
+pub fn to_device_charged(host: &Tensor, ordinal: usize, charge: usize) -> R {
+    let uncharge = || {
+        if charge > 0 {
+            crate::weights::vram::uncharge(ordinal, charge)
+        }
+    };
+    let be = Backend::get(ordinal).map_err(|e| {
+        uncharge();
+        OpError::Device(e)
+    })?;
+    let mut b = be.upload(host.cpu_bytes()?).map_err(|e| {
+        uncharge();
+        dev_err("upload")(e)
+    })?;
+    b.vram_charge = charge;
     Ok(Tensor::from_device_buf(host.dtype(), host.shape(), b))
+}
+
+/// The device copy of host weight `w` for an op on device `ordinal` under the VRAM cap: staged
+/// on first use, within what the loaded weights leave of the cap (a block format is widened to
+/// f32 on the way, as at load).
+pub fn stage(w: &Tensor, ordinal: usize) -> R {
+    let cap = crate::weights::vram::cap().unwrap_or(usize::MAX);
+    let be = Backend::get(ordinal).map_err(OpError::Device)?;
+    let budget = cap.saturating_sub(crate::weights::vram::loaded_bytes(ordinal));
+    let mut staged = be.staged.lock().unwrap_or_else(|p| p.into_inner());
+    staged.forget_dropped();
+    staged
+        .stage(w, budget, cap, || {
+            let dense = if w.dtype().is_quantized() {
+                crate::tensor::ops::cast(w, DType::F32).map_err(|e| e.to_string())?
+            } else {
+                w.clone()
+            };
+            to_device(&dense, ordinal).map_err(|e| e.to_string())
+        })
+        .map_err(|e| OpError::Invalid {
+            op: "stage",
+            msg: e,
+        })
 }
 
 pub fn to_host(t: &Tensor) -> R {
@@ -333,9 +375,24 @@ pub fn linear(
     if out.numel() == 0 {
         return Ok(out);
     }
+    let half = matches!(w.dtype(), DType::BF16 | DType::F16);
+    // The bias and activation fused into a cuBLASLt epilogue where it has one; cuBLAS then
+    // `bias_act` otherwise, or when cuBLASLt declines.
+    if let (true, Some(epi), Some(lt)) =
+        (k > 0, super::blaslt::epilogue(bias.is_some(), act), be.lt())
+    {
+        let xh = if half { cast(x, w.dtype())? } else { x.clone() };
+        let operands = (ptr(&be, &xh)?, ptr(&be, w)?, w.dtype());
+        let tf32 = crate::kernels::tensor_cores();
+        let (bias_p, out_p) = (opt_ptr(&be, bias)?, ptr(&be, &out)?);
+        match super::blaslt::linear(&be, lt, operands, bias_p, out_p, (m, n, k), tf32, epi) {
+            Ok(()) => return Ok(out),
+            Err(e) => tracing::debug!("{e}: cuBLAS and bias_act instead"),
+        }
+    }
     if k == 0 {
         fill_zero(&be, out.clone())?;
-    } else if let DType::BF16 | DType::F16 = w.dtype() {
+    } else if half {
         let w_type = if w.dtype() == DType::BF16 {
             cudaDataType::CUDA_R_16BF
         } else {
