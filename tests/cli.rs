@@ -315,3 +315,28 @@ fn ops_lists_the_tensor_core_paths_and_run_takes_the_flag() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn device_flag_without_a_gpu_falls_back_or_fails_cleanly() {
+    if ditflow::kernels::cuda_available(0).is_ok() {
+        eprintln!("skipped: a GPU is present");
+        return;
+    }
+    let graph = common::repo().join("graphs/noise.yaml");
+    let run = |device: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ditflow"))
+            .args(["validate", graph.to_str().unwrap(), "--device", device])
+            .env("DITFLOW_PLUGIN_PATH", common::plugin_dir())
+            .output()
+            .expect("run ditflow")
+    };
+    let auto = run("auto");
+    let err = String::from_utf8_lossy(&auto.stderr);
+    assert!(auto.status.success(), "{err}");
+    assert!(err.contains("using the CPU"), "{err}");
+    let cuda = run("cuda:0");
+    let err = String::from_utf8_lossy(&cuda.stderr);
+    assert_eq!(cuda.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot use cuda:0"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

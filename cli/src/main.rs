@@ -1,4 +1,5 @@
-//! The `ditflow` command line: run, watch (hot reload), validate, list node types, and draw graphs.
+//! The `ditflow` command line: run, watch (hot reload), validate, serve jobs over HTTP, list node
+//! types, and draw graphs.
 //!
 //! Exit codes: 0 success, 1 the run failed (a node failed or the run was cancelled), 2 an invalid
 //! graph or bad usage.
@@ -170,6 +171,166 @@ enum Command {
     Ops,
     /// Print a graph in Graphviz DOT.
     Dot { graph: PathBuf },
+    /// Serve graphs as jobs over HTTP, SSE and websockets, with a persistent queue (see the
+    /// README's "Serving"). Ctrl-C stops; queued and running jobs are kept for the next start.
+    Serve(ServeArgs),
+    /// Convert a ComfyUI API-format prompt (workflow_api.json, or a /prompt body) into a ditflow
+    /// graph, printed as YAML.
+    ImportComfy {
+        file: PathBuf,
+        /// The folder checkpoint, VAE and image names are relative to (default: the current one).
+        #[arg(long, value_name = "DIR")]
+        models: Option<PathBuf>,
+        /// Write the YAML to this file instead of stdout.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+fn cmd_import_comfy(
+    file: &Path,
+    models: Option<PathBuf>,
+    out: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let fail = |msg: String| {
+        eprintln!("error: {msg}");
+        Ok(ExitCode::from(2))
+    };
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("{}: {e}", file.display())),
+    };
+    let json: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(j) => j,
+        Err(e) => return fail(format!("{}: not JSON: {e}", file.display())),
+    };
+    // A /prompt body holds the prompt under "prompt".
+    let prompt = json
+        .get("prompt")
+        .filter(|p| p.is_object())
+        .unwrap_or(&json);
+    let models = models.unwrap_or_else(|| PathBuf::from("."));
+    let models = std::fs::canonicalize(&models).unwrap_or(models);
+    match ditflow_serve::comfy::import::import(prompt, &models) {
+        Ok(imported) => {
+            match out {
+                Some(path) => std::fs::write(&path, &imported.yaml)
+                    .with_context(|| format!("writing {}", path.display()))?,
+                None => print!("{}", imported.yaml),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for e in errors {
+                eprintln!("{}: {e}", file.display());
+            }
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The address to listen on (port 0: a free port; the one chosen is printed).
+    #[arg(long, default_value = "127.0.0.1:8188")]
+    addr: std::net::SocketAddr,
+    /// The folder for the job store and the jobs' files.
+    #[arg(long, value_name = "DIR", default_value = "ditflow-serve")]
+    data: PathBuf,
+    /// The folder relative paths in submitted graphs resolve against (default: the current one).
+    #[arg(long, value_name = "DIR")]
+    base: Option<PathBuf>,
+    /// An API token, OWNER:SECRET (repeatable): it sees only its owner's jobs.
+    #[arg(long = "token", value_name = "OWNER:SECRET")]
+    tokens: Vec<String>,
+    /// An admin token, which sees every job (repeatable).
+    #[arg(long = "admin-token", value_name = "SECRET")]
+    admin_tokens: Vec<String>,
+    /// The most jobs waiting; past it submissions are refused with 429.
+    #[arg(long = "queue-limit", default_value_t = 100)]
+    queue_limit: usize,
+    /// Finished jobs kept (with their files).
+    #[arg(long = "history-limit", default_value_t = 1000)]
+    history_limit: usize,
+    /// Days finished jobs are kept.
+    #[arg(long = "history-days", default_value_t = 7.0)]
+    history_days: f64,
+    /// Jobs run at once (0: queue jobs without running them).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Threads for one job's nodes (default: one per core).
+    #[arg(long = "run-threads", value_name = "N")]
+    run_threads: Option<usize>,
+    /// The largest request body accepted (e.g. 16M).
+    #[arg(long = "max-body", value_name = "SIZE", default_value = "16M")]
+    max_body: String,
+    /// Cap the models' memory-mapped weights resident at once (as for `run`).
+    #[arg(long = "max-memory", value_name = "SIZE")]
+    max_memory: Option<String>,
+    #[command(flatten)]
+    plugins: PluginArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+fn cmd_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let Some(device) = resolve_device(&args.device) else {
+        return Ok(ExitCode::from(2));
+    };
+    if !apply_memory_cap(&args.max_memory) {
+        return Ok(ExitCode::from(2));
+    }
+    let usage = |msg: String| {
+        eprintln!("error: {msg}");
+        Ok(ExitCode::from(2))
+    };
+    let tokens = match ditflow_serve::auth::Tokens::parse(&args.tokens, &args.admin_tokens) {
+        Ok(t) => t,
+        Err(e) => return usage(e),
+    };
+    let max_body = match ditflow::weights::residency::parse_bytes(&args.max_body) {
+        Ok(b) => b,
+        Err(e) => return usage(format!("--max-body: {e}")),
+    };
+    if !(args.history_days >= 0.0 && args.history_days.is_finite()) {
+        return usage(format!(
+            "--history-days {}: expected days >= 0",
+            args.history_days
+        ));
+    }
+    if tokens.is_empty() {
+        if !args.addr.ip().is_loopback() {
+            return usage(format!(
+                "serving on {} needs --token or --admin-token (without tokens only a loopback \
+                 address is served)",
+                args.addr
+            ));
+        }
+        eprintln!("note: no tokens given: every request is served, as its admin (loopback only)");
+    }
+    let rt = Arc::new(load_runtime(&args.plugins));
+    let mut opts = ditflow_serve::ServeOptions::new(args.data);
+    opts.addr = args.addr;
+    if let Some(base) = args.base {
+        opts.base_dir = base;
+    }
+    opts.tokens = tokens;
+    opts.queue_limit = args.queue_limit;
+    opts.history_limit = args.history_limit;
+    opts.history_max_age = std::time::Duration::from_secs_f64(args.history_days * 86400.0);
+    opts.workers = args.workers;
+    if let Some(n) = args.run_threads {
+        opts.run_threads = n.max(1);
+    }
+    opts.device = device;
+    opts.max_body_bytes = max_body;
+    match ditflow_serve::serve(opts, rt) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
 }
 
 fn load_runtime(args: &PluginArgs) -> Runtime {
@@ -607,6 +768,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
         Command::Nodes { json, plugins } => cmd_nodes(json, plugins),
         Command::Ops => cmd_ops(),
+        Command::Serve(args) => cmd_serve(args),
+        Command::ImportComfy { file, models, out } => cmd_import_comfy(&file, models, out),
         Command::Dot { graph } => match Graph::from_file(&graph) {
             Ok(g) => {
                 print!("{}", to_dot(g.ir()));

@@ -1,0 +1,636 @@
+//! ComfyUI API-format prompts (`{"3": {"class_type": "KSampler", "inputs": {...}}}`) as ditflow
+//! graph documents.
+//!
+//! Each ComfyUI node becomes one or more of ours, and each of its outputs one of their ports; a
+//! link `["4", 0]` becomes `node.port`. A checkpoint name is a diffusers folder (relative to the
+//! models folder): `CheckpointLoaderSimple` loads its `text_encoder`, `transformer` (or `unet`)
+//! and `vae`, and the sampler reads its `scheduler/scheduler_config.json`. `EmptyLatentImage`
+//! takes the latent channels and downscale factor of the VAE of the checkpoint its sampler
+//! uses. Sampler and scheduler names are ComfyUI's, mapped onto `Sample`'s (a flow-matching
+//! checkpoint's `euler` is `flow_euler`). A class without a mapping is an error naming the node
+//! and the class; every error is reported, not only the first.
+
+use serde_json::Value as Json;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// The ComfyUI classes that map onto ditflow nodes.
+pub const MAPPED_CLASSES: &[&str] = &[
+    "CheckpointLoaderSimple",
+    "UNETLoader",
+    "VAELoader",
+    "CLIPTextEncode",
+    "EmptyLatentImage",
+    "EmptySD3LatentImage",
+    "KSampler",
+    "VAEDecode",
+    "VAEEncode",
+    "LoadImage",
+    "SaveImage",
+    "FluxGuidance",
+    "ModelSamplingSD3",
+    "ModelSamplingFlux",
+];
+
+/// A problem with one node of the prompt (or the prompt itself, `node` `None`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportError {
+    pub node: Option<String>,
+    pub class_type: Option<String>,
+    pub message: String,
+}
+
+impl std::fmt::Display for ImportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.node, &self.class_type) {
+            (Some(n), Some(c)) => write!(f, "node \"{n}\" ({c}): {}", self.message),
+            (Some(n), None) => write!(f, "node \"{n}\": {}", self.message),
+            _ => f.write_str(&self.message),
+        }
+    }
+}
+
+/// A prompt as a graph: the YAML document, and the images its save nodes write.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub yaml: String,
+    /// `(ComfyUI node id, file name)` of each SaveImage.
+    pub images: Vec<(String, String)>,
+}
+
+/// One of our nodes: its id, type and inputs (`port: YAML text`).
+struct Ours {
+    id: String,
+    ty: &'static str,
+    inputs: Vec<(String, String)>,
+}
+
+/// A constant as a YAML input value (`{value: ...}`, so no string is read as a link).
+fn constant(v: &Json) -> String {
+    format!("{{value: {v}}}")
+}
+
+/// The diffusers folders of a checkpoint, and what its configs say.
+#[derive(Debug, Clone)]
+struct Checkpoint {
+    dir: PathBuf,
+    latent_channels: i64,
+    downscale: i64,
+    flow: bool,
+}
+
+impl Checkpoint {
+    fn read(dir: PathBuf) -> Checkpoint {
+        let json = |p: PathBuf| -> Option<Json> {
+            serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+        };
+        let vae = json(dir.join("vae/config.json"));
+        let latent_channels = vae
+            .as_ref()
+            .and_then(|v| v["latent_channels"].as_i64())
+            .unwrap_or(4);
+        let downscale = vae
+            .as_ref()
+            .and_then(|v| v["block_out_channels"].as_array().map(|b| b.len()))
+            .map_or(8, |n| 1i64 << n.saturating_sub(1));
+        let flow = json(dir.join("scheduler/scheduler_config.json"))
+            .and_then(|s| {
+                s["_class_name"]
+                    .as_str()
+                    .map(|c| c.starts_with("FlowMatch"))
+            })
+            .unwrap_or(false);
+        Checkpoint {
+            dir,
+            latent_channels,
+            downscale,
+            flow,
+        }
+    }
+}
+
+/// ComfyUI's sampler name as `Sample`'s.
+fn sampler(name: &str, flow: bool) -> Option<&'static str> {
+    Some(match (name, flow) {
+        ("euler", true) => "flow_euler",
+        ("heun", true) => "flow_heun",
+        ("euler", false) => "euler",
+        ("heun", false) => "heun",
+        ("euler_ancestral", _) => "euler_ancestral",
+        ("dpmpp_2m", _) => "dpmpp_2m",
+        ("dpmpp_2m_sde", _) => "dpmpp_2m_sde",
+        ("ddim", _) => "ddim",
+        ("lcm", _) => "lcm",
+        ("uni_pc" | "uni_pc_bh2", _) => "unipc",
+        _ => return None,
+    })
+}
+
+/// ComfyUI's scheduler name as `Sample`'s spacing.
+fn spacing(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "normal" | "simple" | "sgm_uniform" | "ddim_uniform" => "default",
+        "karras" => "karras",
+        "exponential" => "exponential",
+        "beta" => "beta",
+        _ => return None,
+    })
+}
+
+struct Importer<'a> {
+    prompt: &'a serde_json::Map<String, Json>,
+    models_dir: &'a Path,
+    errors: Vec<ImportError>,
+}
+
+impl<'a> Importer<'a> {
+    fn class(&self, id: &str) -> Option<&'a str> {
+        self.prompt.get(id)?["class_type"].as_str()
+    }
+
+    fn input(&self, id: &str, name: &str) -> Option<&'a Json> {
+        self.prompt.get(id)?["inputs"].get(name)
+    }
+
+    fn err(&mut self, id: &str, msg: impl Into<String>) {
+        let class_type = self.class(id).map(String::from);
+        self.errors.push(ImportError {
+            node: Some(id.to_string()),
+            class_type,
+            message: msg.into(),
+        });
+    }
+
+    /// The node id a link input points at (`["4", 0]`), and the output index.
+    fn link(&self, id: &str, name: &str) -> Option<(&'a str, u64)> {
+        let v = self.input(id, name)?.as_array()?;
+        match v.as_slice() {
+            [Json::String(src), idx] => Some((src.as_str(), idx.as_u64()?)),
+            _ => None,
+        }
+    }
+
+    /// The checkpoint a model link comes from, through the nodes that pass a model on.
+    fn checkpoint_of(&self, id: &str, input: &str, depth: usize) -> Option<Checkpoint> {
+        let (src, _) = self.link(id, input)?;
+        match self.class(src)? {
+            "CheckpointLoaderSimple" => {
+                let name = self.input(src, "ckpt_name")?.as_str()?;
+                Some(Checkpoint::read(self.models_dir.join(name)))
+            }
+            "UNETLoader" => {
+                let name = self.input(src, "unet_name")?.as_str()?;
+                Some(Checkpoint::read(self.models_dir.join(name)))
+            }
+            "ModelSamplingSD3" | "ModelSamplingFlux" if depth < 32 => {
+                self.checkpoint_of(src, "model", depth + 1)
+            }
+            _ => None,
+        }
+    }
+
+    /// Our `node.port` for output `idx` of node `src`, through the nodes that pass a value on
+    /// (FluxGuidance's conditioning, ModelSampling's model: their settings go to the sampler).
+    fn resolve(&self, src: &str, idx: u64, depth: usize) -> Option<String> {
+        let class = self.class(src)?;
+        let through = match class {
+            "FluxGuidance" => "conditioning",
+            "ModelSamplingSD3" | "ModelSamplingFlux" => "model",
+            _ => return output_port(class, src, idx),
+        };
+        if depth >= 32 {
+            return None;
+        }
+        let (s, i) = self.link(src, through)?;
+        self.resolve(s, i, depth + 1)
+    }
+
+    /// The KSampler whose latent_image is node `latent`.
+    fn sampler_of_latent(&self, latent: &str) -> Option<&'a str> {
+        self.prompt.iter().find_map(|(id, _)| {
+            (self.class(id) == Some("KSampler")
+                && self.link(id, "latent_image").map(|l| l.0) == Some(latent))
+            .then_some(id.as_str())
+        })
+    }
+}
+
+/// The id of our node for ComfyUI node `id` (suffixed where one becomes several).
+fn our_id(id: &str, suffix: &str) -> String {
+    let clean: String = id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if suffix.is_empty() {
+        format!("n{clean}")
+    } else {
+        format!("n{clean}_{suffix}")
+    }
+}
+
+/// Our `node.port` for output `index` of ComfyUI node `id`, or `None` when it has no such output.
+fn output_port(class: &str, id: &str, index: u64) -> Option<String> {
+    let (suffix, port) = match (class, index) {
+        ("CheckpointLoaderSimple", 0) => ("dit", "model"),
+        ("CheckpointLoaderSimple", 1) => ("te", "encoder"),
+        ("CheckpointLoaderSimple", 2) => ("vae", "vae"),
+        ("UNETLoader", 0) => ("", "model"),
+        ("VAELoader", 0) => ("", "vae"),
+        ("CLIPTextEncode", 0) => ("", "conditioning"),
+        ("EmptyLatentImage" | "EmptySD3LatentImage", 0) => ("", "latent"),
+        ("KSampler", 0) => ("", "latent"),
+        ("VAEDecode", 0) => ("", "image"),
+        ("VAEEncode", 0) => ("", "latent"),
+        ("LoadImage", 0) => ("", "image"),
+        _ => return None,
+    };
+    Some(format!("{}.{port}", our_id(id, suffix)))
+}
+
+/// Imports `prompt`; checkpoint, VAE and image names are relative to `models_dir`.
+pub fn import(prompt: &Json, models_dir: &Path) -> Result<Imported, Vec<ImportError>> {
+    let Some(map) = prompt.as_object().filter(|m| !m.is_empty()) else {
+        return Err(vec![ImportError {
+            node: None,
+            class_type: None,
+            message: "a prompt is an object of nodes by id: {\"3\": {\"class_type\": ..., \
+                      \"inputs\": {...}}}"
+                .into(),
+        }]);
+    };
+    let mut im = Importer {
+        prompt: map,
+        models_dir,
+        errors: Vec::new(),
+    };
+    let mut nodes: Vec<Ours> = Vec::new();
+    let mut images = Vec::new();
+    // ComfyUI's ids are strings of numbers: in numeric order where they are numbers.
+    let mut ids: Vec<&String> = map.keys().collect();
+    ids.sort_by_key(|k| (k.parse::<u64>().unwrap_or(u64::MAX), k.to_string()));
+    for id in ids {
+        let id = id.as_str();
+        let Some(class) = im.class(id) else {
+            im.err(id, "no class_type");
+            continue;
+        };
+        if !MAPPED_CLASSES.contains(&class) {
+            im.err(
+                id,
+                format!(
+                    "class '{class}' has no ditflow equivalent yet (mapped: {})",
+                    MAPPED_CLASSES.join(", ")
+                ),
+            );
+            continue;
+        }
+        // A linked input as our `node.port`; an error when absent or dangling.
+        let linked = |im: &mut Importer, name: &str| -> Option<String> {
+            let Some((src, idx)) = im.link(id, name) else {
+                im.err(
+                    id,
+                    format!("input '{name}' must be a link [node_id, output]"),
+                );
+                return None;
+            };
+            let Some(src_class) = im.class(src) else {
+                im.err(
+                    id,
+                    format!("input '{name}' links to node \"{src}\", which is not in the prompt"),
+                );
+                return None;
+            };
+            let port = im.resolve(src, idx, 0);
+            if port.is_none() {
+                im.err(
+                    id,
+                    format!(
+                        "input '{name}': {src_class} \"{src}\" has no output {idx} ditflow maps"
+                    ),
+                );
+            }
+            port
+        };
+        let value = |im: &mut Importer, name: &str| -> Option<Json> {
+            let v = im.input(id, name).cloned();
+            if v.is_none() {
+                im.err(id, format!("input '{name}' is missing"));
+            }
+            v
+        };
+        let path_of = |name: &Json| -> Json {
+            Json::String(
+                models_dir
+                    .join(name.as_str().unwrap_or(""))
+                    .to_string_lossy()
+                    .into(),
+            )
+        };
+        let mut node = |suffix: &str, ty: &'static str, inputs: Vec<(&str, String)>| {
+            nodes.push(Ours {
+                id: our_id(id, suffix),
+                ty,
+                inputs: inputs
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            })
+        };
+        match class {
+            "CheckpointLoaderSimple" => {
+                let Some(name) = value(&mut im, "ckpt_name") else {
+                    continue;
+                };
+                let dir = models_dir.join(name.as_str().unwrap_or(""));
+                if !dir.is_dir() {
+                    im.err(
+                        id,
+                        format!(
+                            "checkpoint '{}' is not a diffusers folder under {}",
+                            name.as_str().unwrap_or(""),
+                            models_dir.display()
+                        ),
+                    );
+                    continue;
+                }
+                let sub = |s: &str| constant(&Json::String(dir.join(s).to_string_lossy().into()));
+                let unet = if dir.join("transformer").is_dir() {
+                    "transformer"
+                } else {
+                    "unet"
+                };
+                node("te", "LoadTextEncoder", vec![("path", sub("text_encoder"))]);
+                node("dit", "LoadDiffusionModel", vec![("path", sub(unet))]);
+                node("vae", "LoadVAE", vec![("path", sub("vae"))]);
+            }
+            "UNETLoader" => {
+                let Some(name) = value(&mut im, "unet_name") else {
+                    continue;
+                };
+                let dir = models_dir.join(name.as_str().unwrap_or(""));
+                let unet = if dir.join("transformer").is_dir() {
+                    dir.join("transformer")
+                } else {
+                    dir
+                };
+                node(
+                    "",
+                    "LoadDiffusionModel",
+                    vec![(
+                        "path",
+                        constant(&Json::String(unet.to_string_lossy().into())),
+                    )],
+                );
+            }
+            "VAELoader" => {
+                let Some(name) = value(&mut im, "vae_name") else {
+                    continue;
+                };
+                node("", "LoadVAE", vec![("path", constant(&path_of(&name)))]);
+            }
+            "CLIPTextEncode" => {
+                let (Some(clip), Some(text)) = (linked(&mut im, "clip"), value(&mut im, "text"))
+                else {
+                    continue;
+                };
+                node(
+                    "",
+                    "TextEncode",
+                    vec![("encoder", clip), ("text", constant(&text))],
+                );
+            }
+            // They pass their input on (`Importer::resolve`); their settings go to the sampler.
+            "FluxGuidance" | "ModelSamplingSD3" | "ModelSamplingFlux" => continue,
+            "EmptyLatentImage" | "EmptySD3LatentImage" => {
+                let (Some(w), Some(h)) = (value(&mut im, "width"), value(&mut im, "height")) else {
+                    continue;
+                };
+                let batch = im.input(id, "batch_size").cloned().unwrap_or(Json::from(1));
+                let ckpt = im
+                    .sampler_of_latent(id)
+                    .and_then(|s| im.checkpoint_of(s, "model", 0));
+                let (channels, downscale) = match (&ckpt, class) {
+                    (Some(c), _) => (c.latent_channels, c.downscale),
+                    (None, "EmptySD3LatentImage") => (16, 8),
+                    (None, _) => (4, 8),
+                };
+                node(
+                    "",
+                    "EmptyLatent",
+                    vec![
+                        ("width", constant(&w)),
+                        ("height", constant(&h)),
+                        ("batch", constant(&batch)),
+                        ("channels", constant(&Json::from(channels))),
+                        ("downscale", constant(&Json::from(downscale))),
+                    ],
+                );
+            }
+            "KSampler" => {
+                let ckpt = im.checkpoint_of(id, "model", 0);
+                let flow = ckpt.as_ref().is_some_and(|c| c.flow);
+                let model = linked(&mut im, "model");
+                let pos = linked(&mut im, "positive");
+                let neg = linked(&mut im, "negative");
+                let latent = linked(&mut im, "latent_image");
+                let name = im
+                    .input(id, "sampler_name")
+                    .and_then(Json::as_str)
+                    .unwrap_or("euler");
+                let Some(samp) = sampler(name, flow) else {
+                    im.err(
+                        id,
+                        format!("sampler_name '{name}' has no ditflow sampler yet"),
+                    );
+                    continue;
+                };
+                let sched = im
+                    .input(id, "scheduler")
+                    .and_then(Json::as_str)
+                    .unwrap_or("normal");
+                let Some(space) = spacing(sched) else {
+                    im.err(
+                        id,
+                        format!("scheduler '{sched}' has no ditflow spacing yet"),
+                    );
+                    continue;
+                };
+                let (Some(model), Some(pos), Some(latent)) = (model, pos, latent) else {
+                    continue;
+                };
+                let mut inputs = vec![("model", model), ("positive", pos)];
+                if let Some(neg) = neg {
+                    inputs.push(("negative", neg));
+                }
+                // From an encoded image (VAEEncode) with denoise < 1: image-to-image.
+                let from_image =
+                    im.link(id, "latent_image").and_then(|(s, _)| im.class(s)) == Some("VAEEncode");
+                inputs.push((if from_image { "init_latent" } else { "latent" }, latent));
+                for (ours, theirs) in [
+                    ("seed", "seed"),
+                    ("steps", "steps"),
+                    ("cfg", "cfg"),
+                    ("denoise", "denoise"),
+                ] {
+                    if let Some(v) = im.input(id, theirs) {
+                        inputs.push((ours, constant(v)));
+                    }
+                }
+                inputs.push(("sampler", constant(&Json::from(samp))));
+                if space != "default" {
+                    inputs.push(("spacing", constant(&Json::from(space))));
+                }
+                if let Some(c) = &ckpt {
+                    let cfg = c.dir.join("scheduler/scheduler_config.json");
+                    if cfg.is_file() {
+                        inputs.push((
+                            "scheduler_config",
+                            constant(&Json::String(cfg.to_string_lossy().into())),
+                        ));
+                    }
+                }
+                if let Some(shift) = model_shift(&im, id) {
+                    inputs.push(("shift", constant(&shift)));
+                }
+                if let Some(g) = flux_guidance(&im, id) {
+                    inputs.push(("guidance", constant(&g)));
+                }
+                node("", "Sample", inputs);
+            }
+            "VAEDecode" => {
+                let (Some(latent), Some(vae)) =
+                    (linked(&mut im, "samples"), linked(&mut im, "vae"))
+                else {
+                    continue;
+                };
+                node("", "VAEDecode", vec![("vae", vae), ("latent", latent)]);
+            }
+            "VAEEncode" => {
+                let (Some(image), Some(vae)) = (linked(&mut im, "pixels"), linked(&mut im, "vae"))
+                else {
+                    continue;
+                };
+                node("", "VAEEncode", vec![("vae", vae), ("image", image)]);
+            }
+            "LoadImage" => {
+                let Some(name) = value(&mut im, "image") else {
+                    continue;
+                };
+                let n = name.as_str().unwrap_or("");
+                if !crate::http::safe_relative(n) {
+                    im.err(id, format!("image '{n}' is not a plain file name"));
+                    continue;
+                }
+                node("", "LoadImage", vec![("path", constant(&path_of(&name)))]);
+            }
+            "SaveImage" => {
+                let Some(image) = linked(&mut im, "images") else {
+                    continue;
+                };
+                let prefix = im
+                    .input(id, "filename_prefix")
+                    .and_then(Json::as_str)
+                    .unwrap_or("ComfyUI");
+                if !crate::http::safe_relative(prefix) {
+                    im.err(
+                        id,
+                        format!("filename_prefix '{prefix}' is not a plain relative name"),
+                    );
+                    continue;
+                }
+                let file = format!("{prefix}_00001_.png");
+                images.push((id.to_string(), file.clone()));
+                node(
+                    "",
+                    "SaveImage",
+                    vec![("image", image), ("path", constant(&Json::String(file)))],
+                );
+            }
+            _ => unreachable!("every mapped class is handled"),
+        }
+    }
+    if images.is_empty() && im.errors.is_empty() {
+        im.errors.push(ImportError {
+            node: None,
+            class_type: None,
+            message: "the prompt has no output (SaveImage)".into(),
+        });
+    }
+    if !im.errors.is_empty() {
+        return Err(im.errors);
+    }
+    let mut yaml = String::from(
+        "version: 1\ndescription: imported from a ComfyUI API-format prompt\nnodes:\n",
+    );
+    for n in &nodes {
+        let inputs: Vec<String> = n.inputs.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        let _ = writeln!(
+            yaml,
+            "  {}: {{type: {}, inputs: {{{}}}}}",
+            n.id,
+            n.ty,
+            inputs.join(", ")
+        );
+    }
+    yaml.push_str("outputs:\n");
+    let mut outs = BTreeMap::new();
+    for (id, _) in &images {
+        outs.insert(our_id(id, ""), format!("{}.path", our_id(id, "")));
+    }
+    for (name, link) in outs {
+        let _ = writeln!(yaml, "  {name}: {link}");
+    }
+    Ok(Imported { yaml, images })
+}
+
+/// The shift of a ModelSamplingSD3/Flux on KSampler `id`'s model input.
+fn model_shift(im: &Importer, id: &str) -> Option<Json> {
+    let (src, _) = im.link(id, "model")?;
+    match im.class(src)? {
+        "ModelSamplingSD3" => im.input(src, "shift").cloned(),
+        "ModelSamplingFlux" => im.input(src, "max_shift").cloned(),
+        _ => None,
+    }
+}
+
+/// The guidance of a FluxGuidance on KSampler `id`'s positive conditioning.
+fn flux_guidance(im: &Importer, id: &str) -> Option<Json> {
+    let (src, _) = im.link(id, "positive")?;
+    (im.class(src)? == "FluxGuidance")
+        .then(|| im.input(src, "guidance").cloned())
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unmapped_class_and_a_dangling_link_are_errors_naming_the_node() {
+        let prompt = serde_json::json!({
+            "1": {"class_type": "FancyUpscaler", "inputs": {}},
+            "2": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 0]}},
+        });
+        let errs = import(&prompt, Path::new(".")).unwrap_err();
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert!(
+            text[0].starts_with(
+                "node \"1\" (FancyUpscaler): class 'FancyUpscaler' has no ditflow equivalent"
+            ),
+            "{text:?}"
+        );
+        assert!(text.iter().any(|t| t.contains("node \"2\" (VAEDecode): input 'samples' links to node \"9\", which is not in the prompt")), "{text:?}");
+        assert!(import(&serde_json::json!([]), Path::new(".")).is_err());
+    }
+
+    #[test]
+    fn names_map_onto_samples_and_strings_stay_constants() {
+        assert_eq!(sampler("euler", true), Some("flow_euler"));
+        assert_eq!(sampler("euler", false), Some("euler"));
+        assert_eq!(sampler("uni_pc", false), Some("unipc"));
+        assert_eq!(sampler("restart", false), None);
+        assert_eq!(spacing("karras"), Some("karras"));
+        assert_eq!(constant(&Json::from("a.b")), "{value: \"a.b\"}");
+    }
+}
