@@ -574,3 +574,66 @@ fn import_comfy_writes_the_graph_as_yaml() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("node \"1\" (Nope)"));
 }
+
+#[test]
+fn submit_follows_a_job_and_fetches_its_files_and_jobs_lists_it() {
+    let data = common::temp_dir("serve-submit");
+    let srv = start(&data, &[]);
+    let server = format!("http://{}", srv.addr);
+    let out = common::temp_dir("serve-submit-out");
+    let o = Command::new(env!("CARGO_BIN_EXE_ditflow"))
+        .args([
+            "submit",
+            "graphs/noise.yaml",
+            "--server",
+            &server,
+            "--set",
+            "seed=7",
+            "--set",
+            "size=32",
+            "--out",
+        ])
+        .arg(&out)
+        .current_dir(common::repo())
+        .env("DITFLOW_TOKEN", ALICE)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("caption = seed 7: mean"), "{stdout}");
+    assert_eq!(
+        &std::fs::read(out.join("noise.png")).unwrap()[..8],
+        b"\x89PNG\r\n\x1a\n"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_ditflow"))
+        .args(["jobs", "--server", &server, "--token", ALICE])
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && list.contains("succeeded") && list.contains("noise.png"),
+        "{list}"
+    );
+    // A bad graph: exit 1 with the located error; no token: exit 1 saying so.
+    let bad = out.join("bad.yaml");
+    std::fs::write(&bad, "version: 1\nnodes:\n  x: {type: NoSuchNode}\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ditflow"))
+        .args(["submit"])
+        .arg(&bad)
+        .args(["--server", &server, "--token", ALICE])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("400") && err.contains(":3:") && err.contains("NoSuchNode"),
+        "{err}"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_ditflow"))
+        .args(["jobs", "--server", &server])
+        .env_remove("DITFLOW_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("401"));
+}

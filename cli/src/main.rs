@@ -4,6 +4,8 @@
 //! Exit codes: 0 success, 1 the run failed (a node failed or the run was cancelled), 2 an invalid
 //! graph or bad usage.
 
+mod client;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use ditflow::graph::dot::to_dot;
@@ -174,6 +176,38 @@ enum Command {
     /// Serve graphs as jobs over HTTP, SSE and websockets, with a persistent queue (see the
     /// README's "Serving"). Ctrl-C stops; queued and running jobs are kept for the next start.
     Serve(ServeArgs),
+    /// Submit a graph to a `ditflow serve` as a job, follow its progress, and fetch its files.
+    /// Relative paths inside the graph resolve on the server (against its --base).
+    Submit {
+        graph: PathBuf,
+        /// The server, http://HOST:PORT.
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8188")]
+        server: String,
+        /// The API token (default: the DITFLOW_TOKEN environment variable).
+        #[arg(long)]
+        token: Option<String>,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0)]
+        priority: i64,
+        /// Return once the job is queued (print its id) instead of following it.
+        #[arg(long = "no-wait")]
+        no_wait: bool,
+        /// Where the job's files are written.
+        #[arg(long, value_name = "DIR", default_value = "out")]
+        out: PathBuf,
+    },
+    /// List your jobs on a `ditflow serve`, newest first.
+    Jobs {
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:8188")]
+        server: String,
+        #[arg(long)]
+        token: Option<String>,
+        /// The most jobs listed.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// Convert a ComfyUI API-format prompt (workflow_api.json, or a /prompt body) into a ditflow
     /// graph, printed as YAML.
     ImportComfy {
@@ -185,6 +219,224 @@ enum Command {
         #[arg(long, short = 'o', value_name = "FILE")]
         out: Option<PathBuf>,
     },
+}
+
+/// `--token`, else DITFLOW_TOKEN.
+fn token_arg(token: Option<String>) -> Option<String> {
+    token.or_else(|| {
+        std::env::var("DITFLOW_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_submit(
+    graph: &Path,
+    server: &str,
+    token: Option<String>,
+    set: &[String],
+    priority: i64,
+    no_wait: bool,
+    out: &Path,
+) -> anyhow::Result<ExitCode> {
+    let usage = |msg: String| {
+        eprintln!("error: {msg}");
+        Ok(ExitCode::from(2))
+    };
+    let host = match client::host_of(server) {
+        Ok(h) => h,
+        Err(e) => return usage(e),
+    };
+    let text = match std::fs::read_to_string(graph) {
+        Ok(t) => t,
+        Err(e) => return usage(format!("{}: {e}", graph.display())),
+    };
+    let format = match graph.extension().and_then(|e| e.to_str()) {
+        Some("lua") => "lua",
+        Some("json") => "json",
+        _ => "yaml",
+    };
+    let mut args = serde_json::Map::new();
+    for s in set {
+        match s.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                args.insert(k.trim().to_string(), v.into());
+            }
+            _ => return usage(format!("--set expects NAME=VALUE, got '{s}'")),
+        }
+    }
+    let token = token_arg(token);
+    let body =
+        serde_json::json!({"graph": text, "format": format, "args": args, "priority": priority});
+    let failed = |msg: String| {
+        eprintln!("error: {msg}");
+        Ok(ExitCode::from(1))
+    };
+    let job = match client::request(
+        &host,
+        "POST",
+        "/jobs",
+        token.as_deref(),
+        Some(body.to_string().as_bytes()),
+    )
+    .and_then(|r| r.json())
+    {
+        Ok(j) => j,
+        Err(e) => return failed(e),
+    };
+    let id = job["id"].as_str().unwrap_or_default().to_string();
+    if no_wait {
+        println!("{id}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("job {id} queued on {server}");
+    let multi = MultiProgress::new();
+    let mut bars: HashMap<String, ProgressBar> = HashMap::new();
+    let mut end = serde_json::Value::Null;
+    let terminal = std::io::stderr().is_terminal();
+    let events = client::request(
+        &host,
+        "GET",
+        &format!("/jobs/{id}/events"),
+        token.as_deref(),
+        None,
+    )
+    .and_then(|r| {
+        client::follow_events(r, |e| {
+            let node = e["node"].as_str().unwrap_or("").to_string();
+            match e["event"].as_str().unwrap_or("") {
+                "node_progress" if terminal => {
+                    let total = e["total"].as_u64().unwrap_or(0);
+                    let bar = bars.entry(node.clone()).or_insert_with(|| {
+                        let b = multi.add(ProgressBar::new(total));
+                        b.set_style(
+                            ProgressStyle::with_template(
+                                "{prefix:>12} [{bar:30}] {pos}/{len} {elapsed}",
+                            )
+                            .unwrap_or_else(|_| ProgressStyle::default_bar())
+                            .progress_chars("=> "),
+                        );
+                        b.set_prefix(node.clone());
+                        b
+                    });
+                    bar.set_length(total);
+                    bar.set_position(e["step"].as_u64().unwrap_or(0));
+                }
+                "node_finished" | "node_failed" => {
+                    if let Some(b) = bars.remove(&node) {
+                        b.finish_and_clear();
+                    }
+                    if e["event"] == "node_failed" {
+                        eprintln!(
+                            "node \"{node}\" failed: {}",
+                            e["error"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                "job_finished" => end = e,
+                _ => {}
+            }
+        })
+    });
+    if let Err(e) = events {
+        return failed(e);
+    }
+    let state = end["state"].as_str().unwrap_or("unknown");
+    if state != "succeeded" {
+        return failed(format!(
+            "job {id} {state}: {}",
+            end["error"].as_str().unwrap_or("")
+        ));
+    }
+    for (name, value) in end["outputs"].as_object().into_iter().flatten() {
+        match value.as_str() {
+            Some(s) => println!("{name} = {s}"),
+            None => println!("{name} = {value}"),
+        }
+    }
+    for f in end["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f.as_str())
+    {
+        let bytes = match client::request(
+            &host,
+            "GET",
+            &format!("/jobs/{id}/files/{f}"),
+            token.as_deref(),
+            None,
+        )
+        .and_then(|r| {
+            if r.status == 200 {
+                r.bytes()
+            } else {
+                r.json().map(|_| Vec::new())
+            }
+        }) {
+            Ok(b) => b,
+            Err(e) => return failed(format!("{f}: {e}")),
+        };
+        let path = out.join(f);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_jobs(server: &str, token: Option<String>, limit: usize) -> anyhow::Result<ExitCode> {
+    let host = match client::host_of(server) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let token = token_arg(token);
+    let list = match client::request(
+        &host,
+        "GET",
+        &format!("/jobs?limit={limit}"),
+        token.as_deref(),
+        None,
+    )
+    .and_then(|r| r.json())
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    println!(
+        "{:<34} {:<10} {:<8} {:>9}  files",
+        "id", "state", "owner", "seconds"
+    );
+    for j in list["jobs"].as_array().into_iter().flatten() {
+        let secs = match (j["started"].as_f64(), j["finished"].as_f64()) {
+            (Some(s), Some(f)) => format!("{:.1}", f - s),
+            _ => "-".into(),
+        };
+        let files: Vec<&str> = j["files"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.as_str())
+            .collect();
+        println!(
+            "{:<34} {:<10} {:<8} {:>9}  {}",
+            j["id"].as_str().unwrap_or(""),
+            j["state"].as_str().unwrap_or(""),
+            j["owner"].as_str().unwrap_or(""),
+            secs,
+            files.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_import_comfy(
@@ -770,6 +1022,20 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Command::Ops => cmd_ops(),
         Command::Serve(args) => cmd_serve(args),
         Command::ImportComfy { file, models, out } => cmd_import_comfy(&file, models, out),
+        Command::Submit {
+            graph,
+            server,
+            token,
+            set,
+            priority,
+            no_wait,
+            out,
+        } => cmd_submit(&graph, &server, token, &set, priority, no_wait, &out),
+        Command::Jobs {
+            server,
+            token,
+            limit,
+        } => cmd_jobs(&server, token, limit),
         Command::Dot { graph } => match Graph::from_file(&graph) {
             Ok(g) => {
                 print!("{}", to_dot(g.ir()));
