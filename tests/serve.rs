@@ -93,6 +93,18 @@ impl Resp {
 
 /// One HTTP/1.0 request (so the body ends with the connection, never chunked).
 fn request(addr: &str, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Resp {
+    request_typed(addr, method, path, token, "application/json", body)
+}
+
+/// [`request`] with the body's content type.
+fn request_typed(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: &[u8],
+) -> Resp {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut head = format!(
@@ -103,7 +115,7 @@ fn request(addr: &str, method: &str, path: &str, token: Option<&str>, body: &[u8
         head.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
     if !body.is_empty() {
-        head.push_str("Content-Type: application/json\r\n");
+        head.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).unwrap();
@@ -515,6 +527,73 @@ fn comfyui_s_websocket_api_example_flow_gets_its_picture_back() {
         "MODEL<DENOISER>"
     );
     assert!(info["Sample"]["input"]["optional"]["steps"][1]["default"] == 20);
+    // Image-to-image from an uploaded image (ComfyUI's /upload/image, then LoadImage and
+    // VAEEncode into the KSampler with denoise < 1); uploaded names that are not plain file
+    // names, and files that are not PNGs, are refused.
+    let upload = |name: &str, bytes: &[u8]| {
+        let mut body = Vec::new();
+        body.extend_from_slice(
+            format!("--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: image/png\r\n\r\n").as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n--XyZ--\r\n");
+        request_typed(
+            &a,
+            "POST",
+            "/upload/image",
+            None,
+            "multipart/form-data; boundary=XyZ",
+            &body,
+        )
+    };
+    for evil in [
+        "../../evil.png",
+        "/tmp/evil.png",
+        "a/../../evil.png",
+        "..\\evil.png",
+    ] {
+        let r = upload(evil, &png.body);
+        assert_eq!(
+            r.status,
+            400,
+            "{evil}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert!(!data.join("evil.png").exists() && !data.join("input").join("evil.png").exists());
+    assert_eq!(upload("notes.png", b"just text").status, 400);
+    let up = upload("start.png", &png.body);
+    assert_eq!(up.status, 200, "{}", String::from_utf8_lossy(&up.body));
+    assert_eq!(up.json()["name"], "start.png");
+    let mut i2i = comfy_prompt(4);
+    i2i["10"] = serde_json::json!({"class_type": "LoadImage", "inputs": {"image": "start.png"}});
+    i2i["11"] = serde_json::json!({"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}});
+    i2i["3"]["inputs"]["latent_image"] = serde_json::json!(["11", 0]);
+    i2i["3"]["inputs"]["denoise"] = serde_json::json!(0.5);
+    let r = request(
+        &a,
+        "POST",
+        "/prompt",
+        None,
+        serde_json::json!({ "prompt": i2i }).to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["prompt_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let entry = loop {
+        let h = request(&a, "GET", &format!("/history/{id}"), None, b"").json();
+        if let Some(e) = h.get(&id) {
+            break e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the image-to-image prompt did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(entry["status"]["status_str"], "success", "{entry}");
+    assert_eq!(entry["outputs"]["9"]["images"][0]["subfolder"], id.as_str());
+
     // An unmapped class: a 400 naming the node and the class.
     let mut bad = comfy_prompt(1);
     bad["10"] = serde_json::json!({"class_type": "UltimateSDUpscale", "inputs": {}});

@@ -463,7 +463,7 @@ fn cmd_import_comfy(
         .unwrap_or(&json);
     let models = models.unwrap_or_else(|| PathBuf::from("."));
     let models = std::fs::canonicalize(&models).unwrap_or(models);
-    match ditflow_serve::comfy::import::import(prompt, &models) {
+    match ditflow_serve::comfy::import::import(prompt, &models, &models) {
         Ok(imported) => {
             match out {
                 Some(path) => std::fs::write(&path, &imported.yaml)

@@ -248,8 +248,13 @@ fn output_port(class: &str, id: &str, index: u64) -> Option<String> {
     Some(format!("{}.{port}", our_id(id, suffix)))
 }
 
-/// Imports `prompt`; checkpoint, VAE and image names are relative to `models_dir`.
-pub fn import(prompt: &Json, models_dir: &Path) -> Result<Imported, Vec<ImportError>> {
+/// Imports `prompt`; checkpoint and VAE names are relative to `models_dir`, and `LoadImage`'s
+/// image names to `inputs_dir` (where `/upload/image` puts them).
+pub fn import(
+    prompt: &Json,
+    models_dir: &Path,
+    inputs_dir: &Path,
+) -> Result<Imported, Vec<ImportError>> {
     let Some(map) = prompt.as_object().filter(|m| !m.is_empty()) else {
         return Err(vec![ImportError {
             node: None,
@@ -522,7 +527,15 @@ pub fn import(prompt: &Json, models_dir: &Path) -> Result<Imported, Vec<ImportEr
                     im.err(id, format!("image '{n}' is not a plain file name"));
                     continue;
                 }
-                node("", "LoadImage", vec![("path", constant(&path_of(&name)))]);
+                let file = inputs_dir.join(n);
+                node(
+                    "",
+                    "LoadImage",
+                    vec![(
+                        "path",
+                        constant(&Json::String(file.to_string_lossy().into())),
+                    )],
+                );
             }
             "SaveImage" => {
                 let Some(image) = linked(&mut im, "images") else {
@@ -612,7 +625,7 @@ mod tests {
             "1": {"class_type": "FancyUpscaler", "inputs": {}},
             "2": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 0]}},
         });
-        let errs = import(&prompt, Path::new(".")).unwrap_err();
+        let errs = import(&prompt, Path::new("."), Path::new(".")).unwrap_err();
         let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
         assert!(
             text[0].starts_with(
@@ -621,7 +634,7 @@ mod tests {
             "{text:?}"
         );
         assert!(text.iter().any(|t| t.contains("node \"2\" (VAEDecode): input 'samples' links to node \"9\", which is not in the prompt")), "{text:?}");
-        assert!(import(&serde_json::json!([]), Path::new(".")).is_err());
+        assert!(import(&serde_json::json!([]), Path::new("."), Path::new(".")).is_err());
     }
 
     #[test]

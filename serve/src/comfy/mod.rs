@@ -34,6 +34,7 @@ pub fn routes() -> Router<S> {
         .route("/history", get(history))
         .route("/history/{id}", get(history_one))
         .route("/view", get(view))
+        .route("/upload/image", post(upload_image))
         .route("/object_info", get(object_info))
         .route("/object_info/{class}", get(object_info_one))
         .route("/ws", get(ws));
@@ -91,7 +92,7 @@ async fn prompt(
         ));
     };
     let models = s.opts.base_dir.clone();
-    let imported = import::import(graph, &models).map_err(|errs| {
+    let imported = import::import(graph, &models, &inputs_dir(&s, &who)).map_err(|errs| {
         let mut by_node: HashMap<String, Json_> = HashMap::new();
         let mut general = Vec::new();
         for e in &errs {
@@ -198,6 +199,78 @@ async fn prompt(
     }
     s.notify();
     Ok(Json(json!({"prompt_id": id, "number": number, "node_errors": {}})).into_response())
+}
+
+/// Where `/upload/image` puts a caller's images (and `LoadImage` finds them).
+fn inputs_dir(s: &Server, who: &crate::auth::Caller) -> std::path::PathBuf {
+    s.opts.data_dir.join("input").join(&who.owner)
+}
+
+/// `POST /upload/image` (multipart: `image`, optional `subfolder`, `overwrite`): stores a PNG
+/// for `LoadImage`; a file name that is not a plain name, or a file that is not a PNG, is a 400.
+async fn upload_image(
+    Ctx(s): Ctx<S>,
+    headers: HeaderMap,
+    uri: Uri,
+    mut form: axum::extract::Multipart,
+) -> Result<Json<Json_>, ApiError> {
+    let who = caller(&s, &headers, &uri)?;
+    let bad = |msg: String| ApiError::new(StatusCode::BAD_REQUEST, msg);
+    let (mut file, mut subfolder, mut overwrite) = (None, String::new(), false);
+    while let Some(field) = form
+        .next_field()
+        .await
+        .map_err(|e| bad(format!("the form: {e}")))?
+    {
+        match field.name().unwrap_or("") {
+            "image" => {
+                let name = field.file_name().unwrap_or("").to_string();
+                let bytes = field
+                    .bytes()
+                    .await
+                    .map_err(|e| bad(format!("the image: {e}")))?;
+                file = Some((name, bytes));
+            }
+            "subfolder" => subfolder = field.text().await.unwrap_or_default(),
+            "overwrite" => overwrite = field.text().await.is_ok_and(|t| t == "true" || t == "1"),
+            _ => {}
+        }
+    }
+    let Some((name, bytes)) = file else {
+        return Err(bad("no 'image' file in the form".into()));
+    };
+    if !crate::http::safe_relative(&name) || name.contains('/') {
+        return Err(bad(format!("'{name}' is not a plain file name")));
+    }
+    if !subfolder.is_empty() && !crate::http::safe_relative(&subfolder) {
+        return Err(bad(format!(
+            "subfolder '{subfolder}' is not a plain relative folder"
+        )));
+    }
+    if !bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return Err(bad(format!(
+            "'{name}' is not a PNG (LoadImage reads PNG files)"
+        )));
+    }
+    let dir = inputs_dir(&s, &who).join(&subfolder);
+    let rel = if subfolder.is_empty() {
+        name.clone()
+    } else {
+        format!("{subfolder}/{name}")
+    };
+    let path = dir.join(&name);
+    if path.exists() && !overwrite {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("'{rel}' exists (send overwrite=true)"),
+        ));
+    }
+    let io = |e: std::io::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    tokio::fs::create_dir_all(&dir).await.map_err(io)?;
+    tokio::fs::write(&path, &bytes).await.map_err(io)?;
+    Ok(Json(
+        json!({"name": name, "subfolder": subfolder, "type": "input"}),
+    ))
 }
 
 fn queue_lists(s: &Server, owner: Option<&str>) -> Result<(Vec<Job>, Vec<Job>), ApiError> {
