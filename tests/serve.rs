@@ -7,28 +7,14 @@ mod common;
 #[path = "common/http.rs"]
 mod http;
 
-use http::{request, request_typed, Resp};
+use http::{request, request_typed, Resp, Server};
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const ALICE: &str = "alice-token-1";
 const BOB: &str = "bob-token-22";
 const ADMIN: &str = "admin-token-333";
-
-/// A `ditflow serve` process on a free loopback port, killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn start(data: &std::path::Path, extra: &[&str]) -> Server {
     let tokens = [
@@ -49,28 +35,12 @@ fn start_with(
     tokens: &[String],
     extra: &[&str],
 ) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ditflow"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--data"])
-        .arg(data)
-        .args(["--base"])
-        .arg(base)
-        .args(tokens)
-        .args(extra)
-        .env("DITFLOW_PLUGIN_PATH", common::plugin_dir())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start ditflow serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("first line: {line:?}"))
-        .to_string();
-    Server { child, addr }
+    let args: Vec<std::ffi::OsString> = tokens
+        .iter()
+        .map(Into::into)
+        .chain(extra.iter().map(Into::into))
+        .collect();
+    Server::start(data, base, &args, Stdio::inherit())
 }
 
 fn submit(addr: &str, token: &str, body: serde_json::Value) -> Resp {

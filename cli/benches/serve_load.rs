@@ -9,8 +9,7 @@ mod common;
 #[path = "../../tests/common/http.rs"]
 mod http;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const CLIENTS: usize = 20;
@@ -19,26 +18,13 @@ const QUEUE_LIMIT: usize = 150;
 
 fn main() {
     let data = common::temp_dir("serve-load");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ditflow"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--queue-limit"])
-        .arg(QUEUE_LIMIT.to_string())
-        .arg("--data")
-        .arg(&data)
-        .arg("--base")
-        .arg(common::repo().join("graphs"))
-        .env("DITFLOW_PLUGIN_PATH", common::plugin_dir())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start ditflow serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .trim_start_matches("listening on http://")
-        .to_string();
+    let srv = http::Server::start(
+        &data,
+        &common::repo().join("graphs"),
+        &["--queue-limit".into(), QUEUE_LIMIT.to_string().into()],
+        Stdio::null(),
+    );
+    let addr = srv.addr.clone();
     let graph = std::fs::read_to_string(common::repo().join("graphs/text_to_image.yaml")).unwrap();
     let t0 = Instant::now();
     let results: Vec<(Vec<String>, usize)> = std::thread::scope(|s| {
@@ -89,14 +75,13 @@ fn main() {
     };
     let wall = t0.elapsed();
     let status =
-        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+        std::fs::read_to_string(format!("/proc/{}/status", srv.child.id())).unwrap_or_default();
     let peak_kib: u64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(srv);
     let failed = jobs.iter().filter(|j| j["state"] == "failed").count();
     let listed: std::collections::HashSet<&str> =
         jobs.iter().filter_map(|j| j["id"].as_str()).collect();

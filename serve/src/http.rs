@@ -55,7 +55,7 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// The caller of a request, from its token.
-pub(crate) fn caller(s: &Server, headers: &HeaderMap, uri: &Uri) -> Result<Caller, ApiError> {
+fn caller(s: &Server, headers: &HeaderMap, uri: &Uri) -> Result<Caller, ApiError> {
     if s.opts.tokens.is_empty() {
         // No tokens configured: a local, single-user server.
         return Ok(Caller {
@@ -76,6 +76,21 @@ pub(crate) fn caller(s: &Server, headers: &HeaderMap, uri: &Uri) -> Result<Calle
         .tokens
         .caller(token)
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unknown token"))
+}
+
+/// The caller of a request, as a handler argument: a request without a known token is
+/// answered 401 before the handler runs.
+pub struct Who(pub Caller);
+
+impl axum::extract::FromRequestParts<S> for Who {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &S,
+    ) -> Result<Who, ApiError> {
+        caller(s, &parts.headers, &parts.uri).map(Who)
+    }
 }
 
 /// Job `id` when the caller may see it; a 404 otherwise.
@@ -136,11 +151,9 @@ async fn health(Ctx(s): Ctx<S>) -> Json<serde_json::Value> {
 
 async fn submit(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     let sub: Submission = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("the request body: {e}")))?;
     let server = s.clone();
@@ -197,11 +210,9 @@ struct ListQuery {
 
 async fn list(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     let owner = (!who.admin).then_some(who.owner.as_str());
     let jobs = s
         .store
@@ -214,21 +225,17 @@ async fn list(
 
 async fn job(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     Ok(Json(job_json(&s, &visible_job(&s, &who, &id)?)))
 }
 
 async fn cancel(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     visible_job(&s, &who, &id)?;
     let before = s.store.cancel(&id).map_err(internal)?;
     if before == Some(State::Running) {
@@ -297,11 +304,9 @@ fn event_lines(s: S, job: Job) -> impl Stream<Item = Arc<str>> {
 
 async fn events_sse(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     let job = visible_job(&s, &who, &id)?;
     let lines = event_lines(s, job).map(|l| Ok(SseEvent::default().data(&*l)));
     Ok(Sse::new(lines))
@@ -309,12 +314,10 @@ async fn events_sse(
 
 async fn events_ws(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     Path(id): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     let job = visible_job(&s, &who, &id)?;
     Ok(ws.on_upgrade(move |socket| send_lines(socket, s, job)))
 }
@@ -363,11 +366,9 @@ pub fn safe_relative(name: &str) -> bool {
 
 async fn file(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     Path((id, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     let job = visible_job(&s, &who, &id)?;
     if !safe_relative(&name) {
         return Err(ApiError::new(
@@ -398,8 +399,7 @@ fn resident_bytes() -> Option<u64> {
     Some(pages * 4096)
 }
 
-async fn metrics(Ctx(s): Ctx<S>, headers: HeaderMap, uri: Uri) -> Result<Response, ApiError> {
-    caller(&s, &headers, &uri)?;
+async fn metrics(Ctx(s): Ctx<S>, _authorised: Who) -> Result<Response, ApiError> {
     let counts = s.store.counts().map_err(internal)?;
     let count = |st: State| counts.iter().find(|(c, _)| *c == st).map_or(0, |(_, n)| *n);
     let cache = s.session.cache_stats();
@@ -428,30 +428,26 @@ async fn metrics(Ctx(s): Ctx<S>, headers: HeaderMap, uri: Uri) -> Result<Respons
             .collect(),
     );
     let finished = lat.finished.load(Ordering::Relaxed) as f64;
-    metric(
-        "ditflow_job_seconds",
-        "summary",
-        "Seconds from submission to the end, of jobs finished since the server started.",
-        vec![
-            (
-                "_sum".into(),
-                lat.total_micros.load(Ordering::Relaxed) as f64 / 1e6,
-            ),
-            ("_count".into(), finished),
-        ],
-    );
-    metric(
-        "ditflow_run_seconds",
-        "summary",
-        "Seconds running, of jobs finished since the server started.",
-        vec![
-            (
-                "_sum".into(),
-                lat.run_micros.load(Ordering::Relaxed) as f64 / 1e6,
-            ),
-            ("_count".into(), finished),
-        ],
-    );
+    for (name, help, micros) in [
+        (
+            "ditflow_job_seconds",
+            "Seconds from submission to the end, of jobs finished since the server started.",
+            &lat.total_micros,
+        ),
+        (
+            "ditflow_run_seconds",
+            "Seconds running, of jobs finished since the server started.",
+            &lat.run_micros,
+        ),
+    ] {
+        let sum = micros.load(Ordering::Relaxed) as f64 / 1e6;
+        metric(
+            name,
+            "summary",
+            help,
+            vec![("_sum".into(), sum), ("_count".into(), finished)],
+        );
+    }
     metric(
         "ditflow_models_loaded",
         "gauge",

@@ -3,9 +3,52 @@
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// A `ditflow serve` process on a free loopback port, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Server {
+    /// Starts `ditflow serve` with its store in `data`, graphs' paths relative to `base`, and
+    /// `args`; waits for the address it prints.
+    pub fn start(data: &Path, base: &Path, args: &[std::ffi::OsString], stderr: Stdio) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ditflow"))
+            .args(["serve", "--addr", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .arg("--base")
+            .arg(base)
+            .args(args)
+            .env("DITFLOW_PLUGIN_PATH", super::common::plugin_dir())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("start ditflow serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("the server's first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("first line: {line:?}"))
+            .to_string();
+        Server { child, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 /// A response: status, headers (lowercased names) and body.
 pub struct Resp {

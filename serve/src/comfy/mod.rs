@@ -9,12 +9,12 @@
 
 pub mod import;
 
-use crate::http::{caller, visible_job, ApiError};
+use crate::http::{visible_job, ApiError, Who};
 use crate::store::{Job, Source, State};
 use crate::Server;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State as Ctx};
-use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -70,11 +70,9 @@ fn queue_item(job: &Job) -> Json_ {
 
 async fn prompt(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     let body: Json_ = serde_json::from_slice(&body).map_err(|e| {
         comfy_error(
             StatusCode::BAD_REQUEST,
@@ -210,11 +208,9 @@ fn inputs_dir(s: &Server, who: &crate::auth::Caller) -> std::path::PathBuf {
 /// for `LoadImage`; a file name that is not a plain name, or a file that is not a PNG, is a 400.
 async fn upload_image(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     mut form: axum::extract::Multipart,
 ) -> Result<Json<Json_>, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     let bad = |msg: String| ApiError::new(StatusCode::BAD_REQUEST, msg);
     let (mut file, mut subfolder, mut overwrite) = (None, String::new(), false);
     while let Some(field) = form
@@ -290,20 +286,14 @@ fn queue_lists(s: &Server, owner: Option<&str>) -> Result<(Vec<Job>, Vec<Job>), 
     Ok((pick(State::Running), pick(State::Queued)))
 }
 
-async fn prompt_info(
-    Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> Result<Json<Json_>, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
+async fn prompt_info(Ctx(s): Ctx<S>, Who(who): Who) -> Result<Json<Json_>, ApiError> {
     let (running, pending) = queue_lists(&s, (!who.admin).then_some(who.owner.as_str()))?;
     Ok(Json(
         json!({"exec_info": {"queue_remaining": running.len() + pending.len()}}),
     ))
 }
 
-async fn queue(Ctx(s): Ctx<S>, headers: HeaderMap, uri: Uri) -> Result<Json<Json_>, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
+async fn queue(Ctx(s): Ctx<S>, Who(who): Who) -> Result<Json<Json_>, ApiError> {
     let (running, pending) = queue_lists(&s, (!who.admin).then_some(who.owner.as_str()))?;
     Ok(Json(json!({
         "queue_running": running.iter().map(queue_item).collect::<Vec<_>>(),
@@ -313,11 +303,9 @@ async fn queue(Ctx(s): Ctx<S>, headers: HeaderMap, uri: Uri) -> Result<Json<Json
 
 async fn queue_edit(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     Json(body): Json<Json_>,
 ) -> Result<Json<Json_>, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     let (_, pending) = queue_lists(&s, (!who.admin).then_some(who.owner.as_str()))?;
     let delete: Vec<String> = if body.get("clear").and_then(Json_::as_bool) == Some(true) {
         pending.iter().map(|j| j.id.clone()).collect()
@@ -338,11 +326,9 @@ async fn queue_edit(
 
 async fn interrupt(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     body: axum::body::Bytes,
 ) -> Result<Json<Json_>, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     let target = serde_json::from_slice::<Json_>(&body)
         .ok()
         .and_then(|b| b.get("prompt_id").and_then(Json_::as_str).map(String::from));
@@ -398,11 +384,9 @@ struct HistoryQuery {
 
 async fn history(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Json_>, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     let jobs = s
         .store
         .list(
@@ -423,11 +407,9 @@ async fn history(
 
 async fn history_one(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     Path(id): Path<String>,
 ) -> Result<Json<Json_>, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     // ComfyUI answers {} for a prompt it does not have (or has not finished).
     let job = visible_job(&s, &who, &id)
         .ok()
@@ -449,11 +431,9 @@ struct ViewQuery {
 
 async fn view(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     Query(q): Query<ViewQuery>,
 ) -> Result<Response, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     if q.kind.as_deref().is_some_and(|k| k != "output") {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -531,12 +511,7 @@ fn object_info_of(t: &ditflow::registry::NodeType) -> Json_ {
     })
 }
 
-async fn object_info(
-    Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> Result<Json<Json_>, ApiError> {
-    caller(&s, &headers, &uri)?;
+async fn object_info(Ctx(s): Ctx<S>, _authorised: Who) -> Result<Json<Json_>, ApiError> {
     let reg = s.runtime.registry();
     let all: serde_json::Map<String, Json_> = reg
         .iter()
@@ -547,11 +522,9 @@ async fn object_info(
 
 async fn object_info_one(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    _authorised: Who,
     Path(class): Path<String>,
 ) -> Result<Json<Json_>, ApiError> {
-    caller(&s, &headers, &uri)?;
     let reg = s.runtime.registry();
     Ok(Json(match reg.get(&class) {
         Some(t) => json!({ class: object_info_of(t) }),
@@ -567,12 +540,10 @@ struct WsQuery {
 
 async fn ws(
     Ctx(s): Ctx<S>,
-    headers: HeaderMap,
-    uri: Uri,
+    Who(who): Who,
     Query(q): Query<WsQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let who = caller(&s, &headers, &uri)?;
     let client = q.client_id.unwrap_or_else(crate::random_id);
     Ok(upgrade.on_upgrade(move |socket| follow(socket, s, who, client)))
 }
