@@ -538,6 +538,60 @@ fn import_comfy_writes_the_graph_as_yaml() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A LoRA and KSamplerAdvanced (its plain form) map too; its partial forms are refused.
+    let mut lora = comfy_prompt(6);
+    lora["12"] = serde_json::json!({"class_type": "LoraLoader", "inputs": {
+        "model": ["4", 0], "clip": ["4", 1], "lora_name": "style.safetensors",
+        "strength_model": 0.8, "strength_clip": 1.0}});
+    lora["3"]["class_type"] = "KSamplerAdvanced".into();
+    let inputs = lora["3"]["inputs"].as_object_mut().unwrap();
+    inputs.insert("model".into(), serde_json::json!(["12", 0]));
+    inputs.insert("noise_seed".into(), inputs["seed"].clone());
+    for (k, v) in [
+        ("add_noise", "enable"),
+        ("return_with_leftover_noise", "disable"),
+    ] {
+        inputs.insert(k.into(), v.into());
+    }
+    inputs.insert("start_at_step".into(), 0.into());
+    inputs.insert("end_at_step".into(), 10000.into());
+    lora["6"]["inputs"]["clip"] = serde_json::json!(["12", 1]);
+    std::fs::write(&file, lora.to_string()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ditflow"))
+        .args(["import-comfy"])
+        .arg(&file)
+        .current_dir(common::repo())
+        .output()
+        .unwrap();
+    let yaml = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        yaml.contains("n12: {type: ApplyLoRA, inputs: {model: n4_dit.model"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("n3: {type: Sample, inputs: {model: n12.model"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("n6: {type: TextEncode, inputs: {encoder: n4_te.encoder"),
+        "{yaml}"
+    );
+    lora["3"]["inputs"]["start_at_step"] = 4.into();
+    std::fs::write(&file, lora.to_string()).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ditflow"))
+        .args(["import-comfy"])
+        .arg(&file)
+        .current_dir(common::repo())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("node \"3\" (KSamplerAdvanced)") && err.contains("start/end steps"),
+        "{err}"
+    );
+    assert!(!err.contains("checkpoint"), "{err}");
     // An unmapped class: exit 2, naming it.
     std::fs::write(&file, r#"{"1": {"class_type": "Nope", "inputs": {}}}"#).unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_ditflow"))
@@ -610,4 +664,45 @@ fn submit_follows_a_job_and_fetches_its_files_and_jobs_lists_it() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("401"));
+}
+
+#[test]
+fn a_job_running_when_the_server_is_killed_runs_again_after_a_restart() {
+    let data = common::temp_dir("serve-kill");
+    let srv = start(&data, &[]);
+    let graph = std::fs::read_to_string(common::repo().join("graphs/text_to_image.yaml")).unwrap();
+    // Long enough to be caught running.
+    let body = serde_json::json!({ "graph": graph, "args": { "steps": 400, "scale": 1, "preview_every": 0 } });
+    let r = submit(&srv.addr, ALICE, body);
+    assert_eq!(r.status, 201);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let state = |addr: &str| {
+        request(addr, "GET", &format!("/jobs/{id}"), Some(ALICE), b"").json()["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state(&srv.addr) != "running" {
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SIGKILL: no chance to record anything.
+    drop(srv);
+    let srv = start(&data, &[]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        match state(&srv.addr).as_str() {
+            "succeeded" => break,
+            "queued" | "running" => {}
+            other => panic!("the job ended {other}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job did not finish after the restart"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let jobs = request(&srv.addr, "GET", "/jobs", Some(ALICE), b"").json()["jobs"].clone();
+    assert_eq!(jobs.as_array().unwrap().len(), 1, "{jobs}");
 }

@@ -24,6 +24,8 @@ pub const MAPPED_CLASSES: &[&str] = &[
     "EmptyLatentImage",
     "EmptySD3LatentImage",
     "KSampler",
+    "KSamplerAdvanced",
+    "LoraLoader",
     "VAEDecode",
     "VAEEncode",
     "LoadImage",
@@ -183,7 +185,7 @@ impl<'a> Importer<'a> {
                 let name = self.input(src, "unet_name")?.as_str()?;
                 Some(Checkpoint::read(self.models_dir.join(name)))
             }
-            "ModelSamplingSD3" | "ModelSamplingFlux" if depth < 32 => {
+            "ModelSamplingSD3" | "ModelSamplingFlux" | "LoraLoader" if depth < 32 => {
                 self.checkpoint_of(src, "model", depth + 1)
             }
             _ => None,
@@ -194,9 +196,11 @@ impl<'a> Importer<'a> {
     /// (FluxGuidance's conditioning, ModelSampling's model: their settings go to the sampler).
     fn resolve(&self, src: &str, idx: u64, depth: usize) -> Option<String> {
         let class = self.class(src)?;
-        let through = match class {
-            "FluxGuidance" => "conditioning",
-            "ModelSamplingSD3" | "ModelSamplingFlux" => "model",
+        let through = match (class, idx) {
+            ("FluxGuidance", _) => "conditioning",
+            ("ModelSamplingSD3" | "ModelSamplingFlux", _) => "model",
+            // A LoRA on the text encoder is not applied: its CLIP output is its input.
+            ("LoraLoader", 1) => "clip",
             _ => return output_port(class, src, idx),
         };
         if depth >= 32 {
@@ -209,7 +213,7 @@ impl<'a> Importer<'a> {
     /// The KSampler whose latent_image is node `latent`.
     fn sampler_of_latent(&self, latent: &str) -> Option<&'a str> {
         self.prompt.iter().find_map(|(id, _)| {
-            (self.class(id) == Some("KSampler")
+            (matches!(self.class(id), Some("KSampler" | "KSamplerAdvanced"))
                 && self.link(id, "latent_image").map(|l| l.0) == Some(latent))
             .then_some(id.as_str())
         })
@@ -239,7 +243,8 @@ fn output_port(class: &str, id: &str, index: u64) -> Option<String> {
         ("VAELoader", 0) => ("", "vae"),
         ("CLIPTextEncode", 0) => ("", "conditioning"),
         ("EmptyLatentImage" | "EmptySD3LatentImage", 0) => ("", "latent"),
-        ("KSampler", 0) => ("", "latent"),
+        ("KSampler" | "KSamplerAdvanced", 0) => ("", "latent"),
+        ("LoraLoader", 0) => ("", "model"),
         ("VAEDecode", 0) => ("", "image"),
         ("VAEEncode", 0) => ("", "latent"),
         ("LoadImage", 0) => ("", "image"),
@@ -432,7 +437,44 @@ pub fn import(
                     ],
                 );
             }
-            "KSampler" => {
+            "LoraLoader" => {
+                let (Some(model), Some(name)) =
+                    (linked(&mut im, "model"), value(&mut im, "lora_name"))
+                else {
+                    continue;
+                };
+                let strength = im
+                    .input(id, "strength_model")
+                    .cloned()
+                    .unwrap_or(Json::from(1.0));
+                node(
+                    "",
+                    "ApplyLoRA",
+                    vec![
+                        ("model", model),
+                        ("path", constant(&path_of(&name))),
+                        ("strength", constant(&strength)),
+                    ],
+                );
+            }
+            "KSampler" | "KSamplerAdvanced" => {
+                if class == "KSamplerAdvanced" {
+                    // What Sample runs: noise added, every step, no leftover noise.
+                    let text = |n: &str| im.input(id, n).and_then(Json::as_str).map(String::from);
+                    let int = |n: &str| im.input(id, n).and_then(Json::as_i64);
+                    let steps = int("steps").unwrap_or(20);
+                    let plain = text("add_noise").as_deref() != Some("disable")
+                        && int("start_at_step").unwrap_or(0) == 0
+                        && int("end_at_step").unwrap_or(10000) >= steps
+                        && text("return_with_leftover_noise").as_deref() != Some("enable");
+                    if !plain {
+                        im.err(
+                            id,
+                            "KSamplerAdvanced with start/end steps, leftover noise or no added noise has no ditflow equivalent yet",
+                        );
+                        continue;
+                    }
+                }
                 let ckpt = im.checkpoint_of(id, "model", 0);
                 let flow = ckpt.as_ref().is_some_and(|c| c.flow);
                 let model = linked(&mut im, "model");
@@ -472,8 +514,13 @@ pub fn import(
                 let from_image =
                     im.link(id, "latent_image").and_then(|(s, _)| im.class(s)) == Some("VAEEncode");
                 inputs.push((if from_image { "init_latent" } else { "latent" }, latent));
+                let seed = if class == "KSamplerAdvanced" {
+                    "noise_seed"
+                } else {
+                    "seed"
+                };
                 for (ours, theirs) in [
-                    ("seed", "seed"),
+                    ("seed", seed),
                     ("steps", "steps"),
                     ("cfg", "cfg"),
                     ("denoise", "denoise"),
