@@ -43,6 +43,23 @@ fn start_with(
     Server::start(data, base, &args, Stdio::inherit())
 }
 
+/// The file `name` that `ditflow run GRAPH --set ...` writes, for comparison with a job's.
+fn run_locally(graph: &str, sets: &[&str], name: &str) -> Vec<u8> {
+    let out = common::temp_dir(&format!("serve-local-{name}"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ditflow"));
+    cmd.args(["run", graph, "--out"]).arg(&out);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let o = cmd
+        .current_dir(common::repo())
+        .env("DITFLOW_PLUGIN_PATH", common::plugin_dir())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(out.join(name)).unwrap()
+}
+
 fn submit(addr: &str, token: &str, body: serde_json::Value) -> Resp {
     request(
         addr,
@@ -115,24 +132,8 @@ fn jobs_run_and_stream_their_events_and_files_to_their_owner_only() {
     assert_eq!(png.header("content-type"), Some("image/png"));
     assert_eq!(&png.body[..8], b"\x89PNG\r\n\x1a\n");
     // The same file as the command line writes for the same graph and inputs.
-    let cli_out = common::temp_dir("serve-jobs-cli");
-    let o = Command::new(env!("CARGO_BIN_EXE_ditflow"))
-        .args([
-            "run",
-            "graphs/noise.yaml",
-            "--set",
-            "seed=7",
-            "--set",
-            "size=32",
-            "--out",
-        ])
-        .arg(&cli_out)
-        .current_dir(common::repo())
-        .env("DITFLOW_PLUGIN_PATH", common::plugin_dir())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(png.body, std::fs::read(cli_out.join("noise.png")).unwrap());
+    let cli = run_locally("graphs/noise.yaml", &["seed=7", "size=32"], "noise.png");
+    assert_eq!(png.body, cli);
 
     // Another owner sees nothing of it; the admin sees it.
     assert_eq!(
@@ -370,32 +371,12 @@ fn comfyui_s_websocket_api_example_flow_gets_its_picture_back() {
     assert_eq!(png.status, 200);
     assert_eq!(png.header("content-type"), Some("image/png"));
     // The same picture as the bundled graph draws with the same settings.
-    let out = common::temp_dir("serve-comfy-cli");
-    let o = Command::new(env!("CARGO_BIN_EXE_ditflow"))
-        .args([
-            "run",
-            "graphs/text_to_image.yaml",
-            "--set",
-            "seed=3",
-            "--set",
-            "steps=8",
-            "--set",
-            "scale=1",
-            "--set",
-            "cfg=4",
-            "--out",
-        ])
-        .arg(&out)
-        .current_dir(common::repo())
-        .env("DITFLOW_PLUGIN_PATH", common::plugin_dir())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(
-        png.body,
-        std::fs::read(out.join("text_to_image.png")).unwrap(),
-        "the imported prompt drew another picture"
+    let cli = run_locally(
+        "graphs/text_to_image.yaml",
+        &["seed=3", "steps=8", "scale=1", "cfg=4"],
+        "text_to_image.png",
     );
+    assert_eq!(png.body, cli, "the imported prompt drew another picture");
     // /view refuses what is not a job's file.
     let bad = request(
         &a,
