@@ -174,25 +174,30 @@ async fn submit(
         Some(id) => format!("{}-{id}", who.owner),
         None => crate::random_id(),
     };
-    let job = match s.store.submit(
-        &id,
-        &who.owner,
-        sub.priority,
-        &source,
-        &serde_json::json!({}),
-    ) {
+    let job = enqueue(&s, &who, &id, sub.priority, &source, &serde_json::json!({}))?;
+    Ok((StatusCode::CREATED, Json(job_json(&s, &job))).into_response())
+}
+
+/// Queues a checked job for `who` and wakes a worker: the job already under `id` when it is
+/// theirs, a 409 when it is another owner's, a 429 when the queue is full.
+pub(crate) fn enqueue(
+    s: &Server,
+    who: &Caller,
+    id: &str,
+    priority: i64,
+    source: &crate::store::Source,
+    meta: &serde_json::Value,
+) -> Result<Job, ApiError> {
+    let job = match s.store.submit(id, &who.owner, priority, source, meta) {
         Ok(job) if who.sees(&job.owner) => job,
         Ok(_) => return Err(ApiError::new(StatusCode::CONFLICT, "that id is taken")),
-        Err(SubmitError::Full(n)) => {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("the queue is full ({n} jobs waiting); try again later"),
-            ))
+        Err(e @ SubmitError::Full(_)) => {
+            return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, e.to_string()))
         }
         Err(e) => return Err(internal(e)),
     };
     s.notify();
-    Ok((StatusCode::CREATED, Json(job_json(&s, &job))).into_response())
+    Ok(job)
 }
 
 fn job_json(s: &Server, job: &Job) -> serde_json::Value {
@@ -376,17 +381,22 @@ async fn file(
             format!("'{name}' is not a file name of this job"),
         ));
     }
-    if !job.files.iter().any(|f| f == &name) {
+    job_file(&s, &job, &name).await
+}
+
+/// File `name` that `job` wrote, with its content type; a 404 for a name it did not write.
+pub(crate) async fn job_file(s: &Server, job: &Job, name: &str) -> Result<Response, ApiError> {
+    if !job.files.iter().any(|f| f == name) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("job '{id}' has no file '{name}'"),
+            format!("job '{}' has no file '{name}'", job.id),
         ));
     }
-    let bytes = tokio::fs::read(s.results_dir(&id).join(&name))
+    let bytes = tokio::fs::read(s.results_dir(&job.id).join(name))
         .await
         .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("{name}: {e}")))?;
     Ok((
-        [(header::CONTENT_TYPE, content_type(&name))],
+        [(header::CONTENT_TYPE, content_type(name))],
         Body::from(bytes),
     )
         .into_response())

@@ -123,10 +123,16 @@ pub fn check(sub: &Submission, runtime: &Runtime, base_dir: &Path) -> Result<Sou
         format,
         args: serde_json::Value::Object(sub.args.clone()),
     };
-    let graph = parse(&source, base_dir)
+    validate(&source, runtime, base_dir)?;
+    Ok(source)
+}
+
+/// Parses `source` and checks it against the runtime's node types with its inputs.
+pub fn validate(source: &Source, runtime: &Runtime, base_dir: &Path) -> Result<(), Refusal> {
+    let graph = parse(source, base_dir)
         .map_err(|e| Refusal::located("the graph does not parse", &e.diagnostics()))?;
     graph
-        .plan(runtime, &args(&source))
-        .map_err(|d| Refusal::located("the graph is not valid", &d))?;
-    Ok(source)
+        .plan(runtime, &args(source))
+        .map(|_| ())
+        .map_err(|d| Refusal::located("the graph is not valid", &d))
 }

@@ -116,7 +116,12 @@ fn run_job(server: &Server, job: Job, source: Source) {
             .run(&graph, &jobs::args(&source), &opts)
             .map_err(|d| d.to_string())
     }))
-    .unwrap_or_else(|p| Err(format!("the run panicked: {}", panic_text(&*p))));
+    .unwrap_or_else(|p| {
+        Err(format!(
+            "the run panicked: {}",
+            ditflow_plugin::panic_message(&*p)
+        ))
+    });
     server
         .running
         .lock()
@@ -200,15 +205,5 @@ fn prune(server: &Server) {
             }
         }
         Err(e) => tracing::error!("pruning the history: {e}"),
-    }
-}
-
-fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic".to_string()
     }
 }

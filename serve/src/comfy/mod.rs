@@ -14,7 +14,7 @@ use crate::store::{Job, Source, State};
 use crate::Server;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State as Ctx};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -122,19 +122,28 @@ async fn prompt(
     let server = s.clone();
     let check_source = source.clone();
     tokio::task::spawn_blocking(move || {
-        let g =
-            crate::jobs::parse(&check_source, &server.opts.base_dir).map_err(|e| e.to_string())?;
-        g.plan(&server.runtime, &[])
-            .map(|_| ())
-            .map_err(|d| d.to_string())
+        crate::jobs::validate(&check_source, &server.runtime, &server.opts.base_dir)
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|msg| {
+    .map_err(|r| {
+        let located: Vec<String> = r
+            .errors
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}:{}:{}: {}",
+                    e["file"].as_str().unwrap_or(""),
+                    e["line"],
+                    e["col"],
+                    e["message"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
         comfy_error(
             StatusCode::BAD_REQUEST,
             "prompt_outputs_failed_validation",
-            msg,
+            format!("{}: {}", r.message, located.join("; ")),
             json!({}),
         )
     })?;
@@ -174,28 +183,7 @@ async fn prompt(
     } else {
         0
     };
-    match s.store.submit(&id, &who.owner, priority, &source, &meta) {
-        Ok(job) if who.sees(&job.owner) => {}
-        Ok(_) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "that prompt_id is taken",
-            ))
-        }
-        Err(crate::store::SubmitError::Full(n)) => {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("the queue is full ({n} jobs waiting); try again later"),
-            ))
-        }
-        Err(e) => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                e.to_string(),
-            ))
-        }
-    }
-    s.notify();
+    crate::http::enqueue(&s, &who, &id, priority, &source, &meta)?;
     Ok(Json(json!({"prompt_id": id, "number": number, "node_errors": {}})).into_response())
 }
 
@@ -447,20 +435,7 @@ async fn view(
         ));
     }
     let job = visible_job(&s, &who, &q.subfolder)?;
-    if !job.files.iter().any(|f| f == &q.filename) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no file '{}'", q.filename),
-        ));
-    }
-    let bytes = tokio::fs::read(s.results_dir(&job.id).join(&q.filename))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e.to_string()))?;
-    Ok((
-        [(header::CONTENT_TYPE, crate::http::content_type(&q.filename))],
-        bytes,
-    )
-        .into_response())
+    crate::http::job_file(&s, &job, &q.filename).await
 }
 
 /// A node type in `/object_info`'s shape.
