@@ -8,6 +8,7 @@
 
 mod blaslt;
 pub mod ops;
+mod staging;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
 use std::collections::HashMap;
@@ -89,7 +90,7 @@ pub struct Backend {
     /// cuBLASLt, made on first use (`None` where it cannot be used).
     lt: OnceLock<Option<blaslt::Lt>>,
     /// Host weights staged on this device under the VRAM cap.
-    pub(crate) staged: Mutex<crate::weights::vram::Staged<crate::tensor::Tensor>>,
+    pub(crate) staging: Mutex<staging::Staging>,
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub blas: cudarc::cublas::CudaBlas,
@@ -223,7 +224,8 @@ impl Backend {
             return Err(format!("there are {count} CUDA devices"));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| format!("cannot open the device: {e}"))?;
-        // One stream: cudarc's cross-stream event tracking is not needed.
+        // The ops run on one stream; staged weights' uploads ahead of use (the only other
+        // stream) order themselves with their own events, so cudarc's tracking is not needed.
         // SAFETY: called before any allocation.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
@@ -247,7 +249,7 @@ impl Backend {
             cudarc::cublas::CudaBlas::new(stream.clone()).map_err(|e| format!("cuBLAS: {e}"))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         Ok(Backend {
-            staged: Mutex::default(),
+            staging: Mutex::default(),
             lt: OnceLock::new(),
             ctx,
             stream,

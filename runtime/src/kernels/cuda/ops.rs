@@ -151,23 +151,15 @@ pub fn to_device_charged(host: &Tensor, ordinal: usize, charge: usize) -> R {
 }
 
 /// The device copy of host weight `w` for an op on device `ordinal` under the VRAM cap: staged
-/// on first use, within what the loaded weights leave of the cap (a block format is widened to
-/// f32 on the way, as at load).
+/// on first use, within what the loaded weights leave of the cap, with the weights that
+/// followed it last time begun ahead on a second stream (`super::staging`).
 pub fn stage(w: &Tensor, ordinal: usize) -> R {
     let cap = crate::weights::vram::cap().unwrap_or(usize::MAX);
     let be = Backend::get(ordinal).map_err(OpError::Device)?;
     let budget = cap.saturating_sub(crate::weights::vram::loaded_bytes(ordinal));
-    let mut staged = be.staged.lock().unwrap_or_else(|p| p.into_inner());
-    staged.forget_dropped();
-    staged
-        .stage(w, budget, cap, || {
-            let dense = if w.dtype().is_quantized() {
-                crate::tensor::ops::cast(w, DType::F32).map_err(|e| e.to_string())?
-            } else {
-                w.clone()
-            };
-            to_device(&dense, ordinal).map_err(|e| e.to_string())
-        })
+    let mut staging = be.staging.lock().unwrap_or_else(|p| p.into_inner());
+    staging
+        .stage(&be, w, budget, cap)
         .map_err(|e| OpError::Invalid {
             op: "stage",
             msg: e,
