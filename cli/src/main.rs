@@ -176,6 +176,9 @@ enum Command {
     /// Serve graphs as jobs over HTTP, SSE and websockets, with a persistent queue (see the
     /// README's "Serving"). Ctrl-C stops; queued and running jobs are kept for the next start.
     Serve(ServeArgs),
+    /// Run jobs queued on NATS JetStream by `ditflow serve --nats` (any number of workers, on
+    /// any number of machines). Prints a line per job; Ctrl-C stops between jobs.
+    Worker(WorkerArgs),
     /// Submit a graph to a `ditflow serve` as a job, follow its progress, and fetch its files.
     /// Relative paths inside the graph resolve on the server (against its --base).
     Submit {
@@ -520,9 +523,135 @@ struct ServeArgs {
     #[arg(long = "max-memory", value_name = "SIZE")]
     max_memory: Option<String>,
     #[command(flatten)]
+    nats: NatsArgs,
+    /// With --nats: seconds a delivered job may go without a worker's heartbeat before it is
+    /// delivered again.
+    #[arg(long = "ack-wait", value_name = "SECS", default_value_t = 30.0)]
+    ack_wait: f64,
+    /// With --nats: deliveries after which a job that never finished is marked dead.
+    #[arg(long = "max-deliveries", value_name = "N", default_value_t = 3)]
+    max_deliveries: u32,
+    #[command(flatten)]
     plugins: PluginArgs,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+#[derive(clap::Args)]
+struct NatsArgs {
+    /// Queue on NATS JetStream at this URL (nats://HOST:PORT) instead of SQLite.
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// The prefix of the stream, buckets and subjects on NATS (one deployment's namespace).
+    #[arg(long = "nats-prefix", value_name = "NAME", default_value = "ditflow")]
+    nats_prefix: String,
+}
+
+#[derive(clap::Args)]
+struct WorkerArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// The worker's name in job records (default: host name and process id).
+    #[arg(long)]
+    name: Option<String>,
+    /// The folder relative paths in graphs resolve against (default: the current one).
+    #[arg(long, value_name = "DIR")]
+    base: Option<PathBuf>,
+    /// Where jobs write their files before they are stored on NATS (default: a temporary
+    /// folder).
+    #[arg(long, value_name = "DIR")]
+    scratch: Option<PathBuf>,
+    /// Take jobs in order of how many wait, ignoring which models this worker holds.
+    #[arg(long = "no-affinity")]
+    no_affinity: bool,
+    /// Seconds a worker stays idle before it takes jobs of models it does not hold.
+    #[arg(long = "steal-after", value_name = "SECS", default_value_t = 1.0)]
+    steal_after: f64,
+    /// The most model weights kept loaded between jobs (e.g. 8G; default: all that fit the
+    /// memory cap).
+    #[arg(long = "keep-models", value_name = "SIZE")]
+    keep_models: Option<String>,
+    /// Threads for one job's nodes (default: one per core).
+    #[arg(long = "run-threads", value_name = "N")]
+    run_threads: Option<usize>,
+    /// Cap the models' memory-mapped weights resident at once (as for `run`).
+    #[arg(long = "max-memory", value_name = "SIZE")]
+    max_memory: Option<String>,
+    #[command(flatten)]
+    plugins: PluginArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+fn secs(name: &str, v: f64) -> Result<std::time::Duration, String> {
+    std::time::Duration::try_from_secs_f64(v)
+        .map_err(|_| format!("{name} {v}: expected seconds >= 0"))
+}
+
+fn cmd_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let usage = |msg: String| {
+        eprintln!("error: {msg}");
+        Ok(ExitCode::from(2))
+    };
+    let Some(url) = args.nats.nats else {
+        return usage(
+            "a worker needs --nats URL (the NATS server `ditflow serve --nats` queues on)".into(),
+        );
+    };
+    let Some(device) = resolve_device(&args.device) else {
+        return Ok(ExitCode::from(2));
+    };
+    if !apply_memory_cap(&args.max_memory) {
+        return Ok(ExitCode::from(2));
+    }
+    let keep_model_bytes = match args
+        .keep_models
+        .as_deref()
+        .map(ditflow::weights::residency::parse_bytes)
+    {
+        None => None,
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => return usage(format!("--keep-models: {e}")),
+    };
+    let steal_after = match secs("--steal-after", args.steal_after) {
+        Ok(d) => d,
+        Err(e) => return usage(e),
+    };
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "worker".into());
+    let name = args
+        .name
+        .unwrap_or_else(|| format!("{host}-{}", std::process::id()));
+    let scratch = args.scratch.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("ditflow-worker-{}", std::process::id()))
+    });
+    let mut nats = ditflow_serve::nats::NatsOptions::new(&url);
+    nats.prefix = args.nats.nats_prefix;
+    let opts = ditflow_serve::nats::worker::WorkerOptions {
+        nats,
+        name,
+        base_dir: args
+            .base
+            .unwrap_or_else(|| std::env::current_dir().unwrap_or_default()),
+        scratch,
+        device,
+        run_threads: args
+            .run_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1),
+        affinity: !args.no_affinity,
+        steal_after,
+        keep_model_bytes,
+    };
+    let rt = Arc::new(load_runtime(&args.plugins));
+    match ditflow_serve::nats::worker::run(opts, rt) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
 }
 
 fn cmd_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -576,6 +705,24 @@ fn cmd_serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     opts.device = device;
     opts.max_body_bytes = max_body;
+    if let Some(url) = args.nats.nats {
+        let mut n = ditflow_serve::nats::NatsOptions::new(&url);
+        n.prefix = args.nats.nats_prefix;
+        n.ack_wait = match secs("--ack-wait", args.ack_wait) {
+            Ok(d) if !d.is_zero() => d,
+            _ => {
+                return usage(format!(
+                    "--ack-wait {}: expected seconds > 0",
+                    args.ack_wait
+                ))
+            }
+        };
+        if args.max_deliveries == 0 {
+            return usage("--max-deliveries 0: expected at least 1".into());
+        }
+        n.max_deliveries = args.max_deliveries;
+        opts.nats = Some(n);
+    }
     match ditflow_serve::serve(opts, rt) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {
@@ -1021,6 +1168,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Command::Nodes { json, plugins } => cmd_nodes(json, plugins),
         Command::Ops => cmd_ops(),
         Command::Serve(args) => cmd_serve(args),
+        Command::Worker(args) => cmd_worker(args),
         Command::ImportComfy { file, models, out } => cmd_import_comfy(&file, models, out),
         Command::Submit {
             graph,

@@ -24,7 +24,7 @@ use crate::plugin::{
 };
 use crate::registry::{DuplicateNodeType, NodeType, PluginInfo, Registry};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 /// Node types gathered from plugins (and from Rust), and the problems met loading them.
@@ -405,6 +405,8 @@ pub struct Session {
     cache: Mutex<Cache>,
     /// The runtime generation the cache was last checked against.
     seen_generation: AtomicU64,
+    /// The most bytes of model weights kept loaded between runs (0: no limit of its own).
+    model_limit: AtomicUsize,
 }
 
 /// Default cache capacity: 2 GiB.
@@ -420,6 +422,7 @@ impl Session {
             runtime,
             cache: Mutex::new(Cache::new(bytes)),
             seen_generation: AtomicU64::new(0),
+            model_limit: AtomicUsize::new(0),
         }
     }
 
@@ -438,15 +441,28 @@ impl Session {
         Ok(self.run_plan(&plan, opts))
     }
 
+    /// Keeps at most `bytes` of model weights loaded between runs (`None`: as many as the
+    /// memory cap allows), letting the least recently used models go past it: a server that
+    /// holds one large model at a time, say.
+    pub fn keep_model_bytes(&self, bytes: Option<usize>) {
+        self.model_limit
+            .store(bytes.unwrap_or(0), Ordering::Relaxed);
+    }
+
     /// Runs an already validated plan.
     /// Cached models are held to the memory cap ([`crate::weights::residency::cap`]) as it
-    /// stands when the run starts.
+    /// stands when the run starts, and to [`Session::keep_model_bytes`].
     pub fn run_plan(&self, plan: &Plan, opts: &RunOptions) -> RunReport {
         self.drop_stale_outputs();
+        let own = Some(self.model_limit.load(Ordering::Relaxed)).filter(|&b| b > 0);
+        let cap = match (crate::weights::residency::cap(), own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .set_model_cap(crate::weights::residency::cap());
+            .set_model_cap(cap);
         run_plan(plan, opts, &self.cache)
     }
 

@@ -95,7 +95,7 @@ impl axum::extract::FromRequestParts<S> for Who {
 
 /// Job `id` when the caller may see it; a 404 otherwise.
 pub(crate) fn visible_job(s: &Server, who: &Caller, id: &str) -> Result<Job, ApiError> {
-    match s.store.get(id).map_err(internal)? {
+    match s.queue.get(id).map_err(internal)? {
         Some(job) if who.sees(&job.owner) => Ok(job),
         _ => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -188,7 +188,18 @@ pub(crate) fn enqueue(
     source: &crate::store::Source,
     meta: &serde_json::Value,
 ) -> Result<Job, ApiError> {
-    let job = match s.store.submit(id, &who.owner, priority, source, meta) {
+    // Jobs on NATS go to the subject of the models they load, for workers that hold them.
+    let model = if s.queue.distributed() {
+        crate::jobs::parse(source, &s.opts.base_dir)
+            .map(|g| crate::nats::affinity::model_key(&g, &s.runtime, &source.args))
+            .unwrap_or_else(|_| "none".into())
+    } else {
+        String::new()
+    };
+    let job = match s
+        .queue
+        .submit(id, &who.owner, priority, source, meta, &model)
+    {
         Ok(job) if who.sees(&job.owner) => job,
         Ok(_) => return Err(ApiError::new(StatusCode::CONFLICT, "that id is taken")),
         Err(e @ SubmitError::Full(_)) => {
@@ -220,7 +231,7 @@ async fn list(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let owner = (!who.admin).then_some(who.owner.as_str());
     let jobs = s
-        .store
+        .queue
         .list(owner, q.limit.unwrap_or(100).min(1000))
         .map_err(internal)?;
     Ok(Json(serde_json::json!({
@@ -242,7 +253,8 @@ async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     visible_job(&s, &who, &id)?;
-    let before = s.store.cancel(&id).map_err(internal)?;
+    // On NATS, a running job's worker is told by the queue.
+    let before = s.queue.cancel(&id).map_err(internal)?;
     if before == Some(State::Running) {
         if let Some(flag) = s.running.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
             flag.store(true, Ordering::SeqCst);
@@ -269,7 +281,7 @@ fn event_lines(s: S, job: Job) -> impl Stream<Item = Arc<str>> {
                 Phase::Waiting => match s.hub.subscribe(&job.id) {
                     Some(sub) => Phase::Backlog(sub.backlog.into_iter(), sub.live),
                     None => {
-                        let now = s.store.get(&job.id).ok().flatten();
+                        let now = s.queue.get(&job.id).ok().flatten();
                         match now {
                             Some(j) if j.state.finished() => {
                                 let line: Arc<str> = serde_json::json!({
@@ -392,9 +404,10 @@ pub(crate) async fn job_file(s: &Server, job: &Job, name: &str) -> Result<Respon
             format!("job '{}' has no file '{name}'", job.id),
         ));
     }
-    let bytes = tokio::fs::read(s.results_dir(&job.id).join(name))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, format!("{name}: {e}")))?;
+    let bytes = s
+        .queue
+        .file(&s.results_dir(&job.id), &job.id, name)
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, e))?;
     Ok((
         [(header::CONTENT_TYPE, content_type(name))],
         Body::from(bytes),
@@ -410,7 +423,7 @@ fn resident_bytes() -> Option<u64> {
 }
 
 async fn metrics(Ctx(s): Ctx<S>, _authorised: Who) -> Result<Response, ApiError> {
-    let counts = s.store.counts().map_err(internal)?;
+    let counts = s.queue.counts().map_err(internal)?;
     let count = |st: State| counts.iter().find(|(c, _)| *c == st).map_or(0, |(_, n)| *n);
     let cache = s.session.cache_stats();
     let lat = &s.latencies;

@@ -61,6 +61,11 @@ impl Hub {
         );
     }
 
+    /// Whether job `id`'s stream is open and not ended.
+    pub fn is_live(&self, id: &str) -> bool {
+        self.lock().get(id).is_some_and(|ev| ev.tx.is_some())
+    }
+
     /// Adds a line to job `id`'s stream.
     pub fn publish(&self, id: &str, line: String) {
         let mut jobs = self.lock();

@@ -1,7 +1,8 @@
 //! `ditflow serve`: graphs run as jobs behind an HTTP and websocket API.
 //!
 //! - [`jobs`]: what a client submits, checked before it is queued;
-//! - [`store`]: the queue and the job history in SQLite, both kept across restarts;
+//! - [`queue`]: the queue and history the routes use: [`store`], SQLite on one machine, both
+//!   kept across restarts; or [`nats`], NATS JetStream with `ditflow worker`s on many machines;
 //! - [`worker`]: runs queued jobs on one session, so models stay loaded between jobs;
 //! - [`hub`]: each job's events for its websocket and SSE subscribers;
 //! - [`auth`]: API tokens, each seeing only its owner's jobs;
@@ -13,6 +14,8 @@ pub mod comfy;
 pub mod http;
 pub mod hub;
 pub mod jobs;
+pub mod nats;
+pub mod queue;
 pub mod store;
 pub mod worker;
 
@@ -46,6 +49,8 @@ pub struct ServeOptions {
     pub device: Device,
     /// The largest request body accepted.
     pub max_body_bytes: usize,
+    /// Queue on NATS JetStream instead of SQLite (jobs then run on `ditflow worker`s).
+    pub nats: Option<nats::NatsOptions>,
 }
 
 impl ServeOptions {
@@ -62,6 +67,7 @@ impl ServeOptions {
             run_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             device: Device::Cpu,
             max_body_bytes: 16 << 20,
+            nats: None,
         }
     }
 }
@@ -75,12 +81,29 @@ pub struct Latencies {
     pub run_micros: AtomicU64,
 }
 
+impl Latencies {
+    /// Counts a job submitted at `submitted` (seconds since the epoch) that ran `run` seconds.
+    pub fn record_secs(&self, submitted: f64, run: f64) {
+        self.finished.fetch_add(1, Ordering::Relaxed);
+        self.run_micros
+            .fetch_add((run.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+        let total = (store::now() - submitted).max(0.0);
+        self.total_micros
+            .fetch_add((total * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// [`Latencies::record_secs`] for a run started at `started`.
+    pub fn record(&self, submitted: f64, started: Instant) {
+        self.record_secs(submitted, started.elapsed().as_secs_f64());
+    }
+}
+
 /// Everything the routes and the workers share.
 pub struct Server {
     pub opts: ServeOptions,
     pub runtime: Arc<Runtime>,
     pub session: Session,
-    pub store: store::Store,
+    pub queue: queue::Queue,
     pub hub: Arc<hub::Hub>,
     /// The cancel flags of running jobs.
     pub running: Mutex<HashMap<String, Arc<AtomicBool>>>,
@@ -115,13 +138,23 @@ impl Server {
     pub fn new(opts: ServeOptions, runtime: Arc<Runtime>) -> Result<Arc<Server>, String> {
         std::fs::create_dir_all(opts.data_dir.join("results"))
             .map_err(|e| format!("{}: {e}", opts.data_dir.display()))?;
-        let db = opts.data_dir.join("jobs.sqlite");
-        let store = store::Store::open(&db, opts.queue_limit)
-            .map_err(|e| format!("{}: {e}", db.display()))?;
-        Ok(Arc::new(Server {
+        let queue = match &opts.nats {
+            Some(n) => {
+                let mut n = n.clone();
+                n.queue_limit = opts.queue_limit;
+                queue::Queue::Nats(nats::NatsQueue::connect(n)?)
+            }
+            None => {
+                let db = opts.data_dir.join("jobs.sqlite");
+                let store = store::Store::open(&db, opts.queue_limit)
+                    .map_err(|e| format!("{}: {e}", db.display()))?;
+                queue::Queue::Sqlite(store)
+            }
+        };
+        let server = Arc::new(Server {
             session: Session::new(runtime.clone()),
             runtime,
-            store,
+            queue,
             hub: Arc::default(),
             running: Mutex::new(HashMap::new()),
             wake: (Mutex::new(0), Condvar::new()),
@@ -131,7 +164,11 @@ impl Server {
             started: Instant::now(),
             numbers: AtomicU64::new(0),
             opts,
-        }))
+        });
+        if let queue::Queue::Nats(n) = &server.queue {
+            n.follow_events(Arc::downgrade(&server));
+        }
+        Ok(server)
     }
 
     /// The next ComfyUI prompt number.
@@ -156,7 +193,13 @@ impl Server {
 /// (with the port chosen when it was 0), starts the workers and serves.
 pub fn serve(opts: ServeOptions, runtime: Arc<Runtime>) -> Result<(), String> {
     let server = Server::new(opts, runtime)?;
-    let workers: Vec<_> = (0..server.opts.workers)
+    // On NATS, `ditflow worker`s run the jobs.
+    let local = if server.queue.distributed() {
+        0
+    } else {
+        server.opts.workers
+    };
+    let workers: Vec<_> = (0..local)
         .map(|i| worker::spawn(server.clone(), i))
         .collect();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -7,12 +7,12 @@
 //! ([`Store::prune`]). A job submitted again under an id the store knows is not queued twice.
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Mutex;
 
 /// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     Queued,
@@ -20,15 +20,19 @@ pub enum State {
     Succeeded,
     Failed,
     Cancelled,
+    /// Delivered to workers more times than allowed without finishing (scale-out only: its
+    /// workers died or stopped answering); it is not delivered again.
+    Dead,
 }
 
 impl State {
-    pub const ALL: [State; 5] = [
+    pub const ALL: [State; 6] = [
         State::Queued,
         State::Running,
         State::Succeeded,
         State::Failed,
         State::Cancelled,
+        State::Dead,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,6 +42,7 @@ impl State {
             State::Succeeded => "succeeded",
             State::Failed => "failed",
             State::Cancelled => "cancelled",
+            State::Dead => "dead",
         }
     }
 
@@ -47,17 +52,21 @@ impl State {
             "running" => State::Running,
             "succeeded" => State::Succeeded,
             "cancelled" => State::Cancelled,
+            "dead" => State::Dead,
             _ => State::Failed,
         }
     }
 
     pub fn finished(self) -> bool {
-        matches!(self, State::Succeeded | State::Failed | State::Cancelled)
+        matches!(
+            self,
+            State::Succeeded | State::Failed | State::Cancelled | State::Dead
+        )
     }
 }
 
 /// A job as the API shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,
     pub owner: String,
@@ -77,7 +86,7 @@ pub struct Job {
 }
 
 /// What a job runs: the graph's text, its format and its inputs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Source {
     pub graph: String,
     pub format: String,
@@ -92,6 +101,8 @@ pub enum SubmitError {
     Full(usize),
     #[error("job store: {0}")]
     Db(#[from] rusqlite::Error),
+    #[error("job queue: {0}")]
+    Queue(String),
 }
 
 pub fn now() -> f64 {

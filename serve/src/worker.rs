@@ -26,7 +26,7 @@ pub fn spawn(server: Arc<Server>, i: usize) -> std::thread::JoinHandle<()> {
 fn run(server: &Server) {
     while !server.shutdown.load(Ordering::SeqCst) {
         let seen = *server.wake.0.lock().unwrap_or_else(|p| p.into_inner());
-        match server.store.claim_next() {
+        match server.queue.claim_next() {
             Ok(Some((job, source))) => run_job(server, job, source),
             Ok(None) => {
                 let (lock, cv) = &server.wake;
@@ -78,42 +78,47 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     out
 }
 
-fn run_job(server: &Server, job: Job, source: Source) {
-    let id = job.id.clone();
-    server.hub.open(&id);
-    server.hub.publish(
-        &id,
-        line(
-            "job_started",
-            serde_json::json!({ "job": id, "instance": server.instance }),
-        ),
-    );
-    let out_dir = server.results_dir(&id);
-    let cancel = Arc::new(AtomicBool::new(false));
-    server
-        .running
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id.clone(), cancel.clone());
-    let started = std::time::Instant::now();
+/// How a job's run ended.
+pub struct Outcome {
+    pub state: State,
+    pub error: Option<String>,
+    /// The graph's outputs, rendered as JSON.
+    pub outputs: serde_json::Value,
+    /// The files it wrote under its folder.
+    pub files: Vec<String>,
+}
+
+/// Where and how a job runs.
+pub struct Setting<'a> {
+    pub session: &'a ditflow::Session,
+    /// Relative paths in the graph resolve against this folder.
+    pub base_dir: &'a Path,
+    pub device: ditflow::tensor::Device,
+    pub threads: usize,
+}
+
+/// Runs `source` in `set` with its files written under `out_dir`, its events given to
+/// `publish`; a panic anywhere in the run fails the job only.
+pub fn execute(
+    set: &Setting,
+    source: &Source,
+    out_dir: &Path,
+    cancel: &Arc<AtomicBool>,
+    publish: impl Fn(&Event) + Send + Sync + 'static,
+) -> Outcome {
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
-        let graph = jobs::parse(&source, &server.opts.base_dir).map_err(|e| e.to_string())?;
-        let publisher = {
-            let (id, hub) = (id.clone(), server.hub.clone());
-            move |e: &Event| hub.publish(&id, e.to_json_line())
-        };
+        std::fs::create_dir_all(out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+        let graph = jobs::parse(source, set.base_dir).map_err(|e| e.to_string())?;
         let mut opts = RunOptions {
-            out_dir: out_dir.clone(),
+            out_dir: out_dir.to_path_buf(),
             cancel: cancel.clone(),
-            device: server.opts.device,
-            workers: server.opts.run_threads.max(1),
+            device: set.device,
+            workers: set.threads.max(1),
             ..RunOptions::default()
         };
-        opts.subscribers.push(Arc::new(publisher));
-        server
-            .session
-            .run(&graph, &jobs::args(&source), &opts)
+        opts.subscribers.push(Arc::new(publish));
+        set.session
+            .run(&graph, &jobs::args(source), &opts)
             .map_err(|d| d.to_string())
     }))
     .unwrap_or_else(|p| {
@@ -122,16 +127,6 @@ fn run_job(server: &Server, job: Job, source: Source) {
             ditflow_plugin::panic_message(&*p)
         ))
     });
-    server
-        .running
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&id);
-    if server.shutdown.load(Ordering::SeqCst) && cancel.load(Ordering::SeqCst) {
-        // Stopped by the server going down: it stays `running`, and is queued again at start.
-        server.hub.close(&id);
-        return;
-    }
     let (state, error, outputs) = match &outcome {
         Ok(report) if report.ok() => (
             State::Succeeded,
@@ -160,42 +155,89 @@ fn run_job(server: &Server, job: Job, source: Source) {
         }
         Err(e) => (State::Failed, Some(e.clone()), serde_json::Value::Null),
     };
-    let files = files_in(&out_dir);
-    if let Err(e) = server
-        .store
-        .finish(&id, state, error.as_deref(), &outputs, &files)
-    {
+    Outcome {
+        state,
+        error,
+        outputs,
+        files: files_in(out_dir),
+    }
+}
+
+/// The server's `job_started` line.
+pub fn started_line(id: &str, instance: &str) -> String {
+    line(
+        "job_started",
+        serde_json::json!({ "job": id, "instance": instance }),
+    )
+}
+
+/// The server's `job_finished` line.
+pub fn finished_line(id: &str, o: &Outcome) -> String {
+    line(
+        "job_finished",
+        serde_json::json!({
+            "job": id,
+            "state": o.state,
+            "error": o.error,
+            "outputs": o.outputs,
+            "files": o.files,
+        }),
+    )
+}
+
+fn run_job(server: &Server, job: Job, source: Source) {
+    let id = job.id.clone();
+    server.hub.open(&id);
+    server.hub.publish(&id, started_line(&id, &server.instance));
+    let out_dir = server.results_dir(&id);
+    let cancel = Arc::new(AtomicBool::new(false));
+    server
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(id.clone(), cancel.clone());
+    let started = std::time::Instant::now();
+    let publisher = {
+        let (id, hub) = (id.clone(), server.hub.clone());
+        move |e: &Event| hub.publish(&id, e.to_json_line())
+    };
+    let set = Setting {
+        session: &server.session,
+        base_dir: &server.opts.base_dir,
+        device: server.opts.device,
+        threads: server.opts.run_threads,
+    };
+    let outcome = execute(&set, &source, &out_dir, &cancel, publisher);
+    server
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    if server.shutdown.load(Ordering::SeqCst) && cancel.load(Ordering::SeqCst) {
+        // Stopped by the server going down: it stays `running`, and is queued again at start.
+        server.hub.close(&id);
+        return;
+    }
+    if let Err(e) = server.queue.finish(
+        &id,
+        outcome.state,
+        outcome.error.as_deref(),
+        &outcome.outputs,
+        &outcome.files,
+    ) {
         tracing::error!("job {id}: recording its end: {e}");
     }
-    let lat = &server.latencies;
-    lat.finished.fetch_add(1, Ordering::Relaxed);
-    lat.run_micros
-        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-    let total = (crate::store::now() - job.submitted).max(0.0);
-    lat.total_micros
-        .fetch_add((total * 1e6) as u64, Ordering::Relaxed);
-    server.hub.publish(
-        &id,
-        line(
-            "job_finished",
-            serde_json::json!({
-                "job": id,
-                "state": state,
-                "error": error,
-                "outputs": outputs,
-                "files": files,
-            }),
-        ),
-    );
+    server.latencies.record(job.submitted, started);
+    server.hub.publish(&id, finished_line(&id, &outcome));
     server.hub.close(&id);
     prune(server);
 }
 
 /// Drops finished jobs past the history's bounds, with their files and event streams.
-fn prune(server: &Server) {
+pub(crate) fn prune(server: &Server) {
     let opts = &server.opts;
     match server
-        .store
+        .queue
         .prune(opts.history_limit, opts.history_max_age.as_secs_f64())
     {
         Ok(ids) => {

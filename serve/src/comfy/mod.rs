@@ -259,7 +259,7 @@ async fn upload_image(
 
 fn queue_lists(s: &Server, owner: Option<&str>) -> Result<(Vec<Job>, Vec<Job>), ApiError> {
     let jobs = s
-        .store
+        .queue
         .list(owner, 1000)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let pick = |st: State| {
@@ -307,7 +307,7 @@ async fn queue_edit(
             .collect()
     };
     for id in &delete {
-        let _ = s.store.cancel(id);
+        let _ = s.queue.cancel(id);
     }
     Ok(Json(json!({})))
 }
@@ -320,10 +320,24 @@ async fn interrupt(
     let target = serde_json::from_slice::<Json_>(&body)
         .ok()
         .and_then(|b| b.get("prompt_id").and_then(Json_::as_str).map(String::from));
+    if s.queue.distributed() {
+        // On NATS the jobs run on workers: the queue tells the one running each.
+        let owner = (!who.admin).then_some(who.owner.as_str());
+        let jobs = s
+            .queue
+            .list(owner, 1000)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        for j in jobs.iter().filter(|j| j.state == State::Running) {
+            if target.as_deref().is_none_or(|t| t == j.id) {
+                let _ = s.queue.cancel(&j.id);
+            }
+        }
+        return Ok(Json(json!({})));
+    }
     let running = s.running.lock().unwrap_or_else(|p| p.into_inner()).clone();
     for (id, flag) in running {
         let visible = s
-            .store
+            .queue
             .get(&id)
             .ok()
             .flatten()
@@ -376,7 +390,7 @@ async fn history(
     Query(q): Query<HistoryQuery>,
 ) -> Result<Json<Json_>, ApiError> {
     let jobs = s
-        .store
+        .queue
         .list(
             (!who.admin).then_some(who.owner.as_str()),
             q.max_items.unwrap_or(1000).min(10000),
@@ -619,7 +633,7 @@ async fn follow(mut socket: WebSocket, s: S, who: crate::auth::Caller, client: S
         let job = jobs
             .entry(id.clone())
             .or_insert_with(|| {
-                s.store.get(&id).ok().flatten().filter(|j| {
+                s.queue.get(&id).ok().flatten().filter(|j| {
                     is_prompt(j)
                         && who.sees(&j.owner)
                         && j.meta["comfy"]["client_id"].as_str() == Some(&client)
