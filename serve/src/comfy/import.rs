@@ -9,6 +9,14 @@
 //! uses. Sampler and scheduler names are ComfyUI's, mapped onto `Sample`'s (a flow-matching
 //! checkpoint's `euler` is `flow_euler`). A class without a mapping is an error naming the node
 //! and the class; every error is reported, not only the first.
+//!
+//! The model family comes from the transformer's `config.json`: a Flux or SD3 transformer is
+//! loaded by `LoadFlux` or `LoadSD3`, and `CLIPTextEncode` on its checkpoint's CLIP (or on a
+//! `DualCLIPLoader`'s) becomes `FluxTextEncode` or `SD3TextEncode` on its encoders, told apart
+//! by their configs. ComfyUI attaches a ControlNet to the conditioning
+//! (`ControlNetApplyAdvanced`); ditflow patches the model, so the ControlNets on a sampler's
+//! positive conditioning become `ApplyFluxControlNet`/`ApplySD3ControlNet` on its model, and the
+//! conditioning passes through.
 
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
@@ -33,7 +41,67 @@ pub const MAPPED_CLASSES: &[&str] = &[
     "FluxGuidance",
     "ModelSamplingSD3",
     "ModelSamplingFlux",
+    "CLIPLoader",
+    "DualCLIPLoader",
+    "ControlNetLoader",
+    "ControlNetApplyAdvanced",
 ];
+
+/// A diffusers folder's `config.json` (a missing or unreadable one is `null`).
+fn config(dir: &Path) -> Json {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Json::Null)
+}
+
+/// The denoiser families the importer tells apart.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Family {
+    /// PixArt and DiT (`LoadDiffusionModel`).
+    Dit,
+    Flux,
+    Sd3,
+}
+
+impl Family {
+    /// The family of the transformer in `dir`.
+    fn of(dir: &Path) -> Family {
+        match config(dir)["_class_name"].as_str() {
+            Some("FluxTransformer2DModel") => Family::Flux,
+            Some("SD3Transformer2DModel") => Family::Sd3,
+            _ => Family::Dit,
+        }
+    }
+
+    fn loader(self) -> &'static str {
+        match self {
+            Family::Dit => "LoadDiffusionModel",
+            Family::Flux => "LoadFlux",
+            Family::Sd3 => "LoadSD3",
+        }
+    }
+}
+
+/// A checkpoint's transformer folder: `transformer/`, or `unet/`.
+fn unet_dir(dir: &Path) -> PathBuf {
+    if dir.join("transformer").is_dir() {
+        dir.join("transformer")
+    } else {
+        dir.join("unet")
+    }
+}
+
+/// A text encoder folder: whether it is a T5, and its width (a CLIP's hidden size).
+fn encoder_kind(dir: &Path) -> (bool, i64) {
+    let c = config(dir);
+    let t5 = c["model_type"].as_str().is_some_and(|t| t.contains("t5"));
+    let width = c["hidden_size"]
+        .as_i64()
+        .or_else(|| c["d_model"].as_i64())
+        .unwrap_or(0);
+    (t5, width)
+}
 
 /// A problem with one node of the prompt (or the prompt itself, `node` `None`).
 #[derive(Debug, Clone, PartialEq)]
@@ -102,7 +170,10 @@ impl Checkpoint {
                     .as_str()
                     .map(|c| c.starts_with("FlowMatch"))
             })
-            .unwrap_or(false);
+            // Without a scheduler config: Flux and SD3 are flow-matching models.
+            .unwrap_or_else(|| {
+                Family::of(&unet_dir(&dir)) != Family::Dit || Family::of(&dir) != Family::Dit
+            });
         Checkpoint {
             dir,
             latent_channels,
@@ -201,6 +272,9 @@ impl<'a> Importer<'a> {
             ("ModelSamplingSD3" | "ModelSamplingFlux", _) => "model",
             // A LoRA on the text encoder is not applied: its CLIP output is its input.
             ("LoraLoader", 1) => "clip",
+            // Its ControlNet patches the sampler's model instead (see `controlnets_of`).
+            ("ControlNetApplyAdvanced", 0) => "positive",
+            ("ControlNetApplyAdvanced", 1) => "negative",
             _ => return output_port(class, src, idx),
         };
         if depth >= 32 {
@@ -208,6 +282,37 @@ impl<'a> Importer<'a> {
         }
         let (s, i) = self.link(src, through)?;
         self.resolve(s, i, depth + 1)
+    }
+
+    /// The node a CLIP input comes from, through LoRAs (whose CLIP output is their input).
+    fn clip_origin(&self, id: &str, input: &str, depth: usize) -> Option<&'a str> {
+        let (src, idx) = self.link(id, input)?;
+        match (self.class(src)?, idx) {
+            ("LoraLoader", 1) if depth < 32 => self.clip_origin(src, "clip", depth + 1),
+            _ => Some(src),
+        }
+    }
+
+    /// The ControlNetApplyAdvanced nodes on sampler `id`'s positive conditioning, the one
+    /// nearest the text encoder first.
+    fn controlnets_of(&self, id: &str) -> Vec<&'a str> {
+        let mut out = Vec::new();
+        let mut at = self.link(id, "positive");
+        while let Some((src, _)) = at {
+            if out.len() > 32 {
+                break;
+            }
+            at = match self.class(src) {
+                Some("FluxGuidance") => self.link(src, "conditioning"),
+                Some("ControlNetApplyAdvanced") => {
+                    out.push(src);
+                    self.link(src, "positive")
+                }
+                _ => None,
+            };
+        }
+        out.reverse();
+        out
     }
 
     /// The KSampler whose latent_image is node `latent`.
@@ -248,9 +353,38 @@ fn output_port(class: &str, id: &str, index: u64) -> Option<String> {
         ("VAEDecode", 0) => ("", "image"),
         ("VAEEncode", 0) => ("", "latent"),
         ("LoadImage", 0) => ("", "image"),
+        ("CLIPLoader", 0) => ("", "encoder"),
+        ("ControlNetLoader", 0) => ("", "controlnet"),
         _ => return None,
     };
     Some(format!("{}.{port}", our_id(id, suffix)))
+}
+
+/// Input `name` of ComfyUI node `id`, a link, as our `node.port`; an error when absent or
+/// dangling.
+fn linked_at(im: &mut Importer, id: &str, name: &str) -> Option<String> {
+    let Some((src, idx)) = im.link(id, name) else {
+        im.err(
+            id,
+            format!("input '{name}' must be a link [node_id, output]"),
+        );
+        return None;
+    };
+    let Some(src_class) = im.class(src) else {
+        im.err(
+            id,
+            format!("input '{name}' links to node \"{src}\", which is not in the prompt"),
+        );
+        return None;
+    };
+    let port = im.resolve(src, idx, 0);
+    if port.is_none() {
+        im.err(
+            id,
+            format!("input '{name}': {src_class} \"{src}\" has no output {idx} ditflow maps"),
+        );
+    }
+    port
 }
 
 /// Imports `prompt`; checkpoint and VAE names are relative to `models_dir`, and `LoadImage`'s
@@ -295,33 +429,7 @@ pub fn import(
             );
             continue;
         }
-        // A linked input as our `node.port`; an error when absent or dangling.
-        let linked = |im: &mut Importer, name: &str| -> Option<String> {
-            let Some((src, idx)) = im.link(id, name) else {
-                im.err(
-                    id,
-                    format!("input '{name}' must be a link [node_id, output]"),
-                );
-                return None;
-            };
-            let Some(src_class) = im.class(src) else {
-                im.err(
-                    id,
-                    format!("input '{name}' links to node \"{src}\", which is not in the prompt"),
-                );
-                return None;
-            };
-            let port = im.resolve(src, idx, 0);
-            if port.is_none() {
-                im.err(
-                    id,
-                    format!(
-                        "input '{name}': {src_class} \"{src}\" has no output {idx} ditflow maps"
-                    ),
-                );
-            }
-            port
-        };
+        let linked = |im: &mut Importer, name: &str| linked_at(im, id, name);
         let value = |im: &mut Importer, name: &str| -> Option<Json> {
             let v = im.input(id, name).cloned();
             if v.is_none() {
@@ -365,13 +473,25 @@ pub fn import(
                     continue;
                 }
                 let sub = |s: &str| constant(&Json::String(dir.join(s).to_string_lossy().into()));
-                let unet = if dir.join("transformer").is_dir() {
-                    "transformer"
-                } else {
-                    "unet"
-                };
+                let unet = unet_dir(&dir);
+                let family = Family::of(&unet);
                 node("te", "LoadTextEncoder", vec![("path", sub("text_encoder"))]);
-                node("dit", "LoadDiffusionModel", vec![("path", sub(unet))]);
+                if family != Family::Dit {
+                    node(
+                        "te2",
+                        "LoadTextEncoder",
+                        vec![("path", sub("text_encoder_2"))],
+                    );
+                }
+                if family == Family::Sd3 && dir.join("text_encoder_3").is_dir() {
+                    node(
+                        "te3",
+                        "LoadTextEncoder",
+                        vec![("path", sub("text_encoder_3"))],
+                    );
+                }
+                let unet = constant(&Json::String(unet.to_string_lossy().into()));
+                node("dit", family.loader(), vec![("path", unet)]);
                 node("vae", "LoadVAE", vec![("path", sub("vae"))]);
             }
             "UNETLoader" => {
@@ -386,7 +506,7 @@ pub fn import(
                 };
                 node(
                     "",
-                    "LoadDiffusionModel",
+                    Family::of(&unet).loader(),
                     vec![(
                         "path",
                         constant(&Json::String(unet.to_string_lossy().into())),
@@ -400,16 +520,81 @@ pub fn import(
                 node("", "LoadVAE", vec![("path", constant(&path_of(&name)))]);
             }
             "CLIPTextEncode" => {
-                let (Some(clip), Some(text)) = (linked(&mut im, "clip"), value(&mut im, "text"))
-                else {
+                let Some(text) = value(&mut im, "text") else {
+                    continue;
+                };
+                let text = constant(&text);
+                let origin = im.clip_origin(id, "clip", 0);
+                match origin.and_then(|o| text_encoders(&im, o)) {
+                    Some(Encoders::Flux { clip, t5 }) => node(
+                        "",
+                        "FluxTextEncode",
+                        vec![("clip", clip), ("t5", t5), ("text", text)],
+                    ),
+                    Some(Encoders::Sd3 { clip_l, clip_g, t5 }) => {
+                        let mut inputs = vec![("clip_l", clip_l), ("clip_g", clip_g)];
+                        if let Some(t5) = t5 {
+                            inputs.push(("t5", t5));
+                        }
+                        inputs.push(("text", text));
+                        node("", "SD3TextEncode", inputs);
+                    }
+                    Some(Encoders::Unknown(msg)) => im.err(id, msg),
+                    None => {
+                        let Some(clip) = linked(&mut im, "clip") else {
+                            continue;
+                        };
+                        node("", "TextEncode", vec![("encoder", clip), ("text", text)]);
+                    }
+                }
+            }
+            "CLIPLoader" => {
+                let Some(name) = value(&mut im, "clip_name") else {
                     continue;
                 };
                 node(
                     "",
-                    "TextEncode",
-                    vec![("encoder", clip), ("text", constant(&text))],
+                    "LoadTextEncoder",
+                    vec![("path", constant(&path_of(&name)))],
                 );
             }
+            "DualCLIPLoader" => {
+                let (Some(a), Some(b)) =
+                    (value(&mut im, "clip_name1"), value(&mut im, "clip_name2"))
+                else {
+                    continue;
+                };
+                node(
+                    "c1",
+                    "LoadTextEncoder",
+                    vec![("path", constant(&path_of(&a)))],
+                );
+                node(
+                    "c2",
+                    "LoadTextEncoder",
+                    vec![("path", constant(&path_of(&b)))],
+                );
+            }
+            "ControlNetLoader" => {
+                let Some(name) = value(&mut im, "control_net_name") else {
+                    continue;
+                };
+                let dir = models_dir.join(name.as_str().unwrap_or(""));
+                let Some((load, _)) = controlnet_family(&dir) else {
+                    im.err(
+                        id,
+                        format!(
+                            "'{}' is not a diffusers Flux or SD3 ControlNet folder (its \
+                             config.json names FluxControlNetModel or SD3ControlNetModel)",
+                            dir.display()
+                        ),
+                    );
+                    continue;
+                };
+                node("", load, vec![("path", constant(&path_of(&name)))]);
+            }
+            // Imported with the sampler whose positive conditioning it is on.
+            "ControlNetApplyAdvanced" => continue,
             // They pass their input on (`Importer::resolve`); their settings go to the sampler.
             "FluxGuidance" | "ModelSamplingSD3" | "ModelSamplingFlux" => continue,
             "EmptyLatentImage" | "EmptySD3LatentImage" => {
@@ -503,10 +688,20 @@ pub fn import(
                     );
                     continue;
                 };
-                let (Some(model), Some(pos), Some(latent)) = (model, pos, latent) else {
+                let (Some(mut model), Some(pos), Some(latent)) = (model, pos, latent) else {
                     continue;
                 };
+                // ComfyUI's ControlNets ride on the conditioning; ours patch the model.
+                for cn in im.controlnets_of(id) {
+                    let Some((apply, cn_inputs)) = controlnet_patch(&mut im, cn, &model) else {
+                        continue;
+                    };
+                    let suffix = format!("controlnet{}", our_id(cn, ""));
+                    model = format!("{}.model", our_id(id, &suffix));
+                    node(&suffix, apply, cn_inputs);
+                }
                 let mut inputs = vec![("model", model), ("positive", pos)];
+
                 if let Some(neg) = neg {
                     inputs.push(("negative", neg));
                 }
@@ -662,6 +857,129 @@ fn flux_guidance(im: &Importer, id: &str) -> Option<Json> {
         .flatten()
 }
 
+/// The text encoders a CLIP output stands for, when they need a family's own encode node.
+enum Encoders {
+    Flux {
+        clip: String,
+        t5: String,
+    },
+    Sd3 {
+        clip_l: String,
+        clip_g: String,
+        t5: Option<String>,
+    },
+    /// Encoders the importer cannot pair: why.
+    Unknown(String),
+}
+
+/// The encoders of CLIP source `src`: a Flux or SD3 checkpoint's, or a DualCLIPLoader's (told
+/// apart by their configs: the T5, and of two CLIPs the narrower is CLIP-L); `None` for one
+/// encoder, which `TextEncode` takes.
+fn text_encoders(im: &Importer, src: &str) -> Option<Encoders> {
+    let port = |suffix: &str| format!("{}.encoder", our_id(src, suffix));
+    match im.class(src)? {
+        "CheckpointLoaderSimple" => {
+            let dir = im.models_dir.join(im.input(src, "ckpt_name")?.as_str()?);
+            match Family::of(&unet_dir(&dir)) {
+                Family::Dit => None,
+                Family::Flux => Some(Encoders::Flux {
+                    clip: port("te"),
+                    t5: port("te2"),
+                }),
+                Family::Sd3 => Some(Encoders::Sd3 {
+                    clip_l: port("te"),
+                    clip_g: port("te2"),
+                    t5: dir.join("text_encoder_3").is_dir().then(|| port("te3")),
+                }),
+            }
+        }
+        "DualCLIPLoader" => {
+            let kind = |n: &str| {
+                im.input(src, n)
+                    .and_then(Json::as_str)
+                    .map(|name| encoder_kind(&im.models_dir.join(name)))
+                    .unwrap_or((false, 0))
+            };
+            let (k1, k2) = (kind("clip_name1"), kind("clip_name2"));
+            let (c1, c2) = (port("c1"), port("c2"));
+            let ty = im.input(src, "type").and_then(Json::as_str).unwrap_or("");
+            Some(match (k1.0, k2.0) {
+                (true, false) => Encoders::Flux { clip: c2, t5: c1 },
+                (false, true) => Encoders::Flux { clip: c1, t5: c2 },
+                (false, false) if k1.1 <= k2.1 => Encoders::Sd3 {
+                    clip_l: c1,
+                    clip_g: c2,
+                    t5: None,
+                },
+                (false, false) => Encoders::Sd3 {
+                    clip_l: c2,
+                    clip_g: c1,
+                    t5: None,
+                },
+                (true, true) => Encoders::Unknown(format!(
+                    "DualCLIPLoader \"{src}\" (type '{ty}') loads two T5 encoders: ditflow pairs \
+                     a CLIP-L with a T5 (Flux) or a CLIP-L with a CLIP-G (SD3)"
+                )),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The node that loads the ControlNet in `dir`, and the one that applies it.
+fn controlnet_family(dir: &Path) -> Option<(&'static str, &'static str)> {
+    match config(dir)["_class_name"].as_str()? {
+        "FluxControlNetModel" => Some(("LoadFluxControlNet", "ApplyFluxControlNet")),
+        "SD3ControlNetModel" => Some(("LoadSD3ControlNet", "ApplySD3ControlNet")),
+        _ => None,
+    }
+}
+
+/// ControlNetApplyAdvanced `cn` as a patch of `model`: the node type and its inputs.
+fn controlnet_patch(
+    im: &mut Importer,
+    cn: &str,
+    model: &str,
+) -> Option<(&'static str, Vec<(&'static str, String)>)> {
+    let apply = im
+        .link(cn, "control_net")
+        .map(|(s, _)| s)
+        .filter(|l| im.class(l) == Some("ControlNetLoader"))
+        .and_then(|l| im.input(l, "control_net_name")?.as_str())
+        .and_then(|name| controlnet_family(&im.models_dir.join(name)))
+        .map(|(_, apply)| apply);
+    let controlnet = linked_at(im, cn, "control_net")?;
+    let image = linked_at(im, cn, "image")?;
+    let Some(apply) = apply else {
+        im.err(cn, "input 'control_net' must come from a ControlNetLoader");
+        return None;
+    };
+    let mut inputs = vec![
+        ("model", model.to_string()),
+        ("controlnet", controlnet),
+        ("image", image),
+    ];
+    if im.input(cn, "vae").is_some() {
+        inputs.push(("vae", linked_at(im, cn, "vae")?));
+    } else if apply == "ApplySD3ControlNet" {
+        im.err(
+            cn,
+            "an SD3 ControlNet needs the 'vae' input (the VAE that encodes the hint image)",
+        );
+        return None;
+    }
+    for (ours, theirs) in [
+        ("strength", "strength"),
+        ("start", "start_percent"),
+        ("end", "end_percent"),
+    ] {
+        if let Some(v) = im.input(cn, theirs) {
+            inputs.push((ours, constant(v)));
+        }
+    }
+    Some((apply, inputs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -692,5 +1010,73 @@ mod tests {
         assert_eq!(sampler("restart", false), None);
         assert_eq!(spacing("karras"), Some("karras"));
         assert_eq!(constant(&Json::from("a.b")), "{value: \"a.b\"}");
+    }
+
+    /// A folder under a fresh temporary models folder with `config` as its config.json.
+    fn folder(models: &Path, name: &str, config: Json) {
+        std::fs::create_dir_all(models.join(name)).unwrap();
+        std::fs::write(models.join(name).join("config.json"), config.to_string()).unwrap();
+    }
+
+    #[test]
+    fn dual_clips_pair_by_their_configs_and_controlnets_need_their_loader() {
+        let models = std::env::temp_dir().join(format!("ditflow-import-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&models);
+        folder(
+            &models,
+            "g",
+            serde_json::json!({"model_type": "clip_text_model", "hidden_size": 1280}),
+        );
+        folder(
+            &models,
+            "l",
+            serde_json::json!({"model_type": "clip_text_model", "hidden_size": 768}),
+        );
+        folder(
+            &models,
+            "t5",
+            serde_json::json!({"model_type": "t5", "d_model": 4096}),
+        );
+        folder(
+            &models,
+            "cn",
+            serde_json::json!({"_class_name": "ControlNetModel"}),
+        );
+        let prompt = |a: &str, b: &str| {
+            serde_json::json!({
+                "1": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": a, "clip_name2": b, "type": "sd3"}},
+                "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["1", 0]}},
+                "3": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "cn"}},
+            })
+        };
+        // CLIP-G named first: the narrower one is CLIP-L.
+        let errs = import(&prompt("g", "l"), &models, &models).unwrap_err();
+        let text: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        assert!(
+            text.iter()
+                .any(|t| t.contains("node \"3\" (ControlNetLoader)")
+                    && t.contains("not a diffusers Flux or SD3 ControlNet folder")),
+            "{text:?}"
+        );
+        let mut ok = prompt("g", "l");
+        ok.as_object_mut().unwrap().remove("3");
+        ok["4"] = serde_json::json!({"class_type": "SaveImage", "inputs": {"images": ["2", 0]}});
+        // SaveImage on a conditioning is our validator's business, not the importer's.
+        let yaml = import(&ok, &models, &models)
+            .map(|i| i.yaml)
+            .unwrap_or_default();
+        assert!(
+            yaml.contains(
+                "type: SD3TextEncode, inputs: {clip_l: n1_c2.encoder, clip_g: n1_c1.encoder"
+            ),
+            "{yaml}"
+        );
+        let errs = import(&prompt("t5", "t5"), &models, &models).unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.to_string().contains("two T5 encoders")),
+            "{errs:?}"
+        );
+        let _ = std::fs::remove_dir_all(&models);
     }
 }
