@@ -10,7 +10,7 @@ mod common;
 #[path = "common/http.rs"]
 mod http;
 
-use http::{request, Server};
+use http::{request, run_locally, Server};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -213,24 +213,6 @@ fn wait_all(addr: &str, ids: &[String], secs: u64) -> HashMap<String, serde_json
     }
 }
 
-/// The PNG `ditflow run graphs/text_to_image.yaml` writes with `sets`.
-fn run_locally(sets: &[String]) -> Vec<u8> {
-    let out = common::temp_dir(&format!("nats-local-{}", sets.join("-").replace('/', "_")));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ditflow"));
-    cmd.args(["run", "graphs/text_to_image.yaml", "--out"])
-        .arg(&out);
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    let o = cmd
-        .current_dir(common::repo())
-        .env("DITFLOW_PLUGIN_PATH", common::plugin_dir())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    std::fs::read(out.join("text_to_image.png")).unwrap()
-}
-
 /// What the workers' `finished ID STATE MODEL loads=N` lines say of one job.
 struct End {
     model: String,
@@ -362,12 +344,9 @@ fn three_workers_run_fifty_jobs_exactly_once_through_a_server_restart_and_a_kill
     // The results are byte-identical to single-machine runs.
     let local: Vec<Vec<u8>> = (0..4)
         .map(|seed| {
-            run_locally(&[
-                "steps=4".into(),
-                "scale=1".into(),
-                format!("seed={seed}"),
-                "preview_every=0".into(),
-            ])
+            let seed = format!("seed={seed}");
+            let sets = ["steps=4", "scale=1", &seed, "preview_every=0"];
+            run_locally("graphs/text_to_image.yaml", &sets, "text_to_image.png")
         })
         .collect();
     for (i, id) in ids[1..49].iter().enumerate() {

@@ -7,7 +7,7 @@ mod common;
 #[path = "common/http.rs"]
 mod http;
 
-use http::{request, request_typed, Resp, Server};
+use http::{request, request_typed, run_locally, Resp, Server};
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,23 +41,6 @@ fn start_with(
         .chain(extra.iter().map(Into::into))
         .collect();
     Server::start(data, base, &args, Stdio::inherit())
-}
-
-/// The file `name` that `ditflow run GRAPH --set ...` writes, for comparison with a job's.
-fn run_locally(graph: &str, sets: &[&str], name: &str) -> Vec<u8> {
-    let out = common::temp_dir(&format!("serve-local-{name}"));
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ditflow"));
-    cmd.args(["run", graph, "--out"]).arg(&out);
-    for s in sets {
-        cmd.args(["--set", s]);
-    }
-    let o = cmd
-        .current_dir(common::repo())
-        .env("DITFLOW_PLUGIN_PATH", common::plugin_dir())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    std::fs::read(out.join(name)).unwrap()
 }
 
 fn submit(addr: &str, token: &str, body: serde_json::Value) -> Resp {

@@ -50,6 +50,23 @@ impl Drop for Server {
     }
 }
 
+/// The file `name` that `ditflow run GRAPH --set ...` writes, for comparison with a job's.
+pub fn run_locally(graph: &str, sets: &[&str], name: &str) -> Vec<u8> {
+    let out = super::common::temp_dir(&format!("serve-local-{name}"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ditflow"));
+    cmd.args(["run", graph, "--out"]).arg(&out);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let o = cmd
+        .current_dir(super::common::repo())
+        .env("DITFLOW_PLUGIN_PATH", super::common::plugin_dir())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(out.join(name)).unwrap()
+}
+
 /// A response: status, headers (lowercased names) and body.
 pub struct Resp {
     pub status: u16,
