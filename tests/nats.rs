@@ -243,7 +243,7 @@ fn three_workers_run_fifty_jobs_exactly_once_through_a_server_restart_and_a_kill
     let Some(url) = nats() else { return };
     let p = prefix("fifty");
     let data = common::temp_dir("nats-fifty");
-    let srv = serve(&data, url, &p, &["--ack-wait", "2", "--queue-limit", "100"]);
+    let srv = serve(&data, url, &p, &["--ack-wait", "4", "--queue-limit", "100"]);
     // The first job is long enough to be caught running; the others vary the seed.
     let long = submit(
         &srv.addr,
@@ -278,7 +278,7 @@ fn three_workers_run_fifty_jobs_exactly_once_through_a_server_restart_and_a_kill
 
     // The server is killed mid-queue and started again: the queue is on NATS.
     drop(srv);
-    let srv = serve(&data, url, &p, &["--ack-wait", "2", "--queue-limit", "100"]);
+    let srv = serve(&data, url, &p, &["--ack-wait", "4", "--queue-limit", "100"]);
     let before = jobs(&srv.addr);
     let queued = ids
         .iter()
