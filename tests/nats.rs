@@ -289,6 +289,30 @@ fn three_workers_run_fifty_jobs_exactly_once_through_a_server_restart_and_a_kill
     let mut workers: Vec<Worker> = (0..3)
         .map(|i| Worker::start(url, &p, &format!("w{i}"), &[]))
         .collect();
+    // The workers report themselves: GET /workers and /metrics list them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = request(&srv.addr, "GET", "/workers", Some(ADMIN), b"").json();
+        let names: Vec<&str> = r["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w["name"].as_str())
+            .collect();
+        if names == ["w0", "w1", "w2"] {
+            assert_eq!(r["queue"], "nats");
+            break;
+        }
+        assert!(Instant::now() < deadline, "workers listed: {names:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = request(&srv.addr, "GET", "/metrics", Some(ADMIN), b"");
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("ditflow_workers 3"), "{text}");
+    assert!(
+        text.contains("ditflow_worker_models_loaded{worker=\"w0\"}"),
+        "{text}"
+    );
     // The worker that took the long job is killed (SIGKILL) while it runs.
     let started = format!("started {long}");
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -620,6 +620,16 @@ fn cmd_worker(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "worker".into());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     let name = args
         .name
         .unwrap_or_else(|| format!("{host}-{}", std::process::id()));

@@ -109,6 +109,7 @@ pub fn router(server: S) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/workers", get(workers))
         .route("/jobs", get(list).post(submit))
         .route("/jobs/{id}", get(job).delete(cancel))
         .route("/jobs/{id}/events", get(events_sse))
@@ -415,6 +416,16 @@ pub(crate) async fn job_file(s: &Server, job: &Job, name: &str) -> Result<Respon
         .into_response())
 }
 
+/// `GET /workers`: the NATS workers that reported lately (empty on SQLite, where this server
+/// runs the jobs itself).
+async fn workers(Ctx(s): Ctx<S>, _authorised: Who) -> Result<Json<serde_json::Value>, ApiError> {
+    let list = s.queue.workers().map_err(internal)?;
+    Ok(Json(serde_json::json!({
+        "queue": if s.queue.distributed() { "nats" } else { "sqlite" },
+        "workers": list,
+    })))
+}
+
 /// The resident set size of this process, from `/proc/self/statm`.
 fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
@@ -483,6 +494,33 @@ async fn metrics(Ctx(s): Ctx<S>, _authorised: Who) -> Result<Response, ApiError>
         "Bytes of the cached models' weights.",
         vec![(String::new(), cache.model_bytes as f64)],
     );
+    if s.queue.distributed() {
+        let workers = s.queue.workers().map_err(internal)?;
+        let per = |f: &dyn Fn(&crate::nats::WorkerInfo) -> f64| {
+            workers
+                .iter()
+                .map(|w| (format!("{{worker=\"{}\"}}", w.name), f(w)))
+                .collect::<Vec<_>>()
+        };
+        metric(
+            "ditflow_workers",
+            "gauge",
+            "NATS workers that reported lately.",
+            vec![(String::new(), workers.len() as f64)],
+        );
+        metric(
+            "ditflow_worker_models_loaded",
+            "gauge",
+            "Models held by each NATS worker's session.",
+            per(&|w| w.models_loaded as f64),
+        );
+        metric(
+            "ditflow_worker_model_bytes",
+            "gauge",
+            "Bytes of the weights each NATS worker holds.",
+            per(&|w| w.model_bytes as f64),
+        );
+    }
     metric(
         "ditflow_resident_bytes",
         "gauge",

@@ -99,6 +99,15 @@ impl Queue {
         }
     }
 
+    /// The workers running this queue's jobs elsewhere (none on SQLite: they are this
+    /// server's threads).
+    pub fn workers(&self) -> Result<Vec<crate::nats::WorkerInfo>, String> {
+        match self {
+            Queue::Sqlite(_) => Ok(Vec::new()),
+            Queue::Nats(n) => n.workers(),
+        }
+    }
+
     /// File `name` of job `id` (`results_dir`: its folder on this machine).
     pub fn file(&self, results_dir: &Path, id: &str, name: &str) -> Result<Vec<u8>, String> {
         match self {

@@ -19,6 +19,9 @@
 //!
 //! A job delivered more than its record's `max_deliveries` times is marked `dead` and not
 //! delivered again: the dead-letter state, visible in the API.
+//!
+//! Workers report themselves every few seconds in the bucket `<prefix>_workers` ([`WorkerInfo`]),
+//! whose entries expire after [`WORKER_TTL`]: what `GET /workers` and `/metrics` show.
 
 pub mod affinity;
 pub mod worker;
@@ -71,18 +74,68 @@ pub struct Record {
     pub worker: Option<String>,
 }
 
-/// A connection to the NATS server, with the stream, bucket and object store made.
+/// How long a worker's report lasts without a newer one.
+pub const WORKER_TTL: Duration = Duration::from_secs(30);
+
+/// What a worker reports of itself.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub name: String,
+    /// Seconds since the Unix epoch: when it started, and when it reported.
+    pub started: f64,
+    pub seen: f64,
+    /// The job it is running.
+    pub running: Option<String>,
+    pub jobs_finished: u64,
+    /// The model keys of its latest jobs, most recent first.
+    pub recent_models: Vec<String>,
+    /// What its session holds: models, and the bytes of their weights.
+    pub models_loaded: usize,
+    pub model_bytes: usize,
+}
+
+/// A connection to the NATS server, with the stream, buckets and object store made.
 pub struct Nats {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
     pub stream: stream::Stream,
     pub kv: kv::Store,
+    /// The workers' reports.
+    pub workers: kv::Store,
     pub objects: object_store::ObjectStore,
     pub opts: NatsOptions,
 }
 
 fn bucket_err(e: impl std::fmt::Display) -> String {
     format!("the job bucket: {e}")
+}
+
+/// Opens the key-value bucket `name` (entries kept `max_age`, zero: for ever), made when missing.
+/// Its stream is made as the client's `create_key_value` makes it, without its account query,
+/// whose reply from servers before 2.10 the client cannot read.
+async fn bucket(
+    js: &jetstream::Context,
+    name: String,
+    max_age: Duration,
+) -> Result<kv::Store, String> {
+    js.get_or_create_stream(stream::Config {
+        name: format!("KV_{name}"),
+        subjects: vec![format!("$KV.{name}.>")],
+        max_messages_per_subject: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("the bucket {name}: {e}"))?;
+    js.get_key_value(&name)
+        .await
+        .map_err(|e| format!("the bucket {name}: {e}"))
 }
 
 impl Nats {
@@ -122,24 +175,8 @@ impl Nats {
             .map_err(|e| {
                 format!("the JetStream stream (is JetStream enabled, `nats-server -js`?): {e}")
             })?;
-        // The bucket's stream is made as the client's `create_key_value` makes it, without
-        // its account query, whose reply from servers before 2.10 the client cannot read.
-        let bucket = format!("{p}_jobs");
-        js.get_or_create_stream(stream::Config {
-            name: format!("KV_{bucket}"),
-            subjects: vec![format!("$KV.{bucket}.>")],
-            max_messages_per_subject: 1,
-            storage: stream::StorageType::File,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: stream::DiscardPolicy::New,
-            num_replicas: 1,
-            ..Default::default()
-        })
-        .await
-        .map_err(bucket_err)?;
-        let kv = js.get_key_value(&bucket).await.map_err(bucket_err)?;
+        let kv = bucket(&js, format!("{p}_jobs"), Duration::ZERO).await?;
+        let workers = bucket(&js, format!("{p}_workers"), WORKER_TTL).await?;
         let objects = match js.get_object_store(format!("{p}_results")).await {
             Ok(o) => o,
             Err(_) => js
@@ -156,6 +193,7 @@ impl Nats {
             js,
             stream,
             kv,
+            workers,
             objects,
             opts,
         })
@@ -237,6 +275,30 @@ impl Nats {
             }
         }
         out.sort_by(|a, b| a.job.submitted.total_cmp(&b.job.submitted));
+        Ok(out)
+    }
+
+    /// The workers that reported within [`WORKER_TTL`], by name.
+    pub async fn worker_infos(&self) -> Result<Vec<WorkerInfo>, String> {
+        use futures_util::StreamExt;
+        let mut keys = self
+            .workers
+            .keys()
+            .await
+            .map_err(|e| format!("the workers' bucket: {e}"))?;
+        let mut out = Vec::new();
+        let fresh = now() - WORKER_TTL.as_secs_f64();
+        while let Some(k) = keys.next().await {
+            let Ok(k) = k else { continue };
+            if let Ok(Some(v)) = self.workers.get(&k).await {
+                if let Ok(w) = serde_json::from_slice::<WorkerInfo>(&v) {
+                    if w.seen >= fresh {
+                        out.push(w);
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
 
@@ -538,6 +600,12 @@ impl NatsQueue {
                 }
             }
         });
+    }
+
+    /// The workers that reported lately.
+    pub fn workers(&self) -> Result<Vec<WorkerInfo>, String> {
+        let nats = self.nats.clone();
+        self.call(async move { nats.worker_infos().await })
     }
 
     /// Job `id`'s file `name`.

@@ -11,12 +11,15 @@
 //! Any job-level failure (a node's error, a panic) is the job's end, not a redelivery; failing
 //! to store the files is a negative acknowledgement, so another worker tries.
 //!
+//! Every few seconds the worker reports itself in the workers' bucket ([`super::WorkerInfo`]),
+//! and takes its report back when it stops.
+//!
 //! The worker prints a line per job on stdout: `started ID MODEL`, then `finished ID STATE
 //! MODEL loads=N` (N: the loader nodes it ran for the job, not served from its cache), or
 //! `dead ID`.
 
 use super::affinity;
-use super::{Nats, NatsOptions, Record};
+use super::{Nats, NatsOptions, Record, WorkerInfo};
 use crate::store::{now, State};
 use crate::worker::{execute, finished_line, started_line, Setting};
 use async_nats::jetstream::consumer::PullConsumer;
@@ -76,6 +79,8 @@ struct Worker {
     loaders: Arc<HashSet<String>>,
     /// Cancel flags of the running job, by id.
     running: Arc<Mutex<HashMap<String, Arc<AtomicBool>>>>,
+    /// What it reports of itself.
+    info: Arc<Mutex<WorkerInfo>>,
     consumers: HashMap<String, PullConsumer>,
 }
 
@@ -95,7 +100,44 @@ async fn work(opts: WorkerOptions, runtime: Arc<Runtime>) -> Result<(), String> 
         session,
         loaders: Arc::new(loaders),
         running: Arc::default(),
+        info: Arc::default(),
         consumers: HashMap::new(),
+    };
+    if !w
+        .opts
+        .name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "worker name '{}': expected letters, digits, '-', '_' or '.'",
+            w.opts.name
+        ));
+    }
+    {
+        let mut info = w.info.lock().unwrap_or_else(|p| p.into_inner());
+        info.name = w.opts.name.clone();
+        info.started = now();
+    }
+    let report = {
+        let (nats, info, session) = (nats.clone(), w.info.clone(), w.session.clone());
+        tokio::spawn(async move {
+            loop {
+                let value = {
+                    let mut i = info.lock().unwrap_or_else(|p| p.into_inner());
+                    let stats = session.cache_stats();
+                    i.seen = now();
+                    i.models_loaded = stats.models;
+                    i.model_bytes = stats.model_bytes;
+                    serde_json::to_vec(&*i).unwrap_or_default()
+                };
+                let name = info.lock().unwrap_or_else(|p| p.into_inner()).name.clone();
+                if let Err(e) = nats.workers.put(&name, value.into()).await {
+                    tracing::warn!("reporting this worker: {e}");
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        })
     };
     let mut cancels = nats
         .client
@@ -139,11 +181,19 @@ async fn work(opts: WorkerOptions, runtime: Arc<Runtime>) -> Result<(), String> 
                 w.handle(&key, msg).await;
                 recent.retain(|k| k != &key);
                 recent.insert(0, key);
+                w.info
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .recent_models = recent.iter().take(8).cloned().collect();
                 idle_since = Instant::now();
             }
             None => {
                 tokio::select! {
-                    _ = &mut stop => return Ok(()),
+                    _ = &mut stop => {
+                        report.abort();
+                        let _ = nats.workers.delete(&w.opts.name).await;
+                        return Ok(());
+                    }
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
             }
@@ -238,6 +288,7 @@ impl Worker {
         }
         nats.event(id, started_line(id, &self.opts.name)).await;
         say(&format!("started {id} {key}"));
+        self.info.lock().unwrap_or_else(|p| p.into_inner()).running = Some(id.to_string());
         let msg = Arc::new(msg);
         let heartbeat = {
             let msg = msg.clone();
@@ -251,6 +302,11 @@ impl Worker {
         };
         let result = self.run_job(id, &mut rec).await;
         heartbeat.abort();
+        {
+            let mut info = self.info.lock().unwrap_or_else(|p| p.into_inner());
+            info.running = None;
+            info.jobs_finished += u64::from(result.is_ok());
+        }
         match result {
             Ok(loads) => {
                 msg.double_ack()
