@@ -171,3 +171,35 @@ fn sizes_parse_with_units_and_bad_ones_say_why() {
         assert!(e.contains(bad), "{bad}: {e}");
     }
 }
+
+#[test]
+fn under_the_cap_weights_joined_at_load_stay_mapped_with_the_same_bytes() {
+    use ditflow::tensor::ops::concat;
+    use ditflow::weights::{LoadOptions, Weights};
+    let _cap = CAP.lock().unwrap_or_else(|p| p.into_inner());
+    let path = common::repo().join("tests/fixtures/parity/pixart_alpha");
+    let w = Weights::open(&path, LoadOptions::default()).unwrap();
+    // A fused q·k·v, as the attention loaders make it.
+    let name = |p: &str| format!("transformer_blocks.0.attn1.to_{p}.weight");
+    let (q, k, v) = (
+        w.get(&name("q"), None).unwrap(),
+        w.get(&name("k"), None).unwrap(),
+        w.get(&name("v"), None).unwrap(),
+    );
+    assert!(q.is_mapped() && k.is_mapped() && v.is_mapped());
+    let in_memory = concat(&[q, k, v], 0).unwrap();
+    residency::set_cap(Some(1 << 30));
+    let joined = concat(&[q, k, v], 0);
+    residency::set_cap(None);
+    let joined = joined.unwrap();
+    assert!(
+        !in_memory.is_mapped(),
+        "without a cap the join is in memory"
+    );
+    assert!(
+        joined.is_mapped(),
+        "under the cap the join is mapped from a file"
+    );
+    assert_eq!(joined.shape(), in_memory.shape());
+    assert_eq!(joined.cpu_bytes().unwrap(), in_memory.cpu_bytes().unwrap());
+}

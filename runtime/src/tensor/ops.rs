@@ -1452,11 +1452,26 @@ pub fn concat(xs: &[&Tensor], axis: i64) -> R {
         .collect();
     match dev {
         Device::Cpu => {
-            let mut out = Tensor::zeros(first.dtype(), &out_shape)?;
             let parts = xs
                 .iter()
                 .map(|t| t.cpu_bytes())
                 .collect::<Result<Vec<_>, _>>()?;
+            // Under the memory cap, mapped weights joined at load (a loader fusing q, k and v)
+            // stay mapped: the join goes to a file of its own, whose pages the cap releases
+            // like any weight's.
+            if crate::weights::residency::cap().is_some() && xs.iter().all(|t| t.is_mapped()) {
+                if let Some(t) =
+                    crate::weights::residency::mapped_join(first.dtype(), &out_shape, |dst| {
+                        layout::concat(&parts, &lens, outer, dst)
+                    })
+                {
+                    // The parts were read for the join only: their pages go too.
+                    xs.iter()
+                        .for_each(|x| crate::weights::residency::release(x));
+                    return Ok(t);
+                }
+            }
+            let mut out = Tensor::zeros(first.dtype(), &out_shape)?;
             layout::concat(
                 &parts,
                 &lens,

@@ -7,7 +7,9 @@
 //! used). So a model larger than the cap runs with at most about the cap of its weights resident,
 //! bit for bit as uncapped (the values are the file's either way), at the price of reading the
 //! released weights again: the bytes read back are counted ([`streamed_bytes`]) and reported in
-//! run events. Weights not mapped (converted at load) are not counted and never released.
+//! run events. Weights not mapped (converted at load) are not counted and never released, except
+//! those a loader joins from mapped ones under the cap (fused projections): they are written to a
+//! file of their own and mapped from it ([`mapped_join`]), so the cap holds them too.
 
 use crate::tensor::Tensor;
 use std::collections::HashMap;
@@ -49,6 +51,65 @@ pub fn set_cap(bytes: Option<usize>) {
 /// The cap on resident mapped weights, if one is set.
 pub fn cap() -> Option<usize> {
     Some(CAP.load(Ordering::Relaxed)).filter(|&c| c > 0)
+}
+
+/// Where joined weights' files go: `DITFLOW_CACHE_DIR`, else `$XDG_CACHE_HOME/ditflow`, else
+/// `~/.cache/ditflow` (a disk, where the temporary folder may be memory).
+fn join_dir() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(d) = std::env::var_os("DITFLOW_CACHE_DIR") {
+        return PathBuf::from(d).join("joined");
+    }
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map_or_else(std::env::temp_dir, |c| c.join("ditflow"))
+        .join("joined")
+}
+
+/// A tensor of `dtype` and `shape` whose bytes `fill` writes, mapped from a file of its own (made
+/// and unlinked at once: the mapping keeps its pages). `None` when no such file can be made; the
+/// caller then joins in memory.
+pub(crate) fn mapped_join(
+    dtype: crate::tensor::DType,
+    shape: &[usize],
+    fill: impl FnOnce(&mut [u8]),
+) -> Option<Tensor> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let len = Tensor::nbytes_for(dtype, shape)?;
+    if len == 0 {
+        return None;
+    }
+    let dir = join_dir();
+    std::fs::create_dir_all(&dir).ok()?;
+    let path = dir.join(format!(
+        "join-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .ok()?;
+    let _ = std::fs::remove_file(&path);
+    file.set_len(len as u64).ok()?;
+    // SAFETY: the file was just made by this process and unlinked: nothing else maps it.
+    let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.ok()?;
+    fill(&mut map[..]);
+    let map = std::sync::Arc::new(map.make_read_only().ok()?);
+    // Written, the pages stay in the file's page cache: let them go from this process until a
+    // product touches them, under the cap like every weight.
+    release_pages(&map, 0, len);
+    Tensor::from_mapped(dtype, shape, &map, 0, len).ok()
+}
+
+/// Lets go of the resident pages of mapped tensor `t` (read back from its file when next used).
+pub(crate) fn release(t: &Tensor) {
+    if let Some((map, offset, len)) = t.mapped_range() {
+        release_pages(map, offset, len);
+    }
 }
 
 /// Bytes of weights read back from their files after being released under the cap, since the
