@@ -427,18 +427,23 @@ impl NatsQueue {
             max_deliveries: self.nats.opts.max_deliveries,
             worker: None,
         };
-        let new_consumer = self
+        let known = self
             .consumers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(model.to_string());
+            .contains(model);
+        if !known {
+            // Workers find a model key's jobs through its consumer: made before its first job.
+            let (nats, key) = (self.nats.clone(), model.to_string());
+            self.call(async move { nats.consumer(&key).await.map(|_| ()) })
+                .map_err(SubmitError::Queue)?;
+            self.consumers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(model.to_string());
+        }
         let nats = self.nats.clone();
         self.call(async move {
-            if new_consumer {
-                nats.consumer(&record.model)
-                    .await
-                    .map_err(SubmitError::Queue)?;
-            }
             let value =
                 serde_json::to_vec(&record).map_err(|e| SubmitError::Queue(e.to_string()))?;
             let created = nats.kv.create(&record.job.id, value.into()).await;

@@ -61,7 +61,8 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
-/// Runs the worker until Ctrl-C (between jobs) or until NATS cannot be reached.
+/// Runs the worker until Ctrl-C (between jobs); an error when NATS cannot be reached at the
+/// start.
 pub fn run(opts: WorkerOptions, runtime: Arc<Runtime>) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -161,7 +162,15 @@ async fn work(opts: WorkerOptions, runtime: Arc<Runtime>) -> Result<(), String> 
     let stop = tokio::signal::ctrl_c();
     tokio::pin!(stop);
     loop {
-        let waiting = w.waiting().await?;
+        // A lost connection is waited out (the client reconnects), not the worker's end.
+        let waiting = match w.waiting().await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("{e}; trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         let order = affinity::order(
             &waiting,
             &recent,
@@ -171,9 +180,13 @@ async fn work(opts: WorkerOptions, runtime: Arc<Runtime>) -> Result<(), String> 
         );
         let mut got = None;
         for key in order {
-            if let Some(msg) = w.take(&key).await? {
-                got = Some((key, msg));
-                break;
+            match w.take(&key).await {
+                Ok(Some(msg)) => {
+                    got = Some((key, msg));
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("{e}"),
             }
         }
         match got {
