@@ -85,6 +85,12 @@ uint64_t ditflow_weights_streamed_bytes(void);
  *  attention and bf16/f16-weight linears run in bf16/f16 with f32 sums and f32 GEMMs in TF32
  *  (results within about 1e-2 of the CPU's); 0 (the default) keeps f32. No effect on the CPU. */
 void ditflow_set_tensor_cores(int on);
+/** The storage type of a denoiser's activations on a GPU (the CLI's --gpu-activations), for the
+ *  whole process: "f32" (the default), "bf16" or "f16". The latent and the token sequences go
+ *  into a denoiser on a GPU in that type and its prediction comes back in f32; inside, the
+ *  kernels read and write it with f32 sums (results within about the type's precision of f32).
+ *  DITFLOW_ERR_INVALID_ARGUMENT for another name. No effect on the CPU. */
+ditflow_status ditflow_set_gpu_activations(const char* dtype);
 
 /* ---- Runtime ------------------------------------------------------------------------------ */
 

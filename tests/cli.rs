@@ -314,6 +314,33 @@ fn ops_lists_the_tensor_core_paths_and_run_takes_the_flag() {
         "{}",
         text(&o.stderr)
     );
+    // --gpu-activations: listed by `ops`, no effect on the CPU, a bad type named.
+    assert!(
+        stdout.contains("bf16/f16 activations on CUDA (with --gpu-activations")
+            && stdout.contains("gated_residual"),
+        "{stdout}"
+    );
+    let o = ditflow(&[
+        "run",
+        "graphs/noise.yaml",
+        "--set",
+        "seed=7",
+        "--gpu-activations",
+        "bf16",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("caption = seed 7: mean"));
+    let o = ditflow(&["run", "graphs/noise.yaml", "--gpu-activations", "f8"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o.stderr).contains("--gpu-activations") && text(&o.stderr).contains("'f8'"),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 #[test]

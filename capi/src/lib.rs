@@ -256,6 +256,19 @@ pub extern "C" fn ditflow_set_tensor_cores(on: c_int) {
     ditflow::kernels::set_tensor_cores(on != 0);
 }
 
+/// # Safety
+/// `dtype` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn ditflow_set_gpu_activations(dtype: *const c_char) -> Status {
+    guard(|| {
+        // SAFETY: per the contract.
+        let name = unsafe { text(dtype, "dtype") }?;
+        ditflow::kernels::parse_gpu_activations(name)
+            .and_then(ditflow::kernels::set_gpu_activations)
+            .or_else(|e| fail(Status::InvalidArgument, e))
+    })
+}
+
 #[no_mangle]
 pub extern "C" fn ditflow_weights_streamed_bytes() -> u64 {
     ditflow::weights::residency::streamed_bytes()

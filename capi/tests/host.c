@@ -137,6 +137,12 @@ int main(int argc, char** argv) {
     CHECK(ditflow_weights_streamed_bytes() == 0);
     ditflow_set_max_memory(0);
     ditflow_set_max_vram(0);
+    /* GPU activation types: the three names taken, another refused with its name. */
+    CHECK(ditflow_set_gpu_activations("bf16") == DITFLOW_OK);
+    CHECK(ditflow_set_gpu_activations("f8") == DITFLOW_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(ditflow_last_error(), "'f8'") != NULL);
+    CHECK(ditflow_set_gpu_activations(NULL) == DITFLOW_ERR_INVALID_ARGUMENT);
+    CHECK(ditflow_set_gpu_activations("f32") == DITFLOW_OK);
     session = ditflow_session_new(rt);
     /* The session keeps the runtime alive. */
     ditflow_runtime_free(rt);

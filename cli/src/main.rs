@@ -57,6 +57,11 @@ struct DeviceArgs {
     /// `ditflow ops`). No effect on the CPU.
     #[arg(long = "tensor-cores")]
     tensor_cores: bool,
+    /// On a GPU, the type a denoiser's activations are kept in: f32 (the default), bf16 or f16.
+    /// The latent and token sequences go in narrowed and the prediction comes back in f32; the
+    /// kernels read and write that type with f32 sums. No effect on the CPU.
+    #[arg(long = "gpu-activations", value_name = "TYPE")]
+    gpu_activations: Option<String>,
     /// On a GPU, cap the model weights it holds (e.g. 8G): weights past the cap stay in host
     /// memory and are uploaded when an op needs them, least recently used let go first.
     #[arg(long = "max-vram", value_name = "SIZE")]
@@ -67,6 +72,14 @@ struct DeviceArgs {
 fn resolve_device(args: &DeviceArgs) -> Option<Device> {
     if args.tensor_cores {
         ditflow::kernels::set_tensor_cores(true);
+    }
+    if let Some(text) = &args.gpu_activations {
+        let set = ditflow::kernels::parse_gpu_activations(text)
+            .and_then(ditflow::kernels::set_gpu_activations);
+        if let Err(e) = set {
+            eprintln!("error: --gpu-activations: {e}");
+            return None;
+        }
     }
     if let Some(text) = &args.max_vram {
         match ditflow::weights::residency::parse_bytes(text) {
@@ -1075,6 +1088,12 @@ fn cmd_ops() -> anyhow::Result<ExitCode> {
     for (op, how) in ditflow::kernels::TENSOR_CORE_OPS {
         writeln!(stdout, "  {op:<15} {how}")?;
     }
+    writeln!(
+        stdout,
+        "\nbf16/f16 activations on CUDA (with --gpu-activations or DITFLOW_GPU_ACTIVATIONS; now {}): {}",
+        ditflow::kernels::gpu_activations().name(),
+        ditflow::kernels::HALF_ACTIVATION_OPS.join(", ")
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

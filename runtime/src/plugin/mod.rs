@@ -1,6 +1,7 @@
 //! The plugin host: the C ABI's host side ([`host_api`], with the tensor engine's entry points in
 //! `host_tensor`) and library loading ([`loader`]).
 
+mod half_activations;
 pub mod host_api;
 mod host_tensor;
 pub mod loader;

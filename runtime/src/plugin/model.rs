@@ -637,6 +637,9 @@ fn run_denoiser(
                 }
             })
             .collect();
+        // Under half-precision GPU activations the blocks' inputs go in narrowed.
+        let narrowed = super::half_activations::narrow(&named)?;
+        let named = narrowed.as_ref().map_or(&named[..], |n| &n.named[..]);
         // Every patch: a whole-call override's stack (-1) matches no stack of the model, so the
         // model runs only its other hooks (linear deltas, lifecycle).
         let hooks: Vec<*const DfPatchDesc> = o
@@ -661,6 +664,7 @@ fn run_denoiser(
         // SAFETY: an owned handle from the plugin, or NULL.
         let out = unsafe { take_handle(out) };
         return match (rc, out) {
+            (DF_OK, Some(v)) if narrowed.is_some() => super::half_activations::widen(v),
             (DF_OK, Some(v)) => Ok(v),
             (DF_OK, None) => Err(format!("the denoiser ({}) returned no prediction", o.tag)),
             _ => Err(take_last_error()),
@@ -812,6 +816,7 @@ fn step(
         })?;
         // SAFETY: an owned handle from the plugin, or NULL.
         match (rc, unsafe { take_handle(result) }) {
+            (DF_OK, Some(v)) if what == "finish" => super::half_activations::widen(v),
             (DF_OK, Some(v)) => Ok(v),
             (DF_OK, None) => Err(format!(
                 "the denoiser ({}) returned nothing from {what}",
@@ -846,6 +851,19 @@ pub(super) unsafe extern "C" fn denoiser_prepare(
             set_last_error(e);
             return Some(DF_ERROR);
         }
+        // Under half-precision GPU activations the blocks' inputs go in narrowed (and
+        // `finish` widens the prediction).
+        // SAFETY: the caller's `n_inputs` named values.
+        let narrowed = match super::half_activations::narrow(unsafe { items(inputs, n_inputs) }) {
+            Ok(n) => n,
+            Err(e) => {
+                set_last_error(e);
+                return Some(DF_ERROR);
+            }
+        };
+        let (inputs, n_inputs) = narrowed
+            .as_ref()
+            .map_or((inputs, n_inputs), |n| (n.named.as_ptr(), n.named.len()));
         // SAFETY: the plugin's function on its own object with live borrowed arguments.
         Some(unsafe {
             f(

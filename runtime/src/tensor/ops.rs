@@ -142,6 +142,26 @@ use crate::kernels::cuda;
 /// Runs a CUDA op on f32 copies of half-precision inputs and narrows the result back.
 #[cfg(feature = "cuda")]
 fn on_cuda(dtype: DType, inputs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> R) -> R {
+    on_cuda_keeping(dtype, inputs, &[], f)
+}
+
+/// [`on_cuda`] for an op whose kernels also read and write bf16/f16 activations
+/// ([`cuda::ops::act_dtype`]): when `dtype` is half and every input at a `native` position is
+/// of it, those inputs reach the kernel as they are and the result comes back in `dtype`
+/// without a widening or narrowing pass; the other inputs (weights, modulations, gates) are
+/// widened to f32 as [`on_cuda`] widens them. Otherwise it is [`on_cuda`].
+#[cfg(feature = "cuda")]
+fn on_cuda_keeping(
+    dtype: DType,
+    inputs: &[&Tensor],
+    native: &[usize],
+    f: impl FnOnce(&[Tensor]) -> R,
+) -> R {
+    let half = matches!(dtype, DType::BF16 | DType::F16);
+    let keep = half
+        && native
+            .iter()
+            .all(|&i| inputs.get(i).is_some_and(|t| t.dtype() == dtype));
     let gpu = inputs
         .iter()
         .map(|t| t.device())
@@ -149,9 +169,11 @@ fn on_cuda(dtype: DType, inputs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> R) -> 
         .unwrap_or(Device::Cpu);
     let widened = inputs
         .iter()
-        .map(|t| {
+        .enumerate()
+        .map(|(i, t)| {
             let t = on_device(t, gpu)?;
-            if is_float(t.dtype()) && t.dtype() != DType::F32 {
+            let kept = keep && native.contains(&i);
+            if !kept && is_float(t.dtype()) && t.dtype() != DType::F32 {
                 cast(&t, DType::F32)
             } else {
                 Ok(t)
@@ -166,8 +188,21 @@ fn on_cuda(dtype: DType, inputs: &[&Tensor], f: impl FnOnce(&[Tensor]) -> R) -> 
     }
 }
 
-/// Dispatches on the device: `$cpu` runs on the CPU; `$cuda` receives f32 device tensors.
+/// Dispatches on the device: `$cpu` runs on the CPU; `$cuda` receives f32 device tensors, or,
+/// with `native [..]`, those inputs in bf16/f16 as they are ([`on_cuda_keeping`]).
 macro_rules! dispatch {
+    ($op:expr, $dtype:expr, [$($t:expr),*], native $native:expr, cpu => $cpu:expr, cuda => |$ins:ident| $cuda:expr) => {{
+        match same_device($op, &[$($t),*])? {
+            Device::Cpu => $cpu,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => on_cuda_keeping($dtype, &[$($t),*], &$native, |$ins: &[Tensor]| $cuda),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(_) => {
+                let _ = $native;
+                Err(no_cuda())
+            }
+        }
+    }};
     ($op:expr, $dtype:expr, [$($t:expr),*], cpu => $cpu:expr, cuda => |$ins:ident| $cuda:expr) => {{
         match same_device($op, &[$($t),*])? {
             Device::Cpu => $cpu,
@@ -487,12 +522,13 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
             let w = on_device(w, gpu)?;
             let mut rest = vec![x];
             rest.extend(bias);
-            on_cuda(x.dtype(), &rest, |t| {
+            on_cuda_keeping(x.dtype(), &rest, &[0], |t| {
                 cuda::ops::linear(&t[0], &w, t.get(1), act, m, n, k, &out_shape)
             })
         }
+        // Half activations meet a weight of their own type as they are.
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => on_cuda(x.dtype(), &ins, |t| {
+        Device::Cuda(_) => on_cuda_keeping(x.dtype(), &ins, &[0, 1], |t| {
             cuda::ops::linear(&t[0], &t[1], t.get(2), act, m, n, k, &out_shape)
         }),
         #[cfg(not(feature = "cuda"))]
@@ -750,7 +786,7 @@ pub fn layer_norm(x: &Tensor, p: LayerNorm) -> R {
                 p.shift.is_some(),
                 p.scale.is_some(),
             ];
-            on_cuda(x.dtype(), &ins, |t| {
+            on_cuda_keeping(x.dtype(), &ins, &[0], |t| {
                 cuda::ops::layer_norm(t, flags, d, groups.unwrap_or(1), p.eps)
             })
         }
@@ -782,7 +818,7 @@ pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f32) -> R {
             })
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => on_cuda(x.dtype(), &ins, |t| {
+        Device::Cuda(_) => on_cuda_keeping(x.dtype(), &ins, &[0], |t| {
             cuda::ops::rms_norm(&t[0], t.get(1), d, eps)
         }),
         #[cfg(not(feature = "cuda"))]
@@ -861,7 +897,7 @@ pub fn softmax(x: &Tensor, axis: i64) -> R {
     let ax = shape::axis(axis, x.rank())
         .ok_or_else(|| invalid(OP, format!("axis {axis} out of range for {:?}", x.shape())))?;
     let (outer, dim, inner) = shape::split_at_axis(x.shape(), ax);
-    dispatch!(OP, x.dtype(), [x],
+    dispatch!(OP, x.dtype(), [x], native [0],
         cpu => {
             let xf = f32s(x)?;
             cpu_out(x.dtype(), x.shape(), |out| {
@@ -935,7 +971,7 @@ pub fn attention(
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
             let strides = mask_f.as_ref().map(|(_, st)| *st);
-            on_cuda(q.dtype(), &ins, |t| {
+            on_cuda_keeping(q.dtype(), &ins, &[0, 1, 2], |t| {
                 cuda::ops::attention(&t[0], &t[1], &t[2], t.get(3), strides, scale, dims)
             })
         }
@@ -1167,7 +1203,7 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, hea
             ),
         ));
     }
-    dispatch!(OP, x.dtype(), [x, cos, sin],
+    dispatch!(OP, x.dtype(), [x, cos, sin], native [0],
         cpu => {
             let (xf, cf, sf) = (f32s(x)?, f32s(cos)?, f32s(sin)?);
             cpu_out(x.dtype(), x.shape(), |out| {
@@ -1183,7 +1219,7 @@ pub fn rope_heads(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool, hea
 /// `f(x)` elementwise.
 pub fn unary(x: &Tensor, f: Unary) -> R {
     float_input("unary", x)?;
-    dispatch!("unary", x.dtype(), [x],
+    dispatch!("unary", x.dtype(), [x], native [0],
         cpu => {
             let xf = f32s(x)?;
             cpu_out(x.dtype(), x.shape(), |out| {
@@ -1202,7 +1238,7 @@ pub fn activation(x: &Tensor, act: Activation) -> R {
 /// `x·mul + add` with scalars.
 pub fn affine(x: &Tensor, mul: f32, add: f32) -> R {
     float_input("affine", x)?;
-    dispatch!("affine", x.dtype(), [x],
+    dispatch!("affine", x.dtype(), [x], native [0],
         cpu => {
             let xf = f32s(x)?;
             cpu_out(x.dtype(), x.shape(), |out| {
@@ -1232,7 +1268,13 @@ pub fn binary(a: &Tensor, b: &Tensor, f: Binary) -> R {
         shape::broadcast_strides(a.shape(), &out_shape),
         shape::broadcast_strides(b.shape(), &out_shape),
     );
-    dispatch!(OP, a.dtype(), [a, b],
+    // Half `a` is kept with `b` of its type, or with `b` in f32 (another type is widened).
+    let keep = if b.dtype() == a.dtype() {
+        vec![0, 1]
+    } else {
+        vec![0]
+    };
+    dispatch!(OP, a.dtype(), [a, b], native keep,
         cpu => {
             let (af, bf) = (f32s(a)?, f32s(b)?);
             cpu_out(a.dtype(), &out_shape, |out| {
@@ -1273,7 +1315,7 @@ pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor) -> R {
             format!("gate {:?} does not fit x {:?}", gate.shape(), x.shape()),
         ));
     }
-    dispatch!(OP, x.dtype(), [x, y, gate],
+    dispatch!(OP, x.dtype(), [x, y, gate], native [0, 1],
         cpu => {
             let (xf, yf, gf) = (f32s(x)?, f32s(y)?, f32s(gate)?);
             cpu_out(x.dtype(), x.shape(), |out| {
@@ -1407,6 +1449,30 @@ pub fn concat(xs: &[&Tensor], axis: i64) -> R {
             format!("axis {axis} out of range for {:?}", first.shape()),
         )
     })?;
+    // Float tensors of other float types join in the first's type (as `binary` gives `a`'s), so
+    // a learned f32 token joins bf16 activations ([`crate::kernels::gpu_activations`]).
+    let recast: Vec<Tensor>;
+    let recast_refs: Vec<&Tensor>;
+    let xs = if is_float(first.dtype())
+        && xs
+            .iter()
+            .any(|t| t.dtype() != first.dtype() && is_float(t.dtype()))
+    {
+        recast = xs
+            .iter()
+            .map(|t| {
+                if is_float(t.dtype()) {
+                    cast(t, first.dtype())
+                } else {
+                    Ok((*t).clone())
+                }
+            })
+            .collect::<R<_>>()?;
+        recast_refs = recast.iter().collect();
+        &recast_refs[..]
+    } else {
+        xs
+    };
     let mut out_shape = first.shape().to_vec();
     out_shape[ax] = 0;
     for t in xs {
@@ -1750,6 +1816,30 @@ mod tests {
 
     fn t(shape: &[usize], seed: u64) -> Tensor {
         randn(shape, seed, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn concat_joins_other_float_types_in_the_first_ones_type() {
+        // A bf16 tensor after an f32 one is widened (exactly), an f32 one after a bf16 one
+        // rounded to bf16 as `cast` rounds; an integer tensor still does not join floats.
+        let (a, b) = (t(&[2, 3], 1), cast(&t(&[2, 2], 2), DType::BF16).unwrap());
+        let ab = concat(&[&a, &b], 1).unwrap();
+        assert_eq!((ab.dtype(), ab.shape()), (DType::F32, &[2, 5][..]));
+        let (av, bv, abv) = (
+            a.to_f32_vec().unwrap(),
+            b.to_f32_vec().unwrap(),
+            ab.to_f32_vec().unwrap(),
+        );
+        for r in 0..2 {
+            assert_eq!(&abv[r * 5..r * 5 + 3], &av[r * 3..r * 3 + 3]);
+            assert_eq!(&abv[r * 5 + 3..r * 5 + 5], &bv[r * 2..r * 2 + 2]);
+        }
+        let ba = concat(&[&b, &a], 1).unwrap();
+        assert_eq!(ba.dtype(), DType::BF16);
+        let a16 = cast(&a, DType::BF16).unwrap().to_f32_vec().unwrap();
+        assert_eq!(&ba.to_f32_vec().unwrap()[2..5], &a16[0..3]);
+        let ids = Tensor::from_slice(&[2, 1], &[1i64, 2]).unwrap();
+        assert!(concat(&[&a, &ids], 1).is_err());
     }
 
     #[test]

@@ -92,7 +92,8 @@ impl Drop for Descriptors {
 }
 
 /// Row-major `out[m, n] = x[m, k]·w[n, k]ᵀ` then `epi` (bias `[n]` f32 at `bias`, or 0), with x
-/// and w of type `ab` (f32, bf16 or f16) and `out` f32, summed in f32 (TF32 products for f32
+/// and w of type `ab` (f32, bf16 or f16) and `out` of `out_type` (f32, or bf16/f16 for half
+/// activations, rounded once after the epilogue), summed in f32 (TF32 products for f32
 /// operands when `tf32`). cuBLASLt is
 /// column-major, so it computes `outᵀ[n, m] = w·xᵀ`: A is w (transposed), B is xᵀ, and the
 /// bias runs along outᵀ's rows, one per output feature.
@@ -102,7 +103,7 @@ pub(crate) fn linear(
     lt_: &Lt,
     (x, w, ab): (u64, u64, DType),
     bias: u64,
-    out: u64,
+    (out, out_type): (u64, DType),
     (m, n, k): (usize, usize, usize),
     tf32: bool,
     epi: sys::cublasLtEpilogue_t,
@@ -116,6 +117,12 @@ pub(crate) fn linear(
         DType::F32 => (CUDA_R_32F, CUBLAS_COMPUTE_32F),
         other => return Err(format!("cuBLASLt linear on {}", other.name())),
     };
+    let d_type = match out_type {
+        DType::BF16 => CUDA_R_16BF,
+        DType::F16 => CUDA_R_16F,
+        DType::F32 => CUDA_R_32F,
+        other => return Err(format!("cuBLASLt linear into {}", other.name())),
+    };
     let err = |what: &'static str| move |e: lt::CublasError| format!("cuBLASLt {what}: {e:?}");
     let mut d = Descriptors::default();
     let layout = |d: &mut Descriptors, ty, rows: usize, cols: usize, ld: usize| {
@@ -128,7 +135,7 @@ pub(crate) fn linear(
     // outᵀ as [n, m] (ld n).
     let a_l = layout(&mut d, ab_type, k, n, k)?;
     let b_l = layout(&mut d, ab_type, k, m, k)?;
-    let c_l = layout(&mut d, sys::cudaDataType_t::CUDA_R_32F, n, m, n)?;
+    let c_l = layout(&mut d, d_type, n, m, n)?;
     let desc = lt::create_matmul_desc(compute, sys::cudaDataType_t::CUDA_R_32F)
         .map_err(err("descriptor"))?;
     d.desc = Some(desc);
@@ -154,6 +161,14 @@ pub(crate) fn linear(
             CUBLASLT_MATMUL_DESC_BIAS_POINTER,
             (&bias as *const u64).cast(),
             std::mem::size_of::<u64>(),
+        )?;
+        // The bias stays f32 when the output is half (by default cuBLASLt reads it in the
+        // output's type); a layout it does not take is declined, and the caller falls back.
+        let bias_type = CUDA_R_32F;
+        set(
+            CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+            (&bias_type as *const sys::cudaDataType_t).cast(),
+            std::mem::size_of::<i32>(),
         )?;
     }
     let pref = lt::create_matmul_pref().map_err(err("preference"))?;

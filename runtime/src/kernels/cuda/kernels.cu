@@ -1,8 +1,9 @@
 // ditflow CUDA kernels, compiled at run time by NVRTC (no headers needed).
 //
-// All maths is f32; f16 and bf16 are converted by `cast` with explicit bit manipulation so that
-// no CUDA header has to be found at run time. Every kernel uses grid-stride loops or one block
-// per row, so any launch size is correct.
+// All maths is f32; f16 and bf16 are converted with explicit bit manipulation or single PTX
+// conversions, so that no CUDA header has to be found at run time. The kernels that carry a
+// DiT's activations also read and write them in bf16 or f16 ("activation storage" below). Every
+// kernel uses grid-stride loops or one block per row, so any launch size is correct.
 
 #define INFINITY __int_as_float(0x7f800000)
 
@@ -102,6 +103,33 @@ __device__ double load_as_double(const void* p, int dt, i64 i) {
     }
 }
 
+// --- activation storage -------------------------------------------------------------------
+//
+// The kernels that carry activations are templates over their storage type T: f32, or bf16 or
+// f16 (half-precision activations, `ditflow::kernels::set_gpu_activations`). Values are loaded
+// into f32, computed in f32 and rounded once when stored, so a half kernel gives what widening,
+// the f32 kernel and narrowing back would, without the two extra passes. `NAME` is the f32
+// kernel, `NAME_bf16` and `NAME_f16` its half ones; weights, biases, modulations, gates, rotary
+// tables and masks stay f32.
+
+struct bf16_t { unsigned short bits; };
+struct f16_t { unsigned short bits; };
+
+__device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16_t* p, i64 i) { return bf16_to_f32(p[i].bits); }
+__device__ __forceinline__ float ld(const f16_t* p, i64 i) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i].bits));
+    return f;
+}
+__device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16_t* p, i64 i, float v) { p[i].bits = f32_to_bf16(v); }
+__device__ __forceinline__ void st(f16_t* p, i64 i, float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p[i].bits = h;
+}
+
 extern "C" __global__ void cast(const void* src, int sdt, void* dst, int ddt, i64 n) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         double v = load_as_double(src, sdt, i);
@@ -147,15 +175,32 @@ extern "C" __global__ void randn(float* out, i64 n, u64 seed, u64 stream) {
 
 // --- epilogues ------------------------------------------------------------------------------
 
-// y[r, j] = act(y[r, j] + bias_col[j] + bias_row[r]) ; either bias may be NULL.
-extern "C" __global__ void bias_act(float* y, const float* bias_col, const float* bias_row, i64 rows, i64 cols, int act) {
+// y[r, j] = act(src[r, j] + bias_col[j] + bias_row[r]) ; either bias may be NULL. The f32
+// kernel works in place (src = y); the half ones store a GEMM's f32 sums as activations.
+template <typename T>
+__device__ void bias_act_impl(const float* src, T* y, const float* bias_col, const float* bias_row,
+                              i64 rows, i64 cols, int act) {
     i64 n = rows * cols;
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        float v = y[i];
+        float v = src[i];
         if (bias_col) v += bias_col[i % cols];
         if (bias_row) v += bias_row[i / cols];
-        y[i] = act_apply(act, v);
+        st(y, i, act_apply(act, v));
     }
+}
+
+extern "C" __global__ void bias_act(float* y, const float* bias_col, const float* bias_row, i64 rows, i64 cols, int act) {
+    bias_act_impl(y, y, bias_col, bias_row, rows, cols, act);
+}
+
+extern "C" __global__ void bias_act_bf16(const float* src, bf16_t* y, const float* bias_col, const float* bias_row,
+                                         i64 rows, i64 cols, int act) {
+    bias_act_impl(src, y, bias_col, bias_row, rows, cols, act);
+}
+
+extern "C" __global__ void bias_act_f16(const float* src, f16_t* y, const float* bias_col, const float* bias_row,
+                                        i64 rows, i64 cols, int act) {
+    bias_act_impl(src, y, bias_col, bias_row, rows, cols, act);
 }
 
 // --- reductions within a block ---------------------------------------------------------------
@@ -190,39 +235,71 @@ __device__ float block_max(float v, float* shared) {
 
 // --- normalisation (one block per row) -------------------------------------------------------
 
-extern "C" __global__ void layer_norm(const float* x, float* y, const float* w, const float* b,
-                                      const float* shift, const float* scale, i64 rows, int d,
-                                      i64 per_group, float eps) {
+template <typename T>
+__device__ void layer_norm_impl(const T* x, T* y, const float* w, const float* b,
+                                const float* shift, const float* scale, i64 rows, int d,
+                                i64 per_group, float eps) {
     __shared__ float sh[32];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const float* xr = x + r * d;
+        const T* xr = x + r * d;
         float s = 0.0f;
-        for (int j = threadIdx.x; j < d; j += blockDim.x) s += xr[j];
+        for (int j = threadIdx.x; j < d; j += blockDim.x) s += ld(xr, j);
         float mean = block_sum(s, sh) / d;
         float v = 0.0f;
-        for (int j = threadIdx.x; j < d; j += blockDim.x) { float t = xr[j] - mean; v += t * t; }
+        for (int j = threadIdx.x; j < d; j += blockDim.x) { float t = ld(xr, j) - mean; v += t * t; }
         float inv = rsqrtf(block_sum(v, sh) / d + eps);
         i64 g = r / per_group;
         for (int j = threadIdx.x; j < d; j += blockDim.x) {
-            float o = (xr[j] - mean) * inv;
+            float o = (ld(xr, j) - mean) * inv;
             if (w) o *= w[j];
             if (b) o += b[j];
             if (scale) o += o * scale[g * d + j];
             if (shift) o += shift[g * d + j];
-            y[r * d + j] = o;
+            st(y, r * d + j, o);
         }
     }
 }
 
-extern "C" __global__ void rms_norm(const float* x, float* y, const float* w, i64 rows, int d, float eps) {
+extern "C" __global__ void layer_norm(const float* x, float* y, const float* w, const float* b,
+                                      const float* shift, const float* scale, i64 rows, int d,
+                                      i64 per_group, float eps) {
+    layer_norm_impl(x, y, w, b, shift, scale, rows, d, per_group, eps);
+}
+
+extern "C" __global__ void layer_norm_bf16(const bf16_t* x, bf16_t* y, const float* w, const float* b,
+                                           const float* shift, const float* scale, i64 rows, int d,
+                                           i64 per_group, float eps) {
+    layer_norm_impl(x, y, w, b, shift, scale, rows, d, per_group, eps);
+}
+
+extern "C" __global__ void layer_norm_f16(const f16_t* x, f16_t* y, const float* w, const float* b,
+                                          const float* shift, const float* scale, i64 rows, int d,
+                                          i64 per_group, float eps) {
+    layer_norm_impl(x, y, w, b, shift, scale, rows, d, per_group, eps);
+}
+
+template <typename T>
+__device__ void rms_norm_impl(const T* x, T* y, const float* w, i64 rows, int d, float eps) {
     __shared__ float sh[32];
     for (i64 r = blockIdx.x; r < rows; r += gridDim.x) {
-        const float* xr = x + r * d;
+        const T* xr = x + r * d;
         float s = 0.0f;
-        for (int j = threadIdx.x; j < d; j += blockDim.x) s += xr[j] * xr[j];
+        for (int j = threadIdx.x; j < d; j += blockDim.x) { float t = ld(xr, j); s += t * t; }
         float inv = rsqrtf(block_sum(s, sh) / d + eps);
-        for (int j = threadIdx.x; j < d; j += blockDim.x) y[r * d + j] = xr[j] * inv * (w ? w[j] : 1.0f);
+        for (int j = threadIdx.x; j < d; j += blockDim.x) st(y, r * d + j, ld(xr, j) * inv * (w ? w[j] : 1.0f));
     }
+}
+
+extern "C" __global__ void rms_norm(const float* x, float* y, const float* w, i64 rows, int d, float eps) {
+    rms_norm_impl(x, y, w, rows, d, eps);
+}
+
+extern "C" __global__ void rms_norm_bf16(const bf16_t* x, bf16_t* y, const float* w, i64 rows, int d, float eps) {
+    rms_norm_impl(x, y, w, rows, d, eps);
+}
+
+extern "C" __global__ void rms_norm_f16(const f16_t* x, f16_t* y, const float* w, i64 rows, int d, float eps) {
+    rms_norm_impl(x, y, w, rows, d, eps);
 }
 
 // One block per (sample, group): x [N, C, S].
@@ -248,22 +325,35 @@ extern "C" __global__ void group_norm(const float* x, float* y, const float* w, 
 }
 
 // Softmax over the middle axis of [outer, dim, inner]; one block per (outer, inner) line.
-extern "C" __global__ void softmax(const float* x, float* y, i64 outer, i64 dim, i64 inner) {
+template <typename T>
+__device__ void softmax_impl(const T* x, T* y, i64 outer, i64 dim, i64 inner) {
     __shared__ float sh[32];
     for (i64 line = blockIdx.x; line < outer * inner; line += gridDim.x) {
         i64 o = line / inner, in = line % inner;
-        const float* xl = x + o * dim * inner + in;
-        float* yl = y + o * dim * inner + in;
+        const T* xl = x + o * dim * inner + in;
+        T* yl = y + o * dim * inner + in;
         float m = -INFINITY;
-        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) m = fmaxf(m, xl[j * inner]);
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) m = fmaxf(m, ld(xl, j * inner));
         m = block_max(m, sh);
         float s = 0.0f;
-        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) s += (m == -INFINITY) ? 0.0f : expf(xl[j * inner] - m);
+        for (i64 j = threadIdx.x; j < dim; j += blockDim.x) s += (m == -INFINITY) ? 0.0f : expf(ld(xl, j * inner) - m);
         s = block_sum(s, sh);
         float inv = s > 0.0f ? 1.0f / s : 0.0f;
         for (i64 j = threadIdx.x; j < dim; j += blockDim.x)
-            yl[j * inner] = (m == -INFINITY) ? 0.0f : expf(xl[j * inner] - m) * inv;
+            st(yl, j * inner, (m == -INFINITY) ? 0.0f : expf(ld(xl, j * inner) - m) * inv);
     }
+}
+
+extern "C" __global__ void softmax(const float* x, float* y, i64 outer, i64 dim, i64 inner) {
+    softmax_impl(x, y, outer, dim, inner);
+}
+
+extern "C" __global__ void softmax_bf16(const bf16_t* x, bf16_t* y, i64 outer, i64 dim, i64 inner) {
+    softmax_impl(x, y, outer, dim, inner);
+}
+
+extern "C" __global__ void softmax_f16(const f16_t* x, f16_t* y, i64 outer, i64 dim, i64 inner) {
+    softmax_impl(x, y, outer, dim, inner);
 }
 
 // --- attention: one warp per query row, 32 keys at a time, online softmax --------------------
@@ -278,9 +368,10 @@ extern "C" __global__ void softmax(const float* x, float* y, i64 outer, i64 dim,
 #define ATT_ROWS 8
 #define ATT_TILE_D 128
 
-extern "C" __global__ void attention(const float* q, const float* k, const float* v, const float* mask,
-                                     float* out, int B, int H, int Lq, int Lk, int D, int Dv,
-                                     i64 msb, i64 msh, i64 msq, float scale) {
+template <typename T>
+__device__ void attention_impl(const T* q, const T* k, const T* v, const float* mask,
+                               T* out, int B, int H, int Lq, int Lk, int D, int Dv,
+                               i64 msb, i64 msh, i64 msq, float scale) {
     __shared__ float ks[ATT_TILE_D][33];
     __shared__ float vs[32][ATT_TILE_D];
     __shared__ float qs[ATT_ROWS][ATT_TILE_D];
@@ -289,9 +380,9 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
     int qi = blockIdx.x * ATT_ROWS + warp;
     bool active = qi < Lq;
     int bi = (int)(bh / H), hi = (int)(bh % H);
-    if (active) for (int j = lane; j < D; j += 32) qs[warp][j] = q[(bh * Lq + qi) * D + j] * scale;
-    const float* kh = k + bh * (i64)Lk * D;
-    const float* vh = v + bh * (i64)Lk * Dv;
+    if (active) for (int j = lane; j < D; j += 32) qs[warp][j] = ld(q, (bh * Lq + qi) * D + j) * scale;
+    const T* kh = k + bh * (i64)Lk * D;
+    const T* vh = v + bh * (i64)Lk * Dv;
     const float* mrow = (mask && active) ? mask + bi * msb + hi * msh + qi * msq : 0;
     float acc[ATT_TILE_D / 32];
     for (int t = 0; t < ATT_TILE_D / 32; t++) acc[t] = 0.0f;
@@ -300,11 +391,11 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
         __syncthreads();
         for (int idx = threadIdx.x; idx < 32 * D; idx += blockDim.x) {
             int key = idx / D, d = idx % D;
-            ks[d][key] = (k0 + key < Lk) ? kh[(i64)(k0 + key) * D + d] : 0.0f;
+            ks[d][key] = (k0 + key < Lk) ? ld(kh, (i64)(k0 + key) * D + d) : 0.0f;
         }
         for (int idx = threadIdx.x; idx < 32 * Dv; idx += blockDim.x) {
             int key = idx / Dv, c = idx % Dv;
-            vs[key][c] = (k0 + key < Lk) ? vh[(i64)(k0 + key) * Dv + c] : 0.0f;
+            vs[key][c] = (k0 + key < Lk) ? ld(vh, (i64)(k0 + key) * Dv + c) : 0.0f;
         }
         __syncthreads();
         if (!active) continue;
@@ -338,16 +429,35 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
     float inv = l > 0.0f ? 1.0f / l : 0.0f;
     for (int t = 0; t < ATT_TILE_D / 32; t++) {
         int c = t * 32 + lane;
-        if (c < Dv) out[(bh * Lq + qi) * Dv + c] = acc[t] * inv;
+        if (c < Dv) st(out, (bh * Lq + qi) * Dv + c, acc[t] * inv);
     }
+}
+
+extern "C" __global__ void attention(const float* q, const float* k, const float* v, const float* mask,
+                                     float* out, int B, int H, int Lq, int Lk, int D, int Dv,
+                                     i64 msb, i64 msh, i64 msq, float scale) {
+    attention_impl(q, k, v, mask, out, B, H, Lq, Lk, D, Dv, msb, msh, msq, scale);
+}
+
+extern "C" __global__ void attention_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* mask,
+                                          bf16_t* out, int B, int H, int Lq, int Lk, int D, int Dv,
+                                          i64 msb, i64 msh, i64 msq, float scale) {
+    attention_impl(q, k, v, mask, out, B, H, Lq, Lk, D, Dv, msb, msh, msq, scale);
+}
+
+extern "C" __global__ void attention_f16(const f16_t* q, const f16_t* k, const f16_t* v, const float* mask,
+                                         f16_t* out, int B, int H, int Lq, int Lk, int D, int Dv,
+                                         i64 msb, i64 msh, i64 msq, float scale) {
+    attention_impl(q, k, v, mask, out, B, H, Lq, Lk, D, Dv, msb, msh, msq, scale);
 }
 
 #define ATT_WARPS 4
 #define ATT_MAXD 256
 
-extern "C" __global__ void attention_wide(const float* q, const float* k, const float* v, const float* mask,
-                                     float* out, int B, int H, int Lq, int Lk, int D, int Dv,
-                                     i64 msb, i64 msh, i64 msq, float scale) {
+template <typename T>
+__device__ void attention_wide_impl(const T* q, const T* k, const T* v, const float* mask,
+                                    T* out, int B, int H, int Lq, int Lk, int D, int Dv,
+                                    i64 msb, i64 msh, i64 msq, float scale) {
     __shared__ float qs[ATT_WARPS][ATT_MAXD];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     i64 row = (i64)blockIdx.x * ATT_WARPS + warp;
@@ -356,11 +466,11 @@ extern "C" __global__ void attention_wide(const float* q, const float* k, const 
     i64 bh = row / Lq;
     int qi = (int)(row % Lq);
     int bi = (int)(bh / H), hi = (int)(bh % H);
-    const float* qr = q + row * D;
-    for (int j = lane; j < D; j += 32) qs[warp][j] = qr[j] * scale;
+    const T* qr = q + row * D;
+    for (int j = lane; j < D; j += 32) qs[warp][j] = ld(qr, j) * scale;
     __syncwarp();
-    const float* kh = k + bh * (i64)Lk * D;
-    const float* vh = v + bh * (i64)Lk * Dv;
+    const T* kh = k + bh * (i64)Lk * D;
+    const T* vh = v + bh * (i64)Lk * Dv;
     const float* mrow = mask ? mask + bi * msb + hi * msh + qi * msq : 0;
     float acc[ATT_MAXD / 32];
     for (int t = 0; t < ATT_MAXD / 32; t++) acc[t] = 0.0f;
@@ -369,9 +479,9 @@ extern "C" __global__ void attention_wide(const float* q, const float* k, const 
         int key = k0 + lane;
         float s = -INFINITY;
         if (key < Lk) {
-            const float* kr = kh + (i64)key * D;
+            const T* kr = kh + (i64)key * D;
             float dot = 0.0f;
-            for (int j = 0; j < D; j++) dot += qs[warp][j] * kr[j];
+            for (int j = 0; j < D; j++) dot += qs[warp][j] * ld(kr, j);
             s = dot + (mrow ? mrow[key] : 0.0f);
         }
         float bm = s;
@@ -388,18 +498,36 @@ extern "C" __global__ void attention_wide(const float* q, const float* k, const 
         int nk = min(32, Lk - k0);
         for (int j = 0; j < nk; j++) {
             float pj = __shfl_sync(0xffffffffu, p, j);
-            const float* vr = vh + (i64)(k0 + j) * Dv;
+            const T* vr = vh + (i64)(k0 + j) * Dv;
             for (int t = 0; t < ATT_MAXD / 32; t++) {
                 int c = t * 32 + lane;
-                if (c < Dv) acc[t] += pj * vr[c];
+                if (c < Dv) acc[t] += pj * ld(vr, c);
             }
         }
     }
     float inv = l > 0.0f ? 1.0f / l : 0.0f;
     for (int t = 0; t < ATT_MAXD / 32; t++) {
         int c = t * 32 + lane;
-        if (c < Dv) out[row * Dv + c] = acc[t] * inv;
+        if (c < Dv) st(out, row * Dv + c, acc[t] * inv);
     }
+}
+
+extern "C" __global__ void attention_wide(const float* q, const float* k, const float* v, const float* mask,
+                                     float* out, int B, int H, int Lq, int Lk, int D, int Dv,
+                                     i64 msb, i64 msh, i64 msq, float scale) {
+    attention_wide_impl(q, k, v, mask, out, B, H, Lq, Lk, D, Dv, msb, msh, msq, scale);
+}
+
+extern "C" __global__ void attention_wide_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* mask,
+                                               bf16_t* out, int B, int H, int Lq, int Lk, int D, int Dv,
+                                               i64 msb, i64 msh, i64 msq, float scale) {
+    attention_wide_impl(q, k, v, mask, out, B, H, Lq, Lk, D, Dv, msb, msh, msq, scale);
+}
+
+extern "C" __global__ void attention_wide_f16(const f16_t* q, const f16_t* k, const f16_t* v, const float* mask,
+                                              f16_t* out, int B, int H, int Lq, int Lk, int D, int Dv,
+                                              i64 msb, i64 msh, i64 msq, float scale) {
+    attention_wide_impl(q, k, v, mask, out, B, H, Lq, Lk, D, Dv, msb, msh, msq, scale);
 }
 
 // --- attention on tensor cores ---------------------------------------------------------------
@@ -412,7 +540,8 @@ extern "C" __global__ void attention_wide(const float* q, const float* k, const 
 // is exactly the A fragment of P·V (the FA2 register trick), so P never goes through memory. The
 // softmax is online per row (max and sum kept in f32, rows reduced over the 4 lanes that share
 // them); an additive mask with strides as `attention`'s; a fully masked row gives zeros. Head
-// sizes up to DP (64 or 128) are zero-padded to it. q, k, v and out are f32 in global memory.
+// sizes up to DP (64 or 128) are zero-padded to it. q, k, v and out are of the activation
+// storage type T in global memory (bf16 ones are copied into the tiles as they are).
 
 #define MMA_Q_ROWS 64
 #define MMA_KEYS 64
@@ -431,9 +560,14 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <int DP>
-__device__ void attention_mma_tile(const float* q, const float* k, const float* v, const float* mask,
-                                   float* out, int H, int Lq, int Lk, int D,
+// A value of T as bf16 bits for the tensor-core tiles (exact for bf16 itself).
+__device__ __forceinline__ unsigned short to_bf16_bits(const float* p, i64 i) { return f32_to_bf16(p[i]); }
+__device__ __forceinline__ unsigned short to_bf16_bits(const bf16_t* p, i64 i) { return p[i].bits; }
+__device__ __forceinline__ unsigned short to_bf16_bits(const f16_t* p, i64 i) { return f32_to_bf16(ld(p, i)); }
+
+template <int DP, typename T>
+__device__ void attention_mma_tile(const T* q, const T* k, const T* v, const float* mask,
+                                   T* out, int H, int Lq, int Lk, int D,
                                    i64 msb, i64 msh, i64 msq, float scale) {
     // K as [key][d] and V transposed as [d][key], bf16, rows padded by 8 (16 bytes) so the
     // 32-bit fragment loads of a warp fall in different banks.
@@ -444,9 +578,9 @@ __device__ void attention_mma_tile(const float* q, const float* k, const float* 
     const i64 bh = blockIdx.y;
     const int bi = (int)(bh / H), hi = (int)(bh % H);
     const int r0 = blockIdx.x * MMA_Q_ROWS + warp * 16 + g, r1 = r0 + 8;  // this thread's rows
-    const float* qh = q + bh * (i64)Lq * D;
-    const float* kh = k + bh * (i64)Lk * D;
-    const float* vh = v + bh * (i64)Lk * D;
+    const T* qh = q + bh * (i64)Lq * D;
+    const T* kh = k + bh * (i64)Lk * D;
+    const T* vh = v + bh * (i64)Lk * D;
     // Q's A fragments for every 16 channels, scaled, zero past D and past Lq.
     u32 qa[DP / 16][4];
     #pragma unroll
@@ -455,10 +589,10 @@ __device__ void attention_mma_tile(const float* q, const float* k, const float* 
         for (int half = 0; half < 2; half++) {
             int c = kk * 16 + half * 8 + t * 2;
             float x00 = 0.f, x01 = 0.f, x10 = 0.f, x11 = 0.f;
-            if (r0 < Lq && c < D) x00 = qh[(i64)r0 * D + c] * scale;
-            if (r0 < Lq && c + 1 < D) x01 = qh[(i64)r0 * D + c + 1] * scale;
-            if (r1 < Lq && c < D) x10 = qh[(i64)r1 * D + c] * scale;
-            if (r1 < Lq && c + 1 < D) x11 = qh[(i64)r1 * D + c + 1] * scale;
+            if (r0 < Lq && c < D) x00 = ld(qh, (i64)r0 * D + c) * scale;
+            if (r0 < Lq && c + 1 < D) x01 = ld(qh, (i64)r0 * D + c + 1) * scale;
+            if (r1 < Lq && c < D) x10 = ld(qh, (i64)r1 * D + c) * scale;
+            if (r1 < Lq && c + 1 < D) x11 = ld(qh, (i64)r1 * D + c + 1) * scale;
             qa[kk][half * 2] = pack_bf16(x00, x01);
             qa[kk][half * 2 + 1] = pack_bf16(x10, x11);
         }
@@ -474,8 +608,8 @@ __device__ void attention_mma_tile(const float* q, const float* k, const float* 
         for (int idx = threadIdx.x; idx < MMA_KEYS * DP; idx += blockDim.x) {
             int key = idx / DP, c = idx % DP;
             bool in = k0 + key < Lk && c < D;
-            ks[key][c] = f32_to_bf16(in ? kh[(i64)(k0 + key) * D + c] : 0.f);
-            vt[c][key] = f32_to_bf16(in ? vh[(i64)(k0 + key) * D + c] : 0.f);
+            ks[key][c] = in ? to_bf16_bits(kh, (i64)(k0 + key) * D + c) : (unsigned short)0;
+            vt[c][key] = in ? to_bf16_bits(vh, (i64)(k0 + key) * D + c) : (unsigned short)0;
         }
         __syncthreads();
         // S = Q·Kᵀ for this warp's 16 rows and the tile's 64 keys: 8 accumulators of 16x8.
@@ -559,14 +693,14 @@ __device__ void attention_mma_tile(const float* q, const float* k, const float* 
         }
     }
     float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    float* oh = out + bh * (i64)Lq * D;
+    T* oh = out + bh * (i64)Lq * D;
     #pragma unroll
     for (int n = 0; n < DP / 8; n++) {
         #pragma unroll
         for (int e = 0; e < 2; e++) {
             int c = n * 8 + t * 2 + e;
-            if (c < D && r0 < Lq) oh[(i64)r0 * D + c] = o[n][e] * inv0;
-            if (c < D && r1 < Lq) oh[(i64)r1 * D + c] = o[n][2 + e] * inv1;
+            if (c < D && r0 < Lq) st(oh, (i64)r0 * D + c, o[n][e] * inv0);
+            if (c < D && r1 < Lq) st(oh, (i64)r1 * D + c, o[n][2 + e] * inv1);
         }
     }
 }
@@ -583,10 +717,35 @@ extern "C" __global__ void attention_mma128(const float* q, const float* k, cons
     attention_mma_tile<128>(q, k, v, mask, out, H, Lq, Lk, D, msb, msh, msq, scale);
 }
 
+extern "C" __global__ void attention_mma64_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* mask,
+                                                bf16_t* out, int H, int Lq, int Lk, int D,
+                                                i64 msb, i64 msh, i64 msq, float scale) {
+    attention_mma_tile<64>(q, k, v, mask, out, H, Lq, Lk, D, msb, msh, msq, scale);
+}
+
+extern "C" __global__ void attention_mma128_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, const float* mask,
+                                                 bf16_t* out, int H, int Lq, int Lk, int D,
+                                                 i64 msb, i64 msh, i64 msq, float scale) {
+    attention_mma_tile<128>(q, k, v, mask, out, H, Lq, Lk, D, msb, msh, msq, scale);
+}
+
+extern "C" __global__ void attention_mma64_f16(const f16_t* q, const f16_t* k, const f16_t* v, const float* mask,
+                                               f16_t* out, int H, int Lq, int Lk, int D,
+                                               i64 msb, i64 msh, i64 msq, float scale) {
+    attention_mma_tile<64>(q, k, v, mask, out, H, Lq, Lk, D, msb, msh, msq, scale);
+}
+
+extern "C" __global__ void attention_mma128_f16(const f16_t* q, const f16_t* k, const f16_t* v, const float* mask,
+                                                f16_t* out, int H, int Lq, int Lk, int D,
+                                                i64 msb, i64 msh, i64 msq, float scale) {
+    attention_mma_tile<128>(q, k, v, mask, out, H, Lq, Lk, D, msb, msh, msq, scale);
+}
+
 // --- positions --------------------------------------------------------------------------------
 
-extern "C" __global__ void rope(const float* x, float* y, const float* cs, const float* sn,
-                                i64 rows, int l, int d, int r, int interleaved, int heads) {
+template <typename T>
+__device__ void rope_impl(const T* x, T* y, const float* cs, const float* sn,
+                          i64 rows, int l, int d, int r, int interleaved, int heads) {
     // rows: stretches of d (heads side by side in each row of x, all at the row's position).
     int half = r / 2;
     i64 n = rows * d;
@@ -594,14 +753,29 @@ extern "C" __global__ void rope(const float* x, float* y, const float* cs, const
         i64 row = i / d;
         int j = (int)(i % d);
         int pos = (int)((row / heads) % l);
-        const float* xr = x + row * d;
+        const T* xr = x + row * d;
         if (j >= r) { y[i] = xr[j]; continue; }
         int pair, first, a, b;
         if (interleaved) { pair = j / 2; first = (j % 2) == 0; a = 2 * pair; b = a + 1; }
         else { pair = j % half; first = j < half; a = pair; b = pair + half; }
         float c = cs[pos * half + pair], s = sn[pos * half + pair];
-        y[i] = first ? xr[a] * c - xr[b] * s : xr[b] * c + xr[a] * s;
+        st(y, i, first ? ld(xr, a) * c - ld(xr, b) * s : ld(xr, b) * c + ld(xr, a) * s);
     }
+}
+
+extern "C" __global__ void rope(const float* x, float* y, const float* cs, const float* sn,
+                                i64 rows, int l, int d, int r, int interleaved, int heads) {
+    rope_impl(x, y, cs, sn, rows, l, d, r, interleaved, heads);
+}
+
+extern "C" __global__ void rope_bf16(const bf16_t* x, bf16_t* y, const float* cs, const float* sn,
+                                     i64 rows, int l, int d, int r, int interleaved, int heads) {
+    rope_impl(x, y, cs, sn, rows, l, d, r, interleaved, heads);
+}
+
+extern "C" __global__ void rope_f16(const f16_t* x, f16_t* y, const float* cs, const float* sn,
+                                    i64 rows, int l, int d, int r, int interleaved, int heads) {
+    rope_impl(x, y, cs, sn, rows, l, d, r, interleaved, heads);
 }
 
 // --- elementwise --------------------------------------------------------------------------------
@@ -619,9 +793,10 @@ extern "C" __global__ void rope(const float* x, float* y, const float* cs, const
 #define U_COS 10
 #define U_ACT 100
 
-extern "C" __global__ void unary(const float* x, float* y, i64 n, int op) {
+template <typename T>
+__device__ void unary_impl(const T* x, T* y, i64 n, int op) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        float v = x[i];
+        float v = ld(x, i);
         float o;
         switch (op) {
         case U_NEG: o = -v; break;
@@ -637,13 +812,32 @@ extern "C" __global__ void unary(const float* x, float* y, i64 n, int op) {
         case U_COS: o = cosf(v); break;
         default: o = act_apply(op - U_ACT, v); break;
         }
-        y[i] = o;
+        st(y, i, o);
     }
 }
 
-extern "C" __global__ void affine(const float* x, float* y, i64 n, float mul, float add) {
+extern "C" __global__ void unary(const float* x, float* y, i64 n, int op) { unary_impl(x, y, n, op); }
+
+extern "C" __global__ void unary_bf16(const bf16_t* x, bf16_t* y, i64 n, int op) { unary_impl(x, y, n, op); }
+
+extern "C" __global__ void unary_f16(const f16_t* x, f16_t* y, i64 n, int op) { unary_impl(x, y, n, op); }
+
+template <typename T>
+__device__ void affine_impl(const T* x, T* y, i64 n, float mul, float add) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-        y[i] = x[i] * mul + add;
+        st(y, i, ld(x, i) * mul + add);
+}
+
+extern "C" __global__ void affine(const float* x, float* y, i64 n, float mul, float add) {
+    affine_impl(x, y, n, mul, add);
+}
+
+extern "C" __global__ void affine_bf16(const bf16_t* x, bf16_t* y, i64 n, float mul, float add) {
+    affine_impl(x, y, n, mul, add);
+}
+
+extern "C" __global__ void affine_f16(const f16_t* x, f16_t* y, i64 n, float mul, float add) {
+    affine_impl(x, y, n, mul, add);
 }
 
 #define B_ADD 0
@@ -654,8 +848,10 @@ extern "C" __global__ void affine(const float* x, float* y, i64 n, float mul, fl
 #define B_MIN 5
 #define B_POW 6
 
-extern "C" __global__ void binary(const float* a, const float* b, float* y, i64 n, int rank,
-                                  Dims8 shape, Dims8 sa, Dims8 sb, int op) {
+// y (of a's type) = a op b; b of a's type or f32 (a modulation or a residual left in f32).
+template <typename TA, typename TB>
+__device__ void binary_impl(const TA* a, const TB* b, TA* y, i64 n, int rank,
+                            Dims8 shape, Dims8 sa, Dims8 sb, int op) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         i64 r = i, oa = 0, ob = 0;
         for (int ax = rank - 1; ax >= 0; ax--) {
@@ -664,7 +860,7 @@ extern "C" __global__ void binary(const float* a, const float* b, float* y, i64 
             oa += idx * sa.v[ax];
             ob += idx * sb.v[ax];
         }
-        float x = a[oa], z = b[ob], o;
+        float x = ld(a, oa), z = ld(b, ob), o;
         switch (op) {
         case B_ADD: o = x + z; break;
         case B_SUB: o = x - z; break;
@@ -674,16 +870,57 @@ extern "C" __global__ void binary(const float* a, const float* b, float* y, i64 
         case B_MIN: o = fminf(x, z); break;
         default: o = powf(x, z); break;
         }
-        y[i] = o;
+        st(y, i, o);
+    }
+}
+
+extern "C" __global__ void binary(const float* a, const float* b, float* y, i64 n, int rank,
+                                  Dims8 shape, Dims8 sa, Dims8 sb, int op) {
+    binary_impl(a, b, y, n, rank, shape, sa, sb, op);
+}
+
+extern "C" __global__ void binary_bf16(const bf16_t* a, const bf16_t* b, bf16_t* y, i64 n, int rank,
+                                       Dims8 shape, Dims8 sa, Dims8 sb, int op) {
+    binary_impl(a, b, y, n, rank, shape, sa, sb, op);
+}
+
+extern "C" __global__ void binary_bf16_f32(const bf16_t* a, const float* b, bf16_t* y, i64 n, int rank,
+                                           Dims8 shape, Dims8 sa, Dims8 sb, int op) {
+    binary_impl(a, b, y, n, rank, shape, sa, sb, op);
+}
+
+extern "C" __global__ void binary_f16(const f16_t* a, const f16_t* b, f16_t* y, i64 n, int rank,
+                                      Dims8 shape, Dims8 sa, Dims8 sb, int op) {
+    binary_impl(a, b, y, n, rank, shape, sa, sb, op);
+}
+
+extern "C" __global__ void binary_f16_f32(const f16_t* a, const float* b, f16_t* y, i64 n, int rank,
+                                          Dims8 shape, Dims8 sa, Dims8 sb, int op) {
+    binary_impl(a, b, y, n, rank, shape, sa, sb, op);
+}
+
+template <typename T>
+__device__ void gated_residual_impl(const T* x, const T* yv, const float* gate, T* out,
+                                    i64 n, i64 d, i64 per_group_elems) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 g = i / per_group_elems;
+        st(out, i, ld(x, i) + gate[g * d + i % d] * ld(yv, i));
     }
 }
 
 extern "C" __global__ void gated_residual(const float* x, const float* yv, const float* gate, float* out,
                                           i64 n, i64 d, i64 per_group_elems) {
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        i64 g = i / per_group_elems;
-        out[i] = x[i] + gate[g * d + i % d] * yv[i];
-    }
+    gated_residual_impl(x, yv, gate, out, n, d, per_group_elems);
+}
+
+extern "C" __global__ void gated_residual_bf16(const bf16_t* x, const bf16_t* yv, const float* gate, bf16_t* out,
+                                               i64 n, i64 d, i64 per_group_elems) {
+    gated_residual_impl(x, yv, gate, out, n, d, per_group_elems);
+}
+
+extern "C" __global__ void gated_residual_f16(const f16_t* x, const f16_t* yv, const float* gate, f16_t* out,
+                                              i64 n, i64 d, i64 per_group_elems) {
+    gated_residual_impl(x, yv, gate, out, n, d, per_group_elems);
 }
 
 #define R_SUM 0

@@ -23,19 +23,47 @@ pub const KERNEL_NAMES: &[&str] = &[
     "cast",
     "randn",
     "bias_act",
+    "bias_act_bf16",
+    "bias_act_f16",
     "layer_norm",
+    "layer_norm_bf16",
+    "layer_norm_f16",
     "rms_norm",
+    "rms_norm_bf16",
+    "rms_norm_f16",
     "group_norm",
     "softmax",
+    "softmax_bf16",
+    "softmax_f16",
     "attention",
+    "attention_bf16",
+    "attention_f16",
     "attention_wide",
+    "attention_wide_bf16",
+    "attention_wide_f16",
     "attention_mma64",
     "attention_mma128",
+    "attention_mma64_bf16",
+    "attention_mma128_bf16",
+    "attention_mma64_f16",
+    "attention_mma128_f16",
     "rope",
+    "rope_bf16",
+    "rope_f16",
     "unary",
+    "unary_bf16",
+    "unary_f16",
     "affine",
+    "affine_bf16",
+    "affine_f16",
     "binary",
+    "binary_bf16",
+    "binary_bf16_f32",
+    "binary_f16",
+    "binary_f16_f32",
     "gated_residual",
+    "gated_residual_bf16",
+    "gated_residual_f16",
     "reduce",
     "permute",
     "copy_rows",
@@ -266,8 +294,11 @@ impl Backend {
         self.lt.get_or_init(|| blaslt::Lt::new(self)).as_ref()
     }
 
-    pub(crate) fn func(&self, name: &str) -> &CudaFunction {
-        &self.funcs[name]
+    /// Kernel `name` (every one in [`KERNEL_NAMES`] is loaded with the module).
+    pub(crate) fn func(&self, name: &str) -> Result<&CudaFunction, String> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| format!("no kernel {name} in the module"))
     }
 
     /// A new uninitialised buffer of `bytes` (at least 1 byte, so every tensor has an address).

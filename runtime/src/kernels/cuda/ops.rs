@@ -1,6 +1,11 @@
 //! CUDA implementations of the ops, called by [`crate::tensor::ops`] after it has checked the
 //! arguments: f32 device tensors in, a new device tensor out. GEMMs go to cuBLAS; everything else
 //! launches a kernel from `kernels.cu`.
+//!
+//! The ops that carry a DiT's activations (linear, attention, the norms, softmax, rope and the
+//! elementwise ones) also take them in bf16 or f16 and give them back in that type
+//! ([`act_dtype`]): loaded into f32, computed in f32, rounded once when stored, so the result is
+//! the one widening, the f32 kernel and narrowing would give, without those two passes.
 
 use super::{Backend, DeviceBuf};
 use crate::kernels::cpu::attention::AttnDims;
@@ -105,13 +110,42 @@ fn rows(n: usize) -> LaunchConfig {
 }
 
 macro_rules! launch {
-    ($be:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
-        let mut b = $be.stream.launch_builder($be.func($name));
+    ($be:expr, $name:expr, $cfg:expr; $($arg:expr),* $(,)?) => {{
+        let name: &str = &$name;
+        let mut b = $be.stream.launch_builder($be.func(name).map_err(OpError::Device)?);
         $( b.arg($arg); )*
-        // SAFETY: the arguments match the kernel's signature in kernels.cu, and every pointer
-        // addresses a live buffer of the size the kernel reads or writes.
-        unsafe { b.launch($cfg) }.map(|_| ()).map_err(|e| OpError::Device(format!("kernel {}: {e}", $name)))
+        // SAFETY: the arguments match the kernel's signature in kernels.cu (the `_bf16` and
+        // `_f16` ones take those types where the f32 one takes f32 activations), and every
+        // pointer addresses a live buffer of the size the kernel reads or writes.
+        unsafe { b.launch($cfg) }.map(|_| ()).map_err(|e| OpError::Device(format!("kernel {name}: {e}")))
     }};
+}
+
+/// The storage type of activation `t` for the kernels that read half-precision activations as
+/// they are: bf16 or f16 when `t` is, else f32.
+pub fn act_dtype(t: &Tensor) -> DType {
+    match t.dtype() {
+        DType::BF16 | DType::F16 => t.dtype(),
+        _ => DType::F32,
+    }
+}
+
+/// Kernel `base` for activations stored as `dt`: `base`, `base_bf16` or `base_f16`.
+fn kernel_for(base: &str, dt: DType) -> String {
+    match dt {
+        DType::BF16 => format!("{base}_bf16"),
+        DType::F16 => format!("{base}_f16"),
+        _ => base.to_string(),
+    }
+}
+
+/// The cuBLAS type of an f32, bf16 or f16 operand.
+fn blas_type(dt: DType) -> cudaDataType {
+    match dt {
+        DType::BF16 => cudaDataType::CUDA_R_16BF,
+        DType::F16 => cudaDataType::CUDA_R_16F,
+        _ => cudaDataType::CUDA_R_32F,
+    }
 }
 
 fn act_code(a: Activation) -> i32 {
@@ -221,7 +255,7 @@ fn sgemm(
         be,
         (a, f32t),
         (b, f32t),
-        c,
+        (c, f32t),
         (trans_a, trans_b),
         (m, n, k),
         (batch, stride_a, stride_b),
@@ -229,14 +263,14 @@ fn sgemm(
     )
 }
 
-/// Row-major `C[batch, m, n] = op(A)·op(B)` with A and B of the given cuBLAS types and C in
-/// f32 (cublasGemmStridedBatchedEx, column-major, computing Cᵀ).
+/// Row-major `C[batch, m, n] = op(A)·op(B)` with A, B and C of the given cuBLAS types, summed
+/// under `compute` (cublasGemmStridedBatchedEx, column-major, computing Cᵀ).
 #[allow(clippy::too_many_arguments)]
 fn gemm_typed(
     be: &Backend,
     (a, a_type): (u64, cudaDataType),
     (b, b_type): (u64, cudaDataType),
-    c: u64,
+    (c, c_type): (u64, cudaDataType),
     (trans_a, trans_b): (bool, bool),
     (m, n, k): (usize, usize, usize),
     (batch, stride_a, stride_b): (usize, usize, usize),
@@ -274,7 +308,7 @@ fn gemm_typed(
             stride_a as i64,
             (&beta as *const f32).cast(),
             c as *mut std::ffi::c_void,
-            cudaDataType::CUDA_R_32F,
+            c_type,
             n as i32,
             (m * n) as i64,
             batch as i32,
@@ -326,9 +360,12 @@ pub fn matmul(
     Ok(out)
 }
 
+/// `out` with every byte zeroed (0.0 in f32, bf16 and f16 alike).
 fn fill_zero(be: &Backend, out: Tensor) -> R {
-    let (o, n, mul, add) = (ptr(be, &out)?, out.numel() as i64, 0.0f32, 0.0f32);
-    launch!(be, "affine", grid(out.numel()); &o, &o, &n, &mul, &add)?;
+    let (o, bytes) = (ptr(be, &out)?, out.nbytes());
+    // SAFETY: `o` addresses the tensor's `bytes` bytes, set on the backend's stream.
+    unsafe { cudarc::driver::result::memset_d8_async(o, 0, bytes, be.stream.cu_stream()) }
+        .map_err(|e| OpError::Device(format!("memset: {e}")))?;
     Ok(out)
 }
 
@@ -348,9 +385,10 @@ fn bias_act(
     launch!(be, "bias_act", grid(rows * cols); &yp, &bias_col, &bias_row, &r, &c, &a)
 }
 
-/// `x·wᵀ + bias`, then `act`, in f32: `x` f32, and `w` f32 (SGEMM; TF32 under tensor cores) or
-/// bf16/f16 read as stored (the tensor-core path passes it unwidened: `x` is rounded to its
-/// type and cuBLAS sums in f32).
+/// `x·wᵀ + bias`, then `act`, summed in f32. `x` is f32, or bf16/f16 activations of `w`'s own
+/// type (the dispatcher widens any other pairing); the output is of `x`'s storage type. `w` is
+/// f32 (SGEMM; TF32 under tensor cores) or bf16/f16 read as stored: an f32 `x` is rounded to its
+/// type (the tensor-core path passes it unwidened), a half `x` is already of it.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     x: &Tensor,
@@ -363,39 +401,57 @@ pub fn linear(
     out_shape: &[usize],
 ) -> R {
     let be = backend(x)?;
-    let out = new_tensor(&be, DType::F32, out_shape)?;
+    let out_dt = act_dtype(x);
+    let out = new_tensor(&be, out_dt, out_shape)?;
     if out.numel() == 0 {
         return Ok(out);
     }
     let half = matches!(w.dtype(), DType::BF16 | DType::F16);
+    let xh = if half && x.dtype() != w.dtype() {
+        cast(x, w.dtype())?
+    } else {
+        x.clone()
+    };
     // The bias and activation fused into a cuBLASLt epilogue where it has one; cuBLAS then
     // `bias_act` otherwise, or when cuBLASLt declines.
     if let (true, Some(epi), Some(lt)) =
         (k > 0, super::blaslt::epilogue(bias.is_some(), act), be.lt())
     {
-        let xh = if half { cast(x, w.dtype())? } else { x.clone() };
         let operands = (ptr(&be, &xh)?, ptr(&be, w)?, w.dtype());
         let tf32 = crate::kernels::tensor_cores();
         let (bias_p, out_p) = (opt_ptr(&be, bias)?, ptr(&be, &out)?);
-        match super::blaslt::linear(&be, lt, operands, bias_p, out_p, (m, n, k), tf32, epi) {
+        let result = super::blaslt::linear(
+            &be,
+            lt,
+            operands,
+            bias_p,
+            (out_p, out_dt),
+            (m, n, k),
+            tf32,
+            epi,
+        );
+        match result {
             Ok(()) => return Ok(out),
             Err(e) => tracing::debug!("{e}: cuBLAS and bias_act instead"),
         }
     }
+    let epilogue = bias.is_some() || act != Activation::None;
+    // Half activations with a bias or an activation go through f32 sums, which `bias_act`
+    // finishes and rounds once; without them the GEMM writes the activation type itself.
+    let sums = if out_dt != DType::F32 && (epilogue || w.dtype() != out_dt) {
+        new_tensor(&be, DType::F32, out_shape)?
+    } else {
+        out.clone()
+    };
     if k == 0 {
-        fill_zero(&be, out.clone())?;
+        fill_zero(&be, sums.clone())?;
     } else if half {
-        let w_type = if w.dtype() == DType::BF16 {
-            cudaDataType::CUDA_R_16BF
-        } else {
-            cudaDataType::CUDA_R_16F
-        };
-        let xh = cast(x, w.dtype())?;
+        let w_type = blas_type(w.dtype());
         gemm_typed(
             &be,
             (ptr(&be, &xh)?, w_type),
             (ptr(&be, w)?, w_type),
-            ptr(&be, &out)?,
+            (ptr(&be, &sums)?, blas_type(sums.dtype())),
             (false, true),
             (m, n, k),
             (1, 0, 0),
@@ -406,7 +462,7 @@ pub fn linear(
             &be,
             ptr(&be, x)?,
             ptr(&be, w)?,
-            ptr(&be, &out)?,
+            ptr(&be, &sums)?,
             false,
             true,
             m,
@@ -417,7 +473,13 @@ pub fn linear(
             0,
         )?;
     }
-    bias_act(&be, &out, opt_ptr(&be, bias)?, 0, m, n, act)?;
+    if out_dt == DType::F32 {
+        bias_act(&be, &out, opt_ptr(&be, bias)?, 0, m, n, act)?;
+    } else if sums.dtype() == DType::F32 {
+        let (sp, yp, bp, zero) = (ptr(&be, &sums)?, ptr(&be, &out)?, opt_ptr(&be, bias)?, 0u64);
+        let (r, c, a) = (m as i64, n as i64, act_code(act));
+        launch!(be, kernel_for("bias_act", out_dt), grid(m * n); &sp, &yp, &bp, &zero, &r, &c, &a)?;
+    }
     Ok(out)
 }
 
@@ -502,7 +564,8 @@ pub fn layer_norm(t: &[Tensor], flags: [bool; 4], d: usize, groups: usize, eps: 
         opt(flags[2])?,
         opt(flags[3])?,
     );
-    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let dt = act_dtype(x);
+    let out = new_tensor(&be, dt, x.shape())?;
     let rws = x.numel() / d.max(1);
     let (xp, yp, r, dd, per_group) = (
         ptr(&be, x)?,
@@ -511,13 +574,14 @@ pub fn layer_norm(t: &[Tensor], flags: [bool; 4], d: usize, groups: usize, eps: 
         d as i32,
         (rws / groups.max(1)).max(1) as i64,
     );
-    launch!(be, "layer_norm", rows(rws); &xp, &yp, &w, &b, &sh, &sc, &r, &dd, &per_group, &eps)?;
+    launch!(be, kernel_for("layer_norm", dt), rows(rws); &xp, &yp, &w, &b, &sh, &sc, &r, &dd, &per_group, &eps)?;
     Ok(out)
 }
 
 pub fn rms_norm(x: &Tensor, w: Option<&Tensor>, d: usize, eps: f32) -> R {
     let be = backend(x)?;
-    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let dt = act_dtype(x);
+    let out = new_tensor(&be, dt, x.shape())?;
     let rws = x.numel() / d.max(1);
     let (xp, yp, wp, r, dd) = (
         ptr(&be, x)?,
@@ -526,7 +590,7 @@ pub fn rms_norm(x: &Tensor, w: Option<&Tensor>, d: usize, eps: f32) -> R {
         rws as i64,
         d as i32,
     );
-    launch!(be, "rms_norm", rows(rws); &xp, &yp, &wp, &r, &dd, &eps)?;
+    launch!(be, kernel_for("rms_norm", dt), rows(rws); &xp, &yp, &wp, &r, &dd, &eps)?;
     Ok(out)
 }
 
@@ -561,7 +625,8 @@ pub fn group_norm(
 
 pub fn softmax(x: &Tensor, outer: usize, dim: usize, inner: usize) -> R {
     let be = backend(x)?;
-    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let dt = act_dtype(x);
+    let out = new_tensor(&be, dt, x.shape())?;
     let (xp, yp, o, d, i) = (
         ptr(&be, x)?,
         ptr(&be, &out)?,
@@ -569,7 +634,7 @@ pub fn softmax(x: &Tensor, outer: usize, dim: usize, inner: usize) -> R {
         dim as i64,
         inner as i64,
     );
-    launch!(be, "softmax", rows(outer * inner); &xp, &yp, &o, &d, &i)?;
+    launch!(be, kernel_for("softmax", dt), rows(outer * inner); &xp, &yp, &o, &d, &i)?;
     Ok(out)
 }
 
@@ -603,7 +668,9 @@ pub fn attention(
             dims.d, dims.dv
         )));
     }
-    let out = new_tensor(&be, DType::F32, &[dims.b, dims.h, dims.lq, dims.dv])?;
+    // q, k and v share one storage type (the dispatcher widens a mixed call).
+    let dt = act_dtype(q);
+    let out = new_tensor(&be, dt, &[dims.b, dims.h, dims.lq, dims.dv])?;
     let total = dims.b * dims.h * dims.lq;
     if total == 0 || dims.dv == 0 {
         return Ok(out);
@@ -634,9 +701,9 @@ pub fn attention(
             shared_mem_bytes: 0,
         };
         if dims.d <= 64 {
-            launch!(be, "attention_mma64", cfg; &qp, &kp, &vp, &mp, &op, &h, &lq, &lk, &d, &sb, &sh, &sq, &scale)?;
+            launch!(be, kernel_for("attention_mma64", dt), cfg; &qp, &kp, &vp, &mp, &op, &h, &lq, &lk, &d, &sb, &sh, &sq, &scale)?;
         } else {
-            launch!(be, "attention_mma128", cfg; &qp, &kp, &vp, &mp, &op, &h, &lq, &lk, &d, &sb, &sh, &sq, &scale)?;
+            launch!(be, kernel_for("attention_mma128", dt), cfg; &qp, &kp, &vp, &mp, &op, &h, &lq, &lk, &d, &sb, &sh, &sq, &scale)?;
         }
     } else if dims.d <= 128 && dims.dv <= 128 {
         // Tiled kernel: 8 query rows of one head per block.
@@ -646,14 +713,14 @@ pub fn attention(
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(be, "attention", cfg; &qp, &kp, &vp, &mp, &op, &b, &h, &lq, &lk, &d, &dv, &sb, &sh, &sq, &scale)?;
+        launch!(be, kernel_for("attention", dt), cfg; &qp, &kp, &vp, &mp, &op, &b, &h, &lq, &lk, &d, &dv, &sb, &sh, &sq, &scale)?;
     } else {
         let cfg = LaunchConfig {
             grid_dim: (total.div_ceil(4) as u32, 1, 1),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        launch!(be, "attention_wide", cfg; &qp, &kp, &vp, &mp, &op, &b, &h, &lq, &lk, &d, &dv, &sb, &sh, &sq, &scale)?;
+        launch!(be, kernel_for("attention_wide", dt), cfg; &qp, &kp, &vp, &mp, &op, &b, &h, &lq, &lk, &d, &dv, &sb, &sh, &sq, &scale)?;
     }
     Ok(out)
 }
@@ -668,7 +735,8 @@ pub fn rope(
     interleaved: bool,
 ) -> R {
     let be = backend(x)?;
-    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let dt = act_dtype(x);
+    let out = new_tensor(&be, dt, x.shape())?;
     let rws = x.numel() / d.max(1);
     let hh = heads.max(1) as i32;
     let (xp, yp, cp, sp) = (
@@ -678,7 +746,7 @@ pub fn rope(
         ptr(&be, sin)?,
     );
     let (rr, ll, dd, rot, il) = (rws as i64, l as i32, d as i32, r as i32, interleaved as i32);
-    launch!(be, "rope", grid(x.numel()); &xp, &yp, &cp, &sp, &rr, &ll, &dd, &rot, &il, &hh)?;
+    launch!(be, kernel_for("rope", dt), grid(x.numel()); &xp, &yp, &cp, &sp, &rr, &ll, &dd, &rot, &il, &hh)?;
     Ok(out)
 }
 
@@ -686,7 +754,8 @@ pub fn rope(
 
 pub fn unary(x: &Tensor, f: Unary) -> R {
     let be = backend(x)?;
-    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let dt = act_dtype(x);
+    let out = new_tensor(&be, dt, x.shape())?;
     let code: i32 = match f {
         Unary::Neg => 0,
         Unary::Exp => 1,
@@ -702,15 +771,16 @@ pub fn unary(x: &Tensor, f: Unary) -> R {
         Unary::Act(a) => 100 + act_code(a),
     };
     let (xp, yp, n) = (ptr(&be, x)?, ptr(&be, &out)?, x.numel() as i64);
-    launch!(be, "unary", grid(x.numel()); &xp, &yp, &n, &code)?;
+    launch!(be, kernel_for("unary", dt), grid(x.numel()); &xp, &yp, &n, &code)?;
     Ok(out)
 }
 
 pub fn affine(x: &Tensor, mul: f32, add: f32) -> R {
     let be = backend(x)?;
-    let out = new_tensor(&be, DType::F32, x.shape())?;
+    let dt = act_dtype(x);
+    let out = new_tensor(&be, dt, x.shape())?;
     let (xp, yp, n) = (ptr(&be, x)?, ptr(&be, &out)?, x.numel() as i64);
-    launch!(be, "affine", grid(x.numel()); &xp, &yp, &n, &mul, &add)?;
+    launch!(be, kernel_for("affine", dt), grid(x.numel()); &xp, &yp, &n, &mul, &add)?;
     Ok(out)
 }
 
@@ -723,7 +793,14 @@ pub fn binary(
     out_shape: &[usize],
 ) -> R {
     let be = backend(a)?;
-    let out = new_tensor(&be, DType::F32, out_shape)?;
+    // `a` f32 with `b` f32, or `a` half with `b` of its type or f32.
+    let dt = act_dtype(a);
+    let out = new_tensor(&be, dt, out_shape)?;
+    let name = match (dt, b.dtype()) {
+        (DType::F32, _) => "binary".to_string(),
+        (_, DType::F32) => format!("{}_f32", kernel_for("binary", dt)),
+        _ => kernel_for("binary", dt),
+    };
     let code: i32 = match f {
         Binary::Add => 0,
         Binary::Sub => 1,
@@ -741,20 +818,22 @@ pub fn binary(
         out.numel() as i64,
         out_shape.len() as i32,
     );
-    launch!(be, "binary", grid(out.numel()); &ap, &bp, &yp, &n, &rank, &shape, &sa, &sb, &code)?;
+    launch!(be, name, grid(out.numel()); &ap, &bp, &yp, &n, &rank, &shape, &sa, &sb, &code)?;
     Ok(out)
 }
 
 pub fn gated_residual(x: &Tensor, y: &Tensor, gate: &Tensor, d: usize, groups: usize) -> R {
     let be = backend(x)?;
-    let out = new_tensor(&be, DType::F32, x.shape())?;
+    // x and y share one storage type; the gate is f32.
+    let dt = act_dtype(x);
+    let out = new_tensor(&be, dt, x.shape())?;
     let (xp, yp, gp, op) = (ptr(&be, x)?, ptr(&be, y)?, ptr(&be, gate)?, ptr(&be, &out)?);
     let (n, dd, per) = (
         x.numel() as i64,
         d as i64,
         (x.numel() / groups.max(1)).max(1) as i64,
     );
-    launch!(be, "gated_residual", grid(x.numel()); &xp, &yp, &gp, &op, &n, &dd, &per)?;
+    launch!(be, kernel_for("gated_residual", dt), grid(x.numel()); &xp, &yp, &gp, &op, &n, &dd, &per)?;
     Ok(out)
 }
 
