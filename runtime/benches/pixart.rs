@@ -8,7 +8,9 @@
 //! [LOADER] [OUTPUT]` (LOADER: the node that loads MODEL_DIR, `LoadDiffusionModel` by default;
 //! `tools/bench_mmdit.py` passes `LoadFlux` and `LoadSD3`; OUTPUT: where to keep the forward's
 //! outputs, as safetensors). `--max-memory=SIZE` caps the resident mapped weights (the bytes read
-//! back are printed as `streamed_bytes`).
+//! back are printed as `streamed_bytes`). `--device=cuda[:N]` runs it on a GPU (each timed run
+//! includes reading the inputs, uploading them and writing the outputs), with
+//! `--gpu-activations=bf16|f16` and `--tensor-cores` as the CLI takes them.
 
 use ditflow::{Graph, RunOptions, Runtime, Session};
 use std::path::{Path, PathBuf};
@@ -41,6 +43,37 @@ fn main() {
         let bytes = ditflow::weights::residency::parse_bytes(&size).expect("--max-memory");
         ditflow::weights::residency::set_cap(Some(bytes));
     }
+    let flag = |name: &str| {
+        std::env::args().find_map(|a| a.strip_prefix(&format!("--{name}=")).map(String::from))
+    };
+    let device = match flag("device").as_deref() {
+        None | Some("cpu") => ditflow::tensor::Device::Cpu,
+        Some(d) => {
+            let n = d
+                .strip_prefix("cuda")
+                .map(|n| n.trim_start_matches(':'))
+                .and_then(|n| {
+                    if n.is_empty() {
+                        Some(0)
+                    } else {
+                        n.parse().ok()
+                    }
+                })
+                .expect("--device=cpu, cuda or cuda:N");
+            if let Err(why) = ditflow::kernels::cuda_available(n) {
+                eprintln!("no CUDA device {n}: {why}");
+                std::process::exit(2);
+            }
+            ditflow::tensor::Device::Cuda(n)
+        }
+    };
+    if let Some(t) = flag("gpu-activations") {
+        let dt = ditflow::kernels::parse_gpu_activations(&t).expect("--gpu-activations");
+        ditflow::kernels::set_gpu_activations(dt).expect("--gpu-activations");
+    }
+    if std::env::args().any(|a| a == "--tensor-cores") {
+        ditflow::kernels::set_tensor_cores(true);
+    }
     let [plugins, model, inputs, rest @ ..] = &args[..] else {
         eprintln!("usage: pixart PLUGINS_DIR MODEL_DIR INPUTS.safetensors [REPS]");
         std::process::exit(2);
@@ -59,6 +92,7 @@ fn main() {
     let opts = RunOptions {
         out_dir: out.clone(),
         workers: 1,
+        device,
         ..RunOptions::default()
     };
     let t0 = Instant::now();

@@ -7,6 +7,11 @@ use std::process::Command;
 
 /// The repository root.
 pub fn repo() -> PathBuf {
+    // DITFLOW_REPO: a copy of the tree elsewhere, for test binaries built here and run on
+    // another machine (`tools/device_checks.sh`).
+    if let Some(dir) = std::env::var_os("DITFLOW_REPO") {
+        return PathBuf::from(dir);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("runtime/ has a parent")
