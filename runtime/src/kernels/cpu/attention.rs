@@ -6,7 +6,7 @@
 //! block of queries, runs the GEMM micro-kernel for `S = (Q·scale)·Kᵀ` and `O += P·V`, and keeps
 //! the running row max and sum. Tasks are (batch, head, query block), spread over rayon.
 
-use super::gemm::{pack_b, tile_kernel, tile_pair_kernel, tile_rows, MatRef, NR};
+use super::gemm::{pack_b, tile_half_kernel, tile_kernel, tile_pair_kernel, tile_rows, MatRef, NR};
 use super::simd;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -266,6 +266,9 @@ pub fn attention_strided(
                                     BK,
                                     false,
                                 )
+                            } else if bk - p * NR <= NR / 2 {
+                                // At most 8 keys left: the scores past them are never read.
+                                tile_half_kernel(d, a, d, 1, bp(p), c(p), BK, false)
                             } else {
                                 tile_kernel(d, a, d, 1, bp(p), c(p), BK, false)
                             }
@@ -317,6 +320,10 @@ pub fn attention_strided(
                                     ow,
                                     true,
                                 )
+                            } else if dv - p * NR <= NR / 2 {
+                                // At most 8 channels left (a head of 72): the padding's sums
+                                // are never read.
+                                tile_half_kernel(bk, a, BK, 1, bp(p), c(p), ow, true)
                             } else {
                                 tile_kernel(bk, a, BK, 1, bp(p), c(p), ow, true)
                             }
@@ -414,6 +421,32 @@ mod tests {
             let v = rng.vec(dims.b * dims.h * dims.lk * dims.dv);
             let scale = 1.0 / (dims.d as f32).sqrt();
             let mut out = vec![0f32; dims.b * dims.h * dims.lq * dims.dv];
+            attention(&q, &k, &v, None, scale, dims, &mut out);
+            let r = reference(&q, &k, &v, None, dims, scale as f64);
+            assert!(max_rel_err(&out, &r) < 1e-4, "{dims:?}");
+        }
+    }
+
+    #[test]
+    fn heads_and_key_counts_that_end_in_half_a_panel_match_the_reference() {
+        // PixArt's heads of 72 (the last V panel holds 8 channels) over 120 caption keys (the
+        // last key panel 8 keys) and 264 image keys (a block of 256, then 8): the half-panel
+        // kernels. Tolerance: 1e-4 relative to the largest output element.
+        let mut rng = Lcg(5);
+        for (lk, dv) in [(120, 72), (264, 72), (1, 8), (300, 40)] {
+            let dims = AttnDims {
+                b: 1,
+                h: 2,
+                lq: 50,
+                lk,
+                d: 72,
+                dv,
+            };
+            let q = rng.vec(dims.h * dims.lq * dims.d);
+            let k = rng.vec(dims.h * dims.lk * dims.d);
+            let v = rng.vec(dims.h * dims.lk * dims.dv);
+            let scale = 1.0 / (dims.d as f32).sqrt();
+            let mut out = vec![0f32; dims.h * dims.lq * dims.dv];
             attention(&q, &k, &v, None, scale, dims, &mut out);
             let r = reference(&q, &k, &v, None, dims, scale as f64);
             assert!(max_rel_err(&out, &r) < 1e-4, "{dims:?}");
