@@ -60,7 +60,201 @@ fn kernel_list_matches_the_cuda_source() {
     assert_eq!(in_source, listed);
 }
 
+/// The block formats with their `BF_*` codes in kernels.cu and the offsets of their f16 fields.
+const BLOCK_FORMATS: &[(DType, i32, &[usize])] = &[
+    (DType::Q8_0, 0, &[0]),
+    (DType::Q4_0, 1, &[0]),
+    (DType::Q4_1, 2, &[0, 2]),
+    (DType::Q5_0, 3, &[0]),
+    (DType::Q5_1, 4, &[0, 2]),
+    (DType::Q4K, 5, &[0, 2]),
+    (DType::Q5K, 6, &[0, 2]),
+    (DType::Q6K, 7, &[208]),
+];
+
+/// `blocks` random blocks of `dtype` whose f16 scales are finite (the exponent's top bit
+/// cleared), subnormals included.
+fn random_blocks(dtype: DType, f16_at: &[usize], blocks: usize, seed: u64) -> Vec<u8> {
+    let bytes = dtype.block().1;
+    let mut state = seed;
+    let mut data: Vec<u8> = (0..blocks * bytes)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (state >> 56) as u8
+        })
+        .collect();
+    for block in data.chunks_exact_mut(bytes) {
+        for &at in f16_at {
+            block[at + 1] &= !0x40;
+        }
+    }
+    data
+}
+
+#[test]
+fn the_cuda_block_decoders_give_the_cpus_bits_compiled_for_the_host() {
+    // The decoders of kernels.cu's host-testable part, compiled here as C++ with stand-ins for
+    // CUDA's intrinsics (and no contraction into FMAs, as the `_rn` intrinsics promise), against
+    // `weights::quant`'s on random blocks of every format: exact.
+    use ditflow::kernels::cuda::KERNELS_CU;
+    use ditflow::weights::quant::BlockFormat;
+    let (start, end) = (
+        KERNELS_CU
+            .find("// BEGIN HOST-TESTABLE")
+            .expect("begin marker"),
+        KERNELS_CU.find("// END HOST-TESTABLE").expect("end marker"),
+    );
+    let shim = r#"
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#define __device__
+#define __forceinline__ inline
+typedef unsigned int u32;
+typedef long long i64;
+static inline float __uint_as_float(u32 u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline u32 __float_as_uint(float f) { u32 u; std::memcpy(&u, &f, 4); return u; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+"#;
+    let main = r#"
+// decode FORMAT BLOCK_BYTES PARTS_PER_BLOCK IN OUT
+int main(int argc, char** argv) {
+    if (argc != 6) return 2;
+    int format = atoi(argv[1]), block_bytes = atoi(argv[2]), parts = atoi(argv[3]);
+    FILE* in = fopen(argv[4], "rb");
+    if (!in) return 3;
+    std::vector<unsigned char> data;
+    int c;
+    while ((c = fgetc(in)) != EOF) data.push_back((unsigned char)c);
+    fclose(in);
+    size_t blocks = data.size() / block_bytes;
+    std::vector<float> out(blocks * parts * 32);
+    for (size_t b = 0; b < blocks; b++)
+        for (int p = 0; p < parts; p++)
+            bf_decode(format, &data[b * block_bytes], p, &out[(b * parts + p) * 32]);
+    FILE* o = fopen(argv[5], "wb");
+    if (!o) return 4;
+    fwrite(out.data(), 4, out.size(), o);
+    fclose(o);
+    return 0;
+}
+"#;
+    let dir = common::temp_dir("cuda-decoders");
+    let src = dir.join("decode.cpp");
+    std::fs::write(
+        &src,
+        format!(
+            "{shim}
+{}
+{main}",
+            &KERNELS_CU[start..end]
+        ),
+    )
+    .unwrap();
+    let exe = dir.join("decode");
+    let built = std::process::Command::new("c++")
+        .args(["-O1", "-ffp-contract=off", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("run the host's C++ compiler (c++)");
+    assert!(
+        built.status.success(),
+        "the host-testable part of kernels.cu does not compile as C++:
+{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    for &(dtype, code, f16_at) in BLOCK_FORMATS {
+        let (values, bytes) = dtype.block();
+        let data = random_blocks(dtype, f16_at, 48, code as u64 + 1);
+        let (input, output) = (dir.join("in.bin"), dir.join("out.bin"));
+        std::fs::write(&input, &data).unwrap();
+        let run = std::process::Command::new(&exe)
+            .args([
+                code.to_string(),
+                bytes.to_string(),
+                (values / 32).to_string(),
+            ])
+            .arg(&input)
+            .arg(&output)
+            .status()
+            .unwrap();
+        assert!(run.success(), "{}: the decoder failed", dtype.name());
+        let got: Vec<u32> = std::fs::read(&output)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let mut want = vec![0f32; data.len() / bytes * values];
+        BlockFormat::of(dtype).unwrap().dequantize(&data, &mut want);
+        let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got.len(), want.len(), "{}", dtype.name());
+        let bad = got.iter().zip(&want).position(|(g, w)| g != w);
+        assert!(
+            bad.is_none(),
+            "{}: value {} is {:e} on the CUDA decoder, {:e} on the CPU",
+            dtype.name(),
+            bad.unwrap(),
+            f32::from_bits(got[bad.unwrap()]),
+            f32::from_bits(want[bad.unwrap()])
+        );
+        eprintln!("{}: {} values, the same bits", dtype.name(), got.len());
+    }
+}
+
 // --- GPU parity: each CUDA op against the CPU op (skipped without a GPU) ------------------------
+
+#[test]
+fn block_quantized_weights_on_cuda_dequantise_per_layer_as_the_cpu_does() {
+    // Every format moved to the GPU as stored: `cast` to f32 gives the CPU's bits (exact), and
+    // a linear layer reading it matches the CPU's linear on the same weight (1e-4: cuBLAS sums
+    // in another order).
+    let Some(dev) = gpu() else { return };
+    let (n, k) = (48, 512);
+    let x = r(&[3, 7, k], 21);
+    for &(dtype, code, f16_at) in BLOCK_FORMATS {
+        let blocks = n * k / dtype.block().0;
+        let bytes = random_blocks(dtype, f16_at, blocks, 100 + code as u64);
+        let w = Tensor::from_bytes(dtype, &[n, k], &bytes).unwrap();
+        let wg = w.to_device(dev).unwrap();
+        assert_eq!(
+            (wg.device(), wg.dtype(), wg.nbytes()),
+            (dev, dtype, bytes.len())
+        );
+        let (cpu, got) = (
+            ops::cast(&w, DType::F32).unwrap(),
+            ops::cast(&wg, DType::F32).unwrap(),
+        );
+        assert_eq!(
+            got.to_vec::<f32>().unwrap(),
+            cpu.to_vec::<f32>().unwrap(),
+            "{}: dequantised on the GPU",
+            dtype.name()
+        );
+        let b = r(&[n], 22);
+        let act = ditflow::kernels::cpu::Activation::Gelu;
+        let cpu = ops::linear(&x, &w, Some(&b), act).unwrap();
+        let got = ops::linear(
+            &x.to_device(dev).unwrap(),
+            &wg,
+            Some(&b.to_device(dev).unwrap()),
+            act,
+        )
+        .unwrap();
+        let e = rel(&got, &cpu);
+        eprintln!("linear with a {} weight on the GPU: {e:.2e}", dtype.name());
+        assert!(
+            e < 1e-4,
+            "linear with a {} weight: relative error {e}",
+            dtype.name()
+        );
+    }
+}
 
 fn gpu() -> Option<Device> {
     match cuda_available(0) {

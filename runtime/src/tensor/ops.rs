@@ -237,6 +237,9 @@ pub fn cast(x: &Tensor, dtype: DType) -> R {
             convert::convert(x.dtype(), x.cpu_bytes()?, dtype, dst);
             Ok(out)
         }
+        // A block format on a GPU is dequantised to f32 first.
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) if x.dtype().is_quantized() => cast(&cuda::ops::dequantize(x)?, dtype),
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::ops::cast(x, dtype),
         #[cfg(not(feature = "cuda"))]
@@ -250,16 +253,7 @@ impl Tensor {
         if self.device() == device {
             return Ok(self.clone());
         }
-        if self.dtype().is_quantized() {
-            return Err(invalid(
-                "to_device",
-                format!(
-                    "a {} tensor stays on the CPU (the GPU kernels read dense weights): cast it to \
-                     f32 or bf16 first",
-                    self.dtype().name()
-                ),
-            ));
-        }
+        // A block format moves as its bytes (a GPU's linear layers dequantise it per layer).
         #[cfg(feature = "cuda")]
         {
             match device {
@@ -434,20 +428,10 @@ impl<'a> WeightOperand<'a> {
     }
 }
 
-/// A float weight, or a block-quantized one (read by the CPU GEMM as it is).
+/// A float weight, or a block-quantized one (read by the CPU GEMM as it is, dequantised per
+/// layer on a GPU).
 fn weight_input(op: &'static str, w: &Tensor) -> R<()> {
     if w.dtype().is_quantized() {
-        if w.device() != Device::Cpu {
-            return Err(invalid(
-                op,
-                format!(
-                    "a {} weight on {} (block formats are read on the CPU; cast to f32 or bf16 \
-                     before moving it)",
-                    w.dtype().name(),
-                    w.device()
-                ),
-            ));
-        }
         return Ok(());
     }
     float_input(op, w)
@@ -512,6 +496,18 @@ pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, act: Activation) ->
                     )
                 };
                 Ok(())
+            })
+        }
+        // A block-quantized weight (on the GPU as stored, or in host memory under the VRAM
+        // cap) is dequantised into f32 for this product alone: the copy goes back to the
+        // device's memory pool when it is dropped, for the next layer's.
+        #[cfg(feature = "cuda")]
+        gpu @ Device::Cuda(_) if w.dtype().is_quantized() => {
+            let w = cuda::ops::dequantize(&on_device(w, gpu)?)?;
+            let mut rest = vec![x];
+            rest.extend(bias);
+            on_cuda(x.dtype(), &rest, |t| {
+                cuda::ops::linear(&t[0], &w, t.get(1), act, m, n, k, &out_shape)
             })
         }
         #[cfg(feature = "cuda")]
@@ -2079,7 +2075,6 @@ mod tests {
             slice(&w, 1, 0, 32, 1).unwrap_err(),
             cast(&wf, DType::Q8_0).unwrap_err(),
             binary(&w, &w, Binary::Add).unwrap_err(),
-            w.to_device(Device::Cuda(0)).unwrap_err(),
         ] {
             assert!(e.to_string().contains("q8_0"), "{e}");
         }

@@ -252,30 +252,10 @@ impl Weights {
         }
         if let Device::Cuda(ordinal) = opts.device {
             // Under the VRAM cap a weight that does not fit stays in host memory, as stored, and
-            // is staged on use (see `vram`). The CUDA kernels read dense weights: a block format
-            // is widened on the way.
-            let dense_bytes = |t: &Tensor| {
-                let to = opts.float_dtype.unwrap_or(DType::F32);
-                t.numel()
-                    * if t.dtype().is_quantized() {
-                        to.size()
-                    } else {
-                        t.dtype().size()
-                    }
-            };
-            let charge = if vram::cap().is_some() {
-                dense_bytes(&t)
-            } else {
-                0
-            };
+            // is staged on use (see `vram`). A block format goes up as stored too: the GPU's
+            // linear layers dequantise it per layer (`kernels::cuda::ops::dequantize`).
+            let charge = if vram::cap().is_some() { t.nbytes() } else { 0 };
             if vram::try_charge(ordinal, charge) {
-                if t.dtype().is_quantized() {
-                    let to = opts.float_dtype.unwrap_or(DType::F32);
-                    t = ops::cast(&t, to).map_err(|e| {
-                        vram::uncharge(ordinal, charge);
-                        terr(e.to_string())
-                    })?;
-                }
                 t = upload_weight(&t, ordinal, charge).map_err(|e| terr(e.to_string()))?;
             }
         }

@@ -19,17 +19,18 @@
 use crate::tensor::DType;
 use half::f16;
 
-/// A block format: values per block and bytes per block.
+/// A block format: values per block and bytes per block. The discriminants are the CUDA
+/// decoders' `BF_*` codes (`kernels/cuda/kernels.cu`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockFormat {
-    Q8_0,
-    Q4_0,
-    Q4_1,
-    Q5_0,
-    Q5_1,
-    Q4K,
-    Q5K,
-    Q6K,
+    Q8_0 = 0,
+    Q4_0 = 1,
+    Q4_1 = 2,
+    Q5_0 = 3,
+    Q5_1 = 4,
+    Q4K = 5,
+    Q5K = 6,
+    Q6K = 7,
 }
 
 impl BlockFormat {

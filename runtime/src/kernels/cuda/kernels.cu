@@ -36,6 +36,10 @@ __device__ __forceinline__ float act_apply(int act, float x) {
     }
 }
 
+// BEGIN HOST-TESTABLE: from here to the END marker the code is also plain C++, which
+// tests/cuda.rs compiles with the host's compiler (with stand-ins for the CUDA intrinsics) to
+// check the block decoders against the CPU's, bit for bit, on a machine without a GPU.
+
 // --- half-precision bits ------------------------------------------------------------------
 
 __device__ float f16_to_f32(unsigned short h) {
@@ -90,6 +94,120 @@ __device__ unsigned short f32_to_bf16(float f) {
     if ((x & 0x7f800000u) == 0x7f800000u && (x & 0x7fffff)) return (unsigned short)((x >> 16) | 0x40);
     u32 rounding = 0x7fff + ((x >> 16) & 1);
     return (unsigned short)((x + rounding) >> 16);
+}
+
+// --- ggml's block formats ------------------------------------------------------------------
+//
+// The codes are `weights::quant::BlockFormat`'s order. Every product and sum is rounded as
+// ggml's (and the CPU's `weights::quant`) are, and never fused: the `_rn` intrinsics are not
+// contracted into FMAs.
+
+#define BF_Q8_0 0
+#define BF_Q4_0 1
+#define BF_Q4_1 2
+#define BF_Q5_0 3
+#define BF_Q5_1 4
+#define BF_Q4_K 5
+#define BF_Q5_K 6
+#define BF_Q6_K 7
+
+__device__ __forceinline__ float bf_half(const unsigned char* b, int at) {
+    return f16_to_f32((unsigned short)(b[at] | (b[at + 1] << 8)));
+}
+
+// Values [32·part, 32·part + 32) of block `b` of `format` into out[0..32) (part 0 for the
+// 32-value formats, 0..7 for the 256-value K-quants).
+__device__ void bf_decode(int format, const unsigned char* b, int part, float* out) {
+    switch (format) {
+    case BF_Q8_0: {
+        float d = bf_half(b, 0);
+        for (int j = 0; j < 32; j++) out[j] = __fmul_rn((float)(signed char)b[2 + j], d);
+        break;
+    }
+    case BF_Q4_0:
+    case BF_Q4_1: {
+        int min = format == BF_Q4_1;
+        float d = bf_half(b, 0), m = min ? bf_half(b, 2) : 0.0f;
+        const unsigned char* qs = b + (min ? 4 : 2);
+        for (int j = 0; j < 16; j++) {
+            int lo = qs[j] & 0x0F, hi = qs[j] >> 4;
+            if (min) {
+                out[j] = __fadd_rn(__fmul_rn(d, (float)lo), m);
+                out[j + 16] = __fadd_rn(__fmul_rn(d, (float)hi), m);
+            } else {
+                out[j] = __fmul_rn(d, (float)(lo - 8));
+                out[j + 16] = __fmul_rn(d, (float)(hi - 8));
+            }
+        }
+        break;
+    }
+    case BF_Q5_0:
+    case BF_Q5_1: {
+        int min = format == BF_Q5_1, at = min ? 4 : 2;
+        float d = bf_half(b, 0), m = min ? bf_half(b, 2) : 0.0f;
+        u32 qh = (u32)b[at] | ((u32)b[at + 1] << 8) | ((u32)b[at + 2] << 16) | ((u32)b[at + 3] << 24);
+        const unsigned char* qs = b + at + 4;
+        for (int i = 0; i < 32; i++) {
+            int low = (qs[i % 16] >> (4 * (i / 16))) & 0x0F;
+            int q = low | (int)(((qh >> i) & 1u) << 4);
+            out[i] = min ? __fadd_rn(__fmul_rn(d, (float)q), m) : __fmul_rn(d, (float)(q - 16));
+        }
+        break;
+    }
+    case BF_Q4_K:
+    case BF_Q5_K: {
+        int high = format == BF_Q5_K, s = part;
+        float d = bf_half(b, 0), dmin = bf_half(b, 2);
+        const unsigned char* sc = b + 4;
+        const unsigned char* qh = b + 16;
+        const unsigned char* qs = b + (high ? 48 : 16);
+        int scale, mn;
+        if (s < 4) {
+            scale = sc[s] & 0x3F;
+            mn = sc[s + 4] & 0x3F;
+        } else {
+            int k = s - 4;
+            scale = (sc[k + 8] & 0x0F) | ((sc[k] >> 2) & 0x30);
+            mn = (sc[k + 8] >> 4) | ((sc[k + 4] >> 2) & 0x30);
+        }
+        float ds = __fmul_rn(d, (float)scale), dm = __fmul_rn(dmin, (float)mn);
+        const unsigned char* chunk = qs + (s / 2) * 32;
+        for (int l = 0; l < 32; l++) {
+            int q = (chunk[l] >> (4 * (s % 2))) & 0x0F;
+            if (high) q |= ((qh[l] >> s) & 1) << 4;
+            out[l] = __fsub_rn(__fmul_rn(ds, (float)q), dm);
+        }
+        break;
+    }
+    default: {  // BF_Q6_K
+        const unsigned char* ql = b;
+        const unsigned char* qh = b + 128;
+        const unsigned char* scales = b + 192;
+        float d = bf_half(b, 208);
+        for (int j = 0; j < 32; j++) {
+            int e = part * 32 + j;
+            int half = e / 128, within = e % 128;
+            int low = (ql[half * 64 + within % 64] >> (4 * (within / 64))) & 0x0F;
+            int hi2 = (qh[half * 32 + within % 32] >> (2 * (within / 32))) & 0x03;
+            int q = (low | (hi2 << 4)) - 32;
+            float ds = __fmul_rn(d, (float)(signed char)scales[e / 16]);
+            out[j] = __fmul_rn(ds, (float)q);
+        }
+        break;
+    }
+    }
+}
+
+// END HOST-TESTABLE
+
+// A weight of `parts` 32-value parts (its blocks in order, `parts_per_block` each) dequantised
+// into f32: one thread a part, for the linear layer about to read it.
+extern "C" __global__ void dequantize(const unsigned char* src, float* dst, i64 parts, int format,
+                                      int block_bytes, int parts_per_block) {
+    for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; t < parts; t += (i64)gridDim.x * blockDim.x) {
+        i64 blk = t / parts_per_block;
+        bf_decode(format, src + blk * block_bytes, (int)(t % parts_per_block), dst + t * 32);
+    }
 }
 
 __device__ double load_as_double(const void* p, int dt, i64 i) {

@@ -21,6 +21,7 @@ pub const KERNELS_CU: &str = include_str!("kernels.cu");
 /// Every `extern "C"` kernel in [`KERNELS_CU`].
 pub const KERNEL_NAMES: &[&str] = &[
     "cast",
+    "dequantize",
     "randn",
     "bias_act",
     "bias_act_bf16",

@@ -217,6 +217,27 @@ pub fn cast(x: &Tensor, dtype: DType) -> R {
     Ok(out)
 }
 
+/// A block-quantized device weight (ggml's formats, as stored) dequantised into a new f32
+/// tensor of its shape, bit for bit as the CPU's `weights::quant` (the decoders are checked
+/// against it on the host, `tests/cuda.rs`). A linear layer calls it just before its GEMM and
+/// drops the result after, so the f32 copy lives for one layer in the device's memory pool,
+/// which hands the same memory to the next layer's.
+pub fn dequantize(w: &Tensor) -> R {
+    let be = backend(w)?;
+    let format = crate::weights::quant::BlockFormat::of(w.dtype())
+        .ok_or_else(|| OpError::Device(format!("{} is not a block format", w.dtype().name())))?;
+    let (values, bytes) = w.dtype().block();
+    let out = new_tensor(&be, DType::F32, w.shape())?;
+    let parts = out.numel() / 32;
+    if parts == 0 {
+        return Ok(out);
+    }
+    let (src, dst, n) = (ptr(&be, w)?, ptr(&be, &out)?, parts as i64);
+    let (code, bb, ppb) = (format as i32, bytes as i32, (values / 32) as i32);
+    launch!(be, "dequantize", grid(parts); &src, &dst, &n, &code, &bb, &ppb)?;
+    Ok(out)
+}
+
 pub fn randn(shape: &[usize], seed: u64, stream: u64, ordinal: usize) -> R {
     let be = Backend::get(ordinal).map_err(OpError::Device)?;
     let out = new_tensor(&be, DType::F32, shape)?;

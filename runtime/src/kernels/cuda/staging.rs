@@ -8,7 +8,7 @@
 //! use cannot be freed while its upload is still writing.
 
 use super::Backend;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use crate::weights::vram::{Staged, Upload};
 use cudarc::driver::{result, CudaEvent, CudaStream, DevicePtrMut, PinnedHostSlice};
 use std::sync::Arc;
@@ -62,15 +62,6 @@ impl Pinned {
     }
 }
 
-/// The host weight as uploaded: a block format is widened to f32 on the way, as at load.
-fn dense(w: &Tensor) -> Result<Tensor, String> {
-    if w.dtype().is_quantized() {
-        crate::tensor::ops::cast(w, DType::F32).map_err(|e| e.to_string())
-    } else {
-        Ok(w.clone())
-    }
-}
-
 impl Staging {
     /// The device copy of host weight `w` within `budget` bytes of staged weights (`cap`: the
     /// whole cap), with the weights that followed it last time begun ahead.
@@ -111,8 +102,8 @@ impl Uploader<'_> {
 
 impl Upload<StagedCopy> for Uploader<'_> {
     fn now(&mut self, w: &Tensor) -> Result<StagedCopy, String> {
-        let tensor =
-            super::ops::to_device(&dense(w)?, self.be.ordinal).map_err(|e| e.to_string())?;
+        // A block format goes up as stored, as at load.
+        let tensor = super::ops::to_device(w, self.be.ordinal).map_err(|e| e.to_string())?;
         Ok(StagedCopy {
             fence: None,
             tensor,
@@ -120,8 +111,7 @@ impl Upload<StagedCopy> for Uploader<'_> {
     }
 
     fn ahead(&mut self, w: &Tensor) -> Result<StagedCopy, String> {
-        let dense = dense(w)?;
-        let bytes = dense.cpu_bytes().map_err(|e| e.to_string())?;
+        let bytes = w.cpu_bytes().map_err(|e| e.to_string())?;
         let n = bytes.len();
         let be = self.be;
         // Allocated in the compute stream's order, so its free is ordered after the kernels.
@@ -159,7 +149,7 @@ impl Upload<StagedCopy> for Uploader<'_> {
                 event,
                 compute: be.stream.clone(),
             })),
-            tensor: Tensor::from_device_buf(dense.dtype(), dense.shape(), dst),
+            tensor: Tensor::from_device_buf(w.dtype(), w.shape(), dst),
         })
     }
 
