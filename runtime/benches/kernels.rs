@@ -48,6 +48,34 @@ fn mapped(t: &Tensor) -> Tensor {
     Tensor::from_mapped(t.dtype(), t.shape(), &map, 0, bytes.len()).unwrap()
 }
 
+/// Times `x·wᵀ + b` then tanh-GELU for an `m×k` input and `n×k` weights `ws` used in turn,
+/// and prints the fastest with its FLOP rate.
+fn time_linear(
+    budget: f64,
+    name: &str,
+    dev: Device,
+    (m, k, n): (usize, usize, usize),
+    ws: &[Tensor],
+) {
+    let x = randn(&[1, m, k], 1, dev);
+    let b = randn(&[n], 3, dev);
+    let mut turn = 0;
+    let s = time(budget, || {
+        turn = (turn + 1) % ws.len();
+        let y = ops::linear(
+            &x,
+            &ws[turn],
+            Some(&b),
+            ditflow::kernels::cpu::Activation::GeluTanh,
+        );
+        sync(&y.unwrap())
+    });
+    let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
+    println!(
+        "{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6},\"gflops\":{gflops:.1}}}"
+    );
+}
+
 fn sync(t: &Tensor) {
     // A 1-element readback waits for the device.
     let _ = ops::slice(&t.reshaped(&[t.numel()]).unwrap(), 0, 0, 1, 1)
@@ -122,22 +150,8 @@ fn main() {
             if !want(&name) {
                 continue;
             }
-            let x = randn(&[1, m, k], 1, dev);
             let w = randn(&[n, k], 2, dev);
-            let b = randn(&[n], 3, dev);
-            let s = time(budget, || {
-                sync(
-                    &ops::linear(
-                        &x,
-                        &w,
-                        Some(&b),
-                        ditflow::kernels::cpu::Activation::GeluTanh,
-                    )
-                    .unwrap(),
-                )
-            });
-            let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
-            println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6},\"gflops\":{gflops:.1}}}");
+            time_linear(budget, &name, dev, (m, k, n), &[w]);
         }
         // PixArt-Σ's linears with the weight memory-mapped, as a loaded model's are: packed once
         // on first use, then read as packed.
@@ -151,22 +165,13 @@ fn main() {
             if dev != Device::Cpu || !want(&name) {
                 continue;
             }
-            let x = randn(&[1, m, k], 1, dev);
-            let w = mapped(&randn(&[n, k], 2, dev));
-            let b = randn(&[n], 3, dev);
-            let s = time(budget, || {
-                sync(
-                    &ops::linear(
-                        &x,
-                        &w,
-                        Some(&b),
-                        ditflow::kernels::cpu::Activation::GeluTanh,
-                    )
-                    .unwrap(),
-                )
-            });
-            let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
-            println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6},\"gflops\":{gflops:.1}}}");
+            time_linear(
+                budget,
+                &name,
+                dev,
+                (m, k, n),
+                &[mapped(&randn(&[n, k], 2, dev))],
+            );
         }
         // The same with eight weights used in turn (more than the caches hold), as a forward
         // meets each weight once: the cost of reading packed panels from memory.
@@ -175,26 +180,10 @@ fn main() {
             if dev != Device::Cpu || !want(&name) {
                 continue;
             }
-            let x = randn(&[1, m, k], 1, dev);
             let ws: Vec<Tensor> = (0..8)
                 .map(|i| mapped(&randn(&[n, k], 10 + i, dev)))
                 .collect();
-            let b = randn(&[n], 3, dev);
-            let mut turn = 0;
-            let s = time(budget, || {
-                turn = (turn + 1) % ws.len();
-                sync(
-                    &ops::linear(
-                        &x,
-                        &ws[turn],
-                        Some(&b),
-                        ditflow::kernels::cpu::Activation::GeluTanh,
-                    )
-                    .unwrap(),
-                )
-            });
-            let gflops = 2.0 * (m * n * k) as f64 / s / 1e9;
-            println!("{{\"bench\":\"{name}\",\"device\":\"{dev}\",\"seconds\":{s:.6},\"gflops\":{gflops:.1}}}");
+            time_linear(budget, &name, dev, (m, k, n), &ws);
         }
         // The same Flux shapes with bf16 weights (converted while packed, per call).
         for (m, k, n) in [(1024, 3072, 12288), (1536, 15360, 3072)] {
