@@ -93,100 +93,191 @@ fn random_blocks(dtype: DType, f16_at: &[usize], blocks: usize, seed: u64) -> Ve
     data
 }
 
-#[test]
-fn the_cuda_block_decoders_give_the_cpus_bits_compiled_for_the_host() {
-    // The decoders of kernels.cu's host-testable part, compiled here as C++ with stand-ins for
-    // CUDA's intrinsics (and no contraction into FMAs, as the `_rn` intrinsics promise), against
-    // `weights::quant`'s on random blocks of every format: exact.
-    use ditflow::kernels::cuda::KERNELS_CU;
-    use ditflow::weights::quant::BlockFormat;
-    let (start, end) = (
-        KERNELS_CU
-            .find("// BEGIN HOST-TESTABLE")
-            .expect("begin marker"),
-        KERNELS_CU.find("// END HOST-TESTABLE").expect("end marker"),
-    );
-    let shim = r#"
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
+/// kernels.cu's host-testable parts compiled as one C++ program with the host's compiler
+/// (`c++`), with stand-ins for CUDA's intrinsics: no contraction into FMAs (as the `_rn`
+/// intrinsics promise) and grid-stride kernels run as a single thread. Its `main` runs one
+/// decoder or kernel on files (see `HOST_MAIN`). Built once per test process.
+fn host_kernels() -> &'static std::path::Path {
+    static EXE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| {
+        use ditflow::kernels::cuda::KERNELS_CU;
+        let parts: Vec<&str> = KERNELS_CU
+            .split("\n// BEGIN HOST-TESTABLE\n")
+            .skip(1)
+            .map(|p| {
+                p.split("\n// END HOST-TESTABLE\n")
+                    .next()
+                    .expect("an end marker")
+            })
+            .collect();
+        assert!(parts.len() >= 3, "kernels.cu's host-testable parts");
+        let dir = common::temp_dir("cuda-host-kernels");
+        let src = dir.join("kernels_host.cpp");
+        std::fs::write(
+            &src,
+            format!("{HOST_SHIM}\n{}\n{HOST_MAIN}", parts.join("\n")),
+        )
+        .unwrap();
+        let exe = dir.join("kernels_host");
+        let built = std::process::Command::new("c++")
+            .args(["-O1", "-ffp-contract=off", "-o"])
+            .arg(&exe)
+            .arg(&src)
+            .output()
+            .expect("run the host's C++ compiler (c++)");
+        assert!(
+            built.status.success(),
+            "kernels.cu's host-testable parts do not compile as C++:\n{}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        exe
+    })
+}
+
+const HOST_SHIM: &str = r#"
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <string>
 #include <vector>
 #define __device__
+#define __global__
 #define __forceinline__ inline
 typedef unsigned int u32;
-typedef long long i64;
-static inline float __uint_as_float(u32 u) { float f; std::memcpy(&f, &u, 4); return f; }
-static inline u32 __float_as_uint(float f) { u32 u; std::memcpy(&u, &f, 4); return u; }
+static inline float __uint_as_float(u32 u) { float f; memcpy(&f, &u, 4); return f; }
+static inline u32 __float_as_uint(float f) { u32 u; memcpy(&u, &f, 4); return u; }
+static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
 static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fsub_rn(float a, float b) { return a - b; }
+struct HostDim { unsigned x, y, z; };
+static const HostDim blockIdx = {0, 0, 0}, threadIdx = {0, 0, 0};
+static const HostDim blockDim = {1, 1, 1}, gridDim = {1, 1, 1};
 "#;
-    let main = r#"
-// decode FORMAT BLOCK_BYTES PARTS_PER_BLOCK IN OUT
-int main(int argc, char** argv) {
-    if (argc != 6) return 2;
-    int format = atoi(argv[1]), block_bytes = atoi(argv[2]), parts = atoi(argv[3]);
-    FILE* in = fopen(argv[4], "rb");
-    if (!in) return 3;
-    std::vector<unsigned char> data;
+
+const HOST_MAIN: &str = r#"
+static std::vector<unsigned char> slurp(const char* path) {
+    std::vector<unsigned char> d;
+    FILE* f = fopen(path, "rb");
+    if (!f) exit(3);
     int c;
-    while ((c = fgetc(in)) != EOF) data.push_back((unsigned char)c);
-    fclose(in);
-    size_t blocks = data.size() / block_bytes;
-    std::vector<float> out(blocks * parts * 32);
-    for (size_t b = 0; b < blocks; b++)
-        for (int p = 0; p < parts; p++)
-            bf_decode(format, &data[b * block_bytes], p, &out[(b * parts + p) * 32]);
-    FILE* o = fopen(argv[5], "wb");
-    if (!o) return 4;
-    fwrite(out.data(), 4, out.size(), o);
-    fclose(o);
+    while ((c = fgetc(f)) != EOF) d.push_back((unsigned char)c);
+    fclose(f);
+    return d;
+}
+static void spill(const char* path, const void* p, size_t n) {
+    FILE* f = fopen(path, "wb");
+    if (!f) exit(4);
+    fwrite(p, 1, n, f);
+    fclose(f);
+}
+#define HALF(dt, name, ...) (bf16 ? name##_bf16((const bf16_t*)__VA_ARGS__) : name##_f16((const f16_t*)__VA_ARGS__))
+// kernels_host decode FORMAT BLOCK_BYTES PARTS_PER_BLOCK IN OUT
+// kernels_host KERNEL bf16|f16 SIZES... INPUTS... OUT (see tests/cuda.rs)
+int main(int argc, char** argv) {
+    if (argc < 2) return 2;
+    std::string op = argv[1];
+    if (op == "decode") {
+        int format = atoi(argv[2]), block_bytes = atoi(argv[3]), parts = atoi(argv[4]);
+        std::vector<unsigned char> data = slurp(argv[5]);
+        size_t blocks = data.size() / block_bytes;
+        std::vector<float> out(blocks * parts * 32);
+        for (size_t b = 0; b < blocks; b++)
+            for (int p = 0; p < parts; p++)
+                bf_decode(format, &data[b * block_bytes], p, &out[(b * parts + p) * 32]);
+        spill(argv[6], out.data(), out.size() * 4);
+        return 0;
+    }
+    bool bf16 = std::string(argv[2]) == "bf16";
+    if (op == "unary") {  // N CODE X OUT
+        i64 n = atoll(argv[3]);
+        int code = atoi(argv[4]);
+        std::vector<unsigned char> x = slurp(argv[5]), y(n * 2);
+        if (bf16) unary_bf16((const bf16_t*)x.data(), (bf16_t*)y.data(), n, code);
+        else unary_f16((const f16_t*)x.data(), (f16_t*)y.data(), n, code);
+        spill(argv[6], y.data(), y.size());
+    } else if (op == "affine") {  // N MUL ADD X OUT
+        i64 n = atoll(argv[3]);
+        float mul = (float)atof(argv[4]), add = (float)atof(argv[5]);
+        std::vector<unsigned char> x = slurp(argv[6]), y(n * 2);
+        if (bf16) affine_bf16((const bf16_t*)x.data(), (bf16_t*)y.data(), n, mul, add);
+        else affine_f16((const f16_t*)x.data(), (f16_t*)y.data(), n, mul, add);
+        spill(argv[7], y.data(), y.size());
+    } else if (op == "binary") {  // ROWS COLS B_IS_F32_ROW CODE A B OUT
+        i64 rows = atoll(argv[3]), cols = atoll(argv[4]);
+        int row = atoi(argv[5]), code = atoi(argv[6]);
+        std::vector<unsigned char> a = slurp(argv[7]), b = slurp(argv[8]), y(rows * cols * 2);
+        Dims8 shape = {{rows, cols}}, sa = {{cols, 1}}, sb = {{row ? 0 : cols, 1}};
+        i64 n = rows * cols;
+        if (bf16 && row) binary_bf16_f32((const bf16_t*)a.data(), (const float*)b.data(), (bf16_t*)y.data(), n, 2, shape, sa, sb, code);
+        else if (bf16) binary_bf16((const bf16_t*)a.data(), (const bf16_t*)b.data(), (bf16_t*)y.data(), n, 2, shape, sa, sb, code);
+        else if (row) binary_f16_f32((const f16_t*)a.data(), (const float*)b.data(), (f16_t*)y.data(), n, 2, shape, sa, sb, code);
+        else binary_f16((const f16_t*)a.data(), (const f16_t*)b.data(), (f16_t*)y.data(), n, 2, shape, sa, sb, code);
+        spill(argv[9], y.data(), y.size());
+    } else if (op == "gated") {  // ROWS D X Y GATE OUT
+        i64 rows = atoll(argv[3]), d = atoll(argv[4]), n = rows * d;
+        std::vector<unsigned char> x = slurp(argv[5]), yv = slurp(argv[6]), g = slurp(argv[7]), o(n * 2);
+        if (bf16) gated_residual_bf16((const bf16_t*)x.data(), (const bf16_t*)yv.data(), (const float*)g.data(), (bf16_t*)o.data(), n, d, n);
+        else gated_residual_f16((const f16_t*)x.data(), (const f16_t*)yv.data(), (const float*)g.data(), (f16_t*)o.data(), n, d, n);
+        spill(argv[8], o.data(), o.size());
+    } else if (op == "bias_act") {  // ROWS COLS ACT SRC BIAS OUT
+        i64 rows = atoll(argv[3]), cols = atoll(argv[4]);
+        int act = atoi(argv[5]);
+        std::vector<unsigned char> src = slurp(argv[6]), bias = slurp(argv[7]), y(rows * cols * 2);
+        if (bf16) bias_act_bf16((const float*)src.data(), (bf16_t*)y.data(), (const float*)bias.data(), 0, rows, cols, act);
+        else bias_act_f16((const float*)src.data(), (f16_t*)y.data(), (const float*)bias.data(), 0, rows, cols, act);
+        spill(argv[8], y.data(), y.size());
+    } else if (op == "rope") {  // ROWS L D R INTERLEAVED X COS SIN OUT
+        i64 rows = atoll(argv[3]);
+        int l = atoi(argv[4]), d = atoi(argv[5]), r = atoi(argv[6]), il = atoi(argv[7]);
+        std::vector<unsigned char> x = slurp(argv[8]), c = slurp(argv[9]), sn = slurp(argv[10]), y(rows * d * 2);
+        if (bf16) rope_bf16((const bf16_t*)x.data(), (bf16_t*)y.data(), (const float*)c.data(), (const float*)sn.data(), rows, l, d, r, il, 1);
+        else rope_f16((const f16_t*)x.data(), (f16_t*)y.data(), (const float*)c.data(), (const float*)sn.data(), rows, l, d, r, il, 1);
+        spill(argv[11], y.data(), y.size());
+    } else {
+        return 2;
+    }
     return 0;
 }
 "#;
-    let dir = common::temp_dir("cuda-decoders");
-    let src = dir.join("decode.cpp");
-    std::fs::write(
-        &src,
-        format!(
-            "{shim}
-{}
-{main}",
-            &KERNELS_CU[start..end]
-        ),
-    )
-    .unwrap();
-    let exe = dir.join("decode");
-    let built = std::process::Command::new("c++")
-        .args(["-O1", "-ffp-contract=off", "-o"])
-        .arg(&exe)
-        .arg(&src)
-        .output()
-        .expect("run the host's C++ compiler (c++)");
+
+/// Runs the host-compiled kernels with `args`, the tensors' bytes as input files in their
+/// places (`None` where an argument is text), and reads back the output file.
+fn run_host_kernel(args: &[&str], inputs: &[&Tensor]) -> Vec<u8> {
+    static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = common::temp_dir(&format!("cuda-host-run-{run}"));
+    let mut cmd = std::process::Command::new(host_kernels());
+    cmd.args(args);
+    for (i, t) in inputs.iter().enumerate() {
+        let path = dir.join(format!("in{i}.bin"));
+        std::fs::write(&path, t.cpu_bytes().unwrap()).unwrap();
+        cmd.arg(path);
+    }
+    let out = dir.join("out.bin");
+    let status = cmd.arg(&out).status().unwrap();
     assert!(
-        built.status.success(),
-        "the host-testable part of kernels.cu does not compile as C++:
-{}",
-        String::from_utf8_lossy(&built.stderr)
+        status.success(),
+        "{args:?}: the host-compiled kernel failed"
     );
+    std::fs::read(&out).unwrap()
+}
+
+#[test]
+fn the_cuda_block_decoders_give_the_cpus_bits_compiled_for_the_host() {
+    // The decoders against `weights::quant`'s on random blocks of every format: exact.
+    use ditflow::weights::quant::BlockFormat;
     for &(dtype, code, f16_at) in BLOCK_FORMATS {
         let (values, bytes) = dtype.block();
         let data = random_blocks(dtype, f16_at, 48, code as u64 + 1);
-        let (input, output) = (dir.join("in.bin"), dir.join("out.bin"));
-        std::fs::write(&input, &data).unwrap();
-        let run = std::process::Command::new(&exe)
-            .args([
-                code.to_string(),
-                bytes.to_string(),
-                (values / 32).to_string(),
-            ])
-            .arg(&input)
-            .arg(&output)
-            .status()
-            .unwrap();
-        assert!(run.success(), "{}: the decoder failed", dtype.name());
-        let got: Vec<u32> = std::fs::read(&output)
-            .unwrap()
+        let blocks = Tensor::from_bytes(DType::U8, &[data.len()], &data).unwrap();
+        let (c, b, p) = (
+            code.to_string(),
+            bytes.to_string(),
+            (values / 32).to_string(),
+        );
+        let got: Vec<u32> = run_host_kernel(&["decode", &c, &b, &p], &[&blocks])
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect();
@@ -204,6 +295,84 @@ int main(int argc, char** argv) {
             f32::from_bits(want[bad.unwrap()])
         );
         eprintln!("{}: {} values, the same bits", dtype.name(), got.len());
+    }
+}
+
+#[test]
+fn the_half_activation_kernels_match_the_cpu_ops_compiled_for_the_host() {
+    // The bf16 and f16 kernels of the elementwise ops, rope and the linear epilogue, run on the
+    // host against the CPU's ops on the same half inputs: both compute in f32 and round once,
+    // so they differ by at most one unit in the last place where their f32 maths does (the
+    // CPU's vectorised exp and erf against libm's, FMAs): tolerance 1e-2 (bf16) and 2e-3 (f16)
+    // of the largest value.
+    use ditflow::kernels::cpu::Activation;
+    for (dt, name, tol) in [(DType::BF16, "bf16", 1e-2), (DType::F16, "f16", 2e-3)] {
+        let h = |shape: &[usize], seed: u64| ops::cast(&r(shape, seed), dt).unwrap();
+        let back = |bytes: Vec<u8>, shape: &[usize]| Tensor::from_bytes(dt, shape, &bytes).unwrap();
+        let check = |what: &str, got: Tensor, want: Tensor| {
+            assert_eq!(want.dtype(), dt, "{what}: the CPU op keeps the type");
+            let e = rel(&got, &want);
+            eprintln!("{what} in {name} on the host: {e:.2e}");
+            assert!(e <= tol, "{what} in {name}: relative error {e} > {tol}");
+        };
+        let (rows, cols) = (37usize, 96usize);
+        let (x, y) = (h(&[rows, cols], 1), h(&[rows, cols], 2));
+        let n = (rows * cols).to_string();
+        // unary: SiLU (code 100 + 3), and exp (1).
+        for (code, f) in [(103, Unary::Act(Activation::Silu)), (1, Unary::Exp)] {
+            let got = run_host_kernel(&["unary", name, &n, &code.to_string()], &[&x]);
+            check(
+                &format!("unary {code}"),
+                back(got, &[rows, cols]),
+                ops::unary(&x, f).unwrap(),
+            );
+        }
+        let got = run_host_kernel(&["affine", name, &n, "0.5", "1.25"], &[&x]);
+        check(
+            "affine",
+            back(got, &[rows, cols]),
+            ops::affine(&x, 0.5, 1.25).unwrap(),
+        );
+        let (rs, cs) = (rows.to_string(), cols.to_string());
+        let got = run_host_kernel(&["binary", name, &rs, &cs, "0", "0"], &[&x, &y]);
+        let want = ops::binary(&x, &y, Binary::Add).unwrap();
+        check("binary add, both half", back(got, &[rows, cols]), want);
+        let row = r(&[cols], 3);
+        let got = run_host_kernel(&["binary", name, &rs, &cs, "1", "2"], &[&x, &row]);
+        let want = ops::binary(&x, &row, Binary::Mul).unwrap();
+        check("binary mul by an f32 row", back(got, &[rows, cols]), want);
+        let gate = r(&[cols], 4);
+        let got = run_host_kernel(&["gated", name, &rs, &cs], &[&x, &y, &gate]);
+        let want = ops::gated_residual(&x, &y, &gate).unwrap();
+        check("gated_residual", back(got, &[rows, cols]), want);
+        // The epilogue of a linear layer with half activations: f32 sums, a bias, tanh-GELU.
+        let (sums, bias) = (r(&[rows, cols], 5), r(&[cols], 6));
+        let got = run_host_kernel(&["bias_act", name, &rs, &cs, "2"], &[&sums, &bias]);
+        let biased = ops::binary(&sums, &bias, Binary::Add).unwrap();
+        let act = ops::unary(&biased, Unary::Act(Activation::GeluTanh)).unwrap();
+        check(
+            "bias_act",
+            back(got, &[rows, cols]),
+            ops::cast(&act, dt).unwrap(),
+        );
+        // rope over 40 of 64 channels, both pair layouts.
+        let (l, d, rot) = (rows, 64usize, 40usize);
+        let xr = h(&[l, d], 7);
+        let (cos, sin) = (r(&[l, rot / 2], 8), r(&[l, rot / 2], 9));
+        for interleaved in [false, true] {
+            let il = (interleaved as i32).to_string();
+            let (ls, ds, rts) = (l.to_string(), d.to_string(), rot.to_string());
+            let got = run_host_kernel(
+                &["rope", name, &ls, &ls, &ds, &rts, &il],
+                &[&xr, &cos, &sin],
+            );
+            let want = ops::rope(&xr, &cos, &sin, interleaved).unwrap();
+            check(
+                &format!("rope interleaved={interleaved}"),
+                back(got, &[l, d]),
+                want,
+            );
+        }
     }
 }
 

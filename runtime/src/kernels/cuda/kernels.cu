@@ -4,8 +4,16 @@
 // conversions, so that no CUDA header has to be found at run time. The kernels that carry a
 // DiT's activations also read and write them in bf16 or f16 ("activation storage" below). Every
 // kernel uses grid-stride loops or one block per row, so any launch size is correct.
+//
+// The parts between "BEGIN HOST-TESTABLE" and "END HOST-TESTABLE" markers are also plain C++:
+// tests/cuda.rs compiles them together with the host's compiler (with stand-ins for CUDA's
+// intrinsics, and grid-stride kernels run as one thread) to check the block decoders and the
+// half-precision activation kernels against the CPU's ops on a machine without a GPU.
 
+// BEGIN HOST-TESTABLE
+#ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
+#endif
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -35,10 +43,6 @@ __device__ __forceinline__ float act_apply(int act, float x) {
     default: return x;
     }
 }
-
-// BEGIN HOST-TESTABLE: from here to the END marker the code is also plain C++, which
-// tests/cuda.rs compiles with the host's compiler (with stand-ins for the CUDA intrinsics) to
-// check the block decoders against the CPU's, bit for bit, on a machine without a GPU.
 
 // --- half-precision bits ------------------------------------------------------------------
 
@@ -198,8 +202,6 @@ __device__ void bf_decode(int format, const unsigned char* b, int part, float* o
     }
 }
 
-// END HOST-TESTABLE
-
 // A weight of `parts` 32-value parts (its blocks in order, `parts_per_block` each) dequantised
 // into f32: one thread a part, for the linear layer about to read it.
 extern "C" __global__ void dequantize(const unsigned char* src, float* dst, i64 parts, int format,
@@ -236,16 +238,24 @@ struct f16_t { unsigned short bits; };
 __device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
 __device__ __forceinline__ float ld(const bf16_t* p, i64 i) { return bf16_to_f32(p[i].bits); }
 __device__ __forceinline__ float ld(const f16_t* p, i64 i) {
+#ifdef __CUDA_ARCH__
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i].bits));
     return f;
+#else
+    return f16_to_f32(p[i].bits);
+#endif
 }
 __device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
 __device__ __forceinline__ void st(bf16_t* p, i64 i, float v) { p[i].bits = f32_to_bf16(v); }
 __device__ __forceinline__ void st(f16_t* p, i64 i, float v) {
+#ifdef __CUDA_ARCH__
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     p[i].bits = h;
+#else
+    p[i].bits = f32_to_f16(v);
+#endif
 }
 
 extern "C" __global__ void cast(const void* src, int sdt, void* dst, int ddt, i64 n) {
@@ -261,6 +271,8 @@ extern "C" __global__ void cast(const void* src, int sdt, void* dst, int ddt, i6
         }
     }
 }
+
+// END HOST-TESTABLE
 
 // --- Philox4x32-10 noise (same stream as the CPU's) -----------------------------------------
 
@@ -291,6 +303,7 @@ extern "C" __global__ void randn(float* out, i64 n, u64 seed, u64 stream) {
     }
 }
 
+// BEGIN HOST-TESTABLE
 // --- epilogues ------------------------------------------------------------------------------
 
 // y[r, j] = act(src[r, j] + bias_col[j] + bias_row[r]) ; either bias may be NULL. The f32
@@ -320,6 +333,8 @@ extern "C" __global__ void bias_act_f16(const float* src, f16_t* y, const float*
                                         i64 rows, i64 cols, int act) {
     bias_act_impl(src, y, bias_col, bias_row, rows, cols, act);
 }
+
+// END HOST-TESTABLE
 
 // --- reductions within a block ---------------------------------------------------------------
 
@@ -859,6 +874,7 @@ extern "C" __global__ void attention_mma128_f16(const f16_t* q, const f16_t* k, 
     attention_mma_tile<128>(q, k, v, mask, out, H, Lq, Lk, D, msb, msh, msq, scale);
 }
 
+// BEGIN HOST-TESTABLE
 // --- positions --------------------------------------------------------------------------------
 
 template <typename T>
@@ -1061,6 +1077,8 @@ extern "C" __global__ void reduce(const float* x, float* y, i64 outer, i64 dim, 
         y[i] = (float)acc;
     }
 }
+
+// END HOST-TESTABLE
 
 // --- layout -------------------------------------------------------------------------------------
 
