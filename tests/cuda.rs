@@ -178,15 +178,22 @@ static void spill(const char* path, const void* p, size_t n) {
 int main(int argc, char** argv) {
     if (argc < 2) return 2;
     std::string op = argv[1];
-    if (op == "decode") {
+    if (op == "decode") {  // the `dequantize` kernel over whole blocks
         int format = atoi(argv[2]), block_bytes = atoi(argv[3]), parts = atoi(argv[4]);
         std::vector<unsigned char> data = slurp(argv[5]);
-        size_t blocks = data.size() / block_bytes;
-        std::vector<float> out(blocks * parts * 32);
-        for (size_t b = 0; b < blocks; b++)
-            for (int p = 0; p < parts; p++)
-                bf_decode(format, &data[b * block_bytes], p, &out[(b * parts + p) * 32]);
+        i64 all = (i64)(data.size() / block_bytes) * parts;
+        std::vector<float> out(all * 32);
+        dequantize(data.data(), out.data(), all, format, block_bytes, parts);
         spill(argv[6], out.data(), out.size() * 4);
+        return 0;
+    }
+    if (op == "cast") {  // SDT DDT N IN OUT (DT_* codes)
+        int sdt = atoi(argv[2]), ddt = atoi(argv[3]);
+        i64 n = atoll(argv[4]);
+        std::vector<unsigned char> x = slurp(argv[5]), y(n * 8);
+        cast(x.data(), sdt, y.data(), ddt, n);
+        int size = ddt == DT_F32 || ddt == DT_I32 ? 4 : ddt == DT_I64 ? 8 : ddt == DT_U8 ? 1 : 2;
+        spill(argv[6], y.data(), n * size);
         return 0;
     }
     bool bf16 = std::string(argv[2]) == "bf16";
@@ -295,6 +302,36 @@ fn the_cuda_block_decoders_give_the_cpus_bits_compiled_for_the_host() {
             f32::from_bits(want[bad.unwrap()])
         );
         eprintln!("{}: {} values, the same bits", dtype.name(), got.len());
+    }
+}
+
+#[test]
+fn the_cuda_cast_kernel_gives_the_cpus_bits_compiled_for_the_host() {
+    // f32 to and from bf16 and f16 (round to nearest even, subnormals, infinities, values past
+    // f16's range) against the CPU's `cast`: exact.
+    let mut values = r(&[4096], 31).to_vec::<f32>().unwrap();
+    for (i, v) in values.iter_mut().enumerate() {
+        *v *= [1e-6f32, 1e-3, 1.0, 300.0, 7e4, 1e38][i % 6];
+    }
+    values.extend([
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        65519.0,
+        65520.0,
+        5.96e-8,
+    ]);
+    let x = Tensor::from_f32(&[values.len()], &values).unwrap();
+    let n = values.len().to_string();
+    for dt in [DType::BF16, DType::F16] {
+        let (f32c, dtc) = (DType::F32.raw().to_string(), dt.raw().to_string());
+        let narrowed = run_host_kernel(&["cast", &f32c, &dtc, &n], &[&x]);
+        let want = ops::cast(&x, dt).unwrap();
+        assert_eq!(narrowed, want.cpu_bytes().unwrap(), "f32 to {}", dt.name());
+        let widened = run_host_kernel(&["cast", &dtc, &f32c, &n], &[&want]);
+        let back = ops::cast(&want, DType::F32).unwrap();
+        assert_eq!(widened, back.cpu_bytes().unwrap(), "{} to f32", dt.name());
     }
 }
 
